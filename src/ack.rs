@@ -1,0 +1,1 @@
+//! ack (to be written)

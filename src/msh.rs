@@ -1,0 +1,1 @@
+//! msh (to be written)
