@@ -8,3 +8,7 @@ pub mod ack;
 pub mod codec;
 pub mod msh;
 pub mod timer;
+
+#[doc(hidden)]
+#[path = "fuzz.rs"]
+pub mod __fuzz;
