@@ -1,0 +1,157 @@
+//! What application code implements: [`Handler`], the [`Context`] it gets and the [`Reply`] it
+//! returns.
+//!
+//! A handler is called on a worker thread of the server's pool, never on the I/O thread, one
+//! message per connection at a time (seed-spec §3). It carries its own state (this replaces the
+//! reference's `handler_state`): share what several workers touch with `Arc`/`Mutex` or atomics.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+
+/// The error type a handler returns: any error, boxed. Its `Display` text goes into the AE NAK
+/// (MSA-3 and ERR) and into the message-exception event.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Application code that turns one HL7 message into a reply.
+///
+/// `message` is the unframed payload (no `0x0B`, `0x1C 0x0D`), shared with the read buffer it
+/// came from: clone the `Bytes` (cheap) to keep it past the call.
+///
+/// Returning `Err` or panicking counts as a handler failure: the connection stays open and,
+/// under the default [`NakPolicy::Send`](crate::NakPolicy::Send), the sender gets an AE NAK
+/// quoting its MSH-10.
+///
+/// ```
+/// use bytes::Bytes;
+/// use mllp_reactor::{ack, Context, Handler, HandlerError, Reply};
+///
+/// struct Accept;
+/// impl Handler for Accept {
+///     fn handle(&self, message: &Bytes, _cx: &Context) -> Result<Reply, HandlerError> {
+///         Ok(Reply::Send(ack::accept(message)))
+///     }
+/// }
+/// ```
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one message. Called on a pool worker thread.
+    ///
+    /// # Errors
+    ///
+    /// Any error the application reports; see the trait docs for what the peer then gets.
+    fn handle(&self, message: &Bytes, cx: &Context) -> Result<Reply, HandlerError>;
+}
+
+/// A [`Handler`] made from a closure; see [`handler_fn`].
+#[derive(Clone)]
+pub struct HandlerFn<F>(F);
+
+impl<F> fmt::Debug for HandlerFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HandlerFn")
+    }
+}
+
+impl<F> Handler for HandlerFn<F>
+where
+    F: Fn(&Bytes, &Context) -> Result<Reply, HandlerError> + Send + Sync + 'static,
+{
+    fn handle(&self, message: &Bytes, cx: &Context) -> Result<Reply, HandlerError> {
+        (self.0)(message, cx)
+    }
+}
+
+/// Wraps a closure as a [`Handler`].
+///
+/// ```
+/// use mllp_reactor::{ack, handler_fn, Reply};
+///
+/// let handler = handler_fn(|msg, _cx| Ok(Reply::Send(ack::accept(msg))));
+/// # let _ = handler;
+/// ```
+pub fn handler_fn<F>(f: F) -> HandlerFn<F>
+where
+    F: Fn(&Bytes, &Context) -> Result<Reply, HandlerError> + Send + Sync + 'static,
+{
+    HandlerFn(f)
+}
+
+/// What the handler wants done after a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Reply {
+    /// Frame and send these bytes (usually an ACK), then keep the connection open.
+    Send(Bytes),
+    /// Frame and send these bytes, then close the connection.
+    SendAndClose(Bytes),
+    /// Send nothing; the message counts as handled (not as an error).
+    NoReply,
+    /// Send nothing and close the connection.
+    Close,
+}
+
+/// Identifies one connection of one server for its whole life: slab slots are reused, the
+/// generation makes the id unique (2³² connections per slot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionId {
+    pub(crate) index: u32,
+    pub(crate) generation: u32,
+}
+
+impl ConnectionId {
+    /// The id as one number, unique among this server's connections.
+    pub fn as_u64(self) -> u64 {
+        (u64::from(self.generation) << 32) | u64::from(self.index)
+    }
+}
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.index, self.generation)
+    }
+}
+
+/// Where a message came from, given to the handler with it.
+#[derive(Clone, Debug)]
+pub struct Context {
+    pub(crate) peer: SocketAddr,
+    pub(crate) local: SocketAddr,
+    pub(crate) connection: ConnectionId,
+    pub(crate) sequence: u64,
+    pub(crate) received_at: Instant,
+    pub(crate) received_time: SystemTime,
+}
+
+impl Context {
+    /// The peer's address (the sending system).
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The local address the connection was accepted on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The connection's unique id.
+    pub fn connection_id(&self) -> ConnectionId {
+        self.connection
+    }
+
+    /// The message's sequence number on its connection, from 0.
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    /// When the message's last byte was read (monotonic clock).
+    pub fn received_at(&self) -> Instant {
+        self.received_at
+    }
+
+    /// When the message's last byte was read (wall clock).
+    pub fn received_time(&self) -> SystemTime {
+        self.received_time
+    }
+}

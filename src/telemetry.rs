@@ -1,0 +1,336 @@
+//! Telemetry: the reference's five events as an [`Observer`] hook, and metrics through the
+//! [`metrics`] facade (seed-spec §4).
+//!
+//! # Observer
+//!
+//! Every observer method is called **on the reactor thread**, in the order things happened,
+//! exactly once per event: `connection_start` before anything else of that connection,
+//! `message_start` before that message's `message_stop` or `message_exception`, and
+//! `connection_stop` last. An oversize frame gives a `message_exception` with no
+//! `message_start` (the handler never saw it), as in the reference. Observers must be cheap and
+//! must not block: the reactor serves every connection of the server from that thread. Forward
+//! to a channel if you need to do real work.
+//!
+//! # Metrics
+//!
+//! Every metric carries the label `listener` (the builder's `listener_name`, default `mllp`).
+//! Handles are registered once when the server is bound, with whatever recorder is installed
+//! (globally, or with `metrics::with_local_recorder` around `bind()`), so **install the
+//! recorder before `bind()`**; the hot path then costs one atomic operation per update and never
+//! builds a key.
+//!
+//! | name | kind | unit | labels |
+//! |---|---|---|---|
+//! | `mllp_connections_accepted_total` | counter | | |
+//! | `mllp_connections_rejected_total` | counter | | `reason` = `max_connections` |
+//! | `mllp_connections_closed_total` | counter | | `reason` = [`CloseReason::as_str`] |
+//! | `mllp_connections_active` | gauge | | |
+//! | `mllp_connection_duration_seconds` | histogram | seconds | |
+//! | `mllp_messages_received_total` | counter | | |
+//! | `mllp_messages_handled_total` | counter | | `outcome` = reply, no_reply, error, panic, timeout |
+//! | `mllp_message_size_bytes` | histogram | bytes (unframed) | |
+//! | `mllp_response_size_bytes` | histogram | bytes (unframed) | |
+//! | `mllp_handler_queue_seconds` | histogram | seconds: frame complete → handler start | |
+//! | `mllp_handler_duration_seconds` | histogram | seconds | |
+//! | `mllp_response_latency_seconds` | histogram | seconds: frame complete → reply written | |
+//! | `mllp_bytes_received_total` | counter | bytes | |
+//! | `mllp_bytes_sent_total` | counter | bytes | |
+//! | `mllp_junk_bytes_total` | counter | bytes outside frames | |
+//! | `mllp_frames_rejected_total` | counter | | `reason` = too_large, frame_timeout |
+//! | `mllp_naks_sent_total` | counter | | `code` = AE, AR |
+//! | `mllp_handler_late_results_total` | counter | | |
+//! | `mllp_workers_replaced_total` | counter | | |
+//! | `mllp_workers_busy` | gauge | | |
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use metrics::{Counter, Gauge, Histogram, Unit};
+
+use crate::error::{CloseReason, ExceptionReason};
+use crate::handler::ConnectionId;
+
+/// Receives the server's events. Every method has a no-op default; implement the ones you
+/// need. See the [module docs](self) for threading and ordering.
+///
+/// ```
+/// use std::sync::mpsc;
+/// use std::sync::Mutex;
+/// use mllp_reactor::{ConnectionStop, Observer};
+///
+/// struct Stops(Mutex<mpsc::Sender<String>>);
+/// impl Observer for Stops {
+///     fn connection_stop(&self, e: &ConnectionStop) {
+///         let _ = self.0.lock().unwrap().send(format!("{} closed: {}", e.peer, e.reason));
+///     }
+/// }
+/// ```
+#[allow(unused_variables)]
+pub trait Observer: Send + Sync + 'static {
+    /// A connection was accepted (the reference's `connection start`).
+    fn connection_start(&self, event: &ConnectionStart) {}
+    /// A connection ended (the reference's `connection stop`).
+    fn connection_stop(&self, event: &ConnectionStop) {}
+    /// A complete message was handed to the pool (the reference's `message start`).
+    fn message_start(&self, event: &MessageStart) {}
+    /// A message's reply was written, or it needed none (the reference's `message stop`).
+    fn message_stop(&self, event: &MessageStop) {}
+    /// A message failed: handler error, panic, timeout, or an oversize frame.
+    fn message_exception(&self, event: &MessageException<'_>) {}
+}
+
+/// Which connection an event is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Peer {
+    /// The connection's unique id.
+    pub connection: ConnectionId,
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// The local address it connected to.
+    pub local: SocketAddr,
+}
+
+/// A connection was accepted.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ConnectionStart {
+    /// The connection's unique id.
+    pub connection: ConnectionId,
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// The local address it connected to.
+    pub local: SocketAddr,
+    /// Wall-clock time of the accept.
+    pub system_time: SystemTime,
+}
+
+/// A connection ended.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ConnectionStop {
+    /// The connection's unique id.
+    pub connection: ConnectionId,
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// The local address it connected to.
+    pub local: SocketAddr,
+    /// Time since the accept.
+    pub duration: Duration,
+    /// Why it ended.
+    pub reason: CloseReason,
+}
+
+/// A complete message was handed to the pool.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct MessageStart {
+    /// The connection's unique id.
+    pub connection: ConnectionId,
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// The local address it connected to.
+    pub local: SocketAddr,
+    /// The message's sequence number on the connection, from 0.
+    pub sequence: u64,
+    /// Payload size, unframed.
+    pub message_size: usize,
+    /// Wall-clock time the message was complete.
+    pub system_time: SystemTime,
+}
+
+/// A message was answered (or needed no answer).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct MessageStop {
+    /// The connection's unique id.
+    pub connection: ConnectionId,
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// The local address it connected to.
+    pub local: SocketAddr,
+    /// The message's sequence number on the connection.
+    pub sequence: u64,
+    /// From the message's last byte read to its reply's last byte written.
+    pub duration: Duration,
+    /// Reply size, unframed; `None` when the handler sent no reply.
+    pub response_size: Option<usize>,
+}
+
+/// A message failed.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct MessageException<'a> {
+    /// The connection's unique id.
+    pub connection: ConnectionId,
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// The local address it connected to.
+    pub local: SocketAddr,
+    /// The message's sequence number; `None` for an oversize frame (never dispatched).
+    pub sequence: Option<u64>,
+    /// From the message's last byte read to the failure; zero for an oversize frame.
+    pub duration: Duration,
+    /// Payload bytes (for an oversize frame: bytes received when it was rejected).
+    pub message_size: usize,
+    /// What went wrong.
+    pub reason: ExceptionReason,
+    /// The handler's error text or panic message, when there is one.
+    pub detail: Option<&'a str>,
+}
+
+/// Metric names, public so dashboards and tests can refer to them.
+pub mod names {
+    /// Counter: connections accepted and served.
+    pub const CONNECTIONS_ACCEPTED: &str = "mllp_connections_accepted_total";
+    /// Counter: connections accepted and closed at once; label `reason`.
+    pub const CONNECTIONS_REJECTED: &str = "mllp_connections_rejected_total";
+    /// Counter: connections closed; label `reason`.
+    pub const CONNECTIONS_CLOSED: &str = "mllp_connections_closed_total";
+    /// Gauge: connections open now.
+    pub const CONNECTIONS_ACTIVE: &str = "mllp_connections_active";
+    /// Histogram: connection lifetime, seconds.
+    pub const CONNECTION_DURATION: &str = "mllp_connection_duration_seconds";
+    /// Counter: complete frames handed to the handler.
+    pub const MESSAGES_RECEIVED: &str = "mllp_messages_received_total";
+    /// Counter: handler outcomes; label `outcome`.
+    pub const MESSAGES_HANDLED: &str = "mllp_messages_handled_total";
+    /// Histogram: message payload size, bytes.
+    pub const MESSAGE_SIZE: &str = "mllp_message_size_bytes";
+    /// Histogram: reply payload size, bytes.
+    pub const RESPONSE_SIZE: &str = "mllp_response_size_bytes";
+    /// Histogram: frame complete → handler start, seconds.
+    pub const HANDLER_QUEUE: &str = "mllp_handler_queue_seconds";
+    /// Histogram: handler run time, seconds.
+    pub const HANDLER_DURATION: &str = "mllp_handler_duration_seconds";
+    /// Histogram: frame complete → reply's last byte written, seconds.
+    pub const RESPONSE_LATENCY: &str = "mllp_response_latency_seconds";
+    /// Counter: bytes read from peers.
+    pub const BYTES_RECEIVED: &str = "mllp_bytes_received_total";
+    /// Counter: bytes written to peers.
+    pub const BYTES_SENT: &str = "mllp_bytes_sent_total";
+    /// Counter: bytes dropped outside frames.
+    pub const JUNK_BYTES: &str = "mllp_junk_bytes_total";
+    /// Counter: frames rejected before the handler; label `reason`.
+    pub const FRAMES_REJECTED: &str = "mllp_frames_rejected_total";
+    /// Counter: NAKs sent by the server itself; label `code`.
+    pub const NAKS_SENT: &str = "mllp_naks_sent_total";
+    /// Counter: handler results that arrived after their message timed out.
+    pub const LATE_RESULTS: &str = "mllp_handler_late_results_total";
+    /// Counter: workers started to replace stuck ones.
+    pub const WORKERS_REPLACED: &str = "mllp_workers_replaced_total";
+    /// Gauge: workers running a handler now.
+    pub const WORKERS_BUSY: &str = "mllp_workers_busy";
+}
+
+/// Handler outcomes, in the order of the `outcome` label handles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Handled {
+    Reply,
+    NoReply,
+    Error,
+    Panic,
+    Timeout,
+}
+
+impl Handled {
+    const LABELS: [&'static str; 5] = ["reply", "no_reply", "error", "panic", "timeout"];
+}
+
+/// Pre-registered metric handles of one server. Cloning shares them.
+#[derive(Clone, Debug)]
+pub(crate) struct Metrics {
+    pub(crate) accepted: Counter,
+    pub(crate) rejected_max_connections: Counter,
+    closed: [Counter; CloseReason::ALL.len()],
+    pub(crate) active: Gauge,
+    pub(crate) connection_duration: Histogram,
+    pub(crate) received: Counter,
+    handled: [Counter; Handled::LABELS.len()],
+    pub(crate) message_size: Histogram,
+    pub(crate) response_size: Histogram,
+    pub(crate) handler_queue: Histogram,
+    pub(crate) handler_duration: Histogram,
+    pub(crate) response_latency: Histogram,
+    pub(crate) bytes_received: Counter,
+    pub(crate) bytes_sent: Counter,
+    pub(crate) junk: Counter,
+    pub(crate) frames_too_large: Counter,
+    pub(crate) frames_timed_out: Counter,
+    pub(crate) naks_ae: Counter,
+    pub(crate) naks_ar: Counter,
+    pub(crate) late_results: Counter,
+    pub(crate) workers_replaced: Counter,
+    pub(crate) workers_busy: Gauge,
+}
+
+impl Metrics {
+    /// Describes every metric and registers the handles with the current recorder.
+    pub(crate) fn register(listener: &str) -> Self {
+        use names::*;
+        describe();
+        let l = || [("listener", listener.to_owned())];
+        let counter = |name: &'static str| metrics::counter!(name, &l());
+        let labelled = |name: &'static str, key: &'static str, value: &'static str| {
+            metrics::counter!(name, &[("listener", listener.to_owned()), (key, value.to_owned())])
+        };
+        Self {
+            accepted: counter(CONNECTIONS_ACCEPTED),
+            rejected_max_connections: labelled(CONNECTIONS_REJECTED, "reason", "max_connections"),
+            closed: CloseReason::ALL.map(|r| labelled(CONNECTIONS_CLOSED, "reason", r.as_str())),
+            active: metrics::gauge!(CONNECTIONS_ACTIVE, &l()),
+            connection_duration: metrics::histogram!(CONNECTION_DURATION, &l()),
+            received: counter(MESSAGES_RECEIVED),
+            handled: Handled::LABELS.map(|o| labelled(MESSAGES_HANDLED, "outcome", o)),
+            message_size: metrics::histogram!(MESSAGE_SIZE, &l()),
+            response_size: metrics::histogram!(RESPONSE_SIZE, &l()),
+            handler_queue: metrics::histogram!(HANDLER_QUEUE, &l()),
+            handler_duration: metrics::histogram!(HANDLER_DURATION, &l()),
+            response_latency: metrics::histogram!(RESPONSE_LATENCY, &l()),
+            bytes_received: counter(BYTES_RECEIVED),
+            bytes_sent: counter(BYTES_SENT),
+            junk: counter(JUNK_BYTES),
+            frames_too_large: labelled(FRAMES_REJECTED, "reason", "too_large"),
+            frames_timed_out: labelled(FRAMES_REJECTED, "reason", "frame_timeout"),
+            naks_ae: labelled(NAKS_SENT, "code", "AE"),
+            naks_ar: labelled(NAKS_SENT, "code", "AR"),
+            late_results: counter(LATE_RESULTS),
+            workers_replaced: counter(WORKERS_REPLACED),
+            workers_busy: metrics::gauge!(WORKERS_BUSY, &l()),
+        }
+    }
+
+    pub(crate) fn closed(&self, reason: CloseReason) -> &Counter {
+        &self.closed[reason.index()]
+    }
+
+    pub(crate) fn handled(&self, outcome: Handled) -> &Counter {
+        &self.handled[outcome as usize]
+    }
+}
+
+/// Registers units and descriptions with the current recorder.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    use names::*;
+    describe_counter!(CONNECTIONS_ACCEPTED, "Connections accepted and served");
+    describe_counter!(CONNECTIONS_REJECTED, "Connections accepted and closed at once");
+    describe_counter!(CONNECTIONS_CLOSED, "Connections closed, by reason");
+    describe_gauge!(CONNECTIONS_ACTIVE, "Connections open now");
+    describe_histogram!(CONNECTION_DURATION, Unit::Seconds, "Connection lifetime");
+    describe_counter!(MESSAGES_RECEIVED, "Complete messages handed to the handler");
+    describe_counter!(MESSAGES_HANDLED, "Handler outcomes");
+    describe_histogram!(MESSAGE_SIZE, Unit::Bytes, "Message payload size, unframed");
+    describe_histogram!(RESPONSE_SIZE, Unit::Bytes, "Reply payload size, unframed");
+    describe_histogram!(HANDLER_QUEUE, Unit::Seconds, "Frame complete to handler start");
+    describe_histogram!(HANDLER_DURATION, Unit::Seconds, "Handler run time");
+    describe_histogram!(RESPONSE_LATENCY, Unit::Seconds, "Frame complete to reply written");
+    describe_counter!(BYTES_RECEIVED, Unit::Bytes, "Bytes read from peers");
+    describe_counter!(BYTES_SENT, Unit::Bytes, "Bytes written to peers");
+    describe_counter!(JUNK_BYTES, Unit::Bytes, "Bytes dropped outside frames");
+    describe_counter!(FRAMES_REJECTED, "Frames rejected before reaching the handler");
+    describe_counter!(NAKS_SENT, "NAKs sent by the server");
+    describe_counter!(LATE_RESULTS, "Handler results discarded after a timeout");
+    describe_counter!(WORKERS_REPLACED, "Workers started to replace stuck ones");
+    describe_gauge!(WORKERS_BUSY, "Workers running a handler");
+}
