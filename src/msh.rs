@@ -193,23 +193,28 @@ impl<'a> Msh<'a> {
                 MshError::NoMsh
             });
         }
+        let field = match message.get(3) {
+            None | Some(&CARRIAGE_RETURN | &LINE_FEED) => return Err(MshError::TooShort),
+            Some(&field) => field,
+        };
+
         let (segment, terminated) = match memchr2(CARRIAGE_RETURN, LINE_FEED, message) {
             Some(end) => (&message[..end], true),
             None => (message, false),
         };
-        let Some(&field) = segment.get(3) else {
-            return Err(MshError::TooShort);
-        };
-
+        // A branch-free byte loop, not `memchr_iter`: an MSH is short and dense in separators,
+        // so restarting `memchr` or mispredicting a branch at every separator costs more than
+        // looking at each byte (measured with `benches/ack.rs`). Every position is written to
+        // the next free slot, and kept only if it holds a separator.
         let mut separators = [0; INDEXED_SEPARATORS];
         separators[0] = 3;
         let mut recorded = 1;
-        for pos in memchr::memchr_iter(field, &segment[4..]) {
+        for (i, &b) in segment.iter().enumerate().skip(4) {
+            separators[recorded] = i;
+            recorded += usize::from(b == field);
             if recorded == INDEXED_SEPARATORS {
                 break;
             }
-            separators[recorded] = pos + 4;
-            recorded += 1;
         }
 
         let msh2_end = if recorded > 1 {
@@ -259,31 +264,41 @@ impl<'a> Msh<'a> {
     ///
     /// MSH-1 is the one-byte field separator and MSH-2 the encoding characters as written.
     pub fn field(&self, n: usize) -> Option<&'a [u8]> {
-        let start = match n {
-            0 => return None,
-            1 => return Some(&self.segment[3..4]),
-            _ => self.field_start(n - 2)?,
-        };
-        let rest = &self.segment[start..];
-        let len = memchr(self.encoding.field, rest).unwrap_or(rest.len());
-        Some(&rest[..len])
+        match n {
+            0 => None,
+            1 => Some(&self.segment[3..4]),
+            _ => {
+                let (start, end) = self.field_bounds(n - 2)?;
+                Some(&self.segment[start..end])
+            }
+        }
     }
 
-    /// Position where the field opened by the `k`-th separator starts, if there is one.
-    fn field_start(&self, k: usize) -> Option<usize> {
-        if k < self.recorded {
-            return Some(self.separators[k] + 1);
-        }
-        if self.recorded < INDEXED_SEPARATORS {
-            // The index holds every separator of the segment: there is no k-th.
+    /// Start and end in `segment` of the field opened by the `k`-th separator, if there is one.
+    fn field_bounds(&self, k: usize) -> Option<(usize, usize)> {
+        // When the index is not full it holds every separator of the segment.
+        let complete = self.recorded < INDEXED_SEPARATORS;
+        let start = if k < self.recorded {
+            self.separators[k] + 1
+        } else if complete {
             return None;
-        }
-        // Past the index: keep counting separators from the last recorded one.
-        let mut pos = self.separators[INDEXED_SEPARATORS - 1];
-        for _ in INDEXED_SEPARATORS - 1..k {
-            pos += 1 + memchr(self.encoding.field, &self.segment[pos + 1..])?;
-        }
-        Some(pos + 1)
+        } else {
+            // Past the index: keep counting separators from the last recorded one.
+            let mut pos = self.separators[INDEXED_SEPARATORS - 1];
+            for _ in INDEXED_SEPARATORS - 1..k {
+                pos += 1 + memchr(self.encoding.field, &self.segment[pos + 1..])?;
+            }
+            pos + 1
+        };
+        let end = if k + 1 < self.recorded {
+            self.separators[k + 1]
+        } else if complete {
+            self.segment.len()
+        } else {
+            let rest = &self.segment[start..];
+            start + memchr(self.encoding.field, rest).unwrap_or(rest.len())
+        };
+        Some((start, end))
     }
 
     /// Component `c` (1-based) of the first repetition of field MSH-`n`, raw.
