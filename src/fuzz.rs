@@ -12,7 +12,7 @@ pub fn decode(data: &[u8]) {
 /// Fuzz target `ack`: see [`crate::ack`] and [`crate::msh`].
 ///
 /// Reads `data` with [`Msh`] and calls every accessor, then builds an accept, a NAK and a fully
-/// optioned ACK from it (the first byte picks the code and whether the text comes from `data`)
+/// optioned ACK from it (the last byte picks the code and whether the text is `data` itself)
 /// and checks that each one parses back: MSA-2 is the message's MSH-10 (empty and a reject code
 /// when it has none), the separators are the message's, the text survives escaping, and no MLLP
 /// block byte appears.
@@ -32,10 +32,12 @@ pub fn ack(data: &[u8]) {
         AckCode::CE,
         AckCode::CR,
     ];
-    let selector = data.first().copied().unwrap_or(0);
+    // The last byte chooses, so that the whole input stays the message and a corpus file
+    // can be a plain message.
+    let selector = data.last().copied().unwrap_or(0);
     let code = CODES[usize::from(selector % 6)];
-    let lossy = String::from_utf8_lossy(data.get(1..).unwrap_or_default());
-    let text: &str = if selector & 0x80 != 0 {
+    let lossy = String::from_utf8_lossy(data);
+    let text: &str = if selector / 6 % 2 == 1 {
         &lossy
     } else {
         "handler failed"

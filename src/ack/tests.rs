@@ -397,13 +397,13 @@ fn fuzz_entry_point_on_hand_picked_inputs() {
         b"",
         b"\x80",
         ADT,
-        b"\x81MSH#*%$!#A#B#C#D###ADT*A01#ID1#P#2.5\rPID#1\r",
-        b"\x85MSH|^~\\&|A|B|C|D|||ADT^A01|12",
-        b"\x84MSH|^~\\&|A\x1c|B|C|D|||ADT^A01|1\x0b|P|2.5\r",
-        b"MSH|^~\\&#|A|B|C|D|||ADT^A01|1|P|2.7|||||||UTF-8\r",
-        b"\x83garbage\r\n\x00\xff",
-        b"MSH|^~\\&\rMSA|AA|1\r",
-        b"\xffMSH|^~\\&|\xe9\xff|B|C|D|||ADT^A01|\\F\\|P|2.5\r",
+        b"MSH#*%$!#A#B#C#D###ADT*A01#ID1#P#2.5\rPID#1\n",
+        b"MSH|^~\\&|A|B|C|D|||ADT^A01|12",
+        b"MSH|^~\\&|A\x1c|B|C|D|||ADT^A01|1\x0b|P|2.5\r\x0b",
+        b"MSH|^~\\&#|A|B|C|D|||ADT^A01|1|P|2.7|||||||UTF-8\r#",
+        b"garbage\r\n\x00\xff",
+        b"MSH|^~\\&\rMSA|AA|1\r\x1c",
+        b"MSH|^~\\&|\xe9\xff|B|C|D|||ADT^A01|\\F\\|P|2.5\r\xff",
     ];
     for input in inputs {
         crate::__fuzz::ack(input);
@@ -487,5 +487,35 @@ proptest! {
         let version_back = if version.is_empty() { &b"2.5.1"[..] } else { &version };
         prop_assert_eq!(m.version(), Some(version_back));
         prop_assert_eq!(m.charset().unwrap_or_default(), &charset[..]);
+    }
+}
+
+/// Inputs shaped like headers, so random bytes get past `Msh::parse`: an MSH start (usual,
+/// odd or random separators), then bytes drawn mostly from separators, with some terminators
+/// and MLLP block bytes.
+fn header_like() -> impl Strategy<Value = Vec<u8>> {
+    let start = prop_oneof![
+        Just(b"MSH|^~\\&|".to_vec()),
+        Just(b"MSH#*%$!#".to_vec()),
+        Just(b"MSH|^~\\&#|".to_vec()),
+        proptest::collection::vec(any::<u8>(), 0..7).prop_map(|v| [&b"MSH"[..], &v].concat()),
+    ];
+    // Weighted so that an MSH often reaches MSH-10 and beyond before a terminator.
+    let byte = prop_oneof![
+        6 => Just(b'|'),
+        1 => proptest::sample::select(b"\r\n\x0b\x1c".to_vec()),
+        12 => proptest::sample::select(b"^~\\&#*%$!AZ09 ".to_vec()),
+        2 => any::<u8>(),
+    ];
+    (start, proptest::collection::vec(byte, 0..120))
+        .prop_map(|(start, tail)| [start, tail].concat())
+}
+
+proptest! {
+    #[test]
+    fn fuzz_entry_point_on_generated_inputs(
+        input in prop_oneof![header_like(), proptest::collection::vec(any::<u8>(), 0..64)],
+    ) {
+        crate::__fuzz::ack(&input);
     }
 }
