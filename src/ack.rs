@@ -87,16 +87,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use memchr::memchr2;
 
-use crate::msh::{Encoding, Msh, MshError};
-
-/// Segment terminator (HL7 v2.5 §2.5.2).
-const CARRIAGE_RETURN: u8 = 0x0D;
-/// Accepted between segments by [`parse`], written escaped in text.
-const LINE_FEED: u8 = 0x0A;
-/// MLLP start block. Never written raw: a receiver would take it as the start of a new frame.
-const START_BLOCK: u8 = 0x0B;
-/// MLLP end block. Never written raw: followed by our CR it would end the frame early.
-const END_BLOCK: u8 = 0x1C;
+// CARRIAGE_RETURN ends every segment (HL7 v2.5 §2.5.2). START_BLOCK and END_BLOCK are never
+// written raw: a receiver would take the first as a new frame, and the second followed by our
+// CR as the end of this one.
+use crate::codec::{CARRIAGE_RETURN, END_BLOCK, START_BLOCK};
+use crate::msh::{Encoding, LINE_FEED, Msh, MshError};
 
 /// ERR-3 for a message without a readable MSH (table 0357, code 100).
 const SEGMENT_SEQUENCE_ERROR: (&str, &str) = ("100", "Segment sequence error");

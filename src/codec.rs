@@ -1,1 +1,355 @@
-//! codec (to be written)
+//! Sans-IO MLLP framing: an incremental [`FrameDecoder`] and a zero-copy [`EncodedFrame`].
+//!
+//! A frame is `0x0B` (start block) + payload + `0x1C 0x0D` (end block, carriage return). The
+//! payload is opaque: any byte may appear in it, including `0x0B`, `0x00` and `0x80..=0xFF`
+//! (seed-spec §1). This module knows nothing of sockets: the caller appends whatever bytes it
+//! received to a [`BytesMut`] it owns and asks the decoder for complete payloads.
+//!
+//! # Rules (seed-spec §1, "Ours")
+//!
+//! | Input | Result |
+//! |---|---|
+//! | several frames in one buffer | all of them, in order, one per [`FrameDecoder::decode`] call |
+//! | a partial frame | `Ok(None)`; completed by later bytes; scanned bytes are never rescanned |
+//! | bytes before `0x0B` or between frames | dropped as they are scanned, counted in [`FrameDecoder::junk_bytes`] |
+//! | `0x0B` inside a frame | a payload byte |
+//! | `0x1C` not followed by `0x0D` | payload bytes; the frame runs on (strict MLLP) |
+//! | `0B 1C 0D` | an empty payload |
+//! | `1C 0D` without a start block | junk |
+//! | payload longer than the limit | [`FrameError::TooLarge`] as soon as the excess is seen |
+//!
+//! # Memory
+//!
+//! The decoder stores offsets, never bytes. After [`FrameDecoder::decode`] returns `Ok(None)` the
+//! buffer holds only the payload of the frame being assembled (at most `max_payload` bytes, plus
+//! one `0x1C` that may turn out to be the terminator): junk and complete frames are gone from it.
+//! So a caller that appends one read and then decodes never holds more than the limit plus one
+//! read.
+//!
+//! # Example
+//!
+//! ```
+//! use bytes::BytesMut;
+//! use mllp_reactor::codec::{FrameDecoder, encode_frame};
+//!
+//! let mut wire = BytesMut::new();
+//! encode_frame(b"MSH|^~\\&|A", &mut wire);
+//! encode_frame(b"MSH|^~\\&|B", &mut wire);
+//!
+//! // Feed it in two arbitrary pieces, as TCP might deliver it.
+//! let (first, second) = wire.split_at(7);
+//! let mut decoder = FrameDecoder::new(1024);
+//! let mut buf = BytesMut::from(first);
+//! assert_eq!(decoder.decode(&mut buf)?, None);
+//! buf.extend_from_slice(second);
+//! assert_eq!(&decoder.decode(&mut buf)?.unwrap()[..], b"MSH|^~\\&|A");
+//! assert_eq!(&decoder.decode(&mut buf)?.unwrap()[..], b"MSH|^~\\&|B");
+//! assert_eq!(decoder.decode(&mut buf)?, None);
+//! # Ok::<(), mllp_reactor::codec::FrameError>(())
+//! ```
+
+use std::fmt;
+use std::io::IoSlice;
+
+use bytes::{Buf, Bytes, BytesMut};
+
+/// Start block: the byte that opens a frame.
+pub const START_BLOCK: u8 = 0x0B;
+/// End block: the first of the two bytes that close a frame.
+pub const END_BLOCK: u8 = 0x1C;
+/// Carriage return: the second of the two bytes that close a frame.
+pub const CARRIAGE_RETURN: u8 = 0x0D;
+/// The bytes that close a frame.
+pub const TRAILER: [u8; 2] = [END_BLOCK, CARRIAGE_RETURN];
+/// Bytes a frame adds around its payload (`0x0B` before, `0x1C 0x0D` after).
+pub const FRAMING_OVERHEAD: usize = 3;
+
+/// Default payload limit: 10 MiB, the reference's `max_message_size` default (seed-spec §1).
+/// HL7 v2 messages are typically under 64 KiB; 10 MiB leaves room for embedded documents
+/// (base64 PDFs in OBX-5) while bounding what one peer can make us hold.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 10_485_760;
+
+/// Where the decoder is in the byte stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ScanState {
+    /// Outside a frame: every byte up to the next `0x0B` is junk.
+    SeekingStart,
+    /// After a `0x0B`: the buffer starts with this frame's payload.
+    InFrame,
+    /// In a frame whose last scanned byte, at `scanned - 1`, is a `0x1C` that may be the
+    /// terminator: the next byte decides.
+    SawEndBlock,
+    /// The payload exceeded the limit; the decoder answers with the same error from now on.
+    Overflowed {
+        /// Payload bytes seen when the limit was exceeded.
+        received: usize,
+    },
+}
+
+/// Incremental MLLP deframer. Holds scan state only; the caller owns the bytes.
+///
+/// Call [`decode`](Self::decode) after appending newly received bytes to the buffer, and keep
+/// calling it until it returns `Ok(None)` (more bytes needed). Bytes already scanned are never
+/// scanned again, so the total work is linear in the bytes received whatever their chunking.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    max_payload: usize,
+    state: ScanState,
+    /// Bytes at the front of the caller's buffer already examined (all of them payload of the
+    /// current frame, the last possibly a pending `0x1C`).
+    /// INVARIANT: `scanned == 0` unless `state` is `InFrame` or `SawEndBlock`, and
+    /// `scanned <= buf.len()` of the buffer last passed in.
+    scanned: usize,
+    /// Bytes dropped outside frames since the decoder was created.
+    junk: u64,
+}
+
+/// The codec's one error: a peer sent more than the payload limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The payload of the frame being assembled exceeded `limit` bytes.
+    TooLarge {
+        /// The configured payload limit.
+        limit: usize,
+        /// Payload bytes received when the excess was seen (more than `limit`).
+        received: usize,
+    },
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooLarge { limit, received } => {
+                write!(
+                    f,
+                    "frame payload of at least {received} bytes exceeds the limit of {limit} bytes"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+impl FrameDecoder {
+    /// Creates a decoder that accepts payloads of at most `max_payload` bytes.
+    pub fn new(max_payload: usize) -> Self {
+        Self {
+            max_payload,
+            state: ScanState::SeekingStart,
+            scanned: 0,
+            junk: 0,
+        }
+    }
+
+    /// The payload limit this decoder enforces.
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+
+    /// Scans the bytes of `buf` not yet scanned and returns the next complete payload, split
+    /// off the front of `buf` without copying.
+    ///
+    /// Returns `Ok(None)` when more bytes are needed; by then junk has been removed from `buf`
+    /// and it holds only the partial frame's payload.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::TooLarge`] as soon as the current frame's payload exceeds the limit. The
+    /// partial payload stays in `buf` (see [`partial_frame`](Self::partial_frame)) and every
+    /// later call returns the same error: the stream cannot be resynchronised safely, so the
+    /// caller should close the connection.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
+        loop {
+            match self.state {
+                ScanState::Overflowed { received } => {
+                    return Err(FrameError::TooLarge {
+                        limit: self.max_payload,
+                        received,
+                    });
+                }
+                ScanState::SeekingStart => match memchr::memchr(START_BLOCK, buf) {
+                    Some(at) => {
+                        // `at` junk bytes, then the start block: drop both.
+                        self.junk += at as u64;
+                        buf.advance(at + 1);
+                        self.state = ScanState::InFrame;
+                        self.scanned = 0;
+                    }
+                    None => {
+                        self.junk += buf.len() as u64;
+                        buf.clear();
+                        return Ok(None);
+                    }
+                },
+                ScanState::SawEndBlock => {
+                    // The previous call ended on a 0x1C at `scanned - 1`.
+                    let Some(&next) = buf.get(self.scanned) else {
+                        return Ok(None);
+                    };
+                    if next == CARRIAGE_RETURN {
+                        return self.complete(buf, self.scanned - 1).map(Some);
+                    }
+                    // Not a terminator: that 0x1C was payload; go on from `next`.
+                    self.state = ScanState::InFrame;
+                }
+                ScanState::InFrame => {
+                    // Buffer layout while in a frame (start block already dropped):
+                    //
+                    //   [ payload scanned ........ | new bytes ......... ]
+                    //   0                       scanned               len
+                    let mut from = self.scanned;
+                    while let Some(i) = memchr::memchr(END_BLOCK, &buf[from..]) {
+                        let at = from + i;
+                        match buf.get(at + 1) {
+                            Some(&CARRIAGE_RETURN) => return self.complete(buf, at).map(Some),
+                            Some(_) => from = at + 1,
+                            None => {
+                                // A 0x1C ends the buffer: the next byte decides.
+                                self.scanned = at + 1;
+                                self.state = ScanState::SawEndBlock;
+                                return self.check_partial(at);
+                            }
+                        }
+                    }
+                    self.scanned = buf.len();
+                    return self.check_partial(buf.len());
+                }
+            }
+        }
+    }
+
+    /// Splits the payload `buf[..end]` off and drops its `0x1C 0x0D` trailer.
+    fn complete(&mut self, buf: &mut BytesMut, end: usize) -> Result<Bytes, FrameError> {
+        if end > self.max_payload {
+            return Err(self.overflow(end));
+        }
+        let payload = buf.split_to(end).freeze();
+        buf.advance(TRAILER.len());
+        self.state = ScanState::SeekingStart;
+        self.scanned = 0;
+        Ok(payload)
+    }
+
+    /// Checks the limit for an incomplete frame with `payload` bytes known to be payload.
+    fn check_partial(&mut self, payload: usize) -> Result<Option<Bytes>, FrameError> {
+        if payload > self.max_payload {
+            Err(self.overflow(payload))
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn overflow(&mut self, received: usize) -> FrameError {
+        self.state = ScanState::Overflowed { received };
+        FrameError::TooLarge {
+            limit: self.max_payload,
+            received,
+        }
+    }
+
+    /// Total bytes dropped outside frames since this decoder was created.
+    pub fn junk_bytes(&self) -> u64 {
+        self.junk
+    }
+
+    /// True while a frame has been started (its `0x0B` seen) but not completed, including
+    /// after an overflow. Used for the frame deadline.
+    pub fn in_frame(&self) -> bool {
+        self.state != ScanState::SeekingStart
+    }
+
+    /// The payload bytes received so far of the frame being assembled (or of the frame that
+    /// overflowed), given the buffer last passed to [`decode`](Self::decode). Lets the caller
+    /// quote the MSH-10 of a message it rejects. Empty outside a frame.
+    pub fn partial_frame<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
+        if self.in_frame() { buf } else { &[] }
+    }
+}
+
+/// Appends `payload` framed as `0x0B payload 0x1C 0x0D` to `out`, copying it.
+///
+/// For writing to a socket without copying the payload, use [`EncodedFrame`].
+pub fn encode_frame(payload: &[u8], out: &mut BytesMut) {
+    out.reserve(payload.len() + FRAMING_OVERHEAD);
+    out.extend_from_slice(&[START_BLOCK]);
+    out.extend_from_slice(payload);
+    out.extend_from_slice(&TRAILER);
+}
+
+/// A framed payload being written: the payload is shared, never copied, and written with the
+/// framing bytes through vectored I/O ([`io_slices`](Self::io_slices)).
+///
+/// ```
+/// use bytes::Bytes;
+/// use mllp_reactor::codec::EncodedFrame;
+///
+/// let mut frame = EncodedFrame::new(Bytes::from_static(b"MSA|AA|1"));
+/// assert_eq!(frame.remaining(), 11);
+/// frame.advance(4); // a partial write took the start block and 3 payload bytes
+/// let mut slices = [std::io::IoSlice::new(&[]); 3];
+/// let n = frame.io_slices(&mut slices);
+/// let bytes: Vec<u8> = slices[..n].iter().flat_map(|s| s.iter().copied()).collect();
+/// assert_eq!(bytes, b"|AA|1\x1c\x0d");
+/// ```
+#[derive(Debug, Clone)]
+pub struct EncodedFrame {
+    payload: Bytes,
+    /// Bytes of the framed form (`1 + payload.len() + 2`) already written.
+    /// INVARIANT: `written <= payload.len() + FRAMING_OVERHEAD`.
+    written: usize,
+}
+
+impl EncodedFrame {
+    /// Frames `payload` for writing.
+    pub fn new(payload: Bytes) -> Self {
+        Self {
+            payload,
+            written: 0,
+        }
+    }
+
+    /// The unframed payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// Framed bytes not yet written.
+    pub fn remaining(&self) -> usize {
+        self.payload.len() + FRAMING_OVERHEAD - self.written
+    }
+
+    /// True once every framed byte has been written.
+    pub fn is_done(&self) -> bool {
+        self.remaining() == 0
+    }
+
+    /// Records that `n` more framed bytes were written. `n` is clamped to what remains.
+    pub fn advance(&mut self, n: usize) {
+        self.written += n.min(self.remaining());
+    }
+
+    /// Fills `out` with the unwritten parts (start block, payload, trailer; empty parts left
+    /// out) and returns how many slices it used, for `write_vectored`.
+    pub fn io_slices<'a>(&'a self, out: &mut [IoSlice<'a>; 3]) -> usize {
+        const START: [u8; 1] = [START_BLOCK];
+        let payload_end = 1 + self.payload.len();
+        let mut n = 0;
+        let mut push = |part: &'a [u8]| {
+            if !part.is_empty() {
+                out[n] = IoSlice::new(part);
+                n += 1;
+            }
+        };
+        let w = self.written;
+        push(&START[w.min(1)..]);
+        push(&self.payload[w.clamp(1, payload_end) - 1..]);
+        push(&TRAILER[w.clamp(payload_end, payload_end + 2) - payload_end..]);
+        n
+    }
+}
+
+#[cfg(test)]
+#[path = "codec/tests.rs"]
+mod tests;

@@ -31,12 +31,12 @@ use std::fmt;
 
 use memchr::{memchr, memchr2};
 
-/// Segment terminator (HL7 v2.5 §2.5.2: every segment ends with a carriage return).
-const CARRIAGE_RETURN: u8 = 0x0D;
+// The segment terminator (HL7 v2.5 §2.5.2: every segment ends with a carriage return).
+use crate::codec::CARRIAGE_RETURN;
 
 /// Also ends a segment: some senders write LF or CR LF, and a reader that stopped only at CR
 /// would run the MSH on into the next segment.
-const LINE_FEED: u8 = 0x0A;
+pub(crate) const LINE_FEED: u8 = 0x0A;
 
 /// How many field separators [`Msh::parse`] records, so that fields up to MSH-25 (the last one
 /// HL7 v2.8 defines) are found without rescanning. Fields past it are still readable, by a scan

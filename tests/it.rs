@@ -1,0 +1,4 @@
+//! Integration tests: one binary (saves link time on 2-core CI), one module per concern.
+
+#[path = "it/fuzz_corpus.rs"]
+mod fuzz_corpus;
