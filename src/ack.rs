@@ -1,1 +1,747 @@
-//! ack (to be written)
+//! ACK / NAK builder and ACK parser, on raw bytes.
+//!
+//! The builder reads the incoming message's MSH with [`Msh`] (no full HL7 parse) and writes an
+//! original-mode acknowledgment in the message's own separators:
+//!
+//! ```text
+//! MSH|^~\&|<MSH-5>|<MSH-6>|<MSH-3>|<MSH-4>|<now>||ACK^<MSH-9.2>^ACK|<new id>|<MSH-11>|<MSH-12>[||||||<MSH-18>]\r
+//! MSA|<code>|<MSH-10>[|<text>]\r
+//! [ERR|||<error code>^<error text>^HL70357|<severity>\r]      (AE, AR, CE, CR only)
+//! ```
+//!
+//! - Sender and receiver swap: MSH-3/4 ← the message's MSH-5/6, MSH-5/6 ← its MSH-3/4.
+//! - MSH-7 is the current UTC time as `YYYYMMDDHHMMSS+0000`, or [`Ack::timestamp`].
+//! - MSH-9 is `ACK^<trigger>^ACK`, or `ACK` alone when the message has no trigger event.
+//! - MSH-10 is a new id, unique within the process and, with high probability, across restarts
+//!   (a per-process prefix from the start time and pid, then a counter), or [`Ack::control_id`].
+//! - MSH-11 and MSH-12 are copied, defaulting to `P` and `2.5.1`; MSH-18 is copied when present
+//!   (the reference drops it).
+//! - MSA-2 is the message's MSH-10; MSA-3 is the optional text.
+//! - Text written by us (MSA-3, ERR-3, an overriding control id) is escaped with the message's
+//!   escape character: `\F\ \S\ \R\ \E\ \T\` (and `\P\` for a declared v2.7 truncation
+//!   character), and CR/LF as `\X0D\`/`\X0A\` (the reference does not escape).
+//! - Bytes 0x0B and 0x1C (the MLLP block characters) are written as `\X0B\`/`\X1C\` wherever
+//!   they come from, so an ACK never contains bytes that would end its own frame early.
+//!
+//! # When the message has no usable MSH
+//!
+//! An ACK is built for any input and building never panics. If [`Msh::parse`] fails (no `MSH`,
+//! cut off before MSH-2, unusable separators), or MSH-10 is missing, the sender cannot be told
+//! which message is meant, so the code becomes a reject (AR, or CR for a commit code) whatever
+//! was asked for, MSA-2 is empty, and the separators are `|^~\&`.
+//!
+//! # ERR segment
+//!
+//! AE, AR, CE and CR always carry an ERR segment in the HL7 v2.5 layout (ERR-3 *HL7 error
+//! code*, a CWE from table 0357, and ERR-4 *severity*, table 0516), whatever the message's
+//! version. The reference adds ERR only when the caller passes an error code; we always add
+//! one, because a v2.5+ receiver expects it on a NAK, with defaults chosen from table 0357:
+//!
+//! | Situation | ERR-3 |
+//! |---|---|
+//! | no readable MSH | `100^Segment sequence error` (0357: "required segments are missing") |
+//! | MSH without MSH-10 | `101^Required field missing` |
+//! | otherwise | `207^Application internal error` (what the reference's docs use for AE) |
+//!
+//! [`Ack::error`] overrides the code, text and severity (default `E`). Accept codes never carry
+//! an ERR, as in the reference.
+//!
+//! # Examples
+//!
+//! ```
+//! use std::time::{Duration, UNIX_EPOCH};
+//! use mllp_reactor::ack::{self, Ack, AckCode};
+//!
+//! let msg = b"MSH|^~\\&|LAB|HOSP|EHR|WARD|20260101120000||ADT^A01^ADT_A01|42|P|2.5.1\rPID|1\r";
+//!
+//! // What a server sends: a new id and the current time each call.
+//! let reply = ack::accept(msg);
+//! assert_eq!(ack::parse(&reply)?.code, AckCode::AA);
+//!
+//! // Fixed id and time, to show the exact bytes.
+//! let nak = Ack::new(AckCode::AE)
+//!     .text("no bed free|ward 3")
+//!     .control_id("ACK1")
+//!     .timestamp(UNIX_EPOCH + Duration::from_secs(1_767_268_800))
+//!     .build(msg);
+//! assert_eq!(
+//!     &nak[..],
+//!     &b"MSH|^~\\&|EHR|WARD|LAB|HOSP|20260101120000+0000||ACK^A01^ACK|ACK1|P|2.5.1\r\
+//!        MSA|AE|42|no bed free\\F\\ward 3\r\
+//!        ERR|||207^Application internal error^HL70357|E\r"[..]
+//! );
+//!
+//! // What a client does with a reply.
+//! let parsed = ack::parse(&nak)?;
+//! assert_eq!(parsed.code, AckCode::AE);
+//! assert_eq!(parsed.control_id, b"42");
+//! assert_eq!(parsed.text, Some(&b"no bed free\\F\\ward 3"[..]));
+//! # Ok::<(), ack::AckParseError>(())
+//! ```
+
+use std::fmt;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use memchr::memchr2;
+
+// CARRIAGE_RETURN ends every segment (HL7 v2.5 §2.5.2). START_BLOCK and END_BLOCK are never
+// written raw: a receiver would take the first as a new frame, and the second followed by our
+// CR as the end of this one.
+use crate::codec::{CARRIAGE_RETURN, END_BLOCK, START_BLOCK};
+use crate::msh::{Encoding, LINE_FEED, Msh, MshError};
+
+/// ERR-3 for a message without a readable MSH (table 0357, code 100).
+const SEGMENT_SEQUENCE_ERROR: (&str, &str) = ("100", "Segment sequence error");
+/// ERR-3 for an MSH without MSH-10 (table 0357, code 101).
+const REQUIRED_FIELD_MISSING: (&str, &str) = ("101", "Required field missing");
+/// ERR-3 for any other NAK (table 0357, code 207).
+const APPLICATION_INTERNAL_ERROR: (&str, &str) = ("207", "Application internal error");
+
+/// MSH-11 when the message has none: production.
+const DEFAULT_PROCESSING_ID: &[u8] = b"P";
+/// MSH-12 when the message has none: the version the reference defaults to.
+const DEFAULT_VERSION: &[u8] = b"2.5.1";
+
+/// Latest time MSH-7 can show with four year digits, 9999-12-31 23:59:59 UTC, in Unix seconds.
+/// Later clocks are clamped so the timestamp keeps its shape.
+const MAX_TIMESTAMP_SECS: u64 = 253_402_300_799;
+
+/// An acknowledgment code, MSA-1 (HL7 table 0008).
+///
+/// `A*` codes are original-mode (application) acknowledgments, `C*` codes enhanced-mode commit
+/// acknowledgments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AckCode {
+    /// Application accept.
+    AA,
+    /// Application error: the message was understood but processing failed.
+    AE,
+    /// Application reject: the message was not processed (bad header, or a problem unrelated to
+    /// it).
+    AR,
+    /// Commit accept.
+    CA,
+    /// Commit error.
+    CE,
+    /// Commit reject.
+    CR,
+}
+
+impl AckCode {
+    /// The code as written in MSA-1.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::AA => "AA",
+            Self::AE => "AE",
+            Self::AR => "AR",
+            Self::CA => "CA",
+            Self::CE => "CE",
+            Self::CR => "CR",
+        }
+    }
+
+    /// Whether the code accepts the message (AA or CA).
+    pub const fn is_accept(self) -> bool {
+        matches!(self, Self::AA | Self::CA)
+    }
+
+    /// Reads an MSA-1 value; `None` for anything but the six codes.
+    pub fn from_bytes(code: &[u8]) -> Option<Self> {
+        Some(match code {
+            b"AA" => Self::AA,
+            b"AE" => Self::AE,
+            b"AR" => Self::AR,
+            b"CA" => Self::CA,
+            b"CE" => Self::CE,
+            b"CR" => Self::CR,
+            _ => return None,
+        })
+    }
+
+    /// The reject of the same mode, for a message we cannot identify.
+    const fn to_reject(self) -> Self {
+        match self {
+            Self::AA | Self::AE | Self::AR => Self::AR,
+            Self::CA | Self::CE | Self::CR => Self::CR,
+        }
+    }
+}
+
+impl fmt::Display for AckCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Error severity, ERR-4 (HL7 table 0516).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Severity {
+    /// `E`: the message was not (fully) processed. The default.
+    Error,
+    /// `W`: processed, with a warning.
+    Warning,
+    /// `I`: processed; for information only.
+    Information,
+}
+
+impl Severity {
+    /// The code as written in ERR-4.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Error => "E",
+            Self::Warning => "W",
+            Self::Information => "I",
+        }
+    }
+}
+
+/// An acknowledgment to build: the code and options, without the message.
+///
+/// Borrows its text; building writes straight into one output buffer sized up front.
+///
+/// # Examples
+///
+/// ```
+/// use mllp_reactor::ack::{Ack, AckCode, Severity};
+///
+/// let msg = b"MSH|^~\\&|LAB|HOSP|EHR|WARD|20260101120000||ORU^R01|7|P|2.5.1\r";
+/// let nak = Ack::new(AckCode::AR)
+///     .text("unknown patient")
+///     .error("204", "Unknown key identifier", Severity::Error)
+///     .build(msg);
+/// assert!(nak.ends_with(b"\rERR|||204^Unknown key identifier^HL70357|E\r"));
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Ack<'a> {
+    code: AckCode,
+    text: &'a str,
+    error: Option<ErrorDetail<'a>>,
+    control_id: Option<&'a str>,
+    timestamp: Option<SystemTime>,
+}
+
+/// ERR-3 and ERR-4 as given to [`Ack::error`].
+#[derive(Debug, Clone, Copy)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    text: &'a str,
+    severity: Severity,
+}
+
+impl<'a> Ack<'a> {
+    /// An acknowledgment with `code`, no text, a generated id and the current time.
+    pub fn new(code: AckCode) -> Self {
+        Self {
+            code,
+            text: "",
+            error: None,
+            control_id: None,
+            timestamp: None,
+        }
+    }
+
+    /// Sets MSA-3, the text message (escaped when written). Empty means none.
+    pub fn text(self, text: &'a str) -> Self {
+        Self { text, ..self }
+    }
+
+    /// Sets ERR-3 (`code`, `text`, coding system `HL70357`) and ERR-4 (`severity`) for a NAK,
+    /// replacing the defaults described in the [module docs](self). Ignored for AA and CA.
+    pub fn error(self, code: &'a str, text: &'a str, severity: Severity) -> Self {
+        let error = Some(ErrorDetail {
+            code,
+            text,
+            severity,
+        });
+        Self { error, ..self }
+    }
+
+    /// Uses `id` as the ACK's own MSH-10 (escaped when written) instead of a generated one.
+    pub fn control_id(self, id: &'a str) -> Self {
+        Self {
+            control_id: Some(id),
+            ..self
+        }
+    }
+
+    /// Uses `time` for MSH-7 instead of the current time.
+    pub fn timestamp(self, time: SystemTime) -> Self {
+        Self {
+            timestamp: Some(time),
+            ..self
+        }
+    }
+
+    /// Builds the acknowledgment of `message` (the unframed payload, or any prefix of it).
+    ///
+    /// Makes one allocation, of the exact size.
+    pub fn build(&self, message: &[u8]) -> Bytes {
+        let mut out = Vec::new();
+        self.build_into(message, &mut out);
+        // `Vec` → `Bytes` takes the buffer over without a copy, and without a second
+        // allocation because `build_into` reserved the exact length (len == capacity).
+        Bytes::from(out)
+    }
+
+    /// Appends the acknowledgment of `message` to `out`, reserving the exact space first.
+    pub fn build_into(&self, message: &[u8], out: &mut Vec<u8>) {
+        let plan = self.plan(message);
+        let mut len = Count(0);
+        plan.emit(&mut len);
+        out.reserve_exact(len.0);
+        let start = out.len();
+        plan.emit(out);
+        debug_assert_eq!(
+            out.len() - start,
+            len.0,
+            "counted and written lengths differ"
+        );
+    }
+
+    /// Resolves every part of the ACK from `message` and the options.
+    fn plan<'p>(&'p self, message: &'p [u8]) -> Plan<'p> {
+        let msh = Msh::parse(message).ok();
+        let field = |n| msh.as_ref().and_then(|m| m.field(n)).unwrap_or_default();
+        let msa2 = msh.as_ref().and_then(Msh::control_id).unwrap_or_default();
+        let (code, (err_code, err_text)) = match msh {
+            None => (self.code.to_reject(), SEGMENT_SEQUENCE_ERROR),
+            Some(_) if msa2.is_empty() => (self.code.to_reject(), REQUIRED_FIELD_MISSING),
+            Some(_) => (self.code, APPLICATION_INTERNAL_ERROR),
+        };
+        let error = (!code.is_accept()).then(|| {
+            self.error.unwrap_or(ErrorDetail {
+                code: err_code,
+                text: err_text,
+                severity: Severity::Error,
+            })
+        });
+        Plan {
+            encoding: msh.as_ref().map(Msh::encoding).unwrap_or_default(),
+            code,
+            parties: [field(5), field(6), field(3), field(4)],
+            timestamp: hl7_timestamp(self.timestamp.unwrap_or_else(SystemTime::now)),
+            trigger: msh
+                .as_ref()
+                .and_then(Msh::trigger_event)
+                .unwrap_or_default(),
+            id: match self.control_id {
+                Some(id) => ControlId::Given(id.as_bytes()),
+                None => ControlId::Generated(next_control_id()),
+            },
+            processing_id: msh
+                .as_ref()
+                .and_then(Msh::processing_id)
+                .unwrap_or(DEFAULT_PROCESSING_ID),
+            version: msh
+                .as_ref()
+                .and_then(Msh::version)
+                .unwrap_or(DEFAULT_VERSION),
+            charset: msh.as_ref().and_then(Msh::charset).unwrap_or_default(),
+            msa2,
+            // One search over the whole MSH instead of one per copied field (measured).
+            raw_needs_escape: msh
+                .as_ref()
+                .is_some_and(|m| memchr2(START_BLOCK, END_BLOCK, m.as_bytes()).is_some()),
+            text: self.text.as_bytes(),
+            error,
+        }
+    }
+}
+
+/// Builds an AA for `message`: the usual reply of a handler that took the message.
+///
+/// An AR (see the [module docs](self)) if `message` has no usable MSH or no MSH-10.
+pub fn accept(message: &[u8]) -> Bytes {
+    Ack::new(AckCode::AA).build(message)
+}
+
+/// Builds a NAK for `message` with `code` (normally AE or AR), MSA-3 `text` and the default ERR.
+///
+/// The server uses it with AE for a failed handler and with AR for an oversize frame, passing
+/// the part of the frame received so far. An accept code gives an ACK with text and no ERR.
+pub fn nak(message: &[u8], code: AckCode, text: &str) -> Bytes {
+    Ack::new(code).text(text).build(message)
+}
+
+/// The fields of a received acknowledgment that a sender needs, borrowed from its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ParsedAck<'a> {
+    /// MSA-1.
+    pub code: AckCode,
+    /// MSA-2: the MSH-10 of the message acknowledged; empty if absent. Raw (not unescaped).
+    pub control_id: &'a [u8],
+    /// MSA-3, raw (escape sequences not decoded); `None` if absent or empty.
+    pub text: Option<&'a [u8]>,
+    /// The acknowledgment's own MSH-10, if present.
+    pub message_control_id: Option<&'a [u8]>,
+}
+
+/// Why [`parse`] could not read an acknowledgment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AckParseError {
+    /// The reply does not start with a readable MSH segment.
+    Msh(MshError),
+    /// No MSA segment follows the MSH.
+    NoMsa,
+    /// MSA-1 is not one of AA, AE, AR, CA, CE, CR.
+    BadCode,
+}
+
+impl fmt::Display for AckParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Msh(_) => "ack has no readable MSH segment",
+            Self::NoMsa => "ack has no MSA segment",
+            Self::BadCode => "MSA-1 is not an acknowledgment code",
+        })
+    }
+}
+
+impl std::error::Error for AckParseError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Msh(e) => Some(e),
+            Self::NoMsa | Self::BadCode => None,
+        }
+    }
+}
+
+/// Reads an acknowledgment: its MSH, then the first MSA segment after it.
+///
+/// Segments may end with CR, LF or CR LF. Other segments (ERR, ...) are skipped.
+///
+/// # Errors
+///
+/// [`AckParseError`] when there is no readable MSH, no MSA, or MSA-1 is not a known code.
+pub fn parse(ack: &[u8]) -> Result<ParsedAck<'_>, AckParseError> {
+    let msh = Msh::parse(ack).map_err(AckParseError::Msh)?;
+    let sep = msh.field_separator();
+    let mut rest = &ack[msh.as_bytes().len()..];
+    let msa = loop {
+        let end = memchr2(CARRIAGE_RETURN, LINE_FEED, rest).unwrap_or(rest.len());
+        let segment = &rest[..end];
+        if segment.starts_with(b"MSA") && segment.get(3) == Some(&sep) {
+            break segment;
+        }
+        rest = rest.get(end + 1..).ok_or(AckParseError::NoMsa)?;
+    };
+    let mut fields = msa[4..].split(|&b| b == sep);
+    let code = fields
+        .next()
+        .and_then(AckCode::from_bytes)
+        .ok_or(AckParseError::BadCode)?;
+    Ok(ParsedAck {
+        code,
+        control_id: fields.next().unwrap_or_default(),
+        text: fields.next().filter(|text| !text.is_empty()),
+        message_control_id: msh.control_id(),
+    })
+}
+
+/// Every part of one ACK, resolved. [`Plan::emit`] runs twice, into [`Count`] and then into
+/// the output, so the output is allocated once at its exact size and the two can never
+/// disagree about the layout.
+struct Plan<'p> {
+    encoding: Encoding,
+    code: AckCode,
+    /// The message's MSH-5, MSH-6, MSH-3, MSH-4: the ACK's MSH-3..6.
+    parties: [&'p [u8]; 4],
+    timestamp: [u8; 19],
+    trigger: &'p [u8],
+    id: ControlId<'p>,
+    processing_id: &'p [u8],
+    version: &'p [u8],
+    /// Empty: MSH-18 is left out.
+    charset: &'p [u8],
+    msa2: &'p [u8],
+    /// Whether the MSH contains MLLP block bytes, which [`put_raw`] must escape.
+    raw_needs_escape: bool,
+    /// Empty: MSA-3 is left out.
+    text: &'p [u8],
+    error: Option<ErrorDetail<'p>>,
+}
+
+impl Plan<'_> {
+    fn emit<S: Sink>(&self, s: &mut S) {
+        let enc = &self.encoding;
+        let (field, component) = (enc.field, enc.component);
+        let (chars, n) = enc.encoding_characters();
+
+        s.put(b"MSH");
+        s.put_byte(field);
+        s.put(&chars[..n]);
+        for party in self.parties {
+            s.put_byte(field);
+            put_raw(s, self, party);
+        }
+        s.put_byte(field);
+        s.put(&self.timestamp);
+        s.put_byte(field); // MSH-8, security: empty
+        s.put_byte(field);
+        s.put(b"ACK");
+        if !self.trigger.is_empty() {
+            s.put_byte(component);
+            put_raw(s, self, self.trigger);
+            s.put_byte(component);
+            s.put(b"ACK");
+        }
+        s.put_byte(field);
+        match &self.id {
+            ControlId::Given(id) => put_text(s, enc, id),
+            ControlId::Generated(id) => s.put(id.as_bytes()),
+        }
+        s.put_byte(field);
+        put_raw(s, self, self.processing_id);
+        s.put_byte(field);
+        put_raw(s, self, self.version);
+        if !self.charset.is_empty() {
+            // MSH-13..17 empty, then MSH-18.
+            s.put(&[field; 6]);
+            put_raw(s, self, self.charset);
+        }
+        s.put_byte(CARRIAGE_RETURN);
+
+        s.put(b"MSA");
+        s.put_byte(field);
+        s.put(self.code.as_str().as_bytes());
+        s.put_byte(field);
+        put_raw(s, self, self.msa2);
+        if !self.text.is_empty() {
+            s.put_byte(field);
+            put_text(s, enc, self.text);
+        }
+        s.put_byte(CARRIAGE_RETURN);
+
+        if let Some(error) = &self.error {
+            // ERR-1 (2.4 location) and ERR-2 (location) empty; ERR-3 CWE; ERR-4 severity.
+            s.put(b"ERR");
+            s.put(&[field; 3]);
+            put_text(s, enc, error.code.as_bytes());
+            s.put_byte(component);
+            put_text(s, enc, error.text.as_bytes());
+            s.put_byte(component);
+            s.put(b"HL70357");
+            s.put_byte(field);
+            s.put(error.severity.as_str().as_bytes());
+            s.put_byte(CARRIAGE_RETURN);
+        }
+    }
+}
+
+/// Where [`Plan::emit`] writes: a byte counter or the output buffer.
+trait Sink {
+    fn put(&mut self, bytes: &[u8]);
+    fn put_byte(&mut self, byte: u8);
+}
+
+/// Counts what would be written.
+struct Count(usize);
+
+impl Sink for Count {
+    fn put(&mut self, bytes: &[u8]) {
+        self.0 += bytes.len();
+    }
+    fn put_byte(&mut self, _: u8) {
+        self.0 += 1;
+    }
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+    fn put_byte(&mut self, byte: u8) {
+        self.push(byte);
+    }
+}
+
+/// Writes a field copied from the message: already in its encoding, so only the MLLP block
+/// bytes are escaped.
+fn put_raw<S: Sink>(s: &mut S, plan: &Plan<'_>, mut field: &[u8]) {
+    if !plan.raw_needs_escape {
+        s.put(field);
+        return;
+    }
+    let enc = &plan.encoding;
+    while let Some(i) = memchr2(START_BLOCK, END_BLOCK, field) {
+        s.put(&field[..i]);
+        put_escape(
+            s,
+            enc,
+            if field[i] == START_BLOCK {
+                b"X0B"
+            } else {
+                b"X1C"
+            },
+        );
+        field = &field[i + 1..];
+    }
+    s.put(field);
+}
+
+/// Writes our own text as field content, escaping whatever would be read as structure.
+fn put_text<S: Sink>(s: &mut S, enc: &Encoding, text: &[u8]) {
+    let mut clean = 0;
+    for (i, &b) in text.iter().enumerate() {
+        // Separators are punctuation (checked by `Msh::parse`), so letters, digits and
+        // spaces, most of any text, skip the comparisons below.
+        if b.is_ascii_alphanumeric() || b == b' ' {
+            continue;
+        }
+        let sequence: &[u8] = match b {
+            _ if b == enc.field => b"F",
+            _ if b == enc.component => b"S",
+            _ if b == enc.repetition => b"R",
+            _ if b == enc.escape => b"E",
+            _ if b == enc.subcomponent => b"T",
+            _ if Some(b) == enc.truncation => b"P",
+            CARRIAGE_RETURN => b"X0D",
+            LINE_FEED => b"X0A",
+            START_BLOCK => b"X0B",
+            END_BLOCK => b"X1C",
+            _ => continue,
+        };
+        s.put(&text[clean..i]);
+        put_escape(s, enc, sequence);
+        clean = i + 1;
+    }
+    s.put(&text[clean..]);
+}
+
+/// Writes `\<sequence>\` with the message's escape character.
+fn put_escape<S: Sink>(s: &mut S, enc: &Encoding, sequence: &[u8]) {
+    s.put_byte(enc.escape);
+    s.put(sequence);
+    s.put_byte(enc.escape);
+}
+
+/// The ACK's MSH-10: given by the caller (escaped on output) or generated (never needs it).
+enum ControlId<'p> {
+    Given(&'p [u8]),
+    Generated(GeneratedId),
+}
+
+/// A generated control id: 8 hex digits of per-process prefix, then a decimal counter.
+///
+/// Up to 10¹² ACKs per process the id fits the 20 characters HL7 v2.5 allows MSH-10; the
+/// buffer holds the full `u64` range.
+struct GeneratedId {
+    bytes: [u8; 28],
+    len: usize,
+}
+
+impl GeneratedId {
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+/// Next value of the process-wide ACK counter. `Relaxed`: only uniqueness matters, and
+/// `fetch_add` gives that under any ordering.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The per-process prefix, fixed on first use.
+static ID_PREFIX: OnceLock<[u8; 8]> = OnceLock::new();
+
+fn next_control_id() -> GeneratedId {
+    let prefix = ID_PREFIX.get_or_init(process_prefix);
+    let mut bytes = [0; 28];
+    bytes[..8].copy_from_slice(prefix);
+    let len = 8 + put_decimal(NEXT_ID.fetch_add(1, Ordering::Relaxed), &mut bytes[8..]);
+    GeneratedId { bytes, len }
+}
+
+/// 32 bits mixed from the start time and the pid, as hex: the counter restarts at 1 with the
+/// process, and the prefix keeps ids from a new process off the old one's (1 in 2³² chance of
+/// a clash per restart).
+fn process_prefix() -> [u8; 8] {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mixed = splitmix64(nanos ^ splitmix64(u64::from(std::process::id())));
+    let mut hex = [0; 8];
+    for (i, digit) in hex.iter_mut().enumerate() {
+        *digit = b"0123456789ABCDEF"[(mixed >> (60 - 4 * i)) as usize & 0xF];
+    }
+    hex
+}
+
+/// SplitMix64's finaliser: spreads every input bit over the output.
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Writes `n` in decimal at the start of `out` (which must hold 20 bytes), returning the length.
+fn put_decimal(mut n: u64, out: &mut [u8]) -> usize {
+    let mut digits = [0; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let len = digits.len() - i;
+    out[..len].copy_from_slice(&digits[i..]);
+    len
+}
+
+/// `time` as an HL7 DTM in UTC, `YYYYMMDDHHMMSS+0000`, clamped to 1970..=9999.
+fn hl7_timestamp(time: SystemTime) -> [u8; 19] {
+    let secs = time
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        .min(MAX_TIMESTAMP_SECS);
+    let (year, month, day) = civil_from_days(secs / 86_400);
+    let second_of_day = secs % 86_400;
+    let mut out = *b"00000000000000+0000";
+    let mut put = |at: usize, width: usize, mut value: u64| {
+        for digit in out[at..at + width].iter_mut().rev() {
+            *digit = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(4, 2, month);
+    put(6, 2, day);
+    put(8, 2, second_of_day / 3600);
+    put(10, 2, second_of_day / 60 % 60);
+    put(12, 2, second_of_day % 60);
+    out
+}
+
+/// Proleptic Gregorian (year, month, day) of `days` after 1970-01-01.
+///
+/// Howard Hinnant's `civil_from_days` (<http://howardhinnant.github.io/date_algorithms.html>),
+/// restricted to non-negative days so it can stay in `u64`: eras of 400 years (146 097 days)
+/// starting on 0000-03-01, so the leap day falls at the end of each computed year.
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468; // days since 0000-03-01
+    let era = z / 146_097;
+    let day_of_era = z - era * 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests;

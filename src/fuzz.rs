@@ -3,7 +3,9 @@
 
 use bytes::BytesMut;
 
+use crate::ack::{self, Ack, AckCode, Severity};
 use crate::codec::{CARRIAGE_RETURN, END_BLOCK, FrameDecoder, FrameError, START_BLOCK};
+use crate::msh::{Encoding, Msh};
 
 /// Fuzz target `decode`: the incremental decoder against a deliberately simple reference.
 ///
@@ -95,7 +97,164 @@ fn reference_decode(stream: &[u8], limit: usize) -> (Vec<Vec<u8>>, Option<usize>
     (frames, None)
 }
 
-/// Fuzz target `ack`: see [`crate::ack`].
+/// Fuzz target `ack`: see [`crate::ack`] and [`crate::msh`].
+///
+/// Reads `data` with [`Msh`] and calls every accessor, then builds an accept, a NAK and a fully
+/// optioned ACK from it (the last byte picks the code and whether the text is `data` itself)
+/// and checks that each one parses back: MSA-2 is the message's MSH-10 (empty and a reject code
+/// when it has none), the separators are the message's, the text survives escaping, and no MLLP
+/// block byte appears.
 pub fn ack(data: &[u8]) {
-    let _ = data;
+    let msh = Msh::parse(data).ok();
+    if let Some(msh) = &msh {
+        exercise_msh(msh);
+    }
+    let encoding = msh.as_ref().map(Msh::encoding).unwrap_or_default();
+    let control_id = msh.as_ref().and_then(Msh::control_id);
+
+    const CODES: [AckCode; 6] = [
+        AckCode::AA,
+        AckCode::AE,
+        AckCode::AR,
+        AckCode::CA,
+        AckCode::CE,
+        AckCode::CR,
+    ];
+    // The last byte chooses, so that the whole input stays the message and a corpus file
+    // can be a plain message.
+    let selector = data.last().copied().unwrap_or(0);
+    let code = CODES[usize::from(selector % 6)];
+    let lossy = String::from_utf8_lossy(data);
+    let text: &str = if selector / 6 % 2 == 1 {
+        &lossy
+    } else {
+        "handler failed"
+    };
+
+    let built = [
+        (AckCode::AA, "", ack::accept(data)),
+        (code, text, ack::nak(data, code, text)),
+        (
+            code,
+            text,
+            Ack::new(code)
+                .text(text)
+                .error(text, text, Severity::Warning)
+                .control_id(text)
+                .build(data),
+        ),
+    ];
+    for (asked, text, bytes) in &built {
+        assert!(
+            !bytes.contains(&START_BLOCK) && !bytes.contains(&END_BLOCK),
+            "MLLP block byte in ACK"
+        );
+        let ack_msh = Msh::parse(bytes).expect("the ACK's MSH parses");
+        assert_eq!(ack_msh.encoding(), encoding);
+        let parsed = ack::parse(bytes).expect("the ACK parses");
+        match control_id {
+            Some(id) => {
+                assert_eq!(parsed.code, *asked);
+                assert_eq!(
+                    parsed.control_id,
+                    &escape_block_bytes(id, encoding.escape)[..]
+                );
+            }
+            None => {
+                let reject = if matches!(asked, AckCode::CA | AckCode::CE | AckCode::CR) {
+                    AckCode::CR
+                } else {
+                    AckCode::AR
+                };
+                assert_eq!(parsed.code, reject);
+                assert!(parsed.control_id.is_empty());
+            }
+        }
+        let round_trip = unescape(parsed.text.unwrap_or_default(), &encoding);
+        assert_eq!(round_trip.as_deref(), Some(text.as_bytes()));
+        assert_eq!(
+            parsed.code.is_accept(),
+            !bytes.windows(4).any(|w| w == b"\rERR")
+        );
+    }
+}
+
+/// Calls every [`Msh`] accessor and checks what each returns is consistent with the encoding.
+fn exercise_msh(msh: &Msh<'_>) {
+    let enc = msh.encoding();
+    assert_eq!(msh.field_separator(), enc.field);
+    assert_eq!(msh.field(1), Some(&[enc.field][..]));
+    for n in 2..32 {
+        let Some(field) = msh.field(n) else {
+            assert!(
+                msh.field(n + 1).is_none(),
+                "MSH-{} after a missing MSH-{n}",
+                n + 1
+            );
+            continue;
+        };
+        assert!(
+            !field.contains(&enc.field)
+                && !field.contains(&CARRIAGE_RETURN)
+                && !field.contains(&b'\n')
+        );
+        for c in 0..4 {
+            if let Some(component) = msh.component(n, c) {
+                assert!(n <= 2 || !component.contains(&enc.component));
+            }
+        }
+    }
+    let _ = (
+        msh.as_bytes(),
+        msh.is_terminated(),
+        msh.control_id(),
+        msh.message_type(),
+        msh.trigger_event(),
+        msh.processing_id(),
+        msh.version(),
+        msh.charset(),
+    );
+}
+
+/// Decodes the escape sequences the ACK builder writes; `None` on anything else. An oracle
+/// written apart from the builder, for the fuzz target and the tests.
+pub(crate) fn unescape(text: &[u8], enc: &Encoding) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut rest = text;
+    while let Some((&b, tail)) = rest.split_first() {
+        if b != enc.escape {
+            out.push(b);
+            rest = tail;
+            continue;
+        }
+        let end = tail.iter().position(|&b| b == enc.escape)?;
+        out.push(match &tail[..end] {
+            b"F" => enc.field,
+            b"S" => enc.component,
+            b"R" => enc.repetition,
+            b"E" => enc.escape,
+            b"T" => enc.subcomponent,
+            b"P" => enc.truncation?,
+            b"X0D" => CARRIAGE_RETURN,
+            b"X0A" => b'\n',
+            b"X0B" => START_BLOCK,
+            b"X1C" => END_BLOCK,
+            _ => return None,
+        });
+        rest = &tail[end + 1..];
+    }
+    Some(out)
+}
+
+/// What a field copied from the message looks like in the ACK: MLLP block bytes hex-escaped.
+fn escape_block_bytes(field: &[u8], escape: u8) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    for &b in field {
+        match b {
+            START_BLOCK => out.extend_from_slice(&[escape, b'X', b'0', b'B', escape]),
+            END_BLOCK => out.extend_from_slice(&[escape, b'X', b'1', b'C', escape]),
+            _ => out.push(b),
+        }
+    }
+    out
 }

@@ -1,0 +1,509 @@
+use std::time::{Duration, UNIX_EPOCH};
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::__fuzz::unescape;
+
+const ADT: &[u8] = b"MSH|^~\\&|SEND_APP|SEND_FAC|RCV_APP|RCV_FAC|20260322120000||ADT^A01^ADT_A01|ORIG123|P|2.5.1\r\
+EVN|A01|20260322120000\rPID|1||123456^^^HOSP^MR||DOE^JOHN\r";
+
+/// 2026-03-22 12:34:56 UTC.
+const FIXED: u64 = 1_774_182_896;
+
+fn fixed(code: AckCode) -> Ack<'static> {
+    Ack::new(code)
+        .control_id("ACK001")
+        .timestamp(UNIX_EPOCH + Duration::from_secs(FIXED))
+}
+
+fn segments(ack: &[u8]) -> Vec<&[u8]> {
+    assert_eq!(ack.last(), Some(&b'\r'), "every segment ends with CR");
+    ack[..ack.len() - 1].split(|&b| b == b'\r').collect()
+}
+
+fn msh(ack: &[u8]) -> Msh<'_> {
+    Msh::parse(ack).unwrap()
+}
+
+#[test]
+fn exact_wire_form_for_fixed_time_and_id() {
+    assert_eq!(
+        &fixed(AckCode::AA).build(ADT)[..],
+        &b"MSH|^~\\&|RCV_APP|RCV_FAC|SEND_APP|SEND_FAC|20260322123456+0000||ACK^A01^ACK|ACK001|P|2.5.1\r\
+           MSA|AA|ORIG123\r"[..]
+    );
+    assert_eq!(
+        &fixed(AckCode::AR).text("Rejected").build(ADT)[..],
+        &b"MSH|^~\\&|RCV_APP|RCV_FAC|SEND_APP|SEND_FAC|20260322123456+0000||ACK^A01^ACK|ACK001|P|2.5.1\r\
+           MSA|AR|ORIG123|Rejected\r\
+           ERR|||207^Application internal error^HL70357|E\r"[..]
+    );
+}
+
+#[test]
+fn sender_and_receiver_swap() {
+    let ack = accept(ADT);
+    let m = msh(&ack);
+    let fields: Vec<_> = (3..=6).map(|n| m.field(n).unwrap()).collect();
+    assert_eq!(
+        fields,
+        [&b"RCV_APP"[..], b"RCV_FAC", b"SEND_APP", b"SEND_FAC"]
+    );
+    // Components and empty fields are copied as they are.
+    let ack = accept(b"MSH|^~\\&|A^1^ISO||C|D|||ADT^A01|1|P|2.5\r");
+    let m = msh(&ack);
+    assert_eq!(m.field(3), Some(&b"C"[..]));
+    assert_eq!(m.field(5), Some(&b"A^1^ISO"[..]));
+    assert_eq!(m.field(6), Some(&b""[..]));
+}
+
+#[test]
+fn message_type_carries_the_trigger() {
+    let ack = accept(b"MSH|^~\\&|A|B|C|D|||ORM^O01|1|P|2.3\r");
+    assert_eq!(msh(&ack).field(9), Some(&b"ACK^O01^ACK"[..]));
+    let ack = accept(b"MSH|^~\\&|A|B|C|D|||ACK|1|P|2.3\r");
+    assert_eq!(msh(&ack).field(9), Some(&b"ACK"[..]));
+    let ack = accept(b"MSH#*~\\&#A#B#C#D###ORM*O01#1#P#2.3\r");
+    assert_eq!(msh(&ack).field(9), Some(&b"ACK*O01*ACK"[..]));
+}
+
+#[test]
+fn control_id_is_new_unique_and_can_be_overridden() {
+    let (a, b) = (accept(ADT), accept(ADT));
+    let (id_a, id_b) = (msh(&a).control_id().unwrap(), msh(&b).control_id().unwrap());
+    assert_ne!(id_a, id_b);
+    assert_ne!(id_a, b"ORIG123");
+    // Same per-process prefix, then a counter.
+    assert_eq!(id_a[..8], id_b[..8]);
+    assert!(
+        id_a[..8]
+            .iter()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase())
+    );
+    assert!(id_a[8..].iter().all(u8::is_ascii_digit));
+    assert!(id_a.len() <= 20);
+
+    let ack = Ack::new(AckCode::AA).control_id("CUSTOM_ID").build(ADT);
+    assert_eq!(msh(&ack).control_id(), Some(&b"CUSTOM_ID"[..]));
+    assert_eq!(
+        parse(&ack).unwrap().message_control_id,
+        Some(&b"CUSTOM_ID"[..])
+    );
+}
+
+#[test]
+fn processing_and_version_ids_are_copied_or_defaulted() {
+    let ack = accept(b"MSH|^~\\&|A|B|C|D|||ADT^A01|1|T^A|2.3.1^DEU\r");
+    assert_eq!(msh(&ack).processing_id(), Some(&b"T^A"[..]));
+    assert_eq!(msh(&ack).version(), Some(&b"2.3.1^DEU"[..]));
+    let ack = accept(b"MSH|^~\\&|A|B|C|D|||ADT^A01|1||\r");
+    assert_eq!(msh(&ack).processing_id(), Some(&b"P"[..]));
+    assert_eq!(msh(&ack).version(), Some(&b"2.5.1"[..]));
+    let ack = accept(b"MSH|^~\\&|A|B|C|D|||ADT^A01|1\r");
+    assert_eq!(msh(&ack).processing_id(), Some(&b"P"[..]));
+    assert_eq!(msh(&ack).version(), Some(&b"2.5.1"[..]));
+}
+
+#[test]
+fn charset_is_copied_when_present() {
+    let msg = b"MSH|^~\\&|A|B|C|D|||ADT^A01|1|P|2.5|||AL|NE|DEU|UNICODE UTF-8~8859/1\r";
+    let ack = fixed(AckCode::AA).build(msg);
+    assert_eq!(msh(&ack).charset(), Some(&b"UNICODE UTF-8~8859/1"[..]));
+    assert!(ack.starts_with(b"MSH|^~\\&|C|D|A|B|20260322123456+0000||ACK^A01^ACK|ACK001|P|2.5||||||UNICODE UTF-8~8859/1\r"));
+    assert_eq!(msh(&accept(ADT)).field(13), None);
+}
+
+#[test]
+fn timestamp_is_utc_with_offset() {
+    let ack = accept(ADT);
+    let ts = msh(&ack).field(7).unwrap();
+    assert_eq!(ts.len(), 19);
+    assert!(ts[..14].iter().all(u8::is_ascii_digit));
+    assert_eq!(&ts[14..], b"+0000");
+    assert!(&ts[..4] >= b"2025".as_slice());
+
+    let at = |secs| hl7_timestamp(UNIX_EPOCH + Duration::from_secs(secs));
+    assert_eq!(&at(0), b"19700101000000+0000");
+    assert_eq!(&at(951_782_400), b"20000229000000+0000");
+    assert_eq!(&at(FIXED), b"20260322123456+0000");
+    assert_eq!(&at(u64::MAX / 2), b"99991231235959+0000");
+    assert_eq!(
+        &hl7_timestamp(UNIX_EPOCH - Duration::from_secs(1)),
+        b"19700101000000+0000"
+    );
+}
+
+#[test]
+fn civil_from_days_matches_a_day_by_day_calendar() {
+    let (mut year, mut month, mut day) = (1970, 1, 1);
+    for days in 0..(MAX_TIMESTAMP_SECS / 86_400 + 1) {
+        assert_eq!(civil_from_days(days), (year, month, day), "day {days}");
+        let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+        let month_len = match month {
+            2 if leap => 29,
+            2 => 28,
+            4 | 6 | 9 | 11 => 30,
+            _ => 31,
+        };
+        day += 1;
+        if day > month_len {
+            (day, month) = (1, month + 1);
+            if month > 12 {
+                (month, year) = (1, year + 1);
+            }
+        }
+    }
+    assert_eq!((year, month, day), (10_000, 1, 1));
+}
+
+#[test]
+fn err_segment_code_and_severity() {
+    let ack = nak(ADT, AckCode::AE, "Bad data");
+    let segs = segments(&ack);
+    assert_eq!(segs.len(), 3);
+    assert_eq!(segs[1], b"MSA|AE|ORIG123|Bad data");
+    assert_eq!(segs[2], b"ERR|||207^Application internal error^HL70357|E");
+
+    let ack = Ack::new(AckCode::AE)
+        .error("103", "Table value not found", Severity::Warning)
+        .build(ADT);
+    assert_eq!(
+        segments(&ack)[2],
+        b"ERR|||103^Table value not found^HL70357|W"
+    );
+    let ack = Ack::new(AckCode::CE)
+        .error("207", "", Severity::Information)
+        .build(ADT);
+    assert_eq!(segments(&ack)[2], b"ERR|||207^^HL70357|I");
+
+    // Accept codes never carry an ERR, even when one is given.
+    let ack = Ack::new(AckCode::AA)
+        .error("207", "x", Severity::Error)
+        .build(ADT);
+    assert_eq!(segments(&ack).len(), 2);
+}
+
+#[test]
+fn nak_shapes() {
+    for code in [AckCode::AE, AckCode::AR, AckCode::CE, AckCode::CR] {
+        let ack = nak(ADT, code, "");
+        let segs = segments(&ack);
+        assert_eq!(segs.len(), 3, "{code}");
+        assert_eq!(segs[1], format!("MSA|{code}|ORIG123").as_bytes());
+        assert!(segs[2].starts_with(b"ERR|||"));
+        assert_eq!(parse(&ack).unwrap().text, None);
+    }
+    for code in [AckCode::AA, AckCode::CA] {
+        let ack = nak(ADT, code, "ok");
+        assert_eq!(
+            segments(&ack)[1],
+            format!("MSA|{code}|ORIG123|ok").as_bytes()
+        );
+        assert_eq!(segments(&ack).len(), 2);
+    }
+}
+
+#[test]
+fn text_is_escaped_with_the_messages_own_characters() {
+    let msg = b"MSH#*%$!#A#B#C#D###ADT*A01#ID1#P#2.5\r";
+    let ack = fixed(AckCode::AE)
+        .text("a#b*c%d$e!f\rg\nh|^~\\&")
+        .error("2*0#7", "x$y", Severity::Error)
+        .build(msg);
+    assert_eq!(
+        &ack[..],
+        &b"MSH#*%$!#C#D#A#B#20260322123456+0000##ACK*A01*ACK#ACK001#P#2.5\r\
+           MSA#AE#ID1#a$F$b$S$c$R$d$E$e$T$f$X0D$g$X0A$h|^~\\&\r\
+           ERR###2$S$0$F$7*x$E$y*HL70357#E\r"[..]
+    );
+    let ack = Ack::new(AckCode::AA).control_id("A|B^C").build(ADT);
+    assert_eq!(msh(&ack).control_id(), Some(&b"A\\F\\B\\S\\C"[..]));
+    // A declared v2.7 truncation character is escaped too.
+    let ack = nak(
+        b"MSH|^~\\&#|A|B|C|D|||ADT^A01|1|P|2.7\r",
+        AckCode::AE,
+        "a#b",
+    );
+    assert_eq!(segments(&ack)[1], b"MSA|AE|1|a\\P\\b");
+    assert!(ack.starts_with(b"MSH|^~\\&#|"));
+}
+
+#[test]
+fn mllp_block_bytes_never_reach_the_wire() {
+    let msg = b"MSH|^~\\&|A\x0b|B|C|D|||ADT^A01|ID\x1c|P|2.5||||||X\x1c\r";
+    let ack = Ack::new(AckCode::AE).text("t\x1c\x0b").build(msg);
+    assert!(!ack.contains(&0x0B) && !ack.contains(&0x1C));
+    assert_eq!(parse(&ack).unwrap().control_id, b"ID\\X1C\\");
+    assert_eq!(msh(&ack).field(5), Some(&b"A\\X0B\\"[..]));
+    assert_eq!(msh(&ack).charset(), Some(&b"X\\X1C\\"[..]));
+    assert_eq!(parse(&ack).unwrap().text, Some(&b"t\\X1C\\\\X0B\\"[..]));
+}
+
+#[test]
+fn malformed_messages_get_an_ar_with_empty_msa2() {
+    let inputs: [&[u8]; 9] = [
+        b"",
+        b"M",
+        b"MSH",
+        b"MSH|",
+        b"MSH|\r",
+        b"\x0bMSH|^~\\&|A|B|C|D|||ADT^A01|1|P|2.5\r",
+        b"garbage \xff\x00 bytes",
+        b"PID|1||123\r",
+        b"MSHA^~\\&A1",
+    ];
+    for input in inputs {
+        for code in [AckCode::AA, AckCode::AE, AckCode::AR] {
+            let ack = fixed(code).text("why").build(input);
+            assert_eq!(
+                &ack[..],
+                &b"MSH|^~\\&|||||20260322123456+0000||ACK|ACK001|P|2.5.1\r\
+                   MSA|AR||why\r\
+                   ERR|||100^Segment sequence error^HL70357|E\r"[..],
+                "{input:?}"
+            );
+        }
+        let ack = Ack::new(AckCode::CA).build(input);
+        assert_eq!(parse(&ack).unwrap().code, AckCode::CR);
+    }
+}
+
+#[test]
+fn msh_without_control_id_gets_an_ar() {
+    for input in [
+        &b"MSH|^~\\&"[..],
+        b"MSH|^~\\&|A|B|C|D|||ADT^A01||P|2.5\r",
+        b"MSH|^~",
+    ] {
+        let ack = accept(input);
+        let parsed = parse(&ack).unwrap();
+        assert_eq!(
+            (parsed.code, parsed.control_id),
+            (AckCode::AR, &b""[..]),
+            "{input:?}"
+        );
+        assert_eq!(
+            segments(&ack)[2],
+            b"ERR|||101^Required field missing^HL70357|E"
+        );
+    }
+}
+
+#[test]
+fn truncated_prefix_names_the_message_only_when_msh10_is_complete() {
+    let full = ADT;
+    let id_end = full.windows(7).position(|w| w == b"ORIG123").unwrap() + 7;
+    for cut in 0..=full.len() {
+        let ack = nak(&full[..cut], AckCode::AR, "message too large");
+        let parsed = parse(&ack).unwrap();
+        assert_eq!(parsed.code, AckCode::AR);
+        let expected: &[u8] = if cut > id_end { b"ORIG123" } else { b"" };
+        assert_eq!(parsed.control_id, expected, "cut at {cut}");
+    }
+}
+
+#[test]
+fn build_into_appends_one_exactly_sized_ack() {
+    let mut out = b"prefix".to_vec();
+    fixed(AckCode::AA).build_into(ADT, &mut out);
+    assert_eq!(&out[6..], &fixed(AckCode::AA).build(ADT)[..]);
+    let mut out = Vec::new();
+    fixed(AckCode::AE).text("a|b\r").build_into(ADT, &mut out);
+    assert_eq!(out.len(), out.capacity());
+}
+
+#[test]
+fn parse_reads_msa_and_skips_other_segments() {
+    let reply =
+        b"MSH|^~\\&|R|F|S|F|20260101||ACK^A01^ACK|A9|P|2.5\r\nERR|x\r\nMSA|CE|ORIG|busy\r\n";
+    let parsed = parse(reply).unwrap();
+    assert_eq!(parsed.code, AckCode::CE);
+    assert_eq!(parsed.control_id, b"ORIG");
+    assert_eq!(parsed.text, Some(&b"busy"[..]));
+    assert_eq!(parsed.message_control_id, Some(&b"A9"[..]));
+
+    let parsed = parse(b"MSH|^~\\&|||||||ACK|\rMSA|AA\r").unwrap();
+    assert_eq!(
+        (parsed.control_id, parsed.text, parsed.message_control_id),
+        (&b""[..], None, None)
+    );
+    // MSA-3 with more fields after it.
+    assert_eq!(
+        parse(b"MSH|^~\\&\rMSA|AA|1|t|5\r").unwrap().text,
+        Some(&b"t"[..])
+    );
+}
+
+#[test]
+fn parse_errors() {
+    assert_eq!(
+        parse(b"PID|1").unwrap_err(),
+        AckParseError::Msh(MshError::NoMsh)
+    );
+    assert_eq!(
+        parse(b"MSH|^~\\&|A\rPID|1\r").unwrap_err(),
+        AckParseError::NoMsa
+    );
+    assert_eq!(
+        parse(b"MSH|^~\\&|A\rMSA^AA\r").unwrap_err(),
+        AckParseError::NoMsa
+    );
+    assert_eq!(
+        parse(b"MSH|^~\\&|A\rMSA|XX|1\r").unwrap_err(),
+        AckParseError::BadCode
+    );
+    assert_eq!(
+        parse(b"MSH|^~\\&|A\rMSA|\r").unwrap_err(),
+        AckParseError::BadCode
+    );
+    assert_eq!(AckParseError::NoMsa.to_string(), "ack has no MSA segment");
+    let err = AckParseError::Msh(MshError::TooShort);
+    assert_eq!(
+        std::error::Error::source(&err).map(ToString::to_string),
+        Some(MshError::TooShort.to_string())
+    );
+}
+
+#[test]
+fn codes_round_trip() {
+    for code in [
+        AckCode::AA,
+        AckCode::AE,
+        AckCode::AR,
+        AckCode::CA,
+        AckCode::CE,
+        AckCode::CR,
+    ] {
+        assert_eq!(AckCode::from_bytes(code.as_str().as_bytes()), Some(code));
+        assert_eq!(code.is_accept(), matches!(code, AckCode::AA | AckCode::CA));
+    }
+    assert_eq!(AckCode::from_bytes(b"aa"), None);
+    assert_eq!(Severity::Warning.as_str(), "W");
+}
+
+#[test]
+fn decimal_formatting() {
+    let mut buf = [0; 20];
+    for n in [0, 7, 10, 99, 1_000_000, u64::MAX] {
+        let len = put_decimal(n, &mut buf);
+        assert_eq!(&buf[..len], n.to_string().as_bytes());
+    }
+}
+
+#[test]
+fn fuzz_entry_point_on_hand_picked_inputs() {
+    let inputs: [&[u8]; 10] = [
+        b"",
+        b"\x80",
+        ADT,
+        b"MSH#*%$!#A#B#C#D###ADT*A01#ID1#P#2.5\rPID#1\n",
+        b"MSH|^~\\&|A|B|C|D|||ADT^A01|12",
+        b"MSH|^~\\&|A\x1c|B|C|D|||ADT^A01|1\x0b|P|2.5\r\x0b",
+        b"MSH|^~\\&#|A|B|C|D|||ADT^A01|1|P|2.7|||||||UTF-8\r#",
+        b"garbage\r\n\x00\xff",
+        b"MSH|^~\\&\rMSA|AA|1\r\x1c",
+        b"MSH|^~\\&|\xe9\xff|B|C|D|||ADT^A01|\\F\\|P|2.5\r\xff",
+    ];
+    for input in inputs {
+        crate::__fuzz::ack(input);
+    }
+}
+
+/// Separator sets: five distinct characters `Msh::parse` accepts.
+fn separators() -> impl Strategy<Value = Vec<u8>> {
+    let pool = b"|^~\\&#*%$!@:;/?=,_-'\"<>[]{}`()".to_vec();
+    proptest::sample::subsequence(pool, 5).prop_shuffle()
+}
+
+/// Field contents that contain no separator: letters, digits, space, `.`, `+` and high bytes.
+fn content(max: usize) -> impl Strategy<Value = Vec<u8>> {
+    let byte = prop_oneof![
+        proptest::sample::select(b"ABCXYZabcxyz0123456789 .+".to_vec()),
+        0x80u8..=0xFF,
+    ];
+    proptest::collection::vec(byte, 0..max)
+}
+
+proptest! {
+    #[test]
+    fn ack_round_trips(
+        seps in separators(),
+        parties in proptest::collection::vec(content(8), 4),
+        trigger in content(4),
+        id in content(12),
+        version in content(6),
+        charset in content(10),
+        text in any::<String>(),
+        code_index in 0usize..6,
+    ) {
+        let [f, c, r, e, s] = [seps[0], seps[1], seps[2], seps[3], seps[4]];
+        let mut msg = vec![b'M', b'S', b'H', f, c, r, e, s];
+        for party in &parties {
+            msg.push(f);
+            msg.extend_from_slice(party);
+        }
+        msg.extend_from_slice(&[f, b'2', b'0', b'2', b'6', f, f, b'A', b'D', b'T', c]);
+        msg.extend_from_slice(&trigger);
+        for value in [&id[..], b"P", &version] {
+            msg.push(f);
+            msg.extend_from_slice(value);
+        }
+        if !charset.is_empty() {
+            msg.extend_from_slice(&[f; 6]);
+            msg.extend_from_slice(&charset);
+        }
+        msg.extend_from_slice(&[b'\r', b'P', b'I', b'D', f, b'1', b'\r']);
+
+        let codes = [AckCode::AA, AckCode::AE, AckCode::AR, AckCode::CA, AckCode::CE, AckCode::CR];
+        let code = codes[code_index];
+        let ack = nak(&msg, code, &text);
+        let parsed = parse(&ack).unwrap();
+
+        prop_assert_eq!(parsed.control_id, &id[..]);
+        let expected_code = if id.is_empty() { code.to_reject() } else { code };
+        prop_assert_eq!(parsed.code, expected_code);
+        let enc = Msh::parse(&msg).unwrap().encoding();
+        let text_back = unescape(parsed.text.unwrap_or_default(), &enc);
+        prop_assert_eq!(text_back.as_deref(), Some(text.as_bytes()));
+
+        let m = Msh::parse(&ack).unwrap();
+        prop_assert_eq!(m.encoding(), enc);
+        let swapped: Vec<&[u8]> = (3..=6).map(|n| m.field(n).unwrap()).collect();
+        prop_assert_eq!(swapped, [&parties[2][..], &parties[3], &parties[0], &parties[1]]);
+        prop_assert_eq!(m.trigger_event().unwrap_or_default(), &trigger[..]);
+        let version_back = if version.is_empty() { &b"2.5.1"[..] } else { &version };
+        prop_assert_eq!(m.version(), Some(version_back));
+        prop_assert_eq!(m.charset().unwrap_or_default(), &charset[..]);
+    }
+}
+
+/// Inputs shaped like headers, so random bytes get past `Msh::parse`: an MSH start (usual,
+/// odd or random separators), then bytes drawn mostly from separators, with some terminators
+/// and MLLP block bytes.
+fn header_like() -> impl Strategy<Value = Vec<u8>> {
+    let start = prop_oneof![
+        Just(b"MSH|^~\\&|".to_vec()),
+        Just(b"MSH#*%$!#".to_vec()),
+        Just(b"MSH|^~\\&#|".to_vec()),
+        proptest::collection::vec(any::<u8>(), 0..7).prop_map(|v| [&b"MSH"[..], &v].concat()),
+    ];
+    // Weighted so that an MSH often reaches MSH-10 and beyond before a terminator.
+    let byte = prop_oneof![
+        6 => Just(b'|'),
+        1 => proptest::sample::select(b"\r\n\x0b\x1c".to_vec()),
+        12 => proptest::sample::select(b"^~\\&#*%$!AZ09 ".to_vec()),
+        2 => any::<u8>(),
+    ];
+    (start, proptest::collection::vec(byte, 0..120))
+        .prop_map(|(start, tail)| [start, tail].concat())
+}
+
+proptest! {
+    #[test]
+    fn fuzz_entry_point_on_generated_inputs(
+        input in prop_oneof![header_like(), proptest::collection::vec(any::<u8>(), 0..64)],
+    ) {
+        crate::__fuzz::ack(&input);
+    }
+}
