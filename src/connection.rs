@@ -368,8 +368,18 @@ impl Connection {
     }
 
     /// Heap bytes this connection holds (its read buffer).
+    #[cfg(test)]
     pub(crate) fn buffered(&self) -> usize {
         self.read_buf.capacity()
+    }
+
+    /// Why the connection closed, once it has.
+    #[cfg(test)]
+    pub(crate) fn close_reason(&self) -> Option<CloseReason> {
+        match self.phase {
+            Phase::Closed(reason) => Some(reason),
+            _ => None,
+        }
     }
 
     fn handler_timed_out(&mut self, now: Instant, out: &mut Vec<Effect>) {

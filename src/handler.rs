@@ -34,6 +34,9 @@ pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 ///         Ok(Reply::Send(ack::accept(message)))
 ///     }
 /// }
+/// let server = mllp_reactor::Server::builder(Accept).bind("127.0.0.1:0")?;
+/// # drop(server);
+/// # Ok::<(), mllp_reactor::Error>(())
 /// ```
 pub trait Handler: Send + Sync + 'static {
     /// Handles one message. Called on a pool worker thread.

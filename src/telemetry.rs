@@ -64,6 +64,11 @@ use crate::handler::ConnectionId;
 ///         let _ = self.0.lock().unwrap().send(format!("{} closed: {}", e.peer, e.reason));
 ///     }
 /// }
+/// let (tx, _stops) = mpsc::channel();
+/// let handler = mllp_reactor::handler_fn(|_, _| Ok(mllp_reactor::Reply::NoReply));
+/// let server = mllp_reactor::Server::builder(handler).observer(Stops(Mutex::new(tx))).bind("127.0.0.1:0")?;
+/// # drop(server);
+/// # Ok::<(), mllp_reactor::Error>(())
 /// ```
 #[allow(unused_variables)]
 pub trait Observer: Send + Sync + 'static {
@@ -77,18 +82,6 @@ pub trait Observer: Send + Sync + 'static {
     fn message_stop(&self, event: &MessageStop) {}
     /// A message failed: handler error, panic, timeout, or an oversize frame.
     fn message_exception(&self, event: &MessageException<'_>) {}
-}
-
-/// Which connection an event is about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Peer {
-    /// The connection's unique id.
-    pub connection: ConnectionId,
-    /// The peer's address.
-    pub peer: SocketAddr,
-    /// The local address it connected to.
-    pub local: SocketAddr,
 }
 
 /// A connection was accepted.
