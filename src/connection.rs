@@ -78,7 +78,11 @@ pub(crate) enum Outcome {
     /// The handler returned a reply.
     Reply(Reply),
     /// The handler returned an error or panicked; `nak` is the AE to send (None if Silent).
-    Failed { reason: ExceptionReason, detail: String, nak: Option<Bytes> },
+    Failed {
+        reason: ExceptionReason,
+        detail: String,
+        nak: Option<Bytes>,
+    },
     /// The job's deadline had passed before a worker took it: it was not run.
     Expired,
 }
@@ -87,11 +91,20 @@ pub(crate) enum Outcome {
 #[derive(Debug)]
 pub(crate) enum Effect {
     /// A complete frame for the handler (the message-start event).
-    Dispatch { seq: u64, payload: Bytes, received_at: Instant, deadline: Instant },
+    Dispatch {
+        seq: u64,
+        payload: Bytes,
+        received_at: Instant,
+        deadline: Instant,
+    },
     /// Bytes dropped outside frames.
     Junk(u64),
     /// A message is done: its reply (if any) is fully written (the message-stop event).
-    MessageStop { seq: u64, response_size: Option<usize>, received_at: Instant },
+    MessageStop {
+        seq: u64,
+        response_size: Option<usize>,
+        received_at: Instant,
+    },
     /// A message failed (the message-exception event).
     MessageException {
         seq: Option<u64>,
@@ -179,7 +192,10 @@ const _: () = assert!(std::mem::size_of::<Connection>() <= 192);
 impl Connection {
     pub(crate) fn new(limits: Arc<Limits>, now: Instant) -> Self {
         let decoder = FrameDecoder::new(limits.max_message_size);
-        let phase = Phase::Receiving { idle_deadline: now + limits.idle_timeout, frame_deadline: None };
+        let phase = Phase::Receiving {
+            idle_deadline: now + limits.idle_timeout,
+            frame_deadline: None,
+        };
         Self {
             limits,
             decoder,
@@ -231,9 +247,20 @@ impl Connection {
     }
 
     /// The pool's result for message `seq`.
-    pub(crate) fn handle_completion(&mut self, seq: u64, outcome: Outcome, now: Instant, out: &mut Vec<Effect>) {
+    pub(crate) fn handle_completion(
+        &mut self,
+        seq: u64,
+        outcome: Outcome,
+        now: Instant,
+        out: &mut Vec<Effect>,
+    ) {
         let (payload_len, received_at) = match &self.phase {
-            Phase::Handling { seq: s, payload, received_at, .. } if *s == seq => (payload.len(), *received_at),
+            Phase::Handling {
+                seq: s,
+                payload,
+                received_at,
+                ..
+            } if *s == seq => (payload.len(), *received_at),
             _ => {
                 out.push(Effect::LateResult);
                 return;
@@ -242,25 +269,48 @@ impl Connection {
         let handled = match &outcome {
             Outcome::Reply(Reply::Send(_) | Reply::SendAndClose(_)) => Some(Handled::Reply),
             Outcome::Reply(_) => Some(Handled::NoReply),
-            Outcome::Failed { reason: ExceptionReason::Panic, .. } => Some(Handled::Panic),
+            Outcome::Failed {
+                reason: ExceptionReason::Panic,
+                ..
+            } => Some(Handled::Panic),
             Outcome::Failed { .. } => Some(Handled::Error),
             Outcome::Expired => None, // counted as a timeout below
         };
         out.extend(handled.map(Effect::Handled));
         match outcome {
-            Outcome::Reply(Reply::Send(bytes)) => self.write(bytes, Some((seq, received_at)), true, Then::Continue, now),
+            Outcome::Reply(Reply::Send(bytes)) => {
+                self.write(bytes, Some((seq, received_at)), true, Then::Continue, now)
+            }
             Outcome::Reply(Reply::SendAndClose(bytes)) => {
-                self.write(bytes, Some((seq, received_at)), true, Then::Close(CloseReason::ClosedByHandler), now);
+                self.write(
+                    bytes,
+                    Some((seq, received_at)),
+                    true,
+                    Then::Close(CloseReason::ClosedByHandler),
+                    now,
+                );
             }
             Outcome::Reply(Reply::NoReply) => {
-                out.push(Effect::MessageStop { seq, response_size: None, received_at });
+                out.push(Effect::MessageStop {
+                    seq,
+                    response_size: None,
+                    received_at,
+                });
                 self.receive(now, out);
             }
             Outcome::Reply(Reply::Close) => {
-                out.push(Effect::MessageStop { seq, response_size: None, received_at });
+                out.push(Effect::MessageStop {
+                    seq,
+                    response_size: None,
+                    received_at,
+                });
                 self.close(CloseReason::ClosedByHandler, out);
             }
-            Outcome::Failed { reason, detail, nak } => {
+            Outcome::Failed {
+                reason,
+                detail,
+                nak,
+            } => {
                 out.push(Effect::MessageException {
                     seq: Some(seq),
                     reason,
@@ -291,7 +341,14 @@ impl Connection {
 
     /// `n` bytes of [`transmit`](Self::transmit) were written.
     pub(crate) fn handle_written(&mut self, n: usize, now: Instant, out: &mut Vec<Effect>) {
-        let Phase::Writing { frame, stall_deadline, reply_to, is_reply, then } = &mut self.phase else {
+        let Phase::Writing {
+            frame,
+            stall_deadline,
+            reply_to,
+            is_reply,
+            then,
+        } = &mut self.phase
+        else {
             return;
         };
         frame.advance(n);
@@ -300,7 +357,11 @@ impl Connection {
             return;
         }
         if let (true, Some((seq, received_at))) = (*is_reply, *reply_to) {
-            out.push(Effect::MessageStop { seq, response_size: Some(frame.payload().len()), received_at });
+            out.push(Effect::MessageStop {
+                seq,
+                response_size: Some(frame.payload().len()),
+                received_at,
+            });
         }
         match *then {
             Then::Continue => self.receive(now, out),
@@ -311,7 +372,10 @@ impl Connection {
     /// Acts on whichever deadlines have passed at `now`; does nothing if none has.
     pub(crate) fn handle_timeout(&mut self, now: Instant, out: &mut Vec<Effect>) {
         match self.phase {
-            Phase::Receiving { frame_deadline: Some(d), .. } if d <= now => {
+            Phase::Receiving {
+                frame_deadline: Some(d),
+                ..
+            } if d <= now => {
                 out.push(Effect::FrameRejected(FrameRejection::Timeout));
                 self.close(CloseReason::FrameTimeout, out);
             }
@@ -329,9 +393,10 @@ impl Connection {
     /// The earliest deadline of the current phase.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         match self.phase {
-            Phase::Receiving { idle_deadline, frame_deadline } => {
-                Some(frame_deadline.map_or(idle_deadline, |f| f.min(idle_deadline)))
-            }
+            Phase::Receiving {
+                idle_deadline,
+                frame_deadline,
+            } => Some(frame_deadline.map_or(idle_deadline, |f| f.min(idle_deadline))),
             Phase::Handling { deadline, .. } => Some(deadline),
             Phase::Writing { stall_deadline, .. } => Some(stall_deadline),
             Phase::Closed(_) => None,
@@ -346,7 +411,9 @@ impl Connection {
         match self.phase {
             // The decoder bounds the buffer while receiving (limit + one read).
             Phase::Receiving { .. } => true,
-            Phase::Handling { .. } | Phase::Writing { .. } => self.read_buf.len() < self.limits.read_ahead,
+            Phase::Handling { .. } | Phase::Writing { .. } => {
+                self.read_buf.len() < self.limits.read_ahead
+            }
             Phase::Closed(_) => false,
         }
     }
@@ -364,7 +431,13 @@ impl Connection {
     /// connection can be closed without losing anything it was told.
     #[cfg(test)]
     pub(crate) fn is_idle(&self) -> bool {
-        matches!(self.phase, Phase::Receiving { frame_deadline: None, .. }) && self.read_buf.is_empty()
+        matches!(
+            self.phase,
+            Phase::Receiving {
+                frame_deadline: None,
+                ..
+            }
+        ) && self.read_buf.is_empty()
     }
 
     /// Heap bytes this connection holds (its read buffer).
@@ -383,7 +456,15 @@ impl Connection {
     }
 
     fn handler_timed_out(&mut self, now: Instant, out: &mut Vec<Effect>) {
-        let Phase::Handling { seq, ref payload, received_at, .. } = self.phase else { return };
+        let Phase::Handling {
+            seq,
+            ref payload,
+            received_at,
+            ..
+        } = self.phase
+        else {
+            return;
+        };
         let payload = payload.clone();
         out.push(Effect::Handled(Handled::Timeout));
         out.push(Effect::MessageException {
@@ -409,7 +490,10 @@ impl Connection {
             self.close(CloseReason::Shutdown, out);
             return;
         }
-        self.phase = Phase::Receiving { idle_deadline: now + self.limits.idle_timeout, frame_deadline: None };
+        self.phase = Phase::Receiving {
+            idle_deadline: now + self.limits.idle_timeout,
+            frame_deadline: None,
+        };
         self.decode_next(now, out);
     }
 
@@ -427,8 +511,18 @@ impl Connection {
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 let deadline = now + self.limits.handler_timeout;
-                out.push(Effect::Dispatch { seq, payload: payload.clone(), received_at: now, deadline });
-                self.phase = Phase::Handling { seq, deadline, payload, received_at: now };
+                out.push(Effect::Dispatch {
+                    seq,
+                    payload: payload.clone(),
+                    received_at: now,
+                    deadline,
+                });
+                self.phase = Phase::Handling {
+                    seq,
+                    deadline,
+                    payload,
+                    received_at: now,
+                };
             }
             Ok(None) => {
                 if let Phase::Receiving { frame_deadline, .. } = &mut self.phase {
@@ -470,13 +564,26 @@ impl Connection {
         match nak {
             Some(nak) => {
                 out.push(Effect::NakQueued(AckCode::AR));
-                self.write(nak, None, false, Then::Close(CloseReason::MessageTooLarge), now);
+                self.write(
+                    nak,
+                    None,
+                    false,
+                    Then::Close(CloseReason::MessageTooLarge),
+                    now,
+                );
             }
             None => self.close(CloseReason::MessageTooLarge, out),
         }
     }
 
-    fn write(&mut self, bytes: Bytes, reply_to: Option<(u64, Instant)>, is_reply: bool, then: Then, now: Instant) {
+    fn write(
+        &mut self,
+        bytes: Bytes,
+        reply_to: Option<(u64, Instant)>,
+        is_reply: bool,
+        then: Then,
+        now: Instant,
+    ) {
         self.phase = Phase::Writing {
             frame: EncodedFrame::new(bytes),
             stall_deadline: now + self.limits.write_timeout,
@@ -498,7 +605,10 @@ impl Connection {
 
 /// Whether the MSH-10 of a (possibly truncated) message can be read, so a NAK can quote it.
 fn has_control_id(message: &[u8]) -> bool {
-    crate::msh::Msh::parse(message).ok().and_then(|m| m.control_id()).is_some_and(|id| !id.is_empty())
+    crate::msh::Msh::parse(message)
+        .ok()
+        .and_then(|m| m.control_id())
+        .is_some_and(|id| !id.is_empty())
 }
 
 #[cfg(test)]

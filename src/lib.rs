@@ -92,11 +92,13 @@ pub use connection::NakPolicy;
 pub use error::{CloseReason, ConfigError, Error, ExceptionReason};
 pub use handler::{ConnectionId, Context, Handler, HandlerError, HandlerFn, Reply, handler_fn};
 pub use server::{
-    Builder, DEFAULT_FRAME_TIMEOUT, DEFAULT_HANDLER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_READ_AHEAD, DEFAULT_WRITE_TIMEOUT, MAX_MESSAGE_SIZE_LIMIT, Server, ServerHandle, ShutdownReport,
-    ShutdownTrigger,
+    Builder, DEFAULT_FRAME_TIMEOUT, DEFAULT_HANDLER_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_AHEAD, DEFAULT_WRITE_TIMEOUT, MAX_MESSAGE_SIZE_LIMIT,
+    Server, ServerHandle, ShutdownReport, ShutdownTrigger,
 };
-pub use telemetry::{ConnectionStart, ConnectionStop, MessageException, MessageStart, MessageStop, Observer};
+pub use telemetry::{
+    ConnectionStart, ConnectionStop, MessageException, MessageStart, MessageStop, Observer,
+};
 
 #[doc(hidden)]
 #[path = "fuzz.rs"]

@@ -56,7 +56,10 @@ pub(crate) struct Notifier {
 
 impl Notifier {
     pub(crate) fn new(waker: mio::Waker) -> Self {
-        Self { waker, pending: AtomicBool::new(false) }
+        Self {
+            waker,
+            pending: AtomicBool::new(false),
+        }
     }
 
     /// Wakes the reactor unless a wake-up is already on its way.
@@ -137,9 +140,14 @@ impl Pool {
         notifier: Arc<Notifier>,
         metrics: Metrics,
     ) -> std::io::Result<Self> {
-        let slots = (0..config.workers + config.max_extra_workers).map(|_| AtomicU64::new(SLOT_FREE)).collect();
+        let slots = (0..config.workers + config.max_extra_workers)
+            .map(|_| AtomicU64::new(SLOT_FREE))
+            .collect();
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue { jobs: VecDeque::new(), closed: false }),
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                closed: false,
+            }),
             available: Condvar::new(),
             handler,
             completions,
@@ -175,7 +183,10 @@ impl Pool {
         if live.saturating_sub(stuck) >= shared.target {
             return false;
         }
-        let free = shared.slots.iter().position(|s| s.load(Ordering::Acquire) == SLOT_FREE);
+        let free = shared
+            .slots
+            .iter()
+            .position(|s| s.load(Ordering::Acquire) == SLOT_FREE);
         match free.map(|slot| self.spawn(slot)) {
             Some(Ok(())) => {
                 shared.metrics.workers_replaced.increment(1);
@@ -216,7 +227,10 @@ impl Pool {
 
     fn spawn(&self, slot: usize) -> std::io::Result<()> {
         let shared = Arc::clone(&self.shared);
-        if shared.slots[slot].compare_exchange(SLOT_FREE, SLOT_IDLE, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        if shared.slots[slot]
+            .compare_exchange(SLOT_FREE, SLOT_IDLE, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
             return Ok(());
         }
         shared.live.fetch_add(1, Ordering::AcqRel);
@@ -239,7 +253,9 @@ impl Shared {
 
     /// Workers whose handler has run for at least `handler_timeout`, skipping slot `skip`.
     fn stuck_workers(&self, now: Instant, skip: usize) -> usize {
-        let limit = self.micros_since_epoch(now).saturating_sub(self.handler_timeout.as_micros() as u64);
+        let limit = self
+            .micros_since_epoch(now)
+            .saturating_sub(self.handler_timeout.as_micros() as u64);
         self.slots
             .iter()
             .enumerate()
@@ -284,7 +300,11 @@ impl Shared {
 fn worker(shared: &Shared, slot: usize) {
     while let Some(job) = shared.next_job() {
         let started = Instant::now();
-        shared.metrics.handler_queue.record(started.saturating_duration_since(job.cx.received_at).as_secs_f64());
+        shared.metrics.handler_queue.record(
+            started
+                .saturating_duration_since(job.cx.received_at)
+                .as_secs_f64(),
+        );
         let outcome = if started >= job.deadline {
             Outcome::Expired
         } else {
@@ -292,12 +312,23 @@ fn worker(shared: &Shared, slot: usize) {
             shared.metrics.workers_busy.increment(1.0);
             let outcome = run(shared, &job);
             shared.metrics.workers_busy.decrement(1.0);
-            shared.metrics.handler_duration.record(started.elapsed().as_secs_f64());
+            shared
+                .metrics
+                .handler_duration
+                .record(started.elapsed().as_secs_f64());
             shared.slots[slot].store(SLOT_IDLE, Ordering::Release);
             outcome
         };
         // A send fails only when the reactor is gone (server stopped): nothing to answer.
-        if shared.completions.send(Completion { id: job.id, seq: job.seq, outcome }).is_err() {
+        if shared
+            .completions
+            .send(Completion {
+                id: job.id,
+                seq: job.seq,
+                outcome,
+            })
+            .is_err()
+        {
             break;
         }
         shared.notifier.notify();
@@ -310,7 +341,9 @@ fn worker(shared: &Shared, slot: usize) {
 
 /// Runs the handler, turning an error or a panic into a failed outcome with its AE NAK.
 fn run(shared: &Shared, job: &Job) -> Outcome {
-    let (reason, detail) = match catch_unwind(AssertUnwindSafe(|| shared.handler.handle(&job.payload, &job.cx))) {
+    let (reason, detail) = match catch_unwind(AssertUnwindSafe(|| {
+        shared.handler.handle(&job.payload, &job.cx)
+    })) {
         Ok(Ok(reply)) => return Outcome::Reply(reply),
         Ok(Err(e)) => (ExceptionReason::HandlerError, e.to_string()),
         Err(panic) => {
@@ -326,7 +359,11 @@ fn run(shared: &Shared, job: &Job) -> Outcome {
         NakPolicy::Send => Some(ack::nak(&job.payload, AckCode::AE, &detail)),
         NakPolicy::Silent => None,
     };
-    Outcome::Failed { reason, detail, nak }
+    Outcome::Failed {
+        reason,
+        detail,
+        nak,
+    }
 }
 
 /// Locks, ignoring poison: the queue holds plain data that a panicking holder cannot leave

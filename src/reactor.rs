@@ -10,8 +10,8 @@
 
 use std::io::{self, ErrorKind, IoSlice, Read, Write};
 use std::net::SocketAddr;
-use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender};
 use std::time::{Duration, Instant, SystemTime};
 
 use mio::net::{TcpListener, TcpStream};
@@ -54,7 +54,10 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// A request from the server handle.
 #[derive(Debug)]
 pub(crate) enum Command {
-    Shutdown { grace: Duration, done: Sender<ShutdownReport> },
+    Shutdown {
+        grace: Duration,
+        done: Sender<ShutdownReport>,
+    },
 }
 
 /// Everything a reactor needs, built by the server builder.
@@ -147,7 +150,9 @@ impl Loop {
                     Token(key) => {
                         // Sporadic events for closed (or reused) slots are harmless: the entry is
                         // gone or the new one just sees a readiness hint.
-                        let Some(entry) = self.conns.get_mut(key) else { continue };
+                        let Some(entry) = self.conns.get_mut(key) else {
+                            continue;
+                        };
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
                             entry.read_ready = true;
                         }
@@ -177,20 +182,28 @@ impl Loop {
         if !self.pending.is_empty() {
             return Some(Duration::ZERO);
         }
-        [self.wheel.next_deadline(), self.accept_retry_at, self.drain.as_ref().map(|d| d.deadline)]
-            .into_iter()
-            .flatten()
-            .min()
-            .map(|t| t.saturating_duration_since(now))
+        [
+            self.wheel.next_deadline(),
+            self.accept_retry_at,
+            self.drain.as_ref().map(|d| d.deadline),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|t| t.saturating_duration_since(now))
     }
 
     fn accept(&mut self, now: Instant) {
         loop {
-            let Some(listener) = &self.r.listener else { return };
+            let Some(listener) = &self.r.listener else {
+                return;
+            };
             match listener.accept() {
                 Ok((socket, peer)) => self.admit(socket, peer, now),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted || e.kind() == ErrorKind::ConnectionAborted => {}
+                Err(e)
+                    if e.kind() == ErrorKind::Interrupted
+                        || e.kind() == ErrorKind::ConnectionAborted => {}
                 Err(_) => {
                     // Out of file descriptors or memory: connections wait in the backlog.
                     self.accept_retry_at = Some(now + ACCEPT_RETRY);
@@ -204,9 +217,17 @@ impl Loop {
         let local = socket.local_addr().unwrap_or(self.r.local_addr);
         if self.conns.len() >= self.r.max_connections {
             self.r.metrics.rejected_max_connections.increment(1);
-            let id = ConnectionId { index: u32::MAX, generation: self.generation() };
+            let id = ConnectionId {
+                index: u32::MAX,
+                generation: self.generation(),
+            };
             if let Some(o) = &self.r.observer {
-                o.connection_start(&ConnectionStart { connection: id, peer, local, system_time: SystemTime::now() });
+                o.connection_start(&ConnectionStart {
+                    connection: id,
+                    peer,
+                    local,
+                    system_time: SystemTime::now(),
+                });
                 o.connection_stop(&ConnectionStop {
                     connection: id,
                     peer,
@@ -222,10 +243,19 @@ impl Loop {
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         let token = Token(key);
-        if self.r.poll.registry().register(&mut socket, token, Interest::READABLE | Interest::WRITABLE).is_err() {
+        if self
+            .r
+            .poll
+            .registry()
+            .register(&mut socket, token, Interest::READABLE | Interest::WRITABLE)
+            .is_err()
+        {
             return;
         }
-        let id = ConnectionId { index: key as u32, generation: 0 };
+        let id = ConnectionId {
+            index: key as u32,
+            generation: 0,
+        };
         entry.insert(Entry {
             id,
             socket,
@@ -272,7 +302,9 @@ impl Loop {
         let mut budget = READ_BUDGET;
         let mut effects = std::mem::take(&mut self.effects);
         loop {
-            let Some(entry) = self.conns.get_mut(key) else { break };
+            let Some(entry) = self.conns.get_mut(key) else {
+                break;
+            };
             let mut progress = false;
             if entry.write_ready && entry.conn.transmit().is_some() {
                 progress |= write(entry, &self.r.metrics, now, &mut effects);
@@ -306,12 +338,19 @@ impl Loop {
     fn apply(&mut self, key: usize, now: Instant) -> bool {
         let mut closed = None;
         let mut effects = std::mem::take(&mut self.effects);
-        let Some(entry) = self.conns.get(key) else { return true };
+        let Some(entry) = self.conns.get(key) else {
+            return true;
+        };
         let m = &self.r.metrics;
         let observer = self.r.observer.as_deref();
         for effect in effects.drain(..) {
             match effect {
-                Effect::Dispatch { seq, payload, received_at, deadline } => {
+                Effect::Dispatch {
+                    seq,
+                    payload,
+                    received_at,
+                    deadline,
+                } => {
                     m.received.increment(1);
                     m.message_size.record(payload.len() as f64);
                     let system_time = SystemTime::now();
@@ -333,11 +372,21 @@ impl Loop {
                         received_at,
                         received_time: system_time,
                     };
-                    self.pool.submit(Job { id: entry.id, seq, payload, cx, deadline });
+                    self.pool.submit(Job {
+                        id: entry.id,
+                        seq,
+                        payload,
+                        cx,
+                        deadline,
+                    });
                 }
                 Effect::Junk(n) => m.junk.increment(n),
                 Effect::Handled(outcome) => m.handled(outcome).increment(1),
-                Effect::MessageStop { seq, response_size, received_at } => {
+                Effect::MessageStop {
+                    seq,
+                    response_size,
+                    received_at,
+                } => {
                     let duration = now.saturating_duration_since(received_at);
                     if let Some(size) = response_size {
                         m.response_size.record(size as f64);
@@ -354,7 +403,13 @@ impl Loop {
                         });
                     }
                 }
-                Effect::MessageException { seq, reason, message_size, detail, received_at } => {
+                Effect::MessageException {
+                    seq,
+                    reason,
+                    message_size,
+                    detail,
+                    received_at,
+                } => {
                     if reason == ExceptionReason::HandlerTimeout {
                         self.pool.on_handler_timeout(now);
                     }
@@ -364,7 +419,8 @@ impl Loop {
                             peer: entry.peer,
                             local: entry.local,
                             sequence: seq,
-                            duration: received_at.map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
+                            duration: received_at
+                                .map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
                             message_size,
                             reason,
                             detail: detail.as_deref(),
@@ -405,8 +461,12 @@ impl Loop {
     /// Later deadlines (the idle timer restarted by a read) are left to the armed entry: when
     /// it fires early the connection ignores it and the real deadline is armed then.
     fn schedule(&mut self, key: usize) {
-        let Some(entry) = self.conns.get_mut(key) else { return };
-        let Some(deadline) = entry.conn.poll_timeout() else { return };
+        let Some(entry) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Some(deadline) = entry.conn.poll_timeout() else {
+            return;
+        };
         if entry.armed.is_none_or(|armed| deadline < armed) {
             self.wheel.insert(deadline, entry.id);
             entry.armed = Some(deadline);
@@ -418,7 +478,9 @@ impl Loop {
         self.wheel.expired(now, &mut fired);
         for id in fired.drain(..) {
             let key = id.index as usize;
-            let Some(entry) = self.conns.get_mut(key) else { continue };
+            let Some(entry) = self.conns.get_mut(key) else {
+                continue;
+            };
             if entry.id != id {
                 continue; // the slot was reused: a stale timer of a closed connection
             }
@@ -436,7 +498,9 @@ impl Loop {
             let key = id.index as usize;
             match self.conns.get_mut(key) {
                 Some(entry) if entry.id == id => {
-                    entry.conn.handle_completion(seq, outcome, now, &mut self.effects);
+                    entry
+                        .conn
+                        .handle_completion(seq, outcome, now, &mut self.effects);
                     self.drive_after(key, now);
                 }
                 // The connection is gone: nobody to answer.
@@ -480,8 +544,16 @@ impl Loop {
         }
         let mut report = ShutdownReport::default();
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
-        report.in_flight = self.conns.iter().filter(|(_, e)| e.conn.in_flight()).count();
-        self.drain = Some(Drain { deadline: now + grace, done, report });
+        report.in_flight = self
+            .conns
+            .iter()
+            .filter(|(_, e)| e.conn.in_flight())
+            .count();
+        self.drain = Some(Drain {
+            deadline: now + grace,
+            done,
+            report,
+        });
         for key in keys {
             if let Some(entry) = self.conns.get_mut(key) {
                 entry.conn.handle_shutdown(&mut self.effects);
@@ -500,7 +572,9 @@ impl Loop {
         let forced = keys.len();
         for key in keys {
             if let Some(entry) = self.conns.get_mut(key) {
-                entry.conn.force_close(CloseReason::Shutdown, &mut self.effects);
+                entry
+                    .conn
+                    .force_close(CloseReason::Shutdown, &mut self.effects);
                 self.apply(key, now);
             }
         }
@@ -508,7 +582,9 @@ impl Loop {
         let drain = self.drain.take()?;
         let mut report = drain.report;
         report.forced = forced;
-        report.workers_stuck = self.pool.join(now.max(drain.deadline) + Duration::from_millis(100));
+        report.workers_stuck = self
+            .pool
+            .join(now.max(drain.deadline) + Duration::from_millis(100));
         let _ = drain.done.send(report.clone());
         Some(report)
     }
@@ -547,7 +623,13 @@ fn write(entry: &mut Entry, metrics: &Metrics, now: Instant, effects: &mut Vec<E
 
 /// One read into the reactor's scratch buffer, handed to the connection. Returns whether any
 /// progress was made.
-fn read(entry: &mut Entry, scratch: &mut [u8], metrics: &Metrics, now: Instant, effects: &mut Vec<Effect>) -> bool {
+fn read(
+    entry: &mut Entry,
+    scratch: &mut [u8],
+    metrics: &Metrics,
+    now: Instant,
+    effects: &mut Vec<Effect>,
+) -> bool {
     match entry.socket.read(scratch) {
         Ok(0) => {
             entry.read_ready = false;

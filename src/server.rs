@@ -2,8 +2,8 @@
 //! [`ServerHandle`] (running) → [`ServerHandle::shutdown`] (graceful).
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -177,11 +177,17 @@ impl Builder {
         if workers == 0 {
             return Err(ConfigError::NoWorkers.into());
         }
-        let addr = addr.to_socket_addrs().map_err(Error::Bind)?.next().ok_or(ConfigError::NoAddress)?;
+        let addr = addr
+            .to_socket_addrs()
+            .map_err(Error::Bind)?
+            .next()
+            .ok_or(ConfigError::NoAddress)?;
         let mut listener = TcpListener::bind(addr).map_err(Error::Bind)?;
         let local_addr = listener.local_addr().map_err(Error::Bind)?;
         let poll = Poll::new().map_err(Error::Io)?;
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE).map_err(Error::Io)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .map_err(Error::Io)?;
         let waker = Waker::new(poll.registry(), WAKER).map_err(Error::Io)?;
         let notifier = Arc::new(Notifier::new(waker));
         let (completions_tx, completions) = mpsc::channel();
@@ -218,7 +224,10 @@ impl Builder {
             handler: self.handler,
             pool_config,
             completions_tx,
-            trigger: ShutdownTrigger { commands: commands_tx, notifier },
+            trigger: ShutdownTrigger {
+                commands: commands_tx,
+                notifier,
+            },
         })
     }
 }
@@ -234,7 +243,9 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server").field("local_addr", &self.reactor.local_addr).finish_non_exhaustive()
+        f.debug_struct("Server")
+            .field("local_addr", &self.reactor.local_addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -311,7 +322,11 @@ impl Server {
             .name("mllp-reactor".to_owned())
             .spawn(move || self.run())
             .map_err(Error::Io)?;
-        Ok(ServerHandle { local_addr, trigger, thread })
+        Ok(ServerHandle {
+            local_addr,
+            trigger,
+            thread,
+        })
     }
 }
 

@@ -265,7 +265,10 @@ impl Metrics {
         let l = || [("listener", listener.to_owned())];
         let counter = |name: &'static str| metrics::counter!(name, &l());
         let labelled = |name: &'static str, key: &'static str, value: &'static str| {
-            metrics::counter!(name, &[("listener", listener.to_owned()), (key, value.to_owned())])
+            metrics::counter!(
+                name,
+                &[("listener", listener.to_owned()), (key, value.to_owned())]
+            )
         };
         Self {
             accepted: counter(CONNECTIONS_ACCEPTED),
@@ -307,7 +310,10 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     use names::*;
     describe_counter!(CONNECTIONS_ACCEPTED, "Connections accepted and served");
-    describe_counter!(CONNECTIONS_REJECTED, "Connections accepted and closed at once");
+    describe_counter!(
+        CONNECTIONS_REJECTED,
+        "Connections accepted and closed at once"
+    );
     describe_counter!(CONNECTIONS_CLOSED, "Connections closed, by reason");
     describe_gauge!(CONNECTIONS_ACTIVE, "Connections open now");
     describe_histogram!(CONNECTION_DURATION, Unit::Seconds, "Connection lifetime");
@@ -315,13 +321,24 @@ fn describe() {
     describe_counter!(MESSAGES_HANDLED, "Handler outcomes");
     describe_histogram!(MESSAGE_SIZE, Unit::Bytes, "Message payload size, unframed");
     describe_histogram!(RESPONSE_SIZE, Unit::Bytes, "Reply payload size, unframed");
-    describe_histogram!(HANDLER_QUEUE, Unit::Seconds, "Frame complete to handler start");
+    describe_histogram!(
+        HANDLER_QUEUE,
+        Unit::Seconds,
+        "Frame complete to handler start"
+    );
     describe_histogram!(HANDLER_DURATION, Unit::Seconds, "Handler run time");
-    describe_histogram!(RESPONSE_LATENCY, Unit::Seconds, "Frame complete to reply written");
+    describe_histogram!(
+        RESPONSE_LATENCY,
+        Unit::Seconds,
+        "Frame complete to reply written"
+    );
     describe_counter!(BYTES_RECEIVED, Unit::Bytes, "Bytes read from peers");
     describe_counter!(BYTES_SENT, Unit::Bytes, "Bytes written to peers");
     describe_counter!(JUNK_BYTES, Unit::Bytes, "Bytes dropped outside frames");
-    describe_counter!(FRAMES_REJECTED, "Frames rejected before reaching the handler");
+    describe_counter!(
+        FRAMES_REJECTED,
+        "Frames rejected before reaching the handler"
+    );
     describe_counter!(NAKS_SENT, "NAKs sent by the server");
     describe_counter!(LATE_RESULTS, "Handler results discarded after a timeout");
     describe_counter!(WORKERS_REPLACED, "Workers started to replace stuck ones");
