@@ -80,10 +80,9 @@ enum ScanState {
     /// terminator: the next byte decides.
     SawEndBlock,
     /// The payload exceeded the limit; the decoder answers with the same error from now on.
-    Overflowed {
-        /// Payload bytes seen when the limit was exceeded.
-        received: usize,
-    },
+    /// `scanned` then holds the payload bytes seen when the limit was exceeded (kept there,
+    /// not in the variant, so the state stays one byte).
+    Overflowed,
 }
 
 /// Incremental MLLP deframer. Holds scan state only; the caller owns the bytes.
@@ -97,8 +96,8 @@ pub struct FrameDecoder {
     state: ScanState,
     /// Bytes at the front of the caller's buffer already examined (all of them payload of the
     /// current frame, the last possibly a pending `0x1C`).
-    /// INVARIANT: `scanned == 0` unless `state` is `InFrame` or `SawEndBlock`, and
-    /// `scanned <= buf.len()` of the buffer last passed in.
+    /// INVARIANT: in `InFrame`/`SawEndBlock`, `scanned <= buf.len()` of the buffer last passed
+    /// in; in `SeekingStart` it is 0; in `Overflowed` it is the payload size that overflowed.
     scanned: usize,
     /// Bytes dropped outside frames since the decoder was created.
     junk: u64,
@@ -163,10 +162,10 @@ impl FrameDecoder {
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
         loop {
             match self.state {
-                ScanState::Overflowed { received } => {
+                ScanState::Overflowed => {
                     return Err(FrameError::TooLarge {
                         limit: self.max_payload,
-                        received,
+                        received: self.scanned,
                     });
                 }
                 ScanState::SeekingStart => match memchr::memchr(START_BLOCK, buf) {
@@ -242,7 +241,8 @@ impl FrameDecoder {
     }
 
     fn overflow(&mut self, received: usize) -> FrameError {
-        self.state = ScanState::Overflowed { received };
+        self.state = ScanState::Overflowed;
+        self.scanned = received;
         FrameError::TooLarge {
             limit: self.max_payload,
             received,

@@ -187,7 +187,7 @@ pub(crate) struct Connection {
 }
 
 // Keep the per-connection cost small: an idle connection is this struct plus a socket.
-const _: () = assert!(std::mem::size_of::<Connection>() <= 192);
+const _: () = assert!(std::mem::size_of::<Connection>() <= 176);
 
 impl Connection {
     pub(crate) fn new(limits: Arc<Limits>, now: Instant) -> Self {

@@ -79,15 +79,23 @@ struct Entry {
     socket: TcpStream,
     conn: Connection,
     peer: SocketAddr,
-    local: SocketAddr,
-    accepted_at: Instant,
-    /// The earliest deadline this connection has in the timer wheel.
-    armed: Option<Instant>,
+    /// Index into `Loop::locals`: servers see one or two local addresses, so an index saves
+    /// 30 bytes per connection over a `SocketAddr`.
+    local: u16,
+    /// Nanoseconds since `Loop::epoch` (8 bytes instead of an `Instant`'s 16).
+    accepted_at: u64,
+    /// The earliest deadline this connection has in the timer wheel, as nanoseconds since
+    /// `Loop::epoch` plus one; 0 when none.
+    armed: u64,
     read_ready: bool,
     write_ready: bool,
     /// On the pending list (read budget ran out with bytes left).
     pending: bool,
 }
+
+// An idle connection costs its slab entry and nothing else on our heap (its read buffer is
+// released): keep that at most 256 bytes (project goal; measured as RSS in BENCHMARKS.md).
+const _: () = assert!(std::mem::size_of::<Entry>() <= 256);
 
 struct Drain {
     deadline: Instant,
@@ -108,6 +116,9 @@ struct Loop {
     next_generation: u32,
     accept_retry_at: Option<Instant>,
     drain: Option<Drain>,
+    /// Distinct local addresses connections were accepted on (see `Entry::local`).
+    locals: Vec<SocketAddr>,
+    epoch: Instant,
 }
 
 impl Reactor {
@@ -126,6 +137,8 @@ impl Reactor {
             next_generation: 0,
             accept_retry_at: None,
             drain: None,
+            locals: Vec::new(),
+            epoch: now,
         };
         lp.run()
     }
@@ -238,6 +251,7 @@ impl Loop {
             }
             return; // dropping the socket closes it
         }
+        let local_index = self.local_index(local);
         // Replies are small and latency-bound: never wait for Nagle.
         let _ = socket.set_nodelay(true);
         let entry = self.conns.vacant_entry();
@@ -261,9 +275,9 @@ impl Loop {
             socket,
             conn: Connection::new(Arc::clone(&self.r.limits), now),
             peer,
-            local,
-            accepted_at: now,
-            armed: None,
+            local: local_index,
+            accepted_at: nanos_since(self.epoch, now),
+            armed: 0,
             read_ready: false,
             write_ready: false,
             pending: false,
@@ -289,6 +303,18 @@ impl Loop {
             return;
         }
         self.schedule(key);
+    }
+
+    /// The index of `local` in `locals`, adding it if new.
+    fn local_index(&mut self, local: SocketAddr) -> u16 {
+        if let Some(i) = self.locals.iter().position(|l| *l == local) {
+            return i as u16;
+        }
+        if self.locals.len() >= usize::from(u16::MAX) {
+            return 0; // 65 535 distinct local addresses: report the first (never seen in practice)
+        }
+        self.locals.push(local);
+        (self.locals.len() - 1) as u16
     }
 
     fn generation(&mut self) -> u32 {
@@ -341,6 +367,7 @@ impl Loop {
         let Some(entry) = self.conns.get(key) else {
             return true;
         };
+        let local = self.locals[usize::from(entry.local)];
         let m = &self.r.metrics;
         let observer = self.r.observer.as_deref();
         for effect in effects.drain(..) {
@@ -358,7 +385,7 @@ impl Loop {
                         o.message_start(&MessageStart {
                             connection: entry.id,
                             peer: entry.peer,
-                            local: entry.local,
+                            local,
                             sequence: seq,
                             message_size: payload.len(),
                             system_time,
@@ -366,7 +393,7 @@ impl Loop {
                     }
                     let cx = Context {
                         peer: entry.peer,
-                        local: entry.local,
+                        local,
                         connection: entry.id,
                         sequence: seq,
                         received_at,
@@ -396,7 +423,7 @@ impl Loop {
                         o.message_stop(&MessageStop {
                             connection: entry.id,
                             peer: entry.peer,
-                            local: entry.local,
+                            local,
                             sequence: seq,
                             duration,
                             response_size,
@@ -417,7 +444,7 @@ impl Loop {
                         o.message_exception(&MessageException {
                             connection: entry.id,
                             peer: entry.peer,
-                            local: entry.local,
+                            local,
                             sequence: seq,
                             duration: received_at
                                 .map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
@@ -443,13 +470,14 @@ impl Loop {
         }
         m.closed(reason).increment(1);
         m.active.decrement(1.0);
-        let duration = now.saturating_duration_since(entry.accepted_at);
+        let duration =
+            Duration::from_nanos(nanos_since(self.epoch, now).saturating_sub(entry.accepted_at));
         m.connection_duration.record(duration.as_secs_f64());
         if let Some(o) = observer {
             o.connection_stop(&ConnectionStop {
                 connection: entry.id,
                 peer: entry.peer,
-                local: entry.local,
+                local,
                 duration,
                 reason,
             });
@@ -467,9 +495,10 @@ impl Loop {
         let Some(deadline) = entry.conn.poll_timeout() else {
             return;
         };
-        if entry.armed.is_none_or(|armed| deadline < armed) {
+        let at = nanos_since(self.epoch, deadline) + 1;
+        if entry.armed == 0 || at < entry.armed {
             self.wheel.insert(deadline, entry.id);
-            entry.armed = Some(deadline);
+            entry.armed = at;
         }
     }
 
@@ -484,8 +513,8 @@ impl Loop {
             if entry.id != id {
                 continue; // the slot was reused: a stale timer of a closed connection
             }
-            if entry.armed.is_some_and(|armed| armed <= now) {
-                entry.armed = None;
+            if entry.armed != 0 && entry.armed <= nanos_since(self.epoch, now) + 1 {
+                entry.armed = 0; // this is (or overtook) the armed entry: re-arm below
             }
             entry.conn.handle_timeout(now, &mut self.effects);
             self.drive_after(key, now);
@@ -588,6 +617,11 @@ impl Loop {
         let _ = drain.done.send(report.clone());
         Some(report)
     }
+}
+
+/// `t` as nanoseconds since `epoch` (0 for earlier times); 2⁶⁴ ns is 584 years.
+fn nanos_since(epoch: Instant, t: Instant) -> u64 {
+    t.saturating_duration_since(epoch).as_nanos() as u64
 }
 
 /// Writes as much of the connection's reply as the socket takes. Returns whether any

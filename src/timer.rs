@@ -463,7 +463,7 @@ mod tests {
         let mut wheel = small(t0);
         let deadline = t0 + 30 * MS;
         wheel.insert(deadline, 1);
-        assert_eq!(fire(&mut wheel, deadline - NS), []);
+        assert_eq!(fire(&mut wheel, deadline - NS), Vec::<u32>::new());
         assert_eq!(fire(&mut wheel, deadline), [1]);
         assert!(wheel.is_empty());
     }
@@ -474,9 +474,9 @@ mod tests {
         let mut wheel = small(t0);
         let deadline = t0 + 25 * MS;
         wheel.insert(deadline, 1);
-        assert_eq!(fire(&mut wheel, deadline - NS), []);
+        assert_eq!(fire(&mut wheel, deadline - NS), Vec::<u32>::new());
         // Rounded up to the end of its tick: not yet at the deadline itself.
-        assert_eq!(fire(&mut wheel, deadline), []);
+        assert_eq!(fire(&mut wheel, deadline), Vec::<u32>::new());
         assert_eq!(fire(&mut wheel, t0 + 30 * MS), [1]);
     }
 
@@ -556,7 +556,7 @@ mod tests {
             .for_each(|w| assert_ne!(w[0], w[1], "fired twice"));
         assert!(wheel.slot_visits <= 64, "{} slot visits", wheel.slot_visits);
         assert_eq!(wheel.len(), 2);
-        assert_eq!(fire(&mut wheel, t0 + 10 * MS * 699), []);
+        assert_eq!(fire(&mut wheel, t0 + 10 * MS * 699), Vec::<u32>::new());
         assert_eq!(fire(&mut wheel, t0 + 10 * MS * 700), [5000]);
         // A jump of 2^40 ticks finishes at once and still never visits a slot twice.
         let visits = wheel.slot_visits;
@@ -573,7 +573,7 @@ mod tests {
         let t0 = Instant::now();
         let mut wheel = small(t0);
         let now = t0 + Duration::from_secs(1);
-        assert_eq!(fire(&mut wheel, now), []);
+        assert_eq!(fire(&mut wheel, now), Vec::<u32>::new());
         wheel.insert(t0 + 100 * MS, 1);
         wheel.insert(now, 2);
         wheel.insert(t0.checked_sub(Duration::from_secs(1)).unwrap(), 3);
@@ -590,7 +590,7 @@ mod tests {
         let mut wheel = small(t0);
         wheel.insert(t0.checked_sub(Duration::from_secs(5)).unwrap(), 1);
         assert_eq!(wheel.next_deadline(), Some(t0));
-        assert_eq!(fire(&mut wheel, t0 - NS), []);
+        assert_eq!(fire(&mut wheel, t0 - NS), Vec::<u32>::new());
         assert_eq!(fire(&mut wheel, t0), [1]);
     }
 
@@ -602,12 +602,12 @@ mod tests {
         wheel.insert(t0 + 900 * MS, 2);
         assert_eq!(fire(&mut wheel, t0 + 500 * MS), [1]);
         // An older `now` fires nothing new, loses nothing, and does not rewind the wheel.
-        assert_eq!(fire(&mut wheel, t0 + 100 * MS), []);
+        assert_eq!(fire(&mut wheel, t0 + 100 * MS), Vec::<u32>::new());
         // Overdue relative to the wheel but not to this older `now`: must not fire early.
         wheel.insert(t0 + 300 * MS, 3);
-        assert_eq!(fire(&mut wheel, t0 + 250 * MS), []);
+        assert_eq!(fire(&mut wheel, t0 + 250 * MS), Vec::<u32>::new());
         assert_eq!(fire(&mut wheel, t0 + 300 * MS), [3]);
-        assert_eq!(fire(&mut wheel, t0 + 899 * MS), []);
+        assert_eq!(fire(&mut wheel, t0 + 899 * MS), Vec::<u32>::new());
         assert_eq!(fire(&mut wheel, t0 + 900 * MS), [2]);
         assert!(wheel.is_empty());
     }
@@ -637,7 +637,7 @@ mod tests {
         ] {
             wheel.insert(deadline, 1);
             assert_eq!(wheel.next_deadline(), Some(expected));
-            assert_eq!(fire(&mut wheel, expected - NS), []);
+            assert_eq!(fire(&mut wheel, expected - NS), Vec::<u32>::new());
             assert_eq!(wheel.next_deadline(), Some(expected));
             assert_eq!(fire(&mut wheel, expected), [1]);
         }
