@@ -447,7 +447,6 @@ impl Connection {
     }
 
     /// Why the connection closed, once it has.
-    #[cfg(test)]
     pub(crate) fn close_reason(&self) -> Option<CloseReason> {
         match self.phase {
             Phase::Closed(reason) => Some(reason),

@@ -465,6 +465,7 @@ impl Loop {
         self.effects = effects;
         let Some(reason) = closed else { return false };
         let entry = self.conns.remove(key);
+        debug_assert_eq!(entry.conn.close_reason(), Some(reason));
         if let Some(drain) = &mut self.drain {
             drain.report.closed += 1;
         }
