@@ -26,8 +26,8 @@
 //! # When the message has no usable MSH
 //!
 //! An ACK is built for any input and building never panics. If [`Msh::parse`] fails (no `MSH`,
-//! cut off before MSH-2, unusable separators), or MSH-10 is missing, the sender cannot be told
-//! which message is meant, so the code becomes a reject (AR, or CR for a commit code) whatever
+//! cut off before MSH-2, unusable separators), or MSH-10 is missing (or may be cut short, see
+//! [`Msh::control_id`]), the sender cannot be told which message is meant, so the code becomes a reject (AR, or CR for a commit code) whatever
 //! was asked for, MSA-2 is empty, and the separators are `|^~\&`.
 //!
 //! # ERR segment
@@ -41,7 +41,7 @@
 //! |---|---|
 //! | no readable MSH | `100^Segment sequence error` (0357: "required segments are missing") |
 //! | MSH without MSH-10 | `101^Required field missing` |
-//! | otherwise | `207^Application internal error` (what the reference's docs use for AE) |
+//! | otherwise | `207^Application internal error` (the code the reference's tests use) |
 //!
 //! [`Ack::error`] overrides the code, text and severity (default `E`). Accept codes never carry
 //! an ERR, as in the reference.

@@ -103,7 +103,7 @@ impl Encoding {
     };
 
     /// The MSH-2 characters this encoding declares: four, or five with a truncation character.
-    pub fn encoding_characters(&self) -> ([u8; 5], usize) {
+    pub(crate) fn encoding_characters(&self) -> ([u8; 5], usize) {
         let chars = [
             self.component,
             self.repetition,
