@@ -440,10 +440,15 @@ impl Connection {
         ) && self.read_buf.is_empty()
     }
 
-    /// Heap bytes this connection holds (its read buffer).
+    /// Heap bytes this connection holds (its read buffer's capacity).
     #[cfg(test)]
     pub(crate) fn buffered(&self) -> usize {
         self.read_buf.capacity()
+    }
+
+    /// Bytes received and not yet handed out (for the fuzz target's memory bound).
+    pub(crate) fn buffered_len(&self) -> usize {
+        self.read_buf.len()
     }
 
     /// Why the connection closed, once it has.

@@ -258,3 +258,133 @@ fn escape_block_bytes(field: &[u8], escape: u8) -> Vec<u8> {
     }
     out
 }
+
+/// Fuzz target `connection`: drives the connection state machine with operations decoded from
+/// the input, on a virtual clock.
+///
+/// Each operation is one byte (`op % 8`) plus its argument bytes: read up to 64 bytes, advance
+/// time, complete the message in flight (reply, no reply, close, error with and without NAK,
+/// expired), write part of the pending reply, end of input, shutdown. Checks: messages are
+/// dispatched with sequence numbers 0, 1, 2, … and at most one at a time; nothing is written
+/// that does not answer the message in flight (or an oversize NAK); the buffered bytes stay
+/// within the limits; after `Closed` nothing more happens.
+pub fn connection(data: &[u8]) {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+
+    use crate::connection::{Connection, Effect, Limits, NakPolicy, Outcome};
+    use crate::error::ExceptionReason;
+    use crate::handler::Reply;
+
+    let Some((&flags, mut ops)) = data.split_first() else {
+        return;
+    };
+    let limits = Arc::new(Limits {
+        idle_timeout: Duration::from_secs(60),
+        frame_timeout: Duration::from_secs(120),
+        handler_timeout: Duration::from_secs(30),
+        write_timeout: Duration::from_secs(20),
+        max_message_size: 16 + usize::from(flags & 0x3f) * 8,
+        read_ahead: 256,
+        nak_policy: if flags & 0x40 == 0 {
+            NakPolicy::Send
+        } else {
+            NakPolicy::Silent
+        },
+    });
+    let mut now = Instant::now();
+    let mut conn = Connection::new(Arc::clone(&limits), now);
+    let mut out = Vec::new();
+    let mut in_flight: Option<u64> = None;
+    let mut next_seq = 0u64;
+    let mut closed = false;
+    while let Some((&op, rest)) = ops.split_first() {
+        ops = rest;
+        let arg = ops.first().copied().unwrap_or(0);
+        match op % 8 {
+            0 | 1 => {
+                let n = usize::from(arg % 64).min(ops.len().saturating_sub(1));
+                let bytes = ops.get(1..1 + n).unwrap_or(&[]);
+                let wanted = conn.wants_read();
+                if wanted {
+                    conn.handle_read(bytes, now, &mut out);
+                }
+                ops = &ops[(1 + n).min(ops.len())..];
+            }
+            2 => {
+                now += Duration::from_millis(u64::from(arg) * 500);
+                conn.handle_timeout(now, &mut out);
+                ops = ops.get(1..).unwrap_or(&[]);
+            }
+            3 => {
+                let seq = in_flight.unwrap_or(next_seq.wrapping_sub(1));
+                let outcome = match arg % 6 {
+                    0 => Outcome::Reply(Reply::Send(Bytes::from_static(b"MSA|AA|x"))),
+                    1 => Outcome::Reply(Reply::NoReply),
+                    2 => Outcome::Reply(Reply::Close),
+                    3 => Outcome::Reply(Reply::SendAndClose(Bytes::from_static(b"bye"))),
+                    4 => Outcome::Failed {
+                        reason: ExceptionReason::HandlerError,
+                        detail: "boom".into(),
+                        nak: Some(Bytes::from_static(b"MSA|AE|x")),
+                    },
+                    _ => Outcome::Expired,
+                };
+                conn.handle_completion(seq, outcome, now, &mut out);
+                ops = ops.get(1..).unwrap_or(&[]);
+            }
+            4 => {
+                let n = conn
+                    .transmit()
+                    .map_or(0, |f| f.remaining().min(usize::from(arg) + 1));
+                conn.handle_written(n, now, &mut out);
+                ops = ops.get(1..).unwrap_or(&[]);
+            }
+            5 => conn.handle_eof(now, &mut out),
+            6 => conn.handle_shutdown(&mut out),
+            _ => {
+                // Drain whatever is pending to write.
+                while let Some(f) = conn.transmit() {
+                    let n = f.remaining();
+                    conn.handle_written(n, now, &mut out);
+                }
+            }
+        }
+        for effect in out.drain(..) {
+            // A completion may still arrive for a closed connection; nothing else may happen.
+            assert!(
+                !closed || matches!(effect, Effect::LateResult),
+                "effect after close: {effect:?}"
+            );
+            match effect {
+                Effect::Dispatch { seq, payload, .. } => {
+                    assert_eq!(in_flight, None, "two messages in flight");
+                    assert_eq!(seq, next_seq, "sequence numbers in order");
+                    assert!(payload.len() <= limits.max_message_size);
+                    in_flight = Some(seq);
+                    next_seq += 1;
+                }
+                Effect::MessageStop { seq, .. }
+                | Effect::MessageException { seq: Some(seq), .. } => {
+                    assert_eq!(in_flight, Some(seq), "stop for a message not in flight");
+                    in_flight = None;
+                }
+                Effect::Closed(_) => closed = true,
+                _ => {}
+            }
+        }
+        // The NAK after an exception, or a reply, is written while nothing new is dispatched.
+        if conn.transmit().is_none() && !conn.in_flight() {
+            in_flight = None;
+        }
+        assert_eq!(closed, conn.is_closed());
+        let bound = limits.max_message_size.max(limits.read_ahead) + 64 + 1;
+        assert!(
+            conn.buffered_len() <= bound,
+            "buffers {} > {bound}",
+            conn.buffered_len()
+        );
+    }
+}

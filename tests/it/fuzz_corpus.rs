@@ -38,3 +38,11 @@ fn decode_corpus() {
 fn ack_corpus() {
     replay("ack", mllp_reactor::__fuzz::ack);
 }
+
+#[test]
+fn connection_corpus() {
+    assert!(
+        replay("connection", mllp_reactor::__fuzz::connection) > 0,
+        "the connection corpus is empty"
+    );
+}
