@@ -77,6 +77,7 @@
 #![warn(missing_docs)]
 
 pub mod ack;
+pub mod client;
 pub mod codec;
 mod connection;
 mod error;
@@ -88,6 +89,7 @@ mod server;
 pub mod telemetry;
 pub mod timer;
 
+pub use client::{Backoff, Client, ClientConfig, ClientError};
 pub use connection::NakPolicy;
 pub use error::{CloseReason, ConfigError, Error, ExceptionReason};
 pub use handler::{ConnectionId, Context, Handler, HandlerError, HandlerFn, Reply, handler_fn};

@@ -2,3 +2,6 @@
 
 #[path = "it/fuzz_corpus.rs"]
 mod fuzz_corpus;
+
+#[path = "it/client.rs"]
+mod client;
