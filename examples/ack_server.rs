@@ -9,8 +9,11 @@ use std::io::Write;
 use mllp_reactor::{Reply, Server, ack, handler_fn};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:2575".to_owned());
-    let server = Server::builder(handler_fn(|msg, _cx| Ok(Reply::Send(ack::accept(msg))))).bind(addr.as_str())?;
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:2575".to_owned());
+    let server = Server::builder(handler_fn(|msg, _cx| Ok(Reply::Send(ack::accept(msg)))))
+        .bind(addr.as_str())?;
     println!("listening on {}", server.local_addr());
     std::io::stdout().flush()?;
     let running = server.spawn()?;

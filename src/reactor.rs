@@ -301,10 +301,7 @@ impl Loop {
     fn drive(&mut self, key: usize, now: Instant) {
         let mut budget = READ_BUDGET;
         let mut effects = std::mem::take(&mut self.effects);
-        loop {
-            let Some(entry) = self.conns.get_mut(key) else {
-                break;
-            };
+        while let Some(entry) = self.conns.get_mut(key) {
             let mut progress = false;
             if entry.write_ready && entry.conn.transmit().is_some() {
                 progress |= write(entry, &self.r.metrics, now, &mut effects);

@@ -2,3 +2,9 @@
 
 #[path = "it/fuzz_corpus.rs"]
 mod fuzz_corpus;
+#[path = "it/metrics.rs"]
+mod metrics;
+#[path = "it/obs_util.rs"]
+mod obs_util;
+#[path = "it/observer.rs"]
+mod observer;
