@@ -162,7 +162,8 @@ enum Phase {
         is_reply: bool,
         then: Then,
     },
-    Closed(CloseReason),
+    // The reason is read by tests (`close_reason`) and shown by `Debug`.
+    Closed(#[cfg_attr(not(test), allow(dead_code))] CloseReason),
 }
 
 /// One connection's protocol state. See the module docs for the order of calls.

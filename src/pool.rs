@@ -4,10 +4,13 @@
 //! then wake the reactor through a [`Notifier`] that coalesces wake-ups (one `eventfd` write per
 //! batch of completions, not per message).
 //!
-//! A thread cannot be killed (seed-spec §3): when a handler overruns `handler_timeout`, the
+//! A thread cannot be killed (seed-spec §3): when a message's handler deadline passes, the
 //! reactor moves the connection on and calls [`Pool::on_handler_timeout`], which starts a
 //! replacement worker if fewer than `workers` healthy ones remain, up to `max_extra_workers`
-//! threads beyond `workers`. When a stuck handler finally returns, its result is discarded by the
+//! threads beyond `workers`. A worker counts as stuck once the deadline of the job it runs has
+//! passed: the same deadline the connection uses, which runs from dispatch, so a job that
+//! waited in the queue counts as stuck although its handler has run for less than
+//! `handler_timeout`. When a stuck handler finally returns, its result is discarded by the
 //! connection (counted as late) and a surplus worker retires, so the pool returns to `workers`
 //! threads. If `max_extra_workers` handlers are stuck at once, no more threads are started and
 //! new messages wait in the queue (and time out there, answered by AE NAKs) until one returns.
@@ -17,7 +20,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -95,10 +98,9 @@ struct Shared {
     notifier: Arc<Notifier>,
     metrics: Metrics,
     nak_policy: NakPolicy,
-    handler_timeout: Duration,
     epoch: Instant,
-    /// One per possible worker: `SLOT_FREE`, `SLOT_IDLE`, or the microseconds since `epoch`
-    /// (plus one) at which its current handler started.
+    /// One per possible worker: `SLOT_FREE`, `SLOT_IDLE`, or the deadline of the job its
+    /// handler is running, as microseconds since `epoch` (plus one).
     slots: Box<[AtomicU64]>,
     /// Healthy workers wanted.
     target: usize,
@@ -128,7 +130,6 @@ pub(crate) struct PoolConfig {
     pub(crate) workers: usize,
     pub(crate) max_extra_workers: usize,
     pub(crate) nak_policy: NakPolicy,
-    pub(crate) handler_timeout: Duration,
 }
 
 impl Pool {
@@ -154,7 +155,6 @@ impl Pool {
             notifier,
             metrics,
             nak_policy: config.nak_policy,
-            handler_timeout: config.handler_timeout,
             epoch: Instant::now(),
             slots,
             target: config.workers,
@@ -251,11 +251,9 @@ impl Shared {
         t.saturating_duration_since(self.epoch).as_micros() as u64 + 1
     }
 
-    /// Workers whose handler has run for at least `handler_timeout`, skipping slot `skip`.
+    /// Workers running a job whose deadline has passed, skipping slot `skip`.
     fn stuck_workers(&self, now: Instant, skip: usize) -> usize {
-        let limit = self
-            .micros_since_epoch(now)
-            .saturating_sub(self.handler_timeout.as_micros() as u64);
+        let limit = self.micros_since_epoch(now);
         self.slots
             .iter()
             .enumerate()
@@ -308,7 +306,7 @@ fn worker(shared: &Shared, slot: usize) {
         let outcome = if started >= job.deadline {
             Outcome::Expired
         } else {
-            shared.slots[slot].store(shared.micros_since_epoch(started), Ordering::Release);
+            shared.slots[slot].store(shared.micros_since_epoch(job.deadline), Ordering::Release);
             shared.metrics.workers_busy.increment(1.0);
             let outcome = run(shared, &job);
             shared.metrics.workers_busy.decrement(1.0);

@@ -206,7 +206,6 @@ impl Builder {
             workers,
             max_extra_workers: self.max_extra_workers.unwrap_or(workers),
             nak_policy: self.nak_policy,
-            handler_timeout: self.handler_timeout,
         };
         Ok(Server {
             reactor: Reactor {

@@ -208,7 +208,8 @@ pub mod names {
     pub const FRAMES_REJECTED: &str = "mllp_frames_rejected_total";
     /// Counter: NAKs sent by the server itself; label `code`.
     pub const NAKS_SENT: &str = "mllp_naks_sent_total";
-    /// Counter: handler results that arrived after their message timed out.
+    /// Counter: handler results discarded because their message had timed out or its
+    /// connection had closed (e.g. reset by the peer) before the result arrived.
     pub const LATE_RESULTS: &str = "mllp_handler_late_results_total";
     /// Counter: workers started to replace stuck ones.
     pub const WORKERS_REPLACED: &str = "mllp_workers_replaced_total";
@@ -340,7 +341,10 @@ fn describe() {
         "Frames rejected before reaching the handler"
     );
     describe_counter!(NAKS_SENT, "NAKs sent by the server");
-    describe_counter!(LATE_RESULTS, "Handler results discarded after a timeout");
+    describe_counter!(
+        LATE_RESULTS,
+        "Handler results discarded: the message timed out or its connection closed first"
+    );
     describe_counter!(WORKERS_REPLACED, "Workers started to replace stuck ones");
     describe_gauge!(WORKERS_BUSY, "Workers running a handler");
 }
