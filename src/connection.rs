@@ -163,7 +163,7 @@ enum Phase {
         then: Then,
     },
     // The reason is read by tests (`close_reason`) and shown by `Debug`.
-    Closed(#[cfg_attr(not(test), allow(dead_code))] CloseReason),
+    Closed(CloseReason),
 }
 
 /// One connection's protocol state. See the module docs for the order of calls.

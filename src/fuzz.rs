@@ -11,7 +11,7 @@ use crate::msh::{Encoding, Msh};
 ///
 /// Input layout: bytes 0–1 the payload limit (little-endian `u16`), byte 2 the largest chunk
 /// (0 means 1), byte 3 a seed for the chunk sizes, the rest the stream. Checks: the same
-/// payloads and the same error as [`reference_decode`] on the whole stream at once, and after
+/// payloads and the same error as `reference_decode` on the whole stream at once, and after
 /// every round the decoder holds at most the limit plus one pending `0x1C`.
 pub fn decode(data: &[u8]) {
     let (limit, max_chunk, mut seed, stream) = match data {
