@@ -1,1 +1,2 @@
+//! Frame codec benchmarks (criterion); filled in as the codec lands.
 fn main() {}
