@@ -6,8 +6,11 @@
 # Each (scenario, round) starts each server in its own fresh process, runs
 # `mllp-reactor bench` against it, and stops it. Within a scenario the two servers alternate
 # (baseline first in odd rounds, ours first in even rounds) so drift cancels. The table gives
-# medians over the rounds and the ratio ours / baseline; every run's JSON report is appended,
-# tagged with scenario, server and round, to $RAW.
+# medians over the rounds, and the ratio ours / baseline as the median (and range) of the
+# per-round ratios; every run's JSON report is appended, tagged with scenario, server and
+# round, to $RAW. "other CPU" is machine-wide busy CPU minus bench and server during the
+# window: unrelated processes plus kernel work outside both. Above ~0.1 core, something else
+# competed for the 2 cores and that run's numbers are suspect.
 #
 # Environment:
 #   ROUNDS=3            rounds per scenario
@@ -19,6 +22,16 @@
 #   BASELINE_CMD=...    default: target/release/examples/baseline_server 127.0.0.1:0
 #   RAW=FILE            JSON lines output (default: target/e2e/e2e-<timestamp>.jsonl)
 #   SKIP_BUILD=1        do not run cargo build
+#   PIN=auto            auto: run server and bench of `1conn` on one CPU (PIN_CPU, default the
+#                       last one); none: never pin. See "Pinning" below.
+#
+# Pinning: with one connection and one message in flight, client and server take turns, so
+# each message wakes the other side. On this 2-vCPU VM a wake-up on an idle vCPU costs
+# ~60-70 us (hypervisor halt exit), and whether the other vCPU is idle depends on unrelated
+# load: unpinned, `1conn` flips between ~15k and ~150k msg/s from run to run. Pinned to one
+# CPU, a wake-up is a plain context switch and the run is CPU-bound and stable, so the ratio
+# reflects the CPU cost per message. The multi-connection scenarios need both cores and run
+# unpinned.
 #
 # Both servers must print `listening on ADDR` as their first stdout line within 30 s.
 # Exit status: 0 when every run completed with zero errors, 1 otherwise.
@@ -45,6 +58,8 @@ BENCH_SLACK=60
 BUILD_TIMEOUT=1800
 
 ALL_SCENARIOS=(1conn 50conn 50conn-p8 4conn-1MiB idle1000)
+PIN=${PIN:-auto}
+PIN_CPU=${PIN_CPU:-$(($(nproc) - 1))}
 
 scenario_args() {
     case $1 in
@@ -78,6 +93,11 @@ to_secs() {
         m) echo $((number * 60)) ;;
         h) echo $((number * 3600)) ;;
     esac
+}
+
+# Command prefix that pins a scenario's processes (empty when unpinned).
+scenario_pin() {
+    if [[ $PIN == auto && $1 == 1conn ]]; then echo "taskset -c $PIN_CPU"; fi
 }
 
 # ---- servers -------------------------------------------------------------------------------
@@ -150,14 +170,16 @@ FAILED_RUNS=0
 
 # run_one SCENARIO SERVER ROUND
 run_one() {
-    local scenario=$1 server=$2 round=$3 cmd prefix pid limit status
+    local scenario=$1 server=$2 round=$3 cmd prefix pid limit status pin
     if [[ $server == baseline ]]; then cmd=$BASELINE_CMD; else cmd=$OURS_CMD; fi
     prefix=$RUN_DIR/$scenario-$server-$round
-    start_server "$server" "$cmd" "$prefix"
+    pin=$(scenario_pin "$scenario")
+    start_server "$server" "${pin:+$pin }$cmd" "$prefix"
     pid=$SERVER_PID
     limit=$((WARMUP_SECS + DURATION_SECS + BENCH_SLACK))
     # shellcheck disable=SC2046 # scenario_args is a list of words on purpose
-    timeout --foreground --kill-after=5 "$limit" "$BENCH" bench --to "$SERVER_ADDR" \
+    # shellcheck disable=SC2086 # $pin is empty or a list of words
+    timeout --foreground --kill-after=5 "$limit" $pin "$BENCH" bench --to "$SERVER_ADDR" \
         $(scenario_args "$scenario") --duration "$DURATION" --warmup "$WARMUP" \
         --server-pid "$pid" --json >"$prefix.json" 2>"$prefix.bench.stderr" && status=0 || status=$?
     if ! kill -0 "$pid" 2>/dev/null; then
@@ -197,6 +219,11 @@ background_cpu() {
 # ---- main ----------------------------------------------------------------------------------
 
 command -v jq >/dev/null || die "jq is required (apt-get install jq)"
+[[ $PIN == auto || $PIN == none ]] || die "PIN must be auto or none, got '$PIN'"
+if [[ $PIN == auto ]]; then
+    command -v taskset >/dev/null || die "taskset is required for PIN=auto (or set PIN=none)"
+    [[ $PIN_CPU =~ ^[0-9]+$ ]] && ((PIN_CPU < $(nproc))) || die "PIN_CPU must be a CPU below $(nproc)"
+fi
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$ROUNDS'"
 DURATION_SECS=$(to_secs "$DURATION")
 WARMUP_SECS=$(to_secs "$WARMUP")
@@ -240,6 +267,7 @@ echo "## End-to-end loopback benchmark"
 echo
 echo "- $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $NCPU CPUs, $(nproc --all) online; background load before start: $(awk -v b="$BUSY" 'BEGIN { printf "%.0f%%", b * 100 }') of all CPUs"
 echo "- $ROUNDS rounds per scenario, alternating order; warmup $WARMUP, window $DURATION; medians over rounds"
+echo "- pinning: $(if [[ $PIN == auto ]]; then echo "1conn on CPU $PIN_CPU (server and bench), others unpinned"; else echo none; fi)"
 echo "- baseline: \`$BASELINE_CMD\`"
 echo "- ours: \`$OURS_CMD\`"
 echo "- raw JSON lines: \`$RAW\` (per-run logs in \`$RUN_DIR/\`)"
@@ -259,9 +287,12 @@ jq -s -r --args '
                | $sign + $p[0:-d] + "." + $p[-d:] end
         end;
     def pair(f; d): "\(.b | map(f) | median | fixed(d))/\(.o | map(f) | median | fixed(d))";
+    # CPU busy outside the bench and the server: other processes, softirq outside both.
+    def other: if .system_cpu == null or .server_cpu == null then null
+        else .system_cpu - .client_cpu - .server_cpu end;
     . as $all
-    | "| scenario | baseline msg/s | ours msg/s | ratio | baseline p99 µs | ours p99 µs | errors (b/o) | RSS/idle conn B (b/o) | bench CPU (b/o) | server CPU (b/o) | machine CPU (b/o) |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    | "| scenario | baseline msg/s | ours msg/s | ratio | ratio range | baseline p99 µs | ours p99 µs | errors (b/o) | RSS/idle conn B (b/o) | bench CPU (b/o) | server CPU (b/o) | other CPU (b/o) |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
       ($ARGS.positional[] as $s
        | ($all | map(select(.scenario == $s))) as $runs
        | ($runs | map(select(.failed == true)) | length) as $failed
@@ -269,10 +300,17 @@ jq -s -r --args '
           o: ($runs | map(select(.server == "ours" and .failed != true)))}
        | (.b | map(.msgs_per_sec) | median) as $bm
        | (.o | map(.msgs_per_sec) | median) as $om
+       # Ratio within each round (the pair runs back to back, so drift cancels), then the median.
+       | . as $sides
+       | [$sides.o[] | .round as $r | .msgs_per_sec as $v
+          | ($sides.b | map(select(.round == $r)) | first | .msgs_per_sec) as $base
+          | select($base != null and $base > 0) | $v / $base] as $ratios
        | [$s,
           ($bm | fixed(0)),
           ($om | fixed(0)),
-          (if $bm != null and $om != null and $bm > 0 then $om / $bm else null end | fixed(2)),
+          ($ratios | median | fixed(2)),
+          (if ($ratios | length) > 0
+           then "\($ratios | min | fixed(2))–\($ratios | max | fixed(2))" else "–" end),
           (.b | map(.p99_us) | median | fixed(1)),
           (.o | map(.p99_us) | median | fixed(1)),
           "\(.b | map(.errors) | add // 0)/\(.o | map(.errors) | add // 0)"
@@ -280,7 +318,7 @@ jq -s -r --args '
           pair(.rss_per_idle_conn; 0),
           pair(.client_cpu; 2),
           pair(.server_cpu; 2),
-          pair(.system_cpu; 2)]
+          pair(other; 2)]
        | "| " + join(" | ") + " |")
 ' "${SCENARIOS[@]}" <"$RAW"
 
