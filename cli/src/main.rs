@@ -1,1 +1,203 @@
-fn main() {}
+//! `mllp-reactor`: the command-line tool. One function per subcommand; `main` only parses and
+//! dispatches, and turns every error into one line on stderr and a non-zero exit.
+
+mod loadgen;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::loadgen::LoadConfig;
+
+/// Exit status for errors found while running.
+const EXIT_FAILURE: u8 = 1;
+/// Exit status for bad command-line usage (clap's and sysexits' convention).
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mllp-reactor",
+    version,
+    about = "MLLP (HL7 v2 over TCP) receiver tools"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Drive an MLLP server with ADT^A01 messages and verify every ACK.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Server address, e.g. 127.0.0.1:2575.
+    #[arg(long, value_name = "ADDR")]
+    to: SocketAddr,
+    /// Active connections (one thread each).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    conns: usize,
+    /// Messages in flight per connection.
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    pipeline: usize,
+    /// Approximate payload bytes per message.
+    #[arg(long, default_value_t = 1024, value_name = "BYTES")]
+    size: usize,
+    /// Measurement window, e.g. 500ms, 10s, 2m.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Load before the window that is verified but not counted.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Idle connections to open (and serve once) before the run; needs --server-pid for RSS.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    idle: usize,
+    /// Server process id: enables RSS per idle connection and server CPU in the report.
+    #[arg(long, value_name = "PID")]
+    server_pid: Option<u32>,
+    /// Print the report as one JSON line on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
+    let result = match cli.command {
+        Command::Bench(args) => bench(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Prints help and version as clap does; squeezes every real usage error into one line.
+fn usage_error(error: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        // Printing help can only fail if stdout is gone; nothing useful is left to do then.
+        let _ = error.print();
+        return ExitCode::from(if error.use_stderr() { EXIT_USAGE } else { 0 });
+    }
+    let text = error.to_string();
+    let line = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    eprintln!("{line}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// `mllp-reactor bench`: runs the load generator, prints progress to stderr and the report to
+/// stdout.
+fn bench(args: &BenchArgs) -> Result<(), String> {
+    if args.idle > 0 && args.server_pid.is_none() {
+        eprintln!("note: --idle without --server-pid: RSS per idle connection is not measured");
+    }
+    let cfg = LoadConfig {
+        addr: args.to,
+        conns: args.conns,
+        pipeline: args.pipeline,
+        size: args.size,
+        duration: args.duration,
+        warmup: args.warmup,
+        idle_conns: args.idle,
+        server_pid: args.server_pid,
+    };
+    let started = Instant::now();
+    let progress = |acked: u64| {
+        eprintln!(
+            "[{:>5.1}s] {acked} messages acked",
+            started.elapsed().as_secs_f64()
+        );
+    };
+    let report = loadgen::run(&cfg, Some(&progress)).map_err(|e| e.to_string())?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+/// Parses `500ms`, `10s`, `2m`, `1h`, or `1.5s`. A bare number is rejected: the unit must be
+/// explicit.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("{text:?} has no unit (use ms, s, m or h, e.g. 10s)"))?;
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a number"))?;
+    let scale = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3_600.0,
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {text:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(value * scale).map_err(|_| format!("{text:?} is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_duration_accepts_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3_600)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1_500)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn parse_duration_rejects_garbage() {
+        for bad in [
+            "",
+            "10",
+            "s",
+            "ms",
+            "10x",
+            "1.2.3s",
+            "-1s",
+            "10 s",
+            "1e400s",
+            "99999999999999999999999h",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn cli_definition_is_valid() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,329 @@
+#!/usr/bin/env bash
+# End-to-end loopback benchmark: the baseline mio server against mllp-reactor.
+#
+# Usage: benches/e2e.sh [SCENARIO...]        (default: all scenarios, in the order below)
+#
+# Each (scenario, round) starts each server in its own fresh process, runs
+# `mllp-reactor bench` against it, and stops it. Within a scenario the two servers alternate
+# (baseline first in odd rounds, ours first in even rounds) so drift cancels. The table gives
+# medians over the rounds, and the ratio ours / baseline as the median (and range) of the
+# per-round ratios; every run's JSON report is appended, tagged with scenario, server and
+# round, to $RAW. "other CPU" is machine-wide busy CPU minus bench and server during the
+# window: unrelated processes plus kernel work outside both. Above ~0.1 core, something else
+# competed for the 2 cores and that run's numbers are suspect.
+#
+# Environment:
+#   ROUNDS=3            rounds per scenario
+#   DURATION=5s         measurement window per run (500ms, 5s, 2m, ...)
+#   WARMUP=1s           warmup per run (verified, not counted)
+#   OURS_CMD=...        server under test (default: target/release/mllp-reactor serve --listen
+#                       127.0.0.1:0); run through `bash -c "exec $OURS_CMD"`, so it must exec
+#                       the server itself (its pid is used for RSS and CPU)
+#   BASELINE_CMD=...    default: target/release/examples/baseline_server 127.0.0.1:0
+#   RAW=FILE            JSON lines output (default: target/e2e/e2e-<timestamp>.jsonl)
+#   SKIP_BUILD=1        do not run cargo build
+#   PIN=auto            auto: run server and bench of `1conn` on one CPU (PIN_CPU, default the
+#                       last one); none: never pin. See "Pinning" below.
+#
+# Pinning: with one connection and one message in flight, client and server take turns, so
+# each message wakes the other side. On this 2-vCPU VM a wake-up on an idle vCPU costs
+# ~60-70 us (hypervisor halt exit), and whether the other vCPU is idle depends on unrelated
+# load: unpinned, `1conn` flips between ~15k and ~150k msg/s from run to run. Pinned to one
+# CPU, a wake-up is a plain context switch and the run is CPU-bound and stable, so the ratio
+# reflects the CPU cost per message. The multi-connection scenarios need both cores and run
+# unpinned.
+#
+# Both servers must print `listening on ADDR` as their first stdout line within 30 s.
+# Exit status: 0 when every run completed with zero errors, 1 otherwise.
+
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5s}
+WARMUP=${WARMUP:-1s}
+BASELINE_CMD=${BASELINE_CMD:-target/release/examples/baseline_server 127.0.0.1:0}
+OURS_CMD=${OURS_CMD:-target/release/mllp-reactor serve --listen 127.0.0.1:0}
+RAW=${RAW:-target/e2e/e2e-$(date +%Y%m%d-%H%M%S).jsonl}
+BENCH=target/release/mllp-reactor
+# Seconds a server gets to print its address.
+STARTUP_TIMEOUT=30
+# Seconds a server gets to exit after SIGTERM before SIGKILL.
+STOP_TIMEOUT=5
+# Slack on top of warmup + duration for one bench run (connects, idle setup, drain: each
+# bounded inside the load generator by its 10 s I/O timeout).
+BENCH_SLACK=60
+# Bound on the release build.
+BUILD_TIMEOUT=1800
+
+ALL_SCENARIOS=(1conn 50conn 50conn-p8 4conn-1MiB idle1000)
+PIN=${PIN:-auto}
+PIN_CPU=${PIN_CPU:-$(($(nproc) - 1))}
+
+scenario_args() {
+    case $1 in
+        1conn) echo "--conns 1 --pipeline 1 --size 1024" ;;
+        50conn) echo "--conns 50 --pipeline 1 --size 1024" ;;
+        50conn-p8) echo "--conns 50 --pipeline 8 --size 1024" ;;
+        4conn-1MiB) echo "--conns 4 --pipeline 1 --size 1048576" ;;
+        idle1000) echo "--conns 10 --pipeline 1 --size 1024 --idle 1000" ;;
+        *) return 1 ;;
+    esac
+}
+
+die() {
+    echo "e2e: $*" >&2
+    exit 1
+}
+
+log() {
+    echo "e2e: $*" >&2
+}
+
+# Whole seconds (rounded up) of a duration like 500ms, 5s, 2m, 1h.
+to_secs() {
+    local text=$1 number unit
+    [[ $text =~ ^([0-9]+)(ms|s|m|h)$ ]] || die "bad duration '$text' (use e.g. 500ms, 5s, 2m)"
+    number=${BASH_REMATCH[1]}
+    unit=${BASH_REMATCH[2]}
+    case $unit in
+        ms) echo $(((number + 999) / 1000)) ;;
+        s) echo "$number" ;;
+        m) echo $((number * 60)) ;;
+        h) echo $((number * 3600)) ;;
+    esac
+}
+
+# Command prefix that pins a scenario's processes (empty when unpinned).
+scenario_pin() {
+    if [[ $PIN == auto && $1 == 1conn ]]; then echo "taskset -c $PIN_CPU"; fi
+}
+
+# ---- servers -------------------------------------------------------------------------------
+
+STARTED_PIDS=()
+SERVER_PID=
+SERVER_ADDR=
+
+cleanup() {
+    local pid
+    for pid in "${STARTED_PIDS[@]}"; do
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    # Reap them so no zombie outlives the script.
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT TERM
+
+# start_server NAME COMMAND LOGPREFIX: sets SERVER_PID and SERVER_ADDR, or dies.
+start_server() {
+    local name=$1 cmd=$2 prefix=$3 deadline line
+    # Truncate here, not only in the child's redirection: the child opens the file
+    # asynchronously, and a stale file from an earlier run must never be read as this address.
+    : >"$prefix.stdout"
+    : >"$prefix.stderr"
+    bash -c "exec $cmd" >"$prefix.stdout" 2>"$prefix.stderr" </dev/null &
+    SERVER_PID=$!
+    STARTED_PIDS+=("$SERVER_PID")
+    deadline=$((SECONDS + STARTUP_TIMEOUT))
+    while :; do
+        # Only a complete first line counts (the address may be written in pieces).
+        if [[ -s $prefix.stdout ]] && (($(wc -l <"$prefix.stdout") >= 1)); then
+            line=$(head -n 1 "$prefix.stdout")
+            [[ $line == "listening on "* ]] ||
+                die "$name server printed '$line' instead of 'listening on ADDR' (command: $cmd)"
+            SERVER_ADDR=${line#listening on }
+            break
+        fi
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+            die "$name server exited before printing its address (command: $cmd); stderr: $(head -n 5 "$prefix.stderr" | tr '\n' ' ')"
+        fi
+        ((SECONDS < deadline)) ||
+            die "$name server did not print 'listening on ADDR' within ${STARTUP_TIMEOUT} s (command: $cmd)"
+        sleep 0.05
+    done
+    # Never benchmark anything but loopback: map wildcard addresses to loopback.
+    case $SERVER_ADDR in
+        0.0.0.0:*) SERVER_ADDR=127.0.0.1:${SERVER_ADDR#0.0.0.0:} ;;
+        "[::]:"*) SERVER_ADDR="[::1]:${SERVER_ADDR#\[::\]:}" ;;
+        127.*:* | "[::1]:"*) ;;
+        *) die "$name server listens on $SERVER_ADDR, which is not loopback" ;;
+    esac
+}
+
+# stop_server PID: SIGTERM, then SIGKILL after STOP_TIMEOUT seconds.
+stop_server() {
+    local pid=$1 deadline=$((SECONDS + STOP_TIMEOUT))
+    kill -TERM "$pid" 2>/dev/null || true
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do
+        sleep 0.05
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+# ---- one run -------------------------------------------------------------------------------
+
+FAILED_RUNS=0
+
+# run_one SCENARIO SERVER ROUND
+run_one() {
+    local scenario=$1 server=$2 round=$3 cmd prefix pid limit status pin
+    if [[ $server == baseline ]]; then cmd=$BASELINE_CMD; else cmd=$OURS_CMD; fi
+    prefix=$RUN_DIR/$scenario-$server-$round
+    pin=$(scenario_pin "$scenario")
+    start_server "$server" "${pin:+$pin }$cmd" "$prefix"
+    pid=$SERVER_PID
+    limit=$((WARMUP_SECS + DURATION_SECS + BENCH_SLACK))
+    # shellcheck disable=SC2046 # scenario_args is a list of words on purpose
+    # shellcheck disable=SC2086 # $pin is empty or a list of words
+    timeout --foreground --kill-after=5 "$limit" $pin "$BENCH" bench --to "$SERVER_ADDR" \
+        $(scenario_args "$scenario") --duration "$DURATION" --warmup "$WARMUP" \
+        --server-pid "$pid" --json >"$prefix.json" 2>"$prefix.bench.stderr" && status=0 || status=$?
+    if ! kill -0 "$pid" 2>/dev/null; then
+        log "$scenario/$server/$round: the server died during the run"
+        if ((status == 0)); then status=1; fi
+    fi
+    stop_server "$pid"
+    if ((status == 0)) && [[ -s $prefix.json ]]; then
+        jq -c --arg scenario "$scenario" --arg server "$server" --argjson round "$round" \
+            '{scenario: $scenario, server: $server, round: $round} + .' "$prefix.json" >>"$RAW"
+        jq -r --arg tag "$scenario/$server/$round" \
+            '"\($tag): \(.msgs_per_sec | round) msg/s, p99 \(.p99_us | round) µs, errors \(.errors)"' \
+            "$prefix.json" >&2
+    else
+        FAILED_RUNS=$((FAILED_RUNS + 1))
+        log "$scenario/$server/$round FAILED (status $status): $(tail -n 2 "$prefix.bench.stderr" | tr '\n' ' ')"
+        jq -nc --arg scenario "$scenario" --arg server "$server" --argjson round "$round" \
+            --argjson status "$status" \
+            '{scenario: $scenario, server: $server, round: $round, failed: true, status: $status}' \
+            >>"$RAW"
+    fi
+}
+
+# Fraction of all CPUs busy over one second (other processes: nothing of ours runs yet).
+background_cpu() {
+    local a b
+    read -ra a < <(head -n 1 /proc/stat)
+    sleep 1
+    read -ra b < <(head -n 1 /proc/stat)
+    awk -v a="${a[*]}" -v b="${b[*]}" 'BEGIN {
+        n = split(a, x, " "); split(b, y, " ");
+        for (i = 2; i <= 9 && i <= n; i++) { t += y[i] - x[i] }  # user..steal; guest is in user
+        idle = (y[5] - x[5]) + (y[6] - x[6]);
+        printf "%.2f", (t > 0 ? (t - idle) / t : 0) }'
+}
+
+# ---- main ----------------------------------------------------------------------------------
+
+command -v jq >/dev/null || die "jq is required (apt-get install jq)"
+[[ $PIN == auto || $PIN == none ]] || die "PIN must be auto or none, got '$PIN'"
+if [[ $PIN == auto ]]; then
+    command -v taskset >/dev/null || die "taskset is required for PIN=auto (or set PIN=none)"
+    [[ $PIN_CPU =~ ^[0-9]+$ ]] && ((PIN_CPU < $(nproc))) || die "PIN_CPU must be a CPU below $(nproc)"
+fi
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$ROUNDS'"
+DURATION_SECS=$(to_secs "$DURATION")
+WARMUP_SECS=$(to_secs "$WARMUP")
+
+SCENARIOS=("$@")
+((${#SCENARIOS[@]} > 0)) || SCENARIOS=("${ALL_SCENARIOS[@]}")
+for s in "${SCENARIOS[@]}"; do
+    scenario_args "$s" >/dev/null || die "unknown scenario '$s' (known: ${ALL_SCENARIOS[*]})"
+done
+
+if [[ ${SKIP_BUILD:-0} != 1 ]]; then
+    log "building release binaries"
+    timeout "$BUILD_TIMEOUT" cargo build --release -p mllp-reactor-cli --examples --bins ||
+        die "release build failed"
+fi
+[[ -x $BENCH ]] || die "$BENCH not found (build it or unset SKIP_BUILD)"
+
+# Server stdout/stderr and bench stderr of every run, kept next to the JSON lines.
+RUN_DIR=${RAW%.jsonl}.logs
+mkdir -p "$(dirname "$RAW")" "$RUN_DIR"
+: >"$RAW"
+
+BUSY=$(background_cpu)
+NCPU=$(nproc)
+if awk -v b="$BUSY" 'BEGIN { exit !(b > 0.10) }'; then
+    log "warning: other processes keep $(awk -v b="$BUSY" -v n="$NCPU" 'BEGIN { printf "%.1f", b * n }') of $NCPU cores busy; results will be noisy"
+fi
+
+for scenario in "${SCENARIOS[@]}"; do
+    for ((round = 1; round <= ROUNDS; round++)); do
+        if ((round % 2 == 1)); then order=(baseline ours); else order=(ours baseline); fi
+        for server in "${order[@]}"; do
+            run_one "$scenario" "$server" "$round"
+        done
+    done
+done
+
+# ---- report --------------------------------------------------------------------------------
+
+echo "## End-to-end loopback benchmark"
+echo
+echo "- $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $NCPU CPUs, $(nproc --all) online; background load before start: $(awk -v b="$BUSY" 'BEGIN { printf "%.0f%%", b * 100 }') of all CPUs"
+echo "- $ROUNDS rounds per scenario, alternating order; warmup $WARMUP, window $DURATION; medians over rounds"
+echo "- pinning: $(if [[ $PIN == auto ]]; then echo "1conn on CPU $PIN_CPU (server and bench), others unpinned"; else echo none; fi)"
+echo "- baseline: \`$BASELINE_CMD\`"
+echo "- ours: \`$OURS_CMD\`"
+echo "- raw JSON lines: \`$RAW\` (per-run logs in \`$RUN_DIR/\`)"
+echo
+jq -s -r --args '
+    def median: map(select(. != null)) | sort
+        | if length == 0 then null
+          elif length % 2 == 1 then .[(length - 1) / 2]
+          else (.[length / 2 - 1] + .[length / 2]) / 2 end;
+    # Fixed-point text with d decimals; "–" for null.
+    def fixed(d): if . == null then "–" else
+        ((. * pow(10; d)) | round) as $n
+        | ($n | fabs | tostring) as $digits
+        | (if $n < 0 then "-" else "" end) as $sign
+        | if d == 0 then $sign + $digits
+          else ($digits | if length <= d then ("0" * (d + 1 - length)) + . else . end) as $p
+               | $sign + $p[0:-d] + "." + $p[-d:] end
+        end;
+    def pair(f; d): "\(.b | map(f) | median | fixed(d))/\(.o | map(f) | median | fixed(d))";
+    # CPU busy outside the bench and the server: other processes, softirq outside both.
+    def other: if .system_cpu == null or .server_cpu == null then null
+        else .system_cpu - .client_cpu - .server_cpu end;
+    . as $all
+    | "| scenario | baseline msg/s | ours msg/s | ratio | ratio range | baseline p99 µs | ours p99 µs | errors (b/o) | RSS/idle conn B (b/o) | bench CPU (b/o) | server CPU (b/o) | other CPU (b/o) |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+      ($ARGS.positional[] as $s
+       | ($all | map(select(.scenario == $s))) as $runs
+       | ($runs | map(select(.failed == true)) | length) as $failed
+       | {b: ($runs | map(select(.server == "baseline" and .failed != true))),
+          o: ($runs | map(select(.server == "ours" and .failed != true)))}
+       | (.b | map(.msgs_per_sec) | median) as $bm
+       | (.o | map(.msgs_per_sec) | median) as $om
+       # Ratio within each round (the pair runs back to back, so drift cancels), then the median.
+       | . as $sides
+       | [$sides.o[] | .round as $r | .msgs_per_sec as $v
+          | ($sides.b | map(select(.round == $r)) | first | .msgs_per_sec) as $base
+          | select($base != null and $base > 0) | $v / $base] as $ratios
+       | [$s,
+          ($bm | fixed(0)),
+          ($om | fixed(0)),
+          ($ratios | median | fixed(2)),
+          (if ($ratios | length) > 0
+           then "\($ratios | min | fixed(2))–\($ratios | max | fixed(2))" else "–" end),
+          (.b | map(.p99_us) | median | fixed(1)),
+          (.o | map(.p99_us) | median | fixed(1)),
+          "\(.b | map(.errors) | add // 0)/\(.o | map(.errors) | add // 0)"
+            + (if $failed > 0 then " (\($failed) runs failed)" else "" end),
+          pair(.rss_per_idle_conn; 0),
+          pair(.client_cpu; 2),
+          pair(.server_cpu; 2),
+          pair(other; 2)]
+       | "| " + join(" | ") + " |")
+' "${SCENARIOS[@]}" <"$RAW"
+
+TOTAL_ERRORS=$(jq -s '[.[] | .errors // 0] | add // 0' "$RAW")
+if ((FAILED_RUNS > 0 || TOTAL_ERRORS > 0)); then
+    log "$FAILED_RUNS failed runs, $TOTAL_ERRORS errors (details in $RAW)"
+    exit 1
+fi
