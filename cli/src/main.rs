@@ -2,6 +2,8 @@
 //! dispatches, and turns every error into one line on stderr and a non-zero exit.
 
 mod loadgen;
+mod send;
+mod serve;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -29,15 +31,66 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run an MLLP server that answers AA to every message (Ctrl-C / SIGTERM drain gracefully).
+    Serve(ServeArgs),
+    /// Send HL7 messages from files (or stdin) and print one line per ACK.
+    Send(SendArgs),
     /// Drive an MLLP server with ADT^A01 messages and verify every ACK.
     Bench(BenchArgs),
 }
 
 #[derive(Debug, Args)]
-struct BenchArgs {
-    /// Server address, e.g. 127.0.0.1:2575.
+struct ServeArgs {
+    /// Address to listen on (IPv4 or IPv6, port 0 for any free port).
+    #[arg(long, default_value = "127.0.0.1:2575", value_name = "ADDR")]
+    listen: String,
+    /// Close a connection that sends nothing for this long.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    idle_timeout: Duration,
+    /// Give up on a handler call after this long (the sender gets an AE).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    handler_timeout: Duration,
+    /// Close a connection whose started frame is not complete within this long.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    frame_timeout: Duration,
+    /// Largest message payload accepted, in bytes.
+    #[arg(long, default_value_t = 10_485_760, value_name = "BYTES")]
+    max_message_size: usize,
+    /// Most connections open at once.
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    max_connections: usize,
+    /// Handler threads (default: available parallelism).
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+    /// Serve Prometheus metrics on this address (http://ADDR/metrics).
     #[arg(long, value_name = "ADDR")]
-    to: SocketAddr,
+    metrics: Option<String>,
+    /// How long Ctrl-C waits for in-flight messages.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    grace: Duration,
+}
+
+#[derive(Debug, Args)]
+struct SendArgs {
+    /// Server address, e.g. 127.0.0.1:2575.
+    #[arg(value_name = "ADDR")]
+    addr: String,
+    /// Files holding one or more messages (`-` or none: standard input).
+    #[arg(value_name = "FILE")]
+    files: Vec<String>,
+    /// Messages in flight at once (each ACK is still matched to its message).
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    pipeline: usize,
+    /// Deadline for each ACK.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Server address, e.g. 127.0.0.1:2575 (default: an in-process server on a free port).
+    #[arg(long, value_name = "ADDR")]
+    to: Option<SocketAddr>,
     /// Active connections (one thread each).
     #[arg(long, default_value_t = 1, value_name = "N")]
     conns: usize,
@@ -70,6 +123,30 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(&e),
     };
     let result = match cli.command {
+        Command::Serve(args) => serve::serve(&serve::ServeOptions {
+            listen: args.listen,
+            idle_timeout: args.idle_timeout,
+            handler_timeout: args.handler_timeout,
+            frame_timeout: args.frame_timeout,
+            max_message_size: args.max_message_size,
+            max_connections: args.max_connections,
+            workers: args.workers,
+            metrics: args.metrics,
+            grace: args.grace,
+        }),
+        Command::Send(args) => {
+            let opts = send::SendOptions {
+                addr: args.addr,
+                files: args.files,
+                pipeline: args.pipeline,
+                timeout: args.timeout,
+            };
+            match send::send(&opts) {
+                Ok(true) => Ok(()),
+                Ok(false) => return ExitCode::from(EXIT_FAILURE), // a NAK: printed already
+                Err(e) => Err(e),
+            }
+        }
         Command::Bench(args) => bench(&args),
     };
     match result {
@@ -112,8 +189,25 @@ fn bench(args: &BenchArgs) -> Result<(), String> {
     if args.idle > 0 && args.server_pid.is_none() {
         eprintln!("note: --idle without --server-pid: RSS per idle connection is not measured");
     }
+    // Without --to, measure an in-process server (AA via the ACK builder).
+    let in_process = match args.to {
+        Some(_) => None,
+        None => Some(
+            mllp_reactor::Server::builder(mllp_reactor::handler_fn(|msg, _cx| {
+                Ok(mllp_reactor::Reply::Send(mllp_reactor::ack::accept(msg)))
+            }))
+            .bind("127.0.0.1:0")
+            .and_then(|s| s.spawn())
+            .map_err(|e| format!("cannot start the in-process server: {e}"))?,
+        ),
+    };
+    let addr = match (&in_process, args.to) {
+        (Some(server), _) => server.local_addr(),
+        (None, Some(addr)) => addr,
+        (None, None) => unreachable!("one of the two is set above"),
+    };
     let cfg = LoadConfig {
-        addr: args.to,
+        addr,
         conns: args.conns,
         pipeline: args.pipeline,
         size: args.size,
@@ -129,7 +223,11 @@ fn bench(args: &BenchArgs) -> Result<(), String> {
             started.elapsed().as_secs_f64()
         );
     };
-    let report = loadgen::run(&cfg, Some(&progress)).map_err(|e| e.to_string())?;
+    let report = loadgen::run(&cfg, Some(&progress)).map_err(|e| e.to_string());
+    if let Some(server) = in_process {
+        let _ = server.shutdown(Duration::from_secs(5));
+    }
+    let report = report?;
     if args.json {
         println!("{}", report.to_json());
     } else {

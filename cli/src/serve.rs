@@ -40,7 +40,10 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
     }
     let server = builder.bind(opts.listen.as_str()).map_err(|e| match e {
         mllp_reactor::Error::Bind(io) if io.kind() == std::io::ErrorKind::AddrInUse => {
-            format!("{} is already in use: stop the other server or pick another with --listen", opts.listen)
+            format!(
+                "{} is already in use: stop the other server or pick another with --listen",
+                opts.listen
+            )
         }
         other => format!("cannot start on {}: {other}", opts.listen),
     })?;
@@ -50,7 +53,8 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
     }
     let _ = std::io::stdout().flush();
     let trigger = server.shutdown_trigger();
-    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let mut signals = Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let grace = opts.grace;
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
@@ -74,7 +78,8 @@ fn start_metrics(addr: &str) -> Result<SocketAddr, String> {
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
-    let listener = TcpListener::bind(addr).map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
+    let listener =
+        TcpListener::bind(addr).map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     std::thread::spawn(move || {
         for mut stream in listener.incoming().flatten() {
