@@ -314,7 +314,9 @@ jq -s -r --args '
           (.b | map(.p99_us) | median | fixed(1)),
           (.o | map(.p99_us) | median | fixed(1)),
           "\(.b | map(.errors) | add // 0)/\(.o | map(.errors) | add // 0)"
-            + (if $failed > 0 then " (\($failed) runs failed)" else "" end),
+            + (if $failed > 0 then " (\($failed) runs failed)" else "" end)
+            + ((.b + .o | map(.idle_closed // 0) | add // 0) as $c
+               | if $c > 0 then " (\($c) idle conns closed by servers)" else "" end),
           pair(.rss_per_idle_conn; 0),
           pair(.client_cpu; 2),
           pair(.server_cpu; 2),

@@ -263,6 +263,10 @@ pub struct Report {
     pub error_counts: ErrorCounts,
     /// Server RSS growth per idle connection, bytes (needs `idle_conns > 0` and `server_pid`).
     pub rss_per_idle_conn: Option<f64>,
+    /// Idle connections the server had closed (or sent unexpected bytes on) by the end of the
+    /// run. Not counted in `errors`: a server may legitimately close idle connections (idle
+    /// timeout), but then `rss_per_idle_conn` no longer describes connections held open.
+    pub idle_closed: u64,
     /// CPU used by this load generator during the window, in cores (1.0 = one core busy).
     pub client_cpu: f64,
     /// CPU used by the server during the window, in cores (needs `server_pid`).
@@ -304,6 +308,7 @@ impl Report {
                 "lost": e.lost,
             },
             "rss_per_idle_conn": self.rss_per_idle_conn,
+            "idle_closed": self.idle_closed,
             "client_cpu": self.client_cpu,
             "server_cpu": self.server_cpu,
             "system_cpu": self.system_cpu,
@@ -333,6 +338,9 @@ impl fmt::Display for Report {
         }
         if let Some(rss) = self.rss_per_idle_conn {
             write!(f, ", server RSS per idle conn {rss:.0} B")?;
+        }
+        if self.idle_closed > 0 {
+            write!(f, ", {} idle conns closed by the server", self.idle_closed)?;
         }
         write!(f, ", cpu client {:.2}", self.client_cpu)?;
         if let Some(cpu) = self.server_cpu {
@@ -428,6 +436,7 @@ pub fn run(cfg: &LoadConfig, progress: Option<&dyn Fn(u64)>) -> Result<Report, L
             None => (Ok(joined), cpu),
         }
     });
+    let idle_closed = count_closed(&idle);
     drop(idle);
 
     let mut histogram = new_histogram();
@@ -464,6 +473,7 @@ pub fn run(cfg: &LoadConfig, progress: Option<&dyn Fn(u64)>) -> Result<Report, L
         errors: error_counts.total(),
         error_counts,
         rss_per_idle_conn,
+        idle_closed,
         client_cpu: cpu.client,
         server_cpu: cpu.server,
         system_cpu: cpu.system,
@@ -612,6 +622,17 @@ fn open_idle(cfg: &LoadConfig) -> Result<Vec<TcpStream>, LoadError> {
             .map_err(|e| idle_error(index, format!("bad ACK: {e}")))?;
     }
     Ok(streams)
+}
+
+/// How many of the idle connections are no longer quietly open: closed or reset by the server,
+/// or holding bytes nobody asked for. Checked with a non-blocking peek, so it never waits.
+fn count_closed(idle: &[TcpStream]) -> u64 {
+    let still_open = |stream: &TcpStream| {
+        let mut byte = [0u8; 1];
+        stream.set_nonblocking(true).is_ok()
+            && matches!(stream.peek(&mut byte), Err(e) if e.kind() == ErrorKind::WouldBlock)
+    };
+    idle.iter().filter(|stream| !still_open(stream)).count() as u64
 }
 
 /// Connects with [`CONNECT_TIMEOUT`], sets `TCP_NODELAY` and the [`IO_TIMEOUT`]s.

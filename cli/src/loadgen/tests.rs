@@ -235,6 +235,7 @@ fn run_against_correct_server_counts_messages_without_errors() {
     assert_eq!(report.errors, 0, "{report}");
     assert_eq!(report.error_counts, ErrorCounts::default());
     assert!(report.rss_per_idle_conn.is_some());
+    assert_eq!(report.idle_closed, 0);
     assert!(report.p50_us > 0.0 && report.p50_us <= report.max_us);
     let json = report.to_json();
     assert_eq!(json["messages"], report.messages);
@@ -290,4 +291,22 @@ fn run_rejects_invalid_config() {
     ] {
         assert!(matches!(run(&cfg, None), Err(LoadError::InvalidConfig(_))));
     }
+}
+
+#[test]
+fn count_closed_sees_server_side_close() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let clients = [connect(addr).unwrap(), connect(addr).unwrap()];
+    let (kept, _) = listener.accept().unwrap();
+    let (closed, _) = listener.accept().unwrap();
+    assert_eq!(count_closed(&clients), 0);
+    drop(closed);
+    // The FIN crosses loopback within the close call in practice; allow 1 s anyway.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while count_closed(&clients) != 1 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(count_closed(&clients), 1);
+    drop(kept);
 }
