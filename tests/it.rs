@@ -10,3 +10,5 @@ mod metrics;
 mod obs_util;
 #[path = "it/observer.rs"]
 mod observer;
+#[path = "it/server.rs"]
+mod server;
