@@ -50,8 +50,6 @@ fn hundred_frames_in_one_write_are_answered_in_order() {
 fn one_byte_per_write_and_split_between_1c_and_0d() {
     let server = TestServer::start(ack_server());
     let mut c = server.connect();
-    c.into_stream().set_nodelay(true).unwrap();
-    let mut c = server.connect();
     for b in frame(&message("DRIP")) {
         c.send(&[b]);
     }
