@@ -88,6 +88,10 @@ const SLOT_IDLE: u64 = 0;
 struct Queue {
     jobs: VecDeque<Job>,
     closed: bool,
+    /// Workers blocked in `available.wait`. `Condvar::notify_one` is a futex syscall even with
+    /// no waiter, so `submit` only notifies when this is non-zero: under load (workers busy)
+    /// handing a job over costs one uncontended lock and no syscall.
+    waiting: usize,
 }
 
 struct Shared {
@@ -148,6 +152,7 @@ impl Pool {
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),
                 closed: false,
+                waiting: 0,
             }),
             available: Condvar::new(),
             handler,
@@ -170,8 +175,13 @@ impl Pool {
 
     /// Queues a job for the next free worker.
     pub(crate) fn submit(&self, job: Job) {
-        lock(&self.shared.queue).jobs.push_back(job);
-        self.shared.available.notify_one();
+        let mut queue = lock(&self.shared.queue);
+        queue.jobs.push_back(job);
+        let wake = queue.waiting > 0;
+        drop(queue);
+        if wake {
+            self.shared.available.notify_one();
+        }
     }
 
     /// A handler overran its deadline: start a replacement if fewer than `workers` healthy
@@ -273,10 +283,12 @@ impl Shared {
             if queue.closed {
                 return None;
             }
+            queue.waiting += 1;
             queue = match self.available.wait(queue) {
                 Ok(guard) => guard,
                 Err(poisoned) => poisoned.into_inner(),
             };
+            queue.waiting -= 1;
         }
     }
 
