@@ -9,8 +9,9 @@
 # medians over the rounds, and the ratio ours / baseline as the median (and range) of the
 # per-round ratios; every run's JSON report is appended, tagged with scenario, server and
 # round, to $RAW. "other CPU" is machine-wide busy CPU minus bench and server during the
-# window: unrelated processes plus kernel work outside both. Above ~0.1 core, something else
-# competed for the 2 cores and that run's numbers are suspect.
+# window: unrelated processes plus kernel work outside both (±0.1 is accounting jitter between
+# /proc/stat and /proc/<pid>/stat). Well above that, something else competed for the 2 cores
+# and that run's numbers are suspect; such runs are retried (RETRIES).
 #
 # Environment:
 #   ROUNDS=3            rounds per scenario
