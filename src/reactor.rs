@@ -252,6 +252,7 @@ impl Loop {
             return; // dropping the socket closes it
         }
         let local_index = self.local_index(local);
+        let generation = self.generation();
         // Replies are small and latency-bound: never wait for Nagle.
         let _ = socket.set_nodelay(true);
         let entry = self.conns.vacant_entry();
@@ -268,7 +269,7 @@ impl Loop {
         }
         let id = ConnectionId {
             index: key as u32,
-            generation: 0,
+            generation,
         };
         entry.insert(Entry {
             id,
@@ -282,26 +283,17 @@ impl Loop {
             write_ready: false,
             pending: false,
         });
-        let generation = self.generation();
-        let entry = &mut self.conns[key];
-        entry.id.generation = generation;
         self.r.metrics.accepted.increment(1);
         self.r.metrics.active.increment(1.0);
         if let Some(o) = &self.r.observer {
             o.connection_start(&ConnectionStart {
-                connection: entry.id,
+                connection: id,
                 peer,
                 local,
                 system_time: SystemTime::now(),
             });
         }
-        if self.drain.is_some() {
-            let mut effects = std::mem::take(&mut self.effects);
-            self.conns[key].conn.handle_shutdown(&mut effects);
-            self.effects = effects;
-            self.apply(key, now);
-            return;
-        }
+        // No drain check: draining closes the listener, so nothing is admitted after it.
         self.schedule(key);
     }
 

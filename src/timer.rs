@@ -228,19 +228,9 @@ impl<T: Copy> TimerWheel<T> {
         let now_tick = nanos(since_start) / self.tick_nanos;
 
         if self.overdue_min <= now_tick {
-            let before = self.overdue.len();
-            let mut min = u64::MAX;
-            self.overdue.retain(|&(tick, item)| {
-                if tick <= now_tick {
-                    out.push(item);
-                    false
-                } else {
-                    min = min.min(tick);
-                    true
-                }
-            });
+            let (fired, min) = fire_due(&mut self.overdue, now_tick, out);
             self.overdue_min = min;
-            self.len -= before - self.overdue.len();
+            self.len -= fired;
             release_if_large(&mut self.overdue);
         }
 
@@ -327,19 +317,9 @@ impl<T: Copy> TimerWheel<T> {
         {
             self.slot_visits += 1;
         }
-        let before = slot.entries.len();
-        let mut min = u64::MAX;
-        slot.entries.retain(|&(tick, item)| {
-            if tick <= now_tick {
-                out.push(item);
-                false
-            } else {
-                min = min.min(tick);
-                true
-            }
-        });
+        let (fired, min) = fire_due(&mut slot.entries, now_tick, out);
         slot.min_tick = min;
-        self.len -= before - slot.entries.len();
+        self.len -= fired;
         if slot.entries.is_empty() {
             release_if_large(&mut slot.entries);
             self.occupied[index / 64] &= !(1 << (index % 64));
@@ -407,6 +387,23 @@ impl<T> fmt::Debug for TimerWheel<T> {
 /// Saturating nanoseconds of a duration (u64 nanoseconds last 584 years).
 fn nanos(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Moves every entry due at `now_tick` from `entries` to `out`. Returns how many fired and the
+/// smallest tick left (`u64::MAX` if none).
+fn fire_due<T: Copy>(entries: &mut Vec<(u64, T)>, now_tick: u64, out: &mut Vec<T>) -> (usize, u64) {
+    let before = entries.len();
+    let mut min = u64::MAX;
+    entries.retain(|&(tick, item)| {
+        if tick <= now_tick {
+            out.push(item);
+            false
+        } else {
+            min = min.min(tick);
+            true
+        }
+    });
+    (before - entries.len(), min)
 }
 
 /// Frees an emptied vector's memory if a burst grew it past [`SLOT_RETAINED_CAPACITY`].
