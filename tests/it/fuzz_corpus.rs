@@ -36,7 +36,10 @@ fn decode_corpus() {
 
 #[test]
 fn ack_corpus() {
-    replay("ack", mllp_reactor::__fuzz::ack);
+    assert!(
+        replay("ack", mllp_reactor::__fuzz::ack) > 0,
+        "the ack corpus is empty"
+    );
 }
 
 #[test]
