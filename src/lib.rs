@@ -79,6 +79,7 @@
 pub mod ack;
 pub mod client;
 pub mod codec;
+mod completion;
 mod connection;
 mod error;
 mod handler;
@@ -88,15 +89,22 @@ mod reactor;
 mod server;
 pub mod telemetry;
 pub mod timer;
+mod transport;
 
+pub use bytes::Bytes;
 pub use client::{Backoff, Client, ClientConfig, ClientError};
+pub use completion::ReplyHandle;
 pub use connection::NakPolicy;
 pub use error::{CloseReason, ConfigError, Error, ExceptionReason};
-pub use handler::{ConnectionId, Context, Handler, HandlerError, HandlerFn, Reply, handler_fn};
+pub use handler::{
+    ConnectionId, Context, Dispatch, Handler, HandlerError, HandlerFn, Reply, handler_fn,
+};
 pub use server::{
     Builder, DEFAULT_FRAME_TIMEOUT, DEFAULT_HANDLER_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_AHEAD, DEFAULT_WRITE_TIMEOUT, MAX_MESSAGE_SIZE_LIMIT,
-    Server, ServerHandle, ShutdownReport, ShutdownTrigger,
+    DEFAULT_INLINE_SLOW_THRESHOLD, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_IN_FLIGHT_INLINE,
+    DEFAULT_MAX_IN_FLIGHT_POOL, DEFAULT_MAX_MEMORY, DEFAULT_READ_AHEAD, DEFAULT_WRITE_TIMEOUT,
+    DROP_GRACE, MAX_IN_FLIGHT_LIMIT, MAX_MESSAGE_SIZE_LIMIT, MAX_WORKERS, Server, ServerHandle,
+    ShutdownReport, ShutdownTrigger,
 };
 pub use telemetry::{
     ConnectionStart, ConnectionStop, MessageException, MessageStart, MessageStop, Observer,
