@@ -564,7 +564,10 @@ impl Loop {
         if self.r.dispatch == Dispatch::Pool {
             // Its queued job (if any) must not run: nobody would get the answer, and the
             // sender will resend.
+            let batched = self.jobs.len();
             self.jobs.retain(|j| j.id != entry.id);
+            let dropped = batched - self.jobs.len();
+            self.r.telemetry.metrics.jobs_dropped.increment(dropped as u64);
             self.pool.cancel(entry.id, None);
         }
         if let Some(drain) = &mut self.drain {
@@ -771,6 +774,7 @@ fn write(entry: &mut Entry, telemetry: &Telemetry, now: Instant, events: &mut Ve
         if n == 0 {
             return progress;
         }
+        telemetry.metrics.socket_writes.increment(1);
         match entry.transport.write_vectored(&slices[..n]) {
             Ok(0) => {
                 entry.conn.handle_io_error(ErrorKind::WriteZero, events);

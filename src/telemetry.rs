@@ -35,6 +35,7 @@
 //! | `mllp_response_latency_seconds` | histogram | seconds: frame complete → reply written | |
 //! | `mllp_bytes_received_total` | counter | bytes | |
 //! | `mllp_bytes_sent_total` | counter | bytes | |
+//! | `mllp_socket_writes_total` | counter | | |
 //! | `mllp_junk_bytes_total` | counter | bytes outside frames | |
 //! | `mllp_frames_rejected_total` | counter | | `reason` = too_large, frame_timeout |
 //! | `mllp_naks_sent_total` | counter | | `code` = AE, AR |
@@ -211,6 +212,8 @@ pub mod names {
     pub const BYTES_RECEIVED: &str = "mllp_bytes_received_total";
     /// Counter: bytes written to peers.
     pub const BYTES_SENT: &str = "mllp_bytes_sent_total";
+    /// Counter: write system calls to peers (one `writev` carries many replies).
+    pub const SOCKET_WRITES: &str = "mllp_socket_writes_total";
     /// Counter: bytes dropped outside frames.
     pub const JUNK_BYTES: &str = "mllp_junk_bytes_total";
     /// Counter: frames rejected before the handler; label `reason`.
@@ -269,6 +272,7 @@ pub(crate) struct Metrics {
     pub(crate) response_latency: Histogram,
     pub(crate) bytes_received: Counter,
     pub(crate) bytes_sent: Counter,
+    pub(crate) socket_writes: Counter,
     pub(crate) junk: Counter,
     pub(crate) frames_too_large: Counter,
     pub(crate) frames_timed_out: Counter,
@@ -312,6 +316,7 @@ impl Metrics {
             response_latency: metrics::histogram!(RESPONSE_LATENCY, &l()),
             bytes_received: counter(BYTES_RECEIVED),
             bytes_sent: counter(BYTES_SENT),
+            socket_writes: counter(SOCKET_WRITES),
             junk: counter(JUNK_BYTES),
             frames_too_large: labelled(FRAMES_REJECTED, "reason", "too_large"),
             frames_timed_out: labelled(FRAMES_REJECTED, "reason", "frame_timeout"),
@@ -366,6 +371,7 @@ fn describe() {
     );
     describe_counter!(BYTES_RECEIVED, Unit::Bytes, "Bytes read from peers");
     describe_counter!(BYTES_SENT, Unit::Bytes, "Bytes written to peers");
+    describe_counter!(SOCKET_WRITES, "Write system calls to peers");
     describe_counter!(JUNK_BYTES, Unit::Bytes, "Bytes dropped outside frames");
     describe_counter!(
         FRAMES_REJECTED,

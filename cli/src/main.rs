@@ -68,6 +68,17 @@ struct ServeArgs {
     /// How long Ctrl-C waits for in-flight messages.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     grace: Duration,
+    /// Where the ACK is built: `inline` on the I/O thread (fastest; the handler never
+    /// blocks) or `pool` on a worker thread (what a blocking handler needs).
+    #[arg(long, default_value = "inline", value_name = "inline|pool")]
+    dispatch: serve::DispatchArg,
+    /// Messages per connection read and handled before earlier replies are written
+    /// (default: 64 inline, 1 pool).
+    #[arg(long, value_name = "N")]
+    max_in_flight: Option<usize>,
+    /// Server-wide budget for buffered bytes; above it reading pauses.
+    #[arg(long, default_value_t = mllp_reactor::DEFAULT_MAX_MEMORY, value_name = "BYTES")]
+    max_memory: usize,
 }
 
 #[derive(Debug, Args)]
@@ -133,6 +144,9 @@ fn main() -> ExitCode {
             workers: args.workers,
             metrics: args.metrics,
             grace: args.grace,
+            dispatch: args.dispatch,
+            max_in_flight: args.max_in_flight,
+            max_memory: args.max_memory,
         }),
         Command::Send(args) => {
             let opts = send::SendOptions {

@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
-use mllp_reactor::{Reply, Server, ack, handler_fn};
+use mllp_reactor::{Dispatch, Reply, Server, ack, handler_fn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -21,6 +21,16 @@ pub struct ServeOptions {
     pub metrics: Option<String>,
     /// How long a Ctrl-C drain may take.
     pub grace: Duration,
+    pub dispatch: DispatchArg,
+    pub max_in_flight: Option<usize>,
+    pub max_memory: usize,
+}
+
+/// `--dispatch`: where the handler runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DispatchArg {
+    Inline,
+    Pool,
 }
 
 /// Runs the server until SIGINT/SIGTERM, then drains and prints a one-line summary.
@@ -34,9 +44,17 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         .handler_timeout(opts.handler_timeout)
         .frame_timeout(opts.frame_timeout)
         .max_message_size(opts.max_message_size)
-        .max_connections(opts.max_connections);
+        .max_connections(opts.max_connections)
+        .max_memory(opts.max_memory)
+        .dispatch(match opts.dispatch {
+            DispatchArg::Inline => Dispatch::Inline,
+            DispatchArg::Pool => Dispatch::Pool,
+        });
     if let Some(n) = opts.workers {
         builder = builder.workers(n);
+    }
+    if let Some(n) = opts.max_in_flight {
+        builder = builder.max_in_flight(n);
     }
     let server = builder.bind(opts.listen.as_str()).map_err(|e| match e {
         mllp_reactor::Error::Bind(io) if io.kind() == std::io::ErrorKind::AddrInUse => {
