@@ -230,10 +230,10 @@ fn at_max_in_flight_reading_stops_and_memory_stays_bounded() {
     );
     let mut buffered = 0.0;
     for (key, _, _, value) in snapshotter.snapshot().into_vec() {
-        if key.key().name() == names::BUFFERED_BYTES {
-            if let metrics_util::debugging::DebugValue::Gauge(v) = value {
-                buffered = v.into_inner();
-            }
+        if key.key().name() == names::BUFFERED_BYTES
+            && let metrics_util::debugging::DebugValue::Gauge(v) = value
+        {
+            buffered = v.into_inner();
         }
     }
     // In flight: 4 messages; read ahead: 16 KiB plus one 64 KiB read.
