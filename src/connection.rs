@@ -186,6 +186,9 @@ struct Slot {
     /// Kept while waiting, to build a NAK should the handler fail or time out; released once
     /// answered.
     payload: Bytes,
+    /// Heap bytes the payload keeps alive while waiting: the whole read buffer it was split
+    /// from when that buffer was then released (a large frame's buffer grew by doubling).
+    held: usize,
     state: SlotState,
 }
 
@@ -352,6 +355,17 @@ impl Connection {
         }
     }
 
+    /// The peer has sent bytes the server is not reading (reads paused at the memory budget):
+    /// the peer is neither idle nor slow, so its idle and frame deadlines restart.
+    pub(crate) fn handle_unread_input(&mut self, now: Instant) {
+        if matches!(self.state, State::Open) {
+            self.idle_deadline = deadline_after(now, self.limits.idle_timeout);
+            if self.frame_deadline.is_some() {
+                self.frame_deadline = Some(deadline_after(now, self.limits.frame_timeout));
+            }
+        }
+    }
+
     /// The peer closed its sending side. Frames already received are still answered.
     pub(crate) fn handle_eof(&mut self, out: &mut Vec<Event>) {
         self.peer_eof = true;
@@ -405,6 +419,7 @@ impl Connection {
             return None;
         }
         let junk_before = self.decoder.junk_bytes();
+        let capacity = self.read_buf.capacity();
         let result = self.decoder.decode(&mut self.read_buf);
         let junk = self.decoder.junk_bytes() - junk_before;
         if junk > 0 {
@@ -416,10 +431,16 @@ impl Connection {
                 self.next_seq += 1;
                 let deadline = deadline_after(now, self.limits.handler_timeout);
                 self.calling = true;
+                let held = if self.read_buf.is_empty() {
+                    capacity
+                } else {
+                    payload.len()
+                };
                 self.slots.push_back(Slot {
                     seq,
                     received_at: now,
                     payload: payload.clone(),
+                    held,
                     state: SlotState::Waiting { deadline },
                 });
                 self.update_frame_deadline(now);
@@ -467,6 +488,7 @@ impl Connection {
         };
         let slot = &mut self.slots[index];
         let payload = std::mem::take(&mut slot.payload);
+        slot.held = 0;
         let received_at = slot.received_at;
         let (state, handled) = match outcome {
             Outcome::Reply(reply) => {
@@ -617,6 +639,7 @@ impl Connection {
             }
             let (seq, received_at) = (slot.seq, slot.received_at);
             let payload = std::mem::take(&mut slot.payload);
+            slot.held = 0;
             if self.calling_seq() == Some(seq) {
                 // The handler is still running: the connection moves on without it.
                 self.calling = false;
@@ -706,7 +729,7 @@ impl Connection {
             .slots
             .iter()
             .map(|s| {
-                s.payload.len()
+                s.held
                     + match &s.state {
                         SlotState::Ready {
                             frame: Some(frame), ..
@@ -874,6 +897,7 @@ impl Connection {
             seq: u64::MAX,
             received_at: now,
             payload: Bytes::new(),
+            held: 0,
             state: ready(nak, false, Then::Close(CloseReason::MessageTooLarge)),
         });
         self.settle(now, out);

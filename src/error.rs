@@ -62,6 +62,8 @@ pub enum ConfigError {
     MaxInFlight(usize),
     /// `max_memory` was below twice `max_message_size`.
     MaxMemory(usize),
+    /// `reactors` was zero or above [`MAX_REACTORS`](crate::MAX_REACTORS).
+    Reactors(usize),
     /// `max_connections` was zero or above the token space.
     MaxConnections(usize),
     /// The bind address did not resolve to any socket address.
@@ -87,6 +89,11 @@ impl fmt::Display for ConfigError {
                 f,
                 "max_in_flight {n} must be between 1 and {}",
                 crate::MAX_IN_FLIGHT_LIMIT
+            ),
+            Self::Reactors(n) => write!(
+                f,
+                "reactors {n} must be between 1 and {}",
+                crate::MAX_REACTORS
             ),
             Self::MaxMemory(n) => {
                 write!(f, "max_memory {n} must be at least twice max_message_size")

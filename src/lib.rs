@@ -124,8 +124,8 @@ pub use server::{
     Builder, DEFAULT_FRAME_TIMEOUT, DEFAULT_HANDLER_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
     DEFAULT_INLINE_SLOW_THRESHOLD, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_IN_FLIGHT_INLINE,
     DEFAULT_MAX_IN_FLIGHT_POOL, DEFAULT_MAX_MEMORY, DEFAULT_READ_AHEAD, DEFAULT_WRITE_TIMEOUT,
-    DROP_GRACE, MAX_IN_FLIGHT_LIMIT, MAX_MESSAGE_SIZE_LIMIT, MAX_WORKERS, Server, ServerHandle,
-    ShutdownReport, ShutdownTrigger,
+    DROP_GRACE, MAX_IN_FLIGHT_LIMIT, MAX_MESSAGE_SIZE_LIMIT, MAX_REACTORS, MAX_WORKERS, Server,
+    ServerHandle, ShutdownReport, ShutdownTrigger,
 };
 pub use telemetry::{
     ConnectionStart, ConnectionStop, MessageException, MessageStart, MessageStop, Observer,

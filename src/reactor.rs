@@ -12,16 +12,16 @@
 
 use std::io::{self, ErrorKind, IoSlice};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use crate::completion::{Completion, CompletionSink};
+use crate::completion::{Completion, CompletionSink, Notifier, lock};
 use crate::connection::{Connection, Dispatched, Event, Limits, deadline_after};
 use crate::error::CloseReason;
 use crate::handler::{ConnectionId, Context, Dispatch, Handler};
@@ -74,6 +74,32 @@ pub(crate) struct Shared {
     pub(crate) open: AtomicUsize,
     pub(crate) max_connections: usize,
     pub(crate) budget: Budget,
+    /// One per reactor, by index: how the acceptor hands it connections.
+    pub(crate) reactors: Vec<Inbox>,
+}
+
+/// A reactor's inbox for accepted connections, and its load.
+///
+/// One reactor (index 0) accepts and hands each connection to the reactor with the fewest
+/// open connections. MLLP connections are few and live for days, so a placement lasts the
+/// connection's life: balancing by load at accept time beats `SO_REUSEPORT`'s hashing, which
+/// ignores load (and would need a dependency for the socket option).
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    pub(crate) accepted: Mutex<Vec<(TcpStream, SocketAddr)>>,
+    pub(crate) notifier: Arc<Notifier>,
+    /// Connections open on this reactor.
+    pub(crate) load: AtomicUsize,
+}
+
+impl Inbox {
+    pub(crate) fn new(notifier: Arc<Notifier>) -> Self {
+        Self {
+            accepted: Mutex::new(Vec::new()),
+            notifier,
+            load: AtomicUsize::new(0),
+        }
+    }
 }
 
 /// The server-wide memory budget: every buffered byte (partial frames, read-ahead, messages
@@ -214,8 +240,9 @@ impl Reactor {
         };
         let result = lp.run();
         // Whatever happened, release what this reactor still counts in the shared state.
-        let open = lp.conns.len();
-        lp.r.shared.open.fetch_sub(open, Ordering::AcqRel);
+        for _ in 0..lp.conns.len() {
+            lp.forget_one();
+        }
         let counted: usize = lp.conns.iter().map(|(_, e)| e.counted as usize).sum();
         lp.r.shared.budget.apply(lp.budget_delta - counted as isize);
         result
@@ -255,6 +282,7 @@ impl Loop {
                 }
             }
             self.r.sink.notifier().reset();
+            self.adopt(now);
             self.completions(now);
             self.resume_pending(now);
             if self.accept_retry_at.is_some_and(|t| t <= now) {
@@ -292,7 +320,7 @@ impl Loop {
                 return;
             };
             match listener.accept() {
-                Ok((socket, peer)) => self.admit(socket, peer, now),
+                Ok((socket, peer)) => self.place(socket, peer, now),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e)
                     if e.kind() == ErrorKind::Interrupted
@@ -306,31 +334,82 @@ impl Loop {
         }
     }
 
+    /// Checks the server-wide cap, then serves the connection here or hands it to the
+    /// least-loaded reactor.
+    fn place(&mut self, socket: TcpStream, peer: SocketAddr, now: Instant) {
+        let shared = &self.r.shared;
+        if shared.open.fetch_add(1, Ordering::AcqRel) >= shared.max_connections {
+            shared.open.fetch_sub(1, Ordering::AcqRel);
+            let local = socket.local_addr().unwrap_or(self.r.local_addr);
+            self.reject(peer, local);
+            return; // dropping the socket closes it
+        }
+        let target = shared
+            .reactors
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, r)| r.load.load(Ordering::Acquire))
+            .map_or(0, |(i, _)| i);
+        shared.reactors[target].load.fetch_add(1, Ordering::AcqRel);
+        if target == usize::from(self.r.index) {
+            self.admit(socket, peer, now);
+        } else {
+            let inbox = &shared.reactors[target];
+            lock(&inbox.accepted).push((socket, peer));
+            inbox.notifier.notify();
+        }
+    }
+
+    /// Admits the connections the accepting reactor handed over.
+    fn adopt(&mut self, now: Instant) {
+        let inbox = &self.r.shared.reactors[usize::from(self.r.index)];
+        let accepted = std::mem::take(&mut *lock(&inbox.accepted));
+        for (socket, peer) in accepted {
+            if self.drain.is_some() {
+                // Too late: the server is stopping. Closing it loses nothing (nothing read).
+                self.forget_one();
+                continue;
+            }
+            self.admit(socket, peer, now);
+        }
+    }
+
+    /// Releases the counts `place` took for one connection of this reactor.
+    fn forget_one(&self) {
+        self.r.shared.open.fetch_sub(1, Ordering::AcqRel);
+        self.r.shared.reactors[usize::from(self.r.index)]
+            .load
+            .fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Reports a connection closed at once (over `max_connections`).
+    fn reject(&mut self, peer: SocketAddr, local: SocketAddr) {
+        self.r
+            .telemetry
+            .metrics
+            .rejected_max_connections
+            .increment(1);
+        let p = Peer {
+            connection: ConnectionId {
+                index: u32::MAX,
+                generation: self.generation(),
+            },
+            peer,
+            local,
+        };
+        self.r.telemetry.connection_start(&p);
+        self.r
+            .telemetry
+            .connection_stop(&p, Duration::ZERO, CloseReason::Rejected);
+    }
+
+    /// Registers a connection `place` counted and serves it on this reactor.
     fn admit(&mut self, socket: TcpStream, peer: SocketAddr, now: Instant) {
         let local = socket.local_addr().unwrap_or(self.r.local_addr);
-        let shared = &self.r.shared;
-        let full = shared.open.fetch_add(1, Ordering::AcqRel) >= shared.max_connections
-            || self.conns.len() >= MAX_KEYS_PER_REACTOR - 1;
-        if full {
-            shared.open.fetch_sub(1, Ordering::AcqRel);
-            self.r
-                .telemetry
-                .metrics
-                .rejected_max_connections
-                .increment(1);
-            let p = Peer {
-                connection: ConnectionId {
-                    index: u32::MAX,
-                    generation: self.generation(),
-                },
-                peer,
-                local,
-            };
-            self.r.telemetry.connection_start(&p);
-            self.r
-                .telemetry
-                .connection_stop(&p, Duration::ZERO, CloseReason::Rejected);
-            return; // dropping the socket closes it
+        if self.conns.len() >= MAX_KEYS_PER_REACTOR - 1 {
+            self.forget_one();
+            self.reject(peer, local);
+            return;
         }
         let local_index = self.local_index(local);
         let generation = self.generation();
@@ -350,7 +429,7 @@ impl Loop {
             )
             .is_err()
         {
-            self.r.shared.open.fetch_sub(1, Ordering::AcqRel);
+            self.forget_one();
             return;
         }
         let id = ConnectionId {
@@ -525,17 +604,30 @@ impl Loop {
 
     /// Whether connection `key` may read under the memory budget: always below it; above it
     /// only the reactor's largest holder of a partial frame, so that frame can complete.
-    fn may_read(&self, key: usize) -> bool {
+    fn may_read(&mut self, key: usize) -> bool {
         if !self.paused {
-            return true;
+            // This turn's reads count at once, not at the turn's end: one turn can read from
+            // hundreds of connections.
+            let budget = &self.r.shared.budget;
+            let used = budget.used.load(Ordering::Acquire) as isize + self.budget_delta;
+            if used <= budget.limit as isize {
+                return true;
+            }
+            self.paused = true;
+            self.r.telemetry.metrics.read_pauses.increment(1);
         }
-        let holder = self
-            .conns
+        self.holder() == Some(key)
+    }
+
+    /// The connection that may read while paused: the one with the largest partial frame (the
+    /// closest to completing, as far as we can tell). With none, memory drains as handlers
+    /// answer the messages in flight, and reading resumes at the low mark.
+    fn holder(&self) -> Option<usize> {
+        self.conns
             .iter()
             .filter(|(_, e)| e.conn.buffered_len() > 0 && e.conn.wants_read())
             .max_by_key(|(_, e)| e.conn.buffered_len())
-            .map(|(k, _)| k);
-        holder == Some(key)
+            .map(|(k, _)| k)
     }
 
     /// Reports the connection's events, updates its memory count, and removes it if it
@@ -560,14 +652,18 @@ impl Loop {
         };
         let entry = self.conns.remove(key);
         self.budget_delta -= entry.counted as isize;
-        self.r.shared.open.fetch_sub(1, Ordering::AcqRel);
+        self.forget_one();
         if self.r.dispatch == Dispatch::Pool {
             // Its queued job (if any) must not run: nobody would get the answer, and the
             // sender will resend.
             let batched = self.jobs.len();
             self.jobs.retain(|j| j.id != entry.id);
             let dropped = batched - self.jobs.len();
-            self.r.telemetry.metrics.jobs_dropped.increment(dropped as u64);
+            self.r
+                .telemetry
+                .metrics
+                .jobs_dropped
+                .increment(dropped as u64);
             self.pool.cancel(entry.id, None);
         }
         if let Some(drain) = &mut self.drain {
@@ -598,7 +694,17 @@ impl Loop {
         if over && !self.paused {
             self.paused = true;
             m.read_pauses.increment(1);
-        } else if !over && self.paused {
+        } else if over
+            || (self.paused && budget.used.load(Ordering::Acquire) > budget.limit / 4 * 3)
+        {
+            // Edge-triggered: the holder may have changed (the last one completed its frame)
+            // and the new one has no event coming.
+            if let Some(key) = self.holder()
+                && self.conns[key].read_ready
+            {
+                self.drive(key, now);
+            }
+        } else if self.paused {
             self.paused = false;
             // Edge-triggered: connections that became readable while paused were not read.
             let keys: Vec<usize> = self
@@ -640,6 +746,9 @@ impl Loop {
             let entry = &mut self.conns[key];
             if entry.armed != 0 && entry.armed <= nanos_since(self.epoch, now) + 1 {
                 entry.armed = 0; // this is (or overtook) the armed entry: re-arm below
+            }
+            if self.paused && entry.read_ready && entry.conn.wants_read() {
+                entry.conn.handle_unread_input(now);
             }
             entry.conn.handle_timeout(now, &mut self.events);
             self.drive(key, now);

@@ -15,7 +15,9 @@ use crate::connection::{Limits, NakPolicy};
 use crate::error::{ConfigError, Error};
 use crate::handler::{Dispatch, Handler};
 use crate::pool::{Pool, PoolConfig};
-use crate::reactor::{Budget, Command, LISTENER, MAX_KEYS_PER_REACTOR, Reactor, Shared, WAKER};
+use crate::reactor::{
+    Budget, Command, Inbox, LISTENER, MAX_KEYS_PER_REACTOR, Reactor, Shared, WAKER,
+};
 use crate::telemetry::{Metrics, Observer, Telemetry};
 
 /// Default idle timeout: 60 s, the reference's `timeout`.
@@ -74,6 +76,7 @@ pub struct Builder {
     observer: Option<Arc<dyn Observer>>,
     listener_name: String,
     dispatch: Dispatch,
+    reactors: usize,
     max_in_flight: Option<usize>,
     inline_slow_threshold: Duration,
     max_memory: usize,
@@ -150,6 +153,13 @@ impl Builder {
     setter!(
         /// Where the handler runs (default [`Dispatch::Pool`]); see [`Dispatch`].
         dispatch: Dispatch
+    );
+    setter!(
+        /// Reactor threads (default 1), each a poll loop with its own connections and timers.
+        /// The first also accepts, and hands each new connection to the reactor with the fewest
+        /// open connections. One reactor serves tens of thousands of messages per second on one
+        /// core; add reactors when it saturates a core (see BENCHMARKS.md).
+        reactors: usize
     );
     setter!(
         /// Inline calls longer than this count in `mllp_inline_handler_slow_total`
@@ -256,15 +266,11 @@ impl Builder {
             .map_err(Error::Bind)?
             .next()
             .ok_or(ConfigError::NoAddress)?;
+        if self.reactors == 0 || self.reactors > MAX_REACTORS {
+            return Err(ConfigError::Reactors(self.reactors).into());
+        }
         let mut listener = TcpListener::bind(addr).map_err(Error::Bind)?;
         let local_addr = listener.local_addr().map_err(Error::Bind)?;
-        let poll = Poll::new().map_err(Error::Io)?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)
-            .map_err(Error::Io)?;
-        let waker = Waker::new(poll.registry(), WAKER).map_err(Error::Io)?;
-        let notifier = Arc::new(Notifier::new(waker));
-        let (commands_tx, commands) = mpsc::channel();
         let limits = Arc::new(Limits {
             idle_timeout: self.idle_timeout,
             frame_timeout: self.frame_timeout,
@@ -281,40 +287,79 @@ impl Builder {
             workers,
             max_extra_workers: self.max_extra_workers.unwrap_or(workers),
         };
+        // One poll, waker and command channel per reactor; reactor 0 also owns the listener.
+        let mut polls = Vec::with_capacity(self.reactors);
+        let mut notifiers = Vec::with_capacity(self.reactors);
+        let mut commands = Vec::with_capacity(self.reactors);
+        for index in 0..self.reactors {
+            let poll = Poll::new().map_err(Error::Io)?;
+            if index == 0 {
+                poll.registry()
+                    .register(&mut listener, LISTENER, Interest::READABLE)
+                    .map_err(Error::Io)?;
+            }
+            let waker = Waker::new(poll.registry(), WAKER).map_err(Error::Io)?;
+            polls.push(poll);
+            notifiers.push(Arc::new(Notifier::new(waker)));
+            commands.push(mpsc::channel());
+        }
         let shared = Arc::new(Shared {
             open: std::sync::atomic::AtomicUsize::new(0),
             max_connections: self.max_connections,
             budget: Budget::new(self.max_memory),
+            reactors: notifiers
+                .iter()
+                .map(|n| Inbox::new(Arc::clone(n)))
+                .collect(),
         });
         let control = Arc::new(Control {
-            reactors: vec![(commands_tx, Arc::clone(&notifier))],
+            reactors: commands
+                .iter()
+                .zip(&notifiers)
+                .map(|((tx, _), n)| (tx.clone(), Arc::clone(n)))
+                .collect(),
             waiters: Mutex::new(Vec::new()),
             report: Mutex::new(None),
         });
-        Ok(Server {
-            reactor: Reactor {
-                index: 0,
+        let telemetry = Telemetry {
+            metrics,
+            observer: self.observer,
+        };
+        let mut listener = Some(listener);
+        let reactors = polls
+            .into_iter()
+            .zip(notifiers)
+            .zip(commands)
+            .enumerate()
+            .map(|(index, ((poll, notifier), (_, commands)))| Reactor {
+                index: index as u8,
                 poll,
-                listener: Some(listener),
+                listener: listener.take(),
                 local_addr,
-                limits,
+                limits: Arc::clone(&limits),
                 dispatch: self.dispatch,
                 inline_slow: self.inline_slow_threshold,
                 handler: Arc::clone(&self.handler),
                 sink: Arc::new(CompletionSink::new(notifier)),
                 commands,
-                telemetry: Telemetry {
-                    metrics,
-                    observer: self.observer,
-                },
-                shared,
-            },
+                telemetry: telemetry.clone(),
+                shared: Arc::clone(&shared),
+            })
+            .collect();
+        Ok(Server {
+            reactors,
+            local_addr,
+            handler: self.handler,
+            metrics: telemetry.metrics,
             pool_config,
             trigger: ShutdownTrigger { control },
         })
     }
 }
 
+/// Most reactors `reactors` accepts: a reactor is a thread with its own poll, so more than
+/// the machine's cores buys nothing, and connection ids hold the reactor number in 8 bits.
+pub const MAX_REACTORS: usize = 64;
 /// Most handler threads `workers` accepts: far above any useful count (handlers that block
 /// for long should defer their replies instead), low enough that a typo cannot exhaust the
 /// process's threads.
@@ -324,7 +369,10 @@ pub const MAX_IN_FLIGHT_LIMIT: usize = 65_536;
 
 /// A bound server, not yet running.
 pub struct Server {
-    reactor: Reactor,
+    reactors: Vec<Reactor>,
+    local_addr: SocketAddr,
+    handler: Arc<dyn Handler>,
+    metrics: Metrics,
     pool_config: PoolConfig,
     trigger: ShutdownTrigger,
 }
@@ -332,7 +380,8 @@ pub struct Server {
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
-            .field("local_addr", &self.reactor.local_addr)
+            .field("local_addr", &self.local_addr)
+            .field("reactors", &self.reactors.len())
             .finish_non_exhaustive()
     }
 }
@@ -354,6 +403,7 @@ impl Server {
     /// | `nak_policy` | [`NakPolicy::Send`] |
     /// | `listener_name` | `mllp` |
     /// | `dispatch` | [`Dispatch::Pool`] |
+    /// | `reactors` | 1 |
     /// | `max_in_flight` | 64 inline, 1 pool |
     /// | `inline_slow_threshold` | 1 ms |
     /// | `max_memory` | 512 MiB |
@@ -374,6 +424,7 @@ impl Server {
             observer: None,
             listener_name: "mllp".to_owned(),
             dispatch: Dispatch::Pool,
+            reactors: 1,
             max_in_flight: None,
             inline_slow_threshold: DEFAULT_INLINE_SLOW_THRESHOLD,
             max_memory: DEFAULT_MAX_MEMORY,
@@ -383,7 +434,7 @@ impl Server {
 
     /// The address the server listens on (with the OS-assigned port when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.reactor.local_addr
+        self.local_addr
     }
 
     /// A handle that stops this server from any thread (for signal handlers).
@@ -398,19 +449,55 @@ impl Server {
     /// [`Error::Io`] if a worker thread cannot be started or the poll fails.
     pub fn run(self) -> Result<ShutdownReport, Error> {
         let Self {
-            reactor,
+            reactors,
+            handler,
+            metrics,
             pool_config,
             trigger,
+            ..
         } = self;
-        let pool = Arc::new(
-            Pool::start(
-                pool_config,
-                Arc::clone(&reactor.handler),
-                reactor.telemetry.metrics.clone(),
-            )
-            .map_err(Error::Io)?,
-        );
-        let result = reactor.run(Arc::clone(&pool));
+        let pool = Arc::new(Pool::start(pool_config, handler, metrics).map_err(Error::Io)?);
+        // Reactors 1.. on threads of their own, reactor 0 (the acceptor) on this one.
+        let mut reactors = reactors.into_iter();
+        let first = reactors.next().ok_or(Error::Stopped)?;
+        let mut threads = Vec::new();
+        for reactor in reactors {
+            let shared_pool = Arc::clone(&pool);
+            let spawned = std::thread::Builder::new()
+                .name(format!("mllp-reactor-{}", reactor.index))
+                .spawn(move || reactor.run(shared_pool));
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    // Stop the ones already running before reporting.
+                    trigger.shutdown(Duration::ZERO);
+                    for thread in threads {
+                        let _ = thread.join();
+                    }
+                    pool.close();
+                    return Err(Error::Io(e));
+                }
+            }
+        }
+        let mut result = first.run(Arc::clone(&pool));
+        if result.is_err() {
+            trigger.shutdown(Duration::ZERO);
+        }
+        for thread in threads {
+            let other = thread
+                .join()
+                .map_err(|_| std::io::Error::other("a reactor thread panicked"))
+                .and_then(|r| r);
+            result = match (result, other) {
+                (Ok((mut a, da)), Ok((b, db))) => {
+                    a.in_flight += b.in_flight;
+                    a.closed += b.closed;
+                    a.forced += b.forced;
+                    Ok((a, da.max(db)))
+                }
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+        }
         // Stop the workers whatever happened: queued jobs are dropped (never answered, so
         // senders resend), running handlers finish.
         pool.close();

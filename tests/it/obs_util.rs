@@ -556,6 +556,8 @@ impl Recorded {
                 .find(|(name, labels, _)| *name == m.name && *labels == m.labels)
                 .map(|(_, _, want)| want);
             let ok = match (want, &m.value) {
+                // A performance counter: how many replies share a write depends on timing.
+                (None, _) if m.name == names::SOCKET_WRITES => true,
                 (None, value) => value.is_zero(),
                 (Some(Want::Counter(n)), Value::Counter(v)) => n == v,
                 (Some(Want::Gauge(g)), Value::Gauge(v)) => g == v,
