@@ -275,7 +275,7 @@ impl TestServer {
         let recorder = DebuggingRecorder::new();
         let (forward, events) = observer();
         let server = ::metrics::with_local_recorder(&recorder, || {
-            builder
+            crate::util::with_test_reactors(builder)
                 .listener_name(LISTENER)
                 .observer(forward)
                 .bind("127.0.0.1:0")

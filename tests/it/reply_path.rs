@@ -26,7 +26,7 @@ fn start_counted(
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let server = metrics::with_local_recorder(&recorder, || {
-        tweak(Server::builder(handler)).bind("127.0.0.1:0")
+        tweak(crate::util::with_test_reactors(Server::builder(handler))).bind("127.0.0.1:0")
     })
     .expect("bind");
     (server.spawn().expect("spawn"), Counters::new(snapshotter))
@@ -184,7 +184,7 @@ fn at_max_in_flight_reading_stops_and_memory_stays_bounded() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let server = metrics::with_local_recorder(&recorder, || {
-        Server::builder(handler)
+        crate::util::with_test_reactors(Server::builder(handler))
             .dispatch(Dispatch::Inline)
             .max_in_flight(IN_FLIGHT)
             .read_ahead(16 * 1024)
