@@ -1,5 +1,7 @@
-//! The only socket I/O of the server: one mio poll loop serving a listener and its
-//! connections. A server runs one or more of these, each on its own thread.
+//! One mio poll loop serving a listener and its connections; a server runs one or more of
+//! these, each on its own thread. It is the only code that accepts, reads, writes or closes
+//! connections (through [`Transport`]); `server.rs` only binds the listening socket and starts
+//! threads, and `pool.rs` only runs handlers.
 //!
 //! Thin glue: protocol decisions live in [`Connection`]; this file moves bytes between
 //! [`Transport`]s and connections, messages to the handler (inline) or the [`Pool`],

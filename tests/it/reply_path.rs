@@ -411,3 +411,78 @@ fn a_handle_outliving_its_server_is_harmless() {
     server.shutdown(Duration::from_millis(100)).unwrap();
     handle.send(Reply::NoReply);
 }
+
+#[test]
+fn a_panicking_observer_is_counted_and_the_server_goes_on() {
+    struct Panics;
+    impl mllp_reactor::Observer for Panics {
+        fn message_start(&self, _: &mllp_reactor::MessageStart) {
+            panic!("observer bug");
+        }
+    }
+    let (server, mut counters) = start_counted(crate::util::accept(), |b| b.observer(Panics));
+    let mut peer = Peer::connect(server.local_addr());
+    assert_ack(&peer.roundtrip(&ack_msg("OBS1")), AckCode::AA, "OBS1");
+    assert_ack(&peer.roundtrip(&ack_msg("OBS2")), AckCode::AA, "OBS2");
+    assert_eq!(counters.wait_for(names::OBSERVER_PANICS, 2), 2);
+    stop(server);
+}
+
+#[test]
+fn issue_9_an_error_whose_display_panics_still_gets_an_ae_and_frees_the_worker() {
+    #[derive(Debug)]
+    struct Evil;
+    impl std::fmt::Display for Evil {
+        fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            panic!("Display of a handler error panicked")
+        }
+    }
+    impl std::error::Error for Evil {}
+    let handler = handler_fn(|msg, _| {
+        if control_id(msg) == "EVIL" {
+            Err(Box::new(Evil))
+        } else {
+            Ok(Reply::Send(ack::accept(msg)))
+        }
+    });
+    let server = start_with(handler, |b| b.dispatch(Dispatch::Pool).workers(1));
+    let mut peer = Peer::connect(server.local_addr());
+    assert_ack(&peer.roundtrip(&ack_msg("EVIL")), AckCode::AE, "EVIL");
+    // The only worker is still alive and serving.
+    assert_ack(&peer.roundtrip(&ack_msg("NEXT")), AckCode::AA, "NEXT");
+    let report = server.shutdown(GRACE).unwrap();
+    assert_eq!(report.workers_stuck, 0);
+}
+
+#[test]
+fn issue_9_a_failure_without_a_readable_msh_is_counted_as_the_ar_it_is() {
+    let handler = handler_fn(|_msg, _| Err("no".into()));
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let server = metrics::with_local_recorder(&recorder, || {
+        crate::util::with_test_reactors(Server::builder(handler)).bind("127.0.0.1:0")
+    })
+    .expect("bind")
+    .spawn()
+    .expect("spawn");
+    let mut peer = Peer::connect(server.local_addr());
+    let reply = peer.roundtrip(b"not an HL7 message");
+    assert_eq!(ack::parse(&reply).unwrap().code, AckCode::AR);
+    stop(server);
+    let mut by_code = std::collections::BTreeMap::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        if key.key().name() == names::NAKS_SENT
+            && let metrics_util::debugging::DebugValue::Counter(n) = value
+        {
+            let code = key
+                .key()
+                .labels()
+                .find(|l| l.key() == "code")
+                .map(|l| l.value().to_owned())
+                .unwrap_or_default();
+            by_code.insert(code, n);
+        }
+    }
+    assert_eq!(by_code.get("AR"), Some(&1), "{by_code:?}");
+    assert_eq!(by_code.get("AE"), Some(&0), "{by_code:?}");
+}
