@@ -93,11 +93,14 @@ impl V2 {
 }
 
 /// Raw bytes HAProxy 2.6.12 (Debian 12) sent to a backend, captured by the loopback probe in
-/// `cli/tests/haproxy.rs` (`HAPROXY_CAPTURE=1`): a `check-send-proxy` health check and a
-/// proxied client connection (`send-proxy-v2`, 127.0.0.1:43212 → 127.0.0.1:40155).
+/// `cli/tests/haproxy.rs` (`HAPROXY_CAPTURE=DIR`; also in `fuzz/corpus/proxy/haproxy_*`): a
+/// `check-send-proxy` health check, and `send-proxy-v2` connections from 127.0.0.1:34684 to a
+/// frontend on 127.0.0.1:43179 and from [::1]:46672 to [::1]:41719. No TLVs in TCP mode.
 const HAPROXY_LOCAL: &[u8] = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
-const HAPROXY_PROXIED: &[u8] =
-    b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\x7f\x00\x00\x01\x7f\x00\x00\x01\xa8\xcc\x9c\xdb";
+const HAPROXY_TCP4: &[u8] =
+    b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\x7f\x00\x00\x01\x7f\x00\x00\x01\x87\x7c\xa8\xab";
+const HAPROXY_TCP6: &[u8] = b"\r\n\r\n\0\r\nQUIT\n\x21\x21\x00\x24\
+    \0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\x01\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\x01\xb6\x50\xa2\xf7";
 
 /// Every valid header the tests know, the header it means, and the mode that reads it.
 fn valid() -> Vec<(Vec<u8>, ProxyHeader, ProxyMode)> {
@@ -200,8 +203,13 @@ fn valid() -> Vec<(Vec<u8>, ProxyHeader, ProxyMode)> {
         ),
         (HAPROXY_LOCAL.to_vec(), ProxyHeader::Local, ProxyMode::V2),
         (
-            HAPROXY_PROXIED.to_vec(),
-            proxied("127.0.0.1:43212", "127.0.0.1:40155"),
+            HAPROXY_TCP4.to_vec(),
+            proxied("127.0.0.1:34684", "127.0.0.1:43179"),
+            ProxyMode::V2,
+        ),
+        (
+            HAPROXY_TCP6.to_vec(),
+            proxied("[::1]:46672", "[::1]:41719"),
             ProxyMode::V2,
         ),
     ];
@@ -463,9 +471,13 @@ fn encoders_write_the_spec_forms() {
     assert_eq!(encode_v1(&ProxyHeader::Local), b"PROXY UNKNOWN\r\n");
     assert_eq!(encode_v2(&ProxyHeader::Local), HAPROXY_LOCAL);
     assert_eq!(
-        encode_v2(&proxied("127.0.0.1:43212", "127.0.0.1:40155")),
-        HAPROXY_PROXIED,
+        encode_v2(&proxied("127.0.0.1:34684", "127.0.0.1:43179")),
+        HAPROXY_TCP4,
         "byte for byte what HAProxy sends"
+    );
+    assert_eq!(
+        encode_v2(&proxied("[::1]:46672", "[::1]:41719")),
+        HAPROXY_TCP6
     );
     // Mixed families become TCP6 with the IPv4 side mapped, as HAProxy does.
     let mixed = proxied("192.0.2.7:1", "[2001:db8::1]:2");
