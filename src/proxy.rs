@@ -31,7 +31,13 @@
 //! let mut decoder = ProxyDecoder::new(ProxyMode::Any);
 //! assert_eq!(decoder.decode(&wire[..20])?, None); // a read that stopped mid-header
 //! let (header, consumed) = decoder.decode(wire)?.expect("complete header");
-//! assert_eq!(header.source(), Some("192.0.2.7:50123".parse()?));
+//! assert_eq!(
+//!     header,
+//!     ProxyHeader::Proxied {
+//!         source: "192.0.2.7:50123".parse()?,    // the sender, as the balancer saw it
+//!         destination: "10.0.0.5:2575".parse()?, // the balancer's frontend
+//!     }
+//! );
 //! assert_eq!(wire[consumed], 0x0B); // MLLP starts right after the header
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

@@ -198,21 +198,21 @@ fn read_header(mut stream: TcpStream) -> Result<Accepted, String> {
     }
 }
 
-/// Two loopback listeners whose accepted connections, header decoded, arrive on the channel
-/// tagged with the listener's index. The accept threads end with the test process.
-fn throwaway_backends() -> (
-    [SocketAddr; 2],
-    mpsc::Receiver<(usize, Result<Accepted, String>)>,
-) {
+/// Connections the throwaway backends accepted, header decoded (or why not).
+type Arrivals = mpsc::Receiver<Result<Accepted, String>>;
+
+/// Two loopback listeners whose accepted connections, header decoded, arrive on the channel.
+/// The accept threads end with the test process.
+fn throwaway_backends() -> ([SocketAddr; 2], Arrivals) {
     let (tx, rx) = mpsc::channel();
     let mut addrs = [free_port("127.0.0.1"); 2];
-    for (index, addr) in addrs.iter_mut().enumerate() {
+    for addr in &mut addrs {
         let listener = TcpListener::bind("127.0.0.1:0").expect("backend listener");
         *addr = listener.local_addr().expect("backend address");
         let tx = tx.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                if tx.send((index, read_header(stream))).is_err() {
+                if tx.send(read_header(stream)).is_err() {
                     return;
                 }
             }
@@ -223,17 +223,14 @@ fn throwaway_backends() -> (
 
 /// Next accepted connection whose header satisfies `wanted`; others are dropped.
 #[track_caller]
-fn next_accepted(
-    rx: &mpsc::Receiver<(usize, Result<Accepted, String>)>,
-    wanted: impl Fn(&ProxyHeader) -> bool,
-) -> (usize, Accepted) {
+fn next_accepted(rx: &Arrivals, wanted: impl Fn(&ProxyHeader) -> bool) -> Accepted {
     let deadline = Instant::now() + TIMEOUT;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let (index, accepted) = rx.recv_timeout(left).expect("a backend connection in time");
+        let accepted = rx.recv_timeout(left).expect("a backend connection in time");
         // Health checks may close before we read; only a decoding error is a failure.
         match accepted {
-            Ok(a) if wanted(&a.header) => return (index, a),
+            Ok(a) if wanted(&a.header) => return a,
             Ok(_) => {}
             Err(e) if e.starts_with("closed") || e.contains("reset") => {}
             Err(e) => panic!("HAProxy sent a header the decoder refused: {e}"),
@@ -269,7 +266,7 @@ fn probe(binary: &Path, ip: &str, family: &str) {
     let (backends, rx) = throwaway_backends();
     let mut haproxy = Haproxy::start(binary, ip, backends);
 
-    let (_, check) = next_accepted(&rx, |h| *h == ProxyHeader::Local);
+    let check = next_accepted(&rx, |h| *h == ProxyHeader::Local);
     capture("haproxy_check_local", &check.raw);
     assert_eq!(
         check.raw,
@@ -284,7 +281,7 @@ fn probe(binary: &Path, ip: &str, family: &str) {
     client.write_all(FRAME).unwrap();
     let client_addr = client.local_addr().unwrap();
     // The readiness probes of `Haproxy::start` were proxied too: pick this client's connection.
-    let (_, mut node) = next_accepted(&rx, |h| h.source() == Some(client_addr));
+    let mut node = next_accepted(&rx, |h| h.source() == Some(client_addr));
     capture(&format!("haproxy_proxied_{family}"), &node.raw);
     assert_eq!(
         node.header,

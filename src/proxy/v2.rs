@@ -10,7 +10,7 @@
 //! Each byte of the fixed part is checked as soon as it arrives, so a bad signature, version,
 //! command or family fails on that byte; the length is checked once both of its bytes are in.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use super::{ProxyError, ProxyHeader, Step, V2_FIXED_LEN, V2_MAX_LEN, V2_SIGNATURE};
 
@@ -97,22 +97,16 @@ pub(super) fn decode(buf: &[u8]) -> Result<Step, ProxyError> {
     skip_tlvs(tlvs)?;
     // `addresses` holds exactly `addr_len` bytes, so the fixed offsets below are in bounds.
     let header = match family {
-        FAM_TCP4 => {
-            let ip = |at: usize| {
-                let mut octets = [0u8; 4];
-                octets.copy_from_slice(&addresses[at..at + 4]);
-                IpAddr::V4(Ipv4Addr::from(octets))
-            };
-            proxied(ip(0), ip(4), &addresses[8..12])
-        }
-        FAM_TCP6 => {
-            let ip = |at: usize| {
-                let mut octets = [0u8; 16];
-                octets.copy_from_slice(&addresses[at..at + 16]);
-                IpAddr::V6(Ipv6Addr::from(octets))
-            };
-            proxied(ip(0), ip(16), &addresses[32..36])
-        }
+        FAM_TCP4 => proxied(
+            IpAddr::from(octets::<4>(addresses)),
+            IpAddr::from(octets::<4>(&addresses[4..])),
+            &addresses[8..12],
+        ),
+        FAM_TCP6 => proxied(
+            IpAddr::from(octets::<16>(addresses)),
+            IpAddr::from(octets::<16>(&addresses[16..])),
+            &addresses[32..36],
+        ),
         // The one stream family left (UNSPEC returned early, datagrams were refused): a unix
         // socket client has no IP address, so use the socket's peer, as for LOCAL.
         _ => {
@@ -121,6 +115,13 @@ pub(super) fn decode(buf: &[u8]) -> Result<Step, ProxyError> {
         }
     };
     Ok(Step::Done(header, total))
+}
+
+/// The first `N` bytes of `bytes` (which holds at least `N`) as an array.
+fn octets<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    let mut out = [0u8; N];
+    out.copy_from_slice(&bytes[..N]);
+    out
 }
 
 /// The header for two addresses and the 4-byte big-endian port pair that follows them.
