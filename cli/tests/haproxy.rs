@@ -13,7 +13,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use mllp_reactor::proxy::{ProxyDecoder, ProxyHeader, ProxyMode, encode_v2};
@@ -198,39 +199,66 @@ fn read_header(mut stream: TcpStream) -> Result<Accepted, String> {
     }
 }
 
-/// Connections the throwaway backends accepted, header decoded (or why not).
-type Arrivals = mpsc::Receiver<Result<Accepted, String>>;
+/// Connections the throwaway backends accepted: which backend, and the header decoded (or
+/// why not).
+type Arrivals = mpsc::Receiver<(usize, Result<Accepted, String>)>;
 
-/// Two loopback listeners whose accepted connections, header decoded, arrive on the channel.
-/// The accept threads end with the test process.
-fn throwaway_backends() -> ([SocketAddr; 2], Arrivals) {
-    let (tx, rx) = mpsc::channel();
-    let mut addrs = [free_port("127.0.0.1"); 2];
-    for addr in &mut addrs {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("backend listener");
-        *addr = listener.local_addr().expect("backend address");
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                if tx.send(read_header(stream)).is_err() {
-                    return;
+/// Two loopback listeners standing in for `serve` nodes.
+struct Backends {
+    addrs: [SocketAddr; 2],
+    /// Every connection either accepted, in order.
+    arrivals: Arrivals,
+    stop: [Arc<AtomicBool>; 2],
+}
+
+impl Backends {
+    /// Binds both listeners; each accept thread decodes the PROXY header of every connection
+    /// and sends it on `arrivals`. The threads end with [`Backends::kill`] or the process.
+    fn start() -> Self {
+        let (tx, arrivals) = mpsc::channel();
+        let mut addrs = [free_port("127.0.0.1"); 2];
+        let stop = [
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        ];
+        for (index, addr) in addrs.iter_mut().enumerate() {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("backend listener");
+            *addr = listener.local_addr().expect("backend address");
+            let (tx, stop) = (tx.clone(), Arc::clone(&stop[index]));
+            std::thread::spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    if stop.load(Ordering::SeqCst) || tx.send((index, read_header(stream))).is_err()
+                    {
+                        return; // drops the listener: its port now refuses connections
+                    }
                 }
-            }
-        });
+            });
+        }
+        Self {
+            addrs,
+            arrivals,
+            stop,
+        }
     }
-    (addrs, rx)
+
+    /// Closes backend `index`'s listener, as if its process died: new connections to it are
+    /// refused. (The connect wakes its accept thread, which sees the flag and returns.)
+    fn kill(&self, index: usize) {
+        self.stop[index].store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addrs[index]);
+    }
 }
 
 /// Next accepted connection whose header satisfies `wanted`; others are dropped.
 #[track_caller]
-fn next_accepted(rx: &Arrivals, wanted: impl Fn(&ProxyHeader) -> bool) -> Accepted {
+fn next_accepted(rx: &Arrivals, wanted: impl Fn(&ProxyHeader) -> bool) -> (usize, Accepted) {
     let deadline = Instant::now() + TIMEOUT;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let accepted = rx.recv_timeout(left).expect("a backend connection in time");
+        let (index, accepted) = rx.recv_timeout(left).expect("a backend connection in time");
         // Health checks may close before we read; only a decoding error is a failure.
         match accepted {
-            Ok(a) if wanted(&a.header) => return a,
+            Ok(a) if wanted(&a.header) => return (index, a),
             Ok(_) => {}
             Err(e) if e.starts_with("closed") || e.contains("reset") => {}
             Err(e) => panic!("HAProxy sent a header the decoder refused: {e}"),
@@ -263,10 +291,11 @@ fn haproxy_sends_proxy_v2_headers_the_decoder_accepts() {
 /// One HAProxy with its frontend on `ip`, two throwaway backends, one client.
 #[track_caller]
 fn probe(binary: &Path, ip: &str, family: &str) {
-    let (backends, rx) = throwaway_backends();
-    let mut haproxy = Haproxy::start(binary, ip, backends);
+    let backends = Backends::start();
+    let rx = &backends.arrivals;
+    let mut haproxy = Haproxy::start(binary, ip, backends.addrs);
 
-    let check = next_accepted(&rx, |h| *h == ProxyHeader::Local);
+    let (_, check) = next_accepted(rx, |h| *h == ProxyHeader::Local);
     capture("haproxy_check_local", &check.raw);
     assert_eq!(
         check.raw,
@@ -281,7 +310,7 @@ fn probe(binary: &Path, ip: &str, family: &str) {
     client.write_all(FRAME).unwrap();
     let client_addr = client.local_addr().unwrap();
     // The readiness probes of `Haproxy::start` were proxied too: pick this client's connection.
-    let mut node = next_accepted(&rx, |h| h.source() == Some(client_addr));
+    let (_, mut node) = next_accepted(rx, |h| h.source() == Some(client_addr));
     capture(&format!("haproxy_proxied_{family}"), &node.raw);
     assert_eq!(
         node.header,
@@ -313,6 +342,30 @@ fn probe(binary: &Path, ip: &str, family: &str) {
     let mut reply = [0u8; 64];
     let n = client.read(&mut reply).expect("reply through HAProxy");
     assert_eq!(&reply[..n], b"\x0bMSA|AA|MSG1\r\x1c\r");
+}
+
+/// The template's failover, with throwaway backends: when one backend's port starts refusing
+/// connections (its process died), HAProxy's checks mark it DOWN and every new client
+/// connection lands on the other, still carrying the client's address.
+#[test]
+fn a_dead_backend_is_marked_down_and_skipped() {
+    let Some(binary) = haproxy_binary() else {
+        return;
+    };
+    let backends = Backends::start();
+    let mut haproxy = Haproxy::start(&binary, "127.0.0.1", backends.addrs);
+    haproxy.wait_status("node1", "UP");
+    haproxy.wait_status("node2", "UP");
+
+    backends.kill(0);
+    haproxy.wait_status("node1", "DOWN");
+    for _ in 0..10 {
+        let client = TcpStream::connect(haproxy.frontend).expect("connect through HAProxy");
+        let client_addr = client.local_addr().unwrap();
+        let (index, _) = next_accepted(&backends.arrivals, |h| h.source() == Some(client_addr));
+        assert_eq!(index, 1, "served by the live backend");
+    }
+    assert_eq!(haproxy.status("node2").as_deref(), Some("UP"));
 }
 
 /// A `serve` node, killed on drop.
