@@ -98,6 +98,7 @@
 #![warn(missing_docs)]
 
 pub mod ack;
+pub mod cidr;
 pub mod client;
 pub mod codec;
 mod completion;
@@ -106,6 +107,7 @@ mod error;
 mod handler;
 pub mod msh;
 mod pool;
+pub mod proxy;
 mod reactor;
 mod server;
 pub mod telemetry;
