@@ -79,6 +79,8 @@ pub(crate) struct Limits {
     pub(crate) frame_timeout: Duration,
     pub(crate) handler_timeout: Duration,
     pub(crate) write_timeout: Duration,
+    /// How long a connection may take to start (PROXY header, TLS handshake).
+    pub(crate) handshake_timeout: Duration,
     pub(crate) max_message_size: usize,
     /// Undecoded bytes held while no more messages can be dispatched before reading stops.
     pub(crate) read_ahead: usize,
@@ -309,6 +311,9 @@ pub(crate) struct Connection {
     draining: bool,
     /// A handler call was abandoned at its deadline (for the pool's stuck-worker check).
     abandoned: bool,
+    /// The byte path below has started (PROXY header read, TLS handshake done); until then
+    /// the idle deadline is the handshake deadline and nothing is dispatched.
+    started: bool,
 }
 
 // Keep the per-connection cost small: an idle connection is this struct plus a socket.
@@ -331,7 +336,36 @@ impl Connection {
             peer_eof: false,
             draining: false,
             abandoned: false,
+            started: true,
         }
+    }
+
+    /// A connection whose byte path must start first (PROXY header, TLS handshake): it is
+    /// closed with [`CloseReason::HandshakeTimeout`] unless
+    /// [`handle_started`](Self::handle_started) comes within `handshake_timeout`.
+    pub(crate) fn new_pending(limits: Arc<Limits>, now: Instant) -> Self {
+        let handshake = deadline_after(now, limits.handshake_timeout);
+        let mut conn = Self::new(limits, now);
+        conn.started = false;
+        conn.idle_deadline = handshake;
+        conn
+    }
+
+    /// The byte path has started: from now on the connection serves MLLP.
+    pub(crate) fn handle_started(&mut self, now: Instant) {
+        self.started = true;
+        self.idle_deadline = deadline_after(now, self.limits.idle_timeout);
+    }
+
+    /// Whether the byte path has started (see [`new_pending`](Self::new_pending)).
+    pub(crate) fn is_started(&self) -> bool {
+        self.started
+    }
+
+    /// The byte path failed to start (bad PROXY header, TLS handshake error): close with
+    /// `reason`.
+    pub(crate) fn handle_start_failed(&mut self, reason: CloseReason, out: &mut Vec<Event>) {
+        self.close(reason, out);
     }
 
     /// Takes bytes read from the peer. Decoding happens in [`poll_dispatch`](Self::poll_dispatch).
@@ -358,7 +392,7 @@ impl Connection {
     /// The peer has sent bytes the server is not reading (reads paused at the memory budget):
     /// the peer is neither idle nor slow, so its idle and frame deadlines restart.
     pub(crate) fn handle_unread_input(&mut self, now: Instant) {
-        if matches!(self.state, State::Open) {
+        if matches!(self.state, State::Open) && self.started {
             self.idle_deadline = deadline_after(now, self.limits.idle_timeout);
             if self.frame_deadline.is_some() {
                 self.frame_deadline = Some(deadline_after(now, self.limits.frame_timeout));
@@ -415,7 +449,7 @@ impl Connection {
         now: Instant,
         out: &mut Vec<Event>,
     ) -> Option<Dispatched> {
-        if !matches!(self.state, State::Open) || !self.can_dispatch() {
+        if !matches!(self.state, State::Open) || !self.started || !self.can_dispatch() {
             return None;
         }
         let junk_before = self.decoder.junk_bytes();
@@ -662,7 +696,12 @@ impl Connection {
             return;
         }
         if self.slots.is_empty() && self.idle_deadline <= now {
-            self.close(CloseReason::IdleTimeout, out);
+            let reason = if self.started {
+                CloseReason::IdleTimeout
+            } else {
+                CloseReason::HandshakeTimeout
+            };
+            self.close(reason, out);
         }
     }
 

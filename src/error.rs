@@ -128,11 +128,19 @@ pub enum CloseReason {
     Rejected,
     /// The handler asked for the connection to be closed.
     ClosedByHandler,
+    /// The peer's address is not on the allow-list (counted as rejected).
+    NotAllowed,
+    /// PROXY protocol is on and the connection did not start with a valid header (counted as
+    /// rejected).
+    ProxyHeader,
+    /// The connection did not complete its start (PROXY header, TLS handshake) within
+    /// `handshake_timeout` (counted as rejected).
+    HandshakeTimeout,
 }
 
 impl CloseReason {
     /// Every reason, in label order (for pre-registering metric handles).
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 12] = [
         Self::PeerClosed,
         Self::IdleTimeout,
         Self::FrameTimeout,
@@ -142,6 +150,9 @@ impl CloseReason {
         Self::Shutdown,
         Self::Rejected,
         Self::ClosedByHandler,
+        Self::NotAllowed,
+        Self::ProxyHeader,
+        Self::HandshakeTimeout,
     ];
 
     /// A stable snake_case name, for metric labels and logs.
@@ -156,6 +167,9 @@ impl CloseReason {
             Self::Shutdown => "shutdown",
             Self::Rejected => "rejected",
             Self::ClosedByHandler => "closed_by_handler",
+            Self::NotAllowed => "not_allowed",
+            Self::ProxyHeader => "proxy_header",
+            Self::HandshakeTimeout => "handshake_timeout",
         }
     }
 
@@ -171,6 +185,9 @@ impl CloseReason {
             Self::Shutdown => 6,
             Self::Rejected => 7,
             Self::ClosedByHandler => 8,
+            Self::NotAllowed => 9,
+            Self::ProxyHeader => 10,
+            Self::HandshakeTimeout => 11,
         }
     }
 }

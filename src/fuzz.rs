@@ -313,6 +313,7 @@ pub fn connection(data: &[u8]) {
         frame_timeout: Duration::from_secs(120),
         handler_timeout: Duration::from_secs(30),
         write_timeout: Duration::from_secs(20),
+        handshake_timeout: Duration::from_secs(10),
         max_message_size: 16 + usize::from(flags & 0x3f) * 8,
         read_ahead: 256,
         max_in_flight: if flags & 0x80 == 0 { 1 } else { 4 },

@@ -23,15 +23,17 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
+use crate::cidr::AllowList;
 use crate::completion::{Completion, CompletionSink, Notifier, lock};
 use crate::connection::{Connection, Dispatched, Event, Limits, deadline_after};
 use crate::error::CloseReason;
 use crate::handler::{ConnectionId, Context, Dispatch, Handler};
 use crate::pool::{Job, Pool, call};
+use crate::proxy::ProxyMode;
 use crate::server::ShutdownReport;
 use crate::telemetry::{Peer, Telemetry};
 use crate::timer::{DEFAULT_SLOTS, DEFAULT_TICK, TimerWheel};
-use crate::transport::Transport;
+use crate::transport::{Preambled, Transport};
 
 /// Token of the listening socket; slab keys (connections) use the tokens below it.
 pub(crate) const LISTENER: Token = Token(usize::MAX - 1);
@@ -78,6 +80,17 @@ pub(crate) struct Shared {
     pub(crate) budget: Budget,
     /// One per reactor, by index: how the acceptor hands it connections.
     pub(crate) reactors: Vec<Inbox>,
+    /// Who may connect; replaced whole on reload, read once per accepted connection.
+    pub(crate) policy: Mutex<Arc<Policy>>,
+}
+
+/// Who may connect. New connections see a reload; established ones are not re-checked.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Policy {
+    /// Peers allowed to connect (the PROXY header's source when PROXY protocol is on).
+    pub(crate) allow: Option<AllowList>,
+    /// With PROXY protocol: the balancers allowed to send headers.
+    pub(crate) proxy_sources: Option<AllowList>,
 }
 
 /// A reactor's inbox for accepted connections, and its load.
@@ -150,6 +163,8 @@ pub(crate) struct Reactor {
     pub(crate) local_addr: SocketAddr,
     pub(crate) limits: Arc<Limits>,
     pub(crate) dispatch: Dispatch,
+    /// Every connection must start with a PROXY protocol header of this version.
+    pub(crate) proxy: Option<ProxyMode>,
     pub(crate) inline_slow: Duration,
     pub(crate) handler: Arc<dyn Handler>,
     pub(crate) sink: Arc<CompletionSink>,
@@ -343,7 +358,7 @@ impl Loop {
         if shared.open.fetch_add(1, Ordering::AcqRel) >= shared.max_connections {
             shared.open.fetch_sub(1, Ordering::AcqRel);
             let local = socket.local_addr().unwrap_or(self.r.local_addr);
-            self.reject(peer, local);
+            self.reject(peer, local, CloseReason::Rejected);
             return; // dropping the socket closes it
         }
         let target = shared
@@ -384,13 +399,10 @@ impl Loop {
             .fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Reports a connection closed at once (over `max_connections`).
-    fn reject(&mut self, peer: SocketAddr, local: SocketAddr) {
-        self.r
-            .telemetry
-            .metrics
-            .rejected_max_connections
-            .increment(1);
+    /// Reports a connection closed at once, never served (over `max_connections`, not
+    /// allowed).
+    fn reject(&mut self, peer: SocketAddr, local: SocketAddr, reason: CloseReason) {
+        self.r.telemetry.metrics.rejected(reason).increment(1);
         let p = Peer {
             connection: ConnectionId {
                 index: u32::MAX,
@@ -400,9 +412,7 @@ impl Loop {
             local,
         };
         self.r.telemetry.connection_start(&p);
-        self.r
-            .telemetry
-            .connection_stop(&p, Duration::ZERO, CloseReason::Rejected);
+        self.r.telemetry.connection_stop(&p, Duration::ZERO, reason);
     }
 
     /// Registers a connection `place` counted and serves it on this reactor.
@@ -410,14 +420,36 @@ impl Loop {
         let local = socket.local_addr().unwrap_or(self.r.local_addr);
         if self.conns.len() >= MAX_KEYS_PER_REACTOR - 1 {
             self.forget_one();
-            self.reject(peer, local);
+            self.reject(peer, local, CloseReason::Rejected);
+            return;
+        }
+        // Checked before a byte is read: the socket's peer against the allow-list, or, behind
+        // a balancer, against the sources trusted to send PROXY headers (the client's own
+        // address is checked once the header names it).
+        let policy = Arc::clone(&lock(&self.r.shared.policy));
+        let trusted = match self.r.proxy {
+            Some(_) => policy.proxy_sources.as_ref(),
+            None => policy.allow.as_ref(),
+        };
+        if trusted.is_some_and(|list| !list.contains(peer.ip())) {
+            self.forget_one();
+            self.reject(peer, local, CloseReason::NotAllowed);
             return;
         }
         let local_index = self.local_index(local);
         let generation = self.generation();
         // Replies are small and latency-bound: never wait for Nagle.
         let _ = socket.set_nodelay(true);
-        let mut transport = Transport::Tcp(socket);
+        let (mut transport, conn) = match self.r.proxy {
+            Some(mode) => (
+                Transport::proxied(socket, mode),
+                Connection::new_pending(Arc::clone(&self.r.limits), now),
+            ),
+            None => (
+                Transport::tcp(socket),
+                Connection::new(Arc::clone(&self.r.limits), now),
+            ),
+        };
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         if self
@@ -438,10 +470,11 @@ impl Loop {
             index: (u32::from(self.r.index) << 24) | key as u32,
             generation,
         };
+        let started = conn.is_started();
         entry.insert(Entry {
             id,
             transport,
-            conn: Connection::new(Arc::clone(&self.r.limits), now),
+            conn,
             peer,
             local: local_index,
             read_ready: false,
@@ -451,16 +484,76 @@ impl Loop {
             armed: 0,
             counted: 0,
         });
+        if started {
+            self.start(key);
+        }
+        // No drain check: draining closes the listener, so nothing is admitted after it.
+        self.schedule(key);
+    }
+
+    /// The connection serves MLLP from now on: count it and report its start.
+    fn start(&mut self, key: usize) {
         let m = &self.r.telemetry.metrics;
         m.accepted.increment(1);
         m.active.increment(1.0);
-        self.r.telemetry.connection_start(&Peer {
-            connection: id,
-            peer,
-            local,
-        });
-        // No drain check: draining closes the listener, so nothing is admitted after it.
-        self.schedule(key);
+        let p = self.peer(&self.conns[key]);
+        self.r.telemetry.connection_start(&p);
+    }
+
+    /// Reads the PROXY header that must start the stream. On success the connection starts
+    /// with the header's source as its peer (checked against the allow-list), and the bytes
+    /// after the header go to the connection. Returns whether any progress was made.
+    fn read_proxy(&mut self, key: usize, now: Instant) -> bool {
+        let entry = &mut self.conns[key];
+        let n = match entry.transport.read(&mut self.scratch) {
+            Ok(0) => {
+                entry.read_ready = false;
+                entry
+                    .conn
+                    .handle_start_failed(CloseReason::ProxyHeader, &mut self.events);
+                return true;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                entry.read_ready = false;
+                return false;
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => return true,
+            Err(e) => {
+                entry.conn.handle_io_error(e.kind(), &mut self.events);
+                return true;
+            }
+        };
+        self.r.telemetry.metrics.bytes_received.increment(n as u64);
+        let (header, rest) = match entry.transport.feed_preamble(&self.scratch[..n]) {
+            Preambled::Partial => return true,
+            Preambled::Failed => {
+                entry
+                    .conn
+                    .handle_start_failed(CloseReason::ProxyHeader, &mut self.events);
+                return true;
+            }
+            Preambled::Done(header, rest) => (header, rest),
+        };
+        // A LOCAL header (a balancer's health check) names no client: the socket's peer stands.
+        if let Some(source) = header.source() {
+            entry.peer = source;
+        }
+        let policy = Arc::clone(&lock(&self.r.shared.policy));
+        if policy
+            .allow
+            .as_ref()
+            .is_some_and(|list| !list.contains(entry.peer.ip()))
+        {
+            entry
+                .conn
+                .handle_start_failed(CloseReason::NotAllowed, &mut self.events);
+            return true;
+        }
+        entry.conn.handle_started(now);
+        entry.conn.handle_read(&rest, now, &mut self.events);
+        self.start(key);
+        true
     }
 
     /// The index of `local` in `locals`, adding it if new.
@@ -518,7 +611,9 @@ impl Loop {
                 progress = true;
             }
             let wants_read = entry.read_ready && entry.conn.wants_read();
-            if wants_read && self.may_read(key) {
+            if wants_read && entry.transport.in_preamble() {
+                progress |= self.read_proxy(key, now);
+            } else if wants_read && self.may_read(key) {
                 let entry = &mut self.conns[key];
                 if budget == 0 {
                     if !entry.pending {
@@ -670,6 +765,18 @@ impl Loop {
         }
         if let Some(drain) = &mut self.drain {
             drain.report.closed += 1;
+        }
+        if !entry.conn.is_started() {
+            // Never served (no valid PROXY header, not allowed, no handshake in time).
+            let reason = match reason {
+                CloseReason::IdleTimeout => CloseReason::HandshakeTimeout,
+                CloseReason::NotAllowed | CloseReason::HandshakeTimeout => reason,
+                _ => CloseReason::ProxyHeader,
+            };
+            self.r.telemetry.metrics.rejected(reason).increment(1);
+            self.r.telemetry.connection_start(&p);
+            self.r.telemetry.connection_stop(&p, Duration::ZERO, reason);
+            return true;
         }
         let m = &self.r.telemetry.metrics;
         m.closed(reason).increment(1);

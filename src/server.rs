@@ -10,13 +10,15 @@ use std::time::Duration;
 use mio::net::TcpListener;
 use mio::{Interest, Poll, Waker};
 
+use crate::cidr::AllowList;
 use crate::completion::{CompletionSink, Notifier, lock};
 use crate::connection::{Limits, NakPolicy};
 use crate::error::{ConfigError, Error};
 use crate::handler::{Dispatch, Handler};
 use crate::pool::{Pool, PoolConfig};
+use crate::proxy::ProxyMode;
 use crate::reactor::{
-    Budget, Command, Inbox, LISTENER, MAX_KEYS_PER_REACTOR, Reactor, Shared, WAKER,
+    Budget, Command, Inbox, LISTENER, MAX_KEYS_PER_REACTOR, Policy, Reactor, Shared, WAKER,
 };
 use crate::telemetry::{Metrics, Observer, Telemetry};
 
@@ -57,6 +59,9 @@ pub const DEFAULT_INLINE_SLOW_THRESHOLD: Duration = Duration::from_millis(1);
 /// the default maximum size, or about half a million typical (1 KiB) messages in flight, and
 /// fits a small VM; above it reads stop and TCP pushes back on senders.
 pub const DEFAULT_MAX_MEMORY: usize = 512 << 20;
+/// Default time a connection gets to start (PROXY header, TLS handshake): 10 s, ample for a
+/// handshake across a slow WAN, short enough that silent connections do not pile up.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default grace period when a [`ServerHandle`] is dropped without a shutdown: 5 s.
 pub const DROP_GRACE: Duration = Duration::from_secs(5);
 
@@ -77,6 +82,10 @@ pub struct Builder {
     listener_name: String,
     dispatch: Dispatch,
     reactors: usize,
+    handshake_timeout: Duration,
+    proxy_protocol: Option<ProxyMode>,
+    proxy_sources: Option<AllowList>,
+    allow: Option<AllowList>,
     max_in_flight: Option<usize>,
     inline_slow_threshold: Duration,
     max_memory: usize,
@@ -154,6 +163,44 @@ impl Builder {
         /// Where the handler runs (default [`Dispatch::Pool`]); see [`Dispatch`].
         dispatch: Dispatch
     );
+    setter!(
+        /// How long a connection may take to start: its PROXY header and TLS handshake
+        /// (default 10 s). A connection that has not started by then is closed and counted in
+        /// `mllp_connections_rejected_total{reason="handshake_timeout"}`. Separate from the
+        /// frame deadline: a peer that connects and never speaks is not a slow sender.
+        handshake_timeout: Duration
+    );
+
+    /// Requires every connection to start with a PROXY protocol header (v1, v2 or either),
+    /// as sent by HAProxy's `send-proxy`/`send-proxy-v2` (default: off). The header's source
+    /// becomes the peer everywhere (context, events, allow-list). A connection without a
+    /// valid header within `handshake_timeout` is closed and counted in
+    /// `mllp_connections_rejected_total{reason="proxy_header"}`; there is no guessing whether
+    /// a header is present, as the protocol's specification demands. A v2 `LOCAL` header (a
+    /// health check) is served with the socket's peer.
+    pub fn proxy_protocol(mut self, mode: ProxyMode) -> Self {
+        self.proxy_protocol = Some(mode);
+        self
+    }
+
+    /// With [`proxy_protocol`](Self::proxy_protocol): accept connections (and so headers)
+    /// only from these sources, the balancers. Others are closed before a byte is read and
+    /// counted with `reason="not_allowed"`.
+    pub fn proxy_sources(mut self, sources: AllowList) -> Self {
+        self.proxy_sources = Some(sources);
+        self
+    }
+
+    /// Accept connections only from peers in `allow` (IPv4 and IPv6 CIDRs; default: from
+    /// anyone). Checked when the connection is accepted, before a byte is read (with PROXY
+    /// protocol: once the header names the client). Others are closed at once and counted in
+    /// `mllp_connections_rejected_total{reason="not_allowed"}`. Replaceable while running
+    /// with [`Reloader::set_allow_list`].
+    pub fn allow(mut self, allow: AllowList) -> Self {
+        self.allow = Some(allow);
+        self
+    }
+
     setter!(
         /// Reactor threads (default 1), each a poll loop with its own connections and timers.
         /// The first also accepts, and hands each new connection to the reactor with the fewest
@@ -276,6 +323,7 @@ impl Builder {
             frame_timeout: self.frame_timeout,
             handler_timeout: self.handler_timeout,
             write_timeout: self.write_timeout,
+            handshake_timeout: self.handshake_timeout,
             max_message_size: self.max_message_size,
             read_ahead: self.read_ahead.max(1),
             max_in_flight,
@@ -311,7 +359,12 @@ impl Builder {
                 .iter()
                 .map(|n| Inbox::new(Arc::clone(n)))
                 .collect(),
+            policy: Mutex::new(Arc::new(Policy {
+                allow: self.allow,
+                proxy_sources: self.proxy_sources,
+            })),
         });
+        let policy_shared = Arc::clone(&shared);
         let control = Arc::new(Control {
             reactors: commands
                 .iter()
@@ -320,6 +373,7 @@ impl Builder {
                 .collect(),
             waiters: Mutex::new(Vec::new()),
             report: Mutex::new(None),
+            shared: policy_shared,
         });
         let telemetry = Telemetry {
             metrics,
@@ -338,6 +392,7 @@ impl Builder {
                 local_addr,
                 limits: Arc::clone(&limits),
                 dispatch: self.dispatch,
+                proxy: self.proxy_protocol,
                 inline_slow: self.inline_slow_threshold,
                 handler: Arc::clone(&self.handler),
                 sink: Arc::new(CompletionSink::new(notifier)),
@@ -425,6 +480,10 @@ impl Server {
             listener_name: "mllp".to_owned(),
             dispatch: Dispatch::Pool,
             reactors: 1,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            proxy_protocol: None,
+            proxy_sources: None,
+            allow: None,
             max_in_flight: None,
             inline_slow_threshold: DEFAULT_INLINE_SLOW_THRESHOLD,
             max_memory: DEFAULT_MAX_MEMORY,
@@ -440,6 +499,13 @@ impl Server {
     /// A handle that stops this server from any thread (for signal handlers).
     pub fn shutdown_trigger(&self) -> ShutdownTrigger {
         self.trigger.clone()
+    }
+
+    /// A handle that changes the server's configuration while it runs (for SIGHUP).
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            control: Arc::clone(&self.trigger.control),
+        }
     }
 
     /// Runs the server on this thread until it is shut down through a [`ShutdownTrigger`].
@@ -548,6 +614,13 @@ impl ServerHandle {
         self.trigger.clone()
     }
 
+    /// A handle that changes the server's configuration while it runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            control: Arc::clone(&self.trigger.control),
+        }
+    }
+
     /// Stops gracefully: stops accepting, closes idle connections, lets messages already with
     /// the handler finish and their replies flush, closes whatever remains after `grace`, then
     /// returns what happened.
@@ -585,6 +658,7 @@ impl Drop for ServerHandle {
 #[derive(Debug)]
 struct Control {
     reactors: Vec<(Sender<Command>, Arc<Notifier>)>,
+    shared: Arc<Shared>,
     waiters: Mutex<Vec<Sender<ShutdownReport>>>,
     /// Set once the server stopped, for triggers that ask afterwards.
     report: Mutex<Option<ShutdownReport>>,
@@ -621,6 +695,44 @@ impl ShutdownTrigger {
             notifier.notify();
         }
         report
+    }
+}
+
+/// Changes a running server's configuration from any thread. Cloneable. New connections see
+/// the change; established ones go on undisturbed.
+///
+/// ```
+/// use mllp_reactor::cidr::AllowList;
+/// use mllp_reactor::{handler_fn, Reply, Server};
+///
+/// let server = Server::builder(handler_fn(|_, _| Ok(Reply::NoReply))).bind("127.0.0.1:0")?;
+/// let reloader = server.reloader();
+/// let running = server.spawn()?;
+/// let allow: AllowList = ["127.0.0.0/8".parse()?, "::1/128".parse()?].into_iter().collect();
+/// reloader.set_allow_list(Some(allow));
+/// running.shutdown(std::time::Duration::from_secs(1))?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Reloader {
+    control: Arc<Control>,
+}
+
+impl Reloader {
+    /// Replaces the allow-list (`None`: anyone may connect).
+    pub fn set_allow_list(&self, allow: Option<AllowList>) {
+        let mut policy = lock(&self.control.shared.policy);
+        let mut next = Policy::clone(&policy);
+        next.allow = allow;
+        *policy = Arc::new(next);
+    }
+
+    /// Replaces the sources allowed to send PROXY headers (`None`: any).
+    pub fn set_proxy_sources(&self, sources: Option<AllowList>) {
+        let mut policy = lock(&self.control.shared.policy);
+        let mut next = Policy::clone(&policy);
+        next.proxy_sources = sources;
+        *policy = Arc::new(next);
     }
 }
 

@@ -22,7 +22,7 @@
 //! | name | kind | unit | labels |
 //! |---|---|---|---|
 //! | `mllp_connections_accepted_total` | counter | | |
-//! | `mllp_connections_rejected_total` | counter | | `reason` = `max_connections` |
+//! | `mllp_connections_rejected_total` | counter | | `reason` = `max_connections`, `not_allowed`, `proxy_header`, `handshake_timeout` |
 //! | `mllp_connections_closed_total` | counter | | `reason` = [`CloseReason::as_str`] |
 //! | `mllp_connections_active` | gauge | | |
 //! | `mllp_connection_duration_seconds` | histogram | seconds | |
@@ -241,6 +241,16 @@ pub mod names {
     pub const READ_PAUSES: &str = "mllp_read_pauses_total";
 }
 
+/// Why a connection is counted as rejected rather than served: it never started (over the
+/// cap, not allowed, no valid PROXY header, no completed handshake). Such a connection counts
+/// only in `mllp_connections_rejected_total`, so accepted = Σ closed + active holds.
+const REJECT_REASONS: [(CloseReason, &str); 4] = [
+    (CloseReason::Rejected, "max_connections"),
+    (CloseReason::NotAllowed, "not_allowed"),
+    (CloseReason::ProxyHeader, "proxy_header"),
+    (CloseReason::HandshakeTimeout, "handshake_timeout"),
+];
+
 /// Handler outcomes, in the order of the `outcome` label handles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Handled {
@@ -259,7 +269,8 @@ impl Handled {
 #[derive(Clone, Debug)]
 pub(crate) struct Metrics {
     pub(crate) accepted: Counter,
-    pub(crate) rejected_max_connections: Counter,
+    /// By [`REJECT_REASONS`] position.
+    rejected: [Counter; REJECT_REASONS.len()],
     closed: [Counter; CloseReason::ALL.len()],
     pub(crate) active: Gauge,
     pub(crate) connection_duration: Histogram,
@@ -303,7 +314,8 @@ impl Metrics {
         };
         Self {
             accepted: counter(CONNECTIONS_ACCEPTED),
-            rejected_max_connections: labelled(CONNECTIONS_REJECTED, "reason", "max_connections"),
+            rejected: REJECT_REASONS
+                .map(|(_, label)| labelled(CONNECTIONS_REJECTED, "reason", label)),
             closed: CloseReason::ALL.map(|r| labelled(CONNECTIONS_CLOSED, "reason", r.as_str())),
             active: metrics::gauge!(CONNECTIONS_ACTIVE, &l()),
             connection_duration: metrics::histogram!(CONNECTION_DURATION, &l()),
@@ -331,6 +343,15 @@ impl Metrics {
             buffered_bytes: metrics::gauge!(BUFFERED_BYTES, &l()),
             read_pauses: counter(READ_PAUSES),
         }
+    }
+
+    /// The rejected-connections counter for `reason` (one of [`REJECT_REASONS`]).
+    pub(crate) fn rejected(&self, reason: CloseReason) -> &Counter {
+        let i = REJECT_REASONS
+            .iter()
+            .position(|(r, _)| *r == reason)
+            .unwrap_or(0);
+        &self.rejected[i]
     }
 
     pub(crate) fn closed(&self, reason: CloseReason) -> &Counter {

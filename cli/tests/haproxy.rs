@@ -437,7 +437,6 @@ fn send_one(frontend: SocketAddr, id: usize) {
 /// the peer each node records must be the client's address, which needs a way to read it
 /// from the node (an observer line on stdout, or the metrics endpoint).
 #[test]
-#[ignore = "needs `serve --proxy-protocol v2`"]
 fn two_nodes_behind_haproxy_fail_over() {
     let Some(binary) = haproxy_binary() else {
         return;

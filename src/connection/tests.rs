@@ -14,6 +14,7 @@ fn limits(nak_policy: NakPolicy, max: usize) -> Arc<Limits> {
         frame_timeout: FRAME,
         handler_timeout: HANDLER,
         write_timeout: WRITE,
+        handshake_timeout: Duration::from_secs(10),
         max_message_size: max,
         read_ahead: 4096,
         max_in_flight: 1,

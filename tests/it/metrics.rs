@@ -92,7 +92,12 @@ fn every_metric_is_registered_at_bind_with_listener_label_unit_and_description()
     assert_eq!(label_values(CONNECTIONS_CLOSED, "reason"), reasons);
     assert_eq!(
         label_values(CONNECTIONS_REJECTED, "reason"),
-        ["max_connections"]
+        [
+            "handshake_timeout",
+            "max_connections",
+            "not_allowed",
+            "proxy_header"
+        ]
     );
     assert_eq!(
         label_values(MESSAGES_HANDLED, "outcome"),
