@@ -49,6 +49,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
@@ -253,14 +254,14 @@ impl Ack {
         self.code.is_accept()
     }
 
-    /// Parses `frame` and checks its MSA-2 against `expected` (the sent MSH-10), if known.
-    fn correlate(frame: Bytes, expected: Option<&[u8]>) -> Result<Self, ClientError> {
+    /// Parses `frame` and checks its MSA-2 against `expected` (from the sent MSH-10), if known.
+    fn correlate(frame: Bytes, expected: Option<&Expected<'_>>) -> Result<Self, ClientError> {
         let parsed = ack::parse(&frame).map_err(ClientError::BadAck)?;
         if let Some(expected) = expected
-            && parsed.control_id != expected
+            && !expected.matches(parsed.control_id)
         {
             return Err(ClientError::Mismatch {
-                expected: lossy(expected),
+                expected: lossy(expected.sent),
                 got: lossy(parsed.control_id),
             });
         }
@@ -470,7 +471,7 @@ impl Client {
         let result = conn
             .write_all(&self.out, deadline)
             .and_then(|()| conn.read_frame(deadline))
-            .and_then(|frame| Ack::correlate(frame, expected));
+            .and_then(|frame| Ack::correlate(frame, expected.as_ref()));
         self.release_out();
         // The connection goes back only after a clean exchange; on error it is dropped here,
         // which closes the socket, so a late reply can never be read as another's ACK.
@@ -764,7 +765,7 @@ impl Conn {
     fn pipeline<M: AsRef<[u8]>>(
         &mut self,
         messages: &[M],
-        ids: &[Option<&[u8]>],
+        ids: &[Option<Expected<'_>>],
         window: usize,
         timeout: Duration,
         out: &mut BytesMut,
@@ -774,7 +775,7 @@ impl Conn {
         // INVARIANT: `in_flight.len() == next - i` at the top of each iteration.
         let mut in_flight: VecDeque<Option<Instant>> = VecDeque::with_capacity(window);
         let mut next = 0;
-        for &expected in ids {
+        for expected in ids {
             if next < messages.len() && in_flight.len() < window {
                 // Top the window up in one write: at the start that is `window` frames in
                 // one segment, afterwards usually one frame per ACK read.
@@ -793,18 +794,37 @@ impl Conn {
                 .pop_front()
                 .expect("window >= 1 keeps the current message in flight");
             let frame = self.read_frame(deadline)?;
-            acks.push(Ack::correlate(frame, expected)?);
+            acks.push(Ack::correlate(frame, expected.as_ref())?);
         }
         Ok(())
     }
 }
 
+/// What an ACK's MSA-2 must be to answer a message.
+#[derive(Debug)]
+struct Expected<'m> {
+    /// MSH-10 as sent.
+    sent: &'m [u8],
+    /// MSH-10 as [`ack::echoed_control_id`] writes it: block bytes escaped, cut at
+    /// [`ack::MAX_CONTROL_ID_LEN`]. Usually the same bytes as `sent`, borrowed.
+    echoed: Cow<'m, [u8]>,
+}
+
+impl Expected<'_> {
+    /// Whether `msa2` names the message: as our ACK builder writes it, or echoed raw as some
+    /// other receivers do.
+    fn matches(&self, msa2: &[u8]) -> bool {
+        msa2 == &self.echoed[..] || msa2 == self.sent
+    }
+}
+
 /// MSH-10 of `message`, which its ACK must echo in MSA-2. `None` only when allowed.
-fn control_id(message: &[u8], allow_missing: bool) -> Result<Option<&[u8]>, ClientError> {
-    match Msh::parse(message).ok().and_then(|msh| msh.control_id()) {
-        Some(id) => Ok(Some(id)),
-        None if allow_missing => Ok(None),
-        None => Err(ClientError::NoControlId),
+fn control_id(message: &[u8], allow_missing: bool) -> Result<Option<Expected<'_>>, ClientError> {
+    let sent = Msh::parse(message).ok().and_then(|msh| msh.control_id());
+    match (sent, ack::echoed_control_id(message)) {
+        (Some(sent), Some(echoed)) => Ok(Some(Expected { sent, echoed })),
+        _ if allow_missing => Ok(None),
+        _ => Err(ClientError::NoControlId),
     }
 }
 
