@@ -4,15 +4,16 @@
 //! MSA-2 is the message's MSH-10 before returning it as an [`Ack`]. [`Client::send_pipelined`]
 //! keeps several messages in flight on the same connection and correlates their ACKs in order.
 //!
-//! # Guarantees (seed-spec §6)
+//! # Guarantees
 //!
-//! The reference client waits for "the next frame" with a timeout per read. After a timeout it
-//! keeps the connection, so the late ACK of message 1 is read as the answer to message 2: a
-//! mis-pairing that tells the sender message 2 was accepted when it may not have been. This
-//! client closes that gap in three ways:
+//! A client that simply waits for "the next frame", with a timeout per read, and keeps the
+//! connection after a timeout, will read the late ACK of message 1 as the answer to message 2:
+//! a mis-pairing that tells the sender message 2 was accepted when it may not have been. This
+//! client rules that out in three ways:
 //!
-//! - **Correlation.** An ACK is returned only if its MSA-2 equals the MSH-10 of the message
-//!   sent; otherwise [`ClientError::Mismatch`]. A message without a readable MSH-10 is refused
+//! - **Correlation.** An ACK is returned only if its MSA-2 names the message sent: its MSH-10
+//!   as sent, or as [`ack::echoed_control_id`] gives it (how this crate's ACK builder writes
+//!   it: 0x0B/0x1C escaped, cut at 199 bytes); otherwise [`ClientError::Mismatch`]. A message without a readable MSH-10 is refused
 //!   ([`ClientError::NoControlId`]) unless [`ClientConfig::allow_missing_control_id`] is set.
 //! - **One deadline per message.** [`ClientConfig::response_timeout`] bounds the whole exchange,
 //!   writing the message and reading its complete ACK, not each read: a server that dribbles
@@ -68,13 +69,13 @@ use crate::msh::Msh;
 /// enough that a dead address is noticed before an operator would.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Default [`ClientConfig::response_timeout`]: 30 s. The reference client's default receive
-/// timeout; it must cover the receiver's own processing, and our server's default handler
+/// Default [`ClientConfig::response_timeout`]: 30 s, a common receive timeout among MLLP
+/// senders; it must cover the receiver's own processing, and our server's default handler
 /// timeout is shorter, so a slow handler yields an AE before this fires.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Default [`ClientConfig::max_response_size`]: 10 MiB, the same limit as the server's
-/// message size ([`codec::DEFAULT_MAX_MESSAGE_SIZE`]) and the reference's default. An ACK is a
+/// message size ([`codec::DEFAULT_MAX_MESSAGE_SIZE`]). An ACK is a
 /// few hundred bytes; the limit only bounds what a broken or hostile server can make us hold.
 pub const DEFAULT_MAX_RESPONSE_SIZE: usize = codec::DEFAULT_MAX_MESSAGE_SIZE;
 
@@ -687,8 +688,8 @@ impl Conn {
     /// Checks, without blocking, that the server has sent nothing since the last exchange.
     ///
     /// A byte waiting here answers no message of ours: a late ACK from before, a duplicate, or
-    /// a server speaking out of turn. Reading it as the next message's ACK is the reference's
-    /// mis-pairing, so it is a desync.
+    /// a server speaking out of turn. Reading it as the next message's ACK would pair it with the
+    /// wrong message (see the module docs), so it is a desync.
     fn probe_idle(&mut self) -> Result<Idle, ClientError> {
         if !self.buf.is_empty() || self.decoder.in_frame() {
             return Err(ClientError::Desync);
