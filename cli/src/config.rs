@@ -228,6 +228,14 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_is_valid() {
+        let flags = flags_from_toml(include_str!("../../deploy/serve.toml")).unwrap();
+        let mut args = os(&["mllp-reactor", "serve"]);
+        args.extend(flags);
+        assert!(Cli::try_parse_from(&args).is_ok());
+    }
+
+    #[test]
     fn other_subcommands_are_left_alone() {
         let args = os(&["mllp-reactor", "send", "--config", "x"]);
         assert_eq!(expand(args.clone()).unwrap(), args);

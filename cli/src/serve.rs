@@ -67,7 +67,8 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
     if let Some(n) = opts.workers {
         builder = builder.workers(n);
     }
-    let server = builder.bind(opts.listen.as_str()).map_err(|e| match e {
+    let listen = crate::addr::resolve(&opts.listen).map_err(|e| format!("--listen {e}"))?;
+    let server = builder.bind(listen).map_err(|e| match e {
         mllp_reactor::Error::Bind(io) if io.kind() == std::io::ErrorKind::AddrInUse => {
             format!(
                 "--listen {} is already in use: stop the other server or pick another address",

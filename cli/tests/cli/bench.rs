@@ -1,9 +1,18 @@
 //! Issue 11 item 1: `bench` calls failure failure.
 
+use std::process::Output;
+
 use mllp_reactor::ack::{self, AckCode};
 use mllp_reactor::{Reply, Server, handler_fn};
 
 use crate::util::{run, server, text};
+
+/// `bench --to TO` for 300 ms without warmup, plus `extra`.
+fn short_bench(to: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["bench", "--to", to, "--duration", "300ms", "--warmup", "0s"];
+    args.extend_from_slice(extra);
+    run(&args, b"")
+}
 
 #[test]
 fn bench_exits_non_zero_on_naks_and_counts_only_verified_acks() {
@@ -51,18 +60,7 @@ fn bench_fails_against_a_server_that_rejects_the_size() {
         .and_then(Server::spawn)
         .expect("starts");
     let to = small.local_addr().to_string();
-    let out = run(
-        &[
-            "bench",
-            "--to",
-            &to,
-            "--duration",
-            "300ms",
-            "--warmup",
-            "0s",
-        ],
-        b"",
-    );
+    let out = short_bench(&to, &[]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("errors during the run"));
     small.shutdown(crate::util::WAIT).expect("clean stop");
@@ -72,19 +70,7 @@ fn bench_fails_against_a_server_that_rejects_the_size() {
 fn bench_resolves_host_names_and_passes_against_a_good_server() {
     let good = server(handler_fn(|msg, _cx| Ok(Reply::Send(ack::accept(msg)))));
     let to = format!("localhost:{}", good.local_addr().port());
-    let out = run(
-        &[
-            "bench",
-            "--to",
-            &to,
-            "--duration",
-            "300ms",
-            "--warmup",
-            "0s",
-            "--json",
-        ],
-        b"",
-    );
+    let out = short_bench(&to, &["--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let report: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("one JSON line on stdout");

@@ -61,6 +61,9 @@ fn runtime_errors_are_one_line_naming_the_flag() {
     );
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).starts_with("error: --metrics \"9102\" is a port"));
+    let out = run(&["serve", "--listen", "2575"], b"");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).starts_with("error: --listen \"2575\" is a port"));
 }
 
 #[test]
