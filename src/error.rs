@@ -56,6 +56,14 @@ pub enum ConfigError {
     MaxMessageSize(usize),
     /// `workers` was zero.
     NoWorkers,
+    /// `workers` was above [`MAX_WORKERS`](crate::MAX_WORKERS).
+    TooManyWorkers(usize),
+    /// `max_in_flight` was zero or above [`MAX_IN_FLIGHT_LIMIT`](crate::MAX_IN_FLIGHT_LIMIT).
+    MaxInFlight(usize),
+    /// `max_memory` was below twice `max_message_size`.
+    MaxMemory(usize),
+    /// `reactors` was zero or above [`MAX_REACTORS`](crate::MAX_REACTORS).
+    Reactors(usize),
     /// `max_connections` was zero or above the token space.
     MaxConnections(usize),
     /// The bind address did not resolve to any socket address.
@@ -72,6 +80,24 @@ impl fmt::Display for ConfigError {
                 crate::MAX_MESSAGE_SIZE_LIMIT
             ),
             Self::NoWorkers => f.write_str("workers must be at least 1"),
+            Self::TooManyWorkers(n) => write!(
+                f,
+                "workers {n} is above the limit of {}",
+                crate::MAX_WORKERS
+            ),
+            Self::MaxInFlight(n) => write!(
+                f,
+                "max_in_flight {n} must be between 1 and {}",
+                crate::MAX_IN_FLIGHT_LIMIT
+            ),
+            Self::Reactors(n) => write!(
+                f,
+                "reactors {n} must be between 1 and {}",
+                crate::MAX_REACTORS
+            ),
+            Self::MaxMemory(n) => {
+                write!(f, "max_memory {n} must be at least twice max_message_size")
+            }
             Self::MaxConnections(n) => write!(f, "max_connections {n} is out of range"),
             Self::NoAddress => f.write_str("the bind address resolved to nothing"),
         }

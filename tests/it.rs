@@ -28,5 +28,7 @@ mod observer;
 mod outcomes;
 #[path = "it/peers.rs"]
 mod peers;
+#[path = "it/reply_path.rs"]
+mod reply_path;
 #[path = "it/timeouts.rs"]
 mod timeouts;

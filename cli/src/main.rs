@@ -84,6 +84,17 @@ struct ServeArgs {
     /// How long Ctrl-C / SIGTERM waits for in-flight messages (0s: close at once).
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_typed_duration)]
     grace: TypedDuration,
+    /// Where the ACK is built: `inline` on the I/O thread (fastest; the handler never
+    /// blocks) or `pool` on a worker thread (what a blocking handler needs).
+    #[arg(long, default_value = "inline", value_name = "inline|pool")]
+    dispatch: serve::DispatchArg,
+    /// Messages per connection read and handled before earlier replies are written
+    /// (default: 64 inline, 1 pool).
+    #[arg(long, value_name = "N", value_parser = parse_max_in_flight)]
+    max_in_flight: Option<usize>,
+    /// Server-wide budget for buffered bytes; above it reading pauses.
+    #[arg(long, default_value_t = mllp_reactor::DEFAULT_MAX_MEMORY, value_name = "BYTES")]
+    max_memory: usize,
     /// Log format on stderr: human (one readable line per event) or json (one object per line).
     #[arg(long, value_enum, default_value_t = LogFormat::Human, value_name = "FORMAT")]
     log_format: LogFormat,
@@ -165,6 +176,9 @@ fn main() -> ExitCode {
             workers: args.workers,
             metrics: args.metrics,
             grace: args.grace,
+            dispatch: args.dispatch,
+            max_in_flight: args.max_in_flight,
+            max_memory: args.max_memory,
             log_format: args.log_format,
             log_level: args.log_level,
         }),
@@ -325,13 +339,6 @@ fn parse_timeout(text: &str) -> Result<TypedDuration, String> {
     Ok(typed)
 }
 
-/// Most handler threads `--workers` accepts. Each worker is a thread with its own stack (2 MiB
-/// of address space by default), and the pool may start as many again to replace stuck ones,
-/// so 1024 means up to 2048 threads: far past what a blocking handler on one machine can use
-/// (a handler that waits on I/O that long wants an asynchronous design instead), and far
-/// below the point where spawning fails (`--workers 100000` used to panic after "listening").
-pub const MAX_WORKERS: usize = 1024;
-
 /// Most connections `--max-connections` accepts: one million, each an open file; a process
 /// rarely may hold more (see `ulimit -n`).
 pub const MAX_CONNECTIONS: usize = 1_000_000;
@@ -345,8 +352,14 @@ fn parse_count(text: &str, max: usize) -> Result<usize, String> {
     }
 }
 
+/// `--workers`: up to the library's [`mllp_reactor::MAX_WORKERS`] (1024), checked here so that
+/// the error names the flag and comes before anything listens.
 fn parse_workers(text: &str) -> Result<usize, String> {
-    parse_count(text, MAX_WORKERS)
+    parse_count(text, mllp_reactor::MAX_WORKERS)
+}
+
+fn parse_max_in_flight(text: &str) -> Result<usize, String> {
+    parse_count(text, mllp_reactor::MAX_IN_FLIGHT_LIMIT)
 }
 
 fn parse_max_connections(text: &str) -> Result<usize, String> {

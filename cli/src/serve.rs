@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use mllp_reactor::msh::Msh;
-use mllp_reactor::{ConfigError, Reply, Server, ack, handler_fn};
+use mllp_reactor::{ConfigError, Dispatch, Reply, Server, ack, handler_fn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -26,8 +26,18 @@ pub struct ServeOptions {
     pub metrics: Option<String>,
     /// How long a Ctrl-C drain may take.
     pub grace: TypedDuration,
+    pub dispatch: DispatchArg,
+    pub max_in_flight: Option<usize>,
+    pub max_memory: usize,
     pub log_format: LogFormat,
     pub log_level: Option<String>,
+}
+
+/// `--dispatch`: where the handler runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DispatchArg {
+    Inline,
+    Pool,
 }
 
 /// Runs the server until SIGINT/SIGTERM, then drains and prints a one-line summary.
@@ -63,9 +73,17 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
     .frame_timeout(opts.frame_timeout.value)
     .max_message_size(opts.max_message_size)
     .max_connections(opts.max_connections)
+    .max_memory(opts.max_memory)
+    .dispatch(match opts.dispatch {
+        DispatchArg::Inline => Dispatch::Inline,
+        DispatchArg::Pool => Dispatch::Pool,
+    })
     .observer(LogObserver);
     if let Some(n) = opts.workers {
         builder = builder.workers(n);
+    }
+    if let Some(n) = opts.max_in_flight {
+        builder = builder.max_in_flight(n);
     }
     let listen = crate::addr::resolve(&opts.listen).map_err(|e| format!("--listen {e}"))?;
     let server = builder.bind(listen).map_err(|e| match e {
@@ -97,6 +115,9 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         max_message_size = opts.max_message_size,
         max_connections = opts.max_connections,
         workers = opts.workers,
+        dispatch = ?opts.dispatch,
+        max_in_flight = opts.max_in_flight,
+        max_memory = opts.max_memory,
         grace = %opts.grace,
         metrics = prometheus.map(|a| a.to_string()),
         version = env!("CARGO_PKG_VERSION"),
@@ -143,6 +164,18 @@ fn config_error(error: &ConfigError, opts: &ServeOptions) -> String {
             mllp_reactor::MAX_MESSAGE_SIZE_LIMIT
         ),
         ConfigError::NoWorkers => "--workers must be at least 1".to_owned(),
+        ConfigError::TooManyWorkers(n) => format!(
+            "--workers {n} is out of range: must be between 1 and {}",
+            mllp_reactor::MAX_WORKERS
+        ),
+        ConfigError::MaxInFlight(n) => format!(
+            "--max-in-flight {n} is out of range: must be between 1 and {}",
+            mllp_reactor::MAX_IN_FLIGHT_LIMIT
+        ),
+        ConfigError::MaxMemory(n) => format!(
+            "--max-memory {n} must be at least twice --max-message-size ({})",
+            opts.max_message_size
+        ),
         ConfigError::MaxConnections(n) => format!("--max-connections {n} is out of range"),
         ConfigError::NoAddress => format!("--listen {} resolves to no address", opts.listen),
         other => format!("invalid configuration: {other}"),

@@ -60,7 +60,7 @@ fn start_server() -> ServerHandle {
             _ => ack::accept(m),
         }))
     });
-    Server::builder(handler)
+    crate::util::with_test_reactors(Server::builder(handler))
         .bind("127.0.0.1:0")
         .expect("bind")
         .spawn()

@@ -65,9 +65,8 @@ fn every_metric_is_registered_at_bind_with_listener_label_unit_and_description()
             CONNECTION_DURATION | HANDLER_QUEUE | HANDLER_DURATION | RESPONSE_LATENCY => {
                 Some(Unit::Seconds)
             }
-            MESSAGE_SIZE | RESPONSE_SIZE | BYTES_RECEIVED | BYTES_SENT | JUNK_BYTES => {
-                Some(Unit::Bytes)
-            }
+            MESSAGE_SIZE | RESPONSE_SIZE | BYTES_RECEIVED | BYTES_SENT | JUNK_BYTES
+            | BUFFERED_BYTES => Some(Unit::Bytes),
             _ => None,
         };
         assert_eq!(metric.unit, want, "unit of {}", metric.name);
