@@ -119,6 +119,8 @@ pub(crate) enum Event {
         message_size: usize,
         detail: Option<String>,
         received_at: Option<Instant>,
+        /// The message's control id as a NAK quotes it (bounded), for logs.
+        control_id: Option<Bytes>,
     },
     /// The handler's outcome for a message (or its timeout), for the outcome metric.
     Handled(Handled),
@@ -560,6 +562,7 @@ impl Connection {
                     message_size: payload.len(),
                     detail: Some(detail),
                     received_at: Some(received_at),
+                    control_id: control_id_of(&payload),
                 });
                 (ready(nak, false, Then::Continue), handled)
             }
@@ -820,6 +823,7 @@ impl Connection {
             message_size: payload.len(),
             detail: None,
             received_at: Some(received_at),
+            control_id: control_id_of(payload),
         });
         ready(
             self.nak(payload, AckCode::AE, "handler timeout", out),
@@ -914,14 +918,15 @@ impl Connection {
 
     fn reject_oversize(&mut self, received: usize, now: Instant, out: &mut Vec<Event>) {
         out.push(Event::FrameRejected(FrameRejection::TooLarge));
+        let partial = self.decoder.partial_frame(&self.read_buf);
         out.push(Event::MessageException {
             seq: None,
             reason: ExceptionReason::MessageTooLarge,
             message_size: received,
             detail: None,
             received_at: None,
+            control_id: control_id_of(partial),
         });
-        let partial = self.decoder.partial_frame(&self.read_buf);
         let nak = match self.limits.nak_policy {
             NakPolicy::Send if has_control_id(partial) => {
                 self.nak(partial, AckCode::AR, "message too large", out)
@@ -977,6 +982,12 @@ fn ready(bytes: Option<Bytes>, stop: bool, then: Then) -> SlotState {
         stop,
         then,
     }
+}
+
+/// The control id a NAK for `message` quotes (escaped and capped), read from a bounded prefix.
+fn control_id_of(message: &[u8]) -> Option<Bytes> {
+    let source = &message[..message.len().min(NAK_SOURCE_LIMIT)];
+    ack::echoed_control_id(source).map(|id| Bytes::copy_from_slice(&id))
 }
 
 /// Whether the MSH-10 of a (possibly truncated) message can be read, so a NAK can quote it.

@@ -201,7 +201,7 @@ impl fmt::Display for CloseReason {
     }
 }
 
-/// Why a message was not handled normally (the reference's `message exception` kinds).
+/// Why a message was not handled normally (the kinds of the message-exception event).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ExceptionReason {

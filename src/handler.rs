@@ -58,8 +58,7 @@ pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 /// quoting its MSH-10.
 ///
 /// ```
-/// use bytes::Bytes;
-/// use mllp_reactor::{ack, Context, Handler, HandlerError, Reply};
+/// use mllp_reactor::{ack, Bytes, Context, Handler, HandlerError, Reply};
 ///
 /// struct Accept;
 /// impl Handler for Accept {

@@ -22,20 +22,22 @@ use crate::reactor::{
 };
 use crate::telemetry::{Metrics, Observer, Telemetry};
 
-/// Default idle timeout: 60 s, the reference's `timeout`.
+/// Default idle timeout: 60 s, long enough for a quiet feed between messages, short enough
+/// that abandoned connections do not pile up (a common MLLP library default).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Default handler timeout: 60 s, the reference's `handler_timeout`.
+/// Default handler timeout: 60 s: far above any healthy handler, and below the typical
+/// sender's own ACK timeout, so the sender gets our AE rather than timing out blind.
 pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(60);
-/// Default frame deadline: a started frame must complete within 120 s. The reference has
-/// none (a peer dripping a byte a minute holds a connection forever); 120 s lets a 10 MiB
-/// message cross a 1 Mbit/s link (84 s) with room to spare.
+/// Default frame deadline: a started frame must complete within 120 s, so a peer dripping a
+/// byte a minute cannot hold a connection forever; 120 s lets a 10 MiB message cross a
+/// 1 Mbit/s link (84 s) with room to spare.
 pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default write-stall deadline: a peer that reads none of our reply for 30 s is closed.
 /// ACKs are a few hundred bytes and fit any socket buffer, so only a peer that stopped reading
 /// altogether (and keeps sending) can stall.
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default connection cap: 10 000, below the 20 000 open files a process commonly may hold, and
-/// close to the reference's effective cap (about 10 240).
+/// Default connection cap: 10 000, below the 20 000 open files a process commonly may hold,
+/// leaving room for the store, logs and metrics.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default read-ahead: 64 KiB of undecoded pipelined bytes per connection while its message is
 /// with the handler; past it reading stops and TCP pushes back. 64 KiB holds dozens of typical

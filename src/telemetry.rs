@@ -1,5 +1,5 @@
-//! Telemetry: the reference's five events as an [`Observer`] hook, and metrics through the
-//! [`metrics`] facade (seed-spec §4).
+//! Telemetry: five events (connection start and stop, message start, stop and exception) as an
+//! [`Observer`] hook, and metrics through the [`metrics`] facade.
 //!
 //! # Observer
 //!
@@ -7,7 +7,7 @@
 //! exactly once per event: `connection_start` before anything else of that connection,
 //! `message_start` before that message's `message_stop` or `message_exception`, and
 //! `connection_stop` last. An oversize frame gives a `message_exception` with no
-//! `message_start` (the handler never saw it), as in the reference. Observers must be cheap and
+//! `message_start` (the handler never saw it). Observers must be cheap and
 //! must not block: the reactor serves every connection of the server from that thread. Forward
 //! to a channel if you need to do real work.
 //!
@@ -82,13 +82,13 @@ use crate::handler::ConnectionId;
 /// ```
 #[allow(unused_variables)]
 pub trait Observer: Send + Sync + 'static {
-    /// A connection was accepted (the reference's `connection start`).
+    /// A connection was accepted (and, behind PROXY protocol or TLS, has started).
     fn connection_start(&self, event: &ConnectionStart) {}
-    /// A connection ended (the reference's `connection stop`).
+    /// A connection ended.
     fn connection_stop(&self, event: &ConnectionStop) {}
-    /// A complete message was handed to the pool (the reference's `message start`).
+    /// A complete message was handed to the handler.
     fn message_start(&self, event: &MessageStart) {}
-    /// A message's reply was written, or it needed none (the reference's `message stop`).
+    /// A message's reply was written, or it needed none.
     fn message_stop(&self, event: &MessageStop) {}
     /// A message failed: handler error, panic, timeout, or an oversize frame.
     fn message_exception(&self, event: &MessageException<'_>) {}
@@ -180,6 +180,9 @@ pub struct MessageException<'a> {
     pub reason: ExceptionReason,
     /// The handler's error text or panic message, when there is one.
     pub detail: Option<&'a str>,
+    /// The message's MSH-10 as a NAK quotes it (block bytes escaped, at most 199 bytes), when
+    /// the message has a readable one.
+    pub control_id: Option<&'a [u8]>,
 }
 
 /// Metric names, public so dashboards and tests can refer to them.
@@ -529,6 +532,7 @@ impl Telemetry {
                 message_size,
                 detail,
                 received_at,
+                control_id,
             } => self.observe(|o| {
                 o.message_exception(&MessageException {
                     connection: p.connection,
@@ -540,6 +544,7 @@ impl Telemetry {
                     message_size,
                     reason,
                     detail: detail.as_deref(),
+                    control_id: control_id.as_deref(),
                 })
             }),
             Event::NakQueued(AckCode::AR) => m.naks_ar.increment(1),

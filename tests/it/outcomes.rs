@@ -1,4 +1,4 @@
-//! Handler outcomes (seed-spec §3): replies, no reply, close, errors, panics and timeouts, and
+//! Handler outcomes: replies, no reply, close, errors, panics and timeouts, and
 //! what the peer gets for each.
 
 use std::sync::Arc;
