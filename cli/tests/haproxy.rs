@@ -372,6 +372,8 @@ fn a_dead_backend_is_marked_down_and_skipped() {
 struct Node {
     child: Child,
     addr: SocketAddr,
+    /// Everything the node logged on stderr so far.
+    log: Arc<std::sync::Mutex<String>>,
 }
 
 impl Node {
@@ -383,9 +385,23 @@ impl Node {
             .args(["serve", "--listen", "127.0.0.1:0", "--proxy-protocol", "v2"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("serve starts");
+        let log = Arc::new(std::sync::Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
         let mut stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -403,7 +419,7 @@ impl Node {
             .strip_prefix("listening on ")
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("unexpected first line from serve: {line:?}"));
-        Self { child, addr }
+        Self { child, addr, log }
     }
 }
 
@@ -433,9 +449,8 @@ fn send_one(frontend: SocketAddr, id: usize) {
 /// health checks pass, messages are ACKed, and after SIGKILL of one node HAProxy marks it down
 /// and every new connection is served by the other.
 ///
-/// Ignored until `serve` has `--proxy-protocol` (the lead's reactor work). Still to add then:
-/// the peer each node records must be the client's address, which needs a way to read it
-/// from the node (an observer line on stdout, or the metrics endpoint).
+/// Each node logs the connection's peer: it must be the client's own address and port, which
+/// only the PROXY header carries (the node's socket peer is HAProxy).
 #[test]
 fn two_nodes_behind_haproxy_fail_over() {
     let Some(binary) = haproxy_binary() else {
@@ -450,6 +465,37 @@ fn two_nodes_behind_haproxy_fail_over() {
     for id in 0..20 {
         send_one(haproxy.frontend, id);
     }
+    // One more from a client whose port we know: a node must log it as the peer.
+    let client = TcpStream::connect(haproxy.frontend).expect("connect through HAProxy");
+    client.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let me = client.local_addr().unwrap();
+    let mut client_w = client.try_clone().unwrap();
+    client_w
+        .write_all(b"\x0bMSH|^~\\&|LAB|H|EHR|H|20260101||ORU^R01|PEER|P|2.5.1\r\x1c\x0d")
+        .unwrap();
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 512];
+    let mut reader = &client;
+    while !reply.ends_with(b"\x1c\x0d") {
+        let n = reader.read(&mut buf).expect("the ACK through HAProxy");
+        assert!(n > 0, "closed before the ACK");
+        reply.extend_from_slice(&buf[..n]);
+    }
+    let needle = format!("peer={me}");
+    let deadline = Instant::now() + TIMEOUT;
+    while ![&node1, &node2]
+        .iter()
+        .any(|n| n.log.lock().unwrap().contains(&needle))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no node logged {needle}; node1: {} node2: {}",
+            node1.log.lock().unwrap(),
+            node2.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(client);
 
     node1.child.kill().expect("SIGKILL node1");
     node1.child.wait().expect("node1 reaped");
