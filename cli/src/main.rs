@@ -1,11 +1,14 @@
 //! `mllp-reactor`: the command-line tool. One function per subcommand; `main` only parses and
 //! dispatches, and turns every error into one line on stderr and a non-zero exit.
 
+mod export;
 mod loadgen;
 mod send;
 mod serve;
+mod store_glue;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -31,12 +34,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run an MLLP server that answers AA to every message (Ctrl-C / SIGTERM drain gracefully).
+    /// Run an MLLP server that stores every message, then answers AA (Ctrl-C / SIGTERM drain
+    /// gracefully).
     Serve(ServeArgs),
     /// Send HL7 messages from files (or stdin) and print one line per ACK.
     Send(SendArgs),
     /// Drive an MLLP server with ADT^A01 messages and verify every ACK.
     Bench(BenchArgs),
+    /// Write the messages of a store to stdout, in store order (works while serve runs).
+    Export(ExportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -68,6 +74,25 @@ struct ServeArgs {
     /// How long Ctrl-C waits for in-flight messages.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     grace: Duration,
+    /// Store every message in this SQLite file before its AA (created if missing).
+    #[arg(long, default_value = "./mllp-reactor.db", value_name = "PATH")]
+    store: PathBuf,
+    /// Do not store messages: AA straight away (the ACK-only server, for benchmarks).
+    #[arg(long, conflicts_with = "store")]
+    no_store: bool,
+}
+
+#[derive(Debug, Args)]
+struct ExportArgs {
+    /// The store file (as given to serve --store).
+    #[arg(value_name = "STORE")]
+    store: PathBuf,
+    /// Only messages with a store id greater than this.
+    #[arg(long, default_value_t = 0, value_name = "ID")]
+    since: i64,
+    /// jsonl (one JSON object per message) or hl7 (segments as lines).
+    #[arg(long, default_value = "jsonl", value_name = "FORMAT")]
+    format: mllp_store::export::Format,
 }
 
 #[derive(Debug, Args)]
@@ -133,6 +158,7 @@ fn main() -> ExitCode {
             workers: args.workers,
             metrics: args.metrics,
             grace: args.grace,
+            store: (!args.no_store).then_some(args.store),
         }),
         Command::Send(args) => {
             let opts = send::SendOptions {
@@ -148,6 +174,11 @@ fn main() -> ExitCode {
             }
         }
         Command::Bench(args) => bench(&args),
+        Command::Export(args) => export::export(&export::ExportOptions {
+            store: args.store,
+            since: args.since,
+            format: args.format,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

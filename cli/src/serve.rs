@@ -1,12 +1,18 @@
-//! `mllp-reactor serve`: an MLLP ACK server (AA to every message through the ACK builder).
+//! `mllp-reactor serve`: an MLLP server that stores each message before its AA (or, with
+//! `--no-store`, answers AA at once through the ACK builder).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use mllp_reactor::{Reply, Server, ack, handler_fn};
+use mllp_store::{SqliteOptions, Store, StoreConfig};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+
+use crate::store_glue::{STORE_WORKERS, store_handler};
 
 /// Options of `serve`, already parsed.
 #[derive(Debug, Clone)]
@@ -21,6 +27,8 @@ pub struct ServeOptions {
     pub metrics: Option<String>,
     /// How long a Ctrl-C drain may take.
     pub grace: Duration,
+    /// The store file; `None`: `--no-store`.
+    pub store: Option<PathBuf>,
 }
 
 /// Runs the server until SIGINT/SIGTERM, then drains and prints a one-line summary.
@@ -29,13 +37,31 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         Some(addr) => Some(start_metrics(addr)?),
         None => None,
     };
-    let mut builder = Server::builder(handler_fn(|msg, _cx| Ok(Reply::Send(ack::accept(msg)))))
+    // A store file past the process's file-size limit (RLIMIT_FSIZE) must fail its commits
+    // with EFBIG (so senders get AE) instead of killing the server with SIGXFSZ.
+    signal_hook::flag::register(
+        signal_hook::consts::SIGXFSZ,
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    )
+    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let store = match &opts.store {
+        Some(path) => Some(Arc::new(
+            Store::open_sqlite(path, &SqliteOptions::default(), StoreConfig::default())
+                .map_err(|e| e.to_string())?,
+        )),
+        None => None,
+    };
+    let mut builder = match &store {
+        Some(store) => Server::builder(store_handler(Arc::clone(store))),
+        None => Server::builder(handler_fn(|msg, _cx| Ok(Reply::Send(ack::accept(msg))))),
+    };
+    builder = builder
         .idle_timeout(opts.idle_timeout)
         .handler_timeout(opts.handler_timeout)
         .frame_timeout(opts.frame_timeout)
         .max_message_size(opts.max_message_size)
         .max_connections(opts.max_connections);
-    if let Some(n) = opts.workers {
+    if let Some(n) = opts.workers.or(store.as_ref().map(|_| STORE_WORKERS)) {
         builder = builder.workers(n);
     }
     let server = builder.bind(opts.listen.as_str()).map_err(|e| match e {
@@ -48,6 +74,11 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         other => format!("cannot start on {}: {other}", opts.listen),
     })?;
     println!("listening on {}", server.local_addr());
+    if let Some(path) = &opts.store {
+        // The absolute path: "./mllp-reactor.db" does not say which directory.
+        let shown = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+        println!("storing to {}", shown.display());
+    }
     if let Some(addr) = &prometheus {
         println!("metrics on http://{addr}/metrics");
     }
@@ -69,6 +100,11 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         report.in_flight.saturating_sub(report.forced),
         report.forced
     );
+    if let Some(store) = store {
+        store
+            .close(grace)
+            .map_err(|e| format!("store not closed cleanly: {e}"))?;
+    }
     Ok(())
 }
 
