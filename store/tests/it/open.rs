@@ -115,7 +115,7 @@ fn a_newer_schema_is_refused() {
     assert_eq!(
         err,
         StoreError::UnsupportedVersion {
-            path: path.clone(),
+            path,
             found: 99,
             supported: 1
         }

@@ -71,15 +71,15 @@ pub(crate) fn record(control_id: &str) -> Record {
     Record::new(message(control_id), origin(1, 0))
 }
 
+/// What a store callback receives.
+pub(crate) type Outcome = Result<StoreOutcome, StoreError>;
+
 /// A callback that sends the result on a channel, and the receiving end.
-pub(crate) fn channel() -> (
-    Sender<Result<StoreOutcome, StoreError>>,
-    Receiver<Result<StoreOutcome, StoreError>>,
-) {
+pub(crate) fn channel() -> (Sender<Outcome>, Receiver<Outcome>) {
     mpsc::channel()
 }
 
-pub(crate) fn done(tx: &Sender<Result<StoreOutcome, StoreError>>) -> mllp_store::Done {
+pub(crate) fn done(tx: &Sender<Outcome>) -> mllp_store::Done {
     let tx = tx.clone();
     Box::new(move |r| {
         let _ = tx.send(r);
