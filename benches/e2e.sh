@@ -47,7 +47,7 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
 BASELINE_CMD=${BASELINE_CMD:-target/release/examples/baseline_server 127.0.0.1:0}
-OURS_CMD=${OURS_CMD:-target/release/mllp-reactor serve --listen 127.0.0.1:0}
+OURS_CMD=${OURS_CMD:-target/release/mllp-reactor serve --no-store --log-level off --listen 127.0.0.1:0}
 RAW=${RAW:-target/e2e/e2e-$(date +%Y%m%d-%H%M%S).jsonl}
 BENCH=target/release/mllp-reactor
 # Seconds a server gets to print its address.
