@@ -48,22 +48,9 @@ fn hundred_frames_in_one_write_are_answered_in_order() {
     // Each message is started and stopped before the next one starts, in sequence order.
     let id = events.connection_start().connection;
     for (i, (payload, reply)) in payloads.iter().zip(&replies).enumerate() {
-        let msg = events.message_start();
-        assert_eq!(
-            (msg.connection, msg.sequence, msg.message_size),
-            (id, i as u64, payload.len())
-        );
-        let done = events.message_stop();
-        assert_eq!(
-            (done.connection, done.sequence, done.response_size),
-            (id, i as u64, Some(reply.len()))
-        );
+        events.answered(id, i as u64, payload.len(), Some(reply.len()));
     }
-    let stop = events.connection_stop();
-    assert_eq!(
-        (stop.connection, stop.reason),
-        (id, CloseReason::PeerClosed)
-    );
+    events.stopped(id, CloseReason::PeerClosed);
     events.assert_drained();
 }
 
@@ -234,16 +221,11 @@ fn oversize_frame_gets_an_ar_nak_then_close() {
         failed.message_size
     );
     assert_eq!(failed.detail, None);
-    let stop = events.connection_stop();
-    assert_eq!(
-        (stop.connection, stop.reason),
-        (id, CloseReason::MessageTooLarge)
-    );
+    events.stopped(id, CloseReason::MessageTooLarge);
     let other_id = events.started(other_addr, addr).connection;
     assert_ne!(other_id, id);
-    assert_eq!(events.message_start().message_size, small.len());
-    assert_eq!(events.message_stop().response_size, Some(reply.len()));
-    assert_eq!(events.connection_stop().reason, CloseReason::PeerClosed);
+    events.answered(other_id, 0, small.len(), Some(reply.len()));
+    events.stopped(other_id, CloseReason::PeerClosed);
     events.assert_drained();
 
     // The rest of the rejected frame is discarded with the connection: not counted as junk.

@@ -140,10 +140,8 @@ fn shutdown_closes_an_idle_connection_and_refuses_new_ones() {
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
 
     let id = events.started(client.local_addr(), addr).connection;
-    assert_eq!(events.message_start().connection, id);
-    assert_eq!(events.message_stop().connection, id);
-    let stop = events.connection_stop();
-    assert_eq!((stop.connection, stop.reason), (id, CloseReason::Shutdown));
+    events.answered(id, 0, payload.len(), Some(reply.len()));
+    events.stopped(id, CloseReason::Shutdown);
     events.assert_drained();
     metrics.assert_exactly(
         &Expected::new()
@@ -244,17 +242,15 @@ fn connection_ids_are_unique_when_slots_are_reused() {
     for i in 0..20 {
         let mut client = server.connect();
         let id = format!("R{i}");
-        assert_ack(&client.roundtrip(&message(&id)), AckCode::AA, &id);
+        let payload = message(&id);
+        let reply = client.roundtrip(&payload);
+        assert_ack(&reply, AckCode::AA, &id);
         let me = client.local_addr();
         client.finish();
         let start = server.events.started(me, server.addr);
-        assert_eq!(server.events.message_start().connection, start.connection);
-        assert_eq!(server.events.message_stop().connection, start.connection);
-        let stop = server.events.connection_stop();
-        assert_eq!(
-            (stop.connection, stop.reason),
-            (start.connection, CloseReason::PeerClosed)
-        );
+        let events = &mut server.events;
+        events.answered(start.connection, 0, payload.len(), Some(reply.len()));
+        events.stopped(start.connection, CloseReason::PeerClosed);
         assert!(
             ids.insert(start.connection),
             "connection id {start:?} reused"

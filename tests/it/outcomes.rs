@@ -75,21 +75,8 @@ fn failure_is_naked(
     assert_eq!(failed.sequence, Some(0));
     assert_eq!(failed.message_size, bad.len());
     assert_eq!(failed.detail.as_deref(), Some(detail));
-    let msg = events.message_start();
-    assert_eq!(
-        (msg.connection, msg.sequence, msg.message_size),
-        (id, 1, good.len())
-    );
-    let done = events.message_stop();
-    assert_eq!(
-        (done.connection, done.sequence, done.response_size),
-        (id, 1, Some(reply.len()))
-    );
-    let stop = events.connection_stop();
-    assert_eq!(
-        (stop.connection, stop.reason),
-        (id, CloseReason::PeerClosed)
-    );
+    events.answered(id, 1, good.len(), Some(reply.len()));
+    events.stopped(id, CloseReason::PeerClosed);
     events.assert_drained();
 
     let expected = Expected::new()
@@ -177,21 +164,8 @@ fn handler_timeout_gets_an_ae_nak_and_the_late_result_is_discarded() {
         failed.duration
     );
     // The late result gives no event.
-    let msg = events.message_start();
-    assert_eq!(
-        (msg.connection, msg.sequence, msg.message_size),
-        (id, 1, next.len())
-    );
-    let done = events.message_stop();
-    assert_eq!(
-        (done.connection, done.sequence, done.response_size),
-        (id, 1, Some(reply.len()))
-    );
-    let stop = events.connection_stop();
-    assert_eq!(
-        (stop.connection, stop.reason),
-        (id, CloseReason::PeerClosed)
-    );
+    events.answered(id, 1, next.len(), Some(reply.len()));
+    events.stopped(id, CloseReason::PeerClosed);
     events.assert_drained();
 
     let expected = Expected::new()
@@ -238,24 +212,18 @@ fn no_reply_sends_nothing_and_keeps_the_connection() {
     let addr = server.addr;
     let mut peer = server.connect();
     let me = peer.local_addr();
-    peer.send_frame(&message("NOREPLY1"));
-    let reply = peer.roundtrip(&message("OK4"));
+    let (quiet, ok) = (message("NOREPLY1"), message("OK4"));
+    peer.send_frame(&quiet);
+    let reply = peer.roundtrip(&ok);
     assert_ack(&reply, AckCode::AA, "OK4");
     peer.finish();
     let mut events = server.stop().events;
 
     // Handled (a message stop without a response size), not an exception.
     let id = events.started(me, addr).connection;
-    assert_eq!(events.message_start().connection, id);
-    let done = events.message_stop();
-    assert_eq!(
-        (done.connection, done.sequence, done.response_size),
-        (id, 0, None)
-    );
-    assert_eq!(events.message_start().sequence, 1);
-    let done = events.message_stop();
-    assert_eq!((done.sequence, done.response_size), (1, Some(reply.len())));
-    assert_eq!(events.connection_stop().reason, CloseReason::PeerClosed);
+    events.answered(id, 0, quiet.len(), None);
+    events.answered(id, 1, ok.len(), Some(reply.len()));
+    events.stopped(id, CloseReason::PeerClosed);
     events.assert_drained();
 }
 

@@ -11,8 +11,8 @@ use mllp_reactor::telemetry::names::*;
 use mllp_reactor::{CloseReason, Reply, Server, handler_fn};
 
 use crate::support::{
-    self, Event, Events, Expected, Peer, SHORT, Stopped, accepting, assert_ack, control_id, frame,
-    message, secs, start,
+    self, Event, Events, Expected, Peer, SHORT, Stopped, TestServer, accepting, assert_ack,
+    control_id, frame, message, secs, start,
 };
 
 #[test]
@@ -37,7 +37,6 @@ fn idle_timeout_closes_the_connection() {
 #[test]
 fn idle_timeout_closes_a_connection_that_never_sent() {
     let server = start(Server::builder(accepting()).idle_timeout(SHORT));
-    let addr = server.addr;
     let started = Instant::now();
     let mut peer = server.connect();
     // Reading until EOF is the wait.
@@ -47,24 +46,10 @@ fn idle_timeout_closes_a_connection_that_never_sent() {
         "closed after {:?}",
         started.elapsed()
     );
-    let Stopped {
-        metrics,
-        mut events,
-        ..
-    } = server.stop();
-
-    let lifetime = start_then_stop(&mut events, &peer, addr, CloseReason::IdleTimeout);
-    assert!(lifetime >= SHORT, "closed after {lifetime:?}");
-    events.assert_drained();
     let expected = Expected::new()
         .accepted(1)
         .closed(CloseReason::IdleTimeout, 1);
-    metrics.assert_exactly(&expected);
-    let lifetime = metrics.histogram(CONNECTION_DURATION)[0];
-    assert!(
-        lifetime >= secs(SHORT),
-        "closed after {lifetime} s, before the idle timeout"
-    );
+    assert_only_connection_closed(server, &peer, CloseReason::IdleTimeout, &expected);
 }
 
 #[test]
@@ -89,19 +74,32 @@ fn idle_timer_does_not_run_while_the_handler_works() {
     server.stop();
 }
 
-/// Checks that the next events are the start of `client`'s connection to `addr` and its stop
-/// for `reason`; the connection's lifetime.
+/// Stops `server`, whose only connection, `client`'s, was closed for `reason` (a deadline of
+/// [`SHORT`]), and checks its events (a start and a stop, nothing else), that it lived at
+/// least [`SHORT`] by the observer and by the metrics, and that the metrics are `expected`.
 #[track_caller]
-fn start_then_stop(
-    events: &mut Events,
+fn assert_only_connection_closed(
+    server: TestServer,
     client: &Peer,
-    addr: SocketAddr,
     reason: CloseReason,
-) -> Duration {
+    expected: &Expected,
+) {
+    let addr = server.addr;
+    let Stopped {
+        metrics,
+        mut events,
+        ..
+    } = server.stop();
     let id = events.started(client.local_addr(), addr).connection;
-    let stop = events.connection_stop();
-    assert_eq!((stop.connection, stop.reason), (id, reason));
-    stop.duration
+    let lifetime = events.stopped(id, reason);
+    assert!(lifetime >= SHORT, "closed after {lifetime:?}");
+    events.assert_drained();
+    metrics.assert_exactly(expected);
+    let lifetime = metrics.histogram(CONNECTION_DURATION)[0];
+    assert!(
+        lifetime >= secs(SHORT),
+        "closed after {lifetime} s, before the deadline"
+    );
 }
 
 /// Whether the server has reported the connection from `peer` closed.
@@ -112,32 +110,17 @@ fn closed(events: &mut Events, peer: SocketAddr) -> bool {
 #[test]
 fn frame_deadline_closes_a_stalled_frame() {
     let server = start(Server::builder(accepting()).frame_timeout(SHORT));
-    let addr = server.addr;
     let partial = &frame(&message("SLOW"))[..20];
     let mut peer = server.connect();
     peer.send(partial);
     assert!(peer.read_to_eof().is_empty());
-    let Stopped {
-        metrics,
-        mut events,
-        ..
-    } = server.stop();
-
     // No message events: the frame never reached the handler.
-    let lifetime = start_then_stop(&mut events, &peer, addr, CloseReason::FrameTimeout);
-    assert!(lifetime >= SHORT, "closed after {lifetime:?}");
-    events.assert_drained();
     let expected = Expected::new()
         .accepted(1)
         .counter(BYTES_RECEIVED, &[], partial.len() as u64)
         .counter(FRAMES_REJECTED, &[("reason", "frame_timeout")], 1)
         .closed(CloseReason::FrameTimeout, 1);
-    metrics.assert_exactly(&expected);
-    let lifetime = metrics.histogram(CONNECTION_DURATION)[0];
-    assert!(
-        lifetime >= secs(SHORT),
-        "closed after {lifetime} s, before the frame deadline"
-    );
+    assert_only_connection_closed(server, &peer, CloseReason::FrameTimeout, &expected);
 }
 
 #[test]

@@ -168,6 +168,42 @@ impl Events {
         start
     }
 
+    /// The next two events, which must be message `sequence` of connection `id` starting with
+    /// `size` bytes and stopping with a response of `response` bytes (`None`: no reply).
+    #[track_caller]
+    pub(crate) fn answered(
+        &mut self,
+        id: ConnectionId,
+        sequence: u64,
+        size: usize,
+        response: Option<usize>,
+    ) {
+        let msg = self.message_start();
+        assert_eq!(
+            (msg.connection, msg.sequence, msg.message_size),
+            (id, sequence, size),
+            "message start"
+        );
+        let done = self.message_stop();
+        assert_eq!(
+            (done.connection, done.sequence, done.response_size),
+            (id, sequence, response),
+            "message stop"
+        );
+    }
+
+    /// The next event, which must be the stop of connection `id` for `reason`; its lifetime.
+    #[track_caller]
+    pub(crate) fn stopped(&mut self, id: ConnectionId, reason: CloseReason) -> Duration {
+        let stop = self.connection_stop();
+        assert_eq!(
+            (stop.connection, stop.reason),
+            (id, reason),
+            "connection stop"
+        );
+        stop.duration
+    }
+
     /// Every event received so far (taking what has arrived, without waiting) from the
     /// connection of `peer`, in order, whether taken or not.
     pub(crate) fn of(&mut self, peer: SocketAddr) -> Vec<Event> {

@@ -31,7 +31,7 @@ use mllp_reactor::{
 
 pub(crate) use events::{Event, Events, kinds};
 pub(crate) use peer::{Peer, Sockets, connection_sockets, is_reset, open_fds};
-pub(crate) use recorded::{Expected, Recorded};
+pub(crate) use recorded::{ALL_NAMES, Expected, Recorded};
 
 /// Read, write and connect timeout of every test socket: far above anything a passing test
 /// waits for, so a loaded 2-core machine does not fail a test, but a hang ends in seconds.
