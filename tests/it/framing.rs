@@ -109,12 +109,13 @@ fn junk_before_and_between_frames_is_dropped_and_counted() {
     let mut server = start(Server::builder(echo()));
     let mut peer = server.connect();
     let (one, two, three) = (b"MSH|^~\\&|ONE", b"MSH|^~\\&|TWO", b"MSH|^~\\&|THREE");
-    // Junk, and a lone EB CR; junk between frames; junk after the last frame, then a frame
-    // split across writes.
-    let junk: [&[u8]; 3] = [
+    // Junk, and a lone EB CR; junk between frames; junk after a frame, then a frame split
+    // across writes; junk after the last frame, up to the close.
+    let junk: [&[u8]; 4] = [
         b"GET / HTTP/1.1\r\n\x1c\x0d",
         b"\r\n\x00\xff between \x1c\x0d",
         b"trailing junk, then a frame split: ",
+        b"tail!",
     ];
     let mut wire = junk[0].to_vec();
     wire.extend(frame(one));
@@ -126,7 +127,9 @@ fn junk_before_and_between_frames_is_dropped_and_counted() {
     split.extend(b"\x0bMSH|^~\\&|TH");
     peer.send(&split);
     pause();
-    peer.send(b"REE\x1c\x0d");
+    let mut end = b"REE\x1c\x0d".to_vec();
+    end.extend(junk[3]);
+    peer.send(&end);
     let replies = [peer.read_frame(), peer.read_frame(), peer.read_frame()];
     assert_eq!(replies, [&one[..], &two[..], &three[..]]);
     let me = peer.local_addr();
