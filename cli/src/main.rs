@@ -68,6 +68,29 @@ struct ServeArgs {
     /// How long Ctrl-C waits for in-flight messages.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     grace: Duration,
+    /// Where the ACK is built: `inline` on the I/O thread (fastest; the handler never
+    /// blocks) or `pool` on a worker thread (what a blocking handler needs).
+    #[arg(long, default_value = "inline", value_name = "inline|pool")]
+    dispatch: serve::DispatchArg,
+    /// Messages per connection read and handled before earlier replies are written
+    /// (default: 64 inline, 1 pool).
+    #[arg(long, value_name = "N")]
+    max_in_flight: Option<usize>,
+    /// Server-wide budget for buffered bytes; above it reading pauses.
+    #[arg(long, default_value_t = mllp_reactor::DEFAULT_MAX_MEMORY, value_name = "BYTES")]
+    max_memory: usize,
+    /// Reactor threads (poll loops); connections are spread over them by load.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    reactors: usize,
+    /// Require a PROXY protocol header (from HAProxy's send-proxy[-v2]) on every connection.
+    #[arg(long, value_name = "v1|v2|any")]
+    proxy_protocol: Option<serve::ProxyArg>,
+    /// With --proxy-protocol: accept connections only from this balancer CIDR (repeatable).
+    #[arg(long = "proxy-source", value_name = "CIDR")]
+    proxy_sources: Vec<mllp_reactor::cidr::Cidr>,
+    /// Accept connections only from this CIDR, IPv4 or IPv6 (repeatable; default: anyone).
+    #[arg(long = "allow", value_name = "CIDR")]
+    allow: Vec<mllp_reactor::cidr::Cidr>,
 }
 
 #[derive(Debug, Args)]
@@ -133,6 +156,13 @@ fn main() -> ExitCode {
             workers: args.workers,
             metrics: args.metrics,
             grace: args.grace,
+            dispatch: args.dispatch,
+            max_in_flight: args.max_in_flight,
+            max_memory: args.max_memory,
+            reactors: args.reactors,
+            proxy_protocol: args.proxy_protocol,
+            proxy_sources: args.proxy_sources,
+            allow: args.allow,
         }),
         Command::Send(args) => {
             let opts = send::SendOptions {

@@ -4,7 +4,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
-use mllp_reactor::{Reply, Server, ack, handler_fn};
+use mllp_reactor::cidr::Cidr;
+use mllp_reactor::proxy::ProxyMode;
+use mllp_reactor::{Dispatch, Reply, Server, ack, handler_fn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -21,6 +23,28 @@ pub struct ServeOptions {
     pub metrics: Option<String>,
     /// How long a Ctrl-C drain may take.
     pub grace: Duration,
+    pub dispatch: DispatchArg,
+    pub max_in_flight: Option<usize>,
+    pub max_memory: usize,
+    pub reactors: usize,
+    pub proxy_protocol: Option<ProxyArg>,
+    pub proxy_sources: Vec<Cidr>,
+    pub allow: Vec<Cidr>,
+}
+
+/// `--proxy-protocol`: which PROXY header versions to accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyArg {
+    V1,
+    V2,
+    Any,
+}
+
+/// `--dispatch`: where the handler runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DispatchArg {
+    Inline,
+    Pool,
 }
 
 /// Runs the server until SIGINT/SIGTERM, then drains and prints a one-line summary.
@@ -34,9 +58,33 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         .handler_timeout(opts.handler_timeout)
         .frame_timeout(opts.frame_timeout)
         .max_message_size(opts.max_message_size)
-        .max_connections(opts.max_connections);
+        .max_connections(opts.max_connections)
+        .max_memory(opts.max_memory)
+        .dispatch(match opts.dispatch {
+            DispatchArg::Inline => Dispatch::Inline,
+            DispatchArg::Pool => Dispatch::Pool,
+        });
     if let Some(n) = opts.workers {
         builder = builder.workers(n);
+    }
+    if let Some(n) = opts.max_in_flight {
+        builder = builder.max_in_flight(n);
+    }
+    builder = builder.reactors(opts.reactors);
+    if let Some(mode) = opts.proxy_protocol {
+        builder = builder.proxy_protocol(match mode {
+            ProxyArg::V1 => ProxyMode::V1,
+            ProxyArg::V2 => ProxyMode::V2,
+            ProxyArg::Any => ProxyMode::Any,
+        });
+        if !opts.proxy_sources.is_empty() {
+            builder = builder.proxy_sources(opts.proxy_sources.iter().copied().collect());
+        }
+    } else if !opts.proxy_sources.is_empty() {
+        return Err("--proxy-source needs --proxy-protocol".to_owned());
+    }
+    if !opts.allow.is_empty() {
+        builder = builder.allow(opts.allow.iter().copied().collect());
     }
     let server = builder.bind(opts.listen.as_str()).map_err(|e| match e {
         mllp_reactor::Error::Bind(io) if io.kind() == std::io::ErrorKind::AddrInUse => {

@@ -182,7 +182,7 @@ fn message_of_exactly_the_limit_passes() {
 #[test]
 fn oversize_frame_gets_an_ar_nak_then_close() {
     const MAX: usize = 1024;
-    let server = start(Server::builder(accepting()).max_message_size(MAX));
+    let mut server = start(Server::builder(accepting()).max_message_size(MAX));
     let addr = server.addr;
     let mut peer = server.connect();
     let me = peer.local_addr();
@@ -194,6 +194,7 @@ fn oversize_frame_gets_an_ar_nak_then_close() {
     assert_ack(&nak, AckCode::AR, "TOOBIG");
     // A clean close: the server read the whole frame before it answered.
     assert!(peer.read_to_eof().is_empty());
+    server.events.expect_close(me, CloseReason::MessageTooLarge);
     // Other connections go on.
     let mut other = server.connect();
     let small = message("SMALL");

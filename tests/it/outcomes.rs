@@ -90,19 +90,31 @@ fn failure_is_naked(
 }
 
 #[test]
-fn handler_error_gets_an_ae_nak_with_its_text_and_the_connection_goes_on() {
+fn handler_error_gets_an_ae_nak_and_the_connection_goes_on() {
     let nak = failure_is_naked(
         "ERR1",
         ExceptionReason::HandlerError,
         "error",
         "cannot store ERR1",
     );
+    // The error's text reaches the observer, not the peer (unless exposed, below).
+    let text = ack::parse(&nak).unwrap().text.expect("MSA-3").to_vec();
+    assert_eq!(text, b"application error", "{:?}", Bytes::from(nak));
+}
+
+#[test]
+fn handler_error_text_reaches_the_nak_when_exposed() {
+    let server = start(Server::builder(handler_fn(by_control_id)).expose_handler_errors(true));
+    let mut peer = server.connect();
+    let nak = peer.roundtrip(&message("ERR2"));
+    assert_ack(&nak, AckCode::AE, "ERR2");
     let text = ack::parse(&nak).unwrap().text.expect("MSA-3").to_vec();
     assert!(
-        String::from_utf8_lossy(&text).contains("cannot store ERR1"),
+        String::from_utf8_lossy(&text).contains("cannot store ERR2"),
         "{:?}",
         Bytes::from(nak)
     );
+    server.stop();
 }
 
 #[test]
@@ -208,12 +220,16 @@ fn silent_policy_sends_nothing_on_failure() {
 
 #[test]
 fn no_reply_sends_nothing_and_keeps_the_connection() {
-    let server = start(Server::builder(handler_fn(by_control_id)));
+    let mut server = start(Server::builder(handler_fn(by_control_id)));
     let addr = server.addr;
     let mut peer = server.connect();
     let me = peer.local_addr();
     let (quiet, ok) = (message("NOREPLY1"), message("OK4"));
     peer.send_frame(&quiet);
+    // Nothing comes back to wait for: the message stop is the signal.
+    server.events.wait("the no-reply message's stop", |e| {
+        matches!(e, Event::MessageStop(_)) && e.peer() == me
+    });
     let reply = peer.roundtrip(&ok);
     assert_ack(&reply, AckCode::AA, "OK4");
     peer.finish();

@@ -119,8 +119,8 @@ pub(crate) struct TestServer {
     recorder: recorded::Recorder,
 }
 
-/// Binds `builder` on 127.0.0.1:0 with listener name [`LISTENER`], an observer feeding
-/// [`TestServer::events`] and a recorder of its own, and spawns it.
+/// Binds `builder` on 127.0.0.1:0 with listener name [`LISTENER`], [`with_test_reactors`], an
+/// observer feeding [`TestServer::events`] and a recorder of its own, and spawns it.
 #[track_caller]
 pub(crate) fn start(builder: Builder) -> TestServer {
     start_at("127.0.0.1:0", builder).unwrap_or_else(|e| panic!("bind 127.0.0.1:0: {e}"))
@@ -128,18 +128,37 @@ pub(crate) fn start(builder: Builder) -> TestServer {
 
 /// [`start`] on `addr`; the bind error is returned for tests that skip when `addr` is not
 /// available (IPv6).
-#[track_caller]
 pub(crate) fn start_at(addr: &str, builder: Builder) -> Result<TestServer, mllp_reactor::Error> {
+    launch(addr, builder, true)
+}
+
+/// [`start`], keeping the observer `builder` has (a test of observers themselves):
+/// [`TestServer::events`] then reports nothing.
+#[track_caller]
+pub(crate) fn start_with_own_observer(builder: Builder) -> TestServer {
+    launch("127.0.0.1:0", builder, false).unwrap_or_else(|e| panic!("bind 127.0.0.1:0: {e}"))
+}
+
+/// Applies `MLLP_TEST_REACTORS` (default 1): CI runs this suite with 2 reactors too, so every
+/// behaviour is checked with connections spread over reactors.
+pub(crate) fn with_test_reactors(builder: Builder) -> Builder {
+    let n = std::env::var("MLLP_TEST_REACTORS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    builder.reactors(n)
+}
+
+fn launch(addr: &str, builder: Builder, observe: bool) -> Result<TestServer, mllp_reactor::Error> {
     // Bound inside `with_local_recorder`, every handle lands in this test's recorder, whatever
     // thread later updates it, and tests running side by side stay apart.
     let recorder = DebuggingRecorder::new();
     let (observer, events) = events::observer();
-    let server = ::metrics::with_local_recorder(&recorder, || {
-        builder
-            .listener_name(LISTENER)
-            .observer(observer)
-            .bind(addr)
-    })?;
+    let mut builder = with_test_reactors(builder).listener_name(LISTENER);
+    if observe {
+        builder = builder.observer(observer);
+    }
+    let server = ::metrics::with_local_recorder(&recorder, || builder.bind(addr))?;
     let handle = server.spawn().expect("spawn the test server");
     Ok(TestServer {
         addr: handle.local_addr(),

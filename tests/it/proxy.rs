@@ -1,0 +1,195 @@
+//! PROXY protocol and the allow-list, through the server.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mllp_reactor::ack::AckCode;
+use mllp_reactor::cidr::AllowList;
+use mllp_reactor::proxy::{ProxyHeader, ProxyMode, encode_v1, encode_v2};
+use mllp_reactor::{CloseReason, Server};
+
+use crate::support::{Event, TestServer, accepting, assert_ack, frame, message, start, start_at};
+
+fn client(addr: &str) -> SocketAddr {
+    addr.parse().unwrap()
+}
+
+fn proxied(source: &str) -> ProxyHeader {
+    ProxyHeader::Proxied {
+        source: client(source),
+        destination: client("10.0.0.1:2575"),
+    }
+}
+
+fn allow(list: &[&str]) -> AllowList {
+    list.iter().map(|c| c.parse().unwrap()).collect()
+}
+
+#[test]
+fn v2_header_source_becomes_the_peer() {
+    let mut server = start(Server::builder(accepting()).proxy_protocol(ProxyMode::V2));
+    let mut peer = server.connect();
+    let mut wire = encode_v2(&proxied("203.0.113.7:40123"));
+    wire.extend(frame(&message("PX1")));
+    peer.send(&wire);
+    assert_ack(&peer.read_frame(), AckCode::AA, "PX1");
+    let started = server.events.connection_start();
+    assert_eq!(started.peer, client("203.0.113.7:40123"));
+    server
+        .events
+        .wait("message start from the real client", |e| {
+            matches!(e, Event::MessageStart(_)) && e.peer() == client("203.0.113.7:40123")
+        });
+    server.stop();
+}
+
+#[test]
+fn v1_header_byte_by_byte_then_pipelined_messages() {
+    let server = start(Server::builder(accepting()).proxy_protocol(ProxyMode::Any));
+    let mut peer = server.connect();
+    for b in encode_v1(&proxied("[2001:db8::1]:5000")) {
+        peer.send(&[b]);
+    }
+    let mut wire = Vec::new();
+    for i in 0..5 {
+        wire.extend(frame(&message(&format!("V1_{i}"))));
+    }
+    peer.send(&wire);
+    for i in 0..5 {
+        assert_ack(&peer.read_frame(), AckCode::AA, &format!("V1_{i}"));
+    }
+    server.stop();
+}
+
+#[test]
+fn local_header_is_a_health_check_served_with_the_socket_peer() {
+    let mut server = start(Server::builder(accepting()).proxy_protocol(ProxyMode::V2));
+    let mut peer = server.connect();
+    peer.send(&encode_v2(&ProxyHeader::Local));
+    peer.shutdown_write();
+    peer.expect_closed();
+    server
+        .events
+        .expect_close(peer.local_addr(), CloseReason::PeerClosed);
+    server.stop();
+}
+
+#[test]
+fn a_connection_without_a_header_is_rejected_and_counted() {
+    let mut server = start(Server::builder(accepting()).proxy_protocol(ProxyMode::V2));
+    let mut peer = server.connect();
+    // Plain MLLP where a header must be: no guessing, the connection is closed unanswered.
+    peer.send(&frame(&message("NOHDR")));
+    peer.expect_closed();
+    server
+        .events
+        .expect_close(peer.local_addr(), CloseReason::ProxyHeader);
+    server.stop();
+}
+
+#[test]
+fn a_silent_connection_is_closed_at_the_handshake_deadline() {
+    let mut server = start(
+        Server::builder(accepting())
+            .proxy_protocol(ProxyMode::Any)
+            .handshake_timeout(Duration::from_millis(200)),
+    );
+    let mut peer = server.connect();
+    peer.expect_closed();
+    server
+        .events
+        .expect_close(peer.local_addr(), CloseReason::HandshakeTimeout);
+    server.stop();
+}
+
+#[test]
+fn allow_list_accepts_and_rejects_ipv4_and_ipv6() {
+    let server = start(Server::builder(accepting()).allow(allow(&["127.0.0.1/32"])));
+    let mut ok = server.connect();
+    assert_ack(&ok.roundtrip(&message("IN")), AckCode::AA, "IN");
+    server.stop();
+
+    // ::1 is not on an IPv4-only list.
+    let Some(server) = start_v6(&["127.0.0.0/8"]) else {
+        return;
+    };
+    let mut out = server.connect();
+    out.expect_closed();
+    server.stop();
+
+    let mut server = start_v6(&["::1/128"]).expect("bound ::1 above");
+    let mut ok6 = server.connect();
+    assert_ack(&ok6.roundtrip(&message("IN6")), AckCode::AA, "IN6");
+    drop(ok6);
+    server.events.wait("an IPv6 connection", |e| {
+        matches!(e, Event::ConnectionStart(_))
+    });
+    server.stop();
+}
+
+/// A server on `[::1]:0` allowing `list`, or `None` (the test skips) without IPv6 loopback.
+fn start_v6(list: &[&str]) -> Option<TestServer> {
+    match start_at("[::1]:0", Server::builder(accepting()).allow(allow(list))) {
+        Ok(server) => Some(server),
+        Err(e) => {
+            eprintln!("skipped: no IPv6 loopback ({e})");
+            None
+        }
+    }
+}
+
+#[test]
+fn the_allow_list_checks_the_proxied_client_and_the_balancer() {
+    // Balancer allowed (loopback), client 198.51.100.9 not on the list.
+    let mut server = start(
+        Server::builder(accepting())
+            .proxy_protocol(ProxyMode::V2)
+            .proxy_sources(allow(&["127.0.0.0/8"]))
+            .allow(allow(&["203.0.113.0/24"])),
+    );
+    let mut good = server.connect();
+    let mut wire = encode_v2(&proxied("203.0.113.5:1000"));
+    wire.extend(frame(&message("OK")));
+    good.send(&wire);
+    assert_ack(&good.read_frame(), AckCode::AA, "OK");
+
+    let mut bad = server.connect();
+    bad.send(&encode_v2(&proxied("198.51.100.9:1000")));
+    bad.expect_closed();
+    server
+        .events
+        .wait("the proxied client is not allowed", |e| {
+            matches!(e, Event::ConnectionStop(stop) if stop.reason == CloseReason::NotAllowed)
+                && e.peer() == client("198.51.100.9:1000")
+        });
+    server.stop();
+
+    // A balancer that is not trusted is refused before a byte is read.
+    let mut server = start(
+        Server::builder(accepting())
+            .proxy_protocol(ProxyMode::V2)
+            .proxy_sources(allow(&["10.9.9.9/32"])),
+    );
+    let mut untrusted = server.connect();
+    untrusted.expect_closed();
+    server
+        .events
+        .expect_close(untrusted.local_addr(), CloseReason::NotAllowed);
+    server.stop();
+}
+
+#[test]
+fn reloading_the_allow_list_affects_new_connections_only() {
+    let server = start(Server::builder(accepting()));
+    let reloader = server.handle.reloader();
+    let mut old = server.connect();
+    assert_ack(&old.roundtrip(&message("OLD1")), AckCode::AA, "OLD1");
+    reloader.set_allow_list(Some(allow(&["192.0.2.0/24"])));
+    let mut new = server.connect();
+    new.expect_closed();
+    assert_ack(&old.roundtrip(&message("OLD2")), AckCode::AA, "OLD2");
+    reloader.set_allow_list(None);
+    let mut again = server.connect();
+    assert_ack(&again.roundtrip(&message("AGAIN")), AckCode::AA, "AGAIN");
+    server.stop();
+}
