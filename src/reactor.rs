@@ -653,6 +653,13 @@ impl Loop {
             };
             any = true;
             let p = self.peer(&self.conns[key]);
+            // Events of earlier messages first (a no-reply's stop comes before the next start).
+            if !self.events.is_empty() {
+                let fresh = Instant::now();
+                for event in self.events.drain(..) {
+                    self.r.telemetry.report(&p, event, fresh);
+                }
+            }
             let system_time = SystemTime::now();
             self.r
                 .telemetry
