@@ -152,6 +152,10 @@ enum Then {
 /// for a peer to read a reply and see our FIN over a slow WAN, short enough that a drain is not
 /// held up (nginx's `lingering_timeout` is 5 s).
 pub(crate) const LINGER_TIME: Duration = Duration::from_secs(2);
+/// A frame over this size is "large": the read buffer then grows straight to the size of the
+/// connection's last large frame. One read's worth: below it a frame arrives in one or two
+/// reads and growth costs nothing worth saving.
+const LARGE_FRAME: usize = 64 * 1024;
 /// Most bytes a lingering close reads and discards before giving up and closing: a peer that
 /// keeps pipelining into a closing connection is cut off after this much.
 pub(crate) const LINGER_BYTES: usize = 1 << 20;
@@ -316,6 +320,10 @@ pub(crate) struct Connection {
     /// The byte path below has started (PROXY header read, TLS handshake done); until then
     /// the idle deadline is the handshake deadline and nothing is dispatched.
     started: bool,
+    /// Size to grow the read buffer to when a large frame arrives, in units of
+    /// [`LARGE_FRAME`]: the last large frame's size (0: none yet). Senders of large messages
+    /// tend to send more of similar size. Two bytes keep the struct at its size.
+    large_frame_hint: u16,
 }
 
 // Keep the per-connection cost small: an idle connection is this struct plus a socket.
@@ -339,6 +347,7 @@ impl Connection {
             draining: false,
             abandoned: false,
             started: true,
+            large_frame_hint: 0,
         }
     }
 
@@ -377,6 +386,17 @@ impl Connection {
         }
         match &mut self.state {
             State::Open => {
+                let needed = self.read_buf.len() + bytes.len();
+                let hint = usize::from(self.large_frame_hint) * LARGE_FRAME;
+                if needed > self.read_buf.capacity()
+                    && needed > LARGE_FRAME
+                    && hint > self.read_buf.capacity()
+                {
+                    // A large frame again: grow once to the last large frame's size instead of
+                    // doubling (each doubling copies everything received so far).
+                    self.read_buf
+                        .reserve(hint.max(needed) - self.read_buf.len());
+                }
                 self.read_buf.extend_from_slice(bytes);
                 self.idle_deadline = deadline_after(now, self.limits.idle_timeout);
             }
@@ -463,6 +483,12 @@ impl Connection {
         }
         match result {
             Ok(Some(payload)) => {
+                if payload.len() > LARGE_FRAME {
+                    // Framing bytes and one read of slack, so the next one fits as it arrives.
+                    let hint = payload.len() + crate::codec::FRAMING_OVERHEAD + LARGE_FRAME;
+                    self.large_frame_hint =
+                        u16::try_from(hint.div_ceil(LARGE_FRAME)).unwrap_or(u16::MAX);
+                }
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 let deadline = deadline_after(now, self.limits.handler_timeout);
