@@ -127,8 +127,8 @@ pub use server::{
     DEFAULT_IDLE_TIMEOUT, DEFAULT_INLINE_SLOW_THRESHOLD, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_IN_FLIGHT_INLINE, DEFAULT_MAX_IN_FLIGHT_POOL, DEFAULT_MAX_MEMORY,
     DEFAULT_READ_AHEAD, DEFAULT_WRITE_TIMEOUT, DROP_GRACE, MAX_IN_FLIGHT_LIMIT,
-    MAX_MESSAGE_SIZE_LIMIT, MAX_REACTORS, MAX_WORKERS, Server, ServerHandle, ShutdownReport,
-    ShutdownTrigger,
+    MAX_MESSAGE_SIZE_LIMIT, MAX_REACTORS, MAX_WORKERS, Reloader, Server, ServerHandle,
+    ShutdownReport, ShutdownTrigger,
 };
 pub use telemetry::{
     ConnectionStart, ConnectionStop, MessageException, MessageStart, MessageStop, Observer,
