@@ -88,6 +88,8 @@ mod reactor;
 mod server;
 pub mod telemetry;
 pub mod timer;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use client::{Backoff, Client, ClientConfig, ClientError};
 pub use connection::NakPolicy;

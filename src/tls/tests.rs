@@ -1,0 +1,1124 @@
+//! TlsStream over real loopback sockets, driven by a small mio server that works the way the
+//! reactor does (edge-triggered, read until WouldBlock, flush when `wants_write`), plus
+//! configuration errors, the client side, `openssl s_client` and the fuzz corpus.
+//!
+//! Certificates are generated here with rcgen, once per test binary.
+
+use std::collections::HashMap;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token, Waker};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConnection, RootCertStore, StreamOwned};
+
+use super::*;
+use crate::codec::{FrameDecoder, encode_frame};
+use crate::{Client, ClientConfig, ack};
+
+/// Every blocking socket call in these tests gives up after this long.
+const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------------
+// Certificates
+
+/// A certificate and its key, as PEM, and the certificate's DER.
+#[derive(Clone)]
+struct Leaf {
+    cert: String,
+    key: String,
+    der: Vec<u8>,
+}
+
+struct Pki {
+    ca: String,
+    server: Leaf,
+    /// Same CA, other subject: for reload tests.
+    server_b: Leaf,
+    client: Leaf,
+    other_ca: String,
+    other_client: Leaf,
+    expired: Leaf,
+    not_yet_valid: Leaf,
+}
+
+fn pki() -> &'static Pki {
+    static PKI: OnceLock<Pki> = OnceLock::new();
+    PKI.get_or_init(|| {
+        let ca = ca("Test CA");
+        let other = ca_with_key("Other CA");
+        let server_sans = || {
+            vec![
+                SanType::DnsName("localhost".try_into().unwrap()),
+                SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            ]
+        };
+        let client_sans = vec![
+            SanType::DnsName("lab.example".try_into().unwrap()),
+            SanType::IpAddress("10.1.2.3".parse().unwrap()),
+            SanType::Rfc822Name("it@lab.example".try_into().unwrap()),
+        ];
+        let mut expired = params("expired", server_sans(), false);
+        expired.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        expired.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        let mut future = params("future", server_sans(), false);
+        future.not_before = rcgen::date_time_ymd(2200, 1, 1);
+        future.not_after = rcgen::date_time_ymd(2201, 1, 1);
+        Pki {
+            ca: ca.pem(),
+            server: sign(params("server-a", server_sans(), false), &ca),
+            server_b: sign(params("server-b", server_sans(), false), &ca),
+            client: sign(params("lab-gw", client_sans.clone(), true), &ca),
+            other_ca: other.pem(),
+            other_client: sign(params("intruder", client_sans, true), &other),
+            expired: sign(expired, &ca),
+            not_yet_valid: sign(future, &ca),
+        }
+    })
+}
+
+fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+    ca_with_key(name)
+}
+
+fn ca_with_key(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+}
+
+fn params(cn: &str, sans: Vec<SanType>, client: bool) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.subject_alt_names = sans;
+    params.extended_key_usages = vec![if client {
+        ExtendedKeyUsagePurpose::ClientAuth
+    } else {
+        ExtendedKeyUsagePurpose::ServerAuth
+    }];
+    params
+}
+
+fn sign(params: CertificateParams, issuer: &CertifiedIssuer<'static, KeyPair>) -> Leaf {
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, issuer).unwrap();
+    Leaf {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+        der: cert.der().to_vec(),
+    }
+}
+
+fn server_config(leaf: &Leaf) -> TlsConfig {
+    TlsConfig::from_pem(leaf.cert.as_str(), leaf.key.as_str())
+}
+
+fn mtls_acceptor() -> TlsAcceptor {
+    let pki = pki();
+    TlsAcceptor::new(server_config(&pki.server).client_ca_pem(pki.ca.as_str())).unwrap()
+}
+
+/// A rustls client configuration trusting `ca`, offering `versions`, presenting `identity`.
+fn rustls_client(
+    ca: &str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    identity: Option<&Leaf>,
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(config::provider())
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots);
+    Arc::new(match identity {
+        None => builder.with_no_client_auth(),
+        Some(leaf) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from(leaf.der.clone())],
+                PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    })
+}
+
+const BOTH: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+// ---------------------------------------------------------------------------------------------
+// A mio server driving TlsStream the way the reactor does.
+
+/// What the server saw on one connection, sent when it ends.
+#[derive(Debug)]
+struct Report {
+    handshake_done: bool,
+    protocol: Option<&'static str>,
+    identity: Option<PeerIdentity>,
+    failure: Option<TlsFailureKind>,
+    frames: usize,
+    socket_bytes: u64,
+}
+
+struct TestServer {
+    addr: SocketAddr,
+    reports: Receiver<Report>,
+    waker: Arc<Waker>,
+    thread: Option<JoinHandle<()>>,
+}
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
+
+struct ServerConn {
+    tls: TlsStream,
+    decoder: FrameDecoder,
+    received: BytesMut,
+    out: BytesMut,
+    frames: usize,
+    closing: bool,
+}
+
+impl TestServer {
+    /// Serves with `acceptor`: answers each frame (an ACK for HL7, else `LEN|n|sum`), and
+    /// closes (close_notify + FIN) after `close_after` frames, if given.
+    fn start(acceptor: TlsAcceptor, close_after: Option<usize>) -> Self {
+        let mut listener = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let poll = Poll::new().unwrap();
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).unwrap());
+        let (tx, reports) = mpsc::channel();
+        let thread = std::thread::spawn(move || serve(poll, listener, acceptor, close_after, tx));
+        Self {
+            addr,
+            reports,
+            waker,
+            thread: Some(thread),
+        }
+    }
+
+    #[track_caller]
+    fn report(&self) -> Report {
+        self.reports
+            .recv_timeout(IO_TIMEOUT)
+            .expect("server reports the connection's end")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.waker.wake();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve(
+    mut poll: Poll,
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    close_after: Option<usize>,
+    reports: Sender<Report>,
+) {
+    let mut events = Events::with_capacity(256);
+    let mut conns: HashMap<usize, ServerConn> = HashMap::new();
+    let mut next = 0;
+    let mut scratch = vec![0u8; 64 * 1024];
+    loop {
+        match poll.poll(&mut events, None) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => other.unwrap(),
+        }
+        for event in &events {
+            match event.token() {
+                WAKER => return,
+                LISTENER => loop {
+                    let (socket, _) = match listener.accept() {
+                        Ok(accepted) => accepted,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => panic!("accept: {e}"),
+                    };
+                    let mut tls = acceptor.accept(socket).unwrap();
+                    let token = Token(next);
+                    next += 1;
+                    poll.registry()
+                        .register(tls.socket(), token, Interest::READABLE | Interest::WRITABLE)
+                        .unwrap();
+                    let conn = ServerConn {
+                        tls,
+                        decoder: FrameDecoder::new(crate::codec::DEFAULT_MAX_MESSAGE_SIZE),
+                        received: BytesMut::new(),
+                        out: BytesMut::new(),
+                        frames: 0,
+                        closing: false,
+                    };
+                    conns.insert(token.0, conn);
+                },
+                Token(key) => {
+                    let Some(conn) = conns.get_mut(&key) else {
+                        continue;
+                    };
+                    if let Some(failure) = drive(conn, &mut scratch, close_after) {
+                        let mut conn = conns.remove(&key).unwrap();
+                        let _ = poll.registry().deregister(conn.tls.socket());
+                        let _ = reports.send(Report {
+                            handshake_done: conn.tls.handshake_done(),
+                            protocol: conn.tls.protocol_version(),
+                            identity: conn.tls.peer_identity().cloned(),
+                            failure,
+                            frames: conn.frames,
+                            socket_bytes: conn.tls.socket_bytes_written(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One readiness event's worth of work. `Some(failure)` when the connection is finished.
+fn drive(
+    conn: &mut ServerConn,
+    scratch: &mut [u8],
+    close_after: Option<usize>,
+) -> Option<Option<TlsFailureKind>> {
+    let mut eof = false;
+    loop {
+        match conn.tls.read(scratch) {
+            Ok(0) => {
+                eof = true;
+                break;
+            }
+            Ok(n) => {
+                conn.received.extend_from_slice(&scratch[..n]);
+                while let Some(frame) = conn.decoder.decode(&mut conn.received).unwrap() {
+                    conn.frames += 1;
+                    let reply = if frame.starts_with(b"MSH") {
+                        ack::accept(&frame).to_vec()
+                    } else {
+                        let sum = frame.iter().fold(0u32, |s, &b| s.wrapping_add(b.into()));
+                        format!("LEN|{}|{sum}", frame.len()).into_bytes()
+                    };
+                    encode_frame(&reply, &mut conn.out);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Some(Some(TlsFailure::from_io(&e).expect("a TlsFailure").kind())),
+        }
+        // Handshake messages go out as soon as rustls has them.
+        if conn.tls.wants_write() && conn.tls.flush().is_err() {
+            break;
+        }
+    }
+    while !conn.out.is_empty() {
+        match conn.tls.write_vectored(&[IoSlice::new(&conn.out)]) {
+            Ok(n) => conn.out.advance(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(_) => return Some(None),
+        }
+        if conn.tls.flush().is_err() {
+            break;
+        }
+    }
+    match conn.tls.flush() {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(_) => return Some(None),
+    }
+    let done_replying = close_after.is_some_and(|n| conn.frames >= n) && conn.out.is_empty();
+    if eof || done_replying || conn.closing {
+        conn.closing = true;
+        return match conn.tls.shutdown_write() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            _ => Some(None),
+        };
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client helpers
+
+type RustlsClient = StreamOwned<ClientConnection, TcpStream>;
+
+#[track_caller]
+fn connect(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> RustlsClient {
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    tcp.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    StreamOwned::new(ClientConnection::new(config, name).unwrap(), tcp)
+}
+
+/// Writes `payloads` as frames in one go, then reads one reply frame per payload.
+fn exchange(stream: &mut impl ReadWrite, payloads: &[&[u8]]) -> io::Result<Vec<String>> {
+    let mut out = BytesMut::new();
+    for payload in payloads {
+        encode_frame(payload, &mut out);
+    }
+    stream.write_all(&out)?;
+    stream.flush()?;
+    let mut decoder = FrameDecoder::new(1 << 20);
+    let mut buf = BytesMut::new();
+    let mut replies = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    while replies.len() < payloads.len() {
+        match decoder.decode(&mut buf).unwrap() {
+            Some(frame) => replies.push(String::from_utf8_lossy(&frame).into_owned()),
+            None => match stream.read(&mut chunk)? {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n => buf.extend_from_slice(&chunk[..n]),
+            },
+        }
+    }
+    Ok(replies)
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+const ADT: &[u8] = b"MSH|^~\\&|LAB|H|EHR|H|20260101||ADT^A01|MSG1|P|2.5.1\rPID|1\r";
+
+fn assert_ack(reply: &str, control_id: &str) {
+    assert!(
+        reply.contains(&format!("MSA|AA|{control_id}")),
+        "not an AA for {control_id}: {reply:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handshake, versions, round trips
+
+#[test]
+fn tls13_handshake_and_ack_round_trip() {
+    let acceptor = TlsAcceptor::new(server_config(&pki().server)).unwrap();
+    let server = TestServer::start(acceptor, None);
+    let mut client = connect(server.addr, rustls_client(&pki().ca, BOTH, None));
+    let replies = exchange(&mut client, &[ADT]).unwrap();
+    assert_ack(&replies[0], "MSG1");
+    assert_eq!(
+        client.conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    client.conn.send_close_notify();
+    client.flush().unwrap();
+    drop(client);
+    let report = server.report();
+    assert!(report.handshake_done);
+    assert_eq!(report.protocol, Some("TLSv1.3"));
+    assert_eq!(report.failure, None);
+    assert_eq!(report.identity, None, "no client certificate without mTLS");
+    assert_eq!(report.frames, 1);
+}
+
+#[test]
+fn tls12_handshake_and_ack_round_trip() {
+    let acceptor = TlsAcceptor::new(server_config(&pki().server)).unwrap();
+    let server = TestServer::start(acceptor, None);
+    let config = rustls_client(&pki().ca, &[&rustls::version::TLS12], None);
+    let mut client = connect(server.addr, config);
+    assert_ack(&exchange(&mut client, &[ADT]).unwrap()[0], "MSG1");
+    assert_eq!(
+        client.conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    drop(client);
+    assert_eq!(server.report().protocol, Some("TLSv1.2"));
+}
+
+#[test]
+fn tls12_refused_when_turned_off() {
+    let acceptor = TlsAcceptor::new(server_config(&pki().server).tls12(false)).unwrap();
+    let server = TestServer::start(acceptor, None);
+    let config = rustls_client(&pki().ca, &[&rustls::version::TLS12], None);
+    let mut client = connect(server.addr, config);
+    assert!(exchange(&mut client, &[ADT]).is_err());
+    let report = server.report();
+    assert_eq!(report.failure, Some(TlsFailureKind::Handshake));
+    assert!(!report.handshake_done);
+}
+
+#[test]
+fn five_megabyte_message_and_a_thousand_pipelined_frames() {
+    let acceptor = TlsAcceptor::new(server_config(&pki().server)).unwrap();
+    let server = TestServer::start(acceptor, None);
+    let mut client = connect(server.addr, rustls_client(&pki().ca, BOTH, None));
+
+    let big: Vec<u8> = (0..5_000_000u32).map(|i| b'A' + (i % 26) as u8).collect();
+    let sum = big.iter().fold(0u32, |s, &b| s.wrapping_add(b.into()));
+    let replies = exchange(&mut client, &[&big]).unwrap();
+    assert_eq!(replies[0], format!("LEN|5000000|{sum}"));
+
+    let messages: Vec<String> = (0..1000)
+        .map(|i| format!("MSH|^~\\&|A|B|C|D|20260101||ADT^A01|ID{i}|P|2.5.1\r"))
+        .collect();
+    let payloads: Vec<&[u8]> = messages.iter().map(|m| m.as_bytes()).collect();
+    let replies = exchange(&mut client, &payloads).unwrap();
+    for (i, reply) in replies.iter().enumerate() {
+        assert_ack(reply, &format!("ID{i}"));
+    }
+    drop(client);
+    let report = server.report();
+    assert_eq!(report.frames, 1001);
+    assert!(report.socket_bytes > 1000 * 40, "socket bytes counted");
+}
+
+// ---------------------------------------------------------------------------------------------
+// mTLS
+
+#[test]
+fn mtls_accepts_the_right_ca_and_extracts_the_identity() {
+    let server = TestServer::start(mtls_acceptor(), None);
+    let client_leaf = &pki().client;
+    let mut client = connect(
+        server.addr,
+        rustls_client(&pki().ca, BOTH, Some(client_leaf)),
+    );
+    assert_ack(&exchange(&mut client, &[ADT]).unwrap()[0], "MSG1");
+    drop(client);
+    let report = server.report();
+    let identity = report.identity.expect("identity under mTLS");
+    assert_eq!(identity.common_name.as_deref(), Some("lab-gw"));
+    assert_eq!(
+        identity.sans,
+        vec![
+            SubjectAltName::Dns("lab.example".into()),
+            SubjectAltName::Ip("10.1.2.3".parse().unwrap()),
+            SubjectAltName::Email("it@lab.example".into()),
+        ]
+    );
+    let expected = ring::digest::digest(&ring::digest::SHA256, &client_leaf.der);
+    assert_eq!(identity.fingerprint_sha256[..], *expected.as_ref());
+    assert_eq!(identity.fingerprint_hex().len(), 64);
+    let line = identity.to_string();
+    assert!(line.starts_with("CN=lab-gw DNS:lab.example IP:10.1.2.3 email:it@lab.example sha256:"));
+}
+
+#[test]
+fn mtls_accepts_over_tls12_too() {
+    let server = TestServer::start(mtls_acceptor(), None);
+    let config = rustls_client(&pki().ca, &[&rustls::version::TLS12], Some(&pki().client));
+    let mut client = connect(server.addr, config);
+    assert_ack(&exchange(&mut client, &[ADT]).unwrap()[0], "MSG1");
+    drop(client);
+    let report = server.report();
+    assert_eq!(report.protocol, Some("TLSv1.2"));
+    assert!(report.identity.is_some());
+}
+
+#[test]
+fn mtls_refuses_a_client_without_a_certificate() {
+    let server = TestServer::start(mtls_acceptor(), None);
+    let mut client = connect(server.addr, rustls_client(&pki().ca, BOTH, None));
+    assert!(exchange(&mut client, &[ADT]).is_err());
+    let report = server.report();
+    assert_eq!(report.failure, Some(TlsFailureKind::NoClientCert));
+    assert_eq!(report.frames, 0);
+    assert!(TlsFailureKind::NoClientCert.is_rejection());
+}
+
+#[test]
+fn mtls_refuses_a_certificate_from_another_ca() {
+    let server = TestServer::start(mtls_acceptor(), None);
+    let config = rustls_client(&pki().ca, BOTH, Some(&pki().other_client));
+    let mut client = connect(server.addr, config);
+    assert!(exchange(&mut client, &[ADT]).is_err());
+    let report = server.report();
+    assert_eq!(report.failure, Some(TlsFailureKind::BadClientCert));
+    assert_eq!(report.identity, None);
+    assert_eq!(
+        TlsFailureKind::BadClientCert.as_str(),
+        "tls_bad_client_cert"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Misbehaving peers
+
+#[test]
+fn plaintext_mllp_to_a_tls_port_is_a_typed_failure_and_a_silent_close() {
+    let acceptor = TlsAcceptor::new(server_config(&pki().server)).unwrap();
+    let server = TestServer::start(acceptor, None);
+    let mut tcp = TcpStream::connect(server.addr).unwrap();
+    tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut frame = BytesMut::new();
+    encode_frame(ADT, &mut frame);
+    tcp.write_all(&frame).unwrap();
+    let report = server.report();
+    assert_eq!(report.failure, Some(TlsFailureKind::Plaintext));
+    assert_eq!(
+        report.socket_bytes, 0,
+        "no alert for a peer that does not speak TLS"
+    );
+    // The server dropped the socket: the peer sees EOF (or a reset), never a hang.
+    let mut rest = Vec::new();
+    match tcp.read_to_end(&mut rest) {
+        Ok(_) => assert!(rest.is_empty()),
+        Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset),
+    }
+}
+
+#[test]
+fn non_tls_garbage_is_a_handshake_failure() {
+    let acceptor = TlsAcceptor::new(server_config(&pki().server)).unwrap();
+    let server = TestServer::start(acceptor, None);
+    let mut tcp = TcpStream::connect(server.addr).unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_eq!(server.report().failure, Some(TlsFailureKind::Handshake));
+}
+
+#[test]
+fn a_silent_client_makes_no_progress() {
+    // The handshake deadline is the reactor's; the stream only must not move or spin.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (socket, _) = listener.accept().unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let acceptor = TlsAcceptor::new(server_config(&pki().server)).unwrap();
+    let mut tls = acceptor.accept(socket).unwrap();
+    let mut buf = [0u8; 1024];
+    for _ in 0..3 {
+        let err = tls.read(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+    }
+    assert!(!tls.handshake_done());
+    assert!(!tls.wants_write());
+    assert_eq!(tls.flush().unwrap(), 0);
+    assert_eq!(tls.peer_identity(), None);
+    tls.release_idle_buffers();
+    assert_eq!(tls.buffered_ciphertext_capacity(), 0);
+}
+
+#[test]
+fn a_client_that_closes_mid_handshake_is_an_eof() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (socket, _) = listener.accept().unwrap();
+    let acceptor = TlsAcceptor::new(server_config(&pki().server)).unwrap();
+    let mut tls = acceptor.accept(socket).unwrap();
+    client.write_all(&[0x16, 0x03, 0x01]).unwrap(); // the start of a record header
+    drop(client);
+    let mut buf = [0u8; 64];
+    // Blocking socket: each read returns once the bytes, then the FIN, have arrived.
+    let n = loop {
+        match tls.read(&mut buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => break other.unwrap(),
+        }
+    };
+    assert_eq!(n, 0);
+    assert!(!tls.handshake_done());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reload
+
+#[test]
+fn reload_swaps_the_certificate_for_new_connections_only() {
+    let pki = pki();
+    let acceptor = TlsAcceptor::new(server_config(&pki.server)).unwrap();
+    let server = TestServer::start(acceptor.clone(), None);
+    let config = rustls_client(&pki.ca, BOTH, None);
+
+    let mut old = connect(server.addr, Arc::clone(&config));
+    assert_ack(&exchange(&mut old, &[ADT]).unwrap()[0], "MSG1");
+
+    acceptor.replace(server_config(&pki.server_b)).unwrap();
+    let mut new = connect(server.addr, config);
+    assert_ack(&exchange(&mut new, &[ADT]).unwrap()[0], "MSG1");
+
+    let leaf = |c: &RustlsClient| c.conn.peer_certificates().unwrap()[0].to_vec();
+    assert_eq!(
+        leaf(&old),
+        pki.server.der,
+        "old session keeps its certificate"
+    );
+    assert_eq!(leaf(&new), pki.server_b.der, "new session gets the new one");
+    // The old session goes on working after the reload.
+    assert_ack(&exchange(&mut old, &[ADT]).unwrap()[0], "MSG1");
+}
+
+#[test]
+fn a_bad_reload_keeps_the_old_configuration() {
+    let pki = pki();
+    let acceptor = TlsAcceptor::new(server_config(&pki.server)).unwrap();
+    let mismatched = TlsConfig::from_pem(pki.server_b.cert.as_str(), pki.server.key.as_str());
+    let err = acceptor.replace(mismatched).unwrap_err();
+    assert!(matches!(err, TlsError::KeyMismatch { .. }), "{err}");
+    assert!(
+        acceptor.reload().is_ok(),
+        "the old sources are still in force"
+    );
+    let server = TestServer::start(acceptor, None);
+    let mut client = connect(server.addr, rustls_client(&pki.ca, BOTH, None));
+    assert_ack(&exchange(&mut client, &[ADT]).unwrap()[0], "MSG1");
+    assert_eq!(
+        client.conn.peer_certificates().unwrap()[0].to_vec(),
+        pki.server.der
+    );
+}
+
+#[test]
+fn reload_rereads_the_files() {
+    let pki = pki();
+    let dir = TempDir::new("reload");
+    let (cert, key) = (dir.path("cert.pem"), dir.path("key.pem"));
+    std::fs::write(&cert, &pki.server.cert).unwrap();
+    std::fs::write(&key, &pki.server.key).unwrap();
+    let acceptor = TlsAcceptor::new(TlsConfig::from_files(&cert, &key)).unwrap();
+    let before = acceptor.current();
+
+    // Half-replaced files (new certificate, old key): refused, old config kept.
+    std::fs::write(&cert, &pki.server_b.cert).unwrap();
+    let err = acceptor.reload().unwrap_err();
+    assert!(matches!(err, TlsError::KeyMismatch { .. }), "{err}");
+    assert!(Arc::ptr_eq(&before, &acceptor.current()));
+
+    std::fs::write(&key, &pki.server_b.key).unwrap();
+    acceptor.reload().unwrap();
+    assert!(!Arc::ptr_eq(&before, &acceptor.current()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration errors: one line each, never a panic
+
+#[test]
+fn configuration_errors_are_typed_and_one_line() {
+    let pki = pki();
+    let load = |config: TlsConfig| TlsAcceptor::new(config).unwrap_err();
+    let cases: Vec<(TlsError, &str)> = vec![
+        (
+            load(TlsConfig::from_pem(
+                pki.server.cert.as_str(),
+                pki.client.key.as_str(),
+            )),
+            "does not match",
+        ),
+        (
+            load(server_config(&pki.expired)),
+            "expired at 2001-01-01T00:00:00Z",
+        ),
+        (
+            load(server_config(&pki.not_yet_valid)),
+            "not valid before 2200-01-01",
+        ),
+        (
+            load(TlsConfig::from_pem(
+                pki.server.key.as_str(),
+                pki.server.key.as_str(),
+            )),
+            "holds no CERTIFICATE",
+        ),
+        (
+            load(TlsConfig::from_pem(
+                pki.server.cert.as_str(),
+                pki.server.cert.as_str(),
+            )),
+            "no unencrypted private key",
+        ),
+        (
+            load(TlsConfig::from_pem(
+                "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+                pki.server.key.as_str(),
+            )),
+            "not valid PEM",
+        ),
+        (
+            load(server_config(&pki.server).client_ca_pem("no pem here")),
+            "holds no CERTIFICATE",
+        ),
+        (
+            load(TlsConfig::from_files(
+                "/nonexistent/cert.pem",
+                "/nonexistent/key.pem",
+            )),
+            "cannot read /nonexistent/cert.pem",
+        ),
+    ];
+    for (err, expected) in cases {
+        let line = err.to_string();
+        assert!(line.contains(expected), "{line:?} lacks {expected:?}");
+        assert!(!line.contains('\n'), "{line:?}");
+    }
+    let err = load(TlsConfig::from_pem(
+        pki.server.cert.as_str(),
+        pki.client.key.as_str(),
+    ));
+    assert!(matches!(err, TlsError::KeyMismatch { .. }));
+    assert!(matches!(
+        load(server_config(&pki.expired)),
+        TlsError::Expired { .. }
+    ));
+}
+
+#[test]
+fn client_tls_errors_are_typed() {
+    let pki = pki();
+    assert!(matches!(
+        ClientTls::from_ca_pem("nothing"),
+        Err(TlsError::NoCertificate { .. })
+    ));
+    let tls = ClientTls::from_ca_pem(pki.ca.as_str()).unwrap();
+    assert!(matches!(
+        tls.clone()
+            .client_cert_pem(pki.client.cert.as_str(), pki.server.key.as_str()),
+        Err(TlsError::KeyMismatch { .. })
+    ));
+    assert!(matches!(
+        tls.clone()
+            .client_cert_pem(pki.expired.cert.as_str(), pki.expired.key.as_str()),
+        Err(TlsError::Expired { .. })
+    ));
+    assert!(matches!(
+        tls.server_name("not a name!"),
+        Err(TlsError::BadServerName { .. })
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The library client over TLS
+
+#[test]
+fn library_client_over_tls_and_mtls() {
+    let pki = pki();
+    for (acceptor, identity) in [
+        (TlsAcceptor::new(server_config(&pki.server)).unwrap(), false),
+        (mtls_acceptor(), true),
+    ] {
+        let server = TestServer::start(acceptor, None);
+        let mut tls = ClientTls::from_ca_pem(pki.ca.as_str()).unwrap();
+        if identity {
+            tls = tls
+                .client_cert_pem(pki.client.cert.as_str(), pki.client.key.as_str())
+                .unwrap();
+        }
+        let config = ClientConfig::default()
+            .response_timeout(IO_TIMEOUT)
+            .tls(tls);
+        let mut client = Client::connect(server.addr, config).unwrap();
+        // Several sends on one connection: TLS 1.3 session tickets arrive after the
+        // handshake and must not be taken for an unsolicited reply.
+        for i in 0..3 {
+            let message = format!("MSH|^~\\&|A|B|C|D|20260101||ADT^A01|C{i}|P|2.5.1\r");
+            let ack = client.send(message.as_bytes()).unwrap();
+            assert_eq!(ack.control_id, format!("C{i}"));
+        }
+        let messages: Vec<String> = (0..50)
+            .map(|i| format!("MSH|^~\\&|A|B|C|D|20260101||ADT^A01|P{i}|P|2.5.1\r"))
+            .collect();
+        assert_eq!(client.send_pipelined(&messages, 8).unwrap().len(), 50);
+        drop(client);
+        assert_eq!(server.report().identity.is_some(), identity);
+    }
+}
+
+#[test]
+fn library_client_names_a_bad_server_certificate_at_connect() {
+    let pki = pki();
+    let server = TestServer::start(TlsAcceptor::new(server_config(&pki.server)).unwrap(), None);
+    let tls = ClientTls::from_ca_pem(pki.other_ca.as_str()).unwrap();
+    let config = ClientConfig::default().connect_timeout(IO_TIMEOUT).tls(tls);
+    let err = Client::connect(server.addr, config).unwrap_err();
+    assert!(err.to_string().contains("certificate"), "{err}");
+    // And the wrong name:
+    let tls = ClientTls::from_ca_pem(pki.ca.as_str())
+        .unwrap()
+        .server_name("mllp.elsewhere.example")
+        .unwrap();
+    let config = ClientConfig::default().connect_timeout(IO_TIMEOUT).tls(tls);
+    assert!(Client::connect(server.addr, config).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// openssl s_client
+
+#[test]
+fn openssl_s_client_talks_to_the_stream() {
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: openssl not found on PATH");
+        return;
+    }
+    let pki = pki();
+    let dir = TempDir::new("s_client");
+    let ca = dir.path("ca.pem");
+    std::fs::write(&ca, &pki.ca).unwrap();
+    let (cert, key) = (dir.path("client.pem"), dir.path("client.key"));
+    std::fs::write(&cert, &pki.client.cert).unwrap();
+    std::fs::write(&key, &pki.client.key).unwrap();
+
+    for (mtls, version) in [(false, "-tls1_3"), (false, "-tls1_2"), (true, "-tls1_3")] {
+        let acceptor = if mtls {
+            mtls_acceptor()
+        } else {
+            TlsAcceptor::new(server_config(&pki.server)).unwrap()
+        };
+        let server = TestServer::start(acceptor, Some(1));
+        let mut args = vec![
+            "s_client".to_owned(),
+            "-connect".to_owned(),
+            server.addr.to_string(),
+            "-CAfile".to_owned(),
+            ca.display().to_string(),
+            "-servername".to_owned(),
+            "localhost".to_owned(),
+            "-verify_return_error".to_owned(),
+            "-ign_eof".to_owned(),
+            "-quiet".to_owned(),
+            version.to_owned(),
+        ];
+        if mtls {
+            args.extend([
+                "-cert".to_owned(),
+                cert.display().to_string(),
+                "-key".to_owned(),
+                key.display().to_string(),
+            ]);
+        }
+        let mut frame = BytesMut::new();
+        encode_frame(ADT, &mut frame);
+        let output = run_with_input(&args, &frame);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            stdout.contains("MSA|AA|MSG1"),
+            "{version} mtls={mtls}: stdout {stdout:?}, stderr {:?}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let report = server.report();
+        assert_eq!(report.frames, 1);
+        assert_eq!(report.identity.is_some(), mtls);
+        let expected = if version == "-tls1_3" {
+            "TLSv1.3"
+        } else {
+            "TLSv1.2"
+        };
+        assert_eq!(report.protocol, Some(expected));
+    }
+}
+
+/// Runs `openssl args…` with `input` on stdin, within `IO_TIMEOUT` (killed after).
+fn run_with_input(args: &[String], input: &[u8]) -> std::process::Output {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(IO_TIMEOUT) {
+        Ok(output) => output.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            panic!("openssl s_client did not finish within {IO_TIMEOUT:?}");
+        }
+    }
+}
+
+/// A directory removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("mllp-tls-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Buffers
+
+#[test]
+fn buffers_are_released_when_idle() {
+    let acceptor = TlsAcceptor::new(server_config(&pki().server)).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = std::thread::spawn(move || {
+        let mut client = connect(addr, rustls_client(&pki().ca, BOTH, None));
+        exchange(&mut client, &[ADT]).unwrap();
+        client
+    });
+    let (socket, _) = listener.accept().unwrap();
+    socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut tls = acceptor.accept(socket).unwrap();
+    let mut buf = [0u8; 4096];
+    let mut received = BytesMut::new();
+    let mut decoder = FrameDecoder::new(1 << 20);
+    // Blocking socket: read until the frame is in, flushing the handshake as it goes.
+    let frame = loop {
+        match tls.read(&mut buf) {
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("{e}"),
+        }
+        if tls.wants_write() {
+            tls.flush().unwrap();
+        }
+        if let Some(frame) = decoder.decode(&mut received).unwrap() {
+            break frame;
+        }
+    };
+    let mut out = BytesMut::new();
+    encode_frame(&ack::accept(&frame), &mut out);
+    let n = tls.write_vectored(&[IoSlice::new(&out)]).unwrap();
+    assert_eq!(n, out.len());
+    assert!(
+        tls.flush().unwrap() > n,
+        "ciphertext is larger than plaintext"
+    );
+    assert_eq!(tls.buffered_ciphertext_capacity(), INCOMING_CHUNK);
+    tls.release_idle_buffers();
+    assert_eq!(tls.buffered_ciphertext_capacity(), 0);
+    let _client = client.join().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fuzz entry point and corpus
+
+/// The first flight of a rustls client (a ClientHello), as the fuzz corpus records it.
+fn client_hello(versions: &[&'static rustls::SupportedProtocolVersion], mtls: bool) -> Vec<u8> {
+    let identity = mtls.then(|| &pki().client);
+    let config = rustls_client(&pki().ca, versions, identity);
+    let mut conn =
+        ClientConnection::new(config, ServerName::try_from("fuzz.invalid").unwrap()).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn fuzz_entry_point_on_hand_picked_inputs() {
+    let mut frame = BytesMut::new();
+    encode_frame(ADT, &mut frame);
+    let mut inputs: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0x00],
+        [&[0x05][..], &frame].concat(),
+        [&[0x3F][..], b"GET / HTTP/1.1\r\n\r\n"].concat(),
+        [&[0x00][..], &[0x16, 0x03, 0x01, 0xFF, 0xFF]].concat(),
+        fuzz_identity_der(),
+    ];
+    for control in [0x00, 0x3F, 0x80, 0x81] {
+        inputs.push([&[control][..], &client_hello(BOTH, false)].concat());
+        inputs.push(
+            [
+                &[control][..],
+                &client_hello(&[&rustls::version::TLS12], false),
+            ]
+            .concat(),
+        );
+    }
+    for input in &inputs {
+        __fuzz_server_bytes(input);
+    }
+}
+
+fn fuzz_identity_der() -> Vec<u8> {
+    let (cert, _) = fuzz::test_identity();
+    CertificateDer::from_pem_slice(cert.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+#[test]
+fn fuzz_identity_certificate_parses() {
+    let info = x509::parse(&fuzz_identity_der()).unwrap();
+    assert_eq!(info.common_name.as_deref(), Some("fuzz.invalid"));
+    assert_eq!(info.sans, vec![SubjectAltName::Dns("fuzz.invalid".into())]);
+    assert_eq!(x509::format_time(info.not_after), "2126-11-07T11:28:08Z");
+}
+
+#[test]
+fn fuzz_corpus_replays() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/tls");
+    let mut count = 0;
+    for entry in std::fs::read_dir(dir).expect("fuzz/corpus/tls exists") {
+        let path = entry.unwrap().path();
+        __fuzz_server_bytes(&std::fs::read(&path).unwrap());
+        count += 1;
+    }
+    let artifacts = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/artifacts/tls");
+    if let Ok(entries) = std::fs::read_dir(artifacts) {
+        for entry in entries {
+            __fuzz_server_bytes(&std::fs::read(entry.unwrap().path()).unwrap());
+        }
+    }
+    assert!(count >= 4, "fuzz/corpus/tls holds only {count} inputs");
+}
+
+/// Writes the seed corpus: `cargo test --features tls -- --ignored write_fuzz_seed_corpus`.
+#[test]
+#[ignore = "writes fuzz/corpus/tls; run by hand when the seeds should change"]
+fn write_fuzz_seed_corpus() {
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/tls"));
+    std::fs::create_dir_all(dir).unwrap();
+    let mut frame = BytesMut::new();
+    encode_frame(ADT, &mut frame);
+    let seeds: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "client_hello_tls13",
+            [&[0x3F][..], &client_hello(BOTH, false)].concat(),
+        ),
+        (
+            "client_hello_tls12_mtls",
+            [&[0xBF][..], &client_hello(&[&rustls::version::TLS12], true)].concat(),
+        ),
+        (
+            "client_hello_chunked",
+            [&[0x00][..], &client_hello(BOTH, false)].concat(),
+        ),
+        ("plaintext_mllp", [&[0x3F][..], &frame[..]].concat()),
+        (
+            "truncated_record",
+            vec![0x3F, 0x16, 0x03, 0x01, 0x40, 0x00, 0x01],
+        ),
+        ("certificate_der", fuzz_identity_der()),
+    ];
+    for (name, bytes) in seeds {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+}
