@@ -2,129 +2,33 @@
 //! reactor does (edge-triggered, read until WouldBlock, flush when `wants_write`), plus
 //! configuration errors, the client side, `openssl s_client` and the fuzz corpus.
 //!
-//! Certificates are generated here with rcgen, once per test binary.
+//! Certificates come from `tests/pki.rs` (rcgen, generated once per test binary); the server
+//! from `tests/server.rs`.
 
-use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, OnceLock};
-use std::thread::JoinHandle;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::mpsc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use mio::net::TcpListener;
-use mio::{Events, Interest, Poll, Token, Waker};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
-};
+use bytes::BytesMut;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConnection, RootCertStore, StreamOwned};
 
+use self::pki::{Leaf, pki};
+use self::server::TestServer;
 use super::*;
 use crate::codec::{FrameDecoder, encode_frame};
 use crate::{Client, ClientConfig, ack};
 
+#[path = "tests/pki.rs"]
+mod pki;
+#[path = "tests/server.rs"]
+mod server;
+
 /// Every blocking socket call in these tests gives up after this long.
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
-
-// ---------------------------------------------------------------------------------------------
-// Certificates
-
-/// A certificate and its key, as PEM, and the certificate's DER.
-#[derive(Clone)]
-struct Leaf {
-    cert: String,
-    key: String,
-    der: Vec<u8>,
-}
-
-struct Pki {
-    ca: String,
-    server: Leaf,
-    /// Same CA, other subject: for reload tests.
-    server_b: Leaf,
-    client: Leaf,
-    other_ca: String,
-    other_client: Leaf,
-    expired: Leaf,
-    not_yet_valid: Leaf,
-}
-
-fn pki() -> &'static Pki {
-    static PKI: OnceLock<Pki> = OnceLock::new();
-    PKI.get_or_init(|| {
-        let ca = ca("Test CA");
-        let other = ca_with_key("Other CA");
-        let server_sans = || {
-            vec![
-                SanType::DnsName("localhost".try_into().unwrap()),
-                SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-            ]
-        };
-        let client_sans = vec![
-            SanType::DnsName("lab.example".try_into().unwrap()),
-            SanType::IpAddress("10.1.2.3".parse().unwrap()),
-            SanType::Rfc822Name("it@lab.example".try_into().unwrap()),
-        ];
-        let mut expired = params("expired", server_sans(), false);
-        expired.not_before = rcgen::date_time_ymd(2000, 1, 1);
-        expired.not_after = rcgen::date_time_ymd(2001, 1, 1);
-        let mut future = params("future", server_sans(), false);
-        future.not_before = rcgen::date_time_ymd(2200, 1, 1);
-        future.not_after = rcgen::date_time_ymd(2201, 1, 1);
-        Pki {
-            ca: ca.pem(),
-            server: sign(params("server-a", server_sans(), false), &ca),
-            server_b: sign(params("server-b", server_sans(), false), &ca),
-            client: sign(params("lab-gw", client_sans.clone(), true), &ca),
-            other_ca: other.pem(),
-            other_client: sign(params("intruder", client_sans, true), &other),
-            expired: sign(expired, &ca),
-            not_yet_valid: sign(future, &ca),
-        }
-    })
-}
-
-fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
-    ca_with_key(name)
-}
-
-fn ca_with_key(name: &str) -> CertifiedIssuer<'static, KeyPair> {
-    let mut params = CertificateParams::default();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
-}
-
-fn params(cn: &str, sans: Vec<SanType>, client: bool) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params.subject_alt_names = sans;
-    params.extended_key_usages = vec![if client {
-        ExtendedKeyUsagePurpose::ClientAuth
-    } else {
-        ExtendedKeyUsagePurpose::ServerAuth
-    }];
-    params
-}
-
-fn sign(params: CertificateParams, issuer: &CertifiedIssuer<'static, KeyPair>) -> Leaf {
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, issuer).unwrap();
-    Leaf {
-        cert: cert.pem(),
-        key: key.serialize_pem(),
-        der: cert.der().to_vec(),
-    }
-}
 
 fn server_config(leaf: &Leaf) -> TlsConfig {
     TlsConfig::from_pem(leaf.cert.as_str(), leaf.key.as_str())
@@ -162,201 +66,6 @@ fn rustls_client(
 
 const BOTH: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
-
-// ---------------------------------------------------------------------------------------------
-// A mio server driving TlsStream the way the reactor does.
-
-/// What the server saw on one connection, sent when it ends.
-#[derive(Debug)]
-struct Report {
-    handshake_done: bool,
-    protocol: Option<&'static str>,
-    identity: Option<PeerIdentity>,
-    failure: Option<TlsFailureKind>,
-    frames: usize,
-    socket_bytes: u64,
-}
-
-struct TestServer {
-    addr: SocketAddr,
-    reports: Receiver<Report>,
-    waker: Arc<Waker>,
-    thread: Option<JoinHandle<()>>,
-}
-
-const LISTENER: Token = Token(usize::MAX - 1);
-const WAKER: Token = Token(usize::MAX - 2);
-
-struct ServerConn {
-    tls: TlsStream,
-    decoder: FrameDecoder,
-    received: BytesMut,
-    out: BytesMut,
-    frames: usize,
-    closing: bool,
-}
-
-impl TestServer {
-    /// Serves with `acceptor`: answers each frame (an ACK for HL7, else `LEN|n|sum`), and
-    /// closes (close_notify + FIN) after `close_after` frames, if given.
-    fn start(acceptor: TlsAcceptor, close_after: Option<usize>) -> Self {
-        let mut listener = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let poll = Poll::new().unwrap();
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)
-            .unwrap();
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER).unwrap());
-        let (tx, reports) = mpsc::channel();
-        let thread = std::thread::spawn(move || serve(poll, listener, acceptor, close_after, tx));
-        Self {
-            addr,
-            reports,
-            waker,
-            thread: Some(thread),
-        }
-    }
-
-    #[track_caller]
-    fn report(&self) -> Report {
-        self.reports
-            .recv_timeout(IO_TIMEOUT)
-            .expect("server reports the connection's end")
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        let _ = self.waker.wake();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn serve(
-    mut poll: Poll,
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    close_after: Option<usize>,
-    reports: Sender<Report>,
-) {
-    let mut events = Events::with_capacity(256);
-    let mut conns: HashMap<usize, ServerConn> = HashMap::new();
-    let mut next = 0;
-    let mut scratch = vec![0u8; 64 * 1024];
-    loop {
-        match poll.poll(&mut events, None) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            other => other.unwrap(),
-        }
-        for event in &events {
-            match event.token() {
-                WAKER => return,
-                LISTENER => loop {
-                    let (socket, _) = match listener.accept() {
-                        Ok(accepted) => accepted,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => panic!("accept: {e}"),
-                    };
-                    let mut tls = acceptor.accept(socket).unwrap();
-                    let token = Token(next);
-                    next += 1;
-                    poll.registry()
-                        .register(tls.socket(), token, Interest::READABLE | Interest::WRITABLE)
-                        .unwrap();
-                    let conn = ServerConn {
-                        tls,
-                        decoder: FrameDecoder::new(crate::codec::DEFAULT_MAX_MESSAGE_SIZE),
-                        received: BytesMut::new(),
-                        out: BytesMut::new(),
-                        frames: 0,
-                        closing: false,
-                    };
-                    conns.insert(token.0, conn);
-                },
-                Token(key) => {
-                    let Some(conn) = conns.get_mut(&key) else {
-                        continue;
-                    };
-                    if let Some(failure) = drive(conn, &mut scratch, close_after) {
-                        let mut conn = conns.remove(&key).unwrap();
-                        let _ = poll.registry().deregister(conn.tls.socket());
-                        let _ = reports.send(Report {
-                            handshake_done: conn.tls.handshake_done(),
-                            protocol: conn.tls.protocol_version(),
-                            identity: conn.tls.peer_identity().cloned(),
-                            failure,
-                            frames: conn.frames,
-                            socket_bytes: conn.tls.socket_bytes_written(),
-                        });
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// One readiness event's worth of work. `Some(failure)` when the connection is finished.
-fn drive(
-    conn: &mut ServerConn,
-    scratch: &mut [u8],
-    close_after: Option<usize>,
-) -> Option<Option<TlsFailureKind>> {
-    let mut eof = false;
-    loop {
-        match conn.tls.read(scratch) {
-            Ok(0) => {
-                eof = true;
-                break;
-            }
-            Ok(n) => {
-                conn.received.extend_from_slice(&scratch[..n]);
-                while let Some(frame) = conn.decoder.decode(&mut conn.received).unwrap() {
-                    conn.frames += 1;
-                    let reply = if frame.starts_with(b"MSH") {
-                        ack::accept(&frame).to_vec()
-                    } else {
-                        let sum = frame.iter().fold(0u32, |s, &b| s.wrapping_add(b.into()));
-                        format!("LEN|{}|{sum}", frame.len()).into_bytes()
-                    };
-                    encode_frame(&reply, &mut conn.out);
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) => return Some(Some(TlsFailure::from_io(&e).expect("a TlsFailure").kind())),
-        }
-        // Handshake messages go out as soon as rustls has them.
-        if conn.tls.wants_write() && conn.tls.flush().is_err() {
-            break;
-        }
-    }
-    while !conn.out.is_empty() {
-        match conn.tls.write_vectored(&[IoSlice::new(&conn.out)]) {
-            Ok(n) => conn.out.advance(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(_) => return Some(None),
-        }
-        if conn.tls.flush().is_err() {
-            break;
-        }
-    }
-    match conn.tls.flush() {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-        Err(_) => return Some(None),
-    }
-    let done_replying = close_after.is_some_and(|n| conn.frames >= n) && conn.out.is_empty();
-    if eof || done_replying || conn.closing {
-        conn.closing = true;
-        return match conn.tls.shutdown_write() {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-            _ => Some(None),
-        };
-    }
-    None
-}
 
 // ---------------------------------------------------------------------------------------------
 // Client helpers

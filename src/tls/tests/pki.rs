@@ -1,0 +1,103 @@
+//! Certificates for the TLS tests, generated with rcgen once per test binary. Shared by the
+//! unit tests (`src/tls/tests.rs`) and the server-level tests (`tests/it/tls.rs`, which
+//! includes this file by path).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::OnceLock;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+
+/// A certificate and its key, as PEM, and the certificate's DER.
+#[derive(Clone)]
+pub(crate) struct Leaf {
+    pub(crate) cert: String,
+    pub(crate) key: String,
+    pub(crate) der: Vec<u8>,
+}
+
+/// A test CA with server and client certificates, and a second CA nobody trusts.
+pub(crate) struct Pki {
+    pub(crate) ca: String,
+    pub(crate) server: Leaf,
+    /// Same CA, other subject: for reload tests.
+    pub(crate) server_b: Leaf,
+    pub(crate) client: Leaf,
+    pub(crate) other_ca: String,
+    pub(crate) other_client: Leaf,
+    pub(crate) expired: Leaf,
+    pub(crate) not_yet_valid: Leaf,
+}
+
+/// The certificates, generated on first use.
+pub(crate) fn pki() -> &'static Pki {
+    static PKI: OnceLock<Pki> = OnceLock::new();
+    PKI.get_or_init(|| {
+        let test_ca = ca("Test CA");
+        let other = ca("Other CA");
+        let server_sans = || {
+            vec![
+                SanType::DnsName("localhost".try_into().unwrap()),
+                SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                SanType::IpAddress(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+            ]
+        };
+        let client_sans = vec![
+            SanType::DnsName("lab.example".try_into().unwrap()),
+            SanType::IpAddress("10.1.2.3".parse().unwrap()),
+            SanType::Rfc822Name("it@lab.example".try_into().unwrap()),
+        ];
+        let mut expired = params("expired", server_sans(), false);
+        expired.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        expired.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        let mut future = params("future", server_sans(), false);
+        future.not_before = rcgen::date_time_ymd(2200, 1, 1);
+        future.not_after = rcgen::date_time_ymd(2201, 1, 1);
+        Pki {
+            ca: test_ca.pem(),
+            server: sign(params("server-a", server_sans(), false), &test_ca),
+            server_b: sign(params("server-b", server_sans(), false), &test_ca),
+            client: sign(params("lab-gw", client_sans.clone(), true), &test_ca),
+            other_ca: other.pem(),
+            other_client: sign(params("intruder", client_sans, true), &other),
+            expired: sign(expired, &test_ca),
+            not_yet_valid: sign(future, &test_ca),
+        }
+    })
+}
+
+fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+}
+
+fn params(cn: &str, sans: Vec<SanType>, client: bool) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.subject_alt_names = sans;
+    params.extended_key_usages = vec![if client {
+        ExtendedKeyUsagePurpose::ClientAuth
+    } else {
+        ExtendedKeyUsagePurpose::ServerAuth
+    }];
+    params
+}
+
+fn sign(params: CertificateParams, issuer: &CertifiedIssuer<'static, KeyPair>) -> Leaf {
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, issuer).unwrap();
+    Leaf {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+        der: cert.der().to_vec(),
+    }
+}
