@@ -149,7 +149,7 @@ fn converse(server: &mut TlsStream<End>, client: &mut rustls::ClientConnection, 
             answered = true;
         }
         server.flush().unwrap();
-        while end.rx.borrow().len() > 0 {
+        while !end.rx.borrow().is_empty() {
             client.read_tls(end).unwrap();
             client.process_new_packets().unwrap();
         }
