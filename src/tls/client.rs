@@ -31,6 +31,8 @@ use super::config::{self, PemSource, TlsError};
 ///     .client_cert_files("our-cert.pem", "our-key.pem")?
 ///     .server_name("mllp.partner.example")?;
 /// let mut client = Client::connect("mllp.partner.example:2575", ClientConfig::default().tls(tls))?;
+/// let ack = client.send(b"MSH|^~\\&|LAB|H|EHR|H|20260101||ORU^R01|MSG1|P|2.5.1\r")?;
+/// assert!(ack.is_accept());
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Clone)]

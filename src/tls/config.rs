@@ -302,6 +302,29 @@ pub(crate) fn versions(tls12: bool) -> &'static [&'static rustls::SupportedProto
 /// assert!(acceptor.requires_client_cert());
 /// # Ok::<(), mllp_reactor::tls::TlsError>(())
 /// ```
+///
+/// Mistakes are typed errors with a one-line message, found at load:
+///
+/// ```
+/// use mllp_reactor::tls::{TlsAcceptor, TlsConfig, TlsError};
+///
+/// // (rcgen, a dev-dependency, stands in for your PKI.)
+/// let ours = rcgen::generate_simple_self_signed(vec!["localhost".into()])?;
+/// let other = rcgen::generate_simple_self_signed(vec!["localhost".into()])?;
+/// let cert = ours.cert.pem();
+///
+/// let good = TlsConfig::from_pem(cert.as_str(), ours.signing_key.serialize_pem());
+/// assert!(TlsAcceptor::new(good).is_ok());
+///
+/// let wrong_key = TlsConfig::from_pem(cert.as_str(), other.signing_key.serialize_pem());
+/// let err = TlsAcceptor::new(wrong_key).unwrap_err();
+/// assert!(matches!(err, TlsError::KeyMismatch { .. }));
+/// assert_eq!(err.to_string(), "private key <key PEM> does not match certificate <certificate PEM>");
+///
+/// let no_cert = TlsConfig::from_pem("not pem", ours.signing_key.serialize_pem());
+/// assert!(matches!(TlsAcceptor::new(no_cert), Err(TlsError::NoCertificate { .. })));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct TlsConfig {
     cert: PemSource,

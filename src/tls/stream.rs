@@ -112,6 +112,20 @@ impl std::error::Error for TlsFailure {
 /// Who the client is, from its verified leaf certificate (mTLS only).
 ///
 /// `Display` writes one line for logs: `CN=lab-gw DNS:lab.example sha256:9f86…`.
+///
+/// # Examples
+///
+/// ```
+/// use mllp_reactor::tls::{PeerIdentity, SubjectAltName};
+///
+/// // (rcgen, a dev-dependency, stands in for the client's certificate.)
+/// let client = rcgen::generate_simple_self_signed(vec!["lab.example".into()])?;
+/// let identity = PeerIdentity::from_der(client.cert.der());
+/// assert_eq!(identity.common_name.as_deref(), Some("rcgen self signed cert"));
+/// assert_eq!(identity.sans, [SubjectAltName::Dns("lab.example".into())]);
+/// assert_eq!(identity.fingerprint_hex().len(), 64);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub struct PeerIdentity {
