@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{ClientConnection, RootCertStore, StreamOwned};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConnection, StreamOwned};
 
-use self::pki::{Leaf, pki};
+use self::pki::{Leaf, pki, rustls_client};
 use self::server::TestServer;
 use super::*;
 use crate::codec::{FrameDecoder, encode_frame};
@@ -37,31 +37,6 @@ fn server_config(leaf: &Leaf) -> TlsConfig {
 fn mtls_acceptor() -> TlsAcceptor {
     let pki = pki();
     TlsAcceptor::new(server_config(&pki.server).client_ca_pem(pki.ca.as_str())).unwrap()
-}
-
-/// A rustls client configuration trusting `ca`, offering `versions`, presenting `identity`.
-fn rustls_client(
-    ca: &str,
-    versions: &[&'static rustls::SupportedProtocolVersion],
-    identity: Option<&Leaf>,
-) -> Arc<rustls::ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(config::provider())
-        .with_protocol_versions(versions)
-        .unwrap()
-        .with_root_certificates(roots);
-    Arc::new(match identity {
-        None => builder.with_no_client_auth(),
-        Some(leaf) => builder
-            .with_client_auth_cert(
-                vec![CertificateDer::from(leaf.der.clone())],
-                PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-    })
 }
 
 const BOTH: &[&rustls::SupportedProtocolVersion] =
@@ -124,7 +99,7 @@ fn assert_ack(reply: &str, control_id: &str) {
 fn tls13_handshake_and_ack_round_trip() {
     let acceptor = TlsAcceptor::new(server_config(&pki().server)).unwrap();
     let server = TestServer::start(acceptor, None);
-    let mut client = connect(server.addr, rustls_client(&pki().ca, BOTH, None));
+    let mut client = connect(server.addr, rustls_client(BOTH, None));
     let replies = exchange(&mut client, &[ADT]).unwrap();
     assert_ack(&replies[0], "MSG1");
     assert_eq!(
@@ -146,7 +121,7 @@ fn tls13_handshake_and_ack_round_trip() {
 fn tls12_handshake_and_ack_round_trip() {
     let acceptor = TlsAcceptor::new(server_config(&pki().server)).unwrap();
     let server = TestServer::start(acceptor, None);
-    let config = rustls_client(&pki().ca, &[&rustls::version::TLS12], None);
+    let config = rustls_client(&[&rustls::version::TLS12], None);
     let mut client = connect(server.addr, config);
     assert_ack(&exchange(&mut client, &[ADT]).unwrap()[0], "MSG1");
     assert_eq!(
@@ -161,7 +136,7 @@ fn tls12_handshake_and_ack_round_trip() {
 fn tls12_refused_when_turned_off() {
     let acceptor = TlsAcceptor::new(server_config(&pki().server).tls12(false)).unwrap();
     let server = TestServer::start(acceptor, None);
-    let config = rustls_client(&pki().ca, &[&rustls::version::TLS12], None);
+    let config = rustls_client(&[&rustls::version::TLS12], None);
     let mut client = connect(server.addr, config);
     assert!(exchange(&mut client, &[ADT]).is_err());
     let report = server.report();
@@ -173,7 +148,7 @@ fn tls12_refused_when_turned_off() {
 fn five_megabyte_message_and_a_thousand_pipelined_frames() {
     let acceptor = TlsAcceptor::new(server_config(&pki().server)).unwrap();
     let server = TestServer::start(acceptor, None);
-    let mut client = connect(server.addr, rustls_client(&pki().ca, BOTH, None));
+    let mut client = connect(server.addr, rustls_client(BOTH, None));
 
     let big: Vec<u8> = (0..5_000_000u32).map(|i| b'A' + (i % 26) as u8).collect();
     let sum = big.iter().fold(0u32, |s, &b| s.wrapping_add(b.into()));
@@ -201,10 +176,7 @@ fn five_megabyte_message_and_a_thousand_pipelined_frames() {
 fn mtls_accepts_the_right_ca_and_extracts_the_identity() {
     let server = TestServer::start(mtls_acceptor(), None);
     let client_leaf = &pki().client;
-    let mut client = connect(
-        server.addr,
-        rustls_client(&pki().ca, BOTH, Some(client_leaf)),
-    );
+    let mut client = connect(server.addr, rustls_client(BOTH, Some(client_leaf)));
     assert_ack(&exchange(&mut client, &[ADT]).unwrap()[0], "MSG1");
     drop(client);
     let report = server.report();
@@ -228,7 +200,7 @@ fn mtls_accepts_the_right_ca_and_extracts_the_identity() {
 #[test]
 fn mtls_accepts_over_tls12_too() {
     let server = TestServer::start(mtls_acceptor(), None);
-    let config = rustls_client(&pki().ca, &[&rustls::version::TLS12], Some(&pki().client));
+    let config = rustls_client(&[&rustls::version::TLS12], Some(&pki().client));
     let mut client = connect(server.addr, config);
     assert_ack(&exchange(&mut client, &[ADT]).unwrap()[0], "MSG1");
     drop(client);
@@ -240,7 +212,7 @@ fn mtls_accepts_over_tls12_too() {
 #[test]
 fn mtls_refuses_a_client_without_a_certificate() {
     let server = TestServer::start(mtls_acceptor(), None);
-    let mut client = connect(server.addr, rustls_client(&pki().ca, BOTH, None));
+    let mut client = connect(server.addr, rustls_client(BOTH, None));
     assert!(exchange(&mut client, &[ADT]).is_err());
     let report = server.report();
     assert_eq!(report.failure, Some(TlsFailureKind::NoClientCert));
@@ -251,7 +223,7 @@ fn mtls_refuses_a_client_without_a_certificate() {
 #[test]
 fn mtls_refuses_a_certificate_from_another_ca() {
     let server = TestServer::start(mtls_acceptor(), None);
-    let config = rustls_client(&pki().ca, BOTH, Some(&pki().other_client));
+    let config = rustls_client(BOTH, Some(&pki().other_client));
     let mut client = connect(server.addr, config);
     assert!(exchange(&mut client, &[ADT]).is_err());
     let report = server.report();
@@ -349,7 +321,7 @@ fn reload_swaps_the_certificate_for_new_connections_only() {
     let pki = pki();
     let acceptor = TlsAcceptor::new(server_config(&pki.server)).unwrap();
     let server = TestServer::start(acceptor.clone(), None);
-    let config = rustls_client(&pki.ca, BOTH, None);
+    let config = rustls_client(BOTH, None);
 
     let mut old = connect(server.addr, Arc::clone(&config));
     assert_ack(&exchange(&mut old, &[ADT]).unwrap()[0], "MSG1");
@@ -381,7 +353,7 @@ fn a_bad_reload_keeps_the_old_configuration() {
         "the old sources are still in force"
     );
     let server = TestServer::start(acceptor, None);
-    let mut client = connect(server.addr, rustls_client(&pki.ca, BOTH, None));
+    let mut client = connect(server.addr, rustls_client(BOTH, None));
     assert_ack(&exchange(&mut client, &[ADT]).unwrap()[0], "MSG1");
     assert_eq!(
         client.conn.peer_certificates().unwrap()[0].to_vec(),
@@ -687,7 +659,7 @@ fn buffers_are_released_when_idle() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let client = std::thread::spawn(move || {
-        let mut client = connect(addr, rustls_client(&pki().ca, BOTH, None));
+        let mut client = connect(addr, rustls_client(BOTH, None));
         exchange(&mut client, &[ADT]).unwrap();
         client
     });
@@ -731,7 +703,7 @@ fn buffers_are_released_when_idle() {
 /// The first flight of a rustls client (a ClientHello), as the fuzz corpus records it.
 fn client_hello(versions: &[&'static rustls::SupportedProtocolVersion], mtls: bool) -> Vec<u8> {
     let identity = mtls.then(|| &pki().client);
-    let config = rustls_client(&pki().ca, versions, identity);
+    let config = rustls_client(versions, identity);
     let mut conn =
         ClientConnection::new(config, ServerName::try_from("fuzz.invalid").unwrap()).unwrap();
     let mut out = Vec::new();

@@ -20,22 +20,21 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use mllp_reactor::ack::{self, AckCode};
 use mllp_reactor::telemetry::names::CONNECTIONS_REJECTED;
 use mllp_reactor::tls::{ClientTls, PeerIdentity, SubjectAltName, TlsAcceptor, TlsConfig};
 use mllp_reactor::{Client, ClientConfig, ClientError, Reply, Server, handler_fn};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 
 use crate::obs_util::{Event, GRACE, Recorded, TestServer, WAIT, frame, message};
 
 #[path = "../../src/tls/tests/pki.rs"]
 mod pki;
 
-use pki::{Leaf, pki};
+use pki::{Leaf, pki, rustls_client};
 
 fn server_tls(leaf: &Leaf) -> TlsAcceptor {
     TlsAcceptor::new(TlsConfig::from_pem(leaf.cert.as_str(), leaf.key.as_str())).unwrap()
@@ -91,31 +90,12 @@ fn rustls_stream(
     version: &'static rustls::SupportedProtocolVersion,
     identity: Option<&Leaf>,
 ) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(pki().ca.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[version])
-    .unwrap()
-    .with_root_certificates(roots);
-    let config = match identity {
-        None => builder.with_no_client_auth(),
-        Some(leaf) => builder
-            .with_client_auth_cert(
-                vec![CertificateDer::from(leaf.der.clone())],
-                PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-    };
+    let config = rustls_client(&[version], identity);
     let tcp = TcpStream::connect(addr).unwrap();
     tcp.set_read_timeout(Some(WAIT)).unwrap();
     tcp.set_write_timeout(Some(WAIT)).unwrap();
     let conn =
-        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap())
-            .unwrap();
+        rustls::ClientConnection::new(config, ServerName::try_from("localhost").unwrap()).unwrap();
     rustls::StreamOwned::new(conn, tcp)
 }
 

@@ -6,12 +6,14 @@
 #![allow(dead_code)]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
 };
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// A certificate and its key, as PEM, and the certificate's DER.
 #[derive(Clone)]
@@ -103,4 +105,30 @@ fn sign(params: CertificateParams, issuer: &CertifiedIssuer<'static, KeyPair>) -
         key: key.serialize_pem(),
         der: cert.der().to_vec(),
     }
+}
+
+/// A rustls client configuration (ring) trusting the test CA, offering `versions`, presenting
+/// `identity` if given.
+pub(crate) fn rustls_client(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    identity: Option<&Leaf>,
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pki().ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots);
+    Arc::new(match identity {
+        None => builder.with_no_client_auth(),
+        Some(leaf) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from(leaf.der.clone())],
+                PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    })
 }
