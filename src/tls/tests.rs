@@ -2,13 +2,12 @@
 //! reactor does (edge-triggered, read until WouldBlock, flush when `wants_write`), plus
 //! configuration errors, the client side, `openssl s_client` and the fuzz corpus.
 //!
-//! Certificates come from `tests/pki.rs` (rcgen, generated once per test binary); the server
+//! Certificates and `openssl s_client` come from `tests/support.rs` (rcgen, generated once per test binary); the server
 //! from `tests/server.rs`.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -16,16 +15,16 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConnection, StreamOwned};
 
-use self::pki::{Leaf, pki, rustls_client};
 use self::server::TestServer;
+use self::support::{Leaf, TempDir, pki, rustls_client, s_client};
 use super::*;
 use crate::codec::{FrameDecoder, encode_frame};
 use crate::{Client, ClientConfig, ack};
 
-#[path = "tests/pki.rs"]
-mod pki;
 #[path = "tests/server.rs"]
 mod server;
+#[path = "tests/support.rs"]
+mod support;
 
 /// Every blocking socket call in these tests gives up after this long.
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
@@ -537,22 +536,7 @@ fn library_client_names_a_bad_server_certificate_at_connect() {
 
 #[test]
 fn openssl_s_client_talks_to_the_stream() {
-    if std::process::Command::new("openssl")
-        .arg("version")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipped: openssl not found on PATH");
-        return;
-    }
     let pki = pki();
-    let dir = TempDir::new("s_client");
-    let ca = dir.path("ca.pem");
-    std::fs::write(&ca, &pki.ca).unwrap();
-    let (cert, key) = (dir.path("client.pem"), dir.path("client.key"));
-    std::fs::write(&cert, &pki.client.cert).unwrap();
-    std::fs::write(&key, &pki.client.key).unwrap();
-
     for (mtls, version) in [(false, "-tls1_3"), (false, "-tls1_2"), (true, "-tls1_3")] {
         let acceptor = if mtls {
             mtls_acceptor()
@@ -560,30 +544,12 @@ fn openssl_s_client_talks_to_the_stream() {
             TlsAcceptor::new(server_config(&pki.server)).unwrap()
         };
         let server = TestServer::start(acceptor, Some(1));
-        let mut args = vec![
-            "s_client".to_owned(),
-            "-connect".to_owned(),
-            server.addr.to_string(),
-            "-CAfile".to_owned(),
-            ca.display().to_string(),
-            "-servername".to_owned(),
-            "localhost".to_owned(),
-            "-verify_return_error".to_owned(),
-            "-ign_eof".to_owned(),
-            "-quiet".to_owned(),
-            version.to_owned(),
-        ];
-        if mtls {
-            args.extend([
-                "-cert".to_owned(),
-                cert.display().to_string(),
-                "-key".to_owned(),
-                key.display().to_string(),
-            ]);
-        }
         let mut frame = BytesMut::new();
         encode_frame(ADT, &mut frame);
-        let output = run_with_input(&args, &frame);
+        let identity = mtls.then_some(&pki.client);
+        let Some(output) = s_client(server.addr, identity, &[version], &frame, IO_TIMEOUT) else {
+            return;
+        };
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(
             stdout.contains("MSA|AA|MSG1"),
@@ -599,54 +565,6 @@ fn openssl_s_client_talks_to_the_stream() {
             "TLSv1.2"
         };
         assert_eq!(report.protocol, Some(expected));
-    }
-}
-
-/// Runs `openssl args…` with `input` on stdin, within `IO_TIMEOUT` (killed after).
-fn run_with_input(args: &[String], input: &[u8]) -> std::process::Output {
-    use std::process::{Command, Stdio};
-    let mut child = Command::new("openssl")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(IO_TIMEOUT) {
-        Ok(output) => output.unwrap(),
-        Err(_) => {
-            let _ = Command::new("kill").arg(pid.to_string()).status();
-            panic!("openssl s_client did not finish within {IO_TIMEOUT:?}");
-        }
-    }
-}
-
-/// A directory removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("mllp-tls-{tag}-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-
-    fn path(&self, name: &str) -> std::path::PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -15,12 +15,13 @@
 //!   `handshake_timeout`, and `TlsFailureKind::as_str()` for handshake failures
 //!   (`tls_plaintext`, `tls_no_client_cert`, `tls_bad_client_cert`, `tls_handshake`).
 //!
-//! Certificates come from `src/tls/tests/pki.rs`, shared with the unit tests.
+//! Certificates and `openssl s_client` come from `src/tls/tests/support.rs`, shared with the
+//! unit tests.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::mpsc;
 use std::sync::Mutex;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use mllp_reactor::ack::{self, AckCode};
@@ -31,10 +32,10 @@ use rustls::pki_types::ServerName;
 
 use crate::obs_util::{Event, GRACE, Recorded, TestServer, WAIT, frame, message};
 
-#[path = "../../src/tls/tests/pki.rs"]
-mod pki;
+#[path = "../../src/tls/tests/support.rs"]
+mod support;
 
-use pki::{Leaf, pki, rustls_client};
+use support::{Leaf, pki, rustls_client, s_client};
 
 fn server_tls(leaf: &Leaf) -> TlsAcceptor {
     TlsAcceptor::new(TlsConfig::from_pem(leaf.cert.as_str(), leaf.key.as_str())).unwrap()
@@ -353,50 +354,11 @@ fn a_bad_cidr_is_a_config_error_at_bind() {
 
 #[test]
 fn openssl_s_client_talks_to_the_server() {
-    if std::process::Command::new("openssl")
-        .arg("version")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipped: openssl not found on PATH");
-        return;
-    }
-    let dir = std::env::temp_dir().join(format!("mllp-it-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca = dir.join("ca.pem");
-    std::fs::write(&ca, &pki().ca).unwrap();
     let handler = handler_fn(|msg, _| Ok(Reply::SendAndClose(ack::accept(msg))));
     let server = TestServer::start(Server::builder(handler).tls(server_tls(&pki().server)));
-    let mut child = std::process::Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &server.addr.to_string(),
-            "-servername",
-            "localhost",
-        ])
-        .args(["-verify_return_error", "-ign_eof", "-quiet", "-CAfile"])
-        .arg(&ca)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&frame(&message("SSL")))
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let output = rx
-        .recv_timeout(WAIT)
-        .expect("s_client ends when the server closes")
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    let Some(output) = s_client(server.addr, None, &[], &frame(&message("SSL")), WAIT) else {
+        return;
+    };
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         stdout.contains("MSA|AA|SSL"),

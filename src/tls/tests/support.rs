@@ -1,12 +1,18 @@
-//! Certificates for the TLS tests, generated with rcgen once per test binary. Shared by the
-//! unit tests (`src/tls/tests.rs`) and the server-level tests (`tests/it/tls.rs`, which
-//! includes this file by path).
+//! Support for the TLS tests: certificates (generated with rcgen once per test binary), a
+//! rustls client configuration, `openssl s_client`, temporary directories. Shared by the unit
+//! tests (`src/tls/tests.rs`) and the server-level tests (`tests/it/tls.rs`, which includes
+//! this file by path).
 
-// Each includer uses a different subset of these certificates.
+// Each includer uses a different subset of these helpers.
 #![allow(dead_code)]
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -131,4 +137,87 @@ pub(crate) fn rustls_client(
             )
             .unwrap(),
     })
+}
+
+/// Runs `openssl s_client` against `addr` (verifying the server against the test CA, name
+/// `localhost`, presenting `identity` if given, plus `extra` arguments), sends `input` and
+/// reads until the server closes. `None`, with a message, where openssl is not installed.
+///
+/// # Panics
+///
+/// If s_client has not finished within `timeout` (it is killed first).
+pub(crate) fn s_client(
+    addr: SocketAddr,
+    identity: Option<&Leaf>,
+    extra: &[&str],
+    input: &[u8],
+    timeout: Duration,
+) -> Option<Output> {
+    if Command::new("openssl").arg("version").output().is_err() {
+        eprintln!("skipped: openssl not found on PATH");
+        return None;
+    }
+    let dir = TempDir::new("s_client");
+    let ca = dir.path("ca.pem");
+    std::fs::write(&ca, &pki().ca).unwrap();
+    let mut command = Command::new("openssl");
+    command
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            "localhost",
+        ])
+        .args(["-verify_return_error", "-ign_eof", "-quiet", "-CAfile"])
+        .arg(&ca)
+        .args(extra);
+    if let Some(leaf) = identity {
+        let (cert, key) = (dir.path("client.pem"), dir.path("client.key"));
+        std::fs::write(&cert, &leaf.cert).unwrap();
+        std::fs::write(&key, &leaf.key).unwrap();
+        command.arg("-cert").arg(cert).arg("-key").arg(key);
+    }
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(output) => Some(output.unwrap()),
+        Err(_) => {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            panic!("openssl s_client did not finish within {timeout:?}");
+        }
+    }
+}
+
+/// A directory removed on drop.
+pub(crate) struct TempDir(PathBuf);
+
+impl TempDir {
+    pub(crate) fn new(tag: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("mllp-tls-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
