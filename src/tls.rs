@@ -11,7 +11,8 @@
 //!   without a restart: new connections get the new configuration, existing ones keep
 //!   theirs, and a reload with bad files keeps the old one and returns a one-line
 //!   [`TlsError`].
-//! - [`TlsStream`] is one server session: bounded buffers ([`TLS_BUFFER_LIMIT`],
+//! - [`TlsStream`] is one server session with its socket, [`TlsSession`] the same without
+//!   (each I/O call takes the socket): bounded buffers ([`TLS_BUFFER_LIMIT`],
 //!   [`INCOMING_CHUNK`]), `close_notify` on close, socket-byte counts for write-stall
 //!   detection, a typed [`TlsFailure`] for a plaintext MLLP frame sent to a TLS port and for
 //!   each way a handshake fails, and the client's [`PeerIdentity`] under mTLS.
@@ -41,6 +42,7 @@
 
 mod client;
 mod config;
+mod session;
 mod stream;
 mod x509;
 
@@ -50,6 +52,7 @@ mod tests;
 pub(crate) use client::ClientStream;
 pub use client::ClientTls;
 pub use config::{TlsAcceptor, TlsConfig, TlsError};
+pub use session::TlsSession;
 pub use stream::{
     INCOMING_CHUNK, PeerIdentity, ShutdownWrite, TLS_BUFFER_LIMIT, TlsFailure, TlsFailureKind,
     TlsStream,
@@ -59,9 +62,10 @@ pub use x509::SubjectAltName;
 /// Fuzz target `tls`: arbitrary bytes from a client to a server [`TlsStream`] (and to the
 /// certificate reader) never panic, and buffers stay within their caps.
 ///
-/// Input layout: byte 0 picks the configuration (bit 7: mTLS) and the largest chunk
-/// (bits 0–5, plus one, times 61 bytes); the rest is what the "client" sends, delivered in
-/// chunks, with the stream driven (read, flush) after each.
+/// Input layout: byte 0 picks the configuration (bit 7: mTLS), whether the first chunk is
+/// preloaded as if it had followed a PROXY header (bit 6), and the largest chunk (bits 0–5,
+/// plus one, times 61 bytes); the rest is what the "client" sends, delivered in chunks, with
+/// the stream driven (read, flush) after each.
 #[doc(hidden)]
 pub fn __fuzz_server_bytes(data: &[u8]) {
     fuzz::server_bytes(data);
@@ -172,6 +176,11 @@ bG3AavNNB5NUD6pTv+EMfpcVth3EWdwewr8OnWZkQxiI0DRXxBh6qEL2
         let mut plaintext = 0;
         let mut buf = [0u8; 4096];
         let mut chunks = stream.chunks(chunk).peekable();
+        if control & 0x40 != 0
+            && let Some(first) = chunks.next()
+        {
+            tls.preload(first);
+        }
         'deliver: while let Some(piece) = chunks.next() {
             let pipe = tls.socket();
             pipe.inbound.extend(piece);

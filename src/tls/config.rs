@@ -11,6 +11,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{InconsistentKeys, RootCertStore, ServerConfig};
 
+use super::session::TlsSession;
 use super::stream::TlsStream;
 use super::x509;
 
@@ -558,5 +559,15 @@ impl TlsAcceptor {
     /// configuration that loaded).
     pub fn accept<S: Read + Write>(&self, socket: S) -> Result<TlsStream<S>, TlsError> {
         TlsStream::new(self.current(), socket)
+    }
+
+    /// As [`accept`](Self::accept), without taking the socket: for a caller that keeps the
+    /// socket itself and passes it to each [`TlsSession`] call.
+    ///
+    /// # Errors
+    ///
+    /// As [`accept`](Self::accept).
+    pub fn session(&self) -> Result<TlsSession, TlsError> {
+        TlsSession::new(self.current())
     }
 }

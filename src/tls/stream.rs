@@ -5,11 +5,11 @@ use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
 use std::sync::Arc;
 
-use rustls::{ServerConfig, ServerConnection};
+use rustls::ServerConfig;
 
 use super::config::TlsError;
+use super::session::TlsSession;
 use super::x509::{self, SubjectAltName};
-use crate::codec::START_BLOCK;
 
 /// Cap on ciphertext rustls queues for the socket (and on plaintext queued before the
 /// handshake completes), via `set_buffer_limit`: 64 KiB, rustls' own default. An ACK is a few
@@ -80,7 +80,11 @@ impl TlsFailure {
         error.get_ref()?.downcast_ref::<Self>()
     }
 
-    fn into_io(self) -> io::Error {
+    pub(crate) fn new(kind: TlsFailureKind, source: Option<rustls::Error>) -> Self {
+        Self { kind, source }
+    }
+
+    pub(crate) fn into_io(self) -> io::Error {
         io::Error::new(io::ErrorKind::InvalidData, self)
     }
 }
@@ -197,381 +201,122 @@ impl ShutdownWrite for std::net::TcpStream {
     }
 }
 
-/// The server side of one TLS session over a non-blocking socket: rustls driven sans-IO, with
-/// the reactor's transport methods.
-///
-/// # Driving it
-///
-/// - **Readable:** call [`read`](Self::read) until it returns `WouldBlock`. It returns
-///   plaintext (`Ok(0)` is end of stream, with or without `close_notify`); `Interrupted`
-///   means "ciphertext was consumed but produced no plaintext yet, call again". During the
-///   handshake it returns `Interrupted`/`WouldBlock` only.
-/// - **After every read and every write:** if [`wants_write`](Self::wants_write), call
-///   [`flush`](Self::flush) (handshake messages, alerts and encrypted replies are only sent
-///   by `flush`). Its result is the number of bytes that reached the socket, for write-stall
-///   detection.
-/// - **Reply:** [`write_vectored`](Self::write_vectored) takes plaintext (never more than
-///   rustls may queue, [`TLS_BUFFER_LIMIT`]) and returns `WouldBlock` only when the socket
-///   itself is full, so waiting for writable readiness is always right.
-/// - **Close:** [`shutdown_write`](Self::shutdown_write) sends `close_notify`, then FIN.
-/// - **Idle:** [`release_idle_buffers`](Self::release_idle_buffers).
-///
-/// A `read` error carrying a [`TlsFailure`] ends the connection; any alert rustls had for the
-/// peer was already written (best effort). Bytes from the peer never panic or grow a buffer
-/// past its cap (fuzzed: `fuzz/fuzz_targets/tls.rs`).
+/// A [`TlsSession`] with its socket: the server side of one TLS session over a non-blocking
+/// socket, with the reactor's transport methods. See [`TlsSession`] for how to drive it; the
+/// methods are the same, without the socket argument.
 ///
 /// `S` is generic so tests can drive it over `std::net` sockets or in-memory pipes; the
 /// reactor uses the default, `mio::net::TcpStream`.
 pub struct TlsStream<S = mio::net::TcpStream> {
-    conn: ServerConnection,
+    session: TlsSession,
     socket: S,
-    /// Ciphertext read from the socket and not yet handed to rustls.
-    ///
-    /// ```text
-    /// incoming: | handed to rustls | pending ciphertext | free            |
-    ///           0                  in_start             in_end            INCOMING_CHUNK
-    /// ```
-    /// INVARIANT: `incoming` is empty (released) or `INCOMING_CHUNK` long, and
-    /// `in_start <= in_end <= incoming.len()`.
-    incoming: Vec<u8>,
-    in_start: usize,
-    in_end: usize,
-    /// Set once, when the handshake completes with a client certificate.
-    identity: Option<Box<PeerIdentity>>,
-    /// Socket bytes written by `write_vectored` (making room) or `shutdown_write`, reported by
-    /// the next `flush`.
-    unreported: usize,
-    /// Total bytes that reached the socket.
-    socket_bytes: u64,
-    /// Whether the first byte from the peer has been looked at (plaintext detection).
-    sniffed: bool,
-    /// Whether `close_notify` has been queued.
-    closing: bool,
-    /// The failure that ended the session, if any.
-    failed: Option<TlsFailureKind>,
 }
 
 impl<S> fmt::Debug for TlsStream<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TlsStream")
-            .field("handshake_done", &!self.conn.is_handshaking())
-            .field("protocol", &self.protocol_version())
-            .field("peer", &self.identity)
-            .field("socket_bytes", &self.socket_bytes)
-            .finish_non_exhaustive()
+        fmt::Debug::fmt(&self.session, f)
     }
 }
 
 impl<S> TlsStream<S> {
     /// Whether ciphertext is waiting for the socket (handshake, alert, records).
     pub fn wants_write(&self) -> bool {
-        self.conn.wants_write()
+        self.session.wants_write()
     }
 
     /// Whether the handshake has completed.
     pub fn handshake_done(&self) -> bool {
-        !self.conn.is_handshaking()
+        self.session.handshake_done()
     }
 
     /// The verified client's identity, once the handshake has completed with a client
     /// certificate (mTLS).
     pub fn peer_identity(&self) -> Option<&PeerIdentity> {
-        self.identity.as_deref()
+        self.session.peer_identity()
     }
 
     /// The negotiated protocol, `"TLSv1.3"` or `"TLSv1.2"`, once known.
     pub fn protocol_version(&self) -> Option<&'static str> {
-        self.conn.protocol_version().map(|v| match v {
-            rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
-            rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
-            _ => "other",
-        })
+        self.session.protocol_version()
     }
 
     /// Total bytes written to the socket over the session's life.
     pub fn socket_bytes_written(&self) -> u64 {
-        self.socket_bytes
+        self.session.socket_bytes_written()
     }
 
     /// The socket, for registration with the poller.
     pub fn socket(&mut self) -> &mut S {
         &mut self.socket
     }
-}
 
-impl<S: Read + Write> TlsStream<S> {
-    /// A session with `config` over `socket`; prefer [`TlsAcceptor::accept`].
-    ///
-    /// [`TlsAcceptor::accept`]: super::TlsAcceptor::accept
-    pub(crate) fn new(config: Arc<ServerConfig>, socket: S) -> Result<Self, TlsError> {
-        let mut conn = ServerConnection::new(config).map_err(|e| TlsError::Setup {
-            detail: e.to_string(),
-        })?;
-        conn.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
-        Ok(Self {
-            conn,
-            socket,
-            incoming: Vec::new(),
-            in_start: 0,
-            in_end: 0,
-            identity: None,
-            unreported: 0,
-            socket_bytes: 0,
-            sniffed: false,
-            closing: false,
-            failed: None,
-        })
+    /// See [`TlsSession::preload`].
+    pub fn preload(&mut self, ciphertext: &[u8]) {
+        self.session.preload(ciphertext);
     }
 
-    /// Reads plaintext into `buf`; see [Driving it](Self#driving-it).
-    ///
-    /// At most one socket read per call. Fills `buf` from ciphertext already read as far as it
-    /// goes. `Ok(0)`: the peer closed (a TCP FIN without `close_notify` counts too, since MLLP
-    /// framing shows any truncation by itself).
-    ///
-    /// # Errors
-    ///
-    /// `WouldBlock` (the socket has nothing more), `Interrupted` (progress, no plaintext yet:
-    /// call again), an error carrying a [`TlsFailure`], or the socket's own error.
-    pub fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        if let Some(kind) = self.failed {
-            return Err(TlsFailure { kind, source: None }.into_io());
-        }
-        let mut filled = 0;
-        let mut socket_read = false;
-        loop {
-            match self.conn.reader().read(&mut buf[filled..]) {
-                Ok(0) => return Ok(filled), // close_notify received and everything read
-                Ok(n) => {
-                    filled += n;
-                    if filled == buf.len() {
-                        return Ok(filled);
-                    }
-                    continue;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // TCP EOF without close_notify.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(filled),
-                Err(e) => return Err(e),
-            }
-            if self.in_start < self.in_end {
-                self.feed()?;
-                continue;
-            }
-            if filled > 0 {
-                return Ok(filled);
-            }
-            if socket_read {
-                return Err(io::ErrorKind::Interrupted.into());
-            }
-            socket_read = true;
-            self.read_socket()?;
-        }
-    }
-
-    /// One socket read into `incoming`. At EOF, tells rustls (the reader then reports it).
-    fn read_socket(&mut self) -> io::Result<()> {
-        if self.incoming.is_empty() {
-            self.incoming = vec![0; INCOMING_CHUNK];
-        }
-        // `feed` consumed everything before we get here.
-        self.in_start = 0;
-        self.in_end = 0;
-        let n = loop {
-            match self.socket.read(&mut self.incoming) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                other => break other?,
-            }
-        };
-        if n == 0 {
-            // An empty reader makes rustls record the EOF.
-            self.conn.read_tls(&mut io::empty())?;
-            return Ok(());
-        }
-        if !self.sniffed {
-            self.sniffed = true;
-            if self.incoming[0] == START_BLOCK {
-                return Err(self.fail(TlsFailureKind::Plaintext, None));
-            }
-        }
-        self.in_end = n;
-        Ok(())
-    }
-
-    /// Hands pending ciphertext to rustls (as much as its buffer takes) and processes it.
-    fn feed(&mut self) -> io::Result<()> {
-        let mut pending = &self.incoming[self.in_start..self.in_end];
-        let handshaking = self.conn.is_handshaking();
-        let taken = match self.conn.read_tls(&mut pending) {
-            Ok(n) => n,
-            // The deframer is full: a handshake message over 64 KiB or a record over 16 KiB.
-            Err(e) => {
-                let kind = if handshaking {
-                    TlsFailureKind::Handshake
-                } else {
-                    TlsFailureKind::Protocol
-                };
-                let source = rustls::Error::General(e.to_string());
-                return Err(self.fail(kind, Some(source)));
-            }
-        };
-        self.in_start += taken;
-        if let Err(e) = self.conn.process_new_packets() {
-            let kind = match &e {
-                rustls::Error::NoCertificatesPresented => TlsFailureKind::NoClientCert,
-                rustls::Error::InvalidCertificate(_) if handshaking => {
-                    TlsFailureKind::BadClientCert
-                }
-                _ if handshaking => TlsFailureKind::Handshake,
-                _ => TlsFailureKind::Protocol,
-            };
-            return Err(self.fail(kind, Some(e)));
-        }
-        if handshaking && !self.conn.is_handshaking() {
-            self.identity = self
-                .conn
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .map(|leaf| Box::new(PeerIdentity::from_der(leaf)));
-        }
-        Ok(())
-    }
-
-    /// Records the failure and makes one best-effort attempt to send rustls' alert (never for
-    /// a plaintext peer, who would not understand it).
-    fn fail(&mut self, kind: TlsFailureKind, source: Option<rustls::Error>) -> io::Error {
-        self.failed = Some(kind);
-        if kind != TlsFailureKind::Plaintext
-            && self.conn.wants_write()
-            && let Ok(n) = self.conn.write_tls(&mut self.socket)
-        {
-            self.count_written(n);
-        }
-        self.release_idle_buffers();
-        TlsFailure { kind, source }.into_io()
-    }
-
-    fn count_written(&mut self, n: usize) {
-        self.unreported += n;
-        self.socket_bytes += n as u64;
-    }
-
-    /// Takes plaintext to send, encrypting it into rustls' queue; see
-    /// [Driving it](Self#driving-it). Call [`flush`](Self::flush) afterwards.
-    ///
-    /// When the queue is full it first pushes ciphertext to the socket to make room (those
-    /// bytes are reported by the next `flush`).
-    ///
-    /// # Errors
-    ///
-    /// `WouldBlock` when the queue is full and the socket takes no more; the socket's error.
-    pub fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        if bufs.iter().all(|b| b.is_empty()) {
-            return Ok(0);
-        }
-        loop {
-            let accepted = self.conn.writer().write_vectored(bufs)?;
-            if accepted > 0 {
-                return Ok(accepted);
-            }
-            let written = self.push()?;
-            if written == 0 {
-                // Nothing queued for the socket, yet rustls takes no plaintext: the handshake
-                // is not done and the pre-handshake queue is full. The reactor never writes
-                // before it has read a message, so this is not expected in practice.
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            self.unreported += written;
-        }
-    }
-
-    /// Writes queued ciphertext to the socket until it is all out or the socket is full.
-    ///
-    /// Returns the bytes that reached the socket since the last `flush` (including those
-    /// written by `write_vectored` and `shutdown_write`): the measure of progress for
-    /// write-stall detection, unlike the plaintext count `write_vectored` returns.
-    ///
-    /// # Errors
-    ///
-    /// `WouldBlock` if the socket took nothing and something is pending; the socket's error.
-    pub fn flush(&mut self) -> io::Result<usize> {
-        let written = match self.push() {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.unreported > 0 => 0,
-            Err(e) => return Err(e),
-        };
-        Ok(written + std::mem::take(&mut self.unreported))
-    }
-
-    /// The loop behind `flush`: bytes written this call, `WouldBlock` if none could be.
-    fn push(&mut self) -> io::Result<usize> {
-        let mut written = 0;
-        while self.conn.wants_write() {
-            match self.conn.write_tls(&mut self.socket) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    written += n;
-                    self.socket_bytes += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && written > 0 => break,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(written)
-    }
-
-    /// Releases what can be released while the connection is idle: our ciphertext buffer (if
-    /// empty), and rustls' receive buffer shrinks to its 4 KiB minimum (if empty).
+    /// See [`TlsSession::release_idle_buffers`].
     pub fn release_idle_buffers(&mut self) {
-        if self.in_start == self.in_end {
-            self.incoming = Vec::new();
-            self.in_start = 0;
-            self.in_end = 0;
-            // rustls resizes its deframer buffer at the start of `read_tls`, shrinking it to
-            // 4 KiB when it holds nothing; a reader that reports WouldBlock changes no state.
-            let _ = self.conn.read_tls(&mut WouldBlockReader);
-        }
+        self.session.release_idle_buffers();
+    }
+
+    /// The session and the socket, apart.
+    pub fn into_parts(self) -> (TlsSession, S) {
+        (self.session, self.socket)
     }
 
     /// Bytes held in our own buffer (for tests and the fuzz target's bounds check).
     pub(crate) fn buffered_ciphertext_capacity(&self) -> usize {
-        self.incoming.capacity()
+        self.session.buffered_ciphertext_capacity()
+    }
+}
+
+impl<S: Read + Write> TlsStream<S> {
+    /// A session with `config` over `socket`; see [`TlsAcceptor::accept`].
+    ///
+    /// [`TlsAcceptor::accept`]: super::TlsAcceptor::accept
+    pub(crate) fn new(config: Arc<ServerConfig>, socket: S) -> Result<Self, TlsError> {
+        Ok(Self {
+            session: TlsSession::new(config)?,
+            socket,
+        })
+    }
+
+    /// See [`TlsSession::read`].
+    ///
+    /// # Errors
+    ///
+    /// As [`TlsSession::read`].
+    pub fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.session.read(&mut self.socket, buf)
+    }
+
+    /// See [`TlsSession::write_vectored`].
+    ///
+    /// # Errors
+    ///
+    /// As [`TlsSession::write_vectored`].
+    pub fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.session.write_vectored(&mut self.socket, bufs)
+    }
+
+    /// See [`TlsSession::flush`].
+    ///
+    /// # Errors
+    ///
+    /// As [`TlsSession::flush`].
+    pub fn flush(&mut self) -> io::Result<usize> {
+        self.session.flush(&mut self.socket)
     }
 }
 
 impl<S: Read + Write + ShutdownWrite> TlsStream<S> {
-    /// Sends `close_notify` (unless the peer never spoke TLS), flushes it, then half-closes the
-    /// socket. Call again after `WouldBlock`.
+    /// See [`TlsSession::shutdown_write`].
     ///
     /// # Errors
     ///
-    /// `WouldBlock` while the alert (or earlier records) cannot all be written yet; the
-    /// socket's error.
+    /// As [`TlsSession::shutdown_write`].
     pub fn shutdown_write(&mut self) -> io::Result<()> {
-        if self.failed != Some(TlsFailureKind::Plaintext) {
-            if !self.closing {
-                self.closing = true;
-                self.conn.send_close_notify();
-            }
-            let written = self.push()?;
-            self.unreported += written;
-            if self.conn.wants_write() {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-        }
-        self.socket.shutdown_write()
-    }
-}
-
-/// A reader with nothing to give yet.
-struct WouldBlockReader;
-
-impl Read for WouldBlockReader {
-    fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
-        Err(io::ErrorKind::WouldBlock.into())
+        self.session.shutdown_write(&mut self.socket)
     }
 }

@@ -312,6 +312,39 @@ fn a_client_that_closes_mid_handshake_is_an_eof() {
     assert!(!tls.handshake_done());
 }
 
+#[test]
+fn preloaded_bytes_after_a_proxy_header_are_processed_first() {
+    // As after a PROXY protocol header: the reactor read the header and the start of the
+    // ClientHello in one go, and hands the session the rest.
+    let hello = client_hello(BOTH, false);
+    let acceptor = TlsAcceptor::new(server_config(&pki().server)).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (socket, _) = listener.accept().unwrap();
+    socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut session = acceptor.session().unwrap();
+    let mut socket = socket;
+    session.preload(&hello[..10]);
+    client.write_all(&hello[10..]).unwrap();
+    client.flush().unwrap();
+    let mut buf = [0u8; 64];
+    // The preloaded bytes go first, then the socket's (a blocking read waits for them).
+    while !session.wants_write() {
+        match session.read(&mut socket, &mut buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(session.flush(&mut socket).unwrap() > 0, "ServerHello sent");
+
+    // A plaintext frame arriving in the preload is caught there too.
+    let mut session = acceptor.session().unwrap();
+    session.preload(b"\x0bMSH|^~\\&|A\r\x1c\x0d");
+    let err = session.read(&mut socket, &mut buf).unwrap_err();
+    let failure = TlsFailure::from_io(&err).unwrap();
+    assert_eq!(failure.kind(), TlsFailureKind::Plaintext);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reload
 
@@ -691,7 +724,7 @@ fn fuzz_corpus_replays() {
 
 /// Writes the seed corpus: `cargo test --features tls -- --ignored write_fuzz_seed_corpus`.
 #[test]
-#[ignore = "writes fuzz/corpus/tls; run by hand when the seeds should change"]
+#[ignore = "writes missing seeds to fuzz/corpus/tls; run by hand when adding one"]
 fn write_fuzz_seed_corpus() {
     let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/tls"));
     std::fs::create_dir_all(dir).unwrap();
@@ -710,6 +743,10 @@ fn write_fuzz_seed_corpus() {
             "client_hello_chunked",
             [&[0x00][..], &client_hello(BOTH, false)].concat(),
         ),
+        (
+            "client_hello_preloaded",
+            [&[0x41][..], &client_hello(BOTH, false)].concat(),
+        ),
         ("plaintext_mllp", [&[0x3F][..], &frame[..]].concat()),
         (
             "truncated_record",
@@ -717,7 +754,10 @@ fn write_fuzz_seed_corpus() {
         ),
         ("certificate_der", fuzz_identity_der()),
     ];
+    // Existing seeds are kept (their ClientHellos differ at every run by their random).
     for (name, bytes) in seeds {
-        std::fs::write(dir.join(name), bytes).unwrap();
+        if !dir.join(name).exists() {
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
     }
 }
