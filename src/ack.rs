@@ -14,14 +14,40 @@
 //! - MSH-9 is `ACK^<trigger>^ACK`, or `ACK` alone when the message has no trigger event.
 //! - MSH-10 is a new id, unique within the process and, with high probability, across restarts
 //!   (a per-process prefix from the start time and pid, then a counter), or [`Ack::control_id`].
-//! - MSH-11 and MSH-12 are copied, defaulting to `P` and `2.5.1`; MSH-18 is copied when present
-//!   (the reference drops it).
+//! - MSH-11 and MSH-12 are copied, defaulting to `P` and `2.5.1`; MSH-18 is copied when
+//!   present.
 //! - MSA-2 is the message's MSH-10; MSA-3 is the optional text.
 //! - Text written by us (MSA-3, ERR-3, an overriding control id) is escaped with the message's
 //!   escape character: `\F\ \S\ \R\ \E\ \T\` (and `\P\` for a declared v2.7 truncation
-//!   character), and CR/LF as `\X0D\`/`\X0A\` (the reference does not escape).
+//!   character), and CR/LF as `\X0D\`/`\X0A\`.
 //! - Bytes 0x0B and 0x1C (the MLLP block characters) are written as `\X0B\`/`\X1C\` wherever
 //!   they come from, so an ACK never contains bytes that would end its own frame early.
+//!
+//! # Size of an acknowledgment
+//!
+//! Each field copied from the message is cut to the length HL7 gives it (see the table), counted
+//! in bytes *written*, after 0x0B/0x1C are escaped. A cut never ends inside an escape sequence
+//! (`\F\`, `\X0D\`, ...) or inside a UTF-8 character. So an ACK's MSH and MSA take at most
+//! about 1.5 KiB whatever the message: a 2 MiB MSH-3 of 0x0B bytes gets an ACK of a few hundred
+//! bytes, and building it reads at most the capped bytes of each field (after [`Msh::parse`]
+//! has found the fields). Only text the caller passes (MSA-3, ERR-3, a given control id) is
+//! not cut.
+//!
+//! | ACK field | copied from | at most (bytes) | HL7 length |
+//! |---|---|---|---|
+//! | MSH-3..6 | MSH-5, 6, 3, 4 | [`MAX_PARTY_LEN`] = 227 | HD, v2.5.1 |
+//! | MSH-9.2 | MSH-9.2 | 15 | MSG (all of MSH-9), v2.5.1 |
+//! | MSH-11 | MSH-11 | 3 | PT, v2.5.1 |
+//! | MSH-12 | MSH-12 | 60 | VID, v2.5.1 |
+//! | MSH-18 | MSH-18 | 67 | ID 16 per repetition, four repetitions |
+//! | MSA-2 | MSH-10 | [`MAX_CONTROL_ID_LEN`] = 199 | ST, v2.7 |
+//!
+//! # MSA-2 and correlation
+//!
+//! MSA-2 is MSH-10 written the way every copied field is: 0x0B and 0x1C escaped, cut at 199
+//! bytes. [`echoed_control_id`] returns exactly those bytes, and [`crate::Client`] matches an
+//! ACK's MSA-2 against them (or against MSH-10 as sent, for receivers that echo it raw), so a
+//! control id holding block bytes, or longer than the cap, still correlates.
 //!
 //! # When the message has no usable MSH
 //!
@@ -34,17 +60,16 @@
 //!
 //! AE, AR, CE and CR always carry an ERR segment in the HL7 v2.5 layout (ERR-3 *HL7 error
 //! code*, a CWE from table 0357, and ERR-4 *severity*, table 0516), whatever the message's
-//! version. The reference adds ERR only when the caller passes an error code; we always add
-//! one, because a v2.5+ receiver expects it on a NAK, with defaults chosen from table 0357:
+//! version, because a v2.5+ receiver expects one on a NAK. Defaults come from table 0357:
 //!
 //! | Situation | ERR-3 |
 //! |---|---|
 //! | no readable MSH | `100^Segment sequence error` (0357: "required segments are missing") |
 //! | MSH without MSH-10 | `101^Required field missing` |
-//! | otherwise | `207^Application internal error` (the code the reference's tests use) |
+//! | otherwise | `207^Application internal error` |
 //!
 //! [`Ack::error`] overrides the code, text and severity (default `E`). Accept codes never carry
-//! an ERR, as in the reference.
+//! an ERR.
 //!
 //! # Examples
 //!
@@ -79,6 +104,7 @@
 //! # Ok::<(), ack::AckParseError>(())
 //! ```
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -102,8 +128,30 @@ const APPLICATION_INTERNAL_ERROR: (&str, &str) = ("207", "Application internal e
 
 /// MSH-11 when the message has none: production.
 const DEFAULT_PROCESSING_ID: &[u8] = b"P";
-/// MSH-12 when the message has none: the version the reference defaults to.
+/// MSH-12 when the message has none: 2.5.1, the version most v2 receivers in use accept.
 const DEFAULT_VERSION: &[u8] = b"2.5.1";
+
+/// Longest copy of MSH-3, MSH-4, MSH-5 and MSH-6, in bytes written: 227, the length HL7
+/// v2.5.1 (chapter 2, MSH segment table) gives the HD data type of these fields.
+pub const MAX_PARTY_LEN: usize = 227;
+/// Longest copy of the trigger event (MSH-9.2): 15, the length HL7 v2.5.1 gives the whole of
+/// MSH-9 (MSG), which the component cannot exceed.
+const MAX_TRIGGER_LEN: usize = 15;
+/// Longest copy of MSH-10 into MSA-2, in bytes written: 199, the length HL7 v2.7 and later give
+/// MSH-10 (ST; v2.5.1 said 20, and longer ids are common in practice, so the larger limit).
+pub const MAX_CONTROL_ID_LEN: usize = 199;
+/// Longest copy of MSH-11: 3, the length HL7 v2.5.1 gives PT (`P^T`).
+const MAX_PROCESSING_ID_LEN: usize = 3;
+/// Longest copy of MSH-12: 60, the length HL7 v2.5.1 gives VID.
+const MAX_VERSION_LEN: usize = 60;
+/// Longest copy of MSH-18: 67, four repetitions of the 16 bytes HL7 v2.5.1 gives each
+/// repetition (ID), with their three repetition separators.
+const MAX_CHARSET_LEN: usize = 67;
+/// Above this MSH length the builder does not look for MLLP block bytes in the whole MSH up
+/// front, and checks only the (capped) bytes it copies: the check then costs at most the sum
+/// of the caps above, whatever the input. A valid MSH is far shorter than this (the sum of
+/// the v2.5.1 lengths of MSH-1..21 is about 2.2 KiB).
+const WHOLE_MSH_SCAN_LIMIT: usize = 4096;
 
 /// Latest time MSH-7 can show with four year digits, 9999-12-31 23:59:59 UTC, in Unix seconds.
 /// Later clocks are clamped so the timestamp keeps its shape.
@@ -341,10 +389,12 @@ impl<'a> Ack<'a> {
                 .unwrap_or(DEFAULT_VERSION),
             charset: msh.as_ref().and_then(Msh::charset).unwrap_or_default(),
             msa2,
-            // One search over the whole MSH instead of one per copied field (measured).
-            raw_needs_escape: msh
-                .as_ref()
-                .is_some_and(|m| memchr2(START_BLOCK, END_BLOCK, m.as_bytes()).is_some()),
+            // One search over the whole MSH instead of one per copied field (measured), unless
+            // the MSH is so long that the search would cost more than the capped copies.
+            raw_needs_escape: msh.as_ref().is_some_and(|m| {
+                m.as_bytes().len() > WHOLE_MSH_SCAN_LIMIT
+                    || memchr2(START_BLOCK, END_BLOCK, m.as_bytes()).is_some()
+            }),
             text: self.text.as_bytes(),
             error,
         }
@@ -477,7 +527,7 @@ impl Plan<'_> {
         s.put(&chars[..n]);
         for party in self.parties {
             s.put_byte(field);
-            put_raw(s, self, party);
+            put_raw(s, self, party, MAX_PARTY_LEN);
         }
         s.put_byte(field);
         s.put(&self.timestamp);
@@ -486,7 +536,7 @@ impl Plan<'_> {
         s.put(b"ACK");
         if !self.trigger.is_empty() {
             s.put_byte(component);
-            put_raw(s, self, self.trigger);
+            put_raw(s, self, self.trigger, MAX_TRIGGER_LEN);
             s.put_byte(component);
             s.put(b"ACK");
         }
@@ -496,13 +546,13 @@ impl Plan<'_> {
             ControlId::Generated(id) => s.put(id.as_bytes()),
         }
         s.put_byte(field);
-        put_raw(s, self, self.processing_id);
+        put_raw(s, self, self.processing_id, MAX_PROCESSING_ID_LEN);
         s.put_byte(field);
-        put_raw(s, self, self.version);
+        put_raw(s, self, self.version, MAX_VERSION_LEN);
         if !self.charset.is_empty() {
             // MSH-13..17 empty, then MSH-18.
             s.put(&[field; 6]);
-            put_raw(s, self, self.charset);
+            put_raw(s, self, self.charset, MAX_CHARSET_LEN);
         }
         s.put_byte(CARRIAGE_RETURN);
 
@@ -510,7 +560,7 @@ impl Plan<'_> {
         s.put_byte(field);
         s.put(self.code.as_str().as_bytes());
         s.put_byte(field);
-        put_raw(s, self, self.msa2);
+        put_raw(s, self, self.msa2, MAX_CONTROL_ID_LEN);
         if !self.text.is_empty() {
             s.put_byte(field);
             put_text(s, enc, self.text);
@@ -561,13 +611,18 @@ impl Sink for Vec<u8> {
 }
 
 /// Writes a field copied from the message: already in its encoding, so only the MLLP block
-/// bytes are escaped.
-fn put_raw<S: Sink>(s: &mut S, plan: &Plan<'_>, mut field: &[u8]) {
-    if !plan.raw_needs_escape {
+/// bytes are escaped, and cut to at most `cap` bytes written (see [`copy_len`]).
+fn put_raw<S: Sink>(s: &mut S, plan: &Plan<'_>, field: &[u8], cap: usize) {
+    if !plan.raw_needs_escape && field.len() <= cap {
         s.put(field);
         return;
     }
-    let enc = &plan.encoding;
+    let field = &field[..copy_len(&plan.encoding, field, cap)];
+    put_block_escaped(s, &plan.encoding, field);
+}
+
+/// Writes `field` with each 0x0B and 0x1C as `\X0B\` / `\X1C\`.
+fn put_block_escaped<S: Sink>(s: &mut S, enc: &Encoding, mut field: &[u8]) {
     while let Some(i) = memchr2(START_BLOCK, END_BLOCK, field) {
         s.put(&field[..i]);
         put_escape(
@@ -582,6 +637,81 @@ fn put_raw<S: Sink>(s: &mut S, plan: &Plan<'_>, mut field: &[u8]) {
         field = &field[i + 1..];
     }
     s.put(field);
+}
+
+/// Bytes an escaped 0x0B or 0x1C takes on the wire: `\X0B\`.
+const BLOCK_ESCAPE_LEN: usize = 5;
+
+/// How many leading bytes of `field` to copy so that, with block bytes escaped, at most `cap`
+/// bytes are written. Reads at most `cap` bytes of `field`, whatever its length.
+///
+/// When the field has to be cut, the cut moves back so that it does not end inside an escape
+/// sequence (an odd number of escape characters kept means one is open) or inside a UTF-8
+/// character (a continuation byte would be the first one dropped).
+fn copy_len(enc: &Encoding, field: &[u8], cap: usize) -> usize {
+    let mut written = 0;
+    let mut end = 0;
+    for &b in field.iter().take(cap) {
+        let width = if b == START_BLOCK || b == END_BLOCK {
+            BLOCK_ESCAPE_LEN
+        } else {
+            1
+        };
+        if written + width > cap {
+            break;
+        }
+        written += width;
+        end += 1;
+    }
+    if end == field.len() {
+        return end;
+    }
+    let kept = &field[..end];
+    if kept.iter().filter(|&&b| b == enc.escape).count() % 2 == 1 {
+        // The escape character opening the unfinished sequence is the last one kept.
+        end = kept.iter().rposition(|&b| b == enc.escape).unwrap_or(0);
+    }
+    // A UTF-8 lead byte is at most 3 bytes before the first byte dropped. If none is there
+    // the field is not UTF-8 (e.g. ISO 8859-1), and the cut stays where it is.
+    if field[end] & 0xC0 == 0x80
+        && let Some(back) = (1..=3.min(end)).find(|&k| field[end - k] & 0xC0 == 0xC0)
+    {
+        end -= back;
+    }
+    end
+}
+
+/// The MSA-2 that an acknowledgment built by this module carries for `message`: its MSH-10,
+/// cut at [`MAX_CONTROL_ID_LEN`] bytes and with 0x0B/0x1C escaped, as described in the
+/// [module docs](self#msa-2-and-correlation). Borrowed from `message` unless something had to
+/// be escaped.
+///
+/// `None` when the message has no readable MSH-10: its acknowledgment is then a reject with an
+/// empty MSA-2.
+///
+/// # Examples
+///
+/// ```
+/// use mllp_reactor::ack;
+///
+/// let msg = b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|ID\x0b7|P|2.5.1\r";
+/// let echoed = ack::echoed_control_id(msg).unwrap();
+/// assert_eq!(&echoed[..], b"ID\\X0B\\7");
+/// assert_eq!(ack::parse(&ack::accept(msg))?.control_id, &echoed[..]);
+/// assert_eq!(ack::echoed_control_id(b"PID|1\r"), None);
+/// # Ok::<(), ack::AckParseError>(())
+/// ```
+pub fn echoed_control_id(message: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let msh = Msh::parse(message).ok()?;
+    let id = msh.control_id()?;
+    let enc = msh.encoding();
+    let id = &id[..copy_len(&enc, id, MAX_CONTROL_ID_LEN)];
+    if memchr2(START_BLOCK, END_BLOCK, id).is_none() {
+        return Some(Cow::Borrowed(id));
+    }
+    let mut out = Vec::with_capacity(MAX_CONTROL_ID_LEN);
+    put_block_escaped(&mut out, &enc, id);
+    Some(Cow::Owned(out))
 }
 
 /// Writes our own text as field content, escaping whatever would be read as structure.

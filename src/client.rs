@@ -4,15 +4,16 @@
 //! MSA-2 is the message's MSH-10 before returning it as an [`Ack`]. [`Client::send_pipelined`]
 //! keeps several messages in flight on the same connection and correlates their ACKs in order.
 //!
-//! # Guarantees (seed-spec §6)
+//! # Guarantees
 //!
-//! The reference client waits for "the next frame" with a timeout per read. After a timeout it
-//! keeps the connection, so the late ACK of message 1 is read as the answer to message 2: a
-//! mis-pairing that tells the sender message 2 was accepted when it may not have been. This
-//! client closes that gap in three ways:
+//! A client that simply waits for "the next frame", with a timeout per read, and keeps the
+//! connection after a timeout, will read the late ACK of message 1 as the answer to message 2:
+//! a mis-pairing that tells the sender message 2 was accepted when it may not have been. This
+//! client rules that out in three ways:
 //!
-//! - **Correlation.** An ACK is returned only if its MSA-2 equals the MSH-10 of the message
-//!   sent; otherwise [`ClientError::Mismatch`]. A message without a readable MSH-10 is refused
+//! - **Correlation.** An ACK is returned only if its MSA-2 names the message sent: its MSH-10
+//!   as sent, or as [`ack::echoed_control_id`] gives it (how this crate's ACK builder writes
+//!   it: 0x0B/0x1C escaped, cut at 199 bytes); otherwise [`ClientError::Mismatch`]. A message without a readable MSH-10 is refused
 //!   ([`ClientError::NoControlId`]) unless [`ClientConfig::allow_missing_control_id`] is set.
 //! - **One deadline per message.** [`ClientConfig::response_timeout`] bounds the whole exchange,
 //!   writing the message and reading its complete ACK, not each read: a server that dribbles
@@ -49,6 +50,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
@@ -67,13 +69,13 @@ use crate::msh::Msh;
 /// enough that a dead address is noticed before an operator would.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Default [`ClientConfig::response_timeout`]: 30 s. The reference client's default receive
-/// timeout; it must cover the receiver's own processing, and our server's default handler
+/// Default [`ClientConfig::response_timeout`]: 30 s, a common receive timeout among MLLP
+/// senders; it must cover the receiver's own processing, and our server's default handler
 /// timeout is shorter, so a slow handler yields an AE before this fires.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Default [`ClientConfig::max_response_size`]: 10 MiB, the same limit as the server's
-/// message size ([`codec::DEFAULT_MAX_MESSAGE_SIZE`]) and the reference's default. An ACK is a
+/// message size ([`codec::DEFAULT_MAX_MESSAGE_SIZE`]). An ACK is a
 /// few hundred bytes; the limit only bounds what a broken or hostile server can make us hold.
 pub const DEFAULT_MAX_RESPONSE_SIZE: usize = codec::DEFAULT_MAX_MESSAGE_SIZE;
 
@@ -266,14 +268,14 @@ impl Ack {
         self.code.is_accept()
     }
 
-    /// Parses `frame` and checks its MSA-2 against `expected` (the sent MSH-10), if known.
-    fn correlate(frame: Bytes, expected: Option<&[u8]>) -> Result<Self, ClientError> {
+    /// Parses `frame` and checks its MSA-2 against `expected` (from the sent MSH-10), if known.
+    fn correlate(frame: Bytes, expected: Option<&Expected<'_>>) -> Result<Self, ClientError> {
         let parsed = ack::parse(&frame).map_err(ClientError::BadAck)?;
         if let Some(expected) = expected
-            && parsed.control_id != expected
+            && !expected.matches(parsed.control_id)
         {
             return Err(ClientError::Mismatch {
-                expected: lossy(expected),
+                expected: lossy(expected.sent),
                 got: lossy(parsed.control_id),
             });
         }
@@ -483,7 +485,7 @@ impl Client {
         let result = conn
             .write_all(&self.out, deadline)
             .and_then(|()| conn.read_frame(deadline))
-            .and_then(|frame| Ack::correlate(frame, expected));
+            .and_then(|frame| Ack::correlate(frame, expected.as_ref()));
         self.release_out();
         // The connection goes back only after a clean exchange; on error it is dropped here,
         // which closes the socket, so a late reply can never be read as another's ACK.
@@ -711,8 +713,8 @@ impl Conn {
     /// Checks, without blocking, that the server has sent nothing since the last exchange.
     ///
     /// A byte waiting here answers no message of ours: a late ACK from before, a duplicate, or
-    /// a server speaking out of turn. Reading it as the next message's ACK is the reference's
-    /// mis-pairing, so it is a desync.
+    /// a server speaking out of turn. Reading it as the next message's ACK would pair it with the
+    /// wrong message (see the module docs), so it is a desync.
     fn probe_idle(&mut self) -> Result<Idle, ClientError> {
         if !self.buf.is_empty() || self.decoder.in_frame() {
             return Err(ClientError::Desync);
@@ -789,7 +791,7 @@ impl Conn {
     fn pipeline<M: AsRef<[u8]>>(
         &mut self,
         messages: &[M],
-        ids: &[Option<&[u8]>],
+        ids: &[Option<Expected<'_>>],
         window: usize,
         timeout: Duration,
         out: &mut BytesMut,
@@ -799,7 +801,7 @@ impl Conn {
         // INVARIANT: `in_flight.len() == next - i` at the top of each iteration.
         let mut in_flight: VecDeque<Option<Instant>> = VecDeque::with_capacity(window);
         let mut next = 0;
-        for &expected in ids {
+        for expected in ids {
             if next < messages.len() && in_flight.len() < window {
                 // Top the window up in one write: at the start that is `window` frames in
                 // one segment, afterwards usually one frame per ACK read.
@@ -818,18 +820,37 @@ impl Conn {
                 .pop_front()
                 .expect("window >= 1 keeps the current message in flight");
             let frame = self.read_frame(deadline)?;
-            acks.push(Ack::correlate(frame, expected)?);
+            acks.push(Ack::correlate(frame, expected.as_ref())?);
         }
         Ok(())
     }
 }
 
+/// What an ACK's MSA-2 must be to answer a message.
+#[derive(Debug)]
+struct Expected<'m> {
+    /// MSH-10 as sent.
+    sent: &'m [u8],
+    /// MSH-10 as [`ack::echoed_control_id`] writes it: block bytes escaped, cut at
+    /// [`ack::MAX_CONTROL_ID_LEN`]. Usually the same bytes as `sent`, borrowed.
+    echoed: Cow<'m, [u8]>,
+}
+
+impl Expected<'_> {
+    /// Whether `msa2` names the message: as our ACK builder writes it, or echoed raw as some
+    /// other receivers do.
+    fn matches(&self, msa2: &[u8]) -> bool {
+        msa2 == &self.echoed[..] || msa2 == self.sent
+    }
+}
+
 /// MSH-10 of `message`, which its ACK must echo in MSA-2. `None` only when allowed.
-fn control_id(message: &[u8], allow_missing: bool) -> Result<Option<&[u8]>, ClientError> {
-    match Msh::parse(message).ok().and_then(|msh| msh.control_id()) {
-        Some(id) => Ok(Some(id)),
-        None if allow_missing => Ok(None),
-        None => Err(ClientError::NoControlId),
+fn control_id(message: &[u8], allow_missing: bool) -> Result<Option<Expected<'_>>, ClientError> {
+    let sent = Msh::parse(message).ok().and_then(|msh| msh.control_id());
+    match (sent, ack::echoed_control_id(message)) {
+        (Some(sent), Some(echoed)) => Ok(Some(Expected { sent, echoed })),
+        _ if allow_missing => Ok(None),
+        _ => Err(ClientError::NoControlId),
     }
 }
 

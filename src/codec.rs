@@ -2,10 +2,10 @@
 //!
 //! A frame is `0x0B` (start block) + payload + `0x1C 0x0D` (end block, carriage return). The
 //! payload is opaque: any byte may appear in it, including `0x0B`, `0x00` and `0x80..=0xFF`
-//! (seed-spec §1). This module knows nothing of sockets: the caller appends whatever bytes it
+//! (see `docs/behaviour.md`, "Framing"). This module knows nothing of sockets: the caller appends whatever bytes it
 //! received to a [`BytesMut`] it owns and asks the decoder for complete payloads.
 //!
-//! # Rules (seed-spec §1, "Ours")
+//! # Rules
 //!
 //! | Input | Result |
 //! |---|---|
@@ -64,8 +64,7 @@ pub const TRAILER: [u8; 2] = [END_BLOCK, CARRIAGE_RETURN];
 /// Bytes a frame adds around its payload (`0x0B` before, `0x1C 0x0D` after).
 pub const FRAMING_OVERHEAD: usize = 3;
 
-/// Default payload limit: 10 MiB, the reference's `max_message_size` default (seed-spec §1).
-/// HL7 v2 messages are typically under 64 KiB; 10 MiB leaves room for embedded documents
+/// Default payload limit: 10 MiB, a common default among MLLP receivers. HL7 v2 messages are typically under 64 KiB; 10 MiB leaves room for embedded documents
 /// (base64 PDFs in OBX-5) while bounding what one peer can make us hold.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 10_485_760;
 

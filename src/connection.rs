@@ -1,39 +1,50 @@
-//! The sans-IO state machine of one MLLP connection (seed-spec §2–§3).
+//! The sans-IO state machine of one MLLP connection: framing, pipelining, deadlines, the NAK
+//! policy and the lingering close.
 //!
-//! It takes bytes, handler outcomes and `Instant`s in, and hands back effects, the bytes to
-//! write and its next deadline. It never sees a socket or reads the clock, so tests and the
-//! fuzzer drive it byte by byte on a virtual clock.
+//! It takes bytes, handler outcomes and `Instant`s in, and hands back messages to dispatch,
+//! bytes to write, its next deadline, and telemetry [`Event`]s. It never sees a socket or reads
+//! the clock, so tests and the fuzzer drive it byte by byte on a virtual clock.
 //!
 //! # Calls
 //!
-//! The reactor calls, for each connection:
-//! 1. `handle_read(bytes, now)` with each chunk read (while [`Connection::wants_read`]);
-//!    `handle_eof(now)` when the peer half-closes; `handle_io_error(kind)` when I/O fails;
-//! 2. `handle_completion(seq, outcome, now)` when the pool finishes the dispatched message;
-//! 3. `transmit()` for the reply being written, then `handle_written(n, now)`;
-//! 4. `handle_timeout(now)` when the deadline from `poll_timeout()` passes (spurious calls are
-//!    harmless: each deadline is re-checked against `now`);
-//! 5. `handle_shutdown(now)` once when the server drains.
+//! The reactor calls, for each connection, in any order that the I/O dictates:
+//! - `handle_read(bytes, now)` with each chunk read (while [`Connection::wants_read`]);
+//!   `handle_eof(now)` when the peer half-closes; `handle_io_error(kind)` when I/O fails;
+//! - `poll_dispatch(now)` until it returns `None`, handing each message to the handler;
+//! - `handle_completion(seq, outcome, now)` with each handler result (inline, from the pool,
+//!   or from a [`ReplyHandle`](crate::ReplyHandle));
+//! - `transmit(slices)` for the bytes to write, then `handle_written(n, now)`;
+//! - `wants_shutdown_write()` → shut the socket's write side → `handle_write_shutdown(now)`;
+//! - `handle_timeout(now)` when the deadline from `poll_timeout()` passes (spurious calls are
+//!   harmless: every deadline is re-checked against `now`);
+//! - `handle_shutdown()` once when the server drains.
 //!
-//! Every `handle_*` call appends what happened to an [`Effect`] buffer the caller owns and
-//! drains: keeping no event queue inside keeps an idle connection free of heap memory.
+//! Telemetry goes to an [`Event`] buffer the caller owns and drains: keeping no event queue
+//! inside keeps an idle connection free of heap memory. Control (what to dispatch, write,
+//! close) is only ever read through the `poll_*`/`wants_*`/`transmit` methods.
 //!
-//! # Phases
+//! # Messages in flight
 //!
 //! ```text
-//!            frame complete                  reply / NAK
-//! Receiving ───────────────▶ Handling ───────────────────▶ Writing
-//!     ▲  idle + frame            handler deadline             │ write-stall deadline
-//!     │  deadlines                 │ no reply                 │
-//!     └────────────────────────────┴──────────────────────────┘ written
-//!  any phase ──▶ Closed(reason)
+//!   read_buf ──decode──▶ slots: [ seq 4: Ready(reply, part written) | seq 5: Waiting | seq 6: Ready ]
+//!                                 └──────────── written strictly in seq order ──────────────┘
 //! ```
 //!
-//! One message is with the handler at a time (serial per connection, replies in order). Bytes
-//! that arrive meanwhile stay undecoded in the read buffer, up to `read_ahead` bytes, after
-//! which the connection stops asking to read, so TCP pushes back on the sender.
+//! Each dispatched message gets a slot, in sequence order. A slot waits for its handler's
+//! outcome (with the handler deadline), then holds its reply until every earlier reply is
+//! written. At most `max_in_flight` slots exist; at most one handler call is in progress
+//! (`calling`), so calls for one connection never overlap and run in message order. When no
+//! more can be dispatched, bytes stay undecoded in the read buffer, up to `read_ahead`, after
+//! which the connection stops asking to read and TCP pushes back on the sender.
+//!
+//! # Closing
+//!
+//! A close that follows a reply (`SendAndClose`, the oversize AR, a drain) is a lingering
+//! close, as nginx's `lingering_close`: shut our write side once the last reply is out, read
+//! and discard input for a bounded time and size, then close. Closing a socket with unread
+//! input sends RST, which can destroy a reply the peer has not read yet.
 
-use std::io::ErrorKind;
+use std::io::{ErrorKind, IoSlice};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,20 +52,22 @@ use bytes::{Bytes, BytesMut};
 
 use crate::ack::{self, AckCode};
 use crate::codec::{EncodedFrame, FrameDecoder, FrameError};
+use crate::completion::Outcome;
 use crate::error::{CloseReason, ExceptionReason};
 use crate::handler::Reply;
 use crate::telemetry::Handled;
 
-/// Whether failures are answered with a NAK (seed-spec §3).
+/// Whether failures are answered with a NAK.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum NakPolicy {
-    /// Handler error, panic or timeout → AE NAK quoting the message's MSH-10; oversize frame →
-    /// AR NAK when its MSH-10 is readable, then close. The sender need not wait for its own
-    /// timeout. The default.
+    /// Handler error, panic, timeout or dropped reply handle → AE NAK quoting the message's
+    /// MSH-10 (AR when the message has no readable MSH); oversize frame → AR NAK when its
+    /// MSH-10 is readable, then close. The sender need not wait for its own timeout. The
+    /// default.
     #[default]
     Send,
-    /// Send nothing on failures: the reference library's behaviour.
+    /// Send nothing on failures (the behaviour of libraries that leave the sender to time out).
     Silent,
 }
 
@@ -66,37 +79,31 @@ pub(crate) struct Limits {
     pub(crate) frame_timeout: Duration,
     pub(crate) handler_timeout: Duration,
     pub(crate) write_timeout: Duration,
+    /// How long a connection may take to start (PROXY header, TLS handshake).
+    pub(crate) handshake_timeout: Duration,
     pub(crate) max_message_size: usize,
-    /// Undecoded bytes held while a message is with the handler before reading stops.
+    /// Undecoded bytes held while no more messages can be dispatched before reading stops.
     pub(crate) read_ahead: usize,
+    /// Messages dispatched and not yet answered on the wire, per connection (≥ 1).
+    pub(crate) max_in_flight: usize,
     pub(crate) nak_policy: NakPolicy,
+    /// Put the handler's error text into NAKs (default: a generic text).
+    pub(crate) expose_errors: bool,
 }
 
-/// What a worker made of a dispatched message.
+/// A message to hand to the handler.
 #[derive(Debug)]
-pub(crate) enum Outcome {
-    /// The handler returned a reply.
-    Reply(Reply),
-    /// The handler returned an error or panicked; `nak` is the AE to send (None if Silent).
-    Failed {
-        reason: ExceptionReason,
-        detail: String,
-        nak: Option<Bytes>,
-    },
-    /// The job's deadline had passed before a worker took it: it was not run.
-    Expired,
+pub(crate) struct Dispatched {
+    pub(crate) seq: u64,
+    pub(crate) payload: Bytes,
+    pub(crate) received_at: Instant,
+    pub(crate) deadline: Instant,
 }
 
-/// Something the reactor must act on or report, in the order it happened.
+/// Something to report, in the order it happened (telemetry only: the reactor never decides
+/// anything from these).
 #[derive(Debug)]
-pub(crate) enum Effect {
-    /// A complete frame for the handler (the message-start event).
-    Dispatch {
-        seq: u64,
-        payload: Bytes,
-        received_at: Instant,
-        deadline: Instant,
-    },
+pub(crate) enum Event {
     /// Bytes dropped outside frames.
     Junk(u64),
     /// A message is done: its reply (if any) is fully written (the message-stop event).
@@ -112,6 +119,8 @@ pub(crate) enum Effect {
         message_size: usize,
         detail: Option<String>,
         received_at: Option<Instant>,
+        /// The message's control id as a NAK quotes it (bounded), for logs.
+        control_id: Option<Bytes>,
     },
     /// The handler's outcome for a message (or its timeout), for the outcome metric.
     Handled(Handled),
@@ -121,8 +130,8 @@ pub(crate) enum Effect {
     LateResult,
     /// A frame was rejected before reaching the handler.
     FrameRejected(FrameRejection),
-    /// The connection is finished; the reactor closes the socket.
-    Closed(CloseReason),
+    /// The connection is finished (its reason is [`Connection::close_reason`]).
+    Closed,
 }
 
 /// Why a frame never reached the handler.
@@ -132,38 +141,151 @@ pub(crate) enum FrameRejection {
     Timeout,
 }
 
-/// What to do once the bytes being written are out.
+/// What to do once a slot's reply is out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Then {
     Continue,
     Close(CloseReason),
 }
 
+/// Longest a lingering close waits for the peer to close after our last reply: long enough
+/// for a peer to read a reply and see our FIN over a slow WAN, short enough that a drain is not
+/// held up (nginx's `lingering_timeout` is 5 s).
+pub(crate) const LINGER_TIME: Duration = Duration::from_secs(2);
+/// Most bytes a lingering close reads and discards before giving up and closing: a peer that
+/// keeps pipelining into a closing connection is cut off after this much.
+pub(crate) const LINGER_BYTES: usize = 1 << 20;
+/// NAKs are built from at most this prefix of the message: the MSH segment is what a NAK
+/// quotes, and its fields are capped well below this (see [`ack`]), so work on the reactor
+/// thread never grows with the message.
+pub(crate) const NAK_SOURCE_LIMIT: usize = 16 * 1024;
+
+/// A deadline `d` after `now`, saturating: durations too long to add (`Duration::MAX` as "no
+/// timeout") give a deadline decades away, which never fires.
+pub(crate) fn deadline_after(now: Instant, d: Duration) -> Instant {
+    /// About 31 years: beyond any process's life, small enough that nanoseconds since the
+    /// reactor's epoch fit in a u64.
+    const FAR: Duration = Duration::from_secs(1_000_000_000);
+    now.checked_add(d.min(FAR)).unwrap_or(now)
+}
+
 #[derive(Debug)]
-enum Phase {
-    Receiving {
-        idle_deadline: Instant,
-        /// Set while a frame is started but incomplete.
-        frame_deadline: Option<Instant>,
-    },
-    Handling {
-        seq: u64,
-        deadline: Instant,
-        /// Kept for the AE NAK should the handler time out.
-        payload: Bytes,
-        received_at: Instant,
-    },
-    Writing {
-        frame: EncodedFrame,
-        stall_deadline: Instant,
-        /// The message this answers, `None` for a NAK of an oversize frame.
-        reply_to: Option<(u64, Instant)>,
-        /// A handler reply (reported as message stop), not a NAK.
-        is_reply: bool,
+enum SlotState {
+    /// The handler's outcome is awaited until `deadline`.
+    Waiting { deadline: Instant },
+    /// Answered: `frame` (if any) is written when every earlier slot is done.
+    Ready {
+        frame: Option<EncodedFrame>,
+        /// Report a message stop once written (a handler's reply or no-reply; not a NAK).
+        stop: bool,
         then: Then,
     },
-    // The reason is read by tests (`close_reason`) and shown by `Debug`.
+}
+
+/// One dispatched message (or the oversize NAK) in sequence order.
+#[derive(Debug)]
+struct Slot {
+    seq: u64,
+    received_at: Instant,
+    /// Kept while waiting, to build a NAK should the handler fail or time out; released once
+    /// answered.
+    payload: Bytes,
+    /// Heap bytes the payload keeps alive while waiting: the whole read buffer it was split
+    /// from when that buffer was then released (a large frame's buffer grew by doubling).
+    held: usize,
+    state: SlotState,
+}
+
+/// A lingering close in progress.
+#[derive(Clone, Copy, Debug)]
+struct Linger {
+    reason: CloseReason,
+    deadline: Instant,
+    /// Our write side is shut.
+    shut: bool,
+    /// Bytes read and discarded so far.
+    discarded: usize,
+}
+
+/// Boxed: rare, and it would double the size of every connection's state.
+#[derive(Clone, Debug)]
+enum State {
+    Open,
+    Lingering(Box<Linger>),
     Closed(CloseReason),
+}
+
+/// The slot queue, allocated only while messages are in flight: an idle connection holds
+/// neither the queue nor its buffer (8 bytes instead of 48).
+#[derive(Debug, Default)]
+struct Slots(Option<Box<SlotQueue>>);
+
+#[derive(Debug, Default)]
+struct SlotQueue {
+    q: std::collections::VecDeque<Slot>,
+    /// Set while replies wait to be written: the peer must take some of them by then.
+    stall_deadline: Option<Instant>,
+}
+
+impl Slots {
+    fn stall(&self) -> Option<Instant> {
+        self.0.as_ref()?.stall_deadline
+    }
+
+    fn set_stall(&mut self, deadline: Option<Instant>) {
+        if let Some(q) = self.0.as_mut() {
+            q.stall_deadline = deadline;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |q| q.q.len())
+    }
+
+    fn front(&self) -> Option<&Slot> {
+        self.0.as_ref()?.q.front()
+    }
+
+    fn get(&self, index: usize) -> Option<&Slot> {
+        self.0.as_ref()?.q.get(index)
+    }
+
+    fn push_back(&mut self, slot: Slot) {
+        self.0.get_or_insert_with(Box::default).q.push_back(slot);
+    }
+
+    fn pop_front(&mut self) -> Option<Slot> {
+        self.0.as_mut()?.q.pop_front()
+    }
+
+    fn clear(&mut self) {
+        self.0 = None;
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Slot> {
+        self.0.iter().flat_map(|q| q.q.iter())
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut Slot> {
+        self.0.iter_mut().flat_map(|q| q.q.iter_mut())
+    }
+}
+
+impl std::ops::Index<usize> for Slots {
+    type Output = Slot;
+    fn index(&self, index: usize) -> &Slot {
+        &self.0.as_ref().expect("index into empty slots").q[index]
+    }
+}
+
+impl std::ops::IndexMut<usize> for Slots {
+    fn index_mut(&mut self, index: usize) -> &mut Slot {
+        &mut self.0.as_mut().expect("index into empty slots").q[index]
+    }
 }
 
 /// One connection's protocol state. See the module docs for the order of calls.
@@ -171,446 +293,707 @@ enum Phase {
 pub(crate) struct Connection {
     limits: Arc<Limits>,
     decoder: FrameDecoder,
-    /// Received bytes not yet handed out as frames.
-    ///
-    /// ```text
-    /// Receiving:  [ partial frame payload (≤ max_message_size + 1) ]
-    /// otherwise:  [ undecoded bytes: later pipelined frames, junk (≤ read_ahead + one read) ]
-    /// ```
-    /// Released (capacity 0) whenever it empties, so an idle connection owns no buffer.
+    /// Received bytes not yet handed out as frames: a partial frame (≤ max_message_size + one
+    /// read) and, while nothing more can be dispatched, undecoded input (≤ read_ahead + one
+    /// read). Released (capacity 0) whenever it empties, so an idle connection owns no buffer.
     read_buf: BytesMut,
-    phase: Phase,
+    /// Messages in flight, in sequence order (see the module docs). Released when empty.
+    slots: Slots,
+    state: State,
     next_seq: u64,
+    /// The handler call for the last dispatched message (`next_seq - 1`) is in progress.
+    calling: bool,
+    /// Restarted by every read; applies only while no message is in flight.
+    idle_deadline: Instant,
+    /// Set while a frame is started but incomplete.
+    frame_deadline: Option<Instant>,
     /// The peer half-closed: answer what it sent, then close.
     peer_eof: bool,
-    /// The server is draining: finish the message in flight, then close.
+    /// The server is draining: finish the messages in flight, then close.
     draining: bool,
+    /// A handler call was abandoned at its deadline (for the pool's stuck-worker check).
+    abandoned: bool,
+    /// The byte path below has started (PROXY header read, TLS handshake done); until then
+    /// the idle deadline is the handshake deadline and nothing is dispatched.
+    started: bool,
 }
 
 // Keep the per-connection cost small: an idle connection is this struct plus a socket.
-const _: () = assert!(std::mem::size_of::<Connection>() <= 176);
+const _: () = assert!(std::mem::size_of::<Connection>() <= 144);
 
 impl Connection {
     pub(crate) fn new(limits: Arc<Limits>, now: Instant) -> Self {
         let decoder = FrameDecoder::new(limits.max_message_size);
-        let phase = Phase::Receiving {
-            idle_deadline: now + limits.idle_timeout,
-            frame_deadline: None,
-        };
+        let idle_deadline = deadline_after(now, limits.idle_timeout);
         Self {
             limits,
             decoder,
             read_buf: BytesMut::new(),
-            phase,
+            slots: Slots::default(),
+            state: State::Open,
             next_seq: 0,
+            calling: false,
+            idle_deadline,
+            frame_deadline: None,
             peer_eof: false,
             draining: false,
+            abandoned: false,
+            started: true,
         }
     }
 
-    /// Takes bytes read from the peer.
-    pub(crate) fn handle_read(&mut self, bytes: &[u8], now: Instant, out: &mut Vec<Effect>) {
-        if bytes.is_empty() || self.is_closed() {
+    /// A connection whose byte path must start first (PROXY header, TLS handshake): it is
+    /// closed with [`CloseReason::HandshakeTimeout`] unless
+    /// [`handle_started`](Self::handle_started) comes within `handshake_timeout`.
+    pub(crate) fn new_pending(limits: Arc<Limits>, now: Instant) -> Self {
+        let handshake = deadline_after(now, limits.handshake_timeout);
+        let mut conn = Self::new(limits, now);
+        conn.started = false;
+        conn.idle_deadline = handshake;
+        conn
+    }
+
+    /// The byte path has started: from now on the connection serves MLLP.
+    pub(crate) fn handle_started(&mut self, now: Instant) {
+        self.started = true;
+        self.idle_deadline = deadline_after(now, self.limits.idle_timeout);
+    }
+
+    /// Whether the byte path has started (see [`new_pending`](Self::new_pending)).
+    pub(crate) fn is_started(&self) -> bool {
+        self.started
+    }
+
+    /// The byte path failed to start (bad PROXY header, TLS handshake error): close with
+    /// `reason`.
+    pub(crate) fn handle_start_failed(&mut self, reason: CloseReason, out: &mut Vec<Event>) {
+        self.close(reason, out);
+    }
+
+    /// Takes bytes read from the peer. Decoding happens in [`poll_dispatch`](Self::poll_dispatch).
+    pub(crate) fn handle_read(&mut self, bytes: &[u8], now: Instant, out: &mut Vec<Event>) {
+        if bytes.is_empty() {
             return;
         }
-        self.read_buf.extend_from_slice(bytes);
-        if let Phase::Receiving { idle_deadline, .. } = &mut self.phase {
-            *idle_deadline = now + self.limits.idle_timeout;
-            self.decode_next(now, out);
+        match &mut self.state {
+            State::Open => {
+                self.read_buf.extend_from_slice(bytes);
+                self.idle_deadline = deadline_after(now, self.limits.idle_timeout);
+            }
+            State::Lingering(linger) => {
+                linger.discarded += bytes.len();
+                if linger.discarded > LINGER_BYTES {
+                    let reason = linger.reason;
+                    self.close(reason, out);
+                }
+            }
+            State::Closed(_) => {}
+        }
+    }
+
+    /// The peer has sent bytes the server is not reading (reads paused at the memory budget):
+    /// the peer is neither idle nor slow, so its idle and frame deadlines restart.
+    pub(crate) fn handle_unread_input(&mut self, now: Instant) {
+        if matches!(self.state, State::Open) && self.started {
+            self.idle_deadline = deadline_after(now, self.limits.idle_timeout);
+            if self.frame_deadline.is_some() {
+                self.frame_deadline = Some(deadline_after(now, self.limits.frame_timeout));
+            }
         }
     }
 
     /// The peer closed its sending side. Frames already received are still answered.
-    pub(crate) fn handle_eof(&mut self, now: Instant, out: &mut Vec<Effect>) {
+    pub(crate) fn handle_eof(&mut self, out: &mut Vec<Event>) {
         self.peer_eof = true;
-        if matches!(self.phase, Phase::Receiving { .. }) {
-            self.decode_next(now, out);
+        match &self.state {
+            // The peer has read our FIN or does not care: nothing left to protect.
+            State::Lingering(linger) => self.close(linger.reason, out),
+            // `poll_dispatch` answers what is buffered, then closes.
+            State::Open | State::Closed(_) => {}
         }
     }
 
     /// A read or write failed: the connection is over.
-    pub(crate) fn handle_io_error(&mut self, kind: ErrorKind, out: &mut Vec<Effect>) {
-        self.close(CloseReason::Io(kind), out);
+    pub(crate) fn handle_io_error(&mut self, kind: ErrorKind, out: &mut Vec<Event>) {
+        match &self.state {
+            // A reset while lingering ends the linger; the reply was already out.
+            State::Lingering(linger) => self.close(linger.reason, out),
+            _ => self.close(CloseReason::Io(kind), out),
+        }
     }
 
-    /// The server is shutting down: finish the message in flight (its reply is still written),
-    /// then close; an idle or receiving connection closes now.
-    pub(crate) fn handle_shutdown(&mut self, out: &mut Vec<Effect>) {
+    /// The server is shutting down: finish the messages in flight (their replies are still
+    /// written), dispatch nothing new, then close; an idle connection closes now.
+    pub(crate) fn handle_shutdown(&mut self, out: &mut Vec<Event>) {
         self.draining = true;
-        if matches!(self.phase, Phase::Receiving { .. }) {
+        // Nothing in flight: everything read was answered and nothing unread is protected by
+        // a linger, so close at once.
+        if self.slots.is_empty() && matches!(self.state, State::Open) {
             self.close(CloseReason::Shutdown, out);
         }
     }
 
-    /// Closes now, whatever the phase (the shutdown deadline passed).
-    pub(crate) fn force_close(&mut self, reason: CloseReason, out: &mut Vec<Effect>) {
+    /// Closes now, whatever the state (the shutdown deadline passed). A lingering close keeps
+    /// the reason it was closing for.
+    pub(crate) fn force_close(&mut self, reason: CloseReason, out: &mut Vec<Event>) {
+        let reason = match &self.state {
+            State::Lingering(linger) => linger.reason,
+            _ => reason,
+        };
         self.close(reason, out);
     }
 
-    /// The pool's result for message `seq`.
+    /// The next message for the handler, if one can be dispatched now: a complete frame is
+    /// buffered, no handler call of this connection is in progress, fewer than `max_in_flight`
+    /// messages are in flight, and the server is not draining.
+    pub(crate) fn poll_dispatch(
+        &mut self,
+        now: Instant,
+        out: &mut Vec<Event>,
+    ) -> Option<Dispatched> {
+        if !matches!(self.state, State::Open) || !self.started || !self.can_dispatch() {
+            return None;
+        }
+        let junk_before = self.decoder.junk_bytes();
+        let capacity = self.read_buf.capacity();
+        let result = self.decoder.decode(&mut self.read_buf);
+        let junk = self.decoder.junk_bytes() - junk_before;
+        if junk > 0 {
+            out.push(Event::Junk(junk));
+        }
+        match result {
+            Ok(Some(payload)) => {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let deadline = deadline_after(now, self.limits.handler_timeout);
+                self.calling = true;
+                let held = if self.read_buf.is_empty() {
+                    capacity
+                } else {
+                    payload.len()
+                };
+                self.slots.push_back(Slot {
+                    seq,
+                    received_at: now,
+                    payload: payload.clone(),
+                    held,
+                    state: SlotState::Waiting { deadline },
+                });
+                self.update_frame_deadline(now);
+                Some(Dispatched {
+                    seq,
+                    payload,
+                    received_at: now,
+                    deadline,
+                })
+            }
+            Ok(None) => {
+                self.update_frame_deadline(now);
+                if self.read_buf.is_empty() {
+                    // Release the allocation: an idle connection owns no buffer.
+                    self.read_buf = BytesMut::new();
+                }
+                self.close_if_done(out);
+                None
+            }
+            Err(FrameError::TooLarge { received, .. }) => {
+                self.reject_oversize(received, now, out);
+                None
+            }
+        }
+    }
+
+    /// The handler's (or the pool's) result for message `seq`.
     pub(crate) fn handle_completion(
         &mut self,
         seq: u64,
         outcome: Outcome,
         now: Instant,
-        out: &mut Vec<Effect>,
+        out: &mut Vec<Event>,
     ) {
-        let (payload_len, received_at) = match &self.phase {
-            Phase::Handling {
-                seq: s,
-                payload,
-                received_at,
-                ..
-            } if *s == seq => (payload.len(), *received_at),
-            _ => {
-                out.push(Effect::LateResult);
-                return;
-            }
+        if self.calling_seq() == Some(seq) {
+            self.calling = false;
+        }
+        if matches!(outcome, Outcome::Deferred) {
+            // The call is over; the reply comes later (or has already come).
+            return;
+        }
+        let Some(index) = self.waiting_index(seq) else {
+            out.push(Event::LateResult);
+            return;
         };
-        let handled = match &outcome {
-            Outcome::Reply(Reply::Send(_) | Reply::SendAndClose(_)) => Some(Handled::Reply),
-            Outcome::Reply(_) => Some(Handled::NoReply),
-            Outcome::Failed {
-                reason: ExceptionReason::Panic,
-                ..
-            } => Some(Handled::Panic),
-            Outcome::Failed { .. } => Some(Handled::Error),
-            Outcome::Expired => None, // counted as a timeout below
-        };
-        out.extend(handled.map(Effect::Handled));
-        match outcome {
-            Outcome::Reply(Reply::Send(bytes)) => {
-                self.write(bytes, Some((seq, received_at)), true, Then::Continue, now)
+        let slot = &mut self.slots[index];
+        let payload = std::mem::take(&mut slot.payload);
+        slot.held = 0;
+        let received_at = slot.received_at;
+        let (state, handled) = match outcome {
+            Outcome::Reply(reply) => {
+                let handled = match reply {
+                    Reply::Send(_) | Reply::SendAndClose(_) => Handled::Reply,
+                    _ => Handled::NoReply,
+                };
+                let state = match reply {
+                    Reply::Send(bytes) => ready(Some(bytes), true, Then::Continue),
+                    Reply::SendAndClose(bytes) => {
+                        ready(Some(bytes), true, Then::Close(CloseReason::ClosedByHandler))
+                    }
+                    Reply::Close => ready(None, true, Then::Close(CloseReason::ClosedByHandler)),
+                    // `Deferred` never arrives here (the pool and the reply handle map it);
+                    // treat it like no reply rather than hang the connection.
+                    Reply::NoReply | Reply::Deferred => ready(None, true, Then::Continue),
+                };
+                (state, handled)
             }
-            Outcome::Reply(Reply::SendAndClose(bytes)) => {
-                self.write(
-                    bytes,
-                    Some((seq, received_at)),
-                    true,
-                    Then::Close(CloseReason::ClosedByHandler),
-                    now,
-                );
-            }
-            Outcome::Reply(Reply::NoReply) => {
-                out.push(Effect::MessageStop {
-                    seq,
-                    response_size: None,
-                    received_at,
-                });
-                self.receive(now, out);
-            }
-            Outcome::Reply(Reply::Close) => {
-                out.push(Effect::MessageStop {
-                    seq,
-                    response_size: None,
-                    received_at,
-                });
-                self.close(CloseReason::ClosedByHandler, out);
-            }
-            Outcome::Failed {
-                reason,
-                detail,
-                nak,
-            } => {
-                out.push(Effect::MessageException {
+            Outcome::Failed { reason, detail } => {
+                let handled = if reason == ExceptionReason::Panic {
+                    Handled::Panic
+                } else {
+                    Handled::Error
+                };
+                let text = if self.limits.expose_errors {
+                    detail.as_str()
+                } else {
+                    "application error"
+                };
+                let nak = self.nak(&payload, AckCode::AE, text, out);
+                out.push(Event::MessageException {
                     seq: Some(seq),
                     reason,
-                    message_size: payload_len,
+                    message_size: payload.len(),
                     detail: Some(detail),
                     received_at: Some(received_at),
+                    control_id: control_id_of(&payload),
                 });
-                match nak {
-                    Some(nak) => {
-                        out.push(Effect::NakQueued(AckCode::AE));
-                        self.write(nak, Some((seq, received_at)), false, Then::Continue, now);
-                    }
-                    None => self.receive(now, out),
-                }
+                (ready(nak, false, Then::Continue), handled)
             }
-            // The wheel may fire a tick after the worker saw the deadline pass.
-            Outcome::Expired => self.handler_timed_out(now, out),
-        }
-    }
-
-    /// The reply being written, if any.
-    pub(crate) fn transmit(&self) -> Option<&EncodedFrame> {
-        match &self.phase {
-            Phase::Writing { frame, .. } => Some(frame),
-            _ => None,
-        }
-    }
-
-    /// `n` bytes of [`transmit`](Self::transmit) were written.
-    pub(crate) fn handle_written(&mut self, n: usize, now: Instant, out: &mut Vec<Effect>) {
-        let Phase::Writing {
-            frame,
-            stall_deadline,
-            reply_to,
-            is_reply,
-            then,
-        } = &mut self.phase
-        else {
-            return;
+            Outcome::Expired => (
+                self.timed_out(seq, &payload, received_at, out),
+                Handled::Timeout,
+            ),
+            Outcome::Deferred => unreachable!("returned above"),
         };
-        frame.advance(n);
-        *stall_deadline = now + self.limits.write_timeout;
-        if !frame.is_done() {
-            return;
+        out.push(Event::Handled(handled));
+        self.slots[index].state = state;
+        self.settle(now, out);
+    }
+
+    /// Fills `slices` with the bytes to write next: the ready replies at the front, in order
+    /// (up to a close). Returns how many slices it used; 0 when nothing is ready.
+    pub(crate) fn transmit<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
+        let mut used = 0;
+        for slot in self.slots.iter() {
+            let SlotState::Ready { frame, then, .. } = &slot.state else {
+                break;
+            };
+            if let Some(frame) = frame {
+                if slices.len() - used < 3 {
+                    break;
+                }
+                let mut parts = [IoSlice::new(&[]); 3];
+                let n = frame.io_slices(&mut parts);
+                slices[used..used + n].copy_from_slice(&parts[..n]);
+                used += n;
+            }
+            if *then != Then::Continue {
+                break;
+            }
         }
-        if let (true, Some((seq, received_at))) = (*is_reply, *reply_to) {
-            out.push(Effect::MessageStop {
-                seq,
-                response_size: Some(frame.payload().len()),
-                received_at,
-            });
+        used
+    }
+
+    /// True when [`transmit`](Self::transmit) has bytes to offer.
+    pub(crate) fn wants_write(&self) -> bool {
+        matches!(
+            self.slots.front(),
+            Some(Slot {
+                state: SlotState::Ready { frame: Some(_), .. },
+                ..
+            })
+        )
+    }
+
+    /// `n` bytes of what [`transmit`](Self::transmit) offered were written.
+    pub(crate) fn handle_written(&mut self, mut n: usize, now: Instant, out: &mut Vec<Event>) {
+        for slot in self.slots.iter_mut() {
+            if n == 0 {
+                break;
+            }
+            let SlotState::Ready { frame, then, .. } = &mut slot.state else {
+                break;
+            };
+            if let Some(frame) = frame {
+                let step = n.min(frame.remaining());
+                frame.advance(step);
+                n -= step;
+            }
+            if *then != Then::Continue {
+                break;
+            }
         }
-        match *then {
-            Then::Continue => self.receive(now, out),
-            Then::Close(reason) => self.close(reason, out),
+        self.slots.set_stall(None);
+        self.settle(now, out);
+    }
+
+    /// True once the connection wants its socket's write side shut (a lingering close began
+    /// and every reply is out).
+    pub(crate) fn wants_shutdown_write(&self) -> bool {
+        matches!(&self.state, State::Lingering(l) if !l.shut)
+    }
+
+    /// The write side was shut (or could not be: the connection then just waits out the
+    /// linger).
+    pub(crate) fn handle_write_shutdown(&mut self) {
+        if let State::Lingering(linger) = &mut self.state {
+            linger.shut = true;
         }
     }
 
     /// Acts on whichever deadlines have passed at `now`; does nothing if none has.
-    pub(crate) fn handle_timeout(&mut self, now: Instant, out: &mut Vec<Effect>) {
-        match self.phase {
-            Phase::Receiving {
-                frame_deadline: Some(d),
-                ..
-            } if d <= now => {
-                out.push(Effect::FrameRejected(FrameRejection::Timeout));
-                self.close(CloseReason::FrameTimeout, out);
+    pub(crate) fn handle_timeout(&mut self, now: Instant, out: &mut Vec<Event>) {
+        match &self.state {
+            State::Closed(_) => return,
+            State::Lingering(linger) => {
+                if linger.deadline <= now {
+                    self.close(linger.reason, out);
+                }
+                return;
             }
-            Phase::Receiving { idle_deadline, .. } if idle_deadline <= now => {
-                self.close(CloseReason::IdleTimeout, out);
+            State::Open => {}
+        }
+        if self.slots.stall().is_some_and(|d| d <= now) {
+            self.close(CloseReason::WriteStalled, out);
+            return;
+        }
+        // Every waiting message whose deadline passed gets its timeout answer.
+        let mut changed = false;
+        for index in 0..self.slots.len() {
+            let slot = &mut self.slots[index];
+            let SlotState::Waiting { deadline } = slot.state else {
+                continue;
+            };
+            if deadline > now {
+                break; // deadlines grow with the sequence
             }
-            Phase::Handling { deadline, .. } if deadline <= now => self.handler_timed_out(now, out),
-            Phase::Writing { stall_deadline, .. } if stall_deadline <= now => {
-                self.close(CloseReason::WriteStalled, out);
+            let (seq, received_at) = (slot.seq, slot.received_at);
+            let payload = std::mem::take(&mut slot.payload);
+            slot.held = 0;
+            if self.calling_seq() == Some(seq) {
+                // The handler is still running: the connection moves on without it.
+                self.calling = false;
+                self.abandoned = true;
             }
-            _ => {}
+            out.push(Event::Handled(Handled::Timeout));
+            let state = self.timed_out(seq, &payload, received_at, out);
+            self.slots[index].state = state;
+            changed = true;
+        }
+        if changed {
+            self.settle(now, out);
+            return;
+        }
+        // Only while decoding: a frame that waits undecoded behind a busy handler may well be
+        // complete.
+        if self.can_dispatch() && self.frame_deadline.is_some_and(|d| d <= now) {
+            out.push(Event::FrameRejected(FrameRejection::Timeout));
+            self.close(CloseReason::FrameTimeout, out);
+            return;
+        }
+        if self.slots.is_empty() && self.idle_deadline <= now {
+            let reason = if self.started {
+                CloseReason::IdleTimeout
+            } else {
+                CloseReason::HandshakeTimeout
+            };
+            self.close(reason, out);
         }
     }
 
-    /// The earliest deadline of the current phase.
+    /// The earliest deadline that matters now.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        match self.phase {
-            Phase::Receiving {
-                idle_deadline,
-                frame_deadline,
-            } => Some(frame_deadline.map_or(idle_deadline, |f| f.min(idle_deadline))),
-            Phase::Handling { deadline, .. } => Some(deadline),
-            Phase::Writing { stall_deadline, .. } => Some(stall_deadline),
-            Phase::Closed(_) => None,
+        match &self.state {
+            State::Closed(_) => None,
+            State::Lingering(linger) => Some(linger.deadline),
+            State::Open => {
+                let waiting = self.slots.iter().find_map(|s| match s.state {
+                    SlotState::Waiting { deadline } => Some(deadline),
+                    SlotState::Ready { .. } => None,
+                });
+                let idle = self.slots.is_empty().then_some(self.idle_deadline);
+                [waiting, idle, self.frame_deadline, self.slots.stall()]
+                    .into_iter()
+                    .flatten()
+                    .min()
+            }
         }
     }
 
     /// Whether the reactor should read from the socket now.
     pub(crate) fn wants_read(&self) -> bool {
-        if self.peer_eof {
-            return false;
+        match self.state {
+            State::Closed(_) => false,
+            State::Lingering(ref l) => l.shut && !self.peer_eof,
+            State::Open if self.peer_eof => false,
+            // While dispatching, the decoder bounds the buffer (limit + one read); otherwise
+            // read-ahead does.
+            State::Open => self.can_dispatch() || self.read_buf.len() < self.limits.read_ahead,
         }
-        match self.phase {
-            // The decoder bounds the buffer while receiving (limit + one read).
-            Phase::Receiving { .. } => true,
-            Phase::Handling { .. } | Phase::Writing { .. } => {
-                self.read_buf.len() < self.limits.read_ahead
-            }
-            Phase::Closed(_) => false,
-        }
+    }
+
+    /// Takes the "a handler call was abandoned at its deadline" signal.
+    pub(crate) fn take_abandoned(&mut self) -> bool {
+        std::mem::take(&mut self.abandoned)
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        matches!(self.phase, Phase::Closed(_))
+        matches!(self.state, State::Closed(_))
     }
 
-    /// True while a message is with the handler or its reply is being written.
+    /// True while a message is in flight (dispatched and not fully answered).
     pub(crate) fn in_flight(&self) -> bool {
-        matches!(self.phase, Phase::Handling { .. } | Phase::Writing { .. })
+        !self.slots.is_empty()
     }
 
-    /// True when no message is in flight or being written and no frame is half received: the
-    /// connection can be closed without losing anything it was told.
+    /// The message whose handler call is in progress, if any.
+    pub(crate) fn calling_seq(&self) -> Option<u64> {
+        self.calling.then(|| self.next_seq - 1)
+    }
+
+    /// True when nothing is in flight and no frame is half received.
     #[cfg(test)]
     pub(crate) fn is_idle(&self) -> bool {
-        matches!(
-            self.phase,
-            Phase::Receiving {
-                frame_deadline: None,
-                ..
-            }
-        ) && self.read_buf.is_empty()
+        self.slots.is_empty() && self.read_buf.is_empty() && matches!(self.state, State::Open)
     }
 
-    /// Heap bytes this connection holds (its read buffer's capacity).
-    #[cfg(test)]
+    /// Heap bytes this connection holds: its read buffer's capacity, the payloads it keeps for
+    /// NAKs and the replies it has not written yet. The server's memory budget sums these.
     pub(crate) fn buffered(&self) -> usize {
-        self.read_buf.capacity()
+        let slots: usize = self
+            .slots
+            .iter()
+            .map(|s| {
+                s.held
+                    + match &s.state {
+                        SlotState::Ready {
+                            frame: Some(frame), ..
+                        } => frame.remaining(),
+                        _ => 0,
+                    }
+            })
+            .sum();
+        self.read_buf.capacity() + slots
     }
 
-    /// Bytes received and not yet handed out (for the fuzz target's memory bound).
+    /// Bytes of a frame being received (partial) or read ahead, held in the read buffer.
     pub(crate) fn buffered_len(&self) -> usize {
         self.read_buf.len()
     }
 
     /// Why the connection closed, once it has.
     pub(crate) fn close_reason(&self) -> Option<CloseReason> {
-        match self.phase {
-            Phase::Closed(reason) => Some(reason),
+        match self.state {
+            State::Closed(reason) => Some(reason),
             _ => None,
         }
     }
 
-    fn handler_timed_out(&mut self, now: Instant, out: &mut Vec<Effect>) {
-        let Phase::Handling {
-            seq,
-            ref payload,
-            received_at,
-            ..
-        } = self.phase
-        else {
-            return;
-        };
-        let payload = payload.clone();
-        out.push(Effect::Handled(Handled::Timeout));
-        out.push(Effect::MessageException {
+    /// Whether another message may be handed to the handler now.
+    fn can_dispatch(&self) -> bool {
+        !self.draining && !self.calling && self.slots.len() < self.limits.max_in_flight
+    }
+
+    /// The position of waiting slot `seq`, if it is still waiting.
+    fn waiting_index(&self, seq: u64) -> Option<usize> {
+        let first = self.slots.front()?.seq;
+        let index = usize::try_from(seq.checked_sub(first)?).ok()?;
+        let slot = self.slots.get(index)?;
+        (slot.seq == seq && matches!(slot.state, SlotState::Waiting { .. })).then_some(index)
+    }
+
+    /// The answer to a message whose handler deadline passed.
+    fn timed_out(
+        &self,
+        seq: u64,
+        payload: &[u8],
+        received_at: Instant,
+        out: &mut Vec<Event>,
+    ) -> SlotState {
+        out.push(Event::MessageException {
             seq: Some(seq),
             reason: ExceptionReason::HandlerTimeout,
             message_size: payload.len(),
             detail: None,
             received_at: Some(received_at),
+            control_id: control_id_of(payload),
         });
-        match self.limits.nak_policy {
-            NakPolicy::Send => {
-                out.push(Effect::NakQueued(AckCode::AE));
-                let nak = ack::nak(&payload, AckCode::AE, "handler timeout");
-                self.write(nak, Some((seq, received_at)), false, Then::Continue, now);
-            }
-            NakPolicy::Silent => self.receive(now, out),
-        }
+        ready(
+            self.nak(payload, AckCode::AE, "handler timeout", out),
+            false,
+            Then::Continue,
+        )
     }
 
-    /// Back to receiving: restart the idle deadline and dispatch the next buffered frame.
-    fn receive(&mut self, now: Instant, out: &mut Vec<Effect>) {
-        if self.draining {
-            self.close(CloseReason::Shutdown, out);
-            return;
+    /// The NAK for `payload` under the NAK policy (every NAK the server sends is built here).
+    /// Without a readable MSH the code is AR: the message cannot be processed at all.
+    fn nak(
+        &self,
+        payload: &[u8],
+        code: AckCode,
+        text: &str,
+        out: &mut Vec<Event>,
+    ) -> Option<Bytes> {
+        if self.limits.nak_policy == NakPolicy::Silent {
+            return None;
         }
-        self.phase = Phase::Receiving {
-            idle_deadline: now + self.limits.idle_timeout,
-            frame_deadline: None,
+        let source = &payload[..payload.len().min(NAK_SOURCE_LIMIT)];
+        let code = if crate::msh::Msh::parse(source).is_ok() {
+            code
+        } else {
+            AckCode::AR
         };
-        self.decode_next(now, out);
+        out.push(Event::NakQueued(code));
+        Some(ack::nak(source, code, text))
     }
 
-    /// In `Receiving`: hands the next complete frame to the handler, or updates the frame
-    /// deadline, or rejects an oversize frame.
-    fn decode_next(&mut self, now: Instant, out: &mut Vec<Effect>) {
-        let junk_before = self.decoder.junk_bytes();
-        let result = self.decoder.decode(&mut self.read_buf);
-        let junk = self.decoder.junk_bytes() - junk_before;
-        if junk > 0 {
-            out.push(Effect::Junk(junk));
-        }
-        match result {
-            Ok(Some(payload)) => {
-                let seq = self.next_seq;
-                self.next_seq += 1;
-                let deadline = now + self.limits.handler_timeout;
-                out.push(Effect::Dispatch {
-                    seq,
-                    payload: payload.clone(),
-                    received_at: now,
-                    deadline,
+    /// Pops finished slots from the front, reporting each, and starts a close a finished slot
+    /// asked for; then refreshes the write-stall deadline.
+    fn settle(&mut self, now: Instant, out: &mut Vec<Event>) {
+        // Whether the last reply popped wrote bytes: only then can a close destroy it.
+        let mut wrote = false;
+        while let Some(slot) = self.slots.front() {
+            let SlotState::Ready { frame, stop, then } = &slot.state else {
+                break;
+            };
+            if frame.as_ref().is_some_and(|f| !f.is_done()) {
+                break;
+            }
+            if *stop {
+                out.push(Event::MessageStop {
+                    seq: slot.seq,
+                    response_size: frame.as_ref().map(|f| f.payload().len()),
+                    received_at: slot.received_at,
                 });
-                self.phase = Phase::Handling {
-                    seq,
-                    deadline,
-                    payload,
-                    received_at: now,
-                };
             }
-            Ok(None) => {
-                if let Phase::Receiving { frame_deadline, .. } = &mut self.phase {
-                    if !self.decoder.in_frame() {
-                        *frame_deadline = None;
-                    } else if frame_deadline.is_none() {
-                        *frame_deadline = Some(now + self.limits.frame_timeout);
-                    }
-                }
-                if self.read_buf.is_empty() {
-                    // Release the allocation: an idle connection owns no buffer.
-                    self.read_buf = BytesMut::new();
-                }
-                if self.peer_eof {
-                    self.close(CloseReason::PeerClosed, out);
-                }
+            let then = *then;
+            wrote = frame.is_some();
+            self.slots.pop_front();
+            if let Then::Close(reason) = then {
+                // Later messages were dispatched but will never be answered: the sender
+                // resends them.
+                self.slots.clear();
+                self.finish(reason, wrote, now, out);
+                return;
             }
-            Err(FrameError::TooLarge { received, .. }) => self.reject_oversize(received, now, out),
+        }
+        if self.slots.is_empty() {
+            self.slots = Slots::default();
+            self.idle_deadline = deadline_after(now, self.limits.idle_timeout);
+            if self.draining {
+                self.finish(CloseReason::Shutdown, wrote, now, out);
+                return;
+            }
+        }
+        if !self.wants_write() {
+            self.slots.set_stall(None);
+        } else if self.slots.stall().is_none() {
+            let stall = deadline_after(now, self.limits.write_timeout);
+            self.slots.set_stall(Some(stall));
         }
     }
 
-    fn reject_oversize(&mut self, received: usize, now: Instant, out: &mut Vec<Effect>) {
-        out.push(Effect::FrameRejected(FrameRejection::TooLarge));
-        out.push(Effect::MessageException {
+    /// Called when decoding found no complete frame: after EOF, closes once everything the
+    /// peer sent has been answered (a partial frame is dropped with the connection).
+    fn close_if_done(&mut self, out: &mut Vec<Event>) {
+        if self.peer_eof && self.slots.is_empty() && !self.calling {
+            self.close(CloseReason::PeerClosed, out);
+        }
+    }
+
+    fn update_frame_deadline(&mut self, now: Instant) {
+        if !self.decoder.in_frame() {
+            self.frame_deadline = None;
+        } else if self.frame_deadline.is_none() {
+            self.frame_deadline = Some(deadline_after(now, self.limits.frame_timeout));
+        }
+    }
+
+    fn reject_oversize(&mut self, received: usize, now: Instant, out: &mut Vec<Event>) {
+        out.push(Event::FrameRejected(FrameRejection::TooLarge));
+        let partial = self.decoder.partial_frame(&self.read_buf);
+        out.push(Event::MessageException {
             seq: None,
             reason: ExceptionReason::MessageTooLarge,
             message_size: received,
             detail: None,
             received_at: None,
+            control_id: control_id_of(partial),
         });
-        let partial = self.decoder.partial_frame(&self.read_buf);
         let nak = match self.limits.nak_policy {
             NakPolicy::Send if has_control_id(partial) => {
-                Some(ack::nak(partial, AckCode::AR, "message too large"))
+                self.nak(partial, AckCode::AR, "message too large", out)
             }
             _ => None,
         };
         self.read_buf = BytesMut::new();
-        match nak {
-            Some(nak) => {
-                out.push(Effect::NakQueued(AckCode::AR));
-                self.write(
-                    nak,
-                    None,
-                    false,
-                    Then::Close(CloseReason::MessageTooLarge),
-                    now,
-                );
-            }
-            None => self.close(CloseReason::MessageTooLarge, out),
+        self.frame_deadline = None;
+        self.draining = true; // dispatch nothing more
+        // The AR goes after every earlier reply; then the connection closes.
+        self.slots.push_back(Slot {
+            seq: u64::MAX,
+            received_at: now,
+            payload: Bytes::new(),
+            held: 0,
+            state: ready(nak, false, Then::Close(CloseReason::MessageTooLarge)),
+        });
+        self.settle(now, out);
+    }
+
+    /// Closes for `reason` after the last reply: lingering if that reply wrote bytes (a reset
+    /// could destroy them before the peer reads them) and the peer may still send.
+    fn finish(&mut self, reason: CloseReason, wrote: bool, now: Instant, out: &mut Vec<Event>) {
+        if !wrote || self.peer_eof || !matches!(self.state, State::Open) {
+            self.close(reason, out);
+            return;
         }
+        self.read_buf = BytesMut::new();
+        self.frame_deadline = None;
+        self.state = State::Lingering(Box::new(Linger {
+            reason,
+            deadline: deadline_after(now, LINGER_TIME),
+            shut: false,
+            discarded: 0,
+        }));
     }
 
-    fn write(
-        &mut self,
-        bytes: Bytes,
-        reply_to: Option<(u64, Instant)>,
-        is_reply: bool,
-        then: Then,
-        now: Instant,
-    ) {
-        self.phase = Phase::Writing {
-            frame: EncodedFrame::new(bytes),
-            stall_deadline: now + self.limits.write_timeout,
-            reply_to,
-            is_reply,
-            then,
-        };
-    }
-
-    fn close(&mut self, reason: CloseReason, out: &mut Vec<Effect>) {
+    fn close(&mut self, reason: CloseReason, out: &mut Vec<Event>) {
         if self.is_closed() {
             return;
         }
-        self.phase = Phase::Closed(reason);
+        self.state = State::Closed(reason);
         self.read_buf = BytesMut::new();
-        out.push(Effect::Closed(reason));
+        self.slots = Slots::default();
+        self.calling = false;
+        out.push(Event::Closed);
     }
+}
+
+fn ready(bytes: Option<Bytes>, stop: bool, then: Then) -> SlotState {
+    SlotState::Ready {
+        frame: bytes.map(EncodedFrame::new),
+        stop,
+        then,
+    }
+}
+
+/// The control id a NAK for `message` quotes (escaped and capped), read from a bounded prefix.
+fn control_id_of(message: &[u8]) -> Option<Bytes> {
+    let source = &message[..message.len().min(NAK_SOURCE_LIMIT)];
+    ack::echoed_control_id(source).map(|id| Bytes::copy_from_slice(&id))
 }
 
 /// Whether the MSH-10 of a (possibly truncated) message can be read, so a NAK can quote it.
 fn has_control_id(message: &[u8]) -> bool {
-    crate::msh::Msh::parse(message)
+    let source = &message[..message.len().min(NAK_SOURCE_LIMIT)];
+    crate::msh::Msh::parse(source)
         .ok()
         .and_then(|m| m.control_id())
         .is_some_and(|id| !id.is_empty())

@@ -56,6 +56,14 @@ pub enum ConfigError {
     MaxMessageSize(usize),
     /// `workers` was zero.
     NoWorkers,
+    /// `workers` was above [`MAX_WORKERS`](crate::MAX_WORKERS).
+    TooManyWorkers(usize),
+    /// `max_in_flight` was zero or above [`MAX_IN_FLIGHT_LIMIT`](crate::MAX_IN_FLIGHT_LIMIT).
+    MaxInFlight(usize),
+    /// `max_memory` was below twice `max_message_size`.
+    MaxMemory(usize),
+    /// `reactors` was zero or above [`MAX_REACTORS`](crate::MAX_REACTORS).
+    Reactors(usize),
     /// `max_connections` was zero or above the token space.
     MaxConnections(usize),
     /// The bind address did not resolve to any socket address.
@@ -72,6 +80,24 @@ impl fmt::Display for ConfigError {
                 crate::MAX_MESSAGE_SIZE_LIMIT
             ),
             Self::NoWorkers => f.write_str("workers must be at least 1"),
+            Self::TooManyWorkers(n) => write!(
+                f,
+                "workers {n} is above the limit of {}",
+                crate::MAX_WORKERS
+            ),
+            Self::MaxInFlight(n) => write!(
+                f,
+                "max_in_flight {n} must be between 1 and {}",
+                crate::MAX_IN_FLIGHT_LIMIT
+            ),
+            Self::Reactors(n) => write!(
+                f,
+                "reactors {n} must be between 1 and {}",
+                crate::MAX_REACTORS
+            ),
+            Self::MaxMemory(n) => {
+                write!(f, "max_memory {n} must be at least twice max_message_size")
+            }
             Self::MaxConnections(n) => write!(f, "max_connections {n} is out of range"),
             Self::NoAddress => f.write_str("the bind address resolved to nothing"),
         }
@@ -102,11 +128,19 @@ pub enum CloseReason {
     Rejected,
     /// The handler asked for the connection to be closed.
     ClosedByHandler,
+    /// The peer's address is not on the allow-list (counted as rejected).
+    NotAllowed,
+    /// PROXY protocol is on and the connection did not start with a valid header (counted as
+    /// rejected).
+    ProxyHeader,
+    /// The connection did not complete its start (PROXY header, TLS handshake) within
+    /// `handshake_timeout` (counted as rejected).
+    HandshakeTimeout,
 }
 
 impl CloseReason {
     /// Every reason, in label order (for pre-registering metric handles).
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 12] = [
         Self::PeerClosed,
         Self::IdleTimeout,
         Self::FrameTimeout,
@@ -116,6 +150,9 @@ impl CloseReason {
         Self::Shutdown,
         Self::Rejected,
         Self::ClosedByHandler,
+        Self::NotAllowed,
+        Self::ProxyHeader,
+        Self::HandshakeTimeout,
     ];
 
     /// A stable snake_case name, for metric labels and logs.
@@ -130,6 +167,9 @@ impl CloseReason {
             Self::Shutdown => "shutdown",
             Self::Rejected => "rejected",
             Self::ClosedByHandler => "closed_by_handler",
+            Self::NotAllowed => "not_allowed",
+            Self::ProxyHeader => "proxy_header",
+            Self::HandshakeTimeout => "handshake_timeout",
         }
     }
 
@@ -145,6 +185,9 @@ impl CloseReason {
             Self::Shutdown => 6,
             Self::Rejected => 7,
             Self::ClosedByHandler => 8,
+            Self::NotAllowed => 9,
+            Self::ProxyHeader => 10,
+            Self::HandshakeTimeout => 11,
         }
     }
 }
@@ -158,7 +201,7 @@ impl fmt::Display for CloseReason {
     }
 }
 
-/// Why a message was not handled normally (the reference's `message exception` kinds).
+/// Why a message was not handled normally (the kinds of the message-exception event).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ExceptionReason {

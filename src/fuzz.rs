@@ -153,11 +153,11 @@ pub fn ack(data: &[u8]) {
         assert_eq!(ack_msh.encoding(), encoding);
         let parsed = ack::parse(bytes).expect("the ACK parses");
         match control_id {
-            Some(id) => {
+            Some(_) => {
                 assert_eq!(parsed.code, *asked);
                 assert_eq!(
-                    parsed.control_id,
-                    &escape_block_bytes(id, encoding.escape)[..]
+                    Some(parsed.control_id),
+                    ack::echoed_control_id(data).as_deref()
                 );
             }
             None => {
@@ -246,60 +246,84 @@ pub(crate) fn unescape(text: &[u8], enc: &Encoding) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// What a field copied from the message looks like in the ACK: MLLP block bytes hex-escaped.
-fn escape_block_bytes(field: &[u8], escape: u8) -> Vec<u8> {
-    let mut out = Vec::with_capacity(field.len());
-    for &b in field {
-        match b {
-            START_BLOCK => out.extend_from_slice(&[escape, b'X', b'0', b'B', escape]),
-            END_BLOCK => out.extend_from_slice(&[escape, b'X', b'1', b'C', escape]),
-            _ => out.push(b),
-        }
-    }
-    out
-}
-
 /// Fuzz target `connection`: drives the connection state machine with operations decoded from
-/// the input, on a virtual clock.
+/// the input, on a virtual clock, as the reactor would (after every operation it dispatches
+/// whatever the connection offers).
 ///
-/// Each operation is one byte (`op % 8`) plus its argument bytes: read up to 64 bytes, advance
-/// time, complete the message in flight (reply, no reply, close, error with and without NAK,
-/// expired), write part of the pending reply, end of input, shutdown. Checks: messages are
-/// dispatched with sequence numbers 0, 1, 2, … and at most one at a time; nothing is written
-/// that does not answer the message in flight (or an oversize NAK); the buffered bytes stay
-/// within the limits; after `Closed` nothing more happens.
+/// The first byte picks the limits: `max_message_size`, the NAK policy (`Send` or `Silent`)
+/// and `max_in_flight` (1 or 4). Each operation is one byte (`op % 8`) plus its argument
+/// bytes: read up to 64 bytes, advance time, complete a message (reply, no reply, close, reply
+/// and close, error, expired, or defer the call's reply), write part of what is offered, end
+/// of input, shutdown, write everything.
+///
+/// Checks:
+/// - messages are dispatched with sequence numbers 0, 1, 2, …, at most one handler call at a
+///   time and at most `max_in_flight` in flight;
+/// - every written frame answers a message in flight, in sequence order: its reply
+///   (`R<seq>`), its NAK (an error's NAK carries `F<seq>`; a timeout's carries no marker but
+///   must come where that message's answer goes), or the oversize NAK last; with `Silent` no
+///   NAK is ever written;
+/// - no message gets two terminal events (stop or exception), and every reply fully written
+///   gets a stop;
+/// - after `Closed` nothing happens but late results;
+/// - buffered bytes stay within the limits.
 pub fn connection(data: &[u8]) {
+    use std::collections::BTreeMap;
+    use std::io::IoSlice;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     use bytes::Bytes;
 
-    use crate::connection::{Connection, Effect, Limits, NakPolicy, Outcome};
+    use crate::completion::Outcome;
+    use crate::connection::{Connection, Event, Limits, NakPolicy};
     use crate::error::ExceptionReason;
     use crate::handler::Reply;
+
+    /// What a message's answer on the wire must be.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Expect {
+        Reply,
+        /// An error's NAK (carries F<seq>) or a timeout's (no marker).
+        Nak {
+            marked: bool,
+        },
+        Nothing,
+    }
 
     let Some((&flags, mut ops)) = data.split_first() else {
         return;
     };
+    let silent = flags & 0x40 != 0;
     let limits = Arc::new(Limits {
         idle_timeout: Duration::from_secs(60),
         frame_timeout: Duration::from_secs(120),
         handler_timeout: Duration::from_secs(30),
         write_timeout: Duration::from_secs(20),
+        handshake_timeout: Duration::from_secs(10),
         max_message_size: 16 + usize::from(flags & 0x3f) * 8,
         read_ahead: 256,
-        nak_policy: if flags & 0x40 == 0 {
-            NakPolicy::Send
-        } else {
+        max_in_flight: if flags & 0x80 == 0 { 1 } else { 4 },
+        nak_policy: if silent {
             NakPolicy::Silent
+        } else {
+            NakPolicy::Send
         },
+        expose_errors: true,
     });
     let mut now = Instant::now();
     let mut conn = Connection::new(Arc::clone(&limits), now);
     let mut out = Vec::new();
-    let mut in_flight: Option<u64> = None;
     let mut next_seq = 0u64;
+    let mut calling: Option<u64> = None;
+    // Dispatched messages not yet answered by a completion or timeout.
+    let mut waiting: Vec<u64> = Vec::new();
+    let mut expected: BTreeMap<u64, Expect> = BTreeMap::new();
+    let mut terminal: BTreeMap<u64, u32> = BTreeMap::new();
+    let mut written: Vec<u8> = Vec::new();
     let mut closed = false;
+    let mut oversize = false;
+    let mut oversize_nak = false;
     while let Some((&op, rest)) = ops.split_first() {
         ops = rest;
         let arg = ops.first().copied().unwrap_or(0);
@@ -307,8 +331,7 @@ pub fn connection(data: &[u8]) {
             0 | 1 => {
                 let n = usize::from(arg % 64).min(ops.len().saturating_sub(1));
                 let bytes = ops.get(1..1 + n).unwrap_or(&[]);
-                let wanted = conn.wants_read();
-                if wanted {
+                if conn.wants_read() {
                     conn.handle_read(bytes, now, &mut out);
                 }
                 ops = &ops[(1 + n).min(ops.len())..];
@@ -319,65 +342,146 @@ pub fn connection(data: &[u8]) {
                 ops = ops.get(1..).unwrap_or(&[]);
             }
             3 => {
-                let seq = in_flight.unwrap_or(next_seq.wrapping_sub(1));
-                let outcome = match arg % 6 {
-                    0 => Outcome::Reply(Reply::Send(Bytes::from_static(b"MSA|AA|x"))),
-                    1 => Outcome::Reply(Reply::NoReply),
-                    2 => Outcome::Reply(Reply::Close),
-                    3 => Outcome::Reply(Reply::SendAndClose(Bytes::from_static(b"bye"))),
-                    4 => Outcome::Failed {
-                        reason: ExceptionReason::HandlerError,
-                        detail: "boom".into(),
-                        nak: Some(Bytes::from_static(b"MSA|AE|x")),
-                    },
-                    _ => Outcome::Expired,
+                // Complete the call in progress, or one of the deferred messages.
+                let seq = match calling {
+                    Some(seq) if arg & 1 == 0 || waiting.is_empty() => Some(seq),
+                    _ => waiting
+                        .get(usize::from(arg >> 1) % waiting.len().max(1))
+                        .copied(),
                 };
-                conn.handle_completion(seq, outcome, now, &mut out);
+                if let Some(seq) = seq {
+                    let outcome = match (arg >> 4) % 8 {
+                        0 => Outcome::Reply(Reply::Send(Bytes::from(format!("R{seq}")))),
+                        1 => Outcome::Reply(Reply::NoReply),
+                        2 => Outcome::Reply(Reply::Close),
+                        3 => Outcome::Reply(Reply::SendAndClose(Bytes::from(format!("R{seq}")))),
+                        4 => Outcome::Failed {
+                            reason: ExceptionReason::HandlerError,
+                            detail: format!("F{seq}"),
+                        },
+                        5 => Outcome::Expired,
+                        _ if calling == Some(seq) => Outcome::Deferred,
+                        _ => Outcome::Reply(Reply::Send(Bytes::from(format!("R{seq}")))),
+                    };
+                    if waiting.contains(&seq) && !matches!(outcome, Outcome::Deferred) {
+                        let expect = match &outcome {
+                            Outcome::Reply(Reply::Send(_) | Reply::SendAndClose(_)) => {
+                                Expect::Reply
+                            }
+                            Outcome::Reply(_) => Expect::Nothing,
+                            _ if silent => Expect::Nothing,
+                            Outcome::Failed { .. } => Expect::Nak { marked: true },
+                            _ => Expect::Nak { marked: false },
+                        };
+                        expected.insert(seq, expect);
+                        waiting.retain(|s| *s != seq);
+                    }
+                    if calling == Some(seq) {
+                        calling = None;
+                    }
+                    conn.handle_completion(seq, outcome, now, &mut out);
+                }
                 ops = ops.get(1..).unwrap_or(&[]);
             }
-            4 => {
-                let n = conn
-                    .transmit()
-                    .map_or(0, |f| f.remaining().min(usize::from(arg) + 1));
-                conn.handle_written(n, now, &mut out);
-                ops = ops.get(1..).unwrap_or(&[]);
-            }
-            5 => conn.handle_eof(now, &mut out),
-            6 => conn.handle_shutdown(&mut out),
-            _ => {
-                // Drain whatever is pending to write.
-                while let Some(f) = conn.transmit() {
-                    let n = f.remaining();
-                    conn.handle_written(n, now, &mut out);
+            4 | 7 => {
+                let mut slices = [IoSlice::new(&[]); 12];
+                let n = conn.transmit(&mut slices);
+                let bytes: Vec<u8> = slices[..n].iter().flat_map(|s| s.iter().copied()).collect();
+                let take = if op % 8 == 4 {
+                    bytes.len().min(usize::from(arg) + 1)
+                } else {
+                    bytes.len()
+                };
+                written.extend_from_slice(&bytes[..take]);
+                conn.handle_written(take, now, &mut out);
+                if op % 8 == 4 {
+                    ops = ops.get(1..).unwrap_or(&[]);
                 }
             }
+            5 => conn.handle_eof(&mut out),
+            _ => conn.handle_shutdown(&mut out),
         }
-        for effect in out.drain(..) {
+        // The reactor dispatches whatever the connection offers after every input.
+        while let Some(d) = conn.poll_dispatch(now, &mut out) {
+            assert!(!closed, "dispatch after close");
+            assert_eq!(calling, None, "two handler calls at once");
+            assert_eq!(d.seq, next_seq, "sequence numbers in order");
+            assert!(d.payload.len() <= limits.max_message_size);
+            next_seq += 1;
+            calling = Some(d.seq);
+            waiting.push(d.seq);
+            assert!(waiting.len() <= limits.max_in_flight, "too many in flight");
+        }
+        if conn.wants_shutdown_write() {
+            conn.handle_write_shutdown();
+        }
+        for event in out.drain(..) {
             // A completion may still arrive for a closed connection; nothing else may happen.
             assert!(
-                !closed || matches!(effect, Effect::LateResult),
-                "effect after close: {effect:?}"
+                !closed || matches!(event, Event::LateResult),
+                "event after close: {event:?}"
             );
-            match effect {
-                Effect::Dispatch { seq, payload, .. } => {
-                    assert_eq!(in_flight, None, "two messages in flight");
-                    assert_eq!(seq, next_seq, "sequence numbers in order");
-                    assert!(payload.len() <= limits.max_message_size);
-                    in_flight = Some(seq);
-                    next_seq += 1;
+            match event {
+                Event::MessageStop { seq, .. } | Event::MessageException { seq: Some(seq), .. } => {
+                    *terminal.entry(seq).or_default() += 1;
+                    assert_eq!(terminal[&seq], 1, "two terminal events for message {seq}");
+                    if let Event::MessageException {
+                        reason: ExceptionReason::HandlerTimeout,
+                        ..
+                    } = event
+                    {
+                        expected.insert(
+                            seq,
+                            if silent {
+                                Expect::Nothing
+                            } else {
+                                Expect::Nak { marked: false }
+                            },
+                        );
+                        waiting.retain(|s| *s != seq);
+                        if calling == Some(seq) {
+                            calling = None; // abandoned
+                        }
+                    }
                 }
-                Effect::MessageStop { seq, .. }
-                | Effect::MessageException { seq: Some(seq), .. } => {
-                    assert_eq!(in_flight, Some(seq), "stop for a message not in flight");
-                    in_flight = None;
+                Event::FrameRejected(crate::connection::FrameRejection::TooLarge) => {
+                    oversize = true;
                 }
-                Effect::Closed(_) => closed = true,
+                Event::NakQueued(_) => {
+                    assert!(!silent, "a NAK under the Silent policy");
+                    oversize_nak |= oversize;
+                }
+                Event::Closed => closed = true,
                 _ => {}
             }
         }
-        // The NAK after an exception, or a reply, is written while nothing new is dispatched.
-        if conn.transmit().is_none() && !conn.in_flight() {
-            in_flight = None;
+        // Written frames answer, in order, the messages whose answers are known.
+        let mut frames = written.split(|b| *b == 0x0b).skip(1).peekable();
+        let mut answers = expected.iter().filter(|(_, e)| **e != Expect::Nothing);
+        while let Some(frame) = frames.next() {
+            let complete = frame.ends_with(b"\x1c\x0d");
+            let body = frame.strip_suffix(b"\x1c\x0d").unwrap_or(frame);
+            match answers.next() {
+                Some((seq, Expect::Reply)) => {
+                    let want = format!("R{seq}");
+                    let prefix_ok = want.as_bytes().starts_with(body) || body == want.as_bytes();
+                    assert!(prefix_ok, "frame {body:?} is not message {seq}'s reply");
+                }
+                Some((seq, Expect::Nak { marked })) => {
+                    if complete && *marked {
+                        let mark = format!("F{seq}");
+                        assert!(
+                            body.windows(mark.len()).any(|w| w == mark.as_bytes()),
+                            "NAK for message {seq} lacks its marker"
+                        );
+                    }
+                }
+                Some((_, Expect::Nothing)) => unreachable!("filtered"),
+                None => assert!(
+                    oversize_nak && frames.peek().is_none(),
+                    "a frame that answers no message"
+                ),
+            }
         }
         assert_eq!(closed, conn.is_closed());
         let bound = limits.max_message_size.max(limits.read_ahead) + 64 + 1;

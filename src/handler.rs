@@ -1,21 +1,54 @@
 //! What application code implements: [`Handler`], the [`Context`] it gets and the [`Reply`] it
 //! returns.
 //!
-//! A handler is called on a worker thread of the server's pool, never on the I/O thread, one
-//! message per connection at a time (seed-spec §3). It carries its own state (this replaces the
-//! reference's `handler_state`): share what several workers touch with `Arc`/`Mutex` or atomics.
+//! Where a handler runs is the server's [`Dispatch`] option: on the reactor thread itself
+//! ([`Dispatch::Inline`], for handlers that never block) or on a worker thread of the pool
+//! ([`Dispatch::Pool`]). Either way, calls for one connection never overlap and come in
+//! message order, and replies leave in message order. A handler carries its own state: share
+//! what several threads touch with `Arc`/`Mutex` or atomics.
+//!
+//! A handler can answer later: it calls [`Context::defer`], returns [`Reply::Deferred`], and
+//! completes the [`ReplyHandle`] from any thread (for example once a store has committed the
+//! message).
 
+use std::cell::Cell;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
+
+use crate::completion::{CompletionSink, ReplyHandle};
+
+/// Where the handler runs. See [`Builder::dispatch`](crate::Builder::dispatch).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Dispatch {
+    /// On the reactor thread, with no hand-off: the fastest path, for handlers that never
+    /// block (build an ACK, push the message into a queue, defer the reply).
+    ///
+    /// **An inline handler that blocks stalls every connection of its reactor** for as long as
+    /// it blocks: reads, writes, timers, other connections' replies. Each call is timed
+    /// (`mllp_inline_handler_seconds`), and calls longer than the builder's
+    /// `inline_slow_threshold` are counted in `mllp_inline_handler_slow_total`. A panic is
+    /// caught and answered like a handler error. The handler deadline cannot interrupt an
+    /// inline call; it applies to deferred replies.
+    Inline,
+    /// On a worker thread of the server's pool: for handlers that may block (I/O, locks,
+    /// slow computation). The default.
+    #[default]
+    Pool,
+}
 
 /// The error type a handler returns: any error, boxed. Its `Display` text goes into the AE NAK
 /// (MSA-3 and ERR) and into the message-exception event.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Application code that turns one HL7 message into a reply.
+///
+/// Called on the reactor thread ([`Dispatch::Inline`]) or a pool worker ([`Dispatch::Pool`]),
+/// never concurrently for one connection.
 ///
 /// `message` is the unframed payload (no `0x0B`, `0x1C 0x0D`), shared with the read buffer it
 /// came from: clone the `Bytes` (cheap) to keep it past the call.
@@ -25,8 +58,7 @@ pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 /// quoting its MSH-10.
 ///
 /// ```
-/// use bytes::Bytes;
-/// use mllp_reactor::{ack, Context, Handler, HandlerError, Reply};
+/// use mllp_reactor::{ack, Bytes, Context, Handler, HandlerError, Reply};
 ///
 /// struct Accept;
 /// impl Handler for Accept {
@@ -39,7 +71,7 @@ pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 /// # Ok::<(), mllp_reactor::Error>(())
 /// ```
 pub trait Handler: Send + Sync + 'static {
-    /// Handles one message. Called on a pool worker thread.
+    /// Handles one message. See [`Dispatch`] for the thread it runs on.
     ///
     /// # Errors
     ///
@@ -93,10 +125,17 @@ pub enum Reply {
     NoReply,
     /// Send nothing and close the connection.
     Close,
+    /// The reply comes later, through the [`ReplyHandle`] from [`Context::defer`]. Returned
+    /// without a handle taken, it counts as a handler failure.
+    ///
+    /// While a deferred reply is pending, the connection may read and hand over its next
+    /// messages (up to the builder's `max_in_flight`); their replies still leave in order.
+    Deferred,
 }
 
-/// Identifies one connection of one server for its whole life: slab slots are reused, the
-/// generation makes the id unique (2³² connections per slot).
+/// Identifies one connection of one server for its whole life, across all its reactors: the
+/// index names the reactor and its slab slot; slots are reused, so the generation makes the id
+/// unique (2³² connections per slot).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnectionId {
     pub(crate) index: u32,
@@ -117,7 +156,7 @@ impl fmt::Display for ConnectionId {
 }
 
 /// Where a message came from, given to the handler with it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Context {
     pub(crate) peer: SocketAddr,
     pub(crate) local: SocketAddr,
@@ -125,9 +164,38 @@ pub struct Context {
     pub(crate) sequence: u64,
     pub(crate) received_at: Instant,
     pub(crate) received_time: SystemTime,
+    /// Where this message's completion goes (its reactor's queue).
+    pub(crate) sink: Arc<CompletionSink>,
+    /// Set once [`defer`](Self::defer) handed out the message's handle.
+    pub(crate) deferred: Cell<bool>,
+}
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("peer", &self.peer)
+            .field("local", &self.local)
+            .field("connection", &self.connection)
+            .field("sequence", &self.sequence)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Context {
+    /// Takes the handle that answers this message later; return [`Reply::Deferred`] from the
+    /// handler after taking it. See [`ReplyHandle`].
+    ///
+    /// # Panics
+    ///
+    /// If called twice for one message: a message has exactly one answer.
+    pub fn defer(&self) -> ReplyHandle {
+        assert!(
+            !self.deferred.replace(true),
+            "Context::defer called twice for one message"
+        );
+        ReplyHandle::new(Arc::clone(&self.sink), self.connection, self.sequence)
+    }
+
     /// The peer's address (the sending system).
     pub fn peer_addr(&self) -> SocketAddr {
         self.peer

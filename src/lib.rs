@@ -1,21 +1,28 @@
 //! mllp-reactor: a high-throughput MLLP (HL7 v2) receiver for interface engines.
 //!
 //! It accepts long-lived TCP connections from hospital systems, frames HL7 v2 messages exactly
-//! (`0x0B` payload `0x1C 0x0D`), hands each to your [`Handler`] on a worker thread, and sends
-//! back the reply your handler returns, in order, per connection. It is not an HL7 parser: the
-//! [`ack`] and [`msh`] modules read just enough of the MSH segment to build ACKs and NAKs.
+//! (`0x0B` payload `0x1C 0x0D`), hands each to your [`Handler`], and sends back the reply your
+//! handler returns, in order, per connection. It is not an HL7 parser: the [`ack`] and [`msh`]
+//! modules read just enough of the MSH segment to build ACKs and NAKs.
 //!
 //! ```text
-//!              ┌──────────────────── reactor thread (mio poll) ───────────────────┐
-//!  TCP bytes ─▶│ socket ─▶ Connection (sans-IO) ─▶ FrameDecoder ─▶ frame ─┐        │
-//!              │   ▲          │ deadlines ─▶ TimerWheel                   │ Job    │
-//!  ACK bytes ◀─│ socket ◀─ EncodedFrame ◀── reply ◀─┐                      ▼        │
-//!              └─────────────────────────────────────│──── channel + Waker ─┐─────┘
-//!                                                    │                      │
-//!                                          ┌─────────┴── pool threads ─────▼──┐
-//!                                          │  Handler::handle(payload, cx)     │
-//!                                          └───────────────────────────────────┘
+//!              ┌───────────────────── reactor thread (mio poll) ──────────────────────┐
+//!  TCP bytes ─▶│ Transport ─▶ Connection (sans-IO) ─▶ FrameDecoder ─▶ message ─┐       │
+//!              │                 │ deadlines ─▶ TimerWheel                      │       │
+//!  ACK bytes ◀─│ Transport ◀─ writev(replies in order) ◀── reply ◀─┬── Inline: handler │
+//!              └───────────────────────────────────────────────────│──────────│───────┘
+//!                       completion queue + one Waker per batch ──▶─┤          │ Pool: jobs
+//!                                                                  │          ▼ (one lock/turn)
+//!                  ReplyHandle::send (any thread, later) ──────────┤   pool threads:
+//!                                                                  └── Handler::handle
 //! ```
+//!
+//! A handler runs on the reactor thread ([`Dispatch::Inline`]: no hand-off, for handlers that
+//! never block) or on the pool ([`Dispatch::Pool`]). Either way it may answer later: take a
+//! [`ReplyHandle`] with [`Context::defer`], return [`Reply::Deferred`], and complete the handle
+//! from any thread, for example once a store has committed the message. Meanwhile the
+//! connection reads and hands over its next messages (up to `max_in_flight`), and replies still
+//! leave in message order, as many per `writev` as are ready.
 //!
 //! # Quick start
 //!
@@ -45,30 +52,44 @@
 //!
 //! # Guarantees
 //!
-//! - **Replies in order.** One message per connection is with the handler at a time; its reply
-//!   is fully written before the next message of that connection is dispatched.
+//! - **Replies in order.** Replies leave each connection in the order its messages arrived,
+//!   whatever order handlers or reply handles complete in. Handler calls for one connection
+//!   never overlap and come in message order (one exception: a call abandoned at its handler
+//!   deadline may still be running when the next message's call starts).
 //! - **Nothing is ACKed that the handler did not accept.** The server itself only ever sends
-//!   NAKs (AE on handler error, panic or timeout; AR on an oversize frame), never an AA; with
-//!   [`NakPolicy::Silent`] it sends nothing at all of its own.
-//! - **Bounded memory per connection**: at most `max_message_size` + one 64 KiB read while a
-//!   frame is being received, `read_ahead` + one read while a message is with the handler, and
-//!   no buffer at all while idle.
-//! - **One bad peer affects no other**: junk, oversize frames, slow drips, resets and peers that
-//!   never read end only their own connection; a handler that hangs or panics costs one worker,
-//!   which is replaced.
-//! - **Shutdown** ([`ServerHandle::shutdown`]) stops accepting, closes idle connections, lets
-//!   messages already with the handler finish and their replies flush, and closes whatever is
-//!   left when the grace period ends. Messages received but not yet dispatched are dropped
-//!   unanswered (never ACKed), so senders resend them.
+//!   NAKs (AE on handler error, panic, timeout or a dropped reply handle; AR on an oversize
+//!   frame or a message without a readable MSH), never an AA; with [`NakPolicy::Silent`] it
+//!   sends nothing of its own. A reply that arrives after its deadline is discarded, never
+//!   written. By default a NAK says "application error", not the handler's error text.
+//! - **Bounded memory.** Per connection: a frame being received (at most `max_message_size`
+//!   plus one 64 KiB read), `read_ahead` undecoded bytes when no more messages can be handed
+//!   over, and at most `max_in_flight` messages with their replies; no buffer at all while
+//!   idle. Server-wide: every buffered byte counts against `max_memory`; above it the server
+//!   stops reading and TCP pushes back on senders. The handler queue holds at most one job per
+//!   connection, and a job whose connection closed or whose message was already answered is
+//!   dropped before it runs.
+//! - **One bad peer affects no other**: junk, oversize frames, slow drips, resets, peers that
+//!   never read, and pipelining floods end or pause only their own connection; a handler that
+//!   hangs or panics costs one worker, which is replaced; an observer that panics is counted
+//!   and ignored.
+//! - **No reply is destroyed by a reset.** A close that follows a reply (`SendAndClose`, the
+//!   oversize AR, a drain) shuts our write side first and reads and discards input for up to
+//!   2 s, so the peer can read the reply before the socket closes.
+//! - **Shutdown** ([`ServerHandle::shutdown`], or dropping the handle) stops accepting, closes
+//!   idle connections, lets messages already with the handler finish and their replies flush,
+//!   and closes whatever is left when the grace period ends. Messages received but not yet
+//!   handed over are dropped unanswered (never ACKed), so senders resend them.
 //! - A handler still running when its message timed out cannot be stopped (threads cannot be
 //!   killed): its message may have been processed although the sender got an AE.
+//! - Durations too long to add to the clock (`Duration::MAX` as "no timeout") never fire.
 //!
 //! # Threads
 //!
-//! [`Handler::handle`] runs on the pool's worker threads (`workers`, default the available
-//! parallelism). Every [`Observer`] method runs on the reactor thread. Replies are written with
-//! `writev`; the Rust runtime ignores `SIGPIPE`, as this crate expects — if you embed it in a
-//! non-Rust program, ignore `SIGPIPE` yourself.
+//! [`Handler::handle`] runs on the reactor thread ([`Dispatch::Inline`]) or on the pool's
+//! worker threads ([`Dispatch::Pool`], `workers`, default the available parallelism). Every
+//! [`Observer`] method runs on the reactor thread. Replies are written with `writev`; the Rust
+//! runtime ignores `SIGPIPE`, as this crate expects — if you embed it in a non-Rust program,
+//! ignore `SIGPIPE` yourself.
 //!
 //! # Limits and defaults
 //!
@@ -77,28 +98,39 @@
 #![warn(missing_docs)]
 
 pub mod ack;
+pub mod cidr;
 pub mod client;
 pub mod codec;
+mod completion;
 mod connection;
 mod error;
 mod handler;
 pub mod msh;
 mod pool;
+pub mod proxy;
 mod reactor;
 mod server;
 pub mod telemetry;
 pub mod timer;
 #[cfg(feature = "tls")]
 pub mod tls;
+mod transport;
 
+pub use bytes::Bytes;
 pub use client::{Backoff, Client, ClientConfig, ClientError};
+pub use completion::ReplyHandle;
 pub use connection::NakPolicy;
 pub use error::{CloseReason, ConfigError, Error, ExceptionReason};
-pub use handler::{ConnectionId, Context, Handler, HandlerError, HandlerFn, Reply, handler_fn};
+pub use handler::{
+    ConnectionId, Context, Dispatch, Handler, HandlerError, HandlerFn, Reply, handler_fn,
+};
 pub use server::{
-    Builder, DEFAULT_FRAME_TIMEOUT, DEFAULT_HANDLER_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_AHEAD, DEFAULT_WRITE_TIMEOUT, MAX_MESSAGE_SIZE_LIMIT,
-    Server, ServerHandle, ShutdownReport, ShutdownTrigger,
+    Builder, DEFAULT_FRAME_TIMEOUT, DEFAULT_HANDLER_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_INLINE_SLOW_THRESHOLD, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_IN_FLIGHT_INLINE, DEFAULT_MAX_IN_FLIGHT_POOL, DEFAULT_MAX_MEMORY,
+    DEFAULT_READ_AHEAD, DEFAULT_WRITE_TIMEOUT, DROP_GRACE, MAX_IN_FLIGHT_LIMIT,
+    MAX_MESSAGE_SIZE_LIMIT, MAX_REACTORS, MAX_WORKERS, Server, ServerHandle, ShutdownReport,
+    ShutdownTrigger,
 };
 pub use telemetry::{
     ConnectionStart, ConnectionStop, MessageException, MessageStart, MessageStop, Observer,

@@ -1,33 +1,42 @@
-//! Handler threads: a job queue, `catch_unwind`, and replacement of stuck workers.
+//! Handler threads: a batched job queue, `catch_unwind`, and replacement of stuck workers.
 //!
-//! Workers pull [`Job`]s, run the handler, and send a [`Completion`] back over a channel,
-//! then wake the reactor through a [`Notifier`] that coalesces wake-ups (one `eventfd` write per
-//! batch of completions, not per message).
+//! The reactor hands over the jobs of one poll turn under one lock with at most one wake-up
+//! ([`Pool::submit_all`]). A woken worker takes its share of what is queued, wakes one more
+//! worker if work is left (so a burst fans out without the reactor paying a wake-up per job),
+//! runs the handler for each job, and sends the raw results back to the job's reactor in
+//! batches ([`CompletionSink::push_all`]). The connection turns results into replies and NAKs.
 //!
-//! A thread cannot be killed (seed-spec §3): when a message's handler deadline passes, the
-//! reactor moves the connection on and calls [`Pool::on_handler_timeout`], which starts a
-//! replacement worker if fewer than `workers` healthy ones remain, up to `max_extra_workers`
-//! threads beyond `workers`. A worker counts as stuck once the deadline of the job it runs has
-//! passed: the same deadline the connection uses, which runs from dispatch, so a job that
-//! waited in the queue counts as stuck although its handler has run for less than
-//! `handler_timeout`. When a stuck handler finally returns, its result is discarded by the
-//! connection (counted as late) and a surplus worker retires, so the pool returns to `workers`
-//! threads. If `max_extra_workers` handlers are stuck at once, no more threads are started and
-//! new messages wait in the queue (and time out there, answered by AE NAKs) until one returns.
+//! One pool serves every reactor of a server: each job carries where its completion goes.
+//! A pool per reactor would split the blocking-handler capacity `workers` N ways, so one busy
+//! reactor could not use the idle workers of another.
+//!
+//! A thread cannot be killed: when a message's handler deadline passes, the reactor moves the
+//! connection on and calls [`Pool::on_abandoned`], which starts a replacement worker if fewer
+//! than `workers` healthy ones remain, up to `max_extra_workers` threads beyond `workers`. A
+//! worker counts as stuck once the deadline of the job it runs has passed. When a stuck handler
+//! finally returns, its result is discarded by the connection (counted as late) and a surplus
+//! worker retires, so the pool returns to `workers` threads. If `max_extra_workers` handlers
+//! are stuck at once, no more threads are started and new messages wait in the queue (and time
+//! out there, answered by AE NAKs) until one returns.
+//!
+//! The queue holds at most one job per connection (a connection dispatches its next message
+//! only once the handler call for the previous one returned), so it is bounded by
+//! `max_connections`, and its payloads count in the server's memory budget through their
+//! connections. A job whose connection closed or whose message was already answered (timed
+//! out) is removed from the queue ([`Pool::cancel`]) and never runs: a handler never sees a
+//! message after its sender got a NAK for it.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::Sender;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::ack::{self, AckCode};
-use crate::connection::{NakPolicy, Outcome};
+use crate::completion::{Completion, CompletionSink, Outcome, describe, lock};
 use crate::error::ExceptionReason;
-use crate::handler::{ConnectionId, Context, Handler};
+use crate::handler::{ConnectionId, Context, Handler, Reply};
 use crate::telemetry::Metrics;
 
 /// A message for the handler.
@@ -36,50 +45,20 @@ pub(crate) struct Job {
     pub(crate) id: ConnectionId,
     pub(crate) seq: u64,
     pub(crate) payload: Bytes,
+    /// Carries where the completion goes (`cx.sink`, the job's reactor).
     pub(crate) cx: Context,
     /// Past this, a worker that has not started the job skips it: the connection has already
     /// answered it with a timeout NAK, and running it now could duplicate the message.
     pub(crate) deadline: Instant,
 }
 
-/// A worker's result for a job.
-#[derive(Debug)]
-pub(crate) struct Completion {
-    pub(crate) id: ConnectionId,
-    pub(crate) seq: u64,
-    pub(crate) outcome: Outcome,
-}
+/// Most jobs one worker takes at once: enough to amortize the queue lock over a burst, few
+/// enough that a slow handler delays only a handful of messages behind it.
+const TAKE_MAX: usize = 16;
 
-/// Wakes the reactor at most once per batch of completions.
-#[derive(Debug)]
-pub(crate) struct Notifier {
-    waker: mio::Waker,
-    pending: AtomicBool,
-}
-
-impl Notifier {
-    pub(crate) fn new(waker: mio::Waker) -> Self {
-        Self {
-            waker,
-            pending: AtomicBool::new(false),
-        }
-    }
-
-    /// Wakes the reactor unless a wake-up is already on its way.
-    pub(crate) fn notify(&self) {
-        if !self.pending.swap(true, Ordering::AcqRel) {
-            // A failed wake leaves the completion queued; the reactor's next wake-up or
-            // timer tick drains it. Nothing better can be done from a worker.
-            let _ = self.waker.wake();
-        }
-    }
-
-    /// Called by the reactor *before* draining its queues, so a completion sent during the
-    /// drain triggers a fresh wake-up.
-    pub(crate) fn reset(&self) {
-        self.pending.store(false, Ordering::Release);
-    }
-}
+/// A worker hands its completions back at least this often while working through a batch, so
+/// a slow job does not hold back the replies of the fast ones before it.
+const FLUSH_EVERY: Duration = Duration::from_micros(200);
 
 /// `Slot` states, in an `AtomicU64` per worker slot.
 const SLOT_FREE: u64 = u64::MAX;
@@ -98,10 +77,7 @@ struct Shared {
     queue: Mutex<Queue>,
     available: Condvar,
     handler: Arc<dyn Handler>,
-    completions: Sender<Completion>,
-    notifier: Arc<Notifier>,
     metrics: Metrics,
-    nak_policy: NakPolicy,
     epoch: Instant,
     /// One per possible worker: `SLOT_FREE`, `SLOT_IDLE`, or the deadline of the job its
     /// handler is running, as microseconds since `epoch` (plus one).
@@ -133,7 +109,6 @@ impl std::fmt::Debug for Pool {
 pub(crate) struct PoolConfig {
     pub(crate) workers: usize,
     pub(crate) max_extra_workers: usize,
-    pub(crate) nak_policy: NakPolicy,
 }
 
 impl Pool {
@@ -141,8 +116,6 @@ impl Pool {
     pub(crate) fn start(
         config: PoolConfig,
         handler: Arc<dyn Handler>,
-        completions: Sender<Completion>,
-        notifier: Arc<Notifier>,
         metrics: Metrics,
     ) -> std::io::Result<Self> {
         let slots = (0..config.workers + config.max_extra_workers)
@@ -156,10 +129,7 @@ impl Pool {
             }),
             available: Condvar::new(),
             handler,
-            completions,
-            notifier,
             metrics,
-            nak_policy: config.nak_policy,
             epoch: Instant::now(),
             slots,
             target: config.workers,
@@ -173,10 +143,14 @@ impl Pool {
         Ok(pool)
     }
 
-    /// Queues a job for the next free worker.
-    pub(crate) fn submit(&self, job: Job) {
+    /// Queues the jobs of one poll turn under one lock, waking at most one worker (which
+    /// wakes another if work is left); leaves `jobs` empty.
+    pub(crate) fn submit_all(&self, jobs: &mut Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
         let mut queue = lock(&self.shared.queue);
-        queue.jobs.push_back(job);
+        queue.jobs.extend(jobs.drain(..));
         let wake = queue.waiting > 0;
         drop(queue);
         if wake {
@@ -184,9 +158,26 @@ impl Pool {
         }
     }
 
-    /// A handler overran its deadline: start a replacement if fewer than `workers` healthy
-    /// workers remain and a slot is free. Returns whether one was started.
-    pub(crate) fn on_handler_timeout(&self, now: Instant) -> bool {
+    /// Removes the queued job for message `seq` of connection `id` (any message when `seq` is
+    /// `None`): its connection closed or its message was answered already. Returns how many
+    /// jobs were removed (and counted as dropped).
+    pub(crate) fn cancel(&self, id: ConnectionId, seq: Option<u64>) -> usize {
+        let removed = {
+            let mut queue = lock(&self.shared.queue);
+            let before = queue.jobs.len();
+            queue
+                .jobs
+                .retain(|j| !(j.id == id && seq.is_none_or(|s| s == j.seq)));
+            before - queue.jobs.len()
+        };
+        self.shared.metrics.jobs_dropped.increment(removed as u64);
+        removed
+    }
+
+    /// A handler call overran its deadline and was abandoned: start a replacement if fewer
+    /// than `workers` healthy workers remain and a slot is free. Returns whether one was
+    /// started.
+    pub(crate) fn on_abandoned(&self, now: Instant) -> bool {
         let shared = &self.shared;
         let stuck = shared.stuck_workers(now, usize::MAX);
         let live = shared.live.load(Ordering::Acquire);
@@ -274,14 +265,25 @@ impl Shared {
             .count()
     }
 
-    fn next_job(&self) -> Option<Job> {
+    /// Blocks until there is work, then takes this worker's share of it (at most
+    /// [`TAKE_MAX`]) into `into`. Returns false once the pool is closed.
+    fn next_jobs(&self, into: &mut Vec<Job>) -> bool {
         let mut queue = lock(&self.queue);
         loop {
-            if let Some(job) = queue.jobs.pop_front() {
-                return Some(job);
+            if !queue.jobs.is_empty() {
+                // A fair share: spread a burst over the workers that are about to run.
+                let sharing = queue.waiting + 1;
+                let take = queue.jobs.len().div_ceil(sharing).min(TAKE_MAX);
+                into.extend(queue.jobs.drain(..take));
+                let wake = !queue.jobs.is_empty() && queue.waiting > 0;
+                drop(queue);
+                if wake {
+                    self.available.notify_one();
+                }
+                return true;
             }
             if queue.closed {
-                return None;
+                return false;
             }
             queue.waiting += 1;
             queue = match self.available.wait(queue) {
@@ -296,7 +298,12 @@ impl Shared {
     /// took over while this one was stuck).
     fn should_retire(&self, slot: usize) -> bool {
         let live = self.live.load(Ordering::Acquire);
-        live > self.target && live - 1 - self.stuck_workers(Instant::now(), slot) >= self.target
+        // `live` may change under us (a replacement spawning): saturate rather than underflow.
+        live > self.target
+            && live
+                .saturating_sub(1)
+                .saturating_sub(self.stuck_workers(Instant::now(), slot))
+                >= self.target
     }
 
     fn exit(&self, slot: usize) {
@@ -308,76 +315,96 @@ impl Shared {
 }
 
 fn worker(shared: &Shared, slot: usize) {
-    while let Some(job) = shared.next_job() {
-        let started = Instant::now();
-        shared.metrics.handler_queue.record(
-            started
-                .saturating_duration_since(job.cx.received_at)
-                .as_secs_f64(),
-        );
-        let outcome = if started >= job.deadline {
-            Outcome::Expired
-        } else {
-            shared.slots[slot].store(shared.micros_since_epoch(job.deadline), Ordering::Release);
-            shared.metrics.workers_busy.increment(1.0);
-            let outcome = run(shared, &job);
-            shared.metrics.workers_busy.decrement(1.0);
-            shared
-                .metrics
-                .handler_duration
-                .record(started.elapsed().as_secs_f64());
-            shared.slots[slot].store(SLOT_IDLE, Ordering::Release);
-            outcome
-        };
-        // A send fails only when the reactor is gone (server stopped): nothing to answer.
-        if shared
-            .completions
-            .send(Completion {
+    let mut jobs = Vec::with_capacity(TAKE_MAX);
+    let mut done: Vec<Completion> = Vec::with_capacity(TAKE_MAX);
+    // The sink `done` belongs to: completions of one batch may go to several reactors.
+    let mut done_sink: Option<Arc<CompletionSink>> = None;
+    'work: while shared.next_jobs(&mut jobs) {
+        let mut flushed = Instant::now();
+        for job in jobs.drain(..) {
+            let started = Instant::now();
+            shared.metrics.handler_queue.record(
+                started
+                    .saturating_duration_since(job.cx.received_at)
+                    .as_secs_f64(),
+            );
+            let outcome = if started >= job.deadline {
+                Outcome::Expired
+            } else {
+                shared.slots[slot]
+                    .store(shared.micros_since_epoch(job.deadline), Ordering::Release);
+                shared.metrics.workers_busy.increment(1.0);
+                let outcome = call(&*shared.handler, &job.payload, &job.cx);
+                shared.metrics.workers_busy.decrement(1.0);
+                shared
+                    .metrics
+                    .handler_duration
+                    .record(started.elapsed().as_secs_f64());
+                shared.slots[slot].store(SLOT_IDLE, Ordering::Release);
+                outcome
+            };
+            if done_sink
+                .as_ref()
+                .is_some_and(|s| !Arc::ptr_eq(s, &job.cx.sink))
+            {
+                flush(&mut done_sink, &mut done);
+            }
+            done_sink.get_or_insert_with(|| Arc::clone(&job.cx.sink));
+            done.push(Completion {
                 id: job.id,
                 seq: job.seq,
                 outcome,
-            })
-            .is_err()
-        {
-            break;
+            });
+            if flushed.elapsed() >= FLUSH_EVERY {
+                flush(&mut done_sink, &mut done);
+                flushed = Instant::now();
+            }
         }
-        shared.notifier.notify();
+        flush(&mut done_sink, &mut done);
         if shared.should_retire(slot) {
-            break;
+            break 'work;
         }
     }
     shared.exit(slot);
 }
 
-/// Runs the handler, turning an error or a panic into a failed outcome with its AE NAK.
-fn run(shared: &Shared, job: &Job) -> Outcome {
-    let (reason, detail) = match catch_unwind(AssertUnwindSafe(|| {
-        shared.handler.handle(&job.payload, &job.cx)
-    })) {
-        Ok(Ok(reply)) => return Outcome::Reply(reply),
-        Ok(Err(e)) => (ExceptionReason::HandlerError, e.to_string()),
-        Err(panic) => {
-            let text = panic
+fn flush(sink: &mut Option<Arc<CompletionSink>>, done: &mut Vec<Completion>) {
+    if let Some(sink) = sink.take() {
+        sink.push_all(done);
+    }
+    done.clear();
+}
+
+/// Calls the handler, catching a panic; returns the raw outcome (the connection builds any
+/// NAK). `Reply::Deferred` without a handle taken is a failure: nothing could ever answer.
+pub(crate) fn call(handler: &dyn Handler, payload: &Bytes, cx: &Context) -> Outcome {
+    match catch_unwind(AssertUnwindSafe(|| handler.handle(payload, cx))) {
+        Ok(Ok(Reply::Deferred)) if !cx.deferred.get() => Outcome::Failed {
+            reason: ExceptionReason::HandlerError,
+            detail: "the handler returned Reply::Deferred without calling Context::defer"
+                .to_owned(),
+        },
+        Ok(Ok(Reply::Deferred)) => Outcome::Deferred,
+        Ok(Ok(reply)) => Outcome::Reply(reply),
+        Ok(Err(e)) => Outcome::Failed {
+            reason: ExceptionReason::HandlerError,
+            detail: describe(&*e),
+        },
+        Err(panic) => Outcome::Failed {
+            reason: ExceptionReason::Panic,
+            detail: panic
                 .downcast_ref::<&str>()
                 .map(|s| (*s).to_owned())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "handler panicked".to_owned());
-            (ExceptionReason::Panic, text)
-        }
-    };
-    let nak = match shared.nak_policy {
-        NakPolicy::Send => Some(ack::nak(&job.payload, AckCode::AE, &detail)),
-        NakPolicy::Silent => None,
-    };
-    Outcome::Failed {
-        reason,
-        detail,
-        nak,
+                .unwrap_or_else(|| "handler panicked".to_owned()),
+        },
     }
 }
 
-/// Locks, ignoring poison: the queue holds plain data that a panicking holder cannot leave
-/// half-updated (handlers never run under this lock).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+impl Drop for Pool {
+    /// Closes the queue so no worker stays blocked waiting for work (a reactor that failed,
+    /// a spawn that failed half-way). Never blocks: running handlers finish on their own.
+    fn drop(&mut self) {
+        self.close();
+    }
 }

@@ -1,38 +1,48 @@
-//! The only I/O in the crate: one mio poll loop serving a listener and its connections.
+//! One mio poll loop serving a listener and its connections; a server runs one or more of
+//! these, each on its own thread. It is the only code that accepts, reads, writes or closes
+//! connections (through [`Transport`]); `server.rs` only binds the listening socket and starts
+//! threads, and `pool.rs` only runs handlers.
 //!
-//! Thin glue: protocol decisions live in [`Connection`]; this file moves bytes between sockets
-//! and connections, jobs to the [`Pool`], deadlines through the [`TimerWheel`], and effects to
-//! metrics and the observer.
+//! Thin glue: protocol decisions live in [`Connection`]; this file moves bytes between
+//! [`Transport`]s and connections, messages to the handler (inline) or the [`Pool`],
+//! completions back, deadlines through the [`TimerWheel`], and events to [`Telemetry`].
 //!
 //! Sockets are registered once for `READABLE | WRITABLE` (edge-triggered) and never
 //! re-registered: the reactor remembers readiness in `read_ready`/`write_ready` and acts on it
-//! when the connection wants to, so pausing reads (read-ahead full) costs no syscall.
+//! when the connection wants to, so pausing reads (read-ahead full, memory budget) costs no
+//! syscall.
 
-use std::io::{self, ErrorKind, IoSlice, Read, Write};
+use std::io::{self, ErrorKind, IoSlice};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use crate::ack::AckCode;
-use crate::connection::{Connection, Effect, FrameRejection, Limits};
-use crate::error::{CloseReason, ExceptionReason};
-use crate::handler::{ConnectionId, Context};
-use crate::pool::{Completion, Job, Notifier, Pool};
+use crate::cidr::AllowList;
+use crate::completion::{Completion, CompletionSink, Notifier, lock};
+use crate::connection::{Connection, Dispatched, Event, Limits, deadline_after};
+use crate::error::CloseReason;
+use crate::handler::{ConnectionId, Context, Dispatch, Handler};
+use crate::pool::{Job, Pool, call};
+use crate::proxy::ProxyMode;
 use crate::server::ShutdownReport;
-use crate::telemetry::{
-    ConnectionStart, ConnectionStop, MessageException, MessageStart, MessageStop, Metrics, Observer,
-};
+use crate::telemetry::{Peer, Telemetry};
 use crate::timer::{DEFAULT_SLOTS, DEFAULT_TICK, TimerWheel};
+use crate::transport::{Preambled, Transport};
 
 /// Token of the listening socket; slab keys (connections) use the tokens below it.
 pub(crate) const LISTENER: Token = Token(usize::MAX - 1);
-/// Token of the waker that workers and the server handle use.
+/// Token of the waker that workers, reply handles and the server handle use.
 pub(crate) const WAKER: Token = Token(usize::MAX - 2);
+
+/// Slab keys of one reactor stay below this, so a [`ConnectionId`]'s index holds the reactor
+/// number in its top 8 bits: ids are unique across the reactors of a server.
+pub(crate) const MAX_KEYS_PER_REACTOR: usize = 1 << 24;
 
 /// Bytes read per `read` call: 64 KiB takes a full socket buffer's worth in few syscalls while
 /// staying in L2 cache; one such buffer per reactor (not per connection).
@@ -44,6 +54,10 @@ const READ_CHUNK: usize = 64 * 1024;
 /// the loop for more than about a millisecond.
 const READ_BUDGET: usize = 16;
 
+/// Most slices per `writev`: 42 replies of 3 slices each. Linux takes up to 1024; past a few
+/// dozen replies the syscall is amortized and the stack array stays at 2 KiB.
+const MAX_IOV: usize = 126;
+
 /// Events taken from the kernel per `poll` call.
 const EVENTS_CAPACITY: usize = 1024;
 
@@ -54,98 +68,206 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// A request from the server handle.
 #[derive(Debug)]
 pub(crate) enum Command {
-    Shutdown {
-        grace: Duration,
-        done: Sender<ShutdownReport>,
-    },
+    Shutdown { grace: Duration },
+}
+
+/// What the reactors of one server share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// Connections open across all reactors (`max_connections` is server-wide).
+    pub(crate) open: AtomicUsize,
+    pub(crate) max_connections: usize,
+    pub(crate) budget: Budget,
+    /// One per reactor, by index: how the acceptor hands it connections.
+    pub(crate) reactors: Vec<Inbox>,
+    /// Who may connect; replaced whole on reload, read once per accepted connection.
+    pub(crate) policy: Mutex<Arc<Policy>>,
+}
+
+/// Who may connect. New connections see a reload; established ones are not re-checked.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Policy {
+    /// Peers allowed to connect (the PROXY header's source when PROXY protocol is on).
+    pub(crate) allow: Option<AllowList>,
+    /// With PROXY protocol: the balancers allowed to send headers.
+    pub(crate) proxy_sources: Option<AllowList>,
+}
+
+/// A reactor's inbox for accepted connections, and its load.
+///
+/// One reactor (index 0) accepts and hands each connection to the reactor with the fewest
+/// open connections. MLLP connections are few and live for days, so a placement lasts the
+/// connection's life: balancing by load at accept time beats `SO_REUSEPORT`'s hashing, which
+/// ignores load (and would need a dependency for the socket option).
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    pub(crate) accepted: Mutex<Vec<(TcpStream, SocketAddr)>>,
+    pub(crate) notifier: Arc<Notifier>,
+    /// Connections open on this reactor.
+    pub(crate) load: AtomicUsize,
+}
+
+impl Inbox {
+    pub(crate) fn new(notifier: Arc<Notifier>) -> Self {
+        Self {
+            accepted: Mutex::new(Vec::new()),
+            notifier,
+            load: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// The server-wide memory budget: every buffered byte (partial frames, read-ahead, messages
+/// in flight, replies not yet written) counts against `limit`. Above it reading stops, except
+/// for each reactor's largest holder of a partial frame (so some frame always completes and
+/// memory drains, rather than every connection waiting for every other); below `low` (¾ of
+/// the limit) reading resumes. TCP pushes back on the senders meanwhile.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    pub(crate) limit: usize,
+    pub(crate) used: AtomicUsize,
+    pub(crate) over: AtomicBool,
+}
+
+impl Budget {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            used: AtomicUsize::new(0),
+            over: AtomicBool::new(false),
+        }
+    }
+
+    /// Applies a reactor's change in buffered bytes; returns whether reading is paused.
+    fn apply(&self, delta: isize) -> bool {
+        let used = if delta >= 0 {
+            self.used.fetch_add(delta.unsigned_abs(), Ordering::AcqRel) + delta.unsigned_abs()
+        } else {
+            self.used.fetch_sub(delta.unsigned_abs(), Ordering::AcqRel) - delta.unsigned_abs()
+        };
+        let over = self.over.load(Ordering::Acquire);
+        if !over && used > self.limit {
+            self.over.store(true, Ordering::Release);
+        } else if over && used < self.limit / 4 * 3 {
+            self.over.store(false, Ordering::Release);
+        }
+        self.over.load(Ordering::Acquire)
+    }
 }
 
 /// Everything a reactor needs, built by the server builder.
 pub(crate) struct Reactor {
+    pub(crate) index: u8,
     pub(crate) poll: Poll,
     pub(crate) listener: Option<TcpListener>,
     pub(crate) local_addr: SocketAddr,
     pub(crate) limits: Arc<Limits>,
-    pub(crate) max_connections: usize,
-    pub(crate) notifier: Arc<Notifier>,
-    pub(crate) completions: Receiver<Completion>,
+    pub(crate) dispatch: Dispatch,
+    /// Every connection must start with a PROXY protocol header of this version.
+    pub(crate) proxy: Option<ProxyMode>,
+    pub(crate) inline_slow: Duration,
+    pub(crate) handler: Arc<dyn Handler>,
+    pub(crate) sink: Arc<CompletionSink>,
     pub(crate) commands: Receiver<Command>,
-    pub(crate) metrics: Metrics,
-    pub(crate) observer: Option<Arc<dyn Observer>>,
+    pub(crate) telemetry: Telemetry,
+    pub(crate) shared: Arc<Shared>,
 }
 
 struct Entry {
     id: ConnectionId,
-    socket: TcpStream,
+    transport: Transport,
     conn: Connection,
     peer: SocketAddr,
     /// Index into `Loop::locals`: servers see one or two local addresses, so an index saves
     /// 30 bytes per connection over a `SocketAddr`.
     local: u16,
-    /// Nanoseconds since `Loop::epoch` (8 bytes instead of an `Instant`'s 16).
-    accepted_at: u64,
-    /// The earliest deadline this connection has in the timer wheel, as nanoseconds since
-    /// `Loop::epoch` plus one; 0 when none.
-    armed: u64,
     read_ready: bool,
     write_ready: bool,
     /// On the pending list (read budget ran out with bytes left).
     pending: bool,
+    /// Nanoseconds since `Loop::epoch` at accept (8 bytes instead of an `Instant`'s 16).
+    accepted_at: u64,
+    /// The earliest deadline this connection has in the timer wheel, as nanoseconds since
+    /// `Loop::epoch` plus one; 0 when none.
+    armed: u64,
+    /// What this connection last reported to the memory budget (saturating: one connection
+    /// holding 4 GiB is far over any budget anyway).
+    counted: u32,
 }
 
-// An idle connection costs its slab entry and nothing else on our heap (its read buffer is
+// An idle connection costs its slab entry and nothing else on our heap (its buffers are
 // released): keep that at most 256 bytes (project goal; measured as RSS in BENCHMARKS.md).
-const _: () = assert!(std::mem::size_of::<Entry>() <= 256);
+// (mio adds 8 bytes to a socket in debug builds.)
+const _: () =
+    assert!(std::mem::size_of::<Entry>() <= if cfg!(debug_assertions) { 240 } else { 232 });
 
 struct Drain {
     deadline: Instant,
-    done: Sender<ShutdownReport>,
     report: ShutdownReport,
 }
 
 /// The running loop's state.
 struct Loop {
     r: Reactor,
-    pool: Pool,
+    pool: Arc<Pool>,
     conns: Slab<Entry>,
     wheel: TimerWheel<ConnectionId>,
     scratch: Box<[u8]>,
-    effects: Vec<Effect>,
+    events: Vec<Event>,
     fired: Vec<ConnectionId>,
     pending: Vec<usize>,
+    completions: Vec<Completion>,
+    /// Jobs of this poll turn, handed to the pool together at its end.
+    jobs: Vec<Job>,
     next_generation: u32,
     accept_retry_at: Option<Instant>,
     drain: Option<Drain>,
     /// Distinct local addresses connections were accepted on (see `Entry::local`).
     locals: Vec<SocketAddr>,
     epoch: Instant,
+    /// Change in buffered bytes this turn, published to the budget once per turn.
+    budget_delta: isize,
+    /// Reading is paused by the memory budget.
+    paused: bool,
 }
 
 impl Reactor {
-    /// Runs until shut down. Returns the shutdown report.
-    pub(crate) fn run(self, pool: Pool) -> io::Result<ShutdownReport> {
+    /// Runs until shut down. Returns this reactor's part of the shutdown report and the end
+    /// of its grace period.
+    pub(crate) fn run(self, pool: Arc<Pool>) -> io::Result<(ShutdownReport, Instant)> {
         let now = Instant::now();
         let mut lp = Loop {
-            conns: Slab::with_capacity(self.max_connections.min(4096)),
-            r: self,
             pool,
+            conns: Slab::with_capacity(self.shared.max_connections.min(4096)),
+            r: self,
             wheel: TimerWheel::new(DEFAULT_TICK, DEFAULT_SLOTS, now),
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
-            effects: Vec::new(),
+            events: Vec::new(),
             fired: Vec::new(),
             pending: Vec::new(),
+            completions: Vec::new(),
+            jobs: Vec::new(),
             next_generation: 0,
             accept_retry_at: None,
             drain: None,
             locals: Vec::new(),
             epoch: now,
+            budget_delta: 0,
+            paused: false,
         };
-        lp.run()
+        let result = lp.run();
+        // Whatever happened, release what this reactor still counts in the shared state.
+        for _ in 0..lp.conns.len() {
+            lp.forget_one();
+        }
+        let counted: usize = lp.conns.iter().map(|(_, e)| e.counted as usize).sum();
+        lp.r.shared.budget.apply(lp.budget_delta - counted as isize);
+        result
     }
 }
 
 impl Loop {
-    fn run(&mut self) -> io::Result<ShutdownReport> {
+    fn run(&mut self) -> io::Result<(ShutdownReport, Instant)> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         loop {
             let timeout = self.poll_timeout(Instant::now());
@@ -176,7 +298,8 @@ impl Loop {
                     }
                 }
             }
-            self.r.notifier.reset();
+            self.r.sink.notifier().reset();
+            self.adopt(now);
             self.completions(now);
             self.resume_pending(now);
             if self.accept_retry_at.is_some_and(|t| t <= now) {
@@ -185,8 +308,10 @@ impl Loop {
             }
             self.timers(now);
             self.commands(now);
-            if let Some(report) = self.finish_drain(now) {
-                return Ok(report);
+            self.pool.submit_all(&mut self.jobs);
+            self.publish_budget(now);
+            if let Some(done) = self.finish_drain(now) {
+                return Ok(done);
             }
         }
     }
@@ -212,7 +337,7 @@ impl Loop {
                 return;
             };
             match listener.accept() {
-                Ok((socket, peer)) => self.admit(socket, peer, now),
+                Ok((socket, peer)) => self.place(socket, peer, now),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e)
                     if e.kind() == ErrorKind::Interrupted
@@ -226,75 +351,209 @@ impl Loop {
         }
     }
 
-    fn admit(&mut self, mut socket: TcpStream, peer: SocketAddr, now: Instant) {
-        let local = socket.local_addr().unwrap_or(self.r.local_addr);
-        if self.conns.len() >= self.r.max_connections {
-            self.r.metrics.rejected_max_connections.increment(1);
-            let id = ConnectionId {
+    /// Checks the server-wide cap, then serves the connection here or hands it to the
+    /// least-loaded reactor.
+    fn place(&mut self, socket: TcpStream, peer: SocketAddr, now: Instant) {
+        let shared = &self.r.shared;
+        if shared.open.fetch_add(1, Ordering::AcqRel) >= shared.max_connections {
+            shared.open.fetch_sub(1, Ordering::AcqRel);
+            let local = socket.local_addr().unwrap_or(self.r.local_addr);
+            self.reject(peer, local, CloseReason::Rejected);
+            return; // dropping the socket closes it
+        }
+        let target = shared
+            .reactors
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, r)| r.load.load(Ordering::Acquire))
+            .map_or(0, |(i, _)| i);
+        shared.reactors[target].load.fetch_add(1, Ordering::AcqRel);
+        if target == usize::from(self.r.index) {
+            self.admit(socket, peer, now);
+        } else {
+            let inbox = &shared.reactors[target];
+            lock(&inbox.accepted).push((socket, peer));
+            inbox.notifier.notify();
+        }
+    }
+
+    /// Admits the connections the accepting reactor handed over.
+    fn adopt(&mut self, now: Instant) {
+        let inbox = &self.r.shared.reactors[usize::from(self.r.index)];
+        let accepted = std::mem::take(&mut *lock(&inbox.accepted));
+        for (socket, peer) in accepted {
+            if self.drain.is_some() {
+                // Too late: the server is stopping. Closing it loses nothing (nothing read).
+                self.forget_one();
+                continue;
+            }
+            self.admit(socket, peer, now);
+        }
+    }
+
+    /// Releases the counts `place` took for one connection of this reactor.
+    fn forget_one(&self) {
+        self.r.shared.open.fetch_sub(1, Ordering::AcqRel);
+        self.r.shared.reactors[usize::from(self.r.index)]
+            .load
+            .fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Reports a connection closed at once, never served (over `max_connections`, not
+    /// allowed).
+    fn reject(&mut self, peer: SocketAddr, local: SocketAddr, reason: CloseReason) {
+        self.r.telemetry.metrics.rejected(reason).increment(1);
+        let p = Peer {
+            connection: ConnectionId {
                 index: u32::MAX,
                 generation: self.generation(),
-            };
-            if let Some(o) = &self.r.observer {
-                o.connection_start(&ConnectionStart {
-                    connection: id,
-                    peer,
-                    local,
-                    system_time: SystemTime::now(),
-                });
-                o.connection_stop(&ConnectionStop {
-                    connection: id,
-                    peer,
-                    local,
-                    duration: Duration::ZERO,
-                    reason: CloseReason::Rejected,
-                });
-            }
-            return; // dropping the socket closes it
+            },
+            peer,
+            local,
+        };
+        self.r.telemetry.connection_start(&p);
+        self.r.telemetry.connection_stop(&p, Duration::ZERO, reason);
+    }
+
+    /// Registers a connection `place` counted and serves it on this reactor.
+    fn admit(&mut self, socket: TcpStream, peer: SocketAddr, now: Instant) {
+        let local = socket.local_addr().unwrap_or(self.r.local_addr);
+        if self.conns.len() >= MAX_KEYS_PER_REACTOR - 1 {
+            self.forget_one();
+            self.reject(peer, local, CloseReason::Rejected);
+            return;
+        }
+        // Checked before a byte is read: the socket's peer against the allow-list, or, behind
+        // a balancer, against the sources trusted to send PROXY headers (the client's own
+        // address is checked once the header names it).
+        let policy = Arc::clone(&lock(&self.r.shared.policy));
+        let trusted = match self.r.proxy {
+            Some(_) => policy.proxy_sources.as_ref(),
+            None => policy.allow.as_ref(),
+        };
+        if trusted.is_some_and(|list| !list.contains(peer.ip())) {
+            self.forget_one();
+            self.reject(peer, local, CloseReason::NotAllowed);
+            return;
         }
         let local_index = self.local_index(local);
         let generation = self.generation();
         // Replies are small and latency-bound: never wait for Nagle.
         let _ = socket.set_nodelay(true);
+        let (mut transport, conn) = match self.r.proxy {
+            Some(mode) => (
+                Transport::proxied(socket, mode),
+                Connection::new_pending(Arc::clone(&self.r.limits), now),
+            ),
+            None => (
+                Transport::tcp(socket),
+                Connection::new(Arc::clone(&self.r.limits), now),
+            ),
+        };
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        let token = Token(key);
         if self
             .r
             .poll
             .registry()
-            .register(&mut socket, token, Interest::READABLE | Interest::WRITABLE)
+            .register(
+                transport.socket(),
+                Token(key),
+                Interest::READABLE | Interest::WRITABLE,
+            )
             .is_err()
         {
+            self.forget_one();
             return;
         }
         let id = ConnectionId {
-            index: key as u32,
+            index: (u32::from(self.r.index) << 24) | key as u32,
             generation,
         };
+        let started = conn.is_started();
         entry.insert(Entry {
             id,
-            socket,
-            conn: Connection::new(Arc::clone(&self.r.limits), now),
+            transport,
+            conn,
             peer,
             local: local_index,
-            accepted_at: nanos_since(self.epoch, now),
-            armed: 0,
             read_ready: false,
             write_ready: false,
             pending: false,
+            accepted_at: nanos_since(self.epoch, now),
+            armed: 0,
+            counted: 0,
         });
-        self.r.metrics.accepted.increment(1);
-        self.r.metrics.active.increment(1.0);
-        if let Some(o) = &self.r.observer {
-            o.connection_start(&ConnectionStart {
-                connection: id,
-                peer,
-                local,
-                system_time: SystemTime::now(),
-            });
+        if started {
+            self.start(key);
         }
         // No drain check: draining closes the listener, so nothing is admitted after it.
         self.schedule(key);
+    }
+
+    /// The connection serves MLLP from now on: count it and report its start.
+    fn start(&mut self, key: usize) {
+        let m = &self.r.telemetry.metrics;
+        m.accepted.increment(1);
+        m.active.increment(1.0);
+        let p = self.peer(&self.conns[key]);
+        self.r.telemetry.connection_start(&p);
+    }
+
+    /// Reads the PROXY header that must start the stream. On success the connection starts
+    /// with the header's source as its peer (checked against the allow-list), and the bytes
+    /// after the header go to the connection. Returns whether any progress was made.
+    fn read_proxy(&mut self, key: usize, now: Instant) -> bool {
+        let entry = &mut self.conns[key];
+        let n = match entry.transport.read(&mut self.scratch) {
+            Ok(0) => {
+                entry.read_ready = false;
+                entry
+                    .conn
+                    .handle_start_failed(CloseReason::ProxyHeader, &mut self.events);
+                return true;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                entry.read_ready = false;
+                return false;
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => return true,
+            Err(e) => {
+                entry.conn.handle_io_error(e.kind(), &mut self.events);
+                return true;
+            }
+        };
+        self.r.telemetry.metrics.bytes_received.increment(n as u64);
+        let (header, rest) = match entry.transport.feed_preamble(&self.scratch[..n]) {
+            Preambled::Partial => return true,
+            Preambled::Failed => {
+                entry
+                    .conn
+                    .handle_start_failed(CloseReason::ProxyHeader, &mut self.events);
+                return true;
+            }
+            Preambled::Done(header, rest) => (header, rest),
+        };
+        // A LOCAL header (a balancer's health check) names no client: the socket's peer stands.
+        if let Some(source) = header.source() {
+            entry.peer = source;
+        }
+        let policy = Arc::clone(&lock(&self.r.shared.policy));
+        if policy
+            .allow
+            .as_ref()
+            .is_some_and(|list| !list.contains(entry.peer.ip()))
+        {
+            entry
+                .conn
+                .handle_start_failed(CloseReason::NotAllowed, &mut self.events);
+            return true;
+        }
+        entry.conn.handle_started(now);
+        entry.conn.handle_read(&rest, now, &mut self.events);
+        self.start(key);
+        true
     }
 
     /// The index of `local` in `locals`, adding it if new.
@@ -314,17 +573,48 @@ impl Loop {
         self.next_generation
     }
 
-    /// Moves bytes for one connection until it can make no more progress (or its read budget
-    /// for this turn is spent), then applies the effects and re-arms its deadline.
+    fn peer(&self, entry: &Entry) -> Peer {
+        Peer {
+            connection: entry.id,
+            peer: entry.peer,
+            local: self.locals[usize::from(entry.local)],
+        }
+    }
+
+    /// Moves bytes and messages for one connection until it can make no more progress (or its
+    /// read budget for this turn is spent), reports its events, and re-arms its deadline.
+    /// Removes the connection if it closed.
     fn drive(&mut self, key: usize, now: Instant) {
         let mut budget = READ_BUDGET;
-        let mut effects = std::mem::take(&mut self.effects);
-        while let Some(entry) = self.conns.get_mut(key) {
+        loop {
+            let Some(entry) = self.conns.get_mut(key) else {
+                return;
+            };
             let mut progress = false;
-            if entry.write_ready && entry.conn.transmit().is_some() {
-                progress |= write(entry, &self.r.metrics, now, &mut effects);
+            if entry.conn.take_abandoned() && self.r.dispatch == Dispatch::Pool {
+                // Not in the queue any more means a worker runs it: maybe a stuck one.
+                if self.pool.cancel(entry.id, None) == 0 {
+                    self.pool.on_abandoned(now);
+                }
             }
-            if entry.read_ready && entry.conn.wants_read() {
+            progress |= self.dispatch(key, now);
+            let Some(entry) = self.conns.get_mut(key) else {
+                return;
+            };
+            if entry.write_ready && (entry.conn.wants_write() || entry.transport.wants_flush()) {
+                progress |= write(entry, &self.r.telemetry, now, &mut self.events);
+            }
+            if entry.conn.wants_shutdown_write() {
+                // Failure (already reset) is fine: the linger then just times out or reads EOF.
+                let _ = entry.transport.shutdown_write();
+                entry.conn.handle_write_shutdown();
+                progress = true;
+            }
+            let wants_read = entry.read_ready && entry.conn.wants_read();
+            if wants_read && entry.transport.in_preamble() {
+                progress |= self.read_proxy(key, now);
+            } else if wants_read && self.may_read(key) {
+                let entry = &mut self.conns[key];
                 if budget == 0 {
                     if !entry.pending {
                         entry.pending = true;
@@ -332,147 +622,210 @@ impl Loop {
                     }
                 } else {
                     budget -= 1;
-                    progress |= read(entry, &mut self.scratch, &self.r.metrics, now, &mut effects);
+                    let entry = &mut self.conns[key];
+                    progress |= read(
+                        entry,
+                        &mut self.scratch,
+                        &self.r.telemetry,
+                        now,
+                        &mut self.events,
+                    );
                 }
             }
-            self.effects = std::mem::take(&mut effects);
-            if self.apply(key, now) {
+            if self.report(key) {
                 return; // closed and removed
             }
-            effects = std::mem::take(&mut self.effects);
             if !progress {
                 break;
             }
         }
-        self.effects = effects;
         self.schedule(key);
     }
 
-    /// Applies `self.effects` of connection `key`; returns true if the connection closed (its
-    /// entry is then removed).
-    fn apply(&mut self, key: usize, now: Instant) -> bool {
-        let mut closed = None;
-        let mut effects = std::mem::take(&mut self.effects);
-        let Some(entry) = self.conns.get(key) else {
-            return true;
-        };
-        let local = self.locals[usize::from(entry.local)];
-        let m = &self.r.metrics;
-        let observer = self.r.observer.as_deref();
-        for effect in effects.drain(..) {
-            match effect {
-                Effect::Dispatch {
+    /// Hands every message the connection can dispatch now to the handler: inline, or into
+    /// this turn's job batch for the pool. Returns whether any was dispatched.
+    fn dispatch(&mut self, key: usize, now: Instant) -> bool {
+        let mut any = false;
+        loop {
+            let entry = &mut self.conns[key];
+            let Some(d) = entry.conn.poll_dispatch(now, &mut self.events) else {
+                return any;
+            };
+            any = true;
+            let p = self.peer(&self.conns[key]);
+            let system_time = SystemTime::now();
+            self.r
+                .telemetry
+                .message_start(&p, d.seq, d.payload.len(), system_time);
+            let Dispatched {
+                seq,
+                payload,
+                received_at,
+                deadline,
+            } = d;
+            let cx = Context {
+                peer: p.peer,
+                local: p.local,
+                connection: p.connection,
+                sequence: seq,
+                received_at,
+                received_time: system_time,
+                sink: Arc::clone(&self.r.sink),
+                deferred: std::cell::Cell::new(false),
+            };
+            match self.r.dispatch {
+                Dispatch::Inline => {
+                    let started = Instant::now();
+                    let outcome = call(&*self.r.handler, &payload, &cx);
+                    let took = started.elapsed();
+                    let m = &self.r.telemetry.metrics;
+                    m.handler_duration.record(took.as_secs_f64());
+                    if took > self.r.inline_slow {
+                        m.inline_slow.increment(1);
+                    }
+                    drop(cx);
+                    self.conns[key]
+                        .conn
+                        .handle_completion(seq, outcome, now, &mut self.events);
+                }
+                Dispatch::Pool => self.jobs.push(Job {
+                    id: p.connection,
                     seq,
                     payload,
-                    received_at,
+                    cx,
                     deadline,
-                } => {
-                    m.received.increment(1);
-                    m.message_size.record(payload.len() as f64);
-                    let system_time = SystemTime::now();
-                    if let Some(o) = observer {
-                        o.message_start(&MessageStart {
-                            connection: entry.id,
-                            peer: entry.peer,
-                            local,
-                            sequence: seq,
-                            message_size: payload.len(),
-                            system_time,
-                        });
-                    }
-                    let cx = Context {
-                        peer: entry.peer,
-                        local,
-                        connection: entry.id,
-                        sequence: seq,
-                        received_at,
-                        received_time: system_time,
-                    };
-                    self.pool.submit(Job {
-                        id: entry.id,
-                        seq,
-                        payload,
-                        cx,
-                        deadline,
-                    });
-                }
-                Effect::Junk(n) => m.junk.increment(n),
-                Effect::Handled(outcome) => m.handled(outcome).increment(1),
-                Effect::MessageStop {
-                    seq,
-                    response_size,
-                    received_at,
-                } => {
-                    let duration = now.saturating_duration_since(received_at);
-                    if let Some(size) = response_size {
-                        m.response_size.record(size as f64);
-                    }
-                    m.response_latency.record(duration.as_secs_f64());
-                    if let Some(o) = observer {
-                        o.message_stop(&MessageStop {
-                            connection: entry.id,
-                            peer: entry.peer,
-                            local,
-                            sequence: seq,
-                            duration,
-                            response_size,
-                        });
-                    }
-                }
-                Effect::MessageException {
-                    seq,
-                    reason,
-                    message_size,
-                    detail,
-                    received_at,
-                } => {
-                    if reason == ExceptionReason::HandlerTimeout {
-                        self.pool.on_handler_timeout(now);
-                    }
-                    if let Some(o) = observer {
-                        o.message_exception(&MessageException {
-                            connection: entry.id,
-                            peer: entry.peer,
-                            local,
-                            sequence: seq,
-                            duration: received_at
-                                .map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
-                            message_size,
-                            reason,
-                            detail: detail.as_deref(),
-                        });
-                    }
-                }
-                Effect::NakQueued(AckCode::AR) => m.naks_ar.increment(1),
-                Effect::NakQueued(_) => m.naks_ae.increment(1),
-                Effect::LateResult => m.late_results.increment(1),
-                Effect::FrameRejected(FrameRejection::TooLarge) => m.frames_too_large.increment(1),
-                Effect::FrameRejected(FrameRejection::Timeout) => m.frames_timed_out.increment(1),
-                Effect::Closed(reason) => closed = Some(reason),
+                }),
             }
         }
-        self.effects = effects;
-        let Some(reason) = closed else { return false };
+    }
+
+    /// Whether connection `key` may read under the memory budget: always below it; above it
+    /// only the reactor's largest holder of a partial frame, so that frame can complete.
+    fn may_read(&mut self, key: usize) -> bool {
+        if !self.paused {
+            // This turn's reads count at once, not at the turn's end: one turn can read from
+            // hundreds of connections.
+            let budget = &self.r.shared.budget;
+            let used = budget.used.load(Ordering::Acquire) as isize + self.budget_delta;
+            if used <= budget.limit as isize {
+                return true;
+            }
+            self.paused = true;
+            self.r.telemetry.metrics.read_pauses.increment(1);
+        }
+        self.holder() == Some(key)
+    }
+
+    /// The connection that may read while paused: the one with the largest partial frame (the
+    /// closest to completing, as far as we can tell). With none, memory drains as handlers
+    /// answer the messages in flight, and reading resumes at the low mark.
+    fn holder(&self) -> Option<usize> {
+        self.conns
+            .iter()
+            .filter(|(_, e)| e.conn.buffered_len() > 0 && e.conn.wants_read())
+            .max_by_key(|(_, e)| e.conn.buffered_len())
+            .map(|(k, _)| k)
+    }
+
+    /// Reports the connection's events, updates its memory count, and removes it if it
+    /// closed. Returns true if it was removed.
+    fn report(&mut self, key: usize) -> bool {
+        let entry = &mut self.conns[key];
+        let buffered = u32::try_from(entry.conn.buffered()).unwrap_or(u32::MAX);
+        self.budget_delta += buffered as isize - entry.counted as isize;
+        entry.counted = buffered;
+        if self.events.is_empty() && !entry.conn.is_closed() {
+            return false;
+        }
+        let p = self.peer(&self.conns[key]);
+        // A fresh clock for latencies: `now` of the turn is older than the write that
+        // finished these messages.
+        let fresh = Instant::now();
+        for event in self.events.drain(..) {
+            self.r.telemetry.report(&p, event, fresh);
+        }
+        let Some(reason) = self.conns[key].conn.close_reason() else {
+            return false;
+        };
         let entry = self.conns.remove(key);
-        debug_assert_eq!(entry.conn.close_reason(), Some(reason));
+        self.budget_delta -= entry.counted as isize;
+        self.forget_one();
+        if self.r.dispatch == Dispatch::Pool {
+            // Its queued job (if any) must not run: nobody would get the answer, and the
+            // sender will resend.
+            let batched = self.jobs.len();
+            self.jobs.retain(|j| j.id != entry.id);
+            let dropped = batched - self.jobs.len();
+            self.r
+                .telemetry
+                .metrics
+                .jobs_dropped
+                .increment(dropped as u64);
+            self.pool.cancel(entry.id, None);
+        }
         if let Some(drain) = &mut self.drain {
             drain.report.closed += 1;
         }
+        if !entry.conn.is_started() {
+            // Never served (no valid PROXY header, not allowed, no handshake in time).
+            let reason = match reason {
+                CloseReason::IdleTimeout => CloseReason::HandshakeTimeout,
+                CloseReason::NotAllowed | CloseReason::HandshakeTimeout => reason,
+                _ => CloseReason::ProxyHeader,
+            };
+            self.r.telemetry.metrics.rejected(reason).increment(1);
+            self.r.telemetry.connection_start(&p);
+            self.r.telemetry.connection_stop(&p, Duration::ZERO, reason);
+            return true;
+        }
+        let m = &self.r.telemetry.metrics;
         m.closed(reason).increment(1);
         m.active.decrement(1.0);
         let duration =
-            Duration::from_nanos(nanos_since(self.epoch, now).saturating_sub(entry.accepted_at));
+            Duration::from_nanos(nanos_since(self.epoch, fresh).saturating_sub(entry.accepted_at));
         m.connection_duration.record(duration.as_secs_f64());
-        if let Some(o) = observer {
-            o.connection_stop(&ConnectionStop {
-                connection: entry.id,
-                peer: entry.peer,
-                local,
-                duration,
-                reason,
-            });
-        }
+        self.r.telemetry.connection_stop(&p, duration, reason);
         true // dropping `entry` closes the socket and deregisters it
+    }
+
+    /// Publishes this turn's change in buffered bytes, pausing or resuming reads at the
+    /// budget's marks.
+    fn publish_budget(&mut self, now: Instant) {
+        if self.budget_delta == 0 && !self.paused {
+            return;
+        }
+        let delta = std::mem::take(&mut self.budget_delta);
+        let budget = &self.r.shared.budget;
+        let over = budget.apply(delta);
+        let m = &self.r.telemetry.metrics;
+        m.buffered_bytes
+            .set(budget.used.load(Ordering::Relaxed) as f64);
+        if over && !self.paused {
+            self.paused = true;
+            m.read_pauses.increment(1);
+        } else if over
+            || (self.paused && budget.used.load(Ordering::Acquire) > budget.limit / 4 * 3)
+        {
+            // Edge-triggered: the holder may have changed (the last one completed its frame)
+            // and the new one has no event coming.
+            if let Some(key) = self.holder()
+                && self.conns[key].read_ready
+            {
+                self.drive(key, now);
+            }
+        } else if self.paused {
+            self.paused = false;
+            // Edge-triggered: connections that became readable while paused were not read.
+            let keys: Vec<usize> = self
+                .conns
+                .iter()
+                .filter(|(_, e)| e.read_ready && e.conn.wants_read())
+                .map(|(k, _)| k)
+                .collect();
+            for key in keys {
+                self.drive(key, now);
+            }
+        }
     }
 
     /// Inserts the connection's deadline into the wheel if it is earlier than what is armed.
@@ -496,43 +849,47 @@ impl Loop {
         let mut fired = std::mem::take(&mut self.fired);
         self.wheel.expired(now, &mut fired);
         for id in fired.drain(..) {
-            let key = id.index as usize;
-            let Some(entry) = self.conns.get_mut(key) else {
-                continue;
-            };
-            if entry.id != id {
+            let Some(key) = self.key_of(id) else {
                 continue; // the slot was reused: a stale timer of a closed connection
-            }
+            };
+            let entry = &mut self.conns[key];
             if entry.armed != 0 && entry.armed <= nanos_since(self.epoch, now) + 1 {
                 entry.armed = 0; // this is (or overtook) the armed entry: re-arm below
             }
-            entry.conn.handle_timeout(now, &mut self.effects);
-            self.drive_after(key, now);
+            if self.paused && entry.read_ready && entry.conn.wants_read() {
+                entry.conn.handle_unread_input(now);
+            }
+            entry.conn.handle_timeout(now, &mut self.events);
+            self.drive(key, now);
         }
         self.fired = fired;
     }
 
-    fn completions(&mut self, now: Instant) {
-        while let Ok(Completion { id, seq, outcome }) = self.r.completions.try_recv() {
-            let key = id.index as usize;
-            match self.conns.get_mut(key) {
-                Some(entry) if entry.id == id => {
-                    entry
-                        .conn
-                        .handle_completion(seq, outcome, now, &mut self.effects);
-                    self.drive_after(key, now);
-                }
-                // The connection is gone: nobody to answer.
-                _ => self.r.metrics.late_results.increment(1),
-            }
+    /// The slab key of connection `id`, if it is still open on this reactor.
+    fn key_of(&self, id: ConnectionId) -> Option<usize> {
+        let key = (id.index & (MAX_KEYS_PER_REACTOR as u32 - 1)) as usize;
+        match self.conns.get(key) {
+            Some(entry) if entry.id == id => Some(key),
+            _ => None,
         }
     }
 
-    /// After an input that may have produced effects and bytes to write.
-    fn drive_after(&mut self, key: usize, now: Instant) {
-        if !self.apply(key, now) {
-            self.drive(key, now);
+    fn completions(&mut self, now: Instant) {
+        let mut completions = std::mem::take(&mut self.completions);
+        self.r.sink.drain_into(&mut completions);
+        for Completion { id, seq, outcome } in completions.drain(..) {
+            match self.key_of(id) {
+                Some(key) => {
+                    self.conns[key]
+                        .conn
+                        .handle_completion(seq, outcome, now, &mut self.events);
+                    self.drive(key, now);
+                }
+                // The connection is gone: nobody to answer.
+                None => self.r.telemetry.metrics.late_results.increment(1),
+            }
         }
+        self.completions = completions;
     }
 
     fn resume_pending(&mut self, now: Instant) {
@@ -548,12 +905,12 @@ impl Loop {
     fn commands(&mut self, now: Instant) {
         while let Ok(command) = self.r.commands.try_recv() {
             match command {
-                Command::Shutdown { grace, done } => self.start_drain(grace, done, now),
+                Command::Shutdown { grace } => self.start_drain(grace, now),
             }
         }
     }
 
-    fn start_drain(&mut self, grace: Duration, done: Sender<ShutdownReport>, now: Instant) {
+    fn start_drain(&mut self, grace: Duration, now: Instant) {
         if self.drain.is_some() {
             return;
         }
@@ -569,20 +926,19 @@ impl Loop {
             .filter(|(_, e)| e.conn.in_flight())
             .count();
         self.drain = Some(Drain {
-            deadline: now + grace,
-            done,
+            deadline: deadline_after(now, grace),
             report,
         });
         for key in keys {
             if let Some(entry) = self.conns.get_mut(key) {
-                entry.conn.handle_shutdown(&mut self.effects);
-                self.drive_after(key, now);
+                entry.conn.handle_shutdown(&mut self.events);
+                self.drive(key, now);
             }
         }
     }
 
     /// Ends the loop once every connection is closed or the grace period is over.
-    fn finish_drain(&mut self, now: Instant) -> Option<ShutdownReport> {
+    fn finish_drain(&mut self, now: Instant) -> Option<(ShutdownReport, Instant)> {
         let drain = self.drain.as_ref()?;
         if !self.conns.is_empty() && now < drain.deadline {
             return None;
@@ -590,45 +946,64 @@ impl Loop {
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         let forced = keys.len();
         for key in keys {
-            if let Some(entry) = self.conns.get_mut(key) {
-                entry
-                    .conn
-                    .force_close(CloseReason::Shutdown, &mut self.effects);
-                self.apply(key, now);
-            }
+            self.conns[key]
+                .conn
+                .force_close(CloseReason::Shutdown, &mut self.events);
+            self.report(key);
         }
-        self.pool.close();
         let drain = self.drain.take()?;
         let mut report = drain.report;
         report.forced = forced;
-        report.workers_stuck = self
-            .pool
-            .join(now.max(drain.deadline) + Duration::from_millis(100));
-        let _ = drain.done.send(report.clone());
-        Some(report)
+        Some((report, now.max(drain.deadline)))
     }
 }
 
-/// `t` as nanoseconds since `epoch` (0 for earlier times); 2⁶⁴ ns is 584 years.
+/// `t` as nanoseconds since `epoch` (0 for earlier times). Deadlines are at most ~31 years
+/// out (`deadline_after`), far below the 584 years 2⁶⁴ ns hold.
 fn nanos_since(epoch: Instant, t: Instant) -> u64 {
     t.saturating_duration_since(epoch).as_nanos() as u64
 }
 
-/// Writes as much of the connection's reply as the socket takes. Returns whether any
-/// progress was made (bytes written or the connection failed).
-fn write(entry: &mut Entry, metrics: &Metrics, now: Instant, effects: &mut Vec<Effect>) -> bool {
+/// Writes as much of the connection's ready replies (and the transport's own bytes) as the
+/// socket takes, many replies per `writev`. Returns whether any progress was made (bytes
+/// written or the connection failed).
+fn write(entry: &mut Entry, telemetry: &Telemetry, now: Instant, events: &mut Vec<Event>) -> bool {
     let mut progress = false;
-    while let Some(frame) = entry.conn.transmit() {
-        let mut slices = [IoSlice::new(&[]); 3];
-        let n = frame.io_slices(&mut slices);
-        match entry.socket.write_vectored(&slices[..n]) {
+    loop {
+        if entry.transport.wants_flush() {
+            match entry.transport.flush() {
+                Ok(n) => {
+                    telemetry.metrics.bytes_sent.increment(n as u64);
+                    progress |= n > 0;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    entry.write_ready = false;
+                    return progress;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    entry.conn.handle_io_error(e.kind(), events);
+                    return true;
+                }
+            }
+        }
+        let mut slices = [IoSlice::new(&[]); MAX_IOV];
+        let n = entry.conn.transmit(&mut slices);
+        if n == 0 {
+            return progress;
+        }
+        telemetry.metrics.socket_writes.increment(1);
+        match entry.transport.write_vectored(&slices[..n]) {
             Ok(0) => {
-                entry.conn.handle_io_error(ErrorKind::WriteZero, effects);
+                entry.conn.handle_io_error(ErrorKind::WriteZero, events);
                 return true;
             }
             Ok(written) => {
-                metrics.bytes_sent.increment(written as u64);
-                entry.conn.handle_written(written, now, effects);
+                if !entry.transport.wants_flush() {
+                    // Plain TCP: these bytes reached the socket (a wrapper counts in flush).
+                    telemetry.metrics.bytes_sent.increment(written as u64);
+                }
+                entry.conn.handle_written(written, now, events);
                 progress = true;
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -637,12 +1012,11 @@ fn write(entry: &mut Entry, metrics: &Metrics, now: Instant, effects: &mut Vec<E
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => {
-                entry.conn.handle_io_error(e.kind(), effects);
+                entry.conn.handle_io_error(e.kind(), events);
                 return true;
             }
         }
     }
-    progress
 }
 
 /// One read into the reactor's scratch buffer, handed to the connection. Returns whether any
@@ -650,19 +1024,19 @@ fn write(entry: &mut Entry, metrics: &Metrics, now: Instant, effects: &mut Vec<E
 fn read(
     entry: &mut Entry,
     scratch: &mut [u8],
-    metrics: &Metrics,
+    telemetry: &Telemetry,
     now: Instant,
-    effects: &mut Vec<Effect>,
+    events: &mut Vec<Event>,
 ) -> bool {
-    match entry.socket.read(scratch) {
+    match entry.transport.read(scratch) {
         Ok(0) => {
             entry.read_ready = false;
-            entry.conn.handle_eof(now, effects);
+            entry.conn.handle_eof(events);
             true
         }
         Ok(n) => {
-            metrics.bytes_received.increment(n as u64);
-            entry.conn.handle_read(&scratch[..n], now, effects);
+            telemetry.metrics.bytes_received.increment(n as u64);
+            entry.conn.handle_read(&scratch[..n], now, events);
             true
         }
         Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -671,7 +1045,7 @@ fn read(
         }
         Err(e) if e.kind() == ErrorKind::Interrupted => true,
         Err(e) => {
-            entry.conn.handle_io_error(e.kind(), effects);
+            entry.conn.handle_io_error(e.kind(), events);
             true
         }
     }

@@ -2,35 +2,42 @@
 //! [`ServerHandle`] (running) → [`ServerHandle::shutdown`] (graceful).
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use mio::net::TcpListener;
 use mio::{Interest, Poll, Waker};
 
+use crate::cidr::AllowList;
+use crate::completion::{CompletionSink, Notifier, lock};
 use crate::connection::{Limits, NakPolicy};
 use crate::error::{ConfigError, Error};
-use crate::handler::Handler;
-use crate::pool::{Completion, Notifier, Pool, PoolConfig};
-use crate::reactor::{Command, LISTENER, Reactor, WAKER};
-use crate::telemetry::{Metrics, Observer};
+use crate::handler::{Dispatch, Handler};
+use crate::pool::{Pool, PoolConfig};
+use crate::proxy::ProxyMode;
+use crate::reactor::{
+    Budget, Command, Inbox, LISTENER, MAX_KEYS_PER_REACTOR, Policy, Reactor, Shared, WAKER,
+};
+use crate::telemetry::{Metrics, Observer, Telemetry};
 
-/// Default idle timeout: 60 s, the reference's `timeout`.
+/// Default idle timeout: 60 s, long enough for a quiet feed between messages, short enough
+/// that abandoned connections do not pile up (a common MLLP library default).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Default handler timeout: 60 s, the reference's `handler_timeout`.
+/// Default handler timeout: 60 s: far above any healthy handler, and below the typical
+/// sender's own ACK timeout, so the sender gets our AE rather than timing out blind.
 pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(60);
-/// Default frame deadline: a started frame must complete within 120 s. The reference has
-/// none (a peer dripping a byte a minute holds a connection forever); 120 s lets a 10 MiB
-/// message cross a 1 Mbit/s link (84 s) with room to spare.
+/// Default frame deadline: a started frame must complete within 120 s, so a peer dripping a
+/// byte a minute cannot hold a connection forever; 120 s lets a 10 MiB message cross a
+/// 1 Mbit/s link (84 s) with room to spare.
 pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default write-stall deadline: a peer that reads none of our reply for 30 s is closed.
 /// ACKs are a few hundred bytes and fit any socket buffer, so only a peer that stopped reading
 /// altogether (and keeps sending) can stall.
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default connection cap: 10 000, below the 20 000 open files a process commonly may hold, and
-/// close to the reference's effective cap (about 10 240).
+/// Default connection cap: 10 000, below the 20 000 open files a process commonly may hold,
+/// leaving room for the store, logs and metrics.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default read-ahead: 64 KiB of undecoded pipelined bytes per connection while its message is
 /// with the handler; past it reading stops and TCP pushes back. 64 KiB holds dozens of typical
@@ -38,6 +45,27 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_READ_AHEAD: usize = 64 * 1024;
 /// Largest accepted `max_message_size`: 1 GiB. Beyond it one connection could exhaust memory.
 pub const MAX_MESSAGE_SIZE_LIMIT: usize = 1 << 30;
+/// Default messages in flight per connection with [`Dispatch::Inline`]: 64. Enough that a
+/// sender pipelining a window of messages never waits on us for a full round trip per
+/// message (and replies go out dozens per `writev`), small enough that one connection's
+/// messages in flight stay a small share of the memory budget.
+pub const DEFAULT_MAX_IN_FLIGHT_INLINE: usize = 64;
+/// Default messages in flight per connection with [`Dispatch::Pool`]: 1, strictly serial per
+/// connection (the next message is read and dispatched only once the previous reply is
+/// written), the classic MLLP behaviour.
+pub const DEFAULT_MAX_IN_FLIGHT_POOL: usize = 1;
+/// Default threshold above which an inline handler call counts as slow: 1 ms. An inline call
+/// that long holds every connection of its reactor for that long.
+pub const DEFAULT_INLINE_SLOW_THRESHOLD: Duration = Duration::from_millis(1);
+/// Default server-wide memory budget for buffered bytes: 512 MiB. It holds fifty messages of
+/// the default maximum size, or about half a million typical (1 KiB) messages in flight, and
+/// fits a small VM; above it reads stop and TCP pushes back on senders.
+pub const DEFAULT_MAX_MEMORY: usize = 512 << 20;
+/// Default time a connection gets to start (PROXY header, TLS handshake): 10 s, ample for a
+/// handshake across a slow WAN, short enough that silent connections do not pile up.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default grace period when a [`ServerHandle`] is dropped without a shutdown: 5 s.
+pub const DROP_GRACE: Duration = Duration::from_secs(5);
 
 /// Configures a server. Every option has a documented default; see [`Server::builder`].
 pub struct Builder {
@@ -54,6 +82,16 @@ pub struct Builder {
     nak_policy: NakPolicy,
     observer: Option<Arc<dyn Observer>>,
     listener_name: String,
+    dispatch: Dispatch,
+    reactors: usize,
+    handshake_timeout: Duration,
+    proxy_protocol: Option<ProxyMode>,
+    proxy_sources: Option<AllowList>,
+    allow: Option<AllowList>,
+    max_in_flight: Option<usize>,
+    inline_slow_threshold: Duration,
+    max_memory: usize,
+    expose_handler_errors: bool,
 }
 
 impl std::fmt::Debug for Builder {
@@ -68,6 +106,9 @@ impl std::fmt::Debug for Builder {
             .field("workers", &self.workers)
             .field("nak_policy", &self.nak_policy)
             .field("listener_name", &self.listener_name)
+            .field("dispatch", &self.dispatch)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("max_memory", &self.max_memory)
             .finish_non_exhaustive()
     }
 }
@@ -120,6 +161,85 @@ impl Builder {
         /// NAKs on failures (default [`NakPolicy::Send`]).
         nak_policy: NakPolicy
     );
+    setter!(
+        /// Where the handler runs (default [`Dispatch::Pool`]); see [`Dispatch`].
+        dispatch: Dispatch
+    );
+    setter!(
+        /// How long a connection may take to start: its PROXY header and TLS handshake
+        /// (default 10 s). A connection that has not started by then is closed and counted in
+        /// `mllp_connections_rejected_total{reason="handshake_timeout"}`. Separate from the
+        /// frame deadline: a peer that connects and never speaks is not a slow sender.
+        handshake_timeout: Duration
+    );
+
+    /// Requires every connection to start with a PROXY protocol header (v1, v2 or either),
+    /// as sent by HAProxy's `send-proxy`/`send-proxy-v2` (default: off). The header's source
+    /// becomes the peer everywhere (context, events, allow-list). A connection without a
+    /// valid header within `handshake_timeout` is closed and counted in
+    /// `mllp_connections_rejected_total{reason="proxy_header"}`; there is no guessing whether
+    /// a header is present, as the protocol's specification demands. A v2 `LOCAL` header (a
+    /// health check) is served with the socket's peer.
+    pub fn proxy_protocol(mut self, mode: ProxyMode) -> Self {
+        self.proxy_protocol = Some(mode);
+        self
+    }
+
+    /// With [`proxy_protocol`](Self::proxy_protocol): accept connections (and so headers)
+    /// only from these sources, the balancers. Others are closed before a byte is read and
+    /// counted with `reason="not_allowed"`.
+    pub fn proxy_sources(mut self, sources: AllowList) -> Self {
+        self.proxy_sources = Some(sources);
+        self
+    }
+
+    /// Accept connections only from peers in `allow` (IPv4 and IPv6 CIDRs; default: from
+    /// anyone). Checked when the connection is accepted, before a byte is read (with PROXY
+    /// protocol: once the header names the client). Others are closed at once and counted in
+    /// `mllp_connections_rejected_total{reason="not_allowed"}`. Replaceable while running
+    /// with [`Reloader::set_allow_list`].
+    pub fn allow(mut self, allow: AllowList) -> Self {
+        self.allow = Some(allow);
+        self
+    }
+
+    setter!(
+        /// Reactor threads (default 1), each a poll loop with its own connections and timers.
+        /// The first also accepts, and hands each new connection to the reactor with the fewest
+        /// open connections. One reactor serves tens of thousands of messages per second on one
+        /// core; add reactors when it saturates a core (see BENCHMARKS.md).
+        reactors: usize
+    );
+    setter!(
+        /// Inline calls longer than this count in `mllp_inline_handler_slow_total`
+        /// (default 1 ms).
+        inline_slow_threshold: Duration
+    );
+    setter!(
+        /// Server-wide budget for buffered bytes (default 512 MiB): partial frames, read-ahead,
+        /// messages in flight and replies not yet written. Above it the server stops reading
+        /// (except from one connection per reactor: the one closest to completing a frame),
+        /// and resumes below three quarters of it. Must be at least twice `max_message_size`,
+        /// so a message of the largest size always fits.
+        max_memory: usize
+    );
+    setter!(
+        /// Put the handler's error text (or panic message) into the AE NAK's MSA-3 and ERR
+        /// (default false: the sender sees "application error"; the text goes to the
+        /// message-exception event either way). A handler can always return its own NAK.
+        expose_handler_errors: bool
+    );
+
+    /// Messages per connection dispatched and not yet answered on the wire (default 64 with
+    /// [`Dispatch::Inline`], 1 with [`Dispatch::Pool`]). Above 1, a connection reads, decodes
+    /// and hands over its next messages while earlier replies are pending (deferred) or being
+    /// written; handler calls still never overlap and replies still leave in order. At the
+    /// cap, reading stops once `read_ahead` bytes wait. Worst-case memory per connection:
+    /// `max_in_flight` × `max_message_size`, bounded server-wide by `max_memory`.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = Some(n);
+        self
+    }
 
     /// Handler threads (default: available parallelism).
     pub fn workers(mut self, n: usize) -> Self {
@@ -168,7 +288,7 @@ impl Builder {
         if self.max_message_size == 0 || self.max_message_size > MAX_MESSAGE_SIZE_LIMIT {
             return Err(ConfigError::MaxMessageSize(self.max_message_size).into());
         }
-        if self.max_connections == 0 || self.max_connections >= WAKER.0 {
+        if self.max_connections == 0 || self.max_connections >= MAX_KEYS_PER_REACTOR {
             return Err(ConfigError::MaxConnections(self.max_connections).into());
         }
         let workers = self
@@ -177,73 +297,148 @@ impl Builder {
         if workers == 0 {
             return Err(ConfigError::NoWorkers.into());
         }
+        if workers > MAX_WORKERS {
+            return Err(ConfigError::TooManyWorkers(workers).into());
+        }
+        let max_in_flight = self.max_in_flight.unwrap_or(match self.dispatch {
+            Dispatch::Inline => DEFAULT_MAX_IN_FLIGHT_INLINE,
+            Dispatch::Pool => DEFAULT_MAX_IN_FLIGHT_POOL,
+        });
+        if max_in_flight == 0 || max_in_flight > MAX_IN_FLIGHT_LIMIT {
+            return Err(ConfigError::MaxInFlight(max_in_flight).into());
+        }
+        if self.max_memory < self.max_message_size.saturating_mul(2) {
+            return Err(ConfigError::MaxMemory(self.max_memory).into());
+        }
         let addr = addr
             .to_socket_addrs()
             .map_err(Error::Bind)?
             .next()
             .ok_or(ConfigError::NoAddress)?;
+        if self.reactors == 0 || self.reactors > MAX_REACTORS {
+            return Err(ConfigError::Reactors(self.reactors).into());
+        }
         let mut listener = TcpListener::bind(addr).map_err(Error::Bind)?;
         let local_addr = listener.local_addr().map_err(Error::Bind)?;
-        let poll = Poll::new().map_err(Error::Io)?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)
-            .map_err(Error::Io)?;
-        let waker = Waker::new(poll.registry(), WAKER).map_err(Error::Io)?;
-        let notifier = Arc::new(Notifier::new(waker));
-        let (completions_tx, completions) = mpsc::channel();
-        let (commands_tx, commands) = mpsc::channel();
         let limits = Arc::new(Limits {
             idle_timeout: self.idle_timeout,
             frame_timeout: self.frame_timeout,
             handler_timeout: self.handler_timeout,
             write_timeout: self.write_timeout,
+            handshake_timeout: self.handshake_timeout,
             max_message_size: self.max_message_size,
             read_ahead: self.read_ahead.max(1),
+            max_in_flight,
             nak_policy: self.nak_policy,
+            expose_errors: self.expose_handler_errors,
         });
         let metrics = Metrics::register(&self.listener_name);
         let pool_config = PoolConfig {
             workers,
             max_extra_workers: self.max_extra_workers.unwrap_or(workers),
-            nak_policy: self.nak_policy,
         };
-        Ok(Server {
-            reactor: Reactor {
+        // One poll, waker and command channel per reactor; reactor 0 also owns the listener.
+        let mut polls = Vec::with_capacity(self.reactors);
+        let mut notifiers = Vec::with_capacity(self.reactors);
+        let mut commands = Vec::with_capacity(self.reactors);
+        for index in 0..self.reactors {
+            let poll = Poll::new().map_err(Error::Io)?;
+            if index == 0 {
+                poll.registry()
+                    .register(&mut listener, LISTENER, Interest::READABLE)
+                    .map_err(Error::Io)?;
+            }
+            let waker = Waker::new(poll.registry(), WAKER).map_err(Error::Io)?;
+            polls.push(poll);
+            notifiers.push(Arc::new(Notifier::new(waker)));
+            commands.push(mpsc::channel());
+        }
+        let shared = Arc::new(Shared {
+            open: std::sync::atomic::AtomicUsize::new(0),
+            max_connections: self.max_connections,
+            budget: Budget::new(self.max_memory),
+            reactors: notifiers
+                .iter()
+                .map(|n| Inbox::new(Arc::clone(n)))
+                .collect(),
+            policy: Mutex::new(Arc::new(Policy {
+                allow: self.allow,
+                proxy_sources: self.proxy_sources,
+            })),
+        });
+        let policy_shared = Arc::clone(&shared);
+        let control = Arc::new(Control {
+            reactors: commands
+                .iter()
+                .zip(&notifiers)
+                .map(|((tx, _), n)| (tx.clone(), Arc::clone(n)))
+                .collect(),
+            waiters: Mutex::new(Vec::new()),
+            report: Mutex::new(None),
+            shared: policy_shared,
+        });
+        let telemetry = Telemetry {
+            metrics,
+            observer: self.observer,
+        };
+        let mut listener = Some(listener);
+        let reactors = polls
+            .into_iter()
+            .zip(notifiers)
+            .zip(commands)
+            .enumerate()
+            .map(|(index, ((poll, notifier), (_, commands)))| Reactor {
+                index: index as u8,
                 poll,
-                listener: Some(listener),
+                listener: listener.take(),
                 local_addr,
-                limits,
-                max_connections: self.max_connections,
-                notifier: Arc::clone(&notifier),
-                completions,
+                limits: Arc::clone(&limits),
+                dispatch: self.dispatch,
+                proxy: self.proxy_protocol,
+                inline_slow: self.inline_slow_threshold,
+                handler: Arc::clone(&self.handler),
+                sink: Arc::new(CompletionSink::new(notifier)),
                 commands,
-                metrics,
-                observer: self.observer,
-            },
+                telemetry: telemetry.clone(),
+                shared: Arc::clone(&shared),
+            })
+            .collect();
+        Ok(Server {
+            reactors,
+            local_addr,
             handler: self.handler,
+            metrics: telemetry.metrics,
             pool_config,
-            completions_tx,
-            trigger: ShutdownTrigger {
-                commands: commands_tx,
-                notifier,
-            },
+            trigger: ShutdownTrigger { control },
         })
     }
 }
 
+/// Most reactors `reactors` accepts: a reactor is a thread with its own poll, so more than
+/// the machine's cores buys nothing, and connection ids hold the reactor number in 8 bits.
+pub const MAX_REACTORS: usize = 64;
+/// Most handler threads `workers` accepts: far above any useful count (handlers that block
+/// for long should defer their replies instead), low enough that a typo cannot exhaust the
+/// process's threads.
+pub const MAX_WORKERS: usize = 1024;
+/// Largest accepted `max_in_flight`.
+pub const MAX_IN_FLIGHT_LIMIT: usize = 65_536;
+
 /// A bound server, not yet running.
 pub struct Server {
-    reactor: Reactor,
+    reactors: Vec<Reactor>,
+    local_addr: SocketAddr,
     handler: Arc<dyn Handler>,
+    metrics: Metrics,
     pool_config: PoolConfig,
-    completions_tx: Sender<Completion>,
     trigger: ShutdownTrigger,
 }
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
-            .field("local_addr", &self.reactor.local_addr)
+            .field("local_addr", &self.local_addr)
+            .field("reactors", &self.reactors.len())
             .finish_non_exhaustive()
     }
 }
@@ -264,6 +459,12 @@ impl Server {
     /// | `max_extra_workers` | = `workers` |
     /// | `nak_policy` | [`NakPolicy::Send`] |
     /// | `listener_name` | `mllp` |
+    /// | `dispatch` | [`Dispatch::Pool`] |
+    /// | `reactors` | 1 |
+    /// | `max_in_flight` | 64 inline, 1 pool |
+    /// | `inline_slow_threshold` | 1 ms |
+    /// | `max_memory` | 512 MiB |
+    /// | `expose_handler_errors` | false |
     pub fn builder(handler: impl Handler) -> Builder {
         Builder {
             handler: Arc::new(handler),
@@ -279,17 +480,34 @@ impl Server {
             nak_policy: NakPolicy::Send,
             observer: None,
             listener_name: "mllp".to_owned(),
+            dispatch: Dispatch::Pool,
+            reactors: 1,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            proxy_protocol: None,
+            proxy_sources: None,
+            allow: None,
+            max_in_flight: None,
+            inline_slow_threshold: DEFAULT_INLINE_SLOW_THRESHOLD,
+            max_memory: DEFAULT_MAX_MEMORY,
+            expose_handler_errors: false,
         }
     }
 
     /// The address the server listens on (with the OS-assigned port when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.reactor.local_addr
+        self.local_addr
     }
 
     /// A handle that stops this server from any thread (for signal handlers).
     pub fn shutdown_trigger(&self) -> ShutdownTrigger {
         self.trigger.clone()
+    }
+
+    /// A handle that changes the server's configuration while it runs (for SIGHUP).
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            control: Arc::clone(&self.trigger.control),
+        }
     }
 
     /// Runs the server on this thread until it is shut down through a [`ShutdownTrigger`].
@@ -298,15 +516,63 @@ impl Server {
     ///
     /// [`Error::Io`] if a worker thread cannot be started or the poll fails.
     pub fn run(self) -> Result<ShutdownReport, Error> {
-        let pool = Pool::start(
-            self.pool_config,
-            self.handler,
-            self.completions_tx,
-            Arc::clone(&self.reactor.notifier),
-            self.reactor.metrics.clone(),
-        )
-        .map_err(Error::Io)?;
-        self.reactor.run(pool).map_err(Error::Io)
+        let Self {
+            reactors,
+            handler,
+            metrics,
+            pool_config,
+            trigger,
+            ..
+        } = self;
+        let pool = Arc::new(Pool::start(pool_config, handler, metrics).map_err(Error::Io)?);
+        // Reactors 1.. on threads of their own, reactor 0 (the acceptor) on this one.
+        let mut reactors = reactors.into_iter();
+        let first = reactors.next().ok_or(Error::Stopped)?;
+        let mut threads = Vec::new();
+        for reactor in reactors {
+            let shared_pool = Arc::clone(&pool);
+            let spawned = std::thread::Builder::new()
+                .name(format!("mllp-reactor-{}", reactor.index))
+                .spawn(move || reactor.run(shared_pool));
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    // Stop the ones already running before reporting.
+                    trigger.shutdown(Duration::ZERO);
+                    for thread in threads {
+                        let _ = thread.join();
+                    }
+                    pool.close();
+                    return Err(Error::Io(e));
+                }
+            }
+        }
+        let mut result = first.run(Arc::clone(&pool));
+        if result.is_err() {
+            trigger.shutdown(Duration::ZERO);
+        }
+        for thread in threads {
+            let other = thread
+                .join()
+                .map_err(|_| std::io::Error::other("a reactor thread panicked"))
+                .and_then(|r| r);
+            result = match (result, other) {
+                (Ok((mut a, da)), Ok((b, db))) => {
+                    a.in_flight += b.in_flight;
+                    a.closed += b.closed;
+                    a.forced += b.forced;
+                    Ok((a, da.max(db)))
+                }
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+        }
+        // Stop the workers whatever happened: queued jobs are dropped (never answered, so
+        // senders resend), running handlers finish.
+        pool.close();
+        let (mut report, deadline) = result.map_err(Error::Io)?;
+        report.workers_stuck = pool.join(deadline + Duration::from_millis(100));
+        trigger.control.finish(&report);
+        Ok(report)
     }
 
     /// Runs the server on its own threads and returns a handle to it.
@@ -324,17 +590,19 @@ impl Server {
         Ok(ServerHandle {
             local_addr,
             trigger,
-            thread,
+            thread: Some(thread),
         })
     }
 }
 
-/// A running server.
+/// A running server. Dropping it without [`shutdown`](Self::shutdown) starts a graceful
+/// shutdown with a 5 s grace period ([`DROP_GRACE`]) and detaches: the server's threads end
+/// within that bound plus the time stuck handlers take.
 #[derive(Debug)]
 pub struct ServerHandle {
     local_addr: SocketAddr,
     trigger: ShutdownTrigger,
-    thread: JoinHandle<Result<ShutdownReport, Error>>,
+    thread: Option<JoinHandle<Result<ShutdownReport, Error>>>,
 }
 
 impl ServerHandle {
@@ -346,6 +614,13 @@ impl ServerHandle {
     /// A handle that starts the shutdown from any thread.
     pub fn shutdown_trigger(&self) -> ShutdownTrigger {
         self.trigger.clone()
+    }
+
+    /// A handle that changes the server's configuration while it runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            control: Arc::clone(&self.trigger.control),
+        }
     }
 
     /// Stops gracefully: stops accepting, closes idle connections, lets messages already with
@@ -365,26 +640,101 @@ impl ServerHandle {
     /// # Errors
     ///
     /// As [`shutdown`](Self::shutdown).
-    pub fn join(self) -> Result<ShutdownReport, Error> {
-        self.thread.join().map_err(|_| Error::Stopped)?
+    pub fn join(mut self) -> Result<ShutdownReport, Error> {
+        match self.thread.take() {
+            Some(thread) => thread.join().map_err(|_| Error::Stopped)?,
+            None => Err(Error::Stopped),
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.trigger.shutdown(DROP_GRACE);
+        }
+    }
+}
+
+/// The reactors' command channels and the shutdown report's waiters.
+#[derive(Debug)]
+struct Control {
+    reactors: Vec<(Sender<Command>, Arc<Notifier>)>,
+    shared: Arc<Shared>,
+    waiters: Mutex<Vec<Sender<ShutdownReport>>>,
+    /// Set once the server stopped, for triggers that ask afterwards.
+    report: Mutex<Option<ShutdownReport>>,
+}
+
+impl Control {
+    fn finish(&self, report: &ShutdownReport) {
+        *lock(&self.report) = Some(report.clone());
+        for waiter in lock(&self.waiters).drain(..) {
+            let _ = waiter.send(report.clone());
+        }
     }
 }
 
 /// Starts a server's graceful shutdown from any thread. Cloneable.
 #[derive(Clone, Debug)]
 pub struct ShutdownTrigger {
-    commands: Sender<Command>,
-    notifier: Arc<Notifier>,
+    control: Arc<Control>,
 }
 
 impl ShutdownTrigger {
     /// Asks the server to drain within `grace` and stop. Returns a receiver of the report
-    /// (dropping it is fine). Calling it again, or after the server stopped, does nothing.
+    /// (dropping it is fine). Calling it again, or after the server stopped, does nothing
+    /// more (the receiver still gets the report).
     pub fn shutdown(&self, grace: Duration) -> Receiver<ShutdownReport> {
         let (done, report) = mpsc::channel();
-        let _ = self.commands.send(Command::Shutdown { grace, done });
-        self.notifier.notify();
+        if let Some(r) = lock(&self.control.report).as_ref() {
+            let _ = done.send(r.clone());
+            return report;
+        }
+        lock(&self.control.waiters).push(done);
+        for (commands, notifier) in &self.control.reactors {
+            let _ = commands.send(Command::Shutdown { grace });
+            notifier.notify();
+        }
         report
+    }
+}
+
+/// Changes a running server's configuration from any thread. Cloneable. New connections see
+/// the change; established ones go on undisturbed.
+///
+/// ```
+/// use mllp_reactor::cidr::AllowList;
+/// use mllp_reactor::{handler_fn, Reply, Server};
+///
+/// let server = Server::builder(handler_fn(|_, _| Ok(Reply::NoReply))).bind("127.0.0.1:0")?;
+/// let reloader = server.reloader();
+/// let running = server.spawn()?;
+/// let allow: AllowList = ["127.0.0.0/8".parse()?, "::1/128".parse()?].into_iter().collect();
+/// reloader.set_allow_list(Some(allow));
+/// running.shutdown(std::time::Duration::from_secs(1))?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Reloader {
+    control: Arc<Control>,
+}
+
+impl Reloader {
+    /// Replaces the allow-list (`None`: anyone may connect).
+    pub fn set_allow_list(&self, allow: Option<AllowList>) {
+        let mut policy = lock(&self.control.shared.policy);
+        let mut next = Policy::clone(&policy);
+        next.allow = allow;
+        *policy = Arc::new(next);
+    }
+
+    /// Replaces the sources allowed to send PROXY headers (`None`: any).
+    pub fn set_proxy_sources(&self, sources: Option<AllowList>) {
+        let mut policy = lock(&self.control.shared.policy);
+        let mut next = Policy::clone(&policy);
+        next.proxy_sources = sources;
+        *policy = Arc::new(next);
     }
 }
 

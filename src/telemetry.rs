@@ -1,5 +1,5 @@
-//! Telemetry: the reference's five events as an [`Observer`] hook, and metrics through the
-//! [`metrics`] facade (seed-spec §4).
+//! Telemetry: five events (connection start and stop, message start, stop and exception) as an
+//! [`Observer`] hook, and metrics through the [`metrics`] facade.
 //!
 //! # Observer
 //!
@@ -7,7 +7,7 @@
 //! exactly once per event: `connection_start` before anything else of that connection,
 //! `message_start` before that message's `message_stop` or `message_exception`, and
 //! `connection_stop` last. An oversize frame gives a `message_exception` with no
-//! `message_start` (the handler never saw it), as in the reference. Observers must be cheap and
+//! `message_start` (the handler never saw it). Observers must be cheap and
 //! must not block: the reactor serves every connection of the server from that thread. Forward
 //! to a channel if you need to do real work.
 //!
@@ -22,7 +22,7 @@
 //! | name | kind | unit | labels |
 //! |---|---|---|---|
 //! | `mllp_connections_accepted_total` | counter | | |
-//! | `mllp_connections_rejected_total` | counter | | `reason` = `max_connections` |
+//! | `mllp_connections_rejected_total` | counter | | `reason` = `max_connections`, `not_allowed`, `proxy_header`, `handshake_timeout` |
 //! | `mllp_connections_closed_total` | counter | | `reason` = [`CloseReason::as_str`] |
 //! | `mllp_connections_active` | gauge | | |
 //! | `mllp_connection_duration_seconds` | histogram | seconds | |
@@ -35,18 +35,28 @@
 //! | `mllp_response_latency_seconds` | histogram | seconds: frame complete → reply written | |
 //! | `mllp_bytes_received_total` | counter | bytes | |
 //! | `mllp_bytes_sent_total` | counter | bytes | |
+//! | `mllp_socket_writes_total` | counter | | |
 //! | `mllp_junk_bytes_total` | counter | bytes outside frames | |
 //! | `mllp_frames_rejected_total` | counter | | `reason` = too_large, frame_timeout |
 //! | `mllp_naks_sent_total` | counter | | `code` = AE, AR |
 //! | `mllp_handler_late_results_total` | counter | | |
 //! | `mllp_workers_replaced_total` | counter | | |
 //! | `mllp_workers_busy` | gauge | | |
+//! | `mllp_handler_jobs_dropped_total` | counter | | |
+//! | `mllp_inline_handler_slow_total` | counter | | |
+//! | `mllp_observer_panics_total` | counter | | |
+//! | `mllp_buffered_bytes` | gauge | bytes | |
+//! | `mllp_read_pauses_total` | counter | | |
 
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use metrics::{Counter, Gauge, Histogram, Unit};
 
+use crate::ack::AckCode;
+use crate::connection::{Event, FrameRejection};
 use crate::error::{CloseReason, ExceptionReason};
 use crate::handler::ConnectionId;
 
@@ -72,13 +82,13 @@ use crate::handler::ConnectionId;
 /// ```
 #[allow(unused_variables)]
 pub trait Observer: Send + Sync + 'static {
-    /// A connection was accepted (the reference's `connection start`).
+    /// A connection was accepted (and, behind PROXY protocol or TLS, has started).
     fn connection_start(&self, event: &ConnectionStart) {}
-    /// A connection ended (the reference's `connection stop`).
+    /// A connection ended.
     fn connection_stop(&self, event: &ConnectionStop) {}
-    /// A complete message was handed to the pool (the reference's `message start`).
+    /// A complete message was handed to the handler.
     fn message_start(&self, event: &MessageStart) {}
-    /// A message's reply was written, or it needed none (the reference's `message stop`).
+    /// A message's reply was written, or it needed none.
     fn message_stop(&self, event: &MessageStop) {}
     /// A message failed: handler error, panic, timeout, or an oversize frame.
     fn message_exception(&self, event: &MessageException<'_>) {}
@@ -170,6 +180,9 @@ pub struct MessageException<'a> {
     pub reason: ExceptionReason,
     /// The handler's error text or panic message, when there is one.
     pub detail: Option<&'a str>,
+    /// The message's MSH-10 as a NAK quotes it (block bytes escaped, at most 199 bytes), when
+    /// the message has a readable one.
+    pub control_id: Option<&'a [u8]>,
 }
 
 /// Metric names, public so dashboards and tests can refer to them.
@@ -202,6 +215,8 @@ pub mod names {
     pub const BYTES_RECEIVED: &str = "mllp_bytes_received_total";
     /// Counter: bytes written to peers.
     pub const BYTES_SENT: &str = "mllp_bytes_sent_total";
+    /// Counter: write system calls to peers (one `writev` carries many replies).
+    pub const SOCKET_WRITES: &str = "mllp_socket_writes_total";
     /// Counter: bytes dropped outside frames.
     pub const JUNK_BYTES: &str = "mllp_junk_bytes_total";
     /// Counter: frames rejected before the handler; label `reason`.
@@ -215,7 +230,29 @@ pub mod names {
     pub const WORKERS_REPLACED: &str = "mllp_workers_replaced_total";
     /// Gauge: workers running a handler now.
     pub const WORKERS_BUSY: &str = "mllp_workers_busy";
+    /// Counter: queued handler jobs dropped before running (connection closed, or message
+    /// already answered with a timeout NAK).
+    pub const JOBS_DROPPED: &str = "mllp_handler_jobs_dropped_total";
+    /// Counter: inline handler calls slower than the builder's `inline_slow_threshold`.
+    pub const INLINE_SLOW: &str = "mllp_inline_handler_slow_total";
+    /// Counter: observer calls that panicked (caught; the server goes on).
+    pub const OBSERVER_PANICS: &str = "mllp_observer_panics_total";
+    /// Gauge: bytes buffered by the server (partial frames, read-ahead, messages in flight,
+    /// replies not yet written), counted against `max_memory`.
+    pub const BUFFERED_BYTES: &str = "mllp_buffered_bytes";
+    /// Counter: times the server stopped reading because buffered bytes reached `max_memory`.
+    pub const READ_PAUSES: &str = "mllp_read_pauses_total";
 }
+
+/// Why a connection is counted as rejected rather than served: it never started (over the
+/// cap, not allowed, no valid PROXY header, no completed handshake). Such a connection counts
+/// only in `mllp_connections_rejected_total`, so accepted = Σ closed + active holds.
+const REJECT_REASONS: [(CloseReason, &str); 4] = [
+    (CloseReason::Rejected, "max_connections"),
+    (CloseReason::NotAllowed, "not_allowed"),
+    (CloseReason::ProxyHeader, "proxy_header"),
+    (CloseReason::HandshakeTimeout, "handshake_timeout"),
+];
 
 /// Handler outcomes, in the order of the `outcome` label handles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -235,7 +272,8 @@ impl Handled {
 #[derive(Clone, Debug)]
 pub(crate) struct Metrics {
     pub(crate) accepted: Counter,
-    pub(crate) rejected_max_connections: Counter,
+    /// By [`REJECT_REASONS`] position.
+    rejected: [Counter; REJECT_REASONS.len()],
     closed: [Counter; CloseReason::ALL.len()],
     pub(crate) active: Gauge,
     pub(crate) connection_duration: Histogram,
@@ -248,6 +286,7 @@ pub(crate) struct Metrics {
     pub(crate) response_latency: Histogram,
     pub(crate) bytes_received: Counter,
     pub(crate) bytes_sent: Counter,
+    pub(crate) socket_writes: Counter,
     pub(crate) junk: Counter,
     pub(crate) frames_too_large: Counter,
     pub(crate) frames_timed_out: Counter,
@@ -256,6 +295,11 @@ pub(crate) struct Metrics {
     pub(crate) late_results: Counter,
     pub(crate) workers_replaced: Counter,
     pub(crate) workers_busy: Gauge,
+    pub(crate) jobs_dropped: Counter,
+    pub(crate) inline_slow: Counter,
+    pub(crate) observer_panics: Counter,
+    pub(crate) buffered_bytes: Gauge,
+    pub(crate) read_pauses: Counter,
 }
 
 impl Metrics {
@@ -273,7 +317,8 @@ impl Metrics {
         };
         Self {
             accepted: counter(CONNECTIONS_ACCEPTED),
-            rejected_max_connections: labelled(CONNECTIONS_REJECTED, "reason", "max_connections"),
+            rejected: REJECT_REASONS
+                .map(|(_, label)| labelled(CONNECTIONS_REJECTED, "reason", label)),
             closed: CloseReason::ALL.map(|r| labelled(CONNECTIONS_CLOSED, "reason", r.as_str())),
             active: metrics::gauge!(CONNECTIONS_ACTIVE, &l()),
             connection_duration: metrics::histogram!(CONNECTION_DURATION, &l()),
@@ -286,6 +331,7 @@ impl Metrics {
             response_latency: metrics::histogram!(RESPONSE_LATENCY, &l()),
             bytes_received: counter(BYTES_RECEIVED),
             bytes_sent: counter(BYTES_SENT),
+            socket_writes: counter(SOCKET_WRITES),
             junk: counter(JUNK_BYTES),
             frames_too_large: labelled(FRAMES_REJECTED, "reason", "too_large"),
             frames_timed_out: labelled(FRAMES_REJECTED, "reason", "frame_timeout"),
@@ -294,7 +340,21 @@ impl Metrics {
             late_results: counter(LATE_RESULTS),
             workers_replaced: counter(WORKERS_REPLACED),
             workers_busy: metrics::gauge!(WORKERS_BUSY, &l()),
+            jobs_dropped: counter(JOBS_DROPPED),
+            inline_slow: counter(INLINE_SLOW),
+            observer_panics: counter(OBSERVER_PANICS),
+            buffered_bytes: metrics::gauge!(BUFFERED_BYTES, &l()),
+            read_pauses: counter(READ_PAUSES),
         }
+    }
+
+    /// The rejected-connections counter for `reason` (one of [`REJECT_REASONS`]).
+    pub(crate) fn rejected(&self, reason: CloseReason) -> &Counter {
+        let i = REJECT_REASONS
+            .iter()
+            .position(|(r, _)| *r == reason)
+            .unwrap_or(0);
+        &self.rejected[i]
     }
 
     pub(crate) fn closed(&self, reason: CloseReason) -> &Counter {
@@ -335,6 +395,7 @@ fn describe() {
     );
     describe_counter!(BYTES_RECEIVED, Unit::Bytes, "Bytes read from peers");
     describe_counter!(BYTES_SENT, Unit::Bytes, "Bytes written to peers");
+    describe_counter!(SOCKET_WRITES, "Write system calls to peers");
     describe_counter!(JUNK_BYTES, Unit::Bytes, "Bytes dropped outside frames");
     describe_counter!(
         FRAMES_REJECTED,
@@ -347,4 +408,152 @@ fn describe() {
     );
     describe_counter!(WORKERS_REPLACED, "Workers started to replace stuck ones");
     describe_gauge!(WORKERS_BUSY, "Workers running a handler");
+    describe_counter!(
+        JOBS_DROPPED,
+        "Queued handler jobs dropped before running: connection closed or message already answered"
+    );
+    describe_counter!(
+        INLINE_SLOW,
+        "Inline handler calls slower than the threshold"
+    );
+    describe_counter!(OBSERVER_PANICS, "Observer calls that panicked");
+    describe_gauge!(
+        BUFFERED_BYTES,
+        Unit::Bytes,
+        "Bytes buffered by the server, counted against max_memory"
+    );
+    describe_counter!(READ_PAUSES, "Times reading stopped at the memory budget");
+}
+
+/// Who a connection's events are about (the reactor's view of it).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Peer {
+    pub(crate) connection: ConnectionId,
+    pub(crate) peer: SocketAddr,
+    pub(crate) local: SocketAddr,
+}
+
+/// Where events go: the metric handles and the optional observer. Observer panics are caught
+/// and counted: a faulty observer must not take the reactor down.
+#[derive(Clone)]
+pub(crate) struct Telemetry {
+    pub(crate) metrics: Metrics,
+    pub(crate) observer: Option<Arc<dyn Observer>>,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry").finish_non_exhaustive()
+    }
+}
+
+impl Telemetry {
+    /// Calls the observer (if any), catching a panic.
+    pub(crate) fn observe(&self, call: impl FnOnce(&dyn Observer)) {
+        if let Some(o) = self.observer.as_deref()
+            && catch_unwind(AssertUnwindSafe(|| call(o))).is_err()
+        {
+            self.metrics.observer_panics.increment(1);
+        }
+    }
+
+    /// A connection was accepted.
+    pub(crate) fn connection_start(&self, p: &Peer) {
+        self.observe(|o| {
+            o.connection_start(&ConnectionStart {
+                connection: p.connection,
+                peer: p.peer,
+                local: p.local,
+                system_time: SystemTime::now(),
+            })
+        });
+    }
+
+    /// A connection ended after `duration`.
+    pub(crate) fn connection_stop(&self, p: &Peer, duration: Duration, reason: CloseReason) {
+        self.observe(|o| {
+            o.connection_stop(&ConnectionStop {
+                connection: p.connection,
+                peer: p.peer,
+                local: p.local,
+                duration,
+                reason,
+            })
+        });
+    }
+
+    /// A message goes to the handler.
+    pub(crate) fn message_start(&self, p: &Peer, seq: u64, size: usize, system_time: SystemTime) {
+        self.metrics.received.increment(1);
+        self.metrics.message_size.record(size as f64);
+        self.observe(|o| {
+            o.message_start(&MessageStart {
+                connection: p.connection,
+                peer: p.peer,
+                local: p.local,
+                sequence: seq,
+                message_size: size,
+                system_time,
+            })
+        });
+    }
+
+    /// Reports one connection event. `now` should be fresh for latencies (read after the
+    /// write that finished the message).
+    pub(crate) fn report(&self, p: &Peer, event: Event, now: Instant) {
+        let m = &self.metrics;
+        match event {
+            Event::Junk(n) => m.junk.increment(n),
+            Event::Handled(outcome) => m.handled(outcome).increment(1),
+            Event::MessageStop {
+                seq,
+                response_size,
+                received_at,
+            } => {
+                let duration = now.saturating_duration_since(received_at);
+                if let Some(size) = response_size {
+                    m.response_size.record(size as f64);
+                }
+                m.response_latency.record(duration.as_secs_f64());
+                self.observe(|o| {
+                    o.message_stop(&MessageStop {
+                        connection: p.connection,
+                        peer: p.peer,
+                        local: p.local,
+                        sequence: seq,
+                        duration,
+                        response_size,
+                    })
+                });
+            }
+            Event::MessageException {
+                seq,
+                reason,
+                message_size,
+                detail,
+                received_at,
+                control_id,
+            } => self.observe(|o| {
+                o.message_exception(&MessageException {
+                    connection: p.connection,
+                    peer: p.peer,
+                    local: p.local,
+                    sequence: seq,
+                    duration: received_at
+                        .map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
+                    message_size,
+                    reason,
+                    detail: detail.as_deref(),
+                    control_id: control_id.as_deref(),
+                })
+            }),
+            Event::NakQueued(AckCode::AR) => m.naks_ar.increment(1),
+            Event::NakQueued(_) => m.naks_ae.increment(1),
+            Event::LateResult => m.late_results.increment(1),
+            Event::FrameRejected(FrameRejection::TooLarge) => m.frames_too_large.increment(1),
+            Event::FrameRejected(FrameRejection::Timeout) => m.frames_timed_out.increment(1),
+            // Counted when the reactor removes the connection (with its duration).
+            Event::Closed => {}
+        }
+    }
 }

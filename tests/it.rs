@@ -28,5 +28,9 @@ mod observer;
 mod outcomes;
 #[path = "it/peers.rs"]
 mod peers;
+#[path = "it/proxy.rs"]
+mod proxy;
+#[path = "it/reply_path.rs"]
+mod reply_path;
 #[path = "it/timeouts.rs"]
 mod timeouts;

@@ -24,9 +24,9 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-/// MLLP start block (seed spec §1).
+/// MLLP start block.
 const START_BLOCK: u8 = 0x0B;
-/// MLLP end block, followed by [`CARRIAGE_RETURN`] (seed spec §1).
+/// MLLP end block, followed by [`CARRIAGE_RETURN`].
 const END_BLOCK: u8 = 0x1C;
 /// Carriage return: ends an MLLP frame after [`END_BLOCK`], and ends each HL7 segment.
 const CARRIAGE_RETURN: u8 = 0x0D;

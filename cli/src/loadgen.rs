@@ -35,9 +35,9 @@ use self::wire::{AckDeframer, AckError, MessageTemplate, verify_ack};
 
 mod wire;
 
-/// MLLP start block (seed spec §1).
+/// MLLP start block (`docs/behaviour.md`, "Framing").
 const START_BLOCK: u8 = 0x0B;
-/// MLLP end block, followed by [`CARRIAGE_RETURN`] (seed spec §1).
+/// MLLP end block, followed by [`CARRIAGE_RETURN`].
 const END_BLOCK: u8 = 0x1C;
 /// Carriage return: ends an MLLP frame after [`END_BLOCK`], and ends each HL7 segment.
 const CARRIAGE_RETURN: u8 = 0x0D;
@@ -196,6 +196,27 @@ impl ErrorCounts {
             + self.malformed
     }
 
+    /// Each non-zero kind with its count, e.g. `nak 7390, timeout 1` (`lost` included);
+    /// empty when there were no errors.
+    pub fn kinds(&self) -> String {
+        [
+            ("connect", self.connect),
+            ("timeout", self.timeout),
+            ("closed", self.closed),
+            ("io", self.io),
+            ("framing", self.framing),
+            ("nak", self.nak),
+            ("mismatch", self.mismatch),
+            ("malformed", self.malformed),
+            ("lost", self.lost),
+        ]
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(kind, n)| format!("{kind} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+    }
+
     fn merge(&mut self, other: &Self) {
         self.connect += other.connect;
         self.timeout += other.timeout;
@@ -333,8 +354,8 @@ impl fmt::Display for Report {
             self.max_us,
             self.errors,
         )?;
-        if self.error_counts.lost > 0 {
-            write!(f, " ({} in flight lost)", self.error_counts.lost)?;
+        if self.errors > 0 || self.error_counts.lost > 0 {
+            write!(f, " ({})", self.error_counts.kinds())?;
         }
         if let Some(rss) = self.rss_per_idle_conn {
             write!(f, ", server RSS per idle conn {rss:.0} B")?;
@@ -828,10 +849,14 @@ impl Worker<'_> {
                     return Err(Failure::Framing);
                 };
                 let now = Instant::now();
-                self.acked.fetch_add(1, Ordering::Relaxed);
                 self.template.write_id(self.index, seq, &mut state.id);
                 let result = &mut state.result;
-                match verify_ack(state.deframer.payload(range), &state.id) {
+                let verified = verify_ack(state.deframer.payload(range), &state.id);
+                if verified.is_ok() {
+                    // Progress counts verified ACKs only: a NAK or a mismatch is not "acked".
+                    self.acked.fetch_add(1, Ordering::Relaxed);
+                }
+                match verified {
                     Ok(()) if now >= self.warmup_end && now <= self.end => {
                         let ns = u64::try_from((now - sent_at).as_nanos()).unwrap_or(u64::MAX);
                         result.histogram.saturating_record(ns.max(1));

@@ -1,17 +1,23 @@
 //! `mllp-reactor`: the command-line tool. One function per subcommand; `main` only parses and
 //! dispatches, and turns every error into one line on stderr and a non-zero exit.
 
+mod addr;
+mod config;
 mod loadgen;
+mod logging;
+mod prometheus;
 mod send;
 mod serve;
 
-use std::net::SocketAddr;
+use std::fmt;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::loadgen::LoadConfig;
+use crate::logging::LogFormat;
 
 /// Exit status for errors found while running.
 const EXIT_FAILURE: u8 = 1;
@@ -29,9 +35,17 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process and moved out at once: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run an MLLP server that answers AA to every message (Ctrl-C / SIGTERM drain gracefully).
+    /// Run an MLLP server that acknowledges every message: AA for a message with a readable
+    /// MSH-10, AR for anything else (Ctrl-C / SIGTERM drain gracefully).
+    ///
+    /// Durations are written with a unit: 500ms, 60s, 5m, 1h, 1.5s.
+    // A flag given twice takes the last value: `--config` puts the file's values first, so the
+    // command line overrides them.
+    #[command(args_override_self = true)]
     Serve(ServeArgs),
     /// Send HL7 messages from files (or stdin) and print one line per ACK.
     Send(SendArgs),
@@ -41,33 +55,67 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// Address to listen on (IPv4 or IPv6, port 0 for any free port).
+    /// Read options from a TOML file whose keys are these flags without `--`
+    /// (e.g. `max-message-size = 1048576`, `idle-timeout = "5m"`); flags given here override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on (IPv4 or IPv6, host name or address, port 0 for any free port).
     #[arg(long, default_value = "127.0.0.1:2575", value_name = "ADDR")]
     listen: String,
     /// Close a connection that sends nothing for this long.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    idle_timeout: Duration,
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_timeout)]
+    idle_timeout: TypedDuration,
     /// Give up on a handler call after this long (the sender gets an AE).
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    handler_timeout: Duration,
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_timeout)]
+    handler_timeout: TypedDuration,
     /// Close a connection whose started frame is not complete within this long.
-    #[arg(long, default_value = "120s", value_parser = parse_duration)]
-    frame_timeout: Duration,
-    /// Largest message payload accepted, in bytes.
-    #[arg(long, default_value_t = 10_485_760, value_name = "BYTES")]
+    #[arg(long, default_value = "120s", value_name = "DURATION", value_parser = parse_timeout)]
+    frame_timeout: TypedDuration,
+    /// Largest message payload accepted, in bytes (larger: AR NAK and close).
+    #[arg(long, default_value_t = 10_485_760, value_name = "BYTES", value_parser = parse_max_message_size)]
     max_message_size: usize,
-    /// Most connections open at once.
-    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    /// Most connections open at once (more are accepted and closed at once).
+    #[arg(long, default_value_t = 10_000, value_name = "N", value_parser = parse_max_connections)]
     max_connections: usize,
-    /// Handler threads (default: available parallelism).
-    #[arg(long, value_name = "N")]
+    /// Handler threads, 1 to 1024 (default: available parallelism).
+    #[arg(long, value_name = "N", value_parser = parse_workers)]
     workers: Option<usize>,
     /// Serve Prometheus metrics on this address (http://ADDR/metrics).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
-    /// How long Ctrl-C waits for in-flight messages.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    grace: Duration,
+    /// How long Ctrl-C / SIGTERM waits for in-flight messages (0s: close at once).
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_typed_duration)]
+    grace: TypedDuration,
+    /// Where the ACK is built: `inline` on the I/O thread (fastest; the handler never
+    /// blocks) or `pool` on a worker thread (what a blocking handler needs).
+    #[arg(long, default_value = "inline", value_name = "inline|pool")]
+    dispatch: serve::DispatchArg,
+    /// Messages per connection read and handled before earlier replies are written
+    /// (default: 64 inline, 1 pool).
+    #[arg(long, value_name = "N", value_parser = parse_max_in_flight)]
+    max_in_flight: Option<usize>,
+    /// Server-wide budget for buffered bytes; above it reading pauses.
+    #[arg(long, default_value_t = mllp_reactor::DEFAULT_MAX_MEMORY, value_name = "BYTES")]
+    max_memory: usize,
+    /// Reactor threads (poll loops); connections are spread over them by load.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    reactors: usize,
+    /// Require a PROXY protocol header (from HAProxy's send-proxy[-v2]) on every connection.
+    #[arg(long, value_name = "v1|v2|any")]
+    proxy_protocol: Option<serve::ProxyArg>,
+    /// With --proxy-protocol: accept connections only from this balancer CIDR (repeatable).
+    #[arg(long = "proxy-source", value_name = "CIDR")]
+    proxy_sources: Vec<mllp_reactor::cidr::Cidr>,
+    /// Accept connections only from this CIDR, IPv4 or IPv6 (repeatable; default: anyone).
+    #[arg(long = "allow", value_name = "CIDR")]
+    allow: Vec<mllp_reactor::cidr::Cidr>,
+    /// Log format on stderr: human (one readable line per event) or json (one object per line).
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, value_name = "FORMAT")]
+    log_format: LogFormat,
+    /// Log filter: error, warn, info, debug or trace, optionally per target
+    /// (e.g. `info,mllp::msg=debug`). Default: $RUST_LOG, else info. debug logs every message.
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -81,16 +129,17 @@ struct SendArgs {
     /// Messages in flight at once (each ACK is still matched to its message).
     #[arg(long, default_value_t = 1, value_name = "K")]
     pipeline: usize,
-    /// Deadline for each ACK.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    /// Deadline for each ACK (e.g. 500ms, 30s, 2m).
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
     timeout: Duration,
 }
 
 #[derive(Debug, Args)]
 struct BenchArgs {
-    /// Server address, e.g. 127.0.0.1:2575 (default: an in-process server on a free port).
+    /// Server address, e.g. 127.0.0.1:2575 or mllp.example:2575 (default: an in-process
+    /// server on a free port).
     #[arg(long, value_name = "ADDR")]
-    to: Option<SocketAddr>,
+    to: Option<String>,
     /// Active connections (one thread each).
     #[arg(long, default_value_t = 1, value_name = "N")]
     conns: usize,
@@ -101,10 +150,10 @@ struct BenchArgs {
     #[arg(long, default_value_t = 1024, value_name = "BYTES")]
     size: usize,
     /// Measurement window, e.g. 500ms, 10s, 2m.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     duration: Duration,
-    /// Load before the window that is verified but not counted.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    /// Load before the window that is verified but not counted (e.g. 500ms, 1s).
+    #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = parse_duration)]
     warmup: Duration,
     /// Idle connections to open (and serve once) before the run; needs --server-pid for RSS.
     #[arg(long, default_value_t = 0, value_name = "N")]
@@ -118,12 +167,20 @@ struct BenchArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let args = match config::expand(std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => return usage_error(&e),
     };
     let result = match cli.command {
         Command::Serve(args) => serve::serve(&serve::ServeOptions {
+            config: args.config,
             listen: args.listen,
             idle_timeout: args.idle_timeout,
             handler_timeout: args.handler_timeout,
@@ -133,6 +190,15 @@ fn main() -> ExitCode {
             workers: args.workers,
             metrics: args.metrics,
             grace: args.grace,
+            dispatch: args.dispatch,
+            max_in_flight: args.max_in_flight,
+            max_memory: args.max_memory,
+            reactors: args.reactors,
+            proxy_protocol: args.proxy_protocol,
+            proxy_sources: args.proxy_sources,
+            allow: args.allow,
+            log_format: args.log_format,
+            log_level: args.log_level,
         }),
         Command::Send(args) => {
             let opts = send::SendOptions {
@@ -160,6 +226,22 @@ fn main() -> ExitCode {
 
 /// Prints help and version as clap does; squeezes every real usage error into one line.
 fn usage_error(error: &clap::Error) -> ExitCode {
+    match one_line(error) {
+        Some(line) => {
+            eprintln!("{line}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        None => {
+            // Printing help can only fail if stdout is gone; nothing useful is left to do then.
+            let _ = error.print();
+            ExitCode::from(if error.use_stderr() { EXIT_USAGE } else { 0 })
+        }
+    }
+}
+
+/// A clap error as one line (`error: ...`, without the usage and the hint), or `None` for
+/// help and version output, which is not an error.
+fn one_line(error: &clap::Error) -> Option<String> {
     use clap::error::ErrorKind;
     if matches!(
         error.kind(),
@@ -167,20 +249,17 @@ fn usage_error(error: &clap::Error) -> ExitCode {
             | ErrorKind::DisplayVersion
             | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
     ) {
-        // Printing help can only fail if stdout is gone; nothing useful is left to do then.
-        let _ = error.print();
-        return ExitCode::from(if error.use_stderr() { EXIT_USAGE } else { 0 });
+        return None;
     }
     let text = error.to_string();
-    let line = text
-        .lines()
-        .map(str::trim)
-        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ");
-    eprintln!("{line}");
-    ExitCode::from(EXIT_USAGE)
+    Some(
+        text.lines()
+            .map(str::trim)
+            .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
 }
 
 /// `mllp-reactor bench`: runs the load generator, prints progress to stderr and the report to
@@ -201,9 +280,9 @@ fn bench(args: &BenchArgs) -> Result<(), String> {
             .map_err(|e| format!("cannot start the in-process server: {e}"))?,
         ),
     };
-    let addr = match (&in_process, args.to) {
+    let addr = match (&in_process, &args.to) {
         (Some(server), _) => server.local_addr(),
-        (None, Some(addr)) => addr,
+        (None, Some(to)) => addr::resolve(to).map_err(|e| format!("--to {e}"))?,
         (None, None) => unreachable!("one of the two is set above"),
     };
     let cfg = LoadConfig {
@@ -219,7 +298,7 @@ fn bench(args: &BenchArgs) -> Result<(), String> {
     let started = Instant::now();
     let progress = |acked: u64| {
         eprintln!(
-            "[{:>5.1}s] {acked} messages acked",
+            "[{:>5.1}s] {acked} messages acked (AA with the right MSA-2)",
             started.elapsed().as_secs_f64()
         );
     };
@@ -233,7 +312,80 @@ fn bench(args: &BenchArgs) -> Result<(), String> {
     } else {
         println!("{report}");
     }
+    if report.errors > 0 {
+        // Any error fails the run: a benchmark that measured NAKs or timeouts measured
+        // something other than what it claims.
+        return Err(format!(
+            "{} errors during the run ({})",
+            report.errors,
+            report.error_counts.kinds()
+        ));
+    }
     Ok(())
+}
+
+/// A duration as the user typed it: compared and used as a [`Duration`], printed as typed (so
+/// `--grace 0s` prints `0s`, not `0ns`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypedDuration {
+    /// The value.
+    pub value: Duration,
+    /// The text it was parsed from, trimmed.
+    pub text: String,
+}
+
+impl fmt::Display for TypedDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// [`parse_duration`], keeping the text.
+fn parse_typed_duration(text: &str) -> Result<TypedDuration, String> {
+    Ok(TypedDuration {
+        value: parse_duration(text)?,
+        text: text.trim().to_owned(),
+    })
+}
+
+/// A timeout: a duration greater than zero (zero would close every connection at once).
+fn parse_timeout(text: &str) -> Result<TypedDuration, String> {
+    let typed = parse_typed_duration(text)?;
+    if typed.value.is_zero() {
+        return Err("must be greater than zero".to_owned());
+    }
+    Ok(typed)
+}
+
+/// Most connections `--max-connections` accepts: one million, each an open file; a process
+/// rarely may hold more (see `ulimit -n`).
+pub const MAX_CONNECTIONS: usize = 1_000_000;
+
+/// A count within `1..=max`.
+fn parse_count(text: &str, max: usize) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        Ok(n) => Err(format!("{n} is out of range: must be between 1 and {max}")),
+        Err(_) => Err(format!("{text:?} is not a whole number")),
+    }
+}
+
+/// `--workers`: up to the library's [`mllp_reactor::MAX_WORKERS`] (1024), checked here so that
+/// the error names the flag and comes before anything listens.
+fn parse_workers(text: &str) -> Result<usize, String> {
+    parse_count(text, mllp_reactor::MAX_WORKERS)
+}
+
+fn parse_max_in_flight(text: &str) -> Result<usize, String> {
+    parse_count(text, mllp_reactor::MAX_IN_FLIGHT_LIMIT)
+}
+
+fn parse_max_connections(text: &str) -> Result<usize, String> {
+    parse_count(text, MAX_CONNECTIONS)
+}
+
+fn parse_max_message_size(text: &str) -> Result<usize, String> {
+    parse_count(text, mllp_reactor::MAX_MESSAGE_SIZE_LIMIT)
 }
 
 /// Parses `500ms`, `10s`, `2m`, `1h`, or `1.5s`. A bare number is rejected: the unit must be

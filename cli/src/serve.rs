@@ -1,99 +1,213 @@
-//! `mllp-reactor serve`: an MLLP ACK server (AA to every message through the ACK builder).
+//! `mllp-reactor serve`: an MLLP server that acknowledges every message through the ACK
+//! builder: AA when the message has a readable MSH-10, AR (with an ERR segment) otherwise.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
-use std::time::Duration;
+use std::io::Write;
+use std::path::PathBuf;
 
-use mllp_reactor::{Reply, Server, ack, handler_fn};
+use mllp_reactor::cidr::Cidr;
+use mllp_reactor::msh::Msh;
+use mllp_reactor::proxy::ProxyMode;
+use mllp_reactor::{ConfigError, Dispatch, Reply, Server, ack, handler_fn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+
+use crate::TypedDuration;
+use crate::logging::{self, LogFormat, LogObserver};
 
 /// Options of `serve`, already parsed.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
+    pub config: Option<PathBuf>,
     pub listen: String,
-    pub idle_timeout: Duration,
-    pub handler_timeout: Duration,
-    pub frame_timeout: Duration,
+    pub idle_timeout: TypedDuration,
+    pub handler_timeout: TypedDuration,
+    pub frame_timeout: TypedDuration,
     pub max_message_size: usize,
     pub max_connections: usize,
     pub workers: Option<usize>,
     pub metrics: Option<String>,
     /// How long a Ctrl-C drain may take.
-    pub grace: Duration,
+    pub grace: TypedDuration,
+    pub dispatch: DispatchArg,
+    pub max_in_flight: Option<usize>,
+    pub max_memory: usize,
+    pub reactors: usize,
+    pub proxy_protocol: Option<ProxyArg>,
+    pub proxy_sources: Vec<Cidr>,
+    pub allow: Vec<Cidr>,
+    pub log_format: LogFormat,
+    pub log_level: Option<String>,
+}
+
+/// `--proxy-protocol`: which PROXY header versions to accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyArg {
+    V1,
+    V2,
+    Any,
+}
+
+/// `--dispatch`: where the handler runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DispatchArg {
+    Inline,
+    Pool,
 }
 
 /// Runs the server until SIGINT/SIGTERM, then drains and prints a one-line summary.
+///
+/// Stdout gets exactly two lines, `listening on ADDR` first (scripts read it) and `stopped: ...`
+/// last; everything else is a log line on stderr.
 pub fn serve(opts: &ServeOptions) -> Result<(), String> {
+    let _logs = logging::init(opts.log_format, opts.log_level.as_deref())?;
     let prometheus = match &opts.metrics {
-        Some(addr) => Some(start_metrics(addr)?),
+        Some(addr) => Some(crate::prometheus::start(addr)?),
         None => None,
     };
-    let mut builder = Server::builder(handler_fn(|msg, _cx| Ok(Reply::Send(ack::accept(msg)))))
-        .idle_timeout(opts.idle_timeout)
-        .handler_timeout(opts.handler_timeout)
-        .frame_timeout(opts.frame_timeout)
-        .max_message_size(opts.max_message_size)
-        .max_connections(opts.max_connections);
+    let mut builder = Server::builder(handler_fn(|msg, cx| {
+        let reply = ack::accept(msg);
+        if Msh::parse(msg).ok().and_then(|m| m.control_id()).is_none() {
+            // `accept` gave an AR: the sender cannot be told which message is meant.
+            tracing::warn!(
+                target: "mllp::msg",
+                conn = %cx.connection_id(),
+                peer = %cx.peer_addr(),
+                seq = cx.sequence(),
+                code = "AR",
+                control_id = "",
+                reason = if Msh::parse(msg).is_ok() { "no MSH-10" } else { "no readable MSH" },
+                size = msg.len(),
+                "message rejected"
+            );
+        }
+        Ok(Reply::Send(reply))
+    }))
+    .idle_timeout(opts.idle_timeout.value)
+    .handler_timeout(opts.handler_timeout.value)
+    .frame_timeout(opts.frame_timeout.value)
+    .max_message_size(opts.max_message_size)
+    .max_connections(opts.max_connections)
+    .max_memory(opts.max_memory)
+    .dispatch(match opts.dispatch {
+        DispatchArg::Inline => Dispatch::Inline,
+        DispatchArg::Pool => Dispatch::Pool,
+    })
+    .observer(LogObserver);
     if let Some(n) = opts.workers {
         builder = builder.workers(n);
     }
-    let server = builder.bind(opts.listen.as_str()).map_err(|e| match e {
+    if let Some(n) = opts.max_in_flight {
+        builder = builder.max_in_flight(n);
+    }
+    builder = builder.reactors(opts.reactors);
+    if let Some(mode) = opts.proxy_protocol {
+        builder = builder.proxy_protocol(match mode {
+            ProxyArg::V1 => ProxyMode::V1,
+            ProxyArg::V2 => ProxyMode::V2,
+            ProxyArg::Any => ProxyMode::Any,
+        });
+        if !opts.proxy_sources.is_empty() {
+            builder = builder.proxy_sources(opts.proxy_sources.iter().copied().collect());
+        }
+    } else if !opts.proxy_sources.is_empty() {
+        return Err("--proxy-source needs --proxy-protocol".to_owned());
+    }
+    if !opts.allow.is_empty() {
+        builder = builder.allow(opts.allow.iter().copied().collect());
+    }
+    let listen = crate::addr::resolve(&opts.listen).map_err(|e| format!("--listen {e}"))?;
+    let server = builder.bind(listen).map_err(|e| match e {
         mllp_reactor::Error::Bind(io) if io.kind() == std::io::ErrorKind::AddrInUse => {
             format!(
-                "{} is already in use: stop the other server or pick another with --listen",
+                "--listen {} is already in use: stop the other server or pick another address",
                 opts.listen
             )
         }
+        mllp_reactor::Error::Bind(io) => format!("--listen {}: {io}", opts.listen),
+        mllp_reactor::Error::Config(c) => config_error(&c, opts),
         other => format!("cannot start on {}: {other}", opts.listen),
     })?;
+    // Before "listening on": a supervisor may send SIGTERM as soon as it reads that line.
+    let mut signals = Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     println!("listening on {}", server.local_addr());
     if let Some(addr) = &prometheus {
         println!("metrics on http://{addr}/metrics");
     }
     let _ = std::io::stdout().flush();
+    tracing::info!(
+        target: "mllp::server",
+        listen = %server.local_addr(),
+        config = opts.config.as_ref().map(|p| p.display().to_string()),
+        idle_timeout = %opts.idle_timeout,
+        handler_timeout = %opts.handler_timeout,
+        frame_timeout = %opts.frame_timeout,
+        max_message_size = opts.max_message_size,
+        max_connections = opts.max_connections,
+        workers = opts.workers,
+        dispatch = ?opts.dispatch,
+        max_in_flight = opts.max_in_flight,
+        max_memory = opts.max_memory,
+        grace = %opts.grace,
+        metrics = prometheus.map(|a| a.to_string()),
+        version = env!("CARGO_PKG_VERSION"),
+        "server started"
+    );
     let trigger = server.shutdown_trigger();
-    let mut signals = Signals::new([SIGINT, SIGTERM])
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let grace = opts.grace;
+    let grace = opts.grace.clone();
     std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
-            eprintln!("draining (up to {grace:?})...");
-            trigger.shutdown(grace);
+        if let Some(signal) = signals.forever().next() {
+            let signal = if signal == SIGINT {
+                "SIGINT"
+            } else {
+                "SIGTERM"
+            };
+            tracing::info!(target: "mllp::server", signal, grace = %grace, "draining");
+            trigger.shutdown(grace.value);
         }
     });
     let report = server.run().map_err(|e| format!("server failed: {e}"))?;
+    let finished = report.in_flight.saturating_sub(report.forced);
+    tracing::info!(
+        target: "mllp::server",
+        closed = report.closed,
+        finished,
+        forced = report.forced,
+        "stopped"
+    );
     println!(
-        "stopped: {} connections closed, {} with a message in flight finished, {} forced",
-        report.closed,
-        report.in_flight.saturating_sub(report.forced),
-        report.forced
+        "stopped: {} connections closed, {finished} with a message in flight finished, {} forced",
+        report.closed, report.forced
     );
     Ok(())
 }
 
-/// Installs the Prometheus recorder (before `bind`, so the server's handles land in it) and
-/// serves its text on `addr` from a small thread.
-fn start_metrics(addr: &str) -> Result<SocketAddr, String> {
-    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
-    let listener =
-        TcpListener::bind(addr).map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut request = [0u8; 1024];
-            let _ = stream.read(&mut request);
-            let body = handle.render();
-            let _ = write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
-                body.len(),
-                body
-            );
+/// A builder error in terms of the flag that caused it. The parsers in `main.rs` catch these
+/// first; this is the backstop for anything they let through.
+fn config_error(error: &ConfigError, opts: &ServeOptions) -> String {
+    match error {
+        ConfigError::ZeroDuration(name) => {
+            format!("--{} must be greater than zero", name.replace('_', "-"))
         }
-    });
-    Ok(local)
+        ConfigError::MaxMessageSize(n) => format!(
+            "--max-message-size {n} is out of range: must be between 1 and {}",
+            mllp_reactor::MAX_MESSAGE_SIZE_LIMIT
+        ),
+        ConfigError::NoWorkers => "--workers must be at least 1".to_owned(),
+        ConfigError::TooManyWorkers(n) => format!(
+            "--workers {n} is out of range: must be between 1 and {}",
+            mllp_reactor::MAX_WORKERS
+        ),
+        ConfigError::MaxInFlight(n) => format!(
+            "--max-in-flight {n} is out of range: must be between 1 and {}",
+            mllp_reactor::MAX_IN_FLIGHT_LIMIT
+        ),
+        ConfigError::MaxMemory(n) => format!(
+            "--max-memory {n} must be at least twice --max-message-size ({})",
+            opts.max_message_size
+        ),
+        ConfigError::MaxConnections(n) => format!("--max-connections {n} is out of range"),
+        ConfigError::NoAddress => format!("--listen {} resolves to no address", opts.listen),
+        other => format!("invalid configuration: {other}"),
+    }
 }

@@ -240,6 +240,122 @@ fn mllp_block_bytes_never_reach_the_wire() {
     assert_eq!(parse(&ack).unwrap().text, Some(&b"t\\X1C\\\\X0B\\"[..]));
 }
 
+/// Builds `MSH|^~\&|<msh3>|B|C|D|20260101||ADT^A01|<msh10>|P|<msh12>\rPID|1\r`.
+fn message_with(msh3: &[u8], msh10: &[u8], msh12: &[u8]) -> Vec<u8> {
+    [
+        &b"MSH|^~\\&|"[..],
+        msh3,
+        b"|B|C|D|20260101||ADT^A01|",
+        msh10,
+        b"|P|",
+        msh12,
+        b"\rPID|1\r",
+    ]
+    .concat()
+}
+
+/// Issue 9, defect 2: a 2 MiB MSH-3 of 0x0B bytes used to give a 10 MiB AA.
+#[test]
+fn issue_9_block_bytes_in_a_huge_msh3_give_a_small_aa() {
+    let msg = message_with(&vec![0x0B; 2 << 20], b"ID1", b"2.5.1");
+    let ack = accept(&msg);
+    assert!(ack.len() < 1024, "ACK of {} bytes", ack.len());
+    let parsed = parse(&ack).unwrap();
+    assert_eq!((parsed.code, parsed.control_id), (AckCode::AA, &b"ID1"[..]));
+    // Copied into MSH-5, cut at whole escape sequences: 45 × `\X0B\` = 225 bytes.
+    assert_eq!(msh(&ack).field(5).unwrap(), b"\\X0B\\".repeat(45));
+    assert!(!ack.contains(&0x0B) && !ack.contains(&0x1C));
+}
+
+/// Issue 9, defect 2: an oversize frame whose MSH-12 is 0x0B bytes used to get a 52 MB AR.
+#[test]
+fn issue_9_huge_msh12_gives_a_small_nak() {
+    let msg = message_with(b"A", b"ID2", &vec![0x0B; 10 << 20]);
+    let ar = nak(&msg, AckCode::AR, "message too large");
+    assert!(ar.len() < 1024, "NAK of {} bytes", ar.len());
+    assert_eq!(msh(&ar).version().unwrap(), b"\\X0B\\".repeat(12));
+    // The same with plain bytes: cut at 60.
+    let msg = message_with(b"A", b"ID2", &vec![b'9'; 10 << 20]);
+    assert_eq!(msh(&accept(&msg)).version().unwrap(), vec![b'9'; 60]);
+}
+
+/// Whatever the message, an acknowledgment stays within a fixed size (plus the caller's text).
+#[test]
+fn every_copied_field_is_capped() {
+    let huge = |b: u8| vec![b; 1 << 20];
+    let mut msg = b"MSH|^~\\&#".to_vec();
+    for n in 3..=20 {
+        msg.push(b'|');
+        match n {
+            9 => msg.extend([&b"ADT^"[..], &huge(b'T')].concat()),
+            10 => msg.extend(huge(b'I')),
+            _ => msg.extend(huge(if n % 2 == 0 { 0x1C } else { b'x' })),
+        }
+    }
+    msg.push(b'\r');
+    let ack = Ack::new(AckCode::AE).build(&msg);
+    assert!(ack.len() <= 1600, "ACK of {} bytes", ack.len());
+    let m = msh(&ack);
+    for n in 3..=6 {
+        assert!(m.field(n).unwrap().len() <= MAX_PARTY_LEN, "MSH-{n}");
+    }
+    assert_eq!(m.trigger_event().unwrap(), vec![b'T'; 15]);
+    assert_eq!(m.processing_id().unwrap(), b"xxx");
+    assert_eq!(m.charset().unwrap(), b"\\X1C\\".repeat(13));
+    assert_eq!(
+        parse(&ack).unwrap().control_id,
+        vec![b'I'; MAX_CONTROL_ID_LEN]
+    );
+}
+
+#[test]
+fn a_cut_never_splits_an_escape_sequence_or_a_utf8_character() {
+    let a = |n: usize| vec![b'A'; n];
+    // `\F\` would straddle the cap at 227: the cut moves before it.
+    let msg = message_with(&[&a(225)[..], b"\\F\\tail"].concat(), b"1", b"2.5");
+    assert_eq!(msh(&accept(&msg)).field(5).unwrap(), a(225));
+    // A complete sequence before the cap stays.
+    let msg = message_with(&[&a(221)[..], b"\\F\\tail"].concat(), b"1", b"2.5");
+    assert_eq!(
+        msh(&accept(&msg)).field(5).unwrap(),
+        [&a(221)[..], b"\\F\\tai"].concat()
+    );
+    // `é` (C3 A9) would be cut after its first byte.
+    let msg = message_with(&[&a(226)[..], "é".as_bytes()].concat(), b"1", b"2.5");
+    assert_eq!(msh(&accept(&msg)).field(5).unwrap(), a(226));
+    // Bytes that are not UTF-8 are cut at the cap.
+    let msg = message_with(&[&a(226)[..], b"\xA9\xA9"].concat(), b"1", b"2.5");
+    assert_eq!(
+        msh(&accept(&msg)).field(5).unwrap(),
+        [&a(226)[..], b"\xA9"].concat()
+    );
+}
+
+/// Issue 9, suspected item 5: MSA-2 is what `echoed_control_id` says, for the ids that have to
+/// be escaped or cut too.
+#[test]
+fn msa2_is_the_echoed_control_id() {
+    let long = vec![b'7'; 300];
+    let ids: [&[u8]; 5] = [b"42", b"ID\x0b", b"\x1c\x0b", &long, b"A\\X0D\\"];
+    for id in ids {
+        let msg = message_with(b"A", id, b"2.5.1");
+        let echoed = echoed_control_id(&msg).unwrap();
+        assert_eq!(parse(&accept(&msg)).unwrap().control_id, &echoed[..]);
+        assert!(echoed.len() <= MAX_CONTROL_ID_LEN);
+    }
+    let msg = message_with(b"A", b"ID\x0b", b"2.5.1");
+    assert_eq!(&echoed_control_id(&msg).unwrap()[..], b"ID\\X0B\\");
+    assert!(matches!(
+        echoed_control_id(&message_with(b"A", b"plain", b"2.5.1")),
+        Some(Cow::Borrowed(b"plain"))
+    ));
+    assert_eq!(
+        echoed_control_id(b"MSH|^~\\&|A|B|C|D|||ADT^A01||P|2.5\r"),
+        None
+    );
+    assert_eq!(echoed_control_id(b"garbage"), None);
+}
+
 #[test]
 fn malformed_messages_get_an_ar_with_empty_msa2() {
     let inputs: [&[u8]; 9] = [

@@ -1,6 +1,8 @@
 //! Unit tests without sockets: configuration, backoff, correlation and errors. The loopback
 //! behaviour (timeouts, desync, reconnect, pipelining) is in `tests/it/client.rs`.
 
+use std::borrow::Cow;
+
 use std::error::Error as _;
 use std::time::{Duration, Instant};
 
@@ -65,7 +67,7 @@ fn jitter_stays_within_half_and_full_delay() {
 
 #[test]
 fn control_id_is_msh_10() {
-    assert_eq!(control_id(MSG, false).unwrap(), Some(&b"MSG1"[..]));
+    assert_eq!(control_id(MSG, false).unwrap().unwrap().sent, b"MSG1");
     assert!(matches!(
         control_id(b"PID|1\r", false),
         Err(ClientError::NoControlId)
@@ -80,20 +82,64 @@ fn control_id_is_msh_10() {
         control_id(b"MSH|^~\\&|A|B|C|D|1||ADT|ID", false),
         Err(ClientError::NoControlId)
     ));
-    assert_eq!(control_id(b"garbage", true).unwrap(), None);
+    assert!(control_id(b"garbage", true).unwrap().is_none());
+}
+
+/// An expectation for a control id that needs no escaping or cutting.
+fn exp(id: &[u8]) -> Expected<'_> {
+    Expected {
+        sent: id,
+        echoed: Cow::Borrowed(id),
+    }
+}
+
+/// Issue 9, suspected item 5: the server escapes 0x0B/0x1C in MSA-2 and cuts it at 199 bytes;
+/// the client used to report a mismatch for such control ids.
+#[test]
+fn issue_9_control_ids_with_block_bytes_or_over_the_cap_correlate() {
+    let long = "7".repeat(300);
+    let ids: [&[u8]; 3] = [b"ID\x0b1", b"\x1c", long.as_bytes()];
+    for id in ids {
+        let msg = [
+            &b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|"[..],
+            id,
+            b"|P|2.5.1\r",
+        ]
+        .concat();
+        let expected = control_id(&msg, false).unwrap().unwrap();
+        // As our server writes it.
+        let got = Ack::correlate(ack::accept(&msg), Some(&expected)).unwrap();
+        assert!(got.is_accept());
+        // As a receiver that echoes MSH-10 raw writes it.
+        let raw = [
+            &b"MSH|^~\\&|C|D|A|B|20260101||ACK|X|P|2.5.1\rMSA|AA|"[..],
+            id,
+            b"\r",
+        ]
+        .concat();
+        assert!(Ack::correlate(Bytes::from(raw), Some(&expected)).is_ok());
+    }
+    // Still a mismatch when the id differs.
+    let msg = b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|ID\x0b2|P|2.5.1\r";
+    let other = b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|ID\x0b1|P|2.5.1\r";
+    let expected = control_id(msg, false).unwrap().unwrap();
+    assert!(matches!(
+        Ack::correlate(ack::accept(other), Some(&expected)),
+        Err(ClientError::Mismatch { .. })
+    ));
 }
 
 #[test]
 fn correlate_accepts_matching_msa_2() {
     let reply = ack::nak(MSG, AckCode::AE, "no such patient");
-    let got = Ack::correlate(reply.clone(), Some(b"MSG1")).unwrap();
+    let got = Ack::correlate(reply.clone(), Some(&exp(b"MSG1"))).unwrap();
     assert_eq!(got.code, AckCode::AE);
     assert_eq!(got.control_id, "MSG1");
     assert_eq!(got.text.as_deref(), Some("no such patient"));
     assert_eq!(got.raw, reply);
     assert!(!got.is_accept());
     assert!(
-        Ack::correlate(ack::accept(MSG), Some(b"MSG1"))
+        Ack::correlate(ack::accept(MSG), Some(&exp(b"MSG1")))
             .unwrap()
             .is_accept()
     );
@@ -101,7 +147,7 @@ fn correlate_accepts_matching_msa_2() {
 
 #[test]
 fn correlate_rejects_other_msa_2() {
-    let err = Ack::correlate(ack::accept(MSG), Some(b"MSG2")).unwrap_err();
+    let err = Ack::correlate(ack::accept(MSG), Some(&exp(b"MSG2"))).unwrap_err();
     match err {
         ClientError::Mismatch { expected, got } => {
             assert_eq!(expected, "MSG2");
@@ -130,7 +176,7 @@ fn correlate_rejects_unreadable_ack() {
         ),
     ];
     for (reply, want) in cases {
-        match Ack::correlate(Bytes::from_static(reply), Some(b"MSG1")) {
+        match Ack::correlate(Bytes::from_static(reply), Some(&exp(b"MSG1"))) {
             Err(ClientError::BadAck(e)) => assert_eq!(e, want),
             other => panic!("expected BadAck({want:?}), got {other:?}"),
         }

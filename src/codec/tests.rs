@@ -1,5 +1,5 @@
-//! Codec tests: one per row of seed-spec §1, the reference library's framing checks, every
-//! input split at every index and byte by byte (httparse-style), and property tests.
+//! Codec tests: one per row of the framing table in the module docs, every input split at every
+//! index and byte by byte (httparse-style), and property tests.
 
 use super::*;
 use proptest::prelude::*;
@@ -218,7 +218,7 @@ fn pending_end_block_does_not_count_toward_the_limit() {
 
 #[test]
 fn complete_frames_in_one_read_are_not_counted_against_each_other() {
-    // The reference closes when the whole read exceeds the limit; we judge each frame alone.
+    // The limit applies to each frame alone, not to everything one read delivered.
     let mut input = Vec::new();
     for _ in 0..100 {
         input.extend(frame(&[b'x'; 100]));

@@ -14,9 +14,12 @@ fn limits(nak_policy: NakPolicy, max: usize) -> Arc<Limits> {
         frame_timeout: FRAME,
         handler_timeout: HANDLER,
         write_timeout: WRITE,
+        handshake_timeout: Duration::from_secs(10),
         max_message_size: max,
         read_ahead: 4096,
+        max_in_flight: 1,
         nak_policy,
+        expose_errors: true,
     })
 }
 
@@ -34,7 +37,9 @@ fn framed(id: &str) -> Vec<u8> {
 struct Harness {
     conn: Connection,
     t0: Instant,
-    out: Vec<Effect>,
+    out: Vec<Event>,
+    /// Dispatched and not yet taken by `dispatched()`.
+    seqs: Vec<u64>,
 }
 
 impl Harness {
@@ -48,6 +53,7 @@ impl Harness {
             conn: Connection::new(limits(policy, max), t0),
             t0,
             out: Vec::new(),
+            seqs: Vec::new(),
         }
     }
 
@@ -58,35 +64,50 @@ impl Harness {
     fn read(&mut self, bytes: &[u8], secs: f64) {
         let now = self.at(secs);
         self.conn.handle_read(bytes, now, &mut self.out);
+        self.poll(secs);
     }
 
-    /// Takes the effects so far.
-    fn take(&mut self) -> Vec<Effect> {
+    /// Dispatches what the connection offers, as the reactor does after every input.
+    fn poll(&mut self, secs: f64) {
+        let now = self.at(secs);
+        while let Some(d) = self.conn.poll_dispatch(now, &mut self.out) {
+            self.seqs.push(d.seq);
+        }
+    }
+
+    /// Takes the events so far (and forgets the dispatched seqs).
+    fn take(&mut self) -> Vec<Event> {
+        self.seqs.clear();
         std::mem::take(&mut self.out)
     }
 
-    /// The seq of the one Dispatch among the effects.
+    /// The seqs dispatched since the last call (and drops the events so far).
     fn dispatched(&mut self) -> Vec<u64> {
-        self.take()
-            .into_iter()
-            .filter_map(|e| match e {
-                Effect::Dispatch { seq, .. } => Some(seq),
-                _ => None,
-            })
-            .collect()
+        let seqs = std::mem::take(&mut self.seqs);
+        self.take();
+        seqs
+    }
+
+    /// The bytes `transmit` offers now.
+    fn offered(&self) -> Vec<u8> {
+        let mut slices = [std::io::IoSlice::new(&[]); 30];
+        let n = self.conn.transmit(&mut slices);
+        slices[..n].iter().flat_map(|s| s.iter().copied()).collect()
     }
 
     /// Writes everything transmit() offers; returns the bytes.
     fn flush(&mut self, secs: f64) -> Vec<u8> {
         let mut wire = Vec::new();
-        while let Some(frame) = self.conn.transmit() {
-            let mut slices = [std::io::IoSlice::new(&[]); 3];
-            let n = frame.io_slices(&mut slices);
-            let bytes: Vec<u8> = slices[..n].iter().flat_map(|s| s.iter().copied()).collect();
+        loop {
+            let bytes = self.offered();
+            if bytes.is_empty() {
+                break;
+            }
             wire.extend_from_slice(&bytes);
             let now = self.at(secs);
             self.conn.handle_written(bytes.len(), now, &mut self.out);
         }
+        self.poll(secs);
         wire
     }
 
@@ -94,11 +115,21 @@ impl Harness {
         let now = self.at(secs);
         self.conn
             .handle_completion(seq, outcome, now, &mut self.out);
+        self.poll(secs);
     }
 
     fn timeout(&mut self, secs: f64) {
         let now = self.at(secs);
         self.conn.handle_timeout(now, &mut self.out);
+        self.poll(secs);
+    }
+
+    /// A lingering close: shut our side, then the peer closes too.
+    fn peer_closes_after_linger(&mut self) {
+        assert!(self.conn.wants_shutdown_write(), "a lingering close");
+        self.conn.handle_write_shutdown();
+        assert!(self.conn.wants_read(), "lingering reads and discards");
+        self.conn.handle_eof(&mut self.out);
     }
 }
 
@@ -115,10 +146,10 @@ fn message_is_dispatched_replied_and_connection_returns_to_idle() {
     h.complete(0, reply("ACK1"), 1.5);
     assert_eq!(h.flush(1.5), b"\x0bACK1\x1c\x0d");
     let effects = h.take();
-    assert!(matches!(effects[0], Effect::Handled(Handled::Reply)));
+    assert!(matches!(effects[0], Event::Handled(Handled::Reply)));
     assert!(matches!(
         effects[1],
-        Effect::MessageStop {
+        Event::MessageStop {
             seq: 0,
             response_size: Some(4),
             ..
@@ -158,7 +189,7 @@ fn idle_timeout_closes_and_reads_restart_it() {
     h.timeout(59.0);
     assert!(!h.conn.is_closed(), "spurious timeouts are harmless");
     h.read(b"junk", 30.0);
-    assert!(matches!(h.take()[..], [Effect::Junk(4)]));
+    assert!(matches!(h.take()[..], [Event::Junk(4)]));
     h.timeout(61.0);
     assert!(
         !h.conn.is_closed(),
@@ -199,7 +230,7 @@ fn frame_deadline_closes_a_slow_drip() {
     assert!(
         h.take()
             .iter()
-            .any(|e| matches!(e, Effect::FrameRejected(FrameRejection::Timeout)))
+            .any(|e| matches!(e, Event::FrameRejected(FrameRejection::Timeout)))
     );
 }
 
@@ -219,24 +250,24 @@ fn handler_timeout_sends_ae_then_discards_the_late_result() {
     assert!(
         effects
             .iter()
-            .any(|e| matches!(e, Effect::Handled(Handled::Timeout)))
+            .any(|e| matches!(e, Event::Handled(Handled::Timeout)))
     );
     assert!(
         effects
             .iter()
-            .any(|e| matches!(e, Effect::NakQueued(AckCode::AE)))
+            .any(|e| matches!(e, Event::NakQueued(AckCode::AE)))
     );
     assert!(
         !effects
             .iter()
-            .any(|e| matches!(e, Effect::MessageStop { .. })),
+            .any(|e| matches!(e, Event::MessageStop { .. })),
         "a NAK is not a message stop"
     );
     // The next message is served; the late result of the first is discarded.
     h.read(&framed("M2"), 61.0);
     assert_eq!(h.dispatched(), vec![1]);
     h.complete(0, reply("LATE"), 62.0);
-    assert!(matches!(h.take()[..], [Effect::LateResult]));
+    assert!(matches!(h.take()[..], [Event::LateResult]));
     h.complete(1, reply("A2"), 62.0);
     assert_eq!(h.flush(62.0), b"\x0bA2\x1c\x0d");
 }
@@ -249,14 +280,13 @@ fn silent_policy_sends_nothing_on_failure() {
     let failed = Outcome::Failed {
         reason: ExceptionReason::HandlerError,
         detail: "boom".into(),
-        nak: None,
     };
     h.complete(0, failed, 0.1);
-    assert!(h.conn.transmit().is_none());
+    assert!(h.offered().is_empty());
     h.read(&framed("T1"), 0.2);
     h.take();
     h.timeout(61.0);
-    assert!(h.conn.transmit().is_none());
+    assert!(h.offered().is_empty());
     assert!(!h.conn.is_closed());
 }
 
@@ -271,11 +301,11 @@ fn oversize_frame_gets_an_ar_nak_then_close() {
     assert!(
         effects
             .iter()
-            .any(|e| matches!(e, Effect::FrameRejected(FrameRejection::TooLarge)))
+            .any(|e| matches!(e, Event::FrameRejected(FrameRejection::TooLarge)))
     );
     assert!(effects.iter().any(|e| matches!(
         e,
-        Effect::MessageException {
+        Event::MessageException {
             seq: None,
             reason: ExceptionReason::MessageTooLarge,
             ..
@@ -287,6 +317,12 @@ fn oversize_frame_gets_an_ar_nak_then_close() {
         "{}",
         String::from_utf8_lossy(&nak)
     );
+    assert_eq!(
+        h.conn.close_reason(),
+        None,
+        "lingers until the peer has read the AR"
+    );
+    h.peer_closes_after_linger();
     assert_eq!(h.conn.close_reason(), Some(CloseReason::MessageTooLarge));
 }
 
@@ -294,7 +330,7 @@ fn oversize_frame_gets_an_ar_nak_then_close() {
 fn oversize_frame_without_readable_msh_closes_without_nak() {
     let mut h = Harness::with_max(NakPolicy::Send, 16);
     h.read(&[&[0x0b][..], &[b'z'; 40]].concat(), 0.0);
-    assert!(h.conn.transmit().is_none());
+    assert!(h.offered().is_empty());
     assert_eq!(h.conn.close_reason(), Some(CloseReason::MessageTooLarge));
 }
 
@@ -314,7 +350,7 @@ fn half_close_still_answers_then_closes() {
     let mut wire = framed("H1");
     wire.extend(framed("H2"));
     h.read(&wire, 0.0);
-    h.conn.handle_eof(h.at(0.0), &mut h.out);
+    h.conn.handle_eof(&mut h.out);
     assert_eq!(h.dispatched(), vec![0]);
     h.complete(0, reply("A1"), 0.1);
     h.flush(0.1);
@@ -335,13 +371,9 @@ fn shutdown_finishes_the_message_in_flight_then_closes() {
     assert!(!h.conn.is_closed());
     h.complete(0, reply("A1"), 0.1);
     assert_eq!(h.flush(0.1), b"\x0bA1\x1c\x0d");
+    assert!(h.seqs.is_empty(), "S2 is never dispatched");
+    h.peer_closes_after_linger();
     assert_eq!(h.conn.close_reason(), Some(CloseReason::Shutdown));
-    assert!(
-        !h.take()
-            .iter()
-            .any(|e| matches!(e, Effect::Dispatch { .. })),
-        "S2 is never dispatched"
-    );
 }
 
 #[test]
@@ -350,6 +382,7 @@ fn write_stall_closes() {
     h.read(&framed("W1"), 0.0);
     h.take();
     h.complete(0, reply("A"), 0.0);
+    assert!(h.conn.wants_write());
     h.conn.handle_written(1, h.at(10.0), &mut h.out); // progress restarts the deadline
     h.timeout(35.0);
     assert!(!h.conn.is_closed());
@@ -368,12 +401,14 @@ fn handler_close_replies() {
         0.1,
     );
     assert_eq!(h.flush(0.1), b"\x0bBYE\x1c\x0d");
+    h.peer_closes_after_linger();
     assert_eq!(h.conn.close_reason(), Some(CloseReason::ClosedByHandler));
 
     let mut h = Harness::new(NakPolicy::Send);
     h.read(&framed("C2"), 0.0);
     h.take();
     h.complete(0, Outcome::Reply(Reply::Close), 0.1);
-    assert!(h.conn.transmit().is_none());
+    assert!(h.offered().is_empty());
+    assert!(!h.conn.wants_shutdown_write(), "nothing written: no linger");
     assert_eq!(h.conn.close_reason(), Some(CloseReason::ClosedByHandler));
 }

@@ -60,7 +60,7 @@ fn start_server() -> ServerHandle {
             _ => ack::accept(m),
         }))
     });
-    Server::builder(handler)
+    crate::util::with_test_reactors(Server::builder(handler))
         .bind("127.0.0.1:0")
         .expect("bind")
         .spawn()
@@ -393,7 +393,7 @@ fn server_closing_an_idle_connection_is_closed_without_sending() {
     ));
 }
 
-/// The reference's mis-pairing: message 1 times out, its ACK arrives late, and is returned as
+/// The classic client mis-pairing: message 1 times out, its ACK arrives late, and is returned as
 /// the answer to message 2. Here the timed-out connection is gone, so it cannot be.
 #[test]
 fn late_ack_after_a_timeout_is_never_returned_for_the_next_message() {

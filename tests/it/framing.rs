@@ -1,4 +1,4 @@
-//! Framing over a real socket (seed-spec §1): frames split and batched every way TCP can
+//! Framing over a real socket: frames split and batched every way TCP can
 //! deliver them, junk, empty frames, and the size limit.
 
 use std::io::{ErrorKind, Write};

@@ -49,3 +49,11 @@ fn connection_corpus() {
         "the connection corpus is empty"
     );
 }
+
+#[test]
+fn proxy_corpus() {
+    assert!(
+        replay("proxy", mllp_reactor::proxy::__fuzz_decode) > 0,
+        "the proxy corpus is empty"
+    );
+}

@@ -1,4 +1,4 @@
-//! The listener and the basic request/reply cycle: the reference's listener and connection
+//! The listener and the basic request/reply cycle: listener and connection
 //! checks, the handler's context, connection limits, IPv6 and graceful shutdown.
 
 use std::net::{SocketAddr, TcpStream};

@@ -65,9 +65,8 @@ fn every_metric_is_registered_at_bind_with_listener_label_unit_and_description()
             CONNECTION_DURATION | HANDLER_QUEUE | HANDLER_DURATION | RESPONSE_LATENCY => {
                 Some(Unit::Seconds)
             }
-            MESSAGE_SIZE | RESPONSE_SIZE | BYTES_RECEIVED | BYTES_SENT | JUNK_BYTES => {
-                Some(Unit::Bytes)
-            }
+            MESSAGE_SIZE | RESPONSE_SIZE | BYTES_RECEIVED | BYTES_SENT | JUNK_BYTES
+            | BUFFERED_BYTES => Some(Unit::Bytes),
             _ => None,
         };
         assert_eq!(metric.unit, want, "unit of {}", metric.name);
@@ -93,7 +92,12 @@ fn every_metric_is_registered_at_bind_with_listener_label_unit_and_description()
     assert_eq!(label_values(CONNECTIONS_CLOSED, "reason"), reasons);
     assert_eq!(
         label_values(CONNECTIONS_REJECTED, "reason"),
-        ["max_connections"]
+        [
+            "handshake_timeout",
+            "max_connections",
+            "not_allowed",
+            "proxy_header"
+        ]
     );
     assert_eq!(
         label_values(MESSAGES_HANDLED, "outcome"),

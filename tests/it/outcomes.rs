@@ -1,4 +1,4 @@
-//! Handler outcomes (seed-spec §3): replies, no reply, close, errors, panics and timeouts, and
+//! Handler outcomes: replies, no reply, close, errors, panics and timeouts, and
 //! what the peer gets for each.
 
 use std::sync::Arc;
@@ -68,8 +68,19 @@ fn handler_panic_gets_an_ae_nak_and_the_connection_goes_on() {
 }
 
 #[test]
-fn handler_error_text_reaches_the_nak() {
+fn handler_error_text_stays_private_by_default() {
     let (server, _events) = start_observed(handler_fn(by_control_id), |b| b);
+    let mut peer = Peer::connect(server.local_addr());
+    let nak = peer.roundtrip(&ack_msg("ERR2"));
+    let text = ack::parse(&nak).unwrap().text.expect("MSA-3").to_vec();
+    assert_eq!(text, b"application error", "{:?}", Bytes::from(nak));
+    stop(server);
+}
+
+#[test]
+fn handler_error_text_reaches_the_nak_when_exposed() {
+    let (server, _events) =
+        start_observed(handler_fn(by_control_id), |b| b.expose_handler_errors(true));
     let mut peer = Peer::connect(server.local_addr());
     let nak = peer.roundtrip(&ack_msg("ERR2"));
     let text = ack::parse(&nak).unwrap().text.expect("MSA-3").to_vec();

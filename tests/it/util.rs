@@ -86,7 +86,7 @@ pub(crate) fn start_at(
     handler: impl Handler,
     tweak: impl FnOnce(Builder) -> Builder,
 ) -> ServerHandle {
-    tweak(Server::builder(handler))
+    tweak(with_test_reactors(Server::builder(handler)))
         .bind(addr)
         .unwrap_or_else(|e| panic!("bind {addr}: {e}"))
         .spawn()
@@ -102,6 +102,16 @@ pub(crate) fn start_observed(
 ) -> (ServerHandle, Events) {
     let (observer, events) = observer();
     (start_with(handler, |b| tweak(b.observer(observer))), events)
+}
+
+/// Applies `MLLP_TEST_REACTORS` (default 1): CI runs this suite with 2 reactors too, so every
+/// behaviour is checked with connections spread over reactors.
+pub(crate) fn with_test_reactors(builder: Builder) -> Builder {
+    let n = std::env::var("MLLP_TEST_REACTORS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    builder.reactors(n)
 }
 
 /// Shuts the server down gracefully and checks it stopped cleanly.

@@ -216,7 +216,7 @@ impl AckDeframer {
                 self.in_frame = false;
                 return Some(payload);
             }
-            // EB not followed by CR is payload (seed spec §1, strict).
+            // EB not followed by CR is payload (strict MLLP, as the server frames).
             self.scanned = eb + 1;
         }
     }

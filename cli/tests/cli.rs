@@ -1,0 +1,18 @@
+//! Tests of the `mllp-reactor` binary as an operator runs it: exit codes, one-line errors that
+//! name the file or flag, logs, metrics and the config file. One test binary (link time on
+//! 2 cores); every child process is killed when its test ends, every wait has a deadline.
+
+#[path = "cli/bench.rs"]
+mod bench;
+#[path = "cli/config.rs"]
+mod config;
+#[path = "cli/logs.rs"]
+mod logs;
+#[path = "cli/scrape.rs"]
+mod scrape;
+#[path = "cli/send.rs"]
+mod send;
+#[path = "cli/serve.rs"]
+mod serve;
+#[path = "cli/util.rs"]
+mod util;

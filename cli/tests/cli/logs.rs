@@ -1,0 +1,123 @@
+//! Issue 11 item 9: `serve` logs through the observer, human-readable or JSON, filtered by
+//! `--log-level` or `RUST_LOG`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use mllp_reactor::{Client, ClientConfig};
+
+use crate::util::{Serve, WAIT, message, text};
+
+/// One accepted message, one garbage frame (AR), one oversize frame with a readable MSH-10
+/// (AR, close); each on its own connection, each connection closed by us or the server.
+fn traffic(addr: SocketAddr) {
+    let mut client = Client::connect(addr, ClientConfig::default()).expect("connects");
+    let ack = client
+        .send(message("LOG1").replace('\n', "\r").as_bytes())
+        .expect("an ACK");
+    assert!(ack.is_accept());
+    drop(client);
+    for payload in [
+        b"PID|1||123\r".to_vec(),
+        [message("BIG1").replace('\n', "\r").as_bytes(), &[b'x'; 400]].concat(),
+    ] {
+        let mut peer = TcpStream::connect(addr).expect("connects");
+        peer.set_read_timeout(Some(WAIT)).expect("timeout");
+        peer.write_all(&[&b"\x0b"[..], &payload, b"\x1c\r"].concat())
+            .expect("written");
+        let mut reply = [0u8; 1024];
+        let n = peer.read(&mut reply).expect("a NAK");
+        assert!(reply[..n].windows(7).any(|w| w == b"MSA|AR|"));
+    }
+}
+
+#[track_caller]
+fn run_logged(args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut all = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--max-message-size",
+        "200",
+        "--grace",
+        "1s",
+    ];
+    all.extend_from_slice(args);
+    let serve = Serve::start(&all, env);
+    traffic(serve.addr);
+    // The server logs a close when it sees it; give the last one a moment to land before
+    // SIGTERM (a drain closes nothing that is already gone, so waiting is not needed for
+    // correctness, only to keep the log complete).
+    std::thread::sleep(Duration::from_millis(200));
+    let (out, _) = serve.stop();
+    assert_eq!(out.status.code(), Some(0));
+    text(&out.stderr)
+}
+
+#[test]
+fn human_logs_show_connections_naks_and_failures() {
+    let log = run_logged(&[], &[]);
+    let line = |needle: &str| {
+        log.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?} in\n{log}"))
+    };
+    assert!(line("server started").contains(" INFO mllp::server: "));
+    let opened = line("connection opened");
+    assert!(opened.contains(" INFO mllp::conn: ") && opened.contains("peer=127.0.0.1:"));
+    let closed = line("reason=\"peer_closed\"");
+    assert!(closed.contains("connection closed") && closed.contains(" duration="));
+    let rejected = line("message rejected");
+    assert!(rejected.contains(" WARN mllp::msg: ") && rejected.contains("code=\"AR\""));
+    let failed = line("message failed");
+    assert!(failed.contains("reason=\"message_too_large\""), "{failed}");
+    assert!(line("connection closed conn=").contains("peer="));
+    assert!(log.contains("reason=\"message_too_large\"") && log.contains("draining"));
+    // Per-message logging is off by default.
+    assert!(!log.contains("message received"), "{log}");
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let log = run_logged(&["--log-format", "json", "--log-level", "debug"], &[]);
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    let find = |message: &str| {
+        events
+            .iter()
+            .find(|e| e["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} in {log}"))
+    };
+    let opened = find("connection opened");
+    assert_eq!(opened["level"], "INFO");
+    assert_eq!(opened["target"], "mllp::conn");
+    assert!(
+        opened["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:"))
+    );
+    let closed = find("connection closed");
+    assert!(closed["duration"].is_string() && closed["reason"].is_string());
+    assert_eq!(find("message rejected")["level"], "WARN");
+    assert_eq!(find("message failed")["reason"], "message_too_large");
+    // debug: every message.
+    assert_eq!(find("message received")["level"], "DEBUG");
+    assert!(find("message answered")["response_size"].is_u64());
+    assert!(find("server started")["grace"] == "1s");
+}
+
+#[test]
+fn rust_log_sets_the_level_and_the_flag_wins_over_it() {
+    let log = run_logged(&[], &[("RUST_LOG", "warn")]);
+    assert!(!log.contains("connection opened"), "{log}");
+    assert!(log.contains("message rejected"), "{log}");
+    let log = run_logged(&["--log-level", "info"], &[("RUST_LOG", "warn")]);
+    assert!(log.contains("connection opened"), "{log}");
+    let log = run_logged(&[], &[("RUST_LOG", "warn,mllp::conn=info")]);
+    assert!(
+        log.contains("connection opened") && !log.contains("server started"),
+        "{log}"
+    );
+}

@@ -1,0 +1,204 @@
+//! Running the binary: [`run`] for commands that end by themselves, [`Serve`] for a server
+//! child that is stopped with SIGTERM, and in-process servers for `send` and `bench` to talk to.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use mllp_reactor::{Handler, Server, ServerHandle};
+
+/// How long a server child gets to print `listening on`, and any command to finish.
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
+
+/// The binary under test.
+pub(crate) fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mllp-reactor"))
+}
+
+/// Runs the binary to completion with `stdin` as its input, within [`WAIT`].
+#[track_caller]
+pub(crate) fn run(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = bin()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let mut input = child.stdin.take().expect("piped");
+    let stdin = stdin.to_vec();
+    thread::spawn(move || {
+        let _ = input.write_all(&stdin);
+    });
+    wait_output(child)
+}
+
+/// Collects a child's output, killing it if it runs past [`WAIT`].
+#[track_caller]
+pub(crate) fn wait_output(child: Child) -> Output {
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(WAIT) {
+        Ok(output) => output.expect("the child's output is readable"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("the command ran past {WAIT:?}");
+        }
+    }
+}
+
+/// The first line of `bytes`, lossily.
+pub(crate) fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A `serve` child. Dropping it kills the process.
+pub(crate) struct Serve {
+    child: Option<Child>,
+    /// The MLLP address it printed.
+    pub(crate) addr: SocketAddr,
+    /// The metrics address it printed, with `--metrics`.
+    pub(crate) metrics: Option<SocketAddr>,
+    stdout: Vec<String>,
+    rest: Option<mpsc::Receiver<String>>,
+}
+
+impl Serve {
+    /// Starts `serve ARGS` (add `--listen 127.0.0.1:0` yourself) with `env`, and waits for its
+    /// `listening on` line.
+    #[track_caller]
+    pub(crate) fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = bin();
+        command
+            .arg("serve")
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("the binary starts");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut serve = Self {
+            child: Some(child),
+            addr: "0.0.0.0:0".parse().expect("valid"),
+            metrics: None,
+            stdout: Vec::new(),
+            rest: None,
+        };
+        let first = match lines.recv_timeout(WAIT) {
+            Ok(line) => line,
+            Err(_) => {
+                let output = serve.kill();
+                panic!("serve printed no address; stderr: {}", text(&output.stderr));
+            }
+        };
+        serve.addr = first
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+            .parse()
+            .expect("an address");
+        if args.contains(&"--metrics") || args.iter().any(|a| a.starts_with("--metrics=")) {
+            let second = lines.recv_timeout(WAIT).expect("a metrics line");
+            serve.metrics = Some(
+                second
+                    .strip_prefix("metrics on http://")
+                    .and_then(|s| s.strip_suffix("/metrics"))
+                    .unwrap_or_else(|| panic!("unexpected second line {second:?}"))
+                    .parse()
+                    .expect("an address"),
+            );
+            serve.stdout.push(second);
+        }
+        serve.stdout.insert(0, first);
+        serve.rest = Some(lines);
+        serve
+    }
+
+    /// Sends SIGTERM and waits for the exit: stdout (every line) and stderr.
+    #[track_caller]
+    pub(crate) fn stop(mut self) -> (Output, Vec<String>) {
+        let child = self.child.take().expect("running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        let output = wait_output(child);
+        let mut lines = std::mem::take(&mut self.stdout);
+        if let Some(rest) = self.rest.take() {
+            lines.extend(rest.try_iter());
+        }
+        (output, lines)
+    }
+
+    fn kill(&mut self) -> Output {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        wait_output(child)
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// An in-process server with `handler` on a free loopback port.
+pub(crate) fn server(handler: impl Handler) -> ServerHandle {
+    Server::builder(handler)
+        .bind("127.0.0.1:0")
+        .and_then(Server::spawn)
+        .expect("the test server starts")
+}
+
+/// A fresh scratch directory for this test (removed by the caller, or left in the temp dir).
+pub(crate) fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mllp-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("the temp dir is writable");
+    dir
+}
+
+/// One HTTP GET on `addr` for `/metrics`; returns the body.
+#[track_caller]
+pub(crate) fn scrape(addr: SocketAddr) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).expect("the metrics port accepts");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout set");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("request written");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response read");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+/// An ADT^A01 text message with MSH-10 `id`, segments ending in `\n` as in a file.
+pub(crate) fn message(id: &str) -> String {
+    format!("MSH|^~\\&|LAB|H|EHR|H|20260101120000||ADT^A01|{id}|P|2.5.1\nPID|1||123\n")
+}

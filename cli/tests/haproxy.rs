@@ -1,0 +1,507 @@
+//! A real HAProxy (Debian's 2.6) in front of MLLP backends, on loopback only.
+//!
+//! HAProxy runs the committed template `deploy/haproxy.cfg` unchanged; the tests point it at
+//! their own ports through the environment variables the template reads. Every test needs the
+//! `haproxy` binary (`apt-get install haproxy`; `.ci/run` installs it): where it is missing,
+//! each test prints why it is skipped and passes.
+//!
+//! `HAPROXY_CAPTURE=DIR cargo test -p mllp-reactor-cli --test haproxy` also writes the raw
+//! headers HAProxy sent into DIR, in the fuzz corpus format (a mode byte, then the bytes).
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use mllp_reactor::proxy::{ProxyDecoder, ProxyHeader, ProxyMode, encode_v2};
+
+/// Bound on every wait in these tests: HAProxy start, a health check, a read.
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// Health-check interval for the tests (the template's default is 2 s): with `fall 3`, a dead
+/// node is marked down in about 0.3 s.
+const CHECK_INTER: &str = "100ms";
+/// The committed template the tests run.
+const TEMPLATE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/haproxy.cfg");
+
+const FRAME: &[u8] = b"\x0bMSH|^~\\&|LAB|H|EHR|H|20260101||ORU^R01|MSG1|P|2.5.1\r\x1c\r";
+
+/// The `haproxy` binary, or `None` (with the skip message printed) where it is not installed.
+/// Debian installs it in /usr/sbin, which is not on every user's PATH.
+fn haproxy_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
+        .map(|dir| dir.join("haproxy"))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        eprintln!("skipped: haproxy is not installed (Debian: apt-get install haproxy)");
+    }
+    found
+}
+
+/// A free port on `ip`: bound and released, for HAProxy to bind next. Another process could
+/// take it in between; `Haproxy::start` then fails visibly (HAProxy exits), never silently.
+fn free_port(ip: &str) -> SocketAddr {
+    TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+}
+
+/// A running HAProxy on `deploy/haproxy.cfg`, killed on drop.
+struct Haproxy {
+    child: Child,
+    frontend: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Haproxy {
+    /// Starts HAProxy with its frontend on a free port of `ip` (`127.0.0.1` or `::1`) and
+    /// `node1`, `node2` pointing at `backends`, and returns once the frontend accepts
+    /// connections.
+    #[track_caller]
+    fn start(binary: &Path, ip: &str, backends: [SocketAddr; 2]) -> Self {
+        let frontend = free_port(ip);
+        let dir = std::env::temp_dir().join(format!(
+            "mllp-haproxy-{}-{}",
+            std::process::id(),
+            frontend.port()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let log = std::fs::File::create(dir.join("haproxy.log")).expect("log file");
+        let child = Command::new(binary)
+            // -db: stay in the foreground, so the child is HAProxy itself and dies with kill.
+            .args(["-db", "-f", TEMPLATE])
+            .env("MLLP_FRONTEND", frontend.to_string())
+            .env("MLLP_NODE1", backends[0].to_string())
+            .env("MLLP_NODE2", backends[1].to_string())
+            .env("MLLP_CHECK_INTER", CHECK_INTER)
+            .env("MLLP_HAPROXY_STATS", dir.join("stats.sock"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("haproxy starts");
+        let mut haproxy = Self {
+            child,
+            frontend,
+            dir,
+        };
+        haproxy.wait_for("the frontend to listen", |h| {
+            TcpStream::connect(h.frontend).is_ok() && h.dir.join("stats.sock").exists()
+        });
+        haproxy
+    }
+
+    /// Polls `ready` until it holds, failing with HAProxy's log after [`TIMEOUT`] or if
+    /// HAProxy exits. Bounded polling of an external process's state: it has no other signal.
+    #[track_caller]
+    fn wait_for(&mut self, what: &str, mut ready: impl FnMut(&Self) -> bool) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if ready(self) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "haproxy exited ({status}) waiting for {what}:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The health status HAProxy reports for `server` ("UP", "DOWN", "UP 1/3", ...), from
+    /// `show stat` on the runtime API socket.
+    fn status(&self, server: &str) -> Option<String> {
+        let mut sock = UnixStream::connect(self.dir.join("stats.sock")).ok()?;
+        sock.set_read_timeout(Some(TIMEOUT)).ok()?;
+        sock.write_all(b"show stat\n").ok()?;
+        let mut csv = String::new();
+        sock.read_to_string(&mut csv).ok()?;
+        let mut lines = csv.lines();
+        let head: Vec<&str> = lines.next()?.trim_start_matches("# ").split(',').collect();
+        let column = head.iter().position(|c| *c == "status")?;
+        lines
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .find(|f| f.first() == Some(&"mllp_nodes") && f.get(1) == Some(&server))
+            .and_then(|f| f.get(column).map(|s| (*s).to_owned()))
+    }
+
+    /// Waits until HAProxy reports `server` exactly `status` ("UP" or "DOWN").
+    #[track_caller]
+    fn wait_status(&mut self, server: &str, status: &str) {
+        self.wait_for(&format!("{server} {status}"), |h| {
+            h.status(server).as_deref() == Some(status)
+        });
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("haproxy.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One connection a throwaway backend accepted, after its PROXY header.
+struct Accepted {
+    stream: TcpStream,
+    header: ProxyHeader,
+    /// The header's bytes exactly as HAProxy sent them.
+    raw: Vec<u8>,
+    /// Bytes that arrived after the header in the same reads.
+    rest: Vec<u8>,
+}
+
+/// Reads a PROXY v2 header off a fresh connection.
+fn read_header(mut stream: TcpStream) -> Result<Accepted, String> {
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut decoder = ProxyDecoder::new(ProxyMode::V2);
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match decoder.decode(&buf) {
+            Ok(Some((header, len))) => {
+                let rest = buf.split_off(len);
+                return Ok(Accepted {
+                    stream,
+                    header,
+                    raw: buf,
+                    rest,
+                });
+            }
+            Ok(None) => {}
+            Err(e) => return Err(format!("{e}: {buf:02x?}")),
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => return Err(format!("closed after {buf:02x?}")),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("{e} after {buf:02x?}")),
+        }
+    }
+}
+
+/// Connections the throwaway backends accepted: which backend, and the header decoded (or
+/// why not).
+type Arrivals = mpsc::Receiver<(usize, Result<Accepted, String>)>;
+
+/// Two loopback listeners standing in for `serve` nodes.
+struct Backends {
+    addrs: [SocketAddr; 2],
+    /// Every connection either accepted, in order.
+    arrivals: Arrivals,
+    stop: [Arc<AtomicBool>; 2],
+}
+
+impl Backends {
+    /// Binds both listeners; each accept thread decodes the PROXY header of every connection
+    /// and sends it on `arrivals`. The threads end with [`Backends::kill`] or the process.
+    fn start() -> Self {
+        let (tx, arrivals) = mpsc::channel();
+        let mut addrs = [free_port("127.0.0.1"); 2];
+        let stop = [
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        ];
+        for (index, addr) in addrs.iter_mut().enumerate() {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("backend listener");
+            *addr = listener.local_addr().expect("backend address");
+            let (tx, stop) = (tx.clone(), Arc::clone(&stop[index]));
+            std::thread::spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    if stop.load(Ordering::SeqCst) || tx.send((index, read_header(stream))).is_err()
+                    {
+                        return; // drops the listener: its port now refuses connections
+                    }
+                }
+            });
+        }
+        Self {
+            addrs,
+            arrivals,
+            stop,
+        }
+    }
+
+    /// Closes backend `index`'s listener, as if its process died: new connections to it are
+    /// refused. (The connect wakes its accept thread, which sees the flag and returns.)
+    fn kill(&self, index: usize) {
+        self.stop[index].store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addrs[index]);
+    }
+}
+
+/// Next accepted connection whose header satisfies `wanted`; others are dropped.
+#[track_caller]
+fn next_accepted(rx: &Arrivals, wanted: impl Fn(&ProxyHeader) -> bool) -> (usize, Accepted) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (index, accepted) = rx.recv_timeout(left).expect("a backend connection in time");
+        // Health checks may close before we read; only a decoding error is a failure.
+        match accepted {
+            Ok(a) if wanted(&a.header) => return (index, a),
+            Ok(_) => {}
+            Err(e) if e.starts_with("closed") || e.contains("reset") => {}
+            Err(e) => panic!("HAProxy sent a header the decoder refused: {e}"),
+        }
+    }
+}
+
+/// Writes `raw` as a proxy fuzz-corpus file (mode byte 1 = v2) when `HAPROXY_CAPTURE` is set.
+fn capture(name: &str, raw: &[u8]) {
+    eprintln!("HAProxy sent {name}: {raw:02x?}");
+    if let Some(dir) = std::env::var_os("HAPROXY_CAPTURE") {
+        let mut data = vec![1u8];
+        data.extend_from_slice(raw);
+        std::fs::write(Path::new(&dir).join(name), data).expect("capture file");
+    }
+}
+
+/// HAProxy's health checks (`check-send-proxy`) and a proxied client connection
+/// (`send-proxy-v2`) both start with headers the decoder accepts: LOCAL for the checks, the
+/// client's real address and port for the connection, and the MLLP bytes follow untouched.
+#[test]
+fn haproxy_sends_proxy_v2_headers_the_decoder_accepts() {
+    let Some(binary) = haproxy_binary() else {
+        return;
+    };
+    probe(&binary, "127.0.0.1", "tcp4");
+    probe(&binary, "::1", "tcp6");
+}
+
+/// One HAProxy with its frontend on `ip`, two throwaway backends, one client.
+#[track_caller]
+fn probe(binary: &Path, ip: &str, family: &str) {
+    let backends = Backends::start();
+    let rx = &backends.arrivals;
+    let mut haproxy = Haproxy::start(binary, ip, backends.addrs);
+
+    let (_, check) = next_accepted(rx, |h| *h == ProxyHeader::Local);
+    capture("haproxy_check_local", &check.raw);
+    assert_eq!(
+        check.raw,
+        encode_v2(&ProxyHeader::Local),
+        "LOCAL, UNSPEC, no TLVs"
+    );
+    haproxy.wait_status("node1", "UP");
+    haproxy.wait_status("node2", "UP");
+
+    let mut client = TcpStream::connect(haproxy.frontend).expect("connect through HAProxy");
+    client.set_read_timeout(Some(TIMEOUT)).unwrap();
+    client.write_all(FRAME).unwrap();
+    let client_addr = client.local_addr().unwrap();
+    // The readiness probes of `Haproxy::start` were proxied too: pick this client's connection.
+    let (_, mut node) = next_accepted(rx, |h| h.source() == Some(client_addr));
+    capture(&format!("haproxy_proxied_{family}"), &node.raw);
+    assert_eq!(
+        node.header,
+        ProxyHeader::Proxied {
+            source: client_addr,
+            destination: haproxy.frontend
+        },
+        "the client's real address and port"
+    );
+    assert_eq!(
+        node.raw,
+        encode_v2(&node.header),
+        "no TLVs from HAProxy 2.6 in TCP mode"
+    );
+
+    // The frame follows the header, unconsumed; an answer travels back to the client.
+    let mut payload = node.rest;
+    let mut chunk = [0u8; 512];
+    while payload.len() < FRAME.len() {
+        let n = node
+            .stream
+            .read(&mut chunk)
+            .expect("frame after the header");
+        assert!(n > 0, "closed before the frame");
+        payload.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(payload, FRAME);
+    node.stream.write_all(b"\x0bMSA|AA|MSG1\r\x1c\r").unwrap();
+    let mut reply = [0u8; 64];
+    let n = client.read(&mut reply).expect("reply through HAProxy");
+    assert_eq!(&reply[..n], b"\x0bMSA|AA|MSG1\r\x1c\r");
+}
+
+/// The template's failover, with throwaway backends: when one backend's port starts refusing
+/// connections (its process died), HAProxy's checks mark it DOWN and every new client
+/// connection lands on the other, still carrying the client's address.
+#[test]
+fn a_dead_backend_is_marked_down_and_skipped() {
+    let Some(binary) = haproxy_binary() else {
+        return;
+    };
+    let backends = Backends::start();
+    let mut haproxy = Haproxy::start(&binary, "127.0.0.1", backends.addrs);
+    haproxy.wait_status("node1", "UP");
+    haproxy.wait_status("node2", "UP");
+
+    backends.kill(0);
+    haproxy.wait_status("node1", "DOWN");
+    for _ in 0..10 {
+        let client = TcpStream::connect(haproxy.frontend).expect("connect through HAProxy");
+        let client_addr = client.local_addr().unwrap();
+        let (index, _) = next_accepted(&backends.arrivals, |h| h.source() == Some(client_addr));
+        assert_eq!(index, 1, "served by the live backend");
+    }
+    assert_eq!(haproxy.status("node2").as_deref(), Some("UP"));
+}
+
+/// A `serve` node, killed on drop.
+struct Node {
+    child: Child,
+    addr: SocketAddr,
+    /// Everything the node logged on stderr so far.
+    log: Arc<std::sync::Mutex<String>>,
+}
+
+impl Node {
+    /// Starts `mllp-reactor serve --proxy-protocol v2` on a free loopback port and reads the
+    /// address from its "listening on ADDR" line.
+    #[track_caller]
+    fn start() -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mllp-reactor"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--proxy-protocol", "v2"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("serve starts");
+        let log = Arc::new(std::sync::Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while stdout.read(&mut byte).is_ok_and(|n| n == 1) && byte[0] != b'\n' {
+                line.push(byte[0]);
+            }
+            let _ = tx.send(String::from_utf8_lossy(&line).into_owned());
+            // Keep draining so the node never blocks on a full pipe.
+            let _ = std::io::copy(&mut stdout, &mut std::io::sink());
+        });
+        let line = rx.recv_timeout(TIMEOUT).expect("serve prints its address");
+        let addr = line
+            .strip_prefix("listening on ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line from serve: {line:?}"));
+        Self { child, addr, log }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends one message on a fresh connection through HAProxy and checks its AA.
+#[track_caller]
+fn send_one(frontend: SocketAddr, id: usize) {
+    use mllp_reactor::{Client, ClientConfig};
+    let config = ClientConfig::default()
+        .connect_timeout(TIMEOUT)
+        .response_timeout(TIMEOUT);
+    let mut client = Client::connect(frontend, config).expect("connect through HAProxy");
+    let message = format!("MSH|^~\\&|LAB|H|EHR|H|20260101||ORU^R01|M{id}|P|2.5.1\r");
+    let ack = client
+        .send(message.as_bytes())
+        .expect("an ACK through HAProxy");
+    assert!(ack.is_accept(), "message {id}: {ack:?}");
+}
+
+/// The issue's end to end check: two `serve --proxy-protocol v2` nodes behind HAProxy; both
+/// health checks pass, messages are ACKed, and after SIGKILL of one node HAProxy marks it down
+/// and every new connection is served by the other.
+///
+/// Each node logs the connection's peer: it must be the client's own address and port, which
+/// only the PROXY header carries (the node's socket peer is HAProxy).
+#[test]
+fn two_nodes_behind_haproxy_fail_over() {
+    let Some(binary) = haproxy_binary() else {
+        return;
+    };
+    let mut node1 = Node::start();
+    let node2 = Node::start();
+    let mut haproxy = Haproxy::start(&binary, "127.0.0.1", [node1.addr, node2.addr]);
+    haproxy.wait_status("node1", "UP");
+    haproxy.wait_status("node2", "UP");
+
+    for id in 0..20 {
+        send_one(haproxy.frontend, id);
+    }
+    // One more from a client whose port we know: a node must log it as the peer.
+    let client = TcpStream::connect(haproxy.frontend).expect("connect through HAProxy");
+    client.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let me = client.local_addr().unwrap();
+    let mut client_w = client.try_clone().unwrap();
+    client_w
+        .write_all(b"\x0bMSH|^~\\&|LAB|H|EHR|H|20260101||ORU^R01|PEER|P|2.5.1\r\x1c\x0d")
+        .unwrap();
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 512];
+    let mut reader = &client;
+    while !reply.ends_with(b"\x1c\x0d") {
+        let n = reader.read(&mut buf).expect("the ACK through HAProxy");
+        assert!(n > 0, "closed before the ACK");
+        reply.extend_from_slice(&buf[..n]);
+    }
+    let needle = format!("peer={me}");
+    let deadline = Instant::now() + TIMEOUT;
+    while ![&node1, &node2]
+        .iter()
+        .any(|n| n.log.lock().unwrap().contains(&needle))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no node logged {needle}; node1: {} node2: {}",
+            node1.log.lock().unwrap(),
+            node2.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(client);
+
+    node1.child.kill().expect("SIGKILL node1");
+    node1.child.wait().expect("node1 reaped");
+    haproxy.wait_status("node1", "DOWN");
+    for id in 20..40 {
+        send_one(haproxy.frontend, id);
+    }
+    assert_eq!(haproxy.status("node2").as_deref(), Some("UP"));
+}

@@ -1,0 +1,246 @@
+//! How a handler's result gets back to the reactor that owns the connection: the raw
+//! [`Outcome`], the per-reactor [`CompletionSink`] (one lock and at most one wake-up per
+//! batch), and the [`ReplyHandle`] a handler uses to answer later, from any thread.
+//!
+//! Nothing here builds a NAK: the connection applies the NAK policy to the raw outcome, so
+//! every NAK the server sends is built in one place (`connection.rs`).
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::error::ExceptionReason;
+use crate::handler::{ConnectionId, HandlerError, Reply};
+
+/// What became of one handler call, as the handler (or the pool) reported it.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The handler's reply (never [`Reply::Deferred`]).
+    Reply(Reply),
+    /// The handler call returned [`Reply::Deferred`]: the call is over, its reply comes later
+    /// through a [`ReplyHandle`].
+    Deferred,
+    /// The handler (or its reply handle) failed: an error, a panic, a dropped handle.
+    Failed {
+        reason: ExceptionReason,
+        detail: String,
+    },
+    /// The job's deadline passed before a worker took it: it was not run.
+    Expired,
+}
+
+/// A result for message `seq` of connection `id`.
+#[derive(Debug)]
+pub(crate) struct Completion {
+    pub(crate) id: ConnectionId,
+    pub(crate) seq: u64,
+    pub(crate) outcome: Outcome,
+}
+
+/// Wakes the reactor at most once per batch of completions.
+#[derive(Debug)]
+pub(crate) struct Notifier {
+    waker: mio::Waker,
+    pending: AtomicBool,
+}
+
+impl Notifier {
+    pub(crate) fn new(waker: mio::Waker) -> Self {
+        Self {
+            waker,
+            pending: AtomicBool::new(false),
+        }
+    }
+
+    /// Wakes the reactor unless a wake-up is already on its way.
+    pub(crate) fn notify(&self) {
+        if !self.pending.swap(true, Ordering::AcqRel) {
+            // A failed wake leaves the completion queued; the reactor's next wake-up or
+            // timer tick drains it. Nothing better can be done from another thread.
+            let _ = self.waker.wake();
+        }
+    }
+
+    /// Called by the reactor *before* draining its queues, so a completion sent during the
+    /// drain triggers a fresh wake-up.
+    pub(crate) fn reset(&self) {
+        self.pending.store(false, Ordering::Release);
+    }
+}
+
+/// The completion queue of one reactor. Workers and reply handles push; the reactor swaps the
+/// whole queue out once per poll turn. A push wakes the reactor only when it finds the queue
+/// empty: every completion after it in the same batch rides on that one wake-up.
+#[derive(Debug)]
+pub(crate) struct CompletionSink {
+    queue: Mutex<Vec<Completion>>,
+    notifier: Arc<Notifier>,
+}
+
+impl CompletionSink {
+    pub(crate) fn new(notifier: Arc<Notifier>) -> Self {
+        Self {
+            queue: Mutex::new(Vec::new()),
+            notifier,
+        }
+    }
+
+    /// Queues one completion.
+    pub(crate) fn push(&self, completion: Completion) {
+        let mut queue = lock(&self.queue);
+        queue.push(completion);
+        let first = queue.len() == 1;
+        drop(queue);
+        if first {
+            self.notifier.notify();
+        }
+    }
+
+    /// Queues a batch under one lock (and at most one wake-up); leaves `batch` empty.
+    pub(crate) fn push_all(&self, batch: &mut Vec<Completion>) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut queue = lock(&self.queue);
+        let first = queue.is_empty();
+        queue.append(batch);
+        drop(queue);
+        if first {
+            self.notifier.notify();
+        }
+    }
+
+    /// Moves everything queued into `into` (which the reactor keeps, so its capacity is
+    /// reused and the swap allocates nothing in steady state).
+    pub(crate) fn drain_into(&self, into: &mut Vec<Completion>) {
+        let mut queue = lock(&self.queue);
+        std::mem::swap(&mut *queue, into);
+    }
+
+    pub(crate) fn notifier(&self) -> &Arc<Notifier> {
+        &self.notifier
+    }
+}
+
+/// Answers one message later, from any thread: what a handler keeps after returning
+/// [`Reply::Deferred`].
+///
+/// Get one from [`Context::defer`](crate::Context::defer). It completes at most once: `send`
+/// and `fail` take it by value. Dropping it unanswered counts as a handler failure (an AE
+/// NAK under [`NakPolicy::Send`](crate::NakPolicy::Send)). A completion that arrives after
+/// the message's handler deadline is discarded and counted in
+/// `mllp_handler_late_results_total`; it is never written. Many completions in a burst cost
+/// the reactor at most one wake-up.
+///
+/// ```
+/// use mllp_reactor::{ack, handler_fn, Client, ClientConfig, Dispatch, Reply, Server};
+///
+/// // Answer from another thread, e.g. after a store committed the message.
+/// let handler = handler_fn(|msg, cx| {
+///     let handle = cx.defer();
+///     let msg = msg.clone();
+///     std::thread::spawn(move || handle.send(Reply::Send(ack::accept(&msg))));
+///     Ok(Reply::Deferred)
+/// });
+/// let server = Server::builder(handler).dispatch(Dispatch::Inline).bind("127.0.0.1:0")?;
+/// let addr = server.local_addr();
+/// let running = server.spawn()?;
+/// let mut client = Client::connect(addr, ClientConfig::default())?;
+/// let reply = client.send(b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|7|P|2.5.1\r")?;
+/// assert_eq!(reply.code, ack::AckCode::AA);
+/// running.shutdown(std::time::Duration::from_secs(5))?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct ReplyHandle {
+    sink: Arc<CompletionSink>,
+    id: ConnectionId,
+    seq: u64,
+    /// False once `send` or `fail` ran, so `Drop` reports nothing more.
+    armed: bool,
+}
+
+impl fmt::Debug for ReplyHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplyHandle")
+            .field("connection", &self.id)
+            .field("sequence", &self.seq)
+            .finish()
+    }
+}
+
+impl ReplyHandle {
+    pub(crate) fn new(sink: Arc<CompletionSink>, id: ConnectionId, seq: u64) -> Self {
+        Self {
+            sink,
+            id,
+            seq,
+            armed: true,
+        }
+    }
+
+    /// The connection the message came on.
+    pub fn connection_id(&self) -> ConnectionId {
+        self.id
+    }
+
+    /// The message's sequence number on its connection.
+    pub fn sequence(&self) -> u64 {
+        self.seq
+    }
+
+    /// Completes the message with `reply`. [`Reply::Deferred`] here is a failure (there is
+    /// nothing left to defer to).
+    pub fn send(mut self, reply: Reply) {
+        let outcome = match reply {
+            Reply::Deferred => Outcome::Failed {
+                reason: ExceptionReason::HandlerError,
+                detail: "a reply handle was completed with Reply::Deferred".to_owned(),
+            },
+            reply => Outcome::Reply(reply),
+        };
+        self.complete(outcome);
+    }
+
+    /// Completes the message as failed: the sender gets an AE under
+    /// [`NakPolicy::Send`](crate::NakPolicy::Send), and `error`'s text goes to the
+    /// message-exception event.
+    pub fn fail(mut self, error: impl Into<HandlerError>) {
+        let detail = describe(&*error.into());
+        self.complete(Outcome::Failed {
+            reason: ExceptionReason::HandlerError,
+            detail,
+        });
+    }
+
+    fn complete(&mut self, outcome: Outcome) {
+        self.armed = false;
+        self.sink.push(Completion {
+            id: self.id,
+            seq: self.seq,
+            outcome,
+        });
+    }
+}
+
+impl Drop for ReplyHandle {
+    fn drop(&mut self) {
+        if self.armed {
+            self.complete(Outcome::Failed {
+                reason: ExceptionReason::HandlerError,
+                detail: "reply handle dropped without an answer".to_owned(),
+            });
+        }
+    }
+}
+
+/// An error's text, even if its `Display` panics (a handler's error type is foreign code).
+pub(crate) fn describe(error: &(dyn std::error::Error + Send + Sync)) -> String {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| error.to_string()))
+        .unwrap_or_else(|_| "handler error (its Display panicked)".to_owned())
+}
+
+/// Locks, ignoring poison: the queue holds plain data that a panicking holder cannot leave
+/// half-updated.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
