@@ -18,7 +18,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, Ordering};
 
-use mllp_reactor::tls::{ShutdownWrite, TlsAcceptor, TlsConfig, TlsStream};
+use mllp_reactor::tls::{ShutdownWrite, TlsAcceptor, TlsConfig, TlsSession, TlsStream};
 use rcgen::{CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 
@@ -239,7 +239,9 @@ fn main() {
         if mtls { "mTLS" } else { "TLS" }
     );
     println!(
-        "size_of::<TlsStream<mio::net::TcpStream>>() = {} bytes (boxed in the reactor's Transport)",
+        "size_of::<TlsSession>() = {} bytes, size_of::<TlsStream<mio::net::TcpStream>>() = {} \
+         bytes (boxed in the reactor's Transport)",
+        std::mem::size_of::<TlsSession>(),
         std::mem::size_of::<TlsStream>()
     );
     println!(
