@@ -329,7 +329,9 @@ impl Write for ClientStream {
                 // rustls' `write` pushes ciphertext out but ignores a socket timeout there;
                 // pushing here makes the write timeout apply to every byte written.
                 while tls.conn.wants_write() {
-                    tls.conn.write_tls(&mut tls.sock)?;
+                    if tls.conn.write_tls(&mut tls.sock)? == 0 {
+                        return Err(io::ErrorKind::WriteZero.into());
+                    }
                 }
                 Ok(n)
             }
