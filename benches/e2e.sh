@@ -17,7 +17,7 @@
 #   ROUNDS=3            rounds per scenario
 #   DURATION=5s         measurement window per run (500ms, 5s, 2m, ...)
 #   WARMUP=1s           warmup per run (verified, not counted)
-#   OURS_CMD=...        server under test (default: target/release/mllp-reactor serve --listen
+#   OURS_CMD=...        server under test (default: target/release/mllp-reactor serve --no-store --listen
 #                       127.0.0.1:0); run through `bash -c "exec $OURS_CMD"`, so it must exec
 #                       the server itself (its pid is used for RSS and CPU)
 #   BASELINE_CMD=...    default: target/release/examples/baseline_server 127.0.0.1:0
@@ -47,7 +47,7 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
 BASELINE_CMD=${BASELINE_CMD:-target/release/examples/baseline_server 127.0.0.1:0}
-OURS_CMD=${OURS_CMD:-target/release/mllp-reactor serve --listen 127.0.0.1:0}
+OURS_CMD=${OURS_CMD:-target/release/mllp-reactor serve --no-store --listen 127.0.0.1:0}
 RAW=${RAW:-target/e2e/e2e-$(date +%Y%m%d-%H%M%S).jsonl}
 BENCH=target/release/mllp-reactor
 # Seconds a server gets to print its address.

@@ -96,20 +96,6 @@ impl CompletionSink {
         }
     }
 
-    /// Queues a batch under one lock (and at most one wake-up); leaves `batch` empty.
-    pub(crate) fn push_all(&self, batch: &mut Vec<Completion>) {
-        if batch.is_empty() {
-            return;
-        }
-        let mut queue = lock(&self.queue);
-        let first = queue.is_empty();
-        queue.append(batch);
-        drop(queue);
-        if first {
-            self.notifier.notify();
-        }
-    }
-
     /// Moves everything queued into `into` (which the reactor keeps, so its capacity is
     /// reused and the swap allocates nothing in steady state).
     pub(crate) fn drain_into(&self, into: &mut Vec<Completion>) {

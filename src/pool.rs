@@ -1,10 +1,13 @@
 //! Handler threads: a batched job queue, `catch_unwind`, and replacement of stuck workers.
 //!
 //! The reactor hands over the jobs of one poll turn under one lock with at most one wake-up
-//! ([`Pool::submit_all`]). A woken worker takes its share of what is queued, wakes one more
-//! worker if work is left (so a burst fans out without the reactor paying a wake-up per job),
-//! runs the handler for each job, and sends the raw results back to the job's reactor in
-//! batches ([`CompletionSink::push_all`]). The connection turns results into replies and NAKs.
+//! ([`Pool::submit_all`]). A woken worker takes one job, wakes one more worker if work is left
+//! (so a burst fans out without the reactor paying a wake-up per job), and keeps taking jobs
+//! until the queue is empty before it sleeps. A worker never holds jobs it has not started:
+//! behind a handler that blocks they would wait while other workers idle. Each result goes
+//! straight back to the job's reactor ([`CompletionSink::push`]): one uncontended lock, and the
+//! reactor is woken at most once per batch of results however many arrive before it runs. The
+//! connection turns results into replies and NAKs.
 //!
 //! One pool serves every reactor of a server: each job carries where its completion goes.
 //! A pool per reactor would split the blocking-handler capacity `workers` N ways, so one busy
@@ -30,11 +33,11 @@ use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::completion::{Completion, CompletionSink, Outcome, describe, lock};
+use crate::completion::{Completion, Outcome, describe, lock};
 use crate::error::ExceptionReason;
 use crate::handler::{ConnectionId, Context, Handler, Reply};
 use crate::telemetry::Metrics;
@@ -51,14 +54,6 @@ pub(crate) struct Job {
     /// answered it with a timeout NAK, and running it now could duplicate the message.
     pub(crate) deadline: Instant,
 }
-
-/// Most jobs one worker takes at once: enough to amortize the queue lock over a burst, few
-/// enough that a slow handler delays only a handful of messages behind it.
-const TAKE_MAX: usize = 16;
-
-/// A worker hands its completions back at least this often while working through a batch, so
-/// a slow job does not hold back the replies of the fast ones before it.
-const FLUSH_EVERY: Duration = Duration::from_micros(200);
 
 /// `Slot` states, in an `AtomicU64` per worker slot.
 const SLOT_FREE: u64 = u64::MAX;
@@ -265,25 +260,22 @@ impl Shared {
             .count()
     }
 
-    /// Blocks until there is work, then takes this worker's share of it (at most
-    /// [`TAKE_MAX`]) into `into`. Returns false once the pool is closed.
-    fn next_jobs(&self, into: &mut Vec<Job>) -> bool {
+    /// Blocks until there is work, then takes one job. Returns `None` once the pool is
+    /// closed.
+    fn next_job(&self) -> Option<Job> {
         let mut queue = lock(&self.queue);
         loop {
-            if !queue.jobs.is_empty() {
-                // A fair share: spread a burst over the workers that are about to run.
-                let sharing = queue.waiting + 1;
-                let take = queue.jobs.len().div_ceil(sharing).min(TAKE_MAX);
-                into.extend(queue.jobs.drain(..take));
+            if let Some(job) = queue.jobs.pop_front() {
+                // Fan a burst out: one wake-up per job taken, not per job submitted.
                 let wake = !queue.jobs.is_empty() && queue.waiting > 0;
                 drop(queue);
                 if wake {
                     self.available.notify_one();
                 }
-                return true;
+                return Some(job);
             }
             if queue.closed {
-                return false;
+                return None;
             }
             queue.waiting += 1;
             queue = match self.available.wait(queue) {
@@ -315,64 +307,37 @@ impl Shared {
 }
 
 fn worker(shared: &Shared, slot: usize) {
-    let mut jobs = Vec::with_capacity(TAKE_MAX);
-    let mut done: Vec<Completion> = Vec::with_capacity(TAKE_MAX);
-    // The sink `done` belongs to: completions of one batch may go to several reactors.
-    let mut done_sink: Option<Arc<CompletionSink>> = None;
-    'work: while shared.next_jobs(&mut jobs) {
-        let mut flushed = Instant::now();
-        for job in jobs.drain(..) {
-            let started = Instant::now();
-            shared.metrics.handler_queue.record(
-                started
-                    .saturating_duration_since(job.cx.received_at)
-                    .as_secs_f64(),
-            );
-            let outcome = if started >= job.deadline {
-                Outcome::Expired
-            } else {
-                shared.slots[slot]
-                    .store(shared.micros_since_epoch(job.deadline), Ordering::Release);
-                shared.metrics.workers_busy.increment(1.0);
-                let outcome = call(&*shared.handler, &job.payload, &job.cx);
-                shared.metrics.workers_busy.decrement(1.0);
-                shared
-                    .metrics
-                    .handler_duration
-                    .record(started.elapsed().as_secs_f64());
-                shared.slots[slot].store(SLOT_IDLE, Ordering::Release);
-                outcome
-            };
-            if done_sink
-                .as_ref()
-                .is_some_and(|s| !Arc::ptr_eq(s, &job.cx.sink))
-            {
-                flush(&mut done_sink, &mut done);
-            }
-            done_sink.get_or_insert_with(|| Arc::clone(&job.cx.sink));
-            done.push(Completion {
-                id: job.id,
-                seq: job.seq,
-                outcome,
-            });
-            if flushed.elapsed() >= FLUSH_EVERY {
-                flush(&mut done_sink, &mut done);
-                flushed = Instant::now();
-            }
-        }
-        flush(&mut done_sink, &mut done);
+    while let Some(job) = shared.next_job() {
+        let started = Instant::now();
+        shared.metrics.handler_queue.record(
+            started
+                .saturating_duration_since(job.cx.received_at)
+                .as_secs_f64(),
+        );
+        let outcome = if started >= job.deadline {
+            Outcome::Expired
+        } else {
+            shared.slots[slot].store(shared.micros_since_epoch(job.deadline), Ordering::Release);
+            shared.metrics.workers_busy.increment(1.0);
+            let outcome = call(&*shared.handler, &job.payload, &job.cx);
+            shared.metrics.workers_busy.decrement(1.0);
+            shared
+                .metrics
+                .handler_duration
+                .record(started.elapsed().as_secs_f64());
+            shared.slots[slot].store(SLOT_IDLE, Ordering::Release);
+            outcome
+        };
+        job.cx.sink.push(Completion {
+            id: job.id,
+            seq: job.seq,
+            outcome,
+        });
         if shared.should_retire(slot) {
-            break 'work;
+            break;
         }
     }
     shared.exit(slot);
-}
-
-fn flush(sink: &mut Option<Arc<CompletionSink>>, done: &mut Vec<Completion>) {
-    if let Some(sink) = sink.take() {
-        sink.push_all(done);
-    }
-    done.clear();
 }
 
 /// Calls the handler, catching a panic; returns the raw outcome (the connection builds any

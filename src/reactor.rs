@@ -15,7 +15,7 @@
 use std::io::{self, ErrorKind, IoSlice};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -171,6 +171,9 @@ pub(crate) struct Reactor {
     pub(crate) commands: Receiver<Command>,
     pub(crate) telemetry: Telemetry,
     pub(crate) shared: Arc<Shared>,
+    /// The other reactors' command channels (on the accepting reactor only): it forwards
+    /// the shutdown once it has stopped accepting.
+    pub(crate) followers: Vec<(Sender<Command>, Arc<Notifier>)>,
 }
 
 struct Entry {
@@ -653,6 +656,13 @@ impl Loop {
             };
             any = true;
             let p = self.peer(&self.conns[key]);
+            // Events of earlier messages first (a no-reply's stop comes before the next start).
+            if !self.events.is_empty() {
+                let fresh = Instant::now();
+                for event in self.events.drain(..) {
+                    self.r.telemetry.report(&p, event, fresh);
+                }
+            }
             let system_time = SystemTime::now();
             self.r
                 .telemetry
@@ -917,6 +927,10 @@ impl Loop {
         // Stop accepting: closing the listener makes new connections fail at once.
         if let Some(mut listener) = self.r.listener.take() {
             let _ = self.r.poll.registry().deregister(&mut listener);
+        }
+        for (commands, notifier) in &self.r.followers {
+            let _ = commands.send(Command::Shutdown { grace });
+            notifier.notify();
         }
         let mut report = ShutdownReport::default();
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();

@@ -388,6 +388,11 @@ impl Builder {
             .zip(commands)
             .enumerate()
             .map(|(index, ((poll, notifier), (_, commands)))| Reactor {
+                followers: if index == 0 {
+                    control.reactors[1..].to_vec()
+                } else {
+                    Vec::new()
+                },
                 index: index as u8,
                 poll,
                 listener: listener.take(),
@@ -538,7 +543,7 @@ impl Server {
                 Ok(thread) => threads.push(thread),
                 Err(e) => {
                     // Stop the ones already running before reporting.
-                    trigger.shutdown(Duration::ZERO);
+                    trigger.shutdown_all();
                     for thread in threads {
                         let _ = thread.join();
                     }
@@ -549,7 +554,7 @@ impl Server {
         }
         let mut result = first.run(Arc::clone(&pool));
         if result.is_err() {
-            trigger.shutdown(Duration::ZERO);
+            trigger.shutdown_all();
         }
         for thread in threads {
             let other = thread
@@ -692,11 +697,23 @@ impl ShutdownTrigger {
             return report;
         }
         lock(&self.control.waiters).push(done);
-        for (commands, notifier) in &self.control.reactors {
+        // The first reactor owns the listener: it stops accepting, then tells the others, so
+        // any sign of the drain means new connections are already refused.
+        if let Some((commands, notifier)) = self.control.reactors.first() {
             let _ = commands.send(Command::Shutdown { grace });
             notifier.notify();
         }
         report
+    }
+
+    /// Tells every reactor at once (when the first may be gone: a failed start or reactor).
+    fn shutdown_all(&self) {
+        for (commands, notifier) in &self.control.reactors {
+            let _ = commands.send(Command::Shutdown {
+                grace: Duration::ZERO,
+            });
+            notifier.notify();
+        }
     }
 }
 

@@ -1,10 +1,12 @@
-//! Integration tests: one binary (saves link time on 2-core CI), one module per concern.
+//! Integration tests: one binary (saves link time on 2-core CI), one module per concern, one
+//! harness (`it/support`).
 //!
-//! Loopback and port 0 only; every blocking call has a timeout and every wait a deadline (see
-//! `it/util.rs` and `it/obs_util.rs`).
+//! Loopback and port 0 only; every blocking call has a timeout and every wait a deadline (the
+//! named timeouts of `it/support/mod.rs`). A scenario is tested once: where it has replies,
+//! observer events and metrics, the one test checks all three.
 
-#[path = "it/util.rs"]
-mod util;
+#[path = "it/support/mod.rs"]
+mod support;
 
 #[path = "it/client.rs"]
 mod client;
@@ -18,12 +20,6 @@ mod listener;
 mod load;
 #[path = "it/metrics.rs"]
 mod metrics;
-#[path = "it/net.rs"]
-mod net;
-#[path = "it/obs_util.rs"]
-mod obs_util;
-#[path = "it/observer.rs"]
-mod observer;
 #[path = "it/outcomes.rs"]
 mod outcomes;
 #[path = "it/peers.rs"]

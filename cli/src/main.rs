@@ -3,11 +3,13 @@
 
 mod addr;
 mod config;
+mod export;
 mod loadgen;
 mod logging;
 mod prometheus;
 mod send;
 mod serve;
+mod store_glue;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -39,8 +41,8 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run an MLLP server that acknowledges every message: AA for a message with a readable
-    /// MSH-10, AR for anything else (Ctrl-C / SIGTERM drain gracefully).
+    /// Run an MLLP server that stores every message, then answers AA (AR for anything
+    /// without a readable MSH-10); Ctrl-C / SIGTERM drain gracefully.
     ///
     /// Durations are written with a unit: 500ms, 60s, 5m, 1h, 1.5s.
     // A flag given twice takes the last value: `--config` puts the file's values first, so the
@@ -51,6 +53,8 @@ enum Command {
     Send(SendArgs),
     /// Drive an MLLP server with ADT^A01 messages and verify every ACK.
     Bench(BenchArgs),
+    /// Write the messages of a store to stdout, in store order (works while serve runs).
+    Export(ExportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +120,25 @@ struct ServeArgs {
     /// (e.g. `info,mllp::msg=debug`). Default: $RUST_LOG, else info. debug logs every message.
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
+    /// Store every message in this SQLite file before its AA (created if missing).
+    #[arg(long, default_value = "./mllp-reactor.db", value_name = "PATH")]
+    store: PathBuf,
+    /// Do not store messages: AA straight away (the ACK-only server, for benchmarks).
+    #[arg(long, conflicts_with = "store")]
+    no_store: bool,
+}
+
+#[derive(Debug, Args)]
+struct ExportArgs {
+    /// The store file (as given to serve --store).
+    #[arg(value_name = "STORE")]
+    store: PathBuf,
+    /// Only messages with a store id greater than this.
+    #[arg(long, default_value_t = 0, value_name = "ID")]
+    since: i64,
+    /// jsonl (one JSON object per message) or hl7 (segments as lines).
+    #[arg(long, default_value = "jsonl", value_name = "FORMAT")]
+    format: mllp_store::export::Format,
 }
 
 #[derive(Debug, Args)]
@@ -199,6 +222,7 @@ fn main() -> ExitCode {
             allow: args.allow,
             log_format: args.log_format,
             log_level: args.log_level,
+            store: (!args.no_store).then_some(args.store),
         }),
         Command::Send(args) => {
             let opts = send::SendOptions {
@@ -214,6 +238,11 @@ fn main() -> ExitCode {
             }
         }
         Command::Bench(args) => bench(&args),
+        Command::Export(args) => export::export(&export::ExportOptions {
+            store: args.store,
+            since: args.since,
+            format: args.format,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,18 +1,22 @@
-//! `mllp-reactor serve`: an MLLP server that acknowledges every message through the ACK
-//! builder: AA when the message has a readable MSH-10, AR (with an ERR segment) otherwise.
+//! `mllp-reactor serve`: an MLLP server that stores each message before its AA (or, with
+//! `--no-store`, answers at once through the ACK builder: AA when the message has a readable
+//! MSH-10, AR with an ERR segment otherwise).
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use mllp_reactor::cidr::Cidr;
 use mllp_reactor::msh::Msh;
 use mllp_reactor::proxy::ProxyMode;
-use mllp_reactor::{ConfigError, Dispatch, Reply, Server, ack, handler_fn};
+use mllp_reactor::{ConfigError, Dispatch, Handler, Reply, Server, ack, handler_fn};
+use mllp_store::{SqliteOptions, Store, StoreConfig};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::TypedDuration;
 use crate::logging::{self, LogFormat, LogObserver};
+use crate::store_glue::store_handler;
 
 /// Options of `serve`, already parsed.
 #[derive(Debug, Clone)]
@@ -37,6 +41,8 @@ pub struct ServeOptions {
     pub allow: Vec<Cidr>,
     pub log_format: LogFormat,
     pub log_level: Option<String>,
+    /// The store file; `None`: `--no-store`.
+    pub store: Option<PathBuf>,
 }
 
 /// `--proxy-protocol`: which PROXY header versions to accept.
@@ -64,30 +70,39 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         Some(addr) => Some(crate::prometheus::start(addr)?),
         None => None,
     };
-    let mut builder = Server::builder(handler_fn(|msg, cx| {
-        let reply = ack::accept(msg);
-        if Msh::parse(msg).ok().and_then(|m| m.control_id()).is_none() {
-            // `accept` gave an AR: the sender cannot be told which message is meant.
-            tracing::warn!(
-                target: "mllp::msg",
-                conn = %cx.connection_id(),
-                peer = %cx.peer_addr(),
-                seq = cx.sequence(),
-                code = "AR",
-                control_id = "",
-                reason = if Msh::parse(msg).is_ok() { "no MSH-10" } else { "no readable MSH" },
-                size = msg.len(),
-                "message rejected"
-            );
-        }
-        Ok(Reply::Send(reply))
-    }))
+    // A store file past the process's file-size limit (RLIMIT_FSIZE) must fail its commits
+    // with EFBIG (so senders get AE) instead of killing the server with SIGXFSZ.
+    signal_hook::flag::register(
+        signal_hook::consts::SIGXFSZ,
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    )
+    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let max_in_flight = opts.max_in_flight.unwrap_or(match opts.dispatch {
+        DispatchArg::Inline => mllp_reactor::DEFAULT_MAX_IN_FLIGHT_INLINE,
+        DispatchArg::Pool => mllp_reactor::DEFAULT_MAX_IN_FLIGHT_POOL,
+    });
+    let store = match &opts.store {
+        Some(path) => Some(Arc::new(
+            Store::open_sqlite(
+                path,
+                &SqliteOptions::default(),
+                store_config(opts, max_in_flight),
+            )
+            .map_err(|e| e.to_string())?,
+        )),
+        None => None,
+    };
+    let mut builder = match &store {
+        Some(store) => Server::builder(store_handler(Arc::clone(store))),
+        None => Server::builder(ack_only()),
+    }
     .idle_timeout(opts.idle_timeout.value)
     .handler_timeout(opts.handler_timeout.value)
     .frame_timeout(opts.frame_timeout.value)
     .max_message_size(opts.max_message_size)
     .max_connections(opts.max_connections)
     .max_memory(opts.max_memory)
+    .max_in_flight(max_in_flight)
     .dispatch(match opts.dispatch {
         DispatchArg::Inline => Dispatch::Inline,
         DispatchArg::Pool => Dispatch::Pool,
@@ -95,9 +110,6 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
     .observer(LogObserver);
     if let Some(n) = opts.workers {
         builder = builder.workers(n);
-    }
-    if let Some(n) = opts.max_in_flight {
-        builder = builder.max_in_flight(n);
     }
     builder = builder.reactors(opts.reactors);
     if let Some(mode) = opts.proxy_protocol {
@@ -131,6 +143,11 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
     let mut signals = Signals::new([SIGINT, SIGTERM])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     println!("listening on {}", server.local_addr());
+    if let Some(path) = &opts.store {
+        // The absolute path: "./mllp-reactor.db" does not say which directory.
+        let shown = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+        println!("storing to {}", shown.display());
+    }
     if let Some(addr) = &prometheus {
         println!("metrics on http://{addr}/metrics");
     }
@@ -179,6 +196,11 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         "stopped: {} connections closed, {finished} with a message in flight finished, {} forced",
         report.closed, report.forced
     );
+    if let Some(store) = store {
+        store
+            .close(opts.grace.value)
+            .map_err(|e| format!("store not closed cleanly: {e}"))?;
+    }
     Ok(())
 }
 
@@ -210,4 +232,37 @@ fn config_error(error: &ConfigError, opts: &ServeOptions) -> String {
         ConfigError::NoAddress => format!("--listen {} resolves to no address", opts.listen),
         other => format!("invalid configuration: {other}"),
     }
+}
+
+/// The `--no-store` handler: AA for a message with a readable MSH-10, AR (logged) otherwise.
+fn ack_only() -> impl Handler {
+    handler_fn(|msg, cx| {
+        let reply = ack::accept(msg);
+        if Msh::parse(msg).ok().and_then(|m| m.control_id()).is_none() {
+            // `accept` gave an AR: the sender cannot be told which message is meant.
+            tracing::warn!(
+                target: "mllp::msg",
+                conn = %cx.connection_id(),
+                peer = %cx.peer_addr(),
+                seq = cx.sequence(),
+                code = "AR",
+                control_id = "",
+                reason = if Msh::parse(msg).is_ok() { "no MSH-10" } else { "no readable MSH" },
+                size = msg.len(),
+                "message rejected"
+            );
+        }
+        Ok(Reply::Send(reply))
+    })
+}
+
+/// The store's queue is sized so the server's own limits always bite first: every queued
+/// record is a message in flight, so at most `max_connections` × `max_in_flight` of them and
+/// `--max-memory` bytes can be queued. When those are reached the server stops reading and TCP
+/// pushes back on senders; the store never has to refuse a message.
+fn store_config(opts: &ServeOptions, max_in_flight: usize) -> StoreConfig {
+    let mut config = StoreConfig::default();
+    config.max_queue_messages = opts.max_connections.saturating_mul(max_in_flight);
+    config.max_queue_bytes = opts.max_memory;
+    config
 }

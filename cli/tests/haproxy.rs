@@ -382,7 +382,14 @@ impl Node {
     #[track_caller]
     fn start() -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mllp-reactor"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--proxy-protocol", "v2"])
+            .args([
+                "serve",
+                "--no-store",
+                "--listen",
+                "127.0.0.1:0",
+                "--proxy-protocol",
+                "v2",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -4,9 +4,10 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 
+use mllp_reactor::Server;
 use mllp_reactor::ack::AckCode;
 
-use crate::util::{self, Event, Peer, Sockets, accept, ack_msg, assert_ack, start_observed, stop};
+use crate::support::{self, Event, Peer, Sockets, accepting, assert_ack, message, start};
 
 /// The tests here each hold thousands of descriptors, and one counts the process's: they run
 /// one at a time (other tests, a few descriptors each, may run beside them).
@@ -25,22 +26,22 @@ const THREADS: usize = 4;
 fn two_thousand_concurrent_connections_are_all_answered() {
     const CONNECTIONS: usize = 2_000; // × 2 descriptors (both ends) in this process
     let _heavy = heavy();
-    let (server, mut events) = start_observed(accept(), |b| b);
-    let addr = server.local_addr();
+    let mut server = start(Server::builder(accepting()));
+    let addr = server.addr;
     let port = addr.port();
     let connected = Arc::new(Barrier::new(THREADS + 1));
     let go = Arc::new(Barrier::new(THREADS + 1));
     let clients: Vec<_> = (0..THREADS)
         .map(|t| {
             let (connected, go) = (Arc::clone(&connected), Arc::clone(&go));
-            util::spawn(move || {
+            support::spawn(move || {
                 let mut peers: Vec<Peer> = (0..CONNECTIONS / THREADS)
                     .map(|_| Peer::connect(addr))
                     .collect();
                 connected.wait();
                 go.wait();
                 for (i, peer) in peers.iter_mut().enumerate() {
-                    peer.send_frame(&ack_msg(&format!("T{t}C{i}")));
+                    peer.send_frame(&message(&format!("T{t}C{i}")));
                 }
                 for (i, peer) in peers.iter_mut().enumerate() {
                     assert_ack(&peer.read_frame(), AckCode::AA, &format!("T{t}C{i}"));
@@ -54,15 +55,17 @@ fn two_thousand_concurrent_connections_are_all_answered() {
         .collect();
     connected.wait();
     // All of them are open on the server at the same time before any message is sent.
-    events.wait_count("connection start", CONNECTIONS, |e| {
-        matches!(e, Event::ConnStart { .. })
-    });
+    server
+        .events
+        .wait_count("connection start", CONNECTIONS, |e| {
+            matches!(e, Event::ConnectionStart(_))
+        });
     let all_open = Sockets {
         server: CONNECTIONS,
         client: CONNECTIONS,
     };
-    util::wait_until("4,000 sockets open", || {
-        util::connection_sockets(port) == all_open
+    support::wait_until("4,000 sockets open", || {
+        support::connection_sockets(port) == all_open
     });
     go.wait();
     let mut answered = 0;
@@ -70,11 +73,13 @@ fn two_thousand_concurrent_connections_are_all_answered() {
         answered += client.join().expect("every client got its ACKs").len();
     }
     assert_eq!(answered, CONNECTIONS);
-    events.wait_count("connection stop", CONNECTIONS, |e| {
-        matches!(e, Event::ConnStop { .. })
-    });
+    server
+        .events
+        .wait_count("connection stop", CONNECTIONS, |e| {
+            matches!(e, Event::ConnectionStop(_))
+        });
     assert_eq!(
-        events.count(|e| matches!(e, Event::MsgStop { .. })),
+        server.events.count(|e| matches!(e, Event::MessageStop(_))),
         CONNECTIONS
     );
     // The reactor closes each socket just after reporting its stop.
@@ -82,10 +87,10 @@ fn two_thousand_concurrent_connections_are_all_answered() {
         server: 0,
         client: 0,
     };
-    util::wait_until("every socket closed", || {
-        util::connection_sockets(port) == none
+    support::wait_until("every socket closed", || {
+        support::connection_sockets(port) == none
     });
-    let report = stop(server);
+    let report = server.stop().report;
     assert_eq!(report.closed, 0, "no connection was left for the shutdown");
 }
 
@@ -93,16 +98,16 @@ fn two_thousand_concurrent_connections_are_all_answered() {
 fn five_thousand_short_connections_leave_nothing_behind() {
     const CYCLES: usize = 5_000;
     let _heavy = heavy();
-    let (server, mut events) = start_observed(accept(), |b| b);
-    let addr = server.local_addr();
-    let fds_before = util::open_fds();
+    let mut server = start(Server::builder(accepting()));
+    let addr = server.addr;
+    let fds_before = support::open_fds();
     let clients: Vec<_> = (0..THREADS)
         .map(|t| {
-            util::spawn(move || {
+            support::spawn(move || {
                 for i in 0..CYCLES / THREADS {
                     let mut peer = Peer::connect(addr);
                     let id = format!("T{t}N{i}");
-                    peer.send_frame(&ack_msg(&id));
+                    peer.send_frame(&message(&id));
                     // Half of the peers read their ACK; the others hang up without waiting.
                     if i % 2 == 0 {
                         assert_ack(&peer.read_frame(), AckCode::AA, &id);
@@ -114,28 +119,30 @@ fn five_thousand_short_connections_leave_nothing_behind() {
     for client in clients {
         client.join().expect("client passed");
     }
-    let stopped = |e: &Event| matches!(e, Event::ConnStop { .. });
-    events.wait_count("connection stop", CYCLES, stopped);
+    let stopped = |e: &Event| matches!(e, Event::ConnectionStop(_));
+    server.events.wait_count("connection stop", CYCLES, stopped);
     assert_eq!(
-        events.count(|e| matches!(e, Event::ConnStart { .. })),
+        server
+            .events
+            .count(|e| matches!(e, Event::ConnectionStart(_))),
         CYCLES
     );
-    assert_eq!(events.count(stopped), CYCLES);
+    assert_eq!(server.events.count(stopped), CYCLES);
     // No connection is left on the server ...
-    let report = stop(server);
+    let report = server.stop().report;
     assert_eq!(report.closed, 0, "no connection was left for the shutdown");
     // ... and none of the 10,000 descriptors (both ends) is still open, counted exactly ...
     let none = Sockets {
         server: 0,
         client: 0,
     };
-    util::wait_until("every socket closed", || {
-        util::connection_sockets(addr.port()) == none
+    support::wait_until("every socket closed", || {
+        support::connection_sockets(addr.port()) == none
     });
     // ... nor, counted roughly, in the whole process: tests running beside this one hold a
     // few descriptors (up to 4,000 for a 2,000-connection test), one leaked per cycle would
     // add 5,000.
-    let fds_after = util::open_fds();
+    let fds_after = support::open_fds();
     assert!(
         fds_after < fds_before + CYCLES,
         "{fds_before} descriptors before, {fds_after} after"

@@ -1,25 +1,25 @@
-//! Handler outcomes: replies, no reply, close, errors, panics and timeouts, and
-//! what the peer gets for each.
+//! Handler outcomes: replies, no reply, close, errors, panics and timeouts, and what the
+//! peer, the observer and the metrics get for each.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use metrics_util::debugging::DebuggingRecorder;
 use mllp_reactor::ack::{self, AckCode};
+use mllp_reactor::telemetry::names::*;
 use mllp_reactor::{
-    CloseReason, Context, ExceptionReason, HandlerError, NakPolicy, Reply, handler_fn,
+    CloseReason, Context, ExceptionReason, HandlerError, NakPolicy, Reply, Server, handler_fn,
 };
 
-use crate::util::{
-    self, Counters, Event, Peer, accept_first_gated, ack_msg, assert_ack, gate, start_observed,
-    stop,
+use crate::support::{
+    self, Event, Expected, Stopped, accept_first_gated, accept_gating, assert_ack, control_id,
+    frame, gate, message, secs, start,
 };
 
 /// A handler that acts on the message's control id: `ERR*` returns an error, `PANIC*`
 /// panics, `NOREPLY*`, `CLOSE*` and `BYE*` return those replies, anything else is accepted.
 fn by_control_id(msg: &Bytes, _cx: &Context) -> Result<Reply, HandlerError> {
-    let id = util::control_id(msg);
+    let id = control_id(msg);
     if id.starts_with("ERR") {
         Err(format!("cannot store {id}").into())
     } else if id.starts_with("PANIC") {
@@ -35,209 +35,284 @@ fn by_control_id(msg: &Bytes, _cx: &Context) -> Result<Reply, HandlerError> {
     }
 }
 
-/// Sends `failing`, expects an AE NAK quoting it and the exception `reason`, then checks the
-/// connection still answers.
+/// Sends `failing`, expects an AE NAK quoting it, then checks the connection still answers;
+/// then checks the exact events (an exception with `reason` and `detail`, no message stop)
+/// and metrics (handler outcome `outcome`, one AE NAK). Returns the NAK.
 #[track_caller]
-fn failure_is_naked(failing: &str, reason: ExceptionReason) {
-    let (server, mut events) = start_observed(handler_fn(by_control_id), |b| b);
-    let mut peer = Peer::connect(server.local_addr());
-    let nak = peer.roundtrip(&ack_msg(failing));
+fn failure_is_naked(
+    failing: &str,
+    reason: ExceptionReason,
+    outcome: &str,
+    detail: &str,
+) -> Vec<u8> {
+    let server = start(Server::builder(handler_fn(by_control_id)));
+    let addr = server.addr;
+    let (bad, good) = (message(failing), message("NEXT"));
+    let mut client = server.connect();
+    let me = client.local_addr();
+    let nak = client.roundtrip(&bad);
     assert_ack(&nak, AckCode::AE, failing);
-    assert_ack(&peer.roundtrip(&ack_msg("NEXT")), AckCode::AA, "NEXT");
-    let me = peer.local_addr();
-    let exception = events.wait("exception", |e| {
-        matches!(e, Event::MsgException { .. }) && e.peer() == me
-    });
-    assert!(
-        matches!(exception, Event::MsgException { seq: Some(0), reason: r, .. } if r == reason),
-        "{exception:?}"
+    // The connection stays open and serves the next message.
+    let reply = client.roundtrip(&good);
+    assert_ack(&reply, AckCode::AA, "NEXT");
+    client.finish();
+    let Stopped {
+        metrics,
+        mut events,
+        ..
+    } = server.stop();
+
+    let id = events.started(me, addr).connection;
+    let msg = events.message_start();
+    assert_eq!(
+        (msg.connection, msg.sequence, msg.message_size),
+        (id, 0, bad.len())
     );
-    drop(peer);
-    events.expect_close(me, CloseReason::PeerClosed);
-    stop(server);
+    let failed = events.message_exception();
+    assert_eq!(failed.connection, id);
+    assert_eq!((failed.peer, failed.local), (me, addr));
+    assert_eq!(failed.reason, reason);
+    assert_eq!(failed.sequence, Some(0));
+    assert_eq!(failed.message_size, bad.len());
+    assert_eq!(failed.detail.as_deref(), Some(detail));
+    events.answered(id, 1, good.len(), Some(reply.len()));
+    events.stopped(id, CloseReason::PeerClosed);
+    events.assert_drained();
+
+    let expected = Expected::new()
+        .accepted(1)
+        .naked(&bad, &nak, outcome)
+        .handled_timings(1)
+        .replied(&good, &reply)
+        .closed(CloseReason::PeerClosed, 1);
+    metrics.assert_exactly(&expected);
+    nak
 }
 
 #[test]
 fn handler_error_gets_an_ae_nak_and_the_connection_goes_on() {
-    failure_is_naked("ERR1", ExceptionReason::HandlerError);
-}
-
-#[test]
-fn handler_panic_gets_an_ae_nak_and_the_connection_goes_on() {
-    failure_is_naked("PANIC1", ExceptionReason::Panic);
-}
-
-#[test]
-fn handler_error_text_stays_private_by_default() {
-    let (server, _events) = start_observed(handler_fn(by_control_id), |b| b);
-    let mut peer = Peer::connect(server.local_addr());
-    let nak = peer.roundtrip(&ack_msg("ERR2"));
+    let nak = failure_is_naked(
+        "ERR1",
+        ExceptionReason::HandlerError,
+        "error",
+        "cannot store ERR1",
+    );
+    // The error's text reaches the observer, not the peer (unless exposed, below).
     let text = ack::parse(&nak).unwrap().text.expect("MSA-3").to_vec();
     assert_eq!(text, b"application error", "{:?}", Bytes::from(nak));
-    stop(server);
 }
 
 #[test]
 fn handler_error_text_reaches_the_nak_when_exposed() {
-    let (server, _events) =
-        start_observed(handler_fn(by_control_id), |b| b.expose_handler_errors(true));
-    let mut peer = Peer::connect(server.local_addr());
-    let nak = peer.roundtrip(&ack_msg("ERR2"));
+    let server = start(Server::builder(handler_fn(by_control_id)).expose_handler_errors(true));
+    let mut peer = server.connect();
+    let nak = peer.roundtrip(&message("ERR2"));
+    assert_ack(&nak, AckCode::AE, "ERR2");
     let text = ack::parse(&nak).unwrap().text.expect("MSA-3").to_vec();
     assert!(
         String::from_utf8_lossy(&text).contains("cannot store ERR2"),
         "{:?}",
         Bytes::from(nak)
     );
-    stop(server);
+    server.stop();
+}
+
+#[test]
+fn handler_panic_gets_an_ae_nak_and_the_connection_goes_on() {
+    failure_is_naked(
+        "PANIC1",
+        ExceptionReason::Panic,
+        "panic",
+        "handler panicked on PANIC1",
+    );
 }
 
 #[test]
 fn handler_timeout_gets_an_ae_nak_and_the_late_result_is_discarded() {
+    // One worker and no replacements: NEXT waits for the stuck worker, which sends its late
+    // result before taking NEXT. Completions arrive in order, so reading NEXT's ACK proves
+    // the late result was processed (and not written). The timeout also bounds how soon the
+    // released worker must reach NEXT, so it is generous for a loaded 2-core machine.
+    let timeout = Duration::from_secs(2);
     let (gate, control) = gate();
-    let (server, mut events) = start_observed(accept_first_gated(gate), |b| {
-        b.handler_timeout(Duration::from_millis(300)).workers(2)
-    });
-    let mut peer = Peer::connect(server.local_addr());
-    peer.send_frame(&ack_msg("SLOW"));
-    control.wait_entered();
-    assert_ack(&peer.read_frame(), AckCode::AE, "SLOW");
-    // The connection is usable while the first handler is still stuck.
-    assert_ack(&peer.roundtrip(&ack_msg("NEXT1")), AckCode::AA, "NEXT1");
+    let builder = Server::builder(accept_gating("STUCK", gate))
+        .handler_timeout(timeout)
+        .workers(1)
+        .max_extra_workers(0);
+    let server = start(builder);
+    let addr = server.addr;
+    let (stuck, next) = (message("STUCK"), message("NEXT"));
+    let mut client = server.connect();
+    let me = client.local_addr();
+    let nak = client.roundtrip(&stuck);
+    assert_ack(&nak, AckCode::AE, "STUCK");
+    client.send_frame(&next);
     control.release();
-    // The stuck handler's AA for SLOW is never sent: the next frame answers NEXT2.
-    assert_ack(&peer.roundtrip(&ack_msg("NEXT2")), AckCode::AA, "NEXT2");
-    let me = peer.local_addr();
-    events.wait("timeout exception", |e| {
-        matches!(
-            e,
-            Event::MsgException {
-                seq: Some(0),
-                reason: ExceptionReason::HandlerTimeout,
-                ..
-            }
-        ) && e.peer() == me
-    });
+    // The stuck handler's AA for STUCK is never sent: the next frame answers NEXT.
+    let reply = client.read_frame();
+    assert_ack(&reply, AckCode::AA, "NEXT");
+    client.finish();
+    let Stopped {
+        report,
+        metrics,
+        mut events,
+    } = server.stop();
+    assert_eq!(report.workers_stuck, 0);
+
+    let id = events.started(me, addr).connection;
+    let msg = events.message_start();
     assert_eq!(
-        events.count(|e| matches!(e, Event::MsgStop { seq: 0, .. }) && e.peer() == me),
-        0
+        (msg.connection, msg.sequence, msg.message_size),
+        (id, 0, stuck.len())
     );
-    stop(server);
+    let failed = events.message_exception();
+    assert_eq!((failed.connection, failed.sequence), (id, Some(0)));
+    assert_eq!(failed.reason, ExceptionReason::HandlerTimeout);
+    assert_eq!(failed.message_size, stuck.len());
+    assert_eq!(failed.detail, None);
+    assert!(
+        failed.duration >= timeout,
+        "timed out after {:?}",
+        failed.duration
+    );
+    // The late result gives no event.
+    events.answered(id, 1, next.len(), Some(reply.len()));
+    events.stopped(id, CloseReason::PeerClosed);
+    events.assert_drained();
+
+    let expected = Expected::new()
+        .accepted(1)
+        .naked(&stuck, &nak, "timeout")
+        .counter(LATE_RESULTS, &[], 1)
+        // The stuck handler's run time is recorded when it returns.
+        .handled_timings(1)
+        .replied(&next, &reply)
+        .closed(CloseReason::PeerClosed, 1);
+    metrics.assert_exactly(&expected);
+    let run_times = metrics.histogram(HANDLER_DURATION);
+    assert!(
+        run_times.iter().any(|&t| t >= secs(timeout)),
+        "the stuck handler ran past the timeout: {run_times:?}"
+    );
 }
 
 #[test]
 fn silent_policy_sends_nothing_on_failure() {
-    let (server, mut events) = start_observed(handler_fn(by_control_id), |b| {
-        b.nak_policy(NakPolicy::Silent)
-    });
-    let mut peer = Peer::connect(server.local_addr());
-    peer.send_frame(&ack_msg("ERR3"));
+    let mut server =
+        start(Server::builder(handler_fn(by_control_id)).nak_policy(NakPolicy::Silent));
+    let mut peer = server.connect();
+    peer.send_frame(&message("ERR3"));
     let me = peer.local_addr();
-    events.wait("exception", |e| {
-        matches!(e, Event::MsgException { .. }) && e.peer() == me
+    server.events.wait("exception", |e| {
+        matches!(e, Event::MessageException(_)) && e.peer() == me
     });
-    peer.send_frame(&ack_msg("PANIC3"));
+    peer.send_frame(&message("PANIC3"));
     // The first frame to come back answers the message after both failures.
-    assert_ack(&peer.roundtrip(&ack_msg("OK3")), AckCode::AA, "OK3");
+    assert_ack(&peer.roundtrip(&message("OK3")), AckCode::AA, "OK3");
     assert_eq!(
-        events.count(|e| matches!(e, Event::MsgException { .. }) && e.peer() == me),
+        server
+            .events
+            .count(|e| matches!(e, Event::MessageException(_)) && e.peer() == me),
         2
     );
-    stop(server);
+    server.stop();
 }
 
 #[test]
 fn no_reply_sends_nothing_and_keeps_the_connection() {
-    let (server, mut events) = start_observed(handler_fn(by_control_id), |b| b);
-    let mut peer = Peer::connect(server.local_addr());
-    peer.send_frame(&ack_msg("NOREPLY1"));
-    assert_ack(&peer.roundtrip(&ack_msg("OK4")), AckCode::AA, "OK4");
+    let mut server = start(Server::builder(handler_fn(by_control_id)));
+    let addr = server.addr;
+    let mut peer = server.connect();
     let me = peer.local_addr();
-    // Counted as handled (message stop without a response), not as an exception.
-    events.wait("message stop", |e| {
-        matches!(
-            e,
-            Event::MsgStop {
-                seq: 0,
-                response_size: None,
-                ..
-            }
-        ) && e.peer() == me
+    let (quiet, ok) = (message("NOREPLY1"), message("OK4"));
+    peer.send_frame(&quiet);
+    // Nothing comes back to wait for: the message stop is the signal.
+    server.events.wait("the no-reply message's stop", |e| {
+        matches!(e, Event::MessageStop(_)) && e.peer() == me
     });
-    assert_eq!(
-        events.count(|e| matches!(e, Event::MsgException { .. }) && e.peer() == me),
-        0
-    );
-    stop(server);
+    let reply = peer.roundtrip(&ok);
+    assert_ack(&reply, AckCode::AA, "OK4");
+    peer.finish();
+    let mut events = server.stop().events;
+
+    // Handled (a message stop without a response size), not an exception.
+    let id = events.started(me, addr).connection;
+    events.answered(id, 0, quiet.len(), None);
+    events.answered(id, 1, ok.len(), Some(reply.len()));
+    events.stopped(id, CloseReason::PeerClosed);
+    events.assert_drained();
 }
 
 #[test]
 fn close_reply_closes_without_sending() {
-    let (server, mut events) = start_observed(handler_fn(by_control_id), |b| b);
-    let mut peer = Peer::connect(server.local_addr());
-    let mut wire = util::frame(&ack_msg("CLOSE1"));
+    let mut server = start(Server::builder(handler_fn(by_control_id)));
+    let mut peer = server.connect();
+    let mut wire = frame(&message("CLOSE1"));
     // A message pipelined behind it is never dispatched.
-    wire.extend(util::frame(&ack_msg("AFTER")));
+    wire.extend(frame(&message("AFTER")));
     peer.send(&wire);
     peer.expect_closed();
     let me = peer.local_addr();
-    events.expect_close(me, CloseReason::ClosedByHandler);
+    server.events.expect_close(me, CloseReason::ClosedByHandler);
     assert_eq!(
-        events.count(|e| matches!(e, Event::MsgStart { .. }) && e.peer() == me),
+        server
+            .events
+            .count(|e| matches!(e, Event::MessageStart(_)) && e.peer() == me),
         1
     );
-    stop(server);
+    server.stop();
 }
 
 #[test]
 fn send_and_close_sends_then_closes() {
-    let (server, mut events) = start_observed(handler_fn(by_control_id), |b| b);
-    let mut peer = Peer::connect(server.local_addr());
-    assert_ack(&peer.roundtrip(&ack_msg("BYE1")), AckCode::AA, "BYE1");
-    peer.expect_closed();
-    events.expect_close(peer.local_addr(), CloseReason::ClosedByHandler);
-    stop(server);
+    let mut server = start(Server::builder(handler_fn(by_control_id)));
+    let mut peer = server.connect();
+    let payload = message("BYE1");
+    let reply = peer.roundtrip(&payload);
+    assert_ack(&reply, AckCode::AA, "BYE1");
+    assert!(peer.read_to_eof().is_empty());
+    server
+        .events
+        .expect_close(peer.local_addr(), CloseReason::ClosedByHandler);
+    let expected = Expected::new()
+        .accepted(1)
+        .replied(&payload, &reply)
+        .closed(CloseReason::ClosedByHandler, 1);
+    server.stop().metrics.assert_exactly(&expected);
 }
 
 #[test]
 fn all_workers_stuck_a_replacement_serves_others() {
-    let recorder = DebuggingRecorder::new();
-    let mut counters = Counters::new(recorder.snapshotter());
     let (gate, control) = gate();
-    let (observer, mut events) = util::observer();
-    let server = metrics::with_local_recorder(&recorder, || {
-        mllp_reactor::Server::builder(accept_first_gated(gate))
+    let server = start(
+        Server::builder(accept_first_gated(gate))
             .workers(1)
-            .handler_timeout(Duration::from_millis(300))
-            .observer(observer)
-            .bind("127.0.0.1:0")
-            .expect("bind")
-    })
-    .spawn()
-    .expect("spawn");
-    let addr = server.local_addr();
-    let mut stuck = Peer::connect(addr);
-    stuck.send_frame(&ack_msg("HANG"));
+            .handler_timeout(support::SHORT),
+    );
+    let mut stuck = server.connect();
+    stuck.send_frame(&message("HANG"));
     control.wait_entered();
     // The only worker is stuck; after the handler timeout the sender gets its AE ...
     assert_ack(&stuck.read_frame(), AckCode::AE, "HANG");
     // ... and a replacement worker serves another connection ...
-    let mut other = Peer::connect(addr);
-    assert_ack(&other.roundtrip(&ack_msg("OTHER")), AckCode::AA, "OTHER");
+    let mut other = server.connect();
+    assert_ack(&other.roundtrip(&message("OTHER")), AckCode::AA, "OTHER");
     // ... and the stuck one's.
-    assert_ack(&stuck.roundtrip(&ack_msg("AGAIN")), AckCode::AA, "AGAIN");
+    assert_ack(&stuck.roundtrip(&message("AGAIN")), AckCode::AA, "AGAIN");
     control.release();
-    assert_eq!(counters.wait_for("mllp_handler_late_results_total", 1), 1);
-    assert_eq!(counters.get("mllp_workers_replaced_total"), 1);
+    assert_eq!(server.wait_counter(LATE_RESULTS, &[], 1), 1);
+    assert_eq!(server.metrics().counter(WORKERS_REPLACED, &[]), 1);
     // The late AA for HANG never reaches the wire.
-    assert_ack(&stuck.roundtrip(&ack_msg("LAST")), AckCode::AA, "LAST");
+    assert_ack(&stuck.roundtrip(&message("LAST")), AckCode::AA, "LAST");
     let me = stuck.local_addr();
+    let mut stopped = server.stop();
     assert_eq!(
-        events.count(|e| matches!(e, Event::MsgStop { seq: 0, .. }) && e.peer() == me),
+        stopped
+            .events
+            .count(|e| matches!(e, Event::MessageStop(m) if m.sequence == 0) && e.peer() == me),
         0
     );
-    let report = stop(server);
-    assert_eq!(report.workers_stuck, 0);
+    assert_eq!(stopped.report.workers_stuck, 0);
 }
 
 #[test]
@@ -245,74 +320,84 @@ fn queued_message_times_out_while_the_worker_is_stuck_and_is_never_run() {
     // One worker and no replacements: a message queued behind a stuck handler is answered by
     // the timeout, and the worker, once free, must not run it (its sender already has an AE).
     let (gate, control) = gate();
-    let ran = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let ran = Arc::new(Mutex::new(Vec::<String>::new()));
     let log = Arc::clone(&ran);
-    let (server, _events) = start_observed(
-        handler_fn(move |msg, _| {
-            let id = util::control_id(msg);
+    let server = start(
+        Server::builder(handler_fn(move |msg, _| {
+            let id = control_id(msg);
             log.lock().unwrap().push(id.clone());
             if id == "HANG" {
                 gate.block();
             }
             Ok(Reply::Send(ack::accept(msg)))
-        }),
-        |b| {
-            b.workers(1)
-                .max_extra_workers(0)
-                .handler_timeout(Duration::from_millis(300))
-        },
+        }))
+        .workers(1)
+        .max_extra_workers(0)
+        .handler_timeout(support::SHORT),
     );
-    let addr = server.local_addr();
-    let mut stuck = Peer::connect(addr);
-    stuck.send_frame(&ack_msg("HANG"));
+    let mut stuck = server.connect();
+    stuck.send_frame(&message("HANG"));
     control.wait_entered();
-    let mut queued = Peer::connect(addr);
-    assert_ack(&queued.roundtrip(&ack_msg("QUEUED")), AckCode::AE, "QUEUED");
+    let mut queued = server.connect();
+    assert_ack(&queued.roundtrip(&message("QUEUED")), AckCode::AE, "QUEUED");
     assert_ack(&stuck.read_frame(), AckCode::AE, "HANG");
     control.release();
     // Once the worker is back, new messages are served again.
-    assert_ack(&queued.roundtrip(&ack_msg("LATER")), AckCode::AA, "LATER");
+    assert_ack(&queued.roundtrip(&message("LATER")), AckCode::AA, "LATER");
     assert_eq!(*ran.lock().unwrap(), ["HANG", "LATER"]);
-    stop(server);
+    server.stop();
 }
 
 #[test]
-fn replacement_starts_for_a_job_that_waited_in_the_queue_before_hanging() {
-    // The hanging job waits 500 ms behind another before a worker takes it, so when its
-    // 2 s deadline passes the worker has run it for only about 1.5 s. It is stuck all
-    // the same (its message is past its deadline): a replacement must start then, or every
-    // other connection's messages time out behind it.
-    let (gate, control) = gate();
-    let (busy_tx, busy) = std::sync::mpsc::channel::<()>();
-    let busy_tx = std::sync::Mutex::new(busy_tx);
-    let server = util::start_with(
-        handler_fn(move |msg, _| {
-            match util::control_id(msg).as_str() {
-                "BUSY" => {
-                    busy_tx.lock().unwrap().send(()).unwrap();
-                    // Generous against the 2 s deadline: a loaded 2-core machine must not
-                    // time this one out.
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                "HANG" => gate.block(),
-                _ => {}
-            }
-            Ok(Reply::Send(ack::accept(msg)))
-        }),
-        |b| b.workers(1).handler_timeout(Duration::from_secs(2)),
+fn handler_timeout_after_a_queue_wait_still_replaces_the_worker() {
+    // The handler timeout runs from dispatch, so a message that waited in the queue behind
+    // another times out while its handler has run for less than `handler_timeout`. The pool
+    // must still count that worker as stuck and start a replacement, or every other
+    // connection's messages wait behind it and time out too.
+    let timeout = Duration::from_millis(1000);
+    let (slow_gate, slow) = gate();
+    let (stuck_gate, stuck) = gate();
+    let handler = handler_fn(move |msg, _| {
+        match control_id(msg).as_str() {
+            "SLOW" => slow_gate.block(),
+            "STUCK" => stuck_gate.block(),
+            _ => {}
+        }
+        Ok(Reply::Send(ack::accept(msg)))
+    });
+    let mut server = start(Server::builder(handler).handler_timeout(timeout).workers(1));
+    let mut x = server.connect();
+    x.send_frame(&message("SLOW"));
+    slow.wait_entered();
+    let mut y = server.connect();
+    let y_addr = y.local_addr();
+    y.send_frame(&message("STUCK"));
+    server.events.wait("STUCK's message start", |e| {
+        matches!(e, Event::MessageStart(_)) && e.peer() == y_addr
+    });
+    // Not a synchronisation: this is the queue wait under test. STUCK waits behind SLOW for
+    // half its timeout, and SLOW still finishes well within its own.
+    std::thread::sleep(timeout / 2);
+    slow.release();
+    assert_ack(&x.read_frame(), AckCode::AA, "SLOW");
+    stuck.wait_entered();
+    assert_ack(&y.read_frame(), AckCode::AE, "STUCK");
+    // The replacement serves the next message, and another connection's, while STUCK's
+    // worker is still blocked.
+    assert_ack(&y.roundtrip(&message("NEXT")), AckCode::AA, "NEXT");
+    let mut other = server.connect();
+    assert_ack(&other.roundtrip(&message("OTHER")), AckCode::AA, "OTHER");
+    x.finish();
+    y.finish();
+    other.finish();
+    let stopped = server.stop_within(Duration::from_millis(100));
+    stuck.release();
+    assert_eq!(stopped.metrics.counter(WORKERS_REPLACED, &[]), 1);
+    assert_eq!(
+        stopped
+            .metrics
+            .counter(MESSAGES_HANDLED, &[("outcome", "timeout")]),
+        1
     );
-    let addr = server.local_addr();
-    let mut first = Peer::connect(addr);
-    let mut hang = Peer::connect(addr);
-    first.send_frame(&ack_msg("BUSY"));
-    busy.recv_timeout(util::WAIT)
-        .expect("the busy handler started");
-    hang.send_frame(&ack_msg("HANG"));
-    assert_ack(&first.read_frame(), AckCode::AA, "BUSY");
-    control.wait_entered();
-    assert_ack(&hang.read_frame(), AckCode::AE, "HANG");
-    let mut other = Peer::connect(addr);
-    assert_ack(&other.roundtrip(&ack_msg("OTHER")), AckCode::AA, "OTHER");
-    control.release();
-    stop(server);
+    assert_eq!(stopped.report.workers_stuck, 1);
 }

@@ -8,29 +8,14 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use metrics_util::debugging::DebuggingRecorder;
 use mllp_reactor::ack::{self, AckCode};
 use mllp_reactor::telemetry::names;
-use mllp_reactor::{Builder, Dispatch, Reply, ReplyHandle, Server, ServerHandle, handler_fn};
+use mllp_reactor::{Dispatch, Reply, ReplyHandle, Server, handler_fn};
 
-use crate::util::{
-    Counters, GRACE, IO_TIMEOUT, Peer, WAIT, ack_msg, assert_ack, control_id, frame, start_with,
-    stop,
+use crate::support::{
+    self, Event, IO_TIMEOUT, Peer, WAIT, accepting, assert_ack, control_id, frame, gate, message,
+    start, start_with_own_observer,
 };
-
-/// Binds inside a local `DebuggingRecorder` so the test can read counters.
-fn start_counted(
-    handler: impl mllp_reactor::Handler,
-    tweak: impl FnOnce(Builder) -> Builder,
-) -> (ServerHandle, Counters) {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let server = metrics::with_local_recorder(&recorder, || {
-        tweak(crate::util::with_test_reactors(Server::builder(handler))).bind("127.0.0.1:0")
-    })
-    .expect("bind");
-    (server.spawn().expect("spawn"), Counters::new(snapshotter))
-}
 
 /// Reads `n` frames and returns their control ids (MSA-2) in order.
 #[track_caller]
@@ -56,11 +41,11 @@ fn deferred_replies_completed_out_of_order_from_several_threads_are_written_in_o
         tx.lock().unwrap().send((cx.defer(), msg.clone())).unwrap();
         Ok(Reply::Deferred)
     });
-    let server = start_with(handler, |b| b.dispatch(Dispatch::Inline));
-    let mut peer = Peer::connect(server.local_addr());
+    let server = start(Server::builder(handler).dispatch(Dispatch::Inline));
+    let mut peer = server.connect();
     let mut wire = Vec::new();
     for i in 0..N {
-        wire.extend(frame(&ack_msg(&format!("D{i}"))));
+        wire.extend(frame(&message(&format!("D{i}"))));
     }
     peer.send(&wire);
     // Collect every handle (all N are in flight at once: max_in_flight 64), then complete
@@ -89,7 +74,7 @@ fn deferred_replies_completed_out_of_order_from_several_threads_are_written_in_o
     let acks = read_acks(&mut peer, N);
     let want: Vec<_> = (0..N).map(|i| (AckCode::AA, format!("D{i}"))).collect();
     assert_eq!(acks, want);
-    stop(server);
+    server.stop();
 }
 
 #[test]
@@ -98,24 +83,25 @@ fn a_dropped_reply_handle_gets_an_ae() {
         drop(cx.defer());
         Ok(Reply::Deferred)
     });
-    let server = start_with(handler, |b| b.dispatch(Dispatch::Pool));
-    let mut peer = Peer::connect(server.local_addr());
-    let reply = peer.roundtrip(&ack_msg("DROP1"));
+    let server = start(Server::builder(handler).dispatch(Dispatch::Pool));
+    let mut peer = server.connect();
+    let reply = peer.roundtrip(&message("DROP1"));
     assert_ack(&reply, AckCode::AE, "DROP1");
-    stop(server);
+    server.stop();
 }
 
 #[test]
 fn deferred_without_a_handle_gets_an_ae_at_once() {
     let handler = handler_fn(|_msg, _cx| Ok(Reply::Deferred));
-    let server = start_with(handler, |b| {
-        b.dispatch(Dispatch::Inline)
-            .handler_timeout(Duration::from_secs(3600))
-    });
-    let mut peer = Peer::connect(server.local_addr());
-    let reply = peer.roundtrip(&ack_msg("NOHANDLE"));
+    let server = start(
+        Server::builder(handler)
+            .dispatch(Dispatch::Inline)
+            .handler_timeout(Duration::from_secs(3600)),
+    );
+    let mut peer = server.connect();
+    let reply = peer.roundtrip(&message("NOHANDLE"));
     assert_ack(&reply, AckCode::AE, "NOHANDLE");
-    stop(server);
+    server.stop();
 }
 
 #[test]
@@ -126,34 +112,35 @@ fn a_completion_after_the_deadline_is_counted_and_never_written() {
         tx.lock().unwrap().send((cx.defer(), msg.clone())).unwrap();
         Ok(Reply::Deferred)
     });
-    let (server, mut counters) = start_counted(handler, |b| {
-        b.dispatch(Dispatch::Inline)
-            .handler_timeout(Duration::from_millis(200))
-    });
-    let mut peer = Peer::connect(server.local_addr());
-    peer.send(&frame(&ack_msg("LATE1")));
+    let server = start(
+        Server::builder(handler)
+            .dispatch(Dispatch::Inline)
+            .handler_timeout(Duration::from_millis(200)),
+    );
+    let mut peer = server.connect();
+    peer.send(&frame(&message("LATE1")));
     let (handle, msg) = rx.recv_timeout(WAIT).expect("dispatched");
     // The deadline answers with AE first.
     assert_ack(&peer.read_frame(), AckCode::AE, "LATE1");
     handle.send(Reply::Send(ack::accept(&msg)));
-    assert_eq!(counters.wait_for(names::LATE_RESULTS, 1), 1);
+    assert_eq!(server.wait_counter(names::LATE_RESULTS, &[], 1), 1);
     // The late AA never reaches the wire: the next reply is the next message's.
-    peer.send(&frame(&ack_msg("NEXT")));
+    peer.send(&frame(&message("NEXT")));
     let (handle, msg) = rx.recv_timeout(WAIT).expect("dispatched");
     handle.send(Reply::Send(ack::accept(&msg)));
     assert_ack(&peer.read_frame(), AckCode::AA, "NEXT");
-    stop(server);
+    server.stop();
 }
 
 #[test]
 fn a_thousand_pipelined_messages_in_one_write_get_in_order_acks_in_few_writes() {
     const N: usize = 1000;
     let handler = handler_fn(|msg, _cx| Ok(Reply::Send(ack::accept(msg))));
-    let (server, mut counters) = start_counted(handler, |b| b.dispatch(Dispatch::Inline));
-    let mut peer = Peer::connect(server.local_addr());
+    let server = start(Server::builder(handler).dispatch(Dispatch::Inline));
+    let mut peer = server.connect();
     let mut wire = Vec::new();
     for i in 0..N {
-        wire.extend(frame(&ack_msg(&format!("P{i}"))));
+        wire.extend(frame(&message(&format!("P{i}"))));
     }
     // One write; a reader thread keeps up so neither side blocks on full buffers.
     let mut writer = peer.stream.try_clone().unwrap();
@@ -162,12 +149,12 @@ fn a_thousand_pipelined_messages_in_one_write_get_in_order_acks_in_few_writes() 
     sender.join().unwrap();
     let want: Vec<_> = (0..N).map(|i| (AckCode::AA, format!("P{i}"))).collect();
     assert_eq!(acks, want);
-    let writes = counters.get(names::SOCKET_WRITES);
+    let writes = server.metrics().counter(names::SOCKET_WRITES, &[]);
     assert!(
         writes <= (N / 10) as u64,
         "{writes} writes for {N} replies: replies are not batched"
     );
-    stop(server);
+    server.stop();
 }
 
 #[test]
@@ -181,25 +168,19 @@ fn at_max_in_flight_reading_stops_and_memory_stays_bounded() {
         h.lock().unwrap().push(cx.defer());
         Ok(Reply::Deferred)
     });
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let server = metrics::with_local_recorder(&recorder, || {
-        crate::util::with_test_reactors(Server::builder(handler))
+    let server = start(
+        Server::builder(handler)
             .dispatch(Dispatch::Inline)
             .max_in_flight(IN_FLIGHT)
             .read_ahead(16 * 1024)
-            .handler_timeout(Duration::from_secs(3600))
-            .bind("127.0.0.1:0")
-    })
-    .expect("bind")
-    .spawn()
-    .expect("spawn");
-    let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+            .handler_timeout(Duration::from_secs(3600)),
+    );
+    let mut stream = TcpStream::connect(server.addr).unwrap();
     stream
         .set_write_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     // Write until the kernel buffers fill: the server must stop reading, so a write times out.
-    let message = frame(&ack_msg("FLOOD"));
+    let message = frame(&message("FLOOD"));
     let deadline = Instant::now() + WAIT;
     let mut sent = 0usize;
     loop {
@@ -220,7 +201,7 @@ fn at_max_in_flight_reading_stops_and_memory_stays_bounded() {
             "the server kept reading {sent} bytes"
         );
     }
-    crate::util::wait_until("the handler got max_in_flight messages", || {
+    support::wait_until("the handler got max_in_flight messages", || {
         calls.load(Ordering::SeqCst) >= IN_FLIGHT
     });
     assert_eq!(
@@ -228,14 +209,7 @@ fn at_max_in_flight_reading_stops_and_memory_stays_bounded() {
         IN_FLIGHT,
         "no more than max_in_flight dispatched"
     );
-    let mut buffered = 0.0;
-    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
-        if key.key().name() == names::BUFFERED_BYTES
-            && let metrics_util::debugging::DebugValue::Gauge(v) = value
-        {
-            buffered = v.into_inner();
-        }
-    }
+    let buffered = server.metrics().gauge(names::BUFFERED_BYTES);
     // In flight: 4 messages; read ahead: 16 KiB plus one 64 KiB read.
     let bound = (IN_FLIGHT * message.len() + 16 * 1024 + 64 * 1024) as f64 * 2.0;
     assert!(
@@ -246,12 +220,12 @@ fn at_max_in_flight_reading_stops_and_memory_stays_bounded() {
     for handle in held.lock().unwrap().drain(..) {
         handle.send(Reply::NoReply);
     }
-    crate::util::wait_until("reading resumed", || {
+    support::wait_until("reading resumed", || {
         calls.load(Ordering::SeqCst) > IN_FLIGHT
     });
     drop(stream);
     held.lock().unwrap().clear();
-    server.shutdown(GRACE).unwrap();
+    server.stop();
 }
 
 #[test]
@@ -268,12 +242,11 @@ fn pool_mode_stays_strictly_serial() {
         a.fetch_sub(1, Ordering::SeqCst);
         Ok(Reply::Send(ack::accept(msg)))
     });
-    let (server, events) =
-        crate::util::start_observed(handler, |b| b.dispatch(Dispatch::Pool).workers(4));
-    let mut peer = Peer::connect(server.local_addr());
+    let mut server = start(Server::builder(handler).dispatch(Dispatch::Pool).workers(4));
+    let mut peer = server.connect();
     let mut wire = Vec::new();
     for i in 0..20 {
-        wire.extend(frame(&ack_msg(&format!("S{i}"))));
+        wire.extend(frame(&message(&format!("S{i}"))));
     }
     peer.send(&wire);
     let acks = read_acks(&mut peer, 20);
@@ -285,90 +258,91 @@ fn pool_mode_stays_strictly_serial() {
         "handler calls overlapped"
     );
     // Strictly serial: each message starts only after the previous one stopped.
-    let mut events = events;
-    events.wait_count("20 message stops", 20, |e| {
-        matches!(e, crate::util::Event::MsgStop { .. })
+    server.events.wait_count("20 message stops", 20, |e| {
+        matches!(e, Event::MessageStop(_))
     });
     let mut last = None;
-    for event in &events.seen {
+    for event in server.events.of(peer.local_addr()) {
         match event {
-            crate::util::Event::MsgStart { seq, .. } => {
+            Event::MessageStart(start) => {
+                let seq = start.sequence;
                 assert_eq!(last, seq.checked_sub(1), "message {seq} started early");
             }
-            crate::util::Event::MsgStop { seq, .. } => last = Some(*seq),
+            Event::MessageStop(stop) => last = Some(stop.sequence),
             _ => {}
         }
     }
-    stop(server);
+    server.stop();
 }
 
 #[test]
 fn issue_9_jobs_of_closed_connections_never_run() {
-    let (release, released) = mpsc::channel::<()>();
-    let released = Mutex::new(released);
+    let (gate, control) = gate();
     let ran = Arc::new(Mutex::new(Vec::<String>::new()));
     let r = Arc::clone(&ran);
     let handler = handler_fn(move |msg, _| {
         let id = control_id(msg);
         r.lock().unwrap().push(id.clone());
         if id == "STUCK" {
-            let _ = released.lock().unwrap().recv_timeout(4 * WAIT);
+            gate.block();
         }
         Ok(Reply::Send(ack::accept(msg)))
     });
-    let (server, mut counters) = start_counted(handler, |b| {
-        b.dispatch(Dispatch::Pool).workers(1).max_extra_workers(0)
-    });
-    let mut stuck = Peer::connect(server.local_addr());
-    stuck.send(&frame(&ack_msg("STUCK")));
-    crate::util::wait_until("the worker is stuck", || ran.lock().unwrap().len() == 1);
+    let server = start(
+        Server::builder(handler)
+            .dispatch(Dispatch::Pool)
+            .workers(1)
+            .max_extra_workers(0),
+    );
+    let mut stuck = server.connect();
+    stuck.send(&frame(&message("STUCK")));
+    control.wait_entered();
     for i in 0..20 {
-        let mut peer = Peer::connect(server.local_addr());
-        peer.send(&frame(&ack_msg(&format!("GONE{i}"))));
+        let mut peer = server.connect();
+        peer.send(&frame(&message(&format!("GONE{i}"))));
         // The sender resets before its message runs.
         socket2::Socket::from(peer.stream)
             .set_linger(Some(Duration::ZERO))
             .unwrap();
     }
-    assert_eq!(counters.wait_for(names::JOBS_DROPPED, 20), 20);
-    release.send(()).unwrap();
+    assert_eq!(server.wait_counter(names::JOBS_DROPPED, &[], 20), 20);
+    control.release();
     assert_ack(&stuck.read_frame(), AckCode::AA, "STUCK");
     // A live connection is served next, and nothing of the closed ones ran.
-    let mut live = Peer::connect(server.local_addr());
-    assert_ack(&live.roundtrip(&ack_msg("LIVE")), AckCode::AA, "LIVE");
+    let mut live = server.connect();
+    assert_ack(&live.roundtrip(&message("LIVE")), AckCode::AA, "LIVE");
     assert_eq!(
         *ran.lock().unwrap(),
         vec!["STUCK".to_owned(), "LIVE".to_owned()]
     );
-    stop(server);
+    server.stop();
 }
 
 #[test]
 fn issue_9_duration_max_means_no_timeout() {
-    let server = start_with(crate::util::accept(), |b| {
-        b.idle_timeout(Duration::MAX)
+    let server = start(
+        Server::builder(accepting())
+            .idle_timeout(Duration::MAX)
             .frame_timeout(Duration::MAX)
             .handler_timeout(Duration::MAX)
-            .write_timeout(Duration::MAX)
-    });
-    let mut peer = Peer::connect(server.local_addr());
-    assert_ack(&peer.roundtrip(&ack_msg("MAX1")), AckCode::AA, "MAX1");
-    let report = server
-        .shutdown(Duration::MAX)
-        .expect("shutdown with Duration::MAX");
+            .write_timeout(Duration::MAX),
+    );
+    let mut peer = server.connect();
+    assert_ack(&peer.roundtrip(&message("MAX1")), AckCode::AA, "MAX1");
+    let report = server.stop_within(Duration::MAX).report;
     assert_eq!(report.forced, 0);
 }
 
 #[test]
 fn issue_9_the_oversize_nak_survives_a_sender_that_keeps_sending() {
-    let server = start_with(crate::util::accept(), |b| b.max_message_size(64 * 1024));
-    let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+    let server = start(Server::builder(accepting()).max_message_size(64 * 1024));
+    let mut stream = TcpStream::connect(server.addr).unwrap();
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     let mut writer = stream.try_clone().unwrap();
     // A sender that streams a 4 MiB message and does not read until it is done writing (or
     // cut off): the AR must reach it intact, not be destroyed by a reset.
     let sender = std::thread::spawn(move || {
-        let mut msg = ack_msg("BIG");
+        let mut msg = message("BIG");
         msg.truncate(msg.len() - 1);
         let _ = writer.write_all(&[0x0b]);
         let _ = writer.write_all(&msg);
@@ -392,7 +366,7 @@ fn issue_9_the_oversize_nak_survives_a_sender_that_keeps_sending() {
         .and_then(|r| r.strip_suffix(&[0x1c, 0x0d]))
         .expect("one complete frame");
     assert_ack(body, AckCode::AR, "BIG");
-    stop(server);
+    server.stop();
 }
 
 /// A handle dropped by a server that stopped is harmless.
@@ -404,11 +378,11 @@ fn a_handle_outliving_its_server_is_harmless() {
         tx.lock().unwrap().send(cx.defer()).unwrap();
         Ok(Reply::Deferred)
     });
-    let server = start_with(handler, |b| b.dispatch(Dispatch::Inline));
-    let mut peer = Peer::connect(server.local_addr());
-    peer.send(&frame(&ack_msg("ORPHAN")));
+    let server = start(Server::builder(handler).dispatch(Dispatch::Inline));
+    let mut peer = server.connect();
+    peer.send(&frame(&message("ORPHAN")));
     let handle = rx.recv_timeout(WAIT).unwrap();
-    server.shutdown(Duration::from_millis(100)).unwrap();
+    server.stop_within(Duration::from_millis(100));
     handle.send(Reply::NoReply);
 }
 
@@ -420,12 +394,12 @@ fn a_panicking_observer_is_counted_and_the_server_goes_on() {
             panic!("observer bug");
         }
     }
-    let (server, mut counters) = start_counted(crate::util::accept(), |b| b.observer(Panics));
-    let mut peer = Peer::connect(server.local_addr());
-    assert_ack(&peer.roundtrip(&ack_msg("OBS1")), AckCode::AA, "OBS1");
-    assert_ack(&peer.roundtrip(&ack_msg("OBS2")), AckCode::AA, "OBS2");
-    assert_eq!(counters.wait_for(names::OBSERVER_PANICS, 2), 2);
-    stop(server);
+    let server = start_with_own_observer(Server::builder(accepting()).observer(Panics));
+    let mut peer = server.connect();
+    assert_ack(&peer.roundtrip(&message("OBS1")), AckCode::AA, "OBS1");
+    assert_ack(&peer.roundtrip(&message("OBS2")), AckCode::AA, "OBS2");
+    assert_eq!(server.wait_counter(names::OBSERVER_PANICS, &[], 2), 2);
+    server.stop();
 }
 
 #[test]
@@ -445,44 +419,23 @@ fn issue_9_an_error_whose_display_panics_still_gets_an_ae_and_frees_the_worker()
             Ok(Reply::Send(ack::accept(msg)))
         }
     });
-    let server = start_with(handler, |b| b.dispatch(Dispatch::Pool).workers(1));
-    let mut peer = Peer::connect(server.local_addr());
-    assert_ack(&peer.roundtrip(&ack_msg("EVIL")), AckCode::AE, "EVIL");
+    let server = start(Server::builder(handler).dispatch(Dispatch::Pool).workers(1));
+    let mut peer = server.connect();
+    assert_ack(&peer.roundtrip(&message("EVIL")), AckCode::AE, "EVIL");
     // The only worker is still alive and serving.
-    assert_ack(&peer.roundtrip(&ack_msg("NEXT")), AckCode::AA, "NEXT");
-    let report = server.shutdown(GRACE).unwrap();
+    assert_ack(&peer.roundtrip(&message("NEXT")), AckCode::AA, "NEXT");
+    let report = server.stop().report;
     assert_eq!(report.workers_stuck, 0);
 }
 
 #[test]
 fn issue_9_a_failure_without_a_readable_msh_is_counted_as_the_ar_it_is() {
     let handler = handler_fn(|_msg, _| Err("no".into()));
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let server = metrics::with_local_recorder(&recorder, || {
-        crate::util::with_test_reactors(Server::builder(handler)).bind("127.0.0.1:0")
-    })
-    .expect("bind")
-    .spawn()
-    .expect("spawn");
-    let mut peer = Peer::connect(server.local_addr());
+    let server = start(Server::builder(handler));
+    let mut peer = server.connect();
     let reply = peer.roundtrip(b"not an HL7 message");
     assert_eq!(ack::parse(&reply).unwrap().code, AckCode::AR);
-    stop(server);
-    let mut by_code = std::collections::BTreeMap::new();
-    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
-        if key.key().name() == names::NAKS_SENT
-            && let metrics_util::debugging::DebugValue::Counter(n) = value
-        {
-            let code = key
-                .key()
-                .labels()
-                .find(|l| l.key() == "code")
-                .map(|l| l.value().to_owned())
-                .unwrap_or_default();
-            by_code.insert(code, n);
-        }
-    }
-    assert_eq!(by_code.get("AR"), Some(&1), "{by_code:?}");
-    assert_eq!(by_code.get("AE"), Some(&0), "{by_code:?}");
+    let metrics = server.stop().metrics;
+    assert_eq!(metrics.counter(names::NAKS_SENT, &[("code", "AR")]), 1);
+    assert_eq!(metrics.counter(names::NAKS_SENT, &[("code", "AE")]), 0);
 }

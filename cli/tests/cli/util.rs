@@ -78,8 +78,16 @@ impl Serve {
     #[track_caller]
     pub(crate) fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut command = bin();
+        command.arg("serve");
+        // These tests are about the CLI, not the store: without a store of their own they
+        // would all share ./mllp-reactor.db.
+        if !args
+            .iter()
+            .any(|a| a.starts_with("--store") || *a == "--no-store")
+        {
+            command.arg("--no-store");
+        }
         command
-            .arg("serve")
             .args(args)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())

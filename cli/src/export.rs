@@ -1,0 +1,39 @@
+//! `mllp-reactor export`: writes a store's messages to stdout in store order.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mllp_store::SqliteOptions;
+use mllp_store::export::{ExportError, Format, export_sqlite};
+
+/// Options of `export`, already parsed.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    pub store: PathBuf,
+    pub since: i64,
+    pub format: Format,
+}
+
+/// How long export waits for a lock. Readers of a WAL store wait only in rare, short moments
+/// (a checkpoint resetting the log), so 1 s is plenty, and a store held exclusively by another
+/// program is reported quickly instead of after the writer's 5 s.
+const EXPORT_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Streams the records after `since` to stdout. A reader that goes away early (`| head`) ends
+/// the export quietly.
+pub fn export(opts: &ExportOptions) -> Result<(), String> {
+    let stdout = io::stdout().lock();
+    let out = io::BufWriter::with_capacity(64 * 1024, stdout);
+    match export_sqlite(
+        &opts.store,
+        opts.since,
+        opts.format,
+        &SqliteOptions::default().busy_timeout(EXPORT_BUSY_TIMEOUT),
+        out,
+    ) {
+        Ok(_) => Ok(()),
+        Err(ExportError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}

@@ -1,0 +1,112 @@
+//! The interface a storage engine implements: [`Backend`].
+//!
+//! The [`Store`](crate::Store) front owns queueing, batching, callbacks and metrics; a backend
+//! only writes a batch in one transaction and reads records back. SQLite
+//! ([`SqliteBackend`](crate::SqliteBackend)) is the one in this crate; PostgreSQL is meant to
+//! be the second, so nothing here is SQLite-specific.
+
+use std::time::SystemTime;
+
+use crate::error::StoreError;
+use crate::record::{DuplicateKey, Record, StoreId, StoreOutcome, StoredRecord};
+
+/// A storage engine for the [`Store`](crate::Store).
+///
+/// Opening (and creating and versioning the schema) is each backend's own constructor, since
+/// what it needs differs (a path, a connection string). A backend is moved to the store's one
+/// writer thread, so it is `Send` but never shared; an export opens a second instance.
+///
+/// # Contract
+///
+/// - **Atomic batches.** [`commit_batch`](Self::commit_batch) stores all of a batch in one
+///   transaction and returns only after it is durable (SQLite: WAL synced with
+///   `synchronous=FULL`; PostgreSQL: `COMMIT` returned), or stores none of it and returns
+///   `Err`. The store then fails every record of the batch: nobody gets an AA for it.
+/// - **Recovery is the backend's job.** After an `Err` the next call starts from scratch
+///   (roll back, reopen or reconnect as needed): the writer simply goes on with the next batch.
+/// - **Ids** increase in commit order, within a batch in batch order, and ids visible to a
+///   reader form a prefix of all ids committed (no gaps filled in later), so that
+///   [`read_after`](Self::read_after) with the last id seen never misses a record.
+/// - **Duplicates.** A record whose [`DuplicateKey`] matches a stored original (a record
+///   that is not itself a duplicate) received no earlier than the backend's duplicate window
+///   before it gets `duplicate_of` = that original's id; earlier records of the same batch
+///   count. Records without MSH-10 are never duplicates.
+/// - **Nothing panics** on any payload; errors are [`StoreError`]s whose `Display` is one line.
+pub trait Backend: Send + 'static {
+    /// Stores `batch` in one transaction and returns one outcome per record, in order.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Commit`] (or another variant) when the transaction did not commit; none
+    /// of the batch is stored.
+    fn commit_batch(&mut self, batch: &[Record]) -> Result<Vec<StoreOutcome>, StoreError>;
+
+    /// Up to `max_records` records with `after < id <= until`, in id order. Stops early after
+    /// the record that brings the payload total to `max_bytes` (always returns at least one
+    /// record if any is in range), so a page holds at most `max_bytes` plus one message.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Read`], or [`StoreError::Locked`] when a lock outlasted the busy timeout.
+    fn read_after(
+        &mut self,
+        after: StoreId,
+        until: StoreId,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredRecord>, StoreError>;
+
+    /// The highest id committed so far (0 for an empty store).
+    ///
+    /// # Errors
+    ///
+    /// As [`read_after`](Self::read_after).
+    fn last_id(&mut self) -> Result<StoreId, StoreError>;
+
+    /// The original that a record with `key`, received at `received_at`, would be a duplicate
+    /// of; `None` if there is none within the duplicate window.
+    ///
+    /// # Errors
+    ///
+    /// As [`read_after`](Self::read_after).
+    fn find_original(
+        &mut self,
+        key: &DuplicateKey<'_>,
+        received_at: SystemTime,
+    ) -> Result<Option<StoreId>, StoreError>;
+
+    /// Where the data lives, for messages (`sqlite:/var/lib/mllp.db`). Never a password.
+    fn location(&self) -> String;
+}
+
+impl<B: Backend + ?Sized> Backend for Box<B> {
+    fn commit_batch(&mut self, batch: &[Record]) -> Result<Vec<StoreOutcome>, StoreError> {
+        (**self).commit_batch(batch)
+    }
+
+    fn read_after(
+        &mut self,
+        after: StoreId,
+        until: StoreId,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        (**self).read_after(after, until, max_records, max_bytes)
+    }
+
+    fn last_id(&mut self) -> Result<StoreId, StoreError> {
+        (**self).last_id()
+    }
+
+    fn find_original(
+        &mut self,
+        key: &DuplicateKey<'_>,
+        received_at: SystemTime,
+    ) -> Result<Option<StoreId>, StoreError> {
+        (**self).find_original(key, received_at)
+    }
+
+    fn location(&self) -> String {
+        (**self).location()
+    }
+}

@@ -1,0 +1,596 @@
+//! The SQLite [`Backend`]: one file, WAL, `synchronous=FULL`.
+//!
+//! # Schema (version 1)
+//!
+//! ```sql
+//! CREATE TABLE mllp_store_schema (version INTEGER NOT NULL);   -- one row
+//! CREATE TABLE messages (
+//!     id                  INTEGER PRIMARY KEY AUTOINCREMENT,   -- commit order, never reused
+//!     received_at_us      INTEGER NOT NULL,                    -- UTC µs since 1970
+//!     peer                TEXT NOT NULL,                       -- IP:PORT / [IPv6]:PORT
+//!     local               TEXT NOT NULL,
+//!     connection_id       INTEGER NOT NULL,                    -- u64 bits as i64
+//!     sequence            INTEGER NOT NULL,                    -- u64 bits as i64
+//!     sending_application TEXT,                                -- MSH-3, NULL if missing
+//!     sending_facility    TEXT,                                -- MSH-4
+//!     message_type        TEXT,                                -- MSH-9
+//!     control_id          TEXT,                                -- MSH-10
+//!     size                INTEGER NOT NULL,
+//!     duplicate_of        INTEGER REFERENCES messages (id),
+//!     payload             BLOB NOT NULL                        -- the exact bytes
+//! );
+//! CREATE INDEX messages_original ON messages
+//!     (control_id, sending_application, sending_facility, received_at_us)
+//!     WHERE duplicate_of IS NULL AND control_id IS NOT NULL;
+//! ```
+//!
+//! MSH fields are TEXT so that ad-hoc SQL reads naturally (`WHERE control_id = '42'`); bytes
+//! that are not UTF-8 are stored lossily there (the payload column is always exact).
+//! `AUTOINCREMENT` costs one row update per commit and guarantees that an id is never reused,
+//! even if rows are deleted later, so an export cursor (`--since`) stays valid.
+//!
+//! # Durability and concurrency
+//!
+//! The writer connection sets `journal_mode=WAL` and `synchronous=FULL` explicitly and checks
+//! both: with FULL, SQLite syncs the WAL at every commit, so a committed batch survives an OS
+//! crash or power loss, not only a process crash. Readers (export) use their own connections
+//! and never block the writer, nor it them. Two writers on one file are safe (SQLite
+//! serialises them, waiting up to the busy timeout) but pointless.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
+
+use crate::backend::Backend;
+use crate::error::StoreError;
+use crate::record::{
+    DuplicateKey, Record, StoreId, StoreOutcome, StoredRecord, system_time_to_us, text,
+};
+
+/// The schema version this build writes and the newest it reads.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// How long a statement waits for another connection's lock before failing
+/// ([`SqliteOptions::busy_timeout`]'s default).
+///
+/// Our own writer holds the write lock for one commit (milliseconds); readers in WAL mode
+/// never need it. 5 s rides out someone's manual `sqlite3` session or a slow checkpoint while
+/// staying well under a sender's usual ACK timeout (30–60 s), so a stuck lock still turns
+/// into AE replies rather than sender timeouts.
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How far back a resend is looked for ([`SqliteOptions::duplicate_window`]'s default): 7 days.
+///
+/// A resend after a lost ACK normally comes within seconds, but a sending engine replays its
+/// queue when it comes back, and an interface down from Friday evening to Monday morning
+/// (about 64 h), or over a long holiday weekend, is ordinary. A week covers those. Control ids
+/// are counters or UUIDs that repeat only after far longer, so a false match is rare; and its
+/// cost is only a `duplicate_of` flag on a message that is still stored and acknowledged.
+/// The window also keeps the lookup's index range short for senders that do reuse ids.
+pub const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+
+const CREATE_SCHEMA: &str = "
+CREATE TABLE mllp_store_schema (version INTEGER NOT NULL);
+CREATE TABLE messages (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_at_us      INTEGER NOT NULL,
+    peer                TEXT NOT NULL,
+    local               TEXT NOT NULL,
+    connection_id       INTEGER NOT NULL,
+    sequence            INTEGER NOT NULL,
+    sending_application TEXT,
+    sending_facility    TEXT,
+    message_type        TEXT,
+    control_id          TEXT,
+    size                INTEGER NOT NULL,
+    duplicate_of        INTEGER REFERENCES messages (id),
+    payload             BLOB NOT NULL
+);
+CREATE INDEX messages_original ON messages
+    (control_id, sending_application, sending_facility, received_at_us)
+    WHERE duplicate_of IS NULL AND control_id IS NOT NULL;
+";
+
+/// `IS` compares NULL with NULL as equal: a message without MSH-3 matches another without it.
+/// The terms imply the partial index's WHERE clause, so SQLite uses it (checked in a test).
+const FIND_ORIGINAL: &str = "
+SELECT id FROM messages
+WHERE control_id = ?1 AND sending_application IS ?2 AND sending_facility IS ?3
+  AND received_at_us >= ?4 AND duplicate_of IS NULL
+ORDER BY id LIMIT 1";
+
+const INSERT: &str = "
+INSERT INTO messages (received_at_us, peer, local, connection_id, sequence,
+    sending_application, sending_facility, message_type, control_id, size, duplicate_of, payload)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+
+const READ_AFTER: &str = "
+SELECT id, received_at_us, peer, local, connection_id, sequence, sending_application,
+    sending_facility, message_type, control_id, size, duplicate_of, payload
+FROM messages WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3";
+
+/// Options of a [`SqliteBackend`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SqliteOptions {
+    /// How long to wait for another connection's lock (default [`DEFAULT_BUSY_TIMEOUT`]).
+    pub busy_timeout: Duration,
+    /// How far back to look for the original of a resend (default
+    /// [`DEFAULT_DUPLICATE_WINDOW`]).
+    pub duplicate_window: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            busy_timeout: DEFAULT_BUSY_TIMEOUT,
+            duplicate_window: DEFAULT_DUPLICATE_WINDOW,
+        }
+    }
+}
+
+impl SqliteOptions {
+    /// Sets [`busy_timeout`](Self::busy_timeout).
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+
+    /// Sets [`duplicate_window`](Self::duplicate_window).
+    pub fn duplicate_window(mut self, window: Duration) -> Self {
+        self.duplicate_window = window;
+        self
+    }
+}
+
+/// A store in one SQLite file.
+///
+/// [`open`](Self::open) for the writer (creates the file and schema if needed),
+/// [`open_read_only`](Self::open_read_only) for readers such as export.
+///
+/// ```
+/// use mllp_store::{Backend, SqliteBackend, SqliteOptions, StoreError};
+///
+/// let dir = std::env::temp_dir().join(format!("mllp-store-doc-sqlite-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir)?;
+/// let path = dir.join("store.db");
+/// let mut writer = SqliteBackend::open(&path, &SqliteOptions::default())?;
+/// assert_eq!(writer.last_id()?, 0);
+///
+/// // A reader never creates anything: a missing file is a typed error.
+/// let missing = SqliteBackend::open_read_only(dir.join("nope.db"), &SqliteOptions::default());
+/// assert!(matches!(missing, Err(StoreError::NotFound { .. })));
+/// # drop(writer);
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct SqliteBackend {
+    path: PathBuf,
+    options: SqliteOptions,
+    read_only: bool,
+    /// `None` after a failed commit: the next commit reopens it (a fresh connection is the
+    /// surest way out of whatever state the failure left, and costs about 100 µs).
+    conn: Option<Connection>,
+}
+
+impl SqliteBackend {
+    /// Opens the store at `path` for writing, creating the file and the schema if the file is
+    /// missing or empty; sets WAL and `synchronous=FULL`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Open`] if the file cannot be opened or created,
+    /// [`StoreError::NotAStore`] for a file that is not an SQLite database or holds other
+    /// tables (it is left untouched), [`StoreError::UnsupportedVersion`] for a newer schema,
+    /// [`StoreError::Locked`] if another connection holds the lock past the busy timeout.
+    pub fn open(path: impl AsRef<Path>, options: &SqliteOptions) -> Result<Self, StoreError> {
+        let path = path.as_ref();
+        check_path(path, true)?;
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = open_connection(path, flags, options, true)?;
+        Ok(Self {
+            path: path.to_owned(),
+            options: options.clone(),
+            read_only: false,
+            conn: Some(conn),
+        })
+    }
+
+    /// Opens an existing store for reading only (export). Works while a writer is running.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] if there is no such file, [`StoreError::NotAStore`] for a
+    /// file that is not a store (an empty database included), [`StoreError::Locked`],
+    /// [`StoreError::UnsupportedVersion`] or [`StoreError::Open`] as for
+    /// [`open`](Self::open).
+    pub fn open_read_only(
+        path: impl AsRef<Path>,
+        options: &SqliteOptions,
+    ) -> Result<Self, StoreError> {
+        let path = path.as_ref();
+        check_path(path, false)?;
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = open_connection(path, flags, options, false)?;
+        Ok(Self {
+            path: path.to_owned(),
+            options: options.clone(),
+            read_only: true,
+            conn: Some(conn),
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The open connection, reopening it after a failure.
+    fn connection(&mut self) -> Result<&mut Connection, StoreError> {
+        if self.conn.is_none() {
+            let mut flags = OpenFlags::SQLITE_OPEN_NO_MUTEX;
+            // Never CREATE on reopen: a file deleted under us must not silently restart empty.
+            flags |= if self.read_only {
+                OpenFlags::SQLITE_OPEN_READ_ONLY
+            } else {
+                OpenFlags::SQLITE_OPEN_READ_WRITE
+            };
+            self.conn = Some(open_connection(&self.path, flags, &self.options, false)?);
+        }
+        // INVARIANT: set just above if it was None.
+        Ok(self.conn.as_mut().expect("connection was just opened"))
+    }
+
+    /// The duplicate window in microseconds.
+    fn window_us(&self) -> i64 {
+        i64::try_from(self.options.duplicate_window.as_micros()).unwrap_or(i64::MAX)
+    }
+
+    /// Maps a read-side failure, forgetting the connection so the next call reopens it.
+    fn read_error(&mut self, e: rusqlite::Error) -> StoreError {
+        self.conn = None;
+        match e.sqlite_error_code() {
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Locked {
+                path: self.path.clone(),
+            },
+            _ => StoreError::read(e),
+        }
+    }
+}
+
+impl Backend for SqliteBackend {
+    fn commit_batch(&mut self, batch: &[Record]) -> Result<Vec<StoreOutcome>, StoreError> {
+        if self.read_only {
+            return Err(StoreError::commit("the store was opened read-only"));
+        }
+        let window = self.window_us();
+        let result = self
+            .connection()
+            .and_then(|conn| insert_batch(conn, batch, window).map_err(StoreError::commit));
+        if result.is_err() {
+            // Dropping the connection rolls back whatever is left of the transaction.
+            self.conn = None;
+        }
+        result
+    }
+
+    fn read_after(
+        &mut self,
+        after: StoreId,
+        until: StoreId,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        let conn = self.connection()?;
+        let limit = i64::try_from(max_records).unwrap_or(i64::MAX);
+        let result = (|| {
+            let mut stmt = conn.prepare_cached(READ_AFTER)?;
+            let mut rows = stmt.query(params![after, until, limit])?;
+            let mut page = Vec::new();
+            let mut bytes = 0usize;
+            while let Some(row) = rows.next()? {
+                let record = StoredRecord {
+                    id: row.get(0)?,
+                    received_at_us: row.get(1)?,
+                    peer: row.get(2)?,
+                    local: row.get(3)?,
+                    connection_id: row.get::<_, i64>(4)? as u64,
+                    sequence: row.get::<_, i64>(5)? as u64,
+                    sending_application: row.get(6)?,
+                    sending_facility: row.get(7)?,
+                    message_type: row.get(8)?,
+                    control_id: row.get(9)?,
+                    size: row.get::<_, i64>(10)? as u64,
+                    duplicate_of: row.get(11)?,
+                    payload: row.get(12)?,
+                };
+                bytes = bytes.saturating_add(record.payload.len());
+                page.push(record);
+                if bytes >= max_bytes {
+                    break;
+                }
+            }
+            Ok(page)
+        })();
+        result.map_err(|e| self.read_error(e))
+    }
+
+    fn last_id(&mut self) -> Result<StoreId, StoreError> {
+        let conn = self.connection()?;
+        let result = conn.query_row("SELECT coalesce(max(id), 0) FROM messages", [], |r| {
+            r.get(0)
+        });
+        result.map_err(|e| self.read_error(e))
+    }
+
+    fn find_original(
+        &mut self,
+        key: &DuplicateKey<'_>,
+        received_at: SystemTime,
+    ) -> Result<Option<StoreId>, StoreError> {
+        let since = system_time_to_us(received_at).saturating_sub(self.window_us());
+        let conn = self.connection()?;
+        let result = conn.prepare_cached(FIND_ORIGINAL).and_then(|mut stmt| {
+            stmt.query_row(
+                params![
+                    key.control_id,
+                    key.sending_application,
+                    key.sending_facility,
+                    since
+                ],
+                |r| r.get(0),
+            )
+            .optional()
+        });
+        result.map_err(|e| self.read_error(e))
+    }
+
+    fn location(&self) -> String {
+        format!("sqlite:{}", self.path.display())
+    }
+}
+
+/// Inserts `batch` in one IMMEDIATE transaction (the write lock is taken up front, so waiting
+/// for it is bounded by the busy timeout and never ends in a deadlock error mid-batch).
+fn insert_batch(
+    conn: &mut Connection,
+    batch: &[Record],
+    window_us: i64,
+) -> rusqlite::Result<Vec<StoreOutcome>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    {
+        let mut find = tx.prepare_cached(FIND_ORIGINAL)?;
+        let mut insert = tx.prepare_cached(INSERT)?;
+        for record in batch {
+            let header = record.header();
+            let app = text(header.sending_application);
+            let facility = text(header.sending_facility);
+            let control = text(header.control_id);
+            let received = record.received_at_us();
+            let duplicate_of: Option<StoreId> = match &control {
+                Some(control) => find
+                    .query_row(
+                        params![control, app, facility, received.saturating_sub(window_us)],
+                        |r| r.get(0),
+                    )
+                    .optional()?,
+                None => None,
+            };
+            insert.execute(params![
+                received,
+                record.origin.peer.to_string(),
+                record.origin.local.to_string(),
+                record.origin.connection_id as i64,
+                record.origin.sequence as i64,
+                app,
+                facility,
+                text(header.message_type),
+                control,
+                i64::try_from(record.size()).unwrap_or(i64::MAX),
+                duplicate_of,
+                &record.payload[..],
+            ])?;
+            outcomes.push(StoreOutcome::new(tx.last_insert_rowid(), duplicate_of));
+        }
+    }
+    tx.commit()?;
+    Ok(outcomes)
+}
+
+/// Clear errors for the common path mistakes, before SQLite's generic "unable to open".
+fn check_path(path: &Path, create: bool) -> Result<(), StoreError> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => Err(StoreError::open(path, "it is a directory")),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if !create {
+                return Err(StoreError::NotFound {
+                    path: path.to_owned(),
+                });
+            }
+            match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                Some(dir) if !dir.is_dir() => Err(StoreError::open(
+                    path,
+                    format_args!("directory {} does not exist", dir.display()),
+                )),
+                _ => Ok(()),
+            }
+        }
+        Err(e) => Err(StoreError::open(path, e)),
+    }
+}
+
+/// Opens a connection, checks (and if `create`, creates) the schema, and sets the pragmas.
+fn open_connection(
+    path: &Path,
+    flags: OpenFlags,
+    options: &SqliteOptions,
+    create: bool,
+) -> Result<Connection, StoreError> {
+    let classify = |e: rusqlite::Error| classify_open_error(path, flags, e);
+    let conn = Connection::open_with_flags(path, flags).map_err(classify)?;
+    conn.busy_timeout(options.busy_timeout).map_err(classify)?;
+    let writable = !flags.contains(OpenFlags::SQLITE_OPEN_READ_ONLY);
+    // Inspect before changing anything: a foreign database must stay untouched (switching it
+    // to WAL would rewrite its header).
+    match inspect_schema(&conn).map_err(classify)? {
+        Schema::Ours => {}
+        Schema::Empty if create => {
+            set_wal(&conn, path)?;
+            create_schema(&conn).map_err(classify)?;
+        }
+        Schema::Empty => return Err(not_a_store(path, "an empty database")),
+        Schema::Foreign => {
+            return Err(not_a_store(
+                path,
+                "an SQLite database with other tables; it was not changed",
+            ));
+        }
+        Schema::Newer(found) => {
+            return Err(StoreError::UnsupportedVersion {
+                path: path.to_owned(),
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+    }
+    if writable {
+        set_wal(&conn, path)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(classify)?;
+        let level: i64 = conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .map_err(classify)?;
+        // 2 = FULL (sqlite.org/pragma.html#pragma_synchronous).
+        if level != 2 {
+            return Err(StoreError::open(
+                path,
+                format_args!("synchronous=FULL did not stick (got {level})"),
+            ));
+        }
+    }
+    Ok(conn)
+}
+
+fn set_wal(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .map_err(|e| classify_open_error(path, OpenFlags::SQLITE_OPEN_READ_WRITE, e))?;
+    if mode.eq_ignore_ascii_case("wal") {
+        Ok(())
+    } else {
+        Err(StoreError::open(
+            path,
+            format_args!("cannot switch to WAL (journal mode stays {mode})"),
+        ))
+    }
+}
+
+enum Schema {
+    Ours,
+    Empty,
+    Foreign,
+    Newer(i64),
+}
+
+fn inspect_schema(conn: &Connection) -> rusqlite::Result<Schema> {
+    let mut stmt = conn.prepare("SELECT name FROM sqlite_schema WHERE type = 'table'")?;
+    let tables = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let has = |name: &str| tables.iter().any(|t| t == name);
+    if !has("mllp_store_schema") {
+        return Ok(if tables.is_empty() {
+            Schema::Empty
+        } else {
+            Schema::Foreign
+        });
+    }
+    let version: i64 = conn.query_row("SELECT max(version) FROM mllp_store_schema", [], |r| {
+        r.get::<_, Option<i64>>(0).map(|v| v.unwrap_or(0))
+    })?;
+    Ok(if version > SCHEMA_VERSION {
+        Schema::Newer(version)
+    } else if version < 1 || !has("messages") {
+        Schema::Foreign
+    } else {
+        Schema::Ours
+    })
+}
+
+/// Creates the schema unless a concurrent opener just did (checked under the write lock).
+fn create_schema(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let result = (|| {
+        if matches!(inspect_schema(conn)?, Schema::Empty) {
+            conn.execute_batch(CREATE_SCHEMA)?;
+            conn.execute(
+                "INSERT INTO mllp_store_schema (version) VALUES (?1)",
+                [SCHEMA_VERSION],
+            )?;
+        }
+        conn.execute_batch("COMMIT")
+    })();
+    if result.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    result
+}
+
+fn not_a_store(path: &Path, reason: &str) -> StoreError {
+    StoreError::NotAStore {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    }
+}
+
+/// Turns an SQLite error while opening into the typed, one-line error a user can act on.
+fn classify_open_error(path: &Path, flags: OpenFlags, e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) => not_a_store(path, "not an SQLite database"),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Locked {
+            path: path.to_owned(),
+        },
+        Some(ErrorCode::DatabaseCorrupt) => StoreError::open(path, "the database file is corrupt"),
+        Some(ErrorCode::CannotOpen | ErrorCode::PermissionDenied | ErrorCode::ReadOnly) => {
+            // SQLite's text ("unable to open database file") hides the reason; the OS has it.
+            let writable = !flags.contains(OpenFlags::SQLITE_OPEN_READ_ONLY);
+            let os = std::fs::OpenOptions::new()
+                .read(true)
+                .write(writable)
+                .open(path);
+            match os {
+                Err(io) => StoreError::open(path, io),
+                Ok(_) => StoreError::open(path, e),
+            }
+        }
+        _ => StoreError::open(path, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The duplicate lookup must be an index probe, not a scan of every message.
+    #[test]
+    fn the_duplicate_lookup_uses_the_partial_index() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(CREATE_SCHEMA).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {FIND_ORIGINAL}"))
+            .unwrap()
+            .query_map(params!["c", "a", "f", 0], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let plan = plan.join("; ");
+        assert!(plan.contains("USING INDEX messages_original"), "{plan}");
+        assert!(!plan.contains("SCAN messages"), "{plan}");
+    }
+}

@@ -1,0 +1,14 @@
+//! Integration tests of the store: one binary (saves link time), one module per topic.
+//! Every wait is bounded by `util::WAIT`; each test uses its own temporary directory.
+
+#[path = "it/util.rs"]
+mod util;
+
+#[path = "it/duplicates.rs"]
+mod duplicates;
+#[path = "it/export.rs"]
+mod export;
+#[path = "it/open.rs"]
+mod open;
+#[path = "it/writer.rs"]
+mod writer;
