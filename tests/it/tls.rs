@@ -28,12 +28,12 @@ use mllp_reactor::tls::{ClientTls, PeerIdentity, SubjectAltName, TlsAcceptor, Tl
 use mllp_reactor::{Client, ClientConfig, ClientError, Reply, Server, handler_fn};
 use rustls::pki_types::ServerName;
 
-use crate::obs_util::{Event, GRACE, Recorded, TestServer, WAIT, frame, message};
+use crate::support::{Event, Recorded, WAIT, frame, message, start, start_at};
 
 #[path = "../../src/tls/tests/support.rs"]
-mod support;
+mod certs;
 
-use support::{Leaf, pki, rustls_client, s_client};
+use certs::{Leaf, pki, rustls_client, s_client};
 
 fn server_tls(leaf: &Leaf) -> TlsAcceptor {
     TlsAcceptor::new(TlsConfig::from_pem(leaf.cert.as_str(), leaf.key.as_str())).unwrap()
@@ -75,16 +75,7 @@ fn ack_handler() -> impl mllp_reactor::Handler {
 
 /// The value of `mllp_connections_rejected_total{reason}`.
 fn rejected(metrics: &Recorded, reason: &str) -> u64 {
-    metrics
-        .0
-        .iter()
-        .filter(|m| m.name == CONNECTIONS_REJECTED)
-        .filter(|m| m.labels.iter().any(|(k, v)| k == "reason" && v == reason))
-        .map(|m| match m.value {
-            crate::obs_util::Value::Counter(n) => n,
-            ref other => panic!("{CONNECTIONS_REJECTED} is {other:?}"),
-        })
-        .sum()
+    metrics.counter(CONNECTIONS_REJECTED, &[("reason", reason)])
 }
 
 /// A rustls client offering only `version`, with an optional client certificate.
@@ -116,7 +107,7 @@ fn closed_without_data(stream: &mut impl Read) -> bool {
 
 #[test]
 fn tls_handshake_and_ack_round_trip_on_both_versions() {
-    let server = TestServer::start(Server::builder(ack_handler()).tls(server_tls(&pki().server)));
+    let server = start(Server::builder(ack_handler()).tls(server_tls(&pki().server)));
     let mut client = tls_client(server.addr, None);
     let ack = client.send(&message("V13")).unwrap();
     assert_eq!(ack.code, AckCode::AA);
@@ -129,7 +120,7 @@ fn tls_handshake_and_ack_round_trip_on_both_versions() {
         assert_eq!(stream.conn.protocol_version(), Some(version.version));
     }
     drop(client);
-    server.stop(GRACE);
+    server.stop();
 }
 
 #[test]
@@ -137,7 +128,7 @@ fn five_megabyte_message_and_a_thousand_pipelined_messages_over_tls() {
     let builder = Server::builder(ack_handler())
         .max_message_size(6_000_000)
         .tls(server_tls(&pki().server));
-    let server = TestServer::start(builder);
+    let server = start(builder);
     let mut client = tls_client(server.addr, None);
     let mut big = message("BIG");
     big.extend_from_slice(b"OBX|1|ED|PDF||");
@@ -153,7 +144,7 @@ fn five_megabyte_message_and_a_thousand_pipelined_messages_over_tls() {
             .all(|(i, a)| a.control_id == format!("P{i}"))
     );
     drop(client);
-    server.stop(GRACE);
+    server.stop();
 }
 
 // -- mTLS -------------------------------------------------------------------------------------
@@ -166,7 +157,7 @@ fn mtls_identity_reaches_the_handler_and_the_observer() {
         let _ = tx.lock().unwrap().send(cx.peer_identity().cloned());
         Ok(Reply::Send(ack::accept(msg)))
     });
-    let server = TestServer::start(Server::builder(handler).tls(mtls()));
+    let server = start(Server::builder(handler).tls(mtls()));
     let mut client = tls_client(server.addr, Some(&pki().client));
     assert_eq!(client.send(&message("ID")).unwrap().code, AckCode::AA);
     let identity = rx.recv_timeout(WAIT).unwrap().expect("identity under mTLS");
@@ -179,22 +170,19 @@ fn mtls_identity_reaches_the_handler_and_the_observer() {
     let expected = ring::digest::digest(&ring::digest::SHA256, &pki().client.der);
     assert_eq!(identity.fingerprint_sha256[..], *expected.as_ref());
     drop(client);
-    let stopped = server.stop(GRACE);
-    let stop = stopped
+    let mut stopped = server.stop();
+    let Event::ConnectionStop(stop) = stopped
         .events
-        .rest()
-        .into_iter()
-        .find_map(|e| match e {
-            Event::ConnectionStop(stop) => Some(stop),
-            _ => None,
-        })
-        .expect("a connection stop event");
+        .wait("connection stop", |e| matches!(e, Event::ConnectionStop(_)))
+    else {
+        unreachable!("matched above")
+    };
     assert_eq!(stop.peer_identity.as_deref(), Some(&identity));
 }
 
 #[test]
 fn mtls_refuses_no_certificate_and_another_cas_certificate() {
-    let server = TestServer::start(Server::builder(ack_handler()).tls(mtls()));
+    let server = start(Server::builder(ack_handler()).tls(mtls()));
     // No certificate.
     let mut plain = tls_client(server.addr, None);
     assert!(plain.send(&message("NOCERT")).is_err());
@@ -205,7 +193,7 @@ fn mtls_refuses_no_certificate_and_another_cas_certificate() {
         Some(&pki().other_client),
     );
     assert!(other.write_all(&frame(&message("OTHER"))).is_err() || closed_without_data(&mut other));
-    let stopped = server.stop(GRACE);
+    let stopped = server.stop();
     assert_eq!(rejected(&stopped.metrics, "tls_no_client_cert"), 1);
     assert_eq!(rejected(&stopped.metrics, "tls_bad_client_cert"), 1);
 }
@@ -214,7 +202,7 @@ fn mtls_refuses_no_certificate_and_another_cas_certificate() {
 
 #[test]
 fn plaintext_to_a_tls_port_is_closed_and_counted() {
-    let server = TestServer::start(Server::builder(ack_handler()).tls(server_tls(&pki().server)));
+    let server = start(Server::builder(ack_handler()).tls(server_tls(&pki().server)));
     let mut tcp = TcpStream::connect(server.addr).unwrap();
     tcp.set_read_timeout(Some(WAIT)).unwrap();
     tcp.write_all(&frame(&message("PLAIN"))).unwrap();
@@ -222,7 +210,7 @@ fn plaintext_to_a_tls_port_is_closed_and_counted() {
         closed_without_data(&mut tcp),
         "a clean close, never a hang or an answer"
     );
-    let stopped = server.stop(GRACE);
+    let stopped = server.stop();
     assert_eq!(rejected(&stopped.metrics, "tls_plaintext"), 1);
 }
 
@@ -231,11 +219,11 @@ fn a_silent_client_is_closed_at_the_handshake_deadline() {
     let builder = Server::builder(ack_handler())
         .handshake_timeout(Duration::from_millis(300))
         .tls(server_tls(&pki().server));
-    let server = TestServer::start(builder);
+    let server = start(builder);
     let mut tcp = TcpStream::connect(server.addr).unwrap();
     tcp.set_read_timeout(Some(WAIT)).unwrap();
     assert!(closed_without_data(&mut tcp));
-    let stopped = server.stop(GRACE);
+    let stopped = server.stop();
     assert_eq!(rejected(&stopped.metrics, "handshake_timeout"), 1);
 }
 
@@ -245,7 +233,7 @@ fn a_silent_client_is_closed_at_the_handshake_deadline() {
 fn reload_swaps_the_certificate_for_new_connections_while_old_ones_go_on() {
     let pki = pki();
     let acceptor = server_tls(&pki.server);
-    let server = TestServer::start(Server::builder(ack_handler()).tls(acceptor.clone()));
+    let server = start(Server::builder(ack_handler()).tls(acceptor.clone()));
     let mut old = rustls_stream(server.addr, &rustls::version::TLS13, None);
     old.write_all(&frame(&message("OLD1"))).unwrap();
     let mut buf = [0u8; 4096];
@@ -273,7 +261,7 @@ fn reload_swaps_the_certificate_for_new_connections_while_old_ones_go_on() {
     old.write_all(&frame(&message("OLD2"))).unwrap();
     let n = old.read(&mut buf).unwrap();
     assert!(buf[..n].windows(11).any(|w| w == b"MSA|AA|OLD2"));
-    server.stop(GRACE);
+    server.stop();
 }
 
 // -- Allow-list -------------------------------------------------------------------------------
@@ -288,7 +276,7 @@ fn allow_list_accepts_and_rejects_ipv4_with_and_without_tls() {
                 b
             }
         };
-        let allowed = TestServer::start(with_tls(
+        let allowed = start(with_tls(
             Server::builder(ack_handler()).allow(allow(&["127.0.0.0/8", "::1/128"])),
         ));
         let config = ClientConfig::default().response_timeout(WAIT);
@@ -300,46 +288,44 @@ fn allow_list_accepts_and_rejects_ipv4_with_and_without_tls() {
         let mut client = Client::connect(allowed.addr, config.clone()).unwrap();
         assert_eq!(client.send(&message("OK")).unwrap().code, AckCode::AA);
         drop(client);
-        assert_eq!(rejected(&allowed.stop(GRACE).metrics, "not_allowed"), 0);
+        assert_eq!(rejected(&allowed.stop().metrics, "not_allowed"), 0);
 
-        let denied = TestServer::start(with_tls(
+        let denied = start(with_tls(
             Server::builder(ack_handler()).allow(allow(&["10.0.0.0/8"])),
         ));
         let mut tcp = TcpStream::connect(denied.addr).unwrap();
         tcp.set_read_timeout(Some(WAIT)).unwrap();
         let _ = tcp.write_all(b"\x0bMSH|^~\\&|A\r\x1c\x0d");
         assert!(closed_without_data(&mut tcp));
-        assert_eq!(rejected(&denied.stop(GRACE).metrics, "not_allowed"), 1);
+        assert_eq!(rejected(&denied.stop().metrics, "not_allowed"), 1);
     }
 }
 
 #[test]
 fn allow_list_on_ipv6_loopback() {
-    let Ok(probe) = std::net::TcpListener::bind("[::1]:0") else {
-        eprintln!("skipped: no IPv6 loopback on this machine");
-        return;
-    };
-    drop(probe);
     for (cidrs, allowed) in [(&["::1/128"][..], true), (&["127.0.0.0/8"][..], false)] {
-        let server = Server::builder(ack_handler())
+        let builder = Server::builder(ack_handler())
             .allow(allow(cidrs))
-            .tls(server_tls(&pki().server))
-            .bind("[::1]:0")
-            .unwrap()
-            .spawn()
-            .unwrap();
+            .tls(server_tls(&pki().server));
+        let Ok(server) = start_at("[::1]:0", builder) else {
+            eprintln!("skipped: no IPv6 loopback on this machine");
+            return;
+        };
         let config = ClientConfig::default()
             .connect_timeout(WAIT)
             .response_timeout(WAIT)
             .tls(client_tls(None));
-        let result =
-            Client::connect(server.local_addr(), config).and_then(|mut c| c.send(&message("V6")));
+        let result = Client::connect(server.addr, config).and_then(|mut c| c.send(&message("V6")));
         match (allowed, result) {
             (true, Ok(ack)) => assert_eq!(ack.code, AckCode::AA),
             (false, Err(ClientError::Connect(_) | ClientError::Io(_))) => {}
             (allowed, other) => panic!("allowed={allowed}: {other:?}"),
         }
-        server.shutdown(GRACE).unwrap();
+        let stopped = server.stop();
+        assert_eq!(
+            rejected(&stopped.metrics, "not_allowed"),
+            u64::from(!allowed)
+        );
     }
 }
 
@@ -348,7 +334,7 @@ fn allow_list_on_ipv6_loopback() {
 #[test]
 fn openssl_s_client_talks_to_the_server() {
     let handler = handler_fn(|msg, _| Ok(Reply::SendAndClose(ack::accept(msg))));
-    let server = TestServer::start(Server::builder(handler).tls(server_tls(&pki().server)));
+    let server = start(Server::builder(handler).tls(server_tls(&pki().server)));
     let Some(output) = s_client(server.addr, None, &[], &frame(&message("SSL")), WAIT) else {
         return;
     };
@@ -358,5 +344,5 @@ fn openssl_s_client_talks_to_the_server() {
         "{stdout:?} {:?}",
         output.stderr
     );
-    server.stop(GRACE);
+    server.stop();
 }
