@@ -855,7 +855,7 @@ fn hl7_timestamp(time: SystemTime) -> [u8; 19] {
 /// Howard Hinnant's `civil_from_days` (<http://howardhinnant.github.io/date_algorithms.html>),
 /// restricted to non-negative days so it can stay in `u64`: eras of 400 years (146 097 days)
 /// starting on 0000-03-01, so the leap day falls at the end of each computed year.
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
+pub(crate) fn civil_from_days(days: u64) -> (u64, u64, u64) {
     let z = days + 719_468; // days since 0000-03-01
     let era = z / 146_097;
     let day_of_era = z - era * 146_097;

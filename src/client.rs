@@ -185,6 +185,10 @@ pub struct ClientConfig {
     /// Send messages with no readable MSH-10 anyway, and accept any ACK for them (no
     /// correlation). Off by default: such an ACK cannot be told apart from a stale one.
     pub allow_missing_control_id: bool,
+    /// Speak TLS (feature `tls`); `None`: plain TCP. The handshake happens at connect, each
+    /// of its socket operations bounded by `connect_timeout`.
+    #[cfg(feature = "tls")]
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl Default for ClientConfig {
@@ -195,6 +199,8 @@ impl Default for ClientConfig {
             max_response_size: DEFAULT_MAX_RESPONSE_SIZE,
             reconnect: None,
             allow_missing_control_id: false,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }
@@ -227,6 +233,13 @@ impl ClientConfig {
     /// Sets [`allow_missing_control_id`](Self::allow_missing_control_id).
     pub fn allow_missing_control_id(mut self, allow: bool) -> Self {
         self.allow_missing_control_id = allow;
+        self
+    }
+
+    /// Sets [`tls`](Self::tls).
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::tls::ClientTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 }
@@ -651,9 +664,15 @@ enum Idle {
     Gone,
 }
 
+/// The connection's byte stream: TLS-capable with the `tls` feature.
+#[cfg(feature = "tls")]
+type Stream = crate::tls::ClientStream;
+#[cfg(not(feature = "tls"))]
+type Stream = TcpStream;
+
 /// One open connection and its receive state.
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     peer: SocketAddr,
     /// Received bytes not yet returned as a frame.
     /// INVARIANT: empty between exchanges, unless the server sent more than was asked for
@@ -670,6 +689,12 @@ impl Conn {
             match TcpStream::connect_timeout(addr, config.connect_timeout) {
                 Ok(stream) => {
                     stream.set_nodelay(true).map_err(ClientError::Connect)?;
+                    #[cfg(feature = "tls")]
+                    let stream = match &config.tls {
+                        Some(tls) => tls.connect(stream, *addr, config.connect_timeout),
+                        None => Ok(Stream::from(stream)),
+                    }
+                    .map_err(ClientError::Connect)?;
                     return Ok(Self {
                         stream,
                         peer: *addr,

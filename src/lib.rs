@@ -112,6 +112,8 @@ mod reactor;
 mod server;
 pub mod telemetry;
 pub mod timer;
+#[cfg(feature = "tls")]
+pub mod tls;
 mod transport;
 
 pub use bytes::Bytes;
