@@ -136,11 +136,19 @@ pub enum CloseReason {
     /// The connection did not complete its start (PROXY header, TLS handshake) within
     /// `handshake_timeout` (counted as rejected).
     HandshakeTimeout,
+    /// A plaintext MLLP frame arrived on a TLS port (counted as rejected).
+    TlsPlaintext,
+    /// Mutual TLS is required and the client sent no certificate (counted as rejected).
+    TlsNoClientCert,
+    /// The client's certificate did not verify (counted as rejected).
+    TlsBadClientCert,
+    /// Any other TLS handshake failure (counted as rejected).
+    TlsHandshake,
 }
 
 impl CloseReason {
     /// Every reason, in label order (for pre-registering metric handles).
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 16] = [
         Self::PeerClosed,
         Self::IdleTimeout,
         Self::FrameTimeout,
@@ -153,6 +161,10 @@ impl CloseReason {
         Self::NotAllowed,
         Self::ProxyHeader,
         Self::HandshakeTimeout,
+        Self::TlsPlaintext,
+        Self::TlsNoClientCert,
+        Self::TlsBadClientCert,
+        Self::TlsHandshake,
     ];
 
     /// A stable snake_case name, for metric labels and logs.
@@ -170,6 +182,10 @@ impl CloseReason {
             Self::NotAllowed => "not_allowed",
             Self::ProxyHeader => "proxy_header",
             Self::HandshakeTimeout => "handshake_timeout",
+            Self::TlsPlaintext => "tls_plaintext",
+            Self::TlsNoClientCert => "tls_no_client_cert",
+            Self::TlsBadClientCert => "tls_bad_client_cert",
+            Self::TlsHandshake => "tls_handshake",
         }
     }
 
@@ -188,6 +204,10 @@ impl CloseReason {
             Self::NotAllowed => 9,
             Self::ProxyHeader => 10,
             Self::HandshakeTimeout => 11,
+            Self::TlsPlaintext => 12,
+            Self::TlsNoClientCert => 13,
+            Self::TlsBadClientCert => 14,
+            Self::TlsHandshake => 15,
         }
     }
 }

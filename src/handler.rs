@@ -168,6 +168,9 @@ pub struct Context {
     pub(crate) sink: Arc<CompletionSink>,
     /// Set once [`defer`](Self::defer) handed out the message's handle.
     pub(crate) deferred: Cell<bool>,
+    /// The verified client certificate (mutual TLS).
+    #[cfg(feature = "tls")]
+    pub(crate) identity: Option<Arc<crate::tls::PeerIdentity>>,
 }
 
 impl fmt::Debug for Context {
@@ -182,6 +185,13 @@ impl fmt::Debug for Context {
 }
 
 impl Context {
+    /// The verified client certificate's identity (subject CN, SANs, SHA-256 fingerprint of
+    /// the leaf) when the connection uses mutual TLS (feature `tls`).
+    #[cfg(feature = "tls")]
+    pub fn peer_identity(&self) -> Option<&crate::tls::PeerIdentity> {
+        self.identity.as_deref()
+    }
+
     /// Takes the handle that answers this message later; return [`Reply::Deferred`] from the
     /// handler after taking it. See [`ReplyHandle`].
     ///

@@ -174,6 +174,9 @@ pub(crate) struct Reactor {
     /// The other reactors' command channels (on the accepting reactor only): it forwards
     /// the shutdown once it has stopped accepting.
     pub(crate) followers: Vec<(Sender<Command>, Arc<Notifier>)>,
+    /// Serve TLS with sessions from this acceptor (reloadable through a clone of it).
+    #[cfg(feature = "tls")]
+    pub(crate) tls: Option<crate::tls::TlsAcceptor>,
 }
 
 struct Entry {
@@ -201,8 +204,13 @@ struct Entry {
 // An idle connection costs its slab entry and nothing else on our heap (its buffers are
 // released): keep that at most 256 bytes (project goal; measured as RSS in BENCHMARKS.md).
 // (mio adds 8 bytes to a socket in debug builds.)
-const _: () =
-    assert!(std::mem::size_of::<Entry>() <= if cfg!(debug_assertions) { 240 } else { 232 });
+// (mio adds 8 bytes to a socket in debug builds; the TLS layer's tag adds 8.)
+const _: () = assert!(
+    std::mem::size_of::<Entry>()
+        <= 232
+            + if cfg!(debug_assertions) { 8 } else { 0 }
+            + if cfg!(feature = "tls") { 8 } else { 0 }
+);
 
 struct Drain {
     deadline: Instant,
@@ -413,6 +421,8 @@ impl Loop {
             },
             peer,
             local,
+            #[cfg(feature = "tls")]
+            identity: None,
         };
         self.r.telemetry.connection_start(&p);
         self.r.telemetry.connection_stop(&p, Duration::ZERO, reason);
@@ -443,16 +453,27 @@ impl Loop {
         let generation = self.generation();
         // Replies are small and latency-bound: never wait for Nagle.
         let _ = socket.set_nodelay(true);
-        let (mut transport, conn) = match self.r.proxy {
-            Some(mode) => (
-                Transport::proxied(socket, mode),
-                Connection::new_pending(Arc::clone(&self.r.limits), now),
-            ),
-            None => (
-                Transport::tcp(socket),
-                Connection::new(Arc::clone(&self.r.limits), now),
-            ),
+        let transport = match self.tls_session() {
+            #[cfg(feature = "tls")]
+            Some(Ok(session)) => Transport::tls(socket, session, self.r.proxy),
+            #[cfg(feature = "tls")]
+            Some(Err(_)) => {
+                // The configuration cannot make sessions (it was checked at load): refuse.
+                self.forget_one();
+                self.reject(peer, local, CloseReason::TlsHandshake);
+                return;
+            }
+            _ => match self.r.proxy {
+                Some(mode) => Transport::proxied(socket, mode),
+                None => Transport::tcp(socket),
+            },
         };
+        let conn = if transport.ready() {
+            Connection::new(Arc::clone(&self.r.limits), now)
+        } else {
+            Connection::new_pending(Arc::clone(&self.r.limits), now)
+        };
+        let mut transport = transport;
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         if self
@@ -492,6 +513,17 @@ impl Loop {
         }
         // No drain check: draining closes the listener, so nothing is admitted after it.
         self.schedule(key);
+    }
+
+    /// A new TLS session, when the server serves TLS.
+    #[cfg(feature = "tls")]
+    fn tls_session(&self) -> Option<Result<crate::tls::TlsSession, crate::tls::TlsError>> {
+        self.r.tls.as_ref().map(|acceptor| acceptor.session())
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn tls_session(&self) -> Option<std::convert::Infallible> {
+        None
     }
 
     /// The connection serves MLLP from now on: count it and report its start.
@@ -553,9 +585,12 @@ impl Loop {
                 .handle_start_failed(CloseReason::NotAllowed, &mut self.events);
             return true;
         }
-        entry.conn.handle_started(now);
-        entry.conn.handle_read(&rest, now, &mut self.events);
-        self.start(key);
+        if entry.transport.ready() {
+            entry.conn.handle_started(now);
+            entry.conn.handle_read(&rest, now, &mut self.events);
+            self.start(key);
+        }
+        // Else TLS follows the header: the connection starts when its handshake is done.
         true
     }
 
@@ -581,6 +616,8 @@ impl Loop {
             connection: entry.id,
             peer: entry.peer,
             local: self.locals[usize::from(entry.local)],
+            #[cfg(feature = "tls")]
+            identity: entry.transport.peer_identity(),
         }
     }
 
@@ -635,12 +672,27 @@ impl Loop {
                     );
                 }
             }
+            let entry = &mut self.conns[key];
+            if !entry.conn.is_started()
+                && !entry.conn.is_closed()
+                && !entry.transport.in_preamble()
+                && entry.transport.ready()
+            {
+                // The TLS handshake is done: the connection serves MLLP from now on.
+                entry.conn.handle_started(now);
+                self.start(key);
+                progress = true;
+            }
             if self.report(key) {
                 return; // closed and removed
             }
             if !progress {
                 break;
             }
+        }
+        let entry = &mut self.conns[key];
+        if !entry.conn.in_flight() && entry.conn.buffered_len() == 0 {
+            entry.transport.release_idle_buffers();
         }
         self.schedule(key);
     }
@@ -682,6 +734,8 @@ impl Loop {
                 received_time: system_time,
                 sink: Arc::clone(&self.r.sink),
                 deferred: std::cell::Cell::new(false),
+                #[cfg(feature = "tls")]
+                identity: p.identity.clone(),
             };
             match self.r.dispatch {
                 Dispatch::Inline => {
@@ -780,8 +834,12 @@ impl Loop {
             // Never served (no valid PROXY header, not allowed, no handshake in time).
             let reason = match reason {
                 CloseReason::IdleTimeout => CloseReason::HandshakeTimeout,
-                CloseReason::NotAllowed | CloseReason::HandshakeTimeout => reason,
-                _ => CloseReason::ProxyHeader,
+                // A reset or EOF before the start: blame the stage it was in.
+                CloseReason::Io(_) | CloseReason::PeerClosed if entry.transport.in_preamble() => {
+                    CloseReason::ProxyHeader
+                }
+                CloseReason::Io(_) | CloseReason::PeerClosed => CloseReason::TlsHandshake,
+                reason => reason,
             };
             self.r.telemetry.metrics.rejected(reason).increment(1);
             self.r.telemetry.connection_start(&p);
@@ -1013,8 +1071,8 @@ fn write(entry: &mut Entry, telemetry: &Telemetry, now: Instant, events: &mut Ve
                 return true;
             }
             Ok(written) => {
-                if !entry.transport.wants_flush() {
-                    // Plain TCP: these bytes reached the socket (a wrapper counts in flush).
+                if entry.transport.writes_through() {
+                    // Plain TCP: these bytes reached the socket (a layer counts in flush).
                     telemetry.metrics.bytes_sent.increment(written as u64);
                 }
                 entry.conn.handle_written(written, now, events);
@@ -1043,6 +1101,14 @@ fn read(
     events: &mut Vec<Event>,
 ) -> bool {
     match entry.transport.read(scratch) {
+        Ok(0) if !entry.conn.is_started() => {
+            // Gone before its TLS handshake completed.
+            entry.read_ready = false;
+            entry
+                .conn
+                .handle_start_failed(CloseReason::TlsHandshake, events);
+            true
+        }
         Ok(0) => {
             entry.read_ready = false;
             entry.conn.handle_eof(events);
@@ -1059,6 +1125,19 @@ fn read(
         }
         Err(e) if e.kind() == ErrorKind::Interrupted => true,
         Err(e) => {
+            #[cfg(feature = "tls")]
+            if let Some(failure) = crate::tls::TlsFailure::from_io(&e) {
+                use crate::tls::TlsFailureKind as K;
+                let reason = match failure.kind() {
+                    K::Plaintext => CloseReason::TlsPlaintext,
+                    K::NoClientCert => CloseReason::TlsNoClientCert,
+                    K::BadClientCert => CloseReason::TlsBadClientCert,
+                    _ if !entry.conn.is_started() => CloseReason::TlsHandshake,
+                    _ => CloseReason::Io(e.kind()),
+                };
+                entry.conn.handle_start_failed(reason, events);
+                return true;
+            }
             entry.conn.handle_io_error(e.kind(), events);
             true
         }

@@ -84,6 +84,8 @@ pub struct Builder {
     listener_name: String,
     dispatch: Dispatch,
     reactors: usize,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::TlsAcceptor>,
     handshake_timeout: Duration,
     proxy_protocol: Option<ProxyMode>,
     proxy_sources: Option<AllowList>,
@@ -190,6 +192,20 @@ impl Builder {
     /// counted with `reason="not_allowed"`.
     pub fn proxy_sources(mut self, sources: AllowList) -> Self {
         self.proxy_sources = Some(sources);
+        self
+    }
+
+    /// Serves TLS (and mutual TLS when the acceptor's configuration has a client CA) with
+    /// sessions from `acceptor` (feature `tls`). The handshake must complete within
+    /// `handshake_timeout`; failures are counted in `mllp_connections_rejected_total` by
+    /// reason (`tls_plaintext`, `tls_no_client_cert`, `tls_bad_client_cert`,
+    /// `tls_handshake`). Reload certificates through a clone of the acceptor
+    /// ([`TlsAcceptor::reload`](crate::tls::TlsAcceptor::reload)): new connections get the new
+    /// configuration, established ones keep theirs. With PROXY protocol the header comes first,
+    /// in the clear, then TLS.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, acceptor: crate::tls::TlsAcceptor) -> Self {
+        self.tls = Some(acceptor);
         self
     }
 
@@ -388,6 +404,8 @@ impl Builder {
             .zip(commands)
             .enumerate()
             .map(|(index, ((poll, notifier), (_, commands)))| Reactor {
+                #[cfg(feature = "tls")]
+                tls: self.tls.clone(),
                 followers: if index == 0 {
                     control.reactors[1..].to_vec()
                 } else {
@@ -487,6 +505,8 @@ impl Server {
             listener_name: "mllp".to_owned(),
             dispatch: Dispatch::Pool,
             reactors: 1,
+            #[cfg(feature = "tls")]
+            tls: None,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             proxy_protocol: None,
             proxy_sources: None,

@@ -22,7 +22,7 @@
 //! | name | kind | unit | labels |
 //! |---|---|---|---|
 //! | `mllp_connections_accepted_total` | counter | | |
-//! | `mllp_connections_rejected_total` | counter | | `reason` = `max_connections`, `not_allowed`, `proxy_header`, `handshake_timeout` |
+//! | `mllp_connections_rejected_total` | counter | | `reason` = `max_connections`, `not_allowed`, `proxy_header`, `handshake_timeout`, `tls_plaintext`, `tls_no_client_cert`, `tls_bad_client_cert`, `tls_handshake` |
 //! | `mllp_connections_closed_total` | counter | | `reason` = [`CloseReason::as_str`] |
 //! | `mllp_connections_active` | gauge | | |
 //! | `mllp_connection_duration_seconds` | histogram | seconds | |
@@ -106,6 +106,9 @@ pub struct ConnectionStart {
     pub local: SocketAddr,
     /// Wall-clock time of the accept.
     pub system_time: SystemTime,
+    /// The verified client certificate's identity (mutual TLS; feature `tls`).
+    #[cfg(feature = "tls")]
+    pub peer_identity: Option<Arc<crate::tls::PeerIdentity>>,
 }
 
 /// A connection ended.
@@ -122,6 +125,9 @@ pub struct ConnectionStop {
     pub duration: Duration,
     /// Why it ended.
     pub reason: CloseReason,
+    /// The verified client certificate's identity (mutual TLS; feature `tls`).
+    #[cfg(feature = "tls")]
+    pub peer_identity: Option<Arc<crate::tls::PeerIdentity>>,
 }
 
 /// A complete message was handed to the pool.
@@ -247,11 +253,15 @@ pub mod names {
 /// Why a connection is counted as rejected rather than served: it never started (over the
 /// cap, not allowed, no valid PROXY header, no completed handshake). Such a connection counts
 /// only in `mllp_connections_rejected_total`, so accepted = Σ closed + active holds.
-const REJECT_REASONS: [(CloseReason, &str); 4] = [
+const REJECT_REASONS: [(CloseReason, &str); 8] = [
     (CloseReason::Rejected, "max_connections"),
     (CloseReason::NotAllowed, "not_allowed"),
     (CloseReason::ProxyHeader, "proxy_header"),
     (CloseReason::HandshakeTimeout, "handshake_timeout"),
+    (CloseReason::TlsPlaintext, "tls_plaintext"),
+    (CloseReason::TlsNoClientCert, "tls_no_client_cert"),
+    (CloseReason::TlsBadClientCert, "tls_bad_client_cert"),
+    (CloseReason::TlsHandshake, "tls_handshake"),
 ];
 
 /// Handler outcomes, in the order of the `outcome` label handles.
@@ -426,11 +436,14 @@ fn describe() {
 }
 
 /// Who a connection's events are about (the reactor's view of it).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Peer {
     pub(crate) connection: ConnectionId,
     pub(crate) peer: SocketAddr,
     pub(crate) local: SocketAddr,
+    /// The verified client certificate (mutual TLS).
+    #[cfg(feature = "tls")]
+    pub(crate) identity: Option<Arc<crate::tls::PeerIdentity>>,
 }
 
 /// Where events go: the metric handles and the optional observer. Observer panics are caught
@@ -465,6 +478,8 @@ impl Telemetry {
                 peer: p.peer,
                 local: p.local,
                 system_time: SystemTime::now(),
+                #[cfg(feature = "tls")]
+                peer_identity: p.identity.clone(),
             })
         });
     }
@@ -478,6 +493,8 @@ impl Telemetry {
                 local: p.local,
                 duration,
                 reason,
+                #[cfg(feature = "tls")]
+                peer_identity: p.identity.clone(),
             })
         });
     }

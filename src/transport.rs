@@ -27,6 +27,9 @@ enum Layer {
     Plain,
     /// Waiting for the PROXY protocol header that must start the stream.
     Proxy(Box<Preamble>),
+    /// TLS (rustls, driven sans-IO: every call is given the socket).
+    #[cfg(feature = "tls")]
+    Tls(Box<crate::tls::TlsSession>),
 }
 
 /// A connection before its PROXY header is complete.
@@ -36,6 +39,9 @@ struct Preamble {
     /// Bytes read so far; at most [`MAX_HEADER_LEN`](crate::proxy::MAX_HEADER_LEN) plus one
     /// read (the decoder fails past the cap).
     buf: Vec<u8>,
+    /// With TLS behind the header: the session that takes the bytes after it.
+    #[cfg(feature = "tls")]
+    tls: Option<Box<crate::tls::TlsSession>>,
 }
 
 /// What reading a PROXY header produced.
@@ -65,7 +71,55 @@ impl Transport {
             layer: Layer::Proxy(Box::new(Preamble {
                 decoder: ProxyDecoder::new(mode),
                 buf: Vec::new(),
+                #[cfg(feature = "tls")]
+                tls: None,
             })),
+        }
+    }
+
+    /// TLS over TCP, or over TCP after a PROXY header (`proxy`).
+    #[cfg(feature = "tls")]
+    pub(crate) fn tls(
+        socket: TcpStream,
+        session: crate::tls::TlsSession,
+        proxy: Option<ProxyMode>,
+    ) -> Self {
+        let session = Box::new(session);
+        let layer = match proxy {
+            Some(mode) => Layer::Proxy(Box::new(Preamble {
+                decoder: ProxyDecoder::new(mode),
+                buf: Vec::new(),
+                tls: Some(session),
+            })),
+            None => Layer::Tls(session),
+        };
+        Self { socket, layer }
+    }
+
+    /// Whether the byte path is ready for MLLP: no header awaited, no handshake under way.
+    pub(crate) fn ready(&self) -> bool {
+        match &self.layer {
+            Layer::Plain => true,
+            Layer::Proxy(_) => false,
+            #[cfg(feature = "tls")]
+            Layer::Tls(session) => session.handshake_done(),
+        }
+    }
+
+    /// The verified client certificate's identity (mutual TLS).
+    #[cfg(feature = "tls")]
+    pub(crate) fn peer_identity(&self) -> Option<std::sync::Arc<crate::tls::PeerIdentity>> {
+        match &self.layer {
+            Layer::Tls(session) => session.peer_identity_arc(),
+            _ => None,
+        }
+    }
+
+    /// Releases what buffers the layer can while the connection is idle.
+    pub(crate) fn release_idle_buffers(&mut self) {
+        #[cfg(feature = "tls")]
+        if let Layer::Tls(session) = &mut self.layer {
+            session.release_idle_buffers();
         }
     }
 
@@ -86,6 +140,13 @@ impl Transport {
             Err(_) => Preambled::Failed,
             Ok(Some((header, used))) => {
                 let rest = preamble.buf.split_off(used);
+                #[cfg(feature = "tls")]
+                if let Some(mut session) = preamble.tls.take() {
+                    // The bytes after the header are the start of the TLS stream.
+                    session.preload(&rest);
+                    self.layer = Layer::Tls(session);
+                    return Preambled::Done(header, Vec::new());
+                }
                 self.layer = Layer::Plain;
                 Preambled::Done(header, rest)
             }
@@ -95,32 +156,56 @@ impl Transport {
     /// Reads from the socket: plaintext once the stream has started, raw header bytes before.
     /// `Ok(0)` is a clean end of stream; `WouldBlock` means nothing (yet).
     pub(crate) fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.socket.read(buf)
+        match &mut self.layer {
+            #[cfg(feature = "tls")]
+            Layer::Tls(session) => session.read(&mut self.socket, buf),
+            _ => self.socket.read(buf),
+        }
     }
 
     /// Writes plaintext; returns how much was taken. For TCP that many bytes reached the
     /// socket.
     pub(crate) fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self.layer {
+        match &mut self.layer {
             Layer::Plain => self.socket.write_vectored(bufs),
             // Nothing is written before the header: the connection has not started.
             Layer::Proxy(_) => Ok(0),
+            #[cfg(feature = "tls")]
+            Layer::Tls(session) => session.write_vectored(&mut self.socket, bufs),
         }
     }
 
     /// True when the layer holds bytes of its own for the socket.
     pub(crate) fn wants_flush(&self) -> bool {
-        false
+        match &self.layer {
+            #[cfg(feature = "tls")]
+            Layer::Tls(session) => session.wants_write(),
+            _ => false,
+        }
+    }
+
+    /// Whether the bytes `write_vectored` takes reach the socket directly (plain TCP) or go
+    /// through the layer's own queue and are counted by `flush`.
+    pub(crate) fn writes_through(&self) -> bool {
+        matches!(self.layer, Layer::Plain | Layer::Proxy(_))
     }
 
     /// Pushes the layer's own pending bytes to the socket; returns how many went out.
     pub(crate) fn flush(&mut self) -> io::Result<usize> {
-        Ok(0)
+        match &mut self.layer {
+            #[cfg(feature = "tls")]
+            Layer::Tls(session) => session.flush(&mut self.socket),
+            _ => Ok(0),
+        }
     }
 
     /// Ends our sending side (after a TLS `close_notify`, where there is one).
     pub(crate) fn shutdown_write(&mut self) -> io::Result<()> {
-        self.socket.shutdown(Shutdown::Write)
+        match &mut self.layer {
+            #[cfg(feature = "tls")]
+            Layer::Tls(session) => session.shutdown_write(&mut self.socket),
+            _ => self.socket.shutdown(Shutdown::Write),
+        }
     }
 
     /// The socket, to register with the poll.

@@ -30,3 +30,6 @@ mod proxy;
 mod reply_path;
 #[path = "it/timeouts.rs"]
 mod timeouts;
+#[cfg(feature = "tls")]
+#[path = "it/tls.rs"]
+mod tls;

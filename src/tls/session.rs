@@ -56,7 +56,7 @@ pub struct TlsSession {
     in_start: usize,
     in_end: usize,
     /// Set once, when the handshake completes with a client certificate.
-    identity: Option<Box<PeerIdentity>>,
+    identity: Option<Arc<PeerIdentity>>,
     /// Socket bytes written by `write_vectored` (making room) or `shutdown_write`, reported by
     /// the next `flush`.
     unreported: usize,
@@ -96,6 +96,11 @@ impl TlsSession {
     /// certificate (mTLS).
     pub fn peer_identity(&self) -> Option<&PeerIdentity> {
         self.identity.as_deref()
+    }
+
+    /// The identity, shared (cheap to hand to every message's context).
+    pub(crate) fn peer_identity_arc(&self) -> Option<Arc<PeerIdentity>> {
+        self.identity.clone()
     }
 
     /// The negotiated protocol, `"TLSv1.3"` or `"TLSv1.2"`, once known.
@@ -271,7 +276,7 @@ impl TlsSession {
                 .conn
                 .peer_certificates()
                 .and_then(|chain| chain.first())
-                .map(|leaf| Box::new(PeerIdentity::from_der(leaf)));
+                .map(|leaf| Arc::new(PeerIdentity::from_der(leaf)));
         }
         Ok(())
     }

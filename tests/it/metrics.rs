@@ -62,7 +62,11 @@ fn every_metric_is_registered_at_bind_with_listener_label_unit_and_description()
             "handshake_timeout",
             "max_connections",
             "not_allowed",
-            "proxy_header"
+            "proxy_header",
+            "tls_bad_client_cert",
+            "tls_handshake",
+            "tls_no_client_cert",
+            "tls_plaintext"
         ]
     );
     assert_eq!(
