@@ -113,6 +113,15 @@ struct ServeArgs {
     /// Accept connections only from this CIDR, IPv4 or IPv6 (repeatable; default: anyone).
     #[arg(long = "allow", value_name = "CIDR")]
     allow: Vec<mllp_reactor::cidr::Cidr>,
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key. SIGHUP reloads the files.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by a CA in this bundle (PEM): mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Log format on stderr: human (one readable line per event) or json (one object per line).
     #[arg(long, value_enum, default_value_t = LogFormat::Human, value_name = "FORMAT")]
     log_format: LogFormat,
@@ -155,6 +164,18 @@ struct SendArgs {
     /// Deadline for each ACK (e.g. 500ms, 30s, 2m).
     #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
     timeout: Duration,
+    /// Connect with TLS, trusting the CAs in this bundle (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate chain (PEM) for mutual TLS; needs --tls-key and --tls-ca.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The name to verify the server's certificate against (default: the address's host).
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    tls_server_name: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -220,6 +241,9 @@ fn main() -> ExitCode {
             proxy_protocol: args.proxy_protocol,
             proxy_sources: args.proxy_sources,
             allow: args.allow,
+            tls_cert: args.tls_cert,
+            tls_key: args.tls_key,
+            tls_client_ca: args.tls_client_ca,
             log_format: args.log_format,
             log_level: args.log_level,
             store: (!args.no_store).then_some(args.store),
@@ -230,6 +254,10 @@ fn main() -> ExitCode {
                 files: args.files,
                 pipeline: args.pipeline,
                 timeout: args.timeout,
+                tls_ca: args.tls_ca,
+                tls_cert: args.tls_cert,
+                tls_key: args.tls_key,
+                tls_server_name: args.tls_server_name,
             };
             match send::send(&opts) {
                 Ok(true) => Ok(()),

@@ -21,6 +21,36 @@ pub struct SendOptions {
     pub files: Vec<String>,
     pub pipeline: usize,
     pub timeout: Duration,
+    pub tls_ca: Option<std::path::PathBuf>,
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
+    pub tls_server_name: Option<String>,
+}
+
+/// The client's TLS settings from the `--tls-*` flags; `None` without `--tls-ca`.
+fn client_tls(opts: &SendOptions) -> Result<Option<mllp_reactor::tls::ClientTls>, String> {
+    let Some(ca) = &opts.tls_ca else {
+        return Ok(None);
+    };
+    let mut tls = mllp_reactor::tls::ClientTls::from_ca_file(ca)
+        .map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
+    if let (Some(cert), Some(key)) = (&opts.tls_cert, &opts.tls_key) {
+        tls = tls
+            .client_cert_files(cert, key)
+            .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
+    }
+    if let Some(name) = &opts.tls_server_name {
+        tls = tls
+            .server_name(name)
+            .map_err(|e| format!("--tls-server-name {name}: {e}"))?;
+    } else if let Some((host, _)) = opts.addr.rsplit_once(':') {
+        // Verify against the host the user typed (a name or an address).
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(named) = tls.clone().server_name(host) {
+            tls = named;
+        }
+    }
+    Ok(Some(tls))
 }
 
 /// What standard input is called in messages.
@@ -186,7 +216,10 @@ pub fn send(opts: &SendOptions) -> Result<bool, String> {
         messages.extend(read_messages(file, &bytes)?);
     }
     let addrs = crate::addr::resolve_all(&opts.addr)?;
-    let config = ClientConfig::default().response_timeout(opts.timeout);
+    let mut config = ClientConfig::default().response_timeout(opts.timeout);
+    if let Some(tls) = client_tls(opts)? {
+        config = config.tls(tls);
+    }
     let mut client = Client::connect(addrs.as_slice(), config).map_err(|e| match &e {
         ClientError::Connect(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
             format!(

@@ -39,6 +39,9 @@ pub struct ServeOptions {
     pub proxy_protocol: Option<ProxyArg>,
     pub proxy_sources: Vec<Cidr>,
     pub allow: Vec<Cidr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
     pub log_format: LogFormat,
     pub log_level: Option<String>,
     /// The store file; `None`: `--no-store`.
@@ -127,6 +130,10 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
     if !opts.allow.is_empty() {
         builder = builder.allow(opts.allow.iter().copied().collect());
     }
+    let tls = tls_acceptor(opts)?;
+    if let Some(acceptor) = &tls {
+        builder = builder.tls(acceptor.clone());
+    }
     let listen = crate::addr::resolve(&opts.listen).map_err(|e| format!("--listen {e}"))?;
     let server = builder.bind(listen).map_err(|e| match e {
         mllp_reactor::Error::Bind(io) if io.kind() == std::io::ErrorKind::AddrInUse => {
@@ -142,6 +149,22 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
     // Before "listening on": a supervisor may send SIGTERM as soon as it reads that line.
     let mut signals = Signals::new([SIGINT, SIGTERM])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    if let Some(acceptor) = tls {
+        // SIGHUP re-reads the certificate, key and client CA for new connections; a bad file
+        // keeps the configuration in force and logs one line.
+        let mut hup = Signals::new([signal_hook::consts::SIGHUP])
+            .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+        std::thread::spawn(move || {
+            for _ in hup.forever() {
+                match acceptor.reload() {
+                    Ok(()) => tracing::info!(target: "mllp::server", "tls reloaded"),
+                    Err(e) => {
+                        tracing::error!(target: "mllp::server", error = %e, "tls reload failed, keeping the old configuration")
+                    }
+                }
+            }
+        });
+    }
     println!("listening on {}", server.local_addr());
     if let Some(path) = &opts.store {
         // The absolute path: "./mllp-reactor.db" does not say which directory.
@@ -265,4 +288,25 @@ fn store_config(opts: &ServeOptions, max_in_flight: usize) -> StoreConfig {
     config.max_queue_messages = opts.max_connections.saturating_mul(max_in_flight);
     config.max_queue_bytes = opts.max_memory;
     config
+}
+
+/// The TLS acceptor from `--tls-cert`, `--tls-key` and `--tls-client-ca`, checked now: a bad
+/// or mismatched file is a one-line error before anything listens.
+fn tls_acceptor(opts: &ServeOptions) -> Result<Option<mllp_reactor::tls::TlsAcceptor>, String> {
+    let (Some(cert), Some(key)) = (&opts.tls_cert, &opts.tls_key) else {
+        return Ok(None);
+    };
+    let mut config = mllp_reactor::tls::TlsConfig::from_files(cert, key);
+    if let Some(ca) = &opts.tls_client_ca {
+        config = config.client_ca_file(ca);
+    }
+    mllp_reactor::tls::TlsAcceptor::new(config)
+        .map(Some)
+        .map_err(|e| {
+            format!(
+                "--tls-cert {} / --tls-key {}: {e}",
+                cert.display(),
+                key.display()
+            )
+        })
 }
