@@ -1042,8 +1042,6 @@ fn nanos_since(epoch: Instant, t: Instant) -> u64 {
 fn write(entry: &mut Entry, telemetry: &Telemetry, now: Instant, events: &mut Vec<Event>) -> bool {
     let mut progress = false;
     loop {
-        // Filled afresh each round (the slices borrow the connection, which `handle_written`
-        // changes); 2 KiB of stack, zeroed per write call, not per reply.
         if entry.transport.wants_flush() {
             match entry.transport.flush() {
                 Ok(n) => {
