@@ -159,6 +159,8 @@ mod backend;
 mod error;
 pub mod export;
 pub mod fault;
+#[cfg(feature = "postgres")]
+pub mod postgresql;
 mod record;
 pub mod sqlite;
 pub mod telemetry;
@@ -166,6 +168,8 @@ mod writer;
 
 pub use backend::Backend;
 pub use error::{CloseError, ConfigError, StoreError, Submission, SubmitError};
+#[cfg(feature = "postgres")]
+pub use postgresql::{PostgresBackend, PostgresOptions};
 pub use record::{DuplicateKey, Header, Origin, Record, StoreId, StoreOutcome, StoredRecord};
 pub use sqlite::{SqliteBackend, SqliteOptions};
 pub use writer::{
