@@ -3,16 +3,14 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use mllp_reactor::{Reply, Server, ack, handler_fn};
-use mllp_store::{SqliteOptions, Store, StoreConfig};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::store_glue::{STORE_WORKERS, store_handler};
+use crate::store_glue::{STORE_WORKERS, open_store, store_handler};
 
 /// Options of `serve`, already parsed.
 #[derive(Debug, Clone)]
@@ -27,8 +25,10 @@ pub struct ServeOptions {
     pub metrics: Option<String>,
     /// How long a Ctrl-C drain may take.
     pub grace: Duration,
-    /// The store file; `None`: `--no-store`.
-    pub store: Option<PathBuf>,
+    /// The store: an SQLite file path or a `postgres://` URL; `None`: `--no-store`.
+    pub store: Option<String>,
+    /// Accept a PostgreSQL server with `synchronous_commit=off`.
+    pub allow_async_commit: bool,
 }
 
 /// Runs the server until SIGINT/SIGTERM, then drains and prints a one-line summary.
@@ -44,12 +44,15 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         Arc::new(std::sync::atomic::AtomicBool::new(false)),
     )
     .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let store = match &opts.store {
-        Some(path) => Some(Arc::new(
-            Store::open_sqlite(path, &SqliteOptions::default(), StoreConfig::default())
-                .map_err(|e| e.to_string())?,
-        )),
-        None => None,
+    let (store, storing_to) = match &opts.store {
+        Some(spec) => {
+            let (store, shown) = open_store(spec, opts.allow_async_commit)?;
+            (Some(Arc::new(store)), Some(shown))
+        }
+        None if opts.allow_async_commit => {
+            return Err("--allow-async-commit needs a store".to_owned());
+        }
+        None => (None, None),
     };
     let mut builder = match &store {
         Some(store) => Server::builder(store_handler(Arc::clone(store))),
@@ -74,10 +77,8 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         other => format!("cannot start on {}: {other}", opts.listen),
     })?;
     println!("listening on {}", server.local_addr());
-    if let Some(path) = &opts.store {
-        // The absolute path: "./mllp-reactor.db" does not say which directory.
-        let shown = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
-        println!("storing to {}", shown.display());
+    if let Some(line) = &storing_to {
+        println!("{line}");
     }
     if let Some(addr) = &prometheus {
         println!("metrics on http://{addr}/metrics");

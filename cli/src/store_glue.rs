@@ -15,7 +15,11 @@ use std::time::{Duration, Instant};
 
 use mllp_reactor::ack::{self, AckCode};
 use mllp_reactor::{Handler, Reply, handler_fn};
-use mllp_store::{Record, Store, StoreError, SubmitError};
+use mllp_store::postgresql::is_postgres_url;
+use mllp_store::{
+    PostgresBackend, PostgresOptions, Record, SqliteOptions, Store, StoreConfig, StoreError,
+    SubmitError,
+};
 
 /// Handler threads `serve` starts with a store unless `--workers` says otherwise: each one
 /// waits for a commit, so this is the most messages one batch can gather. 64 lets a batch
@@ -59,4 +63,41 @@ pub fn store_handler(store: Arc<Store>) -> impl Handler {
             Err(e) => ack::nak(msg, AckCode::AE, &format!("message not stored: {e}")),
         }))
     })
+}
+
+/// Opens the store `serve --store` names: a `postgres://` (or `postgresql://`) URL, or an
+/// SQLite file path. Returns it and the line `serve` prints ("storing to …").
+///
+/// The PostgreSQL connection is made here, on the calling thread, and then moves to the
+/// store's writer thread, where all of its (blocking) work happens: never the reactor's.
+pub fn open_store(spec: &str, allow_async_commit: bool) -> Result<(Store, String), String> {
+    if is_postgres_url(spec) {
+        let options = postgres_options().allow_async_commit(allow_async_commit);
+        let backend = PostgresBackend::connect(spec, &options).map_err(|e| e.to_string())?;
+        let shown = format!(
+            "storing to {} (synchronous_commit={})",
+            mllp_store::Backend::location(&backend),
+            backend.synchronous_commit()
+        );
+        let store = Store::start(backend, StoreConfig::default()).map_err(|e| e.to_string())?;
+        return Ok((store, shown));
+    }
+    if allow_async_commit {
+        return Err(
+            "--allow-async-commit applies only to a PostgreSQL store (--store postgres://…)"
+                .to_owned(),
+        );
+    }
+    let store = Store::open_sqlite(spec, &SqliteOptions::default(), StoreConfig::default())
+        .map_err(|e| e.to_string())?;
+    // The absolute path: "./mllp-reactor.db" does not say which directory.
+    let path = std::path::Path::new(spec);
+    let shown = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    Ok((store, format!("storing to {}", shown.display())))
+}
+
+/// PostgreSQL options for the CLI: the password comes from `PGPASSWORD` when the URL has
+/// none, as with libpq's tools, so it need not appear in the process list.
+pub fn postgres_options() -> PostgresOptions {
+    PostgresOptions::default().password(std::env::var("PGPASSWORD").ok())
 }
