@@ -70,7 +70,8 @@
 //! PostgreSQL releases the lock only after the commit is visible, so across all nodes:
 //!
 //! - **ids increase in commit order**, within a batch in batch order, exactly as with SQLite;
-//!   ids of failed batches are skipped, never reused or filled in later;
+//!   ids of failed batches are skipped, never reused or filled in later (the id sequence
+//!   must keep `CACHE 1`, its default: a writer refuses to start otherwise);
 //! - **a reader sees a prefix**: when id N is visible, every committed id below N is too. So
 //!   `export --since N` (and [`Export`](crate::export::Export), ordered by id) never misses
 //!   a record that commits later, whichever node wrote it;
@@ -101,7 +102,9 @@
 //! to 2 s, and batches arriving in between fail at once. When the connection dies while
 //! `COMMIT` is in flight, the outcome is unknown: the batch fails (AE), the sender resends,
 //! and if the first copy did commit, the resend is stored flagged as its duplicate.
-//! TCP keepalives (idle 10 s) notice a database host that vanished without a reset.
+//! TCP keepalives (idle 10 s) notice a database host that vanished without a reset. A URL
+//! naming several hosts with `target_session_attrs=read-write` reconnects to whichever one is
+//! the primary after a failover.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -499,6 +502,25 @@ impl PostgresBackend {
             }
             Schema::Empty | Schema::Version(_) => {
                 migrate(&mut client, &path)?;
+            }
+        }
+        if !self.read_only {
+            // A session caches CACHE ids ahead: with more than one, two nodes would hand out
+            // ids out of commit order, and `--since` could skip records.
+            let cache: i64 = client
+                .query_one(
+                    "SELECT seqcache FROM pg_catalog.pg_sequence \
+                     WHERE seqrelid = pg_get_serial_sequence('mllp_messages', 'id')::regclass",
+                    &[],
+                )
+                .and_then(|row| row.try_get(0))
+                .map_err(pg_error)?;
+            if cache != 1 {
+                return Err(open_error(&format_args!(
+                    "the id sequence of mllp_messages has CACHE {cache}; ids stay in commit \
+                     order across nodes only with CACHE 1 (ALTER TABLE mllp_messages ALTER \
+                     COLUMN id SET CACHE 1)"
+                )));
             }
         }
         let prepare = |client: &mut Client, sql: &str| {

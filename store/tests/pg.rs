@@ -326,6 +326,18 @@ fn the_schema_is_created_once_versioned_and_checked() {
     );
     assert!(plan.contains("mllp_messages_original"), "{plan}");
 
+    // A cached id sequence would hand out ids out of commit order across nodes: refused.
+    pg.sql(
+        "schema",
+        "ALTER TABLE mllp_messages ALTER COLUMN id SET CACHE 20",
+    );
+    let e = PostgresBackend::connect(&url, &options()).unwrap_err();
+    assert!(e.to_string().contains("CACHE 20"), "{e}");
+    pg.sql(
+        "schema",
+        "ALTER TABLE mllp_messages ALTER COLUMN id SET CACHE 1",
+    );
+
     // A newer schema: refused, also for readers.
     pg.sql("schema", "UPDATE mllp_store_schema SET version = 99");
     for e in [
