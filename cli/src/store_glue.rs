@@ -2,9 +2,26 @@
 //!
 //! STOPGAP until the server's deferred replies land: this runs in the handler pool and blocks
 //! its worker on the commit result. Group commit still batches, because many workers wait at
-//! once (`serve` defaults to [`STORE_WORKERS`] workers with a store). The deferred version is
-//! the same logic with `cx.defer()`, the callback completing the `ReplyHandle`, and
-//! `Ok(Reply::Deferred)` returned at once.
+//! once (`serve` defaults to [`STORE_WORKERS`] workers with a store). The deferred version:
+//!
+//! ```ignore
+//! handler_fn(move |msg, cx| {
+//!     let reply = cx.defer();
+//!     let payload = msg.clone();
+//!     let done: mllp_store::Done = Box::new(move |result| {
+//!         reply.send(Reply::Send(match result {
+//!             Ok(_) => ack::accept(&payload),
+//!             Err(e) => ack::nak(&payload, AckCode::AE, &format!("message not stored: {e}")),
+//!         }))
+//!     });
+//!     if let Err(refused) = store.submit(Record::from_message(msg.clone(), cx), done) {
+//!         // Full (the reactor should have paused reading first) or Closed: answer AE now.
+//!         let reason = refused.reason();
+//!         (refused.into_submission().into_parts().1)(Err(reason));
+//!     }
+//!     Ok(Reply::Deferred)
+//! })
+//! ```
 //!
 //! This file is also compiled into `tests/store.rs` (`#[path]`), so it depends only on the
 //! library crates.

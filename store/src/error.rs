@@ -64,6 +64,10 @@ pub enum StoreError {
     },
     /// A [`StoreConfig`](crate::StoreConfig) value is out of range.
     Config(ConfigError),
+    /// The queue was full: the record was not taken (see [`SubmitError::reason`]).
+    QueueFull,
+    /// The store was closed: the record was not taken (see [`SubmitError::reason`]).
+    Closed,
     /// The writer thread stopped before it committed the record (it never does on its own:
     /// only a panic in the backend outside a batch could cause this).
     WriterGone,
@@ -98,6 +102,8 @@ impl fmt::Display for StoreError {
             Self::Commit { reason } => write!(f, "commit failed: {reason}"),
             Self::Read { reason } => write!(f, "cannot read the store: {reason}"),
             Self::Config(e) => e.fmt(f),
+            Self::QueueFull => f.write_str("the store's queue is full"),
+            Self::Closed => f.write_str("the store is closed"),
             Self::WriterGone => f.write_str("the store's writer thread has stopped"),
         }
     }
@@ -173,6 +179,15 @@ pub enum SubmitError {
 }
 
 impl SubmitError {
+    /// Why, as the [`StoreError`] to complete the returned callback with when the caller will
+    /// not retry ([`StoreError::QueueFull`] or [`StoreError::Closed`]).
+    pub fn reason(&self) -> StoreError {
+        match self {
+            Self::Full(_) => StoreError::QueueFull,
+            Self::Closed(_) => StoreError::Closed,
+        }
+    }
+
     /// The record and callback that were not taken.
     pub fn into_submission(self) -> Submission {
         match self {
@@ -183,10 +198,7 @@ impl SubmitError {
 
 impl fmt::Display for SubmitError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Full(_) => "the store's queue is full",
-            Self::Closed(_) => "the store is closed",
-        })
+        self.reason().fmt(f)
     }
 }
 

@@ -81,22 +81,49 @@ impl FaultSwitch {
     }
 }
 
+/// Called with the batch size before each commit, on the writer thread.
+type BeforeCommit = Box<dyn FnMut(usize) + Send>;
+
 /// A backend whose commits fail while its [`FaultSwitch`] says so; reads always pass through.
-#[derive(Debug)]
 pub struct FaultyBackend<B> {
     inner: B,
     switch: FaultSwitch,
+    before_commit: Option<BeforeCommit>,
+}
+
+impl<B: std::fmt::Debug> std::fmt::Debug for FaultyBackend<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultyBackend")
+            .field("inner", &self.inner)
+            .field("switch", &self.switch)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<B: Backend> FaultyBackend<B> {
     /// Wraps `inner`.
     pub fn new(inner: B, switch: FaultSwitch) -> Self {
-        Self { inner, switch }
+        Self {
+            inner,
+            switch,
+            before_commit: None,
+        }
+    }
+
+    /// Calls `hook` with the batch size before every commit attempt, on the writer thread:
+    /// a test can report batches, or hold the writer inside a commit (so the next batch
+    /// grows) until it lets go.
+    pub fn before_commit(mut self, hook: impl FnMut(usize) + Send + 'static) -> Self {
+        self.before_commit = Some(Box::new(hook));
+        self
     }
 }
 
 impl<B: Backend> Backend for FaultyBackend<B> {
     fn commit_batch(&mut self, batch: &[Record]) -> Result<Vec<StoreOutcome>, StoreError> {
+        if let Some(hook) = &mut self.before_commit {
+            hook(batch.len());
+        }
         if self.switch.should_fail() {
             return Err(StoreError::commit("injected fault"));
         }

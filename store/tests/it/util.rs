@@ -8,10 +8,8 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use mllp_store::{
-    Backend, DuplicateKey, Origin, Record, SqliteOptions, StoreError, StoreId, StoreOutcome,
-    StoredRecord,
-};
+use mllp_store::fault::{FaultSwitch, FaultyBackend};
+use mllp_store::{Backend, Origin, Record, SqliteOptions, StoreError, StoreOutcome, StoredRecord};
 
 /// Upper bound for every wait on the writer: far above what a passing test needs.
 pub(crate) const WAIT: Duration = Duration::from_secs(20);
@@ -104,13 +102,9 @@ pub(crate) fn read_all(path: &Path) -> Vec<StoredRecord> {
         .unwrap()
 }
 
-/// Holds every commit until the test sends on `release` (or drops it), after reporting the
-/// batch size on `entered`.
-pub(crate) struct GatedBackend<B> {
-    pub(crate) inner: B,
-    pub(crate) entered: Sender<usize>,
-    pub(crate) release: Receiver<()>,
-}
+/// A backend that holds every commit until the test sends on [`Gate::release`] (or drops it),
+/// after reporting the batch size on [`Gate::entered`].
+pub(crate) type GatedBackend<B> = FaultyBackend<B>;
 
 /// The test's ends of a [`GatedBackend`].
 pub(crate) struct Gate {
@@ -134,51 +128,17 @@ impl Gate {
 
 pub(crate) fn gated<B: Backend>(inner: B) -> (GatedBackend<B>, Gate) {
     let (entered_tx, entered_rx) = mpsc::channel();
-    let (release_tx, release_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let backend = FaultyBackend::new(inner, FaultSwitch::new()).before_commit(move |n| {
+        let _ = entered_tx.send(n);
+        // Bounded: a failing test must not leave the writer blocked forever.
+        let _ = release_rx.recv_timeout(WAIT);
+    });
     (
-        GatedBackend {
-            inner,
-            entered: entered_tx,
-            release: release_rx,
-        },
+        backend,
         Gate {
             entered: entered_rx,
             release: release_tx,
         },
     )
-}
-
-impl<B: Backend> Backend for GatedBackend<B> {
-    fn commit_batch(&mut self, batch: &[Record]) -> Result<Vec<StoreOutcome>, StoreError> {
-        let _ = self.entered.send(batch.len());
-        // Bounded: a failing test must not leave the writer blocked forever.
-        let _ = self.release.recv_timeout(WAIT);
-        self.inner.commit_batch(batch)
-    }
-
-    fn read_after(
-        &mut self,
-        after: StoreId,
-        until: StoreId,
-        max_records: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<StoredRecord>, StoreError> {
-        self.inner.read_after(after, until, max_records, max_bytes)
-    }
-
-    fn last_id(&mut self) -> Result<StoreId, StoreError> {
-        self.inner.last_id()
-    }
-
-    fn find_original(
-        &mut self,
-        key: &DuplicateKey<'_>,
-        received_at: SystemTime,
-    ) -> Result<Option<StoreId>, StoreError> {
-        self.inner.find_original(key, received_at)
-    }
-
-    fn location(&self) -> String {
-        self.inner.location()
-    }
 }
