@@ -8,8 +8,11 @@
 
 #[path = "pg/mod.rs"]
 mod cluster;
+// The SQLite tests' helpers: the same messages and origins.
+#[allow(dead_code)]
+#[path = "it/util.rs"]
+mod util;
 
-use std::net::SocketAddr;
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -21,29 +24,7 @@ use mllp_store::{
 };
 
 use cluster::PgCluster;
-
-const WAIT: Duration = Duration::from_secs(30);
-
-fn message_from(app: &str, facility: &str, control_id: &str) -> Bytes {
-    Bytes::from(format!(
-        "MSH|^~\\&|{app}|{facility}|EHR|HOSP|20260101120000||ADT^A01^ADT_A01|{control_id}|P|2.5.1\r\
-         PID|1||PATID1234^^^HOSP^MR||EVERYMAN^ADAM\r"
-    ))
-}
-
-fn message(control_id: &str) -> Bytes {
-    message_from("LAB", "HOSP", control_id)
-}
-
-fn origin(connection_id: u64, sequence: u64) -> Origin {
-    Origin {
-        received_at: SystemTime::now(),
-        peer: SocketAddr::from(([10, 0, 0, 7], 40_000 + connection_id as u16)),
-        local: "[::1]:2575".parse().unwrap(),
-        connection_id,
-        sequence,
-    }
-}
+use util::{TempDir, WAIT, message, message_from, origin};
 
 fn options() -> PostgresOptions {
     PostgresOptions::default()
@@ -79,10 +60,8 @@ fn commits_get_increasing_ids_and_export_matches_sqlite_byte_for_byte() {
     );
 
     // The same records into both stores: every byte of both exports must agree.
-    let dir = std::env::temp_dir().join(format!("mllp-pg-same-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("pg-same");
     let path = dir.join("s.db");
-    let _ = std::fs::remove_file(&path);
     let mut sqlite = SqliteBackend::open(&path, &SqliteOptions::default()).unwrap();
     let when = UNIX_EPOCH + Duration::from_micros(1_767_268_800_123_456);
     let at = |c, s| Origin {
@@ -135,7 +114,6 @@ fn commits_get_increasing_ids_and_export_matches_sqlite_byte_for_byte() {
     assert_eq!(jsonl.lines().count(), 6);
     assert!(jsonl.contains("\"message_base64\":\"/wBiaW5hcnk=\""));
     assert!(jsonl.contains("\"duplicate_of\":1"));
-    let _ = std::fs::remove_dir_all(&dir);
 
     // Pages are cut by bytes as the interface asks: at least one record, then stop past the cap.
     let page = backend.read_after(0, 6, 100, 1).unwrap();

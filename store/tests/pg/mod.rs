@@ -48,7 +48,7 @@ struct Toolchain {
 
 /// A running PostgreSQL server, stopped and deleted on drop.
 #[derive(Debug)]
-pub struct PgCluster {
+pub(crate) struct PgCluster {
     tools: Toolchain,
     dir: PathBuf,
     port: u16,
@@ -57,7 +57,7 @@ pub struct PgCluster {
 impl PgCluster {
     /// Starts a fresh cluster, or prints why PostgreSQL is not available and returns `None`.
     #[track_caller]
-    pub fn start() -> Option<Self> {
+    pub(crate) fn start() -> Option<Self> {
         let tools = match toolchain() {
             Ok(tools) => tools.clone(),
             Err(why) => {
@@ -97,13 +97,13 @@ impl PgCluster {
     }
 
     /// `postgres://postgres@127.0.0.1:PORT/DB`.
-    pub fn url(&self, db: &str) -> String {
+    pub(crate) fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
     /// Creates database `name` (UTF-8) and returns its URL.
     #[track_caller]
-    pub fn create_db(&self, name: &str) -> String {
+    pub(crate) fn create_db(&self, name: &str) -> String {
         self.sql(
             "postgres",
             &format!("CREATE DATABASE {name} ENCODING 'UTF8' TEMPLATE template0"),
@@ -113,7 +113,7 @@ impl PgCluster {
 
     /// Runs `sql` in `db` with psql; returns its unaligned, tuples-only output.
     #[track_caller]
-    pub fn sql(&self, db: &str, sql: &str) -> String {
+    pub(crate) fn sql(&self, db: &str, sql: &str) -> String {
         let out = self
             .psql(db, sql)
             .unwrap_or_else(|err| panic!("psql {sql:?} failed: {err}"));
@@ -121,7 +121,7 @@ impl PgCluster {
     }
 
     /// Runs `sql` in `db` with psql; `Err` with its stderr if it failed.
-    pub fn psql(&self, db: &str, sql: &str) -> Result<String, String> {
+    pub(crate) fn psql(&self, db: &str, sql: &str) -> Result<String, String> {
         let out = Command::new(self.tools.bin.join("psql"))
             .args([
                 "-X",
@@ -154,14 +154,14 @@ impl PgCluster {
 
     /// Stops the server (fast shutdown: open sessions are ended, like a database restart).
     #[track_caller]
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         let out = self.pg_ctl(&["stop", "-m", "fast", "-w", "-t", "60"]);
         assert!(out.status.success(), "pg_ctl stop: {}", stderr(&out));
     }
 
     /// Starts it again on the same port after [`stop`](Self::stop).
     #[track_caller]
-    pub fn restart(&self) {
+    pub(crate) fn restart(&self) {
         assert!(
             self.try_start(),
             "postgres did not restart:\n{}",
@@ -170,7 +170,7 @@ impl PgCluster {
     }
 
     /// The server log.
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
     }
 
