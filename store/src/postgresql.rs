@@ -329,7 +329,7 @@ pub fn is_postgres_url(store: &str) -> bool {
 /// reachable server, so this example does not run:
 ///
 /// ```no_run
-/// use mllp_store::{PostgresBackend, PostgresOptions, Store, StoreConfig};
+/// use mllp_store::{Backend, PostgresBackend, PostgresOptions, Store, StoreConfig};
 ///
 /// let backend = PostgresBackend::connect("postgres://mllp@127.0.0.1:5432/mllp", &PostgresOptions::default())?;
 /// println!("{} (synchronous_commit={})", backend.location(), backend.synchronous_commit());
@@ -910,8 +910,9 @@ fn insert_batch(
     // Resolve duplicates in batch order: an original in the store comes first (lower id);
     // otherwise an earlier original of this batch within the window.
     cols.duplicate_of = vec![None; batch.len()];
-    let mut batch_originals: HashMap<(&str, Option<&str>, Option<&str>), Vec<usize>> =
-        HashMap::new();
+    // (control id, sending application, sending facility) → this batch's originals with it.
+    type Key<'k> = (&'k str, Option<&'k str>, Option<&'k str>);
+    let mut batch_originals: HashMap<Key<'_>, Vec<usize>> = HashMap::new();
     for (k, &i) in keyed.iter().enumerate() {
         let key = (
             cols.control[i].as_deref().unwrap_or_default(),
