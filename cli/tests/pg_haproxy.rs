@@ -46,6 +46,8 @@ impl Node {
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0", "--proxy-protocol", "v2"])
             .args(["--store", store])
+            // Main's serve logs every connection at info: only warnings and errors here.
+            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
