@@ -96,15 +96,18 @@
 //! A batch costs two round trips to the database, not five: `BEGIN`, the lock and the
 //! id/duplicate lookup go out together, then the `INSERT` and `COMMIT` together. Behind a load
 //! balancer the database is across a network, where each round trip is 0.1–0.5 ms of every
-//! message's latency. TLS to the database
-//! is not supported (`NoTls`): run it on a trusted network, a Unix socket
+//! message's latency.
+//!
+//! TLS to the database is not supported (`NoTls`; a URL with `sslmode=require` fails to
+//! connect): run it on a trusted network, a Unix socket
 //! (`postgres://user@%2Fvar%2Frun%2Fpostgresql/db`) or an SSH/stunnel tunnel.
 //!
 //! # Connection loss
 //!
-//! A batch whose connection fails before `COMMIT` was sent did not commit: if the connection
-//! was found dead, the backend reconnects once and retries the batch (a PostgreSQL restart
-//! while idle costs no error). Otherwise the batch fails (the senders get AE, never AA) and
+//! A batch whose `INSERT` did not succeed did not commit (the server rolls an open
+//! transaction back when its connection ends, and the `COMMIT` sent behind a failed `INSERT`
+//! only ends the aborted transaction). If the connection was found dead that way, the backend
+//! reconnects once and retries the batch (a PostgreSQL restart while idle costs no error). Otherwise the batch fails (the senders get AE, never AA) and
 //! the connection is dropped; reconnect attempts follow with a backoff from 100 ms doubling
 //! to 2 s, and batches arriving in between fail at once. When the connection dies while
 //! `COMMIT` is in flight, the outcome is unknown: the batch fails (AE), the sender resends,
