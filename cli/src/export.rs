@@ -1,16 +1,20 @@
 //! `mllp-reactor export`: writes a store's messages to stdout in store order.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::Duration;
 
 use mllp_store::SqliteOptions;
-use mllp_store::export::{ExportError, Format, export_sqlite};
+use mllp_store::export::{ExportError, Format, export_postgres, export_sqlite};
+use mllp_store::postgresql::is_postgres_url;
+
+use crate::store_glue::postgres_options;
 
 /// Options of `export`, already parsed.
 #[derive(Debug, Clone)]
 pub struct ExportOptions {
-    pub store: PathBuf,
+    /// An SQLite file path or a `postgres://` URL.
+    pub store: String,
     pub since: i64,
     pub format: Format,
 }
@@ -25,13 +29,20 @@ const EXPORT_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
 pub fn export(opts: &ExportOptions) -> Result<(), String> {
     let stdout = io::stdout().lock();
     let out = io::BufWriter::with_capacity(64 * 1024, stdout);
-    match export_sqlite(
-        &opts.store,
-        opts.since,
-        opts.format,
-        &SqliteOptions::default().busy_timeout(EXPORT_BUSY_TIMEOUT),
-        out,
-    ) {
+    let result = if is_postgres_url(&opts.store) {
+        let options = postgres_options().lock_timeout(EXPORT_BUSY_TIMEOUT);
+        export_postgres(&opts.store, opts.since, opts.format, &options, out)
+    } else {
+        let options = SqliteOptions::default().busy_timeout(EXPORT_BUSY_TIMEOUT);
+        export_sqlite(
+            Path::new(&opts.store),
+            opts.since,
+            opts.format,
+            &options,
+            out,
+        )
+    };
+    match result {
         Ok(_) => Ok(()),
         Err(ExportError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         Err(e) => Err(e.to_string()),

@@ -129,19 +129,25 @@ struct ServeArgs {
     /// (e.g. `info,mllp::msg=debug`). Default: $RUST_LOG, else info. debug logs every message.
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
-    /// Store every message in this SQLite file before its AA (created if missing).
-    #[arg(long, default_value = "./mllp-reactor.db", value_name = "PATH")]
-    store: PathBuf,
+    /// Store every message before its AA: in this SQLite file (created if missing), or in
+    /// PostgreSQL with postgres://USER@HOST:PORT/DB (schema created on first use; password
+    /// from PGPASSWORD; several nodes may share one database).
+    #[arg(long, default_value = "./mllp-reactor.db", value_name = "PATH|URL")]
+    store: String,
     /// Do not store messages: AA straight away (the ACK-only server, for benchmarks).
     #[arg(long, conflicts_with = "store")]
     no_store: bool,
+    /// Start even if PostgreSQL has synchronous_commit=off (or fsync=off): an AA may then
+    /// be lost if the database server crashes.
+    #[arg(long, conflicts_with = "no_store")]
+    allow_async_commit: bool,
 }
 
 #[derive(Debug, Args)]
 struct ExportArgs {
-    /// The store file (as given to serve --store).
+    /// The store (as given to serve --store): an SQLite file or a postgres:// URL.
     #[arg(value_name = "STORE")]
-    store: PathBuf,
+    store: String,
     /// Only messages with a store id greater than this.
     #[arg(long, default_value_t = 0, value_name = "ID")]
     since: i64,
@@ -247,6 +253,7 @@ fn main() -> ExitCode {
             log_format: args.log_format,
             log_level: args.log_level,
             store: (!args.no_store).then_some(args.store),
+            allow_async_commit: args.allow_async_commit,
         }),
         Command::Send(args) => {
             let opts = send::SendOptions {

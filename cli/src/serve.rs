@@ -10,13 +10,13 @@ use mllp_reactor::cidr::Cidr;
 use mllp_reactor::msh::Msh;
 use mllp_reactor::proxy::ProxyMode;
 use mllp_reactor::{ConfigError, Dispatch, Handler, Reply, Server, ack, handler_fn};
-use mllp_store::{SqliteOptions, Store, StoreConfig};
+use mllp_store::StoreConfig;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::TypedDuration;
 use crate::logging::{self, LogFormat, LogObserver};
-use crate::store_glue::store_handler;
+use crate::store_glue::{open_store, store_handler};
 
 /// Options of `serve`, already parsed.
 #[derive(Debug, Clone)]
@@ -44,8 +44,10 @@ pub struct ServeOptions {
     pub tls_client_ca: Option<PathBuf>,
     pub log_format: LogFormat,
     pub log_level: Option<String>,
-    /// The store file; `None`: `--no-store`.
-    pub store: Option<PathBuf>,
+    /// The store: an SQLite file path or a `postgres://` URL; `None`: `--no-store`.
+    pub store: Option<String>,
+    /// Accept a PostgreSQL server with `synchronous_commit=off`.
+    pub allow_async_commit: bool,
 }
 
 /// `--proxy-protocol`: which PROXY header versions to accept.
@@ -84,16 +86,16 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         DispatchArg::Inline => mllp_reactor::DEFAULT_MAX_IN_FLIGHT_INLINE,
         DispatchArg::Pool => mllp_reactor::DEFAULT_MAX_IN_FLIGHT_POOL,
     });
-    let store = match &opts.store {
-        Some(path) => Some(Arc::new(
-            Store::open_sqlite(
-                path,
-                &SqliteOptions::default(),
-                store_config(opts, max_in_flight),
-            )
-            .map_err(|e| e.to_string())?,
-        )),
-        None => None,
+    let (store, storing_to) = match &opts.store {
+        Some(spec) => {
+            let config = store_config(opts, max_in_flight);
+            let (store, shown) = open_store(spec, opts.allow_async_commit, config)?;
+            (Some(Arc::new(store)), Some(shown))
+        }
+        None if opts.allow_async_commit => {
+            return Err("--allow-async-commit needs a store".to_owned());
+        }
+        None => (None, None),
     };
     let mut builder = match &store {
         Some(store) => Server::builder(store_handler(Arc::clone(store))),
@@ -166,10 +168,8 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         });
     }
     println!("listening on {}", server.local_addr());
-    if let Some(path) = &opts.store {
-        // The absolute path: "./mllp-reactor.db" does not say which directory.
-        let shown = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
-        println!("storing to {}", shown.display());
+    if let Some(line) = &storing_to {
+        println!("{line}");
     }
     if let Some(addr) = &prometheus {
         println!("metrics on http://{addr}/metrics");

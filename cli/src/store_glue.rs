@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use mllp_reactor::ack::{self, AckCode};
 use mllp_reactor::{Handler, Reply, handler_fn};
-use mllp_store::{Record, Store};
+use mllp_store::postgresql::is_postgres_url;
+use mllp_store::{PostgresBackend, PostgresOptions, Record, SqliteOptions, Store, StoreConfig};
 
 /// A handler that submits every message to `store` and answers AA once it is committed, or
 /// AE "message not stored: …" when the commit failed (never AA then).
@@ -39,4 +40,46 @@ pub fn store_handler(store: Arc<Store>) -> impl Handler {
         }
         Ok(Reply::Deferred)
     })
+}
+
+/// Opens the store `serve --store` names: a `postgres://` (or `postgresql://`) URL, or an
+/// SQLite file path, with `config`'s caps. Returns it and the line `serve` prints
+/// ("storing to …").
+///
+/// The PostgreSQL connection is made here, on the calling thread, and then moves to the
+/// store's writer thread, where all of its (blocking) work happens: never a reactor's.
+pub fn open_store(
+    spec: &str,
+    allow_async_commit: bool,
+    config: StoreConfig,
+) -> Result<(Store, String), String> {
+    if is_postgres_url(spec) {
+        let options = postgres_options().allow_async_commit(allow_async_commit);
+        let backend = PostgresBackend::connect(spec, &options).map_err(|e| e.to_string())?;
+        let shown = format!(
+            "storing to {} (synchronous_commit={})",
+            mllp_store::Backend::location(&backend),
+            backend.synchronous_commit()
+        );
+        let store = Store::start(backend, config).map_err(|e| e.to_string())?;
+        return Ok((store, shown));
+    }
+    if allow_async_commit {
+        return Err(
+            "--allow-async-commit applies only to a PostgreSQL store (--store postgres://…)"
+                .to_owned(),
+        );
+    }
+    let store =
+        Store::open_sqlite(spec, &SqliteOptions::default(), config).map_err(|e| e.to_string())?;
+    // The absolute path: "./mllp-reactor.db" does not say which directory.
+    let path = std::path::Path::new(spec);
+    let shown = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    Ok((store, format!("storing to {}", shown.display())))
+}
+
+/// PostgreSQL options for the CLI: the password comes from `PGPASSWORD` when the URL has
+/// none, as with libpq's tools, so it need not appear in the process list.
+pub fn postgres_options() -> PostgresOptions {
+    PostgresOptions::default().password(std::env::var("PGPASSWORD").ok())
 }

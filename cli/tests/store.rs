@@ -5,6 +5,7 @@
 //! Loopback only; every wait is bounded (`WAIT`), the crash loop by `CRASH_BUDGET`.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::hash::{BuildHasher, RandomState};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -20,6 +21,10 @@ use mllp_reactor::{Client, ClientConfig, Server};
 use mllp_store::fault::{FaultSwitch, FaultyBackend};
 use mllp_store::{SqliteBackend, SqliteOptions, Store, StoreConfig};
 use serde_json::Value;
+
+// The same tests against PostgreSQL (each starts its own server).
+#[path = "store/postgres.rs"]
+mod postgres;
 
 // The serve glue itself, so the in-process test runs exactly what `serve` runs.
 #[allow(dead_code)]
@@ -68,10 +73,17 @@ struct ServeProcess {
 impl ServeProcess {
     /// Starts `serve --store store` on a free port; waits for its two start-up lines.
     #[track_caller]
-    fn start(store: &Path) -> Self {
+    fn start(store: impl AsRef<OsStr>) -> Self {
+        Self::start_with(store, &[])
+    }
+
+    /// As [`start`](Self::start), with more `serve` arguments.
+    #[track_caller]
+    fn start_with(store: impl AsRef<OsStr>, args: &[&str]) -> Self {
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0", "--store"])
             .arg(store)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -149,8 +161,8 @@ fn export_cmd(args: &[&str]) -> Output {
 
 /// The store's records as parsed JSON lines.
 #[track_caller]
-fn export_jsonl(store: &Path) -> Vec<Value> {
-    let out = export_cmd(&[store.to_str().unwrap()]);
+fn export_jsonl(store: impl AsRef<OsStr>) -> Vec<Value> {
+    let out = export_cmd(&[store.as_ref().to_str().unwrap()]);
     assert!(
         out.status.success(),
         "export failed: {}",
@@ -176,13 +188,18 @@ fn one_error_line(out: &Output) -> String {
 #[test]
 fn crash_test_every_acked_message_survives_sigkill() {
     let dir = TempDir::new("crash");
-    let store = dir.join("crash.db");
+    crash_loop(dir.join("crash.db").as_os_str(), CRASH_BUDGET);
+}
+
+/// SIGKILLs `serve --store store` under load from [`CONNECTIONS`] senders at a random moment,
+/// restarts it on the same store, and checks that every AA'd message is exported with
+/// identical bytes, in send order per connection; rounds until `budget` is spent.
+fn crash_loop(store: &OsStr, budget: Duration) {
     let started = Instant::now();
     let mut round = 0;
     let mut acked_total = 0;
-    while round < CRASH_MAX_ROUNDS && (round < CRASH_MIN_ROUNDS || started.elapsed() < CRASH_BUDGET)
-    {
-        let server = ServeProcess::start(&store);
+    while round < CRASH_MAX_ROUNDS && (round < CRASH_MIN_ROUNDS || started.elapsed() < budget) {
+        let server = ServeProcess::start(store);
         let addr = server.addr;
         let acked_count = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -226,11 +243,11 @@ fn crash_test_every_acked_message_survives_sigkill() {
             senders.into_iter().map(|t| t.join().unwrap()).collect();
 
         // Restart on the same file: it serves, and export (while it runs) has every AA'd one.
-        let server = ServeProcess::start(&store);
+        let server = ServeProcess::start(store);
         let probe = format!("probe{round}");
         let ack = client(server.addr).send(&message(&probe)).unwrap();
         assert_eq!(ack.code, AckCode::AA);
-        let exported = export_jsonl(&store);
+        let exported = export_jsonl(store);
         let by_id: HashMap<&str, &Value> = exported
             .iter()
             .map(|r| (r["control_id"].as_str().unwrap(), r))

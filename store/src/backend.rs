@@ -2,8 +2,8 @@
 //!
 //! The [`Store`](crate::Store) front owns queueing, batching, callbacks and metrics; a backend
 //! only writes a batch in one transaction and reads records back. SQLite
-//! ([`SqliteBackend`](crate::SqliteBackend)) is the one in this crate; PostgreSQL is meant to
-//! be the second, so nothing here is SQLite-specific.
+//! ([`SqliteBackend`](crate::SqliteBackend)) and PostgreSQL (`PostgresBackend`, cargo feature
+//! `postgres`) implement it; nothing here is specific to either.
 
 use std::time::SystemTime;
 

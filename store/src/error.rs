@@ -9,6 +9,9 @@ use crate::writer::Done;
 
 /// Why a store could not be opened, a batch not committed, or records not read.
 ///
+/// The `path` of a PostgreSQL store's error is its URL without the password
+/// (`postgres://user@host:port/db`).
+///
 /// `Clone`, because every record of a failed batch gets its own copy. `Display` is one line
 /// without a trailing period, fit for `error: …` on a terminal or MSA-3 of an AE.
 #[derive(Clone, Debug, PartialEq, Eq)]

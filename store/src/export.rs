@@ -221,6 +221,38 @@ pub fn export_sqlite(
     out: impl Write,
 ) -> Result<u64, ExportError> {
     let backend = SqliteBackend::open_read_only(path, options).map_err(ExportError::Store)?;
+    write_all(backend, since, format, out)
+}
+
+/// Writes the records of the PostgreSQL store at `url` with id > `since`, in id order, to
+/// `out`; returns how many (feature `postgres`). Its session is read-only; works while nodes
+/// write. Ids increase in commit order across all nodes (see [`crate::postgresql`]), so the
+/// last id written is a safe `since` for the next run.
+///
+/// # Errors
+///
+/// [`ExportError::Store`] for an unreachable server, a database without the store's tables,
+/// or a read failure; [`ExportError::Output`] if `out` fails.
+#[cfg(feature = "postgres")]
+pub fn export_postgres(
+    url: &str,
+    since: StoreId,
+    format: Format,
+    options: &crate::PostgresOptions,
+    out: impl Write,
+) -> Result<u64, ExportError> {
+    let backend =
+        crate::PostgresBackend::connect_read_only(url, options).map_err(ExportError::Store)?;
+    write_all(backend, since, format, out)
+}
+
+/// Streams every record after `since` from `backend` into `out` in `format`.
+fn write_all(
+    backend: impl Backend,
+    since: StoreId,
+    format: Format,
+    out: impl Write,
+) -> Result<u64, ExportError> {
     let records = Export::new(backend, since).map_err(ExportError::Store)?;
     let mut writer = RecordWriter::new(format, out);
     for record in records {

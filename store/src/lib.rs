@@ -20,7 +20,10 @@
 //!   transaction, then calls each record's callback. There is no timer: the next batch grows
 //!   while the current one syncs.
 //! - [`Backend`] is the storage interface (commit a batch, read back, find an original);
-//!   [`SqliteBackend`] implements it on one SQLite file in WAL mode with `synchronous=FULL`.
+//!   [`SqliteBackend`] implements it on one SQLite file in WAL mode with `synchronous=FULL`;
+//!   `PostgresBackend` (cargo feature `postgres`, module `postgresql`) on a PostgreSQL
+//!   database that several nodes behind a load balancer share, with the same columns,
+//!   duplicate detection across nodes, export format and metrics.
 //! - [`export`] streams records back out as JSON lines or HL7 text, while a writer runs.
 //!
 //! # Quick start
@@ -159,6 +162,8 @@ mod backend;
 mod error;
 pub mod export;
 pub mod fault;
+#[cfg(feature = "postgres")]
+pub mod postgresql;
 mod record;
 pub mod sqlite;
 pub mod telemetry;
@@ -166,6 +171,8 @@ mod writer;
 
 pub use backend::Backend;
 pub use error::{CloseError, ConfigError, StoreError, Submission, SubmitError};
+#[cfg(feature = "postgres")]
+pub use postgresql::{PostgresBackend, PostgresOptions};
 pub use record::{DuplicateKey, Header, Origin, Record, StoreId, StoreOutcome, StoredRecord};
 pub use sqlite::{SqliteBackend, SqliteOptions};
 pub use writer::{

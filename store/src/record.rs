@@ -8,10 +8,12 @@ use bytes::Bytes;
 use mllp_reactor::Context;
 use mllp_reactor::msh::Msh;
 
-/// A record's id: increases in commit order and is never reused (SQLite `AUTOINCREMENT`).
+/// A record's id: increases in commit order and is never reused (SQLite `AUTOINCREMENT`;
+/// PostgreSQL: an identity column, allocated under the store's lock).
 ///
 /// Ids visible to a reader always form a prefix of the ids ever committed (one writer at a
-/// time), so "everything after id N" is a safe export cursor.
+/// time; with PostgreSQL, one batch at a time across all nodes), so "everything after id N"
+/// is a safe export cursor.
 pub type StoreId = i64;
 
 /// Where and when a message arrived: the metadata stored next to its bytes.

@@ -270,6 +270,21 @@ impl Store {
         Self::start(SqliteBackend::open(path, options)?, config)
     }
 
+    /// Connects to the PostgreSQL store at `url` (creating its schema if needed) and starts a
+    /// store over it; the connection lives on the writer thread (feature `postgres`).
+    ///
+    /// # Errors
+    ///
+    /// As [`PostgresBackend::connect`](crate::PostgresBackend::connect) and [`Store::start`].
+    #[cfg(feature = "postgres")]
+    pub fn open_postgres(
+        url: &str,
+        options: &crate::PostgresOptions,
+        config: StoreConfig,
+    ) -> Result<Self, StoreError> {
+        Self::start(crate::PostgresBackend::connect(url, options)?, config)
+    }
+
     /// Queues `record`; `done` is called with its outcome once its batch committed or failed.
     ///
     /// Never blocks beyond a short mutex hold, so it may be called on an I/O thread. A

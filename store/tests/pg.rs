@@ -1,0 +1,433 @@
+//! The PostgreSQL backend against a real PostgreSQL 15 that each test starts for itself
+//! (`pg/mod.rs`): commits and ids, export identical to SQLite's, duplicates across two
+//! connections (two nodes), racing nodes, schema creation and versioning, the
+//! `synchronous_commit` check, and a database that goes away and comes back.
+//!
+//! Every test prints a skip line and passes where PostgreSQL cannot be had; `.ci/run`
+//! installs it. Every wait is bounded.
+
+#[path = "pg/mod.rs"]
+mod cluster;
+// The SQLite tests' helpers: the same messages and origins.
+#[allow(dead_code)]
+#[path = "it/util.rs"]
+mod util;
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use mllp_store::export::{Format, export_postgres, export_sqlite};
+use mllp_store::{
+    Backend, DuplicateKey, Origin, PostgresBackend, PostgresOptions, Record, SqliteBackend,
+    SqliteOptions, Store, StoreConfig, StoreError, StoreOutcome,
+};
+
+use cluster::PgCluster;
+use util::{TempDir, WAIT, message, message_from, origin};
+
+fn options() -> PostgresOptions {
+    PostgresOptions::default()
+}
+
+fn connect(url: &str) -> PostgresBackend {
+    PostgresBackend::connect(url, &options()).unwrap()
+}
+
+fn export(url: &str, since: i64, format: Format) -> String {
+    let mut out = Vec::new();
+    export_postgres(url, since, format, &options(), &mut out).unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+#[track_caller]
+fn assert_one_line(e: &StoreError) {
+    let text = e.to_string();
+    assert!(!text.contains('\n') && !text.contains('\r'), "{text:?}");
+}
+
+#[test]
+fn commits_get_increasing_ids_and_export_matches_sqlite_byte_for_byte() {
+    let Some(pg) = PgCluster::start() else { return };
+    let url = pg.create_db("same");
+    let mut backend = connect(&url);
+    assert_eq!(backend.last_id().unwrap(), 0);
+    assert_eq!(backend.synchronous_commit(), "on");
+    assert!(
+        backend
+            .location()
+            .starts_with("postgres://postgres@127.0.0.1:")
+    );
+
+    // The same records into both stores: every byte of both exports must agree.
+    let dir = TempDir::new("pg-same");
+    let path = dir.join("s.db");
+    let mut sqlite = SqliteBackend::open(&path, &SqliteOptions::default()).unwrap();
+    let when = UNIX_EPOCH + Duration::from_micros(1_767_268_800_123_456);
+    let at = |c, s| Origin {
+        received_at: when,
+        ..origin(c, s)
+    };
+    let batches = vec![
+        vec![Record::new(message("42"), at(1, 0))],
+        vec![
+            Record::new(message("42"), at(2, 0)),
+            Record::new(Bytes::from_static(b"\xff\x00binary"), at(2, 1)),
+            Record::new(message_from("", "", "43"), at(2, 2)),
+            Record::new(
+                Bytes::from_static(b"MSH|^~\\&|A\0PP|F\xe9C||||||c\0id|P|2.5\r"),
+                at(2, 3),
+            ),
+            Record::new(message("44"), at(3, u64::MAX)),
+        ],
+    ];
+    let mut last = 0;
+    for batch in &batches {
+        let pg_out = backend.commit_batch(batch).unwrap();
+        let lite_out = sqlite.commit_batch(batch).unwrap();
+        assert_eq!(pg_out, lite_out);
+        for o in &pg_out {
+            assert!(o.id > last, "ids increase: {pg_out:?}");
+            last = o.id;
+        }
+    }
+    assert_eq!(backend.last_id().unwrap(), 6);
+    drop(sqlite);
+    for format in [Format::Jsonl, Format::Hl7] {
+        for since in [0, 1, 4, 6] {
+            let mut lite = Vec::new();
+            export_sqlite(&path, since, format, &SqliteOptions::default(), &mut lite).unwrap();
+            let mut pg_out = Vec::new();
+            export_postgres(&url, since, format, &options(), &mut pg_out).unwrap();
+            if format == Format::Jsonl {
+                // NUL in an MSH field: SQLite keeps it, PostgreSQL text cannot (U+FFFD).
+                let lite = String::from_utf8(lite)
+                    .unwrap()
+                    .replace("\\u0000", "\u{FFFD}");
+                assert_eq!(String::from_utf8(pg_out).unwrap(), lite, "since {since}");
+            } else {
+                assert_eq!(pg_out, lite, "{format:?} since {since}");
+            }
+        }
+    }
+    let jsonl = export(&url, 0, Format::Jsonl);
+    assert_eq!(jsonl.lines().count(), 6);
+    assert!(jsonl.contains("\"message_base64\":\"/wBiaW5hcnk=\""));
+    assert!(jsonl.contains("\"duplicate_of\":1"));
+
+    // Pages are cut by bytes as the interface asks: at least one record, then stop past the cap.
+    let page = backend.read_after(0, 6, 100, 1).unwrap();
+    assert_eq!(page.len(), 1);
+    let page = backend.read_after(2, 5, 100, usize::MAX).unwrap();
+    assert_eq!(page.iter().map(|r| r.id).collect::<Vec<_>>(), [3, 4, 5]);
+    assert_eq!(page[0].payload, b"\xff\x00binary");
+}
+
+#[test]
+fn a_resend_on_another_node_is_a_duplicate_and_the_key_is_app_facility_control_id() {
+    let Some(pg) = PgCluster::start() else { return };
+    let url = pg.create_db("dups");
+    let mut node1 = connect(&url);
+    let mut node2 = connect(&url);
+    let first = node1
+        .commit_batch(&[Record::new(message("42"), origin(1, 0))])
+        .unwrap();
+    let out = node2
+        .commit_batch(&[
+            Record::new(message("42"), origin(2, 0)),
+            Record::new(message("43"), origin(2, 1)),
+            Record::new(message("43"), origin(2, 2)),
+            Record::new(message_from("OTHER", "HOSP", "42"), origin(2, 3)),
+            Record::new(message_from("LAB", "ELSEWHERE", "42"), origin(2, 4)),
+            Record::new(
+                Bytes::from_static(b"MSH|^~\\&|||||||ORU|77|P|2.5\r"),
+                origin(2, 5),
+            ),
+            Record::new(
+                Bytes::from_static(b"MSH|^~\\&|||||||ORU|77|P|2.5\r"),
+                origin(2, 6),
+            ),
+            Record::new(Bytes::from_static(b"PID|no msh\r"), origin(2, 7)),
+            Record::new(Bytes::from_static(b"PID|no msh\r"), origin(2, 8)),
+        ])
+        .unwrap();
+    let dup: Vec<_> = out.iter().map(|o| o.duplicate_of).collect();
+    assert_eq!(
+        dup,
+        [
+            Some(first[0].id),
+            None,
+            Some(out[1].id),
+            None,
+            None,
+            None,
+            Some(out[5].id), // missing MSH-3/4 match missing
+            None,
+            None, // no MSH-10: never a duplicate
+        ]
+    );
+    let key = DuplicateKey {
+        sending_application: Some("LAB"),
+        sending_facility: Some("HOSP"),
+        control_id: "42",
+    };
+    assert_eq!(
+        node1.find_original(&key, SystemTime::now()).unwrap(),
+        Some(first[0].id)
+    );
+    let unknown = DuplicateKey {
+        control_id: "nope",
+        ..key
+    };
+    assert_eq!(
+        node2.find_original(&unknown, SystemTime::now()).unwrap(),
+        None
+    );
+
+    // The window: an original older than it is not matched; the resend becomes an original.
+    let mut short =
+        PostgresBackend::connect(&url, &options().duplicate_window(Duration::from_secs(60)))
+            .unwrap();
+    let old = SystemTime::now() - Duration::from_secs(3600);
+    let o = short
+        .commit_batch(&[Record::new(
+            message("w"),
+            Origin {
+                received_at: old,
+                ..origin(4, 0)
+            },
+        )])
+        .unwrap();
+    let again = short
+        .commit_batch(&[
+            Record::new(message("w"), origin(4, 1)),
+            Record::new(message("w"), origin(4, 2)),
+        ])
+        .unwrap();
+    assert_eq!(o[0].duplicate_of, None);
+    assert_eq!(again[0].duplicate_of, None);
+    assert_eq!(again[1].duplicate_of, Some(again[0].id));
+}
+
+/// Two nodes commit the same control ids at the same time, in opposite orders: every key
+/// ends with exactly one original, every other copy points at it, and ids are unique and in
+/// commit order (each batch's ids are contiguous: batches never interleave).
+#[test]
+fn racing_nodes_store_one_original_per_key() {
+    let Some(pg) = PgCluster::start() else { return };
+    let url = pg.create_db("race");
+    const KEYS: usize = 200;
+    const BATCH: usize = 20;
+    let (tx, rx) = mpsc::channel();
+    let threads: Vec<_> = (0..2)
+        .map(|node| {
+            let (url, tx) = (url.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let mut backend = connect(&url);
+                let mut keys: Vec<usize> = (0..KEYS).collect();
+                if node == 1 {
+                    keys.reverse();
+                }
+                for chunk in keys.chunks(BATCH) {
+                    let batch: Vec<Record> = chunk
+                        .iter()
+                        .map(|k| Record::new(message(&format!("k{k}")), origin(node, 0)))
+                        .collect();
+                    let out = backend.commit_batch(&batch).unwrap();
+                    let ids: Vec<i64> = out.iter().map(|o| o.id).collect();
+                    assert!(ids.windows(2).all(|w| w[0] + 1 == w[1]), "{ids:?}");
+                    tx.send(out).unwrap();
+                }
+            })
+        })
+        .collect();
+    drop(tx);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let outcomes: Vec<StoreOutcome> = rx.iter().flatten().collect();
+    assert_eq!(outcomes.len(), 2 * KEYS);
+    let originals = outcomes.iter().filter(|o| o.duplicate_of.is_none()).count();
+    assert_eq!(originals, KEYS);
+    // Every duplicate points at an original of the same key.
+    let rows = pg.sql(
+        "race",
+        "SELECT count(*) FROM mllp_messages d JOIN mllp_messages o ON d.duplicate_of = o.id \
+         WHERE d.control_id = o.control_id AND o.duplicate_of IS NULL",
+    );
+    assert_eq!(rows, KEYS.to_string());
+    assert_eq!(
+        pg.sql(
+            "race",
+            "SELECT count(DISTINCT id), max(id) FROM mllp_messages"
+        ),
+        format!("{}|{}", 2 * KEYS, 2 * KEYS)
+    );
+}
+
+#[test]
+fn the_schema_is_created_once_versioned_and_checked() {
+    let Some(pg) = PgCluster::start() else { return };
+    let url = pg.create_db("schema");
+
+    // A reader never creates anything.
+    let e = PostgresBackend::connect_read_only(&url, &options()).unwrap_err();
+    assert!(matches!(e, StoreError::NotAStore { .. }), "{e}");
+    assert!(e.to_string().contains("has no mllp-reactor tables"), "{e}");
+
+    // Nodes starting together create the schema once.
+    let opens: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || connect(&url).location())
+        })
+        .collect();
+    for t in opens {
+        t.join().unwrap();
+    }
+    assert_eq!(
+        pg.sql("schema", "SELECT version FROM mllp_store_schema"),
+        "1"
+    );
+    // The duplicate lookup is an index probe on the partial index.
+    pg.sql(
+        "schema",
+        "INSERT INTO mllp_messages (received_at_us, peer, local, connection_id, sequence, \
+         control_id, size, payload) SELECT g, 'p', 'l', 1, g, 'c' || g, 1, '\\x00' \
+         FROM generate_series(1, 5000) g; ANALYZE mllp_messages",
+    );
+    let plan = pg.sql(
+        "schema",
+        "EXPLAIN SELECT m.id FROM mllp_messages m WHERE m.control_id = 'c7' \
+         AND m.received_at_us >= 0 AND m.duplicate_of IS NULL \
+         AND m.sending_application IS NOT DISTINCT FROM NULL ORDER BY m.id LIMIT 1",
+    );
+    assert!(plan.contains("mllp_messages_original"), "{plan}");
+
+    // A cached id sequence would hand out ids out of commit order across nodes: refused.
+    pg.sql(
+        "schema",
+        "ALTER TABLE mllp_messages ALTER COLUMN id SET CACHE 20",
+    );
+    let e = PostgresBackend::connect(&url, &options()).unwrap_err();
+    assert!(e.to_string().contains("CACHE 20"), "{e}");
+    pg.sql(
+        "schema",
+        "ALTER TABLE mllp_messages ALTER COLUMN id SET CACHE 1",
+    );
+
+    // A newer schema: refused, also for readers.
+    pg.sql("schema", "UPDATE mllp_store_schema SET version = 99");
+    for e in [
+        PostgresBackend::connect(&url, &options()).unwrap_err(),
+        PostgresBackend::connect_read_only(&url, &options()).unwrap_err(),
+    ] {
+        assert_one_line(&e);
+        assert!(
+            matches!(
+                e,
+                StoreError::UnsupportedVersion {
+                    found: 99,
+                    supported: 1,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    // Someone else's `mllp_messages`: refused and left alone.
+    let alien = pg.create_db("alien");
+    pg.sql(
+        "alien",
+        "CREATE TABLE mllp_messages (x int); INSERT INTO mllp_messages VALUES (7)",
+    );
+    let e = PostgresBackend::connect(&alien, &options()).unwrap_err();
+    assert!(matches!(e, StoreError::NotAStore { .. }), "{e}");
+    assert_eq!(pg.sql("alien", "SELECT x FROM mllp_messages"), "7");
+    assert!(pg.psql("alien", "SELECT 1 FROM mllp_store_schema").is_err());
+
+    // Bad URLs and unreachable servers: one-line Open errors without the password.
+    let e = PostgresBackend::connect("postgres://u:hunter2@127.0.0.1:1/x", &options()).unwrap_err();
+    assert!(matches!(e, StoreError::Open { .. }), "{e}");
+    assert_one_line(&e);
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    let e = PostgresBackend::connect("postgres://u:hunter2@h/x?bogus=1", &options()).unwrap_err();
+    assert!(e.to_string().contains("bad URL"), "{e}");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    let e = PostgresBackend::connect(&pg.url("nosuchdb"), &options()).unwrap_err();
+    assert!(e.to_string().contains("nosuchdb"), "{e}");
+}
+
+#[test]
+fn synchronous_commit_off_is_refused_unless_allowed_and_local_is_accepted() {
+    let Some(pg) = PgCluster::start() else { return };
+    let url = pg.create_db("sync");
+    pg.sql("sync", "ALTER DATABASE sync SET synchronous_commit = off");
+    let e = PostgresBackend::connect(&url, &options()).unwrap_err();
+    assert_one_line(&e);
+    assert!(e.to_string().contains("synchronous_commit=off"), "{e}");
+    assert!(e.to_string().contains("--allow-async-commit"), "{e}");
+    let backend = PostgresBackend::connect(&url, &options().allow_async_commit(true)).unwrap();
+    assert_eq!(backend.synchronous_commit(), "off");
+    // Export does not care: it commits nothing.
+    assert_eq!(export(&url, 0, Format::Jsonl), "");
+
+    pg.sql("sync", "ALTER DATABASE sync SET synchronous_commit = local");
+    assert_eq!(connect(&url).synchronous_commit(), "local");
+}
+
+/// The database goes away under a running store: batches fail (never `Ok`) while it is down,
+/// and the store recovers by itself once it is back, with nothing acknowledged lost.
+#[test]
+fn a_store_fails_while_postgres_is_down_and_resumes_after_restart() {
+    let Some(pg) = PgCluster::start() else { return };
+    let url = pg.create_db("down");
+    let store = Store::open_postgres(&url, &options(), StoreConfig::default()).unwrap();
+    let submit = |id: &str| {
+        let (tx, rx) = mpsc::channel();
+        store
+            .submit(
+                Record::new(message(id), origin(1, 0)),
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            )
+            .unwrap();
+        rx.recv_timeout(WAIT).expect("a completion in time")
+    };
+    assert!(submit("before").is_ok());
+    pg.stop();
+    for n in 0..5 {
+        let e = submit(&format!("down{n}")).unwrap_err();
+        assert_one_line(&e);
+        assert!(matches!(e, StoreError::Commit { .. }), "{e}");
+    }
+    pg.restart();
+    // Within the reconnect backoff (at most 2 s) the store is back.
+    let deadline = Instant::now() + WAIT;
+    let mut after = 0;
+    loop {
+        match submit(&format!("after{after}")) {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no recovery: {e}");
+                after += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    // Once connected again, a restart while idle costs no error at all (one retry).
+    pg.stop();
+    pg.restart();
+    assert!(submit("idle-restart").is_ok());
+    store.close(WAIT).unwrap();
+    let ids: Vec<String> = export(&url, 0, Format::Jsonl)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["control_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids, ["before", &format!("after{after}"), "idle-restart"]);
+}
