@@ -21,6 +21,8 @@
 #                       127.0.0.1:0); run through `bash -c "exec $OURS_CMD"`, so it must exec
 #                       the server itself (its pid is used for RSS and CPU)
 #   BASELINE_CMD=...    default: target/release/examples/baseline_server 127.0.0.1:0
+#   OURS_BENCH_ARGS=... extra `bench` flags against ours (e.g. --tls-ca FILE); likewise
+#   BASELINE_BENCH_ARGS
 #   RAW=FILE            JSON lines output (default: target/e2e/e2e-<timestamp>.jsonl)
 #   SKIP_BUILD=1        do not run cargo build
 #   RETRIES=2           re-runs of a run that other load disturbed (see `noisy`); the last
@@ -47,6 +49,8 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
 BASELINE_CMD=${BASELINE_CMD:-target/release/examples/baseline_server 127.0.0.1:0}
+OURS_BENCH_ARGS=${OURS_BENCH_ARGS:-}
+BASELINE_BENCH_ARGS=${BASELINE_BENCH_ARGS:-}
 OURS_CMD=${OURS_CMD:-target/release/mllp-reactor serve --no-store --listen 127.0.0.1:0}
 RAW=${RAW:-target/e2e/e2e-$(date +%Y%m%d-%H%M%S).jsonl}
 BENCH=target/release/mllp-reactor
@@ -179,8 +183,12 @@ FAILED_RUNS=0
 # attempt SCENARIO SERVER ROUND PREFIX: one server process, one bench run. Returns the
 # status (0 = report in PREFIX.json).
 attempt() {
-    local scenario=$1 server=$2 round=$3 prefix=$4 cmd pid limit status pin
-    if [[ $server == baseline ]]; then cmd=$BASELINE_CMD; else cmd=$OURS_CMD; fi
+    local scenario=$1 server=$2 round=$3 prefix=$4 cmd pid limit status pin extra
+    if [[ $server == baseline ]]; then
+        cmd=$BASELINE_CMD extra=$BASELINE_BENCH_ARGS
+    else
+        cmd=$OURS_CMD extra=$OURS_BENCH_ARGS
+    fi
     pin=$(scenario_pin "$scenario")
     start_server "$server" "${pin:+$pin }$cmd" "$prefix"
     pid=$SERVER_PID
@@ -188,7 +196,7 @@ attempt() {
     # shellcheck disable=SC2046 # scenario_args is a list of words on purpose
     # shellcheck disable=SC2086 # $pin is empty or a list of words
     timeout --foreground --kill-after=5 "$limit" $pin "$BENCH" bench --to "$SERVER_ADDR" \
-        $(scenario_args "$scenario") --duration "$DURATION" --warmup "$WARMUP" \
+        $(scenario_args "$scenario") $extra --duration "$DURATION" --warmup "$WARMUP" \
         --server-pid "$pid" --json >"$prefix.json" 2>"$prefix.bench.stderr" && status=0 || status=$?
     if ! kill -0 "$pid" 2>/dev/null; then
         log "$scenario/$server/$round: the server died during the run"

@@ -50,7 +50,7 @@ mod x509;
 mod tests;
 
 pub(crate) use client::ClientStream;
-pub use client::ClientTls;
+pub use client::{ClientTls, TlsClientStream};
 pub use config::{TlsAcceptor, TlsConfig, TlsError};
 pub use session::TlsSession;
 pub use stream::{

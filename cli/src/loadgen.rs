@@ -94,6 +94,61 @@ pub struct LoadConfig {
     pub idle_conns: usize,
     /// Server process, for RSS per idle connection and server CPU use.
     pub server_pid: Option<u32>,
+    /// Speak TLS on the active connections (idle ones stay plain TCP).
+    pub tls: Option<mllp_reactor::tls::ClientTls>,
+}
+
+/// An active connection: plain TCP or TLS over it.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<mllp_reactor::tls::TlsClientStream>),
+}
+
+impl Conn {
+    fn shutdown(&self) {
+        let tcp = match self {
+            Self::Plain(tcp) => tcp,
+            Self::Tls(tls) => tls.tcp(),
+        };
+        let _ = tcp.shutdown(Shutdown::Both);
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.read(buf),
+            Self::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl io::Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.write(buf),
+            Self::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::Plain(s) => s.flush(),
+            Self::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// Connects an active connection (with TLS when configured).
+fn connect_active(
+    addr: SocketAddr,
+    tls: Option<&mllp_reactor::tls::ClientTls>,
+) -> io::Result<Conn> {
+    let tcp = connect(addr)?;
+    match tls {
+        None => Ok(Conn::Plain(tcp)),
+        Some(tls) => Ok(Conn::Tls(Box::new(tls.connect_stream(tcp, IO_TIMEOUT)?))),
+    }
 }
 
 /// Why a run could not be carried out. Errors *during* a run (timeouts, NAKs, resets) are not
@@ -405,10 +460,11 @@ pub fn run(cfg: &LoadConfig, progress: Option<&dyn Fn(u64)>) -> Result<Report, L
     // Connect every active connection up front: an unreachable server fails the run at once.
     let mut streams = Vec::with_capacity(cfg.conns);
     for _ in 0..cfg.conns {
-        let stream = connect(cfg.addr).map_err(|source| LoadError::Connect {
-            addr: cfg.addr,
-            source,
-        })?;
+        let stream =
+            connect_active(cfg.addr, cfg.tls.as_ref()).map_err(|source| LoadError::Connect {
+                addr: cfg.addr,
+                source,
+            })?;
         streams.push(stream);
     }
 
@@ -426,6 +482,7 @@ pub fn run(cfg: &LoadConfig, progress: Option<&dyn Fn(u64)>) -> Result<Report, L
             let worker = Worker {
                 index,
                 addr: cfg.addr,
+                tls: cfg.tls.as_ref(),
                 pipeline: cfg.pipeline,
                 template: &template,
                 warmup_end,
@@ -746,6 +803,7 @@ struct WorkerResult {
 
 /// One active connection's thread: everything it needs, borrowed from [`run`].
 struct Worker<'a> {
+    tls: Option<&'a mllp_reactor::tls::ClientTls>,
     index: usize,
     addr: SocketAddr,
     pipeline: usize,
@@ -772,7 +830,7 @@ impl Worker<'_> {
         self.stop.load(Ordering::Relaxed) || Instant::now() >= self.end
     }
 
-    fn run(&self, stream: TcpStream) -> WorkerResult {
+    fn run(&self, stream: Conn) -> WorkerResult {
         let mut state = WorkerState {
             seq: 0,
             outstanding: VecDeque::with_capacity(self.pipeline),
@@ -790,7 +848,7 @@ impl Worker<'_> {
             let mut stream = match next.take() {
                 Some(stream) => stream,
                 None if self.finished() => break,
-                None => match connect(self.addr) {
+                None => match connect_active(self.addr, self.tls) {
                     Ok(stream) => stream,
                     Err(_) => {
                         state.result.errors.connect += 1;
@@ -804,7 +862,7 @@ impl Worker<'_> {
             match self.drive(&mut stream, &mut state) {
                 Ok(()) => {
                     // Orderly end: everything sent was ACKed.
-                    let _ = stream.shutdown(Shutdown::Both);
+                    stream.shutdown();
                     break;
                 }
                 Err(failure) => {
@@ -825,7 +883,7 @@ impl Worker<'_> {
 
     /// Keeps `pipeline` messages in flight until the window ends, then drains. Returns `Ok`
     /// once every message sent on this connection is ACKed after the end.
-    fn drive(&self, stream: &mut TcpStream, state: &mut WorkerState) -> Result<(), Failure> {
+    fn drive(&self, stream: &mut Conn, state: &mut WorkerState) -> Result<(), Failure> {
         loop {
             while state.outstanding.len() < self.pipeline && !self.finished() {
                 self.template.write_id(self.index, state.seq, &mut state.id);

@@ -214,6 +214,18 @@ struct BenchArgs {
     /// Print the report as one JSON line on stdout.
     #[arg(long)]
     json: bool,
+    /// Speak TLS to --to, trusting the CAs in this bundle (PEM).
+    #[arg(long, value_name = "FILE", requires = "to")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate chain (PEM) for mutual TLS; needs --tls-key and --tls-ca.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The name to verify the server's certificate against (default: the --to host).
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    tls_server_name: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -358,6 +370,13 @@ fn bench(args: &BenchArgs) -> Result<(), String> {
         warmup: args.warmup,
         idle_conns: args.idle,
         server_pid: args.server_pid,
+        tls: send::tls_from_flags(
+            args.tls_ca.as_deref(),
+            args.tls_cert.as_deref(),
+            args.tls_key.as_deref(),
+            args.tls_server_name.as_deref(),
+            args.to.as_deref().unwrap_or_default(),
+        )?,
     };
     let started = Instant::now();
     let progress = |acked: u64| {

@@ -29,21 +29,39 @@ pub struct SendOptions {
 
 /// The client's TLS settings from the `--tls-*` flags; `None` without `--tls-ca`.
 fn client_tls(opts: &SendOptions) -> Result<Option<mllp_reactor::tls::ClientTls>, String> {
-    let Some(ca) = &opts.tls_ca else {
+    tls_from_flags(
+        opts.tls_ca.as_deref(),
+        opts.tls_cert.as_deref(),
+        opts.tls_key.as_deref(),
+        opts.tls_server_name.as_deref(),
+        &opts.addr,
+    )
+}
+
+/// TLS client settings from `--tls-ca`, `--tls-cert`, `--tls-key` and `--tls-server-name`
+/// (shared by `send` and `bench`); `None` without `--tls-ca`.
+pub fn tls_from_flags(
+    ca: Option<&std::path::Path>,
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+    server_name: Option<&str>,
+    addr: &str,
+) -> Result<Option<mllp_reactor::tls::ClientTls>, String> {
+    let Some(ca) = ca else {
         return Ok(None);
     };
     let mut tls = mllp_reactor::tls::ClientTls::from_ca_file(ca)
         .map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
-    if let (Some(cert), Some(key)) = (&opts.tls_cert, &opts.tls_key) {
+    if let (Some(cert), Some(key)) = (cert, key) {
         tls = tls
             .client_cert_files(cert, key)
             .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
     }
-    if let Some(name) = &opts.tls_server_name {
+    if let Some(name) = server_name {
         tls = tls
             .server_name(name)
             .map_err(|e| format!("--tls-server-name {name}: {e}"))?;
-    } else if let Some((host, _)) = opts.addr.rsplit_once(':') {
+    } else if let Some((host, _)) = addr.rsplit_once(':') {
         // Verify against the host the user typed (a name or an address).
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if let Ok(named) = tls.clone().server_name(host) {

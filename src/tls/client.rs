@@ -197,6 +197,50 @@ impl ClientTls {
     }
 }
 
+impl ClientTls {
+    /// Connects `tcp` (already connected) with TLS and completes the handshake, each socket
+    /// operation bounded by `timeout`: a blocking stream for tools that drive their own
+    /// sockets (the load generator). The server name is the configured one, else the peer's IP.
+    ///
+    /// # Errors
+    ///
+    /// The handshake's or the socket's error.
+    pub fn connect_stream(&self, tcp: TcpStream, timeout: Duration) -> io::Result<TlsClientStream> {
+        let addr = tcp.peer_addr()?;
+        match self.connect(tcp, addr, timeout)? {
+            ClientStream::Tls(stream) => Ok(TlsClientStream(stream)),
+            ClientStream::Plain(_) => Err(io::Error::other("a TLS connect gave plain TCP")),
+        }
+    }
+}
+
+/// A blocking TLS client stream over TCP, from [`ClientTls::connect_stream`].
+#[derive(Debug)]
+pub struct TlsClientStream(Box<StreamOwned<ClientConnection, TcpStream>>);
+
+impl TlsClientStream {
+    /// The TCP socket under the session.
+    pub fn tcp(&self) -> &TcpStream {
+        &self.0.sock
+    }
+}
+
+impl io::Read for TlsClientStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl io::Write for TlsClientStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// Builds the rustls client configuration.
 fn build(
     roots: &Arc<RootCertStore>,

@@ -218,6 +218,7 @@ fn config(addr: SocketAddr) -> LoadConfig {
         warmup: Duration::from_millis(100),
         idle_conns: 0,
         server_pid: None,
+        tls: None,
     }
 }
 
