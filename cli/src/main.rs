@@ -170,6 +170,13 @@ struct SendArgs {
     /// Deadline for each ACK (e.g. 500ms, 30s, 2m).
     #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
     timeout: Duration,
+    #[command(flatten)]
+    tls: TlsClientArgs,
+}
+
+/// The client side's TLS flags, shared by `send` and `bench`.
+#[derive(Debug, Args)]
+struct TlsClientArgs {
     /// Connect with TLS, trusting the CAs in this bundle (PEM).
     #[arg(long, value_name = "FILE")]
     tls_ca: Option<PathBuf>,
@@ -214,18 +221,8 @@ struct BenchArgs {
     /// Print the report as one JSON line on stdout.
     #[arg(long)]
     json: bool,
-    /// Speak TLS to --to, trusting the CAs in this bundle (PEM).
-    #[arg(long, value_name = "FILE", requires = "to")]
-    tls_ca: Option<PathBuf>,
-    /// Client certificate chain (PEM) for mutual TLS; needs --tls-key and --tls-ca.
-    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
-    tls_cert: Option<PathBuf>,
-    /// The private key (PEM) of --tls-cert.
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// The name to verify the server's certificate against (default: the --to host).
-    #[arg(long, value_name = "NAME", requires = "tls_ca")]
-    tls_server_name: Option<String>,
+    #[command(flatten)]
+    tls: TlsClientArgs,
 }
 
 fn main() -> ExitCode {
@@ -273,10 +270,10 @@ fn main() -> ExitCode {
                 files: args.files,
                 pipeline: args.pipeline,
                 timeout: args.timeout,
-                tls_ca: args.tls_ca,
-                tls_cert: args.tls_cert,
-                tls_key: args.tls_key,
-                tls_server_name: args.tls_server_name,
+                tls_ca: args.tls.tls_ca,
+                tls_cert: args.tls.tls_cert,
+                tls_key: args.tls.tls_key,
+                tls_server_name: args.tls.tls_server_name,
             };
             match send::send(&opts) {
                 Ok(true) => Ok(()),
@@ -371,10 +368,10 @@ fn bench(args: &BenchArgs) -> Result<(), String> {
         idle_conns: args.idle,
         server_pid: args.server_pid,
         tls: send::tls_from_flags(
-            args.tls_ca.as_deref(),
-            args.tls_cert.as_deref(),
-            args.tls_key.as_deref(),
-            args.tls_server_name.as_deref(),
+            args.tls.tls_ca.as_deref(),
+            args.tls.tls_cert.as_deref(),
+            args.tls.tls_key.as_deref(),
+            args.tls.tls_server_name.as_deref(),
             args.to.as_deref().unwrap_or_default(),
         )?,
     };
