@@ -12,18 +12,17 @@
 //! when the connection wants to, so pausing reads (read-ahead full, memory budget) costs no
 //! syscall.
 
-use std::io::{self, ErrorKind, IoSlice};
+use std::io::{self, ErrorKind};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use crate::cidr::AllowList;
 use crate::completion::{Completion, CompletionSink, Notifier, lock};
 use crate::connection::{Connection, Dispatched, Event, Limits, deadline_after};
 use crate::error::CloseReason;
@@ -34,6 +33,11 @@ use crate::server::ShutdownReport;
 use crate::telemetry::{Peer, Telemetry};
 use crate::timer::{DEFAULT_SLOTS, DEFAULT_TICK, TimerWheel};
 use crate::transport::{Preambled, Transport};
+
+mod shared;
+mod transfer;
+pub(crate) use shared::{Budget, Inbox, Policy, Shared};
+use transfer::{read, write};
 
 /// Token of the listening socket; slab keys (connections) use the tokens below it.
 pub(crate) const LISTENER: Token = Token(usize::MAX - 1);
@@ -69,90 +73,6 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub(crate) enum Command {
     Shutdown { grace: Duration },
-}
-
-/// What the reactors of one server share.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    /// Connections open across all reactors (`max_connections` is server-wide).
-    pub(crate) open: AtomicUsize,
-    pub(crate) max_connections: usize,
-    pub(crate) budget: Budget,
-    /// One per reactor, by index: how the acceptor hands it connections.
-    pub(crate) reactors: Vec<Inbox>,
-    /// Who may connect; replaced whole on reload, read once per accepted connection.
-    pub(crate) policy: Mutex<Arc<Policy>>,
-}
-
-/// Who may connect. New connections see a reload; established ones are not re-checked.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Policy {
-    /// Peers allowed to connect (the PROXY header's source when PROXY protocol is on).
-    pub(crate) allow: Option<AllowList>,
-    /// With PROXY protocol: the balancers allowed to send headers.
-    pub(crate) proxy_sources: Option<AllowList>,
-}
-
-/// A reactor's inbox for accepted connections, and its load.
-///
-/// One reactor (index 0) accepts and hands each connection to the reactor with the fewest
-/// open connections. MLLP connections are few and live for days, so a placement lasts the
-/// connection's life: balancing by load at accept time beats `SO_REUSEPORT`'s hashing, which
-/// ignores load (and would need a dependency for the socket option).
-#[derive(Debug)]
-pub(crate) struct Inbox {
-    pub(crate) accepted: Mutex<Vec<(TcpStream, SocketAddr)>>,
-    pub(crate) notifier: Arc<Notifier>,
-    /// Connections open on this reactor.
-    pub(crate) load: AtomicUsize,
-}
-
-impl Inbox {
-    pub(crate) fn new(notifier: Arc<Notifier>) -> Self {
-        Self {
-            accepted: Mutex::new(Vec::new()),
-            notifier,
-            load: AtomicUsize::new(0),
-        }
-    }
-}
-
-/// The server-wide memory budget: every buffered byte (partial frames, read-ahead, messages
-/// in flight, replies not yet written) counts against `limit`. Above it reading stops, except
-/// for each reactor's largest holder of a partial frame (so some frame always completes and
-/// memory drains, rather than every connection waiting for every other); below `low` (¾ of
-/// the limit) reading resumes. TCP pushes back on the senders meanwhile.
-#[derive(Debug)]
-pub(crate) struct Budget {
-    pub(crate) limit: usize,
-    pub(crate) used: AtomicUsize,
-    pub(crate) over: AtomicBool,
-}
-
-impl Budget {
-    pub(crate) fn new(limit: usize) -> Self {
-        Self {
-            limit,
-            used: AtomicUsize::new(0),
-            over: AtomicBool::new(false),
-        }
-    }
-
-    /// Applies a reactor's change in buffered bytes; returns whether reading is paused.
-    fn apply(&self, delta: isize) -> bool {
-        let used = if delta >= 0 {
-            self.used.fetch_add(delta.unsigned_abs(), Ordering::AcqRel) + delta.unsigned_abs()
-        } else {
-            self.used.fetch_sub(delta.unsigned_abs(), Ordering::AcqRel) - delta.unsigned_abs()
-        };
-        let over = self.over.load(Ordering::Acquire);
-        if !over && used > self.limit {
-            self.over.store(true, Ordering::Release);
-        } else if over && used < self.limit / 4 * 3 {
-            self.over.store(false, Ordering::Release);
-        }
-        self.over.load(Ordering::Acquire)
-    }
 }
 
 /// Everything a reactor needs, built by the server builder.
@@ -1034,112 +954,4 @@ impl Loop {
 /// out (`deadline_after`), far below the 584 years 2⁶⁴ ns hold.
 fn nanos_since(epoch: Instant, t: Instant) -> u64 {
     t.saturating_duration_since(epoch).as_nanos() as u64
-}
-
-/// Writes as much of the connection's ready replies (and the transport's own bytes) as the
-/// socket takes, many replies per `writev`. Returns whether any progress was made (bytes
-/// written or the connection failed).
-fn write(entry: &mut Entry, telemetry: &Telemetry, now: Instant, events: &mut Vec<Event>) -> bool {
-    let mut progress = false;
-    loop {
-        if entry.transport.wants_flush() {
-            match entry.transport.flush() {
-                Ok(n) => {
-                    telemetry.metrics.bytes_sent.increment(n as u64);
-                    progress |= n > 0;
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    entry.write_ready = false;
-                    return progress;
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    entry.conn.handle_io_error(e.kind(), events);
-                    return true;
-                }
-            }
-        }
-        let mut slices = [IoSlice::new(&[]); MAX_IOV];
-        let n = entry.conn.transmit(&mut slices);
-        if n == 0 {
-            return progress;
-        }
-        telemetry.metrics.socket_writes.increment(1);
-        match entry.transport.write_vectored(&slices[..n]) {
-            Ok(0) => {
-                entry.conn.handle_io_error(ErrorKind::WriteZero, events);
-                return true;
-            }
-            Ok(written) => {
-                if entry.transport.writes_through() {
-                    // Plain TCP: these bytes reached the socket (a layer counts in flush).
-                    telemetry.metrics.bytes_sent.increment(written as u64);
-                }
-                entry.conn.handle_written(written, now, events);
-                progress = true;
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                entry.write_ready = false;
-                return progress;
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => {
-                entry.conn.handle_io_error(e.kind(), events);
-                return true;
-            }
-        }
-    }
-}
-
-/// One read into the reactor's scratch buffer, handed to the connection. Returns whether any
-/// progress was made.
-fn read(
-    entry: &mut Entry,
-    scratch: &mut [u8],
-    telemetry: &Telemetry,
-    now: Instant,
-    events: &mut Vec<Event>,
-) -> bool {
-    match entry.transport.read(scratch) {
-        Ok(0) if !entry.conn.is_started() => {
-            // Gone before its TLS handshake completed.
-            entry.read_ready = false;
-            entry
-                .conn
-                .handle_start_failed(CloseReason::TlsHandshake, events);
-            true
-        }
-        Ok(0) => {
-            entry.read_ready = false;
-            entry.conn.handle_eof(events);
-            true
-        }
-        Ok(n) => {
-            telemetry.metrics.bytes_received.increment(n as u64);
-            entry.conn.handle_read(&scratch[..n], now, events);
-            true
-        }
-        Err(e) if e.kind() == ErrorKind::WouldBlock => {
-            entry.read_ready = false;
-            false
-        }
-        Err(e) if e.kind() == ErrorKind::Interrupted => true,
-        Err(e) => {
-            #[cfg(feature = "tls")]
-            if let Some(failure) = crate::tls::TlsFailure::from_io(&e) {
-                use crate::tls::TlsFailureKind as K;
-                let reason = match failure.kind() {
-                    K::Plaintext => CloseReason::TlsPlaintext,
-                    K::NoClientCert => CloseReason::TlsNoClientCert,
-                    K::BadClientCert => CloseReason::TlsBadClientCert,
-                    _ if !entry.conn.is_started() => CloseReason::TlsHandshake,
-                    _ => CloseReason::Io(e.kind()),
-                };
-                entry.conn.handle_start_failed(reason, events);
-                return true;
-            }
-            entry.conn.handle_io_error(e.kind(), events);
-            true
-        }
-    }
 }
