@@ -5,19 +5,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use mllp_store::SqliteOptions;
-use mllp_store::export::{ExportError, Format, export_postgres, export_sqlite};
+use mllp_store::export::{ExportError, export_postgres, export_sqlite};
 use mllp_store::postgresql::is_postgres_url;
 
+use crate::args::ExportArgs;
+use crate::error::CliError;
 use crate::store_glue::postgres_options;
-
-/// Options of `export`, already parsed.
-#[derive(Debug, Clone)]
-pub struct ExportOptions {
-    /// An SQLite file path or a `postgres://` URL.
-    pub store: String,
-    pub since: i64,
-    pub format: Format,
-}
 
 /// How long export waits for a lock. Readers of a WAL store wait only in rare, short moments
 /// (a checkpoint resetting the log), so 1 s is plenty, and a store held exclusively by another
@@ -26,7 +19,7 @@ const EXPORT_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Streams the records after `since` to stdout. A reader that goes away early (`| head`) ends
 /// the export quietly.
-pub fn export(opts: &ExportOptions) -> Result<(), String> {
+pub fn export(opts: &ExportArgs) -> Result<(), CliError> {
     let stdout = io::stdout().lock();
     let out = io::BufWriter::with_capacity(64 * 1024, stdout);
     let result = if is_postgres_url(&opts.store) {
@@ -45,6 +38,6 @@ pub fn export(opts: &ExportOptions) -> Result<(), String> {
     match result {
         Ok(_) => Ok(()),
         Err(ExportError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(CliError::Export(e)),
     }
 }

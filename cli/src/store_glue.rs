@@ -6,16 +6,19 @@
 //! AA once committed, AE "message not stored: …" when the commit failed (never AA then). The
 //! ACK is built on the writer thread, off the reactor. Meanwhile the connection keeps reading
 //! and handing over its next messages (up to `max_in_flight`); replies still go out in order.
+//! Every NAK it answers (AR for a message without MSH-10, AE for a failed commit) is logged
+//! by [`log_nak`], as `--no-store`'s are.
 //!
 //! This file is also compiled into `tests/store.rs` (`#[path]`), so it depends only on the
-//! library crates.
+//! library crates and `tracing`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use mllp_reactor::ack::{self, AckCode};
-use mllp_reactor::{Handler, Reply, handler_fn};
-use mllp_store::postgresql::is_postgres_url;
-use mllp_store::{PostgresBackend, PostgresOptions, Record, SqliteOptions, Store, StoreConfig};
+use mllp_reactor::msh::Msh;
+use mllp_reactor::{ConnectionId, Handler, Reply, handler_fn};
+use mllp_store::{PostgresOptions, Record, Store};
 
 /// A handler that submits every message to `store` and answers AA once it is committed, or
 /// AE "message not stored: …" when the commit failed (never AA then).
@@ -28,10 +31,25 @@ pub fn store_handler(store: Arc<Store>) -> impl Handler {
     handler_fn(move |msg, cx| {
         let reply = cx.defer();
         let payload = msg.clone();
+        let (conn, peer, seq) = (cx.connection_id(), cx.peer_addr(), cx.sequence());
         let done: mllp_store::Done = Box::new(move |result| {
             reply.send(Reply::Send(match result {
-                Ok(_) => ack::accept(&payload),
-                Err(e) => ack::nak(&payload, AckCode::AE, &format!("message not stored: {e}")),
+                Ok(_) => {
+                    let ack = ack::accept(&payload);
+                    if ack_code(&ack) == Some(AckCode::AR) {
+                        log_nak(conn, peer, seq, &payload, AckCode::AR, None);
+                    }
+                    ack
+                }
+                Err(e) => {
+                    let detail = e.to_string();
+                    log_nak(conn, peer, seq, &payload, AckCode::AE, Some(&detail));
+                    ack::nak(
+                        &payload,
+                        AckCode::AE,
+                        &format!("message not stored: {detail}"),
+                    )
+                }
             }));
         });
         if let Err(refused) = store.submit(Record::from_message(msg.clone(), cx), done) {
@@ -42,40 +60,46 @@ pub fn store_handler(store: Arc<Store>) -> impl Handler {
     })
 }
 
-/// Opens the store `serve --store` names: a `postgres://` (or `postgresql://`) URL, or an
-/// SQLite file path, with `config`'s caps. Returns it and the line `serve` prints
-/// ("storing to …").
-///
-/// The PostgreSQL connection is made here, on the calling thread, and then moves to the
-/// store's writer thread, where all of its (blocking) work happens: never a reactor's.
-pub fn open_store(
-    spec: &str,
-    allow_async_commit: bool,
-    config: StoreConfig,
-) -> Result<(Store, String), String> {
-    if is_postgres_url(spec) {
-        let options = postgres_options().allow_async_commit(allow_async_commit);
-        let backend = PostgresBackend::connect(spec, &options).map_err(|e| e.to_string())?;
-        let shown = format!(
-            "storing to {} (synchronous_commit={})",
-            mllp_store::Backend::location(&backend),
-            backend.synchronous_commit()
-        );
-        let store = Store::start(backend, config).map_err(|e| e.to_string())?;
-        return Ok((store, shown));
-    }
-    if allow_async_commit {
-        return Err(
-            "--allow-async-commit applies only to a PostgreSQL store (--store postgres://…)"
-                .to_owned(),
-        );
-    }
-    let store =
-        Store::open_sqlite(spec, &SqliteOptions::default(), config).map_err(|e| e.to_string())?;
-    // The absolute path: "./mllp-reactor.db" does not say which directory.
-    let path = std::path::Path::new(spec);
-    let shown = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
-    Ok((store, format!("storing to {}", shown.display())))
+/// MSA-1 of an ACK the library built.
+fn ack_code(reply: &[u8]) -> Option<AckCode> {
+    ack::parse(reply).ok().map(|parsed| parsed.code)
+}
+
+/// Logs one NAK the CLI's handlers answer, at warn on `mllp::msg`: connection, peer, sequence,
+/// code, the message's control id where it has one, why, and `detail` (the store's error) for
+/// an AE. The same line in every mode.
+pub fn log_nak(
+    conn: ConnectionId,
+    peer: SocketAddr,
+    seq: u64,
+    message: &[u8],
+    code: AckCode,
+    detail: Option<&str>,
+) {
+    let msh = Msh::parse(message);
+    let control_id = msh
+        .as_ref()
+        .ok()
+        .and_then(|m| m.control_id())
+        .map(|id| String::from_utf8_lossy(id).into_owned())
+        .unwrap_or_default();
+    let reason = match (code, &msh) {
+        (AckCode::AR, Ok(_)) => "no MSH-10",
+        (AckCode::AR, Err(_)) => "no readable MSH",
+        _ => "not stored",
+    };
+    tracing::warn!(
+        target: "mllp::msg",
+        conn = %conn,
+        peer = %peer,
+        seq,
+        code = code.as_str(),
+        control_id,
+        reason,
+        size = message.len(),
+        detail = detail.unwrap_or(""),
+        "message rejected"
+    );
 }
 
 /// PostgreSQL options for the CLI: the password comes from `PGPASSWORD` when the URL has
