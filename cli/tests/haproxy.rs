@@ -256,6 +256,8 @@ impl Node {
                 "127.0.0.1:0",
                 "--proxy-protocol",
                 "v2",
+                "--proxy-source",
+                "127.0.0.0/8",
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
