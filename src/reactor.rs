@@ -596,6 +596,11 @@ impl Loop {
                 }
             }
             let entry = &mut self.conns[key];
+            // A layer may make progress that a read does not report: TLS bytes that followed
+            // the PROXY header in its segment are handshake input whose answer (the
+            // ServerHello) waits in the session while the next socket read says WouldBlock.
+            // Edge-triggered, no event would come for it: flush it now.
+            progress |= entry.write_ready && entry.transport.wants_flush();
             if !entry.conn.is_started()
                 && !entry.conn.is_closed()
                 && !entry.transport.in_preamble()
