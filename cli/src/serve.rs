@@ -126,8 +126,6 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         if !opts.proxy_sources.is_empty() {
             builder = builder.proxy_sources(opts.proxy_sources.iter().copied().collect());
         }
-    } else if !opts.proxy_sources.is_empty() {
-        return Err("--proxy-source needs --proxy-protocol".to_owned());
     }
     if !opts.allow.is_empty() {
         builder = builder.allow(opts.allow.iter().copied().collect());
