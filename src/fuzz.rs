@@ -275,10 +275,9 @@ pub fn connection(data: &[u8]) {
 
     use bytes::Bytes;
 
-    use crate::completion::Outcome;
     use crate::connection::{Connection, Event, Limits, NakPolicy};
-    use crate::error::ExceptionReason;
-    use crate::handler::Reply;
+    use crate::outcome::{Outcome, Reply};
+    use crate::reason::ExceptionReason;
 
     /// What a message's answer on the wire must be.
     #[derive(Clone, Copy, Debug, PartialEq)]
