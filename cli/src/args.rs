@@ -10,6 +10,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::error::ValueError;
 use crate::logging::LogFormat;
+use crate::parse::parse_duration;
+use crate::retention::{PruneArgs, RetainArgs};
 
 /// The store `serve` uses without `--store`: relative, so it lands in `$STATE_DIRECTORY`
 /// under systemd and in the working directory otherwise.
@@ -59,6 +61,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Write the messages of a store to stdout, in store order (works while serve runs).
     Export(ExportArgs),
+    /// Remove messages older than a period from a store now (works while serve runs).
+    Prune(PruneArgs),
 }
 
 #[derive(Debug, Args)]
@@ -108,11 +112,17 @@ pub struct ServeArgs {
     /// Reactor threads (poll loops); connections are spread over them by load.
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = parse_reactors)]
     pub reactors: usize,
-    /// Require a PROXY protocol header (from HAProxy's send-proxy[-v2]) on every connection.
-    #[arg(long, value_name = "v1|v2|any")]
+    /// Require a PROXY protocol header (from HAProxy's send-proxy[-v2]) on every connection;
+    /// needs --proxy-source.
+    #[arg(long, value_name = "v1|v2|any", requires = "proxy_sources")]
     pub proxy_protocol: Option<ProxyArg>,
-    /// With --proxy-protocol: accept connections only from this balancer CIDR (repeatable).
-    #[arg(long = "proxy-source", value_name = "CIDR")]
+    /// With --proxy-protocol: trust headers only from this balancer CIDR (repeatable; required,
+    /// 0.0.0.0/0 and ::/0 trust anyone). --allow must list the balancers too.
+    #[arg(
+        long = "proxy-source",
+        value_name = "CIDR",
+        requires = "proxy_protocol"
+    )]
     pub proxy_sources: Vec<mllp_reactor::cidr::Cidr>,
     /// Accept connections only from this CIDR, IPv4 or IPv6 (repeatable; default: anyone).
     #[arg(long = "allow", value_name = "CIDR")]
@@ -147,6 +157,8 @@ pub struct ServeArgs {
     /// be lost if the database server crashes.
     #[arg(long, conflicts_with = "no_store")]
     pub allow_async_commit: bool,
+    #[command(flatten)]
+    pub retention: RetainArgs,
 }
 
 #[derive(Debug, Args)]
@@ -329,57 +341,17 @@ fn parse_log_filter(text: &str) -> Result<String, ValueError> {
     Ok(text.to_owned())
 }
 
-/// Parses `500ms`, `10s`, `2m`, `1h`, or `1.5s`. A bare number is rejected: the unit must be
-/// explicit.
-pub fn parse_duration(text: &str) -> Result<Duration, ValueError> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or(ValueError::NoUnit)?;
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| ValueError::NotANumber)?;
-    let scale = match unit {
-        "ms" => 0.001,
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3_600.0,
-        _ => return Err(ValueError::UnknownUnit(unit.to_owned())),
-    };
-    Duration::try_from_secs_f64(value * scale).map_err(|_| ValueError::DurationOutOfRange)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn parse_duration_accepts_units() {
-        let ok = |t| parse_duration(t).unwrap();
-        assert_eq!(ok("500ms"), Duration::from_millis(500));
-        assert_eq!(ok("10s"), Duration::from_secs(10));
-        assert_eq!(ok("2m"), Duration::from_secs(120));
-        assert_eq!(ok("1h"), Duration::from_secs(3_600));
-        assert_eq!(ok("1.5s"), Duration::from_millis(1_500));
-        assert_eq!(ok("0s"), Duration::ZERO);
+    fn positive_durations() {
+        assert_eq!(
+            parse_positive_duration("1.5s").unwrap(),
+            Duration::from_millis(1_500)
+        );
         assert!(parse_positive_duration("0s").is_err());
-    }
-
-    #[test]
-    fn parse_duration_rejects_garbage() {
-        for bad in [
-            "",
-            "10",
-            "s",
-            "ms",
-            "10x",
-            "1.2.3s",
-            "-1s",
-            "10 s",
-            "1e400s",
-            "99999999999999999999999h",
-        ] {
-            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
-        }
     }
 
     #[test]

@@ -81,8 +81,11 @@ pub enum CliError {
     },
     /// The MLLP server failed to start or while running.
     Server(mllp_reactor::Error),
-    /// The store could not be opened (the store's error names it).
-    StoreOpen(mllp_store::StoreError),
+    /// The store could not be opened, or an operation on it failed (the store's error names
+    /// it).
+    Store(mllp_store::StoreError),
+    /// The background retention pruner could not start.
+    Retention(mllp_store::StoreError),
     /// The store did not shut down cleanly.
     StoreClose(mllp_store::CloseError),
     /// `export` failed.
@@ -168,7 +171,8 @@ impl fmt::Display for CliError {
                 }
             }
             Self::Server(e) => write!(f, "server failed: {e}"),
-            Self::StoreOpen(e) => e.fmt(f),
+            Self::Store(e) => e.fmt(f),
+            Self::Retention(e) => write!(f, "cannot start retention: {e}"),
             Self::StoreClose(e) => write!(f, "store not closed cleanly: {e}"),
             Self::Export(e) => e.fmt(f),
             Self::Tls { flag, source } => write!(f, "{flag}: {source}"),
@@ -202,7 +206,7 @@ impl StdError for CliError {
             | Self::Listen { source, .. } => Some(source),
             Self::Input(e) => Some(e),
             Self::Server(e) => Some(e),
-            Self::StoreOpen(e) => Some(e),
+            Self::Store(e) | Self::Retention(e) => Some(e),
             Self::StoreClose(e) => Some(e),
             Self::Export(e) => Some(e),
             Self::Tls { source, .. } => Some(source),
@@ -248,8 +252,14 @@ pub enum ValueError {
     NotANumber,
     /// A duration with a unit other than ms, s, m, h.
     UnknownUnit(String),
-    /// A duration too large to represent.
-    DurationOutOfRange,
+    /// A duration or size too large to represent.
+    TooLarge,
+    /// A size with a unit other than B, KB, MB, GB, TB, KiB, MiB, GiB, TiB.
+    UnknownSizeUnit(String),
+    /// `--retain 0s`: zero would remove every message.
+    ZeroRetain,
+    /// A command that supports SQLite stores only.
+    OnlySqlite,
     /// Zero where only a positive value works.
     Zero,
     /// Not a whole number.
@@ -285,8 +295,6 @@ pub enum ValueError {
     },
     /// A name that resolved to no address.
     NoAddress(String),
-    /// A flag that needs another one.
-    Needs(&'static str),
     /// A flag that only applies to a PostgreSQL store.
     OnlyPostgres,
     /// `--max-memory` below two messages of `--max-message-size`.
@@ -304,7 +312,14 @@ impl fmt::Display for ValueError {
             Self::NoUnit => f.write_str("has no unit (use ms, s, m or h, e.g. 10s)"),
             Self::NotANumber => f.write_str("does not start with a number"),
             Self::UnknownUnit(unit) => write!(f, "has unknown unit {unit:?} (use ms, s, m or h)"),
-            Self::DurationOutOfRange => f.write_str("is out of range"),
+            Self::TooLarge => f.write_str("is out of range"),
+            Self::UnknownSizeUnit(unit) => {
+                write!(f, "has unknown unit {unit:?} (use B, MB, GB, MiB, GiB, …)")
+            }
+            Self::ZeroRetain => {
+                f.write_str("must be greater than zero (use `forever` to keep everything)")
+            }
+            Self::OnlySqlite => f.write_str("supports SQLite stores only for now"),
             Self::Zero => f.write_str("must be greater than zero"),
             Self::NotWholeNumber => f.write_str("is not a whole number"),
             Self::OutOfRange { value, min, max } => {
@@ -331,7 +346,6 @@ impl fmt::Display for ValueError {
             }
             Self::Resolve { text, source } => write!(f, "cannot resolve {text:?}: {source}"),
             Self::NoAddress(text) => write!(f, "{text:?} resolves to no address"),
-            Self::Needs(other) => write!(f, "needs {other}"),
             Self::OnlyPostgres => {
                 f.write_str("applies only to a PostgreSQL store (--store postgres://…)")
             }

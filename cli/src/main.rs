@@ -2,8 +2,9 @@
 //! dispatches, and turns every error into one line on stderr and its exit status
 //! ([`error::CliError::exit_code`]).
 //!
-//! Modules depend one way: `main` → subcommands (`serve`, `send`, `bench`, `export`) →
-//! `args` (flags), `config`, `logging`, `addr` → `error` → `loadgen`.
+//! Modules depend one way: `main` → subcommands (`serve`, `send`, `bench`, `export`,
+//! `retention`'s `prune`) → `args` (flags), `config`, `logging`, `addr` → `parse` → `error` →
+//! `loadgen`.
 
 mod addr;
 mod args;
@@ -13,7 +14,9 @@ mod error;
 mod export;
 mod loadgen;
 mod logging;
+mod parse;
 mod prometheus;
+mod retention;
 mod send;
 mod serve;
 mod store_glue;
@@ -52,5 +55,6 @@ fn run() -> Result<(), CliError> {
         Command::Send(args) => send::send(&args),
         Command::Bench(args) => bench::bench(&args),
         Command::Export(args) => export::export(&args),
+        Command::Prune(args) => retention::prune(&args),
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use mllp_reactor::proxy::ProxyMode;
 use mllp_reactor::{ConfigError, Dispatch, Handler, Reply, Server, ack, handler_fn};
 use mllp_store::postgresql::is_postgres_url;
-use mllp_store::{PostgresBackend, SqliteOptions, Store, StoreConfig};
+use mllp_store::{PostgresBackend, SqliteBackend, SqliteOptions, Store, StoreConfig, WriteGate};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -61,7 +61,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
         None => None,
     };
 
-    let store = match &store_spec {
+    let mut store = match &store_spec {
         Some(spec) => Some(open_store(
             spec,
             args.allow_async_commit,
@@ -69,8 +69,11 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
         )?),
         None => None,
     };
-    let server = match bind(args, listen, store.as_ref().map(|s| &s.store), tls.clone()) {
-        Ok(server) => server,
+    // The pruner last: it logs that retention is on, which a start that fails should not.
+    let started = bind(args, listen, store.as_ref().map(|s| &s.store), tls.clone())
+        .and_then(|server| Ok((server, start_pruner(args, store.as_mut())?)));
+    let (server, pruner) = match started {
+        Ok(started) => started,
         Err(e) => {
             if let Some(store) = store {
                 store.discard();
@@ -144,6 +147,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
         "stopped: {} connections closed, {finished} with a message in flight finished, {} forced",
         report.closed, report.forced
     );
+    drop(pruner);
     if let Some(store) = store {
         store
             .store
@@ -151,6 +155,19 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
             .map_err(CliError::StoreClose)?;
     }
     Ok(())
+}
+
+/// The background retention pruner for an SQLite store (`--retain`, `--retain-size`).
+fn start_pruner(
+    args: &ServeArgs,
+    store: Option<&mut OpenedStore>,
+) -> Result<Option<mllp_store::retention::Pruner>, CliError> {
+    match store {
+        Some(store) => {
+            crate::retention::start_pruner(&store.spec, store.gate.take(), &args.retention)
+        }
+        None => Ok(None),
+    }
 }
 
 /// The first SIGINT/SIGTERM drains for `grace`; a second one exits at once (exit status
@@ -191,12 +208,6 @@ fn check_flags(args: &ServeArgs) -> Result<(), CliError> {
             ValueError::BelowTwoMessages {
                 max_message_size: args.max_message_size,
             },
-        ));
-    }
-    if !args.proxy_sources.is_empty() && args.proxy_protocol.is_none() {
-        return Err(CliError::flag(
-            "--proxy-source",
-            ValueError::Needs("--proxy-protocol"),
         ));
     }
     if args.allow_async_commit && !is_postgres_url(&args.store) {
@@ -346,6 +357,10 @@ fn ack_only() -> impl Handler {
 /// An open store, what `serve` prints for it, and the file this start created, if any.
 struct OpenedStore {
     store: Arc<Store>,
+    /// The store as `--store` gave it (with `$STATE_DIRECTORY` applied).
+    spec: String,
+    /// The SQLite writer's gate, for the retention pruner; `None` for PostgreSQL.
+    gate: Option<WriteGate>,
     /// `storing to …` shows this.
     shown: String,
     /// The SQLite file, when it did not exist before: [`discard`](Self::discard) removes it.
@@ -357,7 +372,12 @@ impl OpenedStore {
     /// memory files) if this start created it: a failed start leaves no empty store behind.
     fn discard(self) {
         let _ = self.store.close(std::time::Duration::from_secs(5));
-        if let Some(path) = self.created {
+        Self::remove(self.created);
+    }
+
+    /// Removes an SQLite store's files (the database, its WAL and shared memory).
+    fn remove(created: Option<PathBuf>) {
+        if let Some(path) = created {
             for suffix in ["", "-wal", "-shm"] {
                 let mut file = path.clone().into_os_string();
                 file.push(suffix);
@@ -377,7 +397,7 @@ fn open_store(
     allow_async_commit: bool,
     config: StoreConfig,
 ) -> Result<OpenedStore, CliError> {
-    let error = CliError::StoreOpen;
+    let error = CliError::Store;
     if is_postgres_url(spec) {
         let options = postgres_options().allow_async_commit(allow_async_commit);
         let backend = PostgresBackend::connect(spec, &options).map_err(error)?;
@@ -389,19 +409,32 @@ fn open_store(
         let store = Store::start(backend, config).map_err(error)?;
         return Ok(OpenedStore {
             store: Arc::new(store),
+            spec: spec.to_owned(),
+            gate: None,
             shown,
             created: None,
         });
     }
     let path = Path::new(spec);
     let existed = std::fs::symlink_metadata(path).is_ok();
-    let store = Store::open_sqlite(path, &SqliteOptions::default(), config).map_err(error)?;
+    let backend = SqliteBackend::open(path, &SqliteOptions::default()).map_err(error)?;
+    let gate = backend.write_gate();
     // The absolute path: a relative one does not say which directory.
     let shown = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let created = (!existed).then(|| shown.clone());
+    let store = match Store::start(backend, config) {
+        Ok(store) => store,
+        Err(e) => {
+            OpenedStore::remove(created);
+            return Err(error(e));
+        }
+    };
     Ok(OpenedStore {
         store: Arc::new(store),
+        spec: spec.to_owned(),
+        gate: Some(gate),
         shown: shown.display().to_string(),
-        created: (!existed).then(|| shown.clone()),
+        created,
     })
 }
 

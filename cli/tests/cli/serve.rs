@@ -158,45 +158,79 @@ fn issue_18_the_start_line_names_store_reactors_tls_allow_and_proxy() {
     assert_eq!(started["proxy_sources"], "10.1.0.0/16", "{started}");
 }
 
-/// Issue 18 ("smaller"): the first SIGTERM drains; a second one stops at once, even while
-/// replies wait to be written (here: a sender that never reads its ACKs, with a 60 s grace).
+/// Issue 18 ("smaller"): the first SIGTERM drains; a second one stops at once, even while a
+/// message is still with the store (here: its commit waits on a lock the test holds, for the
+/// store's 5 s busy timeout, with a 60 s grace).
 #[test]
 fn issue_18_a_second_signal_stops_at_once() {
     use std::io::Write;
     use std::process::Command;
     use std::time::{Duration, Instant};
 
-    let serve = Serve::start(&["--listen", "127.0.0.1:0", "--grace", "60s"], &[]);
+    let dir = crate::util::scratch("second-signal");
+    let store = dir.join("s.db");
+    let serve = Serve::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--grace",
+            "60s",
+            "--store",
+            store.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    // The store's write lock, held until the server is gone: the commit cannot finish.
+    let holder = rusqlite::Connection::open(&store).expect("opens");
+    holder.execute_batch("BEGIN IMMEDIATE").expect("locked");
     let mut peer = std::net::TcpStream::connect(serve.addr).expect("connects");
-    // Enough messages that their ACKs fill both socket buffers: the server then holds replies
-    // it cannot write, which the drain waits for.
     let frame = format!(
         "\x0b{}\x1c\r",
         crate::util::message("S1").replace('\n', "\r")
     );
-    peer.set_write_timeout(Some(Duration::from_millis(500)))
-        .expect("timeout");
-    let batch = frame.repeat(1000);
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(10) {
-        if peer.write_all(batch.as_bytes()).is_err() {
-            break; // the server stopped reading: its replies are stuck
-        }
+    peer.write_all(frame.as_bytes()).expect("written");
+    // Wait (bounded) until the server has the message.
+    let metrics = serve.metrics.expect("--metrics given");
+    let deadline = Instant::now() + crate::util::WAIT;
+    while !crate::util::scrape(metrics)
+        .contains("mllp_messages_received_total{listener=\"mllp\"} 1")
+    {
+        assert!(Instant::now() < deadline, "the message never arrived");
+        std::thread::sleep(Duration::from_millis(20));
     }
     let pid = serve.pid().to_string();
-    let term = || {
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill runs")
-    };
-    assert!(term().success());
-    std::thread::sleep(Duration::from_millis(300));
-    let stopping = Instant::now();
-    let (out, _) = serve.stop(); // the second SIGTERM
-    assert!(stopping.elapsed() < Duration::from_secs(20));
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let (out, _) = serve.stop(); // the second SIGTERM, well within the 5 s the commit waits
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(128 + 15), "{stderr}");
     assert!(stderr.contains("SIGTERM: stopping at once"), "{stderr}");
-    drop(peer);
+    drop((peer, holder));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// Issue 18 defect 1: a PROXY header from anyone let anyone past `--allow`; the balancers
+/// must be named (`0.0.0.0/0` to trust all, on purpose).
+#[test]
+fn issue_1_proxy_protocol_needs_proxy_source() {
+    refused(
+        &[
+            "serve",
+            "--no-store",
+            "--proxy-protocol",
+            "v1",
+            "--allow",
+            "10.9.9.9/32",
+        ],
+        "--proxy-source",
+    );
+    refused(
+        &["serve", "--no-store", "--proxy-source", "127.0.0.0/8"],
+        "--proxy-protocol",
+    );
 }
