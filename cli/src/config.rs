@@ -50,13 +50,13 @@ pub fn expand(args: Vec<OsString>) -> Result<Vec<OsString>, CliError> {
     if let Err(e) = Cli::try_parse_from(&alone) {
         return Err(error(ConfigFileError::Value(e)));
     }
-    let given = given_flags(&args[2..]);
+    let overridden = overridden_keys(&given_flags(&args[2..]));
     let mut out = Vec::with_capacity(args.len() + flags.len());
     out.extend_from_slice(&args[..2]);
     out.extend(
         flags
             .into_iter()
-            .filter(|(name, _)| !given.contains(name))
+            .filter(|(name, _)| !overridden.contains(name))
             .map(|(_, flag)| flag),
     );
     out.extend_from_slice(&args[2..]);
@@ -72,6 +72,28 @@ fn given_flags(args: &[OsString]) -> Vec<String> {
         .filter_map(|a| a.strip_prefix("--"))
         .map(|a| a.split_once('=').map_or(a, |(name, _)| name).to_owned())
         .collect()
+}
+
+/// The file's keys the command line overrides: the flags it gives, and those they conflict
+/// with (`--no-store` overrides the file's `store`).
+fn overridden_keys(given: &[String]) -> Vec<String> {
+    let command = Cli::command();
+    let serve = command
+        .find_subcommand("serve")
+        .expect("the serve subcommand is defined in args.rs");
+    let mut keys = given.to_vec();
+    for arg in serve
+        .get_arguments()
+        .filter(|a| a.get_long().is_some_and(|l| given.iter().any(|g| g == l)))
+    {
+        keys.extend(
+            serve
+                .get_arg_conflicts_with(arg)
+                .into_iter()
+                .filter_map(|c| c.get_long().map(str::to_owned)),
+        );
+    }
+    keys
 }
 
 /// The value of `--config FILE` or `--config=FILE` among `serve`'s arguments (the last one).
@@ -277,6 +299,14 @@ mod tests {
         assert_eq!(parse(&[]), ["10.0.0.0/8", "192.168.0.0/16"]);
         assert_eq!(parse(&["--allow", "127.0.0.1/32"]), ["127.0.0.1/32"]);
         assert_eq!(parse(&["--allow=::1/128"]), ["::1/128"]);
+        // A switch overrides the file's key it conflicts with.
+        std::fs::write(dir.join("serve.toml"), "store = \"x.db\"\n").unwrap();
+        let args = os(&["mllp-reactor", "serve", "--config", path, "--no-store"]);
+        let Command::Serve(serve) = Cli::try_parse_from(expand(args).unwrap()).unwrap().command
+        else {
+            panic!("not serve")
+        };
+        assert!(serve.no_store);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
