@@ -166,16 +166,18 @@ pub mod fault;
 pub mod postgresql;
 mod record;
 pub mod sqlite;
+mod submit;
 pub mod telemetry;
 mod writer;
 
 pub use backend::Backend;
-pub use error::{CloseError, ConfigError, StoreError, Submission, SubmitError};
+pub use error::{Cause, CloseError, ConfigError, Found, Problem, StoreError};
 #[cfg(feature = "postgres")]
 pub use postgresql::{PostgresBackend, PostgresOptions};
 pub use record::{DuplicateKey, Header, Origin, Record, StoreId, StoreOutcome, StoredRecord};
 pub use sqlite::{SqliteBackend, SqliteOptions};
+pub use submit::{Done, Submission, SubmitError};
 pub use writer::{
     DEFAULT_CLOSE_TIMEOUT, DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_MESSAGES,
-    DEFAULT_MAX_QUEUE_BYTES, DEFAULT_MAX_QUEUE_MESSAGES, Done, Store, StoreConfig,
+    DEFAULT_MAX_QUEUE_BYTES, DEFAULT_MAX_QUEUE_MESSAGES, Store, StoreConfig,
 };

@@ -21,16 +21,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
-use crate::error::{CloseError, ConfigError, StoreError, Submission, SubmitError};
+use crate::error::{Cause, CloseError, ConfigError, Problem, StoreError};
 use crate::record::{Record, StoreOutcome};
 use crate::sqlite::{SqliteBackend, SqliteOptions};
+use crate::submit::{Done, Submission, SubmitError};
 use crate::telemetry::Metrics;
-
-/// The completion callback of one record: called exactly once, on the writer thread, after
-/// the record's batch committed (`Ok`) or failed (`Err`). It should be quick (send on a
-/// channel, complete a deferred reply): the next batch waits for it. A panic in it is caught
-/// and does not affect other records.
-pub type Done = Box<dyn FnOnce(Result<StoreOutcome, StoreError>) + Send + 'static>;
 
 /// Default of [`StoreConfig::max_queue_messages`]: 16 384.
 ///
@@ -248,7 +243,12 @@ impl Store {
                 let _exit = exit_tx;
                 writer.run();
             })
-            .map_err(|e| StoreError::open(Path::new(&location), e))?;
+            .map_err(|e| {
+                StoreError::open(
+                    Path::new(&location),
+                    Cause::from(e).context("cannot start the writer thread"),
+                )
+            })?;
         Ok(Self {
             shared,
             config,
@@ -456,14 +456,13 @@ impl<B: Backend> Writer<B> {
         let started = Instant::now();
         // A panicking backend must not leave callbacks uncalled: treat it as a failed batch.
         let result = catch_unwind(AssertUnwindSafe(|| self.backend.commit_batch(records)))
-            .unwrap_or_else(|_| Err(StoreError::commit("the store backend panicked")));
+            .unwrap_or_else(|_| Err(StoreError::commit(Problem::BackendPanicked)));
         let result = match result {
             Ok(outcomes) if outcomes.len() != records.len() => {
-                Err(StoreError::commit(format_args!(
-                    "the backend returned {} outcomes for {} records",
-                    outcomes.len(),
-                    records.len()
-                )))
+                Err(StoreError::commit(Problem::OutcomeCount {
+                    records: records.len(),
+                    outcomes: outcomes.len(),
+                }))
             }
             other => other,
         };

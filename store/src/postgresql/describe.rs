@@ -1,38 +1,7 @@
-//! Errors and locations in words, never with a password.
-
-use std::fmt;
+//! Settings, and locations in words, never with a password.
 
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, Config};
-
-/// A `postgres` error in words: the server's message and SQLSTATE for database errors (the
-/// crate's own `Display` says only "db error"), the cause chain otherwise.
-pub(super) struct Describe<'a>(pub(super) &'a tokio_postgres::Error);
-
-impl fmt::Display for Describe<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(db) = self.0.as_db_error() {
-            write!(
-                f,
-                "{}: {} (SQLSTATE {})",
-                db.severity(),
-                db.message(),
-                db.code().code()
-            )?;
-            if let Some(detail) = db.detail() {
-                write!(f, "; {detail}")?;
-            }
-            return Ok(());
-        }
-        write!(f, "{}", self.0)?;
-        let mut source = std::error::Error::source(self.0);
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
-    }
-}
 
 /// Reads one setting with `SHOW`.
 pub(super) async fn show(client: &Client, name: &str) -> Result<String, tokio_postgres::Error> {
