@@ -54,6 +54,22 @@ pub const DEFAULT_MAX_IN_FLIGHT_INLINE: usize = 64;
 /// connection (the next message is read and dispatched only once the previous reply is
 /// written), the classic MLLP behaviour.
 pub const DEFAULT_MAX_IN_FLIGHT_POOL: usize = 1;
+
+impl Dispatch {
+    /// The `max_in_flight` a server uses with this dispatch when the builder sets none:
+    /// [`DEFAULT_MAX_IN_FLIGHT_INLINE`] or [`DEFAULT_MAX_IN_FLIGHT_POOL`]. For code that sizes
+    /// something by it (a store's queue) without copying the rule.
+    ///
+    /// ```
+    /// assert_eq!(mllp_reactor::Dispatch::Pool.default_max_in_flight(), 1);
+    /// ```
+    pub fn default_max_in_flight(self) -> usize {
+        match self {
+            Self::Inline => DEFAULT_MAX_IN_FLIGHT_INLINE,
+            Self::Pool => DEFAULT_MAX_IN_FLIGHT_POOL,
+        }
+    }
+}
 /// Default threshold above which an inline handler call counts as slow: 1 ms. An inline call
 /// that long holds every connection of its reactor for that long.
 pub const DEFAULT_INLINE_SLOW_THRESHOLD: Duration = Duration::from_millis(1);
@@ -316,10 +332,9 @@ impl Builder {
         if workers > MAX_WORKERS {
             return Err(ConfigError::TooManyWorkers(workers).into());
         }
-        let max_in_flight = self.max_in_flight.unwrap_or(match self.dispatch {
-            Dispatch::Inline => DEFAULT_MAX_IN_FLIGHT_INLINE,
-            Dispatch::Pool => DEFAULT_MAX_IN_FLIGHT_POOL,
-        });
+        let max_in_flight = self
+            .max_in_flight
+            .unwrap_or(self.dispatch.default_max_in_flight());
         if max_in_flight == 0 || max_in_flight > MAX_IN_FLIGHT_LIMIT {
             return Err(ConfigError::MaxInFlight(max_in_flight).into());
         }

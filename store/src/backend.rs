@@ -77,6 +77,12 @@ pub trait Backend: Send + 'static {
 
     /// Where the data lives, for messages (`sqlite:/var/lib/mllp.db`). Never a password.
     fn location(&self) -> String;
+
+    /// One line for an operator starting a server: where the data lives and what its
+    /// durability depends on (default: [`location`](Self::location)). Never a password.
+    fn summary(&self) -> String {
+        self.location()
+    }
 }
 
 impl<B: Backend + ?Sized> Backend for Box<B> {
@@ -108,5 +114,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
 
     fn location(&self) -> String {
         (**self).location()
+    }
+
+    fn summary(&self) -> String {
+        (**self).summary()
     }
 }

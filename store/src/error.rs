@@ -6,7 +6,6 @@ use std::fmt::{self, Write as _};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Why a store could not be opened, a batch not committed, or records not read.
 ///
@@ -18,7 +17,7 @@ use std::time::Duration;
 /// `error: …` on a terminal or a log line; [`source`](std::error::Error::source) returns the
 /// [`Cause`] for programs that inspect it. Its text may name the store's location (for
 /// PostgreSQL: user, host, port and database), so it is for the operator, not for remote
-/// senders: `StoreThenAck` sends them a generic text.
+/// senders: [`StoreThenAck`](crate::StoreThenAck) sends them a generic text.
 ///
 /// ```
 /// use std::error::Error;
@@ -242,6 +241,8 @@ pub enum Problem {
     /// committed now would not be in the file at the path. The store answers every batch
     /// with this until it is restarted.
     FileReplaced,
+    /// A PostgreSQL URL in a build without the cargo feature `postgres`.
+    NoPostgres,
     /// The PostgreSQL server has `synchronous_commit=off`, so a `COMMIT` returns before it is
     /// durable (refused unless `allow_async_commit`).
     AsyncCommit,
@@ -280,6 +281,9 @@ impl fmt::Display for Problem {
                 "the store file was deleted or replaced while the server had it open; \
                  restart the server to store again",
             ),
+            Self::NoPostgres => {
+                f.write_str("this build has no PostgreSQL support (cargo feature \"postgres\")")
+            }
             Self::AsyncCommit => f.write_str(
                 "the server has synchronous_commit=off, so a COMMIT returns before it is \
                  durable and an AA could be lost; set it to on (or local), or accept the risk \
@@ -332,9 +336,10 @@ enum Kind {
     Postgres(Arc<tokio_postgres::Error>),
     Store(Arc<StoreError>),
     /// Reconnecting is backing off after `last` failed.
+    #[cfg(feature = "postgres")]
     Waiting {
         last: Arc<StoreError>,
-        retry_in: Duration,
+        retry_in: std::time::Duration,
     },
     Other(Arc<dyn std::error::Error + Send + Sync>),
 }
@@ -349,7 +354,9 @@ impl Cause {
     pub fn problem(&self) -> Option<&Problem> {
         match &self.kind {
             Kind::Problem(p) => Some(p),
-            Kind::Store(e) | Kind::Waiting { last: e, .. } => e.problem(),
+            Kind::Store(e) => e.problem(),
+            #[cfg(feature = "postgres")]
+            Kind::Waiting { last: e, .. } => e.problem(),
             _ => None,
         }
     }
@@ -377,7 +384,8 @@ impl Cause {
     }
 
     /// A reconnect is waiting `retry_in` after `last` failed.
-    pub(crate) fn waiting(last: StoreError, retry_in: Duration) -> Self {
+    #[cfg(feature = "postgres")]
+    pub(crate) fn waiting(last: StoreError, retry_in: std::time::Duration) -> Self {
         Self::from_kind(Kind::Waiting {
             last: Arc::new(last),
             retry_in,
@@ -416,6 +424,7 @@ impl fmt::Debug for Cause {
             #[cfg(feature = "postgres")]
             Kind::Postgres(e) => d.field("postgres", e),
             Kind::Store(e) => d.field("store", e),
+            #[cfg(feature = "postgres")]
             Kind::Waiting { last, retry_in } => d.field("last", last).field("retry_in", retry_in),
             Kind::Other(e) => d.field("other", e),
         };
@@ -437,6 +446,7 @@ impl fmt::Display for Cause {
             #[cfg(feature = "postgres")]
             Kind::Postgres(e) => describe_postgres(e, &mut out),
             Kind::Store(e) => write!(out, "{e}"),
+            #[cfg(feature = "postgres")]
             Kind::Waiting { last, retry_in } => match &**last {
                 // The location is already in the enclosing error.
                 StoreError::Open { source, .. } => write!(
@@ -459,7 +469,9 @@ impl std::error::Error for Cause {
             Kind::Sqlite(e) => Some(&**e),
             #[cfg(feature = "postgres")]
             Kind::Postgres(e) => Some(&**e),
-            Kind::Store(e) | Kind::Waiting { last: e, .. } => Some(&**e),
+            Kind::Store(e) => Some(&**e),
+            #[cfg(feature = "postgres")]
+            Kind::Waiting { last: e, .. } => Some(&**e),
             Kind::Other(e) => Some(&**e),
         }
     }

@@ -155,4 +155,8 @@ impl<B: Backend> Backend for FaultyBackend<B> {
     fn location(&self) -> String {
         self.inner.location()
     }
+
+    fn summary(&self) -> String {
+        self.inner.summary()
+    }
 }

@@ -355,6 +355,14 @@ impl Backend for SqliteBackend {
     fn location(&self) -> String {
         format!("sqlite:{}", self.path.display())
     }
+
+    /// The absolute path: `./mllp-reactor.db` does not say which directory.
+    fn summary(&self) -> String {
+        std::fs::canonicalize(&self.path)
+            .unwrap_or_else(|_| self.path.clone())
+            .display()
+            .to_string()
+    }
 }
 
 /// Inserts `batch` in one IMMEDIATE transaction (the write lock is taken up front, so waiting

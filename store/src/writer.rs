@@ -127,6 +127,23 @@ impl StoreConfig {
         self
     }
 
+    /// Queue caps that a server's own limits always reach first, so the store never has to
+    /// refuse a message: every queued record is a message in flight, so at most
+    /// `max_connections` × `max_in_flight` of them (the server's effective value: see
+    /// [`Dispatch::default_max_in_flight`](mllp_reactor::Dispatch::default_max_in_flight))
+    /// and `max_memory` bytes (the server's budget) can be queued. When those are reached
+    /// the server stops reading and TCP pushes back on senders.
+    pub fn for_server(
+        mut self,
+        max_connections: usize,
+        max_in_flight: usize,
+        max_memory: usize,
+    ) -> Self {
+        self.max_queue_messages = max_connections.saturating_mul(max_in_flight).max(1);
+        self.max_queue_bytes = max_memory.max(1);
+        self
+    }
+
     /// Sets [`close_timeout`](Self::close_timeout).
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.close_timeout = timeout;
@@ -157,6 +174,7 @@ pub struct Store {
     shared: Arc<Shared>,
     config: StoreConfig,
     location: String,
+    summary: String,
     /// The writer and the receiving end of its exit signal (the writer holds the sender;
     /// it disconnects when the thread ends, however it ends). `None` once joined.
     writer: Mutex<Option<(JoinHandle<()>, Receiver<()>)>>,
@@ -229,6 +247,7 @@ impl Store {
             bytes: AtomicUsize::new(0),
         });
         let location = backend.location();
+        let summary = backend.summary();
         let (exit_tx, exit_rx) = mpsc::channel::<()>();
         let writer = Writer {
             shared: Arc::clone(&shared),
@@ -253,6 +272,7 @@ impl Store {
             shared,
             config,
             location,
+            summary,
             writer: Mutex::new(Some((handle, exit_rx))),
         })
     }
@@ -351,6 +371,12 @@ impl Store {
     /// Where the backend keeps the data (`sqlite:/path/to/file.db`).
     pub fn location(&self) -> &str {
         &self.location
+    }
+
+    /// The backend's one-line summary for an operator ([`Backend::summary`]): the absolute
+    /// path of an SQLite file; a PostgreSQL URL (no password) and its `synchronous_commit`.
+    pub fn summary(&self) -> &str {
+        &self.summary
     }
 
     /// Stops taking records, lets the writer commit everything queued, and joins it, waiting

@@ -37,26 +37,6 @@ pub(super) fn location(config: &Config) -> String {
     format!("postgres://{user}{}/{db}", hosts.join(","))
 }
 
-/// `url` with any password replaced by `***` (for errors about a URL that did not parse).
-pub(super) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "the PostgreSQL connection string".to_owned();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
-    .split('?')
-    .next()
-    .unwrap_or_default()
-    .to_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use std::str::FromStr;
@@ -69,14 +49,5 @@ mod tests {
         assert_eq!(location(&config), "postgres://mllp@db.example:6432/store");
         let config = Config::from_str("postgresql://u@%2Ftmp%2Fpg/d").unwrap();
         assert_eq!(location(&config), "postgres://u@%2Ftmp%2Fpg:5432/d");
-        assert_eq!(
-            redact("postgres://u:pw@h:1/d?password=x"),
-            "postgres://u:***@h:1/d"
-        );
-        assert_eq!(redact("postgres://u@h/d"), "postgres://u@h/d");
-        assert_eq!(
-            redact("host=h password=x"),
-            "the PostgreSQL connection string"
-        );
     }
 }

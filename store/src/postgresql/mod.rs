@@ -136,11 +136,12 @@ use tokio_postgres::types::ToSql;
 use crate::backend::Backend;
 use crate::error::{Cause, Problem, StoreError};
 use crate::record::{DuplicateKey, Record, StoreId, StoreOutcome, StoredRecord, system_time_to_us};
+use crate::spec::redact;
 
 use batch::pg_text;
 use connection::{Backoff, Connection};
-use describe::{location, redact};
-pub use options::{PostgresOptions, is_postgres_url};
+use describe::location;
+pub use options::PostgresOptions;
 
 /// The schema version this build writes and the newest it reads.
 pub const SCHEMA_VERSION: i32 = 1;
@@ -382,5 +383,12 @@ impl Backend for PostgresBackend {
 
     fn location(&self) -> String {
         self.location.clone()
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{} (synchronous_commit={})",
+            self.location, self.synchronous_commit
+        )
     }
 }

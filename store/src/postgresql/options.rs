@@ -1,4 +1,4 @@
-//! [`PostgresOptions`] and telling a PostgreSQL URL from an SQLite path.
+//! [`PostgresOptions`].
 
 use std::fmt;
 use std::time::Duration;
@@ -79,15 +79,4 @@ impl PostgresOptions {
         self.password = password;
         self
     }
-}
-
-/// Whether `store` names a PostgreSQL store (`postgres://…` or `postgresql://…`) rather than
-/// an SQLite file.
-///
-/// ```
-/// assert!(mllp_store::postgresql::is_postgres_url("postgres://mllp@db:5432/mllp"));
-/// assert!(!mllp_store::postgresql::is_postgres_url("./mllp-reactor.db"));
-/// ```
-pub fn is_postgres_url(store: &str) -> bool {
-    store.starts_with("postgres://") || store.starts_with("postgresql://")
 }
