@@ -48,6 +48,8 @@ pub struct ServeOptions {
     pub store: Option<String>,
     /// Accept a PostgreSQL server with `synchronous_commit=off`.
     pub allow_async_commit: bool,
+    /// `--retain`, `--retain-size`.
+    pub retention: crate::retention::RetainArgs,
 }
 
 /// `--proxy-protocol`: which PROXY header versions to accept.
@@ -89,6 +91,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
     let max_in_flight = opts
         .max_in_flight
         .unwrap_or(dispatch.default_max_in_flight());
+    let mut pruner = None;
     let (store, storing_to) = match &opts.store {
         Some(spec) => {
             let config = StoreConfig::default().for_server(
@@ -96,7 +99,8 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
                 max_in_flight,
                 opts.max_memory,
             );
-            let (store, shown) = open_store(spec, opts.allow_async_commit, config)?;
+            let (store, shown, gate) = open_store(spec, opts.allow_async_commit, config)?;
+            pruner = crate::retention::start_pruner(spec, gate, &opts.retention)?;
             (Some(Arc::new(store)), Some(shown))
         }
         None if opts.allow_async_commit => {
@@ -130,8 +134,6 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         if !opts.proxy_sources.is_empty() {
             builder = builder.proxy_sources(opts.proxy_sources.iter().copied().collect());
         }
-    } else if !opts.proxy_sources.is_empty() {
-        return Err("--proxy-source needs --proxy-protocol".to_owned());
     }
     if !opts.allow.is_empty() {
         builder = builder.allow(opts.allow.iter().copied().collect());
@@ -223,6 +225,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         "stopped: {} connections closed, {finished} with a message in flight finished, {} forced",
         report.closed, report.forced
     );
+    drop(pruner);
     if let Some(store) = store {
         store
             .close(opts.grace.value)

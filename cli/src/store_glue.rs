@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use mllp_reactor::Handler;
 use mllp_reactor::ack::AckCode;
-use mllp_store::{OpenOptions, PostgresOptions, Store, StoreConfig, StoreSpec, StoreThenAck};
+use mllp_store::{
+    OpenOptions, PostgresOptions, Store, StoreConfig, StoreSpec, StoreThenAck, WriteGate,
+};
 
 /// [`StoreThenAck`] over `store`, logging each AR (a stored message without a usable
 /// MSH-10) as `--no-store` does. A failed commit is a handler failure: the server answers
@@ -34,13 +36,13 @@ pub fn store_handler(store: Arc<Store>) -> impl Handler {
     })
 }
 
-/// Opens the store `serve --store` names with `config`'s caps. Returns it and the line
-/// `serve` prints ("storing to …").
+/// Opens the store `serve --store` names with `config`'s caps. Returns it, the line `serve`
+/// prints ("storing to …") and, for SQLite, the writer's gate (for the retention pruner).
 pub fn open_store(
     spec: &str,
     allow_async_commit: bool,
     config: StoreConfig,
-) -> Result<(Store, String), String> {
+) -> Result<(Store, String, Option<WriteGate>), String> {
     let spec = StoreSpec::parse(spec).map_err(|e| format!("--store: {e}"))?;
     if allow_async_commit && !spec.is_postgres() {
         return Err(
@@ -52,7 +54,8 @@ pub fn open_store(
     options.postgres = options.postgres.allow_async_commit(allow_async_commit);
     let store = Store::open(&spec, &options, config).map_err(|e| e.to_string())?;
     let shown = format!("storing to {}", store.summary());
-    Ok((store, shown))
+    let gate = store.write_gate().cloned();
+    Ok((store, shown, gate))
 }
 
 /// Store options for the CLI: a PostgreSQL password comes from `PGPASSWORD` when the URL has

@@ -399,6 +399,12 @@ impl From<Problem> for Cause {
     }
 }
 
+impl From<rusqlite::Error> for Cause {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::sqlite(e)
+    }
+}
+
 impl From<io::Error> for Cause {
     fn from(e: io::Error) -> Self {
         Self::from_kind(Kind::Io(Arc::new(e)))

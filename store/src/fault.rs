@@ -159,4 +159,8 @@ impl<B: Backend> Backend for FaultyBackend<B> {
     fn summary(&self) -> String {
         self.inner.summary()
     }
+
+    fn write_gate(&self) -> Option<crate::WriteGate> {
+        self.inner.write_gate()
+    }
 }

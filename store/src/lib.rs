@@ -170,6 +170,7 @@ mod open;
 #[cfg(feature = "postgres")]
 pub mod postgresql;
 mod record;
+pub mod retention;
 mod spec;
 pub mod sqlite;
 mod submit;
@@ -177,7 +178,7 @@ pub mod telemetry;
 mod then_ack;
 mod writer;
 
-pub use backend::Backend;
+pub use backend::{Backend, WriteGate};
 pub use error::{Cause, CloseError, ConfigError, Found, Problem, StoreError};
 pub use open::OpenOptions;
 #[cfg(feature = "postgres")]

@@ -38,11 +38,13 @@
 //! serialises them, waiting up to the busy timeout) but pointless.
 
 use std::path::{Path, PathBuf};
+
 use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use crate::backend::Backend;
+pub use crate::backend::WriteGate;
 use crate::error::{Cause, Found, Problem, StoreError};
 use crate::record::{
     DuplicateKey, Record, StoreId, StoreOutcome, StoredRecord, system_time_to_us, text,
@@ -176,6 +178,8 @@ pub struct SqliteBackend {
     /// `None` after a failed commit: the next commit reopens it (a fresh connection is the
     /// surest way out of whatever state the failure left, and costs about 100 µs).
     conn: Option<Connection>,
+    /// Held for each commit; the pruner of the same process holds it for each of its batches.
+    gate: WriteGate,
 }
 
 impl SqliteBackend {
@@ -200,6 +204,7 @@ impl SqliteBackend {
             options: options.clone(),
             read_only: false,
             conn: Some(conn),
+            gate: WriteGate::default(),
         })
     }
 
@@ -224,12 +229,20 @@ impl SqliteBackend {
             options: options.clone(),
             read_only: true,
             conn: Some(conn),
+            gate: WriteGate::default(),
         })
     }
 
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The gate this backend holds while it commits: give it to a
+    /// [`Pruner`](crate::retention::Pruner) of the same file so that the two take turns
+    /// without SQLite's sleeping busy handler.
+    pub fn write_gate(&self) -> WriteGate {
+        self.gate.clone()
     }
 
     /// The open connection, reopening it after a failure.
@@ -271,6 +284,8 @@ impl Backend for SqliteBackend {
             return Err(StoreError::commit(Problem::ReadOnly));
         }
         let window = self.window_us();
+        let gate = self.gate.clone();
+        let _turn = gate.enter();
         let result = self.connection().and_then(|conn| {
             insert_batch(conn, batch, window).map_err(|e| StoreError::commit(Cause::sqlite(e)))
         });
@@ -356,6 +371,10 @@ impl Backend for SqliteBackend {
         format!("sqlite:{}", self.path.display())
     }
 
+    fn write_gate(&self) -> Option<WriteGate> {
+        Some(Self::write_gate(self))
+    }
+
     /// The absolute path: `./mllp-reactor.db` does not say which directory.
     fn summary(&self) -> String {
         std::fs::canonicalize(&self.path)
@@ -436,7 +455,7 @@ fn check_path(path: &Path, create: bool) -> Result<(), StoreError> {
 }
 
 /// Opens a connection, checks (and if `create`, creates) the schema, and sets the pragmas.
-fn open_connection(
+pub(crate) fn open_connection(
     path: &Path,
     flags: OpenFlags,
     options: &SqliteOptions,
@@ -451,6 +470,11 @@ fn open_connection(
     match inspect_schema(&conn).map_err(classify)? {
         Schema::Ours => {}
         Schema::Empty if create => {
+            // Before the first table: only then can auto_vacuum be chosen without a VACUUM.
+            // INCREMENTAL lets retention give freed pages back to the file system
+            // (`crate::retention`); it costs one pointer-map page per ~800 pages.
+            conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+                .map_err(classify)?;
             set_wal(&conn, path)?;
             create_schema(&conn).map_err(classify)?;
         }

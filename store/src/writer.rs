@@ -20,7 +20,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, WriteGate};
 use crate::error::{Cause, CloseError, ConfigError, Problem, StoreError};
 use crate::record::{Record, StoreOutcome};
 use crate::sqlite::{SqliteBackend, SqliteOptions};
@@ -175,6 +175,7 @@ pub struct Store {
     config: StoreConfig,
     location: String,
     summary: String,
+    gate: Option<WriteGate>,
     /// The writer and the receiving end of its exit signal (the writer holds the sender;
     /// it disconnects when the thread ends, however it ends). `None` once joined.
     writer: Mutex<Option<(JoinHandle<()>, Receiver<()>)>>,
@@ -248,6 +249,7 @@ impl Store {
         });
         let location = backend.location();
         let summary = backend.summary();
+        let gate = backend.write_gate();
         let (exit_tx, exit_rx) = mpsc::channel::<()>();
         let writer = Writer {
             shared: Arc::clone(&shared),
@@ -273,6 +275,7 @@ impl Store {
             config,
             location,
             summary,
+            gate,
             writer: Mutex::new(Some((handle, exit_rx))),
         })
     }
@@ -377,6 +380,11 @@ impl Store {
     /// path of an SQLite file; a PostgreSQL URL (no password) and its `synchronous_commit`.
     pub fn summary(&self) -> &str {
         &self.summary
+    }
+
+    /// The backend's [write gate](Backend::write_gate), for a pruner of the same SQLite file.
+    pub fn write_gate(&self) -> Option<&WriteGate> {
+        self.gate.as_ref()
     }
 
     /// Stops taking records, lets the writer commit everything queued, and joins it, waiting

@@ -141,7 +141,7 @@ use crate::spec::redact;
 use batch::pg_text;
 use connection::{Backoff, Connection};
 use describe::location;
-pub use options::PostgresOptions;
+pub use options::{PostgresOptions, is_postgres_url};
 
 /// The schema version this build writes and the newest it reads.
 pub const SCHEMA_VERSION: i32 = 1;

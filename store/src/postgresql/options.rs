@@ -80,3 +80,14 @@ impl PostgresOptions {
         self
     }
 }
+
+/// Whether `store` names a PostgreSQL store (`postgres://…` or `postgresql://…`) rather than
+/// an SQLite file: [`StoreSpec::parse`](crate::StoreSpec::parse) decides.
+///
+/// ```
+/// assert!(mllp_store::postgresql::is_postgres_url("postgres://mllp@db:5432/mllp"));
+/// assert!(!mllp_store::postgresql::is_postgres_url("./mllp-reactor.db"));
+/// ```
+pub fn is_postgres_url(store: &str) -> bool {
+    crate::StoreSpec::parse(store).is_ok_and(|spec| spec.is_postgres())
+}
