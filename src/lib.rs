@@ -105,6 +105,8 @@ mod completion;
 mod connection;
 mod error;
 mod handler;
+mod identity;
+mod link;
 pub mod msh;
 mod pool;
 pub mod proxy;
@@ -124,6 +126,7 @@ pub use error::{CloseReason, ConfigError, Error, ExceptionReason};
 pub use handler::{
     ConnectionId, Context, Dispatch, Handler, HandlerError, HandlerFn, Reply, handler_fn,
 };
+pub use identity::{PeerIdentity, SubjectAltName};
 pub use server::{
     Builder, DEFAULT_FRAME_TIMEOUT, DEFAULT_HANDLER_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_INLINE_SLOW_THRESHOLD, DEFAULT_MAX_CONNECTIONS,

@@ -21,6 +21,7 @@ use crate::reactor::{
     Budget, Command, Inbox, LISTENER, MAX_KEYS_PER_REACTOR, Policy, Reactor, Shared, WAKER,
 };
 use crate::telemetry::{Metrics, Observer, Telemetry};
+use crate::transport::Acceptors;
 
 /// Default idle timeout: 60 s, long enough for a quiet feed between messages, short enough
 /// that abandoned connections do not pile up (a common MLLP library default).
@@ -84,10 +85,9 @@ pub struct Builder {
     listener_name: String,
     dispatch: Dispatch,
     reactors: usize,
-    #[cfg(feature = "tls")]
-    tls: Option<crate::tls::TlsAcceptor>,
+    /// The layers on every accepted socket: PROXY header, TLS.
+    acceptors: Acceptors,
     handshake_timeout: Duration,
-    proxy_protocol: Option<ProxyMode>,
     proxy_sources: Option<AllowList>,
     allow: Option<AllowList>,
     max_in_flight: Option<usize>,
@@ -185,7 +185,7 @@ impl Builder {
     /// a header is present, as the protocol's specification demands. A v2 `LOCAL` header (a
     /// health check) is served with the socket's peer.
     pub fn proxy_protocol(mut self, mode: ProxyMode) -> Self {
-        self.proxy_protocol = Some(mode);
+        self.acceptors.proxy = Some(mode);
         self
     }
 
@@ -210,7 +210,7 @@ impl Builder {
     /// in the clear, then TLS.
     #[cfg(feature = "tls")]
     pub fn tls(mut self, acceptor: crate::tls::TlsAcceptor) -> Self {
-        self.tls = Some(acceptor);
+        self.acceptors.tls = Some(acceptor);
         self
     }
 
@@ -330,7 +330,7 @@ impl Builder {
         if max_in_flight == 0 || max_in_flight > MAX_IN_FLIGHT_LIMIT {
             return Err(ConfigError::MaxInFlight(max_in_flight).into());
         }
-        if self.proxy_protocol.is_some() && self.proxy_sources.is_none() {
+        if self.acceptors.proxy.is_some() && self.proxy_sources.is_none() {
             return Err(ConfigError::ProxySourcesRequired.into());
         }
         if self.max_memory < self.max_message_size.saturating_mul(2) {
@@ -414,8 +414,6 @@ impl Builder {
             .zip(commands)
             .enumerate()
             .map(|(index, ((poll, notifier), (_, commands)))| Reactor {
-                #[cfg(feature = "tls")]
-                tls: self.tls.clone(),
                 followers: if index == 0 {
                     control.reactors[1..].to_vec()
                 } else {
@@ -427,7 +425,7 @@ impl Builder {
                 local_addr,
                 limits: Arc::clone(&limits),
                 dispatch: self.dispatch,
-                proxy: self.proxy_protocol,
+                acceptors: self.acceptors.clone(),
                 inline_slow: self.inline_slow_threshold,
                 handler: Arc::clone(&self.handler),
                 sink: Arc::new(CompletionSink::new(notifier)),
@@ -515,10 +513,8 @@ impl Server {
             listener_name: "mllp".to_owned(),
             dispatch: Dispatch::Pool,
             reactors: 1,
-            #[cfg(feature = "tls")]
-            tls: None,
+            acceptors: Acceptors::default(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
-            proxy_protocol: None,
             proxy_sources: None,
             allow: None,
             max_in_flight: None,
