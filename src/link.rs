@@ -26,18 +26,27 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::completion::lock;
+use crate::cidr::AllowList;
 use crate::connection::{Connection, Event, Limits};
-use crate::error::CloseReason;
-use crate::handler::ConnectionId;
 use crate::identity::PeerIdentity;
-use crate::reactor::Policy;
+use crate::outcome::ConnectionId;
+use crate::reason::{CloseReason, RejectReason};
+use crate::sync::lock;
 use crate::telemetry::Telemetry;
 use crate::transport::{Preambled, Transport};
 
 /// Most slices per `writev`: 42 replies of 3 slices each. Linux takes up to 1024; past a few
 /// dozen replies the syscall is amortized and the stack array stays at 2 KiB.
 const MAX_IOV: usize = 126;
+
+/// Who may connect. New connections see a reload; established ones are not re-checked.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Policy {
+    /// Peers allowed to connect (the PROXY header's source when PROXY protocol is on).
+    pub(crate) allow: Option<AllowList>,
+    /// With PROXY protocol: the balancers allowed to send headers.
+    pub(crate) proxy_sources: Option<AllowList>,
+}
 
 /// Whether a connection from `peer` may be served, decided before a byte is read: `peer`
 /// must be on the allow-list and, behind a balancer (`proxied`), also among the sources
@@ -75,8 +84,8 @@ pub(crate) struct Link {
 pub(crate) struct Closed {
     /// Why, with a connection that never started blamed on the stage it was in.
     pub(crate) reason: CloseReason,
-    /// It served MLLP (its PROXY header and TLS handshake were done).
-    pub(crate) started: bool,
+    /// It never served MLLP (no PROXY header or TLS handshake done): why it was rejected.
+    pub(crate) rejected: Option<RejectReason>,
     /// It closed without sending a byte (a balancer's health check, a port scan).
     pub(crate) silent: bool,
 }
@@ -228,7 +237,7 @@ impl Link {
                 if self.conn.is_started() {
                     self.conn.handle_eof(out);
                 } else {
-                    let reason = self.before_start(CloseReason::PeerClosed);
+                    let reason = self.before_start(CloseReason::PeerClosed).close_reason();
                     self.conn.handle_start_failed(reason, out);
                 }
                 true
@@ -334,28 +343,17 @@ impl Link {
     /// How the link ended, once it has; `None` while open.
     pub(crate) fn closed(&self) -> Option<Closed> {
         let reason = self.conn.close_reason()?;
-        let started = self.conn.is_started();
+        let rejected = (!self.conn.is_started()).then(|| self.before_start(reason));
         Some(Closed {
-            reason: if started {
-                reason
-            } else {
-                self.before_start(reason)
-            },
-            started,
+            reason: rejected.map_or(reason, RejectReason::close_reason),
+            rejected,
             silent: !self.received,
         })
     }
 
-    /// The close reason of a connection that never started: an end (or a reset) blames the
+    /// Why a connection that never started was rejected: an end (or a reset) blames the
     /// stage it was in, a deadline is the handshake's.
-    fn before_start(&self, reason: CloseReason) -> CloseReason {
-        match reason {
-            CloseReason::IdleTimeout => CloseReason::HandshakeTimeout,
-            CloseReason::Io(_) | CloseReason::PeerClosed if self.transport.in_preamble() => {
-                CloseReason::ProxyHeader
-            }
-            CloseReason::Io(_) | CloseReason::PeerClosed => CloseReason::TlsHandshake,
-            reason => reason,
-        }
+    fn before_start(&self, reason: CloseReason) -> RejectReason {
+        RejectReason::before_start(reason, self.transport.in_preamble())
     }
 }

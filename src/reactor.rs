@@ -24,19 +24,21 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use crate::completion::{Completion, CompletionSink, Notifier, lock};
+use crate::completion::{Completion, CompletionSink, Notifier};
 use crate::connection::{Dispatched, Event, Limits, deadline_after};
-use crate::error::CloseReason;
-use crate::handler::{ConnectionId, Context, Dispatch, Handler};
+use crate::control::{Command, ShutdownReport};
+use crate::handler::{Context, Dispatch, Handler};
 use crate::link::{self, Link};
+use crate::outcome::ConnectionId;
 use crate::pool::{Job, Pool, call};
-use crate::server::ShutdownReport;
+use crate::reason::{CloseReason, RejectReason};
+use crate::sync::lock;
 use crate::telemetry::{Peer, Telemetry};
 use crate::timer::{DEFAULT_SLOTS, DEFAULT_TICK, TimerWheel};
 use crate::transport::{Acceptors, Transport};
 
 mod shared;
-pub(crate) use shared::{Budget, Inbox, Policy, Shared};
+pub(crate) use shared::{Budget, Inbox, Shared};
 
 /// Token of the listening socket; slab keys (connections) use the tokens below it.
 pub(crate) const LISTENER: Token = Token(usize::MAX - 1);
@@ -63,12 +65,6 @@ const EVENTS_CAPACITY: usize = 1024;
 /// When `accept` fails for lack of resources (EMFILE, ENFILE, ENOBUFS), retry after this long
 /// rather than spin: edge-triggered readiness would not report the waiting connections again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
-
-/// A request from the server handle.
-#[derive(Debug)]
-pub(crate) enum Command {
-    Shutdown { grace: Duration },
-}
 
 /// Everything a reactor needs, built by the server builder.
 pub(crate) struct Reactor {
@@ -315,7 +311,8 @@ impl Loop {
     /// Reports a connection closed at once, never served (over `max_connections`, not
     /// allowed).
     fn reject(&mut self, peer: SocketAddr, local: SocketAddr, reason: CloseReason) {
-        self.r.telemetry.metrics.rejected(reason).increment(1);
+        let reject = RejectReason::before_start(reason, false);
+        self.r.telemetry.metrics.rejected(reject).increment(1);
         let p = Peer {
             connection: ConnectionId {
                 index: u32::MAX,
@@ -619,9 +616,11 @@ impl Loop {
         if let Some(drain) = &mut self.drain {
             drain.report.closed += 1;
         }
-        if !closed.started {
+        if closed.rejected.is_some() {
             // Never served (no valid PROXY header, not allowed, no handshake in time).
-            self.r.telemetry.metrics.rejected(reason).increment(1);
+            if let Some(reject) = closed.rejected {
+                self.r.telemetry.metrics.rejected(reject).increment(1);
+            }
             self.r.telemetry.connection_start(&p);
             self.r.telemetry.connection_stop(&p, Duration::ZERO, reason);
             return true;

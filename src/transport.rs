@@ -12,8 +12,8 @@ use std::net::Shutdown;
 
 use mio::net::TcpStream;
 
-use crate::error::CloseReason;
 use crate::proxy::{ProxyDecoder, ProxyHeader, ProxyMode};
+use crate::reason::CloseReason;
 
 /// The layers a server puts on each accepted socket, in order: a PROXY header, then TLS.
 #[derive(Clone, Debug, Default)]
@@ -234,7 +234,7 @@ impl Transport {
 mod tls {
     use std::io;
 
-    use crate::error::CloseReason;
+    use crate::reason::CloseReason;
     pub(crate) use crate::tls::{TlsAcceptor as Acceptor, TlsSession as Session};
     use crate::tls::{TlsFailure, TlsFailureKind as K};
 
@@ -259,8 +259,8 @@ mod tls {
 
     use mio::net::TcpStream;
 
-    use crate::error::CloseReason;
     use crate::identity::PeerIdentity;
+    use crate::reason::CloseReason;
 
     // Private fields: outside this module the types look inhabited, so the layer's code
     // compiles without unreachable-code warnings; none of it can run.

@@ -7,6 +7,7 @@ mod export;
 mod loadgen;
 mod logging;
 mod prometheus;
+mod retention;
 mod send;
 mod serve;
 mod store_glue;
@@ -55,6 +56,8 @@ enum Command {
     Bench(BenchArgs),
     /// Write the messages of a store to stdout, in store order (works while serve runs).
     Export(ExportArgs),
+    /// Remove messages older than a period from a store now (works while serve runs).
+    Prune(retention::PruneArgs),
 }
 
 #[derive(Debug, Args)]
@@ -147,6 +150,8 @@ struct ServeArgs {
     /// be lost if the database server crashes.
     #[arg(long, conflicts_with = "no_store")]
     allow_async_commit: bool,
+    #[command(flatten)]
+    retention: retention::RetainArgs,
 }
 
 #[derive(Debug, Args)]
@@ -269,6 +274,7 @@ fn main() -> ExitCode {
             log_level: args.log_level,
             store: (!args.no_store).then_some(args.store),
             allow_async_commit: args.allow_async_commit,
+            retention: args.retention,
         }),
         Command::Send(args) => {
             let opts = send::SendOptions {
@@ -293,6 +299,7 @@ fn main() -> ExitCode {
             since: args.since,
             format: args.format,
         }),
+        Command::Prune(args) => retention::prune(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
