@@ -144,8 +144,7 @@ pub struct Context {
     /// Set once [`defer`](Self::defer) handed out the message's handle.
     pub(crate) deferred: Cell<bool>,
     /// The verified client certificate (mutual TLS).
-    #[cfg(feature = "tls")]
-    pub(crate) identity: Option<Arc<crate::tls::PeerIdentity>>,
+    pub(crate) identity: Option<Arc<crate::identity::PeerIdentity>>,
 }
 
 impl fmt::Debug for Context {
@@ -161,9 +160,8 @@ impl fmt::Debug for Context {
 
 impl Context {
     /// The verified client certificate's identity (subject CN, SANs, SHA-256 fingerprint of
-    /// the leaf) when the connection uses mutual TLS (feature `tls`).
-    #[cfg(feature = "tls")]
-    pub fn peer_identity(&self) -> Option<&crate::tls::PeerIdentity> {
+    /// the leaf) when the connection uses mutual TLS (feature `tls`; always `None` without it).
+    pub fn peer_identity(&self) -> Option<&crate::identity::PeerIdentity> {
         self.identity.as_deref()
     }
 
