@@ -107,7 +107,9 @@ mod control;
 pub mod date;
 mod error;
 mod handler;
+mod identity;
 mod limits;
+mod link;
 pub mod msh;
 mod outcome;
 mod pool;
@@ -129,6 +131,7 @@ pub use connection::NakPolicy;
 pub use control::ShutdownReport;
 pub use error::{ConfigError, Error};
 pub use handler::{Context, Dispatch, Handler, HandlerFn, handler_fn};
+pub use identity::{PeerIdentity, SubjectAltName};
 pub use limits::{
     DEFAULT_FRAME_TIMEOUT, DEFAULT_HANDLER_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_INLINE_SLOW_THRESHOLD, DEFAULT_MAX_CONNECTIONS,

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use mllp_store::StoreSpec;
 
 use crate::error::ValueError;
 use crate::logging::LogFormat;
@@ -148,8 +149,8 @@ pub struct ServeArgs {
     /// from PGPASSWORD; several nodes may share one database).
     /// A relative path is taken from $STATE_DIRECTORY when systemd sets it (StateDirectory=),
     /// else from the working directory.
-    #[arg(long, default_value = DEFAULT_STORE, value_name = "PATH|URL")]
-    pub store: String,
+    #[arg(long, default_value = DEFAULT_STORE, value_name = "PATH|URL", value_parser = StoreSpec::parse)]
+    pub store: StoreSpec,
     /// Do not store messages: AA straight away (the ACK-only server, for benchmarks).
     #[arg(long, conflicts_with = "store")]
     pub no_store: bool,
@@ -164,8 +165,8 @@ pub struct ServeArgs {
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     /// The store (as given to serve --store): an SQLite file or a postgres:// URL.
-    #[arg(value_name = "STORE")]
-    pub store: String,
+    #[arg(value_name = "STORE", value_parser = StoreSpec::parse)]
+    pub store: StoreSpec,
     /// Only messages with a store id greater than this.
     #[arg(long, default_value_t = 0, value_name = "ID")]
     pub since: i64,

@@ -1,15 +1,13 @@
 //! `serve --retain/--retain-size` and `mllp-reactor prune`: flags in, the store crate's
 //! [`RetentionPolicy`] out; the pruning itself lives in `mllp_store::retention`.
 
-use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use clap::Args;
-use mllp_store::postgresql::is_postgres_url;
 use mllp_store::retention::{
     PassResult, PruneMode, PruneReport, Pruner, RetentionPolicy, prune_sqlite,
 };
-use mllp_store::{SqliteOptions, WriteGate};
+use mllp_store::{SqliteOptions, StoreSpec, WriteGate};
 
 use crate::error::{CliError, ValueError};
 use crate::parse::parse_duration;
@@ -39,8 +37,8 @@ pub struct Retain {
 #[derive(Debug, Args)]
 pub struct PruneArgs {
     /// The store (an SQLite file).
-    #[arg(value_name = "STORE")]
-    pub store: String,
+    #[arg(value_name = "STORE", value_parser = StoreSpec::parse)]
+    pub store: StoreSpec,
     /// Remove messages received longer ago than this (e.g. 30d, 12h).
     #[arg(long, value_name = "DURATION", value_parser = parse_period)]
     pub older_than: Duration,
@@ -67,14 +65,14 @@ impl RetainArgs {
 /// (info) or failed (error). `gate` is the SQLite writer's; `None` for PostgreSQL, where
 /// retention is not implemented yet (a warning says so).
 pub fn start_pruner(
-    store: &str,
+    store: &StoreSpec,
     gate: Option<WriteGate>,
     args: &RetainArgs,
 ) -> Result<Option<Pruner>, CliError> {
     let Some(policy) = args.policy() else {
         return Ok(None);
     };
-    let Some(gate) = gate.filter(|_| !is_postgres_url(store)) else {
+    let (StoreSpec::Sqlite(path), Some(gate)) = (store, gate) else {
         tracing::warn!(target: "mllp::store", "--retain is not implemented for PostgreSQL yet: nothing is removed");
         return Ok(None);
     };
@@ -85,15 +83,9 @@ pub fn start_pruner(
         interval = ?policy.interval(),
         "retention on"
     );
-    Pruner::start_sqlite(
-        Path::new(store),
-        &SqliteOptions::default(),
-        policy,
-        gate,
-        log_pass,
-    )
-    .map(Some)
-    .map_err(CliError::Retention)
+    Pruner::start_sqlite(path, &SqliteOptions::default(), policy, gate, log_pass)
+        .map(Some)
+        .map_err(CliError::Retention)
 }
 
 fn log_pass(result: &PassResult) {
@@ -116,9 +108,9 @@ fn log_pass(result: &PassResult) {
 
 /// `mllp-reactor prune`: removes (or counts) expired messages now; prints one line.
 pub fn prune(args: &PruneArgs) -> Result<(), CliError> {
-    if is_postgres_url(&args.store) {
+    let StoreSpec::Sqlite(path) = &args.store else {
         return Err(CliError::flag("prune", ValueError::OnlySqlite));
-    }
+    };
     let policy = RetentionPolicy::default().max_age(Some(args.older_than));
     let mode = if args.dry_run {
         PruneMode::DryRun
@@ -126,7 +118,7 @@ pub fn prune(args: &PruneArgs) -> Result<(), CliError> {
         PruneMode::Delete
     };
     let report = prune_sqlite(
-        Path::new(&args.store),
+        path,
         &policy,
         SystemTime::now(),
         mode,

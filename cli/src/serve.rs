@@ -8,20 +8,20 @@
 //! that last step fails, a store file this start created is removed again.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use mllp_reactor::ack::{Ack, AckCode};
 use mllp_reactor::proxy::ProxyMode;
-use mllp_reactor::{ConfigError, Dispatch, Handler, Reply, Server, ack, handler_fn};
-use mllp_store::postgresql::is_postgres_url;
-use mllp_store::{PostgresBackend, SqliteBackend, SqliteOptions, Store, StoreConfig, WriteGate};
+use mllp_reactor::{ConfigError, Dispatch, Handler, Reply, Server, handler_fn};
+use mllp_store::{Store, StoreConfig, StoreSpec};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::args::{DispatchArg, ProxyArg, ServeArgs};
 use crate::error::{CliError, ValueError};
 use crate::logging::{self, LogObserver};
-use crate::store_glue::{log_nak, postgres_options, store_handler};
+use crate::store_glue::{log_rejected, open_options, store_handler};
 
 /// The variable systemd sets for `StateDirectory=`: a relative `--store` path is taken from
 /// there, so the shipped unit's store lands in `/var/lib/mllp-reactor`.
@@ -61,7 +61,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
         None => None,
     };
 
-    let mut store = match &store_spec {
+    let store = match store_spec {
         Some(spec) => Some(open_store(
             spec,
             args.allow_async_commit,
@@ -71,7 +71,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
     };
     // The pruner last: it logs that retention is on, which a start that fails should not.
     let started = bind(args, listen, store.as_ref().map(|s| &s.store), tls.clone())
-        .and_then(|server| Ok((server, start_pruner(args, store.as_mut())?)));
+        .and_then(|server| Ok((server, start_pruner(args, store.as_ref())?)));
     let (server, pruner) = match started {
         Ok(started) => started,
         Err(e) => {
@@ -98,7 +98,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
     }
     println!("listening on {}", server.local_addr());
     if let Some(store) = &store {
-        println!("storing to {}", store.shown);
+        println!("storing to {}", store.store.summary());
     }
     if let Some(addr) = &prometheus {
         println!("metrics on http://{addr}/metrics");
@@ -108,7 +108,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
     tracing::info!(
         target: "mllp::server",
         listen = %server.local_addr(),
-        store = store.as_ref().map_or("none (--no-store)", |s| s.shown.as_str()),
+        store = store.as_ref().map_or("none (--no-store)", |s| s.store.summary()),
         reactors = args.reactors,
         tls = match (&args.tls_cert, &args.tls_client_ca) {
             (None, _) => "off",
@@ -160,12 +160,14 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
 /// The background retention pruner for an SQLite store (`--retain`, `--retain-size`).
 fn start_pruner(
     args: &ServeArgs,
-    store: Option<&mut OpenedStore>,
+    store: Option<&OpenedStore>,
 ) -> Result<Option<mllp_store::retention::Pruner>, CliError> {
     match store {
-        Some(store) => {
-            crate::retention::start_pruner(&store.spec, store.gate.take(), &args.retention)
-        }
+        Some(store) => crate::retention::start_pruner(
+            &store.spec,
+            store.store.write_gate().cloned(),
+            &args.retention,
+        ),
         None => Ok(None),
     }
 }
@@ -210,7 +212,7 @@ fn check_flags(args: &ServeArgs) -> Result<(), CliError> {
             },
         ));
     }
-    if args.allow_async_commit && !is_postgres_url(&args.store) {
+    if args.allow_async_commit && !args.store.is_postgres() {
         return Err(CliError::flag(
             "--allow-async-commit",
             ValueError::OnlyPostgres,
@@ -221,13 +223,14 @@ fn check_flags(args: &ServeArgs) -> Result<(), CliError> {
 
 /// The store to open, `None` with `--no-store`. A relative SQLite path is taken from
 /// `$STATE_DIRECTORY` when systemd set it (the first directory, if it lists several).
-fn store_spec(args: &ServeArgs) -> Result<Option<String>, CliError> {
+fn store_spec(args: &ServeArgs) -> Result<Option<StoreSpec>, CliError> {
     if args.no_store {
         return Ok(None);
     }
-    if is_postgres_url(&args.store) || Path::new(&args.store).is_absolute() {
-        return Ok(Some(args.store.clone()));
-    }
+    let relative = match &args.store {
+        StoreSpec::Sqlite(path) if path.is_relative() => path,
+        other => return Ok(Some(other.clone())),
+    };
     let Some(state) = std::env::var_os(STATE_DIRECTORY).filter(|v| !v.is_empty()) else {
         return Ok(Some(args.store.clone()));
     };
@@ -240,7 +243,7 @@ fn store_spec(args: &ServeArgs) -> Result<Option<String>, CliError> {
             var: STATE_DIRECTORY,
             problem: ValueError::NotAbsolute,
         })?;
-    Ok(Some(first.join(&args.store).display().to_string()))
+    Ok(Some(StoreSpec::Sqlite(first.join(relative))))
 }
 
 /// Builds the server from the flags and binds it: the last step of the start.
@@ -261,10 +264,7 @@ fn bind(
     .max_connections(args.max_connections)
     .max_memory(args.max_memory)
     .reactors(args.reactors)
-    .dispatch(match args.dispatch {
-        DispatchArg::Inline => Dispatch::Inline,
-        DispatchArg::Pool => Dispatch::Pool,
-    })
+    .dispatch(dispatch(args.dispatch))
     .observer(LogObserver);
     if let Some(n) = args.max_in_flight {
         builder = builder.max_in_flight(n);
@@ -334,21 +334,14 @@ fn proxy_name(mode: ProxyArg) -> &'static str {
     }
 }
 
-/// The `--no-store` handler: AA for a message with a readable MSH-10, AR (logged) otherwise.
+/// The `--no-store` handler: AA for a message with a readable MSH-10, AR (logged, as the
+/// storing handler logs it) otherwise. The builder says which code it wrote, so the message
+/// is parsed once.
 fn ack_only() -> impl Handler {
     handler_fn(|msg, cx| {
-        let reply = ack::accept(msg);
-        // Read the code from the reply rather than parse the message a second time (the MSH
-        // parse is the largest cost of this handler: callgrind, 1 connection).
-        if is_reject(&reply) {
-            log_nak(
-                cx.connection_id(),
-                cx.peer_addr(),
-                cx.sequence(),
-                msg,
-                ack::AckCode::AR,
-                None,
-            );
+        let (code, reply) = Ack::new(AckCode::AA).build_coded(msg);
+        if code != AckCode::AA {
+            log_rejected(cx.connection_id(), cx.peer_addr(), cx.sequence(), code, msg);
         }
         Ok(Reply::Send(reply))
     })
@@ -358,11 +351,7 @@ fn ack_only() -> impl Handler {
 struct OpenedStore {
     store: Arc<Store>,
     /// The store as `--store` gave it (with `$STATE_DIRECTORY` applied).
-    spec: String,
-    /// The SQLite writer's gate, for the retention pruner; `None` for PostgreSQL.
-    gate: Option<WriteGate>,
-    /// `storing to …` shows this.
-    shown: String,
+    spec: StoreSpec,
     /// The SQLite file, when it did not exist before: [`discard`](Self::discard) removes it.
     created: Option<PathBuf>,
 }
@@ -372,85 +361,63 @@ impl OpenedStore {
     /// memory files) if this start created it: a failed start leaves no empty store behind.
     fn discard(self) {
         let _ = self.store.close(std::time::Duration::from_secs(5));
-        Self::remove(self.created);
+        remove_created(self.created);
     }
+}
 
-    /// Removes an SQLite store's files (the database, its WAL and shared memory).
-    fn remove(created: Option<PathBuf>) {
-        if let Some(path) = created {
-            for suffix in ["", "-wal", "-shm"] {
-                let mut file = path.clone().into_os_string();
-                file.push(suffix);
-                let _ = std::fs::remove_file(file);
-            }
+/// Removes an SQLite store's files (the database, its WAL and shared memory) that a failed
+/// start created.
+fn remove_created(created: Option<PathBuf>) {
+    if let Some(path) = created {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.clone().into_os_string();
+            file.push(suffix);
+            let _ = std::fs::remove_file(file);
         }
     }
 }
 
-/// Opens the store `spec` names: a `postgres://` (or `postgresql://`) URL, or an SQLite file
-/// path, with `config`'s caps.
-///
-/// The PostgreSQL connection is made here, on the calling thread, and then moves to the
-/// store's writer thread, where all of its (blocking) work happens: never a reactor's.
+/// Opens the store `spec` names with `config`'s caps (the PostgreSQL connection is made
+/// here, then moves to the store's writer thread; never a reactor's).
 fn open_store(
-    spec: &str,
+    spec: StoreSpec,
     allow_async_commit: bool,
     config: StoreConfig,
 ) -> Result<OpenedStore, CliError> {
-    let error = CliError::Store;
-    if is_postgres_url(spec) {
-        let options = postgres_options().allow_async_commit(allow_async_commit);
-        let backend = PostgresBackend::connect(spec, &options).map_err(error)?;
-        let shown = format!(
-            "{} (synchronous_commit={})",
-            mllp_store::Backend::location(&backend),
-            backend.synchronous_commit()
-        );
-        let store = Store::start(backend, config).map_err(error)?;
-        return Ok(OpenedStore {
-            store: Arc::new(store),
-            spec: spec.to_owned(),
-            gate: None,
-            shown,
-            created: None,
-        });
-    }
-    let path = Path::new(spec);
-    let existed = std::fs::symlink_metadata(path).is_ok();
-    let backend = SqliteBackend::open(path, &SqliteOptions::default()).map_err(error)?;
-    let gate = backend.write_gate();
-    // The absolute path: a relative one does not say which directory.
-    let shown = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
-    let created = (!existed).then(|| shown.clone());
-    let store = match Store::start(backend, config) {
-        Ok(store) => store,
-        Err(e) => {
-            OpenedStore::remove(created);
-            return Err(error(e));
-        }
+    let created = match &spec {
+        StoreSpec::Sqlite(path) if std::fs::symlink_metadata(path).is_err() => Some(path.clone()),
+        _ => None,
     };
-    Ok(OpenedStore {
-        store: Arc::new(store),
-        spec: spec.to_owned(),
-        gate: Some(gate),
-        shown: shown.display().to_string(),
-        created,
-    })
+    let mut options = open_options();
+    options.postgres = options.postgres.allow_async_commit(allow_async_commit);
+    match Store::open(&spec, &options, config) {
+        Ok(store) => Ok(OpenedStore {
+            store: Arc::new(store),
+            spec,
+            created,
+        }),
+        Err(e) => {
+            remove_created(created);
+            Err(CliError::Store(e))
+        }
+    }
 }
 
-/// The store's queue is sized so the server's own limits always bite first: every queued
-/// record is a message in flight, so at most `max_connections` × `max_in_flight` of them and
-/// `--max-memory` bytes can be queued. When those are reached the server stops reading and TCP
-/// pushes back on senders; the store never has to refuse a message.
+/// The store sized for this server ([`StoreConfig::for_server`]): its queue never refuses
+/// a message before the server's own caps (connections × messages in flight, `--max-memory`)
+/// stop reading.
 fn store_config(args: &ServeArgs) -> StoreConfig {
-    let max_in_flight = args.max_in_flight.unwrap_or(match args.dispatch {
-        DispatchArg::Inline => mllp_reactor::DEFAULT_MAX_IN_FLIGHT_INLINE,
-        DispatchArg::Pool => mllp_reactor::DEFAULT_MAX_IN_FLIGHT_POOL,
-    });
-    let mut config = StoreConfig::default();
-    config.max_queue_messages = args.max_connections.saturating_mul(max_in_flight);
-    config.max_queue_bytes = args.max_memory;
-    config
+    let max_in_flight = args
+        .max_in_flight
+        .unwrap_or(dispatch(args.dispatch).default_max_in_flight());
+    StoreConfig::default().for_server(args.max_connections, max_in_flight, args.max_memory)
+}
+
+fn dispatch(arg: DispatchArg) -> Dispatch {
+    match arg {
+        DispatchArg::Inline => Dispatch::Inline,
+        DispatchArg::Pool => Dispatch::Pool,
+    }
 }
 
 /// The TLS acceptor from `--tls-cert`, `--tls-key` and `--tls-client-ca`, checked now: a bad
@@ -473,9 +440,4 @@ fn tls_acceptor(args: &ServeArgs) -> Result<Option<mllp_reactor::tls::TlsAccepto
             ),
             source,
         })
-}
-
-/// Whether an ACK built by `ack::accept` is an AR: its MSA-1, found without a parse.
-fn is_reject(reply: &[u8]) -> bool {
-    memchr::memmem::find(reply, b"\rMSA").and_then(|i| reply.get(i + 5..i + 7)) == Some(b"AR")
 }
