@@ -73,7 +73,8 @@ pub(crate) struct Link {
     pub(crate) read_ready: bool,
     /// The socket reported writable (until a write says `WouldBlock`).
     pub(crate) write_ready: bool,
-    /// Some bytes came from the peer (a health probe closes with none).
+    /// Some bytes came from the peer besides a PROXY header (a health probe closes with
+    /// none).
     received: bool,
     /// [`poll_started`](Self::poll_started) reported the start.
     announced: bool,
@@ -243,11 +244,11 @@ impl Link {
                 true
             }
             Ok(n) => {
-                self.received = true;
                 telemetry.metrics.bytes_received.increment(n as u64);
                 if self.transport.in_preamble() {
                     self.header_read(&scratch[..n], policy, now, out);
                 } else {
+                    self.received = true;
                     self.conn.handle_read(&scratch[..n], now, out);
                 }
                 true
@@ -258,9 +259,9 @@ impl Link {
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => true,
             Err(e) => {
-                self.received = true; // a TLS failure means bytes came
                 match self.transport.failure_reason(&e) {
                     Some(reason) => {
+                        self.received = true; // a TLS failure means bytes came
                         let reason = match reason {
                             CloseReason::Io(_) if !self.conn.is_started() => {
                                 CloseReason::TlsHandshake
@@ -292,13 +293,20 @@ impl Link {
         out: &mut Vec<Event>,
     ) {
         let (header, rest) = match self.transport.feed_preamble(bytes) {
-            Preambled::Partial => return,
+            Preambled::Partial => {
+                self.received = true;
+                return;
+            }
             Preambled::Failed => {
+                self.received = true;
                 self.conn.handle_start_failed(CloseReason::ProxyHeader, out);
                 return;
             }
             Preambled::Done(header, rest) => (header, rest),
         };
+        // A header and nothing after it (a balancer's LOCAL health check, or a client that
+        // connected and left) is still a silent connection.
+        self.received = !rest.is_empty();
         // A LOCAL header (a balancer's health check) names no client: the socket's peer stands.
         if let Some(source) = header.source() {
             self.peer = source;

@@ -323,7 +323,10 @@ impl Loop {
             identity: None,
         };
         self.r.telemetry.connection_start(&p);
-        self.r.telemetry.connection_stop(&p, Duration::ZERO, reason);
+        // Refused by policy before a byte was read: reported as such, not as a probe.
+        self.r
+            .telemetry
+            .connection_stop(&p, Duration::ZERO, reason, false);
     }
 
     /// Registers a connection `place` counted and serves it on this reactor.
@@ -622,7 +625,9 @@ impl Loop {
                 self.r.telemetry.metrics.rejected(reject).increment(1);
             }
             self.r.telemetry.connection_start(&p);
-            self.r.telemetry.connection_stop(&p, Duration::ZERO, reason);
+            self.r
+                .telemetry
+                .connection_stop(&p, Duration::ZERO, reason, closed.silent);
             return true;
         }
         let m = &self.r.telemetry.metrics;
@@ -631,7 +636,9 @@ impl Loop {
         let duration =
             Duration::from_nanos(nanos_since(self.epoch, fresh).saturating_sub(entry.accepted_at));
         m.connection_duration.record(duration.as_secs_f64());
-        self.r.telemetry.connection_stop(&p, duration, reason);
+        self.r
+            .telemetry
+            .connection_stop(&p, duration, reason, closed.silent);
         true // dropping `entry` closes the socket and deregisters it
     }
 

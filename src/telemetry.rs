@@ -126,6 +126,9 @@ pub struct ConnectionStop {
     pub reason: CloseReason,
     /// The verified client certificate's identity (mutual TLS; feature `tls`).
     pub peer_identity: Option<Arc<crate::identity::PeerIdentity>>,
+    /// It ended without the peer sending a byte (besides a PROXY header): a balancer's health
+    /// check or a port scan, which an observer may log quietly whatever `reason` says.
+    pub silent: bool,
 }
 
 /// A complete message was handed to the pool.
@@ -450,8 +453,14 @@ impl Telemetry {
         });
     }
 
-    /// A connection ended after `duration`.
-    pub(crate) fn connection_stop(&self, p: &Peer, duration: Duration, reason: CloseReason) {
+    /// A connection ended after `duration`; `silent`: without a byte from the peer.
+    pub(crate) fn connection_stop(
+        &self,
+        p: &Peer,
+        duration: Duration,
+        reason: CloseReason,
+        silent: bool,
+    ) {
         self.observe(|o| {
             o.connection_stop(&ConnectionStop {
                 connection: p.connection,
@@ -460,6 +469,7 @@ impl Telemetry {
                 duration,
                 reason,
                 peer_identity: p.identity.clone(),
+                silent,
             })
         });
     }

@@ -4,7 +4,8 @@
 //! | target | level | what |
 //! |---|---|---|
 //! | `mllp::server` | info | start (with the options in force), drain, stop |
-//! | `mllp::conn` | info, warn | connection opened; closed with peer, reason and duration (warn for timeouts, oversize, I/O errors, rejections) |
+//! | `mllp::conn` | info, warn | connection opened (at its first message); closed with peer, reason and duration (warn for timeouts, oversize, I/O errors, rejections) |
+//! | `mllp::conn` | debug | connection accepted; a connection that closed without sending a byte (a balancer's health check, a port scan), whatever its reason |
 //! | `mllp::msg` | warn | a NAK or a handler failure: connection, peer, sequence, reason, control id where known, detail |
 //! | `mllp::msg` | debug | every message received and answered (off by default) |
 //!
@@ -240,18 +241,33 @@ pub struct LogObserver;
 
 impl Observer for LogObserver {
     fn connection_start(&self, e: &ConnectionStart) {
-        tracing::info!(
+        // At debug: a health check connects every few seconds and sends nothing. The info
+        // line comes with the first message (`message_start`).
+        tracing::debug!(
             target: "mllp::conn",
             conn = %e.connection,
             peer = %e.peer,
             local = %e.local,
-            "connection opened"
+            "connection accepted"
         );
     }
 
     fn connection_stop(&self, e: &ConnectionStop) {
         let reason = e.reason.as_str();
         let duration = Elapsed(e.duration);
+        if e.silent {
+            // Connected and left without a byte: a probe, not a problem, however it ended
+            // (HAProxy's checks end with a reset).
+            tracing::debug!(
+                target: "mllp::conn",
+                conn = %e.connection,
+                peer = %e.peer,
+                reason,
+                duration = %duration,
+                "connection closed without data"
+            );
+            return;
+        }
         match e.reason {
             CloseReason::PeerClosed
             | CloseReason::IdleTimeout
@@ -277,6 +293,15 @@ impl Observer for LogObserver {
     }
 
     fn message_start(&self, e: &MessageStart) {
+        if e.sequence == 0 {
+            tracing::info!(
+                target: "mllp::conn",
+                conn = %e.connection,
+                peer = %e.peer,
+                local = %e.local,
+                "connection opened"
+            );
+        }
         tracing::debug!(
             target: "mllp::msg",
             conn = %e.connection,

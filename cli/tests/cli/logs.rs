@@ -198,3 +198,84 @@ fn issue_18_naks_are_logged_in_the_storing_mode() {
     }
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// Issue 18: health probes (connect, then close or reset, no bytes; or only a PROXY LOCAL
+/// header) are logged at debug level, never as a warning per probe; a connection that sends
+/// a message is still logged at info.
+#[test]
+fn issue_18_health_probes_are_logged_at_debug_only() {
+    use std::os::fd::AsRawFd;
+
+    let serve = Serve::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--proxy-protocol",
+            "v2",
+            "--proxy-source",
+            "127.0.0.0/8",
+        ],
+        &[],
+    );
+    // A close (FIN).
+    drop(TcpStream::connect(serve.addr).expect("connects"));
+    // A reset, as HAProxy ends its checks.
+    let reset = TcpStream::connect(serve.addr).expect("connects");
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `reset` owns a valid socket for the call; `linger` is the option's documented
+    // type and size.
+    let set = unsafe {
+        libc::setsockopt(
+            reset.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0, "SO_LINGER");
+    drop(reset);
+    // A PROXY v2 LOCAL header and nothing after it (HAProxy's check-send-proxy).
+    let mut local = TcpStream::connect(serve.addr).expect("connects");
+    local
+        .write_all(b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00")
+        .expect("written");
+    drop(local);
+    // And one real client, which is logged (its close, too, must have been seen by the end).
+    let mut client = TcpStream::connect(serve.addr).expect("connects");
+    let me = client.local_addr().expect("addr");
+    let header = [
+        &b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"[..],
+        &[127, 0, 0, 1, 127, 0, 0, 1],
+        &me.port().to_be_bytes(),
+        &serve.addr.port().to_be_bytes(),
+    ]
+    .concat();
+    client.write_all(&header).expect("header");
+    client
+        .write_all(format!("\x0b{}\x1c\r", message("PROBE1").replace('\n', "\r")).as_bytes())
+        .expect("message");
+    client.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut reply = [0u8; 512];
+    assert!(client.read(&mut reply).expect("an ACK") > 0);
+    drop(client);
+    let (out, _) = serve.stop();
+    let log = text(&out.stderr);
+    assert!(!log.contains(" WARN "), "{log}");
+    let opened: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("connection opened"))
+        .collect();
+    assert_eq!(opened.len(), 1, "{log}");
+    assert!(opened[0].contains(&format!("peer={me}")), "{log}");
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("connection closed"))
+            .count(),
+        1,
+        "only the client's close is above debug: {log}"
+    );
+}
