@@ -515,3 +515,65 @@ fn issue_6_commit_in_flight_when_the_connection_dies_is_never_stored_twice() {
     );
     assert_eq!(outcome.duplicate_of, Some(outcomes[0].id + 2));
 }
+
+/// The detail text of every failed message, from the server's observer.
+#[derive(Clone, Default)]
+struct Failures(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl mllp_reactor::Observer for Failures {
+    fn message_exception(&self, e: &mllp_reactor::MessageException<'_>) {
+        let detail = e.detail.unwrap_or_default().to_owned();
+        self.0.lock().unwrap().push(detail);
+    }
+}
+
+/// Issue 18 defect 7: the AE a remote sender got for a message the store could not take
+/// named the database's user, host, port and database. Now a store failure is a handler
+/// failure (`StoreThenAck`): the sender reads the server's generic text, and the details go
+/// to the failure event (the operator's log).
+#[test]
+fn issue_7_database_details_stay_out_of_the_nak() {
+    use mllp_reactor::ack::AckCode;
+    use mllp_reactor::{Client, ClientConfig, Dispatch, Server};
+
+    let Some(pg) = PgCluster::start() else { return };
+    let url = pg.create_db("seven");
+    let store = std::sync::Arc::new(
+        Store::open_postgres(&url, &options(), StoreConfig::default()).unwrap(),
+    );
+    let failures = Failures::default();
+    let server = Server::builder(mllp_store::StoreThenAck::new(std::sync::Arc::clone(&store)))
+        .dispatch(Dispatch::Inline)
+        .observer(failures.clone())
+        .bind("127.0.0.1:0")
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let mut client = Client::connect(server.local_addr(), ClientConfig::default()).unwrap();
+    assert_eq!(client.send(&message("up")).unwrap().code, AckCode::AA);
+    pg.stop();
+    let port = url.rsplit(':').next().unwrap().trim_end_matches("/seven");
+    for n in 0..3 {
+        let ack = client.send(&message(&format!("down{n}"))).unwrap();
+        assert_eq!(ack.code, AckCode::AE, "{ack:?}");
+        let wire = String::from_utf8_lossy(&ack.raw).into_owned();
+        for secret in ["postgres", "127.0.0.1", port, "seven"] {
+            assert!(!wire.contains(secret), "{secret:?} in the NAK: {wire:?}");
+        }
+    }
+    server.shutdown(WAIT).unwrap();
+    // Every event is delivered once the server has shut down.
+    let details = failures.0.lock().unwrap().clone();
+    assert_eq!(details.len(), 3, "{details:?}");
+    for detail in &details {
+        assert!(detail.starts_with("message not stored: "), "{detail}");
+        assert!(!detail.contains('\n'), "{detail}");
+    }
+    assert!(
+        details
+            .iter()
+            .any(|d| d.contains(&format!("127.0.0.1:{port}/seven"))),
+        "the log names the database: {details:?}"
+    );
+    let _ = store.close(WAIT);
+}
