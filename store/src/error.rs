@@ -239,7 +239,7 @@ pub enum Problem {
     NotWal(String),
     /// The store file was deleted, renamed or replaced while the store had it open: what is
     /// committed now would not be in the file at the path. The store answers every batch
-    /// with this until it is restarted.
+    /// with this until it is restarted ([`Health::Broken`](crate::Health::Broken)).
     FileReplaced,
     /// A PostgreSQL URL in a build without the cargo feature `postgres`.
     NoPostgres,
@@ -379,8 +379,8 @@ impl Cause {
         }
     }
 
-    /// `problem`, left unsolved by `source`.
-    pub(crate) fn problem_because(problem: Problem, source: StoreError) -> Self {
+    /// `problem`, left unsolved by `source` (shown as "problem: source").
+    pub fn problem_because(problem: Problem, source: StoreError) -> Self {
         Self::from_kind(Kind::Because {
             problem,
             source: Arc::new(source),
