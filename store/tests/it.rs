@@ -14,5 +14,7 @@ mod health;
 mod open;
 #[path = "it/retention.rs"]
 mod retention;
+#[path = "it/then_ack.rs"]
+mod then_ack;
 #[path = "it/writer.rs"]
 mod writer;
