@@ -68,6 +68,9 @@ pub enum ConfigError {
     MaxConnections(usize),
     /// The bind address did not resolve to any socket address.
     NoAddress,
+    /// PROXY protocol was required without naming the balancers allowed to send headers
+    /// (`proxy_sources`; `0.0.0.0/0` and `::/0` trust every source).
+    ProxySourcesRequired,
 }
 
 impl fmt::Display for ConfigError {
@@ -100,6 +103,10 @@ impl fmt::Display for ConfigError {
             }
             Self::MaxConnections(n) => write!(f, "max_connections {n} is out of range"),
             Self::NoAddress => f.write_str("the bind address resolved to nothing"),
+            Self::ProxySourcesRequired => f.write_str(
+                "PROXY protocol needs the balancers' addresses (proxy sources; \
+                 0.0.0.0/0 and ::/0 trust every source)",
+            ),
         }
     }
 }

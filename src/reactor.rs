@@ -359,15 +359,18 @@ impl Loop {
             self.reject(peer, local, CloseReason::Rejected);
             return;
         }
-        // Checked before a byte is read: the socket's peer against the allow-list, or, behind
-        // a balancer, against the sources trusted to send PROXY headers (the client's own
-        // address is checked once the header names it).
+        // Checked before a byte is read: the socket's peer against the allow-list and, behind
+        // a balancer, also against the sources trusted to send PROXY headers (none trusted
+        // when unset: `bind` requires them). The client's own address is checked once the
+        // header names it.
         let policy = Arc::clone(&lock(&self.r.shared.policy));
-        let trusted = match self.r.proxy {
-            Some(_) => policy.proxy_sources.as_ref(),
-            None => policy.allow.as_ref(),
-        };
-        if trusted.is_some_and(|list| !list.contains(peer.ip())) {
+        let allowed = policy.allow.as_ref().is_none_or(|l| l.contains(peer.ip()))
+            && (self.r.proxy.is_none()
+                || policy
+                    .proxy_sources
+                    .as_ref()
+                    .is_some_and(|l| l.contains(peer.ip())));
+        if !allowed {
             self.forget_one();
             self.reject(peer, local, CloseReason::NotAllowed);
             return;
@@ -593,6 +596,11 @@ impl Loop {
                 }
             }
             let entry = &mut self.conns[key];
+            // A layer may make progress that a read does not report: TLS bytes that followed
+            // the PROXY header in its segment are handshake input whose answer (the
+            // ServerHello) waits in the session while the next socket read says WouldBlock.
+            // Edge-triggered, no event would come for it: flush it now.
+            progress |= entry.write_ready && entry.transport.wants_flush();
             if !entry.conn.is_started()
                 && !entry.conn.is_closed()
                 && !entry.transport.in_preamble()

@@ -135,7 +135,9 @@ impl Builder {
 
     /// Requires every connection to start with a PROXY protocol header (v1, v2 or either),
     /// as sent by HAProxy's `send-proxy`/`send-proxy-v2` (default: off). The header's source
-    /// becomes the peer everywhere (context, events, allow-list). A connection without a
+    /// becomes the peer everywhere (context, events, allow-list). Needs
+    /// [`proxy_sources`](Self::proxy_sources): without it [`bind`](Self::bind) fails with
+    /// [`ConfigError::ProxySourcesRequired`]. A connection without a
     /// valid header within `handshake_timeout` is closed and counted in
     /// `mllp_connections_rejected_total{reason="proxy_header"}`; there is no guessing whether
     /// a header is present, as the protocol's specification demands. A v2 `LOCAL` header (a
@@ -147,7 +149,10 @@ impl Builder {
 
     /// With [`proxy_protocol`](Self::proxy_protocol): accept connections (and so headers)
     /// only from these sources, the balancers. Others are closed before a byte is read and
-    /// counted with `reason="not_allowed"`.
+    /// counted with `reason="not_allowed"`. Required with PROXY protocol: a header names the
+    /// client, so a header from anyone would let anyone claim any address (past the
+    /// allow-list, and into the records). To trust every source, say so:
+    /// `0.0.0.0/0` and `::/0`.
     pub fn proxy_sources(mut self, sources: AllowList) -> Self {
         self.proxy_sources = Some(sources);
         self
@@ -168,8 +173,10 @@ impl Builder {
     }
 
     /// Accept connections only from peers in `allow` (IPv4 and IPv6 CIDRs; default: from
-    /// anyone). Checked when the connection is accepted, before a byte is read (with PROXY
-    /// protocol: once the header names the client). Others are closed at once and counted in
+    /// anyone). Checked when the connection is accepted, before a byte is read. With PROXY
+    /// protocol it is checked twice: the balancer (the socket's peer) when the connection is
+    /// accepted, and the client once the header names it, so behind a balancer the list must
+    /// hold the balancers' addresses as well as the clients'. Others are closed at once and counted in
     /// `mllp_connections_rejected_total{reason="not_allowed"}`. Replaceable while running
     /// with [`Reloader::set_allow_list`].
     pub fn allow(mut self, allow: AllowList) -> Self {
@@ -280,6 +287,9 @@ impl Builder {
         });
         if max_in_flight == 0 || max_in_flight > MAX_IN_FLIGHT_LIMIT {
             return Err(ConfigError::MaxInFlight(max_in_flight).into());
+        }
+        if self.proxy_protocol.is_some() && self.proxy_sources.is_none() {
+            return Err(ConfigError::ProxySourcesRequired.into());
         }
         if self.max_memory < self.max_message_size.saturating_mul(2) {
             return Err(ConfigError::MaxMemory(self.max_memory).into());
@@ -726,11 +736,11 @@ impl Reloader {
         *policy = Arc::new(next);
     }
 
-    /// Replaces the sources allowed to send PROXY headers (`None`: any).
-    pub fn set_proxy_sources(&self, sources: Option<AllowList>) {
+    /// Replaces the sources allowed to send PROXY headers (`0.0.0.0/0` and `::/0`: any).
+    pub fn set_proxy_sources(&self, sources: AllowList) {
         let mut policy = lock(&self.control.shared.policy);
         let mut next = Policy::clone(&policy);
-        next.proxy_sources = sources;
+        next.proxy_sources = Some(sources);
         *policy = Arc::new(next);
     }
 }
