@@ -5,6 +5,8 @@
 //! Modules depend one way: `main` → subcommands (`serve`, `send`, `bench`, `export`,
 //! `retention`'s `prune`) → `args` (flags), `config`, `logging`, `addr` → `parse` → `error` →
 //! `loadgen`.
+// A binary (or test/example root): `pub` inside it only ever means crate-visible.
+#![allow(unreachable_pub)]
 
 mod addr;
 mod args;

@@ -21,7 +21,7 @@ use signal_hook::iterator::Signals;
 use crate::args::{DispatchArg, ProxyArg, ServeArgs};
 use crate::error::{CliError, ValueError};
 use crate::logging::{self, LogObserver};
-use crate::store_glue::{log_rejected, open_options, store_handler};
+use crate::store_glue::{log_health_changes, log_rejected, open_options, store_handler};
 
 /// The variable systemd sets for `StateDirectory=`: a relative `--store` path is taken from
 /// there, so the shipped unit's store lands in `/var/lib/mllp-reactor`.
@@ -82,7 +82,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
         }
     };
 
-    if let (Some(acceptor), Some(mut hup)) = (tls.clone(), hup) {
+    if let (Some(acceptor), Some(mut hup)) = (tls, hup) {
         // SIGHUP re-reads the certificate, key and client CA for new connections; a bad file
         // keeps the configuration in force and logs one line.
         std::thread::spawn(move || {
@@ -391,11 +391,14 @@ fn open_store(
     let mut options = open_options();
     options.postgres = options.postgres.allow_async_commit(allow_async_commit);
     match Store::open(&spec, &options, config) {
-        Ok(store) => Ok(OpenedStore {
-            store: Arc::new(store),
-            spec,
-            created,
-        }),
+        Ok(store) => {
+            log_health_changes(&store);
+            Ok(OpenedStore {
+                store: Arc::new(store),
+                spec,
+                created,
+            })
+        }
         Err(e) => {
             remove_created(created);
             Err(CliError::Store(e))

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use mllp_reactor::ack::AckCode;
 use mllp_reactor::msh::Msh;
 use mllp_reactor::{ConnectionId, Handler};
-use mllp_store::{OpenOptions, PostgresOptions, Store, StoreThenAck};
+use mllp_store::{Health, OpenOptions, PostgresOptions, Store, StoreThenAck};
 
 /// [`StoreThenAck`] over `store`, logging each AR (a stored message without a usable
 /// MSH-10) as `--no-store` does.
@@ -51,6 +51,27 @@ pub fn log_rejected(conn: ConnectionId, peer: SocketAddr, seq: u64, code: AckCod
         size = message.len(),
         "message rejected"
     );
+}
+
+/// Logs each change of `store`'s health: one line per change, not one per failed message
+/// (each failed message is logged by the server as a failed message, with the store's
+/// error).
+pub fn log_health_changes(store: &Store) {
+    store.on_health_change(|health, error| match (health, error) {
+        (Health::Ok, _) => tracing::info!(target: "mllp::store", %health, "store commits again"),
+        (Health::Broken, Some(error)) => tracing::error!(
+            target: "mllp::store",
+            %health,
+            %error,
+            "store cannot store until the server is restarted"
+        ),
+        (_, error) => tracing::error!(
+            target: "mllp::store",
+            %health,
+            error = error.map(ToString::to_string),
+            "store commits are failing"
+        ),
+    });
 }
 
 /// Store options for the CLI: a PostgreSQL password comes from `PGPASSWORD` when the URL has

@@ -204,8 +204,6 @@ fn issue_18_naks_are_logged_in_the_storing_mode() {
 /// a message is still logged at info.
 #[test]
 fn issue_18_health_probes_are_logged_at_debug_only() {
-    use std::os::fd::AsRawFd;
-
     let serve = Serve::start(
         &[
             "--listen",
@@ -221,22 +219,9 @@ fn issue_18_health_probes_are_logged_at_debug_only() {
     drop(TcpStream::connect(serve.addr).expect("connects"));
     // A reset, as HAProxy ends its checks.
     let reset = TcpStream::connect(serve.addr).expect("connects");
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: `reset` owns a valid socket for the call; `linger` is the option's documented
-    // type and size.
-    let set = unsafe {
-        libc::setsockopt(
-            reset.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(set, 0, "SO_LINGER");
+    socket2::SockRef::from(&reset)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER");
     drop(reset);
     // A PROXY v2 LOCAL header and nothing after it (HAProxy's check-send-proxy).
     let mut local = TcpStream::connect(serve.addr).expect("connects");
