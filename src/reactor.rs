@@ -27,10 +27,11 @@ use slab::Slab;
 use crate::completion::{Completion, CompletionSink, Notifier};
 use crate::connection::{Dispatched, Event, Limits, deadline_after};
 use crate::control::{Command, ShutdownReport};
+use crate::dispatch::Dispatcher;
 use crate::handler::{Context, Dispatch, Handler};
 use crate::link::{self, Link};
 use crate::outcome::ConnectionId;
-use crate::pool::{Job, Pool, call};
+use crate::pool::{Job, Pool};
 use crate::reason::{CloseReason, RejectReason};
 use crate::sync::lock;
 use crate::telemetry::{Peer, Telemetry};
@@ -122,7 +123,7 @@ struct Drain {
 /// The running loop's state.
 struct Loop {
     r: Reactor,
-    pool: Arc<Pool>,
+    dispatcher: Dispatcher,
     conns: Slab<Entry>,
     wheel: TimerWheel<ConnectionId>,
     scratch: Box<[u8]>,
@@ -130,8 +131,6 @@ struct Loop {
     fired: Vec<ConnectionId>,
     pending: Vec<usize>,
     completions: Vec<Completion>,
-    /// Jobs of this poll turn, handed to the pool together at its end.
-    jobs: Vec<Job>,
     next_generation: u32,
     accept_retry_at: Option<Instant>,
     drain: Option<Drain>,
@@ -147,12 +146,20 @@ struct Loop {
 }
 
 impl Reactor {
-    /// Runs until shut down. Returns this reactor's part of the shutdown report and the end
-    /// of its grace period.
-    pub(crate) fn run(self, pool: Arc<Pool>) -> io::Result<(ShutdownReport, Instant)> {
+    /// Runs until shut down, handing messages to the handler inline or to `pool` (which is
+    /// `Some` exactly in [`Dispatch::Pool`] mode). Returns this reactor's part of the shutdown
+    /// report and the end of its grace period.
+    pub(crate) fn run(self, pool: Option<Arc<Pool>>) -> io::Result<(ShutdownReport, Instant)> {
         let now = Instant::now();
-        let mut lp = Loop {
+        let dispatcher = Dispatcher::new(
+            self.dispatch,
+            Arc::clone(&self.handler),
             pool,
+            self.inline_slow,
+            self.telemetry.metrics.clone(),
+        );
+        let mut lp = Loop {
+            dispatcher,
             conns: Slab::with_capacity(self.shared.max_connections.min(4096)),
             r: self,
             wheel: TimerWheel::new(DEFAULT_TICK, DEFAULT_SLOTS, now),
@@ -161,7 +168,6 @@ impl Reactor {
             fired: Vec::new(),
             pending: Vec::new(),
             completions: Vec::new(),
-            jobs: Vec::new(),
             next_generation: 0,
             accept_retry_at: None,
             drain: None,
@@ -222,7 +228,7 @@ impl Loop {
             }
             self.timers(now);
             self.commands(now);
-            self.pool.submit_all(&mut self.jobs);
+            self.dispatcher.flush();
             self.publish_budget(now);
             if let Some(done) = self.finish_drain(now) {
                 return Ok(done);
@@ -440,11 +446,8 @@ impl Loop {
                 return;
             };
             let mut progress = false;
-            if entry.link.conn.take_abandoned() && self.r.dispatch == Dispatch::Pool {
-                // Not in the queue any more means a worker runs it: maybe a stuck one.
-                if self.pool.cancel(entry.link.id, None) == 0 {
-                    self.pool.on_abandoned(now);
-                }
+            if entry.link.conn.take_abandoned() {
+                self.dispatcher.abandoned(entry.link.id, now);
             }
             progress |= self.dispatch(key, now);
             let Some(entry) = self.conns.get_mut(key) else {
@@ -529,31 +532,19 @@ impl Loop {
                 deferred: std::cell::Cell::new(false),
                 identity: p.identity.clone(),
             };
-            match self.r.dispatch {
-                Dispatch::Inline => {
-                    let started = Instant::now();
-                    let outcome = call(&*self.r.handler, &payload, &cx);
-                    let took = started.elapsed();
-                    let m = &self.r.telemetry.metrics;
-                    m.handler_duration.record(took.as_secs_f64());
-                    if took > self.r.inline_slow {
-                        m.inline_slow.increment(1);
-                    }
-                    drop(cx);
-                    self.conns[key].link.conn.handle_completion(
-                        seq,
-                        outcome,
-                        now,
-                        &mut self.events,
-                    );
-                }
-                Dispatch::Pool => self.jobs.push(Job {
-                    id: p.connection,
-                    seq,
-                    payload,
-                    cx,
-                    deadline,
-                }),
+            let job = Job {
+                id: p.connection,
+                seq,
+                payload,
+                cx,
+                deadline,
+            };
+            // Inline, the outcome is here now; from the pool it comes as a completion.
+            if let Some(outcome) = self.dispatcher.dispatch(job) {
+                self.conns[key]
+                    .link
+                    .conn
+                    .handle_completion(seq, outcome, now, &mut self.events);
             }
         }
     }
@@ -640,19 +631,7 @@ impl Loop {
         let entry = self.conns.remove(key);
         self.budget_delta -= entry.counted as isize;
         self.forget_one();
-        if self.r.dispatch == Dispatch::Pool {
-            // Its queued job (if any) must not run: nobody would get the answer, and the
-            // sender will resend.
-            let batched = self.jobs.len();
-            self.jobs.retain(|j| j.id != entry.link.id);
-            let dropped = batched - self.jobs.len();
-            self.r
-                .telemetry
-                .metrics
-                .jobs_dropped
-                .increment(dropped as u64);
-            self.pool.cancel(entry.link.id, None);
-        }
+        self.dispatcher.cancel(entry.link.id);
         if let Some(drain) = &mut self.drain {
             drain.report.closed += 1;
         }

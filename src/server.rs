@@ -283,10 +283,9 @@ impl Builder {
         if workers > MAX_WORKERS {
             return Err(ConfigError::TooManyWorkers(workers).into());
         }
-        let max_in_flight = self.max_in_flight.unwrap_or(match self.dispatch {
-            Dispatch::Inline => DEFAULT_MAX_IN_FLIGHT_INLINE,
-            Dispatch::Pool => DEFAULT_MAX_IN_FLIGHT_POOL,
-        });
+        let max_in_flight = self
+            .max_in_flight
+            .unwrap_or(self.dispatch.default_max_in_flight());
         if max_in_flight == 0 || max_in_flight > MAX_IN_FLIGHT_LIMIT {
             return Err(ConfigError::MaxInFlight(max_in_flight).into());
         }
@@ -505,13 +504,19 @@ impl Server {
             trigger,
             ..
         } = self;
-        let pool = Arc::new(Pool::start(pool_config, handler, metrics).map_err(Error::Io)?);
         // Reactors 1.. on threads of their own, reactor 0 (the acceptor) on this one.
         let mut reactors = reactors.into_iter();
         let first = reactors.next().ok_or(Error::Stopped)?;
+        // The pool's threads exist only in pool mode: inline, the reactors call the handler.
+        let pool = match first.dispatch {
+            Dispatch::Pool => Some(Arc::new(
+                Pool::start(pool_config, handler, metrics).map_err(Error::Io)?,
+            )),
+            Dispatch::Inline => None,
+        };
         let mut threads = Vec::new();
         for reactor in reactors {
-            let shared_pool = Arc::clone(&pool);
+            let shared_pool = pool.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("mllp-reactor-{}", reactor.index))
                 .spawn(move || reactor.run(shared_pool));
@@ -523,12 +528,14 @@ impl Server {
                     for thread in threads {
                         let _ = thread.join();
                     }
-                    pool.close();
+                    if let Some(pool) = &pool {
+                        pool.close();
+                    }
                     return Err(Error::Io(e));
                 }
             }
         }
-        let mut result = first.run(Arc::clone(&pool));
+        let mut result = first.run(pool.clone());
         if result.is_err() {
             trigger.shutdown_all();
         }
@@ -549,9 +556,13 @@ impl Server {
         }
         // Stop the workers whatever happened: queued jobs are dropped (never answered, so
         // senders resend), running handlers finish.
-        pool.close();
+        if let Some(pool) = &pool {
+            pool.close();
+        }
         let (mut report, deadline) = result.map_err(Error::Io)?;
-        report.workers_stuck = pool.join(deadline + Duration::from_millis(100));
+        if let Some(pool) = &pool {
+            report.workers_stuck = pool.join(deadline + Duration::from_millis(100));
+        }
         trigger.control.finish(&report);
         Ok(report)
     }
