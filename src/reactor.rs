@@ -324,9 +324,11 @@ impl Loop {
     fn reject(&mut self, peer: SocketAddr, local: SocketAddr, reason: CloseReason) {
         let reject = RejectReason::before_start(reason, false);
         self.r.telemetry.metrics.rejected(reject).increment(1);
+        // A proper id: the slot the next connection will take, with a generation of its own
+        // (so the id is unique, and shaped like every other).
         let p = Peer {
             connection: ConnectionId {
-                index: u32::MAX,
+                index: (u32::from(self.r.index) << 24) | self.conns.vacant_key() as u32,
                 generation: self.generation(),
             },
             peer,
