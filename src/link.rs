@@ -341,6 +341,50 @@ impl Link {
         self.announced
     }
 
+    /// Takes the "a handler call was abandoned at its deadline" signal.
+    pub(crate) fn take_abandoned(&mut self) -> bool {
+        self.conn.take_abandoned()
+    }
+
+    /// Bytes the link holds, for the memory budget.
+    pub(crate) fn buffered(&self) -> usize {
+        self.conn.buffered()
+    }
+
+    /// Whether a frame is being received or read ahead (bytes not yet decoded).
+    pub(crate) fn in_frame(&self) -> bool {
+        self.conn.buffered_len() > 0
+    }
+
+    /// Whether a message is with the handler or its reply not yet written.
+    pub(crate) fn in_flight(&self) -> bool {
+        self.conn.in_flight()
+    }
+
+    /// Whether the connection has closed (see [`closed`](Self::closed) for how).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.conn.is_closed()
+    }
+
+    /// The earliest deadline that matters now.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        self.conn.poll_timeout()
+    }
+
+    /// A deadline may have passed. `unread`: the peer has bytes waiting that the memory
+    /// budget keeps us from reading, so it is neither idle nor slow.
+    pub(crate) fn handle_timeout(&mut self, now: Instant, unread: bool, out: &mut Vec<Event>) {
+        if unread && self.wants_read() {
+            self.conn.handle_unread_input(now);
+        }
+        self.conn.handle_timeout(now, out);
+    }
+
+    /// The server is shutting down: close when idle, else after the messages in flight.
+    pub(crate) fn handle_shutdown(&mut self, out: &mut Vec<Event>) {
+        self.conn.handle_shutdown(out);
+    }
+
     /// Releases the layer's buffers when the connection holds nothing.
     pub(crate) fn release_idle_buffers(&mut self) {
         if !self.conn.in_flight() && self.conn.buffered_len() == 0 {
