@@ -162,6 +162,7 @@ mod backend;
 mod error;
 pub mod export;
 pub mod fault;
+pub mod forward;
 #[cfg(feature = "postgres")]
 pub mod postgresql;
 mod record;
