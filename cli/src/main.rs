@@ -4,6 +4,7 @@
 mod addr;
 mod config;
 mod export;
+mod forward;
 mod loadgen;
 mod logging;
 mod prometheus;
@@ -55,6 +56,8 @@ enum Command {
     Bench(BenchArgs),
     /// Write the messages of a store to stdout, in store order (works while serve runs).
     Export(ExportArgs),
+    /// Store and forward: show the delivery state, requeue dead letters.
+    Forward(forward::ForwardArgs),
 }
 
 #[derive(Debug, Args)]
@@ -141,6 +144,8 @@ struct ServeArgs {
     /// be lost if the database server crashes.
     #[arg(long, conflicts_with = "no_store")]
     allow_async_commit: bool,
+    #[command(flatten)]
+    forward: forward::ForwardFlags,
 }
 
 #[derive(Debug, Args)]
@@ -263,6 +268,7 @@ fn main() -> ExitCode {
             log_level: args.log_level,
             store: (!args.no_store).then_some(args.store),
             allow_async_commit: args.allow_async_commit,
+            forward: args.forward,
         }),
         Command::Send(args) => {
             let opts = send::SendOptions {
@@ -282,6 +288,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Bench(args) => bench(&args),
+        Command::Forward(args) => forward::run(&args),
         Command::Export(args) => export::export(&export::ExportOptions {
             store: args.store,
             since: args.since,

@@ -48,6 +48,8 @@ pub struct ServeOptions {
     pub store: Option<String>,
     /// Accept a PostgreSQL server with `synchronous_commit=off`.
     pub allow_async_commit: bool,
+    /// `--forward` and its settings.
+    pub forward: crate::forward::ForwardFlags,
 }
 
 /// `--proxy-protocol`: which PROXY header versions to accept.
@@ -97,6 +99,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         }
         None => (None, None),
     };
+    let forwarder = crate::forward::start(&opts.forward, opts.store.as_deref())?;
     let mut builder = match &store {
         Some(store) => Server::builder(store_handler(Arc::clone(store))),
         None => Server::builder(ack_only()),
@@ -223,6 +226,11 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         store
             .close(opts.grace.value)
             .map_err(|e| format!("store not closed cleanly: {e}"))?;
+    }
+    if let Some(forwarder) = forwarder {
+        // A lane in the middle of an exchange is not waited for: its message is sent again
+        // at the next start (at least once).
+        forwarder.stop(opts.grace.value);
     }
     Ok(())
 }
