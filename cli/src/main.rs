@@ -8,6 +8,7 @@ mod forward;
 mod loadgen;
 mod logging;
 mod prometheus;
+mod retention;
 mod send;
 mod serve;
 mod store_glue;
@@ -58,6 +59,8 @@ enum Command {
     Export(ExportArgs),
     /// Store and forward: show the delivery state, requeue dead letters.
     Forward(forward::ForwardArgs),
+    /// Remove messages older than a period from a store now (works while serve runs).
+    Prune(retention::PruneArgs),
 }
 
 #[derive(Debug, Args)]
@@ -107,11 +110,17 @@ struct ServeArgs {
     /// Reactor threads (poll loops); connections are spread over them by load.
     #[arg(long, default_value_t = 1, value_name = "N")]
     reactors: usize,
-    /// Require a PROXY protocol header (from HAProxy's send-proxy[-v2]) on every connection.
-    #[arg(long, value_name = "v1|v2|any")]
+    /// Require a PROXY protocol header (from HAProxy's send-proxy[-v2]) on every connection;
+    /// needs --proxy-source.
+    #[arg(long, value_name = "v1|v2|any", requires = "proxy_sources")]
     proxy_protocol: Option<serve::ProxyArg>,
-    /// With --proxy-protocol: accept connections only from this balancer CIDR (repeatable).
-    #[arg(long = "proxy-source", value_name = "CIDR")]
+    /// With --proxy-protocol: trust headers only from this balancer CIDR (repeatable; required,
+    /// 0.0.0.0/0 and ::/0 trust anyone). --allow must list the balancers too.
+    #[arg(
+        long = "proxy-source",
+        value_name = "CIDR",
+        requires = "proxy_protocol"
+    )]
     proxy_sources: Vec<mllp_reactor::cidr::Cidr>,
     /// Accept connections only from this CIDR, IPv4 or IPv6 (repeatable; default: anyone).
     #[arg(long = "allow", value_name = "CIDR")]
@@ -146,6 +155,8 @@ struct ServeArgs {
     allow_async_commit: bool,
     #[command(flatten)]
     forward: forward::ForwardFlags,
+    #[command(flatten)]
+    retention: retention::RetainArgs,
 }
 
 #[derive(Debug, Args)]
@@ -269,6 +280,7 @@ fn main() -> ExitCode {
             store: (!args.no_store).then_some(args.store),
             allow_async_commit: args.allow_async_commit,
             forward: args.forward,
+            retention: args.retention,
         }),
         Command::Send(args) => {
             let opts = send::SendOptions {
@@ -294,6 +306,7 @@ fn main() -> ExitCode {
             since: args.since,
             format: args.format,
         }),
+        Command::Prune(args) => retention::prune(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,5 +14,7 @@ mod export;
 mod forward;
 #[path = "it/open.rs"]
 mod open;
+#[path = "it/retention.rs"]
+mod retention;
 #[path = "it/writer.rs"]
 mod writer;
