@@ -39,6 +39,23 @@ pub struct ForwardFlags {
     /// What picks a message's lane: pid3 (PID-3.1, per patient), msh4 or msh3.
     #[arg(long, default_value = "pid3", value_name = "pid3|msh4|msh3")]
     pub forward_key: LaneKey,
+    /// When the sender gets its reply: `stored` (AA once committed) or `forwarded` (once
+    /// every destination answered: AA if all gave AA, AE otherwise; needs --forward).
+    #[arg(long, value_enum, default_value_t = AckAfter::Stored, value_name = "stored|forwarded")]
+    pub ack_after: AckAfter,
+    /// With --ack-after forwarded: answer AE when not every destination answered within
+    /// this long (the message stays queued and is still delivered).
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = crate::parse_timeout)]
+    pub forward_ack_timeout: crate::TypedDuration,
+}
+
+/// `--ack-after`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AckAfter {
+    /// AA once the message is committed to the store.
+    Stored,
+    /// Once every destination answered.
+    Forwarded,
 }
 
 impl ForwardFlags {
@@ -202,10 +219,17 @@ pub fn flags_from_table(table: &toml::Table) -> Result<Vec<std::ffi::OsString>, 
 ///
 /// `--forward` without a store or with a PostgreSQL one, a bad destination, or the store's
 /// error.
-pub fn start(flags: &ForwardFlags, store: Option<&str>) -> Result<Option<Forwarder>, String> {
+pub fn start(
+    flags: &ForwardFlags,
+    store: Option<&str>,
+    gate: Option<mllp_store::WriteGate>,
+) -> Result<Option<Forwarder>, String> {
     if !flags.is_enabled() {
         if !flags.forward_set.is_empty() {
             return Err("--forward-set needs --forward NAME=HOST:PORT".to_owned());
+        }
+        if flags.ack_after == AckAfter::Forwarded {
+            return Err("--ack-after forwarded needs --forward NAME=HOST:PORT".to_owned());
         }
         return Ok(None);
     }
@@ -233,12 +257,33 @@ pub fn start(flags: &ForwardFlags, store: Option<&str>) -> Result<Option<Forward
             )
         })
         .collect();
-    let config = ForwardConfig::default().poll_interval(SERVE_POLL_INTERVAL);
+    let mut config = ForwardConfig::default().poll_interval(SERVE_POLL_INTERVAL);
+    if let Some(gate) = gate {
+        config = config.gate(gate);
+    }
     let forwarder =
         Forwarder::start_sqlite(Path::new(spec), destinations, config, Some(observer()))
             .map_err(|e| format!("--forward: {e}"))?;
     tracing::info!(target: "mllp::forward", destinations = %shown.join(", "), "forwarding");
     Ok(Some(forwarder))
+}
+
+/// The handler of `--ack-after forwarded`, when set.
+pub fn ack_after_handler(
+    flags: &ForwardFlags,
+    store: Option<&Arc<mllp_store::Store>>,
+    forwarder: Option<&Forwarder>,
+) -> Option<impl mllp_reactor::Handler> {
+    match (flags.ack_after, store, forwarder) {
+        (AckAfter::Forwarded, Some(store), Some(forwarder)) => {
+            Some(mllp_store::forward::ack_after_forwarded(
+                Arc::clone(store),
+                forwarder.watcher(),
+                flags.forward_ack_timeout.value,
+            ))
+        }
+        _ => None,
+    }
 }
 
 /// Logs one line per destination state change, per dead letter and per store error.
@@ -419,6 +464,8 @@ mod tests {
             forward_set: set.iter().map(|s| s.to_string()).collect(),
             forward_lanes: 2,
             forward_key: LaneKey::Msh4,
+            ack_after: AckAfter::Stored,
+            forward_ack_timeout: crate::parse_timeout("30s").unwrap(),
         }
     }
 
@@ -485,9 +532,13 @@ mod tests {
     #[test]
     fn forward_needs_an_sqlite_store() {
         let f = flags(&["a=h:1"], &[]);
-        assert!(start(&f, None).unwrap_err().contains("needs the store"));
         assert!(
-            start(&f, Some("postgres://u@h/db"))
+            start(&f, None, None)
+                .unwrap_err()
+                .contains("needs the store")
+        );
+        assert!(
+            start(&f, Some("postgres://u@h/db"), None)
                 .unwrap_err()
                 .contains("SQLite")
         );

@@ -91,10 +91,12 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         DispatchArg::Pool => mllp_reactor::DEFAULT_MAX_IN_FLIGHT_POOL,
     });
     let mut pruner = None;
+    let mut write_gate = None;
     let (store, storing_to) = match &opts.store {
         Some(spec) => {
             let config = store_config(opts, max_in_flight);
             let (store, shown, gate) = open_store(spec, opts.allow_async_commit, config)?;
+            write_gate.clone_from(&gate);
             pruner = crate::retention::start_pruner(spec, gate, &opts.retention)?;
             (Some(Arc::new(store)), Some(shown))
         }
@@ -103,10 +105,13 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         }
         None => (None, None),
     };
-    let forwarder = crate::forward::start(&opts.forward, opts.store.as_deref())?;
-    let mut builder = match &store {
-        Some(store) => Server::builder(store_handler(Arc::clone(store))),
-        None => Server::builder(ack_only()),
+    let forwarder = crate::forward::start(&opts.forward, opts.store.as_deref(), write_gate)?;
+    let after_forwarded =
+        crate::forward::ack_after_handler(&opts.forward, store.as_ref(), forwarder.as_ref());
+    let mut builder = match (&store, after_forwarded) {
+        (_, Some(handler)) => Server::builder(handler),
+        (Some(store), None) => Server::builder(store_handler(Arc::clone(store))),
+        (None, None) => Server::builder(ack_only()),
     }
     .idle_timeout(opts.idle_timeout.value)
     .handler_timeout(opts.handler_timeout.value)

@@ -470,6 +470,21 @@ fn usage_errors_and_requeue_of_an_unknown_id() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("no --forward b=HOST:PORT"), "{err}");
 
+    let out = run(&[
+        "serve",
+        "--store",
+        store.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--ack-after",
+        "forwarded",
+    ]);
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("--ack-after forwarded needs --forward"),
+        "{err}"
+    );
+
     // A store that was never forwarded from.
     let server = ServeProcess::start(&store, &[]);
     server.kill();

@@ -272,6 +272,10 @@ impl<S: DeliveryState> Lane<S> {
             }
             attempts.history.push_back(format!("{at} {reason}"));
             attempts.reply = result.as_ref().ok().map(|ack| ack.raw.clone());
+            if let (Some(key), true) = (message.key, outcome.is_answer()) {
+                let refusal = (!matches!(outcome, Outcome::Accepted(_))).then_some(reason.as_str());
+                self.dest.registry.answer(key, self.dest.index, refusal);
+            }
             let Some(action) = policy.action(outcome) else {
                 let code =
                     usize::from(matches!(outcome, Outcome::Accepted(c) if c.as_str() == "CA"));
@@ -302,6 +306,11 @@ impl<S: DeliveryState> Lane<S> {
                 });
             }
             if dead {
+                if let Some(key) = message.key {
+                    self.dest
+                        .registry
+                        .answer(key, self.dest.index, Some(&reason));
+                }
                 self.metrics.dead_letters.increment(1);
                 self.dest.emit(&ForwardEvent::DeadLetter {
                     destination: self.name(),

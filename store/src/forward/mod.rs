@@ -126,8 +126,10 @@
 //! - **SQLite.** The store's writer thread owns the message inserts; each lane has its own
 //!   connection to the same file (WAL) and writes short `BEGIN IMMEDIATE` transactions with
 //!   `synchronous=NORMAL`: they survive a crash of the process, and a power loss may undo
-//!   the last ones (those messages are then sent again). Only one process may forward from
-//!   one SQLite file.
+//!   the last ones (those messages are then sent again). In the store's own process, lanes
+//!   and writer take turns through the writer's [`WriteGate`] ([`ForwardConfig::gate`]), so
+//!   a lane's write never makes a commit wait on SQLite's sleeping busy handler. Only one
+//!   process may forward from one SQLite file.
 //! - PostgreSQL is not supported yet.
 //!
 //! # Metrics
@@ -152,6 +154,7 @@ mod outcome;
 mod sqlite;
 mod state;
 mod status;
+mod watch;
 
 use std::fmt;
 use std::path::Path;
@@ -168,11 +171,13 @@ pub use outcome::{
     RetryPolicy, UnknownAction,
 };
 pub use status::{LaneStatus, Requeue, requeue_sqlite, status_sqlite};
+pub use watch::{OnVerdict, Verdict, WatchKey, Watcher, ack_after_forwarded};
 
-use crate::StoreId;
 use crate::record::system_time_to_us;
+use crate::{StoreId, WriteGate};
 use lane::Lane;
 use sqlite::SqliteState;
+use watch::Registry;
 
 /// Metric names.
 pub mod telemetry {
@@ -193,6 +198,9 @@ pub mod telemetry {
 /// Most lanes per destination: each is a thread with a connection to the store and one to the
 /// downstream, and reads every message of the backlog to find its own.
 pub const MAX_LANES: u16 = 64;
+
+/// Most destinations per forwarder (a watched message keeps one bit per destination).
+pub const MAX_DESTINATIONS: usize = 64;
 
 /// Default of [`ForwardConfig::page_records`]: 256 rows scanned per page.
 pub const DEFAULT_PAGE_RECORDS: usize = 256;
@@ -280,8 +288,8 @@ impl Destination {
     }
 }
 
-/// How lanes read the backlog.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How lanes read the backlog and write their state.
+#[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct ForwardConfig {
     /// Rows scanned per page (default [`DEFAULT_PAGE_RECORDS`]).
@@ -292,6 +300,13 @@ pub struct ForwardConfig {
     pub poll_interval: Duration,
     /// How long a store statement waits for a lock (default [`DEFAULT_BUSY_TIMEOUT`]).
     pub busy_timeout: Duration,
+    /// The store writer's [`WriteGate`] (from [`SqliteBackend::write_gate`]), when the
+    /// forwarder runs in the same process as the store: lanes then take turns with the
+    /// writer through it, rather than through SQLite's busy handler, which sleeps
+    /// milliseconds after each collision and would delay the writer's commits.
+    ///
+    /// [`SqliteBackend::write_gate`]: crate::SqliteBackend::write_gate
+    pub gate: Option<WriteGate>,
 }
 
 impl Default for ForwardConfig {
@@ -301,6 +316,7 @@ impl Default for ForwardConfig {
             page_bytes: DEFAULT_PAGE_BYTES,
             poll_interval: DEFAULT_POLL_INTERVAL,
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
+            gate: None,
         }
     }
 }
@@ -309,6 +325,12 @@ impl ForwardConfig {
     /// Sets [`poll_interval`](Self::poll_interval).
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval;
+        self
+    }
+
+    /// Sets [`gate`](Self::gate).
+    pub fn gate(mut self, gate: WriteGate) -> Self {
+        self.gate = Some(gate);
         self
     }
 
@@ -400,6 +422,8 @@ pub enum ForwardError {
     },
     /// No destination was given.
     NoDestinations,
+    /// More than [`MAX_DESTINATIONS`] destinations.
+    TooManyDestinations(usize),
     /// A destination's name is empty or has characters other than letters, digits, `-`,
     /// `_` and `.`.
     InvalidName(String),
@@ -440,6 +464,10 @@ impl fmt::Display for ForwardError {
                 write!(f, "{location} is not an mllp-reactor store")
             }
             Self::NoDestinations => f.write_str("no destination to forward to"),
+            Self::TooManyDestinations(n) => write!(
+                f,
+                "{n} destinations are too many (at most {MAX_DESTINATIONS})"
+            ),
             Self::InvalidName(name) => write!(
                 f,
                 "destination name {name:?} must be letters, digits, '-', '_' or '.'"
@@ -531,6 +559,9 @@ impl Signal {
 /// What the lanes of one destination share.
 pub(crate) struct Shared {
     destination: Destination,
+    /// Its position in the forwarder's list (its bit in a watch entry).
+    index: usize,
+    registry: Arc<Registry>,
     observer: Option<Observer>,
     /// Each lane's state, and the destination's last reported one.
     states: Mutex<(Vec<Option<DestinationState>>, Option<DestinationState>)>,
@@ -595,6 +626,7 @@ impl ForwardWaker {
 pub struct Forwarder {
     signal: Arc<Signal>,
     threads: Vec<JoinHandle<()>>,
+    registry: Arc<Registry>,
 }
 
 impl Forwarder {
@@ -614,30 +646,44 @@ impl Forwarder {
     ) -> Result<Self, ForwardError> {
         let path = path.as_ref();
         check(&destinations)?;
-        let mut setup = SqliteState::open(path, config.busy_timeout, true)?;
+        let mut setup = SqliteState::open(path, config.busy_timeout, true, config.gate.clone())?;
         setup.prepare(&destinations)?;
         let signal = Arc::new(Signal::default());
+        let registry = Registry::new(destinations.iter().map(|d| d.name.clone()).collect());
+        let expiry = Arc::downgrade(&registry);
+        std::thread::Builder::new()
+            .name("forward-expiry".to_owned())
+            .spawn(move || Registry::run_expiry(expiry))
+            .map_err(ForwardError::Spawn)?;
         let mut forwarder = Self {
             signal: Arc::clone(&signal),
             threads: Vec::new(),
+            registry: Arc::clone(&registry),
         };
-        for destination in destinations {
+        for (index, destination) in destinations.into_iter().enumerate() {
             let lanes = destination.lanes;
             let shared = Arc::new(Shared {
                 states: Mutex::new((vec![None; usize::from(lanes)], None)),
                 destination,
+                index,
+                registry: Arc::clone(&registry),
                 observer: observer.clone(),
             });
             for lane in 0..lanes {
                 let cursor = setup.cursor(&shared.destination.name, lane)?;
-                let state = SqliteState::open(setup.path(), config.busy_timeout, true)?;
+                let state = SqliteState::open(
+                    setup.path(),
+                    config.busy_timeout,
+                    true,
+                    config.gate.clone(),
+                )?;
                 let worker = Lane::new(
                     Arc::clone(&shared),
                     lane,
                     state,
                     cursor,
                     Arc::clone(&signal),
-                    config,
+                    config.clone(),
                 );
                 let thread = std::thread::Builder::new()
                     .name(format!("forward-{}-{lane}", shared.destination.name))
@@ -647,6 +693,14 @@ impl Forwarder {
             }
         }
         Ok(forwarder)
+    }
+
+    /// Registers messages whose upstream reply waits for the destinations' answers (see
+    /// [`ack_after_forwarded`]).
+    pub fn watcher(&self) -> Watcher {
+        Watcher {
+            registry: Arc::clone(&self.registry),
+        }
     }
 
     /// A handle that wakes idle lanes; call [`ForwardWaker::wake`] after each commit.
@@ -685,6 +739,9 @@ impl Drop for Forwarder {
 fn check(destinations: &[Destination]) -> Result<(), ForwardError> {
     if destinations.is_empty() {
         return Err(ForwardError::NoDestinations);
+    }
+    if destinations.len() > MAX_DESTINATIONS {
+        return Err(ForwardError::TooManyDestinations(destinations.len()));
     }
     for (i, d) in destinations.iter().enumerate() {
         let valid = !d.name.is_empty()

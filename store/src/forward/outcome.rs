@@ -109,6 +109,11 @@ impl Outcome {
         }
     }
 
+    /// Whether the downstream answered (an ACK for this message, whatever its code).
+    pub(crate) fn is_answer(self) -> bool {
+        matches!(self, Self::Accepted(_) | Self::Error(_) | Self::Rejected(_))
+    }
+
     /// Whether the downstream could not be talked to at all (the destination is down).
     pub(crate) fn is_transport(self) -> bool {
         matches!(self, Self::Timeout | Self::Refused | Self::Reset)

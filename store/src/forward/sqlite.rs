@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
-use crate::StoreId;
 use crate::forward::state::{DeliveryState, Final, Letter, Page, Pending};
 use crate::forward::status::{LaneStatus, Requeue};
+use crate::forward::watch::WatchKey;
 use crate::forward::{Destination, ForwardError, now_us};
+use crate::{StoreId, WriteGate};
 
 /// The forwarding tables. `forward_cursor` and `forward_dead_letter`'s first three columns are
 /// the contract with retention (see the module docs of [`crate::forward`]).
@@ -59,8 +60,8 @@ CREATE TABLE IF NOT EXISTS forward_lane_status (
 );
 ";
 
-const READ_PAGE: &str =
-    "SELECT id, received_at_us, payload FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2";
+const READ_PAGE: &str = "SELECT id, received_at_us, payload, connection_id, sequence
+    FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2";
 
 const ADVANCE: &str = "UPDATE forward_cursor SET delivered_through = ?3
     WHERE destination = ?1 AND lane = ?2 AND delivered_through < ?3";
@@ -97,6 +98,8 @@ ON CONFLICT (destination, lane) DO UPDATE SET
 pub(crate) struct SqliteState {
     path: PathBuf,
     conn: Connection,
+    /// The store writer's gate, held for each write transaction (see `ForwardConfig::gate`).
+    gate: Option<WriteGate>,
 }
 
 impl SqliteState {
@@ -105,6 +108,7 @@ impl SqliteState {
         path: &Path,
         busy_timeout: Duration,
         writable: bool,
+        gate: Option<WriteGate>,
     ) -> Result<Self, ForwardError> {
         let flags = OpenFlags::SQLITE_OPEN_NO_MUTEX
             | if writable {
@@ -135,6 +139,7 @@ impl SqliteState {
         Ok(Self {
             path: path.to_owned(),
             conn,
+            gate,
         })
     }
 
@@ -142,6 +147,7 @@ impl SqliteState {
     /// [`crate::forward`], "Cursors").
     pub(crate) fn prepare(&mut self, destinations: &[Destination]) -> Result<(), ForwardError> {
         let db = |e| ForwardError::database("prepare the forwarding tables", e);
+        let _turn = self.gate.as_ref().map(WriteGate::enter);
         self.conn.execute_batch(CREATE_TABLES).map_err(db)?;
         let tx = self
             .conn
@@ -325,6 +331,7 @@ impl SqliteState {
         action: &'static str,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>,
     ) -> Result<(), ForwardError> {
+        let _turn = self.gate.as_ref().map(WriteGate::enter);
         let result = (|| {
             let tx = self
                 .conn
@@ -374,10 +381,16 @@ impl DeliveryState for SqliteState {
                     continue;
                 }
                 bytes = bytes.saturating_add(payload.len());
+                let received_at_us = row.get(1).map_err(db)?;
                 page.messages.push(Pending {
                     id,
-                    received_at_us: row.get(1).map_err(db)?,
+                    received_at_us,
                     payload: payload.to_vec(),
+                    key: Some(WatchKey::from_columns(
+                        row.get(3).map_err(db)?,
+                        row.get(4).map_err(db)?,
+                        received_at_us,
+                    )),
                 });
                 if bytes >= max_bytes {
                     break;
@@ -443,6 +456,7 @@ impl DeliveryState for SqliteState {
                         id: r.get(0)?,
                         received_at_us: r.get(1)?,
                         payload: r.get(2)?,
+                        key: None,
                     })
                 })
                 .optional()

@@ -2,6 +2,7 @@
 
 use crate::StoreId;
 use crate::forward::ForwardError;
+use crate::forward::watch::WatchKey;
 
 /// A message to deliver.
 #[derive(Debug)]
@@ -9,6 +10,8 @@ pub(crate) struct Pending {
     pub(crate) id: StoreId,
     pub(crate) received_at_us: i64,
     pub(crate) payload: Vec<u8>,
+    /// Where it came from, for `--ack-after forwarded` (`None` for a requeued message).
+    pub(crate) key: Option<WatchKey>,
 }
 
 /// One page of the backlog: the lane's own messages among those scanned.

@@ -54,7 +54,7 @@ pub enum Requeue {
 ///
 /// [`ForwardError::NotAStore`] or [`ForwardError::Database`].
 pub fn status_sqlite(path: impl AsRef<Path>) -> Result<Vec<LaneStatus>, ForwardError> {
-    SqliteState::open(path.as_ref(), DEFAULT_BUSY_TIMEOUT, false)?.status()
+    SqliteState::open(path.as_ref(), DEFAULT_BUSY_TIMEOUT, false, None)?.status()
 }
 
 /// Marks dead letters (of `destination`, or of every destination) as requeued: a running
@@ -70,5 +70,5 @@ pub fn requeue_sqlite(
     which: &Requeue,
     destination: Option<&str>,
 ) -> Result<u64, ForwardError> {
-    SqliteState::open(path.as_ref(), DEFAULT_BUSY_TIMEOUT, true)?.requeue(which, destination)
+    SqliteState::open(path.as_ref(), DEFAULT_BUSY_TIMEOUT, true, None)?.requeue(which, destination)
 }

@@ -368,3 +368,97 @@ fn configuration_errors_are_typed() {
     );
     assert!(missing.is_err());
 }
+
+/// A server whose handler is [`ack_after_forwarded`] over a fresh store and forwarder.
+struct AfterRig {
+    _dir: TempDir,
+    server: Option<mllp_reactor::ServerHandle>,
+    forwarder: Option<Forwarder>,
+}
+
+impl AfterRig {
+    fn new(name: &str, destination: Destination, timeout: Duration) -> Self {
+        let dir = TempDir::new(name);
+        let store = Arc::new(
+            Store::open_sqlite(
+                dir.join("store.db"),
+                &SqliteOptions::default(),
+                StoreConfig::default(),
+            )
+            .unwrap(),
+        );
+        let config = ForwardConfig::default().poll_interval(Duration::from_millis(5));
+        let forwarder =
+            Forwarder::start_sqlite(dir.join("store.db"), vec![destination], config, None).unwrap();
+        let handler = mllp_store::forward::ack_after_forwarded(store, forwarder.watcher(), timeout);
+        let server = mllp_reactor::Server::builder(handler)
+            .bind("127.0.0.1:0")
+            .unwrap()
+            .spawn()
+            .unwrap();
+        Self {
+            _dir: dir,
+            server: Some(server),
+            forwarder: Some(forwarder),
+        }
+    }
+
+    fn client(&self) -> mllp_reactor::Client {
+        let addr = self.server.as_ref().unwrap().local_addr();
+        mllp_reactor::Client::connect(addr, ClientConfig::default().response_timeout(WAIT)).unwrap()
+    }
+}
+
+impl Drop for AfterRig {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            let _ = server.shutdown(Duration::from_secs(5));
+        }
+        if let Some(f) = self.forwarder.take() {
+            f.stop(Duration::from_secs(5));
+        }
+    }
+}
+
+#[test]
+fn ack_after_forwarded_passes_on_the_downstream_answer() {
+    let ds = Downstream::start(script(|id, _| match id {
+        "NO" => Answer::Ack(AckCode::AE),
+        "REJ" => Answer::Ack(AckCode::AR),
+        _ => Answer::Ack(AckCode::AA),
+    }));
+    let rig = AfterRig::new("after", fast("ds", &ds), WAIT);
+    let mut client = rig.client();
+    let ack = client.send(&msg("YES", "P")).unwrap();
+    assert_eq!(ack.code, AckCode::AA);
+    // The AA came after the downstream had it.
+    assert!(ds.received().contains(&"YES".to_owned()));
+    let ack = client.send(&msg("NO", "P")).unwrap();
+    assert_eq!(ack.code, AckCode::AE, "{ack:?}");
+    let text = ack.text.unwrap();
+    assert!(text.contains("destination ds answered AE"), "{text}");
+    let ack = client.send(&msg("REJ", "P")).unwrap();
+    assert_eq!(ack.code, AckCode::AE, "{ack:?}");
+}
+
+#[test]
+fn ack_after_forwarded_times_out_with_ae_and_the_message_stays_queued() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let dest = Destination::new("ds", addr.to_string())
+        .client(ClientConfig::default().connect_timeout(Duration::from_millis(200)))
+        .policy(
+            RetryPolicy::default().backoff(Duration::from_millis(5), Duration::from_millis(20)),
+        );
+    let rig = AfterRig::new("after-timeout", dest, Duration::from_millis(300));
+    let ack = rig.client().send(&msg("LATE", "P")).unwrap();
+    assert_eq!(ack.code, AckCode::AE, "{ack:?}");
+    let text = ack.text.unwrap();
+    assert!(text.contains("not forwarded within 0.3s"), "{text}");
+    let ds = Downstream::start_on(
+        std::net::TcpListener::bind(addr).unwrap(),
+        script(|_, _| Answer::Ack(AckCode::AA)),
+    );
+    ds.wait_count("LATE", 1);
+}
