@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Args, Subcommand};
 use mllp_store::forward::{
     Action, Destination, DestinationState, ForwardConfig, ForwardEvent, Forwarder, LaneKey,
-    Observer, Requeue, requeue_sqlite, status_sqlite,
+    Observer, Requeue, requeue_postgres, requeue_sqlite, status_postgres, status_sqlite,
 };
 use mllp_store::postgresql::is_postgres_url;
 
@@ -239,11 +239,6 @@ pub fn start(
                 .to_owned(),
         );
     };
-    if is_postgres_url(spec) {
-        return Err(
-            "--forward works with an SQLite store only, not yet with PostgreSQL".to_owned(),
-        );
-    }
     let destinations = destinations(flags)?;
     let shown: Vec<String> = destinations
         .iter()
@@ -261,9 +256,13 @@ pub fn start(
     if let Some(gate) = gate {
         config = config.gate(gate);
     }
-    let forwarder =
+    let forwarder = if is_postgres_url(spec) {
+        let options = crate::store_glue::postgres_options();
+        Forwarder::start_postgres(spec, &options, destinations, config, Some(observer()))
+    } else {
         Forwarder::start_sqlite(Path::new(spec), destinations, config, Some(observer()))
-            .map_err(|e| format!("--forward: {e}"))?;
+    }
+    .map_err(|e| format!("--forward: {e}"))?;
     tracing::info!(target: "mllp::forward", destinations = %shown.join(", "), "forwarding");
     Ok(Some(forwarder))
 }
@@ -347,13 +346,13 @@ enum ForwardCommand {
     /// Per destination and lane: cursor, messages after it, oldest undelivered age,
     /// dead letters, last error (works while serve runs).
     Status {
-        /// The store (an SQLite file, as given to serve --store).
+        /// The store (an SQLite file or a postgres:// URL, as given to serve --store).
         #[arg(value_name = "STORE")]
         store: String,
     },
     /// Put dead letters back in their lanes; a running serve delivers them again.
     Requeue {
-        /// The store (an SQLite file, as given to serve --store).
+        /// The store (an SQLite file or a postgres:// URL, as given to serve --store).
         #[arg(value_name = "STORE")]
         store: String,
         /// Store ids of the dead letters.
@@ -377,12 +376,14 @@ pub fn run(args: &ForwardArgs) -> Result<(), String> {
     let store = match &args.command {
         ForwardCommand::Status { store } | ForwardCommand::Requeue { store, .. } => store,
     };
-    if is_postgres_url(store) {
-        return Err("forward works with an SQLite store only, not yet with PostgreSQL".to_owned());
-    }
+    let pg = is_postgres_url(store).then(crate::store_glue::postgres_options);
     match &args.command {
         ForwardCommand::Status { store } => {
-            let lanes = status_sqlite(store).map_err(|e| e.to_string())?;
+            let lanes = match &pg {
+                Some(options) => status_postgres(store, options),
+                None => status_sqlite(store),
+            }
+            .map_err(|e| e.to_string())?;
             print!("{}", status_table(&lanes, now_us()));
             Ok(())
         }
@@ -397,8 +398,11 @@ pub fn run(args: &ForwardArgs) -> Result<(), String> {
             } else {
                 Requeue::Ids(ids.clone())
             };
-            let n =
-                requeue_sqlite(store, &which, destination.as_deref()).map_err(|e| e.to_string())?;
+            let n = match &pg {
+                Some(options) => requeue_postgres(store, options, &which, destination.as_deref()),
+                None => requeue_sqlite(store, &which, destination.as_deref()),
+            }
+            .map_err(|e| e.to_string())?;
             println!("requeued {n} dead letters");
             if n == 0 && !*all_dead {
                 return Err("none of these ids is a dead letter".to_owned());
@@ -530,17 +534,12 @@ mod tests {
     }
 
     #[test]
-    fn forward_needs_an_sqlite_store() {
+    fn forward_needs_a_store() {
         let f = flags(&["a=h:1"], &[]);
         assert!(
             start(&f, None, None)
                 .unwrap_err()
                 .contains("needs the store")
-        );
-        assert!(
-            start(&f, Some("postgres://u@h/db"), None)
-                .unwrap_err()
-                .contains("SQLite")
         );
     }
 }

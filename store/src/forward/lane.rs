@@ -114,6 +114,9 @@ pub(crate) struct Lane<S> {
     client_config: ClientConfig,
     client: Option<Client>,
     metrics: LaneMetrics,
+    /// Whether the lane holds its exclusive right to deliver (see
+    /// [`DeliveryState::acquire`]); dropped after any store error.
+    held: bool,
     /// Durable: every message of the lane up to here is done.
     cursor: StoreId,
     /// In memory: every message up to here has been read.
@@ -127,7 +130,6 @@ impl<S: DeliveryState> Lane<S> {
         dest: Arc<Shared>,
         lane: u16,
         state: S,
-        cursor: StoreId,
         signal: Arc<Signal>,
         config: ForwardConfig,
     ) -> Self {
@@ -147,8 +149,9 @@ impl<S: DeliveryState> Lane<S> {
             client_config,
             client: None,
             metrics,
-            cursor,
-            scanned: cursor,
+            held: false,
+            cursor: 0,
+            scanned: 0,
             rng: RandomState::new().hash_one((Instant::now(), lane)) | 1,
             dest,
         }
@@ -158,6 +161,29 @@ impl<S: DeliveryState> Lane<S> {
     pub(crate) fn run(mut self) {
         let mut failures = 0u32;
         while !self.signal.is_stopping() {
+            if !self.held {
+                match self.state.acquire(&self.dest.destination.name, self.lane) {
+                    Ok(Some(cursor)) => {
+                        self.held = true;
+                        self.cursor = cursor;
+                        self.scanned = cursor;
+                    }
+                    Ok(None) => {
+                        // Another node delivers this lane; take over when it lets go.
+                        if self.signal.sleep(self.config.lock_retry) {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(error) => {
+                        failures = failures.saturating_add(1);
+                        if self.store_failed(&error, failures) {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
             match self.turn() {
                 Ok(Turn::Worked) => failures = 0,
                 Ok(Turn::Idle(generation)) => {
@@ -167,22 +193,27 @@ impl<S: DeliveryState> Lane<S> {
                 }
                 Ok(Turn::Stopped) => return,
                 Err(error) => {
-                    // The store failed (locked past the busy timeout, disk error): nothing
-                    // was lost, the lane starts again from its last durable position.
                     failures = failures.saturating_add(1);
-                    self.dest.emit(&ForwardEvent::StoreError {
-                        destination: &self.dest.destination.name,
-                        lane: self.lane,
-                        error: &error,
-                    });
-                    self.scanned = self.cursor;
-                    let pause = self.jitter(self.dest.destination.policy.pause(failures));
-                    if self.signal.sleep(pause) {
+                    if self.store_failed(&error, failures) {
                         return;
                     }
                 }
             }
         }
+    }
+
+    /// After a store error (locked past the busy timeout, disk error, connection lost):
+    /// nothing was lost; the lane takes its right to deliver again and starts from its last
+    /// durable position, after a pause. Returns whether stopping.
+    fn store_failed(&mut self, error: &ForwardError, failures: u32) -> bool {
+        self.dest.emit(&ForwardEvent::StoreError {
+            destination: &self.dest.destination.name,
+            lane: self.lane,
+            error,
+        });
+        self.held = false;
+        let pause = self.jitter(self.dest.destination.policy.pause(failures));
+        self.signal.sleep(pause)
     }
 
     fn name(&self) -> &str {

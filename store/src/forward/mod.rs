@@ -151,6 +151,8 @@
 mod key;
 mod lane;
 mod outcome;
+#[cfg(feature = "postgres")]
+mod postgresql;
 mod sqlite;
 mod state;
 mod status;
@@ -171,6 +173,8 @@ pub use outcome::{
     RetryPolicy, UnknownAction,
 };
 pub use status::{LaneStatus, Requeue, requeue_sqlite, status_sqlite};
+#[cfg(feature = "postgres")]
+pub use status::{requeue_postgres, status_postgres};
 pub use watch::{OnVerdict, Verdict, WatchKey, Watcher, ack_after_forwarded};
 
 use crate::record::system_time_to_us;
@@ -213,6 +217,11 @@ pub const DEFAULT_PAGE_BYTES: usize = 1 << 20;
 /// this often when nobody calls [`ForwardWaker::wake`]; with the waker (as `serve` does) a
 /// new message is picked up at once and this is only a fallback.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Default of [`ForwardConfig::lock_retry`]: 1 s, the bulk of the takeover time after the
+/// delivering node's connection to PostgreSQL closes. Each try is one cheap statement per
+/// waiting lane and node.
+pub const DEFAULT_LOCK_RETRY: Duration = Duration::from_secs(1);
 
 /// How long a lane's store statement waits for the writer's lock before it fails (and the
 /// lane retries): the store's own default.
@@ -307,6 +316,9 @@ pub struct ForwardConfig {
     ///
     /// [`SqliteBackend::write_gate`]: crate::SqliteBackend::write_gate
     pub gate: Option<WriteGate>,
+    /// How often a lane that another node delivers tries to take over (PostgreSQL; default
+    /// [`DEFAULT_LOCK_RETRY`]).
+    pub lock_retry: Duration,
 }
 
 impl Default for ForwardConfig {
@@ -317,6 +329,7 @@ impl Default for ForwardConfig {
             poll_interval: DEFAULT_POLL_INTERVAL,
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
             gate: None,
+            lock_retry: DEFAULT_LOCK_RETRY,
         }
     }
 }
@@ -646,8 +659,40 @@ impl Forwarder {
     ) -> Result<Self, ForwardError> {
         let path = path.as_ref();
         check(&destinations)?;
-        let mut setup = SqliteState::open(path, config.busy_timeout, true, config.gate.clone())?;
-        setup.prepare(&destinations)?;
+        let open = || SqliteState::open(path, config.busy_timeout, true, config.gate.clone());
+        Self::start(destinations, config.clone(), observer, open)
+    }
+
+    /// Starts forwarding from the PostgreSQL store at `url` (which a
+    /// [`PostgresBackend`](crate::PostgresBackend) created): as
+    /// [`start_sqlite`](Self::start_sqlite), with one connection per lane. Several nodes may
+    /// run it on one database: each lane is delivered by one node at a time (see
+    /// "PostgreSQL" above).
+    ///
+    /// # Errors
+    ///
+    /// As [`start_sqlite`](Self::start_sqlite).
+    #[cfg(feature = "postgres")]
+    pub fn start_postgres(
+        url: &str,
+        options: &crate::PostgresOptions,
+        destinations: Vec<Destination>,
+        config: ForwardConfig,
+        observer: Option<Observer>,
+    ) -> Result<Self, ForwardError> {
+        check(&destinations)?;
+        let open = || postgresql::PgState::open(url, options);
+        Self::start(destinations, config, observer, open)
+    }
+
+    /// Prepares the tables on one connection, then starts a lane thread with its own.
+    fn start<S: state::DeliveryState>(
+        destinations: Vec<Destination>,
+        config: ForwardConfig,
+        observer: Option<Observer>,
+        open: impl Fn() -> Result<S, ForwardError>,
+    ) -> Result<Self, ForwardError> {
+        open()?.prepare(&destinations)?;
         let signal = Arc::new(Signal::default());
         let registry = Registry::new(destinations.iter().map(|d| d.name.clone()).collect());
         let expiry = Arc::downgrade(&registry);
@@ -670,18 +715,10 @@ impl Forwarder {
                 observer: observer.clone(),
             });
             for lane in 0..lanes {
-                let cursor = setup.cursor(&shared.destination.name, lane)?;
-                let state = SqliteState::open(
-                    setup.path(),
-                    config.busy_timeout,
-                    true,
-                    config.gate.clone(),
-                )?;
                 let worker = Lane::new(
                     Arc::clone(&shared),
                     lane,
-                    state,
-                    cursor,
+                    open()?,
                     Arc::clone(&signal),
                     config.clone(),
                 );

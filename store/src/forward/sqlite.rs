@@ -8,7 +8,7 @@
 //! holds; messages themselves are committed by the writer with `synchronous=FULL`). Syncing
 //! every cursor move would cost one fsync per delivered message on the disk the writer syncs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
@@ -96,7 +96,6 @@ ON CONFLICT (destination, lane) DO UPDATE SET
 /// One lane's (or the set-up's) connection to the store file.
 #[derive(Debug)]
 pub(crate) struct SqliteState {
-    path: PathBuf,
     conn: Connection,
     /// The store writer's gate, held for each write transaction (see `ForwardConfig::gate`).
     gate: Option<WriteGate>,
@@ -136,16 +135,13 @@ impl SqliteState {
                 location: path.display().to_string(),
             });
         }
-        Ok(Self {
-            path: path.to_owned(),
-            conn,
-            gate,
-        })
+        Ok(Self { conn, gate })
     }
+}
 
-    /// Creates the tables and makes the cursor rows match `destinations` (see
-    /// [`crate::forward`], "Cursors").
-    pub(crate) fn prepare(&mut self, destinations: &[Destination]) -> Result<(), ForwardError> {
+impl SqliteState {
+    /// See [`DeliveryState::prepare`].
+    fn prepare_tables(&mut self, destinations: &[Destination]) -> Result<(), ForwardError> {
         let db = |e| ForwardError::database("prepare the forwarding tables", e);
         let _turn = self.gate.as_ref().map(WriteGate::enter);
         self.conn.execute_batch(CREATE_TABLES).map_err(db)?;
@@ -213,7 +209,7 @@ impl SqliteState {
     }
 
     /// The cursor of one lane.
-    pub(crate) fn cursor(&mut self, destination: &str, lane: u16) -> Result<StoreId, ForwardError> {
+    fn cursor(&mut self, destination: &str, lane: u16) -> Result<StoreId, ForwardError> {
         self.conn
             .query_row(
                 "SELECT delivered_through FROM forward_cursor WHERE destination = ?1 AND lane = ?2",
@@ -344,6 +340,14 @@ impl SqliteState {
 }
 
 impl DeliveryState for SqliteState {
+    fn prepare(&mut self, destinations: &[Destination]) -> Result<(), ForwardError> {
+        self.prepare_tables(destinations)
+    }
+
+    fn acquire(&mut self, destination: &str, lane: u16) -> Result<Option<StoreId>, ForwardError> {
+        self.cursor(destination, lane).map(Some)
+    }
+
     fn read_page(
         &mut self,
         after: StoreId,
@@ -503,12 +507,5 @@ impl DeliveryState for SqliteState {
                 .execute(params![destination, lane, error, at_us])
                 .map(drop)
         })
-    }
-}
-
-impl SqliteState {
-    /// The file's path.
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
     }
 }

@@ -1,8 +1,8 @@
 //! The durable delivery state a lane reads and writes, whatever the backend.
 
 use crate::StoreId;
-use crate::forward::ForwardError;
 use crate::forward::watch::WatchKey;
+use crate::forward::{Destination, ForwardError};
 
 /// A message to deliver.
 #[derive(Debug)]
@@ -49,6 +49,15 @@ pub(crate) enum Final {
 
 /// What a lane needs from the store. One instance per lane thread (its own connection).
 pub(crate) trait DeliveryState: Send + 'static {
+    /// Creates the tables if needed and makes the cursor rows match `destinations` (see
+    /// "Cursors" in the module docs). Called once, on one connection, before the lanes start.
+    fn prepare(&mut self, destinations: &[Destination]) -> Result<(), ForwardError>;
+
+    /// Takes the lane's exclusive right to deliver and returns its cursor; `None` while
+    /// another node holds it (PostgreSQL: a session advisory lock, held until the connection
+    /// ends; SQLite: one process per file, always granted).
+    fn acquire(&mut self, destination: &str, lane: u16) -> Result<Option<StoreId>, ForwardError>;
+
     /// The lane's messages with `after < id`, at most `max_records` scanned and stopping
     /// after `max_bytes` of the lane's payloads; `keep` says whether a payload is the lane's.
     fn read_page(

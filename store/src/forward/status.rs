@@ -72,3 +72,31 @@ pub fn requeue_sqlite(
 ) -> Result<u64, ForwardError> {
     SqliteState::open(path.as_ref(), DEFAULT_BUSY_TIMEOUT, true, None)?.requeue(which, destination)
 }
+
+/// As [`status_sqlite`], for a PostgreSQL store.
+///
+/// # Errors
+///
+/// [`ForwardError::Database`].
+#[cfg(feature = "postgres")]
+pub fn status_postgres(
+    url: &str,
+    options: &crate::PostgresOptions,
+) -> Result<Vec<LaneStatus>, ForwardError> {
+    crate::forward::postgresql::PgState::open(url, options)?.status()
+}
+
+/// As [`requeue_sqlite`], for a PostgreSQL store.
+///
+/// # Errors
+///
+/// [`ForwardError::Database`].
+#[cfg(feature = "postgres")]
+pub fn requeue_postgres(
+    url: &str,
+    options: &crate::PostgresOptions,
+    which: &Requeue,
+    destination: Option<&str>,
+) -> Result<u64, ForwardError> {
+    crate::forward::postgresql::PgState::open(url, options)?.requeue(which, destination)
+}
