@@ -19,20 +19,20 @@ LANES=${2:-8}
 SENDERS=50
 BIN=${BIN:-target/release/mllp-reactor}
 DIR=$(mktemp -d /tmp/mllp-forward-bench.XXXXXX)
-PIDS=()
 cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for f in "$DIR"/*.pid; do [ -e "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$DIR"
 }
 trap cleanup EXIT
 
-# start NAME ARGS…: starts `serve ARGS…`, waits for its address, prints it.
+# start NAME ARGS…: starts `serve ARGS…` (pid in $DIR/NAME.pid), waits for its address,
+# prints it.
 start() {
     local name=$1
     shift
     "$BIN" serve --listen 127.0.0.1:0 --log-level warn "$@" >"$DIR/$name.out" 2>"$DIR/$name.err" &
-    PIDS+=($!)
+    echo $! >"$DIR/$name.pid"
     for _ in $(seq 100); do
         if grep -q '^listening on ' "$DIR/$name.out" 2>/dev/null; then
             sed -n 's/^listening on //p' "$DIR/$name.out" | head -1
@@ -55,8 +55,8 @@ scrape() { curl -s "http://$1/metrics"; }
 echo "# baseline: durable serve, no forwarding, $SENDERS senders, ${SECS}s"
 BASE=$(start base --store "$DIR/base.db")
 "$BIN" bench --to "$BASE" --conns "$SENDERS" --pipeline 1 --duration "${SECS}s" --warmup 2s --json \
-    | tee "$DIR/base.json"
-kill "${PIDS[-1]}"
+    2>/dev/null
+kill "$(cat "$DIR/base.pid")"
 
 echo "# downstream: serve --no-store"
 DOWN=$(start down --no-store --max-connections 1000)
@@ -65,7 +65,7 @@ FWD=$(start fwd --store "$DIR/fwd.db" --forward "ds=$DOWN" --forward-lanes "$LAN
     --metrics 127.0.0.1:19977)
 METRICS=127.0.0.1:19977
 "$BIN" bench --to "$FWD" --conns "$SENDERS" --pipeline 1 --duration "${SECS}s" --warmup 2s --json \
-    >"$DIR/fwd.json" &
+    >"$DIR/fwd.json" 2>/dev/null &
 BENCH=$!
 START=$(date +%s.%N)
 echo "t_s stored delivered backlog"
@@ -94,4 +94,4 @@ echo "# attempts by outcome:"
 grep '^mllp_forward_attempts_total' <<<"$M" | awk '$2 > 0' || true
 
 echo "# one connection, one in flight, straight to the downstream (a lane's ceiling), 10s"
-"$BIN" bench --to "$DOWN" --conns 1 --pipeline 1 --duration 10s --warmup 1s --json
+"$BIN" bench --to "$DOWN" --conns 1 --pipeline 1 --duration 10s --warmup 1s --json 2>/dev/null

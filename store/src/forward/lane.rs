@@ -121,6 +121,11 @@ pub(crate) struct Lane<S> {
     cursor: StoreId,
     /// In memory: every message up to here has been read.
     scanned: StoreId,
+    /// In memory: every message of the lane up to here is delivered or dead-lettered; ahead
+    /// of `cursor` by at most `config.max_unrecorded` deliveries.
+    done: StoreId,
+    /// Deliveries between `cursor` and `done`.
+    unrecorded: usize,
     /// xorshift64* state for the jitter. INVARIANT: never 0.
     rng: u64,
 }
@@ -152,6 +157,8 @@ impl<S: DeliveryState> Lane<S> {
             held: false,
             cursor: 0,
             scanned: 0,
+            done: 0,
+            unrecorded: 0,
             rng: RandomState::new().hash_one((Instant::now(), lane)) | 1,
             dest,
         }
@@ -167,6 +174,8 @@ impl<S: DeliveryState> Lane<S> {
                         self.held = true;
                         self.cursor = cursor;
                         self.scanned = cursor;
+                        self.done = cursor;
+                        self.unrecorded = 0;
                     }
                     Ok(None) => {
                         // Another node delivers this lane; take over when it lets go.
@@ -220,6 +229,26 @@ impl<S: DeliveryState> Lane<S> {
         &self.dest.destination.name
     }
 
+    /// Writes the cursor up to `done`: always when `force`, otherwise only if that needs no
+    /// wait (see [`ForwardConfig::max_unrecorded`]).
+    fn record(&mut self, name: &str, force: bool) -> Result<(), ForwardError> {
+        if self.done <= self.cursor {
+            return Ok(());
+        }
+        let written = if force {
+            self.state
+                .advance(name, self.lane, self.done)
+                .map(|()| true)?
+        } else {
+            self.state.try_advance(name, self.lane, self.done)?
+        };
+        if written {
+            self.cursor = self.done;
+            self.unrecorded = 0;
+        }
+        Ok(())
+    }
+
     /// Delivers requeued dead letters first, then one page of the backlog.
     fn turn(&mut self) -> Result<Turn, ForwardError> {
         let generation = self.signal.generation();
@@ -254,25 +283,36 @@ impl<S: DeliveryState> Lane<S> {
         }
         for message in &page.messages {
             match self.deliver(message) {
-                Delivery::Delivered(_) => self.state.advance(&name, lane, message.id)?,
-                Delivery::Dead(attempts) => attempts.with_letter(|letter| {
-                    self.state
-                        .dead_letter(&name, lane, message.id, letter, true)
-                })?,
-                Delivery::Stopped => return Ok(Turn::Stopped),
+                Delivery::Delivered(_) => {
+                    self.done = message.id;
+                    self.unrecorded += 1;
+                    self.record(&name, self.unrecorded >= self.config.max_unrecorded)?;
+                }
+                Delivery::Dead(attempts) => {
+                    attempts.with_letter(|letter| {
+                        self.state
+                            .dead_letter(&name, lane, message.id, letter, true)
+                    })?;
+                    self.cursor = message.id;
+                    self.done = message.id;
+                    self.unrecorded = 0;
+                }
+                Delivery::Stopped => {
+                    // Keep what was delivered: fewer repeats at the next start.
+                    self.record(&name, true)?;
+                    return Ok(Turn::Stopped);
+                }
             }
-            self.cursor = message.id;
             self.scanned = message.id;
             self.metrics
                 .queue
                 .set((page.last_id - self.cursor).max(0) as f64);
         }
-        if page.scanned_through > self.cursor {
-            // The rest of the page is other lanes' messages: step over them durably too, so
-            // that retention and a restart need not look at them again for this lane.
-            self.state.advance(&name, lane, page.scanned_through)?;
-            self.cursor = page.scanned_through;
-        }
+        // The rest of the page is other lanes' messages: step over them durably too, so that
+        // retention and a restart need not look at them again for this lane. Every page ends
+        // with the cursor written.
+        self.done = self.done.max(page.scanned_through);
+        self.record(&name, true)?;
         self.scanned = page.scanned_through;
         Ok(Turn::Worked)
     }

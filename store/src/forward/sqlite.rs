@@ -405,6 +405,31 @@ impl DeliveryState for SqliteState {
         Ok(page)
     }
 
+    fn try_advance(
+        &mut self,
+        destination: &str,
+        lane: u16,
+        through: StoreId,
+    ) -> Result<bool, ForwardError> {
+        let Some(gate) = self.gate.clone() else {
+            return self.advance(destination, lane, through).map(|()| true);
+        };
+        let Some(_turn) = gate.try_enter() else {
+            return Ok(false);
+        };
+        let result = (|| {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.prepare_cached(ADVANCE)?
+                .execute(params![destination, lane, through])?;
+            tx.commit()
+        })();
+        result
+            .map(|()| true)
+            .map_err(|e| ForwardError::database("move a cursor", e))
+    }
+
     fn advance(
         &mut self,
         destination: &str,

@@ -68,6 +68,17 @@ pub(crate) trait DeliveryState: Send + 'static {
         keep: &dyn Fn(&[u8]) -> bool,
     ) -> Result<Page, ForwardError>;
 
+    /// As [`advance`](Self::advance) when that costs no wait for another writer (SQLite:
+    /// the store writer's gate is free); `Ok(false)` otherwise, and nothing is written.
+    fn try_advance(
+        &mut self,
+        destination: &str,
+        lane: u16,
+        through: StoreId,
+    ) -> Result<bool, ForwardError> {
+        self.advance(destination, lane, through).map(|()| true)
+    }
+
     /// Moves the lane's cursor forward to `through` (never back).
     fn advance(
         &mut self,
