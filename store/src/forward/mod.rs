@@ -22,7 +22,6 @@
 //! # Example
 //!
 //! ```
-//! use std::sync::Arc;
 //! use std::time::Duration;
 //! use mllp_reactor::{ack, handler_fn, Reply, Server};
 //! use mllp_store::forward::{Destination, ForwardConfig, Forwarder};
@@ -133,7 +132,17 @@
 //!   and writer take turns through the writer's [`WriteGate`] ([`ForwardConfig::gate`]), so
 //!   a lane's write never makes a commit wait on SQLite's sleeping busy handler. Only one
 //!   process may forward from one SQLite file.
-//! - PostgreSQL is not supported yet.
+//! - **PostgreSQL** (`Forwarder::start_postgres`, feature `postgres`): the same tables
+//!   (reading `mllp_messages`), one connection per lane, every write its own transaction
+//!   (so with `synchronous_commit=on`, durable). Several nodes may forward from one
+//!   database: a lane delivers only while it holds a session advisory lock for its
+//!   (destination, lane); a node that dies loses its sessions and so its locks, and another
+//!   node's lane takes over within [`ForwardConfig::lock_retry`] (1 s; measured 1.0–1.2 s in
+//!   the two-node test), resuming after the durable cursor. If the node's machine vanishes
+//!   without closing its connections, PostgreSQL releases the locks only when its TCP
+//!   keepalives give up (set `tcp_keepalives_idle`/`_interval`/`_count` on the server, e.g.
+//!   10 s/5 s/3 → about 25 s). Writes are not batched there: every delivery is written
+//!   before the next send.
 //!
 //! # Metrics
 //!
