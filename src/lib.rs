@@ -24,6 +24,28 @@
 //! connection reads and hands over its next messages (up to `max_in_flight`), and replies still
 //! leave in message order, as many per `writev` as are ready.
 //!
+//! # The path of a message
+//!
+//! One plaintext message with [`Dispatch::Inline`] (what `serve --no-store` runs), in the
+//! order the code runs it. ARCHITECTURE.md at the repository root has the pool and
+//! store-then-ACK paths and what each module owns.
+//!
+//! 1. `reactor.rs` — the poll reports the socket readable; the loop drives that connection.
+//! 2. `reactor/transfer.rs` → `transport.rs` — `read` into the reactor's one 64 KiB buffer;
+//!    the bytes go to `Connection::handle_read` (`connection.rs`).
+//! 3. `connection.rs` → `codec.rs` — `poll_dispatch` decodes one frame and opens a slot for it.
+//! 4. `dispatch.rs` → `handler.rs` — the dispatcher calls [`Handler::handle`] on the reactor
+//!    thread (catching a panic); the outcome goes straight to `Connection::handle_completion`,
+//!    which applies the [`NakPolicy`] (every NAK the server sends is built there).
+//! 5. `reactor/transfer.rs` → `transport.rs` — `Connection::transmit` offers the ready replies
+//!    in order and one `writev` sends them; `handle_written` retires the slots.
+//! 6. `telemetry.rs` — the connection's events become metrics and observer calls.
+//!
+//! With [`Dispatch::Pool`], step 4 queues a job instead (`dispatch.rs` → `pool.rs`; one lock
+//! per poll turn) and a worker calls the handler; the outcome comes back through the reactor's
+//! completion queue (`completion.rs`, one wake-up per batch) to `handle_completion`. A
+//! [`ReplyHandle`] (a deferred reply) takes that same way back from any thread.
+//!
 //! # Quick start
 //!
 //! ```
@@ -65,9 +87,23 @@
 //!   plus one 64 KiB read), `read_ahead` undecoded bytes when no more messages can be handed
 //!   over, and at most `max_in_flight` messages with their replies; no buffer at all while
 //!   idle. Server-wide: every buffered byte counts against `max_memory`; above it the server
-//!   stops reading and TCP pushes back on senders. The handler queue holds at most one job per
-//!   connection, and a job whose connection closed or whose message was already answered is
-//!   dropped before it runs.
+//!   stops reading and TCP pushes back on senders, except that a connection may finish the
+//!   frame it is in (one connection per reactor at a time, one with bytes waiting) and a
+//!   connection with no message in flight may receive one frame; none reads further until
+//!   the total falls to ¾ of `max_memory`. So the bytes the server buffers stay below
+//!
+//!   ```text
+//!   max_memory + F × (max_message_size + 64 KiB) + N × E
+//!   ```
+//!
+//!   where F is the number of connections in a frame or with nothing in flight when reading
+//!   paused (each adds at most the rest of one frame; a peer that stops mid-frame keeps its
+//!   partial frame until its frame deadline), N the open connections and E what an idle
+//!   connection costs (at most 256 bytes, plus the TLS session's state with TLS; see
+//!   BENCHMARKS.md). A pipelining sender never reads past one frame above the budget,
+//!   however many messages it may have in flight. The handler queue holds at most one job
+//!   per connection, and a job whose connection closed or whose message was already answered
+//!   is dropped before it runs.
 //! - **One bad peer affects no other**: junk, oversize frames, slow drips, resets, peers that
 //!   never read, and pipelining floods end or pause only their own connection; a handler that
 //!   hangs or panics costs one worker, which is replaced; an observer that panics is counted
@@ -105,9 +141,12 @@ mod completion;
 mod connection;
 mod control;
 pub mod date;
+mod dispatch;
 mod error;
 mod handler;
+mod identity;
 mod limits;
+mod link;
 pub mod msh;
 mod outcome;
 mod pool;
@@ -129,6 +168,7 @@ pub use connection::NakPolicy;
 pub use control::ShutdownReport;
 pub use error::{ConfigError, Error};
 pub use handler::{Context, Dispatch, Handler, HandlerFn, handler_fn};
+pub use identity::{PeerIdentity, SubjectAltName};
 pub use limits::{
     DEFAULT_FRAME_TIMEOUT, DEFAULT_HANDLER_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_INLINE_SLOW_THRESHOLD, DEFAULT_MAX_CONNECTIONS,

@@ -257,7 +257,7 @@ pub fn start(
         config = config.gate(gate);
     }
     let forwarder = if is_postgres_url(spec) {
-        let options = crate::store_glue::postgres_options();
+        let options = crate::store_glue::open_options().postgres;
         Forwarder::start_postgres(spec, &options, destinations, config, Some(observer()))
     } else {
         Forwarder::start_sqlite(Path::new(spec), destinations, config, Some(observer()))
@@ -376,7 +376,7 @@ pub fn run(args: &ForwardArgs) -> Result<(), String> {
     let store = match &args.command {
         ForwardCommand::Status { store } | ForwardCommand::Requeue { store, .. } => store,
     };
-    let pg = is_postgres_url(store).then(crate::store_glue::postgres_options);
+    let pg = is_postgres_url(store).then(|| crate::store_glue::open_options().postgres);
     match &args.command {
         ForwardCommand::Status { store } => {
             let lanes = match &pg {

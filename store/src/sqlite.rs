@@ -38,13 +38,14 @@
 //! serialises them, waiting up to the busy timeout) but pointless.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
 use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use crate::backend::Backend;
-use crate::error::StoreError;
+pub use crate::backend::WriteGate;
+use crate::error::{Cause, Found, Problem, StoreError};
 use crate::record::{
     DuplicateKey, Record, StoreId, StoreOutcome, StoredRecord, system_time_to_us, text,
 };
@@ -179,32 +180,35 @@ pub struct SqliteBackend {
     conn: Option<Connection>,
     /// Held for each commit; the pruner of the same process holds it for each of its batches.
     gate: WriteGate,
+    /// The file's identity (device, inode) when a writer opened it: every commit checks that
+    /// the path still names that file (one `stat` per batch), so a store file deleted or
+    /// replaced under a running server is noticed at the next commit instead of
+    /// acknowledging messages into an unlinked file. `None` for a reader, or where the
+    /// platform has no inode numbers.
+    identity: Option<FileId>,
+    /// Set once the path was found naming another file or none: every later commit fails
+    /// with [`Problem::FileReplaced`] (a store cannot follow a file it no longer has).
+    replaced: bool,
 }
 
-/// Serialises this process's writers of one SQLite file (the store's writer and the
-/// [`Pruner`](crate::retention::Pruner)) with a mutex instead of SQLite's lock.
-///
-/// SQLite's busy handler waits by sleeping 1, 2, 5, 10… ms between retries, so a commit that
-/// finds the pruner's transaction open would wait milliseconds longer than the transaction
-/// lasts; a mutex hands over as soon as it is released. Other processes still meet SQLite's
-/// lock and busy timeout as before.
-#[derive(Clone, Debug, Default)]
-pub struct WriteGate(Arc<Mutex<()>>);
+/// A file's device and inode numbers.
+type FileId = (u64, u64);
 
-impl WriteGate {
-    /// Waits for the gate (a panic while it was held does not matter: it guards no data).
-    pub(crate) fn enter(&self) -> MutexGuard<'_, ()> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+/// The identity of the file at `path`; `Err` only when there is no file there.
+#[cfg(unix)]
+fn file_id(path: &Path) -> Result<Option<FileId>, ()> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(meta) => Ok(Some((meta.dev(), meta.ino()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(()),
+        // Cannot tell (a transient error): do not cry wolf.
+        Err(_) => Ok(None),
     }
+}
 
-    /// The gate if it is free now, `None` while another writer holds it.
-    pub(crate) fn try_enter(&self) -> Option<MutexGuard<'_, ()>> {
-        match self.0.try_lock() {
-            Ok(guard) => Some(guard),
-            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        }
-    }
+#[cfg(not(unix))]
+fn file_id(_path: &Path) -> Result<Option<FileId>, ()> {
+    Ok(None)
 }
 
 impl SqliteBackend {
@@ -230,6 +234,8 @@ impl SqliteBackend {
             read_only: false,
             conn: Some(conn),
             gate: WriteGate::default(),
+            identity: file_id(path).ok().flatten(),
+            replaced: false,
         })
     }
 
@@ -255,6 +261,8 @@ impl SqliteBackend {
             read_only: true,
             conn: Some(conn),
             gate: WriteGate::default(),
+            identity: None,
+            replaced: false,
         })
     }
 
@@ -286,6 +294,15 @@ impl SqliteBackend {
         Ok(self.conn.as_mut().expect("connection was just opened"))
     }
 
+    /// Whether the path still names the file this writer opened (a `stat`).
+    fn still_at_path(&self) -> bool {
+        match (self.identity, file_id(&self.path)) {
+            (None, _) | (_, Ok(None)) => true,
+            (Some(opened), Ok(Some(now))) => opened == now,
+            (Some(_), Err(())) => false,
+        }
+    }
+
     /// The duplicate window in microseconds.
     fn window_us(&self) -> i64 {
         i64::try_from(self.options.duplicate_window.as_micros()).unwrap_or(i64::MAX)
@@ -298,7 +315,7 @@ impl SqliteBackend {
             Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Locked {
                 path: self.path.clone(),
             },
-            _ => StoreError::read(e),
+            _ => StoreError::read(Cause::sqlite(e)),
         }
     }
 }
@@ -306,17 +323,27 @@ impl SqliteBackend {
 impl Backend for SqliteBackend {
     fn commit_batch(&mut self, batch: &[Record]) -> Result<Vec<StoreOutcome>, StoreError> {
         if self.read_only {
-            return Err(StoreError::commit("the store was opened read-only"));
+            return Err(StoreError::commit(Problem::ReadOnly));
+        }
+        if self.replaced {
+            return Err(StoreError::commit(Problem::FileReplaced));
         }
         let window = self.window_us();
         let gate = self.gate.clone();
         let _turn = gate.enter();
-        let result = self
-            .connection()
-            .and_then(|conn| insert_batch(conn, batch, window).map_err(StoreError::commit));
+        let result = self.connection().and_then(|conn| {
+            insert_batch(conn, batch, window).map_err(|e| StoreError::commit(Cause::sqlite(e)))
+        });
         if result.is_err() {
             // Dropping the connection rolls back whatever is left of the transaction.
             self.conn = None;
+        }
+        // Committed, but into the file at the path? After a failure too: a deleted file can
+        // be why it failed.
+        if !self.still_at_path() {
+            self.replaced = true;
+            self.conn = None;
+            return Err(StoreError::commit(Problem::FileReplaced));
         }
         result
     }
@@ -395,6 +422,18 @@ impl Backend for SqliteBackend {
     fn location(&self) -> String {
         format!("sqlite:{}", self.path.display())
     }
+
+    fn write_gate(&self) -> Option<WriteGate> {
+        Some(Self::write_gate(self))
+    }
+
+    /// The absolute path: `./mllp-reactor.db` does not say which directory.
+    fn summary(&self) -> String {
+        std::fs::canonicalize(&self.path)
+            .unwrap_or_else(|_| self.path.clone())
+            .display()
+            .to_string()
+    }
 }
 
 /// Inserts `batch` in one IMMEDIATE transaction (the write lock is taken up front, so waiting
@@ -448,7 +487,7 @@ fn insert_batch(
 /// Clear errors for the common path mistakes, before SQLite's generic "unable to open".
 fn check_path(path: &Path, create: bool) -> Result<(), StoreError> {
     match std::fs::metadata(path) {
-        Ok(meta) if meta.is_dir() => Err(StoreError::open(path, "it is a directory")),
+        Ok(meta) if meta.is_dir() => Err(StoreError::open(path, Problem::IsADirectory)),
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if !create {
@@ -457,10 +496,9 @@ fn check_path(path: &Path, create: bool) -> Result<(), StoreError> {
                 });
             }
             match path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                Some(dir) if !dir.is_dir() => Err(StoreError::open(
-                    path,
-                    format_args!("directory {} does not exist", dir.display()),
-                )),
+                Some(dir) if !dir.is_dir() => {
+                    Err(StoreError::open(path, Problem::NoDirectory(dir.to_owned())))
+                }
                 _ => Ok(()),
             }
         }
@@ -492,12 +530,9 @@ pub(crate) fn open_connection(
             set_wal(&conn, path)?;
             create_schema(&conn).map_err(classify)?;
         }
-        Schema::Empty => return Err(not_a_store(path, "an empty database")),
+        Schema::Empty => return Err(not_a_store(path, Found::EmptyDatabase)),
         Schema::Foreign => {
-            return Err(not_a_store(
-                path,
-                "an SQLite database with other tables; it was not changed",
-            ));
+            return Err(not_a_store(path, Found::OtherTables));
         }
         Schema::Newer(found) => {
             return Err(StoreError::UnsupportedVersion {
@@ -516,10 +551,7 @@ pub(crate) fn open_connection(
             .map_err(classify)?;
         // 2 = FULL (sqlite.org/pragma.html#pragma_synchronous).
         if level != 2 {
-            return Err(StoreError::open(
-                path,
-                format_args!("synchronous=FULL did not stick (got {level})"),
-            ));
+            return Err(StoreError::open(path, Problem::SynchronousNotFull(level)));
         }
     }
     Ok(conn)
@@ -532,10 +564,7 @@ fn set_wal(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     if mode.eq_ignore_ascii_case("wal") {
         Ok(())
     } else {
-        Err(StoreError::open(
-            path,
-            format_args!("cannot switch to WAL (journal mode stays {mode})"),
-        ))
+        Err(StoreError::open(path, Problem::NotWal(mode)))
     }
 }
 
@@ -590,21 +619,21 @@ fn create_schema(conn: &Connection) -> rusqlite::Result<()> {
     result
 }
 
-fn not_a_store(path: &Path, reason: &str) -> StoreError {
+fn not_a_store(path: &Path, found: Found) -> StoreError {
     StoreError::NotAStore {
         path: path.to_owned(),
-        reason: reason.to_owned(),
+        found,
     }
 }
 
 /// Turns an SQLite error while opening into the typed, one-line error a user can act on.
 fn classify_open_error(path: &Path, flags: OpenFlags, e: rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
-        Some(ErrorCode::NotADatabase) => not_a_store(path, "not an SQLite database"),
+        Some(ErrorCode::NotADatabase) => not_a_store(path, Found::NotSqlite),
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Locked {
             path: path.to_owned(),
         },
-        Some(ErrorCode::DatabaseCorrupt) => StoreError::open(path, "the database file is corrupt"),
+        Some(ErrorCode::DatabaseCorrupt) => StoreError::open(path, Problem::Corrupt),
         Some(ErrorCode::CannotOpen | ErrorCode::PermissionDenied | ErrorCode::ReadOnly) => {
             // SQLite's text ("unable to open database file") hides the reason; the OS has it.
             let writable = !flags.contains(OpenFlags::SQLITE_OPEN_READ_ONLY);
@@ -614,10 +643,10 @@ fn classify_open_error(path: &Path, flags: OpenFlags, e: rusqlite::Error) -> Sto
                 .open(path);
             match os {
                 Err(io) => StoreError::open(path, io),
-                Ok(_) => StoreError::open(path, e),
+                Ok(_) => StoreError::open(path, Cause::sqlite(e)),
             }
         }
-        _ => StoreError::open(path, e),
+        _ => StoreError::open(path, Cause::sqlite(e)),
     }
 }
 

@@ -12,9 +12,13 @@ mod duplicates;
 mod export;
 #[path = "it/forward.rs"]
 mod forward;
+#[path = "it/health.rs"]
+mod health;
 #[path = "it/open.rs"]
 mod open;
 #[path = "it/retention.rs"]
 mod retention;
+#[path = "it/then_ack.rs"]
+mod then_ack;
 #[path = "it/writer.rs"]
 mod writer;

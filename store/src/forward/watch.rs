@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use mllp_reactor::ack::{self, AckCode};
+use mllp_reactor::ack::{Ack, AckCode};
 use mllp_reactor::{Handler, Reply, handler_fn};
 
 use crate::record::{Origin, Record, system_time_to_us};
@@ -49,7 +49,7 @@ impl WatchKey {
 }
 
 /// How the destinations answered a watched message.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum Verdict {
     /// Every destination answered AA or CA.
@@ -66,8 +66,8 @@ pub enum Verdict {
         /// A destination that had not answered.
         destination: String,
     },
-    /// The caller gave up on it (the commit failed).
-    Cancelled,
+    /// The message was not stored (the commit failed, or the store refused it).
+    NotStored(StoreError),
 }
 
 /// The callback of a watched message, called exactly once.
@@ -195,15 +195,15 @@ impl Watcher {
         if let Some(old) = entries.insert(key, entry) {
             // The same key twice cannot happen (sequence numbers grow); answer the old one.
             drop(entries);
-            (old.done)(Verdict::Cancelled);
+            (old.done)(Verdict::NotStored(StoreError::Closed));
             return;
         }
         self.registry.len.store(entries.len(), Ordering::Release);
     }
 
-    /// Stops watching `key`; its callback runs with [`Verdict::Cancelled`] unless it already
-    /// ran.
-    pub fn cancel(&self, key: WatchKey) {
+    /// Stops watching `key` because the message was not stored; its callback runs with
+    /// [`Verdict::NotStored`] unless it already ran.
+    pub fn cancel(&self, key: WatchKey, error: StoreError) {
         let entry = {
             let mut entries = self
                 .registry
@@ -215,58 +215,72 @@ impl Watcher {
             entry
         };
         if let Some(entry) = entry {
-            (entry.done)(Verdict::Cancelled);
+            (entry.done)(Verdict::NotStored(error));
         }
     }
 }
 
 /// A handler that stores each message and answers only when every destination of `watcher`'s
-/// forwarder has answered it: AA if all answered AA (or CA), AE otherwise; AE when `timeout`
-/// passes first (the message stays queued and is still delivered); AE "message not stored"
-/// when the commit failed. Mirth's "after destinations completed".
+/// forwarder has answered it: AA if all answered AA (or CA), AE naming the first destination
+/// that did not; AE when `timeout` passes first (the message stays queued and is still
+/// delivered). A message that was not stored is a handler failure, answered by the server
+/// under its NAK policy, as with [`StoreThenAck`](crate::StoreThenAck). Mirth's "after
+/// destinations completed".
 ///
-/// It never blocks: the reply is deferred and completed from the lane or expiry thread.
+/// It never blocks: the reply is deferred and completed from a lane or the expiry thread.
+/// Use it with [`Dispatch::Inline`](mllp_reactor::Dispatch::Inline).
 pub fn ack_after_forwarded(store: Arc<Store>, watcher: Watcher, timeout: Duration) -> impl Handler {
     handler_fn(move |msg, cx| {
         let reply = cx.defer();
         let record = Record::from_message(msg.clone(), cx);
         let key = WatchKey::of(&record.origin);
         let payload = msg.clone();
-        let timeout_text = format!("not forwarded within {}s", timeout.as_secs_f64());
+        let seconds = timeout.as_secs_f64();
         watcher.watch(
             key,
             timeout,
             Box::new(move |verdict| {
-                let ack = match verdict {
-                    Verdict::Accepted => ack::accept(&payload),
+                let ae = |text: &str| Reply::Send(Ack::new(AckCode::AE).text(text).build(&payload));
+                let answer = match verdict {
+                    Verdict::Accepted => Reply::Send(Ack::new(AckCode::AA).build(&payload)),
                     Verdict::NotAccepted {
                         destination,
                         reason,
-                    } => ack::nak(
-                        &payload,
-                        AckCode::AE,
-                        &format!("destination {destination} answered {reason}"),
-                    ),
-                    Verdict::TimedOut { destination } => ack::nak(
-                        &payload,
-                        AckCode::AE,
-                        &format!("{timeout_text} (destination {destination}); it stays queued"),
-                    ),
-                    Verdict::Cancelled => ack::nak(&payload, AckCode::AE, "message not stored"),
+                    } => ae(&format!("destination {destination} answered {reason}")),
+                    Verdict::TimedOut { destination } => ae(&format!(
+                        "not forwarded within {seconds}s (destination {destination}); it stays queued"
+                    )),
+                    Verdict::NotStored(error) => return reply.fail(NotStored(error)),
                 };
-                reply.send(Reply::Send(ack));
+                reply.send(answer);
             }),
         );
         let cancel = watcher.clone();
         let done: crate::Done = Box::new(move |result: Result<_, StoreError>| {
-            if result.is_err() {
-                cancel.cancel(key);
+            if let Err(error) = result {
+                cancel.cancel(key, error);
             }
         });
         if let Err(refused) = store.submit(record, done) {
-            let (_, done) = refused.into_submission().into_parts();
-            done(Err(StoreError::Closed));
+            let reason = refused.reason();
+            (refused.into_submission().into_parts().1)(Err(reason));
         }
         Ok(Reply::Deferred)
     })
+}
+
+/// The handler error of a message that was not stored: "message not stored: …".
+#[derive(Debug)]
+struct NotStored(StoreError);
+
+impl std::fmt::Display for NotStored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "message not stored: {}", self.0)
+    }
+}
+
+impl std::error::Error for NotStored {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
 }

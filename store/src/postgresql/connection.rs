@@ -7,10 +7,10 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::batch::{Failure, insert_batch};
-use super::describe::Describe;
 use super::session::Session;
+use super::sql::LOCK_KEY;
 use super::{PostgresBackend, RECONNECT_MAX, RECONNECT_MIN};
-use crate::error::StoreError;
+use crate::error::{Cause, StoreError};
 use crate::record::{Record, StoreOutcome};
 
 /// A live connection and its prepared statements.
@@ -32,12 +32,21 @@ impl Connection {
     }
 }
 
+/// How one attempt at a batch failed.
+pub(super) enum Attempt {
+    /// Nothing committed.
+    Failed(StoreError),
+    /// The connection died after `COMMIT` was sent: the batch may have committed, with these
+    /// outcomes.
+    Unknown(StoreError, Vec<StoreOutcome>),
+}
+
 /// When the next reconnect may be tried, after failed ones.
 #[derive(Debug, Default)]
 pub(super) struct Backoff {
     delay: Duration,
     retry_at: Option<Instant>,
-    last_error: String,
+    last_error: Option<StoreError>,
 }
 
 impl PostgresBackend {
@@ -48,10 +57,12 @@ impl PostgresBackend {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| StoreError::open(&path, format_args!("cannot start a runtime: {e}")))?;
+            .map_err(|e| {
+                StoreError::open(&path, Cause::from(e).context("cannot start a runtime"))
+            })?;
         let (client, connection) = runtime
             .block_on(self.config.connect(NoTls))
-            .map_err(|e| StoreError::open(&path, Describe(&e)))?;
+            .map_err(|e| StoreError::open(&path, Cause::postgres(e)))?;
         // Runs whenever a call blocks on this runtime; ends when the server closes.
         runtime.spawn(async move {
             let _ = connection.await;
@@ -82,15 +93,13 @@ impl PostgresBackend {
         if self.conn.is_none() {
             if let Some(at) = self.backoff.retry_at {
                 let now = Instant::now();
-                if now < at {
-                    return Err(StoreError::Open {
-                        path: self.path(),
-                        reason: format!(
-                            "{} (next attempt in {} ms)",
-                            self.backoff.last_error,
-                            (at - now).as_millis()
-                        ),
-                    });
+                if now < at
+                    && let Some(last) = &self.backoff.last_error
+                {
+                    return Err(StoreError::open(
+                        &self.path(),
+                        Cause::waiting(last.clone(), at - now),
+                    ));
                 }
             }
             match self.open(false) {
@@ -107,10 +116,7 @@ impl PostgresBackend {
                     self.backoff = Backoff {
                         delay,
                         retry_at: Some(Instant::now() + delay),
-                        last_error: match &e {
-                            StoreError::Open { reason, .. } => reason.clone(),
-                            other => other.to_string(),
-                        },
+                        last_error: Some(e.clone()),
                     };
                     return Err(e);
                 }
@@ -126,12 +132,12 @@ impl PostgresBackend {
     }
 
     /// Maps a read-side failure, forgetting a dead connection so the next call reconnects.
-    pub(super) fn read_error(&mut self, e: &tokio_postgres::Error) -> StoreError {
-        self.forget_if_dead(e);
+    pub(super) fn read_error(&mut self, e: tokio_postgres::Error) -> StoreError {
+        self.forget_if_dead(&e);
         if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) {
             return StoreError::Locked { path: self.path() };
         }
-        StoreError::read(Describe(e))
+        StoreError::read(Cause::postgres(e))
     }
 
     fn forget_if_dead(&mut self, e: &tokio_postgres::Error) {
@@ -143,21 +149,17 @@ impl PostgresBackend {
         }
     }
 
-    /// One attempt at a batch. `Err((error, committed_maybe))`: `committed_maybe` is true
-    /// when the connection failed while `COMMIT` was in flight, so the outcome is unknown.
-    pub(super) fn try_commit(
-        &mut self,
-        batch: &[Record],
-    ) -> Result<Vec<StoreOutcome>, (StoreError, bool)> {
+    /// One attempt at a batch.
+    pub(super) fn try_commit(&mut self, batch: &[Record]) -> Result<Vec<StoreOutcome>, Attempt> {
         let window = self.window_us();
         let conn = self
             .connection()
-            .map_err(|e| (StoreError::commit(e), false))?;
+            .map_err(|e| Attempt::Failed(StoreError::commit(e)))?;
         match insert_batch(conn, batch, window) {
             Ok(outcomes) => Ok(outcomes),
             Err((e, failure)) => {
                 let alive = e.as_db_error().is_some() && !conn.client.is_closed();
-                match failure {
+                match &failure {
                     // A statement failed (a lock timeout, say): the connection is fine, only
                     // the transaction is aborted.
                     Failure::Open if alive => {
@@ -171,11 +173,45 @@ impl PostgresBackend {
                     Failure::Ended if alive => {}
                     _ => self.conn = None,
                 }
-                Err((
-                    StoreError::commit(Describe(&e)),
-                    matches!(failure, Failure::Unknown),
-                ))
+                let error = StoreError::commit(Cause::postgres(e));
+                Err(match failure {
+                    Failure::Unknown(outcomes) => Attempt::Unknown(error, outcomes),
+                    Failure::Open | Failure::Ended => Attempt::Failed(error),
+                })
             }
         }
+    }
+
+    /// Whether the batch whose first id is `first` committed, asked on a fresh connection
+    /// after the old one died with `COMMIT` in flight. Asked under the store's lock: the old
+    /// session held it from before its `INSERT`, so once we have it that session's
+    /// transaction has ended one way or the other and the answer is final. (A session that
+    /// never received the `COMMIT` holds the lock until PostgreSQL ends it, after
+    /// [`IDLE_IN_TRANSACTION_TIMEOUT`](super::IDLE_IN_TRANSACTION_TIMEOUT); the lookup gives
+    /// up after the lock timeout first, and the batch stays unknown.)
+    pub(super) fn committed(&mut self, first: i64) -> Result<bool, StoreError> {
+        let conn = self.connection()?;
+        let lock = format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({}, {})",
+            LOCK_KEY.0, LOCK_KEY.1
+        );
+        let result = conn.block_on(async {
+            conn.client.batch_execute(&lock).await?;
+            let found = conn
+                .client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM mllp_messages WHERE id = $1)",
+                    &[&first],
+                )
+                .await?
+                .try_get::<_, bool>(0)?;
+            conn.client.batch_execute("COMMIT").await?;
+            Ok::<_, tokio_postgres::Error>(found)
+        });
+        result.map_err(|e| {
+            // Dropping the connection ends whatever is left of the transaction.
+            self.conn = None;
+            StoreError::read(Cause::postgres(e))
+        })
     }
 }

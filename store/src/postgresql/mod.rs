@@ -104,14 +104,24 @@
 //!
 //! # Connection loss
 //!
-//! A batch whose `INSERT` did not succeed did not commit (the server rolls an open
-//! transaction back when its connection ends, and the `COMMIT` sent behind a failed `INSERT`
-//! only ends the aborted transaction). If the connection was found dead that way, the backend
-//! reconnects once and retries the batch (a PostgreSQL restart while idle costs no error). Otherwise the batch fails (the senders get AE, never AA) and
-//! the connection is dropped; reconnect attempts follow with a backoff from 100 ms doubling
-//! to 2 s, and batches arriving in between fail at once. When the connection dies while
-//! `COMMIT` is in flight, the outcome is unknown: the batch fails (AE), the sender resends,
-//! and if the first copy did commit, the resend is stored flagged as its duplicate.
+//! A batch that failed before its `INSERT` and `COMMIT` were sent did not commit (the server
+//! rolls an open transaction back when its connection ends), and neither did one whose
+//! `INSERT` or `COMMIT` the server rejected (the `COMMIT` sent behind a failed `INSERT` only
+//! ends the aborted transaction). If the connection was found dead before `COMMIT` was sent,
+//! the backend reconnects once and retries the batch (a PostgreSQL restart while idle costs
+//! no error). Otherwise the batch fails (the senders get AE, never AA) and the connection is
+//! dropped; reconnect attempts follow with a backoff from 100 ms doubling to 2 s, and batches
+//! arriving in between fail at once.
+//!
+//! When the connection dies after `INSERT` and `COMMIT` were sent, the server may have
+//! committed the batch and lost only its reply. The backend never guesses: it reconnects and
+//! looks the batch up by its first id (ids are allocated under the store's lock, so that id
+//! is the batch's), itself under the store's lock, which the old session held until its
+//! transaction ended. Committed: the batch's outcomes stand (AA, each record stored once).
+//! Not committed: the batch is stored now, once. If the lookup fails too, the batch fails
+//! with [`Problem::OutcomeUnknown`] (AE); the sender resends, and if the first copy did
+//! commit, the resend is stored flagged as its duplicate (a message without MSH-10 cannot be
+//! flagged, and may then be stored twice: that is why the lookup comes first).
 //! TCP keepalives (idle 10 s) notice a database host that vanished without a reset. A URL
 //! naming several hosts with `target_session_attrs=read-write` reconnects to whichever one is
 //! the primary after a failover.
@@ -134,12 +144,14 @@ use tokio_postgres::Config;
 use tokio_postgres::types::ToSql;
 
 use crate::backend::Backend;
-use crate::error::StoreError;
+use crate::error::{Cause, Problem, StoreError};
 use crate::record::{DuplicateKey, Record, StoreId, StoreOutcome, StoredRecord, system_time_to_us};
+use crate::spec::redact;
 
 use batch::pg_text;
+use connection::Attempt;
 use connection::{Backoff, Connection};
-use describe::{Describe, location, redact};
+use describe::location;
 pub use options::{PostgresOptions, is_postgres_url};
 
 /// The schema version this build writes and the newest it reads.
@@ -241,7 +253,7 @@ impl PostgresBackend {
         let mut config = Config::from_str(url).map_err(|e| {
             StoreError::open(
                 &PathBuf::from(&shown),
-                format_args!("bad URL: {}", Describe(&e)),
+                Cause::postgres(e).context("bad URL"),
             )
         })?;
         if config.get_password().is_none()
@@ -285,22 +297,53 @@ impl PostgresBackend {
     fn path(&self) -> PathBuf {
         PathBuf::from(&self.location)
     }
+
+    /// Settles a batch whose connection died with `COMMIT` in flight: if it committed, its
+    /// `outcomes` stand (the records are stored once, and their senders get AA); if it did
+    /// not, it is stored now, once. If that cannot be found out, the batch fails with
+    /// [`Problem::OutcomeUnknown`] (AE, never AA): a resend is then stored flagged as a
+    /// duplicate if the first copy did commit.
+    fn settle(
+        &mut self,
+        batch: &[Record],
+        outcomes: Vec<StoreOutcome>,
+    ) -> Result<Vec<StoreOutcome>, StoreError> {
+        let Some(first) = outcomes.first() else {
+            return Ok(outcomes);
+        };
+        let unknown = |why: StoreError| {
+            StoreError::commit(Cause::problem_because(Problem::OutcomeUnknown, why))
+        };
+        match self.committed(first.id) {
+            Ok(true) => Ok(outcomes),
+            Ok(false) => match self.try_commit(batch) {
+                Ok(outcomes) => Ok(outcomes),
+                Err(Attempt::Failed(e)) => Err(e),
+                Err(Attempt::Unknown(e, _)) => Err(unknown(e)),
+            },
+            Err(lookup) => Err(unknown(lookup)),
+        }
+    }
 }
 
 impl Backend for PostgresBackend {
     fn commit_batch(&mut self, batch: &[Record]) -> Result<Vec<StoreOutcome>, StoreError> {
         if self.read_only {
-            return Err(StoreError::commit("the store was opened read-only"));
+            return Err(StoreError::commit(Problem::ReadOnly));
         }
         let had_connection = self.conn.is_some();
-        match self.try_commit(batch) {
-            Ok(outcomes) => Ok(outcomes),
-            // The connection we had died (a database restart while we were idle, say) and
-            // COMMIT was never sent, so nothing committed: one retry on a fresh connection.
-            Err((_, false)) if had_connection && self.conn.is_none() => {
-                self.try_commit(batch).map_err(|(e, _)| e)
+        let attempt = match self.try_commit(batch) {
+            // The connection we had died (a database restart while we were idle, say) before
+            // COMMIT was sent, so nothing committed: one retry on a fresh connection.
+            Err(Attempt::Failed(_)) if had_connection && self.conn.is_none() => {
+                self.try_commit(batch)
             }
-            Err((e, _)) => Err(e),
+            other => other,
+        };
+        match attempt {
+            Ok(outcomes) => Ok(outcomes),
+            Err(Attempt::Failed(e)) => Err(e),
+            Err(Attempt::Unknown(_, outcomes)) => self.settle(batch, outcomes),
         }
     }
 
@@ -344,7 +387,7 @@ impl Backend for PostgresBackend {
             }
             Ok(page)
         });
-        result.map_err(|e| self.read_error(&e))
+        result.map_err(|e| self.read_error(e))
     }
 
     fn last_id(&mut self) -> Result<StoreId, StoreError> {
@@ -355,7 +398,7 @@ impl Backend for PostgresBackend {
                     .query_one("SELECT coalesce(max(id), 0) FROM mllp_messages", &[]),
             )
             .and_then(|row| row.try_get(0));
-        result.map_err(|e| self.read_error(&e))
+        result.map_err(|e| self.read_error(e))
     }
 
     fn find_original(
@@ -377,10 +420,17 @@ impl Backend for PostgresBackend {
             ))
             .and_then(|row| row.try_get::<_, Vec<Option<i64>>>(0))
             .map(|found| found.into_iter().next().flatten());
-        result.map_err(|e| self.read_error(&e))
+        result.map_err(|e| self.read_error(e))
     }
 
     fn location(&self) -> String {
         self.location.clone()
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{} (synchronous_commit={})",
+            self.location, self.synchronous_commit
+        )
     }
 }
