@@ -4,8 +4,8 @@
 //! threads, and `pool.rs` only runs handlers.
 //!
 //! Thin glue: protocol decisions live in [`Connection`]; this file moves bytes between
-//! [`Transport`]s and connections, messages to the handler (inline) or the [`Pool`],
-//! completions back, deadlines through the [`TimerWheel`], and events to [`Telemetry`].
+//! [`Transport`]s and connections, messages to the [`Dispatcher`] (the handler inline, or
+//! the [`Pool`]), completions back, deadlines through the [`TimerWheel`], and events to [`Telemetry`].
 //!
 //! Sockets are registered once for `READABLE | WRITABLE` (edge-triggered) and never
 //! re-registered: the reactor remembers readiness in `read_ready`/`write_ready` and acts on it
