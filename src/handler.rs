@@ -21,6 +21,7 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 
 use crate::completion::{CompletionSink, ReplyHandle};
+use crate::limits::{DEFAULT_MAX_IN_FLIGHT_INLINE, DEFAULT_MAX_IN_FLIGHT_POOL};
 use crate::outcome::{ConnectionId, HandlerError, Outcome, Reply, describe};
 use crate::reason::ExceptionReason;
 
@@ -42,6 +43,23 @@ pub enum Dispatch {
     /// slow computation). The default. The pool's threads exist only in this mode.
     #[default]
     Pool,
+}
+
+impl Dispatch {
+    /// The `max_in_flight` a server uses with this dispatch when the builder sets none:
+    /// [`DEFAULT_MAX_IN_FLIGHT_INLINE`](crate::DEFAULT_MAX_IN_FLIGHT_INLINE) or
+    /// [`DEFAULT_MAX_IN_FLIGHT_POOL`](crate::DEFAULT_MAX_IN_FLIGHT_POOL). For code that sizes
+    /// something by it (a store's queue) without copying the rule.
+    ///
+    /// ```
+    /// assert_eq!(mllp_reactor::Dispatch::Pool.default_max_in_flight(), 1);
+    /// ```
+    pub fn default_max_in_flight(self) -> usize {
+        match self {
+            Self::Inline => DEFAULT_MAX_IN_FLIGHT_INLINE,
+            Self::Pool => DEFAULT_MAX_IN_FLIGHT_POOL,
+        }
+    }
 }
 
 /// Application code that turns one HL7 message into a reply.
@@ -128,8 +146,7 @@ pub struct Context {
     /// Set once [`defer`](Self::defer) handed out the message's handle.
     pub(crate) deferred: Cell<bool>,
     /// The verified client certificate (mutual TLS).
-    #[cfg(feature = "tls")]
-    pub(crate) identity: Option<Arc<crate::tls::PeerIdentity>>,
+    pub(crate) identity: Option<Arc<crate::identity::PeerIdentity>>,
 }
 
 impl fmt::Debug for Context {
@@ -145,9 +162,8 @@ impl fmt::Debug for Context {
 
 impl Context {
     /// The verified client certificate's identity (subject CN, SANs, SHA-256 fingerprint of
-    /// the leaf) when the connection uses mutual TLS (feature `tls`).
-    #[cfg(feature = "tls")]
-    pub fn peer_identity(&self) -> Option<&crate::tls::PeerIdentity> {
+    /// the leaf) when the connection uses mutual TLS (feature `tls`; always `None` without it).
+    pub fn peer_identity(&self) -> Option<&crate::identity::PeerIdentity> {
         self.identity.as_deref()
     }
 

@@ -130,7 +130,9 @@ pub mod date;
 mod dispatch;
 mod error;
 mod handler;
+mod identity;
 mod limits;
+mod link;
 pub mod msh;
 mod outcome;
 mod pool;
@@ -152,6 +154,7 @@ pub use connection::NakPolicy;
 pub use control::ShutdownReport;
 pub use error::{ConfigError, Error};
 pub use handler::{Context, Dispatch, Handler, HandlerFn, handler_fn};
+pub use identity::{PeerIdentity, SubjectAltName};
 pub use limits::{
     DEFAULT_FRAME_TIMEOUT, DEFAULT_HANDLER_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_INLINE_SLOW_THRESHOLD, DEFAULT_MAX_CONNECTIONS,
