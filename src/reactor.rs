@@ -4,8 +4,8 @@
 //! binds the listening socket and starts threads, and `pool.rs` only runs handlers.
 //!
 //! Thin: the reactor polls, routes readiness, completions and timers to links, applies the
-//! memory budget (whether a link may read) and hands messages to the handler (inline) or the
-//! [`Pool`], and reports events to [`Telemetry`]. What a read or a write means (the PROXY
+//! memory budget (whether a link may read), hands messages to the [`Dispatcher`] (the handler
+//! inline, or the [`Pool`]), and reports events to [`Telemetry`]. What a read or a write means (the PROXY
 //! header, the allow-list, TLS, close reasons) is the link's business, and MLLP is the
 //! [`Connection`](crate::connection::Connection)'s.
 //!

@@ -38,7 +38,7 @@
 //! | `mllp_socket_writes_total` | counter | | |
 //! | `mllp_junk_bytes_total` | counter | bytes outside frames | |
 //! | `mllp_frames_rejected_total` | counter | | `reason` = too_large, frame_timeout |
-//! | `mllp_naks_sent_total` | counter | | `code` = AE, AR |
+//! | `mllp_naks_sent_total` | counter | | `code` = AE, AR: NAKs the server builds and NAKs a handler returns (by MSA-1), alike |
 //! | `mllp_handler_late_results_total` | counter | | |
 //! | `mllp_workers_replaced_total` | counter | | |
 //! | `mllp_workers_busy` | gauge | | |
@@ -530,7 +530,8 @@ impl Telemetry {
                 })
             }),
             Event::NakQueued(AckCode::AR) => m.naks_ar.increment(1),
-            Event::NakQueued(_) => m.naks_ae.increment(1),
+            Event::NakQueued(AckCode::AE) => m.naks_ae.increment(1),
+            Event::NakQueued(_) => {}
             Event::LateResult => m.late_results.increment(1),
             Event::FrameRejected(FrameRejection::TooLarge) => m.frames_too_large.increment(1),
             Event::FrameRejected(FrameRejection::Timeout) => m.frames_timed_out.increment(1),

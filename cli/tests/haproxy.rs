@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 
 use mllp_reactor::proxy::{ProxyDecoder, ProxyHeader, ProxyMode, encode_v2};
 
-#[path = "support/haproxy.rs"]
-mod support;
+use mllp_test_support::haproxy as support;
 
 use support::{Haproxy, TIMEOUT, free_port, haproxy_binary};
 
