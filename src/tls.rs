@@ -49,6 +49,7 @@ mod x509;
 #[cfg(test)]
 mod tests;
 
+pub use crate::identity::SubjectAltName;
 pub(crate) use client::ClientStream;
 pub use client::{ClientTls, TlsClientStream};
 pub use config::{TlsAcceptor, TlsConfig, TlsError};
@@ -64,7 +65,6 @@ pub use stream::{PeerIdentity, TLS_BUFFER_LIMIT, TlsFailure, TlsFailureKind};
 pub mod __plumbing {
     pub use super::stream::{INCOMING_CHUNK, ShutdownWrite, TlsStream};
 }
-pub use crate::identity::SubjectAltName;
 
 /// Fuzz target `tls`: arbitrary bytes from a client to a server [`TlsStream`] (and to the
 /// certificate reader) never panic, and buffers stay within their caps.

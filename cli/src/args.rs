@@ -2,7 +2,6 @@
 //! check each value as it is read, so that a bad value is a usage error (exit 2) before
 //! anything is opened, created or bound. Nothing here acts on a value.
 
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,8 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use mllp_store::StoreSpec;
 
 use crate::error::ValueError;
+use crate::forward::{ForwardArgs, ForwardFlags};
 use crate::logging::LogFormat;
-use crate::parse::parse_duration;
+use crate::parse::{TypedDuration, parse_duration, parse_timeout, parse_typed_duration};
 use crate::retention::{PruneArgs, RetainArgs};
 
 /// The store `serve` uses without `--store`: relative, so it lands in `$STATE_DIRECTORY`
@@ -62,6 +62,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Write the messages of a store to stdout, in store order (works while serve runs).
     Export(ExportArgs),
+    /// Store and forward: show the delivery state, requeue dead letters.
+    Forward(ForwardArgs),
     /// Remove messages older than a period from a store now (works while serve runs).
     Prune(PruneArgs),
 }
@@ -159,6 +161,8 @@ pub struct ServeArgs {
     #[arg(long, conflicts_with = "no_store")]
     pub allow_async_commit: bool,
     #[command(flatten)]
+    pub forward: ForwardFlags,
+    #[command(flatten)]
     pub retention: RetainArgs,
 }
 
@@ -242,39 +246,6 @@ pub struct BenchArgs {
     pub json: bool,
     #[command(flatten)]
     pub tls: TlsClientArgs,
-}
-
-/// A duration as the user typed it: compared and used as a [`Duration`], printed as typed (so
-/// `--grace 0s` prints `0s`, not `0ns`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TypedDuration {
-    /// The value.
-    pub value: Duration,
-    /// The text it was parsed from, trimmed.
-    pub text: String,
-}
-
-impl fmt::Display for TypedDuration {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
-    }
-}
-
-/// [`parse_duration`], keeping the text.
-fn parse_typed_duration(text: &str) -> Result<TypedDuration, ValueError> {
-    Ok(TypedDuration {
-        value: parse_duration(text)?,
-        text: text.trim().to_owned(),
-    })
-}
-
-/// A timeout: a duration greater than zero (zero would close every connection at once).
-fn parse_timeout(text: &str) -> Result<TypedDuration, ValueError> {
-    let typed = parse_typed_duration(text)?;
-    if typed.value.is_zero() {
-        return Err(ValueError::Zero);
-    }
-    Ok(typed)
 }
 
 /// A duration greater than zero.

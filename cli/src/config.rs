@@ -74,6 +74,11 @@ fn given_flags(args: &[OsString]) -> Vec<String> {
         .collect()
 }
 
+/// Repeatable flags whose values the command line adds to the file's instead of replacing
+/// them: forwarding destinations, which are merged by name (a name given again takes the
+/// command line's address or setting).
+const MERGED_BY_NAME: [&str; 2] = ["forward", "forward-set"];
+
 /// The file's keys the command line overrides: the flags it gives, and those they conflict
 /// with (`--no-store` overrides the file's `store`).
 fn overridden_keys(given: &[String]) -> Vec<String> {
@@ -81,7 +86,11 @@ fn overridden_keys(given: &[String]) -> Vec<String> {
     let serve = command
         .find_subcommand("serve")
         .expect("the serve subcommand is defined in args.rs");
-    let mut keys = given.to_vec();
+    let mut keys: Vec<String> = given
+        .iter()
+        .filter(|g| !MERGED_BY_NAME.contains(&g.as_str()))
+        .cloned()
+        .collect();
     for arg in serve
         .get_arguments()
         .filter(|a| a.get_long().is_some_and(|l| given.iter().any(|g| g == l)))
@@ -132,6 +141,11 @@ fn flags_from_toml(text: &str) -> Result<Vec<(String, OsString)>, ConfigFileErro
         .expect("the serve subcommand is defined in args.rs");
     let mut flags = Vec::new();
     for (key, value) in &table {
+        // `[forward.NAME]` tables: one destination each (see `forward::flags_from_table`).
+        if let ("forward", toml::Value::Table(destinations)) = (key.as_str(), value) {
+            flags.extend(crate::forward::flags_from_table(destinations)?);
+            continue;
+        }
         let name = key.replace('_', "-");
         let arg = serve
             .get_arguments()

@@ -104,6 +104,10 @@ pub enum CliError {
         /// Why.
         source: ClientError,
     },
+    /// Forwarding could not start, or `forward status`/`requeue` failed.
+    Forward(mllp_store::forward::ForwardError),
+    /// `forward requeue ID…`: none of the ids is a dead letter.
+    NoDeadLetters,
     /// `bench` could not carry out its run.
     Load(LoadError),
     /// `bench` ran, but some messages got no valid ACK.
@@ -185,6 +189,8 @@ impl fmt::Display for CliError {
                     _ => Ok(()),
                 }
             }
+            Self::Forward(e) => write!(f, "forwarding: {e}"),
+            Self::NoDeadLetters => f.write_str("none of these ids is a dead letter"),
             Self::Load(e) => e.fmt(f),
             Self::RunErrors { count, kinds } => {
                 write!(f, "{count} errors during the run ({kinds})")
@@ -211,8 +217,9 @@ impl StdError for CliError {
             Self::Export(e) => Some(e),
             Self::Tls { source, .. } => Some(source),
             Self::Client { source, .. } => Some(source),
+            Self::Forward(e) => Some(e),
             Self::Load(e) => Some(e),
-            Self::RunErrors { .. } | Self::Nak => None,
+            Self::RunErrors { .. } | Self::Nak | Self::NoDeadLetters => None,
         }
     }
 }
@@ -260,6 +267,18 @@ pub enum ValueError {
     ZeroRetain,
     /// A command that supports SQLite stores only.
     OnlySqlite,
+    /// Not of the expected form (the text is the form, e.g. `NAME=HOST:PORT`).
+    Expected(&'static str),
+    /// `--forward-set` for a destination no `--forward` names.
+    NoSuchDestination(String),
+    /// A destination setting's key that does not exist.
+    UnknownKey(String),
+    /// A value a library type refused (its own error says why).
+    Invalid(Box<dyn StdError + Send + Sync>),
+    /// A flag that needs another one.
+    Needs(&'static str),
+    /// `--forward` with `--no-store`: messages are forwarded from the store.
+    NeedsStore,
     /// Zero where only a positive value works.
     Zero,
     /// Not a whole number.
@@ -320,6 +339,14 @@ impl fmt::Display for ValueError {
                 f.write_str("must be greater than zero (use `forever` to keep everything)")
             }
             Self::OnlySqlite => f.write_str("supports SQLite stores only for now"),
+            Self::Expected(form) => write!(f, "expected {form}"),
+            Self::NoSuchDestination(name) => write!(f, "no --forward {name}=HOST:PORT"),
+            Self::UnknownKey(key) => write!(f, "unknown key {key:?}"),
+            Self::Invalid(e) => e.fmt(f),
+            Self::Needs(other) => write!(f, "needs {other}"),
+            Self::NeedsStore => {
+                f.write_str("needs the store: messages are forwarded from it (drop --no-store)")
+            }
             Self::Zero => f.write_str("must be greater than zero"),
             Self::NotWholeNumber => f.write_str("is not a whole number"),
             Self::OutOfRange { value, min, max } => {
@@ -362,6 +389,7 @@ impl StdError for ValueError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         match self {
             Self::Resolve { source, .. } => Some(source),
+            Self::Invalid(e) => Some(e.as_ref()),
             _ => None,
         }
     }
@@ -389,6 +417,17 @@ pub enum ConfigFileError {
     Switch(String),
     /// A value the flag refuses (clap's line).
     Value(clap::Error),
+    /// `forward.NAME` is not a table.
+    ForwardNotTable(String),
+    /// A `[forward.NAME]` table without `address`.
+    ForwardNoAddress(String),
+    /// A `[forward.NAME]` key whose value is not a string, number or boolean.
+    ForwardWrongType {
+        /// The destination.
+        name: String,
+        /// The key.
+        key: String,
+    },
 }
 
 impl fmt::Display for ConfigFileError {
@@ -414,6 +453,17 @@ impl fmt::Display for ConfigFileError {
             }
             Self::Switch(key) => write!(f, "key `{key}` is a switch: write `{key} = true`"),
             Self::Value(e) => f.write_str(&clap_line(e)),
+            Self::ForwardNotTable(name) => write!(
+                f,
+                "`forward.{name}` must be a table ([forward.{name}] with address = \"HOST:PORT\")"
+            ),
+            Self::ForwardNoAddress(name) => {
+                write!(f, "[forward.{name}] needs address = \"HOST:PORT\"")
+            }
+            Self::ForwardWrongType { name, key } => write!(
+                f,
+                "[forward.{name}] key `{key}` must be a string or a number"
+            ),
         }
     }
 }

@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `mllp::server` | info | start (with the options in force), drain, stop |
 //! | `mllp::conn` | info, warn | connection opened (at its first message); closed with peer, reason and duration (warn for timeouts, oversize, I/O errors, rejections) |
-//! | `mllp::conn` | debug | connection accepted; a connection that closed without sending a byte (a balancer's health check, a port scan), whatever its reason |
+//! | `mllp::conn` | debug | connection accepted; a probe (a health check: connect, then close with no bytes or a PROXY header alone) |
 //! | `mllp::msg` | warn | a NAK or a handler failure: connection, peer, sequence, reason, control id where known, detail |
 //! | `mllp::msg` | debug | every message received and answered (off by default) |
 //!
@@ -255,20 +255,18 @@ impl Observer for LogObserver {
     fn connection_stop(&self, e: &ConnectionStop) {
         let reason = e.reason.as_str();
         let duration = Elapsed(e.duration);
-        if e.silent {
-            // Connected and left without a byte: a probe, not a problem, however it ended
-            // (HAProxy's checks end with a reset).
-            tracing::debug!(
+        match e.reason {
+            // Connected and left without a byte (or with a PROXY header alone): a balancer's
+            // health check every few seconds, not a problem, however it ended (HAProxy's end
+            // with a reset).
+            CloseReason::Probe => tracing::debug!(
                 target: "mllp::conn",
                 conn = %e.connection,
                 peer = %e.peer,
                 reason,
                 duration = %duration,
-                "connection closed without data"
-            );
-            return;
-        }
-        match e.reason {
+                "connection probed"
+            ),
             CloseReason::PeerClosed
             | CloseReason::IdleTimeout
             | CloseReason::Shutdown

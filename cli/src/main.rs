@@ -3,8 +3,8 @@
 //! ([`error::CliError::exit_code`]).
 //!
 //! Modules depend one way: `main` → subcommands (`serve`, `send`, `bench`, `export`,
-//! `retention`'s `prune`) → `args` (flags), `config`, `logging`, `addr` → `parse` → `error` →
-//! `loadgen`.
+//! `forward`, `retention`'s `prune`) → `args` (flags), `config`, `logging`, `addr`,
+//! `tls_client` → `parse` → `error` → `loadgen`.
 // A binary (or test/example root): `pub` inside it only ever means crate-visible.
 #![allow(unreachable_pub)]
 
@@ -14,6 +14,7 @@ mod bench;
 mod config;
 mod error;
 mod export;
+mod forward;
 mod loadgen;
 mod logging;
 mod parse;
@@ -22,6 +23,7 @@ mod retention;
 mod send;
 mod serve;
 mod store_glue;
+mod tls_client;
 
 use std::process::ExitCode;
 
@@ -57,6 +59,7 @@ fn run() -> Result<(), CliError> {
         Command::Send(args) => send::send(&args),
         Command::Bench(args) => bench::bench(&args),
         Command::Export(args) => export::export(&args),
+        Command::Forward(args) => forward::run(&args),
         Command::Prune(args) => retention::prune(&args),
     }
 }

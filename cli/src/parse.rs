@@ -1,6 +1,7 @@
-//! Value parsers shared by several modules' flags (`args`, `retention`): a leaf below both,
-//! so neither imports the other.
+//! Value parsers shared by several modules' flags (`args`, `retention`, `forward`): a leaf
+//! below them, so `args` (which flattens their flags) and they never import each other.
 
+use std::fmt;
 use std::time::Duration;
 
 use crate::error::ValueError;
@@ -22,6 +23,39 @@ pub fn parse_duration(text: &str) -> Result<Duration, ValueError> {
         _ => return Err(ValueError::UnknownUnit(unit.to_owned())),
     };
     Duration::try_from_secs_f64(value * scale).map_err(|_| ValueError::TooLarge)
+}
+
+/// A duration as the user typed it: compared and used as a [`Duration`], printed as typed (so
+/// `--grace 0s` prints `0s`, not `0ns`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypedDuration {
+    /// The value.
+    pub value: Duration,
+    /// The text it was parsed from, trimmed.
+    pub text: String,
+}
+
+impl fmt::Display for TypedDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// [`parse_duration`], keeping the text.
+pub fn parse_typed_duration(text: &str) -> Result<TypedDuration, ValueError> {
+    Ok(TypedDuration {
+        value: parse_duration(text)?,
+        text: text.trim().to_owned(),
+    })
+}
+
+/// A timeout: a duration greater than zero (zero would close every connection at once).
+pub fn parse_timeout(text: &str) -> Result<TypedDuration, ValueError> {
+    let typed = parse_typed_duration(text)?;
+    if typed.value.is_zero() {
+        return Err(ValueError::Zero);
+    }
+    Ok(typed)
 }
 
 #[cfg(test)]

@@ -23,29 +23,15 @@ pub fn client_tls(
     flags: &TlsClientArgs,
     addr: &str,
 ) -> Result<Option<mllp_reactor::tls::ClientTls>, CliError> {
-    let Some(ca) = &flags.tls_ca else {
-        return Ok(None);
-    };
-    let tls_error = |flag: String| move |source| CliError::Tls { flag, source };
-    let mut tls = mllp_reactor::tls::ClientTls::from_ca_file(ca)
-        .map_err(tls_error(format!("--tls-ca {}", ca.display())))?;
-    if let (Some(cert), Some(key)) = (&flags.tls_cert, &flags.tls_key) {
-        tls = tls
-            .client_cert_files(cert, key)
-            .map_err(tls_error("--tls-cert/--tls-key".to_owned()))?;
-    }
-    if let Some(name) = &flags.tls_server_name {
-        tls = tls
-            .server_name(name)
-            .map_err(tls_error(format!("--tls-server-name {name}")))?;
-    } else if let Some((host, _)) = addr.rsplit_once(':') {
-        // Verify against the host the user typed (a name or an address).
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if let Ok(named) = tls.clone().server_name(host) {
-            tls = named;
-        }
-    }
-    Ok(Some(tls))
+    crate::tls_client::client_tls(
+        &crate::tls_client::TlsFiles {
+            ca: flags.tls_ca.clone(),
+            cert: flags.tls_cert.clone(),
+            key: flags.tls_key.clone(),
+            server_name: flags.tls_server_name.clone(),
+        },
+        addr,
+    )
 }
 
 /// What standard input is called in messages.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use mllp_reactor::ack::{Ack, AckCode};
 use mllp_reactor::proxy::ProxyMode;
-use mllp_reactor::{ConfigError, Dispatch, Handler, Reply, Server, handler_fn};
+use mllp_reactor::{Builder, ConfigError, Dispatch, Handler, Reply, Server, handler_fn};
 use mllp_store::{Store, StoreConfig, StoreSpec};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -35,6 +35,7 @@ pub const STATE_DIRECTORY: &str = "STATE_DIRECTORY";
 pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
     check_flags(args)?;
     let store_spec = store_spec(args)?;
+    let destinations = crate::forward::plan(&args.forward, store_spec.as_ref())?;
     let listen = crate::addr::resolve_flag("--listen", &args.listen)?;
     let _logs = logging::init(args.log_format, args.log_level.as_deref())?;
     let tls = tls_acceptor(args)?;
@@ -69,12 +70,35 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
         )?),
         None => None,
     };
+    let forwarder = match (destinations, &store) {
+        (Some(destinations), Some(opened)) => {
+            let gate = opened.store.write_gate().cloned();
+            match crate::forward::start(destinations, &opened.spec, gate) {
+                Ok(forwarder) => Some(forwarder),
+                Err(e) => {
+                    if let Some(store) = store {
+                        store.discard();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        _ => None,
+    };
     // The pruner last: it logs that retention is on, which a start that fails should not.
-    let started = bind(args, listen, store.as_ref().map(|s| &s.store), tls.clone())
-        .and_then(|server| Ok((server, start_pruner(args, store.as_ref())?)));
+    let started = bind(
+        args,
+        listen,
+        handler(args, store.as_ref(), forwarder.as_ref()),
+        tls.clone(),
+    )
+    .and_then(|server| Ok((server, start_pruner(args, store.as_ref())?)));
     let (server, pruner) = match started {
         Ok(started) => started,
         Err(e) => {
+            if let Some(forwarder) = forwarder {
+                forwarder.stop(args.grace.value);
+            }
             if let Some(store) = store {
                 store.discard();
             }
@@ -154,7 +178,30 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
             .close(args.grace.value)
             .map_err(CliError::StoreClose)?;
     }
+    if let Some(forwarder) = forwarder {
+        // A lane in the middle of an exchange is not waited for: its message is sent again
+        // at the next start (at least once).
+        forwarder.stop(args.grace.value);
+    }
     Ok(())
+}
+
+/// The server, with the handler the flags ask for: store then ACK (or ACK once forwarded,
+/// `--ack-after forwarded`), or the ACK-only one with `--no-store`.
+fn handler(
+    args: &ServeArgs,
+    store: Option<&OpenedStore>,
+    forwarder: Option<&mllp_store::forward::Forwarder>,
+) -> Builder {
+    let store = store.map(|s| &s.store);
+    match (
+        crate::forward::ack_after_handler(&args.forward, store, forwarder),
+        store,
+    ) {
+        (Some(handler), _) => Server::builder(handler),
+        (None, Some(store)) => Server::builder(store_handler(Arc::clone(store))),
+        (None, None) => Server::builder(ack_only()),
+    }
 }
 
 /// The background retention pruner for an SQLite store (`--retain`, `--retain-size`).
@@ -175,7 +222,7 @@ fn start_pruner(
 /// The first SIGINT/SIGTERM drains for `grace`; a second one exits at once (exit status
 /// 128 + the signal, as a shell reports it). Nothing unacknowledged is lost by that: a message
 /// gets its AA only after it is stored.
-fn drain_on_signals(mut signals: Signals, server: &Server, grace: crate::args::TypedDuration) {
+fn drain_on_signals(mut signals: Signals, server: &Server, grace: crate::parse::TypedDuration) {
     let trigger = server.shutdown_trigger();
     std::thread::spawn(move || {
         let mut signals = signals.forever();
@@ -250,22 +297,19 @@ fn store_spec(args: &ServeArgs) -> Result<Option<StoreSpec>, CliError> {
 fn bind(
     args: &ServeArgs,
     listen: std::net::SocketAddr,
-    store: Option<&Arc<Store>>,
+    builder: Builder,
     tls: Option<mllp_reactor::tls::TlsAcceptor>,
 ) -> Result<Server, CliError> {
-    let mut builder = match store {
-        Some(store) => Server::builder(store_handler(Arc::clone(store))),
-        None => Server::builder(ack_only()),
-    }
-    .idle_timeout(args.idle_timeout.value)
-    .handler_timeout(args.handler_timeout.value)
-    .frame_timeout(args.frame_timeout.value)
-    .max_message_size(args.max_message_size)
-    .max_connections(args.max_connections)
-    .max_memory(args.max_memory)
-    .reactors(args.reactors)
-    .dispatch(dispatch(args.dispatch))
-    .observer(LogObserver);
+    let mut builder = builder
+        .idle_timeout(args.idle_timeout.value)
+        .handler_timeout(args.handler_timeout.value)
+        .frame_timeout(args.frame_timeout.value)
+        .max_message_size(args.max_message_size)
+        .max_connections(args.max_connections)
+        .max_memory(args.max_memory)
+        .reactors(args.reactors)
+        .dispatch(dispatch(args.dispatch))
+        .observer(LogObserver);
     if let Some(n) = args.max_in_flight {
         builder = builder.max_in_flight(n);
     }
