@@ -9,6 +9,7 @@ mod export;
 mod forward;
 mod loadgen;
 mod logging;
+mod parse;
 mod prometheus;
 mod retention;
 mod send;
@@ -24,6 +25,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::loadgen::LoadConfig;
 use crate::logging::LogFormat;
+use crate::parse::parse_duration;
 
 /// Exit status for errors found while running.
 const EXIT_FAILURE: u8 = 1;
@@ -488,31 +490,6 @@ fn parse_max_connections(text: &str) -> Result<usize, String> {
 
 fn parse_max_message_size(text: &str) -> Result<usize, String> {
     parse_count(text, mllp_reactor::MAX_MESSAGE_SIZE_LIMIT)
-}
-
-/// Parses `500ms`, `10s`, `2m`, `1h`, or `1.5s`. A bare number is rejected: the unit must be
-/// explicit.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("{text:?} has no unit (use ms, s, m or h, e.g. 10s)"))?;
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} does not start with a number"))?;
-    let scale = match unit {
-        "ms" => 0.001,
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3_600.0,
-        _ => {
-            return Err(format!(
-                "unknown unit {unit:?} in {text:?} (use ms, s, m or h)"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(value * scale).map_err(|_| format!("{text:?} is out of range"))
 }
 
 #[cfg(test)]
