@@ -14,7 +14,7 @@ use mllp_store::forward::{
 use mllp_store::{StoreSpec, WriteGate};
 
 use crate::error::{CliError, ConfigFileError, ValueError};
-use crate::parse::{TypedDuration, parse_duration, parse_timeout};
+use crate::parse::{parse_duration, parse_timeout};
 use crate::tls_client::{TlsFiles, client_tls};
 
 /// How often an idle lane of `serve` looks for new messages: short, so that a message is
@@ -48,8 +48,8 @@ pub struct ForwardFlags {
     pub ack_after: AckAfter,
     /// With --ack-after forwarded: answer AE when not every destination answered within
     /// this long (the message stays queued and is still delivered).
-    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_timeout)]
-    pub forward_ack_timeout: TypedDuration,
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_ack_timeout)]
+    pub forward_ack_timeout: Duration,
 }
 
 /// `--ack-after`.
@@ -66,6 +66,11 @@ impl ForwardFlags {
     pub fn is_enabled(&self) -> bool {
         !self.forward.is_empty()
     }
+}
+
+/// `--forward-ack-timeout`: a duration greater than zero.
+fn parse_ack_timeout(text: &str) -> Result<Duration, ValueError> {
+    parse_timeout(text).map(|typed| typed.value)
 }
 
 /// The destinations the flags describe. A name given twice takes the last address (so the
@@ -313,7 +318,7 @@ pub fn ack_after_handler(
             Some(mllp_store::forward::ack_after_forwarded(
                 Arc::clone(store),
                 forwarder.watcher(),
-                flags.forward_ack_timeout.value,
+                flags.forward_ack_timeout,
             ))
         }
         _ => None,
@@ -507,7 +512,7 @@ mod tests {
             forward_lanes: 2,
             forward_key: LaneKey::Msh4,
             ack_after: AckAfter::Stored,
-            forward_ack_timeout: parse_timeout("30s").unwrap(),
+            forward_ack_timeout: Duration::from_secs(30),
         }
     }
 

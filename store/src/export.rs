@@ -250,11 +250,11 @@ pub fn export_postgres(
     url: &str,
     since: StoreId,
     format: Format,
-    options: &crate::PostgresOptions,
+    options: &crate::postgresql::PostgresOptions,
     out: impl Write,
 ) -> Result<u64, ExportError> {
-    let backend =
-        crate::PostgresBackend::connect_read_only(url, options).map_err(ExportError::Store)?;
+    let backend = crate::postgresql::PostgresBackend::connect_read_only(url, options)
+        .map_err(ExportError::Store)?;
     write_all(backend, since, format, out)
 }
 
