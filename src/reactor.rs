@@ -34,8 +34,11 @@ use crate::telemetry::{Peer, Telemetry};
 use crate::timer::{DEFAULT_SLOTS, DEFAULT_TICK, TimerWheel};
 use crate::transport::{Preambled, Transport};
 
+mod handshakes;
 mod shared;
 mod transfer;
+
+use handshakes::{Handshakes, Slot};
 pub(crate) use shared::{Budget, Inbox, Policy, Shared};
 use transfer::{read, write};
 
@@ -85,6 +88,8 @@ pub(crate) struct Reactor {
     pub(crate) dispatch: Dispatch,
     /// Every connection must start with a PROXY protocol header of this version.
     pub(crate) proxy: Option<ProxyMode>,
+    /// This reactor's share of `max_handshakes`.
+    pub(crate) max_handshakes: usize,
     pub(crate) inline_slow: Duration,
     pub(crate) handler: Arc<dyn Handler>,
     pub(crate) sink: Arc<CompletionSink>,
@@ -111,6 +116,8 @@ struct Entry {
     write_ready: bool,
     /// On the pending list (read budget ran out with bytes left).
     pending: bool,
+    /// Its TLS handshake's slot under `max_handshakes`.
+    handshake: Slot,
     /// Nanoseconds since `Loop::epoch` at accept (8 bytes instead of an `Instant`'s 16).
     accepted_at: u64,
     /// The earliest deadline this connection has in the timer wheel, as nanoseconds since
@@ -160,6 +167,8 @@ struct Loop {
     budget_delta: isize,
     /// Reading is paused by the memory budget.
     paused: bool,
+    /// TLS handshakes in progress, capped.
+    handshakes: Handshakes,
 }
 
 impl Reactor {
@@ -167,6 +176,7 @@ impl Reactor {
     /// of its grace period.
     pub(crate) fn run(self, pool: Arc<Pool>) -> io::Result<(ShutdownReport, Instant)> {
         let now = Instant::now();
+        let handshakes = Handshakes::new(self.max_handshakes);
         let mut lp = Loop {
             pool,
             conns: Slab::with_capacity(self.shared.max_connections.min(4096)),
@@ -185,6 +195,7 @@ impl Reactor {
             epoch: now,
             budget_delta: 0,
             paused: false,
+            handshakes,
         };
         let result = lp.run();
         // Whatever happened, release what this reactor still counts in the shared state.
@@ -424,6 +435,7 @@ impl Loop {
             read_ready: false,
             write_ready: false,
             pending: false,
+            handshake: Slot::None,
             accepted_at: nanos_since(self.epoch, now),
             armed: 0,
             counted: 0,
@@ -573,7 +585,7 @@ impl Loop {
             let wants_read = entry.read_ready && entry.conn.wants_read();
             if wants_read && entry.transport.in_preamble() {
                 progress |= self.read_proxy(key, now);
-            } else if wants_read && self.may_read(key) {
+            } else if wants_read && self.may_handshake(key) && self.may_read(key) {
                 let entry = &mut self.conns[key];
                 if budget == 0 {
                     if !entry.pending {
@@ -600,6 +612,9 @@ impl Loop {
             {
                 // The TLS handshake is done: the connection serves MLLP from now on.
                 entry.conn.handle_started(now);
+                if std::mem::take(&mut entry.handshake) == Slot::Held {
+                    self.release_handshake();
+                }
                 self.start(key);
                 progress = true;
             }
@@ -613,6 +628,7 @@ impl Loop {
         let entry = &mut self.conns[key];
         if !entry.conn.in_flight() && entry.conn.buffered_len() == 0 {
             entry.transport.release_idle_buffers();
+            self.count(key);
         }
         self.schedule(key);
     }
@@ -683,6 +699,37 @@ impl Loop {
         }
     }
 
+    /// Whether connection `key` may read under the handshake cap: a TLS connection that has
+    /// not started needs one of the reactor's handshake slots (see
+    /// [`Builder::max_handshakes`](crate::Builder::max_handshakes)); without one it waits.
+    fn may_handshake(&mut self, key: usize) -> bool {
+        let entry = &mut self.conns[key];
+        if entry.handshake == Slot::None && !entry.conn.is_started() && entry.transport.handshakes()
+        {
+            entry.handshake = self.handshakes.request(entry.id);
+        }
+        entry.handshake != Slot::Waiting
+    }
+
+    /// A handshake slot is given back: it passes to the longest waiter still waiting, which
+    /// resumes next turn.
+    fn release_handshake(&mut self) {
+        while let Some(id) = self.handshakes.next_waiter() {
+            if let Some(key) = self.key_of(id)
+                && self.conns[key].handshake == Slot::Waiting
+            {
+                let entry = &mut self.conns[key];
+                entry.handshake = Slot::Held;
+                if !entry.pending {
+                    entry.pending = true;
+                    self.pending.push(key);
+                }
+                return;
+            }
+        }
+        self.handshakes.free_one();
+    }
+
     /// Whether connection `key` may read under the memory budget: always below it; above it
     /// only the reactor's largest holder of a partial frame, so that frame can complete.
     fn may_read(&mut self, key: usize) -> bool {
@@ -711,13 +758,21 @@ impl Loop {
             .map(|(k, _)| k)
     }
 
+    /// Updates connection `key`'s memory count: the connection's buffers and its transport's
+    /// (TLS).
+    fn count(&mut self, key: usize) {
+        let entry = &mut self.conns[key];
+        let held = entry.conn.buffered() + entry.transport.buffered();
+        let buffered = u32::try_from(held).unwrap_or(u32::MAX);
+        self.budget_delta += buffered as isize - entry.counted as isize;
+        entry.counted = buffered;
+    }
+
     /// Reports the connection's events, updates its memory count, and removes it if it
     /// closed. Returns true if it was removed.
     fn report(&mut self, key: usize) -> bool {
-        let entry = &mut self.conns[key];
-        let buffered = u32::try_from(entry.conn.buffered()).unwrap_or(u32::MAX);
-        self.budget_delta += buffered as isize - entry.counted as isize;
-        entry.counted = buffered;
+        self.count(key);
+        let entry = &self.conns[key];
         if self.events.is_empty() && !entry.conn.is_closed() {
             return false;
         }
@@ -733,6 +788,9 @@ impl Loop {
         };
         let entry = self.conns.remove(key);
         self.budget_delta -= entry.counted as isize;
+        if entry.handshake == Slot::Held {
+            self.release_handshake();
+        }
         self.forget_one();
         if self.r.dispatch == Dispatch::Pool {
             // Its queued job (if any) must not run: nobody would get the answer, and the

@@ -64,6 +64,11 @@ pub const DEFAULT_MAX_MEMORY: usize = 512 << 20;
 /// Default time a connection gets to start (PROXY header, TLS handshake): 10 s, ample for a
 /// handshake across a slow WAN, short enough that silent connections do not pile up.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default cap on TLS handshakes in progress at once, server-wide: 256. A handshake costs
+/// about a millisecond of CPU, so 256 at once is a burst of hundreds of clients, or slow (or
+/// hostile) peers; each may hold up to `tls::MAX_HANDSHAKE_BYTES` (32 KiB) of handshake and
+/// one 32 KiB read buffer, so the cap bounds handshake memory at about 20 MiB.
+pub(crate) const DEFAULT_MAX_HANDSHAKES: usize = 256;
 /// Default grace period when a [`ServerHandle`] is dropped without a shutdown: 5 s.
 pub const DROP_GRACE: Duration = Duration::from_secs(5);
 
@@ -87,6 +92,7 @@ pub struct Builder {
     #[cfg(feature = "tls")]
     tls: Option<crate::tls::TlsAcceptor>,
     handshake_timeout: Duration,
+    max_handshakes: usize,
     proxy_protocol: Option<ProxyMode>,
     proxy_sources: Option<AllowList>,
     allow: Option<AllowList>,
@@ -111,6 +117,7 @@ impl std::fmt::Debug for Builder {
             .field("dispatch", &self.dispatch)
             .field("max_in_flight", &self.max_in_flight)
             .field("max_memory", &self.max_memory)
+            .field("max_handshakes", &self.max_handshakes)
             .finish_non_exhaustive()
     }
 }
@@ -173,6 +180,16 @@ impl Builder {
         /// `mllp_connections_rejected_total{reason="handshake_timeout"}`. Separate from the
         /// frame deadline: a peer that connects and never speaks is not a slow sender.
         handshake_timeout: Duration
+    );
+    setter!(
+        /// Most TLS handshakes in progress at once, server-wide (default 256; values below 1
+        /// count as 1), shared evenly among the reactors. A TLS connection accepted over the
+        /// cap is not closed: it waits, unread (its bytes stay in the kernel), until a
+        /// handshake in progress completes or fails, then starts its own; `handshake_timeout`
+        /// counts from accept all along. With the per-handshake cap on what a client may send
+        /// (`tls::MAX_HANDSHAKE_BYTES`), this bounds the memory handshakes hold; their buffers
+        /// also count in `max_memory`. Has no effect without TLS.
+        max_handshakes: usize
     );
 
     /// Requires every connection to start with a PROXY protocol header (v1, v2 or either),
@@ -418,6 +435,7 @@ impl Builder {
                 limits: Arc::clone(&limits),
                 dispatch: self.dispatch,
                 proxy: self.proxy_protocol,
+                max_handshakes: self.max_handshakes.max(1).div_ceil(self.reactors),
                 inline_slow: self.inline_slow_threshold,
                 handler: Arc::clone(&self.handler),
                 sink: Arc::new(CompletionSink::new(notifier)),
@@ -487,6 +505,7 @@ impl Server {
     /// | `max_in_flight` | 64 inline, 1 pool |
     /// | `inline_slow_threshold` | 1 ms |
     /// | `max_memory` | 512 MiB |
+    /// | `max_handshakes` | 256 |
     /// | `expose_handler_errors` | false |
     pub fn builder(handler: impl Handler) -> Builder {
         Builder {
@@ -508,6 +527,7 @@ impl Server {
             #[cfg(feature = "tls")]
             tls: None,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
             proxy_protocol: None,
             proxy_sources: None,
             allow: None,

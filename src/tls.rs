@@ -39,6 +39,25 @@
 //! 16 KiB of decrypted plaintext, and up to [`TLS_BUFFER_LIMIT`] of ciphertext for the socket.
 //! [`TlsStream::release_idle_buffers`] frees our buffer and shrinks rustls' receive buffer
 //! to its minimum; measured figures are in BENCHMARKS.md.
+//!
+//! The server counts in its memory budget (`Builder::max_memory`) our ciphertext buffer, the
+//! client's handshake while it is under way and the replies queued for encryption. Before a
+//! client is authenticated, what it can make the server hold is bounded:
+//!
+//! - it may send at most [`MAX_HANDSHAKE_BYTES`] (32 KiB) before its handshake completes
+//!   (more is a [`TlsFailureKind::Handshake`] at once, not a 64 KiB message rustls reassembles
+//!   until the handshake deadline);
+//! - at most `Builder::max_handshakes` (default 256) handshakes are in progress at once; a
+//!   connection over the cap is not read until one ends.
+//!
+//! So handshakes hold at most `max_handshakes × (INCOMING_CHUNK + 2 × MAX_HANDSHAKE_BYTES +
+//! about 16 KiB of rustls state)`, about 36 MiB at the default (rustls' buffer may double past
+//! what it holds), whatever the number of connections (`tests/tls_budget.rs` checks it as
+//! RSS).
+//!
+//! Under mTLS the client's chain is bounded too ([`MAX_CLIENT_CHAIN_CERTS`],
+//! [`MAX_CLIENT_CHAIN_BYTES`]) before webpki verifies it: each certificate named like the
+//! issuer can cost a signature check on the reactor thread.
 
 mod client;
 mod config;
@@ -54,8 +73,8 @@ pub use client::{ClientTls, TlsClientStream};
 pub use config::{TlsAcceptor, TlsConfig, TlsError};
 pub use session::TlsSession;
 pub use stream::{
-    INCOMING_CHUNK, PeerIdentity, ShutdownWrite, TLS_BUFFER_LIMIT, TlsFailure, TlsFailureKind,
-    TlsStream,
+    INCOMING_CHUNK, MAX_CLIENT_CHAIN_BYTES, MAX_CLIENT_CHAIN_CERTS, MAX_HANDSHAKE_BYTES,
+    PeerIdentity, ShutdownWrite, TLS_BUFFER_LIMIT, TlsFailure, TlsFailureKind, TlsStream,
 };
 pub use x509::SubjectAltName;
 

@@ -115,6 +115,31 @@ impl Transport {
         }
     }
 
+    /// Whether the connection must complete a TLS handshake (after its PROXY header, if any)
+    /// before it starts: it then needs a handshake slot to read.
+    pub(crate) fn handshakes(&self) -> bool {
+        match &self.layer {
+            Layer::Plain => false,
+            #[cfg(feature = "tls")]
+            Layer::Proxy(preamble) => preamble.tls.is_some(),
+            #[cfg(not(feature = "tls"))]
+            Layer::Proxy(_) => false,
+            #[cfg(feature = "tls")]
+            Layer::Tls(session) => !session.handshake_done(),
+        }
+    }
+
+    /// Heap bytes the layer holds that vary with traffic, for the memory budget: a PROXY
+    /// header being read, the TLS session's buffers (see `TlsSession::buffered`).
+    pub(crate) fn buffered(&self) -> usize {
+        match &self.layer {
+            Layer::Plain => 0,
+            Layer::Proxy(preamble) => preamble.buf.capacity(),
+            #[cfg(feature = "tls")]
+            Layer::Tls(session) => session.buffered(),
+        }
+    }
+
     /// Releases what buffers the layer can while the connection is idle.
     pub(crate) fn release_idle_buffers(&mut self) {
         #[cfg(feature = "tls")]
