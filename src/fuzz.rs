@@ -276,10 +276,9 @@ pub fn connection(data: &[u8]) {
 
     use bytes::Bytes;
 
-    use crate::completion::Outcome;
     use crate::connection::{Connection, Limits, NakPolicy};
-    use crate::error::ExceptionReason;
-    use crate::handler::Reply;
+    use crate::outcome::{Outcome, Reply};
+    use crate::reason::ExceptionReason;
 
     let Some((&flags, mut ops)) = data.split_first() else {
         return;
@@ -452,7 +451,7 @@ impl ConnectionModel {
 
     fn apply(&mut self, events: impl Iterator<Item = crate::connection::Event>) {
         use crate::connection::{Event, FrameRejection};
-        use crate::error::ExceptionReason;
+        use crate::reason::ExceptionReason;
         for event in events {
             // A completion may still arrive for a closed connection; nothing else may happen.
             assert!(

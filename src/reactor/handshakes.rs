@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 
-use crate::handler::ConnectionId;
+use crate::outcome::ConnectionId;
 
 /// A connection's part in the cap.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
