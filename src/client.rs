@@ -891,23 +891,10 @@ fn check_io(e: io::Error) -> Result<(), ClientError> {
     }
 }
 
-/// The mark the TLS layer puts in an `io::Error` for the server's `certificate_required`
-/// alert (so this module needs no TLS types).
-#[derive(Debug)]
-pub(crate) struct CertificateRequired;
-
-impl fmt::Display for CertificateRequired {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the server requires a client certificate")
-    }
-}
-
-impl std::error::Error for CertificateRequired {}
-
 /// [`ClientError::ClientCertRequired`] if `e` carries the TLS layer's mark, else `e` back.
 fn cert_required(e: io::Error) -> Result<ClientError, io::Error> {
     if e.get_ref()
-        .is_some_and(|inner| inner.is::<CertificateRequired>())
+        .is_some_and(|inner| inner.is::<crate::identity::CertificateRequired>())
     {
         Ok(ClientError::ClientCertRequired)
     } else {

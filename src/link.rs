@@ -77,6 +77,21 @@ pub(crate) struct Link {
     received: bool,
     /// [`poll_started`](Self::poll_started) reported the start.
     announced: bool,
+    /// Its TLS handshake's slot under the reactor's `max_handshakes` cap (kept here, where
+    /// the struct has room, for the reactor).
+    pub(crate) handshake: HandshakeSlot,
+}
+
+/// A link's part in the reactor's cap on TLS handshakes in progress.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum HandshakeSlot {
+    /// Not handshaking, or not yet asked to read.
+    #[default]
+    None,
+    /// Handshaking in one of the reactor's slots.
+    Held,
+    /// Waiting for a slot.
+    Waiting,
 }
 
 /// How a link ended.
@@ -114,6 +129,7 @@ impl Link {
             write_ready: false,
             received: false,
             announced: false,
+            handshake: HandshakeSlot::None,
         }
     }
 

@@ -40,7 +40,8 @@ use crate::transport::{Acceptors, Transport};
 
 mod handshakes;
 mod shared;
-use handshakes::{Handshakes, Slot};
+use crate::link::HandshakeSlot as Slot;
+use handshakes::Handshakes;
 pub(crate) use shared::{Budget, Inbox, Shared};
 
 /// Token of the listening socket; slab keys (connections) use the tokens below it.
@@ -101,8 +102,6 @@ struct Entry {
     local: u16,
     /// On the pending list (read budget ran out with bytes left).
     pending: bool,
-    /// Its TLS handshake's slot under `max_handshakes`.
-    handshake: Slot,
     /// Nanoseconds since `Loop::epoch` at accept (8 bytes instead of an `Instant`'s 16).
     accepted_at: u64,
     /// The earliest deadline this connection has in the timer wheel, as nanoseconds since
@@ -111,6 +110,8 @@ struct Entry {
     /// What this connection last reported to the memory budget (saturating: one connection
     /// holding 4 GiB is far over any budget anyway).
     counted: u32,
+    /// It finished a frame above the budget: no more reads until the budget allows them.
+    drew: bool,
 }
 
 // An idle connection costs its slab entry and nothing else on our heap (its buffers are
@@ -147,6 +148,8 @@ struct Loop {
     paused: bool,
     /// TLS handshakes in progress, capped.
     handshakes: Handshakes,
+    /// While paused: the one connection allowed to read (see `holder`).
+    holder: Option<ConnectionId>,
 }
 
 impl Reactor {
@@ -181,6 +184,7 @@ impl Reactor {
             budget_delta: 0,
             paused: false,
             handshakes,
+            holder: None,
         };
         let result = lp.run();
         // Whatever happened, release what this reactor still counts in the shared state.
@@ -394,10 +398,10 @@ impl Loop {
             link,
             local: local_index,
             pending: false,
-            handshake: Slot::None,
             accepted_at: nanos_since(self.epoch, now),
             armed: 0,
             counted: 0,
+            drew: false,
         });
         if started {
             self.start(key);
@@ -482,7 +486,7 @@ impl Loop {
                 }
             }
             if self.conns[key].link.poll_started(now) {
-                if std::mem::take(&mut self.conns[key].handshake) == Slot::Held {
+                if std::mem::take(&mut self.conns[key].link.handshake) == Slot::Held {
                     self.release_handshake();
                 }
                 self.start(key);
@@ -511,6 +515,10 @@ impl Loop {
                 return any;
             };
             any = true;
+            if self.paused && self.holder == Some(entry.link.id) {
+                // Its frame is complete: above the budget, no more (see `holder`).
+                entry.drew = true;
+            }
             let p = self.peer(&self.conns[key]);
             // Events of earlier messages first (a no-reply's stop comes before the next start).
             if !self.events.is_empty() {
@@ -562,10 +570,10 @@ impl Loop {
     /// [`Builder::max_handshakes`](crate::Builder::max_handshakes)); without one it waits.
     fn may_handshake(&mut self, key: usize) -> bool {
         let entry = &mut self.conns[key];
-        if entry.handshake == Slot::None && entry.link.handshakes() {
-            entry.handshake = self.handshakes.request(entry.link.id);
+        if entry.link.handshake == Slot::None && entry.link.handshakes() {
+            entry.link.handshake = self.handshakes.request(entry.link.id);
         }
-        entry.handshake != Slot::Waiting
+        entry.link.handshake != Slot::Waiting
     }
 
     /// A handshake slot is given back: it passes to the longest waiter still waiting, which
@@ -573,10 +581,10 @@ impl Loop {
     fn release_handshake(&mut self) {
         while let Some(id) = self.handshakes.next_waiter() {
             if let Some(key) = self.key_of(id)
-                && self.conns[key].handshake == Slot::Waiting
+                && self.conns[key].link.handshake == Slot::Waiting
             {
                 let entry = &mut self.conns[key];
-                entry.handshake = Slot::Held;
+                entry.link.handshake = Slot::Held;
                 if !entry.pending {
                     entry.pending = true;
                     self.pending.push(key);
@@ -596,8 +604,9 @@ impl Loop {
         entry.counted = buffered;
     }
 
-    /// Whether connection `key` may read under the memory budget: always below it; above it
-    /// only the reactor's largest holder of a partial frame, so that frame can complete.
+    /// Whether connection `key` may read under the memory budget: always below it. Above it
+    /// one connection per reactor at a time (the holder), to finish the frame it is in and no
+    /// more (see [`holder`](Self::holder)).
     fn may_read(&mut self, key: usize) -> bool {
         if !self.paused {
             // This turn's reads count at once, not at the turn's end: one turn can read from
@@ -607,21 +616,50 @@ impl Loop {
             if used <= budget.limit as isize {
                 return true;
             }
-            self.paused = true;
-            self.r.telemetry.metrics.read_pauses.increment(1);
+            self.pause_reads();
         }
         self.holder() == Some(key)
     }
 
-    /// The connection that may read while paused: the one with the largest partial frame (the
-    /// closest to completing, as far as we can tell). With none, memory drains as handlers
-    /// answer the messages in flight, and reading resumes at the low mark.
-    fn holder(&self) -> Option<usize> {
-        self.conns
-            .iter()
-            .filter(|(_, e)| e.link.conn.buffered_len() > 0 && e.link.conn.wants_read())
-            .max_by_key(|(_, e)| e.link.conn.buffered_len())
-            .map(|(k, _)| k)
+    /// Stops reading at the budget (a new pause).
+    fn pause_reads(&mut self) {
+        self.paused = true;
+        self.holder = None;
+        self.r.telemetry.metrics.read_pauses.increment(1);
+    }
+
+    /// The connection that may read while paused, one per reactor at a time: each connection
+    /// may finish the frame it is in and no more (a pipelining sender does not go on to its
+    /// next frame, and its next, each held while the handler works). It keeps the right until
+    /// that frame is complete or it has no bytes waiting (a peer that stalls mid-frame must
+    /// not hold everyone up until its frame deadline; its partial frame stays counted). A
+    /// holder must have bytes waiting, must not have finished a frame in this pause, and must
+    /// be in a frame or have no message in flight (a sender waiting on nothing, such as a new
+    /// one: its one frame is all it can add); one in a frame first, so frames complete and
+    /// their memory can drain, then in key order after the last holder, so each gets its
+    /// turn. With none, memory drains as handlers answer the messages in flight, and reading
+    /// resumes at the low mark.
+    fn holder(&mut self) -> Option<usize> {
+        let in_frame = |e: &Entry| e.link.conn.buffered_len() > 0;
+        let eligible =
+            |e: &Entry| !e.drew && e.link.wants_read() && (in_frame(e) || !e.link.conn.in_flight());
+        if let Some(key) = self.holder.and_then(|id| self.key_of(id))
+            && eligible(&self.conns[key])
+        {
+            return Some(key);
+        }
+        let after = self.holder.map_or(0, |id| self.key_of_slot(id) + 1);
+        let pick = |want_frame: bool| {
+            let later = self.conns.iter().filter(|(k, _)| *k >= after);
+            let earlier = self.conns.iter().filter(|(k, _)| *k < after);
+            later
+                .chain(earlier)
+                .find(|(_, e)| eligible(e) && (!want_frame || in_frame(e)))
+                .map(|(k, _)| k)
+        };
+        let key = pick(true).or_else(|| pick(false));
+        self.holder = key.map(|k| self.conns[k].link.id);
+        key
     }
 
     /// Reports the connection's events, updates its memory count, and removes it if it
@@ -645,7 +683,7 @@ impl Loop {
         let reason = closed.reason;
         let entry = self.conns.remove(key);
         self.budget_delta -= entry.counted as isize;
-        if entry.handshake == Slot::Held {
+        if entry.link.handshake == Slot::Held {
             self.release_handshake();
         }
         self.forget_one();
@@ -685,27 +723,26 @@ impl Loop {
         m.buffered_bytes
             .set(budget.used.load(Ordering::Relaxed) as f64);
         if over && !self.paused {
-            self.paused = true;
-            m.read_pauses.increment(1);
+            self.pause_reads();
         } else if over
             || (self.paused && budget.used.load(Ordering::Acquire) > budget.limit / 4 * 3)
         {
             // Edge-triggered: the holder may have changed (the last one completed its frame)
             // and the new one has no event coming.
-            if let Some(key) = self.holder()
-                && self.conns[key].link.read_ready
-            {
+            if let Some(key) = self.holder() {
                 self.drive(key, now);
             }
         } else if self.paused {
             self.paused = false;
+            self.holder = None;
             // Edge-triggered: connections that became readable while paused were not read.
-            let keys: Vec<usize> = self
-                .conns
-                .iter()
-                .filter(|(_, e)| e.link.read_ready && e.link.conn.wants_read())
-                .map(|(k, _)| k)
-                .collect();
+            let mut keys = Vec::new();
+            for (key, entry) in &mut self.conns {
+                entry.drew = false;
+                if entry.link.wants_read() {
+                    keys.push(key);
+                }
+            }
             for key in keys {
                 self.drive(key, now);
             }
@@ -749,9 +786,14 @@ impl Loop {
         self.fired = fired;
     }
 
+    /// The slab slot connection `id` has or had.
+    fn key_of_slot(&self, id: ConnectionId) -> usize {
+        (id.index & (MAX_KEYS_PER_REACTOR as u32 - 1)) as usize
+    }
+
     /// The slab key of connection `id`, if it is still open on this reactor.
     fn key_of(&self, id: ConnectionId) -> Option<usize> {
-        let key = (id.index & (MAX_KEYS_PER_REACTOR as u32 - 1)) as usize;
+        let key = self.key_of_slot(id);
         match self.conns.get(key) {
             Some(entry) if entry.link.id == id => Some(key),
             _ => None,

@@ -4,19 +4,8 @@
 
 use std::collections::VecDeque;
 
+use crate::link::HandshakeSlot as Slot;
 use crate::outcome::ConnectionId;
-
-/// A connection's part in the cap.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(super) enum Slot {
-    /// Not handshaking, or not yet asked to read.
-    #[default]
-    None,
-    /// Handshaking in one of the reactor's slots.
-    Held,
-    /// Waiting for a slot.
-    Waiting,
-}
 
 /// The reactor's handshake slots and the connections waiting for one.
 #[derive(Debug)]

@@ -409,7 +409,7 @@ fn mark_certificate_required(e: io::Error) -> io::Error {
     if required {
         io::Error::new(
             io::ErrorKind::PermissionDenied,
-            crate::client::CertificateRequired,
+            crate::identity::CertificateRequired,
         )
     } else {
         e

@@ -8,9 +8,13 @@ mod util;
 mod duplicates;
 #[path = "it/export.rs"]
 mod export;
+#[path = "it/health.rs"]
+mod health;
 #[path = "it/open.rs"]
 mod open;
 #[path = "it/retention.rs"]
 mod retention;
+#[path = "it/then_ack.rs"]
+mod then_ack;
 #[path = "it/writer.rs"]
 mod writer;
