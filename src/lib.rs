@@ -156,7 +156,7 @@ mod reason;
 mod server;
 mod sync;
 pub mod telemetry;
-pub mod timer;
+mod timer;
 #[cfg(feature = "tls")]
 pub mod tls;
 mod transport;

@@ -603,7 +603,7 @@ impl Server {
 }
 
 /// A running server. Dropping it without [`shutdown`](Self::shutdown) starts a graceful
-/// shutdown with a 5 s grace period ([`DROP_GRACE`]) and detaches: the server's threads end
+/// shutdown with a 5 s grace period and detaches: the server's threads end
 /// within that bound plus the time stuck handlers take.
 #[derive(Debug)]
 pub struct ServerHandle {

@@ -12,7 +12,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use mllp_reactor::tls::{ClientTls, INCOMING_CHUNK, MAX_HANDSHAKE_BYTES, TlsAcceptor, TlsConfig};
+use mllp_reactor::tls::__plumbing::INCOMING_CHUNK;
+use mllp_reactor::tls::{ClientTls, MAX_HANDSHAKE_BYTES, TlsAcceptor, TlsConfig};
 use mllp_reactor::{Client, ClientConfig, Dispatch, Reply, Server, ack, handler_fn};
 
 mod rss;

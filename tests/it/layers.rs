@@ -48,6 +48,8 @@ const BEING_FIXED: &[(&str, &str, &str)] = &[
     ("store/src", "error", "writer"),
     ("cli/src", "(root)", "config"),
     ("cli/src", "(root)", "serve"),
+    // `retention.rs` calls `crate::parse_duration` from `main.rs`.
+    ("cli/src", "(root)", "retention"),
 ];
 
 type Graph = BTreeMap<String, BTreeSet<String>>;
