@@ -138,6 +138,10 @@ struct ServeArgs {
     /// Require client certificates signed by a CA in this bundle (PEM): mutual TLS.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Most TLS handshakes in progress at once (default 256); more wait, unread, for one to
+    /// finish. Each holds at most 32 KiB of the client's handshake.
+    #[arg(long, value_name = "N", requires = "tls_cert", value_parser = clap::value_parser!(u32).range(1..))]
+    max_handshakes: Option<u32>,
     /// Log format on stderr: human (one readable line per event) or json (one object per line).
     #[arg(long, value_enum, default_value_t = LogFormat::Human, value_name = "FORMAT")]
     log_format: LogFormat,
@@ -279,6 +283,7 @@ fn main() -> ExitCode {
             tls_cert: args.tls_cert,
             tls_key: args.tls_key,
             tls_client_ca: args.tls_client_ca,
+            max_handshakes: args.max_handshakes,
             log_format: args.log_format,
             log_level: args.log_level,
             store: (!args.no_store).then_some(args.store),
