@@ -47,6 +47,8 @@ const RUNTIME: &[&str] = &[
 const BEING_FIXED: &[(&str, &str, &str)] = &[
     ("cli/src", "(root)", "config"),
     ("cli/src", "(root)", "serve"),
+    // `retention.rs` calls `crate::parse_duration` from `main.rs`.
+    ("cli/src", "(root)", "retention"),
 ];
 
 type Graph = BTreeMap<String, BTreeSet<String>>;
