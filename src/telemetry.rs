@@ -22,7 +22,7 @@
 //! | name | kind | unit | labels |
 //! |---|---|---|---|
 //! | `mllp_connections_accepted_total` | counter | | |
-//! | `mllp_connections_rejected_total` | counter | | `reason` = `max_connections`, `not_allowed`, `proxy_header`, `handshake_timeout`, `tls_plaintext`, `tls_no_client_cert`, `tls_bad_client_cert`, `tls_handshake`, `shutdown` |
+//! | `mllp_connections_rejected_total` | counter | | `reason` = `max_connections`, `not_allowed`, `proxy_header`, `handshake_timeout`, `tls_plaintext`, `tls_no_client_cert`, `tls_bad_client_cert`, `tls_handshake`, `shutdown`, `probe` |
 //! | `mllp_connections_closed_total` | counter | | `reason` = [`CloseReason::as_str`] |
 //! | `mllp_connections_active` | gauge | | |
 //! | `mllp_connection_duration_seconds` | histogram | seconds | |

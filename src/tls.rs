@@ -49,7 +49,6 @@ mod x509;
 #[cfg(test)]
 mod tests;
 
-pub use crate::identity::SubjectAltName;
 pub(crate) use client::ClientStream;
 pub use client::{ClientTls, TlsClientStream};
 pub use config::{TlsAcceptor, TlsConfig, TlsError};
@@ -65,6 +64,7 @@ pub use stream::{PeerIdentity, TLS_BUFFER_LIMIT, TlsFailure, TlsFailureKind};
 pub mod __plumbing {
     pub use super::stream::{INCOMING_CHUNK, ShutdownWrite, TlsStream};
 }
+pub use crate::identity::SubjectAltName;
 
 /// Fuzz target `tls`: arbitrary bytes from a client to a server [`TlsStream`] (and to the
 /// certificate reader) never panic, and buffers stay within their caps.

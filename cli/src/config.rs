@@ -93,6 +93,11 @@ fn flags_from_toml(text: &str) -> Result<Vec<OsString>, String> {
         .expect("the serve subcommand is defined in main.rs");
     let mut flags = Vec::new();
     for (key, value) in &table {
+        // `[forward.NAME]` tables: one destination each (see `forward::flags_from_table`).
+        if let ("forward", toml::Value::Table(destinations)) = (key.as_str(), value) {
+            flags.extend(crate::forward::flags_from_table(destinations)?);
+            continue;
+        }
         let name = key.replace('_', "-");
         let arg = serve
             .get_arguments()

@@ -6,6 +6,7 @@
 mod addr;
 mod config;
 mod export;
+mod forward;
 mod loadgen;
 mod logging;
 mod prometheus;
@@ -58,6 +59,8 @@ enum Command {
     Bench(BenchArgs),
     /// Write the messages of a store to stdout, in store order (works while serve runs).
     Export(ExportArgs),
+    /// Store and forward: show the delivery state, requeue dead letters.
+    Forward(forward::ForwardArgs),
     /// Remove messages older than a period from a store now (works while serve runs).
     Prune(retention::PruneArgs),
 }
@@ -152,6 +155,8 @@ struct ServeArgs {
     /// be lost if the database server crashes.
     #[arg(long, conflicts_with = "no_store")]
     allow_async_commit: bool,
+    #[command(flatten)]
+    forward: forward::ForwardFlags,
     #[command(flatten)]
     retention: retention::RetainArgs,
 }
@@ -276,6 +281,7 @@ fn main() -> ExitCode {
             log_level: args.log_level,
             store: (!args.no_store).then_some(args.store),
             allow_async_commit: args.allow_async_commit,
+            forward: args.forward,
             retention: args.retention,
         }),
         Command::Send(args) => {
@@ -296,6 +302,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Bench(args) => bench(&args),
+        Command::Forward(args) => forward::run(&args),
         Command::Export(args) => export::export(&export::ExportOptions {
             store: args.store,
             since: args.since,

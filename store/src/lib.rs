@@ -178,6 +178,7 @@ mod backend;
 mod error;
 pub mod export;
 pub mod fault;
+pub mod forward;
 mod health;
 mod open;
 #[cfg(feature = "postgres")]
