@@ -236,7 +236,9 @@ impl Builder {
         self
     }
 
-    /// Handler threads (default: available parallelism).
+    /// Handler threads of the pool (default: available parallelism). Only [`Dispatch::Pool`]
+    /// starts a pool; with [`Dispatch::Inline`] no handler thread exists and this is checked
+    /// but unused.
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = Some(n);
         self
@@ -449,7 +451,7 @@ impl Server {
     /// | `max_message_size` | 10 485 760 bytes |
     /// | `read_ahead` | 64 KiB |
     /// | `max_connections` | 10 000 |
-    /// | `workers` | available parallelism |
+    /// | `workers` | available parallelism (pool mode only) |
     /// | `max_extra_workers` | = `workers` |
     /// | `nak_policy` | [`NakPolicy::Send`] |
     /// | `listener_name` | `mllp` |
