@@ -4,8 +4,8 @@
 //! binds the listening socket and starts threads, and `pool.rs` only runs handlers.
 //!
 //! Thin: the reactor polls, routes readiness, completions and timers to links, applies the
-//! memory budget (whether a link may read) and hands messages to the handler (inline) or the
-//! [`Pool`], and reports events to [`Telemetry`]. What a read or a write means (the PROXY
+//! memory budget (whether a link may read), hands messages to the [`Dispatcher`] (the handler
+//! inline, or the [`Pool`]), and reports events to [`Telemetry`]. What a read or a write means (the PROXY
 //! header, the allow-list, TLS, close reasons) is the link's business, and MLLP is the
 //! [`Connection`](crate::connection::Connection)'s.
 //!
@@ -324,9 +324,11 @@ impl Loop {
     fn reject(&mut self, peer: SocketAddr, local: SocketAddr, reason: CloseReason) {
         let reject = RejectReason::before_start(reason, false);
         self.r.telemetry.metrics.rejected(reject).increment(1);
+        // A proper id: the slot the next connection will take, with a generation of its own
+        // (so the id is unique, and shaped like every other).
         let p = Peer {
             connection: ConnectionId {
-                index: u32::MAX,
+                index: (u32::from(self.r.index) << 24) | self.conns.vacant_key() as u32,
                 generation: self.generation(),
             },
             peer,
@@ -446,7 +448,7 @@ impl Loop {
                 return;
             };
             let mut progress = false;
-            if entry.link.conn.take_abandoned() {
+            if entry.link.take_abandoned() {
                 self.dispatcher.abandoned(entry.link.id, now);
             }
             progress |= self.dispatch(key, now);
@@ -585,9 +587,9 @@ impl Loop {
     /// turn. With none, memory drains as handlers answer the messages in flight, and reading
     /// resumes at the low mark.
     fn holder(&mut self) -> Option<usize> {
-        let in_frame = |e: &Entry| e.link.conn.buffered_len() > 0;
+        let in_frame = |e: &Entry| e.link.in_frame();
         let eligible =
-            |e: &Entry| !e.drew && e.link.wants_read() && (in_frame(e) || !e.link.conn.in_flight());
+            |e: &Entry| !e.drew && e.link.wants_read() && (in_frame(e) || !e.link.in_flight());
         if let Some(key) = self.holder.and_then(|id| self.key_of(id))
             && eligible(&self.conns[key])
         {
@@ -611,10 +613,10 @@ impl Loop {
     /// closed. Returns true if it was removed.
     fn report(&mut self, key: usize) -> bool {
         let entry = &mut self.conns[key];
-        let buffered = u32::try_from(entry.link.conn.buffered()).unwrap_or(u32::MAX);
+        let buffered = u32::try_from(entry.link.buffered()).unwrap_or(u32::MAX);
         self.budget_delta += buffered as isize - entry.counted as isize;
         entry.counted = buffered;
-        if self.events.is_empty() && !entry.link.conn.is_closed() {
+        if self.events.is_empty() && !entry.link.is_closed() {
             return false;
         }
         let p = self.peer(&self.conns[key]);
@@ -700,7 +702,7 @@ impl Loop {
         let Some(entry) = self.conns.get_mut(key) else {
             return;
         };
-        let Some(deadline) = entry.link.conn.poll_timeout() else {
+        let Some(deadline) = entry.link.poll_timeout() else {
             return;
         };
         let at = nanos_since(self.epoch, deadline) + 1;
@@ -721,10 +723,9 @@ impl Loop {
             if entry.armed != 0 && entry.armed <= nanos_since(self.epoch, now) + 1 {
                 entry.armed = 0; // this is (or overtook) the armed entry: re-arm below
             }
-            if self.paused && entry.link.read_ready && entry.link.conn.wants_read() {
-                entry.link.conn.handle_unread_input(now);
-            }
-            entry.link.conn.handle_timeout(now, &mut self.events);
+            entry
+                .link
+                .handle_timeout(now, self.paused, &mut self.events);
             self.drive(key, now);
         }
         self.fired = fired;
@@ -800,7 +801,7 @@ impl Loop {
         report.in_flight = self
             .conns
             .iter()
-            .filter(|(_, e)| e.link.conn.in_flight())
+            .filter(|(_, e)| e.link.in_flight())
             .count();
         self.drain = Some(Drain {
             deadline: deadline_after(now, grace),
@@ -808,7 +809,7 @@ impl Loop {
         });
         for key in keys {
             if let Some(entry) = self.conns.get_mut(key) {
-                entry.link.conn.handle_shutdown(&mut self.events);
+                entry.link.handle_shutdown(&mut self.events);
                 self.drive(key, now);
             }
         }

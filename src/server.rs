@@ -12,7 +12,7 @@ use mio::{Interest, Poll, Waker};
 
 use crate::cidr::AllowList;
 use crate::completion::{CompletionSink, Notifier};
-use crate::connection::{Limits, NakPolicy};
+use crate::connection::{Limits, NakPolicy, WallClock};
 use crate::control::{Command, ShutdownReport};
 use crate::error::{ConfigError, Error};
 use crate::handler::{Dispatch, Handler};
@@ -316,6 +316,7 @@ impl Builder {
             max_in_flight,
             nak_policy: self.nak_policy,
             expose_errors: self.expose_handler_errors,
+            wall_clock: WallClock::now(),
         });
         let metrics = Metrics::register(&self.listener_name);
         let pool_config = PoolConfig {
@@ -588,7 +589,7 @@ impl Server {
 }
 
 /// A running server. Dropping it without [`shutdown`](Self::shutdown) starts a graceful
-/// shutdown with a 5 s grace period ([`DROP_GRACE`]) and detaches: the server's threads end
+/// shutdown with a 5 s grace period and detaches: the server's threads end
 /// within that bound plus the time stuck handlers take.
 #[derive(Debug)]
 pub struct ServerHandle {

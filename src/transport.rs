@@ -57,8 +57,9 @@ struct Preamble {
 pub(crate) enum Preambled {
     /// More bytes are needed.
     Partial,
-    /// The header, and the stream's first bytes after it.
-    Done(ProxyHeader, Vec<u8>),
+    /// The header, the stream's first bytes after it (for the connection: empty when a TLS
+    /// session took them), and whether any bytes followed the header at all.
+    Done(ProxyHeader, Vec<u8>, bool),
     /// Not a valid header.
     Failed,
 }
@@ -165,10 +166,11 @@ impl Transport {
                     // The bytes after the header are the start of the TLS stream.
                     session.preload(&rest);
                     self.layer = Layer::Tls(session);
-                    return Preambled::Done(header, Vec::new());
+                    return Preambled::Done(header, Vec::new(), !rest.is_empty());
                 }
                 self.layer = Layer::Plain;
-                Preambled::Done(header, rest)
+                let more = !rest.is_empty();
+                Preambled::Done(header, rest, more)
             }
         }
     }

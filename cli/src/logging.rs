@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | `mllp::server` | info | start (with the options in force), drain, stop |
 //! | `mllp::conn` | info, warn | connection opened; closed with peer, reason and duration (warn for timeouts, oversize, I/O errors, rejections) |
+//! | `mllp::conn` | debug | a probe (a health check: connect, then close with no bytes or a PROXY header alone) |
 //! | `mllp::msg` | warn | a NAK or a handler failure: connection, peer, sequence, reason, control id where known, detail |
 //! | `mllp::msg` | debug | every message received and answered (off by default) |
 //!
@@ -243,6 +244,14 @@ impl Observer for LogObserver {
         let reason = e.reason.as_str();
         let duration = Elapsed(e.duration);
         match e.reason {
+            // A balancer's health check every few seconds: not worth more than debug.
+            CloseReason::Probe => tracing::debug!(
+                target: "mllp::conn",
+                conn = %e.connection,
+                peer = %e.peer,
+                reason,
+                "connection probed"
+            ),
             CloseReason::PeerClosed
             | CloseReason::IdleTimeout
             | CloseReason::Shutdown

@@ -23,8 +23,7 @@ use mllp_store::forward::LaneKey;
 use serde_json::Value;
 
 // A private PostgreSQL for the two-node test.
-#[path = "../../store/tests/pg/mod.rs"]
-mod pg;
+use mllp_test_support::pg;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mllp-reactor");
 /// Bound on every wait: far above what a passing run needs.

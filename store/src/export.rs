@@ -102,18 +102,28 @@ pub enum Format {
 }
 
 impl std::str::FromStr for Format {
-    type Err = String;
+    type Err = UnknownFormat;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, UnknownFormat> {
         match s {
             "jsonl" => Ok(Self::Jsonl),
             "hl7" => Ok(Self::Hl7),
-            other => Err(format!(
-                "unknown export format {other:?} (use jsonl or hl7)"
-            )),
+            other => Err(UnknownFormat(other.to_owned())),
         }
     }
 }
+
+/// A [`Format`] name that is neither `jsonl` nor `hl7` (the name given).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownFormat(pub String);
+
+impl fmt::Display for UnknownFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown export format {:?} (use jsonl or hl7)", self.0)
+    }
+}
+
+impl std::error::Error for UnknownFormat {}
 
 /// Writes records one after another in a [`Format`].
 ///

@@ -6,8 +6,7 @@
 //! Every test prints a skip line and passes where PostgreSQL cannot be had; `.ci/run`
 //! installs it. Every wait is bounded.
 
-#[path = "pg/mod.rs"]
-mod cluster;
+use mllp_test_support::pg as cluster;
 #[path = "pg/cut_proxy.rs"]
 mod cut_proxy;
 // The SQLite tests' helpers: the same messages and origins.

@@ -102,6 +102,7 @@ fn hl7_shows_segments_as_lines_with_a_blank_line_between_messages() {
         "xml"
             .parse::<Format>()
             .unwrap_err()
+            .to_string()
             .contains("use jsonl or hl7")
     );
 }
