@@ -67,7 +67,7 @@ impl ForwardFlags {
 
 /// `--forward-ack-timeout`: a duration greater than zero.
 fn parse_ack_timeout(text: &str) -> Result<Duration, String> {
-    match crate::parse::parse_duration(text).map_err(|e| e.to_string())? {
+    match crate::parse::parse_duration(text)? {
         d if d.is_zero() => Err("must be greater than zero".to_owned()),
         d => Ok(d),
     }
@@ -146,7 +146,7 @@ struct TlsFiles {
 
 /// Applies one `KEY=VALUE` to a destination.
 fn apply(d: &mut Destination, tls: &mut TlsFiles, key: &str, value: &str) -> Result<(), String> {
-    let duration = || crate::parse::parse_duration(value).map_err(|e| e.to_string());
+    let duration = || crate::parse::parse_duration(value);
     let action = || value.parse::<Action>().map_err(|e| e.to_string());
     match key {
         "address" => d.address = value.to_owned(),
