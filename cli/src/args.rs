@@ -139,6 +139,10 @@ pub struct ServeArgs {
     /// Require client certificates signed by a CA in this bundle (PEM): mutual TLS.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Most TLS handshakes in progress at once (default 256); more wait, unread, for one to
+    /// finish. Each holds at most 32 KiB of the client's handshake.
+    #[arg(long, value_name = "N", requires = "tls_cert", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_handshakes: Option<u32>,
     /// Log format on stderr: human (one readable line per event) or json (one object per line).
     #[arg(long, value_enum, default_value_t = LogFormat::Human, value_name = "FORMAT")]
     pub log_format: LogFormat,

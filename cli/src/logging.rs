@@ -4,7 +4,7 @@
 //! | target | level | what |
 //! |---|---|---|
 //! | `mllp::server` | info | start (with the options in force), drain, stop |
-//! | `mllp::conn` | info, warn | connection opened (at its first message); closed with peer, reason and duration (warn for timeouts, oversize, I/O errors, rejections) |
+//! | `mllp::conn` | info, warn | client authenticated (mTLS: `client_cert`, the certificate's CN, SANs and SHA-256 fingerprint); connection opened (at its first message); closed with peer, reason and duration (warn for timeouts, oversize, I/O errors, rejections) |
 //! | `mllp::conn` | debug | connection accepted; a probe (a health check: connect, then close with no bytes or a PROXY header alone) |
 //! | `mllp::msg` | warn | a NAK or a handler failure: connection, peer, sequence, reason, control id where known, detail |
 //! | `mllp::msg` | debug | every message received and answered (off by default) |
@@ -241,15 +241,27 @@ pub struct LogObserver;
 
 impl Observer for LogObserver {
     fn connection_start(&self, e: &ConnectionStart) {
-        // At debug: a health check connects every few seconds and sends nothing. The info
-        // line comes with the first message (`message_start`).
-        tracing::debug!(
-            target: "mllp::conn",
-            conn = %e.connection,
-            peer = %e.peer,
-            local = %e.local,
-            "connection accepted"
-        );
+        match &e.peer_identity {
+            // mTLS: who the client is, from its verified certificate (CN, SANs, fingerprint).
+            // A verified certificate is no health check: say so at once.
+            Some(client) => tracing::info!(
+                target: "mllp::conn",
+                conn = %e.connection,
+                peer = %e.peer,
+                local = %e.local,
+                client_cert = %client,
+                "client authenticated"
+            ),
+            // At debug: a health check connects every few seconds and sends nothing. The
+            // info line comes with the first message (`message_start`).
+            None => tracing::debug!(
+                target: "mllp::conn",
+                conn = %e.connection,
+                peer = %e.peer,
+                local = %e.local,
+                "connection accepted"
+            ),
+        }
     }
 
     fn connection_stop(&self, e: &ConnectionStop) {

@@ -316,6 +316,9 @@ fn bind(
     if let Some(n) = args.workers {
         builder = builder.workers(n);
     }
+    if let Some(n) = args.max_handshakes {
+        builder = builder.max_handshakes(n as usize);
+    }
     if let Some(mode) = args.proxy_protocol {
         builder = builder.proxy_protocol(match mode {
             ProxyArg::V1 => ProxyMode::V1,
