@@ -33,7 +33,8 @@
 //!
 //! The writer connection sets `journal_mode=WAL` and `synchronous=FULL` explicitly and checks
 //! both: with FULL, SQLite syncs the WAL at every commit, so a committed batch survives an OS
-//! crash or power loss, not only a process crash. Readers (export) use their own connections
+//! crash or power loss, not only a process crash. WAL checkpoints run on a thread of their
+//! own, never inside a commit (see [`crate::checkpoint`]). Readers (export) use their own connections
 //! and never block the writer, nor it them. Two writers on one file are safe (SQLite
 //! serialises them, waiting up to the busy timeout) but pointless.
 
@@ -43,6 +44,7 @@ use std::time::{Duration, SystemTime};
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use crate::backend::Backend;
+use crate::checkpoint::Checkpointer;
 use crate::error::StoreError;
 use crate::record::{
     DuplicateKey, Record, StoreId, StoreOutcome, StoredRecord, system_time_to_us, text,
@@ -122,6 +124,14 @@ pub struct SqliteOptions {
     /// How far back to look for the original of a resend (default
     /// [`DEFAULT_DUPLICATE_WINDOW`]).
     pub duplicate_window: Duration,
+    /// WAL size at which the writer starts the WAL over (default
+    /// [`WAL_LIMIT_BYTES`](crate::checkpoint::WAL_LIMIT_BYTES); see [`crate::checkpoint`]).
+    pub wal_limit: u64,
+    /// TESTS ONLY: open the writer with `synchronous=NORMAL`, which does NOT sync the WAL at
+    /// each commit, so an AA can precede its message's arrival on stable storage. It exists
+    /// so the power-loss test can show that it detects exactly that (its negative control).
+    #[doc(hidden)]
+    pub unsafe_synchronous_normal_for_tests: bool,
 }
 
 impl Default for SqliteOptions {
@@ -129,6 +139,8 @@ impl Default for SqliteOptions {
         Self {
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
             duplicate_window: DEFAULT_DUPLICATE_WINDOW,
+            wal_limit: crate::checkpoint::WAL_LIMIT_BYTES,
+            unsafe_synchronous_normal_for_tests: false,
         }
     }
 }
@@ -143,6 +155,12 @@ impl SqliteOptions {
     /// Sets [`duplicate_window`](Self::duplicate_window).
     pub fn duplicate_window(mut self, window: Duration) -> Self {
         self.duplicate_window = window;
+        self
+    }
+
+    /// Sets [`wal_limit`](Self::wal_limit).
+    pub fn wal_limit(mut self, bytes: u64) -> Self {
+        self.wal_limit = bytes;
         self
     }
 }
@@ -173,6 +191,9 @@ pub struct SqliteBackend {
     path: PathBuf,
     options: SqliteOptions,
     read_only: bool,
+    /// The WAL checkpointer of a writer (`None` for a reader). Declared before `conn` so it
+    /// stops first: the writer's connection, closing last, then checkpoints and removes the WAL.
+    checkpointer: Option<Checkpointer>,
     /// `None` after a failed commit: the next commit reopens it (a fresh connection is the
     /// surest way out of whatever state the failure left, and costs about 100 µs).
     conn: Option<Connection>,
@@ -194,11 +215,13 @@ impl SqliteBackend {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = open_connection(path, flags, options, true)?;
+        let mut conn = open_connection(path, flags, options, true)?;
+        let checkpointer = start_checkpointer(path, options, &mut conn)?;
         Ok(Self {
             path: path.to_owned(),
             options: options.clone(),
             read_only: false,
+            checkpointer: Some(checkpointer),
             conn: Some(conn),
         })
     }
@@ -223,6 +246,7 @@ impl SqliteBackend {
             path: path.to_owned(),
             options: options.clone(),
             read_only: true,
+            checkpointer: None,
             conn: Some(conn),
         })
     }
@@ -242,7 +266,13 @@ impl SqliteBackend {
             } else {
                 OpenFlags::SQLITE_OPEN_READ_WRITE
             };
-            self.conn = Some(open_connection(&self.path, flags, &self.options, false)?);
+            let mut conn = open_connection(&self.path, flags, &self.options, false)?;
+            if let Some(checkpointer) = &self.checkpointer {
+                checkpointer
+                    .attach(&mut conn)
+                    .map_err(|e| classify_open_error(&self.path, flags, e))?;
+            }
+            self.conn = Some(conn);
         }
         // INVARIANT: set just above if it was None.
         Ok(self.conn.as_mut().expect("connection was just opened"))
@@ -271,9 +301,19 @@ impl Backend for SqliteBackend {
             return Err(StoreError::commit("the store was opened read-only"));
         }
         let window = self.window_us();
-        let result = self
-            .connection()
-            .and_then(|conn| insert_batch(conn, batch, window).map_err(StoreError::commit));
+        let busy_timeout = self.options.busy_timeout;
+        self.connection()?;
+        let (Some(conn), checkpointer) = (self.conn.as_mut(), self.checkpointer.as_ref()) else {
+            return Err(StoreError::commit("the store connection is closed"));
+        };
+        let result = (|| {
+            if let Some(checkpointer) = checkpointer {
+                checkpointer
+                    .restart_if_due(conn, busy_timeout)
+                    .map_err(StoreError::commit)?;
+            }
+            insert_batch(conn, batch, window).map_err(StoreError::commit)
+        })();
         if result.is_err() {
             // Dropping the connection rolls back whatever is left of the transaction.
             self.conn = None;
@@ -405,6 +445,26 @@ fn insert_batch(
     Ok(outcomes)
 }
 
+/// Starts the WAL checkpointer on a connection of its own and attaches it to the writer's
+/// `conn` (which stops checkpointing inside commits).
+fn start_checkpointer(
+    path: &Path,
+    options: &SqliteOptions,
+    conn: &mut Connection,
+) -> Result<Checkpointer, StoreError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let classify = |e: rusqlite::Error| classify_open_error(path, flags, e);
+    let own = Connection::open_with_flags(path, flags).map_err(classify)?;
+    own.busy_timeout(options.busy_timeout).map_err(classify)?;
+    let page_size: u32 = own
+        .pragma_query_value(None, "page_size", |r| r.get(0))
+        .map_err(classify)?;
+    let checkpointer = Checkpointer::start(own, page_size, options.wal_limit)
+        .map_err(|e| StoreError::open(path, e))?;
+    checkpointer.attach(conn).map_err(classify)?;
+    Ok(checkpointer)
+}
+
 /// Clear errors for the common path mistakes, before SQLite's generic "unable to open".
 fn check_path(path: &Path, create: bool) -> Result<(), StoreError> {
     match std::fs::metadata(path) {
@@ -464,16 +524,21 @@ fn open_connection(
     }
     if writable {
         set_wal(&conn, path)?;
-        conn.pragma_update(None, "synchronous", "FULL")
+        let (name, expected) = if options.unsafe_synchronous_normal_for_tests {
+            ("NORMAL", 1)
+        } else {
+            ("FULL", 2)
+        };
+        conn.pragma_update(None, "synchronous", name)
             .map_err(classify)?;
         let level: i64 = conn
             .pragma_query_value(None, "synchronous", |r| r.get(0))
             .map_err(classify)?;
-        // 2 = FULL (sqlite.org/pragma.html#pragma_synchronous).
-        if level != 2 {
+        // 2 = FULL, 1 = NORMAL (sqlite.org/pragma.html#pragma_synchronous).
+        if level != expected {
             return Err(StoreError::open(
                 path,
-                format_args!("synchronous=FULL did not stick (got {level})"),
+                format_args!("synchronous={name} did not stick (got {level})"),
             ));
         }
     }
