@@ -20,6 +20,7 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 
 use crate::completion::{CompletionSink, ReplyHandle};
+use crate::outcome::{ConnectionId, HandlerError, Reply};
 
 /// Where the handler runs. See [`Builder::dispatch`](crate::Builder::dispatch).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -40,10 +41,6 @@ pub enum Dispatch {
     #[default]
     Pool,
 }
-
-/// The error type a handler returns: any error, boxed. Its `Display` text goes into the AE NAK
-/// (MSA-3 and ERR) and into the message-exception event.
-pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Application code that turns one HL7 message into a reply.
 ///
@@ -113,50 +110,10 @@ where
     HandlerFn(f)
 }
 
-/// What the handler wants done after a message.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Reply {
-    /// Frame and send these bytes (usually an ACK), then keep the connection open.
-    Send(Bytes),
-    /// Frame and send these bytes, then close the connection.
-    SendAndClose(Bytes),
-    /// Send nothing; the message counts as handled (not as an error).
-    NoReply,
-    /// Send nothing and close the connection.
-    Close,
-    /// The reply comes later, through the [`ReplyHandle`] from [`Context::defer`]. Returned
-    /// without a handle taken, it counts as a handler failure.
-    ///
-    /// While a deferred reply is pending, the connection may read and hand over its next
-    /// messages (up to the builder's `max_in_flight`); their replies still leave in order.
-    Deferred,
-}
-
-/// Identifies one connection of one server for its whole life, across all its reactors: the
-/// index names the reactor and its slab slot; slots are reused, so the generation makes the id
-/// unique (2³² connections per slot).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnectionId {
-    pub(crate) index: u32,
-    pub(crate) generation: u32,
-}
-
-impl ConnectionId {
-    /// The id as one number, unique among this server's connections.
-    pub fn as_u64(self) -> u64 {
-        (u64::from(self.generation) << 32) | u64::from(self.index)
-    }
-}
-
-impl fmt::Display for ConnectionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.index, self.generation)
-    }
-}
-
 /// Where a message came from, given to the handler with it.
-#[derive(Clone)]
+///
+/// Not `Clone`: it hands out the message's one [`ReplyHandle`] ([`defer`](Self::defer)), and a
+/// copy could hand out a second.
 pub struct Context {
     pub(crate) peer: SocketAddr,
     pub(crate) local: SocketAddr,

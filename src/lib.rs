@@ -103,13 +103,19 @@ pub mod client;
 pub mod codec;
 mod completion;
 mod connection;
+mod control;
+pub mod date;
 mod error;
 mod handler;
+mod limits;
 pub mod msh;
+mod outcome;
 mod pool;
 pub mod proxy;
 mod reactor;
+mod reason;
 mod server;
+mod sync;
 pub mod telemetry;
 pub mod timer;
 #[cfg(feature = "tls")]
@@ -120,18 +126,19 @@ pub use bytes::Bytes;
 pub use client::{Backoff, Client, ClientConfig, ClientError};
 pub use completion::ReplyHandle;
 pub use connection::NakPolicy;
-pub use error::{CloseReason, ConfigError, Error, ExceptionReason};
-pub use handler::{
-    ConnectionId, Context, Dispatch, Handler, HandlerError, HandlerFn, Reply, handler_fn,
-};
-pub use server::{
-    Builder, DEFAULT_FRAME_TIMEOUT, DEFAULT_HANDLER_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
+pub use control::ShutdownReport;
+pub use error::{ConfigError, Error};
+pub use handler::{Context, Dispatch, Handler, HandlerFn, handler_fn};
+pub use limits::{
+    DEFAULT_FRAME_TIMEOUT, DEFAULT_HANDLER_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_INLINE_SLOW_THRESHOLD, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_IN_FLIGHT_INLINE, DEFAULT_MAX_IN_FLIGHT_POOL, DEFAULT_MAX_MEMORY,
-    DEFAULT_READ_AHEAD, DEFAULT_WRITE_TIMEOUT, DROP_GRACE, MAX_IN_FLIGHT_LIMIT,
-    MAX_MESSAGE_SIZE_LIMIT, MAX_REACTORS, MAX_WORKERS, Reloader, Server, ServerHandle,
-    ShutdownReport, ShutdownTrigger,
+    DEFAULT_READ_AHEAD, DEFAULT_WRITE_TIMEOUT, MAX_IN_FLIGHT_LIMIT, MAX_MESSAGE_SIZE_LIMIT,
+    MAX_REACTORS, MAX_WORKERS,
 };
+pub use outcome::{ConnectionId, HandlerError, Reply};
+pub use reason::{CloseReason, ExceptionReason};
+pub use server::{Builder, Reloader, Server, ServerHandle, ShutdownTrigger};
 pub use telemetry::{
     ConnectionStart, ConnectionStop, MessageException, MessageStart, MessageStop, Observer,
 };

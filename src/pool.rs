@@ -37,9 +37,11 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::completion::{Completion, Outcome, describe, lock};
-use crate::error::ExceptionReason;
-use crate::handler::{ConnectionId, Context, Handler, Reply};
+use crate::completion::Completion;
+use crate::handler::{Context, Handler};
+use crate::outcome::{ConnectionId, Outcome, Reply, describe};
+use crate::reason::ExceptionReason;
+use crate::sync::lock;
 use crate::telemetry::Metrics;
 
 /// A message for the handler.

@@ -23,13 +23,15 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use crate::completion::{Completion, CompletionSink, Notifier, lock};
+use crate::completion::{Completion, CompletionSink, Notifier};
 use crate::connection::{Connection, Dispatched, Event, Limits, deadline_after};
-use crate::error::CloseReason;
-use crate::handler::{ConnectionId, Context, Dispatch, Handler};
+use crate::control::{Command, ShutdownReport};
+use crate::handler::{Context, Dispatch, Handler};
+use crate::outcome::ConnectionId;
 use crate::pool::{Job, Pool, call};
 use crate::proxy::ProxyMode;
-use crate::server::ShutdownReport;
+use crate::reason::{CloseReason, RejectReason};
+use crate::sync::lock;
 use crate::telemetry::{Peer, Telemetry};
 use crate::timer::{DEFAULT_SLOTS, DEFAULT_TICK, TimerWheel};
 use crate::transport::{Preambled, Transport};
@@ -68,12 +70,6 @@ const EVENTS_CAPACITY: usize = 1024;
 /// When `accept` fails for lack of resources (EMFILE, ENFILE, ENOBUFS), retry after this long
 /// rather than spin: edge-triggered readiness would not report the waiting connections again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
-
-/// A request from the server handle.
-#[derive(Debug)]
-pub(crate) enum Command {
-    Shutdown { grace: Duration },
-}
 
 /// Everything a reactor needs, built by the server builder.
 pub(crate) struct Reactor {
@@ -333,7 +329,8 @@ impl Loop {
     /// Reports a connection closed at once, never served (over `max_connections`, not
     /// allowed).
     fn reject(&mut self, peer: SocketAddr, local: SocketAddr, reason: CloseReason) {
-        self.r.telemetry.metrics.rejected(reason).increment(1);
+        let reject = RejectReason::before_start(reason, false);
+        self.r.telemetry.metrics.rejected(reject).increment(1);
         let p = Peer {
             connection: ConnectionId {
                 index: u32::MAX,
@@ -356,15 +353,18 @@ impl Loop {
             self.reject(peer, local, CloseReason::Rejected);
             return;
         }
-        // Checked before a byte is read: the socket's peer against the allow-list, or, behind
-        // a balancer, against the sources trusted to send PROXY headers (the client's own
-        // address is checked once the header names it).
+        // Checked before a byte is read: the socket's peer against the allow-list and, behind
+        // a balancer, also against the sources trusted to send PROXY headers (none trusted
+        // when unset: `bind` requires them). The client's own address is checked once the
+        // header names it.
         let policy = Arc::clone(&lock(&self.r.shared.policy));
-        let trusted = match self.r.proxy {
-            Some(_) => policy.proxy_sources.as_ref(),
-            None => policy.allow.as_ref(),
-        };
-        if trusted.is_some_and(|list| !list.contains(peer.ip())) {
+        let allowed = policy.allow.as_ref().is_none_or(|l| l.contains(peer.ip()))
+            && (self.r.proxy.is_none()
+                || policy
+                    .proxy_sources
+                    .as_ref()
+                    .is_some_and(|l| l.contains(peer.ip())));
+        if !allowed {
             self.forget_one();
             self.reject(peer, local, CloseReason::NotAllowed);
             return;
@@ -593,6 +593,11 @@ impl Loop {
                 }
             }
             let entry = &mut self.conns[key];
+            // A layer may make progress that a read does not report: TLS bytes that followed
+            // the PROXY header in its segment are handshake input whose answer (the
+            // ServerHello) waits in the session while the next socket read says WouldBlock.
+            // Edge-triggered, no event would come for it: flush it now.
+            progress |= entry.write_ready && entry.transport.wants_flush();
             if !entry.conn.is_started()
                 && !entry.conn.is_closed()
                 && !entry.transport.in_preamble()
@@ -752,16 +757,9 @@ impl Loop {
         }
         if !entry.conn.is_started() {
             // Never served (no valid PROXY header, not allowed, no handshake in time).
-            let reason = match reason {
-                CloseReason::IdleTimeout => CloseReason::HandshakeTimeout,
-                // A reset or EOF before the start: blame the stage it was in.
-                CloseReason::Io(_) | CloseReason::PeerClosed if entry.transport.in_preamble() => {
-                    CloseReason::ProxyHeader
-                }
-                CloseReason::Io(_) | CloseReason::PeerClosed => CloseReason::TlsHandshake,
-                reason => reason,
-            };
-            self.r.telemetry.metrics.rejected(reason).increment(1);
+            let reject = RejectReason::before_start(reason, entry.transport.in_preamble());
+            let reason = reject.close_reason();
+            self.r.telemetry.metrics.rejected(reject).increment(1);
             self.r.telemetry.connection_start(&p);
             self.r.telemetry.connection_stop(&p, Duration::ZERO, reason);
             return true;

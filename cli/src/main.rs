@@ -7,6 +7,7 @@ mod export;
 mod loadgen;
 mod logging;
 mod prometheus;
+mod retention;
 mod send;
 mod serve;
 mod store_glue;
@@ -55,6 +56,8 @@ enum Command {
     Bench(BenchArgs),
     /// Write the messages of a store to stdout, in store order (works while serve runs).
     Export(ExportArgs),
+    /// Remove messages older than a period from a store now (works while serve runs).
+    Prune(retention::PruneArgs),
 }
 
 #[derive(Debug, Args)]
@@ -104,11 +107,17 @@ struct ServeArgs {
     /// Reactor threads (poll loops); connections are spread over them by load.
     #[arg(long, default_value_t = 1, value_name = "N")]
     reactors: usize,
-    /// Require a PROXY protocol header (from HAProxy's send-proxy[-v2]) on every connection.
-    #[arg(long, value_name = "v1|v2|any")]
+    /// Require a PROXY protocol header (from HAProxy's send-proxy[-v2]) on every connection;
+    /// needs --proxy-source.
+    #[arg(long, value_name = "v1|v2|any", requires = "proxy_sources")]
     proxy_protocol: Option<serve::ProxyArg>,
-    /// With --proxy-protocol: accept connections only from this balancer CIDR (repeatable).
-    #[arg(long = "proxy-source", value_name = "CIDR")]
+    /// With --proxy-protocol: trust headers only from this balancer CIDR (repeatable; required,
+    /// 0.0.0.0/0 and ::/0 trust anyone). --allow must list the balancers too.
+    #[arg(
+        long = "proxy-source",
+        value_name = "CIDR",
+        requires = "proxy_protocol"
+    )]
     proxy_sources: Vec<mllp_reactor::cidr::Cidr>,
     /// Accept connections only from this CIDR, IPv4 or IPv6 (repeatable; default: anyone).
     #[arg(long = "allow", value_name = "CIDR")]
@@ -141,6 +150,8 @@ struct ServeArgs {
     /// be lost if the database server crashes.
     #[arg(long, conflicts_with = "no_store")]
     allow_async_commit: bool,
+    #[command(flatten)]
+    retention: retention::RetainArgs,
 }
 
 #[derive(Debug, Args)]
@@ -263,6 +274,7 @@ fn main() -> ExitCode {
             log_level: args.log_level,
             store: (!args.no_store).then_some(args.store),
             allow_async_commit: args.allow_async_commit,
+            retention: args.retention,
         }),
         Command::Send(args) => {
             let opts = send::SendOptions {
@@ -287,6 +299,7 @@ fn main() -> ExitCode {
             since: args.since,
             format: args.format,
         }),
+        Command::Prune(args) => retention::prune(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

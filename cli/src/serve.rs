@@ -48,6 +48,8 @@ pub struct ServeOptions {
     pub store: Option<String>,
     /// Accept a PostgreSQL server with `synchronous_commit=off`.
     pub allow_async_commit: bool,
+    /// `--retain`, `--retain-size`.
+    pub retention: crate::retention::RetainArgs,
 }
 
 /// `--proxy-protocol`: which PROXY header versions to accept.
@@ -86,10 +88,12 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         DispatchArg::Inline => mllp_reactor::DEFAULT_MAX_IN_FLIGHT_INLINE,
         DispatchArg::Pool => mllp_reactor::DEFAULT_MAX_IN_FLIGHT_POOL,
     });
+    let mut pruner = None;
     let (store, storing_to) = match &opts.store {
         Some(spec) => {
             let config = store_config(opts, max_in_flight);
-            let (store, shown) = open_store(spec, opts.allow_async_commit, config)?;
+            let (store, shown, gate) = open_store(spec, opts.allow_async_commit, config)?;
+            pruner = crate::retention::start_pruner(spec, gate, &opts.retention)?;
             (Some(Arc::new(store)), Some(shown))
         }
         None if opts.allow_async_commit => {
@@ -126,8 +130,6 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         if !opts.proxy_sources.is_empty() {
             builder = builder.proxy_sources(opts.proxy_sources.iter().copied().collect());
         }
-    } else if !opts.proxy_sources.is_empty() {
-        return Err("--proxy-source needs --proxy-protocol".to_owned());
     }
     if !opts.allow.is_empty() {
         builder = builder.allow(opts.allow.iter().copied().collect());
@@ -219,6 +221,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         "stopped: {} connections closed, {finished} with a message in flight finished, {} forced",
         report.closed, report.forced
     );
+    drop(pruner);
     if let Some(store) = store {
         store
             .close(opts.grace.value)

@@ -15,7 +15,10 @@ use std::sync::Arc;
 use mllp_reactor::ack::{self, AckCode};
 use mllp_reactor::{Handler, Reply, handler_fn};
 use mllp_store::postgresql::is_postgres_url;
-use mllp_store::{PostgresBackend, PostgresOptions, Record, SqliteOptions, Store, StoreConfig};
+use mllp_store::{
+    PostgresBackend, PostgresOptions, Record, SqliteBackend, SqliteOptions, Store, StoreConfig,
+    WriteGate,
+};
 
 /// A handler that submits every message to `store` and answers AA once it is committed, or
 /// AE "message not stored: …" when the commit failed (never AA then).
@@ -43,8 +46,8 @@ pub fn store_handler(store: Arc<Store>) -> impl Handler {
 }
 
 /// Opens the store `serve --store` names: a `postgres://` (or `postgresql://`) URL, or an
-/// SQLite file path, with `config`'s caps. Returns it and the line `serve` prints
-/// ("storing to …").
+/// SQLite file path, with `config`'s caps. Returns it, the line `serve` prints
+/// ("storing to …") and, for SQLite, the writer's gate (for the retention pruner).
 ///
 /// The PostgreSQL connection is made here, on the calling thread, and then moves to the
 /// store's writer thread, where all of its (blocking) work happens: never a reactor's.
@@ -52,7 +55,7 @@ pub fn open_store(
     spec: &str,
     allow_async_commit: bool,
     config: StoreConfig,
-) -> Result<(Store, String), String> {
+) -> Result<(Store, String, Option<WriteGate>), String> {
     if is_postgres_url(spec) {
         let options = postgres_options().allow_async_commit(allow_async_commit);
         let backend = PostgresBackend::connect(spec, &options).map_err(|e| e.to_string())?;
@@ -62,7 +65,7 @@ pub fn open_store(
             backend.synchronous_commit()
         );
         let store = Store::start(backend, config).map_err(|e| e.to_string())?;
-        return Ok((store, shown));
+        return Ok((store, shown, None));
     }
     if allow_async_commit {
         return Err(
@@ -70,12 +73,14 @@ pub fn open_store(
                 .to_owned(),
         );
     }
-    let store =
-        Store::open_sqlite(spec, &SqliteOptions::default(), config).map_err(|e| e.to_string())?;
+    let backend =
+        SqliteBackend::open(spec, &SqliteOptions::default()).map_err(|e| e.to_string())?;
+    let gate = backend.write_gate();
+    let store = Store::start(backend, config).map_err(|e| e.to_string())?;
     // The absolute path: "./mllp-reactor.db" does not say which directory.
     let path = std::path::Path::new(spec);
     let shown = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
-    Ok((store, format!("storing to {}", shown.display())))
+    Ok((store, format!("storing to {}", shown.display()), Some(gate)))
 }
 
 /// PostgreSQL options for the CLI: the password comes from `PGPASSWORD` when the URL has

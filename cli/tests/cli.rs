@@ -14,5 +14,7 @@ mod scrape;
 mod send;
 #[path = "cli/serve.rs"]
 mod serve;
+#[path = "cli/store_admin.rs"]
+mod store_admin;
 #[path = "cli/util.rs"]
 mod util;

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::{Entry, MAX_IOV};
 use crate::connection::Event;
-use crate::error::CloseReason;
+use crate::reason::CloseReason;
 use crate::telemetry::Telemetry;
 
 /// Writes as much of the connection's ready replies (and the transport's own bytes) as the

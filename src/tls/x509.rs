@@ -249,7 +249,7 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 /// 1970 show as 1970-01-01T00:00:00Z).
 pub(crate) fn format_time(secs: i64) -> String {
     let secs = u64::try_from(secs).unwrap_or(0);
-    let (year, month, day) = crate::ack::civil_from_days(secs / 86_400);
+    let (year, month, day) = crate::date::civil_from_days((secs / 86_400) as i64);
     let rem = secs % 86_400;
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",

@@ -166,6 +166,7 @@ pub mod fault;
 #[cfg(feature = "postgres")]
 pub mod postgresql;
 mod record;
+pub mod retention;
 pub mod sqlite;
 pub mod telemetry;
 mod writer;
@@ -175,7 +176,7 @@ pub use error::{CloseError, ConfigError, StoreError, Submission, SubmitError};
 #[cfg(feature = "postgres")]
 pub use postgresql::{PostgresBackend, PostgresOptions};
 pub use record::{DuplicateKey, Header, Origin, Record, StoreId, StoreOutcome, StoredRecord};
-pub use sqlite::{SqliteBackend, SqliteOptions};
+pub use sqlite::{SqliteBackend, SqliteOptions, WriteGate};
 pub use writer::{
     DEFAULT_CLOSE_TIMEOUT, DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_MESSAGES,
     DEFAULT_MAX_QUEUE_BYTES, DEFAULT_MAX_QUEUE_MESSAGES, Done, Store, StoreConfig,

@@ -39,6 +39,7 @@
 //! serialises them, waiting up to the busy timeout) but pointless.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
@@ -197,6 +198,25 @@ pub struct SqliteBackend {
     /// `None` after a failed commit: the next commit reopens it (a fresh connection is the
     /// surest way out of whatever state the failure left, and costs about 100 µs).
     conn: Option<Connection>,
+    /// Held for each commit; the pruner of the same process holds it for each of its batches.
+    gate: WriteGate,
+}
+
+/// Serialises this process's writers of one SQLite file (the store's writer and the
+/// [`Pruner`](crate::retention::Pruner)) with a mutex instead of SQLite's lock.
+///
+/// SQLite's busy handler waits by sleeping 1, 2, 5, 10… ms between retries, so a commit that
+/// finds the pruner's transaction open would wait milliseconds longer than the transaction
+/// lasts; a mutex hands over as soon as it is released. Other processes still meet SQLite's
+/// lock and busy timeout as before.
+#[derive(Clone, Debug, Default)]
+pub struct WriteGate(Arc<Mutex<()>>);
+
+impl WriteGate {
+    /// Waits for the gate (a panic while it was held does not matter: it guards no data).
+    pub(crate) fn enter(&self) -> MutexGuard<'_, ()> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl SqliteBackend {
@@ -223,6 +243,7 @@ impl SqliteBackend {
             read_only: false,
             checkpointer: Some(checkpointer),
             conn: Some(conn),
+            gate: WriteGate::default(),
         })
     }
 
@@ -248,12 +269,20 @@ impl SqliteBackend {
             read_only: true,
             checkpointer: None,
             conn: Some(conn),
+            gate: WriteGate::default(),
         })
     }
 
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The gate this backend holds while it commits: give it to a
+    /// [`Pruner`](crate::retention::Pruner) of the same file so that the two take turns
+    /// without SQLite's sleeping busy handler.
+    pub fn write_gate(&self) -> WriteGate {
+        self.gate.clone()
     }
 
     /// The open connection, reopening it after a failure.
@@ -302,6 +331,8 @@ impl Backend for SqliteBackend {
         }
         let window = self.window_us();
         let busy_timeout = self.options.busy_timeout;
+        let gate = self.gate.clone();
+        let _turn = gate.enter();
         self.connection()?;
         let (Some(conn), checkpointer) = (self.conn.as_mut(), self.checkpointer.as_ref()) else {
             return Err(StoreError::commit("the store connection is closed"));
@@ -489,7 +520,7 @@ fn check_path(path: &Path, create: bool) -> Result<(), StoreError> {
 }
 
 /// Opens a connection, checks (and if `create`, creates) the schema, and sets the pragmas.
-fn open_connection(
+pub(crate) fn open_connection(
     path: &Path,
     flags: OpenFlags,
     options: &SqliteOptions,
@@ -504,6 +535,11 @@ fn open_connection(
     match inspect_schema(&conn).map_err(classify)? {
         Schema::Ours => {}
         Schema::Empty if create => {
+            // Before the first table: only then can auto_vacuum be chosen without a VACUUM.
+            // INCREMENTAL lets retention give freed pages back to the file system
+            // (`crate::retention`); it costs one pointer-map page per ~800 pages.
+            conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+                .map_err(classify)?;
             set_wal(&conn, path)?;
             create_schema(&conn).map_err(classify)?;
         }

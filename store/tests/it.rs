@@ -12,5 +12,7 @@ mod duplicates;
 mod export;
 #[path = "it/open.rs"]
 mod open;
+#[path = "it/retention.rs"]
+mod retention;
 #[path = "it/writer.rs"]
 mod writer;

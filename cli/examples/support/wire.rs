@@ -320,16 +320,7 @@ impl AckWriter {
 fn format_timestamp(unix_secs: u64) -> [u8; 14] {
     let days = (unix_secs / 86_400) as i64;
     let secs_of_day = unix_secs % 86_400;
-    // Civil-from-days (Howard Hinnant's algorithm), valid for all dates after 1970.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = mllp_reactor::date::civil_from_days(days);
     let text = format!(
         "{year:04}{month:02}{day:02}{:02}{:02}{:02}",
         secs_of_day / 3_600,

@@ -1,0 +1,240 @@
+//! `serve --retain/--retain-size` and `mllp-reactor prune`: flags in, the store crate's
+//! [`RetentionPolicy`] out; the pruning itself lives in `mllp_store::retention`.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use clap::Args;
+use mllp_store::postgresql::is_postgres_url;
+use mllp_store::retention::{
+    PassResult, PruneMode, PruneReport, Pruner, RetentionPolicy, prune_sqlite,
+};
+use mllp_store::{SqliteOptions, WriteGate};
+
+/// `serve`'s retention flags.
+#[derive(Debug, Clone, Args)]
+pub struct RetainArgs {
+    /// Remove stored messages older than this (e.g. 30d, 12h; `forever` keeps them), oldest
+    /// first, in small batches in the background; never one a forwarding destination has not
+    /// delivered or that is dead-lettered.
+    #[arg(long, default_value = DEFAULT_RETAIN_TEXT, value_name = "DURATION", value_parser = parse_retain)]
+    pub retain: Retain,
+    /// Also remove the oldest messages while the store's data is larger than this
+    /// (e.g. 50GiB, 500MB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub retain_size: Option<u64>,
+}
+
+/// A parsed `--retain`: a period, or keep forever; with the text for the start-up log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retain {
+    pub period: Option<Duration>,
+    pub text: String,
+}
+
+/// `mllp-reactor prune`'s flags.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// The store (an SQLite file).
+    #[arg(value_name = "STORE")]
+    pub store: String,
+    /// Remove messages received longer ago than this (e.g. 30d, 12h).
+    #[arg(long, value_name = "DURATION", value_parser = parse_period)]
+    pub older_than: Duration,
+    /// Count what would be removed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+impl RetainArgs {
+    /// The policy these flags ask for; `None` when nothing is ever removed.
+    pub fn policy(&self) -> Option<RetentionPolicy> {
+        if self.retain.period.is_none() && self.retain_size.is_none() {
+            return None;
+        }
+        Some(
+            RetentionPolicy::default()
+                .max_age(self.retain.period)
+                .max_bytes(self.retain_size),
+        )
+    }
+}
+
+/// Starts the background pruner for `serve`'s store, logging each pass that removed something
+/// (info) or failed (error). `gate` is the SQLite writer's; `None` for PostgreSQL, where
+/// retention is not implemented yet (a warning says so).
+pub fn start_pruner(
+    store: &str,
+    gate: Option<WriteGate>,
+    args: &RetainArgs,
+) -> Result<Option<Pruner>, String> {
+    let Some(policy) = args.policy() else {
+        return Ok(None);
+    };
+    let Some(gate) = gate.filter(|_| !is_postgres_url(store)) else {
+        tracing::warn!(target: "mllp::store", "--retain is not implemented for PostgreSQL yet: nothing is removed");
+        return Ok(None);
+    };
+    tracing::info!(
+        target: "mllp::store",
+        retain = %args.retain.text,
+        retain_size = args.retain_size,
+        interval = ?policy.interval(),
+        "retention on"
+    );
+    Pruner::start_sqlite(
+        Path::new(store),
+        &SqliteOptions::default(),
+        policy,
+        gate,
+        log_pass,
+    )
+    .map(Some)
+    .map_err(|e| format!("cannot start retention: {e}"))
+}
+
+fn log_pass(result: &PassResult) {
+    match result {
+        Ok((report, usage)) if report.deleted > 0 || report.released_bytes > 0 => {
+            tracing::info!(
+                target: "mllp::store",
+                deleted = report.deleted,
+                deleted_bytes = report.deleted_bytes,
+                kept_dead_lettered = report.protected,
+                released_bytes = report.released_bytes,
+                store_bytes = usage.file_bytes,
+                "retention pass"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(target: "mllp::store", error = %e, "retention pass failed"),
+    }
+}
+
+/// `mllp-reactor prune`: removes (or counts) expired messages now; prints one line.
+pub fn prune(args: &PruneArgs) -> Result<(), String> {
+    if is_postgres_url(&args.store) {
+        return Err("prune supports SQLite stores only for now".to_owned());
+    }
+    let policy = RetentionPolicy::default().max_age(Some(args.older_than));
+    let mode = if args.dry_run {
+        PruneMode::DryRun
+    } else {
+        PruneMode::Delete
+    };
+    let report = prune_sqlite(
+        Path::new(&args.store),
+        &policy,
+        SystemTime::now(),
+        mode,
+        &SqliteOptions::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    println!("{}", summary(&report, args.dry_run));
+    Ok(())
+}
+
+fn summary(report: &PruneReport, dry_run: bool) -> String {
+    let verb = if dry_run { "would remove" } else { "removed" };
+    let mut line = format!(
+        "{verb} {} messages ({} payload bytes); kept {} dead-lettered",
+        report.deleted, report.deleted_bytes, report.protected
+    );
+    if !dry_run {
+        line.push_str(&format!(
+            "; gave {} bytes back to the file system",
+            report.released_bytes
+        ));
+    }
+    line
+}
+
+/// `--retain`: a period (with `d` for days as well as the usual units) or `forever`.
+fn parse_retain(text: &str) -> Result<Retain, String> {
+    let text = text.trim();
+    let period = match text {
+        "forever" | "off" => None,
+        _ => Some(parse_period(text)?),
+    };
+    if period.is_some_and(|p| p.is_zero()) {
+        return Err("must be greater than zero (use `forever` to keep everything)".to_owned());
+    }
+    Ok(Retain {
+        period,
+        text: text.to_owned(),
+    })
+}
+
+/// A duration that may also be given in days (`30d`).
+fn parse_period(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    match text.strip_suffix('d') {
+        Some(days) => {
+            let days: f64 = days
+                .parse()
+                .map_err(|_| format!("{text:?} does not start with a number"))?;
+            Duration::try_from_secs_f64(days * 86_400.0)
+                .map_err(|_| format!("{text:?} is out of range"))
+        }
+        None => crate::parse_duration(text),
+    }
+}
+
+/// A size in bytes: a number with an optional unit B, KB, MB, GB, TB (powers of 1000) or
+/// KiB, MiB, GiB, TiB (powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a number"))?;
+    let scale: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "KB" | "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?} (use B, MB, GB, MiB, GiB, …)"
+            ));
+        }
+    };
+    let bytes = value * scale;
+    if !(0.0..1.8e19).contains(&bytes) {
+        return Err(format!("{text:?} is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+/// `--retain`'s default (the store crate's `DEFAULT_RETAIN`).
+const DEFAULT_RETAIN_TEXT: &str = "30d";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mllp_store::retention::DEFAULT_RETAIN;
+
+    #[test]
+    fn sizes_and_periods() {
+        assert_eq!(parse_size("50GiB"), Ok(50 << 30));
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("5 parsecs").is_err());
+        assert_eq!(parse_period("30d"), Ok(DEFAULT_RETAIN));
+        assert_eq!(parse_period("12h"), Ok(Duration::from_secs(12 * 3600)));
+        assert_eq!(parse_retain("forever").unwrap().period, None);
+        assert!(parse_retain("0s").is_err());
+        assert_eq!(
+            parse_retain(DEFAULT_RETAIN_TEXT).unwrap().period,
+            Some(DEFAULT_RETAIN)
+        );
+    }
+}

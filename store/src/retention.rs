@@ -1,0 +1,669 @@
+//! Retention: removing old messages so that the store stops growing, and giving the space back.
+//!
+//! A [`RetentionPolicy`] says how long messages are kept ([`RetentionPolicy::max_age`],
+//! default [`DEFAULT_RETAIN`], 30 days) and optionally how large the store may grow
+//! ([`RetentionPolicy::max_bytes`]). [`prune_sqlite`] applies it once (the CLI's `prune`);
+//! a [`Pruner`] applies it in the background, on its own thread and connection, while a
+//! [`Store`](crate::Store) writes.
+//!
+//! # What is removed, and what never is
+//!
+//! - Messages go **oldest first**, in store (id) order, which is commit order and therefore
+//!   receive order. A pass stops at the first message that is inside the retention period
+//!   (and, with a size cap, once the store is below it).
+//! - **Never** a message that a forwarding destination has not delivered yet: when the table
+//!   `forward_cursor(destination, lane, delivered_through)` exists and has rows, only ids up to
+//!   the smallest `delivered_through` are candidates (everything up to a cursor is delivered
+//!   or dead-lettered).
+//! - **Never** a dead-lettered message: ids in `forward_dead_letter(message_id, status)` with a
+//!   status other than `delivered` are skipped (and counted in [`PruneReport::protected`]).
+//! - Both tables are the forwarder's; without them nothing is protected beyond age and size.
+//!
+//! # Small batches, off the commit path
+//!
+//! Each batch deletes at most [`RetentionPolicy::batch_rows`] messages in one short
+//! transaction. In the same process the pruner and the store's writer take turns through a
+//! [`WriteGate`] (a mutex) rather than SQLite's busy handler, which sleeps in steps of
+//! milliseconds; between batches the pruner pauses ([`RetentionPolicy::pause`]) so that
+//! commits are never starved.
+//!
+//! # Getting the space back (SQLite)
+//!
+//! Deleted rows leave free pages on SQLite's freelist; inserts reuse them, so the file stops
+//! growing once retention runs. Stores created by this version have
+//! `auto_vacuum=INCREMENTAL`, and the pruner also **returns** free pages to the file system
+//! with `PRAGMA incremental_vacuum`, at most [`RELEASE_PAGES_PER_STEP`] pages per transaction
+//! so that no step holds the write lock for long. Returning, not only reusing, because the
+//! point of a size cap or a shorter retention is disk that other things can use again, and
+//! because free space inside the file is invisible to the low-disk check.
+//! Incremental mode over full `VACUUM`: it moves only pages at the end of the file, in small
+//! steps, while the server runs; `VACUUM` rewrites the whole file and blocks writers.
+//!
+//! Stores created before (with `auto_vacuum=NONE`) keep working: their freed pages are
+//! reused, so the file stops growing but does not shrink. `auto_vacuum` can only be switched
+//! on by a full `VACUUM` with the server stopped (`sqlite3 FILE 'PRAGMA
+//! auto_vacuum=INCREMENTAL; VACUUM'`, which needs free space about the size of the file).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use metrics::{Counter, Gauge, Unit};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+
+use crate::error::StoreError;
+use crate::record::{StoreId, system_time_to_us};
+use crate::sqlite::{SqliteOptions, WriteGate, open_connection};
+
+/// The default retention period: 30 days.
+///
+/// Long enough to look up, export or resend a month of messages (a billing cycle, the usual
+/// window for "did this order ever arrive?"), short enough that an ordinary feed (100 msg/s of
+/// 2 KiB: about 17 GB a day) needs about half a terabyte, not an ever-growing disk.
+pub const DEFAULT_RETAIN: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Default of [`RetentionPolicy::batch_rows`]: 256 messages per delete transaction.
+///
+/// A delete costs about as much per row as an insert (the row, its index entries and the
+/// pages it frees), so 256 rows hold the write lock for a few milliseconds: a commit that
+/// arrives meanwhile waits about one commit's time. Fewer rows would only add transactions.
+pub const DEFAULT_BATCH_ROWS: usize = 256;
+
+/// Default of [`RetentionPolicy::pause`]: 20 ms between two delete batches, so a pass gives
+/// the writer the lock back for at least several commits between its own transactions, and
+/// deletes at most ~12 800 messages per second: far above any ingest rate it has to keep up
+/// with, far below what would load the disk.
+pub const DEFAULT_PAUSE: Duration = Duration::from_millis(20);
+
+/// Most free pages given back per `incremental_vacuum` transaction: 512 pages (2 MiB at the
+/// default 4 KiB page). Each moved page is written once to the WAL, so this bounds the step
+/// to about a batch's write volume.
+pub const RELEASE_PAGES_PER_STEP: i64 = 512;
+
+/// How long messages are kept and how large the store may grow.
+///
+/// ```
+/// use std::time::Duration;
+/// use mllp_store::retention::{RetentionPolicy, DEFAULT_RETAIN};
+///
+/// let policy = RetentionPolicy::default().max_bytes(Some(50 << 30));
+/// assert_eq!(policy.max_age, Some(DEFAULT_RETAIN));
+/// assert_eq!(policy.interval(), Duration::from_secs(60));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RetentionPolicy {
+    /// Remove messages received longer ago than this (default [`DEFAULT_RETAIN`]); `None`
+    /// keeps them whatever their age.
+    pub max_age: Option<Duration>,
+    /// Remove the oldest messages while the store's data (pages in use, not free pages) is
+    /// larger than this many bytes; `None` (the default): no size cap.
+    pub max_bytes: Option<u64>,
+    /// Messages per delete transaction (default [`DEFAULT_BATCH_ROWS`]).
+    pub batch_rows: usize,
+    /// Pause between two batches of a pass (default [`DEFAULT_PAUSE`]).
+    pub pause: Duration,
+}
+
+impl Default for RetentionPolicy {
+    fn default() -> Self {
+        Self {
+            max_age: Some(DEFAULT_RETAIN),
+            max_bytes: None,
+            batch_rows: DEFAULT_BATCH_ROWS,
+            pause: DEFAULT_PAUSE,
+        }
+    }
+}
+
+impl RetentionPolicy {
+    /// Sets [`max_age`](Self::max_age).
+    pub fn max_age(mut self, age: Option<Duration>) -> Self {
+        self.max_age = age;
+        self
+    }
+
+    /// Sets [`max_bytes`](Self::max_bytes).
+    pub fn max_bytes(mut self, bytes: Option<u64>) -> Self {
+        self.max_bytes = bytes;
+        self
+    }
+
+    /// Sets [`batch_rows`](Self::batch_rows) (at least 1).
+    pub fn batch_rows(mut self, rows: usize) -> Self {
+        self.batch_rows = rows.max(1);
+        self
+    }
+
+    /// Sets [`pause`](Self::pause).
+    pub fn pause(mut self, pause: Duration) -> Self {
+        self.pause = pause;
+        self
+    }
+
+    /// How often a [`Pruner`] starts a pass: a tenth of the retention period, between 100 ms
+    /// and 60 s. A message therefore outlives its period by at most a tenth of it (a minute
+    /// at most), and an idle store costs one cheap query a minute.
+    pub fn interval(&self) -> Duration {
+        let tenth = self.max_age.map_or(Duration::MAX, |age| age / 10);
+        tenth.clamp(Duration::from_millis(100), Duration::from_secs(60))
+    }
+}
+
+/// Whether [`prune_sqlite`] deletes or only counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PruneMode {
+    /// Delete, and give free pages back.
+    Delete,
+    /// Count what would be deleted; change nothing.
+    DryRun,
+}
+
+/// What one prune did (or, dry run, would do).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PruneReport {
+    /// Messages deleted.
+    pub deleted: u64,
+    /// Their payload bytes.
+    pub deleted_bytes: u64,
+    /// Expired messages kept because they are dead-lettered (never removed).
+    pub protected: u64,
+    /// Bytes given back to the file system (0 for a store without incremental auto_vacuum).
+    pub released_bytes: u64,
+    /// The first message kept, if a pass stopped at one (oldest remaining, not protected).
+    pub first_kept: Option<StoreId>,
+}
+
+impl PruneReport {
+    fn add(&mut self, other: &Self) {
+        self.deleted += other.deleted;
+        self.deleted_bytes += other.deleted_bytes;
+        self.protected += other.protected;
+        self.released_bytes += other.released_bytes;
+        self.first_kept = other.first_kept.or(self.first_kept);
+    }
+}
+
+/// How large a store is and how old its oldest message.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreUsage {
+    /// Bytes on disk: the database file plus its WAL.
+    pub file_bytes: u64,
+    /// Bytes in pages that hold data (the file's pages minus its free pages).
+    pub used_bytes: u64,
+    /// Bytes in free pages: reused by the next inserts, or given back by the pruner.
+    pub free_bytes: u64,
+    /// When the oldest message was received (µs since the epoch), `None` for an empty store.
+    pub oldest_received_us: Option<i64>,
+}
+
+impl StoreUsage {
+    /// The oldest message's age at `now`, `None` for an empty store.
+    pub fn oldest_age(&self, now: SystemTime) -> Option<Duration> {
+        let oldest = self.oldest_received_us?;
+        let age = system_time_to_us(now).saturating_sub(oldest).max(0);
+        Some(Duration::from_micros(u64::try_from(age).unwrap_or(0)))
+    }
+}
+
+/// Applies `policy` once to the SQLite store at `path`, at time `now`: deletes (or, with
+/// [`PruneMode::DryRun`], counts) the expired messages in batches, then gives free pages back.
+/// Works while `serve` runs (it waits for SQLite's lock like any other writer).
+///
+/// ```
+/// use std::time::SystemTime;
+/// use mllp_store::retention::{prune_sqlite, PruneMode, RetentionPolicy};
+/// use mllp_store::{SqliteBackend, SqliteOptions};
+///
+/// let dir = std::env::temp_dir().join(format!("mllp-store-doc-prune-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir)?;
+/// let path = dir.join("store.db");
+/// drop(SqliteBackend::open(&path, &SqliteOptions::default())?);
+/// let report = prune_sqlite(&path, &RetentionPolicy::default(), SystemTime::now(),
+///     PruneMode::DryRun, &SqliteOptions::default())?;
+/// assert_eq!(report.deleted, 0);
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+///
+/// As [`SqliteBackend::open`](crate::SqliteBackend::open) (a missing file is
+/// [`StoreError::NotFound`]); [`StoreError::Read`] or [`StoreError::Commit`] when a query
+/// fails. Batches deleted before the failure stay deleted.
+pub fn prune_sqlite(
+    path: &Path,
+    policy: &RetentionPolicy,
+    now: SystemTime,
+    mode: PruneMode,
+    options: &SqliteOptions,
+) -> Result<PruneReport, StoreError> {
+    let mut pruner = SqlitePrune::open(path, options, None)?;
+    pruner.pass(policy, now, mode, &|| false)
+}
+
+/// Reads a store's [`StoreUsage`] (file sizes, free pages, oldest message).
+///
+/// # Errors
+///
+/// As [`SqliteBackend::open_read_only`](crate::SqliteBackend::open_read_only), and
+/// [`StoreError::Read`].
+pub fn usage_sqlite(path: &Path, options: &SqliteOptions) -> Result<StoreUsage, StoreError> {
+    let backend = crate::SqliteBackend::open_read_only(path, options)?;
+    drop(backend);
+    let conn = open_connection(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        options,
+        false,
+    )?;
+    usage(&conn, path).map_err(StoreError::read)
+}
+
+/// Metric names of the pruner (registered by [`Pruner::start_sqlite`]).
+pub mod metric {
+    /// Counter: messages removed by retention.
+    pub const PRUNED_TOTAL: &str = "mllp_store_pruned_total";
+    /// Gauge: bytes the store takes on disk (database file plus WAL).
+    pub const STORE_BYTES: &str = "mllp_store_bytes";
+    /// Gauge: age of the oldest stored message, in seconds (0 for an empty store).
+    pub const OLDEST_AGE_SECONDS: &str = "mllp_store_oldest_age_seconds";
+    /// Counter: retention passes that failed (each is reported to the pruner's callback).
+    pub const PRUNE_ERRORS_TOTAL: &str = "mllp_store_prune_errors_total";
+}
+
+struct PruneMetrics {
+    pruned: Counter,
+    bytes: Gauge,
+    oldest_age: Gauge,
+    errors: Counter,
+}
+
+impl PruneMetrics {
+    fn register() -> Self {
+        use metric::*;
+        metrics::describe_counter!(PRUNED_TOTAL, Unit::Count, "Messages removed by retention");
+        metrics::describe_gauge!(
+            STORE_BYTES,
+            Unit::Bytes,
+            "Bytes the store takes on disk (database file and WAL)"
+        );
+        metrics::describe_gauge!(
+            OLDEST_AGE_SECONDS,
+            Unit::Seconds,
+            "Age of the oldest stored message"
+        );
+        metrics::describe_counter!(
+            PRUNE_ERRORS_TOTAL,
+            Unit::Count,
+            "Retention passes that failed"
+        );
+        Self {
+            pruned: metrics::counter!(PRUNED_TOTAL),
+            bytes: metrics::gauge!(STORE_BYTES),
+            oldest_age: metrics::gauge!(OLDEST_AGE_SECONDS),
+            errors: metrics::counter!(PRUNE_ERRORS_TOTAL),
+        }
+    }
+}
+
+/// What a [`Pruner`] reports after each pass (to the callback given to
+/// [`Pruner::start_sqlite`]).
+pub type PassResult = Result<(PruneReport, StoreUsage), StoreError>;
+
+/// Retention in the background: a thread (`mllp-store-prune`) with its own connection that
+/// applies a [`RetentionPolicy`] every [`RetentionPolicy::interval`], and publishes
+/// `mllp_store_pruned_total`, `mllp_store_bytes` and `mllp_store_oldest_age_seconds`.
+///
+/// Stopping (or dropping) it ends the current batch and joins the thread.
+#[derive(Debug)]
+pub struct Pruner {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Pruner {
+    /// Opens a second connection to the SQLite store at `path` and starts pruning it; `gate`
+    /// is the store writer's ([`SqliteBackend::write_gate`](crate::SqliteBackend::write_gate)).
+    /// `report` is called on the pruner's thread after every pass.
+    ///
+    /// # Errors
+    ///
+    /// As [`SqliteBackend::open`](crate::SqliteBackend::open); [`StoreError::Open`] if the
+    /// thread cannot be spawned.
+    pub fn start_sqlite(
+        path: &Path,
+        options: &SqliteOptions,
+        policy: RetentionPolicy,
+        gate: WriteGate,
+        mut report: impl FnMut(&PassResult) + Send + 'static,
+    ) -> Result<Self, StoreError> {
+        let mut prune = SqlitePrune::open(path, options, Some(gate))?;
+        let metrics = PruneMetrics::register();
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let stop_flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("mllp-store-prune".into())
+            .spawn(move || {
+                let (lock, wake) = &*stop_flag;
+                let stopped = || *lock.lock().unwrap_or_else(PoisonError::into_inner);
+                loop {
+                    let now = SystemTime::now();
+                    let result = prune
+                        .pass(&policy, now, PruneMode::Delete, &stopped)
+                        .and_then(|r| {
+                            Ok((
+                                r,
+                                usage(&prune.conn, &prune.path).map_err(StoreError::read)?,
+                            ))
+                        });
+                    match &result {
+                        Ok((done, usage)) => {
+                            metrics.pruned.increment(done.deleted);
+                            metrics.bytes.set(usage.file_bytes as f64);
+                            metrics
+                                .oldest_age
+                                .set(usage.oldest_age(now).unwrap_or_default().as_secs_f64());
+                        }
+                        Err(_) => metrics.errors.increment(1),
+                    }
+                    report(&result);
+                    let guard = lock.lock().unwrap_or_else(PoisonError::into_inner);
+                    let (guard, _) = wake
+                        .wait_timeout_while(guard, policy.interval(), |stop| !*stop)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    if *guard {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| StoreError::open(path, e))?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops after the current batch and joins the thread.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let (lock, wake) = &*self.stop;
+        *lock.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        wake.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Pruner {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// One connection that prunes.
+struct SqlitePrune {
+    conn: Connection,
+    path: PathBuf,
+    gate: Option<WriteGate>,
+}
+
+/// One row as the pruner sees it.
+struct Candidate {
+    id: StoreId,
+    received_at_us: i64,
+    size: i64,
+}
+
+/// Rough bytes a row takes besides its payload (columns, index entries, cell overhead): used
+/// only to estimate progress towards a size cap within a batch; each batch re-measures.
+const ROW_OVERHEAD: i64 = 200;
+
+impl SqlitePrune {
+    fn open(
+        path: &Path,
+        options: &SqliteOptions,
+        gate: Option<WriteGate>,
+    ) -> Result<Self, StoreError> {
+        // Through the backend first: the same checks (exists, is a store, version) and errors.
+        drop(crate::SqliteBackend::open_read_only(path, options)?);
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = open_connection(path, flags, options, false)?;
+        Ok(Self {
+            conn,
+            path: path.to_owned(),
+            gate,
+        })
+    }
+
+    /// One pass: batches until nothing more is due (or `stopped()`), then gives pages back.
+    fn pass(
+        &mut self,
+        policy: &RetentionPolicy,
+        now: SystemTime,
+        mode: PruneMode,
+        stopped: &dyn Fn() -> bool,
+    ) -> Result<PruneReport, StoreError> {
+        let cutoff = policy.max_age.map(|age| {
+            system_time_to_us(now)
+                .saturating_sub(i64::try_from(age.as_micros()).unwrap_or(i64::MAX))
+        });
+        let mut total = PruneReport::default();
+        let mut after: StoreId = 0;
+        // Dry run: the size still to free is estimated from the rows counted so far.
+        let mut dry_freed: i64 = 0;
+        loop {
+            let over = match policy.max_bytes {
+                Some(max) => {
+                    let used = usage(&self.conn, &self.path)
+                        .map_err(StoreError::read)?
+                        .used_bytes;
+                    (used as i64)
+                        .saturating_sub(max as i64)
+                        .saturating_sub(dry_freed)
+                }
+                None => 0,
+            };
+            let (report, more, freed) = self.batch(policy, cutoff, over, &mut after, mode)?;
+            if mode == PruneMode::DryRun {
+                dry_freed += freed;
+            }
+            total.add(&report);
+            // The size estimate within a batch is rough: after deleting, measure again.
+            let remeasure = mode == PruneMode::Delete && policy.max_bytes.is_some();
+            if !(more || remeasure && report.deleted > 0) || stopped() {
+                break;
+            }
+            if mode == PruneMode::Delete && !policy.pause.is_zero() {
+                std::thread::sleep(policy.pause);
+            }
+        }
+        if mode == PruneMode::Delete {
+            total.released_bytes = self.release(stopped)?;
+        }
+        Ok(total)
+    }
+
+    /// One batch after id `after`. Returns the batch's report, whether more may be due, and
+    /// the estimated bytes it freed.
+    fn batch(
+        &mut self,
+        policy: &RetentionPolicy,
+        cutoff: Option<i64>,
+        mut over: i64,
+        after: &mut StoreId,
+        mode: PruneMode,
+    ) -> Result<(PruneReport, bool, i64), StoreError> {
+        let mut report = PruneReport::default();
+        let limit = i64::try_from(policy.batch_rows).unwrap_or(i64::MAX);
+        let (rows, floor, dead) = {
+            let conn = &self.conn;
+            let read = || -> rusqlite::Result<_> {
+                let rows = conn
+                    .prepare_cached(
+                        "SELECT id, received_at_us, size FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
+                    )?
+                    .query_map(params![*after, limit], |r| {
+                        Ok(Candidate {
+                            id: r.get(0)?,
+                            received_at_us: r.get(1)?,
+                            size: r.get(2)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                let floor = forward_floor(conn)?;
+                let dead = match (rows.first(), rows.last()) {
+                    (Some(first), Some(last)) => dead_letters(conn, first.id, last.id)?,
+                    _ => HashSet::new(),
+                };
+                Ok((rows, floor, dead))
+            };
+            read().map_err(StoreError::read)?
+        };
+        let full = rows.len() as i64 == limit;
+        let mut victims = Vec::with_capacity(rows.len());
+        let mut freed = 0i64;
+        let mut stopped_at = None;
+        for row in &rows {
+            let expired = cutoff.is_some_and(|c| row.received_at_us < c);
+            let delivered = floor.is_none_or(|f| row.id <= f);
+            if !delivered || !(expired || over > 0) {
+                stopped_at = Some(row.id);
+                break;
+            }
+            *after = row.id;
+            if dead.contains(&row.id) {
+                report.protected += 1;
+                continue;
+            }
+            victims.push(row.id);
+            report.deleted_bytes += row.size.max(0) as u64;
+            over -= row.size + ROW_OVERHEAD;
+            freed += row.size + ROW_OVERHEAD;
+        }
+        report.deleted = victims.len() as u64;
+        report.first_kept = stopped_at;
+        if mode == PruneMode::Delete && !victims.is_empty() {
+            self.delete(&victims)?;
+        }
+        Ok((report, stopped_at.is_none() && full, freed))
+    }
+
+    fn delete(&mut self, ids: &[StoreId]) -> Result<(), StoreError> {
+        let gate = self.gate.clone();
+        let _turn = gate.as_ref().map(WriteGate::enter);
+        let run = |conn: &mut Connection| -> rusqlite::Result<()> {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut delete = tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?;
+                for id in ids {
+                    delete.execute([id])?;
+                }
+            }
+            tx.commit()
+        };
+        run(&mut self.conn).map_err(|e| StoreError::commit(format_args!("prune: {e}")))
+    }
+
+    /// Gives free pages back to the file system in steps (incremental auto_vacuum only).
+    fn release(&mut self, stopped: &dyn Fn() -> bool) -> Result<u64, StoreError> {
+        let pragma = |conn: &Connection, name: &str| -> rusqlite::Result<i64> {
+            conn.pragma_query_value(None, name, |r| r.get(0))
+        };
+        let err = |e| StoreError::commit(format_args!("prune: {e}"));
+        // 2 = INCREMENTAL (sqlite.org/pragma.html#pragma_auto_vacuum).
+        if pragma(&self.conn, "auto_vacuum").map_err(err)? != 2 {
+            return Ok(0);
+        }
+        let page_size = pragma(&self.conn, "page_size").map_err(err)?;
+        let mut released = 0u64;
+        loop {
+            let free = pragma(&self.conn, "freelist_count").map_err(err)?;
+            if free == 0 || stopped() {
+                return Ok(released);
+            }
+            let step = free.min(RELEASE_PAGES_PER_STEP);
+            {
+                let _turn = self.gate.as_ref().map(WriteGate::enter);
+                self.conn
+                    .execute_batch(&format!("PRAGMA incremental_vacuum({step})"))
+                    .map_err(err)?;
+            }
+            let left = pragma(&self.conn, "freelist_count").map_err(err)?;
+            let moved = free.saturating_sub(left);
+            released += (moved * page_size) as u64;
+            if moved == 0 {
+                return Ok(released);
+            }
+        }
+    }
+}
+
+/// Whether the database has a table of this name (the forwarder's may be absent).
+fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1")?
+        .query_row([name], |_| Ok(()))
+        .optional()
+        .map(|found| found.is_some())
+}
+
+/// The highest id that every forwarding cursor has passed, `None` if none constrains.
+fn forward_floor(conn: &Connection) -> rusqlite::Result<Option<StoreId>> {
+    if !has_table(conn, "forward_cursor")? {
+        return Ok(None);
+    }
+    conn.query_row(
+        "SELECT min(delivered_through) FROM forward_cursor",
+        [],
+        |r| r.get(0),
+    )
+}
+
+/// Dead-lettered (not re-delivered) message ids in `first..=last`.
+fn dead_letters(
+    conn: &Connection,
+    first: StoreId,
+    last: StoreId,
+) -> rusqlite::Result<HashSet<StoreId>> {
+    if !has_table(conn, "forward_dead_letter")? {
+        return Ok(HashSet::new());
+    }
+    conn.prepare_cached(
+        "SELECT message_id FROM forward_dead_letter
+         WHERE status <> 'delivered' AND message_id BETWEEN ?1 AND ?2",
+    )?
+    .query_map([first, last], |r| r.get(0))?
+    .collect()
+}
+
+fn usage(conn: &Connection, path: &Path) -> rusqlite::Result<StoreUsage> {
+    let pragma =
+        |name: &str| -> rusqlite::Result<i64> { conn.pragma_query_value(None, name, |r| r.get(0)) };
+    let page_size = pragma("page_size")?.max(0) as u64;
+    let pages = pragma("page_count")?.max(0) as u64;
+    let free = pragma("freelist_count")?.max(0) as u64;
+    let oldest = conn
+        .query_row(
+            "SELECT received_at_us FROM messages ORDER BY id LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let on_disk = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    Ok(StoreUsage {
+        file_bytes: on_disk(path) + on_disk(Path::new(&wal)),
+        used_bytes: pages.saturating_sub(free) * page_size,
+        free_bytes: free * page_size,
+        oldest_received_us: oldest,
+    })
+}

@@ -1,0 +1,257 @@
+//! Retention: exactly the expired, delivered messages go; undelivered and dead-lettered ones
+//! stay; the space is reused or returned; under a steady load the store stops growing.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use mllp_store::retention::{PruneMode, Pruner, RetentionPolicy, prune_sqlite, usage_sqlite};
+use mllp_store::{Backend as _, Origin, Record, SqliteBackend, SqliteOptions, Store, StoreConfig};
+use rusqlite::Connection;
+
+use crate::util::{TempDir, WAIT, channel, done, origin, read_all, recv};
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// An 8 KiB message, so that deleting a few frees whole pages.
+fn big(control_id: u32) -> Bytes {
+    let filler = "X".repeat(8 * 1024);
+    Bytes::from(format!(
+        "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20260101120000||ADT^A01|{control_id}|P|2.5.1\rNTE|1||{filler}\r"
+    ))
+}
+
+fn at(received_at: SystemTime) -> Origin {
+    Origin {
+        received_at,
+        ..origin(1, 0)
+    }
+}
+
+/// Ids 1..=10 received 40 days ago, 11..=15 now.
+fn backdated_store(path: &Path) {
+    let mut b = SqliteBackend::open(path, &SqliteOptions::default()).unwrap();
+    let old = SystemTime::now() - 40 * DAY;
+    let batch: Vec<Record> = (1..=15)
+        .map(|i| Record::new(big(i), at(if i <= 10 { old } else { SystemTime::now() })))
+        .collect();
+    b.commit_batch(&batch).unwrap();
+}
+
+/// The forwarder's tables as its contract describes them: 1..=8 delivered to every
+/// destination; 3 dead, 4 requeued, 5 dead-lettered once but delivered since.
+fn forward_state(path: &Path) {
+    let conn = Connection::open(path).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE forward_cursor (destination TEXT, lane INTEGER, delivered_through INTEGER);
+         INSERT INTO forward_cursor VALUES ('ehr', 0, 8), ('lab', 0, 12), ('lab', 1, 9);
+         CREATE TABLE forward_dead_letter (destination TEXT, message_id INTEGER, status TEXT);
+         INSERT INTO forward_dead_letter VALUES ('ehr', 3, 'dead'), ('ehr', 4, 'requeued'),
+             ('lab', 5, 'delivered');",
+    )
+    .unwrap();
+}
+
+fn ids(path: &Path) -> Vec<i64> {
+    read_all(path).iter().map(|r| r.id).collect()
+}
+
+fn pragma(path: &Path, name: &str) -> i64 {
+    Connection::open(path)
+        .unwrap()
+        .pragma_query_value(None, name, |r| r.get(0))
+        .unwrap()
+}
+
+fn prune(path: &Path, mode: PruneMode) -> mllp_store::retention::PruneReport {
+    prune_sqlite(
+        path,
+        &RetentionPolicy::default(),
+        SystemTime::now(),
+        mode,
+        &SqliteOptions::default(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn prune_removes_exactly_the_expired_delivered_messages() {
+    let dir = TempDir::new("prune-exact");
+    let path = dir.join("s.db");
+    backdated_store(&path);
+    forward_state(&path);
+    let pages_before = pragma(&path, "page_count");
+
+    let dry = prune(&path, PruneMode::DryRun);
+    assert_eq!((dry.deleted, dry.protected), (6, 2), "{dry:?}");
+    assert_eq!(
+        ids(&path),
+        (1..=15).collect::<Vec<_>>(),
+        "a dry run deletes nothing"
+    );
+
+    let done = prune(&path, PruneMode::Delete);
+    assert_eq!((done.deleted, done.protected), (6, 2), "{done:?}");
+    assert_eq!(done.first_kept, Some(9), "9 is not delivered to 'ehr' yet");
+    assert_eq!(ids(&path), vec![3, 4, 9, 10, 11, 12, 13, 14, 15]);
+    // A new store has incremental auto_vacuum: the pages came back to the file system.
+    assert_eq!(pragma(&path, "auto_vacuum"), 2);
+    assert!(done.released_bytes >= 6 * 8 * 1024, "{done:?}");
+    assert!(pragma(&path, "page_count") < pages_before);
+    assert_eq!(pragma(&path, "freelist_count"), 0);
+
+    // Nothing more is due: a second prune is a no-op.
+    assert_eq!(prune(&path, PruneMode::Delete).deleted, 0);
+}
+
+#[test]
+fn an_existing_store_without_auto_vacuum_reuses_the_freed_pages() {
+    let dir = TempDir::new("prune-legacy");
+    let path = dir.join("s.db");
+    backdated_store(&path);
+    // What a store created before retention looks like.
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch("PRAGMA auto_vacuum = NONE; VACUUM;")
+        .unwrap();
+    assert_eq!(pragma(&path, "auto_vacuum"), 0);
+    let pages_before = pragma(&path, "page_count");
+    let free_before = pragma(&path, "freelist_count");
+
+    let done = prune(&path, PruneMode::Delete);
+    assert_eq!(done.deleted, 10);
+    assert_eq!(done.released_bytes, 0);
+    assert_eq!(ids(&path), (11..=15).collect::<Vec<_>>());
+    // The reusable space grew by at least the deleted payloads' pages...
+    let free = pragma(&path, "freelist_count");
+    assert!(
+        free >= free_before + 10 * 2,
+        "freelist {free_before} -> {free}"
+    );
+    // ...and the next inserts take them instead of growing the file.
+    let mut b = SqliteBackend::open(&path, &SqliteOptions::default()).unwrap();
+    let batch: Vec<Record> = (100..105)
+        .map(|i| Record::new(big(i), at(SystemTime::now())))
+        .collect();
+    b.commit_batch(&batch).unwrap();
+    drop(b);
+    assert_eq!(pragma(&path, "page_count"), pages_before);
+    assert!(pragma(&path, "freelist_count") < free);
+}
+
+#[test]
+fn a_size_cap_removes_the_oldest_first() {
+    let dir = TempDir::new("prune-size");
+    let path = dir.join("s.db");
+    let mut b = SqliteBackend::open(&path, &SqliteOptions::default()).unwrap();
+    let batch: Vec<Record> = (1..=40)
+        .map(|i| Record::new(big(i), at(SystemTime::now())))
+        .collect();
+    b.commit_batch(&batch).unwrap();
+    drop(b);
+    let policy = RetentionPolicy::default()
+        .max_age(None)
+        .max_bytes(Some(200 * 1024))
+        .batch_rows(4);
+    let done = prune_sqlite(
+        &path,
+        &policy,
+        SystemTime::now(),
+        PruneMode::Delete,
+        &SqliteOptions::default(),
+    )
+    .unwrap();
+    let left = ids(&path);
+    assert_eq!(left.len() as u64 + done.deleted, 40);
+    assert_eq!(left.last(), Some(&40), "the newest stay");
+    assert_eq!(
+        left.first(),
+        Some(&(done.deleted as i64 + 1)),
+        "the oldest go first"
+    );
+    let usage = usage_sqlite(&path, &SqliteOptions::default()).unwrap();
+    assert!(
+        usage.used_bytes <= 200 * 1024,
+        "{usage:?} {done:?} {left:?}"
+    );
+}
+
+/// A steady load with a short retention: after the first period the store stops growing.
+#[test]
+fn under_a_steady_load_with_short_retention_the_store_stops_growing() {
+    let dir = TempDir::new("prune-steady");
+    let path = dir.join("s.db");
+    let options = SqliteOptions::default();
+    let backend = SqliteBackend::open(&path, &options).unwrap();
+    let gate = backend.write_gate();
+    let store = Store::start(backend, StoreConfig::default()).unwrap();
+    let (passes_tx, passes) = mpsc::channel();
+    let policy = RetentionPolicy::default()
+        .max_age(Some(Duration::from_millis(400)))
+        .pause(Duration::ZERO);
+    let pruner = Pruner::start_sqlite(&path, &options, policy, gate, move |r| {
+        let _ = passes_tx.send(
+            r.as_ref()
+                .map(|(report, _)| report.deleted)
+                .map_err(|e| e.to_string()),
+        );
+    })
+    .unwrap();
+
+    // 200 messages/s of 8 KiB for 2.4 s (six retention periods), in ticks of 10 ms.
+    let (tx, rx) = channel();
+    let start = Instant::now();
+    let mut sent = 0u32;
+    let mut sizes = Vec::new();
+    while start.elapsed() < Duration::from_millis(2_400) {
+        for _ in 0..2 {
+            sent += 1;
+            store
+                .submit(Record::new(big(sent), at(SystemTime::now())), done(&tx))
+                .unwrap();
+        }
+        if sent.is_multiple_of(40) {
+            sizes.push(pragma(&path, "page_count"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for _ in 0..sent {
+        recv(&rx).unwrap();
+    }
+    let deleted: u64 = passes.try_iter().map(|r| r.unwrap()).sum();
+    store.close(WAIT).unwrap();
+    pruner.stop();
+    assert!(
+        deleted > u64::from(sent) / 3,
+        "only {deleted} of {sent} pruned"
+    );
+    // Half-way through, the store holds about one period of messages; the end holds no more
+    // than a bounded multiple of that (a loaded machine may delay a pass), while without
+    // retention it would have grown threefold.
+    let middle = sizes[sizes.len() / 2];
+    let last = *sizes.last().unwrap();
+    let written_pages = i64::from(sent) * 9 * 1024 / 4096;
+    assert!(
+        last < written_pages / 2,
+        "pages: {sizes:?}, {written_pages} written"
+    );
+    assert!(last <= middle * 2, "still growing: {sizes:?}");
+}
+
+#[test]
+fn pruning_a_missing_store_is_a_typed_error() {
+    let dir = TempDir::new("prune-missing");
+    let err = prune_sqlite(
+        &dir.join("nope.db"),
+        &RetentionPolicy::default(),
+        SystemTime::now(),
+        PruneMode::DryRun,
+        &SqliteOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, mllp_store::StoreError::NotFound { .. }),
+        "{err}"
+    );
+}
