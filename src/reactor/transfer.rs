@@ -36,6 +36,13 @@ pub(super) fn write(
                 }
             }
         }
+        // Checked first: filling `MAX_IOV` empty slices is 2 KiB of stores, which cost about
+        // 500 instructions per message when done only to learn that nothing is left to write
+        // (the pass after every complete write). Settled, the connection's front slot holds
+        // an unwritten reply exactly when `transmit` has bytes to offer.
+        if !entry.conn.wants_write() {
+            return progress;
+        }
         let mut slices = [IoSlice::new(&[]); MAX_IOV];
         let n = entry.conn.transmit(&mut slices);
         if n == 0 {
