@@ -8,6 +8,9 @@ use crate::connection::Event;
 use crate::reason::CloseReason;
 use crate::telemetry::Telemetry;
 
+/// Slices tried before `MAX_IOV`: room for three replies of up to three slices each.
+const FEW_IOV: usize = 12;
+
 /// Writes as much of the connection's ready replies (and the transport's own bytes) as the
 /// socket takes, many replies per `writev`. Returns whether any progress was made (bytes
 /// written or the connection failed).
@@ -36,20 +39,29 @@ pub(super) fn write(
                 }
             }
         }
-        // Checked first: filling `MAX_IOV` empty slices is 2 KiB of stores, which cost about
-        // 500 instructions per message when done only to learn that nothing is left to write
-        // (the pass after every complete write). Settled, the connection's front slot holds
-        // an unwritten reply exactly when `transmit` has bytes to offer.
+        // Checked first, and a few slices tried before `MAX_IOV` of them: filling 126 empty
+        // slices is 2 KiB of stores, about 400 instructions per message at one reply per
+        // write (callgrind), when one reply needs at most 3. Settled, the connection's front
+        // slot holds an unwritten reply exactly when `transmit` has bytes to offer.
         if !entry.conn.wants_write() {
             return progress;
         }
-        let mut slices = [IoSlice::new(&[]); MAX_IOV];
-        let n = entry.conn.transmit(&mut slices);
+        let mut few = [IoSlice::new(&[]); FEW_IOV];
+        let n = entry.conn.transmit(&mut few);
         if n == 0 {
             return progress;
         }
         telemetry.metrics.socket_writes.increment(1);
-        match entry.transport.write_vectored(&slices[..n]) {
+        // `transmit` stops when fewer than 3 slices are left: with more room left than that,
+        // it offered everything ready.
+        let result = if n + 3 <= FEW_IOV {
+            entry.transport.write_vectored(&few[..n])
+        } else {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let n = entry.conn.transmit(&mut slices);
+            entry.transport.write_vectored(&slices[..n])
+        };
+        match result {
             Ok(0) => {
                 entry.conn.handle_io_error(ErrorKind::WriteZero, events);
                 return true;
