@@ -334,8 +334,32 @@ impl<'a> Ack<'a> {
         Bytes::from(out)
     }
 
+    /// Builds the acknowledgment of `message` as [`build`](Self::build) does, and says which
+    /// code it carries: the one asked for, or its reject form (AR, CR) when `message` has no
+    /// usable MSH-10 (see the [module docs](self)). For a caller that logs or counts what it
+    /// sent without reading the bytes back.
+    ///
+    /// ```
+    /// use mllp_reactor::ack::{Ack, AckCode};
+    ///
+    /// let (code, _) = Ack::new(AckCode::AA).build_coded(b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|7|P|2.5\r");
+    /// assert_eq!(code, AckCode::AA);
+    /// let (code, _) = Ack::new(AckCode::AA).build_coded(b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01||P|2.5\r");
+    /// assert_eq!(code, AckCode::AR);
+    /// ```
+    pub fn build_coded(&self, message: &[u8]) -> (AckCode, Bytes) {
+        let mut out = Vec::new();
+        let code = self.emit_into(message, &mut out);
+        (code, Bytes::from(out))
+    }
+
     /// Appends the acknowledgment of `message` to `out`, reserving the exact space first.
     pub fn build_into(&self, message: &[u8], out: &mut Vec<u8>) {
+        self.emit_into(message, out);
+    }
+
+    /// [`build_into`](Self::build_into), returning the code written.
+    fn emit_into(&self, message: &[u8], out: &mut Vec<u8>) -> AckCode {
         let plan = self.plan(message);
         let mut len = Count(0);
         plan.emit(&mut len);
@@ -347,6 +371,7 @@ impl<'a> Ack<'a> {
             len.0,
             "counted and written lengths differ"
         );
+        plan.code
     }
 
     /// Resolves every part of the ACK from `message` and the options.

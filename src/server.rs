@@ -17,13 +17,13 @@ use crate::control::{Command, ShutdownReport};
 use crate::error::{ConfigError, Error};
 use crate::handler::{Dispatch, Handler};
 use crate::limits::*;
+use crate::link::Policy;
 use crate::pool::{Pool, PoolConfig};
 use crate::proxy::ProxyMode;
-use crate::reactor::{
-    Budget, Inbox, LISTENER, MAX_KEYS_PER_REACTOR, Policy, Reactor, Shared, WAKER,
-};
+use crate::reactor::{Budget, Inbox, LISTENER, MAX_KEYS_PER_REACTOR, Reactor, Shared, WAKER};
 use crate::sync::lock;
 use crate::telemetry::{Metrics, Observer, Telemetry};
+use crate::transport::Acceptors;
 
 /// Configures a server. Every option has a documented default; see [`Server::builder`].
 pub struct Builder {
@@ -42,10 +42,9 @@ pub struct Builder {
     listener_name: String,
     dispatch: Dispatch,
     reactors: usize,
-    #[cfg(feature = "tls")]
-    tls: Option<crate::tls::TlsAcceptor>,
+    /// The layers on every accepted socket: PROXY header, TLS.
+    acceptors: Acceptors,
     handshake_timeout: Duration,
-    proxy_protocol: Option<ProxyMode>,
     proxy_sources: Option<AllowList>,
     allow: Option<AllowList>,
     max_in_flight: Option<usize>,
@@ -143,7 +142,7 @@ impl Builder {
     /// a header is present, as the protocol's specification demands. A v2 `LOCAL` header (a
     /// health check) is served with the socket's peer.
     pub fn proxy_protocol(mut self, mode: ProxyMode) -> Self {
-        self.proxy_protocol = Some(mode);
+        self.acceptors.proxy = Some(mode);
         self
     }
 
@@ -168,7 +167,7 @@ impl Builder {
     /// in the clear, then TLS.
     #[cfg(feature = "tls")]
     pub fn tls(mut self, acceptor: crate::tls::TlsAcceptor) -> Self {
-        self.tls = Some(acceptor);
+        self.acceptors.tls = Some(acceptor);
         self
     }
 
@@ -281,14 +280,13 @@ impl Builder {
         if workers > MAX_WORKERS {
             return Err(ConfigError::TooManyWorkers(workers).into());
         }
-        let max_in_flight = self.max_in_flight.unwrap_or(match self.dispatch {
-            Dispatch::Inline => DEFAULT_MAX_IN_FLIGHT_INLINE,
-            Dispatch::Pool => DEFAULT_MAX_IN_FLIGHT_POOL,
-        });
+        let max_in_flight = self
+            .max_in_flight
+            .unwrap_or(self.dispatch.default_max_in_flight());
         if max_in_flight == 0 || max_in_flight > MAX_IN_FLIGHT_LIMIT {
             return Err(ConfigError::MaxInFlight(max_in_flight).into());
         }
-        if self.proxy_protocol.is_some() && self.proxy_sources.is_none() {
+        if self.acceptors.proxy.is_some() && self.proxy_sources.is_none() {
             return Err(ConfigError::ProxySourcesRequired.into());
         }
         if self.max_memory < self.max_message_size.saturating_mul(2) {
@@ -372,8 +370,6 @@ impl Builder {
             .zip(commands)
             .enumerate()
             .map(|(index, ((poll, notifier), (_, commands)))| Reactor {
-                #[cfg(feature = "tls")]
-                tls: self.tls.clone(),
                 followers: if index == 0 {
                     control.reactors[1..].to_vec()
                 } else {
@@ -385,7 +381,7 @@ impl Builder {
                 local_addr,
                 limits: Arc::clone(&limits),
                 dispatch: self.dispatch,
-                proxy: self.proxy_protocol,
+                acceptors: self.acceptors.clone(),
                 inline_slow: self.inline_slow_threshold,
                 handler: Arc::clone(&self.handler),
                 sink: Arc::new(CompletionSink::new(notifier)),
@@ -463,10 +459,8 @@ impl Server {
             listener_name: "mllp".to_owned(),
             dispatch: Dispatch::Pool,
             reactors: 1,
-            #[cfg(feature = "tls")]
-            tls: None,
+            acceptors: Acceptors::default(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
-            proxy_protocol: None,
             proxy_sources: None,
             allow: None,
             max_in_flight: None,
@@ -507,13 +501,19 @@ impl Server {
             trigger,
             ..
         } = self;
-        let pool = Arc::new(Pool::start(pool_config, handler, metrics).map_err(Error::Io)?);
         // Reactors 1.. on threads of their own, reactor 0 (the acceptor) on this one.
         let mut reactors = reactors.into_iter();
         let first = reactors.next().ok_or(Error::Stopped)?;
+        // The pool's threads exist only in pool mode: inline, the reactors call the handler.
+        let pool = match first.dispatch {
+            Dispatch::Pool => Some(Arc::new(
+                Pool::start(pool_config, handler, metrics).map_err(Error::Io)?,
+            )),
+            Dispatch::Inline => None,
+        };
         let mut threads = Vec::new();
         for reactor in reactors {
-            let shared_pool = Arc::clone(&pool);
+            let shared_pool = pool.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("mllp-reactor-{}", reactor.index))
                 .spawn(move || reactor.run(shared_pool));
@@ -525,12 +525,14 @@ impl Server {
                     for thread in threads {
                         let _ = thread.join();
                     }
-                    pool.close();
+                    if let Some(pool) = &pool {
+                        pool.close();
+                    }
                     return Err(Error::Io(e));
                 }
             }
         }
-        let mut result = first.run(Arc::clone(&pool));
+        let mut result = first.run(pool.clone());
         if result.is_err() {
             trigger.shutdown_all();
         }
@@ -551,9 +553,13 @@ impl Server {
         }
         // Stop the workers whatever happened: queued jobs are dropped (never answered, so
         // senders resend), running handlers finish.
-        pool.close();
+        if let Some(pool) = &pool {
+            pool.close();
+        }
         let (mut report, deadline) = result.map_err(Error::Io)?;
-        report.workers_stuck = pool.join(deadline + Duration::from_millis(100));
+        if let Some(pool) = &pool {
+            report.workers_stuck = pool.join(deadline + Duration::from_millis(100));
+        }
         trigger.control.finish(&report);
         Ok(report)
     }

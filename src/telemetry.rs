@@ -107,8 +107,7 @@ pub struct ConnectionStart {
     /// Wall-clock time of the accept.
     pub system_time: SystemTime,
     /// The verified client certificate's identity (mutual TLS; feature `tls`).
-    #[cfg(feature = "tls")]
-    pub peer_identity: Option<Arc<crate::tls::PeerIdentity>>,
+    pub peer_identity: Option<Arc<crate::identity::PeerIdentity>>,
 }
 
 /// A connection ended.
@@ -126,8 +125,7 @@ pub struct ConnectionStop {
     /// Why it ended.
     pub reason: CloseReason,
     /// The verified client certificate's identity (mutual TLS; feature `tls`).
-    #[cfg(feature = "tls")]
-    pub peer_identity: Option<Arc<crate::tls::PeerIdentity>>,
+    pub peer_identity: Option<Arc<crate::identity::PeerIdentity>>,
 }
 
 /// A complete message was handed to the pool.
@@ -412,8 +410,7 @@ pub(crate) struct Peer {
     pub(crate) peer: SocketAddr,
     pub(crate) local: SocketAddr,
     /// The verified client certificate (mutual TLS).
-    #[cfg(feature = "tls")]
-    pub(crate) identity: Option<Arc<crate::tls::PeerIdentity>>,
+    pub(crate) identity: Option<Arc<crate::identity::PeerIdentity>>,
 }
 
 /// Where events go: the metric handles and the optional observer. Observer panics are caught
@@ -448,7 +445,6 @@ impl Telemetry {
                 peer: p.peer,
                 local: p.local,
                 system_time: SystemTime::now(),
-                #[cfg(feature = "tls")]
                 peer_identity: p.identity.clone(),
             })
         });
@@ -463,7 +459,6 @@ impl Telemetry {
                 local: p.local,
                 duration,
                 reason,
-                #[cfg(feature = "tls")]
                 peer_identity: p.identity.clone(),
             })
         });

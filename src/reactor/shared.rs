@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use mio::net::TcpStream;
 
-use crate::cidr::AllowList;
 use crate::completion::Notifier;
+use crate::link::Policy;
 
 /// What the reactors of one server share.
 #[derive(Debug)]
@@ -21,15 +21,6 @@ pub(crate) struct Shared {
     pub(crate) reactors: Vec<Inbox>,
     /// Who may connect; replaced whole on reload, read once per accepted connection.
     pub(crate) policy: Mutex<Arc<Policy>>,
-}
-
-/// Who may connect. New connections see a reload; established ones are not re-checked.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Policy {
-    /// Peers allowed to connect (the PROXY header's source when PROXY protocol is on).
-    pub(crate) allow: Option<AllowList>,
-    /// With PROXY protocol: the balancers allowed to send headers.
-    pub(crate) proxy_sources: Option<AllowList>,
 }
 
 /// A reactor's inbox for accepted connections, and its load.

@@ -130,16 +130,18 @@ impl Checkpointer {
         }))
     }
 
-    /// On the writer's connection, before a transaction: once the WAL has reached the limit, a `RESTART` checkpoint that does not wait (see the module docs),
-    /// then the connection's usual `busy_timeout` again.
-    pub(crate) fn restart_if_due(
-        &self,
+    /// Whether the WAL has reached the limit, so the writer should [`restart`](Self::restart)
+    /// it before its next transaction.
+    pub(crate) fn restart_due(&self) -> bool {
+        self.shared.wal_pages.load(Ordering::Relaxed) >= self.shared.limit_pages
+    }
+
+    /// On the writer's connection, before a transaction: a `RESTART` checkpoint that does not
+    /// wait (see the module docs), then the connection's usual `busy_timeout` again.
+    pub(crate) fn restart(
         writer: &Connection,
         busy_timeout: std::time::Duration,
     ) -> rusqlite::Result<()> {
-        if self.shared.wal_pages.load(Ordering::Relaxed) < self.shared.limit_pages {
-            return Ok(());
-        }
         writer.busy_timeout(std::time::Duration::ZERO)?;
         // BUSY (the checkpointer or a reader is in the WAL) only means "next time".
         let outcome = writer.wal_checkpoint_v2(None::<&str>, CheckpointMode::RESTART);

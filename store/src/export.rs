@@ -11,7 +11,9 @@ use std::path::Path;
 
 use crate::backend::Backend;
 use crate::error::StoreError;
+use crate::open::OpenOptions;
 use crate::record::{StoreId, StoredRecord};
+use crate::spec::StoreSpec;
 use crate::sqlite::{SqliteBackend, SqliteOptions};
 
 /// Records read per page: large enough that the per-query overhead vanishes, small enough to
@@ -244,6 +246,33 @@ pub fn export_postgres(
     let backend =
         crate::PostgresBackend::connect_read_only(url, options).map_err(ExportError::Store)?;
     write_all(backend, since, format, out)
+}
+
+/// Writes the records of the store `spec` names with id > `since`, in id order, to `out`;
+/// returns how many: [`export_sqlite`] or [`export_postgres`], as the spec says.
+///
+/// # Errors
+///
+/// As [`export_sqlite`] and [`export_postgres`]; [`ExportError::Store`] with
+/// [`Problem::NoPostgres`](crate::Problem::NoPostgres) for a URL in a build without the
+/// feature `postgres`.
+pub fn export_store(
+    spec: &StoreSpec,
+    since: StoreId,
+    format: Format,
+    options: &OpenOptions,
+    out: impl Write,
+) -> Result<u64, ExportError> {
+    match spec {
+        StoreSpec::Sqlite(path) => export_sqlite(path, since, format, &options.sqlite, out),
+        #[cfg(feature = "postgres")]
+        StoreSpec::Postgres(url) => export_postgres(url, since, format, &options.postgres, out),
+        #[cfg(not(feature = "postgres"))]
+        StoreSpec::Postgres(_) => Err(ExportError::Store(StoreError::open(
+            std::path::Path::new(&spec.to_string()),
+            crate::error::Problem::NoPostgres,
+        ))),
+    }
 }
 
 /// Streams every record after `since` from `backend` into `out` in `format`.

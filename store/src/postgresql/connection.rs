@@ -7,10 +7,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::batch::{Failure, insert_batch};
-use super::describe::Describe;
 use super::session::Session;
 use super::{PostgresBackend, RECONNECT_MAX, RECONNECT_MIN};
-use crate::error::StoreError;
+use crate::error::{Cause, StoreError};
 use crate::record::{Record, StoreOutcome};
 
 /// A live connection and its prepared statements.
@@ -37,7 +36,7 @@ impl Connection {
 pub(super) struct Backoff {
     delay: Duration,
     retry_at: Option<Instant>,
-    last_error: String,
+    last_error: Option<StoreError>,
 }
 
 impl PostgresBackend {
@@ -48,10 +47,12 @@ impl PostgresBackend {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| StoreError::open(&path, format_args!("cannot start a runtime: {e}")))?;
+            .map_err(|e| {
+                StoreError::open(&path, Cause::from(e).context("cannot start a runtime"))
+            })?;
         let (client, connection) = runtime
             .block_on(self.config.connect(NoTls))
-            .map_err(|e| StoreError::open(&path, Describe(&e)))?;
+            .map_err(|e| StoreError::open(&path, Cause::postgres(e)))?;
         // Runs whenever a call blocks on this runtime; ends when the server closes.
         runtime.spawn(async move {
             let _ = connection.await;
@@ -82,15 +83,13 @@ impl PostgresBackend {
         if self.conn.is_none() {
             if let Some(at) = self.backoff.retry_at {
                 let now = Instant::now();
-                if now < at {
-                    return Err(StoreError::Open {
-                        path: self.path(),
-                        reason: format!(
-                            "{} (next attempt in {} ms)",
-                            self.backoff.last_error,
-                            (at - now).as_millis()
-                        ),
-                    });
+                if now < at
+                    && let Some(last) = &self.backoff.last_error
+                {
+                    return Err(StoreError::open(
+                        &self.path(),
+                        Cause::waiting(last.clone(), at - now),
+                    ));
                 }
             }
             match self.open(false) {
@@ -107,10 +106,7 @@ impl PostgresBackend {
                     self.backoff = Backoff {
                         delay,
                         retry_at: Some(Instant::now() + delay),
-                        last_error: match &e {
-                            StoreError::Open { reason, .. } => reason.clone(),
-                            other => other.to_string(),
-                        },
+                        last_error: Some(e.clone()),
                     };
                     return Err(e);
                 }
@@ -126,12 +122,12 @@ impl PostgresBackend {
     }
 
     /// Maps a read-side failure, forgetting a dead connection so the next call reconnects.
-    pub(super) fn read_error(&mut self, e: &tokio_postgres::Error) -> StoreError {
-        self.forget_if_dead(e);
+    pub(super) fn read_error(&mut self, e: tokio_postgres::Error) -> StoreError {
+        self.forget_if_dead(&e);
         if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) {
             return StoreError::Locked { path: self.path() };
         }
-        StoreError::read(Describe(e))
+        StoreError::read(Cause::postgres(e))
     }
 
     fn forget_if_dead(&mut self, e: &tokio_postgres::Error) {
@@ -172,7 +168,7 @@ impl PostgresBackend {
                     _ => self.conn = None,
                 }
                 Err((
-                    StoreError::commit(Describe(&e)),
+                    StoreError::commit(Cause::postgres(e)),
                     matches!(failure, Failure::Unknown),
                 ))
             }

@@ -1,38 +1,7 @@
-//! Errors and locations in words, never with a password.
-
-use std::fmt;
+//! Settings, and locations in words, never with a password.
 
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, Config};
-
-/// A `postgres` error in words: the server's message and SQLSTATE for database errors (the
-/// crate's own `Display` says only "db error"), the cause chain otherwise.
-pub(super) struct Describe<'a>(pub(super) &'a tokio_postgres::Error);
-
-impl fmt::Display for Describe<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(db) = self.0.as_db_error() {
-            write!(
-                f,
-                "{}: {} (SQLSTATE {})",
-                db.severity(),
-                db.message(),
-                db.code().code()
-            )?;
-            if let Some(detail) = db.detail() {
-                write!(f, "; {detail}")?;
-            }
-            return Ok(());
-        }
-        write!(f, "{}", self.0)?;
-        let mut source = std::error::Error::source(self.0);
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
-    }
-}
 
 /// Reads one setting with `SHOW`.
 pub(super) async fn show(client: &Client, name: &str) -> Result<String, tokio_postgres::Error> {
@@ -68,26 +37,6 @@ pub(super) fn location(config: &Config) -> String {
     format!("postgres://{user}{}/{db}", hosts.join(","))
 }
 
-/// `url` with any password replaced by `***` (for errors about a URL that did not parse).
-pub(super) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "the PostgreSQL connection string".to_owned();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
-    .split('?')
-    .next()
-    .unwrap_or_default()
-    .to_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use std::str::FromStr;
@@ -100,14 +49,5 @@ mod tests {
         assert_eq!(location(&config), "postgres://mllp@db.example:6432/store");
         let config = Config::from_str("postgresql://u@%2Ftmp%2Fpg/d").unwrap();
         assert_eq!(location(&config), "postgres://u@%2Ftmp%2Fpg:5432/d");
-        assert_eq!(
-            redact("postgres://u:pw@h:1/d?password=x"),
-            "postgres://u:***@h:1/d"
-        );
-        assert_eq!(redact("postgres://u@h/d"), "postgres://u@h/d");
-        assert_eq!(
-            redact("host=h password=x"),
-            "the PostgreSQL connection string"
-        );
     }
 }

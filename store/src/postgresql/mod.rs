@@ -134,12 +134,13 @@ use tokio_postgres::Config;
 use tokio_postgres::types::ToSql;
 
 use crate::backend::Backend;
-use crate::error::StoreError;
+use crate::error::{Cause, Problem, StoreError};
 use crate::record::{DuplicateKey, Record, StoreId, StoreOutcome, StoredRecord, system_time_to_us};
+use crate::spec::redact;
 
 use batch::pg_text;
 use connection::{Backoff, Connection};
-use describe::{Describe, location, redact};
+use describe::location;
 pub use options::{PostgresOptions, is_postgres_url};
 
 /// The schema version this build writes and the newest it reads.
@@ -241,7 +242,7 @@ impl PostgresBackend {
         let mut config = Config::from_str(url).map_err(|e| {
             StoreError::open(
                 &PathBuf::from(&shown),
-                format_args!("bad URL: {}", Describe(&e)),
+                Cause::postgres(e).context("bad URL"),
             )
         })?;
         if config.get_password().is_none()
@@ -290,7 +291,7 @@ impl PostgresBackend {
 impl Backend for PostgresBackend {
     fn commit_batch(&mut self, batch: &[Record]) -> Result<Vec<StoreOutcome>, StoreError> {
         if self.read_only {
-            return Err(StoreError::commit("the store was opened read-only"));
+            return Err(StoreError::commit(Problem::ReadOnly));
         }
         let had_connection = self.conn.is_some();
         match self.try_commit(batch) {
@@ -344,7 +345,7 @@ impl Backend for PostgresBackend {
             }
             Ok(page)
         });
-        result.map_err(|e| self.read_error(&e))
+        result.map_err(|e| self.read_error(e))
     }
 
     fn last_id(&mut self) -> Result<StoreId, StoreError> {
@@ -355,7 +356,7 @@ impl Backend for PostgresBackend {
                     .query_one("SELECT coalesce(max(id), 0) FROM mllp_messages", &[]),
             )
             .and_then(|row| row.try_get(0));
-        result.map_err(|e| self.read_error(&e))
+        result.map_err(|e| self.read_error(e))
     }
 
     fn find_original(
@@ -377,10 +378,17 @@ impl Backend for PostgresBackend {
             ))
             .and_then(|row| row.try_get::<_, Vec<Option<i64>>>(0))
             .map(|found| found.into_iter().next().flatten());
-        result.map_err(|e| self.read_error(&e))
+        result.map_err(|e| self.read_error(e))
     }
 
     fn location(&self) -> String {
         self.location.clone()
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{} (synchronous_commit={})",
+            self.location, self.synchronous_commit
+        )
     }
 }

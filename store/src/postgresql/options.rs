@@ -1,4 +1,4 @@
-//! [`PostgresOptions`] and telling a PostgreSQL URL from an SQLite path.
+//! [`PostgresOptions`].
 
 use std::fmt;
 use std::time::Duration;
@@ -82,12 +82,12 @@ impl PostgresOptions {
 }
 
 /// Whether `store` names a PostgreSQL store (`postgres://…` or `postgresql://…`) rather than
-/// an SQLite file.
+/// an SQLite file: [`StoreSpec::parse`](crate::StoreSpec::parse) decides.
 ///
 /// ```
 /// assert!(mllp_store::postgresql::is_postgres_url("postgres://mllp@db:5432/mllp"));
 /// assert!(!mllp_store::postgresql::is_postgres_url("./mllp-reactor.db"));
 /// ```
 pub fn is_postgres_url(store: &str) -> bool {
-    store.starts_with("postgres://") || store.starts_with("postgresql://")
+    crate::StoreSpec::parse(store).is_ok_and(|spec| spec.is_postgres())
 }

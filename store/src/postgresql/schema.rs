@@ -3,9 +3,8 @@
 use tokio_postgres::Client;
 
 use super::SCHEMA_VERSION;
-use super::describe::Describe;
 use super::sql::{LOCK_KEY, MIGRATIONS};
-use crate::error::StoreError;
+use crate::error::{Cause, Found, StoreError};
 
 pub(super) enum Schema {
     Empty,
@@ -48,8 +47,7 @@ pub(super) async fn inspect_schema(client: &Client) -> Result<Schema, tokio_post
 pub(super) fn foreign(path: &std::path::Path) -> StoreError {
     StoreError::NotAStore {
         path: path.to_owned(),
-        reason: "table mllp_messages exists without mllp_store_schema; it was not changed"
-            .to_owned(),
+        found: Found::ForeignMessagesTable,
     }
 }
 
@@ -58,10 +56,7 @@ pub(super) fn foreign(path: &std::path::Path) -> StoreError {
 /// drops the connection, which rolls the transaction back.
 pub(super) async fn migrate(client: &Client, path: &std::path::Path) -> Result<(), StoreError> {
     let fail = |e: tokio_postgres::Error| {
-        StoreError::open(
-            path,
-            format_args!("cannot create the schema: {}", Describe(&e)),
-        )
+        StoreError::open(path, Cause::postgres(e).context("cannot create the schema"))
     };
     client
         .batch_execute(&format!(

@@ -1,14 +1,12 @@
 //! What a new connection checks and sets up before it is used.
 
-use std::fmt;
-
 use tokio_postgres::{Client, Statement};
 
-use super::describe::{Describe, show};
+use super::describe::show;
 use super::schema::{Schema, foreign, inspect_schema, migrate};
 use super::sql::{FIND_ORIGINALS, IDS_AND_ORIGINALS, INSERT, READ_AFTER};
 use super::{IDLE_IN_TRANSACTION_TIMEOUT, PostgresOptions, SCHEMA_VERSION};
-use crate::error::StoreError;
+use crate::error::{Cause, Found, Problem, StoreError};
 
 /// What a new connection checks and sets up before it is used.
 pub(super) struct Session<'a> {
@@ -20,12 +18,12 @@ pub(super) struct Session<'a> {
 }
 
 impl Session<'_> {
-    fn error(&self, e: impl fmt::Display) -> StoreError {
-        StoreError::open(self.path, e)
+    fn error(&self, problem: Problem) -> StoreError {
+        StoreError::open(self.path, problem)
     }
 
-    fn pg_error(&self, e: &tokio_postgres::Error) -> StoreError {
-        StoreError::open(self.path, Describe(e))
+    fn pg_error(&self, e: tokio_postgres::Error) -> StoreError {
+        StoreError::open(self.path, Cause::postgres(e))
     }
 
     /// Sets the session up, checks durability and the schema (creating or migrating it when
@@ -45,41 +43,30 @@ impl Session<'_> {
         client
             .batch_execute(&setup)
             .await
-            .map_err(|e| self.pg_error(&e))?;
+            .map_err(|e| self.pg_error(e))?;
         let encoding = show(client, "server_encoding")
             .await
-            .map_err(|e| self.pg_error(&e))?;
+            .map_err(|e| self.pg_error(e))?;
         if !encoding.eq_ignore_ascii_case("UTF8") {
-            return Err(self.error(format_args!(
-                "the database's encoding is {encoding}, not UTF8 (create it with ENCODING 'UTF8')"
-            )));
+            return Err(self.error(Problem::Encoding(encoding)));
         }
         let mut sync = None;
         if !self.read_only {
             let level = show(client, "synchronous_commit")
                 .await
-                .map_err(|e| self.pg_error(&e))?;
-            let fsync = show(client, "fsync").await.map_err(|e| self.pg_error(&e))?;
+                .map_err(|e| self.pg_error(e))?;
+            let fsync = show(client, "fsync").await.map_err(|e| self.pg_error(e))?;
             if !self.options.allow_async_commit {
                 if level == "off" {
-                    return Err(self.error(
-                        "the server has synchronous_commit=off, so a COMMIT returns before it \
-                         is durable and an AA could be lost; set it to on (or local), or accept \
-                         the risk with --allow-async-commit",
-                    ));
+                    return Err(self.error(Problem::AsyncCommit));
                 }
                 if fsync == "off" {
-                    return Err(self.error(
-                        "the server has fsync=off, so a crash can lose committed messages; \
-                         turn it on, or accept the risk with --allow-async-commit",
-                    ));
+                    return Err(self.error(Problem::FsyncOff));
                 }
             }
             sync = Some(level);
         }
-        let schema = inspect_schema(client)
-            .await
-            .map_err(|e| self.pg_error(&e))?;
+        let schema = inspect_schema(client).await.map_err(|e| self.pg_error(e))?;
         match schema {
             Schema::Version(v) if v == SCHEMA_VERSION => {}
             Schema::Version(found) if found > SCHEMA_VERSION => {
@@ -93,10 +80,9 @@ impl Session<'_> {
             Schema::Empty | Schema::Version(_) if self.read_only || !self.create => {
                 return Err(StoreError::NotAStore {
                     path: self.path.to_owned(),
-                    reason: match schema {
-                        Schema::Empty => "the database has no mllp-reactor tables".to_owned(),
-                        _ => "its schema is older than this build and was not migrated yet"
-                            .to_owned(),
+                    found: match schema {
+                        Schema::Empty => Found::NoTables,
+                        _ => Found::NotMigrated,
                     },
                 });
             }
@@ -113,18 +99,14 @@ impl Session<'_> {
                 )
                 .await
                 .and_then(|row| row.try_get(0))
-                .map_err(|e| self.pg_error(&e))?;
+                .map_err(|e| self.pg_error(e))?;
             if cache != 1 {
-                return Err(self.error(format_args!(
-                    "the id sequence of mllp_messages has CACHE {cache}; ids stay in commit \
-                     order across nodes only with CACHE 1 (ALTER TABLE mllp_messages ALTER \
-                     COLUMN id SET CACHE 1)"
-                )));
+                return Err(self.error(Problem::SequenceCache(cache)));
             }
         }
         let mut statements = Vec::with_capacity(4);
         for sql in [IDS_AND_ORIGINALS, FIND_ORIGINALS, INSERT, READ_AFTER] {
-            statements.push(client.prepare(sql).await.map_err(|e| self.pg_error(&e))?);
+            statements.push(client.prepare(sql).await.map_err(|e| self.pg_error(e))?);
         }
         let statements: [Statement; 4] = statements
             .try_into()
