@@ -31,13 +31,14 @@
 //! store-then-ACK paths and what each module owns.
 //!
 //! 1. `reactor.rs` — the poll reports the socket readable; the loop drives that connection.
-//! 2. `reactor/transfer.rs` → `transport.rs` — `read` into the reactor's one 64 KiB buffer;
-//!    the bytes go to `Connection::handle_read` (`connection.rs`).
+//! 2. `link.rs` → `transport.rs` — the connection's link reads into the
+//!    reactor's one 64 KiB buffer; the bytes go to `Connection::handle_read`
+//!    (`connection.rs`).
 //! 3. `connection.rs` → `codec.rs` — `poll_dispatch` decodes one frame and opens a slot for it.
 //! 4. `dispatch.rs` → `handler.rs` — the dispatcher calls [`Handler::handle`] on the reactor
 //!    thread (catching a panic); the outcome goes straight to `Connection::handle_completion`,
 //!    which applies the [`NakPolicy`] (every NAK the server sends is built there).
-//! 5. `reactor/transfer.rs` → `transport.rs` — `Connection::transmit` offers the ready replies
+//! 5. `link.rs` → `transport.rs` — `Connection::transmit` offers the ready replies
 //!    in order and one `writev` sends them; `handle_written` retires the slots.
 //! 6. `telemetry.rs` — the connection's events become metrics and observer calls.
 //!
@@ -87,9 +88,23 @@
 //!   plus one 64 KiB read), `read_ahead` undecoded bytes when no more messages can be handed
 //!   over, and at most `max_in_flight` messages with their replies; no buffer at all while
 //!   idle. Server-wide: every buffered byte counts against `max_memory`; above it the server
-//!   stops reading and TCP pushes back on senders. The handler queue holds at most one job per
-//!   connection, and a job whose connection closed or whose message was already answered is
-//!   dropped before it runs.
+//!   stops reading and TCP pushes back on senders, except that a connection may finish the
+//!   frame it is in (one connection per reactor at a time, one with bytes waiting) and a
+//!   connection with no message in flight may receive one frame; none reads further until
+//!   the total falls to ¾ of `max_memory`. So the bytes the server buffers stay below
+//!
+//!   ```text
+//!   max_memory + F × (max_message_size + 64 KiB) + N × E
+//!   ```
+//!
+//!   where F is the number of connections in a frame or with nothing in flight when reading
+//!   paused (each adds at most the rest of one frame; a peer that stops mid-frame keeps its
+//!   partial frame until its frame deadline), N the open connections and E what an idle
+//!   connection costs (at most 256 bytes, plus the TLS session's state with TLS; see
+//!   BENCHMARKS.md). A pipelining sender never reads past one frame above the budget,
+//!   however many messages it may have in flight. The handler queue holds at most one job
+//!   per connection, and a job whose connection closed or whose message was already answered
+//!   is dropped before it runs.
 //! - **One bad peer affects no other**: junk, oversize frames, slow drips, resets, peers that
 //!   never read, and pipelining floods end or pause only their own connection; a handler that
 //!   hangs or panics costs one worker, which is replaced; an observer that panics is counted
@@ -142,7 +157,7 @@ mod reason;
 mod server;
 mod sync;
 pub mod telemetry;
-pub mod timer;
+mod timer;
 #[cfg(feature = "tls")]
 pub mod tls;
 mod transport;

@@ -4,8 +4,8 @@
 //! binds the listening socket and starts threads, and `pool.rs` only runs handlers.
 //!
 //! Thin: the reactor polls, routes readiness, completions and timers to links, applies the
-//! memory budget (whether a link may read) and hands messages to the handler (inline) or the
-//! [`Pool`], and reports events to [`Telemetry`]. What a read or a write means (the PROXY
+//! memory budget (whether a link may read), hands messages to the [`Dispatcher`] (the handler
+//! inline, or the [`Pool`]), and reports events to [`Telemetry`]. What a read or a write means (the PROXY
 //! header, the allow-list, TLS, close reasons) is the link's business, and MLLP is the
 //! [`Connection`](crate::connection::Connection)'s.
 //!
@@ -38,7 +38,10 @@ use crate::telemetry::{Peer, Telemetry};
 use crate::timer::{DEFAULT_SLOTS, DEFAULT_TICK, TimerWheel};
 use crate::transport::{Acceptors, Transport};
 
+mod handshakes;
 mod shared;
+use crate::link::HandshakeSlot as Slot;
+use handshakes::Handshakes;
 pub(crate) use shared::{Budget, Inbox, Shared};
 
 /// Token of the listening socket; slab keys (connections) use the tokens below it.
@@ -77,6 +80,8 @@ pub(crate) struct Reactor {
     pub(crate) dispatch: Dispatch,
     /// The layers on each accepted socket (PROXY header, TLS).
     pub(crate) acceptors: Acceptors,
+    /// This reactor's share of `max_handshakes`.
+    pub(crate) max_handshakes: usize,
     pub(crate) inline_slow: Duration,
     pub(crate) handler: Arc<dyn Handler>,
     pub(crate) sink: Arc<CompletionSink>,
@@ -105,6 +110,8 @@ struct Entry {
     /// What this connection last reported to the memory budget (saturating: one connection
     /// holding 4 GiB is far over any budget anyway).
     counted: u32,
+    /// It finished a frame above the budget: no more reads until the budget allows them.
+    drew: bool,
 }
 
 // An idle connection costs its slab entry and nothing else on our heap (its buffers are
@@ -139,6 +146,10 @@ struct Loop {
     budget_delta: isize,
     /// Reading is paused by the memory budget.
     paused: bool,
+    /// TLS handshakes in progress, capped.
+    handshakes: Handshakes,
+    /// While paused: the one connection allowed to read (see `holder`).
+    holder: Option<ConnectionId>,
 }
 
 impl Reactor {
@@ -154,6 +165,7 @@ impl Reactor {
             self.inline_slow,
             self.telemetry.metrics.clone(),
         );
+        let handshakes = Handshakes::new(self.max_handshakes);
         let mut lp = Loop {
             dispatcher,
             conns: Slab::with_capacity(self.shared.max_connections.min(4096)),
@@ -171,6 +183,8 @@ impl Reactor {
             epoch: now,
             budget_delta: 0,
             paused: false,
+            handshakes,
+            holder: None,
         };
         let result = lp.run();
         // Whatever happened, release what this reactor still counts in the shared state.
@@ -319,9 +333,11 @@ impl Loop {
     fn reject(&mut self, peer: SocketAddr, local: SocketAddr, reason: CloseReason) {
         let reject = RejectReason::before_start(reason, false);
         self.r.telemetry.metrics.rejected(reject).increment(1);
+        // A proper id: the slot the next connection will take, with a generation of its own
+        // (so the id is unique, and shaped like every other).
         let p = Peer {
             connection: ConnectionId {
-                index: u32::MAX,
+                index: (u32::from(self.r.index) << 24) | self.conns.vacant_key() as u32,
                 generation: self.generation(),
             },
             peer,
@@ -387,6 +403,7 @@ impl Loop {
             accepted_at: nanos_since(self.epoch, now),
             armed: 0,
             counted: 0,
+            drew: false,
         });
         if started {
             self.start(key);
@@ -440,7 +457,7 @@ impl Loop {
                 return;
             };
             let mut progress = false;
-            if entry.link.conn.take_abandoned() {
+            if entry.link.take_abandoned() {
                 self.dispatcher.abandoned(entry.link.id, now);
             }
             progress |= self.dispatch(key, now);
@@ -449,8 +466,10 @@ impl Loop {
             };
             progress |= entry.link.write(&self.r.telemetry, now, &mut self.events);
             // A PROXY header is outside the memory budget (it is a few bytes, and the
-            // connection holds nothing else yet).
-            if entry.link.wants_read() && (entry.link.reads_header() || self.may_read(key)) {
+            // connection holds nothing else yet) and the handshake cap.
+            if entry.link.wants_read()
+                && (entry.link.reads_header() || (self.may_handshake(key) && self.may_read(key)))
+            {
                 let entry = &mut self.conns[key];
                 if budget == 0 {
                     if !entry.pending {
@@ -469,6 +488,9 @@ impl Loop {
                 }
             }
             if self.conns[key].link.poll_started(now) {
+                if std::mem::take(&mut self.conns[key].link.handshake) == Slot::Held {
+                    self.release_handshake();
+                }
                 self.start(key);
                 progress = true;
             }
@@ -479,7 +501,9 @@ impl Loop {
                 break;
             }
         }
-        self.conns[key].link.release_idle_buffers();
+        if self.conns[key].link.release_idle_buffers() {
+            self.count(key);
+        }
         self.schedule(key);
     }
 
@@ -493,6 +517,10 @@ impl Loop {
                 return any;
             };
             any = true;
+            if self.paused && self.holder == Some(entry.link.id) {
+                // Its frame is complete: above the budget, no more (see `holder`).
+                entry.drew = true;
+            }
             let p = self.peer(&self.conns[key]);
             // Events of earlier messages first (a no-reply's stop comes before the next start).
             if !self.events.is_empty() {
@@ -539,8 +567,48 @@ impl Loop {
         }
     }
 
-    /// Whether connection `key` may read under the memory budget: always below it; above it
-    /// only the reactor's largest holder of a partial frame, so that frame can complete.
+    /// Whether connection `key` may read under the handshake cap: a TLS connection that has
+    /// not started needs one of the reactor's handshake slots (see
+    /// [`Builder::max_handshakes`](crate::Builder::max_handshakes)); without one it waits.
+    fn may_handshake(&mut self, key: usize) -> bool {
+        let entry = &mut self.conns[key];
+        if entry.link.handshake == Slot::None && entry.link.handshakes() {
+            entry.link.handshake = self.handshakes.request(entry.link.id);
+        }
+        entry.link.handshake != Slot::Waiting
+    }
+
+    /// A handshake slot is given back: it passes to the longest waiter still waiting, which
+    /// resumes next turn.
+    fn release_handshake(&mut self) {
+        while let Some(id) = self.handshakes.next_waiter() {
+            if let Some(key) = self.key_of(id)
+                && self.conns[key].link.handshake == Slot::Waiting
+            {
+                let entry = &mut self.conns[key];
+                entry.link.handshake = Slot::Held;
+                if !entry.pending {
+                    entry.pending = true;
+                    self.pending.push(key);
+                }
+                return;
+            }
+        }
+        self.handshakes.free_one();
+    }
+
+    /// Updates connection `key`'s memory count: the connection's buffers and its transport's
+    /// (TLS).
+    fn count(&mut self, key: usize) {
+        let entry = &mut self.conns[key];
+        let buffered = u32::try_from(entry.link.buffered()).unwrap_or(u32::MAX);
+        self.budget_delta += buffered as isize - entry.counted as isize;
+        entry.counted = buffered;
+    }
+
+    /// Whether connection `key` may read under the memory budget: always below it. Above it
+    /// one connection per reactor at a time (the holder), to finish the frame it is in and no
+    /// more (see [`holder`](Self::holder)).
     fn may_read(&mut self, key: usize) -> bool {
         if !self.paused {
             // This turn's reads count at once, not at the turn's end: one turn can read from
@@ -550,31 +618,58 @@ impl Loop {
             if used <= budget.limit as isize {
                 return true;
             }
-            self.paused = true;
-            self.r.telemetry.metrics.read_pauses.increment(1);
+            self.pause_reads();
         }
         self.holder() == Some(key)
     }
 
-    /// The connection that may read while paused: the one with the largest partial frame (the
-    /// closest to completing, as far as we can tell). With none, memory drains as handlers
-    /// answer the messages in flight, and reading resumes at the low mark.
-    fn holder(&self) -> Option<usize> {
-        self.conns
-            .iter()
-            .filter(|(_, e)| e.link.conn.buffered_len() > 0 && e.link.conn.wants_read())
-            .max_by_key(|(_, e)| e.link.conn.buffered_len())
-            .map(|(k, _)| k)
+    /// Stops reading at the budget (a new pause).
+    fn pause_reads(&mut self) {
+        self.paused = true;
+        self.holder = None;
+        self.r.telemetry.metrics.read_pauses.increment(1);
+    }
+
+    /// The connection that may read while paused, one per reactor at a time: each connection
+    /// may finish the frame it is in and no more (a pipelining sender does not go on to its
+    /// next frame, and its next, each held while the handler works). It keeps the right until
+    /// that frame is complete or it has no bytes waiting (a peer that stalls mid-frame must
+    /// not hold everyone up until its frame deadline; its partial frame stays counted). A
+    /// holder must have bytes waiting, must not have finished a frame in this pause, and must
+    /// be in a frame or have no message in flight (a sender waiting on nothing, such as a new
+    /// one: its one frame is all it can add); one in a frame first, so frames complete and
+    /// their memory can drain, then in key order after the last holder, so each gets its
+    /// turn. With none, memory drains as handlers answer the messages in flight, and reading
+    /// resumes at the low mark.
+    fn holder(&mut self) -> Option<usize> {
+        let in_frame = |e: &Entry| e.link.in_frame();
+        let eligible =
+            |e: &Entry| !e.drew && e.link.wants_read() && (in_frame(e) || !e.link.in_flight());
+        if let Some(key) = self.holder.and_then(|id| self.key_of(id))
+            && eligible(&self.conns[key])
+        {
+            return Some(key);
+        }
+        let after = self.holder.map_or(0, |id| self.key_of_slot(id) + 1);
+        let pick = |want_frame: bool| {
+            let later = self.conns.iter().filter(|(k, _)| *k >= after);
+            let earlier = self.conns.iter().filter(|(k, _)| *k < after);
+            later
+                .chain(earlier)
+                .find(|(_, e)| eligible(e) && (!want_frame || in_frame(e)))
+                .map(|(k, _)| k)
+        };
+        let key = pick(true).or_else(|| pick(false));
+        self.holder = key.map(|k| self.conns[k].link.id);
+        key
     }
 
     /// Reports the connection's events, updates its memory count, and removes it if it
     /// closed. Returns true if it was removed.
     fn report(&mut self, key: usize) -> bool {
-        let entry = &mut self.conns[key];
-        let buffered = u32::try_from(entry.link.conn.buffered()).unwrap_or(u32::MAX);
-        self.budget_delta += buffered as isize - entry.counted as isize;
-        entry.counted = buffered;
-        if self.events.is_empty() && !entry.link.conn.is_closed() {
+        self.count(key);
+        let entry = &self.conns[key];
+        if self.events.is_empty() && !entry.link.is_closed() {
             return false;
         }
         let p = self.peer(&self.conns[key]);
@@ -590,6 +685,9 @@ impl Loop {
         let reason = closed.reason;
         let entry = self.conns.remove(key);
         self.budget_delta -= entry.counted as isize;
+        if entry.link.handshake == Slot::Held {
+            self.release_handshake();
+        }
         self.forget_one();
         self.dispatcher.cancel(entry.link.id);
         if let Some(drain) = &mut self.drain {
@@ -627,27 +725,26 @@ impl Loop {
         m.buffered_bytes
             .set(budget.used.load(Ordering::Relaxed) as f64);
         if over && !self.paused {
-            self.paused = true;
-            m.read_pauses.increment(1);
+            self.pause_reads();
         } else if over
             || (self.paused && budget.used.load(Ordering::Acquire) > budget.limit / 4 * 3)
         {
             // Edge-triggered: the holder may have changed (the last one completed its frame)
             // and the new one has no event coming.
-            if let Some(key) = self.holder()
-                && self.conns[key].link.read_ready
-            {
+            if let Some(key) = self.holder() {
                 self.drive(key, now);
             }
         } else if self.paused {
             self.paused = false;
+            self.holder = None;
             // Edge-triggered: connections that became readable while paused were not read.
-            let keys: Vec<usize> = self
-                .conns
-                .iter()
-                .filter(|(_, e)| e.link.read_ready && e.link.conn.wants_read())
-                .map(|(k, _)| k)
-                .collect();
+            let mut keys = Vec::new();
+            for (key, entry) in &mut self.conns {
+                entry.drew = false;
+                if entry.link.wants_read() {
+                    keys.push(key);
+                }
+            }
             for key in keys {
                 self.drive(key, now);
             }
@@ -661,7 +758,7 @@ impl Loop {
         let Some(entry) = self.conns.get_mut(key) else {
             return;
         };
-        let Some(deadline) = entry.link.conn.poll_timeout() else {
+        let Some(deadline) = entry.link.poll_timeout() else {
             return;
         };
         let at = nanos_since(self.epoch, deadline) + 1;
@@ -682,18 +779,22 @@ impl Loop {
             if entry.armed != 0 && entry.armed <= nanos_since(self.epoch, now) + 1 {
                 entry.armed = 0; // this is (or overtook) the armed entry: re-arm below
             }
-            if self.paused && entry.link.read_ready && entry.link.conn.wants_read() {
-                entry.link.conn.handle_unread_input(now);
-            }
-            entry.link.conn.handle_timeout(now, &mut self.events);
+            entry
+                .link
+                .handle_timeout(now, self.paused, &mut self.events);
             self.drive(key, now);
         }
         self.fired = fired;
     }
 
+    /// The slab slot connection `id` has or had.
+    fn key_of_slot(&self, id: ConnectionId) -> usize {
+        (id.index & (MAX_KEYS_PER_REACTOR as u32 - 1)) as usize
+    }
+
     /// The slab key of connection `id`, if it is still open on this reactor.
     fn key_of(&self, id: ConnectionId) -> Option<usize> {
-        let key = (id.index & (MAX_KEYS_PER_REACTOR as u32 - 1)) as usize;
+        let key = self.key_of_slot(id);
         match self.conns.get(key) {
             Some(entry) if entry.link.id == id => Some(key),
             _ => None,
@@ -756,7 +857,7 @@ impl Loop {
         report.in_flight = self
             .conns
             .iter()
-            .filter(|(_, e)| e.link.conn.in_flight())
+            .filter(|(_, e)| e.link.in_flight())
             .count();
         self.drain = Some(Drain {
             deadline: deadline_after(now, grace),
@@ -764,7 +865,7 @@ impl Loop {
         });
         for key in keys {
             if let Some(entry) = self.conns.get_mut(key) {
-                entry.link.conn.handle_shutdown(&mut self.events);
+                entry.link.handle_shutdown(&mut self.events);
                 self.drive(key, now);
             }
         }

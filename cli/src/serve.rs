@@ -42,12 +42,16 @@ pub struct ServeOptions {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
+    /// `--max-handshakes`; `None`: the library's default.
+    pub max_handshakes: Option<u32>,
     pub log_format: LogFormat,
     pub log_level: Option<String>,
     /// The store: an SQLite file path or a `postgres://` URL; `None`: `--no-store`.
     pub store: Option<String>,
     /// Accept a PostgreSQL server with `synchronous_commit=off`.
     pub allow_async_commit: bool,
+    /// `--forward` and its settings.
+    pub forward: crate::forward::ForwardFlags,
     /// `--retain`, `--retain-size`.
     pub retention: crate::retention::RetainArgs,
 }
@@ -92,6 +96,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         .max_in_flight
         .unwrap_or(dispatch.default_max_in_flight());
     let mut pruner = None;
+    let mut write_gate = None;
     let (store, storing_to) = match &opts.store {
         Some(spec) => {
             let config = StoreConfig::default().for_server(
@@ -100,6 +105,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
                 opts.max_memory,
             );
             let (store, shown, gate) = open_store(spec, opts.allow_async_commit, config)?;
+            write_gate.clone_from(&gate);
             pruner = crate::retention::start_pruner(spec, gate, &opts.retention)?;
             (Some(Arc::new(store)), Some(shown))
         }
@@ -108,9 +114,13 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         }
         None => (None, None),
     };
-    let mut builder = match &store {
-        Some(store) => Server::builder(store_handler(Arc::clone(store))),
-        None => Server::builder(ack_only()),
+    let forwarder = crate::forward::start(&opts.forward, opts.store.as_deref(), write_gate)?;
+    let after_forwarded =
+        crate::forward::ack_after_handler(&opts.forward, store.as_ref(), forwarder.as_ref());
+    let mut builder = match (&store, after_forwarded) {
+        (_, Some(handler)) => Server::builder(handler),
+        (Some(store), None) => Server::builder(store_handler(Arc::clone(store))),
+        (None, None) => Server::builder(ack_only()),
     }
     .idle_timeout(opts.idle_timeout.value)
     .handler_timeout(opts.handler_timeout.value)
@@ -123,6 +133,9 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
     .observer(LogObserver);
     if let Some(n) = opts.workers {
         builder = builder.workers(n);
+    }
+    if let Some(n) = opts.max_handshakes {
+        builder = builder.max_handshakes(n as usize);
     }
     builder = builder.reactors(opts.reactors);
     if let Some(mode) = opts.proxy_protocol {
@@ -231,6 +244,11 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
             .close(opts.grace.value)
             .map_err(|e| format!("store not closed cleanly: {e}"))?;
     }
+    if let Some(forwarder) = forwarder {
+        // A lane in the middle of an exchange is not waited for: its message is sent again
+        // at the next start (at least once).
+        forwarder.stop(opts.grace.value);
+    }
     Ok(())
 }
 
@@ -267,11 +285,11 @@ fn config_error(error: &ConfigError, opts: &ServeOptions) -> String {
 /// The `--no-store` handler: AA for a message with a readable MSH-10, AR (logged) otherwise.
 fn ack_only() -> impl Handler {
     handler_fn(|msg, cx| {
-        let reply = ack::accept(msg);
-        // Read the code from the reply rather than parse the message a second time (the MSH
-        // parse is the largest cost of this handler: callgrind, 1 connection).
-        if is_reject(&reply) {
-            // `accept` gave an AR: the sender cannot be told which message is meant.
+        // The builder says which code it wrote (AR when the message has no MSH-10): no
+        // second parse of the message, no search of the reply.
+        let (code, reply) = ack::Ack::new(ack::AckCode::AA).build_coded(msg);
+        if code != ack::AckCode::AA {
+            // An AR: the sender cannot be told which message is meant.
             tracing::warn!(
                 target: "mllp::msg",
                 conn = %cx.connection_id(),
@@ -307,14 +325,4 @@ fn tls_acceptor(opts: &ServeOptions) -> Result<Option<mllp_reactor::tls::TlsAcce
                 key.display()
             )
         })
-}
-
-/// Whether an ACK built by `ack::accept` is an AR: its MSA-1, found without a parse. The
-/// MSA is the second segment, so this looks at one or two CRs; a `memmem` search built its
-/// searcher on every call (about 500 instructions per message, callgrind).
-fn is_reject(reply: &[u8]) -> bool {
-    memchr::memchr_iter(b'\r', reply)
-        .find(|&i| reply.get(i + 1..i + 4) == Some(b"MSA"))
-        .and_then(|i| reply.get(i + 5..i + 7))
-        == Some(b"AR")
 }

@@ -2,8 +2,10 @@
 //!
 //! An AA should mean "your message is safe". This crate keeps every received message (its exact
 //! bytes and where and when it came from) in a durable store, and tells the caller when the
-//! transaction holding it has committed, so that the server acknowledges only then. It is not
-//! a message router or a queue to other systems: it keeps, flags resends, and exports.
+//! transaction holding it has committed, so that the server acknowledges only then. It keeps,
+//! flags resends, exports, and forwards ([`forward`]): every stored message to downstream MLLP
+//! systems, in store order, at least once. It is not a router: it does not transform or
+//! filter messages.
 //!
 //! ```text
 //!   server threads                     writer thread (one)                backend
@@ -25,6 +27,8 @@
 //!   database that several nodes behind a load balancer share, with the same columns,
 //!   duplicate detection across nodes, export format and metrics.
 //! - [`export`] streams records back out as JSON lines or HL7 text, while a writer runs.
+//! - [`forward::Forwarder`] delivers every stored message to downstream MLLP systems on its
+//!   own threads (strict FIFO per lane, retries, dead letters, delivery state in the store).
 //!
 //! # Quick start
 //!
@@ -99,6 +103,18 @@
 //!   plus one message.
 //! - **`submit` never blocks** on I/O or on the writer: it holds a mutex for a queue push.
 //!
+//! # Health
+//!
+//! [`Store::health`] says, as of the last commit, whether the store is storing: one atomic
+//! load, cheap enough for every `/readyz` request. [`Health::Ok`] after a commit succeeded
+//! (or before any), [`Health::Failing`] after a batch failed (the next batch tries again),
+//! [`Health::Broken`] once the SQLite file was found deleted or replaced under the store
+//! (every commit then fails with [`Problem::FileReplaced`] until the store is reopened: the
+//! SQLite backend checks with one `stat` after every commit that the path still names the
+//! file it opened, so nothing is acknowledged into an unlinked file). A readiness check should
+//! pass only for `Ok` ([`Health::is_ready`]). [`Store::on_health_change`] reports each change
+//! once, on the writer thread, for an error log line that is not repeated per message.
+//!
 //! # Duplicates
 //!
 //! A message whose (MSH-3 sending application, MSH-4 sending facility, MSH-10 control id)
@@ -167,6 +183,8 @@ pub mod checkpoint;
 mod error;
 pub mod export;
 pub mod fault;
+pub mod forward;
+mod health;
 mod open;
 #[cfg(feature = "postgres")]
 pub mod postgresql;
@@ -181,6 +199,7 @@ mod writer;
 
 pub use backend::{Backend, WriteGate};
 pub use error::{Cause, CloseError, ConfigError, Found, Problem, StoreError};
+pub use health::Health;
 pub use open::OpenOptions;
 #[cfg(feature = "postgres")]
 pub use postgresql::{PostgresBackend, PostgresOptions};

@@ -17,12 +17,17 @@
 //!     control_id          TEXT,                                -- MSH-10
 //!     size                INTEGER NOT NULL,
 //!     duplicate_of        INTEGER REFERENCES messages (id),
-//!     payload             BLOB NOT NULL                        -- the exact bytes
+//!     payload             BLOB NOT NULL,                       -- the exact bytes
+//!     client_cert         TEXT                                 -- mTLS: CN, SANs, sha256
 //! );
 //! CREATE INDEX messages_original ON messages
 //!     (control_id, sending_application, sending_facility, received_at_us)
 //!     WHERE duplicate_of IS NULL AND control_id IS NOT NULL;
 //! ```
+//!
+//! `client_cert` is added (`ALTER TABLE … ADD COLUMN`) by the first writer that opens a store
+//! created before it; rows already there keep NULL. Additive only, so the version stays 1 and
+//! older builds still read and write such a store; a reader of a store without it reads NULL.
 //!
 //! MSH fields are TEXT so that ad-hoc SQL reads naturally (`WHERE control_id = '42'`); bytes
 //! that are not UTF-8 are stored lossily there (the payload column is always exact).
@@ -89,7 +94,8 @@ CREATE TABLE messages (
     control_id          TEXT,
     size                INTEGER NOT NULL,
     duplicate_of        INTEGER REFERENCES messages (id),
-    payload             BLOB NOT NULL
+    payload             BLOB NOT NULL,
+    client_cert         TEXT
 );
 CREATE INDEX messages_original ON messages
     (control_id, sending_application, sending_facility, received_at_us)
@@ -109,13 +115,23 @@ ORDER BY received_at_us, id LIMIT 1";
 
 const INSERT: &str = "
 INSERT INTO messages (received_at_us, peer, local, connection_id, sequence,
-    sending_application, sending_facility, message_type, control_id, size, duplicate_of, payload)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+    sending_application, sending_facility, message_type, control_id, size, duplicate_of, payload,
+    client_cert)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
 
 const READ_AFTER: &str = "
 SELECT id, received_at_us, peer, local, connection_id, sequence, sending_application,
-    sending_facility, message_type, control_id, size, duplicate_of, payload
+    sending_facility, message_type, control_id, size, duplicate_of, payload, client_cert
 FROM messages WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3";
+
+/// [`READ_AFTER`] for a store created before `client_cert` and opened read-only.
+const READ_AFTER_WITHOUT_CERT: &str = "
+SELECT id, received_at_us, peer, local, connection_id, sequence, sending_application,
+    sending_facility, message_type, control_id, size, duplicate_of, payload, NULL
+FROM messages WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3";
+
+/// The column added after version 1 (see the module docs).
+const ADD_CLIENT_CERT: &str = "ALTER TABLE messages ADD COLUMN client_cert TEXT";
 
 /// Options of a [`SqliteBackend`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -201,6 +217,35 @@ pub struct SqliteBackend {
     conn: Option<Connection>,
     /// Held for each commit; the pruner of the same process holds it for each of its batches.
     gate: WriteGate,
+    /// The file's identity (device, inode) when a writer opened it: every commit checks that
+    /// the path still names that file (one `stat` per batch), so a store file deleted or
+    /// replaced under a running server is noticed at the next commit instead of
+    /// acknowledging messages into an unlinked file. `None` for a reader, or where the
+    /// platform has no inode numbers.
+    identity: Option<FileId>,
+    /// Set once the path was found naming another file or none: every later commit fails
+    /// with [`Problem::FileReplaced`] (a store cannot follow a file it no longer has).
+    replaced: bool,
+}
+
+/// A file's device and inode numbers.
+type FileId = (u64, u64);
+
+/// The identity of the file at `path`; `Err` only when there is no file there.
+#[cfg(unix)]
+fn file_id(path: &Path) -> Result<Option<FileId>, ()> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(meta) => Ok(Some((meta.dev(), meta.ino()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(()),
+        // Cannot tell (a transient error): do not cry wolf.
+        Err(_) => Ok(None),
+    }
+}
+
+#[cfg(not(unix))]
+fn file_id(_path: &Path) -> Result<Option<FileId>, ()> {
+    Ok(None)
 }
 
 impl SqliteBackend {
@@ -228,6 +273,8 @@ impl SqliteBackend {
             checkpointer: Some(checkpointer),
             conn: Some(conn),
             gate: WriteGate::default(),
+            identity: file_id(path).ok().flatten(),
+            replaced: false,
         })
     }
 
@@ -254,6 +301,8 @@ impl SqliteBackend {
             checkpointer: None,
             conn: Some(conn),
             gate: WriteGate::default(),
+            identity: None,
+            replaced: false,
         })
     }
 
@@ -291,6 +340,15 @@ impl SqliteBackend {
         Ok(self.conn.as_mut().expect("connection was just opened"))
     }
 
+    /// Whether the path still names the file this writer opened (a `stat`).
+    fn still_at_path(&self) -> bool {
+        match (self.identity, file_id(&self.path)) {
+            (None, _) | (_, Ok(None)) => true,
+            (Some(opened), Ok(Some(now))) => opened == now,
+            (Some(_), Err(())) => false,
+        }
+    }
+
     /// The duplicate window in microseconds.
     fn window_us(&self) -> i64 {
         i64::try_from(self.options.duplicate_window.as_micros()).unwrap_or(i64::MAX)
@@ -312,6 +370,9 @@ impl Backend for SqliteBackend {
     fn commit_batch(&mut self, batch: &[Record]) -> Result<Vec<StoreOutcome>, StoreError> {
         if self.read_only {
             return Err(StoreError::commit(Problem::ReadOnly));
+        }
+        if self.replaced {
+            return Err(StoreError::commit(Problem::FileReplaced));
         }
         let window = self.window_us();
         let busy_timeout = self.options.busy_timeout;
@@ -335,6 +396,13 @@ impl Backend for SqliteBackend {
             // Dropping the connection rolls back whatever is left of the transaction.
             self.conn = None;
         }
+        // Committed, but into the file at the path? After a failure too: a deleted file can
+        // be why it failed.
+        if !self.still_at_path() {
+            self.replaced = true;
+            self.conn = None;
+            return Err(StoreError::commit(Problem::FileReplaced));
+        }
         result
     }
 
@@ -348,7 +416,12 @@ impl Backend for SqliteBackend {
         let conn = self.connection()?;
         let limit = i64::try_from(max_records).unwrap_or(i64::MAX);
         let result = (|| {
-            let mut stmt = conn.prepare_cached(READ_AFTER)?;
+            let sql = if has_client_cert(conn)? {
+                READ_AFTER
+            } else {
+                READ_AFTER_WITHOUT_CERT
+            };
+            let mut stmt = conn.prepare_cached(sql)?;
             let mut rows = stmt.query(params![after, until, limit])?;
             let mut page = Vec::new();
             let mut bytes = 0usize;
@@ -367,6 +440,7 @@ impl Backend for SqliteBackend {
                     size: row.get::<_, i64>(10)? as u64,
                     duplicate_of: row.get(11)?,
                     payload: row.get(12)?,
+                    client_cert: row.get(13)?,
                 };
                 bytes = bytes.saturating_add(record.payload.len());
                 page.push(record);
@@ -466,6 +540,7 @@ fn insert_batch(
                 i64::try_from(record.size()).unwrap_or(i64::MAX),
                 duplicate_of,
                 &record.payload[..],
+                record.client_cert_text(),
             ])?;
             outcomes.push(StoreOutcome::new(tx.last_insert_rowid(), duplicate_of));
         }
@@ -553,6 +628,9 @@ pub(crate) fn open_connection(
         }
     }
     if writable {
+        if !has_client_cert(&conn).map_err(classify)? {
+            add_client_cert(&conn).map_err(classify)?;
+        }
         set_wal(&conn, path)?;
         let (name, expected) = if options.unsafe_synchronous_normal_for_tests {
             ("NORMAL", 1)
@@ -570,6 +648,31 @@ pub(crate) fn open_connection(
         }
     }
     Ok(conn)
+}
+
+/// Whether the store has the `client_cert` column (see the module docs).
+fn has_client_cert(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('messages') WHERE name = 'client_cert'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )
+}
+
+/// Adds the `client_cert` column to a store created before it, unless a concurrent writer
+/// just did (checked under the write lock).
+fn add_client_cert(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let result = (|| {
+        if !has_client_cert(conn)? {
+            conn.execute_batch(ADD_CLIENT_CERT)?;
+        }
+        conn.execute_batch("COMMIT")
+    })();
+    if result.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    result
 }
 
 fn set_wal(conn: &Connection, path: &Path) -> Result<(), StoreError> {

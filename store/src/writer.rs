@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, WriteGate};
 use crate::error::{Cause, CloseError, ConfigError, Problem, StoreError};
+use crate::health::{Health, HealthState};
 use crate::record::{Record, StoreOutcome};
 use crate::sqlite::{SqliteBackend, SqliteOptions};
 use crate::submit::{Done, Submission, SubmitError};
@@ -194,6 +195,8 @@ impl std::fmt::Debug for Store {
 
 struct Shared {
     queue: Mutex<Queue>,
+    /// As of the last commit; written by the writer.
+    health: HealthState,
     /// Signalled when a record is queued while the writer waits, and on close.
     wake: Condvar,
     /// Mirrors of the queue's counts, readable without the lock (the server polls them).
@@ -243,6 +246,7 @@ impl Store {
                 closed: false,
                 writer_waiting: false,
             }),
+            health: HealthState::default(),
             wake: Condvar::new(),
             len: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
@@ -298,14 +302,17 @@ impl Store {
     ///
     /// # Errors
     ///
-    /// As [`PostgresBackend::connect`](crate::PostgresBackend::connect) and [`Store::start`].
+    /// As [`PostgresBackend::connect`](crate::postgresql::PostgresBackend::connect) and [`Store::start`].
     #[cfg(feature = "postgres")]
     pub fn open_postgres(
         url: &str,
-        options: &crate::PostgresOptions,
+        options: &crate::postgresql::PostgresOptions,
         config: StoreConfig,
     ) -> Result<Self, StoreError> {
-        Self::start(crate::PostgresBackend::connect(url, options)?, config)
+        Self::start(
+            crate::postgresql::PostgresBackend::connect(url, options)?,
+            config,
+        )
     }
 
     /// Queues `record`; `done` is called with its outcome once its batch committed or failed.
@@ -380,6 +387,23 @@ impl Store {
     /// path of an SQLite file; a PostgreSQL URL (no password) and its `synchronous_commit`.
     pub fn summary(&self) -> &str {
         &self.summary
+    }
+
+    /// Whether the store is storing, as of its last commit (one atomic load): what a
+    /// readiness check (`/readyz`) reads. See [`Health`].
+    pub fn health(&self) -> Health {
+        self.shared.health.get()
+    }
+
+    /// Calls `f` on the writer thread each time [`health`](Self::health) changes, with the
+    /// new health and, unless it is [`Health::Ok`], the error of the batch that changed it:
+    /// for one log line per change rather than one per failed message. Replaces an earlier
+    /// watcher. `f` must be quick; a panic in it is contained.
+    pub fn on_health_change(
+        &self,
+        f: impl Fn(Health, Option<&StoreError>) + Send + Sync + 'static,
+    ) {
+        self.shared.health.watch(Box::new(f));
     }
 
     /// The backend's [write gate](Backend::write_gate), for a pruner of the same SQLite file.
@@ -500,6 +524,7 @@ impl<B: Backend> Writer<B> {
             }
             other => other,
         };
+        self.shared.health.record(&result);
         self.metrics
             .commit_seconds
             .record(started.elapsed().as_secs_f64());

@@ -6,13 +6,21 @@ mod util;
 
 #[path = "it/checkpoint.rs"]
 mod checkpoint;
+#[path = "it/downstream.rs"]
+mod downstream;
 #[path = "it/duplicates.rs"]
 mod duplicates;
 #[path = "it/export.rs"]
 mod export;
+#[path = "it/forward.rs"]
+mod forward;
+#[path = "it/health.rs"]
+mod health;
 #[path = "it/open.rs"]
 mod open;
 #[path = "it/retention.rs"]
 mod retention;
+#[path = "it/then_ack.rs"]
+mod then_ack;
 #[path = "it/writer.rs"]
 mod writer;

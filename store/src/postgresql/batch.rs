@@ -25,18 +25,21 @@ struct Columns<'a> {
     size: Vec<i64>,
     duplicate_of: Vec<Option<i64>>,
     payload: Vec<&'a [u8]>,
+    client_cert: Vec<Option<String>>,
 }
 
 /// How a batch failed: whether its transaction may still be open, is over, or may have
 /// committed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub(super) enum Failure {
     /// Before the `INSERT`: the transaction is open (aborted) and needs a `ROLLBACK`.
     Open,
-    /// The `INSERT` failed, so the `COMMIT` sent with it rolled back: nothing committed.
+    /// The server rejected the `INSERT` (or the `COMMIT`): nothing committed.
     Ended,
-    /// The connection failed while `COMMIT` was in flight: it may have committed.
-    Unknown,
+    /// The connection failed after `INSERT` and `COMMIT` were sent: it may have committed,
+    /// with these outcomes (the ids were allocated under the lock, so the batch's first id
+    /// tells whether it did).
+    Unknown(Vec<StoreOutcome>),
 }
 
 /// Stores `batch` in one transaction under the store's lock, in two round trips:
@@ -61,6 +64,7 @@ pub(super) fn insert_batch(
         cols.size
             .push(i64::try_from(record.size()).unwrap_or(i64::MAX));
         cols.payload.push(&record.payload[..]);
+        cols.client_cert.push(record.client_cert_text());
     }
     // The records that can be resends, and the oldest original time each accepts.
     let keyed: Vec<usize> = (0..batch.len())
@@ -121,7 +125,7 @@ pub(super) fn insert_batch(
             None => batch_originals.entry(key).or_default().push(i),
         }
     }
-    let params: [&(dyn ToSql + Sync); 13] = [
+    let params: [&(dyn ToSql + Sync); 14] = [
         &cols.ids,
         &cols.received,
         &cols.peer,
@@ -135,27 +139,28 @@ pub(super) fn insert_batch(
         &cols.size,
         &cols.duplicate_of,
         &cols.payload,
+        &cols.client_cert,
     ];
-    let (inserted, committed) = conn.block_on(join(
-        client.execute(&conn.insert, &params),
-        client.batch_execute("COMMIT"),
-    ));
-    // A COMMIT after a failed INSERT only ends the aborted transaction.
-    inserted.map_err(|e| (e, Failure::Ended))?;
-    committed.map_err(|e| {
-        let failure = if e.as_db_error().is_some() {
-            Failure::Ended
-        } else {
-            Failure::Unknown
-        };
-        (e, failure)
-    })?;
-    Ok(cols
+    let outcomes: Vec<StoreOutcome> = cols
         .ids
         .iter()
         .zip(&cols.duplicate_of)
         .map(|(&id, &dup)| StoreOutcome::new(id, dup))
-        .collect())
+        .collect();
+    let (inserted, committed) = conn.block_on(join(
+        client.execute(&conn.insert, &params),
+        client.batch_execute("COMMIT"),
+    ));
+    match (inserted, committed) {
+        (Ok(_), Ok(())) => Ok(outcomes),
+        // The server answered: a COMMIT after a failed INSERT only ends the aborted
+        // transaction, and a COMMIT that fails commits nothing.
+        (Err(e), _) | (Ok(_), Err(e)) if e.as_db_error().is_some() => Err((e, Failure::Ended)),
+        // No answer: the connection died with both sent, so the server may have run the
+        // COMMIT (its reply was lost). Whether it did is looked up, never guessed: guessing
+        // "no" and retrying would store the batch twice.
+        (Err(e), _) | (Ok(_), Err(e)) => Err((e, Failure::Unknown(outcomes))),
+    }
 }
 
 /// An MSH field as a text column value: lossy UTF-8 as in SQLite, NUL (which PostgreSQL text

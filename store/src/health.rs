@@ -1,0 +1,123 @@
+//! [`Health`]: whether a [`Store`](crate::Store) is storing, as of its last commit, for
+//! readiness checks (`/readyz`) and an operator's log.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use crate::error::{Problem, StoreError};
+
+/// Whether a store is storing, as of its last commit: [`Store::health`](crate::Store::health).
+///
+/// A readiness check (`/readyz`) should answer "ready" only for [`Health::Ok`]: a
+/// [`Failing`](Health::Failing) store answers every message AE until a commit succeeds again,
+/// and a [`Broken`](Health::Broken) one until the server is restarted.
+///
+/// ```
+/// use mllp_store::{Health, OpenOptions, Store, StoreConfig, StoreSpec};
+///
+/// let dir = std::env::temp_dir().join(format!("mllp-doc-health-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir)?;
+/// let spec = StoreSpec::parse(dir.join("s.db").to_str().unwrap())?;
+/// let store = Store::open(&spec, &OpenOptions::default(), StoreConfig::default())?;
+/// assert_eq!(store.health(), Health::Ok);
+/// assert!(store.health().is_ready());
+/// # drop(store);
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Health {
+    /// The last commit succeeded, or none was tried yet.
+    Ok,
+    /// The last batch failed to commit (database down, disk full, a lock held too long…).
+    /// The store goes on trying with each new batch and is `Ok` again after the first that
+    /// commits.
+    Failing,
+    /// The store can store nothing more until it is reopened: its SQLite file was deleted or
+    /// replaced under it ([`Problem::FileReplaced`]). Every batch fails.
+    Broken,
+}
+
+impl Health {
+    /// Whether a readiness check should pass: only when [`Ok`](Self::Ok).
+    pub fn is_ready(self) -> bool {
+        self == Self::Ok
+    }
+
+    /// `ok`, `failing` or `broken`: for a status page or a log field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Failing => "failing",
+            Self::Broken => "broken",
+        }
+    }
+
+    /// The health a commit's result leaves the store in.
+    fn after<T>(result: &Result<T, StoreError>) -> Self {
+        match result {
+            Ok(_) => Self::Ok,
+            Err(e) if e.problem() == Some(&Problem::FileReplaced) => Self::Broken,
+            Err(_) => Self::Failing,
+        }
+    }
+
+    fn from_u8(value: u8) -> Self {
+        match value {
+            0 => Self::Ok,
+            1 => Self::Failing,
+            _ => Self::Broken,
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            Self::Ok => 0,
+            Self::Failing => 1,
+            Self::Broken => 2,
+        }
+    }
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+type Watcher = Box<dyn Fn(Health, Option<&StoreError>) + Send + Sync>;
+
+/// The health shared by a store and its writer thread: one atomic store per batch, and the
+/// watcher called only when the health changes.
+#[derive(Default)]
+pub(crate) struct HealthState {
+    value: AtomicU8,
+    watcher: Mutex<Option<Watcher>>,
+}
+
+impl HealthState {
+    pub(crate) fn get(&self) -> Health {
+        Health::from_u8(self.value.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn watch(&self, watcher: Watcher) {
+        *self.watcher.lock().unwrap_or_else(PoisonError::into_inner) = Some(watcher);
+    }
+
+    /// Records the health a commit's `result` leaves; tells the watcher if it changed.
+    pub(crate) fn record<T>(&self, result: &Result<T, StoreError>) {
+        let now = Health::after(result);
+        let before = Health::from_u8(self.value.swap(now.to_u8(), Ordering::Relaxed));
+        if before != now {
+            let watcher = self.watcher.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(watcher) = &*watcher {
+                // A panicking watcher must not take the writer down.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    watcher(now, result.as_ref().err())
+                }));
+            }
+        }
+    }
+}
