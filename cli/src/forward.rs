@@ -45,8 +45,8 @@ pub struct ForwardFlags {
     pub ack_after: AckAfter,
     /// With --ack-after forwarded: answer AE when not every destination answered within
     /// this long (the message stays queued and is still delivered).
-    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = crate::parse_timeout)]
-    pub forward_ack_timeout: crate::TypedDuration,
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_ack_timeout)]
+    pub forward_ack_timeout: Duration,
 }
 
 /// `--ack-after`.
@@ -62,6 +62,14 @@ impl ForwardFlags {
     /// Whether any destination is configured.
     pub fn is_enabled(&self) -> bool {
         !self.forward.is_empty()
+    }
+}
+
+/// `--forward-ack-timeout`: a duration greater than zero.
+fn parse_ack_timeout(text: &str) -> Result<Duration, String> {
+    match crate::parse::parse_duration(text)? {
+        d if d.is_zero() => Err("must be greater than zero".to_owned()),
+        d => Ok(d),
     }
 }
 
@@ -138,7 +146,7 @@ struct TlsFiles {
 
 /// Applies one `KEY=VALUE` to a destination.
 fn apply(d: &mut Destination, tls: &mut TlsFiles, key: &str, value: &str) -> Result<(), String> {
-    let duration = || crate::parse_duration(value);
+    let duration = || crate::parse::parse_duration(value);
     let action = || value.parse::<Action>().map_err(|e| e.to_string());
     match key {
         "address" => d.address = value.to_owned(),
@@ -278,7 +286,7 @@ pub fn ack_after_handler(
             Some(mllp_store::forward::ack_after_forwarded(
                 Arc::clone(store),
                 forwarder.watcher(),
-                flags.forward_ack_timeout.value,
+                flags.forward_ack_timeout,
             ))
         }
         _ => None,
@@ -469,7 +477,7 @@ mod tests {
             forward_lanes: 2,
             forward_key: LaneKey::Msh4,
             ack_after: AckAfter::Stored,
-            forward_ack_timeout: crate::parse_timeout("30s").unwrap(),
+            forward_ack_timeout: Duration::from_secs(30),
         }
     }
 

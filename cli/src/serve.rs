@@ -42,6 +42,8 @@ pub struct ServeOptions {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
+    /// `--max-handshakes`; `None`: the library's default.
+    pub max_handshakes: Option<u32>,
     pub log_format: LogFormat,
     pub log_level: Option<String>,
     /// The store: an SQLite file path or a `postgres://` URL; `None`: `--no-store`.
@@ -131,6 +133,9 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
     .observer(LogObserver);
     if let Some(n) = opts.workers {
         builder = builder.workers(n);
+    }
+    if let Some(n) = opts.max_handshakes {
+        builder = builder.max_handshakes(n as usize);
     }
     builder = builder.reactors(opts.reactors);
     if let Some(mode) = opts.proxy_protocol {
