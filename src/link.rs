@@ -78,6 +78,21 @@ pub(crate) struct Link {
     received: bool,
     /// [`poll_started`](Self::poll_started) reported the start.
     announced: bool,
+    /// Its TLS handshake's slot under the reactor's `max_handshakes` cap (kept here, where
+    /// the struct has room, for the reactor).
+    pub(crate) handshake: HandshakeSlot,
+}
+
+/// A link's part in the reactor's cap on TLS handshakes in progress.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum HandshakeSlot {
+    /// Not handshaking, or not yet asked to read.
+    #[default]
+    None,
+    /// Handshaking in one of the reactor's slots.
+    Held,
+    /// Waiting for a slot.
+    Waiting,
 }
 
 /// How a link ended.
@@ -113,6 +128,7 @@ impl Link {
             write_ready: false,
             received: false,
             announced: false,
+            handshake: HandshakeSlot::None,
         }
     }
 
@@ -346,11 +362,6 @@ impl Link {
         self.conn.take_abandoned()
     }
 
-    /// Bytes the link holds, for the memory budget.
-    pub(crate) fn buffered(&self) -> usize {
-        self.conn.buffered()
-    }
-
     /// Whether a frame is being received or read ahead (bytes not yet decoded).
     pub(crate) fn in_frame(&self) -> bool {
         self.conn.buffered_len() > 0
@@ -385,11 +396,26 @@ impl Link {
         self.conn.handle_shutdown(out);
     }
 
-    /// Releases the layer's buffers when the connection holds nothing.
-    pub(crate) fn release_idle_buffers(&mut self) {
-        if !self.conn.in_flight() && self.conn.buffered_len() == 0 {
+    /// Releases the layer's buffers when the connection holds nothing; returns whether it
+    /// did (the memory count is then stale).
+    pub(crate) fn release_idle_buffers(&mut self) -> bool {
+        let idle = !self.conn.in_flight() && self.conn.buffered_len() == 0;
+        if idle {
             self.transport.release_idle_buffers();
         }
+        idle
+    }
+
+    /// Heap bytes the link holds that vary with traffic, for the memory budget: the
+    /// connection's buffers and the transport's (a PROXY header, TLS).
+    pub(crate) fn buffered(&self) -> usize {
+        self.conn.buffered() + self.transport.buffered()
+    }
+
+    /// Whether the link must still complete a TLS handshake before it serves MLLP (it then
+    /// needs a handshake slot to read).
+    pub(crate) fn handshakes(&self) -> bool {
+        !self.conn.is_started() && self.transport.handshakes()
     }
 
     /// How the link ended, once it has; `None` while open.

@@ -38,7 +38,10 @@ use crate::telemetry::{Peer, Telemetry};
 use crate::timer::{DEFAULT_SLOTS, DEFAULT_TICK, TimerWheel};
 use crate::transport::{Acceptors, Transport};
 
+mod handshakes;
 mod shared;
+use crate::link::HandshakeSlot as Slot;
+use handshakes::Handshakes;
 pub(crate) use shared::{Budget, Inbox, Shared};
 
 /// Token of the listening socket; slab keys (connections) use the tokens below it.
@@ -77,6 +80,8 @@ pub(crate) struct Reactor {
     pub(crate) dispatch: Dispatch,
     /// The layers on each accepted socket (PROXY header, TLS).
     pub(crate) acceptors: Acceptors,
+    /// This reactor's share of `max_handshakes`.
+    pub(crate) max_handshakes: usize,
     pub(crate) inline_slow: Duration,
     pub(crate) handler: Arc<dyn Handler>,
     pub(crate) sink: Arc<CompletionSink>,
@@ -141,6 +146,8 @@ struct Loop {
     budget_delta: isize,
     /// Reading is paused by the memory budget.
     paused: bool,
+    /// TLS handshakes in progress, capped.
+    handshakes: Handshakes,
     /// While paused: the one connection allowed to read (see `holder`).
     holder: Option<ConnectionId>,
 }
@@ -158,6 +165,7 @@ impl Reactor {
             self.inline_slow,
             self.telemetry.metrics.clone(),
         );
+        let handshakes = Handshakes::new(self.max_handshakes);
         let mut lp = Loop {
             dispatcher,
             conns: Slab::with_capacity(self.shared.max_connections.min(4096)),
@@ -175,6 +183,7 @@ impl Reactor {
             epoch: now,
             budget_delta: 0,
             paused: false,
+            handshakes,
             holder: None,
         };
         let result = lp.run();
@@ -457,8 +466,10 @@ impl Loop {
             };
             progress |= entry.link.write(&self.r.telemetry, now, &mut self.events);
             // A PROXY header is outside the memory budget (it is a few bytes, and the
-            // connection holds nothing else yet).
-            if entry.link.wants_read() && (entry.link.reads_header() || self.may_read(key)) {
+            // connection holds nothing else yet) and the handshake cap.
+            if entry.link.wants_read()
+                && (entry.link.reads_header() || (self.may_handshake(key) && self.may_read(key)))
+            {
                 let entry = &mut self.conns[key];
                 if budget == 0 {
                     if !entry.pending {
@@ -477,6 +488,9 @@ impl Loop {
                 }
             }
             if self.conns[key].link.poll_started(now) {
+                if std::mem::take(&mut self.conns[key].link.handshake) == Slot::Held {
+                    self.release_handshake();
+                }
                 self.start(key);
                 progress = true;
             }
@@ -487,7 +501,9 @@ impl Loop {
                 break;
             }
         }
-        self.conns[key].link.release_idle_buffers();
+        if self.conns[key].link.release_idle_buffers() {
+            self.count(key);
+        }
         self.schedule(key);
     }
 
@@ -551,6 +567,45 @@ impl Loop {
         }
     }
 
+    /// Whether connection `key` may read under the handshake cap: a TLS connection that has
+    /// not started needs one of the reactor's handshake slots (see
+    /// [`Builder::max_handshakes`](crate::Builder::max_handshakes)); without one it waits.
+    fn may_handshake(&mut self, key: usize) -> bool {
+        let entry = &mut self.conns[key];
+        if entry.link.handshake == Slot::None && entry.link.handshakes() {
+            entry.link.handshake = self.handshakes.request(entry.link.id);
+        }
+        entry.link.handshake != Slot::Waiting
+    }
+
+    /// A handshake slot is given back: it passes to the longest waiter still waiting, which
+    /// resumes next turn.
+    fn release_handshake(&mut self) {
+        while let Some(id) = self.handshakes.next_waiter() {
+            if let Some(key) = self.key_of(id)
+                && self.conns[key].link.handshake == Slot::Waiting
+            {
+                let entry = &mut self.conns[key];
+                entry.link.handshake = Slot::Held;
+                if !entry.pending {
+                    entry.pending = true;
+                    self.pending.push(key);
+                }
+                return;
+            }
+        }
+        self.handshakes.free_one();
+    }
+
+    /// Updates connection `key`'s memory count: the connection's buffers and its transport's
+    /// (TLS).
+    fn count(&mut self, key: usize) {
+        let entry = &mut self.conns[key];
+        let buffered = u32::try_from(entry.link.buffered()).unwrap_or(u32::MAX);
+        self.budget_delta += buffered as isize - entry.counted as isize;
+        entry.counted = buffered;
+    }
+
     /// Whether connection `key` may read under the memory budget: always below it. Above it
     /// one connection per reactor at a time (the holder), to finish the frame it is in and no
     /// more (see [`holder`](Self::holder)).
@@ -612,10 +667,8 @@ impl Loop {
     /// Reports the connection's events, updates its memory count, and removes it if it
     /// closed. Returns true if it was removed.
     fn report(&mut self, key: usize) -> bool {
-        let entry = &mut self.conns[key];
-        let buffered = u32::try_from(entry.link.buffered()).unwrap_or(u32::MAX);
-        self.budget_delta += buffered as isize - entry.counted as isize;
-        entry.counted = buffered;
+        self.count(key);
+        let entry = &self.conns[key];
         if self.events.is_empty() && !entry.link.is_closed() {
             return false;
         }
@@ -632,6 +685,9 @@ impl Loop {
         let reason = closed.reason;
         let entry = self.conns.remove(key);
         self.budget_delta -= entry.counted as isize;
+        if entry.link.handshake == Slot::Held {
+            self.release_handshake();
+        }
         self.forget_one();
         self.dispatcher.cancel(entry.link.id);
         if let Some(drain) = &mut self.drain {

@@ -92,8 +92,9 @@ impl<B: Backend> Iterator for Export<B> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     /// One JSON object per line: `id`, `received_at` (RFC 3339, UTC, µs), `peer`, `local`,
-    /// `control_id`, `message_type`, `sending_application`, `sending_facility`, `size`,
-    /// `duplicate_of` (null or an id), and the payload as `message` when it is valid UTF-8,
+    /// `control_id`, `message_type`, `sending_application`, `sending_facility`,
+    /// `client_cert` (under mutual TLS: the sender's certificate as CN, SANs and SHA-256
+    /// fingerprint; null otherwise), `size`, `duplicate_of` (null or an id), and the payload as `message` when it is valid UTF-8,
     /// otherwise `message_base64` (standard alphabet, padded). Missing MSH fields are null.
     Jsonl,
     /// The payloads with segment ends (CR, or CR LF) written as newlines and a blank line
@@ -250,11 +251,11 @@ pub fn export_postgres(
     url: &str,
     since: StoreId,
     format: Format,
-    options: &crate::PostgresOptions,
+    options: &crate::postgresql::PostgresOptions,
     out: impl Write,
 ) -> Result<u64, ExportError> {
-    let backend =
-        crate::PostgresBackend::connect_read_only(url, options).map_err(ExportError::Store)?;
+    let backend = crate::postgresql::PostgresBackend::connect_read_only(url, options)
+        .map_err(ExportError::Store)?;
     write_all(backend, since, format, out)
 }
 
@@ -318,6 +319,7 @@ fn write_jsonl(r: &StoredRecord, out: &mut impl Write) -> io::Result<()> {
         ("message_type", r.message_type.as_deref()),
         ("sending_application", r.sending_application.as_deref()),
         ("sending_facility", r.sending_facility.as_deref()),
+        ("client_cert", r.client_cert.as_deref()),
     ] {
         line.push_str(",\"");
         line.push_str(name);

@@ -17,12 +17,17 @@
 //!     control_id          TEXT,                                -- MSH-10
 //!     size                INTEGER NOT NULL,
 //!     duplicate_of        INTEGER REFERENCES messages (id),
-//!     payload             BLOB NOT NULL                        -- the exact bytes
+//!     payload             BLOB NOT NULL,                       -- the exact bytes
+//!     client_cert         TEXT                                 -- mTLS: CN, SANs, sha256
 //! );
 //! CREATE INDEX messages_original ON messages
 //!     (control_id, sending_application, sending_facility, received_at_us)
 //!     WHERE duplicate_of IS NULL AND control_id IS NOT NULL;
 //! ```
+//!
+//! `client_cert` is added (`ALTER TABLE … ADD COLUMN`) by the first writer that opens a store
+//! created before it; rows already there keep NULL. Additive only, so the version stays 1 and
+//! older builds still read and write such a store; a reader of a store without it reads NULL.
 //!
 //! MSH fields are TEXT so that ad-hoc SQL reads naturally (`WHERE control_id = '42'`); bytes
 //! that are not UTF-8 are stored lossily there (the payload column is always exact).
@@ -87,7 +92,8 @@ CREATE TABLE messages (
     control_id          TEXT,
     size                INTEGER NOT NULL,
     duplicate_of        INTEGER REFERENCES messages (id),
-    payload             BLOB NOT NULL
+    payload             BLOB NOT NULL,
+    client_cert         TEXT
 );
 CREATE INDEX messages_original ON messages
     (control_id, sending_application, sending_facility, received_at_us)
@@ -107,13 +113,23 @@ ORDER BY received_at_us, id LIMIT 1";
 
 const INSERT: &str = "
 INSERT INTO messages (received_at_us, peer, local, connection_id, sequence,
-    sending_application, sending_facility, message_type, control_id, size, duplicate_of, payload)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+    sending_application, sending_facility, message_type, control_id, size, duplicate_of, payload,
+    client_cert)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
 
 const READ_AFTER: &str = "
 SELECT id, received_at_us, peer, local, connection_id, sequence, sending_application,
-    sending_facility, message_type, control_id, size, duplicate_of, payload
+    sending_facility, message_type, control_id, size, duplicate_of, payload, client_cert
 FROM messages WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3";
+
+/// [`READ_AFTER`] for a store created before `client_cert` and opened read-only.
+const READ_AFTER_WITHOUT_CERT: &str = "
+SELECT id, received_at_us, peer, local, connection_id, sequence, sending_application,
+    sending_facility, message_type, control_id, size, duplicate_of, payload, NULL
+FROM messages WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3";
+
+/// The column added after version 1 (see the module docs).
+const ADD_CLIENT_CERT: &str = "ALTER TABLE messages ADD COLUMN client_cert TEXT";
 
 /// Options of a [`SqliteBackend`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -358,7 +374,12 @@ impl Backend for SqliteBackend {
         let conn = self.connection()?;
         let limit = i64::try_from(max_records).unwrap_or(i64::MAX);
         let result = (|| {
-            let mut stmt = conn.prepare_cached(READ_AFTER)?;
+            let sql = if has_client_cert(conn)? {
+                READ_AFTER
+            } else {
+                READ_AFTER_WITHOUT_CERT
+            };
+            let mut stmt = conn.prepare_cached(sql)?;
             let mut rows = stmt.query(params![after, until, limit])?;
             let mut page = Vec::new();
             let mut bytes = 0usize;
@@ -377,6 +398,7 @@ impl Backend for SqliteBackend {
                     size: row.get::<_, i64>(10)? as u64,
                     duplicate_of: row.get(11)?,
                     payload: row.get(12)?,
+                    client_cert: row.get(13)?,
                 };
                 bytes = bytes.saturating_add(record.payload.len());
                 page.push(record);
@@ -476,6 +498,7 @@ fn insert_batch(
                 i64::try_from(record.size()).unwrap_or(i64::MAX),
                 duplicate_of,
                 &record.payload[..],
+                record.client_cert_text(),
             ])?;
             outcomes.push(StoreOutcome::new(tx.last_insert_rowid(), duplicate_of));
         }
@@ -543,6 +566,9 @@ pub(crate) fn open_connection(
         }
     }
     if writable {
+        if !has_client_cert(&conn).map_err(classify)? {
+            add_client_cert(&conn).map_err(classify)?;
+        }
         set_wal(&conn, path)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(classify)?;
@@ -555,6 +581,31 @@ pub(crate) fn open_connection(
         }
     }
     Ok(conn)
+}
+
+/// Whether the store has the `client_cert` column (see the module docs).
+fn has_client_cert(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('messages') WHERE name = 'client_cert'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )
+}
+
+/// Adds the `client_cert` column to a store created before it, unless a concurrent writer
+/// just did (checked under the write lock).
+fn add_client_cert(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let result = (|| {
+        if !has_client_cert(conn)? {
+            conn.execute_batch(ADD_CLIENT_CERT)?;
+        }
+        conn.execute_batch("COMMIT")
+    })();
+    if result.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    result
 }
 
 fn set_wal(conn: &Connection, path: &Path) -> Result<(), StoreError> {
@@ -637,10 +688,27 @@ fn classify_open_error(path: &Path, flags: OpenFlags, e: rusqlite::Error) -> Sto
         Some(ErrorCode::CannotOpen | ErrorCode::PermissionDenied | ErrorCode::ReadOnly) => {
             // SQLite's text ("unable to open database file") hides the reason; the OS has it.
             let writable = !flags.contains(OpenFlags::SQLITE_OPEN_READ_ONLY);
-            let os = std::fs::OpenOptions::new()
-                .read(true)
-                .write(writable)
-                .open(path);
+            let create = flags.contains(OpenFlags::SQLITE_OPEN_CREATE)
+                && std::fs::symlink_metadata(path).is_err();
+            let os = if create {
+                // The file is missing: opening it would say "No such file or directory", while
+                // what failed is creating it (a directory this user cannot write, a read-only
+                // file system). Try that, and undo it should it work after all.
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .map(|file| {
+                        drop(file);
+                        let _ = std::fs::remove_file(path);
+                    })
+            } else {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(writable)
+                    .open(path)
+                    .map(drop)
+            };
             match os {
                 Err(io) => StoreError::open(path, io),
                 Ok(_) => StoreError::open(path, Cause::sqlite(e)),

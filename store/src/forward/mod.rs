@@ -769,6 +769,7 @@ impl Forwarder {
     pub fn watcher(&self) -> Watcher {
         Watcher {
             registry: Arc::clone(&self.registry),
+            waker: self.waker(),
         }
     }
 

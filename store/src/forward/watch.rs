@@ -175,6 +175,8 @@ impl Registry {
 #[derive(Clone, Debug)]
 pub struct Watcher {
     pub(crate) registry: Arc<Registry>,
+    /// Wakes idle lanes once a watched message is committed (its sender is waiting).
+    pub(crate) waker: super::ForwardWaker,
 }
 
 impl Watcher {
@@ -256,10 +258,9 @@ pub fn ack_after_forwarded(store: Arc<Store>, watcher: Watcher, timeout: Duratio
             }),
         );
         let cancel = watcher.clone();
-        let done: crate::Done = Box::new(move |result: Result<_, StoreError>| {
-            if let Err(error) = result {
-                cancel.cancel(key, error);
-            }
+        let done: crate::Done = Box::new(move |result: Result<_, StoreError>| match result {
+            Ok(_) => cancel.waker.wake(),
+            Err(error) => cancel.cancel(key, error),
         });
         if let Err(refused) = store.submit(record, done) {
             let reason = refused.reason();
