@@ -10,7 +10,6 @@ use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -23,6 +22,7 @@ use mllp_store::forward::LaneKey;
 use serde_json::Value;
 
 // A private PostgreSQL for the two-node test.
+use mllp_test_support::TempDir;
 use mllp_test_support::pg;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mllp-reactor");
@@ -33,28 +33,6 @@ const CRASH_BUDGET: Duration = Duration::from_secs(15);
 const CRASH_MIN_ROUNDS: usize = 3;
 const LANES: u16 = 2;
 const SENDERS: usize = 4;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("mllp-cli-forward-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A downstream that records every message's MSH-10 in arrival order and answers AA.
 struct Downstream {

@@ -1,7 +1,7 @@
 //! Power-loss ordering (issue 21): no AA leaves before its message is on stable storage.
 //!
-//! A simulated power cut. The server (this test binary, re-run as a child that serves exactly
-//! what `serve --store` serves: the store glue over an SQLite store) runs under an
+//! A simulated power cut. The server (this test binary, re-run as a child that serves what
+//! `serve --store` serves: `StoreThenAck` over an SQLite store) runs under an
 //! `LD_PRELOAD` shim (`powerloss/shim.c`, compiled here with `cc`) that logs, in order, every
 //! write to the store's files, every fsync/fdatasync that returned, and every reply sent on a
 //! socket (logged before it is sent). Clients send messages until the child is SIGKILLed.
@@ -30,12 +30,8 @@ use std::time::{Duration, Instant};
 
 use mllp_reactor::ack::AckCode;
 use mllp_reactor::{Client, ClientConfig, Server};
-use mllp_store::{SqliteBackend, SqliteOptions, Store, StoreConfig};
-
-// The serve glue itself, so the child serves exactly what `serve` serves.
-#[allow(dead_code, unreachable_pub)]
-#[path = "../src/store_glue.rs"]
-mod store_glue;
+use mllp_store::{SqliteBackend, SqliteOptions, Store, StoreConfig, StoreThenAck};
+use mllp_test_support::TempDir;
 
 /// Bound on every wait for the child (start-up, replies).
 const WAIT: Duration = Duration::from_secs(30);
@@ -60,7 +56,7 @@ fn powerloss_child_server() {
     options.unsafe_synchronous_normal_for_tests =
         std::env::var(CHILD_NORMAL).is_ok_and(|v| v == "1");
     let store = Arc::new(Store::open_sqlite(store, &options, StoreConfig::default()).unwrap());
-    let server = Server::builder(store_glue::store_handler(Arc::clone(&store)))
+    let server = Server::builder(StoreThenAck::new(Arc::clone(&store)))
         .bind("127.0.0.1:0")
         .unwrap();
     {
@@ -143,7 +139,7 @@ impl Run {
     fn start(name: &str, normal: bool) -> Option<Self> {
         let dir = TempDir::new(name);
         let shim = build_shim(&dir)?;
-        let data = dir.0.join("data");
+        let data = dir.join("data");
         std::fs::create_dir_all(&data).unwrap();
         let store = data.join("store.db");
         drop(SqliteBackend::open(&store, &SqliteOptions::default()).unwrap());
@@ -152,7 +148,7 @@ impl Run {
             "a WAL outlived the close"
         );
         let snapshot = std::fs::read(&store).unwrap();
-        let log_path = dir.0.join("log.bin");
+        let log_path = dir.join("log.bin");
 
         let mut child = ChildServer(
             Command::new(std::env::current_exe().unwrap())
@@ -227,7 +223,7 @@ impl Run {
     /// Rebuilds the store files as of their last sync within `records`, opens the copy with
     /// SQLite (which recovers the WAL) and returns its control ids.
     fn rebuild_and_read(&self, records: &[Record<'_>], n: usize) -> HashSet<String> {
-        let out = self.dir.0.join(format!("cut-{n}"));
+        let out = self.dir.join(format!("cut-{n}"));
         std::fs::create_dir_all(&out).unwrap();
         let mut names: Vec<(u32, String)> = Vec::new();
         for r in records.iter().filter(|r| r.kind == b'N') {
@@ -377,7 +373,7 @@ fn message(control_id: &str) -> Vec<u8> {
 /// `CI=true`, where that fails the test.
 fn build_shim(dir: &TempDir) -> Option<PathBuf> {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/powerloss/shim.c");
-    let out = dir.0.join("shim.so");
+    let out = dir.join("shim.so");
     let status = Command::new("cc")
         .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o"])
         .arg(&out)
@@ -425,24 +421,5 @@ impl Drop for ChildServer {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-/// A directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("mllp-powerloss-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

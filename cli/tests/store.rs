@@ -11,7 +11,7 @@ use std::ffi::OsStr;
 use std::hash::{BuildHasher, RandomState};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,17 +21,13 @@ use std::time::{Duration, Instant};
 use mllp_reactor::ack::AckCode;
 use mllp_reactor::{Client, ClientConfig, Server};
 use mllp_store::fault::{FaultSwitch, FaultyBackend};
-use mllp_store::{SqliteBackend, SqliteOptions, Store, StoreConfig};
+use mllp_store::{SqliteBackend, SqliteOptions, Store, StoreConfig, StoreThenAck};
+use mllp_test_support::TempDir;
 use serde_json::Value;
 
 // The same tests against PostgreSQL (each starts its own server).
 #[path = "store/postgres.rs"]
 mod postgres;
-
-// The serve glue itself, so the in-process test runs exactly what `serve` runs.
-#[allow(dead_code)]
-#[path = "../src/store_glue.rs"]
-mod store_glue;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mllp-reactor");
 /// MSA-3 of an AE for a failed store under the default policy: no store details go to senders.
@@ -54,29 +50,6 @@ const CRASH_BUDGET: Duration = Duration::from_secs(20);
 const CRASH_MIN_ROUNDS: usize = 2;
 const CRASH_MAX_ROUNDS: usize = 20;
 const CONNECTIONS: usize = 16;
-
-/// A directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("mllp-cli-store-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A `serve` child process; SIGKILLed on drop.
 struct ServeProcess {
@@ -315,7 +288,7 @@ fn a_failing_store_answers_ae_never_aa_and_service_resumes() {
         .unwrap(),
     );
     let failures = Failures::default();
-    let server = Server::builder(store_glue::store_handler(Arc::clone(&store)))
+    let server = Server::builder(StoreThenAck::new(Arc::clone(&store)))
         .dispatch(mllp_reactor::Dispatch::Inline)
         .observer(failures.clone())
         .bind("127.0.0.1:0")

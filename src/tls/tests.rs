@@ -2,8 +2,8 @@
 //! reactor does (edge-triggered, read until WouldBlock, flush when `wants_write`), plus
 //! configuration errors, the client side, `openssl s_client` and the fuzz corpus.
 //!
-//! Certificates and `openssl s_client` come from `tests/support.rs` (rcgen, generated once per test binary); the server
-//! from `tests/server.rs`.
+//! Certificates and `openssl s_client` come from `mllp_test_support::tls` (rcgen, generated
+//! once per test binary); the server from `tests/server.rs`.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -15,16 +15,16 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConnection, StreamOwned};
 
+use mllp_test_support::TempDir;
+use mllp_test_support::tls::{self as support, Leaf, pki, rustls_client, s_client};
+
 use self::server::TestServer;
-use self::support::{Leaf, TempDir, pki, rustls_client, s_client};
 use super::*;
 use crate::codec::{FrameDecoder, encode_frame};
 use crate::{Client, ClientConfig, ack};
 
 #[path = "tests/server.rs"]
 mod server;
-#[path = "tests/support.rs"]
-mod support;
 
 /// Every blocking socket call in these tests gives up after this long.
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
@@ -397,7 +397,7 @@ fn a_bad_reload_keeps_the_old_configuration() {
 fn reload_rereads_the_files() {
     let pki = pki();
     let dir = TempDir::new("reload");
-    let (cert, key) = (dir.path("cert.pem"), dir.path("key.pem"));
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&cert, &pki.server.cert).unwrap();
     std::fs::write(&key, &pki.server.key).unwrap();
     let acceptor = TlsAcceptor::new(TlsConfig::from_files(&cert, &key)).unwrap();

@@ -12,7 +12,7 @@
 //! and the existing `Builder::handshake_timeout`, `Builder::allow(AllowList)` and the
 //! `handshake_timeout` and `not_allowed` reasons.
 //!
-//! Certificates and `openssl s_client` come from `src/tls/tests/support.rs`, shared with the
+//! Certificates and `openssl s_client` come from `mllp_test_support::tls`, shared with the
 //! unit tests.
 
 use std::io::{Read, Write};
@@ -30,10 +30,7 @@ use rustls::pki_types::ServerName;
 
 use crate::support::{Event, Recorded, WAIT, frame, message, start, start_at};
 
-#[path = "../../src/tls/tests/support.rs"]
-mod certs;
-
-use certs::{Leaf, pki, rustls_client, s_client};
+use mllp_test_support::tls::{Leaf, pki, rustls_client, s_client};
 
 fn server_tls(leaf: &Leaf) -> TlsAcceptor {
     TlsAcceptor::new(TlsConfig::from_pem(leaf.cert.as_str(), leaf.key.as_str())).unwrap()

@@ -1,14 +1,9 @@
-//! Support for the TLS tests: certificates (generated with rcgen once per test binary), a
-//! rustls client configuration, `openssl s_client`, temporary directories. Shared by the unit
-//! tests (`src/tls/tests.rs`) and the server-level tests (`tests/it/tls.rs`, which includes
-//! this file by path).
-
-// Each includer uses a different subset of these helpers.
-#![allow(dead_code)]
+//! Support for the TLS tests (feature `tls`): certificates (generated with rcgen once per test
+//! binary), a rustls client configuration, `openssl s_client`. Shared by the core's unit tests
+//! (`src/tls/tests.rs`) and its server-level tests (`tests/it/tls.rs`).
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
@@ -21,29 +16,42 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::TempDir;
+
 /// A certificate and its key, as PEM, and the certificate's DER.
-#[derive(Clone)]
-pub(crate) struct Leaf {
-    pub(crate) cert: String,
-    pub(crate) key: String,
-    pub(crate) der: Vec<u8>,
+#[derive(Clone, Debug)]
+pub struct Leaf {
+    /// The certificate, PEM.
+    pub cert: String,
+    /// Its private key, PEM (PKCS#8).
+    pub key: String,
+    /// The certificate, DER.
+    pub der: Vec<u8>,
 }
 
 /// A test CA with server and client certificates, and a second CA nobody trusts.
-pub(crate) struct Pki {
-    pub(crate) ca: String,
-    pub(crate) server: Leaf,
+#[derive(Debug)]
+pub struct Pki {
+    /// The test CA's certificate, PEM.
+    pub ca: String,
+    /// A server certificate (`localhost`, 127.0.0.1, ::1) from the test CA.
+    pub server: Leaf,
     /// Same CA, other subject: for reload tests.
-    pub(crate) server_b: Leaf,
-    pub(crate) client: Leaf,
-    pub(crate) other_ca: String,
-    pub(crate) other_client: Leaf,
-    pub(crate) expired: Leaf,
-    pub(crate) not_yet_valid: Leaf,
+    pub server_b: Leaf,
+    /// A client certificate from the test CA (DNS, IP and e-mail SANs).
+    pub client: Leaf,
+    /// The CA nobody trusts, PEM.
+    pub other_ca: String,
+    /// A client certificate from the untrusted CA.
+    pub other_client: Leaf,
+    /// A server certificate that expired in 2001.
+    pub expired: Leaf,
+    /// A server certificate valid only from 2200.
+    pub not_yet_valid: Leaf,
 }
 
 /// The certificates, generated on first use.
-pub(crate) fn pki() -> &'static Pki {
+pub fn pki() -> &'static Pki {
     static PKI: OnceLock<Pki> = OnceLock::new();
     PKI.get_or_init(|| {
         let test_ca = ca("Test CA");
@@ -79,7 +87,12 @@ pub(crate) fn pki() -> &'static Pki {
     })
 }
 
-pub(crate) fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+/// A self-signed CA named `name`.
+///
+/// # Panics
+///
+/// If rcgen fails.
+pub fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
     let mut params = CertificateParams::default();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.distinguished_name.push(DnType::CommonName, name);
@@ -91,7 +104,8 @@ pub(crate) fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
     CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
 }
 
-pub(crate) fn params(cn: &str, sans: Vec<SanType>, client: bool) -> CertificateParams {
+/// Parameters of a leaf certificate: common name `cn`, `sans`, for client or server auth.
+pub fn params(cn: &str, sans: Vec<SanType>, client: bool) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.distinguished_name.push(DnType::CommonName, cn);
     params.subject_alt_names = sans;
@@ -103,7 +117,12 @@ pub(crate) fn params(cn: &str, sans: Vec<SanType>, client: bool) -> CertificateP
     params
 }
 
-pub(crate) fn sign(params: CertificateParams, issuer: &CertifiedIssuer<'static, KeyPair>) -> Leaf {
+/// Signs `params` with `issuer` under a fresh key.
+///
+/// # Panics
+///
+/// If rcgen fails.
+pub fn sign(params: CertificateParams, issuer: &CertifiedIssuer<'static, KeyPair>) -> Leaf {
     let key = KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, issuer).unwrap();
     Leaf {
@@ -115,7 +134,7 @@ pub(crate) fn sign(params: CertificateParams, issuer: &CertifiedIssuer<'static, 
 
 /// A rustls client configuration (ring) trusting the test CA, offering `versions`, presenting
 /// `identity` if given.
-pub(crate) fn rustls_client(
+pub fn rustls_client(
     versions: &[&'static rustls::SupportedProtocolVersion],
     identity: Option<&Leaf>,
 ) -> Arc<rustls::ClientConfig> {
@@ -146,7 +165,7 @@ pub(crate) fn rustls_client(
 /// # Panics
 ///
 /// If s_client has not finished within `timeout` (it is killed first).
-pub(crate) fn s_client(
+pub fn s_client(
     addr: SocketAddr,
     identity: Option<&Leaf>,
     extra: &[&str],
@@ -157,8 +176,8 @@ pub(crate) fn s_client(
         eprintln!("skipped: openssl not found on PATH");
         return None;
     }
-    let dir = TempDir::new("s_client");
-    let ca = dir.path("ca.pem");
+    let dir = TempDir::new("tls-s_client");
+    let ca = dir.join("ca.pem");
     std::fs::write(&ca, &pki().ca).unwrap();
     let mut command = Command::new("openssl");
     command
@@ -173,7 +192,7 @@ pub(crate) fn s_client(
         .arg(&ca)
         .args(extra);
     if let Some(leaf) = identity {
-        let (cert, key) = (dir.path("client.pem"), dir.path("client.key"));
+        let (cert, key) = (dir.join("client.pem"), dir.join("client.key"));
         std::fs::write(&cert, &leaf.cert).unwrap();
         std::fs::write(&key, &leaf.key).unwrap();
         command.arg("-cert").arg(cert).arg("-key").arg(key);
@@ -196,28 +215,5 @@ pub(crate) fn s_client(
             let _ = Command::new("kill").arg(pid.to_string()).status();
             panic!("openssl s_client did not finish within {timeout:?}");
         }
-    }
-}
-
-/// A directory removed on drop.
-pub(crate) struct TempDir(PathBuf);
-
-impl TempDir {
-    pub(crate) fn new(tag: &str) -> Self {
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("mllp-tls-{tag}-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-
-    pub(crate) fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
