@@ -8,22 +8,22 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Output, Stdio};
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Command, Output};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use mllp_reactor::ack::{self, AckCode};
-use mllp_reactor::msh::Msh;
+use mllp_reactor::ack::AckCode;
 use mllp_reactor::{Client, ClientConfig};
 use mllp_store::forward::LaneKey;
 use serde_json::Value;
 
 // A private PostgreSQL for the two-node test.
 use mllp_test_support::TempDir;
+use mllp_test_support::downstream::{Downstream, always_accept};
 use mllp_test_support::pg;
+use mllp_test_support::process::ServeProcess;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mllp-reactor");
 /// Bound on every wait: far above what a passing run needs.
@@ -34,150 +34,27 @@ const CRASH_MIN_ROUNDS: usize = 3;
 const LANES: u16 = 2;
 const SENDERS: usize = 4;
 
+/// Starts `serve --store store ARGS` (warnings only) on a free port.
+#[track_caller]
+fn start_serve(store: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> ServeProcess {
+    let mut command = Command::new(BIN);
+    command
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "warn",
+            "--store",
+        ])
+        .arg(store)
+        .args(args);
+    ServeProcess::start(command, WAIT)
+}
+
 /// A downstream that records every message's MSH-10 in arrival order and answers AA.
-struct Downstream {
-    addr: SocketAddr,
-    log: Arc<(Mutex<Vec<String>>, Condvar)>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Downstream {
-    fn start_on(listener: TcpListener) -> Self {
-        let addr = listener.local_addr().unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let log: Arc<(Mutex<Vec<String>>, Condvar)> = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (log2, stop2) = (Arc::clone(&log), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            while !stop2.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let (log, stop) = (Arc::clone(&log2), Arc::clone(&stop2));
-                        std::thread::spawn(move || answer(stream, &log, &stop));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
-                }
-            }
-        });
-        Self { addr, log, stop }
-    }
-
-    #[track_caller]
-    fn wait_until(&self, what: &str, done: impl Fn(&[String]) -> bool) -> Vec<String> {
-        let deadline = Instant::now() + WAIT;
-        let mut log = self.log.0.lock().unwrap();
-        while !done(&log) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "timed out waiting for {what}; got {} messages",
-                log.len()
-            );
-            log = self.log.1.wait_timeout(log, left).unwrap().0;
-        }
-        log.clone()
-    }
-}
-
-impl Drop for Downstream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-}
-
-fn answer(mut stream: TcpStream, log: &(Mutex<Vec<String>>, Condvar), stop: &AtomicBool) {
-    stream
-        .set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 16384];
-    while !stop.load(Ordering::SeqCst) {
-        match stream.read(&mut chunk) {
-            Ok(0) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue;
-            }
-            Err(_) => return,
-        }
-        while let Some(end) = buf.windows(2).position(|w| w == [0x1c, 0x0d]) {
-            let frame: Vec<u8> = buf.drain(..end + 2).collect();
-            let message = &frame[1..frame.len() - 2];
-            let id = Msh::parse(message)
-                .ok()
-                .and_then(|m| {
-                    m.control_id()
-                        .map(|c| String::from_utf8_lossy(c).into_owned())
-                })
-                .unwrap_or_default();
-            log.0.lock().unwrap().push(id);
-            log.1.notify_all();
-            let mut framed = vec![0x0b];
-            framed.extend_from_slice(&ack::accept(message));
-            framed.extend_from_slice(&[0x1c, 0x0d]);
-            if stream.write_all(&framed).is_err() {
-                return;
-            }
-        }
-    }
-}
-
-/// A `serve` child process; SIGKILLed on drop.
-struct ServeProcess {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl ServeProcess {
-    #[track_caller]
-    fn start(store: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--log-level",
-                "warn",
-                "--store",
-            ])
-            .arg(store)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn mllp-reactor serve");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines.next().expect("serve printed nothing").unwrap();
-        let addr = first
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("first line {first:?}"))
-            .parse()
-            .unwrap();
-        // Keep the pipe drained.
-        std::thread::spawn(move || for _ in lines {});
-        Self { child, addr }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for ServeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn downstream(listener: TcpListener) -> Downstream {
+    Downstream::start_on(listener, always_accept()).bounded_by(WAIT)
 }
 
 fn client(addr: SocketAddr) -> Client {
@@ -260,7 +137,7 @@ fn check_order(stored: &[(i64, String, u16)], received: &[String], lanes: u16) -
 fn crash_test_every_acked_message_reaches_the_downstream_in_order_per_lane() {
     let dir = TempDir::new("crash");
     let store = dir.join("crash.db");
-    let downstream = Downstream::start_on(TcpListener::bind("127.0.0.1:0").unwrap());
+    let downstream = downstream(TcpListener::bind("127.0.0.1:0").unwrap());
     let forward = format!("ds={}", downstream.addr);
     let lanes = LANES.to_string();
     let args = [
@@ -275,7 +152,7 @@ fn crash_test_every_acked_message_reaches_the_downstream_in_order_per_lane() {
     let mut acked_all: Vec<String> = Vec::new();
     let mut kills = 0usize;
     while kills < CRASH_MIN_ROUNDS || started.elapsed() < CRASH_BUDGET {
-        let server = ServeProcess::start(&store, &args);
+        let server = start_serve(&store, &args);
         let addr = server.addr;
         let count = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -320,7 +197,7 @@ fn crash_test_every_acked_message_reaches_the_downstream_in_order_per_lane() {
         }
     }
     // One last start without load: the backlog drains.
-    let server = ServeProcess::start(&store, &args);
+    let server = start_serve(&store, &args);
     let stored = stored(&store);
     let want: HashSet<&str> = stored.iter().map(|(_, c, _)| c.as_str()).collect();
     for id in &acked_all {
@@ -366,7 +243,7 @@ fn a_down_downstream_grows_the_backlog_on_disk_not_in_memory_and_drains_in_order
     let port_addr = reserved.local_addr().unwrap();
     drop(reserved);
     let forward = format!("ds={port_addr}");
-    let server = ServeProcess::start(
+    let server = start_serve(
         &store,
         &[
             "--forward",
@@ -421,7 +298,7 @@ fn a_down_downstream_grows_the_backlog_on_disk_not_in_memory_and_drains_in_order
     assert!(line.contains(&(8 * PER_SENDER).to_string()), "{text}");
     assert!(line.contains("refused"), "{text}");
 
-    let downstream = Downstream::start_on(TcpListener::bind(port_addr).unwrap());
+    let downstream = downstream(TcpListener::bind(port_addr).unwrap());
     let stored = stored(&store);
     let received = downstream.wait_until("the backlog", |log| log.len() >= stored.len());
     assert_eq!(check_order(&stored, &received, 1), 0);
@@ -471,7 +348,7 @@ fn usage_errors_and_requeue_of_an_unknown_id() {
     );
 
     // A store that was never forwarded from.
-    let server = ServeProcess::start(&store, &[]);
+    let server = start_serve(&store, &[]);
     server.kill();
     let out = run(&["forward", "status", store.to_str().unwrap()]);
     assert!(out.status.success());
@@ -499,14 +376,14 @@ fn pg_two_nodes_one_deliverer_per_lane_and_takeover_after_a_kill() {
         return;
     };
     let url = cluster.create_db("forward");
-    let downstream = Downstream::start_on(TcpListener::bind("127.0.0.1:0").unwrap());
+    let downstream = downstream(TcpListener::bind("127.0.0.1:0").unwrap());
     let forward = format!("ds={}", downstream.addr);
     let lanes = LANES.to_string();
     let args = ["--forward", &forward, "--forward-lanes", &lanes];
-    let first = ServeProcess::start(&url, &args);
+    let first = start_serve(&url, &args);
     // The first node's lanes hold the locks before the second starts.
     std::thread::sleep(Duration::from_millis(300));
-    let second = ServeProcess::start(&url, &args);
+    let second = start_serve(&url, &args);
     let send = |addr: SocketAddr, prefix: &'static str, n: usize| {
         std::thread::spawn(move || {
             let mut client = client(addr);

@@ -9,13 +9,11 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::hash::{BuildHasher, RandomState};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use mllp_reactor::ack::AckCode;
@@ -23,6 +21,7 @@ use mllp_reactor::{Client, ClientConfig, Server};
 use mllp_store::fault::{FaultSwitch, FaultyBackend};
 use mllp_store::{SqliteBackend, SqliteOptions, Store, StoreConfig, StoreThenAck};
 use mllp_test_support::TempDir;
+use mllp_test_support::process::ServeProcess;
 use serde_json::Value;
 
 // The same tests against PostgreSQL (each starts its own server).
@@ -51,14 +50,14 @@ const CRASH_MIN_ROUNDS: usize = 2;
 const CRASH_MAX_ROUNDS: usize = 20;
 const CONNECTIONS: usize = 16;
 
-/// A `serve` child process; SIGKILLed on drop.
-struct ServeProcess {
-    child: Child,
+/// `serve --store` as a child process, with the store it reports; SIGKILLed on drop.
+struct StoreServe {
+    process: ServeProcess,
     addr: SocketAddr,
     stored_to: String,
 }
 
-impl ServeProcess {
+impl StoreServe {
     /// Starts `serve --store store` on a free port; waits for its two start-up lines.
     #[track_caller]
     fn start(store: impl AsRef<OsStr>) -> Self {
@@ -68,58 +67,27 @@ impl ServeProcess {
     /// As [`start`](Self::start), with more `serve` arguments.
     #[track_caller]
     fn start_with(store: impl AsRef<OsStr>, args: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .args(["serve", "--listen", "127.0.0.1:0", "--store"])
             .arg(store)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn mllp-reactor serve");
-        let lines = read_lines(child.stdout.take().unwrap());
-        let first = lines.recv_timeout(WAIT).expect("serve printed nothing");
-        let addr = first
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("first line {first:?}"))
-            .parse()
-            .unwrap();
-        let second = lines.recv_timeout(WAIT).expect("no second line");
+            .args(args);
+        let process = ServeProcess::start(command, WAIT);
+        let second = process.next_line(WAIT);
         let stored_to = second
             .strip_prefix("storing to ")
             .unwrap_or_else(|| panic!("second line {second:?}"))
             .to_owned();
         Self {
-            child,
-            addr,
+            addr: process.addr,
+            process,
             stored_to,
         }
     }
 
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
+    fn kill(self) {
+        self.process.kill();
     }
-}
-
-impl Drop for ServeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Forwards the lines of `out` to a channel from a thread (which also keeps the pipe drained).
-fn read_lines(out: impl std::io::Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 fn client(addr: SocketAddr) -> Client {
@@ -187,7 +155,7 @@ fn crash_loop(store: &OsStr, budget: Duration) {
     let mut round = 0;
     let mut acked_total = 0;
     while round < CRASH_MAX_ROUNDS && (round < CRASH_MIN_ROUNDS || started.elapsed() < budget) {
-        let server = ServeProcess::start(store);
+        let server = StoreServe::start(store);
         let addr = server.addr;
         let acked_count = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -231,7 +199,7 @@ fn crash_loop(store: &OsStr, budget: Duration) {
             senders.into_iter().map(|t| t.join().unwrap()).collect();
 
         // Restart on the same file: it serves, and export (while it runs) has every AA'd one.
-        let server = ServeProcess::start(store);
+        let server = StoreServe::start(store);
         let probe = format!("probe{round}");
         let ack = client(server.addr).send(&message(&probe)).unwrap();
         assert_eq!(ack.code, AckCode::AA);
@@ -348,7 +316,7 @@ fn a_failing_store_answers_ae_never_aa_and_service_resumes() {
 fn export_keeps_per_connection_order_and_flags_resends() {
     let dir = TempDir::new("order");
     let store = dir.join("order.db");
-    let server = ServeProcess::start(&store);
+    let server = StoreServe::start(&store);
     assert!(
         server.stored_to.ends_with("order.db"),
         "{}",
@@ -406,7 +374,7 @@ fn export_keeps_per_connection_order_and_flags_resends() {
 fn export_formats_since_and_one_line_errors() {
     let dir = TempDir::new("export");
     let store = dir.join("e.db");
-    let server = ServeProcess::start(&store);
+    let server = StoreServe::start(&store);
     let mut c = client(server.addr);
     for id in ["x1", "x2"] {
         assert_eq!(c.send(&message(id)).unwrap().code, AckCode::AA);
@@ -499,8 +467,8 @@ fn a_store_file_that_cannot_grow_answers_ae_and_recovers() {
     };
     let dir = TempDir::new("fsize");
     let store = dir.join("f.db");
-    let server = ServeProcess::start(&store);
-    let pid = server.child.id();
+    let server = StoreServe::start(&store);
+    let pid = server.process.pid();
     let Some((soft, hard)) = limits(pid) else {
         eprintln!("skipped: prlimit (util-linux) is not available");
         return;

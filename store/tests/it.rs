@@ -6,8 +6,6 @@ mod util;
 
 #[path = "it/checkpoint.rs"]
 mod checkpoint;
-#[path = "it/downstream.rs"]
-mod downstream;
 #[path = "it/duplicates.rs"]
 mod duplicates;
 #[path = "it/export.rs"]

@@ -1,14 +1,18 @@
 //! Test helpers shared by the workspace's crates (dev-only, never published): a private
 //! PostgreSQL cluster ([`pg`]), a real HAProxy on the committed template ([`haproxy`]), test
-//! certificates and TLS clients (`tls`, feature `tls`), temporary directories ([`TempDir`]),
+//! certificates and TLS clients (`tls`, feature `tls`), a scripted downstream MLLP system
+//! (`downstream`, feature `downstream`), `serve` child processes ([`process`]), temporary directories ([`TempDir`]),
 //! and the rule for a missing tool ([`unavailable`]). One crate instead of `#[path]` includes
 //! across crates and test binaries.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+#[cfg(feature = "downstream")]
+pub mod downstream;
 pub mod haproxy;
 pub mod pg;
+pub mod process;
 #[cfg(feature = "tls")]
 pub mod tls;
 

@@ -11,7 +11,7 @@ use mllp_reactor::ack::AckCode;
 use serde_json::Value;
 
 use super::{
-    ServeProcess, WAIT, client, crash_loop, export_cmd, export_jsonl, message, one_error_line,
+    StoreServe, WAIT, client, crash_loop, export_cmd, export_jsonl, message, one_error_line,
 };
 
 use mllp_test_support::pg as cluster;
@@ -40,7 +40,7 @@ const RESTARTING: u8 = 2;
 fn pg_stopped_under_load_no_aa_while_down_and_service_resumes() {
     let Some(pg) = PgCluster::start() else { return };
     let url = pg.create_db("down");
-    let server = ServeProcess::start(&url);
+    let server = StoreServe::start(&url);
     assert!(
         server.stored_to.contains("synchronous_commit=on"),
         "{}",
@@ -146,7 +146,7 @@ fn pg_stopped_under_load_no_aa_while_down_and_service_resumes() {
 fn pg_serve_and_export_by_url_with_one_line_errors() {
     let Some(pg) = PgCluster::start() else { return };
     let url = pg.create_db("cli");
-    let server = ServeProcess::start(&url);
+    let server = StoreServe::start(&url);
     assert_eq!(server.stored_to, format!("{url} (synchronous_commit=on)"));
     let mut c = client(server.addr);
     for id in ["x1", "x2", "x1"] {
@@ -199,7 +199,7 @@ fn pg_serve_and_export_by_url_with_one_line_errors() {
         .unwrap();
     let err = one_error_line(&out);
     assert!(err.contains("synchronous_commit=off"), "{err}");
-    let server = ServeProcess::start_with(&empty, &["--allow-async-commit"]);
+    let server = StoreServe::start_with(&empty, &["--allow-async-commit"]);
     assert!(
         server.stored_to.ends_with("(synchronous_commit=off)"),
         "{}",

@@ -13,8 +13,8 @@ use mllp_store::forward::{
     requeue_sqlite, status_sqlite,
 };
 use mllp_store::{Record, SqliteOptions, Store, StoreConfig};
+use mllp_test_support::downstream::{Answer, Downstream, Script};
 
-use crate::downstream::{Answer, Downstream, Script};
 use crate::util::{TempDir, WAIT, origin};
 
 /// Fast retries, so that the tests take milliseconds per retry.

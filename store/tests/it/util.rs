@@ -2,8 +2,7 @@
 //! gated backend that holds the writer inside a commit until the test lets it go.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, SystemTime};
 
@@ -14,34 +13,7 @@ use mllp_store::{Backend, Origin, Record, SqliteOptions, StoreError, StoreOutcom
 /// Upper bound for every wait on the writer: far above what a passing test needs.
 pub(crate) const WAIT: Duration = Duration::from_secs(20);
 
-/// A directory under the system temp dir, removed on drop.
-pub(crate) struct TempDir(PathBuf);
-
-impl TempDir {
-    pub(crate) fn new(name: &str) -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("mllp-store-test-{}-{n}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    pub(crate) fn path(&self) -> &Path {
-        &self.0
-    }
-
-    pub(crate) fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub(crate) use mllp_test_support::TempDir;
 
 /// A v2.5 message from `app`/`facility` with MSH-10 `control_id`.
 pub(crate) fn message_from(app: &str, facility: &str, control_id: &str) -> Bytes {

@@ -1,6 +1,6 @@
-//! A downstream MLLP system written for the forwarding tests: it records every message it
-//! receives (its MSH-10, in arrival order) and answers as a script says, per control id and
-//! per time that id was seen.
+//! A downstream MLLP system written for the forwarding tests (feature `downstream`): it
+//! records every message it receives (its MSH-10, in arrival order) and answers as a script
+//! says, per control id and per time that id was seen. Loopback only; every wait is bounded.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use mllp_reactor::ack::{self, AckCode};
 use mllp_reactor::msh::Msh;
 
-use crate::util::WAIT;
+/// Default bound on [`Downstream::wait_until`]: far above what a passing test needs.
+pub const WAIT: Duration = Duration::from_secs(20);
 
 /// How the downstream answers one message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Answer {
+pub enum Answer {
     /// An ACK with this code and the right MSA-2.
     Ack(AckCode),
     /// Bytes that are not an ACK.
@@ -29,21 +30,46 @@ pub(crate) enum Answer {
 }
 
 /// The script: (control id, how many times seen before this one) → answer.
-pub(crate) type Script = Arc<dyn Fn(&str, usize) -> Answer + Send + Sync>;
+pub type Script = Arc<dyn Fn(&str, usize) -> Answer + Send + Sync>;
 
-pub(crate) struct Downstream {
-    pub(crate) addr: SocketAddr,
+/// Answers every message with an AA.
+pub fn always_accept() -> Script {
+    Arc::new(|_, _| Answer::Ack(AckCode::AA))
+}
+
+/// The downstream: a thread per connection; stops accepting and answering on drop.
+pub struct Downstream {
+    /// Where it listens.
+    pub addr: SocketAddr,
     log: Arc<(Mutex<Vec<String>>, Condvar)>,
     stop: Arc<AtomicBool>,
+    wait: Duration,
+}
+
+impl std::fmt::Debug for Downstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Downstream")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Downstream {
     /// Starts on a free loopback port.
-    pub(crate) fn start(script: Script) -> Self {
+    ///
+    /// # Panics
+    ///
+    /// If it cannot bind.
+    pub fn start(script: Script) -> Self {
         Self::start_on(TcpListener::bind("127.0.0.1:0").unwrap(), script)
     }
 
-    pub(crate) fn start_on(listener: TcpListener, script: Script) -> Self {
+    /// Starts on `listener` (for a downstream that comes back on the same port).
+    ///
+    /// # Panics
+    ///
+    /// If the listener cannot be made non-blocking.
+    pub fn start_on(listener: TcpListener, script: Script) -> Self {
         let addr = listener.local_addr().unwrap();
         listener.set_nonblocking(true).unwrap();
         let log: Arc<(Mutex<Vec<String>>, Condvar)> = Arc::default();
@@ -61,30 +87,55 @@ impl Downstream {
                 }
             }
         });
-        Self { addr, log, stop }
+        Self {
+            addr,
+            log,
+            stop,
+            wait: WAIT,
+        }
+    }
+
+    /// Bounds [`wait_until`](Self::wait_until) by `wait` instead of [`WAIT`].
+    #[must_use]
+    pub fn bounded_by(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
     }
 
     /// Everything received so far (control ids, arrival order).
-    pub(crate) fn received(&self) -> Vec<String> {
+    pub fn received(&self) -> Vec<String> {
         self.log.0.lock().unwrap().clone()
     }
 
-    /// Waits (bounded by WAIT) until `done` holds for the log; returns the log.
+    /// Waits (bounded by [`WAIT`] or [`bounded_by`](Self::bounded_by)) until `done` holds
+    /// for the log; returns the log.
+    ///
+    /// # Panics
+    ///
+    /// If `done` does not hold in time.
     #[track_caller]
-    pub(crate) fn wait_until(&self, what: &str, done: impl Fn(&[String]) -> bool) -> Vec<String> {
-        let deadline = Instant::now() + WAIT;
+    pub fn wait_until(&self, what: &str, done: impl Fn(&[String]) -> bool) -> Vec<String> {
+        let deadline = Instant::now() + self.wait;
         let mut log = self.log.0.lock().unwrap();
         while !done(&log) {
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "timed out waiting for {what}; got {log:?}");
+            assert!(
+                !left.is_zero(),
+                "timed out waiting for {what}; got {} messages: {log:?}",
+                log.len()
+            );
             log = self.log.1.wait_timeout(log, left).unwrap().0;
         }
         log.clone()
     }
 
     /// Waits until `id` arrived `n` times.
+    ///
+    /// # Panics
+    ///
+    /// If it does not in time.
     #[track_caller]
-    pub(crate) fn wait_count(&self, id: &str, n: usize) -> Vec<String> {
+    pub fn wait_count(&self, id: &str, n: usize) -> Vec<String> {
         self.wait_until(&format!("{id} x{n}"), |log| {
             log.iter().filter(|x| *x == id).count() >= n
         })
