@@ -14,8 +14,12 @@ mod export;
 mod forward;
 #[path = "it/health.rs"]
 mod health;
+// Against a real PostgreSQL that each test starts for itself.
 #[path = "it/open.rs"]
 mod open;
+#[cfg(feature = "postgres")]
+#[path = "it/pg.rs"]
+mod pg;
 #[path = "it/retention.rs"]
 mod retention;
 #[path = "it/then_ack.rs"]

@@ -1,5 +1,5 @@
 //! The PostgreSQL backend against a real PostgreSQL 15 that each test starts for itself
-//! (`pg/mod.rs`): commits and ids, export identical to SQLite's, duplicates across two
+//! (`mllp_test_support::pg`): commits and ids, export identical to SQLite's, duplicates across two
 //! connections (two nodes), racing nodes, schema creation and versioning, the
 //! `synchronous_commit` check, and a database that goes away and comes back.
 //!
@@ -9,10 +9,6 @@
 use mllp_test_support::pg as cluster;
 #[path = "pg/cut_proxy.rs"]
 mod cut_proxy;
-// The SQLite tests' helpers: the same messages and origins.
-#[allow(dead_code)]
-#[path = "it/util.rs"]
-mod util;
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -24,9 +20,9 @@ use mllp_store::{
     SqliteBackend, SqliteOptions, Store, StoreConfig, StoreError, StoreOutcome,
 };
 
+use crate::util::{self, TempDir, WAIT, message, message_from, origin};
 use cluster::PgCluster;
 use cut_proxy::CutProxy;
-use util::{TempDir, WAIT, message, message_from, origin};
 
 fn options() -> PostgresOptions {
     PostgresOptions::default()
