@@ -7,16 +7,16 @@
 //! `deploy/haproxy.cfg` and `serve --proxy-protocol`; where one is missing the test prints
 //! why and passes. Loopback only; every wait is bounded.
 
+use mllp_test_support::process::ServeProcess;
 use mllp_test_support::{haproxy, pg};
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use mllp_reactor::ack::AckCode;
@@ -31,53 +31,23 @@ const BIN: &str = env!("CARGO_BIN_EXE_mllp-reactor");
 const WAIT: Duration = Duration::from_secs(30);
 const SENDERS: usize = 8;
 
-/// A `serve --proxy-protocol v2 --store URL` node, killed on drop.
-struct Node {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Node {
-    #[track_caller]
-    fn start(store: &str) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--proxy-protocol", "v2"])
-            .args(["--proxy-source", "127.0.0.0/8"])
-            .args(["--store", store])
-            // Main's serve logs every connection at info: only warnings and errors here.
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("serve starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let line = rx.recv_timeout(WAIT).expect("serve prints its address");
-        let addr = line
-            .strip_prefix("listening on ")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line from serve: {line:?}"));
-        let stored = rx.recv_timeout(WAIT).expect("serve prints its store");
-        assert!(stored.starts_with("storing to postgres://"), "{stored}");
-        // The reader thread keeps draining stdout, so the node never blocks on a full pipe.
-        Self { child, addr }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts a `serve --proxy-protocol v2 --store URL` node (killed on drop) and checks that it
+/// stores to PostgreSQL.
+#[track_caller]
+fn start_node(store: &str) -> ServeProcess {
+    let mut command = Command::new(BIN);
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--proxy-protocol", "v2"])
+        .args(["--proxy-source", "127.0.0.0/8"])
+        .args(["--store", store])
+        // Main's serve logs every connection at info: only warnings and errors here.
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    // The reader thread keeps draining stdout, so the node never blocks on a full pipe.
+    let node = ServeProcess::start(command, WAIT);
+    let stored = node.next_line(WAIT);
+    assert!(stored.starts_with("storing to postgres://"), "{stored}");
+    node
 }
 
 /// Whether this build's `serve` takes `--proxy-protocol` (the reactor work on main).
@@ -212,8 +182,8 @@ fn two_nodes_behind_haproxy_share_one_postgres_store_and_lose_nothing() {
     }
     let Some(db) = PgCluster::start() else { return };
     let url = db.create_db("nodes");
-    let mut node1 = Node::start(&url);
-    let node2 = Node::start(&url);
+    let node1 = start_node(&url);
+    let node2 = start_node(&url);
     let mut proxy = Haproxy::start(&binary, "127.0.0.1", [node1.addr, node2.addr]);
     proxy.wait_status("node1", "UP");
     proxy.wait_status("node2", "UP");
@@ -259,8 +229,7 @@ fn two_nodes_behind_haproxy_share_one_postgres_store_and_lose_nothing() {
         }
     };
     wait_acked(200);
-    node1.child.kill().expect("SIGKILL node1");
-    node1.child.wait().expect("node1 reaped");
+    node1.kill();
     proxy.wait_status("node1", "DOWN");
     let at_kill = acked.load(Ordering::SeqCst);
     wait_acked(at_kill + 200);
