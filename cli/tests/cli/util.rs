@@ -1,7 +1,7 @@
 //! Running the binary: [`run`] for commands that end by themselves, [`Serve`] for a server
 //! child that is stopped with SIGTERM, and in-process servers for `send` and `bench` to talk to.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -10,6 +10,7 @@ use std::thread;
 use std::time::Duration;
 
 use mllp_reactor::{Handler, Server, ServerHandle};
+use mllp_test_support::process::read_lines;
 
 /// How long a server child gets to print `listening on`, and any command to finish.
 pub(crate) const WAIT: Duration = Duration::from_secs(30);
@@ -106,15 +107,7 @@ impl Serve {
             .stderr(Stdio::piped());
         let mut child = command.spawn().expect("the binary starts");
         let stdout = child.stdout.take().expect("piped");
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = read_lines(stdout);
         let mut serve = Self {
             child: Some(child),
             addr: "0.0.0.0:0".parse().expect("valid"),
