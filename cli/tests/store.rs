@@ -157,11 +157,12 @@ fn crash_loop(store: &OsStr, budget: Duration) {
     while round < CRASH_MAX_ROUNDS && (round < CRASH_MIN_ROUNDS || started.elapsed() < budget) {
         let server = StoreServe::start(store);
         let addr = server.addr;
-        let acked_count = Arc::new(AtomicU64::new(0));
+        // How many senders have had their first AA.
+        let started = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let senders: Vec<_> = (0..CONNECTIONS)
             .map(|c| {
-                let (acked_count, stop) = (Arc::clone(&acked_count), Arc::clone(&stop));
+                let (started, stop) = (Arc::clone(&started), Arc::clone(&stop));
                 std::thread::spawn(move || {
                     let mut client = client(addr);
                     let mut acked = Vec::new();
@@ -175,7 +176,9 @@ fn crash_loop(store: &OsStr, budget: Duration) {
                             Ok(ack) => {
                                 assert_eq!(ack.code, AckCode::AA, "{id}: {:?}", ack.text);
                                 acked.push((id, msg));
-                                acked_count.fetch_add(1, Ordering::Relaxed);
+                                if acked.len() == 1 {
+                                    started.fetch_add(1, Ordering::Relaxed);
+                                }
                             }
                             // The server was killed: this message may or may not be stored.
                             Err(_) => break,
@@ -185,9 +188,10 @@ fn crash_loop(store: &OsStr, budget: Duration) {
                 })
             })
             .collect();
-        // Let every connection get going, then kill at a random moment.
+        // Let every connection get going (an AA on each: a sender that has not connected yet
+        // would find the server gone), then kill at a random moment.
         let deadline = Instant::now() + WAIT;
-        while acked_count.load(Ordering::Relaxed) < CONNECTIONS as u64 {
+        while started.load(Ordering::Relaxed) < CONNECTIONS as u64 {
             assert!(Instant::now() < deadline, "no ACKs from the server");
             std::thread::sleep(Duration::from_millis(5));
         }
