@@ -105,6 +105,7 @@ mod completion;
 mod connection;
 mod error;
 mod handler;
+mod heartbeat;
 pub mod msh;
 mod pool;
 pub mod proxy;
@@ -124,6 +125,7 @@ pub use error::{CloseReason, ConfigError, Error, ExceptionReason};
 pub use handler::{
     ConnectionId, Context, Dispatch, Handler, HandlerError, HandlerFn, Reply, handler_fn,
 };
+pub use heartbeat::{HEARTBEAT_INTERVAL, Heartbeat};
 pub use server::{
     Builder, DEFAULT_FRAME_TIMEOUT, DEFAULT_HANDLER_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_INLINE_SLOW_THRESHOLD, DEFAULT_MAX_CONNECTIONS,

@@ -27,6 +27,7 @@ use crate::completion::{Completion, CompletionSink, Notifier, lock};
 use crate::connection::{Connection, Dispatched, Event, Limits, deadline_after};
 use crate::error::CloseReason;
 use crate::handler::{ConnectionId, Context, Dispatch, Handler};
+use crate::heartbeat::HEARTBEAT_INTERVAL;
 use crate::pool::{Job, Pool, call};
 use crate::proxy::ProxyMode;
 use crate::server::ShutdownReport;
@@ -209,6 +210,7 @@ impl Loop {
                 return Err(e);
             }
             let now = Instant::now();
+            self.r.shared.heartbeat.beat(usize::from(self.r.index), now);
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(now),
@@ -251,7 +253,7 @@ impl Loop {
         if !self.pending.is_empty() {
             return Some(Duration::ZERO);
         }
-        [
+        let next = [
             self.wheel.next_deadline(),
             self.accept_retry_at,
             self.drain.as_ref().map(|d| d.deadline),
@@ -259,7 +261,9 @@ impl Loop {
         .into_iter()
         .flatten()
         .min()
-        .map(|t| t.saturating_duration_since(now))
+        .map_or(HEARTBEAT_INTERVAL, |t| t.saturating_duration_since(now));
+        // An idle reactor still wakes to stamp its heartbeat.
+        Some(next.min(HEARTBEAT_INTERVAL))
     }
 
     fn accept(&mut self, now: Instant) {

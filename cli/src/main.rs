@@ -4,10 +4,12 @@
 mod addr;
 mod config;
 mod export;
+mod health;
 mod loadgen;
 mod logging;
 mod prometheus;
 mod retention;
+mod search;
 mod send;
 mod serve;
 mod store_glue;
@@ -58,6 +60,9 @@ enum Command {
     Export(ExportArgs),
     /// Remove messages older than a period from a store now (works while serve runs).
     Prune(retention::PruneArgs),
+    /// Find stored messages by control id, sender, type, patient, time or status (works
+    /// while serve runs).
+    Search(search::SearchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -146,6 +151,8 @@ struct ServeArgs {
     allow_async_commit: bool,
     #[command(flatten)]
     retention: retention::RetainArgs,
+    #[command(flatten)]
+    health: health::HealthArgs,
 }
 
 #[derive(Debug, Args)]
@@ -269,6 +276,7 @@ fn main() -> ExitCode {
             store: (!args.no_store).then_some(args.store),
             allow_async_commit: args.allow_async_commit,
             retention: args.retention,
+            health: args.health,
         }),
         Command::Send(args) => {
             let opts = send::SendOptions {
@@ -294,6 +302,7 @@ fn main() -> ExitCode {
             format: args.format,
         }),
         Command::Prune(args) => retention::prune(&args),
+        Command::Search(args) => search::search(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -166,7 +166,7 @@ fn parse_retain(text: &str) -> Result<Retain, String> {
 }
 
 /// A duration that may also be given in days (`30d`).
-fn parse_period(text: &str) -> Result<Duration, String> {
+pub fn parse_period(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     match text.strip_suffix('d') {
         Some(days) => {

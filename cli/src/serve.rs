@@ -50,6 +50,8 @@ pub struct ServeOptions {
     pub allow_async_commit: bool,
     /// `--retain`, `--retain-size`.
     pub retention: crate::retention::RetainArgs,
+    /// `--health`, `--min-free-disk`.
+    pub health: crate::health::HealthArgs,
 }
 
 /// `--proxy-protocol`: which PROXY header versions to accept.
@@ -88,12 +90,14 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         DispatchArg::Inline => mllp_reactor::DEFAULT_MAX_IN_FLIGHT_INLINE,
         DispatchArg::Pool => mllp_reactor::DEFAULT_MAX_IN_FLIGHT_POOL,
     });
-    let mut pruner = None;
+    let mut gate = None;
+    let mut disk = None;
     let (store, storing_to) = match &opts.store {
         Some(spec) => {
             let config = store_config(opts, max_in_flight);
-            let (store, shown, gate) = open_store(spec, opts.allow_async_commit, config)?;
-            pruner = crate::retention::start_pruner(spec, gate, &opts.retention)?;
+            let (store, shown, writer_gate) = open_store(spec, opts.allow_async_commit, config)?;
+            gate = writer_gate;
+            disk = crate::health::watch_disk(spec, &opts.health, &store)?;
             (Some(Arc::new(store)), Some(shown))
         }
         None if opts.allow_async_commit => {
@@ -171,6 +175,19 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
             }
         });
     }
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let health = match &opts.health.health {
+        Some(addr) => Some(crate::health::start(
+            addr,
+            crate::health::Sources {
+                reactors: server.heartbeat(),
+                store: store.as_ref().map(|s| s.health()),
+                disk: disk.clone(),
+                draining: Arc::clone(&draining),
+            },
+        )?),
+        None => None,
+    };
     println!("listening on {}", server.local_addr());
     if let Some(line) = &storing_to {
         println!("{line}");
@@ -178,7 +195,15 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
     if let Some(addr) = &prometheus {
         println!("metrics on http://{addr}/metrics");
     }
+    if let Some(addr) = &health {
+        println!("health on http://{addr}/healthz and /readyz");
+    }
     let _ = std::io::stdout().flush();
+    // After binding: a server that cannot start has nothing to prune.
+    let pruner = match &opts.store {
+        Some(spec) => crate::retention::start_pruner(spec, gate, &opts.retention)?,
+        None => None,
+    };
     tracing::info!(
         target: "mllp::server",
         listen = %server.local_addr(),
@@ -207,6 +232,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
                 "SIGTERM"
             };
             tracing::info!(target: "mllp::server", signal, grace = %grace, "draining");
+            draining.store(true, std::sync::atomic::Ordering::Relaxed);
             trigger.shutdown(grace.value);
         }
     });
@@ -224,6 +250,9 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         report.closed, report.forced
     );
     drop(pruner);
+    if let Some(disk) = disk {
+        disk.stop();
+    }
     if let Some(store) = store {
         store
             .close(opts.grace.value)

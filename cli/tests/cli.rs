@@ -16,5 +16,7 @@ mod send;
 mod serve;
 #[path = "cli/store_admin.rs"]
 mod store_admin;
+#[path = "support/tmpfs.rs"]
+mod tmpfs;
 #[path = "cli/util.rs"]
 mod util;

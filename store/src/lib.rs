@@ -159,13 +159,16 @@
 #![doc(test(attr(deny(warnings))))]
 
 mod backend;
+pub mod disk;
 mod error;
 pub mod export;
 pub mod fault;
+pub mod health;
 #[cfg(feature = "postgres")]
 pub mod postgresql;
 mod record;
 pub mod retention;
+pub mod search;
 pub mod sqlite;
 pub mod telemetry;
 mod writer;

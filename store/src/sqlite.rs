@@ -17,12 +17,20 @@
 //!     control_id          TEXT,                                -- MSH-10
 //!     size                INTEGER NOT NULL,
 //!     duplicate_of        INTEGER REFERENCES messages (id),
-//!     payload             BLOB NOT NULL                        -- the exact bytes
+//!     payload             BLOB NOT NULL,                       -- the exact bytes
+//!     patient_id          TEXT                                 -- PID-3.1, raw (search)
 //! );
 //! CREATE INDEX messages_original ON messages
 //!     (control_id, sending_application, sending_facility, received_at_us)
 //!     WHERE duplicate_of IS NULL AND control_id IS NOT NULL;
+//! CREATE INDEX messages_control_id ON messages (control_id) WHERE control_id IS NOT NULL;
+//! CREATE INDEX messages_patient ON messages (patient_id) WHERE patient_id IS NOT NULL;
 //! ```
+//!
+//! `patient_id` and the last two indexes (for [`search`](crate::search)) are added by the
+//! first writer that opens a store created before them; the version stays 1, since older
+//! builds read and write such a store unchanged. New stores use `auto_vacuum=INCREMENTAL`
+//! ([`retention`](crate::retention) gives freed pages back).
 //!
 //! MSH fields are TEXT so that ad-hoc SQL reads naturally (`WHERE control_id = '42'`); bytes
 //! that are not UTF-8 are stored lossily there (the payload column is always exact).
@@ -86,11 +94,23 @@ CREATE TABLE messages (
     control_id          TEXT,
     size                INTEGER NOT NULL,
     duplicate_of        INTEGER REFERENCES messages (id),
-    payload             BLOB NOT NULL
+    payload             BLOB NOT NULL,
+    patient_id          TEXT
 );
 CREATE INDEX messages_original ON messages
     (control_id, sending_application, sending_facility, received_at_us)
     WHERE duplicate_of IS NULL AND control_id IS NOT NULL;
+";
+
+/// The search columns and indexes (`crate::search`), added to stores created before them when
+/// a writer opens them: an added column is NULL in the rows already there (they are not
+/// back-filled), so `search --patient` finds the messages stored from then on. Additive only,
+/// so the schema version stays 1 and older builds still read and write such a store.
+const SEARCH_SCHEMA: &str = "
+CREATE INDEX IF NOT EXISTS messages_control_id ON messages (control_id)
+    WHERE control_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_patient ON messages (patient_id)
+    WHERE patient_id IS NOT NULL;
 ";
 
 /// `IS` compares NULL with NULL as equal: a message without MSH-3 matches another without it.
@@ -106,8 +126,9 @@ ORDER BY received_at_us, id LIMIT 1";
 
 const INSERT: &str = "
 INSERT INTO messages (received_at_us, peer, local, connection_id, sequence,
-    sending_application, sending_facility, message_type, control_id, size, duplicate_of, payload)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+    sending_application, sending_facility, message_type, control_id, size, duplicate_of, payload,
+    patient_id)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
 
 const READ_AFTER: &str = "
 SELECT id, received_at_us, peer, local, connection_id, sequence, sending_application,
@@ -254,6 +275,12 @@ impl SqliteBackend {
         &self.path
     }
 
+    /// The open connection, for this crate's other readers (search, retention statistics).
+    pub(crate) fn into_connection(mut self) -> Result<Connection, StoreError> {
+        self.connection()?;
+        Ok(self.conn.take().expect("connection was just opened"))
+    }
+
     /// The gate this backend holds while it commits: give it to a
     /// [`Pruner`](crate::retention::Pruner) of the same file so that the two take turns
     /// without SQLite's sleeping busy handler.
@@ -327,21 +354,7 @@ impl Backend for SqliteBackend {
             let mut page = Vec::new();
             let mut bytes = 0usize;
             while let Some(row) = rows.next()? {
-                let record = StoredRecord {
-                    id: row.get(0)?,
-                    received_at_us: row.get(1)?,
-                    peer: row.get(2)?,
-                    local: row.get(3)?,
-                    connection_id: row.get::<_, i64>(4)? as u64,
-                    sequence: row.get::<_, i64>(5)? as u64,
-                    sending_application: row.get(6)?,
-                    sending_facility: row.get(7)?,
-                    message_type: row.get(8)?,
-                    control_id: row.get(9)?,
-                    size: row.get::<_, i64>(10)? as u64,
-                    duplicate_of: row.get(11)?,
-                    payload: row.get(12)?,
-                };
+                let record = stored_record(row)?;
                 bytes = bytes.saturating_add(record.payload.len());
                 page.push(record);
                 if bytes >= max_bytes {
@@ -388,6 +401,29 @@ impl Backend for SqliteBackend {
     }
 }
 
+/// The columns [`stored_record`] reads, in its order.
+pub(crate) const RECORD_COLUMNS: &str = "id, received_at_us, peer, local, connection_id, sequence, \
+    sending_application, sending_facility, message_type, control_id, size, duplicate_of, payload";
+
+/// A row of [`RECORD_COLUMNS`] as a record.
+pub(crate) fn stored_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredRecord> {
+    Ok(StoredRecord {
+        id: row.get(0)?,
+        received_at_us: row.get(1)?,
+        peer: row.get(2)?,
+        local: row.get(3)?,
+        connection_id: row.get::<_, i64>(4)? as u64,
+        sequence: row.get::<_, i64>(5)? as u64,
+        sending_application: row.get(6)?,
+        sending_facility: row.get(7)?,
+        message_type: row.get(8)?,
+        control_id: row.get(9)?,
+        size: row.get::<_, i64>(10)? as u64,
+        duplicate_of: row.get(11)?,
+        payload: row.get(12)?,
+    })
+}
+
 /// Inserts `batch` in one IMMEDIATE transaction (the write lock is taken up front, so waiting
 /// for it is bounded by the busy timeout and never ends in a deadlock error mid-batch).
 fn insert_batch(
@@ -428,6 +464,7 @@ fn insert_batch(
                 i64::try_from(record.size()).unwrap_or(i64::MAX),
                 duplicate_of,
                 &record.payload[..],
+                text(header.patient_id),
             ])?;
             outcomes.push(StoreOutcome::new(tx.last_insert_rowid(), duplicate_of));
         }
@@ -499,6 +536,7 @@ pub(crate) fn open_connection(
         }
     }
     if writable {
+        add_search_schema(&conn).map_err(classify)?;
         set_wal(&conn, path)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(classify)?;
@@ -514,6 +552,19 @@ pub(crate) fn open_connection(
         }
     }
     Ok(conn)
+}
+
+/// Adds the search column and indexes ([`SEARCH_SCHEMA`]) where they are missing.
+fn add_search_schema(conn: &Connection) -> rusqlite::Result<()> {
+    let has_column: bool = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('messages') WHERE name = 'patient_id'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has_column {
+        conn.execute_batch("ALTER TABLE messages ADD COLUMN patient_id TEXT")?;
+    }
+    conn.execute_batch(SEARCH_SCHEMA)
 }
 
 fn set_wal(conn: &Connection, path: &Path) -> Result<(), StoreError> {

@@ -12,5 +12,7 @@ mod export;
 mod open;
 #[path = "it/retention.rs"]
 mod retention;
+#[path = "it/search.rs"]
+mod search;
 #[path = "it/writer.rs"]
 mod writer;
