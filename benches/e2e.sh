@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
-# End-to-end loopback benchmark: the baseline mio server against mllp-reactor.
+# End-to-end loopback benchmark: a baseline server against mllp-reactor, in the same run.
 #
 # Usage: benches/e2e.sh [SCENARIO...]        (default: all scenarios, in the order below)
+#
+# Two modes (MODE):
+#   ack      (default) ACK-only: the minimal mio server (cli/examples/baseline_server.rs)
+#            against `serve --no-store`.
+#   durable  store, then ACK: the minimal durable server (cli/examples/durable_baseline.rs:
+#            one mio reactor, one group-commit writer, the same schema and duplicate lookup,
+#            SQLite WAL + synchronous=FULL with SQLite's default checkpoints) against `serve`
+#            with its default store. Every run gets a fresh store file ({store} in the commands
+#            below), deleted after the run.
 #
 # Each (scenario, round) starts each server in its own fresh process, runs
 # `mllp-reactor bench` against it, and stops it. Within a scenario the two servers alternate
@@ -17,10 +26,13 @@
 #   ROUNDS=3            rounds per scenario
 #   DURATION=5s         measurement window per run (500ms, 5s, 2m, ...)
 #   WARMUP=1s           warmup per run (verified, not counted)
+#   MODE=ack            ack or durable (see above); picks the defaults of the two commands
 #   OURS_CMD=...        server under test (default: target/release/mllp-reactor serve --no-store --listen
-#                       127.0.0.1:0); run through `bash -c "exec $OURS_CMD"`, so it must exec
-#                       the server itself (its pid is used for RSS and CPU)
-#   BASELINE_CMD=...    default: target/release/examples/baseline_server 127.0.0.1:0
+#                       127.0.0.1:0; MODE=durable: ... serve --store {store} --listen 127.0.0.1:0);
+#                       run through `bash -c "exec $OURS_CMD"`, so it must exec the server itself
+#                       (its pid is used for RSS and CPU). `{store}` becomes a fresh file path.
+#   BASELINE_CMD=...    default: target/release/examples/baseline_server 127.0.0.1:0 (MODE=durable:
+#                       target/release/examples/durable_baseline {store} 127.0.0.1:0)
 #   OURS_BENCH_ARGS=... extra `bench` flags against ours (e.g. --tls-ca FILE); likewise
 #   BASELINE_BENCH_ARGS
 #   RAW=FILE            JSON lines output (default: target/e2e/e2e-<timestamp>.jsonl)
@@ -48,10 +60,25 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
-BASELINE_CMD=${BASELINE_CMD:-target/release/examples/baseline_server 127.0.0.1:0}
+MODE=${MODE:-ack}
+case $MODE in
+    ack)
+        DEFAULT_BASELINE_CMD="target/release/examples/baseline_server 127.0.0.1:0"
+        DEFAULT_OURS_CMD="target/release/mllp-reactor serve --no-store --listen 127.0.0.1:0"
+        ;;
+    durable)
+        DEFAULT_BASELINE_CMD="target/release/examples/durable_baseline {store} 127.0.0.1:0"
+        DEFAULT_OURS_CMD="target/release/mllp-reactor serve --store {store} --listen 127.0.0.1:0"
+        ;;
+    *)
+        echo "e2e: MODE must be ack or durable, got '$MODE'" >&2
+        exit 1
+        ;;
+esac
+BASELINE_CMD=${BASELINE_CMD:-$DEFAULT_BASELINE_CMD}
 OURS_BENCH_ARGS=${OURS_BENCH_ARGS:-}
 BASELINE_BENCH_ARGS=${BASELINE_BENCH_ARGS:-}
-OURS_CMD=${OURS_CMD:-target/release/mllp-reactor serve --no-store --listen 127.0.0.1:0}
+OURS_CMD=${OURS_CMD:-$DEFAULT_OURS_CMD}
 RAW=${RAW:-target/e2e/e2e-$(date +%Y%m%d-%H%M%S).jsonl}
 BENCH=target/release/mllp-reactor
 # Seconds a server gets to print its address.
@@ -190,6 +217,9 @@ attempt() {
         cmd=$OURS_CMD extra=$OURS_BENCH_ARGS
     fi
     pin=$(scenario_pin "$scenario")
+    # A fresh store per run: a store that grew in earlier runs would slow later ones.
+    rm -f "$prefix.db" "$prefix.db-wal" "$prefix.db-shm"
+    cmd=${cmd//\{store\}/$prefix.db}
     start_server "$server" "${pin:+$pin }$cmd" "$prefix"
     pid=$SERVER_PID
     limit=$((WARMUP_SECS + DURATION_SECS + BENCH_SLACK))
@@ -203,6 +233,7 @@ attempt() {
         if ((status == 0)); then status=1; fi
     fi
     stop_server "$pid"
+    rm -f "$prefix.db" "$prefix.db-wal" "$prefix.db-shm"
     if ((status == 0)) && [[ ! -s $prefix.json ]]; then status=1; fi
     return "$status"
 }
@@ -320,6 +351,7 @@ done
 echo "## End-to-end loopback benchmark"
 echo
 echo "- $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $NCPU CPUs, $(nproc --all) online; background load before start: $(awk -v b="$BUSY" 'BEGIN { printf "%.0f%%", b * 100 }') of all CPUs"
+echo "- mode: $MODE"
 echo "- $ROUNDS rounds per scenario, alternating order; warmup $WARMUP, window $DURATION; medians over rounds"
 echo "- pinning: $(if [[ $PIN == auto ]]; then echo "1conn on CPU $PIN_CPU (server and bench), others unpinned"; else echo none; fi)"
 echo "- baseline: \`$BASELINE_CMD\`"

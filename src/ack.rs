@@ -334,8 +334,32 @@ impl<'a> Ack<'a> {
         Bytes::from(out)
     }
 
+    /// Builds the acknowledgment of `message` as [`build`](Self::build) does, and says which
+    /// code it carries: the one asked for, or its reject form (AR, CR) when `message` has no
+    /// usable MSH-10 (see the [module docs](self)). For a caller that logs or counts what it
+    /// sent without reading the bytes back.
+    ///
+    /// ```
+    /// use mllp_reactor::ack::{Ack, AckCode};
+    ///
+    /// let (code, _) = Ack::new(AckCode::AA).build_coded(b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|7|P|2.5\r");
+    /// assert_eq!(code, AckCode::AA);
+    /// let (code, _) = Ack::new(AckCode::AA).build_coded(b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01||P|2.5\r");
+    /// assert_eq!(code, AckCode::AR);
+    /// ```
+    pub fn build_coded(&self, message: &[u8]) -> (AckCode, Bytes) {
+        let mut out = Vec::new();
+        let code = self.emit_into(message, &mut out);
+        (code, Bytes::from(out))
+    }
+
     /// Appends the acknowledgment of `message` to `out`, reserving the exact space first.
     pub fn build_into(&self, message: &[u8], out: &mut Vec<u8>) {
+        self.emit_into(message, out);
+    }
+
+    /// [`build_into`](Self::build_into), returning the code written.
+    fn emit_into(&self, message: &[u8], out: &mut Vec<u8>) -> AckCode {
         let plan = self.plan(message);
         let mut len = Count(0);
         plan.emit(&mut len);
@@ -347,6 +371,7 @@ impl<'a> Ack<'a> {
             len.0,
             "counted and written lengths differ"
         );
+        plan.code
     }
 
     /// Resolves every part of the ACK from `message` and the options.
@@ -832,7 +857,8 @@ fn hl7_timestamp(time: SystemTime) -> [u8; 19] {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
         .min(MAX_TIMESTAMP_SECS);
-    let (year, month, day) = civil_from_days(secs / 86_400);
+    // `secs` is at most MAX_TIMESTAMP_SECS: the days fit an i64 and the year is 1970..=9999.
+    let (year, month, day) = crate::date::civil_from_days((secs / 86_400) as i64);
     let second_of_day = secs % 86_400;
     let mut out = *b"00000000000000+0000";
     let mut put = |at: usize, width: usize, mut value: u64| {
@@ -841,36 +867,13 @@ fn hl7_timestamp(time: SystemTime) -> [u8; 19] {
             value /= 10;
         }
     };
-    put(0, 4, year);
-    put(4, 2, month);
-    put(6, 2, day);
+    put(0, 4, year as u64);
+    put(4, 2, u64::from(month));
+    put(6, 2, u64::from(day));
     put(8, 2, second_of_day / 3600);
     put(10, 2, second_of_day / 60 % 60);
     put(12, 2, second_of_day % 60);
     out
-}
-
-/// Proleptic Gregorian (year, month, day) of `days` after 1970-01-01.
-///
-/// Howard Hinnant's `civil_from_days` (<http://howardhinnant.github.io/date_algorithms.html>),
-/// restricted to non-negative days so it can stay in `u64`: eras of 400 years (146 097 days)
-/// starting on 0000-03-01, so the leap day falls at the end of each computed year.
-pub(crate) fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468; // days since 0000-03-01
-    let era = z / 146_097;
-    let day_of_era = z - era * 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_from_march = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
-    let month = if month_from_march < 10 {
-        month_from_march + 3
-    } else {
-        month_from_march - 9
-    };
-    let year = year_of_era + era * 400 + u64::from(month <= 2);
-    (year, month, day)
 }
 
 #[cfg(test)]

@@ -1,5 +1,4 @@
-//! How a handler's result gets back to the reactor that owns the connection: the raw
-//! [`Outcome`], the per-reactor [`CompletionSink`] (one lock and at most one wake-up per
+//! How a handler's result gets back to the reactor that owns the connection: the per-reactor [`CompletionSink`] (one lock and at most one wake-up per
 //! batch), and the [`ReplyHandle`] a handler uses to answer later, from any thread.
 //!
 //! Nothing here builds a NAK: the connection applies the NAK policy to the raw outcome, so
@@ -7,27 +6,11 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
-use crate::error::ExceptionReason;
-use crate::handler::{ConnectionId, HandlerError, Reply};
-
-/// What became of one handler call, as the handler (or the pool) reported it.
-#[derive(Debug)]
-pub(crate) enum Outcome {
-    /// The handler's reply (never [`Reply::Deferred`]).
-    Reply(Reply),
-    /// The handler call returned [`Reply::Deferred`]: the call is over, its reply comes later
-    /// through a [`ReplyHandle`].
-    Deferred,
-    /// The handler (or its reply handle) failed: an error, a panic, a dropped handle.
-    Failed {
-        reason: ExceptionReason,
-        detail: String,
-    },
-    /// The job's deadline passed before a worker took it: it was not run.
-    Expired,
-}
+use crate::outcome::{ConnectionId, HandlerError, Outcome, Reply, describe};
+use crate::reason::ExceptionReason;
+use crate::sync::lock;
 
 /// A result for message `seq` of connection `id`.
 #[derive(Debug)]
@@ -217,16 +200,4 @@ impl Drop for ReplyHandle {
             });
         }
     }
-}
-
-/// An error's text, even if its `Display` panics (a handler's error type is foreign code).
-pub(crate) fn describe(error: &(dyn std::error::Error + Send + Sync)) -> String {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| error.to_string()))
-        .unwrap_or_else(|_| "handler error (its Display panicked)".to_owned())
-}
-
-/// Locks, ignoring poison: the queue holds plain data that a panicking holder cannot leave
-/// half-updated.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

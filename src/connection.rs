@@ -9,7 +9,7 @@
 //!
 //! The reactor calls, for each connection, in any order that the I/O dictates:
 //! - `handle_read(bytes, now)` with each chunk read (while [`Connection::wants_read`]);
-//!   `handle_eof(now)` when the peer half-closes; `handle_io_error(kind)` when I/O fails;
+//!   `handle_eof()` when the peer half-closes; `handle_io_error(kind)` when I/O fails;
 //! - `poll_dispatch(now)` until it returns `None`, handing each message to the handler;
 //! - `handle_completion(seq, outcome, now)` with each handler result (inline, from the pool,
 //!   or from a [`ReplyHandle`](crate::ReplyHandle));
@@ -52,10 +52,11 @@ use bytes::{Bytes, BytesMut};
 
 use crate::ack::{self, AckCode};
 use crate::codec::{EncodedFrame, FrameDecoder, FrameError};
-use crate::completion::Outcome;
-use crate::error::{CloseReason, ExceptionReason};
-use crate::handler::Reply;
-use crate::telemetry::Handled;
+use crate::outcome::{Outcome, Reply};
+use crate::reason::{CloseReason, ExceptionReason};
+
+mod event;
+pub(crate) use event::{Event, FrameRejection, Handled};
 
 /// Whether failures are answered with a NAK.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -98,47 +99,6 @@ pub(crate) struct Dispatched {
     pub(crate) payload: Bytes,
     pub(crate) received_at: Instant,
     pub(crate) deadline: Instant,
-}
-
-/// Something to report, in the order it happened (telemetry only: the reactor never decides
-/// anything from these).
-#[derive(Debug)]
-pub(crate) enum Event {
-    /// Bytes dropped outside frames.
-    Junk(u64),
-    /// A message is done: its reply (if any) is fully written (the message-stop event).
-    MessageStop {
-        seq: u64,
-        response_size: Option<usize>,
-        received_at: Instant,
-    },
-    /// A message failed (the message-exception event).
-    MessageException {
-        seq: Option<u64>,
-        reason: ExceptionReason,
-        message_size: usize,
-        detail: Option<String>,
-        received_at: Option<Instant>,
-        /// The message's control id as a NAK quotes it (bounded), for logs.
-        control_id: Option<Bytes>,
-    },
-    /// The handler's outcome for a message (or its timeout), for the outcome metric.
-    Handled(Handled),
-    /// A NAK was queued for writing.
-    NakQueued(AckCode),
-    /// A handler outcome arrived for a message that is no longer waiting for it.
-    LateResult,
-    /// A frame was rejected before reaching the handler.
-    FrameRejected(FrameRejection),
-    /// The connection is finished (its reason is [`Connection::close_reason`]).
-    Closed,
-}
-
-/// Why a frame never reached the handler.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum FrameRejection {
-    TooLarge,
-    Timeout,
 }
 
 /// What to do once a slot's reply is out.

@@ -247,8 +247,9 @@ pub(crate) fn unescape(text: &[u8], enc: &Encoding) -> Option<Vec<u8>> {
 }
 
 /// Fuzz target `connection`: drives the connection state machine with operations decoded from
-/// the input, on a virtual clock, as the reactor would (after every operation it dispatches
-/// whatever the connection offers).
+/// the input, on a virtual clock, as the reactor would: after every operation it takes the
+/// connection's events, then dispatches whatever the connection offers, taking the events
+/// again after each dispatch (so a handler timeout is seen before the next call starts).
 ///
 /// The first byte picks the limits: `max_message_size`, the NAK policy (`Send` or `Silent`)
 /// and `max_in_flight` (1 or 4). Each operation is one byte (`op % 8`) plus its argument
@@ -257,39 +258,27 @@ pub(crate) fn unescape(text: &[u8], enc: &Encoding) -> Option<Vec<u8>> {
 /// of input, shutdown, write everything.
 ///
 /// Checks:
-/// - messages are dispatched with sequence numbers 0, 1, 2, …, at most one handler call at a
-///   time and at most `max_in_flight` in flight;
-/// - every written frame answers a message in flight, in sequence order: its reply
-///   (`R<seq>`), its NAK (an error's NAK carries `F<seq>`; a timeout's carries no marker but
-///   must come where that message's answer goes), or the oversize NAK last; with `Silent` no
-///   NAK is ever written;
-/// - no message gets two terminal events (stop or exception), and every reply fully written
-///   gets a stop;
-/// - after `Closed` nothing happens but late results;
-/// - buffered bytes stay within the limits.
+/// - messages are dispatched with sequence numbers 0, 1, 2, …, never after `Closed`, at most
+///   one handler call at a time and at most `max_in_flight` awaiting their outcome;
+/// - every written frame answers a message, in sequence order, among those whose answer is
+///   known: its reply (`R<seq>`, or a prefix of it while the write is cut short), its NAK (an
+///   error's NAK carries `F<seq>`; a timeout's carries no marker but must come where that
+///   message's answer goes), or the oversize NAK last;
+/// - with `Silent`, no NAK is queued;
+/// - no message gets two terminal events (stop or exception), and the message of every
+///   answer written in full has had its terminal event;
+/// - after `Closed`, the only event is a late result, and the connection says it is closed;
+/// - the bytes buffered stay within `max(max_message_size, read_ahead)` plus one read.
 pub fn connection(data: &[u8]) {
-    use std::collections::BTreeMap;
     use std::io::IoSlice;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     use bytes::Bytes;
 
-    use crate::completion::Outcome;
-    use crate::connection::{Connection, Event, Limits, NakPolicy};
-    use crate::error::ExceptionReason;
-    use crate::handler::Reply;
-
-    /// What a message's answer on the wire must be.
-    #[derive(Clone, Copy, Debug, PartialEq)]
-    enum Expect {
-        Reply,
-        /// An error's NAK (carries F<seq>) or a timeout's (no marker).
-        Nak {
-            marked: bool,
-        },
-        Nothing,
-    }
+    use crate::connection::{Connection, Limits, NakPolicy};
+    use crate::outcome::{Outcome, Reply};
+    use crate::reason::ExceptionReason;
 
     let Some((&flags, mut ops)) = data.split_first() else {
         return;
@@ -314,16 +303,11 @@ pub fn connection(data: &[u8]) {
     let mut now = Instant::now();
     let mut conn = Connection::new(Arc::clone(&limits), now);
     let mut out = Vec::new();
-    let mut next_seq = 0u64;
-    let mut calling: Option<u64> = None;
-    // Dispatched messages not yet answered by a completion or timeout.
-    let mut waiting: Vec<u64> = Vec::new();
-    let mut expected: BTreeMap<u64, Expect> = BTreeMap::new();
-    let mut terminal: BTreeMap<u64, u32> = BTreeMap::new();
+    let mut model = ConnectionModel {
+        silent,
+        ..ConnectionModel::default()
+    };
     let mut written: Vec<u8> = Vec::new();
-    let mut closed = false;
-    let mut oversize = false;
-    let mut oversize_nak = false;
     while let Some((&op, rest)) = ops.split_first() {
         ops = rest;
         let arg = ops.first().copied().unwrap_or(0);
@@ -343,10 +327,11 @@ pub fn connection(data: &[u8]) {
             }
             3 => {
                 // Complete the call in progress, or one of the deferred messages.
-                let seq = match calling {
-                    Some(seq) if arg & 1 == 0 || waiting.is_empty() => Some(seq),
-                    _ => waiting
-                        .get(usize::from(arg >> 1) % waiting.len().max(1))
+                let seq = match model.calling {
+                    Some(seq) if arg & 1 == 0 || model.waiting.is_empty() => Some(seq),
+                    _ => model
+                        .waiting
+                        .get(usize::from(arg >> 1) % model.waiting.len().max(1))
                         .copied(),
                 };
                 if let Some(seq) = seq {
@@ -360,10 +345,10 @@ pub fn connection(data: &[u8]) {
                             detail: format!("F{seq}"),
                         },
                         5 => Outcome::Expired,
-                        _ if calling == Some(seq) => Outcome::Deferred,
+                        _ if model.calling == Some(seq) => Outcome::Deferred,
                         _ => Outcome::Reply(Reply::Send(Bytes::from(format!("R{seq}")))),
                     };
-                    if waiting.contains(&seq) && !matches!(outcome, Outcome::Deferred) {
+                    if model.waiting.contains(&seq) && !matches!(outcome, Outcome::Deferred) {
                         let expect = match &outcome {
                             Outcome::Reply(Reply::Send(_) | Reply::SendAndClose(_)) => {
                                 Expect::Reply
@@ -373,11 +358,11 @@ pub fn connection(data: &[u8]) {
                             Outcome::Failed { .. } => Expect::Nak { marked: true },
                             _ => Expect::Nak { marked: false },
                         };
-                        expected.insert(seq, expect);
-                        waiting.retain(|s| *s != seq);
+                        model.expected.insert(seq, expect);
+                        model.waiting.retain(|s| *s != seq);
                     }
-                    if calling == Some(seq) {
-                        calling = None;
+                    if model.calling == Some(seq) {
+                        model.calling = None;
                     }
                     conn.handle_completion(seq, outcome, now, &mut out);
                 }
@@ -401,94 +386,154 @@ pub fn connection(data: &[u8]) {
             5 => conn.handle_eof(&mut out),
             _ => conn.handle_shutdown(&mut out),
         }
-        // The reactor dispatches whatever the connection offers after every input.
+        // The reactor applies the events, then dispatches whatever the connection offers.
+        model.apply(out.drain(..));
         while let Some(d) = conn.poll_dispatch(now, &mut out) {
-            assert!(!closed, "dispatch after close");
-            assert_eq!(calling, None, "two handler calls at once");
-            assert_eq!(d.seq, next_seq, "sequence numbers in order");
             assert!(d.payload.len() <= limits.max_message_size);
-            next_seq += 1;
-            calling = Some(d.seq);
-            waiting.push(d.seq);
-            assert!(waiting.len() <= limits.max_in_flight, "too many in flight");
+            model.dispatched(d.seq, limits.max_in_flight);
+            model.apply(out.drain(..));
         }
+        model.apply(out.drain(..));
         if conn.wants_shutdown_write() {
             conn.handle_write_shutdown();
         }
-        for event in out.drain(..) {
-            // A completion may still arrive for a closed connection; nothing else may happen.
-            assert!(
-                !closed || matches!(event, Event::LateResult),
-                "event after close: {event:?}"
-            );
-            match event {
-                Event::MessageStop { seq, .. } | Event::MessageException { seq: Some(seq), .. } => {
-                    *terminal.entry(seq).or_default() += 1;
-                    assert_eq!(terminal[&seq], 1, "two terminal events for message {seq}");
-                    if let Event::MessageException {
-                        reason: ExceptionReason::HandlerTimeout,
-                        ..
-                    } = event
-                    {
-                        expected.insert(
-                            seq,
-                            if silent {
-                                Expect::Nothing
-                            } else {
-                                Expect::Nak { marked: false }
-                            },
-                        );
-                        waiting.retain(|s| *s != seq);
-                        if calling == Some(seq) {
-                            calling = None; // abandoned
-                        }
-                    }
-                }
-                Event::FrameRejected(crate::connection::FrameRejection::TooLarge) => {
-                    oversize = true;
-                }
-                Event::NakQueued(_) => {
-                    assert!(!silent, "a NAK under the Silent policy");
-                    oversize_nak |= oversize;
-                }
-                Event::Closed => closed = true,
-                _ => {}
-            }
-        }
-        // Written frames answer, in order, the messages whose answers are known.
-        let mut frames = written.split(|b| *b == 0x0b).skip(1).peekable();
-        let mut answers = expected.iter().filter(|(_, e)| **e != Expect::Nothing);
-        while let Some(frame) = frames.next() {
-            let complete = frame.ends_with(b"\x1c\x0d");
-            let body = frame.strip_suffix(b"\x1c\x0d").unwrap_or(frame);
-            match answers.next() {
-                Some((seq, Expect::Reply)) => {
-                    let want = format!("R{seq}");
-                    let prefix_ok = want.as_bytes().starts_with(body) || body == want.as_bytes();
-                    assert!(prefix_ok, "frame {body:?} is not message {seq}'s reply");
-                }
-                Some((seq, Expect::Nak { marked })) => {
-                    if complete && *marked {
-                        let mark = format!("F{seq}");
-                        assert!(
-                            body.windows(mark.len()).any(|w| w == mark.as_bytes()),
-                            "NAK for message {seq} lacks its marker"
-                        );
-                    }
-                }
-                Some((_, Expect::Nothing)) => unreachable!("filtered"),
-                None => assert!(
-                    oversize_nak && frames.peek().is_none(),
-                    "a frame that answers no message"
-                ),
-            }
-        }
-        assert_eq!(closed, conn.is_closed());
+        model.check_written(&written);
+        assert_eq!(model.closed, conn.is_closed());
         let bound = limits.max_message_size.max(limits.read_ahead) + 64 + 1;
         assert!(
             conn.buffered_len() <= bound,
             "buffers {} > {bound}",
             conn.buffered_len()
         );
+    }
+}
+
+/// What a message's answer on the wire must be.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Expect {
+    Reply,
+    /// An error's NAK (carries F<seq>) or a timeout's (no marker).
+    Nak {
+        marked: bool,
+    },
+    Nothing,
+}
+
+/// What the `connection` fuzz target knows of the messages, from the calls it made and the
+/// events it was given.
+#[derive(Default)]
+struct ConnectionModel {
+    silent: bool,
+    next_seq: u64,
+    /// The message whose handler call is in progress.
+    calling: Option<u64>,
+    /// Dispatched messages not yet answered by a completion or timeout.
+    waiting: Vec<u64>,
+    /// The answer each answered message must get on the wire.
+    expected: std::collections::BTreeMap<u64, Expect>,
+    /// Terminal events (stop or exception) per message.
+    terminal: std::collections::BTreeMap<u64, u32>,
+    closed: bool,
+    oversize: bool,
+    oversize_nak: bool,
+}
+
+impl ConnectionModel {
+    fn dispatched(&mut self, seq: u64, max_in_flight: usize) {
+        assert!(!self.closed, "dispatch after close");
+        assert_eq!(self.calling, None, "two handler calls at once");
+        assert_eq!(seq, self.next_seq, "sequence numbers in order");
+        self.next_seq += 1;
+        self.calling = Some(seq);
+        self.waiting.push(seq);
+        assert!(self.waiting.len() <= max_in_flight, "too many in flight");
+    }
+
+    fn apply(&mut self, events: impl Iterator<Item = crate::connection::Event>) {
+        use crate::connection::{Event, FrameRejection};
+        use crate::reason::ExceptionReason;
+        for event in events {
+            // A completion may still arrive for a closed connection; nothing else may happen.
+            assert!(
+                !self.closed || matches!(event, Event::LateResult),
+                "event after close: {event:?}"
+            );
+            match event {
+                Event::MessageStop { seq, .. } | Event::MessageException { seq: Some(seq), .. } => {
+                    let count = self.terminal.entry(seq).or_default();
+                    *count += 1;
+                    assert_eq!(*count, 1, "two terminal events for message {seq}");
+                    if let Event::MessageException {
+                        reason: ExceptionReason::HandlerTimeout,
+                        ..
+                    } = event
+                    {
+                        let expect = if self.silent {
+                            Expect::Nothing
+                        } else {
+                            Expect::Nak { marked: false }
+                        };
+                        self.expected.insert(seq, expect);
+                        self.waiting.retain(|s| *s != seq);
+                        if self.calling == Some(seq) {
+                            self.calling = None; // abandoned
+                        }
+                    }
+                }
+                Event::FrameRejected(FrameRejection::TooLarge) => self.oversize = true,
+                Event::NakQueued(_) => {
+                    assert!(!self.silent, "a NAK under the Silent policy");
+                    self.oversize_nak |= self.oversize;
+                }
+                Event::Closed => self.closed = true,
+                _ => {}
+            }
+        }
+    }
+
+    /// Written frames answer, in order, the messages whose answers are known.
+    fn check_written(&self, written: &[u8]) {
+        let mut frames = written.split(|b| *b == 0x0b).skip(1).peekable();
+        let mut answers = self.expected.iter().filter(|(_, e)| **e != Expect::Nothing);
+        while let Some(frame) = frames.next() {
+            let complete = frame.ends_with(b"\x1c\x0d");
+            // A write may stop anywhere, between the 0x1C and the 0x0D too.
+            let body = frame.strip_suffix(b"\x1c\x0d").unwrap_or(frame);
+            let body = body.strip_suffix(b"\x1c").unwrap_or(body);
+            match answers.next() {
+                Some((seq, expect)) => {
+                    match expect {
+                        Expect::Reply => {
+                            let want = format!("R{seq}");
+                            assert!(
+                                want.as_bytes().starts_with(body),
+                                "frame {body:?} is not message {seq}'s reply"
+                            );
+                        }
+                        Expect::Nak { marked } => {
+                            if complete && *marked {
+                                let mark = format!("F{seq}");
+                                assert!(
+                                    body.windows(mark.len()).any(|w| w == mark.as_bytes()),
+                                    "NAK for message {seq} lacks its marker"
+                                );
+                            }
+                        }
+                        Expect::Nothing => unreachable!("filtered"),
+                    }
+                    if complete {
+                        assert_eq!(
+                            self.terminal.get(seq),
+                            Some(&1),
+                            "message {seq}'s answer is written but it has no terminal event"
+                        );
+                    }
+                }
+                None => assert!(
+                    self.oversize_nak && frames.peek().is_none(),
+                    "a frame that answers no message"
+                ),
+            }
+        }
     }
 }

@@ -14,12 +14,16 @@
 use std::cell::Cell;
 use std::fmt;
 use std::net::SocketAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 
 use crate::completion::{CompletionSink, ReplyHandle};
+use crate::limits::{DEFAULT_MAX_IN_FLIGHT_INLINE, DEFAULT_MAX_IN_FLIGHT_POOL};
+use crate::outcome::{ConnectionId, HandlerError, Outcome, Reply, describe};
+use crate::reason::ExceptionReason;
 
 /// Where the handler runs. See [`Builder::dispatch`](crate::Builder::dispatch).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -30,20 +34,33 @@ pub enum Dispatch {
     ///
     /// **An inline handler that blocks stalls every connection of its reactor** for as long as
     /// it blocks: reads, writes, timers, other connections' replies. Each call is timed
-    /// (`mllp_inline_handler_seconds`), and calls longer than the builder's
+    /// (`mllp_handler_duration_seconds`), and calls longer than the builder's
     /// `inline_slow_threshold` are counted in `mllp_inline_handler_slow_total`. A panic is
     /// caught and answered like a handler error. The handler deadline cannot interrupt an
     /// inline call; it applies to deferred replies.
     Inline,
     /// On a worker thread of the server's pool: for handlers that may block (I/O, locks,
-    /// slow computation). The default.
+    /// slow computation). The default. The pool's threads exist only in this mode.
     #[default]
     Pool,
 }
 
-/// The error type a handler returns: any error, boxed. Its `Display` text goes into the AE NAK
-/// (MSA-3 and ERR) and into the message-exception event.
-pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+impl Dispatch {
+    /// The `max_in_flight` a server uses with this dispatch when the builder sets none:
+    /// [`DEFAULT_MAX_IN_FLIGHT_INLINE`](crate::DEFAULT_MAX_IN_FLIGHT_INLINE) or
+    /// [`DEFAULT_MAX_IN_FLIGHT_POOL`](crate::DEFAULT_MAX_IN_FLIGHT_POOL). For code that sizes
+    /// something by it (a store's queue) without copying the rule.
+    ///
+    /// ```
+    /// assert_eq!(mllp_reactor::Dispatch::Pool.default_max_in_flight(), 1);
+    /// ```
+    pub fn default_max_in_flight(self) -> usize {
+        match self {
+            Self::Inline => DEFAULT_MAX_IN_FLIGHT_INLINE,
+            Self::Pool => DEFAULT_MAX_IN_FLIGHT_POOL,
+        }
+    }
+}
 
 /// Application code that turns one HL7 message into a reply.
 ///
@@ -113,50 +130,10 @@ where
     HandlerFn(f)
 }
 
-/// What the handler wants done after a message.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Reply {
-    /// Frame and send these bytes (usually an ACK), then keep the connection open.
-    Send(Bytes),
-    /// Frame and send these bytes, then close the connection.
-    SendAndClose(Bytes),
-    /// Send nothing; the message counts as handled (not as an error).
-    NoReply,
-    /// Send nothing and close the connection.
-    Close,
-    /// The reply comes later, through the [`ReplyHandle`] from [`Context::defer`]. Returned
-    /// without a handle taken, it counts as a handler failure.
-    ///
-    /// While a deferred reply is pending, the connection may read and hand over its next
-    /// messages (up to the builder's `max_in_flight`); their replies still leave in order.
-    Deferred,
-}
-
-/// Identifies one connection of one server for its whole life, across all its reactors: the
-/// index names the reactor and its slab slot; slots are reused, so the generation makes the id
-/// unique (2³² connections per slot).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnectionId {
-    pub(crate) index: u32,
-    pub(crate) generation: u32,
-}
-
-impl ConnectionId {
-    /// The id as one number, unique among this server's connections.
-    pub fn as_u64(self) -> u64 {
-        (u64::from(self.generation) << 32) | u64::from(self.index)
-    }
-}
-
-impl fmt::Display for ConnectionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.index, self.generation)
-    }
-}
-
 /// Where a message came from, given to the handler with it.
-#[derive(Clone)]
+///
+/// Not `Clone`: it hands out the message's one [`ReplyHandle`] ([`defer`](Self::defer)), and a
+/// copy could hand out a second.
 pub struct Context {
     pub(crate) peer: SocketAddr,
     pub(crate) local: SocketAddr,
@@ -169,8 +146,7 @@ pub struct Context {
     /// Set once [`defer`](Self::defer) handed out the message's handle.
     pub(crate) deferred: Cell<bool>,
     /// The verified client certificate (mutual TLS).
-    #[cfg(feature = "tls")]
-    pub(crate) identity: Option<Arc<crate::tls::PeerIdentity>>,
+    pub(crate) identity: Option<Arc<crate::identity::PeerIdentity>>,
 }
 
 impl fmt::Debug for Context {
@@ -186,9 +162,8 @@ impl fmt::Debug for Context {
 
 impl Context {
     /// The verified client certificate's identity (subject CN, SANs, SHA-256 fingerprint of
-    /// the leaf) when the connection uses mutual TLS (feature `tls`).
-    #[cfg(feature = "tls")]
-    pub fn peer_identity(&self) -> Option<&crate::tls::PeerIdentity> {
+    /// the leaf) when the connection uses mutual TLS (feature `tls`; always `None` without it).
+    pub fn peer_identity(&self) -> Option<&crate::identity::PeerIdentity> {
         self.identity.as_deref()
     }
 
@@ -234,5 +209,31 @@ impl Context {
     /// When the message's last byte was read (wall clock).
     pub fn received_time(&self) -> SystemTime {
         self.received_time
+    }
+}
+
+/// Calls the handler, catching a panic; returns the raw outcome (the connection builds any
+/// NAK). `Reply::Deferred` without a handle taken is a failure: nothing could ever answer.
+pub(crate) fn call(handler: &dyn Handler, payload: &Bytes, cx: &Context) -> Outcome {
+    match catch_unwind(AssertUnwindSafe(|| handler.handle(payload, cx))) {
+        Ok(Ok(Reply::Deferred)) if !cx.deferred.get() => Outcome::Failed {
+            reason: ExceptionReason::HandlerError,
+            detail: "the handler returned Reply::Deferred without calling Context::defer"
+                .to_owned(),
+        },
+        Ok(Ok(Reply::Deferred)) => Outcome::Deferred,
+        Ok(Ok(reply)) => Outcome::Reply(reply),
+        Ok(Err(e)) => Outcome::Failed {
+            reason: ExceptionReason::HandlerError,
+            detail: describe(&*e),
+        },
+        Err(panic) => Outcome::Failed {
+            reason: ExceptionReason::Panic,
+            detail: panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "handler panicked".to_owned()),
+        },
     }
 }

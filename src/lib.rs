@@ -24,6 +24,28 @@
 //! connection reads and hands over its next messages (up to `max_in_flight`), and replies still
 //! leave in message order, as many per `writev` as are ready.
 //!
+//! # The path of a message
+//!
+//! One plaintext message with [`Dispatch::Inline`] (what `serve --no-store` runs), in the
+//! order the code runs it. ARCHITECTURE.md at the repository root has the pool and
+//! store-then-ACK paths and what each module owns.
+//!
+//! 1. `reactor.rs` — the poll reports the socket readable; the loop drives that connection.
+//! 2. `reactor/transfer.rs` → `transport.rs` — `read` into the reactor's one 64 KiB buffer;
+//!    the bytes go to `Connection::handle_read` (`connection.rs`).
+//! 3. `connection.rs` → `codec.rs` — `poll_dispatch` decodes one frame and opens a slot for it.
+//! 4. `dispatch.rs` → `handler.rs` — the dispatcher calls [`Handler::handle`] on the reactor
+//!    thread (catching a panic); the outcome goes straight to `Connection::handle_completion`,
+//!    which applies the [`NakPolicy`] (every NAK the server sends is built there).
+//! 5. `reactor/transfer.rs` → `transport.rs` — `Connection::transmit` offers the ready replies
+//!    in order and one `writev` sends them; `handle_written` retires the slots.
+//! 6. `telemetry.rs` — the connection's events become metrics and observer calls.
+//!
+//! With [`Dispatch::Pool`], step 4 queues a job instead (`dispatch.rs` → `pool.rs`; one lock
+//! per poll turn) and a worker calls the handler; the outcome comes back through the reactor's
+//! completion queue (`completion.rs`, one wake-up per batch) to `handle_completion`. A
+//! [`ReplyHandle`] (a deferred reply) takes that same way back from any thread.
+//!
 //! # Quick start
 //!
 //! ```
@@ -103,14 +125,23 @@ pub mod client;
 pub mod codec;
 mod completion;
 mod connection;
+mod control;
+pub mod date;
+mod dispatch;
 mod error;
 mod handler;
 mod heartbeat;
+mod identity;
+mod limits;
+mod link;
 pub mod msh;
+mod outcome;
 mod pool;
 pub mod proxy;
 mod reactor;
+mod reason;
 mod server;
+mod sync;
 pub mod telemetry;
 pub mod timer;
 #[cfg(feature = "tls")]
@@ -121,19 +152,21 @@ pub use bytes::Bytes;
 pub use client::{Backoff, Client, ClientConfig, ClientError};
 pub use completion::ReplyHandle;
 pub use connection::NakPolicy;
-pub use error::{CloseReason, ConfigError, Error, ExceptionReason};
-pub use handler::{
-    ConnectionId, Context, Dispatch, Handler, HandlerError, HandlerFn, Reply, handler_fn,
-};
+pub use control::ShutdownReport;
+pub use error::{ConfigError, Error};
+pub use handler::{Context, Dispatch, Handler, HandlerFn, handler_fn};
 pub use heartbeat::{HEARTBEAT_INTERVAL, Heartbeat};
-pub use server::{
-    Builder, DEFAULT_FRAME_TIMEOUT, DEFAULT_HANDLER_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
+pub use identity::{PeerIdentity, SubjectAltName};
+pub use limits::{
+    DEFAULT_FRAME_TIMEOUT, DEFAULT_HANDLER_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_INLINE_SLOW_THRESHOLD, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_IN_FLIGHT_INLINE, DEFAULT_MAX_IN_FLIGHT_POOL, DEFAULT_MAX_MEMORY,
-    DEFAULT_READ_AHEAD, DEFAULT_WRITE_TIMEOUT, DROP_GRACE, MAX_IN_FLIGHT_LIMIT,
-    MAX_MESSAGE_SIZE_LIMIT, MAX_REACTORS, MAX_WORKERS, Reloader, Server, ServerHandle,
-    ShutdownReport, ShutdownTrigger,
+    DEFAULT_READ_AHEAD, DEFAULT_WRITE_TIMEOUT, MAX_IN_FLIGHT_LIMIT, MAX_MESSAGE_SIZE_LIMIT,
+    MAX_REACTORS, MAX_WORKERS,
 };
+pub use outcome::{ConnectionId, HandlerError, Reply};
+pub use reason::{CloseReason, ExceptionReason};
+pub use server::{Builder, Reloader, Server, ServerHandle, ShutdownTrigger};
 pub use telemetry::{
     ConnectionStart, ConnectionStop, MessageException, MessageStart, MessageStop, Observer,
 };

@@ -30,16 +30,16 @@
 //! message after its sender got a NAK for it.
 
 use std::collections::VecDeque;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::completion::{Completion, Outcome, describe, lock};
-use crate::error::ExceptionReason;
-use crate::handler::{ConnectionId, Context, Handler, Reply};
+use crate::completion::Completion;
+use crate::handler::{Context, Handler, call};
+use crate::outcome::{ConnectionId, Outcome};
+use crate::sync::lock;
 use crate::telemetry::Metrics;
 
 /// A message for the handler.
@@ -338,32 +338,6 @@ fn worker(shared: &Shared, slot: usize) {
         }
     }
     shared.exit(slot);
-}
-
-/// Calls the handler, catching a panic; returns the raw outcome (the connection builds any
-/// NAK). `Reply::Deferred` without a handle taken is a failure: nothing could ever answer.
-pub(crate) fn call(handler: &dyn Handler, payload: &Bytes, cx: &Context) -> Outcome {
-    match catch_unwind(AssertUnwindSafe(|| handler.handle(payload, cx))) {
-        Ok(Ok(Reply::Deferred)) if !cx.deferred.get() => Outcome::Failed {
-            reason: ExceptionReason::HandlerError,
-            detail: "the handler returned Reply::Deferred without calling Context::defer"
-                .to_owned(),
-        },
-        Ok(Ok(Reply::Deferred)) => Outcome::Deferred,
-        Ok(Ok(reply)) => Outcome::Reply(reply),
-        Ok(Err(e)) => Outcome::Failed {
-            reason: ExceptionReason::HandlerError,
-            detail: describe(&*e),
-        },
-        Err(panic) => Outcome::Failed {
-            reason: ExceptionReason::Panic,
-            detail: panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "handler panicked".to_owned()),
-        },
-    }
 }
 
 impl Drop for Pool {

@@ -1,16 +1,17 @@
 //! One mio poll loop serving a listener and its connections; a server runs one or more of
-//! these, each on its own thread. It is the only code that accepts, reads, writes or closes
-//! connections (through [`Transport`]); `server.rs` only binds the listening socket and starts
-//! threads, and `pool.rs` only runs handlers.
+//! these, each on its own thread. It accepts sockets, wraps each in a [`Link`] (the
+//! per-connection seam: transport, connection, peer), and drives the links; `server.rs` only
+//! binds the listening socket and starts threads, and `pool.rs` only runs handlers.
 //!
-//! Thin glue: protocol decisions live in [`Connection`]; this file moves bytes between
-//! [`Transport`]s and connections, messages to the handler (inline) or the [`Pool`],
-//! completions back, deadlines through the [`TimerWheel`], and events to [`Telemetry`].
+//! Thin: the reactor polls, routes readiness, completions and timers to links, applies the
+//! memory budget (whether a link may read) and hands messages to the handler (inline) or the
+//! [`Pool`], and reports events to [`Telemetry`]. What a read or a write means (the PROXY
+//! header, the allow-list, TLS, close reasons) is the link's business, and MLLP is the
+//! [`Connection`](crate::connection::Connection)'s.
 //!
 //! Sockets are registered once for `READABLE | WRITABLE` (edge-triggered) and never
-//! re-registered: the reactor remembers readiness in `read_ready`/`write_ready` and acts on it
-//! when the connection wants to, so pausing reads (read-ahead full, memory budget) costs no
-//! syscall.
+//! re-registered: the link remembers readiness and acts on it when the connection wants to,
+//! so pausing reads (read-ahead full, memory budget) costs no syscall.
 
 use std::io::{self, ErrorKind};
 use std::net::SocketAddr;
@@ -23,22 +24,23 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use crate::completion::{Completion, CompletionSink, Notifier, lock};
-use crate::connection::{Connection, Dispatched, Event, Limits, deadline_after};
-use crate::error::CloseReason;
-use crate::handler::{ConnectionId, Context, Dispatch, Handler};
+use crate::completion::{Completion, CompletionSink, Notifier};
+use crate::connection::{Dispatched, Event, Limits, deadline_after};
+use crate::control::{Command, ShutdownReport};
+use crate::dispatch::Dispatcher;
+use crate::handler::{Context, Dispatch, Handler};
 use crate::heartbeat::HEARTBEAT_INTERVAL;
-use crate::pool::{Job, Pool, call};
-use crate::proxy::ProxyMode;
-use crate::server::ShutdownReport;
+use crate::link::{self, Link};
+use crate::outcome::ConnectionId;
+use crate::pool::{Job, Pool};
+use crate::reason::{CloseReason, RejectReason};
+use crate::sync::lock;
 use crate::telemetry::{Peer, Telemetry};
 use crate::timer::{DEFAULT_SLOTS, DEFAULT_TICK, TimerWheel};
-use crate::transport::{Preambled, Transport};
+use crate::transport::{Acceptors, Transport};
 
 mod shared;
-mod transfer;
-pub(crate) use shared::{Budget, Inbox, Policy, Shared};
-use transfer::{read, write};
+pub(crate) use shared::{Budget, Inbox, Shared};
 
 /// Token of the listening socket; slab keys (connections) use the tokens below it.
 pub(crate) const LISTENER: Token = Token(usize::MAX - 1);
@@ -59,22 +61,12 @@ const READ_CHUNK: usize = 64 * 1024;
 /// the loop for more than about a millisecond.
 const READ_BUDGET: usize = 16;
 
-/// Most slices per `writev`: 42 replies of 3 slices each. Linux takes up to 1024; past a few
-/// dozen replies the syscall is amortized and the stack array stays at 2 KiB.
-const MAX_IOV: usize = 126;
-
 /// Events taken from the kernel per `poll` call.
 const EVENTS_CAPACITY: usize = 1024;
 
 /// When `accept` fails for lack of resources (EMFILE, ENFILE, ENOBUFS), retry after this long
 /// rather than spin: edge-triggered readiness would not report the waiting connections again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
-
-/// A request from the server handle.
-#[derive(Debug)]
-pub(crate) enum Command {
-    Shutdown { grace: Duration },
-}
 
 /// Everything a reactor needs, built by the server builder.
 pub(crate) struct Reactor {
@@ -84,8 +76,8 @@ pub(crate) struct Reactor {
     pub(crate) local_addr: SocketAddr,
     pub(crate) limits: Arc<Limits>,
     pub(crate) dispatch: Dispatch,
-    /// Every connection must start with a PROXY protocol header of this version.
-    pub(crate) proxy: Option<ProxyMode>,
+    /// The layers on each accepted socket (PROXY header, TLS).
+    pub(crate) acceptors: Acceptors,
     pub(crate) inline_slow: Duration,
     pub(crate) handler: Arc<dyn Handler>,
     pub(crate) sink: Arc<CompletionSink>,
@@ -95,21 +87,15 @@ pub(crate) struct Reactor {
     /// The other reactors' command channels (on the accepting reactor only): it forwards
     /// the shutdown once it has stopped accepting.
     pub(crate) followers: Vec<(Sender<Command>, Arc<Notifier>)>,
-    /// Serve TLS with sessions from this acceptor (reloadable through a clone of it).
-    #[cfg(feature = "tls")]
-    pub(crate) tls: Option<crate::tls::TlsAcceptor>,
 }
 
+/// A link and what the reactor keeps beside it: where it sits in the wheel, the pending
+/// list and the budget.
 struct Entry {
-    id: ConnectionId,
-    transport: Transport,
-    conn: Connection,
-    peer: SocketAddr,
+    link: Link,
     /// Index into `Loop::locals`: servers see one or two local addresses, so an index saves
     /// 30 bytes per connection over a `SocketAddr`.
     local: u16,
-    read_ready: bool,
-    write_ready: bool,
     /// On the pending list (read budget ran out with bytes left).
     pending: bool,
     /// Nanoseconds since `Loop::epoch` at accept (8 bytes instead of an `Instant`'s 16).
@@ -125,13 +111,8 @@ struct Entry {
 // An idle connection costs its slab entry and nothing else on our heap (its buffers are
 // released): keep that at most 256 bytes (project goal; measured as RSS in BENCHMARKS.md).
 // (mio adds 8 bytes to a socket in debug builds.)
-// (mio adds 8 bytes to a socket in debug builds; the TLS layer's tag adds 8.)
-const _: () = assert!(
-    std::mem::size_of::<Entry>()
-        <= 232
-            + if cfg!(debug_assertions) { 8 } else { 0 }
-            + if cfg!(feature = "tls") { 8 } else { 0 }
-);
+const _: () =
+    assert!(std::mem::size_of::<Entry>() <= 240 + if cfg!(debug_assertions) { 8 } else { 0 });
 
 struct Drain {
     deadline: Instant,
@@ -141,7 +122,7 @@ struct Drain {
 /// The running loop's state.
 struct Loop {
     r: Reactor,
-    pool: Arc<Pool>,
+    dispatcher: Dispatcher,
     conns: Slab<Entry>,
     wheel: TimerWheel<ConnectionId>,
     scratch: Box<[u8]>,
@@ -149,8 +130,6 @@ struct Loop {
     fired: Vec<ConnectionId>,
     pending: Vec<usize>,
     completions: Vec<Completion>,
-    /// Jobs of this poll turn, handed to the pool together at its end.
-    jobs: Vec<Job>,
     next_generation: u32,
     accept_retry_at: Option<Instant>,
     drain: Option<Drain>,
@@ -164,12 +143,20 @@ struct Loop {
 }
 
 impl Reactor {
-    /// Runs until shut down. Returns this reactor's part of the shutdown report and the end
-    /// of its grace period.
-    pub(crate) fn run(self, pool: Arc<Pool>) -> io::Result<(ShutdownReport, Instant)> {
+    /// Runs until shut down, handing messages to the handler inline or to `pool` (which is
+    /// `Some` exactly in [`Dispatch::Pool`] mode). Returns this reactor's part of the shutdown
+    /// report and the end of its grace period.
+    pub(crate) fn run(self, pool: Option<Arc<Pool>>) -> io::Result<(ShutdownReport, Instant)> {
         let now = Instant::now();
-        let mut lp = Loop {
+        let dispatcher = Dispatcher::new(
+            self.dispatch,
+            Arc::clone(&self.handler),
             pool,
+            self.inline_slow,
+            self.telemetry.metrics.clone(),
+        );
+        let mut lp = Loop {
+            dispatcher,
             conns: Slab::with_capacity(self.shared.max_connections.min(4096)),
             r: self,
             wheel: TimerWheel::new(DEFAULT_TICK, DEFAULT_SLOTS, now),
@@ -178,7 +165,6 @@ impl Reactor {
             fired: Vec::new(),
             pending: Vec::new(),
             completions: Vec::new(),
-            jobs: Vec::new(),
             next_generation: 0,
             accept_retry_at: None,
             drain: None,
@@ -221,12 +207,10 @@ impl Loop {
                         let Some(entry) = self.conns.get_mut(key) else {
                             continue;
                         };
-                        if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            entry.read_ready = true;
-                        }
-                        if event.is_writable() || event.is_write_closed() || event.is_error() {
-                            entry.write_ready = true;
-                        }
+                        entry.link.handle_readiness(
+                            event.is_readable() || event.is_read_closed() || event.is_error(),
+                            event.is_writable() || event.is_write_closed() || event.is_error(),
+                        );
                         self.drive(key, now);
                     }
                 }
@@ -241,7 +225,7 @@ impl Loop {
             }
             self.timers(now);
             self.commands(now);
-            self.pool.submit_all(&mut self.jobs);
+            self.dispatcher.flush();
             self.publish_budget(now);
             if let Some(done) = self.finish_drain(now) {
                 return Ok(done);
@@ -337,7 +321,8 @@ impl Loop {
     /// Reports a connection closed at once, never served (over `max_connections`, not
     /// allowed).
     fn reject(&mut self, peer: SocketAddr, local: SocketAddr, reason: CloseReason) {
-        self.r.telemetry.metrics.rejected(reason).increment(1);
+        let reject = RejectReason::before_start(reason, false);
+        self.r.telemetry.metrics.rejected(reject).increment(1);
         let p = Peer {
             connection: ConnectionId {
                 index: u32::MAX,
@@ -345,7 +330,6 @@ impl Loop {
             },
             peer,
             local,
-            #[cfg(feature = "tls")]
             identity: None,
         };
         self.r.telemetry.connection_start(&p);
@@ -360,15 +344,8 @@ impl Loop {
             self.reject(peer, local, CloseReason::Rejected);
             return;
         }
-        // Checked before a byte is read: the socket's peer against the allow-list, or, behind
-        // a balancer, against the sources trusted to send PROXY headers (the client's own
-        // address is checked once the header names it).
         let policy = Arc::clone(&lock(&self.r.shared.policy));
-        let trusted = match self.r.proxy {
-            Some(_) => policy.proxy_sources.as_ref(),
-            None => policy.allow.as_ref(),
-        };
-        if trusted.is_some_and(|list| !list.contains(peer.ip())) {
+        if !link::admits(&policy, self.r.acceptors.proxy.is_some(), peer.ip()) {
             self.forget_one();
             self.reject(peer, local, CloseReason::NotAllowed);
             return;
@@ -377,27 +354,14 @@ impl Loop {
         let generation = self.generation();
         // Replies are small and latency-bound: never wait for Nagle.
         let _ = socket.set_nodelay(true);
-        let transport = match self.tls_session() {
-            #[cfg(feature = "tls")]
-            Some(Ok(session)) => Transport::tls(socket, session, self.r.proxy),
-            #[cfg(feature = "tls")]
-            Some(Err(_)) => {
-                // The configuration cannot make sessions (it was checked at load): refuse.
+        let mut transport = match Transport::accept(socket, &self.r.acceptors) {
+            Ok(transport) => transport,
+            Err(reason) => {
                 self.forget_one();
-                self.reject(peer, local, CloseReason::TlsHandshake);
+                self.reject(peer, local, reason);
                 return;
             }
-            _ => match self.r.proxy {
-                Some(mode) => Transport::proxied(socket, mode),
-                None => Transport::tcp(socket),
-            },
         };
-        let conn = if transport.ready() {
-            Connection::new(Arc::clone(&self.r.limits), now)
-        } else {
-            Connection::new_pending(Arc::clone(&self.r.limits), now)
-        };
-        let mut transport = transport;
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         if self
@@ -418,15 +382,11 @@ impl Loop {
             index: (u32::from(self.r.index) << 24) | key as u32,
             generation,
         };
-        let started = conn.is_started();
+        let mut link = Link::new(id, transport, peer, Arc::clone(&self.r.limits), now);
+        let started = link.poll_started(now);
         entry.insert(Entry {
-            id,
-            transport,
-            conn,
-            peer,
+            link,
             local: local_index,
-            read_ready: false,
-            write_ready: false,
             pending: false,
             accepted_at: nanos_since(self.epoch, now),
             armed: 0,
@@ -439,17 +399,6 @@ impl Loop {
         self.schedule(key);
     }
 
-    /// A new TLS session, when the server serves TLS.
-    #[cfg(feature = "tls")]
-    fn tls_session(&self) -> Option<Result<crate::tls::TlsSession, crate::tls::TlsError>> {
-        self.r.tls.as_ref().map(|acceptor| acceptor.session())
-    }
-
-    #[cfg(not(feature = "tls"))]
-    fn tls_session(&self) -> Option<std::convert::Infallible> {
-        None
-    }
-
     /// The connection serves MLLP from now on: count it and report its start.
     fn start(&mut self, key: usize) {
         let m = &self.r.telemetry.metrics;
@@ -457,65 +406,6 @@ impl Loop {
         m.active.increment(1.0);
         let p = self.peer(&self.conns[key]);
         self.r.telemetry.connection_start(&p);
-    }
-
-    /// Reads the PROXY header that must start the stream. On success the connection starts
-    /// with the header's source as its peer (checked against the allow-list), and the bytes
-    /// after the header go to the connection. Returns whether any progress was made.
-    fn read_proxy(&mut self, key: usize, now: Instant) -> bool {
-        let entry = &mut self.conns[key];
-        let n = match entry.transport.read(&mut self.scratch) {
-            Ok(0) => {
-                entry.read_ready = false;
-                entry
-                    .conn
-                    .handle_start_failed(CloseReason::ProxyHeader, &mut self.events);
-                return true;
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                entry.read_ready = false;
-                return false;
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => return true,
-            Err(e) => {
-                entry.conn.handle_io_error(e.kind(), &mut self.events);
-                return true;
-            }
-        };
-        self.r.telemetry.metrics.bytes_received.increment(n as u64);
-        let (header, rest) = match entry.transport.feed_preamble(&self.scratch[..n]) {
-            Preambled::Partial => return true,
-            Preambled::Failed => {
-                entry
-                    .conn
-                    .handle_start_failed(CloseReason::ProxyHeader, &mut self.events);
-                return true;
-            }
-            Preambled::Done(header, rest) => (header, rest),
-        };
-        // A LOCAL header (a balancer's health check) names no client: the socket's peer stands.
-        if let Some(source) = header.source() {
-            entry.peer = source;
-        }
-        let policy = Arc::clone(&lock(&self.r.shared.policy));
-        if policy
-            .allow
-            .as_ref()
-            .is_some_and(|list| !list.contains(entry.peer.ip()))
-        {
-            entry
-                .conn
-                .handle_start_failed(CloseReason::NotAllowed, &mut self.events);
-            return true;
-        }
-        if entry.transport.ready() {
-            entry.conn.handle_started(now);
-            entry.conn.handle_read(&rest, now, &mut self.events);
-            self.start(key);
-        }
-        // Else TLS follows the header: the connection starts when its handshake is done.
-        true
     }
 
     /// The index of `local` in `locals`, adding it if new.
@@ -537,11 +427,10 @@ impl Loop {
 
     fn peer(&self, entry: &Entry) -> Peer {
         Peer {
-            connection: entry.id,
-            peer: entry.peer,
+            connection: entry.link.id,
+            peer: entry.link.peer(),
             local: self.locals[usize::from(entry.local)],
-            #[cfg(feature = "tls")]
-            identity: entry.transport.peer_identity(),
+            identity: entry.link.identity(),
         }
     }
 
@@ -555,29 +444,17 @@ impl Loop {
                 return;
             };
             let mut progress = false;
-            if entry.conn.take_abandoned() && self.r.dispatch == Dispatch::Pool {
-                // Not in the queue any more means a worker runs it: maybe a stuck one.
-                if self.pool.cancel(entry.id, None) == 0 {
-                    self.pool.on_abandoned(now);
-                }
+            if entry.link.conn.take_abandoned() {
+                self.dispatcher.abandoned(entry.link.id, now);
             }
             progress |= self.dispatch(key, now);
             let Some(entry) = self.conns.get_mut(key) else {
                 return;
             };
-            if entry.write_ready && (entry.conn.wants_write() || entry.transport.wants_flush()) {
-                progress |= write(entry, &self.r.telemetry, now, &mut self.events);
-            }
-            if entry.conn.wants_shutdown_write() {
-                // Failure (already reset) is fine: the linger then just times out or reads EOF.
-                let _ = entry.transport.shutdown_write();
-                entry.conn.handle_write_shutdown();
-                progress = true;
-            }
-            let wants_read = entry.read_ready && entry.conn.wants_read();
-            if wants_read && entry.transport.in_preamble() {
-                progress |= self.read_proxy(key, now);
-            } else if wants_read && self.may_read(key) {
+            progress |= entry.link.write(&self.r.telemetry, now, &mut self.events);
+            // A PROXY header is outside the memory budget (it is a few bytes, and the
+            // connection holds nothing else yet).
+            if entry.link.wants_read() && (entry.link.reads_header() || self.may_read(key)) {
                 let entry = &mut self.conns[key];
                 if budget == 0 {
                     if !entry.pending {
@@ -586,24 +463,16 @@ impl Loop {
                     }
                 } else {
                     budget -= 1;
-                    let entry = &mut self.conns[key];
-                    progress |= read(
-                        entry,
+                    progress |= entry.link.read(
                         &mut self.scratch,
+                        &self.r.shared.policy,
                         &self.r.telemetry,
                         now,
                         &mut self.events,
                     );
                 }
             }
-            let entry = &mut self.conns[key];
-            if !entry.conn.is_started()
-                && !entry.conn.is_closed()
-                && !entry.transport.in_preamble()
-                && entry.transport.ready()
-            {
-                // The TLS handshake is done: the connection serves MLLP from now on.
-                entry.conn.handle_started(now);
+            if self.conns[key].link.poll_started(now) {
                 self.start(key);
                 progress = true;
             }
@@ -614,10 +483,7 @@ impl Loop {
                 break;
             }
         }
-        let entry = &mut self.conns[key];
-        if !entry.conn.in_flight() && entry.conn.buffered_len() == 0 {
-            entry.transport.release_idle_buffers();
-        }
+        self.conns[key].link.release_idle_buffers();
         self.schedule(key);
     }
 
@@ -627,7 +493,7 @@ impl Loop {
         let mut any = false;
         loop {
             let entry = &mut self.conns[key];
-            let Some(d) = entry.conn.poll_dispatch(now, &mut self.events) else {
+            let Some(d) = entry.link.conn.poll_dispatch(now, &mut self.events) else {
                 return any;
             };
             any = true;
@@ -658,31 +524,21 @@ impl Loop {
                 received_time: system_time,
                 sink: Arc::clone(&self.r.sink),
                 deferred: std::cell::Cell::new(false),
-                #[cfg(feature = "tls")]
                 identity: p.identity.clone(),
             };
-            match self.r.dispatch {
-                Dispatch::Inline => {
-                    let started = Instant::now();
-                    let outcome = call(&*self.r.handler, &payload, &cx);
-                    let took = started.elapsed();
-                    let m = &self.r.telemetry.metrics;
-                    m.handler_duration.record(took.as_secs_f64());
-                    if took > self.r.inline_slow {
-                        m.inline_slow.increment(1);
-                    }
-                    drop(cx);
-                    self.conns[key]
-                        .conn
-                        .handle_completion(seq, outcome, now, &mut self.events);
-                }
-                Dispatch::Pool => self.jobs.push(Job {
-                    id: p.connection,
-                    seq,
-                    payload,
-                    cx,
-                    deadline,
-                }),
+            let job = Job {
+                id: p.connection,
+                seq,
+                payload,
+                cx,
+                deadline,
+            };
+            // Inline, the outcome is here now; from the pool it comes as a completion.
+            if let Some(outcome) = self.dispatcher.dispatch(job) {
+                self.conns[key]
+                    .link
+                    .conn
+                    .handle_completion(seq, outcome, now, &mut self.events);
             }
         }
     }
@@ -710,8 +566,8 @@ impl Loop {
     fn holder(&self) -> Option<usize> {
         self.conns
             .iter()
-            .filter(|(_, e)| e.conn.buffered_len() > 0 && e.conn.wants_read())
-            .max_by_key(|(_, e)| e.conn.buffered_len())
+            .filter(|(_, e)| e.link.conn.buffered_len() > 0 && e.link.conn.wants_read())
+            .max_by_key(|(_, e)| e.link.conn.buffered_len())
             .map(|(k, _)| k)
     }
 
@@ -719,10 +575,10 @@ impl Loop {
     /// closed. Returns true if it was removed.
     fn report(&mut self, key: usize) -> bool {
         let entry = &mut self.conns[key];
-        let buffered = u32::try_from(entry.conn.buffered()).unwrap_or(u32::MAX);
+        let buffered = u32::try_from(entry.link.conn.buffered()).unwrap_or(u32::MAX);
         self.budget_delta += buffered as isize - entry.counted as isize;
         entry.counted = buffered;
-        if self.events.is_empty() && !entry.conn.is_closed() {
+        if self.events.is_empty() && !entry.link.conn.is_closed() {
             return false;
         }
         let p = self.peer(&self.conns[key]);
@@ -732,40 +588,22 @@ impl Loop {
         for event in self.events.drain(..) {
             self.r.telemetry.report(&p, event, fresh);
         }
-        let Some(reason) = self.conns[key].conn.close_reason() else {
+        let Some(closed) = self.conns[key].link.closed() else {
             return false;
         };
+        let reason = closed.reason;
         let entry = self.conns.remove(key);
         self.budget_delta -= entry.counted as isize;
         self.forget_one();
-        if self.r.dispatch == Dispatch::Pool {
-            // Its queued job (if any) must not run: nobody would get the answer, and the
-            // sender will resend.
-            let batched = self.jobs.len();
-            self.jobs.retain(|j| j.id != entry.id);
-            let dropped = batched - self.jobs.len();
-            self.r
-                .telemetry
-                .metrics
-                .jobs_dropped
-                .increment(dropped as u64);
-            self.pool.cancel(entry.id, None);
-        }
+        self.dispatcher.cancel(entry.link.id);
         if let Some(drain) = &mut self.drain {
             drain.report.closed += 1;
         }
-        if !entry.conn.is_started() {
+        if closed.rejected.is_some() {
             // Never served (no valid PROXY header, not allowed, no handshake in time).
-            let reason = match reason {
-                CloseReason::IdleTimeout => CloseReason::HandshakeTimeout,
-                // A reset or EOF before the start: blame the stage it was in.
-                CloseReason::Io(_) | CloseReason::PeerClosed if entry.transport.in_preamble() => {
-                    CloseReason::ProxyHeader
-                }
-                CloseReason::Io(_) | CloseReason::PeerClosed => CloseReason::TlsHandshake,
-                reason => reason,
-            };
-            self.r.telemetry.metrics.rejected(reason).increment(1);
+            if let Some(reject) = closed.rejected {
+                self.r.telemetry.metrics.rejected(reject).increment(1);
+            }
             self.r.telemetry.connection_start(&p);
             self.r.telemetry.connection_stop(&p, Duration::ZERO, reason);
             return true;
@@ -801,7 +639,7 @@ impl Loop {
             // Edge-triggered: the holder may have changed (the last one completed its frame)
             // and the new one has no event coming.
             if let Some(key) = self.holder()
-                && self.conns[key].read_ready
+                && self.conns[key].link.read_ready
             {
                 self.drive(key, now);
             }
@@ -811,7 +649,7 @@ impl Loop {
             let keys: Vec<usize> = self
                 .conns
                 .iter()
-                .filter(|(_, e)| e.read_ready && e.conn.wants_read())
+                .filter(|(_, e)| e.link.read_ready && e.link.conn.wants_read())
                 .map(|(k, _)| k)
                 .collect();
             for key in keys {
@@ -827,12 +665,12 @@ impl Loop {
         let Some(entry) = self.conns.get_mut(key) else {
             return;
         };
-        let Some(deadline) = entry.conn.poll_timeout() else {
+        let Some(deadline) = entry.link.conn.poll_timeout() else {
             return;
         };
         let at = nanos_since(self.epoch, deadline) + 1;
         if entry.armed == 0 || at < entry.armed {
-            self.wheel.insert(deadline, entry.id);
+            self.wheel.insert(deadline, entry.link.id);
             entry.armed = at;
         }
     }
@@ -848,10 +686,10 @@ impl Loop {
             if entry.armed != 0 && entry.armed <= nanos_since(self.epoch, now) + 1 {
                 entry.armed = 0; // this is (or overtook) the armed entry: re-arm below
             }
-            if self.paused && entry.read_ready && entry.conn.wants_read() {
-                entry.conn.handle_unread_input(now);
+            if self.paused && entry.link.read_ready && entry.link.conn.wants_read() {
+                entry.link.conn.handle_unread_input(now);
             }
-            entry.conn.handle_timeout(now, &mut self.events);
+            entry.link.conn.handle_timeout(now, &mut self.events);
             self.drive(key, now);
         }
         self.fired = fired;
@@ -861,7 +699,7 @@ impl Loop {
     fn key_of(&self, id: ConnectionId) -> Option<usize> {
         let key = (id.index & (MAX_KEYS_PER_REACTOR as u32 - 1)) as usize;
         match self.conns.get(key) {
-            Some(entry) if entry.id == id => Some(key),
+            Some(entry) if entry.link.id == id => Some(key),
             _ => None,
         }
     }
@@ -872,9 +710,12 @@ impl Loop {
         for Completion { id, seq, outcome } in completions.drain(..) {
             match self.key_of(id) {
                 Some(key) => {
-                    self.conns[key]
-                        .conn
-                        .handle_completion(seq, outcome, now, &mut self.events);
+                    self.conns[key].link.conn.handle_completion(
+                        seq,
+                        outcome,
+                        now,
+                        &mut self.events,
+                    );
                     self.drive(key, now);
                 }
                 // The connection is gone: nobody to answer.
@@ -919,7 +760,7 @@ impl Loop {
         report.in_flight = self
             .conns
             .iter()
-            .filter(|(_, e)| e.conn.in_flight())
+            .filter(|(_, e)| e.link.conn.in_flight())
             .count();
         self.drain = Some(Drain {
             deadline: deadline_after(now, grace),
@@ -927,7 +768,7 @@ impl Loop {
         });
         for key in keys {
             if let Some(entry) = self.conns.get_mut(key) {
-                entry.conn.handle_shutdown(&mut self.events);
+                entry.link.conn.handle_shutdown(&mut self.events);
                 self.drive(key, now);
             }
         }
@@ -943,6 +784,7 @@ impl Loop {
         let forced = keys.len();
         for key in keys {
             self.conns[key]
+                .link
                 .conn
                 .force_close(CloseReason::Shutdown, &mut self.events);
             self.report(key);

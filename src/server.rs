@@ -11,61 +11,19 @@ use mio::net::TcpListener;
 use mio::{Interest, Poll, Waker};
 
 use crate::cidr::AllowList;
-use crate::completion::{CompletionSink, Notifier, lock};
+use crate::completion::{CompletionSink, Notifier};
 use crate::connection::{Limits, NakPolicy};
+use crate::control::{Command, ShutdownReport};
 use crate::error::{ConfigError, Error};
 use crate::handler::{Dispatch, Handler};
+use crate::limits::*;
+use crate::link::Policy;
 use crate::pool::{Pool, PoolConfig};
 use crate::proxy::ProxyMode;
-use crate::reactor::{
-    Budget, Command, Inbox, LISTENER, MAX_KEYS_PER_REACTOR, Policy, Reactor, Shared, WAKER,
-};
+use crate::reactor::{Budget, Inbox, LISTENER, MAX_KEYS_PER_REACTOR, Reactor, Shared, WAKER};
+use crate::sync::lock;
 use crate::telemetry::{Metrics, Observer, Telemetry};
-
-/// Default idle timeout: 60 s, long enough for a quiet feed between messages, short enough
-/// that abandoned connections do not pile up (a common MLLP library default).
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Default handler timeout: 60 s: far above any healthy handler, and below the typical
-/// sender's own ACK timeout, so the sender gets our AE rather than timing out blind.
-pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(60);
-/// Default frame deadline: a started frame must complete within 120 s, so a peer dripping a
-/// byte a minute cannot hold a connection forever; 120 s lets a 10 MiB message cross a
-/// 1 Mbit/s link (84 s) with room to spare.
-pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(120);
-/// Default write-stall deadline: a peer that reads none of our reply for 30 s is closed.
-/// ACKs are a few hundred bytes and fit any socket buffer, so only a peer that stopped reading
-/// altogether (and keeps sending) can stall.
-pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default connection cap: 10 000, below the 20 000 open files a process commonly may hold,
-/// leaving room for the store, logs and metrics.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-/// Default read-ahead: 64 KiB of undecoded pipelined bytes per connection while its message is
-/// with the handler; past it reading stops and TCP pushes back. 64 KiB holds dozens of typical
-/// (1–2 KiB) pipelined messages.
-pub const DEFAULT_READ_AHEAD: usize = 64 * 1024;
-/// Largest accepted `max_message_size`: 1 GiB. Beyond it one connection could exhaust memory.
-pub const MAX_MESSAGE_SIZE_LIMIT: usize = 1 << 30;
-/// Default messages in flight per connection with [`Dispatch::Inline`]: 64. Enough that a
-/// sender pipelining a window of messages never waits on us for a full round trip per
-/// message (and replies go out dozens per `writev`), small enough that one connection's
-/// messages in flight stay a small share of the memory budget.
-pub const DEFAULT_MAX_IN_FLIGHT_INLINE: usize = 64;
-/// Default messages in flight per connection with [`Dispatch::Pool`]: 1, strictly serial per
-/// connection (the next message is read and dispatched only once the previous reply is
-/// written), the classic MLLP behaviour.
-pub const DEFAULT_MAX_IN_FLIGHT_POOL: usize = 1;
-/// Default threshold above which an inline handler call counts as slow: 1 ms. An inline call
-/// that long holds every connection of its reactor for that long.
-pub const DEFAULT_INLINE_SLOW_THRESHOLD: Duration = Duration::from_millis(1);
-/// Default server-wide memory budget for buffered bytes: 512 MiB. It holds fifty messages of
-/// the default maximum size, or about half a million typical (1 KiB) messages in flight, and
-/// fits a small VM; above it reads stop and TCP pushes back on senders.
-pub const DEFAULT_MAX_MEMORY: usize = 512 << 20;
-/// Default time a connection gets to start (PROXY header, TLS handshake): 10 s, ample for a
-/// handshake across a slow WAN, short enough that silent connections do not pile up.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default grace period when a [`ServerHandle`] is dropped without a shutdown: 5 s.
-pub const DROP_GRACE: Duration = Duration::from_secs(5);
+use crate::transport::Acceptors;
 
 /// Configures a server. Every option has a documented default; see [`Server::builder`].
 pub struct Builder {
@@ -84,10 +42,9 @@ pub struct Builder {
     listener_name: String,
     dispatch: Dispatch,
     reactors: usize,
-    #[cfg(feature = "tls")]
-    tls: Option<crate::tls::TlsAcceptor>,
+    /// The layers on every accepted socket: PROXY header, TLS.
+    acceptors: Acceptors,
     handshake_timeout: Duration,
-    proxy_protocol: Option<ProxyMode>,
     proxy_sources: Option<AllowList>,
     allow: Option<AllowList>,
     max_in_flight: Option<usize>,
@@ -177,19 +134,24 @@ impl Builder {
 
     /// Requires every connection to start with a PROXY protocol header (v1, v2 or either),
     /// as sent by HAProxy's `send-proxy`/`send-proxy-v2` (default: off). The header's source
-    /// becomes the peer everywhere (context, events, allow-list). A connection without a
+    /// becomes the peer everywhere (context, events, allow-list). Needs
+    /// [`proxy_sources`](Self::proxy_sources): without it [`bind`](Self::bind) fails with
+    /// [`ConfigError::ProxySourcesRequired`]. A connection without a
     /// valid header within `handshake_timeout` is closed and counted in
     /// `mllp_connections_rejected_total{reason="proxy_header"}`; there is no guessing whether
     /// a header is present, as the protocol's specification demands. A v2 `LOCAL` header (a
     /// health check) is served with the socket's peer.
     pub fn proxy_protocol(mut self, mode: ProxyMode) -> Self {
-        self.proxy_protocol = Some(mode);
+        self.acceptors.proxy = Some(mode);
         self
     }
 
     /// With [`proxy_protocol`](Self::proxy_protocol): accept connections (and so headers)
     /// only from these sources, the balancers. Others are closed before a byte is read and
-    /// counted with `reason="not_allowed"`.
+    /// counted with `reason="not_allowed"`. Required with PROXY protocol: a header names the
+    /// client, so a header from anyone would let anyone claim any address (past the
+    /// allow-list, and into the records). To trust every source, say so:
+    /// `0.0.0.0/0` and `::/0`.
     pub fn proxy_sources(mut self, sources: AllowList) -> Self {
         self.proxy_sources = Some(sources);
         self
@@ -205,13 +167,15 @@ impl Builder {
     /// in the clear, then TLS.
     #[cfg(feature = "tls")]
     pub fn tls(mut self, acceptor: crate::tls::TlsAcceptor) -> Self {
-        self.tls = Some(acceptor);
+        self.acceptors.tls = Some(acceptor);
         self
     }
 
     /// Accept connections only from peers in `allow` (IPv4 and IPv6 CIDRs; default: from
-    /// anyone). Checked when the connection is accepted, before a byte is read (with PROXY
-    /// protocol: once the header names the client). Others are closed at once and counted in
+    /// anyone). Checked when the connection is accepted, before a byte is read. With PROXY
+    /// protocol it is checked twice: the balancer (the socket's peer) when the connection is
+    /// accepted, and the client once the header names it, so behind a balancer the list must
+    /// hold the balancers' addresses as well as the clients'. Others are closed at once and counted in
     /// `mllp_connections_rejected_total{reason="not_allowed"}`. Replaceable while running
     /// with [`Reloader::set_allow_list`].
     pub fn allow(mut self, allow: AllowList) -> Self {
@@ -316,12 +280,14 @@ impl Builder {
         if workers > MAX_WORKERS {
             return Err(ConfigError::TooManyWorkers(workers).into());
         }
-        let max_in_flight = self.max_in_flight.unwrap_or(match self.dispatch {
-            Dispatch::Inline => DEFAULT_MAX_IN_FLIGHT_INLINE,
-            Dispatch::Pool => DEFAULT_MAX_IN_FLIGHT_POOL,
-        });
+        let max_in_flight = self
+            .max_in_flight
+            .unwrap_or(self.dispatch.default_max_in_flight());
         if max_in_flight == 0 || max_in_flight > MAX_IN_FLIGHT_LIMIT {
             return Err(ConfigError::MaxInFlight(max_in_flight).into());
+        }
+        if self.acceptors.proxy.is_some() && self.proxy_sources.is_none() {
+            return Err(ConfigError::ProxySourcesRequired.into());
         }
         if self.max_memory < self.max_message_size.saturating_mul(2) {
             return Err(ConfigError::MaxMemory(self.max_memory).into());
@@ -405,8 +371,6 @@ impl Builder {
             .zip(commands)
             .enumerate()
             .map(|(index, ((poll, notifier), (_, commands)))| Reactor {
-                #[cfg(feature = "tls")]
-                tls: self.tls.clone(),
                 followers: if index == 0 {
                     control.reactors[1..].to_vec()
                 } else {
@@ -418,7 +382,7 @@ impl Builder {
                 local_addr,
                 limits: Arc::clone(&limits),
                 dispatch: self.dispatch,
-                proxy: self.proxy_protocol,
+                acceptors: self.acceptors.clone(),
                 inline_slow: self.inline_slow_threshold,
                 handler: Arc::clone(&self.handler),
                 sink: Arc::new(CompletionSink::new(notifier)),
@@ -437,16 +401,6 @@ impl Builder {
         })
     }
 }
-
-/// Most reactors `reactors` accepts: a reactor is a thread with its own poll, so more than
-/// the machine's cores buys nothing, and connection ids hold the reactor number in 8 bits.
-pub const MAX_REACTORS: usize = 64;
-/// Most handler threads `workers` accepts: far above any useful count (handlers that block
-/// for long should defer their replies instead), low enough that a typo cannot exhaust the
-/// process's threads.
-pub const MAX_WORKERS: usize = 1024;
-/// Largest accepted `max_in_flight`.
-pub const MAX_IN_FLIGHT_LIMIT: usize = 65_536;
 
 /// A bound server, not yet running.
 pub struct Server {
@@ -506,10 +460,8 @@ impl Server {
             listener_name: "mllp".to_owned(),
             dispatch: Dispatch::Pool,
             reactors: 1,
-            #[cfg(feature = "tls")]
-            tls: None,
+            acceptors: Acceptors::default(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
-            proxy_protocol: None,
             proxy_sources: None,
             allow: None,
             max_in_flight: None,
@@ -555,13 +507,19 @@ impl Server {
             trigger,
             ..
         } = self;
-        let pool = Arc::new(Pool::start(pool_config, handler, metrics).map_err(Error::Io)?);
         // Reactors 1.. on threads of their own, reactor 0 (the acceptor) on this one.
         let mut reactors = reactors.into_iter();
         let first = reactors.next().ok_or(Error::Stopped)?;
+        // The pool's threads exist only in pool mode: inline, the reactors call the handler.
+        let pool = match first.dispatch {
+            Dispatch::Pool => Some(Arc::new(
+                Pool::start(pool_config, handler, metrics).map_err(Error::Io)?,
+            )),
+            Dispatch::Inline => None,
+        };
         let mut threads = Vec::new();
         for reactor in reactors {
-            let shared_pool = Arc::clone(&pool);
+            let shared_pool = pool.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("mllp-reactor-{}", reactor.index))
                 .spawn(move || reactor.run(shared_pool));
@@ -573,12 +531,14 @@ impl Server {
                     for thread in threads {
                         let _ = thread.join();
                     }
-                    pool.close();
+                    if let Some(pool) = &pool {
+                        pool.close();
+                    }
                     return Err(Error::Io(e));
                 }
             }
         }
-        let mut result = first.run(Arc::clone(&pool));
+        let mut result = first.run(pool.clone());
         if result.is_err() {
             trigger.shutdown_all();
         }
@@ -599,9 +559,13 @@ impl Server {
         }
         // Stop the workers whatever happened: queued jobs are dropped (never answered, so
         // senders resend), running handlers finish.
-        pool.close();
+        if let Some(pool) = &pool {
+            pool.close();
+        }
         let (mut report, deadline) = result.map_err(Error::Io)?;
-        report.workers_stuck = pool.join(deadline + Duration::from_millis(100));
+        if let Some(pool) = &pool {
+            report.workers_stuck = pool.join(deadline + Duration::from_millis(100));
+        }
         trigger.control.finish(&report);
         Ok(report)
     }
@@ -772,25 +736,11 @@ impl Reloader {
         *policy = Arc::new(next);
     }
 
-    /// Replaces the sources allowed to send PROXY headers (`None`: any).
-    pub fn set_proxy_sources(&self, sources: Option<AllowList>) {
+    /// Replaces the sources allowed to send PROXY headers (`0.0.0.0/0` and `::/0`: any).
+    pub fn set_proxy_sources(&self, sources: AllowList) {
         let mut policy = lock(&self.control.shared.policy);
         let mut next = Policy::clone(&policy);
-        next.proxy_sources = sources;
+        next.proxy_sources = Some(sources);
         *policy = Arc::new(next);
     }
-}
-
-/// What a graceful shutdown did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ShutdownReport {
-    /// Connections with a message in flight when the shutdown began.
-    pub in_flight: usize,
-    /// Connections closed during the shutdown.
-    pub closed: usize,
-    /// Connections still busy at the end of the grace period, closed anyway.
-    pub forced: usize,
-    /// Workers still stuck in a handler when the server stopped (detached).
-    pub workers_stuck: usize,
 }

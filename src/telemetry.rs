@@ -22,7 +22,7 @@
 //! | name | kind | unit | labels |
 //! |---|---|---|---|
 //! | `mllp_connections_accepted_total` | counter | | |
-//! | `mllp_connections_rejected_total` | counter | | `reason` = `max_connections`, `not_allowed`, `proxy_header`, `handshake_timeout`, `tls_plaintext`, `tls_no_client_cert`, `tls_bad_client_cert`, `tls_handshake` |
+//! | `mllp_connections_rejected_total` | counter | | `reason` = `max_connections`, `not_allowed`, `proxy_header`, `handshake_timeout`, `tls_plaintext`, `tls_no_client_cert`, `tls_bad_client_cert`, `tls_handshake`, `shutdown` |
 //! | `mllp_connections_closed_total` | counter | | `reason` = [`CloseReason::as_str`] |
 //! | `mllp_connections_active` | gauge | | |
 //! | `mllp_connection_duration_seconds` | histogram | seconds | |
@@ -56,9 +56,9 @@ use std::time::{Duration, Instant, SystemTime};
 use metrics::{Counter, Gauge, Histogram, Unit};
 
 use crate::ack::AckCode;
-use crate::connection::{Event, FrameRejection};
-use crate::error::{CloseReason, ExceptionReason};
-use crate::handler::ConnectionId;
+use crate::connection::{Event, FrameRejection, Handled};
+use crate::outcome::ConnectionId;
+use crate::reason::{CloseReason, ExceptionReason, RejectReason};
 
 /// Receives the server's events. Every method has a no-op default; implement the ones you
 /// need. See the [module docs](self) for threading and ordering.
@@ -107,8 +107,7 @@ pub struct ConnectionStart {
     /// Wall-clock time of the accept.
     pub system_time: SystemTime,
     /// The verified client certificate's identity (mutual TLS; feature `tls`).
-    #[cfg(feature = "tls")]
-    pub peer_identity: Option<Arc<crate::tls::PeerIdentity>>,
+    pub peer_identity: Option<Arc<crate::identity::PeerIdentity>>,
 }
 
 /// A connection ended.
@@ -126,8 +125,7 @@ pub struct ConnectionStop {
     /// Why it ended.
     pub reason: CloseReason,
     /// The verified client certificate's identity (mutual TLS; feature `tls`).
-    #[cfg(feature = "tls")]
-    pub peer_identity: Option<Arc<crate::tls::PeerIdentity>>,
+    pub peer_identity: Option<Arc<crate::identity::PeerIdentity>>,
 }
 
 /// A complete message was handed to the pool.
@@ -250,40 +248,14 @@ pub mod names {
     pub const READ_PAUSES: &str = "mllp_read_pauses_total";
 }
 
-/// Why a connection is counted as rejected rather than served: it never started (over the
-/// cap, not allowed, no valid PROXY header, no completed handshake). Such a connection counts
-/// only in `mllp_connections_rejected_total`, so accepted = Σ closed + active holds.
-const REJECT_REASONS: [(CloseReason, &str); 8] = [
-    (CloseReason::Rejected, "max_connections"),
-    (CloseReason::NotAllowed, "not_allowed"),
-    (CloseReason::ProxyHeader, "proxy_header"),
-    (CloseReason::HandshakeTimeout, "handshake_timeout"),
-    (CloseReason::TlsPlaintext, "tls_plaintext"),
-    (CloseReason::TlsNoClientCert, "tls_no_client_cert"),
-    (CloseReason::TlsBadClientCert, "tls_bad_client_cert"),
-    (CloseReason::TlsHandshake, "tls_handshake"),
-];
-
-/// Handler outcomes, in the order of the `outcome` label handles.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Handled {
-    Reply,
-    NoReply,
-    Error,
-    Panic,
-    Timeout,
-}
-
-impl Handled {
-    const LABELS: [&'static str; 5] = ["reply", "no_reply", "error", "panic", "timeout"];
-}
-
 /// Pre-registered metric handles of one server. Cloning shares them.
 #[derive(Clone, Debug)]
 pub(crate) struct Metrics {
     pub(crate) accepted: Counter,
-    /// By [`REJECT_REASONS`] position.
-    rejected: [Counter; REJECT_REASONS.len()],
+    /// By [`RejectReason::index`]. A connection that never started (over the cap, not
+    /// allowed, no valid PROXY header, no completed handshake) counts only here, so accepted =
+    /// Σ closed + active holds.
+    rejected: [Counter; RejectReason::ALL.len()],
     closed: [Counter; CloseReason::ALL.len()],
     pub(crate) active: Gauge,
     pub(crate) connection_duration: Histogram,
@@ -327,8 +299,8 @@ impl Metrics {
         };
         Self {
             accepted: counter(CONNECTIONS_ACCEPTED),
-            rejected: REJECT_REASONS
-                .map(|(_, label)| labelled(CONNECTIONS_REJECTED, "reason", label)),
+            rejected: RejectReason::ALL
+                .map(|r| labelled(CONNECTIONS_REJECTED, "reason", r.as_str())),
             closed: CloseReason::ALL.map(|r| labelled(CONNECTIONS_CLOSED, "reason", r.as_str())),
             active: metrics::gauge!(CONNECTIONS_ACTIVE, &l()),
             connection_duration: metrics::histogram!(CONNECTION_DURATION, &l()),
@@ -358,13 +330,9 @@ impl Metrics {
         }
     }
 
-    /// The rejected-connections counter for `reason` (one of [`REJECT_REASONS`]).
-    pub(crate) fn rejected(&self, reason: CloseReason) -> &Counter {
-        let i = REJECT_REASONS
-            .iter()
-            .position(|(r, _)| *r == reason)
-            .unwrap_or(0);
-        &self.rejected[i]
+    /// The rejected-connections counter for `reason`.
+    pub(crate) fn rejected(&self, reason: RejectReason) -> &Counter {
+        &self.rejected[reason.index()]
     }
 
     pub(crate) fn closed(&self, reason: CloseReason) -> &Counter {
@@ -442,8 +410,7 @@ pub(crate) struct Peer {
     pub(crate) peer: SocketAddr,
     pub(crate) local: SocketAddr,
     /// The verified client certificate (mutual TLS).
-    #[cfg(feature = "tls")]
-    pub(crate) identity: Option<Arc<crate::tls::PeerIdentity>>,
+    pub(crate) identity: Option<Arc<crate::identity::PeerIdentity>>,
 }
 
 /// Where events go: the metric handles and the optional observer. Observer panics are caught
@@ -478,7 +445,6 @@ impl Telemetry {
                 peer: p.peer,
                 local: p.local,
                 system_time: SystemTime::now(),
-                #[cfg(feature = "tls")]
                 peer_identity: p.identity.clone(),
             })
         });
@@ -493,7 +459,6 @@ impl Telemetry {
                 local: p.local,
                 duration,
                 reason,
-                #[cfg(feature = "tls")]
                 peer_identity: p.identity.clone(),
             })
         });

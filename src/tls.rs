@@ -49,6 +49,7 @@ mod x509;
 #[cfg(test)]
 mod tests;
 
+pub use crate::identity::SubjectAltName;
 pub(crate) use client::ClientStream;
 pub use client::{ClientTls, TlsClientStream};
 pub use config::{TlsAcceptor, TlsConfig, TlsError};
@@ -57,7 +58,6 @@ pub use stream::{
     INCOMING_CHUNK, PeerIdentity, ShutdownWrite, TLS_BUFFER_LIMIT, TlsFailure, TlsFailureKind,
     TlsStream,
 };
-pub use x509::SubjectAltName;
 
 /// Fuzz target `tls`: arbitrary bytes from a client to a server [`TlsStream`] (and to the
 /// certificate reader) never panic, and buffers stay within their caps.

@@ -13,6 +13,16 @@ use std::net::Shutdown;
 use mio::net::TcpStream;
 
 use crate::proxy::{ProxyDecoder, ProxyHeader, ProxyMode};
+use crate::reason::CloseReason;
+
+/// The layers a server puts on each accepted socket, in order: a PROXY header, then TLS.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Acceptors {
+    /// Every connection must start with a PROXY protocol header of this version.
+    pub(crate) proxy: Option<ProxyMode>,
+    /// Serve TLS with sessions from this acceptor (reloadable through a clone of it).
+    pub(crate) tls: Option<tls::Acceptor>,
+}
 
 /// A connection's byte stream.
 #[derive(Debug)]
@@ -28,8 +38,7 @@ enum Layer {
     /// Waiting for the PROXY protocol header that must start the stream.
     Proxy(Box<Preamble>),
     /// TLS (rustls, driven sans-IO: every call is given the socket).
-    #[cfg(feature = "tls")]
-    Tls(Box<crate::tls::TlsSession>),
+    Tls(Box<tls::Session>),
 }
 
 /// A connection before its PROXY header is complete.
@@ -40,8 +49,7 @@ struct Preamble {
     /// read (the decoder fails past the cap).
     buf: Vec<u8>,
     /// With TLS behind the header: the session that takes the bytes after it.
-    #[cfg(feature = "tls")]
-    tls: Option<Box<crate::tls::TlsSession>>,
+    tls: Option<Box<tls::Session>>,
 }
 
 /// What reading a PROXY header produced.
@@ -56,8 +64,22 @@ pub(crate) enum Preambled {
 }
 
 impl Transport {
+    /// The byte stream of a freshly accepted socket, with the layers `acceptors` name. Fails
+    /// (with the reason to count) when the TLS configuration cannot make a session; it was
+    /// checked at load, so that does not happen in practice.
+    pub(crate) fn accept(socket: TcpStream, acceptors: &Acceptors) -> Result<Self, CloseReason> {
+        if let Some(acceptor) = &acceptors.tls {
+            let session = acceptor.session().map_err(|_| CloseReason::TlsHandshake)?;
+            return Ok(Self::tls(socket, session, acceptors.proxy));
+        }
+        Ok(match acceptors.proxy {
+            Some(mode) => Self::proxied(socket, mode),
+            None => Self::tcp(socket),
+        })
+    }
+
     /// Plain TCP.
-    pub(crate) fn tcp(socket: TcpStream) -> Self {
+    fn tcp(socket: TcpStream) -> Self {
         Self {
             socket,
             layer: Layer::Plain,
@@ -65,25 +87,19 @@ impl Transport {
     }
 
     /// TCP that must start with a PROXY header (read with [`feed_preamble`](Self::feed_preamble)).
-    pub(crate) fn proxied(socket: TcpStream, mode: ProxyMode) -> Self {
+    fn proxied(socket: TcpStream, mode: ProxyMode) -> Self {
         Self {
             socket,
             layer: Layer::Proxy(Box::new(Preamble {
                 decoder: ProxyDecoder::new(mode),
                 buf: Vec::new(),
-                #[cfg(feature = "tls")]
                 tls: None,
             })),
         }
     }
 
     /// TLS over TCP, or over TCP after a PROXY header (`proxy`).
-    #[cfg(feature = "tls")]
-    pub(crate) fn tls(
-        socket: TcpStream,
-        session: crate::tls::TlsSession,
-        proxy: Option<ProxyMode>,
-    ) -> Self {
+    fn tls(socket: TcpStream, session: tls::Session, proxy: Option<ProxyMode>) -> Self {
         let session = Box::new(session);
         let layer = match proxy {
             Some(mode) => Layer::Proxy(Box::new(Preamble {
@@ -101,23 +117,28 @@ impl Transport {
         match &self.layer {
             Layer::Plain => true,
             Layer::Proxy(_) => false,
-            #[cfg(feature = "tls")]
             Layer::Tls(session) => session.handshake_done(),
         }
     }
 
     /// The verified client certificate's identity (mutual TLS).
-    #[cfg(feature = "tls")]
-    pub(crate) fn peer_identity(&self) -> Option<std::sync::Arc<crate::tls::PeerIdentity>> {
+    pub(crate) fn peer_identity(&self) -> Option<std::sync::Arc<crate::identity::PeerIdentity>> {
         match &self.layer {
             Layer::Tls(session) => session.peer_identity_arc(),
             _ => None,
         }
     }
 
+    /// The close reason for a read or write error that is the layer's own failure (a TLS
+    /// alert, a plaintext frame on a TLS port, a refused client certificate), or `None` for
+    /// the socket's own errors. A generic TLS failure maps to `Io`, for the caller to blame on
+    /// the handshake if the connection had not started.
+    pub(crate) fn failure_reason(&self, e: &io::Error) -> Option<CloseReason> {
+        tls::failure_reason(e)
+    }
+
     /// Releases what buffers the layer can while the connection is idle.
     pub(crate) fn release_idle_buffers(&mut self) {
-        #[cfg(feature = "tls")]
         if let Layer::Tls(session) = &mut self.layer {
             session.release_idle_buffers();
         }
@@ -140,7 +161,6 @@ impl Transport {
             Err(_) => Preambled::Failed,
             Ok(Some((header, used))) => {
                 let rest = preamble.buf.split_off(used);
-                #[cfg(feature = "tls")]
                 if let Some(mut session) = preamble.tls.take() {
                     // The bytes after the header are the start of the TLS stream.
                     session.preload(&rest);
@@ -157,7 +177,6 @@ impl Transport {
     /// `Ok(0)` is a clean end of stream; `WouldBlock` means nothing (yet).
     pub(crate) fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match &mut self.layer {
-            #[cfg(feature = "tls")]
             Layer::Tls(session) => session.read(&mut self.socket, buf),
             _ => self.socket.read(buf),
         }
@@ -170,7 +189,6 @@ impl Transport {
             Layer::Plain => self.socket.write_vectored(bufs),
             // Nothing is written before the header: the connection has not started.
             Layer::Proxy(_) => Ok(0),
-            #[cfg(feature = "tls")]
             Layer::Tls(session) => session.write_vectored(&mut self.socket, bufs),
         }
     }
@@ -178,7 +196,6 @@ impl Transport {
     /// True when the layer holds bytes of its own for the socket.
     pub(crate) fn wants_flush(&self) -> bool {
         match &self.layer {
-            #[cfg(feature = "tls")]
             Layer::Tls(session) => session.wants_write(),
             _ => false,
         }
@@ -193,7 +210,6 @@ impl Transport {
     /// Pushes the layer's own pending bytes to the socket; returns how many went out.
     pub(crate) fn flush(&mut self) -> io::Result<usize> {
         match &mut self.layer {
-            #[cfg(feature = "tls")]
             Layer::Tls(session) => session.flush(&mut self.socket),
             _ => Ok(0),
         }
@@ -202,7 +218,6 @@ impl Transport {
     /// Ends our sending side (after a TLS `close_notify`, where there is one).
     pub(crate) fn shutdown_write(&mut self) -> io::Result<()> {
         match &mut self.layer {
-            #[cfg(feature = "tls")]
             Layer::Tls(session) => session.shutdown_write(&mut self.socket),
             _ => self.socket.shutdown(Shutdown::Write),
         }
@@ -211,5 +226,95 @@ impl Transport {
     /// The socket, to register with the poll.
     pub(crate) fn socket(&mut self) -> &mut TcpStream {
         &mut self.socket
+    }
+}
+
+/// The TLS layer: rustls sessions with the `tls` feature.
+#[cfg(feature = "tls")]
+mod tls {
+    use std::io;
+
+    use crate::reason::CloseReason;
+    pub(crate) use crate::tls::{TlsAcceptor as Acceptor, TlsSession as Session};
+    use crate::tls::{TlsFailure, TlsFailureKind as K};
+
+    /// The close reason of a TLS failure the session reported through `e`.
+    pub(super) fn failure_reason(e: &io::Error) -> Option<CloseReason> {
+        Some(match TlsFailure::from_io(e)?.kind() {
+            K::Plaintext => CloseReason::TlsPlaintext,
+            K::NoClientCert => CloseReason::TlsNoClientCert,
+            K::BadClientCert => CloseReason::TlsBadClientCert,
+            _ => CloseReason::Io(e.kind()),
+        })
+    }
+}
+
+/// The TLS layer without the `tls` feature: types with no values, so the layer's match arms
+/// compile in every build and cost nothing in this one.
+#[cfg(not(feature = "tls"))]
+mod tls {
+    use std::convert::Infallible;
+    use std::io::{self, IoSlice};
+    use std::sync::Arc;
+
+    use mio::net::TcpStream;
+
+    use crate::identity::PeerIdentity;
+    use crate::reason::CloseReason;
+
+    // Private fields: outside this module the types look inhabited, so the layer's code
+    // compiles without unreachable-code warnings; none of it can run.
+    #[derive(Clone, Debug)]
+    pub(crate) struct Acceptor {
+        never: Infallible,
+    }
+
+    #[derive(Debug)]
+    pub(crate) struct Session {
+        never: Infallible,
+    }
+
+    impl Acceptor {
+        pub(crate) fn session(&self) -> Result<Session, Infallible> {
+            match self.never {}
+        }
+    }
+
+    impl Session {
+        pub(crate) fn handshake_done(&self) -> bool {
+            match self.never {}
+        }
+        pub(crate) fn peer_identity_arc(&self) -> Option<Arc<PeerIdentity>> {
+            match self.never {}
+        }
+        pub(crate) fn release_idle_buffers(&mut self) {
+            match self.never {}
+        }
+        pub(crate) fn preload(&mut self, _: &[u8]) {
+            match self.never {}
+        }
+        pub(crate) fn read(&mut self, _: &mut TcpStream, _: &mut [u8]) -> io::Result<usize> {
+            match self.never {}
+        }
+        pub(crate) fn write_vectored(
+            &mut self,
+            _: &mut TcpStream,
+            _: &[IoSlice<'_>],
+        ) -> io::Result<usize> {
+            match self.never {}
+        }
+        pub(crate) fn wants_write(&self) -> bool {
+            match self.never {}
+        }
+        pub(crate) fn flush(&mut self, _: &mut TcpStream) -> io::Result<usize> {
+            match self.never {}
+        }
+        pub(crate) fn shutdown_write(&mut self, _: &mut TcpStream) -> io::Result<()> {
+            match self.never {}
+        }
+    }
+
+    pub(super) fn failure_reason(_: &io::Error) -> Option<CloseReason> {
+        None
     }
 }

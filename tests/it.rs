@@ -14,6 +14,8 @@ mod client;
 mod framing;
 #[path = "it/fuzz_corpus.rs"]
 mod fuzz_corpus;
+#[path = "it/layers.rs"]
+mod layers;
 #[path = "it/listener.rs"]
 mod listener;
 #[path = "it/load.rs"]

@@ -1,14 +1,12 @@
 //! `mllp-reactor export`: writes a store's messages to stdout in store order.
 
 use std::io;
-use std::path::Path;
 use std::time::Duration;
 
-use mllp_store::SqliteOptions;
-use mllp_store::export::{ExportError, Format, export_postgres, export_sqlite};
-use mllp_store::postgresql::is_postgres_url;
+use mllp_store::StoreSpec;
+use mllp_store::export::{ExportError, Format, export_store};
 
-use crate::store_glue::postgres_options;
+use crate::store_glue::open_options;
 
 /// Options of `export`, already parsed.
 #[derive(Debug, Clone)]
@@ -27,22 +25,11 @@ const EXPORT_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
 /// Streams the records after `since` to stdout. A reader that goes away early (`| head`) ends
 /// the export quietly.
 pub fn export(opts: &ExportOptions) -> Result<(), String> {
+    let spec = StoreSpec::parse(&opts.store).map_err(|e| format!("--store: {e}"))?;
     let stdout = io::stdout().lock();
     let out = io::BufWriter::with_capacity(64 * 1024, stdout);
-    let result = if is_postgres_url(&opts.store) {
-        let options = postgres_options().lock_timeout(EXPORT_BUSY_TIMEOUT);
-        export_postgres(&opts.store, opts.since, opts.format, &options, out)
-    } else {
-        let options = SqliteOptions::default().busy_timeout(EXPORT_BUSY_TIMEOUT);
-        export_sqlite(
-            Path::new(&opts.store),
-            opts.since,
-            opts.format,
-            &options,
-            out,
-        )
-    };
-    match result {
+    let options = open_options().lock_timeout(EXPORT_BUSY_TIMEOUT);
+    match export_store(&spec, opts.since, opts.format, &options, out) {
         Ok(_) => Ok(()),
         Err(ExportError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         Err(e) => Err(e.to_string()),

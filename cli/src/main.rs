@@ -112,11 +112,17 @@ struct ServeArgs {
     /// Reactor threads (poll loops); connections are spread over them by load.
     #[arg(long, default_value_t = 1, value_name = "N")]
     reactors: usize,
-    /// Require a PROXY protocol header (from HAProxy's send-proxy[-v2]) on every connection.
-    #[arg(long, value_name = "v1|v2|any")]
+    /// Require a PROXY protocol header (from HAProxy's send-proxy[-v2]) on every connection;
+    /// needs --proxy-source.
+    #[arg(long, value_name = "v1|v2|any", requires = "proxy_sources")]
     proxy_protocol: Option<serve::ProxyArg>,
-    /// With --proxy-protocol: accept connections only from this balancer CIDR (repeatable).
-    #[arg(long = "proxy-source", value_name = "CIDR")]
+    /// With --proxy-protocol: trust headers only from this balancer CIDR (repeatable; required,
+    /// 0.0.0.0/0 and ::/0 trust anyone). --allow must list the balancers too.
+    #[arg(
+        long = "proxy-source",
+        value_name = "CIDR",
+        requires = "proxy_protocol"
+    )]
     proxy_sources: Vec<mllp_reactor::cidr::Cidr>,
     /// Accept connections only from this CIDR, IPv4 or IPv6 (repeatable; default: anyone).
     #[arg(long = "allow", value_name = "CIDR")]

@@ -86,15 +86,22 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         Arc::new(std::sync::atomic::AtomicBool::new(false)),
     )
     .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let max_in_flight = opts.max_in_flight.unwrap_or(match opts.dispatch {
-        DispatchArg::Inline => mllp_reactor::DEFAULT_MAX_IN_FLIGHT_INLINE,
-        DispatchArg::Pool => mllp_reactor::DEFAULT_MAX_IN_FLIGHT_POOL,
-    });
+    let dispatch = match opts.dispatch {
+        DispatchArg::Inline => Dispatch::Inline,
+        DispatchArg::Pool => Dispatch::Pool,
+    };
+    let max_in_flight = opts
+        .max_in_flight
+        .unwrap_or(dispatch.default_max_in_flight());
     let mut gate = None;
     let mut disk = None;
     let (store, storing_to) = match &opts.store {
         Some(spec) => {
-            let config = store_config(opts, max_in_flight);
+            let config = StoreConfig::default().for_server(
+                opts.max_connections,
+                max_in_flight,
+                opts.max_memory,
+            );
             let (store, shown, writer_gate) = open_store(spec, opts.allow_async_commit, config)?;
             gate = writer_gate;
             disk = crate::health::watch_disk(spec, &opts.health, &store)?;
@@ -116,10 +123,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
     .max_connections(opts.max_connections)
     .max_memory(opts.max_memory)
     .max_in_flight(max_in_flight)
-    .dispatch(match opts.dispatch {
-        DispatchArg::Inline => Dispatch::Inline,
-        DispatchArg::Pool => Dispatch::Pool,
-    })
+    .dispatch(dispatch)
     .observer(LogObserver);
     if let Some(n) = opts.workers {
         builder = builder.workers(n);
@@ -134,8 +138,6 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         if !opts.proxy_sources.is_empty() {
             builder = builder.proxy_sources(opts.proxy_sources.iter().copied().collect());
         }
-    } else if !opts.proxy_sources.is_empty() {
-        return Err("--proxy-source needs --proxy-protocol".to_owned());
     }
     if !opts.allow.is_empty() {
         builder = builder.allow(opts.allow.iter().copied().collect());
@@ -313,17 +315,6 @@ fn ack_only() -> impl Handler {
         }
         Ok(Reply::Send(reply))
     })
-}
-
-/// The store's queue is sized so the server's own limits always bite first: every queued
-/// record is a message in flight, so at most `max_connections` × `max_in_flight` of them and
-/// `--max-memory` bytes can be queued. When those are reached the server stops reading and TCP
-/// pushes back on senders; the store never has to refuse a message.
-fn store_config(opts: &ServeOptions, max_in_flight: usize) -> StoreConfig {
-    let mut config = StoreConfig::default();
-    config.max_queue_messages = opts.max_connections.saturating_mul(max_in_flight);
-    config.max_queue_bytes = opts.max_memory;
-    config
 }
 
 /// The TLS acceptor from `--tls-cert`, `--tls-key` and `--tls-client-ca`, checked now: a bad

@@ -281,6 +281,7 @@ impl Node {
     fn start_with(args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mllp-reactor"))
             .args(["serve", "--listen", "127.0.0.1:0", "--proxy-protocol", "v2"])
+            .args(["--proxy-source", "127.0.0.0/8"])
             .args(["--health", "127.0.0.1:0"])
             .args(args)
             .stdin(Stdio::null())
@@ -479,4 +480,54 @@ fn a_node_whose_store_cannot_commit_stops_getting_connections() {
     std::fs::remove_file(&filler).unwrap();
     haproxy.wait_status("node1", "UP");
     drop((node1, node2));
+}
+
+/// Issue 18 defect 2: TLS behind `send-proxy-v2`. HAProxy often sends the header and the
+/// client's first bytes (the ClientHello) in one segment; the node used to take both in one
+/// read and never send its ServerHello, so the handshake hung until its deadline. Every one of
+/// a series of fresh TLS connections through HAProxy now gets its AA (the client's 10 s timeout
+/// is the node's handshake deadline, so a stall fails the test).
+#[test]
+fn issue_2_tls_behind_haproxy_send_proxy_v2() {
+    use mllp_reactor::tls::ClientTls;
+    use mllp_reactor::{Client, ClientConfig};
+    let Some(binary) = haproxy_binary() else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("mllp-haproxy-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+        .expect("a self-signed certificate");
+    let cert_pem = certified.cert.pem();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, &cert_pem).expect("write the certificate");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write the key");
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let tls_args = ["--no-store", "--tls-cert", cert, "--tls-key", key];
+    let node1 = Node::start_with(&tls_args);
+    let node2 = Node::start_with(&tls_args);
+    let haproxy = Haproxy::start(
+        &binary,
+        "127.0.0.1",
+        [node1.addr, node2.addr],
+        [node1.health, node2.health],
+    );
+    let tls = ClientTls::from_ca_pem(cert_pem.as_str())
+        .expect("the CA")
+        .server_name("localhost")
+        .expect("a server name");
+    for id in 0..20 {
+        let config = ClientConfig::default()
+            .connect_timeout(TIMEOUT)
+            .response_timeout(TIMEOUT)
+            .tls(tls.clone());
+        let mut client =
+            Client::connect(haproxy.frontend, config).expect("connect through HAProxy");
+        let message = format!("MSH|^~\\&|LAB|H|EHR|H|20260101||ORU^R01|T{id}|P|2.5.1\r");
+        let ack = client
+            .send(message.as_bytes())
+            .unwrap_or_else(|e| panic!("message {id} over TLS through HAProxy: {e}"));
+        assert!(ack.is_accept(), "message {id}: {ack:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -47,6 +47,7 @@ impl Node {
     fn start(store: &str) -> Self {
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0", "--proxy-protocol", "v2"])
+            .args(["--proxy-source", "127.0.0.0/8"])
             .args(["--store", store, "--health", "127.0.0.1:0"])
             // Main's serve logs every connection at info: only warnings and errors here.
             .env("RUST_LOG", "warn")

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use mio::net::TcpStream;
 
-use crate::cidr::AllowList;
 use crate::completion::Notifier;
+use crate::link::Policy;
 
 /// What the reactors of one server share.
 #[derive(Debug)]
@@ -23,15 +23,6 @@ pub(crate) struct Shared {
     pub(crate) policy: Mutex<Arc<Policy>>,
     /// Each reactor's last poll turn.
     pub(crate) heartbeat: crate::heartbeat::Heartbeat,
-}
-
-/// Who may connect. New connections see a reload; established ones are not re-checked.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Policy {
-    /// Peers allowed to connect (the PROXY header's source when PROXY protocol is on).
-    pub(crate) allow: Option<AllowList>,
-    /// With PROXY protocol: the balancers allowed to send headers.
-    pub(crate) proxy_sources: Option<AllowList>,
 }
 
 /// A reactor's inbox for accepted connections, and its load.

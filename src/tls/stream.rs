@@ -9,7 +9,8 @@ use rustls::ServerConfig;
 
 use super::config::TlsError;
 use super::session::TlsSession;
-use super::x509::{self, SubjectAltName};
+use super::x509;
+pub use crate::identity::PeerIdentity;
 
 /// Cap on ciphertext rustls queues for the socket (and on plaintext queued before the
 /// handshake completes), via `set_buffer_limit`: 64 KiB, rustls' own default. An ACK is a few
@@ -113,38 +114,25 @@ impl std::error::Error for TlsFailure {
     }
 }
 
-/// Who the client is, from its verified leaf certificate (mTLS only).
-///
-/// `Display` writes one line for logs: `CN=lab-gw DNS:lab.example sha256:9f86…`.
-///
-/// # Examples
-///
-/// ```
-/// use mllp_reactor::tls::{PeerIdentity, SubjectAltName};
-///
-/// // (rcgen, a dev-dependency, stands in for the client's certificate.)
-/// let client = rcgen::generate_simple_self_signed(vec!["lab.example".into()])?;
-/// let identity = PeerIdentity::from_der(client.cert.der());
-/// assert_eq!(identity.common_name.as_deref(), Some("rcgen self signed cert"));
-/// assert_eq!(identity.sans, [SubjectAltName::Dns("lab.example".into())]);
-/// assert_eq!(identity.fingerprint_hex().len(), 64);
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub struct PeerIdentity {
-    /// The subject's common name (the last CN if there are several), if any.
-    pub common_name: Option<String>,
-    /// The subject alternative names (DNS, IP, e-mail, URI), in certificate order.
-    pub sans: Vec<SubjectAltName>,
-    /// SHA-256 of the leaf certificate's DER: what `openssl x509 -fingerprint -sha256` shows.
-    pub fingerprint_sha256: [u8; 32],
-}
-
+/// Reading an identity needs the certificate parser and SHA-256 of the `tls` feature.
 impl PeerIdentity {
     /// Reads the identity of a DER certificate. The fingerprint is always there; CN and SANs
     /// are empty if the certificate cannot be read (it was verified by webpki already, so that
     /// only happens with encodings our minimal reader skips).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use mllp_reactor::tls::{PeerIdentity, SubjectAltName};
+    ///
+    /// // (rcgen, a dev-dependency, stands in for the client's certificate.)
+    /// let client = rcgen::generate_simple_self_signed(vec!["lab.example".into()])?;
+    /// let identity = PeerIdentity::from_der(client.cert.der());
+    /// assert_eq!(identity.common_name.as_deref(), Some("rcgen self signed cert"));
+    /// assert_eq!(identity.sans, [SubjectAltName::Dns("lab.example".into())]);
+    /// assert_eq!(identity.fingerprint_hex().len(), 64);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn from_der(der: &[u8]) -> Self {
         let digest = ring::digest::digest(&ring::digest::SHA256, der);
         let mut fingerprint_sha256 = [0u8; 32];
@@ -155,26 +143,6 @@ impl PeerIdentity {
             sans: info.sans,
             fingerprint_sha256,
         }
-    }
-
-    /// The fingerprint as 64 lowercase hex digits.
-    pub fn fingerprint_hex(&self) -> String {
-        self.fingerprint_sha256
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    }
-}
-
-impl fmt::Display for PeerIdentity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(cn) = &self.common_name {
-            write!(f, "CN={cn} ")?;
-        }
-        for san in &self.sans {
-            write!(f, "{san} ")?;
-        }
-        write!(f, "sha256:{}", self.fingerprint_hex())
     }
 }
 

@@ -17,7 +17,7 @@
 //! Extension ::= SEQUENCE { extnID OID, critical BOOLEAN DEFAULT FALSE, extnValue OCTET STRING }
 //! ```
 
-use std::fmt;
+use crate::identity::SubjectAltName;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// DER tags used below (X.690 §8, RFC 5280 §4.1 and §4.2.1.6).
@@ -47,34 +47,6 @@ const OID_SUBJECT_ALT_NAME: &[u8] = &[0x55, 0x1D, 0x11];
 /// A certificate that this walk cannot read (truncated or malformed DER).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct DerError;
-
-/// One subject alternative name of a certificate (RFC 5280 §4.2.1.6).
-///
-/// `Display` writes the OpenSSL-style form: `DNS:lab.example`, `IP:10.0.0.7`,
-/// `email:it@example.org`, `URI:urn:oid:1.2.3`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum SubjectAltName {
-    /// `dNSName`.
-    Dns(String),
-    /// `iPAddress` (4 or 16 octets).
-    Ip(IpAddr),
-    /// `rfc822Name`: an e-mail address.
-    Email(String),
-    /// `uniformResourceIdentifier`.
-    Uri(String),
-}
-
-impl fmt::Display for SubjectAltName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Dns(name) => write!(f, "DNS:{name}"),
-            Self::Ip(ip) => write!(f, "IP:{ip}"),
-            Self::Email(addr) => write!(f, "email:{addr}"),
-            Self::Uri(uri) => write!(f, "URI:{uri}"),
-        }
-    }
-}
 
 /// What we read from one certificate.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -249,7 +221,7 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 /// 1970 show as 1970-01-01T00:00:00Z).
 pub(crate) fn format_time(secs: i64) -> String {
     let secs = u64::try_from(secs).unwrap_or(0);
-    let (year, month, day) = crate::ack::civil_from_days(secs / 86_400);
+    let (year, month, day) = crate::date::civil_from_days((secs / 86_400) as i64);
     let rem = secs % 86_400;
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",

@@ -5,6 +5,7 @@
 //! ([`SqliteBackend`](crate::SqliteBackend)) and PostgreSQL (`PostgresBackend`, cargo feature
 //! `postgres`) implement it; nothing here is specific to either.
 
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
 use crate::error::StoreError;
@@ -77,6 +78,20 @@ pub trait Backend: Send + 'static {
 
     /// Where the data lives, for messages (`sqlite:/var/lib/mllp.db`). Never a password.
     fn location(&self) -> String;
+
+    /// One line for an operator starting a server: where the data lives and what its
+    /// durability depends on (default: [`location`](Self::location)). Never a password.
+    fn summary(&self) -> String {
+        self.location()
+    }
+
+    /// The gate this backend holds while it commits, if it has one (SQLite): give it to a
+    /// [`Pruner`](crate::retention::Pruner) of the same file so that the two take turns
+    /// without SQLite's sleeping busy handler. [`Store::write_gate`](crate::Store::write_gate)
+    /// keeps it after the backend moved to the writer thread.
+    fn write_gate(&self) -> Option<WriteGate> {
+        None
+    }
 }
 
 impl<B: Backend + ?Sized> Backend for Box<B> {
@@ -108,5 +123,30 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
 
     fn location(&self) -> String {
         (**self).location()
+    }
+
+    fn summary(&self) -> String {
+        (**self).summary()
+    }
+
+    fn write_gate(&self) -> Option<WriteGate> {
+        (**self).write_gate()
+    }
+}
+
+/// Serialises this process's writers of one SQLite file (the store's writer and the
+/// [`Pruner`](crate::retention::Pruner)) with a mutex instead of SQLite's lock.
+///
+/// SQLite's busy handler waits by sleeping 1, 2, 5, 10… ms between retries, so a commit that
+/// finds the pruner's transaction open would wait milliseconds longer than the transaction
+/// lasts; a mutex hands over as soon as it is released. Other processes still meet SQLite's
+/// lock and busy timeout as before.
+#[derive(Clone, Debug, Default)]
+pub struct WriteGate(Arc<Mutex<()>>);
+
+impl WriteGate {
+    /// Waits for the gate (a panic while it was held does not matter: it guards no data).
+    pub(crate) fn enter(&self) -> MutexGuard<'_, ()> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

@@ -11,7 +11,9 @@ use std::path::Path;
 
 use crate::backend::Backend;
 use crate::error::StoreError;
+use crate::open::OpenOptions;
 use crate::record::{StoreId, StoredRecord};
+use crate::spec::StoreSpec;
 use crate::sqlite::{SqliteBackend, SqliteOptions};
 
 /// Records read per page: large enough that the per-query overhead vanishes, small enough to
@@ -246,6 +248,33 @@ pub fn export_postgres(
     write_all(backend, since, format, out)
 }
 
+/// Writes the records of the store `spec` names with id > `since`, in id order, to `out`;
+/// returns how many: [`export_sqlite`] or [`export_postgres`], as the spec says.
+///
+/// # Errors
+///
+/// As [`export_sqlite`] and [`export_postgres`]; [`ExportError::Store`] with
+/// [`Problem::NoPostgres`](crate::Problem::NoPostgres) for a URL in a build without the
+/// feature `postgres`.
+pub fn export_store(
+    spec: &StoreSpec,
+    since: StoreId,
+    format: Format,
+    options: &OpenOptions,
+    out: impl Write,
+) -> Result<u64, ExportError> {
+    match spec {
+        StoreSpec::Sqlite(path) => export_sqlite(path, since, format, &options.sqlite, out),
+        #[cfg(feature = "postgres")]
+        StoreSpec::Postgres(url) => export_postgres(url, since, format, &options.postgres, out),
+        #[cfg(not(feature = "postgres"))]
+        StoreSpec::Postgres(_) => Err(ExportError::Store(StoreError::open(
+            std::path::Path::new(&spec.to_string()),
+            crate::error::Problem::NoPostgres,
+        ))),
+    }
+}
+
 /// Streams every record after `since` from `backend` into `out` in `format`.
 fn write_all(
     backend: impl Backend,
@@ -373,27 +402,13 @@ pub fn rfc3339_micros(us: i64) -> String {
     let micros = us.rem_euclid(1_000_000);
     let days = secs.div_euclid(86_400);
     let of_day = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
+    let (y, m, d) = mllp_reactor::date::civil_from_days(days);
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
         of_day / 3600,
         of_day % 3600 / 60,
         of_day % 60
     )
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 #[cfg(test)]

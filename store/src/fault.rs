@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use crate::backend::Backend;
-use crate::error::StoreError;
+use crate::error::{Problem, StoreError};
 use crate::record::{DuplicateKey, Record, StoreId, StoreOutcome, StoredRecord};
 
 /// Controls a [`FaultyBackend`] from another thread; clones share the same switch.
@@ -125,7 +125,7 @@ impl<B: Backend> Backend for FaultyBackend<B> {
             hook(batch.len());
         }
         if self.switch.should_fail() {
-            return Err(StoreError::commit("injected fault"));
+            return Err(StoreError::commit(Problem::Injected));
         }
         self.inner.commit_batch(batch)
     }
@@ -154,5 +154,13 @@ impl<B: Backend> Backend for FaultyBackend<B> {
 
     fn location(&self) -> String {
         self.inner.location()
+    }
+
+    fn summary(&self) -> String {
+        self.inner.summary()
+    }
+
+    fn write_gate(&self) -> Option<crate::WriteGate> {
+        self.inner.write_gate()
     }
 }

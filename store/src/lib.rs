@@ -70,10 +70,14 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! In a server, the handler builds the record with [`Record::from_message`], submits it, and
-//! replies AA from the callback on `Ok`, AE ("message not stored: …") on `Err`. On
-//! [`SubmitError::Full`] the server should stop reading (TCP then pushes back on senders) and
-//! retry once replies have gone out; [`Store::is_full_for`], [`Store::queue_len`] and
+//! In a server, [`StoreThenAck`] is that handler: it builds the record with
+//! [`Record::from_message`], submits it, and replies AA from the callback on `Ok`; on `Err`
+//! it fails the message through the server's [`ReplyHandle::fail`](mllp_reactor::ReplyHandle::fail),
+//! so the server's NAK policy answers it (AE). Open the store it writes with
+//! [`Store::open`] and a [`StoreSpec`] (an SQLite path or a `postgres://` URL), sized with
+//! [`StoreConfig::for_server`]. A handler of your own can do the same with [`Store::submit`]:
+//! on [`SubmitError::Full`] the server should stop reading (TCP then pushes back on senders)
+//! and retry once replies have gone out; [`Store::is_full_for`], [`Store::queue_len`] and
 //! [`Store::queued_bytes`] let it check first.
 //!
 //! # Guarantees
@@ -164,22 +168,30 @@ mod error;
 pub mod export;
 pub mod fault;
 pub mod health;
+mod open;
 #[cfg(feature = "postgres")]
 pub mod postgresql;
 mod record;
 pub mod retention;
 pub mod search;
+mod spec;
 pub mod sqlite;
+mod submit;
 pub mod telemetry;
+mod then_ack;
 mod writer;
 
-pub use backend::Backend;
-pub use error::{CloseError, ConfigError, StoreError, Submission, SubmitError};
+pub use backend::{Backend, WriteGate};
+pub use error::{Cause, CloseError, ConfigError, Found, Problem, StoreError};
+pub use open::OpenOptions;
 #[cfg(feature = "postgres")]
 pub use postgresql::{PostgresBackend, PostgresOptions};
 pub use record::{DuplicateKey, Header, Origin, Record, StoreId, StoreOutcome, StoredRecord};
-pub use sqlite::{SqliteBackend, SqliteOptions, WriteGate};
+pub use spec::{SpecError, StoreSpec};
+pub use sqlite::{SqliteBackend, SqliteOptions};
+pub use submit::{Done, Submission, SubmitError};
+pub use then_ack::{AcceptStored, AckPolicy, Acknowledged, StoreThenAck};
 pub use writer::{
     DEFAULT_CLOSE_TIMEOUT, DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_MESSAGES,
-    DEFAULT_MAX_QUEUE_BYTES, DEFAULT_MAX_QUEUE_MESSAGES, Done, Store, StoreConfig,
+    DEFAULT_MAX_QUEUE_BYTES, DEFAULT_MAX_QUEUE_MESSAGES, Store, StoreConfig,
 };

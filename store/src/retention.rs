@@ -55,7 +55,7 @@ use std::time::{Duration, Instant, SystemTime};
 use metrics::{Counter, Gauge, Unit};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
-use crate::error::StoreError;
+use crate::error::{Cause, StoreError};
 use crate::record::{StoreId, system_time_to_us};
 use crate::sqlite::{SqliteOptions, WriteGate, open_connection};
 
@@ -573,7 +573,7 @@ impl SqlitePrune {
             }
             tx.commit()
         };
-        run(&mut self.conn).map_err(|e| StoreError::commit(format_args!("prune: {e}")))
+        run(&mut self.conn).map_err(|e| StoreError::commit(Cause::from(e).context("prune")))
     }
 
     /// Gives free pages back to the file system in steps (incremental auto_vacuum only).
@@ -581,7 +581,7 @@ impl SqlitePrune {
         let pragma = |conn: &Connection, name: &str| -> rusqlite::Result<i64> {
             conn.pragma_query_value(None, name, |r| r.get(0))
         };
-        let err = |e| StoreError::commit(format_args!("prune: {e}"));
+        let err = |e: rusqlite::Error| StoreError::commit(Cause::from(e).context("prune"));
         // 2 = INCREMENTAL (sqlite.org/pragma.html#pragma_auto_vacuum).
         if pragma(&self.conn, "auto_vacuum").map_err(err)? != 2 {
             return Ok(0);

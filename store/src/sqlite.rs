@@ -46,13 +46,14 @@
 //! serialises them, waiting up to the busy timeout) but pointless.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
 use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use crate::backend::Backend;
-use crate::error::StoreError;
+pub use crate::backend::WriteGate;
+use crate::error::{Cause, Found, Problem, StoreError};
 use crate::record::{
     DuplicateKey, Record, StoreId, StoreOutcome, StoredRecord, system_time_to_us, text,
 };
@@ -202,23 +203,6 @@ pub struct SqliteBackend {
     gate: WriteGate,
 }
 
-/// Serialises this process's writers of one SQLite file (the store's writer and the
-/// [`Pruner`](crate::retention::Pruner)) with a mutex instead of SQLite's lock.
-///
-/// SQLite's busy handler waits by sleeping 1, 2, 5, 10… ms between retries, so a commit that
-/// finds the pruner's transaction open would wait milliseconds longer than the transaction
-/// lasts; a mutex hands over as soon as it is released. Other processes still meet SQLite's
-/// lock and busy timeout as before.
-#[derive(Clone, Debug, Default)]
-pub struct WriteGate(Arc<Mutex<()>>);
-
-impl WriteGate {
-    /// Waits for the gate (a panic while it was held does not matter: it guards no data).
-    pub(crate) fn enter(&self) -> MutexGuard<'_, ()> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
 impl SqliteBackend {
     /// Opens the store at `path` for writing, creating the file and the schema if the file is
     /// missing or empty; sets WAL and `synchronous=FULL`.
@@ -316,7 +300,7 @@ impl SqliteBackend {
             Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Locked {
                 path: self.path.clone(),
             },
-            _ => StoreError::read(e),
+            _ => StoreError::read(Cause::sqlite(e)),
         }
     }
 }
@@ -324,14 +308,14 @@ impl SqliteBackend {
 impl Backend for SqliteBackend {
     fn commit_batch(&mut self, batch: &[Record]) -> Result<Vec<StoreOutcome>, StoreError> {
         if self.read_only {
-            return Err(StoreError::commit("the store was opened read-only"));
+            return Err(StoreError::commit(Problem::ReadOnly));
         }
         let window = self.window_us();
         let gate = self.gate.clone();
         let _turn = gate.enter();
-        let result = self
-            .connection()
-            .and_then(|conn| insert_batch(conn, batch, window).map_err(StoreError::commit));
+        let result = self.connection().and_then(|conn| {
+            insert_batch(conn, batch, window).map_err(|e| StoreError::commit(Cause::sqlite(e)))
+        });
         if result.is_err() {
             // Dropping the connection rolls back whatever is left of the transaction.
             self.conn = None;
@@ -398,6 +382,18 @@ impl Backend for SqliteBackend {
 
     fn location(&self) -> String {
         format!("sqlite:{}", self.path.display())
+    }
+
+    fn write_gate(&self) -> Option<WriteGate> {
+        Some(Self::write_gate(self))
+    }
+
+    /// The absolute path: `./mllp-reactor.db` does not say which directory.
+    fn summary(&self) -> String {
+        std::fs::canonicalize(&self.path)
+            .unwrap_or_else(|_| self.path.clone())
+            .display()
+            .to_string()
     }
 }
 
@@ -476,7 +472,7 @@ fn insert_batch(
 /// Clear errors for the common path mistakes, before SQLite's generic "unable to open".
 fn check_path(path: &Path, create: bool) -> Result<(), StoreError> {
     match std::fs::metadata(path) {
-        Ok(meta) if meta.is_dir() => Err(StoreError::open(path, "it is a directory")),
+        Ok(meta) if meta.is_dir() => Err(StoreError::open(path, Problem::IsADirectory)),
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if !create {
@@ -485,10 +481,9 @@ fn check_path(path: &Path, create: bool) -> Result<(), StoreError> {
                 });
             }
             match path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                Some(dir) if !dir.is_dir() => Err(StoreError::open(
-                    path,
-                    format_args!("directory {} does not exist", dir.display()),
-                )),
+                Some(dir) if !dir.is_dir() => {
+                    Err(StoreError::open(path, Problem::NoDirectory(dir.to_owned())))
+                }
                 _ => Ok(()),
             }
         }
@@ -520,12 +515,9 @@ pub(crate) fn open_connection(
             set_wal(&conn, path)?;
             create_schema(&conn).map_err(classify)?;
         }
-        Schema::Empty => return Err(not_a_store(path, "an empty database")),
+        Schema::Empty => return Err(not_a_store(path, Found::EmptyDatabase)),
         Schema::Foreign => {
-            return Err(not_a_store(
-                path,
-                "an SQLite database with other tables; it was not changed",
-            ));
+            return Err(not_a_store(path, Found::OtherTables));
         }
         Schema::Newer(found) => {
             return Err(StoreError::UnsupportedVersion {
@@ -545,10 +537,7 @@ pub(crate) fn open_connection(
             .map_err(classify)?;
         // 2 = FULL (sqlite.org/pragma.html#pragma_synchronous).
         if level != 2 {
-            return Err(StoreError::open(
-                path,
-                format_args!("synchronous=FULL did not stick (got {level})"),
-            ));
+            return Err(StoreError::open(path, Problem::SynchronousNotFull(level)));
         }
     }
     Ok(conn)
@@ -574,10 +563,7 @@ fn set_wal(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     if mode.eq_ignore_ascii_case("wal") {
         Ok(())
     } else {
-        Err(StoreError::open(
-            path,
-            format_args!("cannot switch to WAL (journal mode stays {mode})"),
-        ))
+        Err(StoreError::open(path, Problem::NotWal(mode)))
     }
 }
 
@@ -632,21 +618,21 @@ fn create_schema(conn: &Connection) -> rusqlite::Result<()> {
     result
 }
 
-fn not_a_store(path: &Path, reason: &str) -> StoreError {
+fn not_a_store(path: &Path, found: Found) -> StoreError {
     StoreError::NotAStore {
         path: path.to_owned(),
-        reason: reason.to_owned(),
+        found,
     }
 }
 
 /// Turns an SQLite error while opening into the typed, one-line error a user can act on.
 fn classify_open_error(path: &Path, flags: OpenFlags, e: rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
-        Some(ErrorCode::NotADatabase) => not_a_store(path, "not an SQLite database"),
+        Some(ErrorCode::NotADatabase) => not_a_store(path, Found::NotSqlite),
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Locked {
             path: path.to_owned(),
         },
-        Some(ErrorCode::DatabaseCorrupt) => StoreError::open(path, "the database file is corrupt"),
+        Some(ErrorCode::DatabaseCorrupt) => StoreError::open(path, Problem::Corrupt),
         Some(ErrorCode::CannotOpen | ErrorCode::PermissionDenied | ErrorCode::ReadOnly) => {
             // SQLite's text ("unable to open database file") hides the reason; the OS has it.
             let writable = !flags.contains(OpenFlags::SQLITE_OPEN_READ_ONLY);
@@ -656,10 +642,10 @@ fn classify_open_error(path: &Path, flags: OpenFlags, e: rusqlite::Error) -> Sto
                 .open(path);
             match os {
                 Err(io) => StoreError::open(path, io),
-                Ok(_) => StoreError::open(path, e),
+                Ok(_) => StoreError::open(path, Cause::sqlite(e)),
             }
         }
-        _ => StoreError::open(path, e),
+        _ => StoreError::open(path, Cause::sqlite(e)),
     }
 }
 

@@ -20,19 +20,14 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, WriteGate};
 use crate::disk::DiskMonitor;
-use crate::error::{CloseError, ConfigError, StoreError, Submission, SubmitError};
+use crate::error::{Cause, CloseError, ConfigError, Problem, StoreError};
 use crate::health::{StoreHealth, WRITER_HEARTBEAT};
 use crate::record::{Record, StoreOutcome};
 use crate::sqlite::{SqliteBackend, SqliteOptions};
+use crate::submit::{Done, Submission, SubmitError};
 use crate::telemetry::Metrics;
-
-/// The completion callback of one record: called exactly once, on the writer thread, after
-/// the record's batch committed (`Ok`) or failed (`Err`). It should be quick (send on a
-/// channel, complete a deferred reply): the next batch waits for it. A panic in it is caught
-/// and does not affect other records.
-pub type Done = Box<dyn FnOnce(Result<StoreOutcome, StoreError>) + Send + 'static>;
 
 /// Default of [`StoreConfig::max_queue_messages`]: 16 384.
 ///
@@ -134,6 +129,23 @@ impl StoreConfig {
         self
     }
 
+    /// Queue caps that a server's own limits always reach first, so the store never has to
+    /// refuse a message: every queued record is a message in flight, so at most
+    /// `max_connections` × `max_in_flight` of them (the server's effective value: see
+    /// [`Dispatch::default_max_in_flight`](mllp_reactor::Dispatch::default_max_in_flight))
+    /// and `max_memory` bytes (the server's budget) can be queued. When those are reached
+    /// the server stops reading and TCP pushes back on senders.
+    pub fn for_server(
+        mut self,
+        max_connections: usize,
+        max_in_flight: usize,
+        max_memory: usize,
+    ) -> Self {
+        self.max_queue_messages = max_connections.saturating_mul(max_in_flight).max(1);
+        self.max_queue_bytes = max_memory.max(1);
+        self
+    }
+
     /// Sets [`close_timeout`](Self::close_timeout).
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.close_timeout = timeout;
@@ -164,6 +176,8 @@ pub struct Store {
     shared: Arc<Shared>,
     config: StoreConfig,
     location: String,
+    summary: String,
+    gate: Option<WriteGate>,
     /// The writer and the receiving end of its exit signal (the writer holds the sender;
     /// it disconnects when the thread ends, however it ends). `None` once joined.
     writer: Mutex<Option<(JoinHandle<()>, Receiver<()>)>>,
@@ -242,6 +256,8 @@ impl Store {
             disk: OnceLock::new(),
         });
         let location = backend.location();
+        let summary = backend.summary();
+        let gate = backend.write_gate();
         let (exit_tx, exit_rx) = mpsc::channel::<()>();
         let writer = Writer {
             shared: Arc::clone(&shared),
@@ -257,11 +273,18 @@ impl Store {
                 let _exit = exit_tx;
                 writer.run();
             })
-            .map_err(|e| StoreError::open(Path::new(&location), e))?;
+            .map_err(|e| {
+                StoreError::open(
+                    Path::new(&location),
+                    Cause::from(e).context("cannot start the writer thread"),
+                )
+            })?;
         Ok(Self {
             shared,
             config,
             location,
+            summary,
+            gate,
             writer: Mutex::new(Some((handle, exit_rx))),
         })
     }
@@ -372,6 +395,17 @@ impl Store {
     /// Where the backend keeps the data (`sqlite:/path/to/file.db`).
     pub fn location(&self) -> &str {
         &self.location
+    }
+
+    /// The backend's one-line summary for an operator ([`Backend::summary`]): the absolute
+    /// path of an SQLite file; a PostgreSQL URL (no password) and its `synchronous_commit`.
+    pub fn summary(&self) -> &str {
+        &self.summary
+    }
+
+    /// The backend's [write gate](Backend::write_gate), for a pruner of the same SQLite file.
+    pub fn write_gate(&self) -> Option<&WriteGate> {
+        self.gate.as_ref()
     }
 
     /// Stops taking records, lets the writer commit everything queued, and joins it, waiting
@@ -494,7 +528,7 @@ impl<B: Backend> Writer<B> {
     fn commit(&mut self, records: &[Record], dones: &mut Vec<Done>) {
         if records.is_empty() {
             let probe = catch_unwind(AssertUnwindSafe(|| self.backend.commit_batch(&[])))
-                .unwrap_or_else(|_| Err(StoreError::commit("the store backend panicked")));
+                .unwrap_or_else(|_| Err(StoreError::commit(Problem::BackendPanicked)));
             self.shared.health.commit_result(probe.as_ref().err());
             return;
         }
@@ -509,14 +543,13 @@ impl<B: Backend> Writer<B> {
         let started = Instant::now();
         // A panicking backend must not leave callbacks uncalled: treat it as a failed batch.
         let result = catch_unwind(AssertUnwindSafe(|| self.backend.commit_batch(records)))
-            .unwrap_or_else(|_| Err(StoreError::commit("the store backend panicked")));
+            .unwrap_or_else(|_| Err(StoreError::commit(Problem::BackendPanicked)));
         let result = match result {
             Ok(outcomes) if outcomes.len() != records.len() => {
-                Err(StoreError::commit(format_args!(
-                    "the backend returned {} outcomes for {} records",
-                    outcomes.len(),
-                    records.len()
-                )))
+                Err(StoreError::commit(Problem::OutcomeCount {
+                    records: records.len(),
+                    outcomes: outcomes.len(),
+                }))
             }
             other => other,
         };

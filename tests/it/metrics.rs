@@ -63,6 +63,7 @@ fn every_metric_is_registered_at_bind_with_listener_label_unit_and_description()
             "max_connections",
             "not_allowed",
             "proxy_header",
+            "shutdown",
             "tls_bad_client_cert",
             "tls_handshake",
             "tls_no_client_cert",

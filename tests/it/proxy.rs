@@ -6,7 +6,7 @@ use std::time::Duration;
 use mllp_reactor::ack::AckCode;
 use mllp_reactor::cidr::AllowList;
 use mllp_reactor::proxy::{ProxyHeader, ProxyMode, encode_v1, encode_v2};
-use mllp_reactor::{CloseReason, Server};
+use mllp_reactor::{Builder, CloseReason, ConfigError, Server};
 
 use crate::support::{Event, TestServer, accepting, assert_ack, frame, message, start, start_at};
 
@@ -25,9 +25,59 @@ fn allow(list: &[&str]) -> AllowList {
     list.iter().map(|c| c.parse().unwrap()).collect()
 }
 
+/// A server requiring PROXY headers, trusting the loopback balancer (the test itself).
+fn behind_balancer(mode: ProxyMode) -> Builder {
+    Server::builder(accepting())
+        .proxy_protocol(mode)
+        .proxy_sources(allow(&["127.0.0.0/8", "::1/128"]))
+}
+
+/// Issue 18 defect 1: a PROXY header was trusted from anyone, so a client on 127.0.0.1 could
+/// claim an allowed address and get past the allow-list (and into the records as that
+/// address). PROXY protocol now needs the trusted sources, and the allow-list applies to the
+/// balancer (the socket's peer) as well as the client the header names.
+#[test]
+fn issue_1_a_proxy_header_does_not_get_past_the_allow_list() {
+    let err = Server::builder(accepting())
+        .proxy_protocol(ProxyMode::V1)
+        .allow(allow(&["10.9.9.9/32"]))
+        .bind("127.0.0.1:0")
+        .expect_err("PROXY protocol without trusted sources");
+    assert!(
+        matches!(
+            err,
+            mllp_reactor::Error::Config(ConfigError::ProxySourcesRequired)
+        ),
+        "{err:?}"
+    );
+
+    // Every source trusted explicitly: the allow-list still checks the socket's peer.
+    let mut server = start(
+        Server::builder(accepting())
+            .proxy_protocol(ProxyMode::V1)
+            .proxy_sources(allow(&["0.0.0.0/0", "::/0"]))
+            .allow(allow(&["10.9.9.9/32"])),
+    );
+    let mut forger = server.connect();
+    let mut wire = b"PROXY TCP4 10.9.9.9 10.0.0.1 4000 2575\r\n".to_vec();
+    wire.extend(frame(&message("FORGED")));
+    // The server may close before taking the bytes: a failed send is fine.
+    let _ = std::io::Write::write_all(&mut forger.stream, &wire);
+    forger.expect_closed();
+    server
+        .events
+        .expect_close(forger.local_addr(), CloseReason::NotAllowed);
+    assert_eq!(
+        server.events.count(|e| matches!(e, Event::MessageStart(_))),
+        0,
+        "a message from a forged source was handled"
+    );
+    server.stop();
+}
+
 #[test]
 fn v2_header_source_becomes_the_peer() {
-    let mut server = start(Server::builder(accepting()).proxy_protocol(ProxyMode::V2));
+    let mut server = start(behind_balancer(ProxyMode::V2));
     let mut peer = server.connect();
     let mut wire = encode_v2(&proxied("203.0.113.7:40123"));
     wire.extend(frame(&message("PX1")));
@@ -45,7 +95,7 @@ fn v2_header_source_becomes_the_peer() {
 
 #[test]
 fn v1_header_byte_by_byte_then_pipelined_messages() {
-    let server = start(Server::builder(accepting()).proxy_protocol(ProxyMode::Any));
+    let server = start(behind_balancer(ProxyMode::Any));
     let mut peer = server.connect();
     for b in encode_v1(&proxied("[2001:db8::1]:5000")) {
         peer.send(&[b]);
@@ -63,7 +113,7 @@ fn v1_header_byte_by_byte_then_pipelined_messages() {
 
 #[test]
 fn local_header_is_a_health_check_served_with_the_socket_peer() {
-    let mut server = start(Server::builder(accepting()).proxy_protocol(ProxyMode::V2));
+    let mut server = start(behind_balancer(ProxyMode::V2));
     let mut peer = server.connect();
     peer.send(&encode_v2(&ProxyHeader::Local));
     peer.shutdown_write();
@@ -76,7 +126,7 @@ fn local_header_is_a_health_check_served_with_the_socket_peer() {
 
 #[test]
 fn a_connection_without_a_header_is_rejected_and_counted() {
-    let mut server = start(Server::builder(accepting()).proxy_protocol(ProxyMode::V2));
+    let mut server = start(behind_balancer(ProxyMode::V2));
     let mut peer = server.connect();
     // Plain MLLP where a header must be: no guessing, the connection is closed unanswered.
     peer.send(&frame(&message("NOHDR")));
@@ -89,11 +139,8 @@ fn a_connection_without_a_header_is_rejected_and_counted() {
 
 #[test]
 fn a_silent_connection_is_closed_at_the_handshake_deadline() {
-    let mut server = start(
-        Server::builder(accepting())
-            .proxy_protocol(ProxyMode::Any)
-            .handshake_timeout(Duration::from_millis(200)),
-    );
+    let mut server =
+        start(behind_balancer(ProxyMode::Any).handshake_timeout(Duration::from_millis(200)));
     let mut peer = server.connect();
     peer.expect_closed();
     server
@@ -140,12 +187,12 @@ fn start_v6(list: &[&str]) -> Option<TestServer> {
 
 #[test]
 fn the_allow_list_checks_the_proxied_client_and_the_balancer() {
-    // Balancer allowed (loopback), client 198.51.100.9 not on the list.
+    // Balancer trusted and allowed (loopback), client 198.51.100.9 not on the list.
     let mut server = start(
         Server::builder(accepting())
             .proxy_protocol(ProxyMode::V2)
             .proxy_sources(allow(&["127.0.0.0/8"]))
-            .allow(allow(&["203.0.113.0/24"])),
+            .allow(allow(&["127.0.0.0/8", "203.0.113.0/24"])),
     );
     let mut good = server.connect();
     let mut wire = encode_v2(&proxied("203.0.113.5:1000"));
@@ -162,6 +209,21 @@ fn the_allow_list_checks_the_proxied_client_and_the_balancer() {
             matches!(e, Event::ConnectionStop(stop) if stop.reason == CloseReason::NotAllowed)
                 && e.peer() == client("198.51.100.9:1000")
         });
+    server.stop();
+
+    // A balancer trusted to send headers but not on the allow-list is refused before a byte
+    // is read, whatever client it would name.
+    let mut server = start(
+        Server::builder(accepting())
+            .proxy_protocol(ProxyMode::V2)
+            .proxy_sources(allow(&["127.0.0.0/8"]))
+            .allow(allow(&["203.0.113.0/24"])),
+    );
+    let mut not_allowed = server.connect();
+    not_allowed.expect_closed();
+    server
+        .events
+        .expect_close(not_allowed.local_addr(), CloseReason::NotAllowed);
     server.stop();
 
     // A balancer that is not trusted is refused before a byte is read.

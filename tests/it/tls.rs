@@ -17,8 +17,8 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Mutex;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mllp_reactor::ack::{self, AckCode};
@@ -344,5 +344,74 @@ fn openssl_s_client_talks_to_the_server() {
         "{stdout:?} {:?}",
         output.stderr
     );
+    server.stop();
+}
+
+// -- Behind a balancer -----------------------------------------------------------------------
+
+/// Issue 18 defect 2: with TLS behind a PROXY header, a ClientHello that arrived in the same
+/// read as the header was processed, but the ServerHello it produced was never sent
+/// (edge-triggered: no new event came), and the handshake hung until its deadline. Every
+/// split of header + ClientHello into two writes, including none, completes a round trip.
+#[test]
+fn issue_2_tls_after_a_proxy_header_at_every_split() {
+    use mllp_reactor::proxy::{ProxyHeader, ProxyMode, encode_v2};
+    let server = start(
+        Server::builder(ack_handler())
+            .tls(server_tls(&pki().server))
+            .proxy_protocol(ProxyMode::V2)
+            .proxy_sources(allow(&["127.0.0.0/8"])),
+    );
+    let header = encode_v2(&ProxyHeader::Proxied {
+        source: "203.0.113.7:4000".parse().unwrap(),
+        destination: "10.0.0.1:2575".parse().unwrap(),
+    });
+    let config = rustls_client(&[&rustls::version::TLS13], None);
+    let hello = |conn: &mut rustls::ClientConnection| {
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).unwrap();
+        hello
+    };
+    let new_conn = || {
+        rustls::ClientConnection::new(
+            Arc::clone(&config),
+            ServerName::try_from("localhost").unwrap(),
+        )
+        .unwrap()
+    };
+    let len = header.len() + hello(&mut new_conn()).len() + 16;
+    for split in 0..=len {
+        let mut conn = new_conn();
+        let mut wire = header.clone();
+        wire.extend(hello(&mut conn));
+        let mut tcp = TcpStream::connect(server.addr).unwrap();
+        tcp.set_nodelay(true).unwrap();
+        tcp.set_read_timeout(Some(WAIT)).unwrap();
+        tcp.set_write_timeout(Some(WAIT)).unwrap();
+        // ClientHellos differ in length by a few bytes (extension order, GREASE).
+        let (first, second) = wire.split_at(split.min(wire.len()));
+        for part in [first, second] {
+            if !part.is_empty() {
+                tcp.write_all(part).unwrap();
+            }
+        }
+        let mut stream = rustls::StreamOwned::new(conn, tcp);
+        stream
+            .write_all(&frame(&message("SPLIT")))
+            .unwrap_or_else(|e| panic!("split at {split}: {e}"));
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !reply.ends_with(b"\x1c\r") {
+            let n = stream
+                .read(&mut buf)
+                .unwrap_or_else(|e| panic!("split at {split}: {e}"));
+            assert_ne!(n, 0, "split at {split}: closed");
+            reply.extend_from_slice(&buf[..n]);
+        }
+        assert!(
+            reply.windows(12).any(|w| w == b"MSA|AA|SPLIT"),
+            "split at {split}"
+        );
+    }
     server.stop();
 }

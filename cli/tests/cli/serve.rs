@@ -103,3 +103,24 @@ fn help_shows_duration_formats_and_every_flag() {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
 }
+
+/// Issue 18 defect 1: a PROXY header from anyone let anyone past `--allow`; the balancers
+/// must be named (`0.0.0.0/0` to trust all, on purpose).
+#[test]
+fn issue_1_proxy_protocol_needs_proxy_source() {
+    refused(
+        &[
+            "serve",
+            "--no-store",
+            "--proxy-protocol",
+            "v1",
+            "--allow",
+            "10.9.9.9/32",
+        ],
+        "--proxy-source",
+    );
+    refused(
+        &["serve", "--no-store", "--proxy-source", "127.0.0.0/8"],
+        "--proxy-protocol",
+    );
+}

@@ -112,13 +112,12 @@ fn a_newer_schema_is_refused() {
         .unwrap();
     drop(conn);
     let err = SqliteBackend::open(&path, &options()).unwrap_err();
-    assert_eq!(
-        err,
-        StoreError::UnsupportedVersion {
-            path,
-            found: 99,
-            supported: 1
-        }
+    assert!(
+        matches!(
+            &err,
+            StoreError::UnsupportedVersion { path: p, found: 99, supported: 1 } if *p == path
+        ),
+        "{err:?}"
     );
     assert_one_line(&err);
 }

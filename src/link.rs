@@ -1,0 +1,359 @@
+//! One connection's seam: its [`Transport`] (socket and layer), its sans-IO [`Connection`]
+//! and its peer. Everything that concerns one connection and is not MLLP lives here, in one
+//! place:
+//!
+//! - the PROXY header (read before anything else, its source becoming the peer);
+//! - the allow-list decision, for the socket's peer at accept ([`admits`]) and for the client
+//!   a header names;
+//! - the TLS start (the connection serves MLLP once the handshake is done) and the mapping of
+//!   TLS failures to close reasons;
+//! - the read and write transfer between the transport and the connection;
+//! - the close reason of a connection that ends, including one that never started
+//!   ([`Link::closed`]).
+//!
+//! The reactor owns the links in a slab, routes readiness and timers to them, and applies the
+//! memory budget: it decides *whether* a link may read, the link decides *what* a read means.
+//!
+//! ```text
+//!  reactor ── readable/writable ──▶ Link ── read / write ──▶ Transport ──▶ socket
+//!                                    │ handle_read, transmit, handle_written
+//!                                    ▼
+//!                                Connection (sans-IO)
+//! ```
+
+use std::io::{ErrorKind, IoSlice};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::cidr::AllowList;
+use crate::connection::{Connection, Event, Limits};
+use crate::identity::PeerIdentity;
+use crate::outcome::ConnectionId;
+use crate::reason::{CloseReason, RejectReason};
+use crate::sync::lock;
+use crate::telemetry::Telemetry;
+use crate::transport::{Preambled, Transport};
+
+/// Most slices per `writev`: 42 replies of 3 slices each. Linux takes up to 1024; past a few
+/// dozen replies the syscall is amortized and the stack array stays at 2 KiB.
+const MAX_IOV: usize = 126;
+
+/// Who may connect. New connections see a reload; established ones are not re-checked.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Policy {
+    /// Peers allowed to connect (the PROXY header's source when PROXY protocol is on).
+    pub(crate) allow: Option<AllowList>,
+    /// With PROXY protocol: the balancers allowed to send headers.
+    pub(crate) proxy_sources: Option<AllowList>,
+}
+
+/// Whether a connection from `peer` may be served, decided before a byte is read: `peer`
+/// must be on the allow-list and, behind a balancer (`proxied`), also among the sources
+/// trusted to send PROXY headers (none when unset: `bind` requires them). The client a header
+/// names is checked again once it is known.
+pub(crate) fn admits(policy: &Policy, proxied: bool, peer: IpAddr) -> bool {
+    policy.allow.as_ref().is_none_or(|l| l.contains(peer))
+        && (!proxied
+            || policy
+                .proxy_sources
+                .as_ref()
+                .is_some_and(|l| l.contains(peer)))
+}
+
+/// One served connection: transport, connection state machine, peer.
+#[derive(Debug)]
+pub(crate) struct Link {
+    pub(crate) id: ConnectionId,
+    transport: Transport,
+    pub(crate) conn: Connection,
+    /// The socket's peer, or the client a PROXY header named.
+    peer: SocketAddr,
+    /// The socket reported readable (edge-triggered: until a read says `WouldBlock`).
+    pub(crate) read_ready: bool,
+    /// The socket reported writable (until a write says `WouldBlock`).
+    pub(crate) write_ready: bool,
+    /// Some bytes came from the peer (a health probe closes with none).
+    received: bool,
+    /// [`poll_started`](Self::poll_started) reported the start.
+    announced: bool,
+}
+
+/// How a link ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Closed {
+    /// Why, with a connection that never started blamed on the stage it was in.
+    pub(crate) reason: CloseReason,
+    /// It never served MLLP (no PROXY header or TLS handshake done): why it was rejected.
+    pub(crate) rejected: Option<RejectReason>,
+    /// It closed without sending a byte (a balancer's health check, a port scan).
+    pub(crate) silent: bool,
+}
+
+impl Link {
+    /// A link over `transport`: started at once over plain TCP, pending a PROXY header or a
+    /// TLS handshake otherwise.
+    pub(crate) fn new(
+        id: ConnectionId,
+        transport: Transport,
+        peer: SocketAddr,
+        limits: Arc<Limits>,
+        now: Instant,
+    ) -> Self {
+        let conn = if transport.ready() {
+            Connection::new(limits, now)
+        } else {
+            Connection::new_pending(limits, now)
+        };
+        Self {
+            id,
+            transport,
+            conn,
+            peer,
+            read_ready: false,
+            write_ready: false,
+            received: false,
+            announced: false,
+        }
+    }
+
+    /// The peer: the socket's, or the client a PROXY header named.
+    pub(crate) fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The verified client certificate's identity (mutual TLS).
+    pub(crate) fn identity(&self) -> Option<Arc<PeerIdentity>> {
+        self.transport.peer_identity()
+    }
+
+    /// Takes a readiness event.
+    pub(crate) fn handle_readiness(&mut self, readable: bool, writable: bool) {
+        self.read_ready |= readable;
+        self.write_ready |= writable;
+    }
+
+    /// Whether the link has bytes waiting and room to take them.
+    pub(crate) fn wants_read(&self) -> bool {
+        self.read_ready && self.conn.wants_read()
+    }
+
+    /// Whether the next read is outside the memory budget: a PROXY header is at most
+    /// [`MAX_HEADER_LEN`](crate::proxy::MAX_HEADER_LEN) bytes.
+    pub(crate) fn reads_header(&self) -> bool {
+        self.transport.in_preamble()
+    }
+
+    /// Whether there is something to write and the socket takes it.
+    pub(crate) fn wants_write(&self) -> bool {
+        self.write_ready && (self.conn.wants_write() || self.transport.wants_flush())
+    }
+
+    /// Writes as much of the connection's ready replies (and the transport's own bytes) as the
+    /// socket takes, many replies per `writev`, then ends our sending side if the connection
+    /// asks. Returns whether any progress was made (bytes written or the connection failed).
+    pub(crate) fn write(
+        &mut self,
+        telemetry: &Telemetry,
+        now: Instant,
+        out: &mut Vec<Event>,
+    ) -> bool {
+        let mut progress = self.wants_write() && self.write_some(telemetry, now, out);
+        if self.conn.wants_shutdown_write() {
+            // Failure (already reset) is fine: the linger then just times out or reads EOF.
+            let _ = self.transport.shutdown_write();
+            self.conn.handle_write_shutdown();
+            progress = true;
+        }
+        progress
+    }
+
+    fn write_some(&mut self, telemetry: &Telemetry, now: Instant, out: &mut Vec<Event>) -> bool {
+        let mut progress = false;
+        loop {
+            if self.transport.wants_flush() {
+                match self.transport.flush() {
+                    Ok(n) => {
+                        telemetry.metrics.bytes_sent.increment(n as u64);
+                        progress |= n > 0;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        self.write_ready = false;
+                        return progress;
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        self.conn.handle_io_error(e.kind(), out);
+                        return true;
+                    }
+                }
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let n = self.conn.transmit(&mut slices);
+            if n == 0 {
+                return progress;
+            }
+            telemetry.metrics.socket_writes.increment(1);
+            match self.transport.write_vectored(&slices[..n]) {
+                Ok(0) => {
+                    self.conn.handle_io_error(ErrorKind::WriteZero, out);
+                    return true;
+                }
+                Ok(written) => {
+                    if self.transport.writes_through() {
+                        // Plain TCP: these bytes reached the socket (a layer counts in flush).
+                        telemetry.metrics.bytes_sent.increment(written as u64);
+                    }
+                    self.conn.handle_written(written, now, out);
+                    progress = true;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.write_ready = false;
+                    return progress;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.conn.handle_io_error(e.kind(), out);
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// One read into `scratch`, handed on: to the PROXY header while it is awaited (checking
+    /// the client it names against `policy`), to the connection after. Returns whether any
+    /// progress was made.
+    pub(crate) fn read(
+        &mut self,
+        scratch: &mut [u8],
+        policy: &Mutex<Arc<Policy>>,
+        telemetry: &Telemetry,
+        now: Instant,
+        out: &mut Vec<Event>,
+    ) -> bool {
+        let progress = match self.transport.read(scratch) {
+            Ok(0) => {
+                self.read_ready = false;
+                if self.conn.is_started() {
+                    self.conn.handle_eof(out);
+                } else {
+                    let reason = self.before_start(CloseReason::PeerClosed).close_reason();
+                    self.conn.handle_start_failed(reason, out);
+                }
+                true
+            }
+            Ok(n) => {
+                self.received = true;
+                telemetry.metrics.bytes_received.increment(n as u64);
+                if self.transport.in_preamble() {
+                    self.header_read(&scratch[..n], policy, now, out);
+                } else {
+                    self.conn.handle_read(&scratch[..n], now, out);
+                }
+                true
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                self.read_ready = false;
+                false
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => true,
+            Err(e) => {
+                self.received = true; // a TLS failure means bytes came
+                match self.transport.failure_reason(&e) {
+                    Some(reason) => {
+                        let reason = match reason {
+                            CloseReason::Io(_) if !self.conn.is_started() => {
+                                CloseReason::TlsHandshake
+                            }
+                            reason => reason,
+                        };
+                        self.conn.handle_start_failed(reason, out);
+                    }
+                    None => self.conn.handle_io_error(e.kind(), out),
+                }
+                true
+            }
+        };
+        // A layer may make progress that a read does not report: TLS bytes that followed the
+        // PROXY header in its segment are handshake input whose answer (the ServerHello) waits
+        // in the session while the next socket read says WouldBlock. Edge-triggered, no event
+        // would come for it: flush it now.
+        progress || (self.write_ready && self.transport.wants_flush())
+    }
+
+    /// Feeds bytes to the PROXY header. Once it is complete the header's source becomes the
+    /// peer (checked against the allow-list), and the bytes after it go to the connection, or
+    /// to the TLS session that follows.
+    fn header_read(
+        &mut self,
+        bytes: &[u8],
+        policy: &Mutex<Arc<Policy>>,
+        now: Instant,
+        out: &mut Vec<Event>,
+    ) {
+        let (header, rest) = match self.transport.feed_preamble(bytes) {
+            Preambled::Partial => return,
+            Preambled::Failed => {
+                self.conn.handle_start_failed(CloseReason::ProxyHeader, out);
+                return;
+            }
+            Preambled::Done(header, rest) => (header, rest),
+        };
+        // A LOCAL header (a balancer's health check) names no client: the socket's peer stands.
+        if let Some(source) = header.source() {
+            self.peer = source;
+        }
+        let policy = Arc::clone(&lock(policy));
+        if !admits(&policy, false, self.peer.ip()) {
+            self.conn.handle_start_failed(CloseReason::NotAllowed, out);
+            return;
+        }
+        if self.transport.ready() {
+            self.conn.handle_started(now);
+            self.conn.handle_read(&rest, now, out);
+        }
+        // Else TLS follows the header: the connection starts when its handshake is done.
+    }
+
+    /// Whether the connection has just started serving MLLP (its PROXY header and TLS
+    /// handshake are done); true once.
+    pub(crate) fn poll_started(&mut self, now: Instant) -> bool {
+        if self.announced {
+            return false;
+        }
+        if !self.conn.is_started()
+            && !self.conn.is_closed()
+            && !self.transport.in_preamble()
+            && self.transport.ready()
+        {
+            // The TLS handshake is done: the connection serves MLLP from now on.
+            self.conn.handle_started(now);
+        }
+        self.announced = self.conn.is_started();
+        self.announced
+    }
+
+    /// Releases the layer's buffers when the connection holds nothing.
+    pub(crate) fn release_idle_buffers(&mut self) {
+        if !self.conn.in_flight() && self.conn.buffered_len() == 0 {
+            self.transport.release_idle_buffers();
+        }
+    }
+
+    /// How the link ended, once it has; `None` while open.
+    pub(crate) fn closed(&self) -> Option<Closed> {
+        let reason = self.conn.close_reason()?;
+        let rejected = (!self.conn.is_started()).then(|| self.before_start(reason));
+        Some(Closed {
+            reason: rejected.map_or(reason, RejectReason::close_reason),
+            rejected,
+            silent: !self.received,
+        })
+    }
+
+    /// Why a connection that never started was rejected: an end (or a reset) blames the
+    /// stage it was in, a deadline is the handshake's.
+    fn before_start(&self, reason: CloseReason) -> RejectReason {
+        RejectReason::before_start(reason, self.transport.in_preamble())
+    }
+}

@@ -1,0 +1,116 @@
+//! What a new connection checks and sets up before it is used.
+
+use tokio_postgres::{Client, Statement};
+
+use super::describe::show;
+use super::schema::{Schema, foreign, inspect_schema, migrate};
+use super::sql::{FIND_ORIGINALS, IDS_AND_ORIGINALS, INSERT, READ_AFTER};
+use super::{IDLE_IN_TRANSACTION_TIMEOUT, PostgresOptions, SCHEMA_VERSION};
+use crate::error::{Cause, Found, Problem, StoreError};
+
+/// What a new connection checks and sets up before it is used.
+pub(super) struct Session<'a> {
+    pub(super) path: &'a std::path::Path,
+    pub(super) options: &'a PostgresOptions,
+    pub(super) read_only: bool,
+    /// Whether an empty database gets the schema (only at the first connect of a writer).
+    pub(super) create: bool,
+}
+
+impl Session<'_> {
+    fn error(&self, problem: Problem) -> StoreError {
+        StoreError::open(self.path, problem)
+    }
+
+    fn pg_error(&self, e: tokio_postgres::Error) -> StoreError {
+        StoreError::open(self.path, Cause::postgres(e))
+    }
+
+    /// Sets the session up, checks durability and the schema (creating or migrating it when
+    /// allowed), and prepares the statements. Returns `synchronous_commit` (writers only).
+    pub(super) async fn start(
+        &self,
+        client: &Client,
+    ) -> Result<(Option<String>, [Statement; 4]), StoreError> {
+        let mut setup = format!(
+            "SET lock_timeout = {}; SET idle_in_transaction_session_timeout = {};",
+            self.options.lock_timeout.as_millis().max(1),
+            IDLE_IN_TRANSACTION_TIMEOUT.as_millis()
+        );
+        if self.read_only {
+            setup.push_str("SET default_transaction_read_only = on;");
+        }
+        client
+            .batch_execute(&setup)
+            .await
+            .map_err(|e| self.pg_error(e))?;
+        let encoding = show(client, "server_encoding")
+            .await
+            .map_err(|e| self.pg_error(e))?;
+        if !encoding.eq_ignore_ascii_case("UTF8") {
+            return Err(self.error(Problem::Encoding(encoding)));
+        }
+        let mut sync = None;
+        if !self.read_only {
+            let level = show(client, "synchronous_commit")
+                .await
+                .map_err(|e| self.pg_error(e))?;
+            let fsync = show(client, "fsync").await.map_err(|e| self.pg_error(e))?;
+            if !self.options.allow_async_commit {
+                if level == "off" {
+                    return Err(self.error(Problem::AsyncCommit));
+                }
+                if fsync == "off" {
+                    return Err(self.error(Problem::FsyncOff));
+                }
+            }
+            sync = Some(level);
+        }
+        let schema = inspect_schema(client).await.map_err(|e| self.pg_error(e))?;
+        match schema {
+            Schema::Version(v) if v == SCHEMA_VERSION => {}
+            Schema::Version(found) if found > SCHEMA_VERSION => {
+                return Err(StoreError::UnsupportedVersion {
+                    path: self.path.to_owned(),
+                    found: found.into(),
+                    supported: SCHEMA_VERSION.into(),
+                });
+            }
+            Schema::Foreign => return Err(foreign(self.path)),
+            Schema::Empty | Schema::Version(_) if self.read_only || !self.create => {
+                return Err(StoreError::NotAStore {
+                    path: self.path.to_owned(),
+                    found: match schema {
+                        Schema::Empty => Found::NoTables,
+                        _ => Found::NotMigrated,
+                    },
+                });
+            }
+            Schema::Empty | Schema::Version(_) => migrate(client, self.path).await?,
+        }
+        if !self.read_only {
+            // A session caches CACHE ids ahead: with more than one, two nodes would hand out
+            // ids out of commit order, and `--since` could skip records.
+            let cache: i64 = client
+                .query_one(
+                    "SELECT seqcache FROM pg_catalog.pg_sequence \
+                     WHERE seqrelid = pg_get_serial_sequence('mllp_messages', 'id')::regclass",
+                    &[],
+                )
+                .await
+                .and_then(|row| row.try_get(0))
+                .map_err(|e| self.pg_error(e))?;
+            if cache != 1 {
+                return Err(self.error(Problem::SequenceCache(cache)));
+            }
+        }
+        let mut statements = Vec::with_capacity(4);
+        for sql in [IDS_AND_ORIGINALS, FIND_ORIGINALS, INSERT, READ_AFTER] {
+            statements.push(client.prepare(sql).await.map_err(|e| self.pg_error(e))?);
+        }
+        let statements: [Statement; 4] = statements
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("four statements were prepared"));
+        Ok((sync, statements))
+    }
+}
