@@ -131,7 +131,7 @@ fn parse_min_free(text: &str) -> Result<MinFree, String> {
             Ok(p) if (0.0..=100.0).contains(&p) => Ok(MinFree::Percent(p)),
             _ => Err(format!("{text:?} is not a percentage between 0% and 100%")),
         },
-        None => crate::retention::parse_size(text).map(MinFree::Bytes),
+        None => crate::units::parse_size(text).map(MinFree::Bytes),
     }
 }
 

@@ -5,6 +5,7 @@ mod addr;
 mod config;
 mod export;
 mod health;
+mod integrity;
 mod loadgen;
 mod logging;
 mod prometheus;
@@ -13,6 +14,7 @@ mod search;
 mod send;
 mod serve;
 mod store_glue;
+mod units;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -63,6 +65,8 @@ enum Command {
     /// Find stored messages by control id, sender, type, patient, time or status (works
     /// while serve runs).
     Search(search::SearchArgs),
+    /// Check a store for damage (SQLite integrity_check); exit 1 if it is damaged.
+    Check(integrity::CheckArgs),
 }
 
 #[derive(Debug, Args)]
@@ -309,6 +313,11 @@ fn main() -> ExitCode {
         }),
         Command::Prune(args) => retention::prune(&args),
         Command::Search(args) => search::search(&args),
+        Command::Check(args) => match integrity::check(&args) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(EXIT_FAILURE),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

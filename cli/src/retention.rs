@@ -21,7 +21,7 @@ pub struct RetainArgs {
     pub retain: Retain,
     /// Also remove the oldest messages while the store's data is larger than this
     /// (e.g. 50GiB, 500MB).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = crate::units::parse_size)]
     pub retain_size: Option<u64>,
 }
 
@@ -39,7 +39,7 @@ pub struct PruneArgs {
     #[arg(value_name = "STORE")]
     pub store: String,
     /// Remove messages received longer ago than this (e.g. 30d, 12h).
-    #[arg(long, value_name = "DURATION", value_parser = parse_period)]
+    #[arg(long, value_name = "DURATION", value_parser = crate::units::parse_period)]
     pub older_than: Duration,
     /// Count what would be removed; change nothing.
     #[arg(long)]
@@ -154,7 +154,7 @@ fn parse_retain(text: &str) -> Result<Retain, String> {
     let text = text.trim();
     let period = match text {
         "forever" | "off" => None,
-        _ => Some(parse_period(text)?),
+        _ => Some(crate::units::parse_period(text)?),
     };
     if period.is_some_and(|p| p.is_zero()) {
         return Err("must be greater than zero (use `forever` to keep everything)".to_owned());
@@ -163,55 +163,6 @@ fn parse_retain(text: &str) -> Result<Retain, String> {
         period,
         text: text.to_owned(),
     })
-}
-
-/// A duration that may also be given in days (`30d`).
-pub fn parse_period(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    match text.strip_suffix('d') {
-        Some(days) => {
-            let days: f64 = days
-                .parse()
-                .map_err(|_| format!("{text:?} does not start with a number"))?;
-            Duration::try_from_secs_f64(days * 86_400.0)
-                .map_err(|_| format!("{text:?} is out of range"))
-        }
-        None => crate::parse_duration(text),
-    }
-}
-
-/// A size in bytes: a number with an optional unit B, KB, MB, GB, TB (powers of 1000) or
-/// KiB, MiB, GiB, TiB (powers of 1024).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} does not start with a number"))?;
-    let scale: f64 = match unit.trim() {
-        "" | "B" => 1.0,
-        "KB" | "kB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "TB" => 1e12,
-        "KiB" => 1024.0,
-        "MiB" => 1024.0 * 1024.0,
-        "GiB" => 1024.0 * 1024.0 * 1024.0,
-        "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {text:?} (use B, MB, GB, MiB, GiB, …)"
-            ));
-        }
-    };
-    let bytes = value * scale;
-    if !(0.0..1.8e19).contains(&bytes) {
-        return Err(format!("{text:?} is out of range"));
-    }
-    Ok(bytes as u64)
 }
 
 /// `--retain`'s default (the store crate's `DEFAULT_RETAIN`).
@@ -223,13 +174,7 @@ mod tests {
     use mllp_store::retention::DEFAULT_RETAIN;
 
     #[test]
-    fn sizes_and_periods() {
-        assert_eq!(parse_size("50GiB"), Ok(50 << 30));
-        assert_eq!(parse_size("500MB"), Ok(500_000_000));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("5 parsecs").is_err());
-        assert_eq!(parse_period("30d"), Ok(DEFAULT_RETAIN));
-        assert_eq!(parse_period("12h"), Ok(Duration::from_secs(12 * 3600)));
+    fn retain_takes_periods_and_forever() {
         assert_eq!(parse_retain("forever").unwrap().period, None);
         assert!(parse_retain("0s").is_err());
         assert_eq!(

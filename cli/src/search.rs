@@ -160,7 +160,7 @@ fn parse_time(text: &str) -> Result<i64, String> {
             )
         });
     }
-    let age = crate::retention::parse_period(text)?;
+    let age = crate::units::parse_period(text)?;
     let at = SystemTime::now()
         .checked_sub(age)
         .unwrap_or(UNIX_EPOCH)

@@ -102,7 +102,9 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
                 max_in_flight,
                 opts.max_memory,
             );
+            crate::integrity::check_at_start(spec)?;
             let (store, shown, writer_gate) = open_store(spec, opts.allow_async_commit, config)?;
+            crate::integrity::watch_corruption(store.health(), spec.clone());
             gate = writer_gate;
             disk = crate::health::watch_disk(spec, &opts.health, &store)?;
             (Some(Arc::new(store)), Some(shown))

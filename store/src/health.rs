@@ -1,11 +1,11 @@
 //! What a health endpoint needs to know about a [`Store`](crate::Store): whether its writer
 //! thread is alive (a heartbeat) and whether its last commit succeeded.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::error::StoreError;
+use crate::error::{Problem, StoreError};
 
 /// Longest time an idle writer waits for records before stamping its heartbeat: the
 /// server's [`HEARTBEAT_INTERVAL`](mllp_reactor::HEARTBEAT_INTERVAL), for the same reasons.
@@ -24,6 +24,8 @@ struct Inner {
     beat_us: AtomicU64,
     /// The last commit's error; `None` after a successful one (or before any).
     last_error: Mutex<Option<StoreError>>,
+    /// Set for good by the first commit that found the file damaged.
+    corrupt: AtomicBool,
 }
 
 impl Default for StoreHealth {
@@ -33,6 +35,7 @@ impl Default for StoreHealth {
                 epoch: Instant::now(),
                 beat_us: AtomicU64::new(0),
                 last_error: Mutex::new(None),
+                corrupt: AtomicBool::new(false),
             }),
         }
     }
@@ -47,8 +50,13 @@ impl StoreHealth {
             .store(u64::try_from(us).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
-    /// Records a commit's result (once per batch, off the hot path of each record).
-    pub(crate) fn commit_result(&self, error: Option<&StoreError>) {
+    /// Records a commit's result (once per batch, off the hot path of each record). Returns
+    /// whether the error says the file is damaged ([`crate::integrity`]).
+    pub(crate) fn commit_result(&self, error: Option<&StoreError>) -> bool {
+        let corrupt = error.and_then(StoreError::problem) == Some(&Problem::Corrupt);
+        if corrupt {
+            self.inner.corrupt.store(true, Ordering::Relaxed);
+        }
         let mut last = self
             .inner
             .last_error
@@ -59,6 +67,13 @@ impl StoreHealth {
             (None, true) => *last = None,
             (Some(e), _) => *last = Some(e.clone()),
         }
+        corrupt
+    }
+
+    /// Whether a commit found the store's file damaged (stays set until restart: see
+    /// [`crate::integrity`]).
+    pub fn is_corrupt(&self) -> bool {
+        self.inner.corrupt.load(Ordering::Relaxed)
     }
 
     /// How long ago the writer last showed it is alive (it stamps at least every
@@ -93,6 +108,8 @@ pub enum NotReady {
     Draining,
     /// The last commit failed: the store does not accept messages now.
     Store(StoreError),
+    /// A commit found the store's file damaged ([`crate::integrity`]); until restart.
+    Corrupt,
     /// Free disk space is below the minimum.
     LowDisk(crate::disk::DiskState),
 }
@@ -103,6 +120,7 @@ impl NotReady {
         match self {
             Self::Draining => "draining",
             Self::Store(_) => "store",
+            Self::Corrupt => "corrupt",
             Self::LowDisk(_) => "disk",
         }
     }
@@ -113,6 +131,9 @@ impl std::fmt::Display for NotReady {
         match self {
             Self::Draining => f.write_str("the server is draining"),
             Self::Store(e) => e.fmt(f),
+            Self::Corrupt => f.write_str(
+                "the store's file is damaged: stop the server and run `mllp-reactor check`",
+            ),
             Self::LowDisk(state) => state.error().fmt(f),
         }
     }
@@ -147,6 +168,9 @@ pub fn ready(
 ) -> Result<(), NotReady> {
     if draining {
         return Err(NotReady::Draining);
+    }
+    if store.is_some_and(StoreHealth::is_corrupt) {
+        return Err(NotReady::Corrupt);
     }
     if let Some(error) = store.and_then(StoreHealth::last_commit_error) {
         return Err(NotReady::Store(error));

@@ -168,6 +168,7 @@ mod error;
 pub mod export;
 pub mod fault;
 pub mod health;
+pub mod integrity;
 mod open;
 #[cfg(feature = "postgres")]
 pub mod postgresql;

@@ -314,7 +314,13 @@ impl Backend for SqliteBackend {
         let gate = self.gate.clone();
         let _turn = gate.enter();
         let result = self.connection().and_then(|conn| {
-            insert_batch(conn, batch, window).map_err(|e| StoreError::commit(Cause::sqlite(e)))
+            insert_batch(conn, batch, window).map_err(|e| {
+                if is_corruption(&e) {
+                    StoreError::commit(Problem::Corrupt)
+                } else {
+                    StoreError::commit(Cause::sqlite(e))
+                }
+            })
         });
         if result.is_err() {
             // Dropping the connection rolls back whatever is left of the transaction.
@@ -469,6 +475,14 @@ fn insert_batch(
     Ok(outcomes)
 }
 
+/// Whether an SQLite error means the file is damaged (see [`crate::integrity`]).
+pub(crate) fn is_corruption(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+    )
+}
+
 /// Clear errors for the common path mistakes, before SQLite's generic "unable to open".
 fn check_path(path: &Path, create: bool) -> Result<(), StoreError> {
     match std::fs::metadata(path) {
@@ -491,6 +505,35 @@ fn check_path(path: &Path, create: bool) -> Result<(), StoreError> {
     }
 }
 
+/// For a read-only open of a store that no writer has open (no `-wal` file beside it: a
+/// writer keeps one while it runs and removes it when it closes cleanly), the `immutable=1` URI:
+/// SQLite then reads the file as it is and creates no `-wal` or `-shm` file, so an export of a
+/// store on a read-only file system, or of a copy, works and leaves nothing behind. With a
+/// `-wal` file present (a server running, or one that crashed) the ordinary WAL reader is
+/// used, which sees the committed transactions still in the log.
+fn immutable_uri(path: &Path, flags: OpenFlags) -> Option<String> {
+    if !flags.contains(OpenFlags::SQLITE_OPEN_READ_ONLY) {
+        return None;
+    }
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    if Path::new(&wal).exists() {
+        return None;
+    }
+    let text = path.to_str()?;
+    let mut uri = String::from("file:");
+    for c in text.chars() {
+        match c {
+            '%' => uri.push_str("%25"),
+            '?' => uri.push_str("%3f"),
+            '#' => uri.push_str("%23"),
+            c => uri.push(c),
+        }
+    }
+    uri.push_str("?immutable=1");
+    Some(uri)
+}
+
 /// Opens a connection, checks (and if `create`, creates) the schema, and sets the pragmas.
 pub(crate) fn open_connection(
     path: &Path,
@@ -499,7 +542,11 @@ pub(crate) fn open_connection(
     create: bool,
 ) -> Result<Connection, StoreError> {
     let classify = |e: rusqlite::Error| classify_open_error(path, flags, e);
-    let conn = Connection::open_with_flags(path, flags).map_err(classify)?;
+    let conn = match immutable_uri(path, flags) {
+        Some(uri) => Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI),
+        None => Connection::open_with_flags(path, flags),
+    }
+    .map_err(classify)?;
     conn.busy_timeout(options.busy_timeout).map_err(classify)?;
     let writable = !flags.contains(OpenFlags::SQLITE_OPEN_READ_ONLY);
     // Inspect before changing anything: a foreign database must stay untouched (switching it

@@ -529,7 +529,9 @@ impl<B: Backend> Writer<B> {
         if records.is_empty() {
             let probe = catch_unwind(AssertUnwindSafe(|| self.backend.commit_batch(&[])))
                 .unwrap_or_else(|_| Err(StoreError::commit(Problem::BackendPanicked)));
-            self.shared.health.commit_result(probe.as_ref().err());
+            if self.shared.health.commit_result(probe.as_ref().err()) {
+                self.metrics.corruptions.increment(1);
+            }
             return;
         }
         if let Some(disk) = self.shared.disk.get().filter(|d| d.is_low()) {
@@ -557,7 +559,9 @@ impl<B: Backend> Writer<B> {
             .commit_seconds
             .record(started.elapsed().as_secs_f64());
         self.metrics.batch_messages.record(records.len() as f64);
-        self.shared.health.commit_result(result.as_ref().err());
+        if self.shared.health.commit_result(result.as_ref().err()) {
+            self.metrics.corruptions.increment(1);
+        }
         self.shared.health.beat(Instant::now());
         match result {
             Ok(outcomes) => {

@@ -8,6 +8,8 @@ mod util;
 mod duplicates;
 #[path = "it/export.rs"]
 mod export;
+#[path = "it/integrity.rs"]
+mod integrity;
 #[path = "it/open.rs"]
 mod open;
 #[path = "it/retention.rs"]

@@ -347,3 +347,47 @@ fn search_finds_by_control_id_in_every_format() {
     assert_eq!(bad.status.code(), Some(2));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Garbage over the second half of a store's pages (header intact).
+fn damage(store: &std::path::Path) {
+    use std::io::{Seek, SeekFrom, Write};
+    let len = std::fs::metadata(store).unwrap().len();
+    let start = (len / 2) / 4096 * 4096;
+    let mut f = std::fs::OpenOptions::new().write(true).open(store).unwrap();
+    f.seek(SeekFrom::Start(start)).unwrap();
+    f.write_all(&vec![0x5a; (len - start) as usize]).unwrap();
+}
+
+#[test]
+fn a_damaged_store_is_found_by_check_and_refused_by_serve() {
+    let dir = scratch("integrity");
+    let store = dir.join("s.db");
+    let _ = std::fs::remove_file(&store);
+    let path = store.to_str().unwrap();
+    let ids: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
+    fill(path, &ids.iter().map(String::as_str).collect::<Vec<_>>());
+    let ok = run(&["check", path], b"");
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    assert_eq!(text(&ok.stdout), "ok\n");
+
+    // A copy exports without leaving -wal/-shm files beside it.
+    let copy = dir.join("copy.db");
+    std::fs::copy(&store, &copy).unwrap();
+    let out = run(&["export", copy.to_str().unwrap()], b"");
+    assert_eq!(text(&out.stdout).lines().count(), 300);
+    assert!(!dir.join("copy.db-wal").exists() && !dir.join("copy.db-shm").exists());
+
+    damage(&store);
+    let bad = run(&["check", path], b"");
+    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad.stdout));
+    assert!(!text(&bad.stdout).is_empty());
+    let refused = run(&["serve", "--listen", "127.0.0.1:0", "--store", path], b"");
+    assert_eq!(refused.status.code(), Some(1));
+    let err = text(&refused.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("is damaged") && err.contains("mllp-reactor check"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
