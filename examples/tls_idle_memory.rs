@@ -19,7 +19,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, Ordering};
 
-use mllp_reactor::tls::{ShutdownWrite, TlsAcceptor, TlsConfig, TlsSession, TlsStream};
+use mllp_reactor::tls::__plumbing::{ShutdownWrite, TlsStream};
+use mllp_reactor::tls::{TlsAcceptor, TlsConfig, TlsSession};
 use rcgen::{CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 

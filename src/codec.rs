@@ -1,4 +1,5 @@
-//! Sans-IO MLLP framing: an incremental [`FrameDecoder`] and a zero-copy [`EncodedFrame`].
+//! Sans-IO MLLP framing: an incremental [`FrameDecoder`] and [`encode_frame`] (the server
+//! writes replies zero-copy, framing bytes and payload as separate slices).
 //!
 //! A frame is `0x0B` (start block) + payload + `0x1C 0x0D` (end block, carriage return). The
 //! payload is opaque: any byte may appear in it, including `0x0B`, `0x00` and `0x80..=0xFF`
@@ -269,7 +270,6 @@ impl FrameDecoder {
 
 /// Appends `payload` framed as `0x0B payload 0x1C 0x0D` to `out`, copying it.
 ///
-/// For writing to a socket without copying the payload, use [`EncodedFrame`].
 pub fn encode_frame(payload: &[u8], out: &mut BytesMut) {
     out.reserve(payload.len() + FRAMING_OVERHEAD);
     out.extend_from_slice(&[START_BLOCK]);
@@ -278,22 +278,10 @@ pub fn encode_frame(payload: &[u8], out: &mut BytesMut) {
 }
 
 /// A framed payload being written: the payload is shared, never copied, and written with the
-/// framing bytes through vectored I/O ([`io_slices`](Self::io_slices)).
-///
-/// ```
-/// use bytes::Bytes;
-/// use mllp_reactor::codec::EncodedFrame;
-///
-/// let mut frame = EncodedFrame::new(Bytes::from_static(b"MSA|AA|1"));
-/// assert_eq!(frame.remaining(), 11);
-/// frame.advance(4); // a partial write took the start block and 3 payload bytes
-/// let mut slices = [std::io::IoSlice::new(&[]); 3];
-/// let n = frame.io_slices(&mut slices);
-/// let bytes: Vec<u8> = slices[..n].iter().flat_map(|s| s.iter().copied()).collect();
-/// assert_eq!(bytes, b"|AA|1\x1c\x0d");
-/// ```
+/// framing bytes through vectored I/O ([`io_slices`](Self::io_slices)). Crate-private: the
+/// connection's reply slots and the TLS layer use it.
 #[derive(Debug, Clone)]
-pub struct EncodedFrame {
+pub(crate) struct EncodedFrame {
     payload: Bytes,
     /// Bytes of the framed form (`1 + payload.len() + 2`) already written.
     /// INVARIANT: `written <= payload.len() + FRAMING_OVERHEAD`.
@@ -302,7 +290,7 @@ pub struct EncodedFrame {
 
 impl EncodedFrame {
     /// Frames `payload` for writing.
-    pub fn new(payload: Bytes) -> Self {
+    pub(crate) fn new(payload: Bytes) -> Self {
         Self {
             payload,
             written: 0,
@@ -310,28 +298,28 @@ impl EncodedFrame {
     }
 
     /// The unframed payload.
-    pub fn payload(&self) -> &Bytes {
+    pub(crate) fn payload(&self) -> &Bytes {
         &self.payload
     }
 
     /// Framed bytes not yet written.
-    pub fn remaining(&self) -> usize {
+    pub(crate) fn remaining(&self) -> usize {
         self.payload.len() + FRAMING_OVERHEAD - self.written
     }
 
     /// True once every framed byte has been written.
-    pub fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.remaining() == 0
     }
 
     /// Records that `n` more framed bytes were written. `n` is clamped to what remains.
-    pub fn advance(&mut self, n: usize) {
+    pub(crate) fn advance(&mut self, n: usize) {
         self.written += n.min(self.remaining());
     }
 
     /// Fills `out` with the unwritten parts (start block, payload, trailer; empty parts left
     /// out) and returns how many slices it used, for `write_vectored`.
-    pub fn io_slices<'a>(&'a self, out: &mut [IoSlice<'a>; 3]) -> usize {
+    pub(crate) fn io_slices<'a>(&'a self, out: &mut [IoSlice<'a>; 3]) -> usize {
         const START: [u8; 1] = [START_BLOCK];
         let payload_end = 1 + self.payload.len();
         let mut n = 0;

@@ -412,7 +412,7 @@ pub fn connection(data: &[u8]) {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Expect {
     Reply,
-    /// An error's NAK (carries F<seq>) or a timeout's (no marker).
+    /// An error's NAK (carries `F<seq>`) or a timeout's (no marker).
     Nak {
         marked: bool,
     },

@@ -87,9 +87,23 @@
 //!   plus one 64 KiB read), `read_ahead` undecoded bytes when no more messages can be handed
 //!   over, and at most `max_in_flight` messages with their replies; no buffer at all while
 //!   idle. Server-wide: every buffered byte counts against `max_memory`; above it the server
-//!   stops reading and TCP pushes back on senders. The handler queue holds at most one job per
-//!   connection, and a job whose connection closed or whose message was already answered is
-//!   dropped before it runs.
+//!   stops reading and TCP pushes back on senders, except that a connection may finish the
+//!   frame it is in (one connection per reactor at a time, one with bytes waiting) and a
+//!   connection with no message in flight may receive one frame; none reads further until
+//!   the total falls to ¾ of `max_memory`. So the bytes the server buffers stay below
+//!
+//!   ```text
+//!   max_memory + F × (max_message_size + 64 KiB) + N × E
+//!   ```
+//!
+//!   where F is the number of connections in a frame or with nothing in flight when reading
+//!   paused (each adds at most the rest of one frame; a peer that stops mid-frame keeps its
+//!   partial frame until its frame deadline), N the open connections and E what an idle
+//!   connection costs (at most 256 bytes, plus the TLS session's state with TLS; see
+//!   BENCHMARKS.md). A pipelining sender never reads past one frame above the budget,
+//!   however many messages it may have in flight. The handler queue holds at most one job
+//!   per connection, and a job whose connection closed or whose message was already answered
+//!   is dropped before it runs.
 //! - **One bad peer affects no other**: junk, oversize frames, slow drips, resets, peers that
 //!   never read, and pipelining floods end or pause only their own connection; a handler that
 //!   hangs or panics costs one worker, which is replaced; an observer that panics is counted
@@ -143,7 +157,7 @@ mod reason;
 mod server;
 mod sync;
 pub mod telemetry;
-pub mod timer;
+mod timer;
 #[cfg(feature = "tls")]
 pub mod tls;
 mod transport;

@@ -27,7 +27,8 @@ pub enum Reply {
     NoReply,
     /// Send nothing and close the connection.
     Close,
-    /// The reply comes later, through the [`ReplyHandle`] from [`Context::defer`]. Returned
+    /// The reply comes later, through the [`ReplyHandle`](crate::ReplyHandle) from
+    /// [`Context::defer`](crate::Context::defer). Returned
     /// without a handle taken, it counts as a handler failure.
     ///
     /// While a deferred reply is pending, the connection may read and hand over its next
@@ -63,7 +64,7 @@ pub(crate) enum Outcome {
     /// The handler's reply (never [`Reply::Deferred`]).
     Reply(Reply),
     /// The handler call returned [`Reply::Deferred`]: the call is over, its reply comes later
-    /// through a [`ReplyHandle`].
+    /// through a [`ReplyHandle`](crate::ReplyHandle).
     Deferred,
     /// The handler (or its reply handle) failed: an error, a panic, a dropped handle.
     Failed {

@@ -197,10 +197,13 @@ impl Builder {
     );
     setter!(
         /// Server-wide budget for buffered bytes (default 512 MiB): partial frames, read-ahead,
-        /// messages in flight and replies not yet written. Above it the server stops reading
-        /// (except from one connection per reactor: the one closest to completing a frame),
-        /// and resumes below three quarters of it. Must be at least twice `max_message_size`,
-        /// so a message of the largest size always fits.
+        /// messages in flight and replies not yet written. Above it the server stops reading,
+        /// except that a connection may finish the frame it is in and a connection with no
+        /// message in flight may receive one frame (one connection per reactor at a time,
+        /// one with bytes waiting), and resumes below three quarters of it; the exact bound is
+        /// in the crate docs ("Bounded memory"). Must be at least twice `max_message_size`, so
+        /// a message of the largest size always fits; values above `isize::MAX` count as
+        /// `isize::MAX`.
         max_memory: usize
     );
     setter!(
@@ -591,7 +594,7 @@ impl Server {
 }
 
 /// A running server. Dropping it without [`shutdown`](Self::shutdown) starts a graceful
-/// shutdown with a 5 s grace period ([`DROP_GRACE`]) and detaches: the server's threads end
+/// shutdown with a 5 s grace period and detaches: the server's threads end
 /// within that bound plus the time stuck handlers take.
 #[derive(Debug)]
 pub struct ServerHandle {

@@ -58,25 +58,6 @@
 //! `handle_timeout(now)` checks its own deadlines). To keep stale entries from piling up, insert
 //! a new entry only when a deadline moves *earlier* than the one already queued; when a deadline
 //! moves later (an idle timer pushed back by traffic), let the old entry fire and re-arm then.
-//!
-//! # Examples
-//!
-//! ```
-//! use std::time::{Duration, Instant};
-//! use mllp_reactor::timer::{DEFAULT_SLOTS, DEFAULT_TICK, TimerWheel};
-//!
-//! let t0 = Instant::now();
-//! let mut wheel = TimerWheel::new(DEFAULT_TICK, DEFAULT_SLOTS, t0);
-//! wheel.insert(t0 + Duration::from_secs(60), 7_u32);
-//! assert_eq!(wheel.next_deadline(), Some(t0 + Duration::from_secs(60)));
-//!
-//! let mut fired = Vec::new();
-//! wheel.expired(t0 + Duration::from_secs(59), &mut fired);
-//! assert!(fired.is_empty());
-//! wheel.expired(t0 + Duration::from_secs(60), &mut fired);
-//! assert_eq!(fired, [7]);
-//! assert!(wheel.is_empty());
-//! ```
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -86,14 +67,14 @@ use std::time::{Duration, Instant};
 /// The reactor's deadlines are hundreds of milliseconds (frame, handler, write stall) to 60 s
 /// (idle), so 10 ms of lateness is under 1 % of the shortest of them. A finer tick buys nothing
 /// a peer could notice and costs more slot visits per second of wall time.
-pub const DEFAULT_TICK: Duration = Duration::from_millis(10);
+pub(crate) const DEFAULT_TICK: Duration = Duration::from_millis(10);
 
 /// Default number of slots: 4096 slots of [`DEFAULT_TICK`] make one rotation 40.96 s.
 ///
 /// With the 60 s default idle timeout an idle entry is passed over at most once (one extra
 /// comparison of its slot's cached minimum) before it fires. The slot array costs 4096 × 32 B =
 /// 128 KiB per reactor, which is fixed and independent of the number of connections.
-pub const DEFAULT_SLOTS: usize = 4096;
+pub(crate) const DEFAULT_SLOTS: usize = 4096;
 
 /// Fewest slots a wheel has: one bitmap word, so a word never straddles the wrap.
 const MIN_SLOTS: usize = 64;
@@ -119,7 +100,7 @@ const NANOS_PER_SEC: u64 = 1_000_000_000;
 ///
 /// See the [module documentation](self) for the layout, guarantees and defaults. `T` is the
 /// item the caller gets back when a deadline passes; the reactor stores a connection id.
-pub struct TimerWheel<T> {
+pub(crate) struct TimerWheel<T> {
     /// Tick length in nanoseconds. INVARIANT: > 0.
     tick_nanos: u64,
     /// Instant of tick 0; every tick is counted from here.
@@ -164,7 +145,7 @@ impl<T: Copy> TimerWheel<T> {
     ///
     /// Panics if `tick` is zero or longer than `u64::MAX` nanoseconds (about 584 years), or if
     /// `slots` rounded up to a power of two overflows `usize`.
-    pub fn new(tick: Duration, slots: usize, start: Instant) -> Self {
+    pub(crate) fn new(tick: Duration, slots: usize, start: Instant) -> Self {
         assert!(!tick.is_zero(), "timer wheel tick must be non-zero");
         let tick_nanos = u64::try_from(tick.as_nanos()).expect("timer wheel tick too long");
         let slots = slots
@@ -196,7 +177,7 @@ impl<T: Copy> TimerWheel<T> {
     ///
     /// O(1) amortised. A deadline the wheel has already passed fires on the next `expired` call
     /// (whose `now`, if it did not go backwards, is past the deadline).
-    pub fn insert(&mut self, deadline: Instant, item: T) {
+    pub(crate) fn insert(&mut self, deadline: Instant, item: T) {
         let since_start = deadline.saturating_duration_since(self.start);
         // Rounding up is what makes the wheel never fire early.
         let tick = nanos(since_start).div_ceil(self.tick_nanos);
@@ -220,7 +201,7 @@ impl<T: Copy> TimerWheel<T> {
     /// particular order. A `now` earlier than a previous call's is harmless: it processes no new
     /// ticks. Work is proportional to the occupied slots in the elapsed ticks, and each slot is
     /// visited at most once however far `now` jumped.
-    pub fn expired(&mut self, now: Instant, out: &mut Vec<T>) {
+    pub(crate) fn expired(&mut self, now: Instant, out: &mut Vec<T>) {
         // Before `start` no tick has elapsed, not even tick 0.
         let Some(since_start) = now.checked_duration_since(self.start) else {
             return;
@@ -260,7 +241,7 @@ impl<T: Copy> TimerWheel<T> {
     /// never later. For an entry whose deadline has already passed it is in the past: poll with
     /// a zero timeout. Cheap: walks the occupancy bitmap and looks at a few slots' cached minima,
     /// never at their entries.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         if self.len == 0 {
             return None;
         }
@@ -292,12 +273,14 @@ impl<T: Copy> TimerWheel<T> {
     }
 
     /// Returns the number of queued entries, stale ones included.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.len
     }
 
     /// Returns `true` when no entries are queued.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
     }
 
@@ -420,6 +403,21 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// The module's example: insert, look at the next deadline, fire.
+    #[test]
+    fn example_insert_and_fire() {
+        let t0 = Instant::now();
+        let mut wheel = TimerWheel::new(DEFAULT_TICK, DEFAULT_SLOTS, t0);
+        wheel.insert(t0 + Duration::from_secs(60), 7_u32);
+        assert_eq!(wheel.next_deadline(), Some(t0 + Duration::from_secs(60)));
+        let mut fired = Vec::new();
+        wheel.expired(t0 + Duration::from_secs(59), &mut fired);
+        assert!(fired.is_empty());
+        wheel.expired(t0 + Duration::from_secs(60), &mut fired);
+        assert_eq!(fired, [7]);
+        assert!(wheel.is_empty());
+    }
 
     const MS: Duration = Duration::from_millis(1);
     const NS: Duration = Duration::from_nanos(1);

@@ -11,9 +11,9 @@
 //!   without a restart: new connections get the new configuration, existing ones keep
 //!   theirs, and a reload with bad files keeps the old one and returns a one-line
 //!   [`TlsError`].
-//! - [`TlsStream`] is one server session with its socket, [`TlsSession`] the same without
-//!   (each I/O call takes the socket): bounded buffers ([`TLS_BUFFER_LIMIT`],
-//!   [`INCOMING_CHUNK`]), `close_notify` on close, socket-byte counts for write-stall
+//! - [`TlsSession`] is one server session (each I/O call takes the socket; the server's
+//!   crate-private `TlsStream` is the same with its socket): bounded buffers ([`TLS_BUFFER_LIMIT`],
+//!   `INCOMING_CHUNK`), `close_notify` on close, socket-byte counts for write-stall
 //!   detection, a typed [`TlsFailure`] for a plaintext MLLP frame sent to a TLS port and for
 //!   each way a handshake fails, and the client's [`PeerIdentity`] under mTLS.
 //! - [`ClientTls`] gives [`Client`](crate::Client) the same, from the other side.
@@ -34,10 +34,10 @@
 //!
 //! # Memory
 //!
-//! A session holds, besides rustls' own state, up to [`INCOMING_CHUNK`] of ciphertext while
+//! A session holds, besides rustls' own state, up to `INCOMING_CHUNK` (32 KiB) of ciphertext while
 //! reading, rustls' receive buffer (4 KiB at rest, up to one record while reading), up to
 //! 16 KiB of decrypted plaintext, and up to [`TLS_BUFFER_LIMIT`] of ciphertext for the socket.
-//! [`TlsStream::release_idle_buffers`] frees our buffer and shrinks rustls' receive buffer
+//! `release_idle_buffers` frees our buffer and shrinks rustls' receive buffer
 //! to its minimum; measured figures are in BENCHMARKS.md.
 
 mod client;
@@ -49,15 +49,22 @@ mod x509;
 #[cfg(test)]
 mod tests;
 
-pub use crate::identity::SubjectAltName;
 pub(crate) use client::ClientStream;
 pub use client::{ClientTls, TlsClientStream};
 pub use config::{TlsAcceptor, TlsConfig, TlsError};
 pub use session::TlsSession;
-pub use stream::{
-    INCOMING_CHUNK, PeerIdentity, ShutdownWrite, TLS_BUFFER_LIMIT, TlsFailure, TlsFailureKind,
-    TlsStream,
-};
+#[cfg(test)]
+pub(crate) use stream::{INCOMING_CHUNK, TlsStream};
+pub use stream::{PeerIdentity, TLS_BUFFER_LIMIT, TlsFailure, TlsFailureKind};
+
+/// The server's TLS byte path, for the per-connection memory measurement
+/// (`examples/tls_idle_memory.rs`) only: not part of the API, no stability promise. The
+/// server drives these itself; applications never need them.
+#[doc(hidden)]
+pub mod __plumbing {
+    pub use super::stream::{INCOMING_CHUNK, ShutdownWrite, TlsStream};
+}
+pub use crate::identity::SubjectAltName;
 
 /// Fuzz target `tls`: arbitrary bytes from a client to a server [`TlsStream`] (and to the
 /// certificate reader) never panic, and buffers stay within their caps.

@@ -8,6 +8,8 @@
 #[path = "it/support/mod.rs"]
 mod support;
 
+#[path = "it/budget.rs"]
+mod budget;
 #[path = "it/client.rs"]
 mod client;
 #[path = "it/framing.rs"]

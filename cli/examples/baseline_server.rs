@@ -14,6 +14,8 @@
 //!
 //! It prints exactly one line, `listening on <ADDR>`, to stdout, then serves until killed.
 //! Not for production: a peer that never reads grows the write buffer without bound.
+// A binary (or test/example root): `pub` inside it only ever means crate-visible.
+#![allow(unreachable_pub)]
 
 use std::io::{self, ErrorKind, Write};
 use std::net::SocketAddr;

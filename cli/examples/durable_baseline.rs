@@ -16,6 +16,8 @@
 //!
 //! Prints exactly one line, `listening on <ADDR>`, to stdout, then serves until killed.
 //! Not for production: no limits (the queue and the write buffers are unbounded), no timers.
+// A binary (or test/example root): `pub` inside it only ever means crate-visible.
+#![allow(unreachable_pub)]
 
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Write};

@@ -17,14 +17,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use mllp_reactor::Heartbeat;
+use mllp_store::Store;
 use mllp_store::disk::{DEFAULT_MIN_FREE, DiskMonitor, MinFree};
-use mllp_store::health::{StoreHealth, alive, ready};
+use mllp_store::readiness::{alive, ready};
 
 /// What the endpoints read.
 #[derive(Clone, Debug)]
 pub struct Sources {
     pub reactors: Heartbeat,
-    pub store: Option<StoreHealth>,
+    pub store: Option<Arc<Store>>,
     pub disk: Option<DiskMonitor>,
     /// Set when SIGTERM/SIGINT starts the drain.
     pub draining: Arc<AtomicBool>,
@@ -67,7 +68,7 @@ fn answer(mut stream: TcpStream, sources: &Sources) {
         .unwrap_or_default();
     let path = line.split(|&b| b == b' ').nth(1).unwrap_or_default();
     let (status, body) = match path {
-        b"/healthz" => match alive(&sources.reactors, sources.store.as_ref(), Instant::now()) {
+        b"/healthz" => match alive(&sources.reactors, sources.store.as_deref(), Instant::now()) {
             Ok(()) => (200, r#"{"status":"alive"}"#.to_owned()),
             Err((part, silent)) => (
                 503,
@@ -81,7 +82,7 @@ fn answer(mut stream: TcpStream, sources: &Sources) {
         },
         b"/readyz" => match ready(
             sources.draining.load(Ordering::Relaxed),
-            sources.store.as_ref(),
+            sources.store.as_deref(),
             sources.disk.as_ref(),
         ) {
             Ok(()) => (200, r#"{"status":"ready"}"#.to_owned()),

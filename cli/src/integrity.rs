@@ -87,7 +87,7 @@ pub fn check_at_start(store: &str) -> Result<(), String> {
 }
 
 /// Logs an error once when the store reports damage found during service.
-pub fn watch_corruption(health: mllp_store::health::StoreHealth, store: String) {
+pub fn watch_corruption(health: mllp_store::health::Pulse, store: String) {
     let _ = std::thread::Builder::new()
         .name("store-integrity".to_owned())
         .spawn(move || {

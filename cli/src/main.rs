@@ -1,5 +1,7 @@
 //! `mllp-reactor`: the command-line tool. One function per subcommand; `main` only parses and
 //! dispatches, and turns every error into one line on stderr and a non-zero exit.
+// A binary (or test/example root): `pub` inside it only ever means crate-visible.
+#![allow(unreachable_pub)]
 
 mod addr;
 mod config;

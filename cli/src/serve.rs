@@ -104,7 +104,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
             );
             crate::integrity::check_at_start(spec)?;
             let (store, shown, writer_gate) = open_store(spec, opts.allow_async_commit, config)?;
-            crate::integrity::watch_corruption(store.health(), spec.clone());
+            crate::integrity::watch_corruption(store.pulse(), spec.clone());
             gate = writer_gate;
             disk = crate::health::watch_disk(spec, &opts.health, &store)?;
             (Some(Arc::new(store)), Some(shown))
@@ -185,7 +185,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
             addr,
             crate::health::Sources {
                 reactors: server.heartbeat(),
-                store: store.as_ref().map(|s| s.health()),
+                store: store.clone(),
                 disk: disk.clone(),
                 draining: Arc::clone(&draining),
             },

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use mllp_reactor::Handler;
 use mllp_reactor::ack::AckCode;
 use mllp_store::{
-    OpenOptions, PostgresOptions, Store, StoreConfig, StoreSpec, StoreThenAck, WriteGate,
+    Health, OpenOptions, PostgresOptions, Store, StoreConfig, StoreSpec, StoreThenAck, WriteGate,
 };
 
 /// [`StoreThenAck`] over `store`, logging each AR (a stored message without a usable
@@ -54,6 +54,23 @@ pub fn open_store(
     options.postgres = options.postgres.allow_async_commit(allow_async_commit);
     let store = Store::open(&spec, &options, config).map_err(|e| e.to_string())?;
     let shown = format!("storing to {}", store.summary());
+    // One line per change of the store's health, not one per failed message (each failed
+    // message is logged by the server as a failed message, with the store's error).
+    store.on_health_change(|health, error| match (health, error) {
+        (Health::Ok, _) => tracing::info!(target: "mllp::store", %health, "store commits again"),
+        (Health::Broken, Some(error)) => tracing::error!(
+            target: "mllp::store",
+            %health,
+            %error,
+            "store cannot store until the server is restarted"
+        ),
+        (_, error) => tracing::error!(
+            target: "mllp::store",
+            %health,
+            error = error.map(ToString::to_string),
+            "store commits are failing"
+        ),
+    });
     let gate = store.write_gate().cloned();
     Ok((store, shown, gate))
 }

@@ -3,6 +3,8 @@
 //! AE and recovers; export keeps per-connection order, flags resends, and has typed errors.
 //!
 //! Loopback only; every wait is bounded (`WAIT`), the crash loop by `CRASH_BUDGET`.
+// A binary (or test/example root): `pub` inside it only ever means crate-visible.
+#![allow(unreachable_pub)]
 
 use std::collections::HashMap;
 use std::ffi::OsStr;

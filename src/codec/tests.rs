@@ -391,3 +391,15 @@ fn fuzz_entry_hand_picked_inputs() {
         crate::__fuzz::decode(input);
     }
 }
+
+/// `EncodedFrame` after a partial write offers the rest: payload tail and trailer.
+#[test]
+fn encoded_frame_after_a_partial_write() {
+    let mut frame = EncodedFrame::new(Bytes::from_static(b"MSA|AA|1"));
+    assert_eq!(frame.remaining(), 11);
+    frame.advance(4); // a partial write took the start block and 3 payload bytes
+    let mut slices = [std::io::IoSlice::new(&[]); 3];
+    let n = frame.io_slices(&mut slices);
+    let bytes: Vec<u8> = slices[..n].iter().flat_map(|s| s.iter().copied()).collect();
+    assert_eq!(bytes, b"|AA|1\x1c\x0d");
+}

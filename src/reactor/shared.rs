@@ -51,9 +51,10 @@ impl Inbox {
 
 /// The server-wide memory budget: every buffered byte (partial frames, read-ahead, messages
 /// in flight, replies not yet written) counts against `limit`. Above it reading stops, except
-/// for each reactor's largest holder of a partial frame (so some frame always completes and
-/// memory drains, rather than every connection waiting for every other); below `low` (¾ of
-/// the limit) reading resumes. TCP pushes back on the senders meanwhile.
+/// for one connection per reactor at a time finishing the frame it is in (so frames complete
+/// and memory drains, rather than every connection waiting for every other; see
+/// `Loop::holder`); below ¾ of the limit reading resumes. TCP pushes back on the senders
+/// meanwhile.
 #[derive(Debug)]
 pub(crate) struct Budget {
     pub(crate) limit: usize,
@@ -62,9 +63,11 @@ pub(crate) struct Budget {
 }
 
 impl Budget {
+    /// A budget of `limit` bytes, saturated at `isize::MAX` (no process holds more, and the
+    /// reactors add signed per-turn changes to it).
     pub(crate) fn new(limit: usize) -> Self {
         Self {
-            limit,
+            limit: limit.min(isize::MAX as usize),
             used: AtomicUsize::new(0),
             over: AtomicBool::new(false),
         }

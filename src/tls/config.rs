@@ -557,6 +557,7 @@ impl TlsAcceptor {
     ///
     /// [`TlsError::Setup`] if rustls cannot create a session (not expected with a
     /// configuration that loaded).
+    #[doc(hidden)]
     pub fn accept<S: Read + Write>(&self, socket: S) -> Result<TlsStream<S>, TlsError> {
         TlsStream::new(self.current(), socket)
     }

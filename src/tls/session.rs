@@ -15,7 +15,7 @@ use crate::codec::START_BLOCK;
 
 /// The server side of one TLS session, sans-IO: every method that does I/O takes the socket
 /// as an argument, so the session can live next to a socket it does not own (the reactor's
-/// `Transport` keeps the socket outside its layers). [`TlsStream`] is the same with the socket
+/// `Transport` keeps the socket outside its layers). The crate-private `TlsStream` is the same with the socket
 /// inside.
 ///
 /// # Driving it
@@ -40,8 +40,6 @@ use crate::codec::START_BLOCK;
 ///
 /// The socket is any `Read + Write` (mio or std `TcpStream`, an in-memory pipe in tests), and
 /// must be the same one on every call.
-///
-/// [`TlsStream`]: super::TlsStream
 pub struct TlsSession {
     conn: ServerConnection,
     /// Ciphertext read from the socket and not yet handed to rustls.

@@ -254,7 +254,7 @@ pub enum Problem {
     NotWal(String),
     /// The store file was deleted, renamed or replaced while the store had it open: what is
     /// committed now would not be in the file at the path. The store answers every batch
-    /// with this until it is restarted.
+    /// with this until it is restarted ([`Health::Broken`](crate::Health::Broken)).
     FileReplaced,
     /// A PostgreSQL URL in a build without the cargo feature `postgres`.
     NoPostgres,
@@ -345,6 +345,11 @@ pub struct Cause {
 #[derive(Clone)]
 enum Kind {
     Problem(Problem),
+    /// A problem, and the error that left it unsolved.
+    Because {
+        problem: Problem,
+        source: Arc<StoreError>,
+    },
     Io(Arc<io::Error>),
     Sqlite(Arc<rusqlite::Error>),
     #[cfg(feature = "postgres")]
@@ -368,7 +373,7 @@ impl Cause {
     /// The [`Problem`], if this cause is one.
     pub fn problem(&self) -> Option<&Problem> {
         match &self.kind {
-            Kind::Problem(p) => Some(p),
+            Kind::Problem(p) | Kind::Because { problem: p, .. } => Some(p),
             Kind::Store(e) => e.problem(),
             #[cfg(feature = "postgres")]
             Kind::Waiting { last: e, .. } => e.problem(),
@@ -387,6 +392,14 @@ impl Cause {
             context: None,
             kind,
         }
+    }
+
+    /// `problem`, left unsolved by `source` (shown as "problem: source").
+    pub fn problem_because(problem: Problem, source: StoreError) -> Self {
+        Self::from_kind(Kind::Because {
+            problem,
+            source: Arc::new(source),
+        })
     }
 
     pub(crate) fn sqlite(e: rusqlite::Error) -> Self {
@@ -440,6 +453,9 @@ impl fmt::Debug for Cause {
         }
         match &self.kind {
             Kind::Problem(p) => d.field("problem", p),
+            Kind::Because { problem, source } => {
+                d.field("problem", problem).field("source", source)
+            }
             Kind::Io(e) => d.field("io", e),
             Kind::Sqlite(e) => d.field("sqlite", e),
             #[cfg(feature = "postgres")]
@@ -462,6 +478,7 @@ impl fmt::Display for Cause {
         }
         match &self.kind {
             Kind::Problem(p) => write!(out, "{p}"),
+            Kind::Because { problem, source } => write!(out, "{problem}: {source}"),
             Kind::Io(e) => write!(out, "{e}"),
             Kind::Sqlite(e) => write!(out, "{e}"),
             #[cfg(feature = "postgres")]
@@ -486,6 +503,7 @@ impl std::error::Error for Cause {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.kind {
             Kind::Problem(p) => Some(p),
+            Kind::Because { source, .. } => Some(&**source),
             Kind::Io(e) => Some(&**e),
             Kind::Sqlite(e) => Some(&**e),
             #[cfg(feature = "postgres")]

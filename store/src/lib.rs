@@ -99,6 +99,18 @@
 //!   plus one message.
 //! - **`submit` never blocks** on I/O or on the writer: it holds a mutex for a queue push.
 //!
+//! # Health
+//!
+//! [`Store::health`] says, as of the last commit, whether the store is storing: one atomic
+//! load, cheap enough for every `/readyz` request. [`Health::Ok`] after a commit succeeded
+//! (or before any), [`Health::Failing`] after a batch failed (the next batch tries again),
+//! [`Health::Broken`] once the SQLite file was found deleted or replaced under the store
+//! (every commit then fails with [`Problem::FileReplaced`] until the store is reopened: the
+//! SQLite backend checks with one `stat` after every commit that the path still names the
+//! file it opened, so nothing is acknowledged into an unlinked file). A readiness check should
+//! pass only for `Ok` ([`Health::is_ready`]). [`Store::on_health_change`] reports each change
+//! once, on the writer thread, for an error log line that is not repeated per message.
+//!
 //! # Duplicates
 //!
 //! A message whose (MSH-3 sending application, MSH-4 sending facility, MSH-10 control id)
@@ -172,6 +184,7 @@ pub mod integrity;
 mod open;
 #[cfg(feature = "postgres")]
 pub mod postgresql;
+pub mod readiness;
 mod record;
 pub mod retention;
 pub mod search;
@@ -184,6 +197,7 @@ mod writer;
 
 pub use backend::{Backend, WriteGate};
 pub use error::{Cause, CloseError, ConfigError, Found, Problem, StoreError};
+pub use health::Health;
 pub use open::OpenOptions;
 #[cfg(feature = "postgres")]
 pub use postgresql::{PostgresBackend, PostgresOptions};

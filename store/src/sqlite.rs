@@ -201,6 +201,35 @@ pub struct SqliteBackend {
     conn: Option<Connection>,
     /// Held for each commit; the pruner of the same process holds it for each of its batches.
     gate: WriteGate,
+    /// The file's identity (device, inode) when a writer opened it: every commit checks that
+    /// the path still names that file (one `stat` per batch), so a store file deleted or
+    /// replaced under a running server is noticed at the next commit instead of
+    /// acknowledging messages into an unlinked file. `None` for a reader, or where the
+    /// platform has no inode numbers.
+    identity: Option<FileId>,
+    /// Set once the path was found naming another file or none: every later commit fails
+    /// with [`Problem::FileReplaced`] (a store cannot follow a file it no longer has).
+    replaced: bool,
+}
+
+/// A file's device and inode numbers.
+type FileId = (u64, u64);
+
+/// The identity of the file at `path`; `Err` only when there is no file there.
+#[cfg(unix)]
+fn file_id(path: &Path) -> Result<Option<FileId>, ()> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(meta) => Ok(Some((meta.dev(), meta.ino()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(()),
+        // Cannot tell (a transient error): do not cry wolf.
+        Err(_) => Ok(None),
+    }
+}
+
+#[cfg(not(unix))]
+fn file_id(_path: &Path) -> Result<Option<FileId>, ()> {
+    Ok(None)
 }
 
 impl SqliteBackend {
@@ -226,6 +255,8 @@ impl SqliteBackend {
             read_only: false,
             conn: Some(conn),
             gate: WriteGate::default(),
+            identity: file_id(path).ok().flatten(),
+            replaced: false,
         })
     }
 
@@ -251,6 +282,8 @@ impl SqliteBackend {
             read_only: true,
             conn: Some(conn),
             gate: WriteGate::default(),
+            identity: None,
+            replaced: false,
         })
     }
 
@@ -288,6 +321,15 @@ impl SqliteBackend {
         Ok(self.conn.as_mut().expect("connection was just opened"))
     }
 
+    /// Whether the path still names the file this writer opened (a `stat`).
+    fn still_at_path(&self) -> bool {
+        match (self.identity, file_id(&self.path)) {
+            (None, _) | (_, Ok(None)) => true,
+            (Some(opened), Ok(Some(now))) => opened == now,
+            (Some(_), Err(())) => false,
+        }
+    }
+
     /// The duplicate window in microseconds.
     fn window_us(&self) -> i64 {
         i64::try_from(self.options.duplicate_window.as_micros()).unwrap_or(i64::MAX)
@@ -310,6 +352,9 @@ impl Backend for SqliteBackend {
         if self.read_only {
             return Err(StoreError::commit(Problem::ReadOnly));
         }
+        if self.replaced {
+            return Err(StoreError::commit(Problem::FileReplaced));
+        }
         let window = self.window_us();
         let gate = self.gate.clone();
         let _turn = gate.enter();
@@ -325,6 +370,13 @@ impl Backend for SqliteBackend {
         if result.is_err() {
             // Dropping the connection rolls back whatever is left of the transaction.
             self.conn = None;
+        }
+        // Committed, but into the file at the path? After a failure too: a deleted file can
+        // be why it failed.
+        if !self.still_at_path() {
+            self.replaced = true;
+            self.conn = None;
+            return Err(StoreError::commit(Problem::FileReplaced));
         }
         result
     }

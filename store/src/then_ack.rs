@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use mllp_reactor::ack::{Ack, AckCode};
@@ -52,7 +52,7 @@ pub struct Acknowledged<'a> {
     pub message: &'a [u8],
 }
 
-type OnAck = Arc<dyn Fn(&Acknowledged<'_>) + Send + Sync>;
+type OnAck = Box<dyn Fn(&Acknowledged<'_>) + Send + Sync>;
 
 /// A [`Handler`] that stores every message in a [`Store`] and acknowledges it only once it
 /// is committed: AA (or what its [`AckPolicy`] builds), or, when the commit failed, a failure
@@ -108,8 +108,14 @@ type OnAck = Arc<dyn Fn(&Acknowledged<'_>) + Send + Sync>;
 /// ```
 pub struct StoreThenAck<P = AcceptStored> {
     store: Arc<Store>,
-    policy: Arc<P>,
-    on_ack: Option<OnAck>,
+    /// What each message's callback needs: one reference count per message.
+    reply: Arc<Replier<P>>,
+}
+
+/// How a stored message is answered, on the writer thread.
+struct Replier<P> {
+    policy: P,
+    on_ack: OnceLock<OnAck>,
 }
 
 impl StoreThenAck {
@@ -124,15 +130,17 @@ impl<P: AckPolicy> StoreThenAck<P> {
     pub fn with_policy(store: Arc<Store>, policy: P) -> Self {
         Self {
             store,
-            policy: Arc::new(policy),
-            on_ack: None,
+            reply: Arc::new(Replier {
+                policy,
+                on_ack: OnceLock::new(),
+            }),
         }
     }
 
     /// Calls `f` for every stored message with the acknowledgment sent (on the store's
-    /// writer thread: it must be quick), e.g. to log an AR.
-    pub fn on_ack(mut self, f: impl Fn(&Acknowledged<'_>) + Send + Sync + 'static) -> Self {
-        self.on_ack = Some(Arc::new(f));
+    /// writer thread: it must be quick), e.g. to log an AR. Only the first `on_ack` counts.
+    pub fn on_ack(self, f: impl Fn(&Acknowledged<'_>) + Send + Sync + 'static) -> Self {
+        let _ = self.reply.on_ack.set(Box::new(f));
         self
     }
 
@@ -146,7 +154,7 @@ impl<P> fmt::Debug for StoreThenAck<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StoreThenAck")
             .field("store", &self.store)
-            .field("on_ack", &self.on_ack.is_some())
+            .field("on_ack", &self.reply.on_ack.get().is_some())
             .finish_non_exhaustive()
     }
 }
@@ -155,13 +163,12 @@ impl<P: AckPolicy> Handler for StoreThenAck<P> {
     fn handle(&self, message: &Bytes, cx: &Context) -> Result<Reply, HandlerError> {
         let reply = cx.defer();
         let payload = message.clone();
-        let policy = Arc::clone(&self.policy);
-        let on_ack = self.on_ack.clone();
+        let replier = Arc::clone(&self.reply);
         let peer = cx.peer_addr();
         let done: crate::Done = Box::new(move |result| match result {
             Ok(outcome) => {
-                let (code, ack) = policy.ack(&payload, &outcome);
-                if let Some(on_ack) = on_ack {
+                let (code, ack) = replier.policy.ack(&payload, &outcome);
+                if let Some(on_ack) = replier.on_ack.get() {
                     on_ack(&Acknowledged {
                         connection_id: reply.connection_id(),
                         sequence: reply.sequence(),

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use crate::backend::{Backend, WriteGate};
 use crate::disk::DiskMonitor;
 use crate::error::{Cause, CloseError, ConfigError, Problem, StoreError};
-use crate::health::{StoreHealth, WRITER_HEARTBEAT};
+use crate::health::{Health, HealthState, Pulse, WRITER_HEARTBEAT};
 use crate::record::{Record, StoreOutcome};
 use crate::sqlite::{SqliteBackend, SqliteOptions};
 use crate::submit::{Done, Submission, SubmitError};
@@ -196,13 +196,15 @@ impl std::fmt::Debug for Store {
 
 struct Shared {
     queue: Mutex<Queue>,
+    /// As of the last commit; written by the writer.
+    health: HealthState,
     /// Signalled when a record is queued while the writer waits, and on close.
     wake: Condvar,
     /// Mirrors of the queue's counts, readable without the lock (the server polls them).
     len: AtomicUsize,
     bytes: AtomicUsize,
-    /// The writer's heartbeat and last commit result, for health checks.
-    health: StoreHealth,
+    /// The writer's heartbeat and corruption flag, for health checks.
+    pulse: Pulse,
     /// Set by [`Store::refuse_when_disk_low`].
     disk: OnceLock<DiskMonitor>,
 }
@@ -249,10 +251,11 @@ impl Store {
                 closed: false,
                 writer_waiting: false,
             }),
+            health: HealthState::default(),
             wake: Condvar::new(),
             len: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
-            health: StoreHealth::default(),
+            pulse: Pulse::default(),
             disk: OnceLock::new(),
         });
         let location = backend.location();
@@ -387,9 +390,9 @@ impl Store {
         let _ = self.shared.disk.set(monitor);
     }
 
-    /// The writer's heartbeat and last commit result, for a health endpoint.
-    pub fn health(&self) -> StoreHealth {
-        self.shared.health.clone()
+    /// The writer's heartbeat and corruption flag, for a liveness check (`/healthz`).
+    pub fn pulse(&self) -> Pulse {
+        self.shared.pulse.clone()
     }
 
     /// Where the backend keeps the data (`sqlite:/path/to/file.db`).
@@ -401,6 +404,23 @@ impl Store {
     /// path of an SQLite file; a PostgreSQL URL (no password) and its `synchronous_commit`.
     pub fn summary(&self) -> &str {
         &self.summary
+    }
+
+    /// Whether the store is storing, as of its last commit (one atomic load): what a
+    /// readiness check (`/readyz`) reads. See [`Health`].
+    pub fn health(&self) -> Health {
+        self.shared.health.get()
+    }
+
+    /// Calls `f` on the writer thread each time [`health`](Self::health) changes, with the
+    /// new health and, unless it is [`Health::Ok`], the error of the batch that changed it:
+    /// for one log line per change rather than one per failed message. Replaces an earlier
+    /// watcher. `f` must be quick; a panic in it is contained.
+    pub fn on_health_change(
+        &self,
+        f: impl Fn(Health, Option<&StoreError>) + Send + Sync + 'static,
+    ) {
+        self.shared.health.watch(Box::new(f));
     }
 
     /// The backend's [write gate](Backend::write_gate), for a pruner of the same SQLite file.
@@ -486,11 +506,11 @@ impl<B: Backend> Writer<B> {
                 return false;
             }
             let now = Instant::now();
-            self.shared.health.beat(now);
+            self.shared.pulse.beat(now);
             // Idle after a failed commit: an empty batch tells whether the store works again
             // (readiness must not wait for traffic that a balancer no longer sends).
             if now.duration_since(self.last_probe) >= PROBE_INTERVAL
-                && self.shared.health.last_commit_error().is_some()
+                && self.shared.health.get() != Health::Ok
             {
                 self.last_probe = now;
                 return true;
@@ -529,9 +549,12 @@ impl<B: Backend> Writer<B> {
         if records.is_empty() {
             let probe = catch_unwind(AssertUnwindSafe(|| self.backend.commit_batch(&[])))
                 .unwrap_or_else(|_| Err(StoreError::commit(Problem::BackendPanicked)));
-            if self.shared.health.commit_result(probe.as_ref().err()) {
+            if let Err(e) = &probe
+                && self.shared.pulse.commit_failed(e)
+            {
                 self.metrics.corruptions.increment(1);
             }
+            self.shared.health.record(&probe);
             return;
         }
         if let Some(disk) = self.shared.disk.get().filter(|d| d.is_low()) {
@@ -555,14 +578,17 @@ impl<B: Backend> Writer<B> {
             }
             other => other,
         };
+        self.shared.health.record(&result);
         self.metrics
             .commit_seconds
             .record(started.elapsed().as_secs_f64());
         self.metrics.batch_messages.record(records.len() as f64);
-        if self.shared.health.commit_result(result.as_ref().err()) {
+        if let Err(e) = &result
+            && self.shared.pulse.commit_failed(e)
+        {
             self.metrics.corruptions.increment(1);
         }
-        self.shared.health.beat(Instant::now());
+        self.shared.pulse.beat(Instant::now());
         match result {
             Ok(outcomes) => {
                 let duplicates = outcomes.iter().filter(|o| o.duplicate_of.is_some()).count();

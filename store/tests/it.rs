@@ -8,6 +8,8 @@ mod util;
 mod duplicates;
 #[path = "it/export.rs"]
 mod export;
+#[path = "it/health.rs"]
+mod health;
 #[path = "it/integrity.rs"]
 mod integrity;
 #[path = "it/open.rs"]
@@ -16,5 +18,7 @@ mod open;
 mod retention;
 #[path = "it/search.rs"]
 mod search;
+#[path = "it/then_ack.rs"]
+mod then_ack;
 #[path = "it/writer.rs"]
 mod writer;

@@ -8,6 +8,8 @@
 
 #[path = "pg/mod.rs"]
 mod cluster;
+#[path = "pg/cut_proxy.rs"]
+mod cut_proxy;
 // The SQLite tests' helpers: the same messages and origins.
 #[allow(dead_code)]
 #[path = "it/util.rs"]
@@ -19,11 +21,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use mllp_store::export::{Format, export_postgres, export_sqlite};
 use mllp_store::{
-    Backend, DuplicateKey, Origin, PostgresBackend, PostgresOptions, Record, SqliteBackend,
-    SqliteOptions, Store, StoreConfig, StoreError, StoreOutcome,
+    Backend, DuplicateKey, Origin, PostgresBackend, PostgresOptions, Problem, Record,
+    SqliteBackend, SqliteOptions, Store, StoreConfig, StoreError, StoreOutcome,
 };
 
 use cluster::PgCluster;
+use cut_proxy::CutProxy;
 use util::{TempDir, WAIT, message, message_from, origin};
 
 fn options() -> PostgresOptions {
@@ -430,4 +433,147 @@ fn a_store_fails_while_postgres_is_down_and_resumes_after_restart() {
         })
         .collect();
     assert_eq!(ids, ["before", &format!("after{after}"), "idle-restart"]);
+}
+
+/// `(control_id, duplicate_of)` of every stored record, in id order.
+fn stored(pg: &PgCluster, db: &str) -> Vec<(String, Option<i64>)> {
+    pg.sql(
+        db,
+        "SELECT coalesce(control_id, '-'), coalesce(duplicate_of::text, '') FROM mllp_messages ORDER BY id",
+    )
+    .lines()
+    .map(|l| {
+        let (ctl, dup) = l.split_once('|').unwrap();
+        (ctl.to_owned(), dup.parse().ok())
+    })
+    .collect()
+}
+
+/// Issue 18 defect 6: the connection dies after `COMMIT` was sent and the server committed
+/// (only its reply is lost). The batch used to be taken for "nothing committed" and retried:
+/// AA, and every record stored twice, a message without MSH-10 with no duplicate mark. Now
+/// the backend looks the batch up after reconnecting: committed, so its outcomes stand and
+/// each record is stored once. When it cannot look (the database unreachable), the batch
+/// fails (AE) with `OutcomeUnknown`, still stored once, and a resend is flagged.
+#[test]
+fn issue_6_commit_in_flight_when_the_connection_dies_is_never_stored_twice() {
+    let Some(pg) = PgCluster::start() else { return };
+    let url = pg.create_db("six");
+    // Creates the schema directly; the backend under test goes through the proxy.
+    drop(connect(&url));
+    let upstream = url
+        .trim_start_matches("postgres://postgres@")
+        .trim_end_matches("/six")
+        .parse()
+        .unwrap();
+    let proxy = CutProxy::start(upstream);
+    let mut backend = connect(&format!("postgres://postgres@{}/six", proxy.addr));
+    let batch = |ids: [&str; 2]| -> Vec<Record> {
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| Record::new(message(id), origin(1, i as u64)))
+            .collect()
+    };
+
+    // The reply to COMMIT is lost, the lookup finds the batch: Ok, stored once.
+    proxy.arm();
+    let outcomes = backend.commit_batch(&batch(["a", ""])).unwrap();
+    assert_eq!(proxy.cuts(), 1, "the COMMIT reply was not cut");
+    assert_eq!(outcomes.len(), 2);
+    assert_eq!(
+        stored(&pg, "six"),
+        [("a".to_owned(), None), ("-".to_owned(), None)]
+    );
+
+    // Again, and the database cannot be reached to look: AE (OutcomeUnknown), stored once.
+    proxy.arm();
+    proxy.refuse(true);
+    let e = backend.commit_batch(&batch(["b", ""])).unwrap_err();
+    assert_eq!(proxy.cuts(), 2, "the COMMIT reply was not cut");
+    assert_eq!(e.problem(), Some(&Problem::OutcomeUnknown), "{e}");
+    assert_one_line(&e);
+    assert_eq!(stored(&pg, "six").len(), 4);
+
+    // The sender resends "b" once the database is back: stored, flagged as a duplicate.
+    proxy.refuse(false);
+    let deadline = Instant::now() + WAIT;
+    let outcome = loop {
+        match backend.commit_batch(&[Record::new(message("b"), origin(2, 0))]) {
+            Ok(outcomes) => break outcomes[0],
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no recovery: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    let rows = stored(&pg, "six");
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    assert_eq!(rows[2].0, "b");
+    assert_eq!(
+        rows[4],
+        ("b".to_owned(), Some(outcome.duplicate_of.unwrap()))
+    );
+    assert_eq!(outcome.duplicate_of, Some(outcomes[0].id + 2));
+}
+
+/// The detail text of every failed message, from the server's observer.
+#[derive(Clone, Default)]
+struct Failures(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl mllp_reactor::Observer for Failures {
+    fn message_exception(&self, e: &mllp_reactor::MessageException<'_>) {
+        let detail = e.detail.unwrap_or_default().to_owned();
+        self.0.lock().unwrap().push(detail);
+    }
+}
+
+/// Issue 18 defect 7: the AE a remote sender got for a message the store could not take
+/// named the database's user, host, port and database. Now a store failure is a handler
+/// failure (`StoreThenAck`): the sender reads the server's generic text, and the details go
+/// to the failure event (the operator's log).
+#[test]
+fn issue_7_database_details_stay_out_of_the_nak() {
+    use mllp_reactor::ack::AckCode;
+    use mllp_reactor::{Client, ClientConfig, Dispatch, Server};
+
+    let Some(pg) = PgCluster::start() else { return };
+    let url = pg.create_db("seven");
+    let store = std::sync::Arc::new(
+        Store::open_postgres(&url, &options(), StoreConfig::default()).unwrap(),
+    );
+    let failures = Failures::default();
+    let server = Server::builder(mllp_store::StoreThenAck::new(std::sync::Arc::clone(&store)))
+        .dispatch(Dispatch::Inline)
+        .observer(failures.clone())
+        .bind("127.0.0.1:0")
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let mut client = Client::connect(server.local_addr(), ClientConfig::default()).unwrap();
+    assert_eq!(client.send(&message("up")).unwrap().code, AckCode::AA);
+    pg.stop();
+    let port = url.rsplit(':').next().unwrap().trim_end_matches("/seven");
+    for n in 0..3 {
+        let ack = client.send(&message(&format!("down{n}"))).unwrap();
+        assert_eq!(ack.code, AckCode::AE, "{ack:?}");
+        let wire = String::from_utf8_lossy(&ack.raw).into_owned();
+        for secret in ["postgres", "127.0.0.1", port, "seven"] {
+            assert!(!wire.contains(secret), "{secret:?} in the NAK: {wire:?}");
+        }
+    }
+    server.shutdown(WAIT).unwrap();
+    // Every event is delivered once the server has shut down.
+    let details = failures.0.lock().unwrap().clone();
+    assert_eq!(details.len(), 3, "{details:?}");
+    for detail in &details {
+        assert!(detail.starts_with("message not stored: "), "{detail}");
+        assert!(!detail.contains('\n'), "{detail}");
+    }
+    assert!(
+        details
+            .iter()
+            .any(|d| d.contains(&format!("127.0.0.1:{port}/seven"))),
+        "the log names the database: {details:?}"
+    );
+    let _ = store.close(WAIT);
 }

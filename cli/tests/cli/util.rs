@@ -114,12 +114,9 @@ impl Serve {
             stdout: Vec::new(),
             rest: None,
         };
-        let first = match lines.recv_timeout(WAIT) {
-            Ok(line) => line,
-            Err(_) => {
-                let output = serve.kill();
-                panic!("serve printed no address; stderr: {}", text(&output.stderr));
-            }
+        let Ok(first) = lines.recv_timeout(WAIT) else {
+            let output = serve.kill();
+            panic!("serve printed no address; stderr: {}", text(&output.stderr));
         };
         serve.addr = first
             .strip_prefix("listening on ")

@@ -29,14 +29,16 @@ struct Columns<'a> {
 
 /// How a batch failed: whether its transaction may still be open, is over, or may have
 /// committed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub(super) enum Failure {
     /// Before the `INSERT`: the transaction is open (aborted) and needs a `ROLLBACK`.
     Open,
-    /// The `INSERT` failed, so the `COMMIT` sent with it rolled back: nothing committed.
+    /// The server rejected the `INSERT` (or the `COMMIT`): nothing committed.
     Ended,
-    /// The connection failed while `COMMIT` was in flight: it may have committed.
-    Unknown,
+    /// The connection failed after `INSERT` and `COMMIT` were sent: it may have committed,
+    /// with these outcomes (the ids were allocated under the lock, so the batch's first id
+    /// tells whether it did).
+    Unknown(Vec<StoreOutcome>),
 }
 
 /// Stores `batch` in one transaction under the store's lock, in two round trips:
@@ -136,26 +138,26 @@ pub(super) fn insert_batch(
         &cols.duplicate_of,
         &cols.payload,
     ];
-    let (inserted, committed) = conn.block_on(join(
-        client.execute(&conn.insert, &params),
-        client.batch_execute("COMMIT"),
-    ));
-    // A COMMIT after a failed INSERT only ends the aborted transaction.
-    inserted.map_err(|e| (e, Failure::Ended))?;
-    committed.map_err(|e| {
-        let failure = if e.as_db_error().is_some() {
-            Failure::Ended
-        } else {
-            Failure::Unknown
-        };
-        (e, failure)
-    })?;
-    Ok(cols
+    let outcomes: Vec<StoreOutcome> = cols
         .ids
         .iter()
         .zip(&cols.duplicate_of)
         .map(|(&id, &dup)| StoreOutcome::new(id, dup))
-        .collect())
+        .collect();
+    let (inserted, committed) = conn.block_on(join(
+        client.execute(&conn.insert, &params),
+        client.batch_execute("COMMIT"),
+    ));
+    match (inserted, committed) {
+        (Ok(_), Ok(())) => Ok(outcomes),
+        // The server answered: a COMMIT after a failed INSERT only ends the aborted
+        // transaction, and a COMMIT that fails commits nothing.
+        (Err(e), _) | (Ok(_), Err(e)) if e.as_db_error().is_some() => Err((e, Failure::Ended)),
+        // No answer: the connection died with both sent, so the server may have run the
+        // COMMIT (its reply was lost). Whether it did is looked up, never guessed: guessing
+        // "no" and retrying would store the batch twice.
+        (Err(e), _) | (Ok(_), Err(e)) => Err((e, Failure::Unknown(outcomes))),
+    }
 }
 
 /// An MSH field as a text column value: lossy UTF-8 as in SQLite, NUL (which PostgreSQL text

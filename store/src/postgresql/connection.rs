@@ -8,6 +8,7 @@ use tokio_postgres::{Client, NoTls, Statement};
 
 use super::batch::{Failure, insert_batch};
 use super::session::Session;
+use super::sql::LOCK_KEY;
 use super::{PostgresBackend, RECONNECT_MAX, RECONNECT_MIN};
 use crate::error::{Cause, StoreError};
 use crate::record::{Record, StoreOutcome};
@@ -29,6 +30,15 @@ impl Connection {
     pub(super) fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
         self.runtime.block_on(future)
     }
+}
+
+/// How one attempt at a batch failed.
+pub(super) enum Attempt {
+    /// Nothing committed.
+    Failed(StoreError),
+    /// The connection died after `COMMIT` was sent: the batch may have committed, with these
+    /// outcomes.
+    Unknown(StoreError, Vec<StoreOutcome>),
 }
 
 /// When the next reconnect may be tried, after failed ones.
@@ -139,21 +149,17 @@ impl PostgresBackend {
         }
     }
 
-    /// One attempt at a batch. `Err((error, committed_maybe))`: `committed_maybe` is true
-    /// when the connection failed while `COMMIT` was in flight, so the outcome is unknown.
-    pub(super) fn try_commit(
-        &mut self,
-        batch: &[Record],
-    ) -> Result<Vec<StoreOutcome>, (StoreError, bool)> {
+    /// One attempt at a batch.
+    pub(super) fn try_commit(&mut self, batch: &[Record]) -> Result<Vec<StoreOutcome>, Attempt> {
         let window = self.window_us();
         let conn = self
             .connection()
-            .map_err(|e| (StoreError::commit(e), false))?;
+            .map_err(|e| Attempt::Failed(StoreError::commit(e)))?;
         match insert_batch(conn, batch, window) {
             Ok(outcomes) => Ok(outcomes),
             Err((e, failure)) => {
                 let alive = e.as_db_error().is_some() && !conn.client.is_closed();
-                match failure {
+                match &failure {
                     // A statement failed (a lock timeout, say): the connection is fine, only
                     // the transaction is aborted.
                     Failure::Open if alive => {
@@ -167,11 +173,45 @@ impl PostgresBackend {
                     Failure::Ended if alive => {}
                     _ => self.conn = None,
                 }
-                Err((
-                    StoreError::commit(Cause::postgres(e)),
-                    matches!(failure, Failure::Unknown),
-                ))
+                let error = StoreError::commit(Cause::postgres(e));
+                Err(match failure {
+                    Failure::Unknown(outcomes) => Attempt::Unknown(error, outcomes),
+                    Failure::Open | Failure::Ended => Attempt::Failed(error),
+                })
             }
         }
+    }
+
+    /// Whether the batch whose first id is `first` committed, asked on a fresh connection
+    /// after the old one died with `COMMIT` in flight. Asked under the store's lock: the old
+    /// session held it from before its `INSERT`, so once we have it that session's
+    /// transaction has ended one way or the other and the answer is final. (A session that
+    /// never received the `COMMIT` holds the lock until PostgreSQL ends it, after
+    /// [`IDLE_IN_TRANSACTION_TIMEOUT`](super::IDLE_IN_TRANSACTION_TIMEOUT); the lookup gives
+    /// up after the lock timeout first, and the batch stays unknown.)
+    pub(super) fn committed(&mut self, first: i64) -> Result<bool, StoreError> {
+        let conn = self.connection()?;
+        let lock = format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({}, {})",
+            LOCK_KEY.0, LOCK_KEY.1
+        );
+        let result = conn.block_on(async {
+            conn.client.batch_execute(&lock).await?;
+            let found = conn
+                .client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM mllp_messages WHERE id = $1)",
+                    &[&first],
+                )
+                .await?
+                .try_get::<_, bool>(0)?;
+            conn.client.batch_execute("COMMIT").await?;
+            Ok::<_, tokio_postgres::Error>(found)
+        });
+        result.map_err(|e| {
+            // Dropping the connection ends whatever is left of the transaction.
+            self.conn = None;
+            StoreError::read(Cause::postgres(e))
+        })
     }
 }

@@ -104,14 +104,24 @@
 //!
 //! # Connection loss
 //!
-//! A batch whose `INSERT` did not succeed did not commit (the server rolls an open
-//! transaction back when its connection ends, and the `COMMIT` sent behind a failed `INSERT`
-//! only ends the aborted transaction). If the connection was found dead that way, the backend
-//! reconnects once and retries the batch (a PostgreSQL restart while idle costs no error). Otherwise the batch fails (the senders get AE, never AA) and
-//! the connection is dropped; reconnect attempts follow with a backoff from 100 ms doubling
-//! to 2 s, and batches arriving in between fail at once. When the connection dies while
-//! `COMMIT` is in flight, the outcome is unknown: the batch fails (AE), the sender resends,
-//! and if the first copy did commit, the resend is stored flagged as its duplicate.
+//! A batch that failed before its `INSERT` and `COMMIT` were sent did not commit (the server
+//! rolls an open transaction back when its connection ends), and neither did one whose
+//! `INSERT` or `COMMIT` the server rejected (the `COMMIT` sent behind a failed `INSERT` only
+//! ends the aborted transaction). If the connection was found dead before `COMMIT` was sent,
+//! the backend reconnects once and retries the batch (a PostgreSQL restart while idle costs
+//! no error). Otherwise the batch fails (the senders get AE, never AA) and the connection is
+//! dropped; reconnect attempts follow with a backoff from 100 ms doubling to 2 s, and batches
+//! arriving in between fail at once.
+//!
+//! When the connection dies after `INSERT` and `COMMIT` were sent, the server may have
+//! committed the batch and lost only its reply. The backend never guesses: it reconnects and
+//! looks the batch up by its first id (ids are allocated under the store's lock, so that id
+//! is the batch's), itself under the store's lock, which the old session held until its
+//! transaction ended. Committed: the batch's outcomes stand (AA, each record stored once).
+//! Not committed: the batch is stored now, once. If the lookup fails too, the batch fails
+//! with [`Problem::OutcomeUnknown`] (AE); the sender resends, and if the first copy did
+//! commit, the resend is stored flagged as its duplicate (a message without MSH-10 cannot be
+//! flagged, and may then be stored twice: that is why the lookup comes first).
 //! TCP keepalives (idle 10 s) notice a database host that vanished without a reset. A URL
 //! naming several hosts with `target_session_attrs=read-write` reconnects to whichever one is
 //! the primary after a failover.
@@ -139,6 +149,7 @@ use crate::record::{DuplicateKey, Record, StoreId, StoreOutcome, StoredRecord, s
 use crate::spec::redact;
 
 use batch::pg_text;
+use connection::Attempt;
 use connection::{Backoff, Connection};
 use describe::location;
 pub use options::{PostgresOptions, is_postgres_url};
@@ -286,6 +297,33 @@ impl PostgresBackend {
     fn path(&self) -> PathBuf {
         PathBuf::from(&self.location)
     }
+
+    /// Settles a batch whose connection died with `COMMIT` in flight: if it committed, its
+    /// `outcomes` stand (the records are stored once, and their senders get AA); if it did
+    /// not, it is stored now, once. If that cannot be found out, the batch fails with
+    /// [`Problem::OutcomeUnknown`] (AE, never AA): a resend is then stored flagged as a
+    /// duplicate if the first copy did commit.
+    fn settle(
+        &mut self,
+        batch: &[Record],
+        outcomes: Vec<StoreOutcome>,
+    ) -> Result<Vec<StoreOutcome>, StoreError> {
+        let Some(first) = outcomes.first() else {
+            return Ok(outcomes);
+        };
+        let unknown = |why: StoreError| {
+            StoreError::commit(Cause::problem_because(Problem::OutcomeUnknown, why))
+        };
+        match self.committed(first.id) {
+            Ok(true) => Ok(outcomes),
+            Ok(false) => match self.try_commit(batch) {
+                Ok(outcomes) => Ok(outcomes),
+                Err(Attempt::Failed(e)) => Err(e),
+                Err(Attempt::Unknown(e, _)) => Err(unknown(e)),
+            },
+            Err(lookup) => Err(unknown(lookup)),
+        }
+    }
 }
 
 impl Backend for PostgresBackend {
@@ -294,14 +332,18 @@ impl Backend for PostgresBackend {
             return Err(StoreError::commit(Problem::ReadOnly));
         }
         let had_connection = self.conn.is_some();
-        match self.try_commit(batch) {
-            Ok(outcomes) => Ok(outcomes),
-            // The connection we had died (a database restart while we were idle, say) and
-            // COMMIT was never sent, so nothing committed: one retry on a fresh connection.
-            Err((_, false)) if had_connection && self.conn.is_none() => {
-                self.try_commit(batch).map_err(|(e, _)| e)
+        let attempt = match self.try_commit(batch) {
+            // The connection we had died (a database restart while we were idle, say) before
+            // COMMIT was sent, so nothing committed: one retry on a fresh connection.
+            Err(Attempt::Failed(_)) if had_connection && self.conn.is_none() => {
+                self.try_commit(batch)
             }
-            Err((e, _)) => Err(e),
+            other => other,
+        };
+        match attempt {
+            Ok(outcomes) => Ok(outcomes),
+            Err(Attempt::Failed(e)) => Err(e),
+            Err(Attempt::Unknown(_, outcomes)) => self.settle(batch, outcomes),
         }
     }
 

@@ -4,8 +4,8 @@
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 
-use mllp_store::health::{NotReady, ready};
 use mllp_store::integrity::{CheckDepth, CheckOutcome, check_sqlite};
+use mllp_store::readiness::{NotReady, ready};
 use mllp_store::{Backend as _, Record, SqliteBackend, SqliteOptions, Store, StoreConfig};
 use rusqlite::Connection;
 
@@ -75,7 +75,7 @@ fn a_commit_that_meets_damage_marks_the_store_corrupt() {
     damaged_store(&path);
     let backend = SqliteBackend::open(&path, &SqliteOptions::default()).unwrap();
     let store = Store::start(backend, StoreConfig::default()).unwrap();
-    let health = store.health();
+    let health = store.pulse();
     let (tx, rx) = channel();
     let mut failed = 0;
     for i in 0..20 {
@@ -92,7 +92,7 @@ fn a_commit_that_meets_damage_marks_the_store_corrupt() {
     assert!(failed > 0, "no commit met the damage");
     assert!(health.is_corrupt());
     assert!(matches!(
-        ready(false, Some(&health), None),
+        ready(false, Some(&store), None),
         Err(NotReady::Corrupt)
     ));
     store.close(WAIT).unwrap();
