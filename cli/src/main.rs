@@ -11,6 +11,7 @@ mod integrity;
 mod loadgen;
 mod logging;
 mod prometheus;
+mod resend;
 mod retention;
 mod search;
 mod send;
@@ -69,6 +70,9 @@ enum Command {
     Search(search::SearchArgs),
     /// Check a store for damage (SQLite integrity_check); exit 1 if it is damaged.
     Check(integrity::CheckArgs),
+    /// Send stored messages again (by id, or --query with search's filters), check every
+    /// ACK, and record who resent what, when, and the result in the store.
+    Resend(resend::ResendArgs),
 }
 
 #[derive(Debug, Args)]
@@ -315,6 +319,11 @@ fn main() -> ExitCode {
         }),
         Command::Prune(args) => retention::prune(&args),
         Command::Search(args) => search::search(&args),
+        Command::Resend(args) => match resend::resend(&args) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(EXIT_FAILURE),
+            Err(e) => Err(e),
+        },
         Command::Check(args) => match integrity::check(&args) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(EXIT_FAILURE),

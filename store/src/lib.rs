@@ -186,6 +186,7 @@ mod open;
 pub mod postgresql;
 pub mod readiness;
 mod record;
+pub mod resend;
 pub mod retention;
 pub mod search;
 mod spec;

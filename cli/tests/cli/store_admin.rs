@@ -391,3 +391,72 @@ fn a_damaged_store_is_found_by_check_and_refused_by_serve() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `resend` sends what it finds to a receiver, checks every ACK (an AE fails the command),
+/// and `--dry-run` sends nothing.
+#[test]
+fn resend_checks_every_ack() {
+    use mllp_reactor::ack::{self, AckCode};
+    use mllp_reactor::{Reply, handler_fn};
+    let dir = scratch("resend");
+    let store = dir.join("s.db");
+    let _ = std::fs::remove_file(&store);
+    let path = store.to_str().unwrap();
+    fill(path, &["r1", "r2", "r3"]);
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = std::sync::Arc::clone(&received);
+    let receiver = crate::util::server(handler_fn(move |msg, _| {
+        let text = String::from_utf8_lossy(msg).into_owned();
+        seen.lock().unwrap().push(text.clone());
+        Ok(Reply::Send(if text.contains("|r2|") {
+            ack::nak(msg, AckCode::AE, "not today")
+        } else {
+            ack::accept(msg)
+        }))
+    }));
+    let to = receiver.local_addr().to_string();
+
+    let dry = run(&["resend", path, "1", "3", "--to", &to, "--dry-run"], b"");
+    assert!(dry.status.success(), "{}", text(&dry.stderr));
+    assert_eq!(text(&dry.stdout), "would resend 1 r1\nwould resend 3 r3\n");
+    assert!(received.lock().unwrap().is_empty());
+
+    let ok = run(
+        &[
+            "resend",
+            path,
+            "3",
+            "1",
+            "--to",
+            &to,
+            "--reason",
+            "EHR lost them",
+        ],
+        b"",
+    );
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    assert_eq!(text(&ok.stdout), "1 r1 AA\n3 r3 AA\n", "oldest first");
+
+    let q = run(
+        &[
+            "resend",
+            path,
+            "--query",
+            "--control-id",
+            "r2",
+            "--to",
+            &to,
+            "--rate",
+            "100/s",
+        ],
+        b"",
+    );
+    assert_eq!(q.status.code(), Some(1), "an AE fails the command");
+    assert_eq!(text(&q.stdout), "2 r2 AE: not today\n");
+    assert_eq!(received.lock().unwrap().len(), 3);
+
+    let missing = run(&["resend", path, "99", "--to", &to], b"");
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing.stderr).contains("no stored message with id 99"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -138,3 +138,146 @@ fn an_older_store_gets_the_patient_column() {
         vec![5, 1]
     );
 }
+
+/// A 1 KiB ADT^A01 with control id `C{n}` and patient `P{n % 100_000}`.
+fn kib(n: u64) -> Bytes {
+    let filler = "Z".repeat(860);
+    Bytes::from(format!(
+        "MSH|^~\\&|LAB|H|EHR|H|20260101120000||ADT^A01|C{n}|P|2.5.1\rPID|1||P{}^^^H^MR||DOE\rNTE|1||{filler}\r",
+        n % 100_000
+    ))
+}
+
+/// BENCHMARKS.md "Search": receive throughput through `Store` with and without the two search
+/// indexes (same run, alternating), then search latency by control id and by patient on a
+/// store of `MLLP_SEARCH_BENCH_ROWS` (default 1 000 000) 1 KiB messages. Run:
+/// `nice -n 19 cargo test --release -p mllp-store --test it search_bench -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement (minutes, about 1 GB of disk), not a check"]
+fn search_bench() {
+    use std::time::Instant;
+
+    use mllp_store::{Store, StoreConfig};
+
+    let dir = TempDir::new("search-bench");
+    // (a) Throughput: 40 000 messages submitted at once, timed to the last callback.
+    for round in 0..3 {
+        for indexes in [true, false] {
+            let path = dir.join(&format!("t{round}{indexes}.db"));
+            let backend = SqliteBackend::open(&path, &SqliteOptions::default()).unwrap();
+            if !indexes {
+                Connection::open(&path)
+                    .unwrap()
+                    .execute_batch("DROP INDEX messages_control_id; DROP INDEX messages_patient;")
+                    .unwrap();
+            }
+            let store =
+                Store::start(backend, StoreConfig::default().max_queue_messages(65_536)).unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let n = 40_000u64;
+            let start = Instant::now();
+            for i in 0..n {
+                let tx = tx.clone();
+                store
+                    .submit(
+                        Record::new(kib(i), origin(1, i)),
+                        Box::new(move |r| {
+                            let _ = tx.send(r.is_ok());
+                        }),
+                    )
+                    .unwrap();
+            }
+            for _ in 0..n {
+                assert!(rx.recv().unwrap());
+            }
+            let secs = start.elapsed().as_secs_f64();
+            store.close(Duration::from_secs(60)).unwrap();
+            println!(
+                "throughput round {round} indexes={indexes}: {:.0} msg/s",
+                n as f64 / secs
+            );
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    // (b) Latency on a large store, filled in 10 000-row transactions.
+    let rows: u64 = std::env::var("MLLP_SEARCH_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let path = dir.join("big.db");
+    let mut b = SqliteBackend::open(&path, &SqliteOptions::default()).unwrap();
+    let fill = Instant::now();
+    for chunk in 0..rows.div_ceil(10_000) {
+        let batch: Vec<Record> = (chunk * 10_000..((chunk + 1) * 10_000).min(rows))
+            .map(|i| Record::new(kib(i), origin(1, i)))
+            .collect();
+        b.commit_batch(&batch).unwrap();
+    }
+    drop(b);
+    println!(
+        "filled {rows} rows in {:.0} s ({} MB)",
+        fill.elapsed().as_secs_f64(),
+        std::fs::metadata(&path).unwrap().len() >> 20
+    );
+    let opts = SqliteOptions::default();
+    for (name, make) in [
+        (
+            "control id",
+            Box::new(|i: u64| SearchFilter::default().control_id(format!("C{i}")))
+                as Box<dyn Fn(u64) -> SearchFilter>,
+        ),
+        (
+            "patient",
+            Box::new(|i: u64| SearchFilter::default().patient(format!("P{}", i % 100_000))),
+        ),
+    ] {
+        let mut times = Vec::new();
+        for k in 0..50u64 {
+            let i = (k * 7_919_993) % rows;
+            let start = Instant::now();
+            let found = search_sqlite(&path, &make(i), &opts).unwrap();
+            times.push(start.elapsed());
+            assert!(!found.is_empty());
+        }
+        times.sort();
+        println!(
+            "search by {name} on {rows} rows (a fresh connection each, newest 100): median {:.2} ms, max {:.2} ms",
+            times[25].as_secs_f64() * 1e3,
+            times[49].as_secs_f64() * 1e3
+        );
+    }
+}
+
+#[test]
+fn resends_are_audited_in_the_store() {
+    use mllp_store::resend::{ResendAudit, record_resends_sqlite};
+    let dir = TempDir::new("resend-audit");
+    let path = dir.join("s.db");
+    store(&path);
+    let audits = [
+        ResendAudit::new(
+            1,
+            "alice".into(),
+            "ehr:2575".into(),
+            "AA".into(),
+            Some("lost".into()),
+        ),
+        ResendAudit::new(2, "alice".into(), "ehr:2575".into(), "AE: no".into(), None),
+    ];
+    record_resends_sqlite(&path, &audits, &SqliteOptions::default()).unwrap();
+    record_resends_sqlite(&path, &audits[..1], &SqliteOptions::default()).unwrap();
+    let rows: Vec<(i64, String, String, Option<String>)> = Connection::open(&path)
+        .unwrap()
+        .prepare("SELECT message_id, os_user, result, reason FROM resend_audit ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[1], (2, "alice".into(), "AE: no".into(), None));
+    // Never creates a store.
+    assert!(
+        record_resends_sqlite(&dir.join("nope.db"), &audits, &SqliteOptions::default()).is_err()
+    );
+}
