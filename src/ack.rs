@@ -441,6 +441,24 @@ pub fn nak(message: &[u8], code: AckCode, text: &str) -> Bytes {
     Ack::new(code).text(text).build(message)
 }
 
+/// MSA-1 of a reply a handler returned, if it is an acknowledgment: the first segment that
+/// starts `MSA` and the field separator (MSH-1). No MSH parse and no allocation: the server
+/// reads it off every reply to count the NAKs handlers send.
+pub(crate) fn reply_code(reply: &[u8]) -> Option<AckCode> {
+    let sep = *reply.get(3)?;
+    let mut rest = reply;
+    loop {
+        let end = memchr2(CARRIAGE_RETURN, LINE_FEED, rest).unwrap_or(rest.len());
+        let segment = &rest[..end];
+        if segment.starts_with(b"MSA") && segment.get(3) == Some(&sep) {
+            let code = &segment[4..];
+            let code = &code[..code.iter().position(|&b| b == sep).unwrap_or(code.len())];
+            return AckCode::from_bytes(code);
+        }
+        rest = rest.get(end + 1..)?;
+    }
+}
+
 /// The fields of a received acknowledgment that a sender needs, borrowed from its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

@@ -332,6 +332,11 @@ pub enum ClientError {
     /// There is no connection (closed after an earlier error, or by the server while idle)
     /// and [`ClientConfig::reconnect`] is off. Nothing was sent.
     Closed,
+    /// The server requires a client certificate (mutual TLS; its `certificate_required`
+    /// alert) and this client presented none: give the client an identity
+    /// (`ClientTls::client_cert_files`). Under TLS 1.3 this shows at the first send, since
+    /// the handshake completes on the client's side before the server refuses.
+    ClientCertRequired,
 }
 
 impl fmt::Display for ClientError {
@@ -350,6 +355,9 @@ impl fmt::Display for ClientError {
             Self::BadAck(e) => write!(f, "response is not a readable ack: {e}"),
             Self::NoControlId => f.write_str("message has no readable MSH-10 control id"),
             Self::Closed => f.write_str("connection closed and reconnect is off"),
+            Self::ClientCertRequired => f.write_str(
+                "the server requires a client certificate (mutual TLS) and none was presented",
+            ),
         }
     }
 }
@@ -364,7 +372,8 @@ impl std::error::Error for ClientError {
             | Self::Mismatch { .. }
             | Self::ResponseTooLarge { .. }
             | Self::NoControlId
-            | Self::Closed => None,
+            | Self::Closed
+            | Self::ClientCertRequired => None,
         }
     }
 }
@@ -694,7 +703,7 @@ impl Conn {
                         Some(tls) => tls.connect(stream, *addr, config.connect_timeout),
                         None => Ok(Stream::from(stream)),
                     }
-                    .map_err(ClientError::Connect)?;
+                    .map_err(|e| cert_required(e).unwrap_or_else(ClientError::Connect))?;
                     return Ok(Self {
                         stream,
                         peer: *addr,
@@ -735,7 +744,8 @@ impl Conn {
             Ok(0) => Ok(Idle::Gone),
             Ok(_) => Err(ClientError::Desync),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Idle::Clean),
-            Err(_) => Ok(Idle::Gone),
+            // The server refused us for want of a certificate: reconnecting will not help.
+            Err(e) => cert_required(e).map_or(Ok(Idle::Gone), Err),
         }
     }
 
@@ -877,7 +887,18 @@ fn check_io(e: io::Error) -> Result<(), ClientError> {
     match e.kind() {
         io::ErrorKind::Interrupted => Ok(()),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Err(ClientError::Timeout),
-        _ => Err(ClientError::Io(e)),
+        _ => Err(cert_required(e).unwrap_or_else(ClientError::Io)),
+    }
+}
+
+/// [`ClientError::ClientCertRequired`] if `e` carries the TLS layer's mark, else `e` back.
+fn cert_required(e: io::Error) -> Result<ClientError, io::Error> {
+    if e.get_ref()
+        .is_some_and(|inner| inner.is::<crate::identity::CertificateRequired>())
+    {
+        Ok(ClientError::ClientCertRequired)
+    } else {
+        Err(e)
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! It takes bytes, handler outcomes and `Instant`s in, and hands back messages to dispatch,
 //! bytes to write, its next deadline, and telemetry [`Event`]s. It never sees a socket or reads
-//! the clock, so tests and the fuzzer drive it byte by byte on a virtual clock.
+//! a clock (a NAK's timestamp comes from `now` through the server's [`WallClock`]), so tests
+//! and the fuzzer drive it byte by byte on a virtual clock.
 //!
 //! # Calls
 //!
@@ -46,7 +47,7 @@
 
 use std::io::{ErrorKind, IoSlice};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 
@@ -56,7 +57,9 @@ use crate::outcome::{Outcome, Reply};
 use crate::reason::{CloseReason, ExceptionReason};
 
 mod event;
+mod slots;
 pub(crate) use event::{Event, FrameRejection, Handled};
+use slots::Slots;
 
 /// Whether failures are answered with a NAK.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -90,6 +93,39 @@ pub(crate) struct Limits {
     pub(crate) nak_policy: NakPolicy,
     /// Put the handler's error text into NAKs (default: a generic text).
     pub(crate) expose_errors: bool,
+    /// Turns the `now` the connection is given into the wall-clock time a NAK carries.
+    pub(crate) wall_clock: WallClock,
+}
+
+/// The wall-clock time of an `Instant`, from one reading of both clocks taken when the server
+/// was built: the connection is handed `now` and never reads a clock itself (so a test's
+/// virtual clock decides a NAK's timestamp too). A wall clock stepped later (NTP) is not
+/// followed; a NAK's MSH-7 is informative only.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WallClock {
+    instant: Instant,
+    wall: SystemTime,
+}
+
+impl WallClock {
+    /// `instant` is the same moment as `wall`.
+    pub(crate) fn new(instant: Instant, wall: SystemTime) -> Self {
+        Self { instant, wall }
+    }
+
+    /// Reads both clocks now.
+    pub(crate) fn now() -> Self {
+        Self::new(Instant::now(), SystemTime::now())
+    }
+
+    /// The wall-clock time of `at`.
+    pub(crate) fn at(&self, at: Instant) -> SystemTime {
+        if at >= self.instant {
+            self.wall + (at - self.instant)
+        } else {
+            self.wall - (self.instant - at)
+        }
+    }
 }
 
 /// A message to hand to the handler.
@@ -177,79 +213,6 @@ enum State {
     Open,
     Lingering(Box<Linger>),
     Closed(CloseReason),
-}
-
-/// The slot queue, allocated only while messages are in flight: an idle connection holds
-/// neither the queue nor its buffer (8 bytes instead of 48).
-#[derive(Debug, Default)]
-struct Slots(Option<Box<SlotQueue>>);
-
-#[derive(Debug, Default)]
-struct SlotQueue {
-    q: std::collections::VecDeque<Slot>,
-    /// Set while replies wait to be written: the peer must take some of them by then.
-    stall_deadline: Option<Instant>,
-}
-
-impl Slots {
-    fn stall(&self) -> Option<Instant> {
-        self.0.as_ref()?.stall_deadline
-    }
-
-    fn set_stall(&mut self, deadline: Option<Instant>) {
-        if let Some(q) = self.0.as_mut() {
-            q.stall_deadline = deadline;
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn len(&self) -> usize {
-        self.0.as_ref().map_or(0, |q| q.q.len())
-    }
-
-    fn front(&self) -> Option<&Slot> {
-        self.0.as_ref()?.q.front()
-    }
-
-    fn get(&self, index: usize) -> Option<&Slot> {
-        self.0.as_ref()?.q.get(index)
-    }
-
-    fn push_back(&mut self, slot: Slot) {
-        self.0.get_or_insert_with(Box::default).q.push_back(slot);
-    }
-
-    fn pop_front(&mut self) -> Option<Slot> {
-        self.0.as_mut()?.q.pop_front()
-    }
-
-    fn clear(&mut self) {
-        self.0 = None;
-    }
-
-    fn iter(&self) -> impl Iterator<Item = &Slot> {
-        self.0.iter().flat_map(|q| q.q.iter())
-    }
-
-    fn iter_mut(&mut self) -> impl Iterator<Item = &mut Slot> {
-        self.0.iter_mut().flat_map(|q| q.q.iter_mut())
-    }
-}
-
-impl std::ops::Index<usize> for Slots {
-    type Output = Slot;
-    fn index(&self, index: usize) -> &Slot {
-        &self.0.as_ref().expect("index into empty slots").q[index]
-    }
-}
-
-impl std::ops::IndexMut<usize> for Slots {
-    fn index_mut(&mut self, index: usize) -> &mut Slot {
-        &mut self.0.as_mut().expect("index into empty slots").q[index]
-    }
 }
 
 /// One connection's protocol state. See the module docs for the order of calls.
@@ -514,8 +477,14 @@ impl Connection {
         let received_at = slot.received_at;
         let (state, handled) = match outcome {
             Outcome::Reply(reply) => {
-                let handled = match reply {
-                    Reply::Send(_) | Reply::SendAndClose(_) => Handled::Reply,
+                let handled = match &reply {
+                    Reply::Send(bytes) | Reply::SendAndClose(bytes) => {
+                        // A NAK the handler built counts like one the server builds.
+                        if let Some(code @ (AckCode::AE | AckCode::AR)) = ack::reply_code(bytes) {
+                            out.push(Event::NakQueued(code));
+                        }
+                        Handled::Reply
+                    }
                     _ => Handled::NoReply,
                 };
                 let state = match reply {
@@ -541,7 +510,7 @@ impl Connection {
                 } else {
                     "application error"
                 };
-                let nak = self.nak(&payload, AckCode::AE, text, out);
+                let nak = self.nak(&payload, AckCode::AE, text, now, out);
                 out.push(Event::MessageException {
                     seq: Some(seq),
                     reason,
@@ -553,7 +522,7 @@ impl Connection {
                 (ready(nak, false, Then::Continue), handled)
             }
             Outcome::Expired => (
-                self.timed_out(seq, &payload, received_at, out),
+                self.timed_out(seq, &payload, received_at, now, out),
                 Handled::Timeout,
             ),
             Outcome::Deferred => unreachable!("returned above"),
@@ -669,7 +638,7 @@ impl Connection {
                 self.abandoned = true;
             }
             out.push(Event::Handled(Handled::Timeout));
-            let state = self.timed_out(seq, &payload, received_at, out);
+            let state = self.timed_out(seq, &payload, received_at, now, out);
             self.slots[index].state = state;
             changed = true;
         }
@@ -801,6 +770,7 @@ impl Connection {
         seq: u64,
         payload: &[u8],
         received_at: Instant,
+        now: Instant,
         out: &mut Vec<Event>,
     ) -> SlotState {
         out.push(Event::MessageException {
@@ -812,19 +782,21 @@ impl Connection {
             control_id: control_id_of(payload),
         });
         ready(
-            self.nak(payload, AckCode::AE, "handler timeout", out),
+            self.nak(payload, AckCode::AE, "handler timeout", now, out),
             false,
             Then::Continue,
         )
     }
 
-    /// The NAK for `payload` under the NAK policy (every NAK the server sends is built here).
-    /// Without a readable MSH the code is AR: the message cannot be processed at all.
+    /// The NAK for `payload` under the NAK policy (every NAK the server sends is built here),
+    /// stamped with the wall-clock time of `now`. Without a readable MSH the code is AR: the
+    /// message cannot be processed at all.
     fn nak(
         &self,
         payload: &[u8],
         code: AckCode,
         text: &str,
+        now: Instant,
         out: &mut Vec<Event>,
     ) -> Option<Bytes> {
         if self.limits.nak_policy == NakPolicy::Silent {
@@ -837,7 +809,12 @@ impl Connection {
             AckCode::AR
         };
         out.push(Event::NakQueued(code));
-        Some(ack::nak(source, code, text))
+        Some(
+            ack::Ack::new(code)
+                .text(text)
+                .timestamp(self.limits.wall_clock.at(now))
+                .build(source),
+        )
     }
 
     /// Pops finished slots from the front, reporting each, and starts a close a finished slot
@@ -915,7 +892,7 @@ impl Connection {
         });
         let nak = match self.limits.nak_policy {
             NakPolicy::Send if has_control_id(partial) => {
-                self.nak(partial, AckCode::AR, "message too large", out)
+                self.nak(partial, AckCode::AR, "message too large", now, out)
             }
             _ => None,
         };

@@ -276,7 +276,7 @@ pub fn connection(data: &[u8]) {
 
     use bytes::Bytes;
 
-    use crate::connection::{Connection, Limits, NakPolicy};
+    use crate::connection::{Connection, Limits, NakPolicy, WallClock};
     use crate::outcome::{Outcome, Reply};
     use crate::reason::ExceptionReason;
 
@@ -299,6 +299,7 @@ pub fn connection(data: &[u8]) {
             NakPolicy::Send
         },
         expose_errors: true,
+        wall_clock: WallClock::now(),
     });
     let mut now = Instant::now();
     let mut conn = Connection::new(Arc::clone(&limits), now);

@@ -167,6 +167,12 @@ impl Context {
         self.identity.as_deref()
     }
 
+    /// [`peer_identity`](Self::peer_identity), shared: cheap to keep past the handler call
+    /// (a store record keeps it with the message).
+    pub fn peer_identity_shared(&self) -> Option<Arc<crate::identity::PeerIdentity>> {
+        self.identity.clone()
+    }
+
     /// Takes the handle that answers this message later; return [`Reply::Deferred`] from the
     /// handler after taking it. See [`ReplyHandle`].
     ///

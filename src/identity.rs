@@ -70,3 +70,18 @@ impl fmt::Display for SubjectAltName {
         }
     }
 }
+
+/// The mark the client's TLS layer puts in an `io::Error` for the server's
+/// `certificate_required` alert: the server asked for our identity and we had none. Here, in a
+/// module every build has, so the client recognises it without TLS types (and neither module
+/// imports the other's).
+#[derive(Debug)]
+pub(crate) struct CertificateRequired;
+
+impl fmt::Display for CertificateRequired {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the server requires a client certificate")
+    }
+}
+
+impl std::error::Error for CertificateRequired {}

@@ -31,13 +31,14 @@
 //! store-then-ACK paths and what each module owns.
 //!
 //! 1. `reactor.rs` — the poll reports the socket readable; the loop drives that connection.
-//! 2. `reactor/transfer.rs` → `transport.rs` — `read` into the reactor's one 64 KiB buffer;
-//!    the bytes go to `Connection::handle_read` (`connection.rs`).
+//! 2. `link.rs` → `transport.rs` — the connection's link reads into the
+//!    reactor's one 64 KiB buffer; the bytes go to `Connection::handle_read`
+//!    (`connection.rs`).
 //! 3. `connection.rs` → `codec.rs` — `poll_dispatch` decodes one frame and opens a slot for it.
 //! 4. `dispatch.rs` → `handler.rs` — the dispatcher calls [`Handler::handle`] on the reactor
 //!    thread (catching a panic); the outcome goes straight to `Connection::handle_completion`,
 //!    which applies the [`NakPolicy`] (every NAK the server sends is built there).
-//! 5. `reactor/transfer.rs` → `transport.rs` — `Connection::transmit` offers the ready replies
+//! 5. `link.rs` → `transport.rs` — `Connection::transmit` offers the ready replies
 //!    in order and one `writev` sends them; `handle_written` retires the slots.
 //! 6. `telemetry.rs` — the connection's events become metrics and observer calls.
 //!

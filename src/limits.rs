@@ -45,6 +45,11 @@ pub const DEFAULT_MAX_MEMORY: usize = 512 << 20;
 /// Default time a connection gets to start (PROXY header, TLS handshake): 10 s, ample for a
 /// handshake across a slow WAN, short enough that silent connections do not pile up.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default cap on TLS handshakes in progress at once, server-wide: 256. A handshake costs
+/// about a millisecond of CPU, so 256 at once is a burst of hundreds of clients, or slow (or
+/// hostile) peers; each may hold up to `tls::MAX_HANDSHAKE_BYTES` (32 KiB) of handshake and
+/// one 32 KiB read buffer, so the cap bounds handshake memory at about 36 MiB.
+pub(crate) const DEFAULT_MAX_HANDSHAKES: usize = 256;
 /// Default grace period when a [`ServerHandle`](crate::ServerHandle) is dropped without a shutdown: 5 s.
 pub(crate) const DROP_GRACE: Duration = Duration::from_secs(5);
 

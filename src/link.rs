@@ -73,10 +73,26 @@ pub(crate) struct Link {
     pub(crate) read_ready: bool,
     /// The socket reported writable (until a write says `WouldBlock`).
     pub(crate) write_ready: bool,
-    /// Some bytes came from the peer (a health probe closes with none).
+    /// Bytes came from the peer other than a PROXY header (a health check sends none, or a
+    /// header alone: see [`CloseReason::Probe`]).
     received: bool,
     /// [`poll_started`](Self::poll_started) reported the start.
     announced: bool,
+    /// Its TLS handshake's slot under the reactor's `max_handshakes` cap (kept here, where
+    /// the struct has room, for the reactor).
+    pub(crate) handshake: HandshakeSlot,
+}
+
+/// A link's part in the reactor's cap on TLS handshakes in progress.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum HandshakeSlot {
+    /// Not handshaking, or not yet asked to read.
+    #[default]
+    None,
+    /// Handshaking in one of the reactor's slots.
+    Held,
+    /// Waiting for a slot.
+    Waiting,
 }
 
 /// How a link ended.
@@ -86,8 +102,6 @@ pub(crate) struct Closed {
     pub(crate) reason: CloseReason,
     /// It never served MLLP (no PROXY header or TLS handshake done): why it was rejected.
     pub(crate) rejected: Option<RejectReason>,
-    /// It closed without sending a byte (a balancer's health check, a port scan).
-    pub(crate) silent: bool,
 }
 
 impl Link {
@@ -114,6 +128,7 @@ impl Link {
             write_ready: false,
             received: false,
             announced: false,
+            handshake: HandshakeSlot::None,
         }
     }
 
@@ -243,11 +258,11 @@ impl Link {
                 true
             }
             Ok(n) => {
-                self.received = true;
                 telemetry.metrics.bytes_received.increment(n as u64);
                 if self.transport.in_preamble() {
                     self.header_read(&scratch[..n], policy, now, out);
                 } else {
+                    self.received = true;
                     self.conn.handle_read(&scratch[..n], now, out);
                 }
                 true
@@ -258,9 +273,9 @@ impl Link {
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => true,
             Err(e) => {
-                self.received = true; // a TLS failure means bytes came
                 match self.transport.failure_reason(&e) {
                     Some(reason) => {
+                        self.received = true; // a TLS failure means bytes came
                         let reason = match reason {
                             CloseReason::Io(_) if !self.conn.is_started() => {
                                 CloseReason::TlsHandshake
@@ -292,12 +307,21 @@ impl Link {
         out: &mut Vec<Event>,
     ) {
         let (header, rest) = match self.transport.feed_preamble(bytes) {
-            Preambled::Partial => return,
+            Preambled::Partial => {
+                self.received = true;
+                return;
+            }
             Preambled::Failed => {
+                self.received = true;
                 self.conn.handle_start_failed(CloseReason::ProxyHeader, out);
                 return;
             }
-            Preambled::Done(header, rest) => (header, rest),
+            Preambled::Done(header, rest, more) => {
+                // A header alone (HAProxy's checks send one, LOCAL or not) is not the stream:
+                // a close now is a health check.
+                self.received = more;
+                (header, rest)
+            }
         };
         // A LOCAL header (a balancer's health check) names no client: the socket's peer stands.
         if let Some(source) = header.source() {
@@ -333,21 +357,85 @@ impl Link {
         self.announced
     }
 
-    /// Releases the layer's buffers when the connection holds nothing.
-    pub(crate) fn release_idle_buffers(&mut self) {
-        if !self.conn.in_flight() && self.conn.buffered_len() == 0 {
+    /// Takes the "a handler call was abandoned at its deadline" signal.
+    pub(crate) fn take_abandoned(&mut self) -> bool {
+        self.conn.take_abandoned()
+    }
+
+    /// Whether a frame is being received or read ahead (bytes not yet decoded).
+    pub(crate) fn in_frame(&self) -> bool {
+        self.conn.buffered_len() > 0
+    }
+
+    /// Whether a message is with the handler or its reply not yet written.
+    pub(crate) fn in_flight(&self) -> bool {
+        self.conn.in_flight()
+    }
+
+    /// Whether the connection has closed (see [`closed`](Self::closed) for how).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.conn.is_closed()
+    }
+
+    /// The earliest deadline that matters now.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        self.conn.poll_timeout()
+    }
+
+    /// A deadline may have passed. `unread`: the peer has bytes waiting that the memory
+    /// budget keeps us from reading, so it is neither idle nor slow.
+    pub(crate) fn handle_timeout(&mut self, now: Instant, unread: bool, out: &mut Vec<Event>) {
+        if unread && self.wants_read() {
+            self.conn.handle_unread_input(now);
+        }
+        self.conn.handle_timeout(now, out);
+    }
+
+    /// The server is shutting down: close when idle, else after the messages in flight.
+    pub(crate) fn handle_shutdown(&mut self, out: &mut Vec<Event>) {
+        self.conn.handle_shutdown(out);
+    }
+
+    /// Releases the layer's buffers when the connection holds nothing; returns whether it
+    /// did (the memory count is then stale).
+    pub(crate) fn release_idle_buffers(&mut self) -> bool {
+        let idle = !self.conn.in_flight() && self.conn.buffered_len() == 0;
+        if idle {
             self.transport.release_idle_buffers();
         }
+        idle
+    }
+
+    /// Heap bytes the link holds that vary with traffic, for the memory budget: the
+    /// connection's buffers and the transport's (a PROXY header, TLS).
+    pub(crate) fn buffered(&self) -> usize {
+        self.conn.buffered() + self.transport.buffered()
+    }
+
+    /// Whether the link must still complete a TLS handshake before it serves MLLP (it then
+    /// needs a handshake slot to read).
+    pub(crate) fn handshakes(&self) -> bool {
+        !self.conn.is_started() && self.transport.handshakes()
     }
 
     /// How the link ended, once it has; `None` while open.
     pub(crate) fn closed(&self) -> Option<Closed> {
-        let reason = self.conn.close_reason()?;
+        let reason = match self.conn.close_reason()? {
+            // Nothing came, and it ended: a health check or a port scan, not a fault.
+            CloseReason::PeerClosed
+            | CloseReason::Io(_)
+            | CloseReason::ProxyHeader
+            | CloseReason::TlsHandshake
+                if !self.received =>
+            {
+                CloseReason::Probe
+            }
+            reason => reason,
+        };
         let rejected = (!self.conn.is_started()).then(|| self.before_start(reason));
         Some(Closed {
             reason: rejected.map_or(reason, RejectReason::close_reason),
             rejected,
-            silent: !self.received,
         })
     }
 

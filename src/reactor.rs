@@ -4,8 +4,8 @@
 //! binds the listening socket and starts threads, and `pool.rs` only runs handlers.
 //!
 //! Thin: the reactor polls, routes readiness, completions and timers to links, applies the
-//! memory budget (whether a link may read) and hands messages to the handler (inline) or the
-//! [`Pool`], and reports events to [`Telemetry`]. What a read or a write means (the PROXY
+//! memory budget (whether a link may read), hands messages to the [`Dispatcher`] (the handler
+//! inline, or the [`Pool`]), and reports events to [`Telemetry`]. What a read or a write means (the PROXY
 //! header, the allow-list, TLS, close reasons) is the link's business, and MLLP is the
 //! [`Connection`](crate::connection::Connection)'s.
 //!
@@ -39,7 +39,10 @@ use crate::telemetry::{Peer, Telemetry};
 use crate::timer::{DEFAULT_SLOTS, DEFAULT_TICK, TimerWheel};
 use crate::transport::{Acceptors, Transport};
 
+mod handshakes;
 mod shared;
+use crate::link::HandshakeSlot as Slot;
+use handshakes::Handshakes;
 pub(crate) use shared::{Budget, Inbox, Shared};
 
 /// Token of the listening socket; slab keys (connections) use the tokens below it.
@@ -78,6 +81,8 @@ pub(crate) struct Reactor {
     pub(crate) dispatch: Dispatch,
     /// The layers on each accepted socket (PROXY header, TLS).
     pub(crate) acceptors: Acceptors,
+    /// This reactor's share of `max_handshakes`.
+    pub(crate) max_handshakes: usize,
     pub(crate) inline_slow: Duration,
     pub(crate) handler: Arc<dyn Handler>,
     pub(crate) sink: Arc<CompletionSink>,
@@ -142,6 +147,8 @@ struct Loop {
     budget_delta: isize,
     /// Reading is paused by the memory budget.
     paused: bool,
+    /// TLS handshakes in progress, capped.
+    handshakes: Handshakes,
     /// While paused: the one connection allowed to read (see `holder`).
     holder: Option<ConnectionId>,
 }
@@ -159,6 +166,7 @@ impl Reactor {
             self.inline_slow,
             self.telemetry.metrics.clone(),
         );
+        let handshakes = Handshakes::new(self.max_handshakes);
         let mut lp = Loop {
             dispatcher,
             conns: Slab::with_capacity(self.shared.max_connections.min(4096)),
@@ -176,6 +184,7 @@ impl Reactor {
             epoch: now,
             budget_delta: 0,
             paused: false,
+            handshakes,
             holder: None,
         };
         let result = lp.run();
@@ -328,9 +337,11 @@ impl Loop {
     fn reject(&mut self, peer: SocketAddr, local: SocketAddr, reason: CloseReason) {
         let reject = RejectReason::before_start(reason, false);
         self.r.telemetry.metrics.rejected(reject).increment(1);
+        // A proper id: the slot the next connection will take, with a generation of its own
+        // (so the id is unique, and shaped like every other).
         let p = Peer {
             connection: ConnectionId {
-                index: u32::MAX,
+                index: (u32::from(self.r.index) << 24) | self.conns.vacant_key() as u32,
                 generation: self.generation(),
             },
             peer,
@@ -450,7 +461,7 @@ impl Loop {
                 return;
             };
             let mut progress = false;
-            if entry.link.conn.take_abandoned() {
+            if entry.link.take_abandoned() {
                 self.dispatcher.abandoned(entry.link.id, now);
             }
             progress |= self.dispatch(key, now);
@@ -459,8 +470,10 @@ impl Loop {
             };
             progress |= entry.link.write(&self.r.telemetry, now, &mut self.events);
             // A PROXY header is outside the memory budget (it is a few bytes, and the
-            // connection holds nothing else yet).
-            if entry.link.wants_read() && (entry.link.reads_header() || self.may_read(key)) {
+            // connection holds nothing else yet) and the handshake cap.
+            if entry.link.wants_read()
+                && (entry.link.reads_header() || (self.may_handshake(key) && self.may_read(key)))
+            {
                 let entry = &mut self.conns[key];
                 if budget == 0 {
                     if !entry.pending {
@@ -479,6 +492,9 @@ impl Loop {
                 }
             }
             if self.conns[key].link.poll_started(now) {
+                if std::mem::take(&mut self.conns[key].link.handshake) == Slot::Held {
+                    self.release_handshake();
+                }
                 self.start(key);
                 progress = true;
             }
@@ -489,7 +505,9 @@ impl Loop {
                 break;
             }
         }
-        self.conns[key].link.release_idle_buffers();
+        if self.conns[key].link.release_idle_buffers() {
+            self.count(key);
+        }
         self.schedule(key);
     }
 
@@ -553,6 +571,45 @@ impl Loop {
         }
     }
 
+    /// Whether connection `key` may read under the handshake cap: a TLS connection that has
+    /// not started needs one of the reactor's handshake slots (see
+    /// [`Builder::max_handshakes`](crate::Builder::max_handshakes)); without one it waits.
+    fn may_handshake(&mut self, key: usize) -> bool {
+        let entry = &mut self.conns[key];
+        if entry.link.handshake == Slot::None && entry.link.handshakes() {
+            entry.link.handshake = self.handshakes.request(entry.link.id);
+        }
+        entry.link.handshake != Slot::Waiting
+    }
+
+    /// A handshake slot is given back: it passes to the longest waiter still waiting, which
+    /// resumes next turn.
+    fn release_handshake(&mut self) {
+        while let Some(id) = self.handshakes.next_waiter() {
+            if let Some(key) = self.key_of(id)
+                && self.conns[key].link.handshake == Slot::Waiting
+            {
+                let entry = &mut self.conns[key];
+                entry.link.handshake = Slot::Held;
+                if !entry.pending {
+                    entry.pending = true;
+                    self.pending.push(key);
+                }
+                return;
+            }
+        }
+        self.handshakes.free_one();
+    }
+
+    /// Updates connection `key`'s memory count: the connection's buffers and its transport's
+    /// (TLS).
+    fn count(&mut self, key: usize) {
+        let entry = &mut self.conns[key];
+        let buffered = u32::try_from(entry.link.buffered()).unwrap_or(u32::MAX);
+        self.budget_delta += buffered as isize - entry.counted as isize;
+        entry.counted = buffered;
+    }
+
     /// Whether connection `key` may read under the memory budget: always below it. Above it
     /// one connection per reactor at a time (the holder), to finish the frame it is in and no
     /// more (see [`holder`](Self::holder)).
@@ -589,9 +646,9 @@ impl Loop {
     /// turn. With none, memory drains as handlers answer the messages in flight, and reading
     /// resumes at the low mark.
     fn holder(&mut self) -> Option<usize> {
-        let in_frame = |e: &Entry| e.link.conn.buffered_len() > 0;
+        let in_frame = |e: &Entry| e.link.in_frame();
         let eligible =
-            |e: &Entry| !e.drew && e.link.wants_read() && (in_frame(e) || !e.link.conn.in_flight());
+            |e: &Entry| !e.drew && e.link.wants_read() && (in_frame(e) || !e.link.in_flight());
         if let Some(key) = self.holder.and_then(|id| self.key_of(id))
             && eligible(&self.conns[key])
         {
@@ -614,11 +671,9 @@ impl Loop {
     /// Reports the connection's events, updates its memory count, and removes it if it
     /// closed. Returns true if it was removed.
     fn report(&mut self, key: usize) -> bool {
-        let entry = &mut self.conns[key];
-        let buffered = u32::try_from(entry.link.conn.buffered()).unwrap_or(u32::MAX);
-        self.budget_delta += buffered as isize - entry.counted as isize;
-        entry.counted = buffered;
-        if self.events.is_empty() && !entry.link.conn.is_closed() {
+        self.count(key);
+        let entry = &self.conns[key];
+        if self.events.is_empty() && !entry.link.is_closed() {
             return false;
         }
         let p = self.peer(&self.conns[key]);
@@ -634,6 +689,9 @@ impl Loop {
         let reason = closed.reason;
         let entry = self.conns.remove(key);
         self.budget_delta -= entry.counted as isize;
+        if entry.link.handshake == Slot::Held {
+            self.release_handshake();
+        }
         self.forget_one();
         self.dispatcher.cancel(entry.link.id);
         if let Some(drain) = &mut self.drain {
@@ -704,7 +762,7 @@ impl Loop {
         let Some(entry) = self.conns.get_mut(key) else {
             return;
         };
-        let Some(deadline) = entry.link.conn.poll_timeout() else {
+        let Some(deadline) = entry.link.poll_timeout() else {
             return;
         };
         let at = nanos_since(self.epoch, deadline) + 1;
@@ -725,10 +783,9 @@ impl Loop {
             if entry.armed != 0 && entry.armed <= nanos_since(self.epoch, now) + 1 {
                 entry.armed = 0; // this is (or overtook) the armed entry: re-arm below
             }
-            if self.paused && entry.link.read_ready && entry.link.conn.wants_read() {
-                entry.link.conn.handle_unread_input(now);
-            }
-            entry.link.conn.handle_timeout(now, &mut self.events);
+            entry
+                .link
+                .handle_timeout(now, self.paused, &mut self.events);
             self.drive(key, now);
         }
         self.fired = fired;
@@ -804,7 +861,7 @@ impl Loop {
         report.in_flight = self
             .conns
             .iter()
-            .filter(|(_, e)| e.link.conn.in_flight())
+            .filter(|(_, e)| e.link.in_flight())
             .count();
         self.drain = Some(Drain {
             deadline: deadline_after(now, grace),
@@ -812,7 +869,7 @@ impl Loop {
         });
         for key in keys {
             if let Some(entry) = self.conns.get_mut(key) {
-                entry.link.conn.handle_shutdown(&mut self.events);
+                entry.link.handle_shutdown(&mut self.events);
                 self.drive(key, now);
             }
         }

@@ -41,11 +41,17 @@ pub enum CloseReason {
     TlsBadClientCert,
     /// Any other TLS handshake failure (counted as rejected).
     TlsHandshake,
+    /// The peer closed (or reset) the connection without sending a byte, or after nothing but
+    /// a PROXY header: a balancer's health check or a port scan. Counted in
+    /// `mllp_connections_closed_total{reason="probe"}` when it had started (plain TCP, or
+    /// after its `LOCAL` header), in `mllp_connections_rejected_total{reason="probe"}` when it
+    /// closed before its PROXY header or TLS handshake. Not a fault: log it quietly.
+    Probe,
 }
 
 impl CloseReason {
     /// Every reason, in label order (for pre-registering metric handles).
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 17] = [
         Self::PeerClosed,
         Self::IdleTimeout,
         Self::FrameTimeout,
@@ -62,6 +68,7 @@ impl CloseReason {
         Self::TlsNoClientCert,
         Self::TlsBadClientCert,
         Self::TlsHandshake,
+        Self::Probe,
     ];
 
     /// A stable snake_case name, for metric labels and logs.
@@ -83,6 +90,7 @@ impl CloseReason {
             Self::TlsNoClientCert => "tls_no_client_cert",
             Self::TlsBadClientCert => "tls_bad_client_cert",
             Self::TlsHandshake => "tls_handshake",
+            Self::Probe => "probe",
         }
     }
 
@@ -105,6 +113,7 @@ impl CloseReason {
             Self::TlsNoClientCert => 13,
             Self::TlsBadClientCert => 14,
             Self::TlsHandshake => 15,
+            Self::Probe => 16,
         }
     }
 }
@@ -174,11 +183,13 @@ pub(crate) enum RejectReason {
     TlsHandshake,
     /// The server shut down before the connection started.
     Shutdown,
+    /// The peer closed before its start without sending a byte (a health check).
+    Probe,
 }
 
 impl RejectReason {
     /// Every reason, in label order (the metric handles are registered in this order).
-    pub(crate) const ALL: [Self; 9] = [
+    pub(crate) const ALL: [Self; 10] = [
         Self::MaxConnections,
         Self::NotAllowed,
         Self::ProxyHeader,
@@ -188,6 +199,7 @@ impl RejectReason {
         Self::TlsBadClientCert,
         Self::TlsHandshake,
         Self::Shutdown,
+        Self::Probe,
     ];
 
     /// The metric label.
@@ -202,6 +214,7 @@ impl RejectReason {
             Self::TlsBadClientCert => "tls_bad_client_cert",
             Self::TlsHandshake => "tls_handshake",
             Self::Shutdown => "shutdown",
+            Self::Probe => "probe",
         }
     }
 
@@ -225,6 +238,7 @@ impl RejectReason {
             CloseReason::TlsBadClientCert => Self::TlsBadClientCert,
             CloseReason::TlsHandshake => Self::TlsHandshake,
             CloseReason::Shutdown => Self::Shutdown,
+            CloseReason::Probe => Self::Probe,
             CloseReason::PeerClosed
             | CloseReason::Io(_)
             | CloseReason::FrameTimeout
@@ -252,6 +266,7 @@ impl RejectReason {
             Self::TlsBadClientCert => CloseReason::TlsBadClientCert,
             Self::TlsHandshake => CloseReason::TlsHandshake,
             Self::Shutdown => CloseReason::Shutdown,
+            Self::Probe => CloseReason::Probe,
         }
     }
 }

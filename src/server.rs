@@ -12,7 +12,7 @@ use mio::{Interest, Poll, Waker};
 
 use crate::cidr::AllowList;
 use crate::completion::{CompletionSink, Notifier};
-use crate::connection::{Limits, NakPolicy};
+use crate::connection::{Limits, NakPolicy, WallClock};
 use crate::control::{Command, ShutdownReport};
 use crate::error::{ConfigError, Error};
 use crate::handler::{Dispatch, Handler};
@@ -45,6 +45,7 @@ pub struct Builder {
     /// The layers on every accepted socket: PROXY header, TLS.
     acceptors: Acceptors,
     handshake_timeout: Duration,
+    max_handshakes: usize,
     proxy_sources: Option<AllowList>,
     allow: Option<AllowList>,
     max_in_flight: Option<usize>,
@@ -68,6 +69,7 @@ impl std::fmt::Debug for Builder {
             .field("dispatch", &self.dispatch)
             .field("max_in_flight", &self.max_in_flight)
             .field("max_memory", &self.max_memory)
+            .field("max_handshakes", &self.max_handshakes)
             .finish_non_exhaustive()
     }
 }
@@ -130,6 +132,16 @@ impl Builder {
         /// `mllp_connections_rejected_total{reason="handshake_timeout"}`. Separate from the
         /// frame deadline: a peer that connects and never speaks is not a slow sender.
         handshake_timeout: Duration
+    );
+    setter!(
+        /// Most TLS handshakes in progress at once, server-wide (default 256; values below 1
+        /// count as 1), shared evenly among the reactors. A TLS connection accepted over the
+        /// cap is not closed: it waits, unread (its bytes stay in the kernel), until a
+        /// handshake in progress completes or fails, then starts its own; `handshake_timeout`
+        /// counts from accept all along. With the per-handshake cap on what a client may send
+        /// (`tls::MAX_HANDSHAKE_BYTES`), this bounds the memory handshakes hold; their buffers
+        /// also count in `max_memory`. Has no effect without TLS.
+        max_handshakes: usize
     );
 
     /// Requires every connection to start with a PROXY protocol header (v1, v2 or either),
@@ -224,7 +236,9 @@ impl Builder {
         self
     }
 
-    /// Handler threads (default: available parallelism).
+    /// Handler threads of the pool (default: available parallelism). Only [`Dispatch::Pool`]
+    /// starts a pool; with [`Dispatch::Inline`] no handler thread exists and this is checked
+    /// but unused.
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = Some(n);
         self
@@ -316,6 +330,7 @@ impl Builder {
             max_in_flight,
             nak_policy: self.nak_policy,
             expose_errors: self.expose_handler_errors,
+            wall_clock: WallClock::now(),
         });
         let metrics = Metrics::register(&self.listener_name);
         let pool_config = PoolConfig {
@@ -386,6 +401,7 @@ impl Builder {
                 limits: Arc::clone(&limits),
                 dispatch: self.dispatch,
                 acceptors: self.acceptors.clone(),
+                max_handshakes: self.max_handshakes.max(1).div_ceil(self.reactors),
                 inline_slow: self.inline_slow_threshold,
                 handler: Arc::clone(&self.handler),
                 sink: Arc::new(CompletionSink::new(notifier)),
@@ -436,7 +452,7 @@ impl Server {
     /// | `max_message_size` | 10 485 760 bytes |
     /// | `read_ahead` | 64 KiB |
     /// | `max_connections` | 10 000 |
-    /// | `workers` | available parallelism |
+    /// | `workers` | available parallelism (pool mode only) |
     /// | `max_extra_workers` | = `workers` |
     /// | `nak_policy` | [`NakPolicy::Send`] |
     /// | `listener_name` | `mllp` |
@@ -445,6 +461,7 @@ impl Server {
     /// | `max_in_flight` | 64 inline, 1 pool |
     /// | `inline_slow_threshold` | 1 ms |
     /// | `max_memory` | 512 MiB |
+    /// | `max_handshakes` | 256 |
     /// | `expose_handler_errors` | false |
     pub fn builder(handler: impl Handler) -> Builder {
         Builder {
@@ -465,6 +482,7 @@ impl Server {
             reactors: 1,
             acceptors: Acceptors::default(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
             proxy_sources: None,
             allow: None,
             max_in_flight: None,

@@ -22,7 +22,7 @@
 //! | name | kind | unit | labels |
 //! |---|---|---|---|
 //! | `mllp_connections_accepted_total` | counter | | |
-//! | `mllp_connections_rejected_total` | counter | | `reason` = `max_connections`, `not_allowed`, `proxy_header`, `handshake_timeout`, `tls_plaintext`, `tls_no_client_cert`, `tls_bad_client_cert`, `tls_handshake`, `shutdown` |
+//! | `mllp_connections_rejected_total` | counter | | `reason` = `max_connections`, `not_allowed`, `proxy_header`, `handshake_timeout`, `tls_plaintext`, `tls_no_client_cert`, `tls_bad_client_cert`, `tls_handshake`, `shutdown`, `probe` |
 //! | `mllp_connections_closed_total` | counter | | `reason` = [`CloseReason::as_str`] |
 //! | `mllp_connections_active` | gauge | | |
 //! | `mllp_connection_duration_seconds` | histogram | seconds | |
@@ -38,7 +38,7 @@
 //! | `mllp_socket_writes_total` | counter | | |
 //! | `mllp_junk_bytes_total` | counter | bytes outside frames | |
 //! | `mllp_frames_rejected_total` | counter | | `reason` = too_large, frame_timeout |
-//! | `mllp_naks_sent_total` | counter | | `code` = AE, AR |
+//! | `mllp_naks_sent_total` | counter | | `code` = AE, AR: NAKs the server builds and NAKs a handler returns (by MSA-1), alike |
 //! | `mllp_handler_late_results_total` | counter | | |
 //! | `mllp_workers_replaced_total` | counter | | |
 //! | `mllp_workers_busy` | gauge | | |
@@ -530,7 +530,8 @@ impl Telemetry {
                 })
             }),
             Event::NakQueued(AckCode::AR) => m.naks_ar.increment(1),
-            Event::NakQueued(_) => m.naks_ae.increment(1),
+            Event::NakQueued(AckCode::AE) => m.naks_ae.increment(1),
+            Event::NakQueued(_) => {}
             Event::LateResult => m.late_results.increment(1),
             Event::FrameRejected(FrameRejection::TooLarge) => m.frames_too_large.increment(1),
             Event::FrameRejected(FrameRejection::Timeout) => m.frames_timed_out.increment(1),

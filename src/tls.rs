@@ -39,6 +39,25 @@
 //! 16 KiB of decrypted plaintext, and up to [`TLS_BUFFER_LIMIT`] of ciphertext for the socket.
 //! `release_idle_buffers` frees our buffer and shrinks rustls' receive buffer
 //! to its minimum; measured figures are in BENCHMARKS.md.
+//!
+//! The server counts in its memory budget (`Builder::max_memory`) our ciphertext buffer, the
+//! client's handshake while it is under way and the replies queued for encryption. Before a
+//! client is authenticated, what it can make the server hold is bounded:
+//!
+//! - it may send at most [`MAX_HANDSHAKE_BYTES`] (32 KiB) before its handshake completes
+//!   (more is a [`TlsFailureKind::Handshake`] at once, not a 64 KiB message rustls reassembles
+//!   until the handshake deadline);
+//! - at most `Builder::max_handshakes` (default 256) handshakes are in progress at once; a
+//!   connection over the cap is not read until one ends.
+//!
+//! So handshakes hold at most `max_handshakes × (INCOMING_CHUNK + 2 × MAX_HANDSHAKE_BYTES +
+//! about 16 KiB of rustls state)`, about 36 MiB at the default (rustls' buffer may double past
+//! what it holds), whatever the number of connections (`tests/tls_budget.rs` checks it as
+//! RSS).
+//!
+//! Under mTLS the client's chain is bounded too ([`MAX_CLIENT_CHAIN_CERTS`],
+//! [`MAX_CLIENT_CHAIN_BYTES`]) before webpki verifies it: each certificate named like the
+//! issuer can cost a signature check on the reactor thread.
 
 mod client;
 mod config;
@@ -49,22 +68,26 @@ mod x509;
 #[cfg(test)]
 mod tests;
 
+pub use crate::identity::SubjectAltName;
 pub(crate) use client::ClientStream;
 pub use client::{ClientTls, TlsClientStream};
 pub use config::{TlsAcceptor, TlsConfig, TlsError};
 pub use session::TlsSession;
 #[cfg(test)]
 pub(crate) use stream::{INCOMING_CHUNK, TlsStream};
-pub use stream::{PeerIdentity, TLS_BUFFER_LIMIT, TlsFailure, TlsFailureKind};
+pub use stream::{
+    MAX_CLIENT_CHAIN_BYTES, MAX_CLIENT_CHAIN_CERTS, MAX_HANDSHAKE_BYTES, PeerIdentity,
+    TLS_BUFFER_LIMIT, TlsFailure, TlsFailureKind,
+};
 
 /// The server's TLS byte path, for the per-connection memory measurement
-/// (`examples/tls_idle_memory.rs`) only: not part of the API, no stability promise. The
-/// server drives these itself; applications never need them.
+/// (`examples/tls_idle_memory.rs`) and the handshake memory test (`tests/tls_budget.rs`) only:
+/// not part of the API, no stability promise. The server drives these itself; applications
+/// never need them.
 #[doc(hidden)]
 pub mod __plumbing {
     pub use super::stream::{INCOMING_CHUNK, ShutdownWrite, TlsStream};
 }
-pub use crate::identity::SubjectAltName;
 
 /// Fuzz target `tls`: arbitrary bytes from a client to a server [`TlsStream`] (and to the
 /// certificate reader) never panic, and buffers stay within their caps.

@@ -57,8 +57,9 @@ struct Preamble {
 pub(crate) enum Preambled {
     /// More bytes are needed.
     Partial,
-    /// The header, and the stream's first bytes after it.
-    Done(ProxyHeader, Vec<u8>),
+    /// The header, the stream's first bytes after it (for the connection: empty when a TLS
+    /// session took them), and whether any bytes followed the header at all.
+    Done(ProxyHeader, Vec<u8>, bool),
     /// Not a valid header.
     Failed,
 }
@@ -144,6 +145,25 @@ impl Transport {
         }
     }
 
+    /// Whether the stream has a TLS handshake to complete (after its PROXY header, if any).
+    pub(crate) fn handshakes(&self) -> bool {
+        match &self.layer {
+            Layer::Plain => false,
+            Layer::Proxy(preamble) => preamble.tls.is_some(),
+            Layer::Tls(session) => !session.handshake_done(),
+        }
+    }
+
+    /// Heap bytes the layer holds that vary with traffic, for the memory budget: a PROXY
+    /// header being read, the TLS session's buffers (see `TlsSession::buffered`).
+    pub(crate) fn buffered(&self) -> usize {
+        match &self.layer {
+            Layer::Plain => 0,
+            Layer::Proxy(preamble) => preamble.buf.capacity(),
+            Layer::Tls(session) => session.buffered(),
+        }
+    }
+
     /// True while a PROXY header is awaited.
     pub(crate) fn in_preamble(&self) -> bool {
         matches!(self.layer, Layer::Proxy(_))
@@ -165,10 +185,11 @@ impl Transport {
                     // The bytes after the header are the start of the TLS stream.
                     session.preload(&rest);
                     self.layer = Layer::Tls(session);
-                    return Preambled::Done(header, Vec::new());
+                    return Preambled::Done(header, Vec::new(), !rest.is_empty());
                 }
                 self.layer = Layer::Plain;
-                Preambled::Done(header, rest)
+                let more = !rest.is_empty();
+                Preambled::Done(header, rest, more)
             }
         }
     }
@@ -288,6 +309,9 @@ mod tls {
             match self.never {}
         }
         pub(crate) fn release_idle_buffers(&mut self) {
+            match self.never {}
+        }
+        pub(crate) fn buffered(&self) -> usize {
             match self.never {}
         }
         pub(crate) fn preload(&mut self, _: &[u8]) {

@@ -93,6 +93,11 @@ fn flags_from_toml(text: &str) -> Result<Vec<OsString>, String> {
         .expect("the serve subcommand is defined in main.rs");
     let mut flags = Vec::new();
     for (key, value) in &table {
+        // `[forward.NAME]` tables: one destination each (see `forward::flags_from_table`).
+        if let ("forward", toml::Value::Table(destinations)) = (key.as_str(), value) {
+            flags.extend(crate::forward::flags_from_table(destinations)?);
+            continue;
+        }
         let name = key.replace('_', "-");
         let arg = serve
             .get_arguments()
@@ -239,5 +244,35 @@ mod tests {
     fn other_subcommands_are_left_alone() {
         let args = os(&["mllp-reactor", "send", "--config", "x"]);
         assert_eq!(expand(args.clone()).unwrap(), args);
+    }
+
+    #[test]
+    fn a_config_file_forward_table_reaches_serve() {
+        let dir = std::env::temp_dir().join(format!("mllp-forward-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("serve.toml");
+        std::fs::write(
+            &path,
+            "forward-lanes = 2\n[forward.lab]\naddress = \"127.0.0.1:1\"\nack-timeout = \"5s\"\n",
+        )
+        .unwrap();
+        let args: Vec<std::ffi::OsString> =
+            ["mllp-reactor", "serve", "--config", path.to_str().unwrap()]
+                .map(Into::into)
+                .to_vec();
+        let expanded = expand(args).unwrap();
+        let text: Vec<String> = expanded
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            text.contains(&"--forward=lab=127.0.0.1:1".to_owned()),
+            "{text:?}"
+        );
+        assert!(
+            text.contains(&"--forward-set=lab.ack-timeout=5s".to_owned()),
+            "{text:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -441,7 +441,9 @@ impl fmt::Display for Report {
 /// Failures during the run are counted in the report instead.
 pub fn run(cfg: &LoadConfig, progress: Option<&dyn Fn(u64)>) -> Result<Report, LoadError> {
     validate(cfg)?;
-    let template = MessageTemplate::new(cfg.size);
+    let templates: Vec<MessageTemplate> = (0..cfg.conns)
+        .map(|c| MessageTemplate::for_patient(cfg.size, c))
+        .collect();
 
     let mut rss_per_idle_conn = None;
     let idle = if cfg.idle_conns > 0 {
@@ -484,7 +486,7 @@ pub fn run(cfg: &LoadConfig, progress: Option<&dyn Fn(u64)>) -> Result<Report, L
                 addr: cfg.addr,
                 tls: cfg.tls.as_ref(),
                 pipeline: cfg.pipeline,
-                template: &template,
+                template: &templates[index],
                 warmup_end,
                 end,
                 stop: &stop,
@@ -536,7 +538,7 @@ pub fn run(cfg: &LoadConfig, progress: Option<&dyn Fn(u64)>) -> Result<Report, L
     Ok(Report {
         conns: cfg.conns,
         pipeline: cfg.pipeline,
-        size: template.payload_len,
+        size: templates.first().map_or(0, |t| t.payload_len),
         idle_conns: cfg.idle_conns,
         messages,
         bytes_sent,

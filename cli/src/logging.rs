@@ -4,7 +4,8 @@
 //! | target | level | what |
 //! |---|---|---|
 //! | `mllp::server` | info | start (with the options in force), drain, stop |
-//! | `mllp::conn` | info, warn | connection opened; closed with peer, reason and duration (warn for timeouts, oversize, I/O errors, rejections) |
+//! | `mllp::conn` | info, warn | connection opened (under mTLS with `client_cert`: the certificate's CN, SANs and SHA-256 fingerprint); closed with peer, reason and duration (warn for timeouts, oversize, I/O errors, rejections) |
+//! | `mllp::conn` | debug | a probe (a health check: connect, then close with no bytes or a PROXY header alone) |
 //! | `mllp::msg` | warn | a NAK or a handler failure: connection, peer, sequence, reason, control id where known, detail |
 //! | `mllp::msg` | debug | every message received and answered (off by default) |
 //!
@@ -230,19 +231,38 @@ pub struct LogObserver;
 
 impl Observer for LogObserver {
     fn connection_start(&self, e: &ConnectionStart) {
-        tracing::info!(
-            target: "mllp::conn",
-            conn = %e.connection,
-            peer = %e.peer,
-            local = %e.local,
-            "connection opened"
-        );
+        match &e.peer_identity {
+            // mTLS: who the client is, from its verified certificate (CN, SANs, fingerprint).
+            Some(client) => tracing::info!(
+                target: "mllp::conn",
+                conn = %e.connection,
+                peer = %e.peer,
+                local = %e.local,
+                client_cert = %client,
+                "connection opened"
+            ),
+            None => tracing::info!(
+                target: "mllp::conn",
+                conn = %e.connection,
+                peer = %e.peer,
+                local = %e.local,
+                "connection opened"
+            ),
+        }
     }
 
     fn connection_stop(&self, e: &ConnectionStop) {
         let reason = e.reason.as_str();
         let duration = Elapsed(e.duration);
         match e.reason {
+            // A balancer's health check every few seconds: not worth more than debug.
+            CloseReason::Probe => tracing::debug!(
+                target: "mllp::conn",
+                conn = %e.connection,
+                peer = %e.peer,
+                reason,
+                "connection probed"
+            ),
             CloseReason::PeerClosed
             | CloseReason::IdleTimeout
             | CloseReason::Shutdown

@@ -6,10 +6,12 @@
 mod addr;
 mod config;
 mod export;
+mod forward;
 mod health;
 mod integrity;
 mod loadgen;
 mod logging;
+mod parse;
 mod prometheus;
 mod resend;
 mod retention;
@@ -28,6 +30,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::loadgen::LoadConfig;
 use crate::logging::LogFormat;
+use crate::parse::parse_duration;
 
 /// Exit status for errors found while running.
 const EXIT_FAILURE: u8 = 1;
@@ -63,6 +66,8 @@ enum Command {
     Bench(BenchArgs),
     /// Write the messages of a store to stdout, in store order (works while serve runs).
     Export(ExportArgs),
+    /// Store and forward: show the delivery state, requeue dead letters.
+    Forward(forward::ForwardArgs),
     /// Remove messages older than a period from a store now (works while serve runs).
     Prune(retention::PruneArgs),
     /// Find stored messages by control id, sender, type, patient, time or status (works
@@ -146,6 +151,10 @@ struct ServeArgs {
     /// Require client certificates signed by a CA in this bundle (PEM): mutual TLS.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Most TLS handshakes in progress at once (default 256); more wait, unread, for one to
+    /// finish. Each holds at most 32 KiB of the client's handshake.
+    #[arg(long, value_name = "N", requires = "tls_cert", value_parser = clap::value_parser!(u32).range(1..))]
+    max_handshakes: Option<u32>,
     /// Log format on stderr: human (one readable line per event) or json (one object per line).
     #[arg(long, value_enum, default_value_t = LogFormat::Human, value_name = "FORMAT")]
     log_format: LogFormat,
@@ -165,6 +174,8 @@ struct ServeArgs {
     /// be lost if the database server crashes.
     #[arg(long, conflicts_with = "no_store")]
     allow_async_commit: bool,
+    #[command(flatten)]
+    forward: forward::ForwardFlags,
     #[command(flatten)]
     retention: retention::RetainArgs,
     #[command(flatten)]
@@ -287,10 +298,12 @@ fn main() -> ExitCode {
             tls_cert: args.tls_cert,
             tls_key: args.tls_key,
             tls_client_ca: args.tls_client_ca,
+            max_handshakes: args.max_handshakes,
             log_format: args.log_format,
             log_level: args.log_level,
             store: (!args.no_store).then_some(args.store),
             allow_async_commit: args.allow_async_commit,
+            forward: args.forward,
             retention: args.retention,
             health: args.health,
         }),
@@ -312,6 +325,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Bench(args) => bench(&args),
+        Command::Forward(args) => forward::run(&args),
         Command::Export(args) => export::export(&export::ExportOptions {
             store: args.store,
             since: args.since,
@@ -508,31 +522,6 @@ fn parse_max_connections(text: &str) -> Result<usize, String> {
 
 fn parse_max_message_size(text: &str) -> Result<usize, String> {
     parse_count(text, mllp_reactor::MAX_MESSAGE_SIZE_LIMIT)
-}
-
-/// Parses `500ms`, `10s`, `2m`, `1h`, or `1.5s`. A bare number is rejected: the unit must be
-/// explicit.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("{text:?} has no unit (use ms, s, m or h, e.g. 10s)"))?;
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} does not start with a number"))?;
-    let scale = match unit {
-        "ms" => 0.001,
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3_600.0,
-        _ => {
-            return Err(format!(
-                "unknown unit {unit:?} in {text:?} (use ms, s, m or h)"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(value * scale).map_err(|_| format!("{text:?} is out of range"))
 }
 
 #[cfg(test)]

@@ -42,12 +42,16 @@ pub struct ServeOptions {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
+    /// `--max-handshakes`; `None`: the library's default.
+    pub max_handshakes: Option<u32>,
     pub log_format: LogFormat,
     pub log_level: Option<String>,
     /// The store: an SQLite file path or a `postgres://` URL; `None`: `--no-store`.
     pub store: Option<String>,
     /// Accept a PostgreSQL server with `synchronous_commit=off`.
     pub allow_async_commit: bool,
+    /// `--forward` and its settings.
+    pub forward: crate::forward::ForwardFlags,
     /// `--retain`, `--retain-size`.
     pub retention: crate::retention::RetainArgs,
     /// `--health`, `--min-free-disk`.
@@ -95,6 +99,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         .unwrap_or(dispatch.default_max_in_flight());
     let mut gate = None;
     let mut disk = None;
+    let mut write_gate = None;
     let (store, storing_to) = match &opts.store {
         Some(spec) => {
             let config = StoreConfig::default().for_server(
@@ -105,6 +110,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
             crate::integrity::check_at_start(spec)?;
             let (store, shown, writer_gate) = open_store(spec, opts.allow_async_commit, config)?;
             crate::integrity::watch_corruption(store.pulse(), spec.clone());
+            write_gate.clone_from(&writer_gate);
             gate = writer_gate;
             disk = crate::health::watch_disk(spec, &opts.health, &store)?;
             (Some(Arc::new(store)), Some(shown))
@@ -114,9 +120,13 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         }
         None => (None, None),
     };
-    let mut builder = match &store {
-        Some(store) => Server::builder(store_handler(Arc::clone(store))),
-        None => Server::builder(ack_only()),
+    let forwarder = crate::forward::start(&opts.forward, opts.store.as_deref(), write_gate)?;
+    let after_forwarded =
+        crate::forward::ack_after_handler(&opts.forward, store.as_ref(), forwarder.as_ref());
+    let mut builder = match (&store, after_forwarded) {
+        (_, Some(handler)) => Server::builder(handler),
+        (Some(store), None) => Server::builder(store_handler(Arc::clone(store))),
+        (None, None) => Server::builder(ack_only()),
     }
     .idle_timeout(opts.idle_timeout.value)
     .handler_timeout(opts.handler_timeout.value)
@@ -129,6 +139,9 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
     .observer(LogObserver);
     if let Some(n) = opts.workers {
         builder = builder.workers(n);
+    }
+    if let Some(n) = opts.max_handshakes {
+        builder = builder.max_handshakes(n as usize);
     }
     builder = builder.reactors(opts.reactors);
     if let Some(mode) = opts.proxy_protocol {
@@ -262,6 +275,11 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
             .close(opts.grace.value)
             .map_err(|e| format!("store not closed cleanly: {e}"))?;
     }
+    if let Some(forwarder) = forwarder {
+        // A lane in the middle of an exchange is not waited for: its message is sent again
+        // at the next start (at least once).
+        forwarder.stop(opts.grace.value);
+    }
     Ok(())
 }
 
@@ -298,11 +316,11 @@ fn config_error(error: &ConfigError, opts: &ServeOptions) -> String {
 /// The `--no-store` handler: AA for a message with a readable MSH-10, AR (logged) otherwise.
 fn ack_only() -> impl Handler {
     handler_fn(|msg, cx| {
-        let reply = ack::accept(msg);
-        // Read the code from the reply rather than parse the message a second time (the MSH
-        // parse is the largest cost of this handler: callgrind, 1 connection).
-        if is_reject(&reply) {
-            // `accept` gave an AR: the sender cannot be told which message is meant.
+        // The builder says which code it wrote (AR when the message has no MSH-10): no
+        // second parse of the message, no search of the reply.
+        let (code, reply) = ack::Ack::new(ack::AckCode::AA).build_coded(msg);
+        if code != ack::AckCode::AA {
+            // An AR: the sender cannot be told which message is meant.
             tracing::warn!(
                 target: "mllp::msg",
                 conn = %cx.connection_id(),
@@ -338,9 +356,4 @@ fn tls_acceptor(opts: &ServeOptions) -> Result<Option<mllp_reactor::tls::TlsAcce
                 key.display()
             )
         })
-}
-
-/// Whether an ACK built by `ack::accept` is an AR: its MSA-1, found without a parse.
-fn is_reject(reply: &[u8]) -> bool {
-    memchr::memmem::find(reply, b"\rMSA").and_then(|i| reply.get(i + 5..i + 7)) == Some(b"AR")
 }

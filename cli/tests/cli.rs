@@ -18,7 +18,5 @@ mod send;
 mod serve;
 #[path = "cli/store_admin.rs"]
 mod store_admin;
-#[path = "support/tmpfs.rs"]
-mod tmpfs;
 #[path = "cli/util.rs"]
 mod util;

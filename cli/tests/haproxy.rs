@@ -18,10 +18,8 @@ use std::time::{Duration, Instant};
 
 use mllp_reactor::proxy::{ProxyDecoder, ProxyHeader, ProxyMode, encode_v2};
 
-#[path = "support/haproxy.rs"]
-mod support;
-#[path = "support/tmpfs.rs"]
-mod tmpfs;
+use mllp_test_support::haproxy as support;
+use mllp_test_support::tmpfs;
 
 use support::{Haproxy, TIMEOUT, free_port, haproxy_binary};
 
@@ -528,6 +526,12 @@ fn issue_2_tls_behind_haproxy_send_proxy_v2() {
             .send(message.as_bytes())
             .unwrap_or_else(|e| panic!("message {id} over TLS through HAProxy: {e}"));
         assert!(ack.is_accept(), "message {id}: {ack:?}");
+    }
+    // HAProxy's health checks (every 100 ms here: a LOCAL header, then close) are probes,
+    // logged at debug level: no warning per check.
+    for node in [&node1, &node2] {
+        let log = node.log.lock().unwrap();
+        assert!(!log.contains("WARN"), "a node warned:\n{log}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,10 +7,7 @@
 //! `deploy/haproxy.cfg` and `serve --proxy-protocol`; where one is missing the test prints
 //! why and passes. Loopback only; every wait is bounded.
 
-#[path = "support/haproxy.rs"]
-mod haproxy;
-#[path = "../../store/tests/pg/mod.rs"]
-mod pg;
+use mllp_test_support::{haproxy, pg};
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -221,9 +218,9 @@ fn two_nodes_behind_haproxy_share_one_postgres_store_and_lose_nothing() {
         return;
     };
     if !Path::new(TEMPLATE).is_file() || !serve_has_proxy_protocol() {
-        eprintln!(
-            "skipped: needs deploy/haproxy.cfg and `serve --proxy-protocol` (the PROXY protocol \
-             work on main)"
+        mllp_test_support::unavailable(
+            "deploy/haproxy.cfg and `serve --proxy-protocol`",
+            "the template or the option is missing",
         );
         return;
     }

@@ -32,7 +32,8 @@ pub(crate) enum Event {
     },
     /// The handler's outcome for a message (or its timeout), for the outcome metric.
     Handled(Handled),
-    /// A NAK was queued for writing.
+    /// A NAK was queued for writing: one the server built, or a handler's reply whose MSA-1
+    /// is AE or AR.
     NakQueued(AckCode),
     /// A handler outcome arrived for a message that is no longer waiting for it.
     LateResult,

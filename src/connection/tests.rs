@@ -20,6 +20,7 @@ fn limits(nak_policy: NakPolicy, max: usize) -> Arc<Limits> {
         max_in_flight: 1,
         nak_policy,
         expose_errors: true,
+        wall_clock: WallClock::now(),
     })
 }
 
@@ -411,4 +412,170 @@ fn handler_close_replies() {
     assert!(h.offered().is_empty());
     assert!(!h.conn.wants_shutdown_write(), "nothing written: no linger");
     assert_eq!(h.conn.close_reason(), Some(CloseReason::ClosedByHandler));
+}
+
+// Pipelining on a virtual clock: several messages in flight (deferred replies), answered out
+// of order, failed or timed out in the middle; replies always leave in message order.
+
+/// 2026-01-01T00:00:00Z: the wall clock at the harness's `t0`.
+const WALL_T0: u64 = 1_767_225_600;
+
+impl Harness {
+    /// A connection with up to `in_flight` messages in flight, whose wall clock reads
+    /// [`WALL_T0`] at `t0`.
+    fn pipelined(in_flight: usize) -> Self {
+        let t0 = Instant::now();
+        let mut limits = (*limits(NakPolicy::Send, 1 << 20)).clone();
+        limits.max_in_flight = in_flight;
+        limits.wall_clock =
+            WallClock::new(t0, std::time::UNIX_EPOCH + Duration::from_secs(WALL_T0));
+        Self {
+            conn: Connection::new(Arc::new(limits), t0),
+            t0,
+            out: Vec::new(),
+            seqs: Vec::new(),
+        }
+    }
+
+    /// Dispatches every message the connection offers now, each handler call returning
+    /// `Reply::Deferred` (so the next may be dispatched); returns their seqs.
+    fn defer_all(&mut self, secs: f64) -> Vec<u64> {
+        let mut all = Vec::new();
+        loop {
+            let seqs = std::mem::take(&mut self.seqs);
+            if seqs.is_empty() {
+                return all;
+            }
+            for seq in seqs {
+                self.complete(seq, Outcome::Deferred, secs);
+                all.push(seq);
+            }
+        }
+    }
+
+    fn naks(&self) -> Vec<AckCode> {
+        self.out
+            .iter()
+            .filter_map(|e| match e {
+                Event::NakQueued(code) => Some(*code),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// The MSA-1 and MSA-2 of each reply on `wire`, in order.
+fn answers(wire: &[u8]) -> Vec<(String, String)> {
+    wire.split(|&b| b == 0x0b)
+        .filter(|f| !f.is_empty())
+        .map(|f| {
+            let parsed = ack::parse(f).expect("an ACK");
+            (
+                parsed.code.as_str().to_owned(),
+                String::from_utf8_lossy(parsed.control_id).into_owned(),
+            )
+        })
+        .collect()
+}
+
+fn ack_for(id: &str) -> Outcome {
+    Outcome::Reply(Reply::Send(ack::accept(&msg(id))))
+}
+
+#[test]
+fn pipeline_deferred_completions_out_of_order_are_answered_in_order() {
+    let mut h = Harness::pipelined(4);
+    let mut wire = Vec::new();
+    for id in ["A", "B", "C", "D", "E"] {
+        wire.extend(framed(id));
+    }
+    h.read(&wire, 0.0);
+    // Four in flight at once; the fifth waits undecoded for a free slot.
+    assert_eq!(h.defer_all(0.0), [0, 1, 2, 3]);
+    assert!(h.conn.in_flight());
+    h.complete(2, ack_for("C"), 1.0);
+    h.complete(3, ack_for("D"), 1.0);
+    assert!(h.offered().is_empty(), "C and D wait behind A");
+    h.complete(0, ack_for("A"), 2.0);
+    assert_eq!(answers(&h.flush(2.0)), [("AA".into(), "A".into())]);
+    // A's slot is free: E is dispatched.
+    assert_eq!(h.defer_all(2.0), [4]);
+    h.complete(4, ack_for("E"), 3.0);
+    h.complete(1, ack_for("B"), 3.0);
+    let ids: Vec<String> = answers(&h.flush(3.0))
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
+    assert_eq!(ids, ["B", "C", "D", "E"]);
+    assert!(h.conn.is_idle());
+}
+
+#[test]
+fn pipeline_dropped_handle_gets_an_ae_between_the_replies_around_it() {
+    let mut h = Harness::pipelined(8);
+    let mut wire = Vec::new();
+    for id in ["A", "B", "C"] {
+        wire.extend(framed(id));
+    }
+    h.read(&wire, 0.0);
+    assert_eq!(h.defer_all(0.0), [0, 1, 2]);
+    h.take();
+    h.complete(2, ack_for("C"), 1.0);
+    // What a `ReplyHandle` dropped unanswered sends.
+    let dropped = Outcome::Failed {
+        reason: ExceptionReason::HandlerError,
+        detail: "reply handle dropped without an answer".to_owned(),
+    };
+    h.complete(1, dropped, 1.0);
+    assert_eq!(h.naks(), [AckCode::AE]);
+    h.complete(0, ack_for("A"), 1.0);
+    assert_eq!(
+        answers(&h.flush(1.0)),
+        [
+            ("AA".into(), "A".into()),
+            ("AE".into(), "B".into()),
+            ("AA".into(), "C".into())
+        ]
+    );
+    assert!(h.conn.is_idle(), "a failure keeps the connection open");
+}
+
+#[test]
+fn pipeline_deadline_passing_in_the_middle_answers_that_message_alone() {
+    let mut h = Harness::pipelined(8);
+    let mut seqs = Vec::new();
+    for (id, at) in [("A", 0.0), ("B", 30.0), ("C", 40.0)] {
+        h.read(&framed(id), at);
+        seqs.extend(h.defer_all(at));
+    }
+    assert_eq!(seqs, [0, 1, 2]);
+    h.complete(0, ack_for("A"), 1.0);
+    assert_eq!(answers(&h.flush(1.0)).len(), 1);
+    h.complete(2, ack_for("C"), 50.0);
+    assert!(h.offered().is_empty(), "C waits behind B");
+    // A's deadline was 60 s but A is answered; B's is 90 s.
+    assert_eq!(
+        h.conn.poll_timeout(),
+        Some(h.at(30.0 + HANDLER.as_secs_f64()))
+    );
+    h.timeout(89.0);
+    assert!(h.offered().is_empty());
+    h.take();
+    h.timeout(90.0);
+    assert_eq!(h.naks(), [AckCode::AE]);
+    let wire = h.flush(90.0);
+    assert_eq!(
+        answers(&wire),
+        [("AE".into(), "B".into()), ("AA".into(), "C".into())]
+    );
+    // The NAK's timestamp is the wall-clock time of the `now` it was built at (t0 + 90 s):
+    // the connection reads no clock.
+    let nak = &wire[1..wire.iter().position(|&b| b == 0x1c).unwrap()];
+    let msh = crate::msh::Msh::parse(nak).unwrap();
+    assert_eq!(msh.field(7), Some(&b"20260101000130+0000"[..]));
+    // B's handler answers late: discarded, counted, never written.
+    h.take();
+    h.complete(1, ack_for("B"), 95.0);
+    assert!(matches!(h.out.as_slice(), [Event::LateResult]));
+    assert!(h.offered().is_empty());
 }

@@ -191,7 +191,8 @@ impl ClientTls {
         tcp.set_write_timeout(timeout)?;
         let mut tcp = tcp;
         while conn.is_handshaking() {
-            conn.complete_io(&mut tcp)?;
+            conn.complete_io(&mut tcp)
+                .map_err(mark_certificate_required)?;
         }
         Ok(ClientStream::Tls(Box::new(StreamOwned::new(conn, tcp))))
     }
@@ -325,9 +326,7 @@ impl ClientStream {
             match conn.read_tls(sock) {
                 Ok(0) => eof = true,
                 Ok(_) => {
-                    let state = conn
-                        .process_new_packets()
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    let state = conn.process_new_packets().map_err(tls_error)?;
                     if state.plaintext_bytes_to_read() > 0 {
                         return Ok(state.plaintext_bytes_to_read());
                     }
@@ -337,9 +336,7 @@ impl ClientStream {
                 Err(e) => return Err(e),
             }
         }
-        let state = conn
-            .process_new_packets()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let state = conn.process_new_packets().map_err(tls_error)?;
         if state.plaintext_bytes_to_read() > 0 {
             Ok(state.plaintext_bytes_to_read())
         } else if eof || state.peer_has_closed() {
@@ -358,7 +355,7 @@ impl Read for ClientStream {
                 // A TCP FIN without close_notify: reported as the plain EOF it is for MLLP,
                 // whose framing shows any truncation by itself.
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
-                other => other,
+                other => other.map_err(mark_certificate_required),
             },
         }
     }
@@ -369,7 +366,7 @@ impl Write for ClientStream {
         match self {
             Self::Plain(tcp) => tcp.write(buf),
             Self::Tls(tls) => {
-                let n = tls.write(buf)?;
+                let n = tls.write(buf).map_err(mark_certificate_required)?;
                 // rustls' `write` pushes ciphertext out but ignores a socket timeout there;
                 // pushing here makes the write timeout apply to every byte written.
                 while tls.conn.wants_write() {
@@ -387,5 +384,34 @@ impl Write for ClientStream {
             Self::Plain(tcp) => tcp.flush(),
             Self::Tls(tls) => tls.flush(),
         }
+    }
+}
+
+/// A rustls error as the `io::Error` the client reports, with the server's
+/// `certificate_required` alert marked (see [`mark_certificate_required`]).
+fn tls_error(e: rustls::Error) -> io::Error {
+    mark_certificate_required(io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Marks the server's `certificate_required` alert (mTLS, and we presented no certificate) so
+/// the client can say so ([`ClientError::ClientCertRequired`](crate::ClientError)); other
+/// errors pass unchanged.
+fn mark_certificate_required(e: io::Error) -> io::Error {
+    let required = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|tls| {
+            matches!(
+                tls,
+                rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired)
+            )
+        });
+    if required {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            crate::identity::CertificateRequired,
+        )
+    } else {
+        e
     }
 }

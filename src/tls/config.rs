@@ -6,13 +6,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::{self, PemObject};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{InconsistentKeys, RootCertStore, ServerConfig};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, InconsistentKeys, OtherError,
+    RootCertStore, ServerConfig, SignatureScheme,
+};
 
 use super::session::TlsSession;
-use super::stream::TlsStream;
+use super::stream::{MAX_CLIENT_CHAIN_BYTES, MAX_CLIENT_CHAIN_CERTS, TlsStream};
 use super::x509;
 
 /// Where a PEM document comes from: a file (re-read on every reload) or memory.
@@ -395,7 +400,7 @@ impl TlsConfig {
                         path: bundle.name(),
                         detail: e.to_string(),
                     })?;
-                builder.with_client_cert_verifier(verifier)
+                builder.with_client_cert_verifier(Arc::new(BoundedChain(verifier)))
             }
         };
         let config = builder.with_single_cert(chain, key).map_err(|e| match e {
@@ -411,6 +416,90 @@ impl TlsConfig {
             },
         })?;
         Ok(Arc::new(config))
+    }
+}
+
+/// The client-certificate verifier with the chain bounded first: at most
+/// [`MAX_CLIENT_CHAIN_CERTS`] certificates and [`MAX_CLIENT_CHAIN_BYTES`] in all, refused
+/// before webpki looks at any. Path building tries every certificate that names the issuer it
+/// looks for, each a signature check on the reactor thread before the client is authenticated:
+/// an unbounded chain of certificates named like the CA costs milliseconds per handshake.
+///
+/// Verification stays on the reactor thread: rustls 0.23 verifies inside
+/// `process_new_packets`, and with the bound the worst chain costs a few signature checks, the
+/// order of an honest handshake (BENCHMARKS.md, "mTLS chain attack").
+#[derive(Debug)]
+struct BoundedChain(Arc<dyn ClientCertVerifier>);
+
+/// Why a client chain was refused before verification.
+#[derive(Debug)]
+struct ChainTooLarge {
+    certs: usize,
+    bytes: usize,
+}
+
+impl fmt::Display for ChainTooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "client certificate chain of {} certificates, {} bytes (at most {MAX_CLIENT_CHAIN_CERTS} and {MAX_CLIENT_CHAIN_BYTES})",
+            self.certs, self.bytes
+        )
+    }
+}
+
+impl std::error::Error for ChainTooLarge {}
+
+impl ClientCertVerifier for BoundedChain {
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let certs = 1 + intermediates.len();
+        let bytes = end_entity.len() + intermediates.iter().map(|c| c.len()).sum::<usize>();
+        if certs > MAX_CLIENT_CHAIN_CERTS || bytes > MAX_CLIENT_CHAIN_BYTES {
+            let error = OtherError(Arc::new(ChainTooLarge { certs, bytes }));
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                error,
+            )));
+        }
+        self.0.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
     }
 }
 

@@ -9,7 +9,8 @@ use rustls::{ServerConfig, ServerConnection};
 
 use super::config::TlsError;
 use super::stream::{
-    INCOMING_CHUNK, PeerIdentity, ShutdownWrite, TLS_BUFFER_LIMIT, TlsFailure, TlsFailureKind,
+    INCOMING_CHUNK, MAX_HANDSHAKE_BYTES, PeerIdentity, ShutdownWrite, TLS_BUFFER_LIMIT, TlsFailure,
+    TlsFailureKind,
 };
 use crate::codec::START_BLOCK;
 
@@ -66,6 +67,12 @@ pub struct TlsSession {
     closing: bool,
     /// The failure that ended the session, if any.
     failed: Option<TlsFailureKind>,
+    /// Ciphertext handed to rustls while handshaking (at most [`MAX_HANDSHAKE_BYTES`]): an
+    /// upper bound on what rustls holds of the client's handshake.
+    handshake_input: usize,
+    /// Plaintext rustls took for sending and may not have written yet (0 once its queue is
+    /// empty).
+    queued: usize,
 }
 
 impl fmt::Debug for TlsSession {
@@ -134,6 +141,8 @@ impl TlsSession {
             sniffed: false,
             closing: false,
             failed: None,
+            handshake_input: 0,
+            queued: 0,
         })
     }
 
@@ -244,6 +253,18 @@ impl TlsSession {
     fn feed<S: Write>(&mut self, socket: &mut S) -> io::Result<()> {
         let mut pending = &self.incoming[self.in_start..self.in_end];
         let handshaking = self.conn.is_handshaking();
+        if handshaking {
+            // Refuse an over-large handshake as soon as it passes the cap, before rustls
+            // buffers it.
+            let allowed = MAX_HANDSHAKE_BYTES - self.handshake_input;
+            if allowed == 0 {
+                let source = rustls::Error::General(format!(
+                    "client sent more than {MAX_HANDSHAKE_BYTES} bytes before its handshake completed"
+                ));
+                return Err(self.fail(socket, TlsFailureKind::Handshake, Some(source)));
+            }
+            pending = &pending[..pending.len().min(allowed)];
+        }
         let taken = match self.conn.read_tls(&mut pending) {
             Ok(n) => n,
             // The deframer is full: a handshake message over 64 KiB or a record over 16 KiB.
@@ -258,6 +279,9 @@ impl TlsSession {
             }
         };
         self.in_start += taken;
+        if handshaking {
+            self.handshake_input += taken;
+        }
         if let Err(e) = self.conn.process_new_packets() {
             let kind = match &e {
                 rustls::Error::NoCertificatesPresented => TlsFailureKind::NoClientCert,
@@ -270,6 +294,7 @@ impl TlsSession {
             return Err(self.fail(socket, kind, Some(e)));
         }
         if handshaking && !self.conn.is_handshaking() {
+            self.handshake_input = 0;
             self.identity = self
                 .conn
                 .peer_certificates()
@@ -323,6 +348,7 @@ impl TlsSession {
         loop {
             let accepted = self.conn.writer().write_vectored(bufs)?;
             if accepted > 0 {
+                self.queued += accepted;
                 return Ok(accepted);
             }
             let written = self.push(socket)?;
@@ -369,6 +395,11 @@ impl TlsSession {
                 Err(e) => return Err(e),
             }
         }
+        self.queued = if self.conn.wants_write() {
+            self.queued.saturating_sub(written)
+        } else {
+            0
+        };
         Ok(written)
     }
 
@@ -388,6 +419,16 @@ impl TlsSession {
     /// Bytes held in our own buffer (for tests and the fuzz target's bounds check).
     pub(crate) fn buffered_ciphertext_capacity(&self) -> usize {
         self.incoming.capacity()
+    }
+
+    /// The session's buffers that vary with what the peer sends or the server answers, for
+    /// the memory budget: our ciphertext buffer, the client's handshake handed to rustls
+    /// (until the handshake completes; at most [`MAX_HANDSHAKE_BYTES`]) and the plaintext
+    /// queued for sending and not yet written. rustls' fixed per-session state (a few KiB, its
+    /// 4 KiB receive buffer at rest) and the server's own handshake flight are per-connection
+    /// constants, not counted here.
+    pub(crate) fn buffered(&self) -> usize {
+        self.incoming.capacity() + self.handshake_input + self.queued
     }
 
     /// Sends `close_notify` (unless the peer never spoke TLS), flushes it, then half-closes the

@@ -18,6 +18,24 @@ pub use crate::identity::PeerIdentity;
 /// `WouldBlock` and the reply waits, unencrypted, in the connection's own bounded buffer.
 pub const TLS_BUFFER_LIMIT: usize = 64 * 1024;
 
+/// Cap on the ciphertext a client may send before its handshake completes: 32 KiB. A real
+/// client sends a ClientHello of a few hundred bytes to a few KiB (a second one after a
+/// HelloRetryRequest), and under mTLS its certificate chain (at most
+/// [`MAX_CLIENT_CHAIN_BYTES`]) and two short messages. More is refused at once as a
+/// [`TlsFailureKind::Handshake`] instead of being buffered until `handshake_timeout`: rustls
+/// would reassemble a handshake message of up to 64 KiB.
+pub const MAX_HANDSHAKE_BYTES: usize = 32 * 1024;
+
+/// Cap on the certificates in a client's chain under mTLS, the leaf included: 4 (a leaf and
+/// up to three intermediates). Each certificate that names the same issuer may cost the
+/// verifier a signature check before the client is authenticated, so a longer chain is
+/// refused before any is checked ([`TlsFailureKind::BadClientCert`]).
+pub const MAX_CLIENT_CHAIN_CERTS: usize = 4;
+
+/// Cap on the total DER size of a client's certificate chain under mTLS: 16 KiB (four
+/// RSA-4096 certificates with generous extensions fit). Larger is refused like a longer chain.
+pub const MAX_CLIENT_CHAIN_BYTES: usize = 16 * 1024;
+
 /// Ciphertext read from the socket per `read` call: two full TLS records (16 KiB of payload
 /// plus at most 256 bytes of expansion and a 5-byte header each, RFC 8446 §5.2), so a stream of
 /// full records costs one syscall per 32 KiB. Allocated on the first read, released by
@@ -236,6 +254,12 @@ impl<S> TlsStream<S> {
     /// Bytes held in our own buffer (for tests and the fuzz target's bounds check).
     pub(crate) fn buffered_ciphertext_capacity(&self) -> usize {
         self.session.buffered_ciphertext_capacity()
+    }
+
+    /// See `TlsSession::buffered`.
+    #[cfg(test)]
+    pub(crate) fn buffered(&self) -> usize {
+        self.session.buffered()
     }
 }
 

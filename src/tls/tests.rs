@@ -605,7 +605,7 @@ fn openssl_s_client_talks_to_the_stream() {
 // Buffers
 
 #[test]
-fn buffers_are_released_when_idle() {
+fn issue_4_buffers_are_counted_while_handshaking_and_released_when_idle() {
     let acceptor = TlsAcceptor::new(server_config(&pki().server)).unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -620,12 +620,16 @@ fn buffers_are_released_when_idle() {
     let mut buf = [0u8; 4096];
     let mut received = BytesMut::new();
     let mut decoder = FrameDecoder::new(1 << 20);
+    let mut most_while_handshaking = 0;
     // Blocking socket: read until the frame is in, flushing the handshake as it goes.
     let frame = loop {
         match tls.read(&mut buf) {
             Ok(n) => received.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => panic!("{e}"),
+        }
+        if !tls.handshake_done() {
+            most_while_handshaking = most_while_handshaking.max(tls.buffered());
         }
         if tls.wants_write() {
             tls.flush().unwrap();
@@ -634,10 +638,18 @@ fn buffers_are_released_when_idle() {
             break frame;
         }
     };
+    assert!(
+        most_while_handshaking > INCOMING_CHUNK,
+        "the ClientHello handed to rustls counts too ({most_while_handshaking})"
+    );
     let mut out = BytesMut::new();
     encode_frame(&ack::accept(&frame), &mut out);
     let n = tls.write_vectored(&[IoSlice::new(&out)]).unwrap();
     assert_eq!(n, out.len());
+    assert!(
+        tls.buffered() >= INCOMING_CHUNK + out.len(),
+        "the queued reply counts"
+    );
     assert!(
         tls.flush().unwrap() > n,
         "ciphertext is larger than plaintext"
@@ -645,6 +657,7 @@ fn buffers_are_released_when_idle() {
     assert_eq!(tls.buffered_ciphertext_capacity(), INCOMING_CHUNK);
     tls.release_idle_buffers();
     assert_eq!(tls.buffered_ciphertext_capacity(), 0);
+    assert_eq!(tls.buffered(), 0, "nothing is counted once idle");
     let _client = client.join().unwrap();
 }
 
@@ -760,4 +773,127 @@ fn write_fuzz_seed_corpus() {
             std::fs::write(dir.join(name), bytes).unwrap();
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounds on what a client may make the server hold or compute before it is authenticated
+// (issue 18, defects 4 and 5)
+
+/// Accepts one connection on `listener` as a blocking TLS stream and reads until the session
+/// fails, checking after every step that its buffers stay within `bound`. Returns the failure.
+fn read_until_failure(
+    listener: &std::net::TcpListener,
+    acceptor: &TlsAcceptor,
+    bound: usize,
+) -> io::Error {
+    let (socket, _) = listener.accept().unwrap();
+    socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let (mut session, mut socket) = acceptor.accept(socket).unwrap().into_parts();
+    let mut buf = [0u8; 4096];
+    loop {
+        let result = session.read(&mut socket, &mut buf);
+        assert!(
+            session.buffered() <= bound,
+            "holds {} > {bound}",
+            session.buffered()
+        );
+        if session.wants_write() {
+            let _ = session.flush(&mut socket);
+        }
+        match result {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return e,
+            Ok(n) => {
+                panic!("{n} bytes of plaintext from a client that never finished its handshake")
+            }
+        }
+    }
+}
+
+#[test]
+fn issue_4_a_handshake_over_the_cap_is_refused_before_rustls_buffers_it() {
+    let acceptor = TlsAcceptor::new(server_config(&pki().server)).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    // A ClientHello that claims 65 535 bytes, sent as 48 KiB of 1 KiB records: rustls would
+    // reassemble up to 64 KiB of it and wait for the rest.
+    let mut hello = vec![0x16, 0x03, 0x01, 0x00, 0x04, 0x01, 0x00, 0xFF, 0xFF];
+    for _ in 0..48 {
+        hello.extend_from_slice(&[0x16, 0x03, 0x01, 0x04, 0x00]);
+        hello.extend_from_slice(&[0x42; 1024]);
+    }
+    client.write_all(&hello).unwrap();
+    let error = read_until_failure(&listener, &acceptor, INCOMING_CHUNK + MAX_HANDSHAKE_BYTES);
+    let failure = TlsFailure::from_io(&error).expect("a TLS failure");
+    assert_eq!(failure.kind(), TlsFailureKind::Handshake);
+    assert!(
+        failure.to_string().contains("more than 32768 bytes"),
+        "{failure}"
+    );
+}
+
+/// A client chain: `leaf`, then `extra` self-signed certificates named like the test CA (with
+/// keys of their own), and the leaf's key.
+fn chain_named_like_the_ca(leaf: &Leaf, extra: usize) -> (Vec<CertificateDer<'static>>, String) {
+    let mut chain = vec![CertificateDer::from(leaf.der.clone())];
+    for _ in 0..extra {
+        let fake = support::ca("Test CA");
+        chain.push(fake.der().clone());
+    }
+    (chain, leaf.key.clone())
+}
+
+fn client_with_chain(chain: Vec<CertificateDer<'static>>, key: &str) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pki().ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(BOTH)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap(),
+    )
+}
+
+#[test]
+fn issue_5_a_client_chain_over_the_cap_is_refused_before_verification() {
+    // A leaf from a CA that is named like ours but is not ours, and five more like it: the
+    // verifier would try each as the leaf's issuer.
+    let impostor = support::ca("Test CA");
+    let leaf = support::sign(support::params("intruder", vec![], true), &impostor);
+    let (chain, key) = chain_named_like_the_ca(&leaf, MAX_CLIENT_CHAIN_CERTS);
+    let acceptor = mtls_acceptor();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = std::thread::spawn(move || {
+        let mut client = connect(addr, client_with_chain(chain, &key));
+        exchange(&mut client, &[ADT]).is_err()
+    });
+    let error = read_until_failure(&listener, &acceptor, usize::MAX);
+    let failure = TlsFailure::from_io(&error).expect("a TLS failure");
+    assert_eq!(failure.kind(), TlsFailureKind::BadClientCert);
+    let text = format!("{failure} {failure:?}");
+    assert!(text.contains("ChainTooLarge"), "{text}");
+    assert!(client.join().unwrap(), "the client is refused");
+}
+
+#[test]
+fn issue_5_a_valid_chain_at_the_cap_still_verifies() {
+    let (chain, key) = chain_named_like_the_ca(&pki().client, MAX_CLIENT_CHAIN_CERTS - 1);
+    let server = TestServer::start(mtls_acceptor(), None);
+    let mut client = connect(server.addr, client_with_chain(chain, &key));
+    let replies = exchange(&mut client, &[ADT]).unwrap();
+    assert_ack(&replies[0], "MSG1");
+    drop(client);
+    let report = server.report();
+    assert!(report.handshake_done);
+    assert_eq!(
+        report.identity.and_then(|i| i.common_name).as_deref(),
+        Some("lab-gw")
+    );
 }

@@ -92,8 +92,9 @@ impl<B: Backend> Iterator for Export<B> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     /// One JSON object per line: `id`, `received_at` (RFC 3339, UTC, µs), `peer`, `local`,
-    /// `control_id`, `message_type`, `sending_application`, `sending_facility`, `size`,
-    /// `duplicate_of` (null or an id), and the payload as `message` when it is valid UTF-8,
+    /// `control_id`, `message_type`, `sending_application`, `sending_facility`,
+    /// `client_cert` (under mutual TLS: the sender's certificate as CN, SANs and SHA-256
+    /// fingerprint; null otherwise), `size`, `duplicate_of` (null or an id), and the payload as `message` when it is valid UTF-8,
     /// otherwise `message_base64` (standard alphabet, padded). Missing MSH fields are null.
     Jsonl,
     /// The payloads with segment ends (CR, or CR LF) written as newlines and a blank line
@@ -102,18 +103,28 @@ pub enum Format {
 }
 
 impl std::str::FromStr for Format {
-    type Err = String;
+    type Err = UnknownFormat;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, UnknownFormat> {
         match s {
             "jsonl" => Ok(Self::Jsonl),
             "hl7" => Ok(Self::Hl7),
-            other => Err(format!(
-                "unknown export format {other:?} (use jsonl or hl7)"
-            )),
+            other => Err(UnknownFormat(other.to_owned())),
         }
     }
 }
+
+/// A [`Format`] name that is neither `jsonl` nor `hl7` (the name given).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownFormat(pub String);
+
+impl fmt::Display for UnknownFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown export format {:?} (use jsonl or hl7)", self.0)
+    }
+}
+
+impl std::error::Error for UnknownFormat {}
 
 /// Writes records one after another in a [`Format`].
 ///
@@ -240,11 +251,11 @@ pub fn export_postgres(
     url: &str,
     since: StoreId,
     format: Format,
-    options: &crate::PostgresOptions,
+    options: &crate::postgresql::PostgresOptions,
     out: impl Write,
 ) -> Result<u64, ExportError> {
-    let backend =
-        crate::PostgresBackend::connect_read_only(url, options).map_err(ExportError::Store)?;
+    let backend = crate::postgresql::PostgresBackend::connect_read_only(url, options)
+        .map_err(ExportError::Store)?;
     write_all(backend, since, format, out)
 }
 
@@ -308,6 +319,7 @@ fn write_jsonl(r: &StoredRecord, out: &mut impl Write) -> io::Result<()> {
         ("message_type", r.message_type.as_deref()),
         ("sending_application", r.sending_application.as_deref()),
         ("sending_facility", r.sending_facility.as_deref()),
+        ("client_cert", r.client_cert.as_deref()),
     ] {
         line.push_str(",\"");
         line.push_str(name);

@@ -160,7 +160,7 @@ impl<B: Backend> Backend for FaultyBackend<B> {
         self.inner.summary()
     }
 
-    fn write_gate(&self) -> Option<crate::WriteGate> {
+    fn write_gate(&self) -> Option<crate::backend::WriteGate> {
         self.inner.write_gate()
     }
 }

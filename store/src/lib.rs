@@ -2,8 +2,10 @@
 //!
 //! An AA should mean "your message is safe". This crate keeps every received message (its exact
 //! bytes and where and when it came from) in a durable store, and tells the caller when the
-//! transaction holding it has committed, so that the server acknowledges only then. It is not
-//! a message router or a queue to other systems: it keeps, flags resends, and exports.
+//! transaction holding it has committed, so that the server acknowledges only then. It keeps,
+//! flags resends, exports, and forwards ([`forward`]): every stored message to downstream MLLP
+//! systems, in store order, at least once. It is not a router: it does not transform or
+//! filter messages.
 //!
 //! ```text
 //!   server threads                     writer thread (one)                backend
@@ -25,6 +27,8 @@
 //!   database that several nodes behind a load balancer share, with the same columns,
 //!   duplicate detection across nodes, export format and metrics.
 //! - [`export`] streams records back out as JSON lines or HL7 text, while a writer runs.
+//! - [`forward::Forwarder`] delivers every stored message to downstream MLLP systems on its
+//!   own threads (strict FIFO per lane, retries, dead letters, delivery state in the store).
 //!
 //! # Quick start
 //!
@@ -179,6 +183,7 @@ pub mod disk;
 mod error;
 pub mod export;
 pub mod fault;
+pub mod forward;
 pub mod health;
 pub mod integrity;
 mod open;

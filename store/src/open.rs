@@ -24,7 +24,7 @@ pub struct OpenOptions {
     pub sqlite: SqliteOptions,
     /// Used for a PostgreSQL URL (feature `postgres`).
     #[cfg(feature = "postgres")]
-    pub postgres: crate::PostgresOptions,
+    pub postgres: crate::postgresql::PostgresOptions,
 }
 
 impl OpenOptions {
@@ -84,7 +84,7 @@ impl Store {
             }
             #[cfg(feature = "postgres")]
             StoreSpec::Postgres(url) => Self::start(
-                crate::PostgresBackend::connect(url, &options.postgres)?,
+                crate::postgresql::PostgresBackend::connect(url, &options.postgres)?,
                 config,
             ),
             #[cfg(not(feature = "postgres"))]

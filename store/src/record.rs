@@ -2,11 +2,12 @@
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use mllp_reactor::Context;
 use mllp_reactor::msh::Msh;
+use mllp_reactor::{Context, PeerIdentity};
 
 /// A record's id: increases in commit order and is never reused (SQLite `AUTOINCREMENT`;
 /// PostgreSQL: an identity column, allocated under the store's lock).
@@ -74,17 +75,34 @@ pub struct Record {
     pub payload: Bytes,
     /// Where and when it arrived.
     pub origin: Origin,
+    /// The sender's verified client certificate, under mutual TLS (`None` otherwise). Stored
+    /// as its one-line form (`CN=… DNS:… sha256:…`, see [`PeerIdentity`]): an audit can tell
+    /// which system sent what.
+    pub client_cert: Option<Arc<PeerIdentity>>,
 }
 
 impl Record {
     /// A record of `payload` received as `origin` says.
     pub fn new(payload: Bytes, origin: Origin) -> Self {
-        Self { payload, origin }
+        Self {
+            payload,
+            origin,
+            client_cert: None,
+        }
     }
 
-    /// The record of a message given to a handler (`payload.clone()` costs a reference count).
+    /// The record of a message given to a handler (`payload.clone()` costs a reference count),
+    /// with the client certificate under mutual TLS.
     pub fn from_message(payload: Bytes, cx: &Context) -> Self {
-        Self::new(payload, Origin::from_context(cx))
+        Self {
+            client_cert: cx.peer_identity_shared(),
+            ..Self::new(payload, Origin::from_context(cx))
+        }
+    }
+
+    /// The client certificate as stored (see [`client_cert`](Self::client_cert)).
+    pub(crate) fn client_cert_text(&self) -> Option<String> {
+        self.client_cert.as_ref().map(|id| id.to_string())
     }
 
     /// Payload size in bytes.
@@ -201,6 +219,9 @@ pub struct StoredRecord {
     pub duplicate_of: Option<StoreId>,
     /// The exact bytes received.
     pub payload: Vec<u8>,
+    /// The sender's client certificate under mutual TLS (CN, SANs, SHA-256 fingerprint), if
+    /// any; `None` for messages stored before the column existed.
+    pub client_cert: Option<String>,
 }
 
 /// What the store did with one record.

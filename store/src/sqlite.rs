@@ -18,6 +18,7 @@
 //!     size                INTEGER NOT NULL,
 //!     duplicate_of        INTEGER REFERENCES messages (id),
 //!     payload             BLOB NOT NULL,                       -- the exact bytes
+//!     client_cert         TEXT                                 -- mTLS: CN, SANs, sha256
 //!     patient_id          TEXT                                 -- PID-3.1, raw (search)
 //! );
 //! CREATE INDEX messages_original ON messages
@@ -26,6 +27,10 @@
 //! CREATE INDEX messages_control_id ON messages (control_id) WHERE control_id IS NOT NULL;
 //! CREATE INDEX messages_patient ON messages (patient_id) WHERE patient_id IS NOT NULL;
 //! ```
+//!
+//! `client_cert` is added (`ALTER TABLE … ADD COLUMN`) by the first writer that opens a store
+//! created before it; rows already there keep NULL. Additive only, so the version stays 1 and
+//! older builds still read and write such a store; a reader of a store without it reads NULL.
 //!
 //! `patient_id` and the last two indexes (for [`search`](crate::search)) are added by the
 //! first writer that opens a store created before them; the version stays 1, since older
@@ -96,6 +101,7 @@ CREATE TABLE messages (
     size                INTEGER NOT NULL,
     duplicate_of        INTEGER REFERENCES messages (id),
     payload             BLOB NOT NULL,
+    client_cert         TEXT,
     patient_id          TEXT
 );
 CREATE INDEX messages_original ON messages
@@ -128,13 +134,22 @@ ORDER BY received_at_us, id LIMIT 1";
 const INSERT: &str = "
 INSERT INTO messages (received_at_us, peer, local, connection_id, sequence,
     sending_application, sending_facility, message_type, control_id, size, duplicate_of, payload,
-    patient_id)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+    client_cert, patient_id)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
 
 const READ_AFTER: &str = "
 SELECT id, received_at_us, peer, local, connection_id, sequence, sending_application,
-    sending_facility, message_type, control_id, size, duplicate_of, payload
+    sending_facility, message_type, control_id, size, duplicate_of, payload, client_cert
 FROM messages WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3";
+
+/// [`READ_AFTER`] for a store created before `client_cert` and opened read-only.
+const READ_AFTER_WITHOUT_CERT: &str = "
+SELECT id, received_at_us, peer, local, connection_id, sequence, sending_application,
+    sending_facility, message_type, control_id, size, duplicate_of, payload, NULL
+FROM messages WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3";
+
+/// The column added after version 1 (see the module docs).
+const ADD_CLIENT_CERT: &str = "ALTER TABLE messages ADD COLUMN client_cert TEXT";
 
 /// Options of a [`SqliteBackend`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -391,7 +406,12 @@ impl Backend for SqliteBackend {
         let conn = self.connection()?;
         let limit = i64::try_from(max_records).unwrap_or(i64::MAX);
         let result = (|| {
-            let mut stmt = conn.prepare_cached(READ_AFTER)?;
+            let sql = if has_client_cert(conn)? {
+                READ_AFTER
+            } else {
+                READ_AFTER_WITHOUT_CERT
+            };
+            let mut stmt = conn.prepare_cached(sql)?;
             let mut rows = stmt.query(params![after, until, limit])?;
             let mut page = Vec::new();
             let mut bytes = 0usize;
@@ -457,7 +477,8 @@ impl Backend for SqliteBackend {
 
 /// The columns [`stored_record`] reads, in its order.
 pub(crate) const RECORD_COLUMNS: &str = "id, received_at_us, peer, local, connection_id, sequence, \
-    sending_application, sending_facility, message_type, control_id, size, duplicate_of, payload";
+    sending_application, sending_facility, message_type, control_id, size, duplicate_of, payload, \
+    client_cert";
 
 /// A row of [`RECORD_COLUMNS`] as a record.
 pub(crate) fn stored_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredRecord> {
@@ -475,6 +496,7 @@ pub(crate) fn stored_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredR
         size: row.get::<_, i64>(10)? as u64,
         duplicate_of: row.get(11)?,
         payload: row.get(12)?,
+        client_cert: row.get(13)?,
     })
 }
 
@@ -518,6 +540,7 @@ fn insert_batch(
                 i64::try_from(record.size()).unwrap_or(i64::MAX),
                 duplicate_of,
                 &record.payload[..],
+                record.client_cert_text(),
                 text(header.patient_id),
             ])?;
             outcomes.push(StoreOutcome::new(tx.last_insert_rowid(), duplicate_of));
@@ -627,6 +650,9 @@ pub(crate) fn open_connection(
         }
     }
     if writable {
+        if !has_client_cert(&conn).map_err(classify)? {
+            add_client_cert(&conn).map_err(classify)?;
+        }
         add_search_schema(&conn).map_err(classify)?;
         set_wal(&conn, path)?;
         conn.pragma_update(None, "synchronous", "FULL")
@@ -640,6 +666,31 @@ pub(crate) fn open_connection(
         }
     }
     Ok(conn)
+}
+
+/// Whether the store has the `client_cert` column (see the module docs).
+fn has_client_cert(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('messages') WHERE name = 'client_cert'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )
+}
+
+/// Adds the `client_cert` column to a store created before it, unless a concurrent writer
+/// just did (checked under the write lock).
+fn add_client_cert(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let result = (|| {
+        if !has_client_cert(conn)? {
+            conn.execute_batch(ADD_CLIENT_CERT)?;
+        }
+        conn.execute_batch("COMMIT")
+    })();
+    if result.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    result
 }
 
 /// Adds the search column and indexes ([`SEARCH_SCHEMA`]) where they are missing.

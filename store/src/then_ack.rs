@@ -165,7 +165,7 @@ impl<P: AckPolicy> Handler for StoreThenAck<P> {
         let payload = message.clone();
         let replier = Arc::clone(&self.reply);
         let peer = cx.peer_addr();
-        let done: crate::Done = Box::new(move |result| match result {
+        let done: crate::submit::Done = Box::new(move |result| match result {
             Ok(outcome) => {
                 let (code, ack) = replier.policy.ack(&payload, &outcome);
                 if let Some(on_ack) = replier.on_ack.get() {

@@ -310,14 +310,17 @@ impl Store {
     ///
     /// # Errors
     ///
-    /// As [`PostgresBackend::connect`](crate::PostgresBackend::connect) and [`Store::start`].
+    /// As [`PostgresBackend::connect`](crate::postgresql::PostgresBackend::connect) and [`Store::start`].
     #[cfg(feature = "postgres")]
     pub fn open_postgres(
         url: &str,
-        options: &crate::PostgresOptions,
+        options: &crate::postgresql::PostgresOptions,
         config: StoreConfig,
     ) -> Result<Self, StoreError> {
-        Self::start(crate::PostgresBackend::connect(url, options)?, config)
+        Self::start(
+            crate::postgresql::PostgresBackend::connect(url, options)?,
+            config,
+        )
     }
 
     /// Queues `record`; `done` is called with its outcome once its batch committed or failed.

@@ -4,10 +4,14 @@
 #[path = "it/util.rs"]
 mod util;
 
+#[path = "it/downstream.rs"]
+mod downstream;
 #[path = "it/duplicates.rs"]
 mod duplicates;
 #[path = "it/export.rs"]
 mod export;
+#[path = "it/forward.rs"]
+mod forward;
 #[path = "it/health.rs"]
 mod health;
 #[path = "it/integrity.rs"]

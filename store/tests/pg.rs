@@ -6,8 +6,7 @@
 //! Every test prints a skip line and passes where PostgreSQL cannot be had; `.ci/run`
 //! installs it. Every wait is bounded.
 
-#[path = "pg/mod.rs"]
-mod cluster;
+use mllp_test_support::pg as cluster;
 #[path = "pg/cut_proxy.rs"]
 mod cut_proxy;
 // The SQLite tests' helpers: the same messages and origins.
@@ -433,6 +432,32 @@ fn a_store_fails_while_postgres_is_down_and_resumes_after_restart() {
         })
         .collect();
     assert_eq!(ids, ["before", &format!("after{after}"), "idle-restart"]);
+}
+
+#[test]
+fn a_store_from_before_the_client_cert_column_gets_it_from_its_first_writer() {
+    let Some(pg) = PgCluster::start() else { return };
+    let url = pg.create_db("cert");
+    drop(connect(&url));
+    // As an older build left it: no column, one row.
+    pg.sql(
+        "cert",
+        "ALTER TABLE mllp_messages DROP COLUMN client_cert; \
+         INSERT INTO mllp_messages (received_at_us, peer, local, connection_id, sequence, \
+         size, payload) VALUES (0, 'p', 'l', 1, 0, 1, '\\x00')",
+    );
+    // A reader leaves it as it is and reads NULL.
+    let mut reader = PostgresBackend::connect_read_only(&url, &options()).unwrap();
+    let old = reader.read_after(0, i64::MAX, 10, usize::MAX).unwrap();
+    assert_eq!(old.len(), 1);
+    assert_eq!(old[0].client_cert, None);
+    drop(reader);
+    // A writer adds it back; the old row keeps NULL, a new one has the certificate.
+    let mut writer = connect(&url);
+    let client = util::commit_with_client_cert_after_an_old_row(&mut writer);
+    drop(writer);
+    assert!(export(&url, 1, Format::Jsonl).contains(&format!("\"client_cert\":\"{client}\"")));
+    assert_eq!(pg.sql("cert", "SELECT version FROM mllp_store_schema"), "1");
 }
 
 /// `(control_id, duplicate_of)` of every stored record, in id order.

@@ -62,6 +62,7 @@ fn every_metric_is_registered_at_bind_with_listener_label_unit_and_description()
             "handshake_timeout",
             "max_connections",
             "not_allowed",
+            "probe",
             "proxy_header",
             "shutdown",
             "tls_bad_client_cert",
@@ -190,6 +191,11 @@ fn gauges_follow_open_connections_and_busy_workers() {
     assert_eq!(after.counter(CONNECTIONS_ACCEPTED, &[]), 2);
     assert_eq!(
         after.counter(CONNECTIONS_CLOSED, &closed(CloseReason::PeerClosed)),
-        2
+        1
+    );
+    // `b` sent nothing: a connect-then-close is a probe (issue 18), counted apart.
+    assert_eq!(
+        after.counter(CONNECTIONS_CLOSED, &closed(CloseReason::Probe)),
+        1
     );
 }

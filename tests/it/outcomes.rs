@@ -8,7 +8,8 @@ use bytes::Bytes;
 use mllp_reactor::ack::{self, AckCode};
 use mllp_reactor::telemetry::names::*;
 use mllp_reactor::{
-    CloseReason, Context, ExceptionReason, HandlerError, NakPolicy, Reply, Server, handler_fn,
+    CloseReason, Context, Dispatch, ExceptionReason, HandlerError, NakPolicy, Reply, Server,
+    handler_fn,
 };
 
 use crate::support::{
@@ -400,4 +401,35 @@ fn handler_timeout_after_a_queue_wait_still_replaces_the_worker() {
         1
     );
     assert_eq!(stopped.report.workers_stuck, 1);
+}
+
+/// Issue 18 ("every NAK counted the same way in every mode"): a NAK the handler builds and
+/// returns counts in `mllp_naks_sent_total{code}` by its MSA-1, inline and on the pool, as
+/// the server's own NAKs do.
+#[test]
+fn handler_returned_naks_are_counted_by_code() {
+    for dispatch in [Dispatch::Inline, Dispatch::Pool] {
+        let handler = handler_fn(|msg: &Bytes, _cx: &Context| {
+            let code = match control_id(msg).as_str() {
+                "REJECT" => AckCode::AR,
+                "FAIL" => AckCode::AE,
+                _ => AckCode::AA,
+            };
+            Ok(Reply::Send(ack::nak(msg, code, "by the handler")))
+        });
+        let server = start(Server::builder(handler).dispatch(dispatch));
+        let mut peer = server.connect();
+        for (id, code) in [
+            ("REJECT", AckCode::AR),
+            ("FAIL", AckCode::AE),
+            ("FAIL", AckCode::AE),
+            ("OK", AckCode::AA),
+        ] {
+            assert_ack(&peer.roundtrip(&message(id)), code, id);
+        }
+        peer.finish();
+        let metrics = server.stop().metrics;
+        let naks = |code| metrics.counter(NAKS_SENT, &[("code", code)]);
+        assert_eq!((naks("AR"), naks("AE")), (1, 2), "{dispatch:?}");
+    }
 }

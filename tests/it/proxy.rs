@@ -8,7 +8,11 @@ use mllp_reactor::cidr::AllowList;
 use mllp_reactor::proxy::{ProxyHeader, ProxyMode, encode_v1, encode_v2};
 use mllp_reactor::{Builder, CloseReason, ConfigError, Server};
 
-use crate::support::{Event, TestServer, accepting, assert_ack, frame, message, start, start_at};
+use mllp_reactor::telemetry::names::{CONNECTIONS_CLOSED, CONNECTIONS_REJECTED};
+
+use crate::support::{
+    Event, Peer, TestServer, accepting, assert_ack, closed, frame, message, start, start_at,
+};
 
 fn client(addr: &str) -> SocketAddr {
     addr.parse().unwrap()
@@ -116,12 +120,51 @@ fn local_header_is_a_health_check_served_with_the_socket_peer() {
     let mut server = start(behind_balancer(ProxyMode::V2));
     let mut peer = server.connect();
     peer.send(&encode_v2(&ProxyHeader::Local));
+    peer.send(&frame(&message("LOCAL")));
+    assert_ack(&peer.read_frame(), AckCode::AA, "LOCAL");
     peer.shutdown_write();
     peer.expect_closed();
     server
         .events
         .expect_close(peer.local_addr(), CloseReason::PeerClosed);
     server.stop();
+}
+
+/// Issue 18: a balancer's health check (connect, then close or reset, with no bytes, or with
+/// a PROXY header alone, as HAProxy's checks send) is a probe: its own close reason and counter, which the CLI
+/// logs at debug level, never a warning per probe.
+#[test]
+fn health_checks_are_probes() {
+    let mut server = start(behind_balancer(ProxyMode::V2));
+    // Connect, then close: before the header, so rejected (as a probe).
+    let mut silent = server.connect();
+    silent.shutdown_write();
+    silent.expect_closed();
+    server
+        .events
+        .expect_close(silent.local_addr(), CloseReason::Probe);
+    // Connect, then reset.
+    let reset = Peer::connect_resetting(server.addr);
+    let reset_addr = reset.local_addr();
+    drop(reset);
+    server.events.expect_close(reset_addr, CloseReason::Probe);
+    // HAProxy's check-send-proxy: a LOCAL header, then close: started, then closed.
+    let mut checked = server.connect();
+    checked.send(&encode_v2(&ProxyHeader::Local));
+    checked.shutdown_write();
+    checked.expect_closed();
+    server
+        .events
+        .expect_close(checked.local_addr(), CloseReason::Probe);
+    let metrics = server.stop().metrics;
+    assert_eq!(
+        metrics.counter(CONNECTIONS_CLOSED, &closed(CloseReason::Probe)),
+        1
+    );
+    assert_eq!(
+        metrics.counter(CONNECTIONS_REJECTED, &[("reason", "probe")]),
+        2
+    );
 }
 
 #[test]
@@ -237,6 +280,39 @@ fn the_allow_list_checks_the_proxied_client_and_the_balancer() {
     server
         .events
         .expect_close(untrusted.local_addr(), CloseReason::NotAllowed);
+    server.stop();
+}
+
+/// Issue 18: rejected connections were reported as `conn=4294967295.N` (a made-up index). They
+/// get a proper id now: unique, shaped like any other (reactor and slot, generation).
+#[test]
+fn rejected_connections_get_a_proper_id() {
+    let mut server = start(Server::builder(accepting()).allow(allow(&["192.0.2.0/24"])));
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let mut peer = server.connect();
+        peer.expect_closed();
+        match server.events.wait("the rejection", |e| {
+            matches!(e, Event::ConnectionStop(_)) && e.peer() == peer.local_addr()
+        }) {
+            Event::ConnectionStop(stop) => {
+                assert_eq!(stop.reason, CloseReason::NotAllowed);
+                ids.push(stop.connection);
+            }
+            _ => unreachable!("matched a connection stop"),
+        }
+    }
+    for id in &ids {
+        let index = id
+            .to_string()
+            .split('.')
+            .next()
+            .unwrap()
+            .parse::<u32>()
+            .unwrap();
+        assert!(index < 1 << 24, "{id}: index beyond reactor 0's slots");
+    }
+    assert_ne!(ids[0], ids[1], "ids are unique");
     server.stop();
 }
 

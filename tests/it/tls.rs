@@ -198,6 +198,31 @@ fn mtls_refuses_no_certificate_and_another_cas_certificate() {
     assert_eq!(rejected(&stopped.metrics, "tls_bad_client_cert"), 1);
 }
 
+#[test]
+fn mtls_client_without_a_certificate_is_told_the_server_requires_one() {
+    let server = start(Server::builder(ack_handler()).tls(mtls()));
+    for _ in 0..5 {
+        let config = ClientConfig::default()
+            .connect_timeout(WAIT)
+            .response_timeout(WAIT)
+            .tls(client_tls(None));
+        let error = match Client::connect(server.addr, config) {
+            Ok(mut client) => client.send(&message("NOCERT")).unwrap_err(),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(error, ClientError::ClientCertRequired),
+            "{error:?}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "the server requires a client certificate (mutual TLS) and none was presented"
+        );
+    }
+    let stopped = server.stop();
+    assert_eq!(rejected(&stopped.metrics, "tls_no_client_cert"), 5);
+}
+
 // -- Misbehaving peers ------------------------------------------------------------------------
 
 #[test]

@@ -135,6 +135,18 @@ fn verify_ack_rejects_nak_and_malformed() {
 }
 
 #[test]
+fn each_connection_has_its_own_patient() {
+    let a = MessageTemplate::for_patient(1024, 0);
+    let b = MessageTemplate::for_patient(1024, 7);
+    assert_eq!(a.payload_len, b.payload_len);
+    let (mut wa, mut wb) = (Vec::new(), Vec::new());
+    a.write(&mut wa, b"0-1").unwrap();
+    b.write(&mut wb, b"7-1").unwrap();
+    assert!(String::from_utf8_lossy(&wa).contains("PID|1||100001^^^BENCH^MR"));
+    assert!(String::from_utf8_lossy(&wb).contains("PID|1||100008^^^BENCH^MR"));
+}
+
+#[test]
 fn template_hits_size_and_carries_id() {
     for size in [0, 100, 1024, 1 << 20] {
         let template = MessageTemplate::new(size);

@@ -32,10 +32,23 @@ impl MessageTemplate {
         EVN|A01|20260101120000\r\
         PID|1||100001^^^BENCH^MR||DOE^JANE^Q||19800101|F|||1 MAIN ST^^SPRINGFIELD^IL^62701\r\
         PV1|1|I|WARD^101^A|||||||MED\r";
+    /// Where the six-digit patient id (PID-3.1) sits in [`BODY`](Self::BODY).
+    const PATIENT_AT: usize = 39;
     const PAD_SEGMENT: &'static [u8] = b"NTE|1|L|";
     /// Printable filler without separators or MLLP bytes.
     const FILLER: &'static [u8] =
         b"LOREM IPSUM DOLOR SIT AMET CONSECTETUR ADIPISCING ELIT 0123456789 ";
+
+    /// A template whose PID-3.1 is `100001 + patient % 900000` (six digits, so the size does
+    /// not change): each load connection sends for its own patient, as separate senders do,
+    /// so a receiver that orders or partitions by patient sees several.
+    pub(super) fn for_patient(size: usize, patient: usize) -> Self {
+        let mut template = Self::new(size);
+        let id = format!("{:06}", 100_001 + patient % 900_000);
+        let at = Self::PATIENT_AT;
+        template.tail[at..at + 6].copy_from_slice(id.as_bytes());
+        template
+    }
 
     pub(super) fn new(size: usize) -> Self {
         let nominal_id = NOMINAL_CONN_DIGITS + 1 + SEQ_WIDTH;

@@ -245,7 +245,7 @@ fn readyz_follows_the_store() {
 #[test]
 fn low_disk_refuses_with_ae_and_recovers() {
     use mllp_reactor::ack::AckCode;
-    let Some(fs) = crate::tmpfs::Tmpfs::mount("low-disk", "16m") else {
+    let Some(fs) = mllp_test_support::tmpfs::Tmpfs::mount("low-disk", "16m") else {
         return;
     };
     let mnt = fs.path().to_owned();

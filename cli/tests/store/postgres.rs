@@ -14,8 +14,7 @@ use super::{
     ServeProcess, WAIT, client, crash_loop, export_cmd, export_jsonl, message, one_error_line,
 };
 
-#[path = "../../../store/tests/pg/mod.rs"]
-mod cluster;
+use mllp_test_support::pg as cluster;
 
 use cluster::PgCluster;
 

@@ -79,7 +79,7 @@ pub(crate) fn pki() -> &'static Pki {
     })
 }
 
-fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+pub(crate) fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
     let mut params = CertificateParams::default();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.distinguished_name.push(DnType::CommonName, name);
@@ -91,7 +91,7 @@ fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
     CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
 }
 
-fn params(cn: &str, sans: Vec<SanType>, client: bool) -> CertificateParams {
+pub(crate) fn params(cn: &str, sans: Vec<SanType>, client: bool) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.distinguished_name.push(DnType::CommonName, cn);
     params.subject_alt_names = sans;
@@ -103,7 +103,7 @@ fn params(cn: &str, sans: Vec<SanType>, client: bool) -> CertificateParams {
     params
 }
 
-fn sign(params: CertificateParams, issuer: &CertifiedIssuer<'static, KeyPair>) -> Leaf {
+pub(crate) fn sign(params: CertificateParams, issuer: &CertifiedIssuer<'static, KeyPair>) -> Leaf {
     let key = KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, issuer).unwrap();
     Leaf {

@@ -25,6 +25,7 @@ struct Columns<'a> {
     size: Vec<i64>,
     duplicate_of: Vec<Option<i64>>,
     payload: Vec<&'a [u8]>,
+    client_cert: Vec<Option<String>>,
 }
 
 /// How a batch failed: whether its transaction may still be open, is over, or may have
@@ -63,6 +64,7 @@ pub(super) fn insert_batch(
         cols.size
             .push(i64::try_from(record.size()).unwrap_or(i64::MAX));
         cols.payload.push(&record.payload[..]);
+        cols.client_cert.push(record.client_cert_text());
     }
     // The records that can be resends, and the oldest original time each accepts.
     let keyed: Vec<usize> = (0..batch.len())
@@ -123,7 +125,7 @@ pub(super) fn insert_batch(
             None => batch_originals.entry(key).or_default().push(i),
         }
     }
-    let params: [&(dyn ToSql + Sync); 13] = [
+    let params: [&(dyn ToSql + Sync); 14] = [
         &cols.ids,
         &cols.received,
         &cols.peer,
@@ -137,6 +139,7 @@ pub(super) fn insert_batch(
         &cols.size,
         &cols.duplicate_of,
         &cols.payload,
+        &cols.client_cert,
     ];
     let outcomes: Vec<StoreOutcome> = cols
         .ids

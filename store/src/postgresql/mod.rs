@@ -30,11 +30,17 @@
 //!     control_id          text,                   -- MSH-10
 //!     size                bigint NOT NULL,
 //!     duplicate_of        bigint REFERENCES mllp_messages (id),
-//!     payload             bytea NOT NULL          -- the exact bytes
+//!     payload             bytea NOT NULL,         -- the exact bytes
+//!     client_cert         text                    -- mTLS: CN, SANs, sha256
 //! );
 //! CREATE INDEX mllp_messages_original ON mllp_messages (control_id, received_at_us)
 //!     WHERE duplicate_of IS NULL AND control_id IS NOT NULL;
 //! ```
+//!
+//! `client_cert` is added (`ALTER TABLE … ADD COLUMN IF NOT EXISTS`) by the first writer that
+//! opens a store created before it, without a version change: older builds name their
+//! columns, so they go on reading and writing (their rows have NULL there), and a reader of a
+//! store no writer has added it to yet reads NULL.
 //!
 //! The schema is created on first use, in one transaction under the store's lock, so nodes
 //! starting together create it once. `mllp_store_schema` holds its version: a later version of
@@ -378,6 +384,7 @@ impl Backend for PostgresBackend {
                     size: row.try_get::<_, i64>(10)? as u64,
                     duplicate_of: row.try_get(11)?,
                     payload: row.try_get(12)?,
+                    client_cert: row.try_get(13)?,
                 };
                 bytes = bytes.saturating_add(record.payload.len());
                 page.push(record);

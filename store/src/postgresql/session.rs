@@ -4,7 +4,10 @@ use tokio_postgres::{Client, Statement};
 
 use super::describe::show;
 use super::schema::{Schema, foreign, inspect_schema, migrate};
-use super::sql::{FIND_ORIGINALS, IDS_AND_ORIGINALS, INSERT, READ_AFTER};
+use super::sql::{
+    ADD_CLIENT_CERT, FIND_ORIGINALS, HAS_CLIENT_CERT, IDS_AND_ORIGINALS, INSERT, NO_INSERT,
+    READ_AFTER, READ_AFTER_WITHOUT_CERT,
+};
 use super::{IDLE_IN_TRANSACTION_TIMEOUT, PostgresOptions, SCHEMA_VERSION};
 use crate::error::{Cause, Found, Problem, StoreError};
 
@@ -104,8 +107,27 @@ impl Session<'_> {
                 return Err(self.error(Problem::SequenceCache(cache)));
             }
         }
+        let mut has_cert: bool = client
+            .query_one(HAS_CLIENT_CERT, &[])
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(|e| self.pg_error(e))?;
+        if !has_cert && !self.read_only {
+            client
+                .batch_execute(ADD_CLIENT_CERT)
+                .await
+                .map_err(|e| self.pg_error(e))?;
+            has_cert = true;
+        }
+        // Without the column (a reader of a store no writer of this version has opened), the
+        // INSERT cannot be prepared; a reader never inserts.
+        let (insert, read_after) = if has_cert {
+            (INSERT, READ_AFTER)
+        } else {
+            (NO_INSERT, READ_AFTER_WITHOUT_CERT)
+        };
         let mut statements = Vec::with_capacity(4);
-        for sql in [IDS_AND_ORIGINALS, FIND_ORIGINALS, INSERT, READ_AFTER] {
+        for sql in [IDS_AND_ORIGINALS, FIND_ORIGINALS, insert, read_after] {
             statements.push(client.prepare(sql).await.map_err(|e| self.pg_error(e))?);
         }
         let statements: [Statement; 4] = statements

@@ -64,11 +64,36 @@ pub(super) const IDS_AND_ORIGINALS: &str = concat!(
 /// One statement inserts the whole batch, whatever its size (parallel arrays, one per column).
 pub(super) const INSERT: &str = "
 INSERT INTO mllp_messages (id, received_at_us, peer, local, connection_id, sequence,
-    sending_application, sending_facility, message_type, control_id, size, duplicate_of, payload)
+    sending_application, sending_facility, message_type, control_id, size, duplicate_of, payload,
+    client_cert)
 SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::int8[], $6::int8[],
-    $7::text[], $8::text[], $9::text[], $10::text[], $11::int8[], $12::int8[], $13::bytea[])";
+    $7::text[], $8::text[], $9::text[], $10::text[], $11::int8[], $12::int8[], $13::bytea[],
+    $14::text[])";
 
 pub(super) const READ_AFTER: &str = "
 SELECT id, received_at_us, peer, local, connection_id, sequence, sending_application,
-    sending_facility, message_type, control_id, size, duplicate_of, payload
+    sending_facility, message_type, control_id, size, duplicate_of, payload, client_cert
 FROM mllp_messages WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3";
+
+/// [`READ_AFTER`] for a reader of a store no writer of this version has opened yet.
+pub(super) const READ_AFTER_WITHOUT_CERT: &str = "
+SELECT id, received_at_us, peer, local, connection_id, sequence, sending_application,
+    sending_facility, message_type, control_id, size, duplicate_of, payload, NULL::text
+FROM mllp_messages WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3";
+
+/// Whether the store has the `client_cert` column: added after version 1 by the first writer
+/// of this version, without a version change (additive: older builds name their columns and
+/// go on reading and writing; their rows have NULL there).
+pub(super) const HAS_CLIENT_CERT: &str = "
+SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+               WHERE attrelid = 'mllp_messages'::regclass AND attname = 'client_cert'
+                 AND NOT attisdropped)";
+
+/// In place of [`INSERT`] for a reader of a store without `client_cert`: a reader never
+/// inserts (its session is read-only, and this statement takes no parameters, so a commit
+/// through it is an error, never a write).
+pub(super) const NO_INSERT: &str = "SELECT 1 WHERE false";
+
+/// Adds the column ([`HAS_CLIENT_CERT`]); `IF NOT EXISTS` because another node may be first.
+pub(super) const ADD_CLIENT_CERT: &str =
+    "ALTER TABLE mllp_messages ADD COLUMN IF NOT EXISTS client_cert text";

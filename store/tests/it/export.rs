@@ -27,9 +27,14 @@ fn jsonl_has_exactly_the_documented_fields() {
         received_at: when,
         ..origin(3, 0)
     };
+    let client = std::sync::Arc::new(mllp_reactor::PeerIdentity::from_der(b"not a certificate"));
+    let from_client = Record {
+        client_cert: Some(std::sync::Arc::clone(&client)),
+        ..Record::new(message("42"), o)
+    };
     b.commit_batch(&[
         Record::new(message("42"), o),
-        Record::new(message("42"), o),
+        from_client,
         Record::new(Bytes::from_static(b"\xff\x00binary"), o),
     ])
     .unwrap();
@@ -51,6 +56,7 @@ fn jsonl_has_exactly_the_documented_fields() {
         "message_type",
         "sending_application",
         "sending_facility",
+        "client_cert",
         "size",
         "duplicate_of",
         "message",
@@ -74,6 +80,14 @@ fn jsonl_has_exactly_the_documented_fields() {
         &message("42")[..]
     );
     assert_eq!(lines[1]["duplicate_of"], 1);
+    assert_eq!(first["client_cert"], Value::Null);
+    assert_eq!(lines[1]["client_cert"], client.to_string().as_str());
+    assert!(
+        lines[1]["client_cert"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
     let binary = lines[2].as_object().unwrap();
     assert!(!binary.contains_key("message"));
     assert_eq!(binary["message_base64"], "/wBiaW5hcnk=");
@@ -102,6 +116,7 @@ fn hl7_shows_segments_as_lines_with_a_blank_line_between_messages() {
         "xml"
             .parse::<Format>()
             .unwrap_err()
+            .to_string()
             .contains("use jsonl or hl7")
     );
 }

@@ -158,3 +158,54 @@ fn a_locked_store_is_a_typed_error() {
     drop(holder);
     SqliteBackend::open_read_only(&path, &options()).unwrap();
 }
+
+/// The schema of version 1 before `client_cert` (issue 18): what older builds created.
+const SCHEMA_BEFORE_CLIENT_CERT: &str = "
+CREATE TABLE mllp_store_schema (version INTEGER NOT NULL);
+INSERT INTO mllp_store_schema (version) VALUES (1);
+CREATE TABLE messages (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_at_us      INTEGER NOT NULL,
+    peer                TEXT NOT NULL,
+    local               TEXT NOT NULL,
+    connection_id       INTEGER NOT NULL,
+    sequence            INTEGER NOT NULL,
+    sending_application TEXT,
+    sending_facility    TEXT,
+    message_type        TEXT,
+    control_id          TEXT,
+    size                INTEGER NOT NULL,
+    duplicate_of        INTEGER REFERENCES messages (id),
+    payload             BLOB NOT NULL
+);
+INSERT INTO messages (received_at_us, peer, local, connection_id, sequence, size, payload)
+    VALUES (0, '10.0.0.7:1', '10.0.0.1:2575', 1, 0, 3, x'414243');
+PRAGMA journal_mode = WAL;
+";
+
+#[test]
+fn a_store_from_before_the_client_cert_column_gets_it_from_its_first_writer() {
+    let dir = TempDir::new("client-cert-column");
+    let path = dir.join("s.db");
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch(SCHEMA_BEFORE_CLIENT_CERT)
+        .unwrap();
+    // A reader leaves it as it is and reads NULL.
+    let mut reader = SqliteBackend::open_read_only(&path, &options()).unwrap();
+    let old = reader.read_after(0, i64::MAX, 10, usize::MAX).unwrap();
+    assert_eq!(old.len(), 1);
+    assert_eq!(old[0].client_cert, None);
+    drop(reader);
+    // A writer adds the column; the old row keeps NULL, a new one has the certificate.
+    let mut writer = SqliteBackend::open(&path, &options()).unwrap();
+    crate::util::commit_with_client_cert_after_an_old_row(&mut writer);
+    drop(writer);
+    // Opening again finds the column there and changes nothing.
+    drop(SqliteBackend::open(&path, &options()).unwrap());
+    let version: i64 = Connection::open(&path)
+        .unwrap()
+        .query_row("SELECT version FROM mllp_store_schema", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 1, "an added column leaves the version as it is");
+}

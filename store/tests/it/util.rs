@@ -142,3 +142,25 @@ pub(crate) fn gated<B: Backend>(inner: B) -> (GatedBackend<B>, Gate) {
         },
     )
 }
+
+/// Commits a record with a client certificate to `backend`, whose one row is from before the
+/// `client_cert` column, and checks both read back: NULL for the old row, the certificate's
+/// one-line form for the new. Returns the certificate's identity.
+pub(crate) fn commit_with_client_cert_after_an_old_row(
+    backend: &mut impl Backend,
+) -> std::sync::Arc<mllp_reactor::PeerIdentity> {
+    let client = std::sync::Arc::new(mllp_reactor::PeerIdentity::from_der(b"a client"));
+    let with_cert = Record {
+        client_cert: Some(std::sync::Arc::clone(&client)),
+        ..record("CERT1")
+    };
+    backend.commit_batch(&[with_cert]).unwrap();
+    let all = backend.read_after(0, i64::MAX, 10, usize::MAX).unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].client_cert, None);
+    assert_eq!(
+        all[1].client_cert.as_deref(),
+        Some(client.to_string().as_str())
+    );
+    client
+}

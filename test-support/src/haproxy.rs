@@ -1,9 +1,7 @@
-//! A real HAProxy on the committed template `deploy/haproxy.cfg`, for loopback tests: shared
-//! by `tests/haproxy.rs` and `tests/pg_haproxy.rs` through `#[path]` (not a test target
-//! itself). HAProxy runs the template unchanged; the tests point it at their own ports
+//! A real HAProxy on the committed template `deploy/haproxy.cfg`, for loopback tests (the
+//! CLI's `tests/haproxy.rs` and `tests/pg_haproxy.rs`). Where HAProxy is not installed the
+//! tests return early, except under `CI=true`, where they fail ([`crate::unavailable`]). HAProxy runs the template unchanged; the tests point it at their own ports
 //! through the environment variables the template reads.
-
-#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -13,40 +11,44 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Bound on every wait in these tests: HAProxy start, a health check, a read.
-pub(crate) const TIMEOUT: Duration = Duration::from_secs(10);
+pub const TIMEOUT: Duration = Duration::from_secs(10);
 /// Health-check interval for the tests (the template's default is 2 s): with `fall 3`, a dead
 /// node is marked down in about 0.3 s.
-pub(crate) const CHECK_INTER: &str = "100ms";
+pub const CHECK_INTER: &str = "100ms";
 /// The committed template the tests run.
-pub(crate) const TEMPLATE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/haproxy.cfg");
+pub const TEMPLATE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/haproxy.cfg");
 
 /// The `haproxy` binary, or `None` (with the skip message printed) where it is not installed.
 /// Debian installs it in /usr/sbin, which is not on every user's PATH.
-pub(crate) fn haproxy_binary() -> Option<PathBuf> {
+pub fn haproxy_binary() -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let found = std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
         .map(|dir| dir.join("haproxy"))
         .find(|p| p.is_file());
     if found.is_none() {
-        eprintln!("skipped: haproxy is not installed (Debian: apt-get install haproxy)");
+        crate::unavailable("haproxy", "not installed (Debian: apt-get install haproxy)");
     }
     found
 }
 
 /// A free port on `ip`: bound and released, for HAProxy to bind next. Another process could
 /// take it in between; `Haproxy::start` then fails visibly (HAProxy exits), never silently.
-pub(crate) fn free_port(ip: &str) -> SocketAddr {
+pub fn free_port(ip: &str) -> SocketAddr {
     TcpListener::bind((ip, 0))
         .and_then(|l| l.local_addr())
         .expect("a free loopback port")
 }
 
 /// A running HAProxy on `deploy/haproxy.cfg`, killed on drop.
-pub(crate) struct Haproxy {
-    pub(crate) child: Child,
-    pub(crate) frontend: SocketAddr,
-    pub(crate) dir: PathBuf,
+#[derive(Debug)]
+pub struct Haproxy {
+    /// The HAProxy process.
+    pub child: Child,
+    /// Where clients connect (the template's frontend).
+    pub frontend: SocketAddr,
+    /// Its working directory (configuration, log, stats socket).
+    pub dir: PathBuf,
 }
 
 impl Haproxy {
@@ -54,7 +56,7 @@ impl Haproxy {
     /// `node1`, `node2` pointing at `backends`, and returns once the frontend accepts
     /// connections.
     #[track_caller]
-    pub(crate) fn start(
+    pub fn start(
         binary: &Path,
         ip: &str,
         backends: [SocketAddr; 2],
@@ -97,7 +99,7 @@ impl Haproxy {
     /// Polls `ready` until it holds, failing with HAProxy's log after [`TIMEOUT`] or if
     /// HAProxy exits. Bounded polling of an external process's state: it has no other signal.
     #[track_caller]
-    pub(crate) fn wait_for(&mut self, what: &str, mut ready: impl FnMut(&Self) -> bool) {
+    pub fn wait_for(&mut self, what: &str, mut ready: impl FnMut(&Self) -> bool) {
         let deadline = Instant::now() + TIMEOUT;
         loop {
             if ready(self) {
@@ -120,7 +122,7 @@ impl Haproxy {
 
     /// The health status HAProxy reports for `server` ("UP", "DOWN", "UP 1/3", ...), from
     /// `show stat` on the runtime API socket.
-    pub(crate) fn status(&self, server: &str) -> Option<String> {
+    pub fn status(&self, server: &str) -> Option<String> {
         let mut sock = UnixStream::connect(self.dir.join("stats.sock")).ok()?;
         sock.set_read_timeout(Some(TIMEOUT)).ok()?;
         sock.write_all(b"show stat\n").ok()?;
@@ -137,13 +139,14 @@ impl Haproxy {
 
     /// Waits until HAProxy reports `server` exactly `status` ("UP" or "DOWN").
     #[track_caller]
-    pub(crate) fn wait_status(&mut self, server: &str, status: &str) {
+    pub fn wait_status(&mut self, server: &str, status: &str) {
         self.wait_for(&format!("{server} {status}"), |h| {
             h.status(server).as_deref() == Some(status)
         });
     }
 
-    pub(crate) fn log(&self) -> String {
+    /// What HAProxy logged so far.
+    pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("haproxy.log")).unwrap_or_default()
     }
 }

@@ -1,13 +1,12 @@
 //! A small tmpfs the test mounts (and unmounts on drop), for low-disk tests. Needs root;
 //! without it (or `mount`) a test skips, except under `CI=true`, where it fails.
 
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// A mounted tmpfs; unmounted and removed on drop.
-pub(crate) struct Tmpfs {
+#[derive(Debug)]
+pub struct Tmpfs {
     dir: PathBuf,
     mnt: PathBuf,
 }
@@ -16,7 +15,7 @@ impl Tmpfs {
     /// Mounts `size` (e.g. `16m`) under a fresh temp directory named after `name`; `None`
     /// (after saying why) where mounting is impossible outside CI.
     #[track_caller]
-    pub(crate) fn mount(name: &str, size: &str) -> Option<Self> {
+    pub fn mount(name: &str, size: &str) -> Option<Self> {
         let dir = std::env::temp_dir().join(format!("mllp-tmpfs-{}-{name}", std::process::id()));
         let mnt = dir.join("mnt");
         std::fs::create_dir_all(&mnt).expect("temp dir");
@@ -38,12 +37,12 @@ impl Tmpfs {
     }
 
     /// The mount point.
-    pub(crate) fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         &self.mnt
     }
 
     /// A directory next to the mount, on the ordinary disk.
-    pub(crate) fn outside(&self) -> &Path {
+    pub fn outside(&self) -> &Path {
         &self.dir
     }
 }

@@ -1,19 +1,18 @@
 //! A private PostgreSQL 15 cluster for one test: `initdb` (once per test process, then copied),
 //! `pg_ctl start` on a free loopback port with its socket in a temporary directory, stopped
-//! and removed on drop, also when the test panics. Shared by the store's and the CLI's tests
-//! (`#[path]`), so there is one place that knows how to get a PostgreSQL server.
+//! and removed on drop, also when the test panics. Shared by the store's and the CLI's tests,
+//! so there is one place that knows how to get a PostgreSQL server.
 //!
 //! Where PostgreSQL cannot be had (no server binaries, or running as root without a
 //! `postgres` user to run them as), [`PgCluster::start`] prints why and returns `None`, and
-//! the test returns early. `.ci/run` installs `postgresql-15` so that CI always has one.
+//! the test returns early, except under `CI=true`, where it fails ([`crate::unavailable`]).
+//! `.ci/run` installs `postgresql-15` so that CI always has one.
 //! `MLLP_PG_BIN` overrides the binary directory (default: the newest of
 //! /usr/lib/postgresql/*/bin, preferring 15).
 //!
 //! The server runs as the `postgres` user when the tests run as root (`initdb` refuses root),
 //! with `trust` authentication on 127.0.0.1 only. Clusters of test processes that died without
 //! dropping theirs (SIGKILL, a harness timeout) are stopped and removed by the next start.
-
-#![allow(dead_code)]
 
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
@@ -48,7 +47,7 @@ struct Toolchain {
 
 /// A running PostgreSQL server, stopped and deleted on drop.
 #[derive(Debug)]
-pub(crate) struct PgCluster {
+pub struct PgCluster {
     tools: Toolchain,
     dir: PathBuf,
     port: u16,
@@ -57,11 +56,11 @@ pub(crate) struct PgCluster {
 impl PgCluster {
     /// Starts a fresh cluster, or prints why PostgreSQL is not available and returns `None`.
     #[track_caller]
-    pub(crate) fn start() -> Option<Self> {
+    pub fn start() -> Option<Self> {
         let tools = match toolchain() {
             Ok(tools) => tools.clone(),
             Err(why) => {
-                eprintln!("skipped: PostgreSQL is not available: {why}");
+                crate::unavailable("PostgreSQL", why);
                 return None;
             }
         };
@@ -97,13 +96,13 @@ impl PgCluster {
     }
 
     /// `postgres://postgres@127.0.0.1:PORT/DB`.
-    pub(crate) fn url(&self, db: &str) -> String {
+    pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
     /// Creates database `name` (UTF-8) and returns its URL.
     #[track_caller]
-    pub(crate) fn create_db(&self, name: &str) -> String {
+    pub fn create_db(&self, name: &str) -> String {
         self.sql(
             "postgres",
             &format!("CREATE DATABASE {name} ENCODING 'UTF8' TEMPLATE template0"),
@@ -113,7 +112,7 @@ impl PgCluster {
 
     /// Runs `sql` in `db` with psql; returns its unaligned, tuples-only output.
     #[track_caller]
-    pub(crate) fn sql(&self, db: &str, sql: &str) -> String {
+    pub fn sql(&self, db: &str, sql: &str) -> String {
         let out = self
             .psql(db, sql)
             .unwrap_or_else(|err| panic!("psql {sql:?} failed: {err}"));
@@ -121,7 +120,7 @@ impl PgCluster {
     }
 
     /// Runs `sql` in `db` with psql; `Err` with its stderr if it failed.
-    pub(crate) fn psql(&self, db: &str, sql: &str) -> Result<String, String> {
+    pub fn psql(&self, db: &str, sql: &str) -> Result<String, String> {
         let out = Command::new(self.tools.bin.join("psql"))
             .args([
                 "-X",
@@ -154,14 +153,14 @@ impl PgCluster {
 
     /// Stops the server (fast shutdown: open sessions are ended, like a database restart).
     #[track_caller]
-    pub(crate) fn stop(&self) {
+    pub fn stop(&self) {
         let out = self.pg_ctl(&["stop", "-m", "fast", "-w", "-t", "60"]);
         assert!(out.status.success(), "pg_ctl stop: {}", stderr(&out));
     }
 
     /// Starts it again on the same port after [`stop`](Self::stop).
     #[track_caller]
-    pub(crate) fn restart(&self) {
+    pub fn restart(&self) {
         assert!(
             self.try_start(),
             "postgres did not restart:\n{}",
@@ -170,7 +169,7 @@ impl PgCluster {
     }
 
     /// The server log.
-    pub(crate) fn log(&self) -> String {
+    pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
     }
 
