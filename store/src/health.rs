@@ -135,7 +135,7 @@ pub const WRITER_HEARTBEAT: Duration = mllp_reactor::HEARTBEAT_INTERVAL;
 pub const MAX_SILENCE: Duration = Duration::from_secs(5);
 
 /// A store writer's heartbeat and corruption flag, shared with its writer thread: cheap to
-/// clone, read from any thread ([`Store::pulse`]).
+/// clone, read from any thread ([`Store::pulse`](crate::Store::pulse)).
 #[derive(Clone, Debug)]
 pub struct Pulse {
     inner: Arc<PulseInner>,

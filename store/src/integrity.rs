@@ -9,7 +9,7 @@
 //!   starts anyway (the check is then reported as incomplete, never as passed).
 //! - During service, a commit that fails because SQLite found corruption (`SQLITE_CORRUPT`,
 //!   `SQLITE_NOTADB`) is counted in `mllp_store_corruptions_total`, marks the store's
-//!   [`StoreHealth`](crate::health::StoreHealth) corrupt for good (so `/readyz` stays 503
+//!   [`Pulse`](crate::health::Pulse) corrupt for good (so `/readyz` stays 503
 //!   until the store is repaired and the server restarted), and is logged as an error by the
 //!   server.
 //!
