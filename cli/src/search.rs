@@ -183,14 +183,7 @@ fn parse_utc(text: &str) -> Option<i64> {
     if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h >= 24.0 || min >= 60.0 || s >= 61.0 {
         return None;
     }
-    // Days from the civil date (H. Hinnant's algorithm), then seconds.
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
+    let days = mllp_reactor::date::days_from_civil(y, m, day);
     let seconds = days as f64 * 86_400.0 + h * 3600.0 + min * 60.0 + s;
     Some((seconds * 1e6).round() as i64)
 }
