@@ -31,23 +31,47 @@ const BIN: &str = env!("CARGO_BIN_EXE_mllp-reactor");
 const WAIT: Duration = Duration::from_secs(30);
 const SENDERS: usize = 8;
 
-/// Starts a `serve --proxy-protocol v2 --store URL` node (killed on drop) and checks that it
-/// stores to PostgreSQL.
-#[track_caller]
-fn start_node(store: &str) -> ServeProcess {
-    let mut command = Command::new(BIN);
-    command
-        .args(["serve", "--listen", "127.0.0.1:0", "--proxy-protocol", "v2"])
-        .args(["--proxy-source", "127.0.0.0/8"])
-        .args(["--store", store])
-        // Main's serve logs every connection at info: only warnings and errors here.
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null());
-    // The reader thread keeps draining stdout, so the node never blocks on a full pipe.
-    let node = ServeProcess::start(command, WAIT);
-    let stored = node.next_line(WAIT);
-    assert!(stored.starts_with("storing to postgres://"), "{stored}");
-    node
+/// A `serve --proxy-protocol v2 --store URL --health` node, killed on drop.
+struct Node {
+    process: ServeProcess,
+    addr: SocketAddr,
+    /// Its `--health` address.
+    health: SocketAddr,
+}
+
+impl Node {
+    /// Starts a node and checks that it stores to PostgreSQL.
+    #[track_caller]
+    fn start(store: &str) -> Self {
+        let mut command = Command::new(BIN);
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--proxy-protocol", "v2"])
+            .args(["--proxy-source", "127.0.0.0/8"])
+            .args(["--store", store, "--health", "127.0.0.1:0"])
+            // Main's serve logs every connection at info: only warnings and errors here.
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        // The reader thread keeps draining stdout, so the node never blocks on a full pipe.
+        let process = ServeProcess::start(command, WAIT);
+        let stored = process.next_line(WAIT);
+        assert!(stored.starts_with("storing to postgres://"), "{stored}");
+        let line = process.next_line(WAIT);
+        let health = line
+            .strip_prefix("health on http://")
+            .and_then(|h| h.split('/').next())
+            .and_then(|h| h.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected health line from serve: {line:?}"));
+        Self {
+            addr: process.addr,
+            process,
+            health,
+        }
+    }
+
+    /// SIGKILLs it.
+    fn kill(self) {
+        self.process.kill();
+    }
 }
 
 /// Whether this build's `serve` takes `--proxy-protocol` (the reactor work on main).
@@ -182,9 +206,14 @@ fn two_nodes_behind_haproxy_share_one_postgres_store_and_lose_nothing() {
     }
     let Some(db) = PgCluster::start() else { return };
     let url = db.create_db("nodes");
-    let node1 = start_node(&url);
-    let node2 = start_node(&url);
-    let mut proxy = Haproxy::start(&binary, "127.0.0.1", [node1.addr, node2.addr]);
+    let node1 = Node::start(&url);
+    let node2 = Node::start(&url);
+    let mut proxy = Haproxy::start(
+        &binary,
+        "127.0.0.1",
+        [node1.addr, node2.addr],
+        [node1.health, node2.health],
+    );
     proxy.wait_status("node1", "UP");
     proxy.wait_status("node2", "UP");
     let frontend = proxy.frontend;

@@ -14,14 +14,18 @@ mod export;
 mod forward;
 #[path = "it/health.rs"]
 mod health;
-// Against a real PostgreSQL that each test starts for itself.
+#[path = "it/integrity.rs"]
+mod integrity;
 #[path = "it/open.rs"]
 mod open;
+// Against a real PostgreSQL that each test starts for itself.
 #[cfg(feature = "postgres")]
 #[path = "it/pg.rs"]
 mod pg;
 #[path = "it/retention.rs"]
 mod retention;
+#[path = "it/search.rs"]
+mod search;
 #[path = "it/then_ack.rs"]
 mod then_ack;
 #[path = "it/writer.rs"]

@@ -1,9 +1,9 @@
 //! Test helpers shared by the workspace's crates (dev-only, never published): a private
 //! PostgreSQL cluster ([`pg`]), a real HAProxy on the committed template ([`haproxy`]), test
 //! certificates and TLS clients (`tls`, feature `tls`), a scripted downstream MLLP system
-//! (`downstream`, feature `downstream`), `serve` child processes ([`process`]), temporary directories ([`TempDir`]),
-//! and the rule for a missing tool ([`unavailable`]). One crate instead of `#[path]` includes
-//! across crates and test binaries.
+//! (`downstream`, feature `downstream`), `serve` child processes ([`process`]), temporary
+//! directories ([`TempDir`]; on a small tmpfs: [`tmpfs`]), and the rule for a missing tool
+//! ([`unavailable`]). One crate instead of `#[path]` includes across crates and test binaries.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +15,7 @@ pub mod pg;
 pub mod process;
 #[cfg(feature = "tls")]
 pub mod tls;
+pub mod tmpfs;
 
 /// A fresh directory under the system temp dir (named after the process, a per-process
 /// counter and `tag`), removed with its contents on drop.
