@@ -40,7 +40,8 @@
 #   RETRIES=2           re-runs of a run that other load disturbed (see `noisy`); the last
 #                       attempt is kept and tagged "noisy" if it still was
 #   PIN=auto            auto: run server and bench of `1conn` on one CPU (PIN_CPU, default the
-#                       last one); none: never pin. See "Pinning" below.
+#                       last one); none: never pin (the default with MODE=durable). See
+#                       "Pinning" below.
 #
 # Pinning: with one connection and one message in flight, client and server take turns, so
 # each message wakes the other side. On this 2-vCPU VM a wake-up on an idle vCPU costs
@@ -92,7 +93,9 @@ BENCH_SLACK=60
 BUILD_TIMEOUT=1800
 
 ALL_SCENARIOS=(1conn 50conn 50conn-p8 4conn-1MiB idle1000)
-PIN=${PIN:-auto}
+# MODE=durable runs unpinned by default: its servers wait on the disk, and pinning their
+# reactor, writer and checkpointer threads to one CPU measures the scheduler instead.
+if [[ $MODE == durable ]]; then PIN=${PIN:-none}; else PIN=${PIN:-auto}; fi
 RETRIES=${RETRIES:-2}
 # Noise thresholds (see `noisy`): 0.9 of the pinned CPU; 0.25 core of foreign CPU. Clean runs
 # on this machine show >= 0.97 and <= 0.05; contaminated ones 0.8 and 0.3-1.2.

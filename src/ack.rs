@@ -870,11 +870,31 @@ fn put_decimal(mut n: u64, out: &mut [u8]) -> usize {
 }
 
 /// `time` as an HL7 DTM in UTC, `YYYYMMDDHHMMSS+0000`, clamped to 1970..=9999.
+///
+/// The text of the last second formatted is kept per thread: an ACK-only server answers many
+/// messages per second, and formatting cost about 200 instructions per message (callgrind).
 fn hl7_timestamp(time: SystemTime) -> [u8; 19] {
+    thread_local! {
+        static LAST: std::cell::Cell<(u64, [u8; 19])> =
+            const { std::cell::Cell::new((u64::MAX, [0; 19])) };
+    }
     let secs = time
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
         .min(MAX_TIMESTAMP_SECS);
+    LAST.with(|last| {
+        let (cached_secs, text) = last.get();
+        if cached_secs == secs {
+            return text;
+        }
+        let text = format_timestamp(secs);
+        last.set((secs, text));
+        text
+    })
+}
+
+/// `secs` since 1970 as `YYYYMMDDHHMMSS+0000`.
+fn format_timestamp(secs: u64) -> [u8; 19] {
     // `secs` is at most MAX_TIMESTAMP_SECS: the days fit an i64 and the year is 1970..=9999.
     let (year, month, day) = crate::date::civil_from_days((secs / 86_400) as i64);
     let second_of_day = secs % 86_400;

@@ -179,6 +179,7 @@
 #![doc(test(attr(deny(warnings))))]
 
 mod backend;
+pub mod checkpoint;
 mod error;
 pub mod export;
 pub mod fault;

@@ -38,7 +38,8 @@
 //!
 //! The writer connection sets `journal_mode=WAL` and `synchronous=FULL` explicitly and checks
 //! both: with FULL, SQLite syncs the WAL at every commit, so a committed batch survives an OS
-//! crash or power loss, not only a process crash. Readers (export) use their own connections
+//! crash or power loss, not only a process crash. WAL checkpoints run on a thread of their
+//! own, never inside a commit (see [`crate::checkpoint`]). Readers (export) use their own connections
 //! and never block the writer, nor it them. Two writers on one file are safe (SQLite
 //! serialises them, waiting up to the busy timeout) but pointless.
 
@@ -50,6 +51,7 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionB
 
 use crate::backend::Backend;
 pub use crate::backend::WriteGate;
+use crate::checkpoint::Checkpointer;
 use crate::error::{Cause, Found, Problem, StoreError};
 use crate::record::{
     DuplicateKey, Record, StoreId, StoreOutcome, StoredRecord, system_time_to_us, text,
@@ -140,6 +142,14 @@ pub struct SqliteOptions {
     /// How far back to look for the original of a resend (default
     /// [`DEFAULT_DUPLICATE_WINDOW`]).
     pub duplicate_window: Duration,
+    /// WAL size at which the writer starts the WAL over (default
+    /// [`WAL_LIMIT_BYTES`](crate::checkpoint::WAL_LIMIT_BYTES); see [`crate::checkpoint`]).
+    pub wal_limit: u64,
+    /// TESTS ONLY: open the writer with `synchronous=NORMAL`, which does NOT sync the WAL at
+    /// each commit, so an AA can precede its message's arrival on stable storage. It exists
+    /// so the power-loss test can show that it detects exactly that (its negative control).
+    #[doc(hidden)]
+    pub unsafe_synchronous_normal_for_tests: bool,
 }
 
 impl Default for SqliteOptions {
@@ -147,6 +157,8 @@ impl Default for SqliteOptions {
         Self {
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
             duplicate_window: DEFAULT_DUPLICATE_WINDOW,
+            wal_limit: crate::checkpoint::WAL_LIMIT_BYTES,
+            unsafe_synchronous_normal_for_tests: false,
         }
     }
 }
@@ -161,6 +173,12 @@ impl SqliteOptions {
     /// Sets [`duplicate_window`](Self::duplicate_window).
     pub fn duplicate_window(mut self, window: Duration) -> Self {
         self.duplicate_window = window;
+        self
+    }
+
+    /// Sets [`wal_limit`](Self::wal_limit).
+    pub fn wal_limit(mut self, bytes: u64) -> Self {
+        self.wal_limit = bytes;
         self
     }
 }
@@ -191,6 +209,9 @@ pub struct SqliteBackend {
     path: PathBuf,
     options: SqliteOptions,
     read_only: bool,
+    /// The WAL checkpointer of a writer (`None` for a reader). Declared before `conn` so it
+    /// stops first: the writer's connection, closing last, then checkpoints and removes the WAL.
+    checkpointer: Option<Checkpointer>,
     /// `None` after a failed commit: the next commit reopens it (a fresh connection is the
     /// surest way out of whatever state the failure left, and costs about 100 µs).
     conn: Option<Connection>,
@@ -243,11 +264,13 @@ impl SqliteBackend {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = open_connection(path, flags, options, true)?;
+        let mut conn = open_connection(path, flags, options, true)?;
+        let checkpointer = start_checkpointer(path, options, &mut conn)?;
         Ok(Self {
             path: path.to_owned(),
             options: options.clone(),
             read_only: false,
+            checkpointer: Some(checkpointer),
             conn: Some(conn),
             gate: WriteGate::default(),
             identity: file_id(path).ok().flatten(),
@@ -275,6 +298,7 @@ impl SqliteBackend {
             path: path.to_owned(),
             options: options.clone(),
             read_only: true,
+            checkpointer: None,
             conn: Some(conn),
             gate: WriteGate::default(),
             identity: None,
@@ -304,7 +328,13 @@ impl SqliteBackend {
             } else {
                 OpenFlags::SQLITE_OPEN_READ_WRITE
             };
-            self.conn = Some(open_connection(&self.path, flags, &self.options, false)?);
+            let mut conn = open_connection(&self.path, flags, &self.options, false)?;
+            if let Some(checkpointer) = &self.checkpointer {
+                checkpointer
+                    .attach(&mut conn)
+                    .map_err(|e| classify_open_error(&self.path, flags, e))?;
+            }
+            self.conn = Some(conn);
         }
         // INVARIANT: set just above if it was None.
         Ok(self.conn.as_mut().expect("connection was just opened"))
@@ -345,8 +375,20 @@ impl Backend for SqliteBackend {
             return Err(StoreError::commit(Problem::FileReplaced));
         }
         let window = self.window_us();
+        let busy_timeout = self.options.busy_timeout;
         let gate = self.gate.clone();
         let _turn = gate.enter();
+        if self
+            .checkpointer
+            .as_ref()
+            .is_some_and(Checkpointer::restart_due)
+        {
+            let conn = self.connection()?;
+            if let Err(e) = Checkpointer::restart(conn, busy_timeout) {
+                self.conn = None;
+                return Err(StoreError::commit(Cause::sqlite(e)));
+            }
+        }
         let result = self.connection().and_then(|conn| {
             insert_batch(conn, batch, window).map_err(|e| StoreError::commit(Cause::sqlite(e)))
         });
@@ -507,6 +549,26 @@ fn insert_batch(
     Ok(outcomes)
 }
 
+/// Starts the WAL checkpointer on a connection of its own and attaches it to the writer's
+/// `conn` (which stops checkpointing inside commits).
+fn start_checkpointer(
+    path: &Path,
+    options: &SqliteOptions,
+    conn: &mut Connection,
+) -> Result<Checkpointer, StoreError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let classify = |e: rusqlite::Error| classify_open_error(path, flags, e);
+    let own = Connection::open_with_flags(path, flags).map_err(classify)?;
+    own.busy_timeout(options.busy_timeout).map_err(classify)?;
+    let page_size: u32 = own
+        .pragma_query_value(None, "page_size", |r| r.get(0))
+        .map_err(classify)?;
+    let checkpointer = Checkpointer::start(own, page_size, options.wal_limit)
+        .map_err(|e| StoreError::open(path, e))?;
+    checkpointer.attach(conn).map_err(classify)?;
+    Ok(checkpointer)
+}
+
 /// Clear errors for the common path mistakes, before SQLite's generic "unable to open".
 fn check_path(path: &Path, create: bool) -> Result<(), StoreError> {
     match std::fs::metadata(path) {
@@ -570,13 +632,18 @@ pub(crate) fn open_connection(
             add_client_cert(&conn).map_err(classify)?;
         }
         set_wal(&conn, path)?;
-        conn.pragma_update(None, "synchronous", "FULL")
+        let (name, expected) = if options.unsafe_synchronous_normal_for_tests {
+            ("NORMAL", 1)
+        } else {
+            ("FULL", 2)
+        };
+        conn.pragma_update(None, "synchronous", name)
             .map_err(classify)?;
         let level: i64 = conn
             .pragma_query_value(None, "synchronous", |r| r.get(0))
             .map_err(classify)?;
-        // 2 = FULL (sqlite.org/pragma.html#pragma_synchronous).
-        if level != 2 {
+        // 2 = FULL, 1 = NORMAL (sqlite.org/pragma.html#pragma_synchronous).
+        if level != expected {
             return Err(StoreError::open(path, Problem::SynchronousNotFull(level)));
         }
     }

@@ -4,6 +4,8 @@
 #[path = "it/util.rs"]
 mod util;
 
+#[path = "it/checkpoint.rs"]
+mod checkpoint;
 #[path = "it/downstream.rs"]
 mod downstream;
 #[path = "it/duplicates.rs"]

@@ -1,0 +1,219 @@
+//! SQLite WAL checkpoints off the commit path.
+//!
+//! By default SQLite copies the WAL back into the database file inside a commit, once the WAL
+//! holds 1 000 pages: that commit (and every message waiting on it for an ACK) waits for the
+//! copy and the database file's sync. The store's writer connection turns that off, and a
+//! [`Checkpointer`] thread with its own connection does the copying instead:
+//!
+//! - After a commit leaves [`CHECKPOINT_PAGES`] or more pages in the WAL that no checkpoint
+//!   has copied yet, the writer's WAL hook (a few atomic operations, on the writer thread)
+//!   wakes the checkpointer, which runs a `PASSIVE` checkpoint: it copies what it can without
+//!   taking any lock a writer or reader needs, so commits go on meanwhile.
+//! - A WAL is only reused from its start once a checkpoint copied all of it while no commit
+//!   came in between, which under sustained load never happens by itself. So once the WAL
+//!   holds the limit ([`WAL_LIMIT_BYTES`] by default), the checkpointer stops, and the writer runs a `RESTART`
+//!   checkpoint itself before its next transaction (after the previous batch's ACKs went out):
+//!   it copies only the few pages the last `PASSIVE` had not, syncs the database file, and the
+//!   next commit starts the WAL over; `journal_size_limit` cuts the file back to
+//!   [`WAL_LIMIT_BYTES`]. It never waits: with the checkpointer mid-copy, or a reader (export)
+//!   still in the WAL, it gives up at once and tries again before the next transaction. The
+//!   WAL so stays near [`WAL_LIMIT_BYTES`] plus a batch or two, except while a reader holds an
+//!   old snapshot for a long time (SQLite's own checkpoints have the same limit).
+//!
+//! Durability is unchanged: a commit is durable once the WAL is synced (`synchronous=FULL`);
+//! a checkpoint syncs the database file before the WAL is reused.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use rusqlite::Connection;
+use rusqlite::hooks::Wal;
+use rusqlite::wal::CheckpointMode;
+
+/// WAL pages not yet copied back that make the checkpointer run: SQLite's own automatic
+/// checkpoint threshold (4 MiB with 4 KiB pages), so the database file is synced about as
+/// often as before, only never on the commit path.
+pub const CHECKPOINT_PAGES: u32 = 1_000;
+
+/// Default WAL size at which the writer restarts the WAL (`RESTART`), and the size the file is
+/// cut back to when it is reused (`journal_size_limit`): 64 MiB
+/// ([`SqliteOptions::wal_limit`](crate::SqliteOptions::wal_limit)).
+///
+/// Under sustained load the WAL grows to about this, then starts over; at the 30–50 MB/s of
+/// WAL a loopback S3 run writes, that is one restart every second or two, each delaying one
+/// batch by the pages the last `PASSIVE` had not copied plus one sync of the database file.
+/// Much smaller and restarts come too often; much larger and opening the store after a crash
+/// replays a longer WAL.
+pub const WAL_LIMIT_BYTES: u64 = 64 << 20;
+
+/// The checkpointer thread and its wake-up state.
+#[derive(Debug)]
+pub(crate) struct Checkpointer {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// Set by the hook when a checkpoint is due, cleared by the checkpointer as it starts one.
+    requested: Mutex<bool>,
+    wake: Condvar,
+    closed: AtomicBool,
+    /// WAL frames the last checkpoint covered (copied or not): the hook asks for the next
+    /// checkpoint once the WAL passes this plus [`CHECKPOINT_PAGES`].
+    covered: AtomicU32,
+    /// Frames in the WAL after the writer's last commit.
+    wal_pages: AtomicU32,
+    /// The WAL limit in pages.
+    limit_pages: u32,
+    /// The WAL limit in bytes.
+    limit_bytes: u64,
+}
+
+impl Checkpointer {
+    /// Starts the checkpointer on `conn` (its own connection to the store file, with the busy
+    /// timeout set) for a database with `page_size`-byte pages, keeping the WAL near
+    /// `limit_bytes`.
+    pub(crate) fn start(
+        conn: Connection,
+        page_size: u32,
+        limit_bytes: u64,
+    ) -> std::io::Result<Self> {
+        let limit_pages =
+            u32::try_from(limit_bytes / u64::from(page_size.max(512))).unwrap_or(u32::MAX);
+        let shared = Arc::new(Shared {
+            requested: Mutex::new(false),
+            wake: Condvar::new(),
+            closed: AtomicBool::new(false),
+            covered: AtomicU32::new(0),
+            wal_pages: AtomicU32::new(0),
+            limit_pages,
+            limit_bytes,
+        });
+        let thread = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("mllp-store-checkpoint".into())
+                .spawn(move || run(&conn, &shared))?
+        };
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Installs the WAL hook on the writer's connection, which turns SQLite's automatic
+    /// checkpoints off (they are a WAL hook too) and wakes this checkpointer instead.
+    pub(crate) fn attach(&self, writer: &mut Connection) -> rusqlite::Result<()> {
+        writer.pragma_update(None, "wal_autocheckpoint", 0)?;
+        writer.pragma_update(
+            None,
+            "journal_size_limit",
+            i64::try_from(self.shared.limit_bytes).unwrap_or(i64::MAX),
+        )?;
+        let shared = Arc::clone(&self.shared);
+        writer.wal_hook(Some(move |_: &mut Wal, pages: std::ffi::c_int| {
+            let pages = u32::try_from(pages).unwrap_or(0);
+            if pages < shared.wal_pages.swap(pages, Ordering::Relaxed) {
+                // The WAL started over: nothing in it is covered yet.
+                shared.covered.store(0, Ordering::Relaxed);
+            }
+            // Past the limit the writer restarts the WAL itself (`restart_if_due`); a
+            // checkpoint running then would only make that attempt fail.
+            if pages < shared.limit_pages
+                && pages >= shared.covered.load(Ordering::Relaxed) + CHECKPOINT_PAGES
+            {
+                shared.request();
+            }
+            Ok(())
+        }))
+    }
+
+    /// Whether the WAL has reached the limit, so the writer should [`restart`](Self::restart)
+    /// it before its next transaction.
+    pub(crate) fn restart_due(&self) -> bool {
+        self.shared.wal_pages.load(Ordering::Relaxed) >= self.shared.limit_pages
+    }
+
+    /// On the writer's connection, before a transaction: a `RESTART` checkpoint that does not
+    /// wait (see the module docs), then the connection's usual `busy_timeout` again.
+    pub(crate) fn restart(
+        writer: &Connection,
+        busy_timeout: std::time::Duration,
+    ) -> rusqlite::Result<()> {
+        writer.busy_timeout(std::time::Duration::ZERO)?;
+        // BUSY (the checkpointer or a reader is in the WAL) only means "next time".
+        let outcome = writer.wal_checkpoint_v2(None::<&str>, CheckpointMode::RESTART);
+        writer.busy_timeout(busy_timeout)?;
+        match outcome {
+            Ok(_) => Ok(()),
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Shared {
+    fn request(&self) {
+        let mut requested = self
+            .requested
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !*requested {
+            *requested = true;
+            self.wake.notify_one();
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Relaxed);
+        {
+            let _requested = self
+                .shared
+                .requested
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.shared.wake.notify_one();
+        }
+        if let Some(thread) = self.thread.take() {
+            // A checkpoint in progress finishes first (bounded by the busy timeout).
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The checkpointer's loop: wait for a request, checkpoint, repeat until closed.
+fn run(conn: &Connection, shared: &Shared) {
+    loop {
+        {
+            let mut requested = shared
+                .requested
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            while !*requested && !shared.closed.load(Ordering::Relaxed) {
+                requested = shared
+                    .wake
+                    .wait(requested)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            if shared.closed.load(Ordering::Relaxed) {
+                return;
+            }
+            *requested = false;
+        }
+        checkpoint(conn, shared);
+    }
+}
+
+/// One `PASSIVE` checkpoint. An error (an I/O error) only means the WAL stays longer: the
+/// next request retries, and the writer's restart at the limit holds regardless.
+fn checkpoint(conn: &Connection, shared: &Shared) {
+    if let Ok((log, _copied)) = conn.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
+        shared
+            .covered
+            .store(u32::try_from(log).unwrap_or(0), Ordering::Relaxed);
+    }
+}
