@@ -644,6 +644,33 @@ mod tests {
     }
 
     #[test]
+    fn next_occupied_finds_what_a_slot_by_slot_scan_finds() {
+        // Wheels of one, two and 128 bitmap words (the summary's single partial word, and
+        // two summary words), occupied slots around the wrap and word edges.
+        for slots in [64, 128, 8192] {
+            let t0 = Instant::now();
+            let mut wheel: TimerWheel<u32> = TimerWheel::new(MS, slots, t0);
+            let mut occupied = vec![false; slots];
+            for index in [0, 1, 63, 64, 65, 127, slots / 2, slots - 64, slots - 1] {
+                let index = index % slots;
+                occupied[index] = true;
+                wheel.occupied[index / 64] |= 1 << (index % 64);
+                wheel.summary[index / 4096] |= 1 << (index / 64 % 64);
+                for from in (0..slots).step_by(7).chain([slots - 1, slots + 5]) {
+                    for limit in [0, 1, 5, 64, 65, slots / 2, slots] {
+                        let naive = (0..limit).find(|d| occupied[(from + d) % slots]);
+                        assert_eq!(
+                            wheel.next_occupied(from, limit),
+                            naive,
+                            "slots {slots}, from {from}, limit {limit}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn next_deadline_of_an_empty_wheel_is_none() {
         let t0 = Instant::now();
         let mut wheel = small(t0);

@@ -83,6 +83,14 @@ pub(super) fn put_queue(mut queue: Box<SlotQueue>) {
     });
 }
 
+/// Empties this thread's pools.
+#[cfg(test)]
+pub(super) fn drain() {
+    BUFFER_POOL.with(|p| p.borrow_mut().clear());
+    QUEUE_POOL.with(|p| p.borrow_mut().clear());
+}
+
+/// How many read buffers and slot queues this thread's pools hold.
 #[cfg(test)]
 pub(super) fn pooled() -> (usize, usize) {
     (
