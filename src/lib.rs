@@ -187,3 +187,9 @@ pub use telemetry::{
 #[doc(hidden)]
 #[path = "fuzz.rs"]
 pub mod __fuzz;
+
+/// The README's Rust code, compiled by `cargo test` as doc tests: its library snippet must
+/// work pasted into a `main`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -3,49 +3,61 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 
+use crate::error::{CliError, ValueError};
+
 /// Resolves `text` to every address it names, in resolver order.
 ///
 /// # Errors
 ///
-/// One line naming `text`: a bare port or a host without a port gets a hint with the fix, a
-/// name that does not resolve gets the resolver's reason.
-pub fn resolve_all(text: &str) -> Result<Vec<SocketAddr>, String> {
+/// A bare port or a host without a port gets a hint with the fix, a name that does not
+/// resolve gets the resolver's reason.
+pub fn resolve_all(text: &str) -> Result<Vec<SocketAddr>, ValueError> {
     let text = text.trim();
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!(
-            "{text:?} is a port, not an address: give HOST:PORT, e.g. 127.0.0.1:{text}"
-        ));
+        return Err(ValueError::BarePort(text.to_owned()));
     }
     // `host` alone, or an IPv6 address without brackets: no port to connect to.
     let has_port = text.rsplit_once(':').is_some_and(|(host, port)| {
         !port.is_empty() && (!host.contains(':') || host.ends_with(']'))
     });
     if !has_port {
-        return Err(format!(
-            "{text:?} has no port: give HOST:PORT, e.g. {}:2575",
-            if text.contains(':') {
-                format!("[{text}]")
-            } else {
-                text.to_owned()
-            }
-        ));
+        let host = if text.contains(':') {
+            format!("[{text}]")
+        } else {
+            text.to_owned()
+        };
+        return Err(ValueError::NoPort {
+            text: text.to_owned(),
+            example: format!("{host}:2575"),
+        });
     }
     let addrs: Vec<SocketAddr> = text
         .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {text:?}: {e}"))?
+        .map_err(|source| ValueError::Resolve {
+            text: text.to_owned(),
+            source,
+        })?
         .collect();
     if addrs.is_empty() {
-        return Err(format!("{text:?} resolved to no address"));
+        return Err(ValueError::NoAddress(text.to_owned()));
     }
     Ok(addrs)
 }
 
+/// [`resolve_all`] for the address of `flag` (`--listen`, `--to`, …), as a [`CliError`]
+/// naming the flag: a usage error.
+pub fn resolve_flag_all(flag: &str, text: &str) -> Result<Vec<SocketAddr>, CliError> {
+    resolve_all(text).map_err(|problem| CliError::flag(flag, problem))
+}
+
+/// The first address of [`resolve_flag_all`].
+pub fn resolve_flag(flag: &str, text: &str) -> Result<SocketAddr, CliError> {
+    resolve_flag_all(flag, text).map(|addrs| addrs[0])
+}
+
 /// The first address `text` resolves to (see [`resolve_all`]).
-///
-/// # Errors
-///
-/// As [`resolve_all`].
-pub fn resolve(text: &str) -> Result<SocketAddr, String> {
+#[cfg(test)]
+fn resolve(text: &str) -> Result<SocketAddr, ValueError> {
     resolve_all(text).map(|addrs| addrs[0])
 }
 
@@ -70,14 +82,14 @@ mod tests {
 
     #[test]
     fn slips_get_a_hint() {
-        let e = resolve("2575").unwrap_err();
+        let e = resolve("2575").unwrap_err().to_string();
         assert!(e.contains("127.0.0.1:2575"), "{e}");
-        let e = resolve("localhost").unwrap_err();
+        let e = resolve("localhost").unwrap_err().to_string();
         assert!(
             e.contains("has no port") && e.contains("localhost:2575"),
             "{e}"
         );
-        let e = resolve("::1").unwrap_err();
+        let e = resolve("::1").unwrap_err().to_string();
         assert!(e.contains("[::1]:2575"), "{e}");
         assert!(resolve("localhost:").is_err());
     }

@@ -3,19 +3,11 @@
 use std::io;
 use std::time::Duration;
 
-use mllp_store::StoreSpec;
-use mllp_store::export::{ExportError, Format, export_store};
+use mllp_store::export::{ExportError, export_store};
 
+use crate::args::ExportArgs;
+use crate::error::CliError;
 use crate::store_glue::open_options;
-
-/// Options of `export`, already parsed.
-#[derive(Debug, Clone)]
-pub struct ExportOptions {
-    /// An SQLite file path or a `postgres://` URL.
-    pub store: String,
-    pub since: i64,
-    pub format: Format,
-}
 
 /// How long export waits for a lock. Readers of a WAL store wait only in rare, short moments
 /// (a checkpoint resetting the log), so 1 s is plenty, and a store held exclusively by another
@@ -24,14 +16,13 @@ const EXPORT_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Streams the records after `since` to stdout. A reader that goes away early (`| head`) ends
 /// the export quietly.
-pub fn export(opts: &ExportOptions) -> Result<(), String> {
-    let spec = StoreSpec::parse(&opts.store).map_err(|e| format!("--store: {e}"))?;
+pub fn export(opts: &ExportArgs) -> Result<(), CliError> {
     let stdout = io::stdout().lock();
     let out = io::BufWriter::with_capacity(64 * 1024, stdout);
     let options = open_options().lock_timeout(EXPORT_BUSY_TIMEOUT);
-    match export_store(&spec, opts.since, opts.format, &options, out) {
+    match export_store(&opts.store, opts.since, opts.format, &options, out) {
         Ok(_) => Ok(()),
         Err(ExportError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(CliError::Export(e)),
     }
 }

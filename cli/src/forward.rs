@@ -3,7 +3,6 @@
 //! `forward requeue STORE ID… | --all-dead`. The engine is [`mllp_store::forward`]; this file
 //! only turns flags into its types and prints what it reports.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -12,7 +11,11 @@ use mllp_store::forward::{
     Action, Destination, DestinationState, ForwardConfig, ForwardEvent, Forwarder, LaneKey,
     Observer, Requeue, requeue_postgres, requeue_sqlite, status_postgres, status_sqlite,
 };
-use mllp_store::postgresql::is_postgres_url;
+use mllp_store::{StoreSpec, WriteGate};
+
+use crate::error::{CliError, ConfigFileError, ValueError};
+use crate::parse::{parse_duration, parse_timeout};
+use crate::tls_client::{TlsFiles, client_tls};
 
 /// How often an idle lane of `serve` looks for new messages: short, so that a message is
 /// forwarded within about this long after its commit when the lane was idle; a busy lane
@@ -66,11 +69,8 @@ impl ForwardFlags {
 }
 
 /// `--forward-ack-timeout`: a duration greater than zero.
-fn parse_ack_timeout(text: &str) -> Result<Duration, String> {
-    match crate::parse::parse_duration(text).map_err(|e| e.to_string())? {
-        d if d.is_zero() => Err("must be greater than zero".to_owned()),
-        d => Ok(d),
-    }
+fn parse_ack_timeout(text: &str) -> Result<Duration, ValueError> {
+    parse_timeout(text).map(|typed| typed.value)
 }
 
 /// The destinations the flags describe. A name given twice takes the last address (so the
@@ -78,14 +78,19 @@ fn parse_ack_timeout(text: &str) -> Result<Duration, String> {
 ///
 /// # Errors
 ///
-/// One line naming the flag and value at fault.
-pub fn destinations(flags: &ForwardFlags) -> Result<Vec<Destination>, String> {
+/// A usage error naming the flag and value at fault.
+pub fn destinations(flags: &ForwardFlags) -> Result<Vec<Destination>, CliError> {
     let mut out: Vec<Destination> = Vec::new();
     for spec in &flags.forward {
         let (name, address) = spec
             .split_once('=')
             .filter(|(n, a)| !n.is_empty() && !a.is_empty())
-            .ok_or_else(|| format!("--forward {spec:?}: expected NAME=HOST:PORT"))?;
+            .ok_or_else(|| {
+                CliError::flag(
+                    format!("--forward {spec:?}:"),
+                    ValueError::Expected("NAME=HOST:PORT"),
+                )
+            })?;
         let destination = Destination::new(name, address)
             .lanes(flags.forward_lanes)
             .key(flags.forward_key);
@@ -96,17 +101,17 @@ pub fn destinations(flags: &ForwardFlags) -> Result<Vec<Destination>, String> {
     }
     let mut tls: Vec<(String, TlsFiles)> = Vec::new();
     for setting in &flags.forward_set {
-        let bad = |why: &str| format!("--forward-set {setting:?}: {why}");
+        let bad = |problem| CliError::flag(format!("--forward-set {setting:?}:"), problem);
         let (target, value) = setting
             .split_once('=')
-            .ok_or_else(|| bad("expected NAME.KEY=VALUE"))?;
+            .ok_or_else(|| bad(ValueError::Expected("NAME.KEY=VALUE")))?;
         let (name, key) = target
             .split_once('.')
-            .ok_or_else(|| bad("expected NAME.KEY=VALUE"))?;
+            .ok_or_else(|| bad(ValueError::Expected("NAME.KEY=VALUE")))?;
         let d = out
             .iter_mut()
             .find(|d| d.name == name)
-            .ok_or_else(|| bad(&format!("no --forward {name}=HOST:PORT")))?;
+            .ok_or_else(|| bad(ValueError::NoSuchDestination(name.to_owned())))?;
         let files = match tls.iter_mut().find(|(n, _)| n == name) {
             Some((_, files)) => files,
             None => {
@@ -114,20 +119,19 @@ pub fn destinations(flags: &ForwardFlags) -> Result<Vec<Destination>, String> {
                 &mut tls.last_mut().expect("just pushed").1
             }
         };
-        apply(d, files, key, value).map_err(|e| bad(&e))?;
+        apply(d, files, key, value).map_err(bad)?;
     }
     for (name, files) in tls {
         let Some(d) = out.iter_mut().find(|d| d.name == name) else {
             continue;
         };
-        let config = crate::send::tls_from_flags(
-            files.ca.as_deref(),
-            files.cert.as_deref(),
-            files.key.as_deref(),
-            files.server_name.as_deref(),
-            &d.address,
-        )
-        .map_err(|e| format!("destination {name}: {e}"))?;
+        let config = client_tls(&files, &d.address).map_err(|e| match e {
+            CliError::Tls { flag, source } => CliError::Tls {
+                flag: format!("destination {name}: {flag}"),
+                source,
+            },
+            other => other,
+        })?;
         if let Some(config) = config {
             d.client = d.client.clone().tls(config);
         }
@@ -135,37 +139,31 @@ pub fn destinations(flags: &ForwardFlags) -> Result<Vec<Destination>, String> {
     Ok(out)
 }
 
-/// A destination's TLS files, collected before the client configuration is built.
-#[derive(Debug, Default)]
-struct TlsFiles {
-    ca: Option<std::path::PathBuf>,
-    cert: Option<std::path::PathBuf>,
-    key: Option<std::path::PathBuf>,
-    server_name: Option<String>,
-}
-
 /// Applies one `KEY=VALUE` to a destination.
-fn apply(d: &mut Destination, tls: &mut TlsFiles, key: &str, value: &str) -> Result<(), String> {
-    let duration = || crate::parse::parse_duration(value).map_err(|e| e.to_string());
-    let action = || value.parse::<Action>().map_err(|e| e.to_string());
+fn apply(
+    d: &mut Destination,
+    tls: &mut TlsFiles,
+    key: &str,
+    value: &str,
+) -> Result<(), ValueError> {
+    let duration = || parse_duration(value);
+    let action = || {
+        value
+            .parse::<Action>()
+            .map_err(|e| ValueError::Invalid(Box::new(e)))
+    };
     match key {
         "address" => d.address = value.to_owned(),
-        "lanes" => {
-            d.lanes = value
-                .parse()
-                .map_err(|_| format!("{value:?} is not a lane count"))?;
-        }
+        "lanes" => d.lanes = value.parse().map_err(|_| ValueError::NotWholeNumber)?,
         "key" => {
             d.key = value
                 .parse()
-                .map_err(|e: mllp_store::forward::UnknownLaneKey| e.to_string())?
+                .map_err(|e| ValueError::Invalid(Box::new(e)))?
         }
         "connect-timeout" => d.client = d.client.clone().connect_timeout(duration()?),
         "ack-timeout" => d.client = d.client.clone().response_timeout(duration()?),
         "max-attempts" => {
-            let n = value
-                .parse()
-                .map_err(|_| format!("{value:?} is not a whole number"))?;
+            let n = value.parse().map_err(|_| ValueError::NotWholeNumber)?;
             d.policy = d.policy.max_attempts(n);
         }
         "initial-backoff" => d.policy = d.policy.backoff(duration()?, d.policy.max_backoff),
@@ -177,7 +175,7 @@ fn apply(d: &mut Destination, tls: &mut TlsFiles, key: &str, value: &str) -> Res
         "tls-cert" => tls.cert = Some(value.into()),
         "tls-key" => tls.key = Some(value.into()),
         "tls-server-name" => tls.server_name = Some(value.to_owned()),
-        other => return Err(format!("unknown key {other:?}")),
+        other => return Err(ValueError::UnknownKey(other.to_owned())),
     }
     Ok(())
 }
@@ -188,19 +186,22 @@ fn apply(d: &mut Destination, tls: &mut TlsFiles, key: &str, value: &str) -> Res
 /// # Errors
 ///
 /// A table without `address`, or a value that is not a string, number or boolean.
-pub fn flags_from_table(table: &toml::Table) -> Result<Vec<std::ffi::OsString>, String> {
+pub fn flags_from_table(
+    table: &toml::Table,
+) -> Result<Vec<(String, std::ffi::OsString)>, ConfigFileError> {
     let mut flags = Vec::new();
     for (name, section) in table {
         let toml::Value::Table(section) = section else {
-            return Err(format!(
-                "`forward.{name}` must be a table ([forward.{name}] with address = \"HOST:PORT\")"
-            ));
+            return Err(ConfigFileError::ForwardNotTable(name.clone()));
         };
         let address = section
             .get("address")
             .and_then(toml::Value::as_str)
-            .ok_or_else(|| format!("[forward.{name}] needs address = \"HOST:PORT\""))?;
-        flags.push(format!("--forward={name}={address}").into());
+            .ok_or_else(|| ConfigFileError::ForwardNoAddress(name.clone()))?;
+        flags.push((
+            "forward".to_owned(),
+            format!("--forward={name}={address}").into(),
+        ));
         for (key, value) in section {
             if key == "address" {
                 continue;
@@ -210,44 +211,58 @@ pub fn flags_from_table(table: &toml::Table) -> Result<Vec<std::ffi::OsString>, 
                 toml::Value::Integer(n) => n.to_string(),
                 toml::Value::Boolean(b) => b.to_string(),
                 _ => {
-                    return Err(format!(
-                        "[forward.{name}] key `{key}` must be a string or a number"
-                    ));
+                    return Err(ConfigFileError::ForwardWrongType {
+                        name: name.clone(),
+                        key: key.clone(),
+                    });
                 }
             };
-            flags.push(format!("--forward-set={name}.{}={text}", key.replace('_', "-")).into());
+            flags.push((
+                "forward-set".to_owned(),
+                format!("--forward-set={name}.{}={text}", key.replace('_', "-")).into(),
+            ));
         }
     }
     Ok(flags)
 }
 
-/// Starts forwarding from the store `spec` when `--forward` is given.
+/// The destinations to forward to, checked before anything is opened; `None` without
+/// `--forward`.
 ///
 /// # Errors
 ///
-/// `--forward` without a store or with a PostgreSQL one, a bad destination, or the store's
-/// error.
-pub fn start(
+/// A usage error: `--forward-set` or `--ack-after forwarded` without `--forward`,
+/// `--forward` without a store, or a bad destination.
+pub fn plan(
     flags: &ForwardFlags,
-    store: Option<&str>,
-    gate: Option<mllp_store::WriteGate>,
-) -> Result<Option<Forwarder>, String> {
+    store: Option<&StoreSpec>,
+) -> Result<Option<Vec<Destination>>, CliError> {
+    let needs_forward = ValueError::Needs("--forward NAME=HOST:PORT");
     if !flags.is_enabled() {
         if !flags.forward_set.is_empty() {
-            return Err("--forward-set needs --forward NAME=HOST:PORT".to_owned());
+            return Err(CliError::flag("--forward-set", needs_forward));
         }
         if flags.ack_after == AckAfter::Forwarded {
-            return Err("--ack-after forwarded needs --forward NAME=HOST:PORT".to_owned());
+            return Err(CliError::flag("--ack-after forwarded", needs_forward));
         }
         return Ok(None);
     }
-    let Some(spec) = store else {
-        return Err(
-            "--forward needs the store: messages are forwarded from it (drop --no-store)"
-                .to_owned(),
-        );
-    };
-    let destinations = destinations(flags)?;
+    if store.is_none() {
+        return Err(CliError::flag("--forward", ValueError::NeedsStore));
+    }
+    destinations(flags).map(Some)
+}
+
+/// Starts forwarding `destinations` from the store `spec`.
+///
+/// # Errors
+///
+/// [`CliError::Forward`] with the store's error.
+pub fn start(
+    destinations: Vec<Destination>,
+    spec: &StoreSpec,
+    gate: Option<WriteGate>,
+) -> Result<Forwarder, CliError> {
     let shown: Vec<String> = destinations
         .iter()
         .map(|d| {
@@ -264,15 +279,32 @@ pub fn start(
     if let Some(gate) = gate {
         config = config.gate(gate);
     }
-    let forwarder = if is_postgres_url(spec) {
-        let options = crate::store_glue::open_options().postgres;
-        Forwarder::start_postgres(spec, &options, destinations, config, Some(observer()))
-    } else {
-        Forwarder::start_sqlite(Path::new(spec), destinations, config, Some(observer()))
+    let forwarder = match spec {
+        StoreSpec::Sqlite(path) => {
+            Forwarder::start_sqlite(path, destinations, config, Some(observer()))
+        }
+        other => {
+            let options = crate::store_glue::open_options().postgres;
+            Forwarder::start_postgres(
+                &postgres_url(other),
+                &options,
+                destinations,
+                config,
+                Some(observer()),
+            )
+        }
     }
-    .map_err(|e| format!("--forward: {e}"))?;
+    .map_err(CliError::Forward)?;
     tracing::info!(target: "mllp::forward", destinations = %shown.join(", "), "forwarding");
-    Ok(Some(forwarder))
+    Ok(forwarder)
+}
+
+/// The URL of a PostgreSQL store spec (with its password: it is not shown anywhere).
+fn postgres_url(spec: &StoreSpec) -> String {
+    match spec {
+        StoreSpec::Postgres(url) => url.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// The handler of `--ack-after forwarded`, when set.
@@ -355,14 +387,14 @@ enum ForwardCommand {
     /// dead letters, last error (works while serve runs).
     Status {
         /// The store (an SQLite file or a postgres:// URL, as given to serve --store).
-        #[arg(value_name = "STORE")]
-        store: String,
+        #[arg(value_name = "STORE", value_parser = StoreSpec::parse)]
+        store: StoreSpec,
     },
     /// Put dead letters back in their lanes; a running serve delivers them again.
     Requeue {
         /// The store (an SQLite file or a postgres:// URL, as given to serve --store).
-        #[arg(value_name = "STORE")]
-        store: String,
+        #[arg(value_name = "STORE", value_parser = StoreSpec::parse)]
+        store: StoreSpec,
         /// Store ids of the dead letters.
         #[arg(value_name = "ID", required_unless_present = "all_dead")]
         ids: Vec<i64>,
@@ -379,19 +411,17 @@ enum ForwardCommand {
 ///
 /// # Errors
 ///
-/// One line: a PostgreSQL store, or the store's error.
-pub fn run(args: &ForwardArgs) -> Result<(), String> {
-    let store = match &args.command {
-        ForwardCommand::Status { store } | ForwardCommand::Requeue { store, .. } => store,
-    };
-    let pg = is_postgres_url(store).then(|| crate::store_glue::open_options().postgres);
+/// [`CliError::Forward`] with the store's error; [`CliError::NoDeadLetters`] when none of
+/// the ids given is a dead letter.
+pub fn run(args: &ForwardArgs) -> Result<(), CliError> {
+    let options = crate::store_glue::open_options().postgres;
     match &args.command {
         ForwardCommand::Status { store } => {
-            let lanes = match &pg {
-                Some(options) => status_postgres(store, options),
-                None => status_sqlite(store),
+            let lanes = match store {
+                StoreSpec::Sqlite(path) => status_sqlite(path),
+                other => status_postgres(&postgres_url(other), &options),
             }
-            .map_err(|e| e.to_string())?;
+            .map_err(CliError::Forward)?;
             print!("{}", status_table(&lanes, now_us()));
             Ok(())
         }
@@ -406,14 +436,19 @@ pub fn run(args: &ForwardArgs) -> Result<(), String> {
             } else {
                 Requeue::Ids(ids.clone())
             };
-            let n = match &pg {
-                Some(options) => requeue_postgres(store, options, &which, destination.as_deref()),
-                None => requeue_sqlite(store, &which, destination.as_deref()),
+            let n = match store {
+                StoreSpec::Sqlite(path) => requeue_sqlite(path, &which, destination.as_deref()),
+                other => requeue_postgres(
+                    &postgres_url(other),
+                    &options,
+                    &which,
+                    destination.as_deref(),
+                ),
             }
-            .map_err(|e| e.to_string())?;
+            .map_err(CliError::Forward)?;
             println!("requeued {n} dead letters");
             if n == 0 && !*all_dead {
-                return Err("none of these ids is a dead letter".to_owned());
+                return Err(CliError::NoDeadLetters);
             }
             Ok(())
         }
@@ -513,7 +548,7 @@ mod tests {
             (&["a=h:1"], &["a.on-error=maybe"], "unknown action"),
             (&["a=h:1"], &["a.ack-timeout=5"], "no unit"),
         ] {
-            let e = destinations(&flags(forward, set)).unwrap_err();
+            let e = destinations(&flags(forward, set)).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
     }
@@ -524,6 +559,7 @@ mod tests {
             .parse()
             .unwrap();
         let flags = flags_from_table(&table).unwrap();
+        let flags: Vec<_> = flags.into_iter().map(|(_, f)| f).collect();
         assert_eq!(
             flags,
             [
@@ -537,6 +573,7 @@ mod tests {
         assert!(
             flags_from_table(&table)
                 .unwrap_err()
+                .to_string()
                 .contains("needs address")
         );
     }
@@ -545,8 +582,9 @@ mod tests {
     fn forward_needs_a_store() {
         let f = flags(&["a=h:1"], &[]);
         assert!(
-            start(&f, None, None)
+            plan(&f, None)
                 .unwrap_err()
+                .to_string()
                 .contains("needs the store")
         );
     }

@@ -16,7 +16,11 @@
 //! Timeline of one run: `[start, start + warmup)` warms up (ACKs verified, not counted);
 //! `[start + warmup, start + warmup + duration]` is the measurement window; a message counts
 //! when its ACK arrives inside the window. After the window, workers send nothing new, wait for
-//! the ACKs still outstanding (verifying them too), and close.
+//! the ACKs still outstanding (verifying them too), and close. An interrupt
+//! ([`LoadConfig::interrupt`]) ends the window early, the same way.
+//!
+//! Every MSH-10 of a run starts with a run id drawn at start, so a second run against a server
+//! that stores messages is not taken for resends of the first.
 //!
 //! Nothing here depends on the library: the load generator must be able to measure any MLLP
 //! server, including a broken one.
@@ -25,6 +29,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, ErrorKind, Read};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -71,6 +76,9 @@ const HISTOGRAM_SIGFIG: u8 = 3;
 /// Wait after the idle connections are served and before the second RSS sample, so that memory
 /// the server frees or allocates right after writing the last ACK is settled.
 const IDLE_SETTLE: Duration = Duration::from_millis(200);
+/// How often the main thread checks [`LoadConfig::interrupt`]: an interrupted run stops within
+/// this, which a person at a terminal does not notice.
+const INTERRUPT_POLL: Duration = Duration::from_millis(50);
 /// Linux `USER_HZ`: `/proc/<pid>/stat` reports CPU time in these ticks (fixed at 100 by the
 /// kernel ABI, independent of `CONFIG_HZ`).
 const CLOCK_TICKS_PER_SEC: f64 = 100.0;
@@ -96,6 +104,9 @@ pub struct LoadConfig {
     pub server_pid: Option<u32>,
     /// Speak TLS on the active connections (idle ones stay plain TCP).
     pub tls: Option<mllp_reactor::tls::ClientTls>,
+    /// When this becomes true (e.g. on Ctrl-C), the measurement window ends there and the run
+    /// reports on what it measured so far.
+    pub interrupt: Option<Arc<AtomicBool>>,
 }
 
 /// An active connection: plain TCP or TLS over it.
@@ -441,14 +452,15 @@ impl fmt::Display for Report {
 /// Failures during the run are counted in the report instead.
 pub fn run(cfg: &LoadConfig, progress: Option<&dyn Fn(u64)>) -> Result<Report, LoadError> {
     validate(cfg)?;
+    let run_id = run_id();
     let templates: Vec<MessageTemplate> = (0..cfg.conns)
-        .map(|c| MessageTemplate::for_patient(cfg.size, c))
+        .map(|c| MessageTemplate::for_patient(cfg.size, c, run_id))
         .collect();
 
     let mut rss_per_idle_conn = None;
     let idle = if cfg.idle_conns > 0 {
         let before = cfg.server_pid.map(read_rss).transpose()?;
-        let idle = open_idle(cfg)?;
+        let idle = open_idle(cfg, run_id)?;
         thread::sleep(IDLE_SETTLE);
         let after = cfg.server_pid.map(read_rss).transpose()?;
         if let (Some(before), Some(after)) = (before, after) {
@@ -477,7 +489,7 @@ pub fn run(cfg: &LoadConfig, progress: Option<&dyn Fn(u64)>) -> Result<Report, L
     let end = warmup_end + cfg.duration;
     let client_pid = std::process::id();
 
-    let (results, cpu) = thread::scope(|scope| {
+    let (results, cpu, ended) = thread::scope(|scope| {
         let mut handles = Vec::with_capacity(cfg.conns);
         let mut spawn_error = None;
         for (index, stream) in streams.into_iter().enumerate() {
@@ -505,15 +517,20 @@ pub fn run(cfg: &LoadConfig, progress: Option<&dyn Fn(u64)>) -> Result<Report, L
                 }
             }
         }
-        let cpu = if spawn_error.is_none() {
-            monitor(cfg, client_pid, start, warmup_end, end, &acked, progress)
+        let (cpu, ended) = if spawn_error.is_none() {
+            let window = Window {
+                start,
+                warmup_end,
+                end,
+            };
+            monitor(cfg, client_pid, &window, &acked, &stop, progress)
         } else {
-            CpuUse::default()
+            (CpuUse::default(), end)
         };
         let joined: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
         match spawn_error {
-            Some(e) => (Err(LoadError::Spawn(e)), cpu),
-            None => (Ok(joined), cpu),
+            Some(e) => (Err(LoadError::Spawn(e)), cpu, ended),
+            None => (Ok(joined), cpu, ended),
         }
     });
     let idle_closed = count_closed(&idle);
@@ -532,8 +549,9 @@ pub fn run(cfg: &LoadConfig, progress: Option<&dyn Fn(u64)>) -> Result<Report, L
         error_counts.merge(&result.errors);
     }
 
-    let elapsed = end - warmup_end;
-    let secs = elapsed.as_secs_f64();
+    let elapsed = ended.saturating_duration_since(warmup_end);
+    // An interrupt during the warmup leaves no window: report zero rates, not NaN.
+    let secs = elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
     let us = |ns: u64| ns as f64 / 1_000.0;
     Ok(Report {
         conns: cfg.conns,
@@ -624,21 +642,41 @@ impl CpuSample {
     }
 }
 
-/// Sleeps through the run on the calling thread: reports progress once a second and samples
-/// CPU time at the start and end of the window.
-fn monitor(
-    cfg: &LoadConfig,
-    client_pid: u32,
+/// The phases of a run: warmup from `start`, window from `warmup_end` to `end`.
+struct Window {
     start: Instant,
     warmup_end: Instant,
     end: Instant,
+}
+
+/// Sleeps through the run on the calling thread: reports progress once a second and samples
+/// CPU time at the start and end of the window. On an interrupt it sets `stop` (the workers
+/// then finish as at the end of the window). Returns the CPU use and when the window ended.
+fn monitor(
+    cfg: &LoadConfig,
+    client_pid: u32,
+    window: &Window,
     acked: &[AtomicU64],
+    stop: &AtomicBool,
     progress: Option<&dyn Fn(u64)>,
-) -> CpuUse {
+) -> (CpuUse, Instant) {
+    let Window {
+        start,
+        warmup_end,
+        mut end,
+    } = *window;
     let mut at_warmup_end = None;
     let mut next_tick = start + Duration::from_secs(1);
     loop {
         let now = Instant::now();
+        if cfg
+            .interrupt
+            .as_ref()
+            .is_some_and(|i| i.load(Ordering::Relaxed))
+        {
+            stop.store(true, Ordering::Relaxed);
+            end = now.max(warmup_end);
+        }
         if at_warmup_end.is_none() && now >= warmup_end {
             at_warmup_end = Some(CpuSample::take(client_pid, cfg.server_pid));
         }
@@ -651,23 +689,44 @@ fn monitor(
         if now >= end {
             break;
         }
+        if stop.load(Ordering::Relaxed) {
+            // Interrupted during the warmup: there is no window to measure.
+            return (CpuUse::default(), end);
+        }
         let mut wake = next_tick.min(end);
         if at_warmup_end.is_none() {
             wake = wake.min(warmup_end);
+        }
+        if cfg.interrupt.is_some() {
+            wake = wake.min(now + INTERRUPT_POLL);
         }
         thread::sleep(wake.saturating_duration_since(now));
     }
     let at_end = CpuSample::take(client_pid, cfg.server_pid);
     // INVARIANT: the loop only exits once `now >= end >= warmup_end`, after sampling.
-    at_warmup_end.map_or_else(CpuUse::default, |s| {
+    let cpu = at_warmup_end.map_or_else(CpuUse::default, |s| {
         s.cores_until(&at_end, end - warmup_end)
-    })
+    });
+    (cpu, end)
+}
+
+/// An id for this run, from the clock and the process id: different for every run in
+/// practice (see the message template).
+fn run_id() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    // Fold the 128 bits and the pid with a multiplicative hash, so runs a second apart differ
+    // in every digit.
+    let mixed = (nanos as u64 ^ (nanos >> 64) as u64 ^ u64::from(std::process::id()) << 32)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (mixed >> 32) as u32
 }
 
 /// Opens `cfg.idle_conns` connections, sends one small message on each, and reads its ACK, so
 /// the server has accepted and served every one of them before the RSS sample.
-fn open_idle(cfg: &LoadConfig) -> Result<Vec<TcpStream>, LoadError> {
-    let template = MessageTemplate::new(0);
+fn open_idle(cfg: &LoadConfig, run_id: u32) -> Result<Vec<TcpStream>, LoadError> {
+    let template = MessageTemplate::new(0, run_id);
     let mut streams = Vec::with_capacity(cfg.idle_conns);
     let mut id = Vec::new();
     let idle_error = |index: usize, reason: String| LoadError::Idle { index, reason };

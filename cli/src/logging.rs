@@ -4,8 +4,8 @@
 //! | target | level | what |
 //! |---|---|---|
 //! | `mllp::server` | info | start (with the options in force), drain, stop |
-//! | `mllp::conn` | info, warn | connection opened (under mTLS with `client_cert`: the certificate's CN, SANs and SHA-256 fingerprint); closed with peer, reason and duration (warn for timeouts, oversize, I/O errors, rejections) |
-//! | `mllp::conn` | debug | a probe (a health check: connect, then close with no bytes or a PROXY header alone) |
+//! | `mllp::conn` | info, warn | client authenticated (mTLS: `client_cert`, the certificate's CN, SANs and SHA-256 fingerprint); connection opened (at its first message); closed with peer, reason and duration (warn for timeouts, oversize, I/O errors, rejections) |
+//! | `mllp::conn` | debug | connection accepted; a probe (a health check: connect, then close with no bytes or a PROXY header alone) |
 //! | `mllp::msg` | warn | a NAK or a handler failure: connection, peer, sequence, reason, control id where known, detail |
 //! | `mllp::msg` | debug | every message received and answered (off by default) |
 //!
@@ -39,6 +39,8 @@ use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
+
+use crate::error::{CliError, ValueError};
 
 /// Log lines that may wait for the writer thread. At ~200 bytes a line that is 800 KiB at most;
 /// a burst of thousands of connections closing at once still fits, and a stderr that stopped
@@ -78,21 +80,26 @@ impl Drop for LogGuard {
 
 /// Sets up logging to stderr for the rest of the process.
 ///
-/// `level` is `--log-level`; without it `$RUST_LOG` is read, and without that `info` applies.
+/// `level` is `--log-level` (checked by its parser already); without it `$RUST_LOG` is read,
+/// and without that `info` applies.
 ///
 /// # Errors
 ///
-/// One line naming `--log-level` or `RUST_LOG` when the filter does not parse, or an error if
-/// a global subscriber is already set.
-pub fn init(format: LogFormat, level: Option<&str>) -> Result<LogGuard, String> {
-    let (source, filter_text) = match level {
-        Some(text) => ("--log-level", text.to_owned()),
+/// [`CliError::Flag`] or [`CliError::Env`] (usage errors) when the filter does not parse,
+/// [`CliError::Setup`] when the writer thread cannot start.
+pub fn init(format: LogFormat, level: Option<&str>) -> Result<LogGuard, CliError> {
+    let filter = match level {
+        Some(text) => parse_filter(text).map_err(|e| CliError::flag("--log-level", e))?,
         None => match std::env::var("RUST_LOG") {
-            Ok(text) if !text.trim().is_empty() => ("RUST_LOG", text),
-            _ => ("default", DEFAULT_FILTER.to_owned()),
+            Ok(text) if !text.trim().is_empty() => {
+                parse_filter(&text).map_err(|problem| CliError::Env {
+                    var: "RUST_LOG",
+                    problem,
+                })?
+            }
+            _ => parse_filter(DEFAULT_FILTER).expect("the default filter parses"),
         },
     };
-    let filter = parse_filter(&filter_text).map_err(|e| format!("{source}: {e}"))?;
     let (queue, lines) = mpsc::sync_channel(QUEUE_LINES);
     let dropped = Arc::new(AtomicU64::new(0));
     let sink = QueueWriter {
@@ -102,7 +109,10 @@ pub fn init(format: LogFormat, level: Option<&str>) -> Result<LogGuard, String> 
     thread::Builder::new()
         .name("log-writer".to_owned())
         .spawn(move || write_lines(&lines, &dropped, &mut io::stderr()))
-        .map_err(|e| format!("cannot start the log writer thread: {e}"))?;
+        .map_err(|source| CliError::Setup {
+            what: "the log writer thread",
+            source,
+        })?;
     let layer = match format {
         LogFormat::Human => tracing_subscriber::fmt::layer()
             .with_writer(sink)
@@ -116,10 +126,11 @@ pub fn init(format: LogFormat, level: Option<&str>) -> Result<LogGuard, String> 
             .with_writer(sink)
             .boxed(),
     };
-    Registry::default()
+    // Fails only when a global subscriber is set already; this is the one place that sets it,
+    // and it runs once per process.
+    let _ = Registry::default()
         .with(layer.with_filter(filter))
-        .try_init()
-        .map_err(|e| format!("cannot set up logging: {e}"))?;
+        .try_init();
     Ok(LogGuard { queue })
 }
 
@@ -127,16 +138,15 @@ pub fn init(format: LogFormat, level: Option<&str>) -> Result<LogGuard, String> 
 ///
 /// A bare word must be a level: `Targets` alone would read `loud` as "everything from the
 /// target `loud`", which silently logs nothing else.
-fn parse_filter(text: &str) -> Result<Targets, String> {
+pub fn parse_filter(text: &str) -> Result<Targets, ValueError> {
     const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
-    let help = "use error, warn, info, debug, trace, or target=level,...";
     for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
         let level = item.rsplit_once('=').map_or(item, |(_, level)| level);
         if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
-            return Err(format!("{level:?} is not a level in {text:?} ({help})"));
+            return Err(ValueError::LogLevel(level.to_owned()));
         }
     }
-    Targets::from_str(text.trim()).map_err(|e| format!("{e} in {text:?} ({help})"))
+    Targets::from_str(text.trim()).map_err(|e| ValueError::LogFilter(e.to_string()))
 }
 
 /// What the writer thread gets.
@@ -233,20 +243,23 @@ impl Observer for LogObserver {
     fn connection_start(&self, e: &ConnectionStart) {
         match &e.peer_identity {
             // mTLS: who the client is, from its verified certificate (CN, SANs, fingerprint).
+            // A verified certificate is no health check: say so at once.
             Some(client) => tracing::info!(
                 target: "mllp::conn",
                 conn = %e.connection,
                 peer = %e.peer,
                 local = %e.local,
                 client_cert = %client,
-                "connection opened"
+                "client authenticated"
             ),
-            None => tracing::info!(
+            // At debug: a health check connects every few seconds and sends nothing. The
+            // info line comes with the first message (`message_start`).
+            None => tracing::debug!(
                 target: "mllp::conn",
                 conn = %e.connection,
                 peer = %e.peer,
                 local = %e.local,
-                "connection opened"
+                "connection accepted"
             ),
         }
     }
@@ -255,12 +268,15 @@ impl Observer for LogObserver {
         let reason = e.reason.as_str();
         let duration = Elapsed(e.duration);
         match e.reason {
-            // A balancer's health check every few seconds: not worth more than debug.
+            // Connected and left without a byte (or with a PROXY header alone): a balancer's
+            // health check every few seconds, not a problem, however it ended (HAProxy's end
+            // with a reset).
             CloseReason::Probe => tracing::debug!(
                 target: "mllp::conn",
                 conn = %e.connection,
                 peer = %e.peer,
                 reason,
+                duration = %duration,
                 "connection probed"
             ),
             CloseReason::PeerClosed
@@ -287,6 +303,15 @@ impl Observer for LogObserver {
     }
 
     fn message_start(&self, e: &MessageStart) {
+        if e.sequence == 0 {
+            tracing::info!(
+                target: "mllp::conn",
+                conn = %e.connection,
+                peer = %e.peer,
+                local = %e.local,
+                "connection opened"
+            );
+        }
         tracing::debug!(
             target: "mllp::msg",
             conn = %e.connection,
@@ -333,7 +358,7 @@ mod tests {
     fn filters_parse_and_errors_name_the_syntax() {
         assert!(parse_filter("info").is_ok());
         assert!(parse_filter("warn,mllp::msg=debug").is_ok());
-        let e = parse_filter("loud").unwrap_err();
+        let e = parse_filter("loud").unwrap_err().to_string();
         assert!(e.contains("\"loud\"") && e.contains("debug"), "{e}");
         assert!(parse_filter("mllp::msg=chatty").is_err());
     }

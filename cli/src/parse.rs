@@ -1,29 +1,93 @@
-//! Value parsers shared by the flags of several modules: a leaf, so that a subcommand's module
-//! can use them without importing the crate root (which imports it).
+//! Value parsers shared by several modules' flags (`args`, `retention`, `forward`): a leaf
+//! below them, so `args` (which flattens their flags) and they never import each other.
 
+use std::fmt;
 use std::time::Duration;
+
+use crate::error::ValueError;
 
 /// Parses `500ms`, `10s`, `2m`, `1h`, or `1.5s`. A bare number is rejected: the unit must be
 /// explicit.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, ValueError> {
     let text = text.trim();
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("{text:?} has no unit (use ms, s, m or h, e.g. 10s)"))?;
+        .ok_or(ValueError::NoUnit)?;
     let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} does not start with a number"))?;
+    let value: f64 = number.parse().map_err(|_| ValueError::NotANumber)?;
     let scale = match unit {
         "ms" => 0.001,
         "s" => 1.0,
         "m" => 60.0,
         "h" => 3_600.0,
-        _ => {
-            return Err(format!(
-                "unknown unit {unit:?} in {text:?} (use ms, s, m or h)"
-            ));
-        }
+        _ => return Err(ValueError::UnknownUnit(unit.to_owned())),
     };
-    Duration::try_from_secs_f64(value * scale).map_err(|_| format!("{text:?} is out of range"))
+    Duration::try_from_secs_f64(value * scale).map_err(|_| ValueError::TooLarge)
+}
+
+/// A duration as the user typed it: compared and used as a [`Duration`], printed as typed (so
+/// `--grace 0s` prints `0s`, not `0ns`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypedDuration {
+    /// The value.
+    pub value: Duration,
+    /// The text it was parsed from, trimmed.
+    pub text: String,
+}
+
+impl fmt::Display for TypedDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// [`parse_duration`], keeping the text.
+pub fn parse_typed_duration(text: &str) -> Result<TypedDuration, ValueError> {
+    Ok(TypedDuration {
+        value: parse_duration(text)?,
+        text: text.trim().to_owned(),
+    })
+}
+
+/// A timeout: a duration greater than zero (zero would close every connection at once).
+pub fn parse_timeout(text: &str) -> Result<TypedDuration, ValueError> {
+    let typed = parse_typed_duration(text)?;
+    if typed.value.is_zero() {
+        return Err(ValueError::Zero);
+    }
+    Ok(typed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_duration_accepts_units() {
+        let ok = |t| parse_duration(t).unwrap();
+        assert_eq!(ok("500ms"), Duration::from_millis(500));
+        assert_eq!(ok("10s"), Duration::from_secs(10));
+        assert_eq!(ok("2m"), Duration::from_secs(120));
+        assert_eq!(ok("1h"), Duration::from_secs(3_600));
+        assert_eq!(ok("1.5s"), Duration::from_millis(1_500));
+        assert_eq!(ok("0s"), Duration::ZERO);
+    }
+
+    #[test]
+    fn parse_duration_rejects_garbage() {
+        for bad in [
+            "",
+            "10",
+            "s",
+            "ms",
+            "10x",
+            "1.2.3s",
+            "-1s",
+            "10 s",
+            "1e400s",
+            "99999999999999999999999h",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 }

@@ -1,7 +1,9 @@
 //! `serve --metrics ADDR`: Prometheus text on `http://ADDR/metrics`.
 //!
-//! - The server's histograms are exported as Prometheus *histograms* (cumulative buckets), not
-//!   summaries, so they can be summed across instances and over time: see the bucket constants.
+//! - The server's and the store's histograms are exported as Prometheus *histograms*
+//!   (cumulative buckets), not summaries, so they can be summed across instances and over
+//!   time: see the bucket constants. Every histogram the server or the store records needs a
+//!   matcher here; one without would come out as a summary.
 //! - The exporter keeps raw samples until they are folded into the buckets; a thread does that
 //!   every [`UPKEEP_INTERVAL`], so memory stays flat whether or not anyone scrapes.
 //! - `mllp_build_info{version}` (always 1) says which build is running.
@@ -15,6 +17,8 @@ use std::thread;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::error::CliError;
 
 /// How often samples are folded into the buckets. The exporter's own default is 5 s; at a
 /// sustained 100k msg/s, 4 histograms × 8 bytes per sample is 3.2 MB of samples per second,
@@ -50,6 +54,14 @@ pub const SIZE_BUCKETS: [f64; 10] = [
     16_777_216.0,
 ];
 
+/// Bucket upper bounds for `mllp_store_batch_messages` (records per store transaction): powers
+/// of two from 1 (a quiet server commits each message alone) to 1024 (the store's default
+/// `max_batch_messages`). Without buckets the exporter would render it as a summary, which
+/// cannot be summed across nodes.
+pub const BATCH_BUCKETS: [f64; 11] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+
 /// The build-info gauge.
 pub const BUILD_INFO: &str = "mllp_build_info";
 
@@ -58,18 +70,23 @@ pub const BUILD_INFO: &str = "mllp_build_info";
 ///
 /// # Errors
 ///
-/// One line naming `--metrics` when the address does not resolve or cannot be bound, or the
-/// recorder cannot be installed.
-pub fn start(addr: &str) -> Result<SocketAddr, String> {
-    let addr = crate::addr::resolve(addr).map_err(|e| format!("--metrics {e}"))?;
-    let listener =
-        TcpListener::bind(addr).map_err(|e| format!("--metrics: cannot listen on {addr}: {e}"))?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| format!("--metrics: {e}"))?;
-    let handle = builder()
-        .install_recorder()
-        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+/// A usage error naming `--metrics` when the address does not resolve,
+/// [`CliError::Listen`] when it cannot be bound, [`CliError::Setup`] when a thread cannot
+/// start.
+pub fn start(text: &str) -> Result<SocketAddr, CliError> {
+    let addr = crate::addr::resolve_flag("--metrics", text)?;
+    let listen_error = |source| CliError::Listen {
+        flag: format!("--metrics {text}"),
+        source,
+    };
+    let listener = TcpListener::bind(addr).map_err(listen_error)?;
+    let local = listener.local_addr().map_err(listen_error)?;
+    // Fails only when a recorder is installed already; this is the one place that installs
+    // it, once per process.
+    let handle = builder().install_recorder().map_err(|e| CliError::Setup {
+        what: "the metrics recorder",
+        source: std::io::Error::other(e),
+    })?;
     metrics::describe_gauge!(BUILD_INFO, "Build of the running server; always 1");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     let upkeep = handle.clone();
@@ -81,11 +98,17 @@ pub fn start(addr: &str) -> Result<SocketAddr, String> {
                 upkeep.run_upkeep();
             }
         })
-        .map_err(|e| format!("cannot start the metrics upkeep thread: {e}"))?;
+        .map_err(|source| CliError::Setup {
+            what: "the metrics upkeep thread",
+            source,
+        })?;
     thread::Builder::new()
         .name("metrics-http".to_owned())
         .spawn(move || serve_http(&listener, &handle))
-        .map_err(|e| format!("cannot start the metrics thread: {e}"))?;
+        .map_err(|source| CliError::Setup {
+            what: "the metrics thread",
+            source,
+        })?;
     Ok(local)
 }
 
@@ -101,6 +124,12 @@ fn builder() -> PrometheusBuilder {
             b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
         })
         .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_bytes".into()), &SIZE_BUCKETS))
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(mllp_store::telemetry::BATCH_MESSAGES.to_owned()),
+                &BATCH_BUCKETS,
+            )
+        })
         .expect("the bucket lists are not empty")
 }
 

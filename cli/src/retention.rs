@@ -1,15 +1,16 @@
 //! `serve --retain/--retain-size` and `mllp-reactor prune`: flags in, the store crate's
 //! [`RetentionPolicy`] out; the pruning itself lives in `mllp_store::retention`.
 
-use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use clap::Args;
-use mllp_store::postgresql::is_postgres_url;
 use mllp_store::retention::{
     PassResult, PruneMode, PruneReport, Pruner, RetentionPolicy, prune_sqlite,
 };
-use mllp_store::{SqliteOptions, WriteGate};
+use mllp_store::{SqliteOptions, StoreSpec, WriteGate};
+
+use crate::error::{CliError, ValueError};
+use crate::parse::parse_duration;
 
 /// `serve`'s retention flags.
 #[derive(Debug, Clone, Args)]
@@ -36,8 +37,8 @@ pub struct Retain {
 #[derive(Debug, Args)]
 pub struct PruneArgs {
     /// The store (an SQLite file).
-    #[arg(value_name = "STORE")]
-    pub store: String,
+    #[arg(value_name = "STORE", value_parser = StoreSpec::parse)]
+    pub store: StoreSpec,
     /// Remove messages received longer ago than this (e.g. 30d, 12h).
     #[arg(long, value_name = "DURATION", value_parser = parse_period)]
     pub older_than: Duration,
@@ -64,14 +65,14 @@ impl RetainArgs {
 /// (info) or failed (error). `gate` is the SQLite writer's; `None` for PostgreSQL, where
 /// retention is not implemented yet (a warning says so).
 pub fn start_pruner(
-    store: &str,
+    store: &StoreSpec,
     gate: Option<WriteGate>,
     args: &RetainArgs,
-) -> Result<Option<Pruner>, String> {
+) -> Result<Option<Pruner>, CliError> {
     let Some(policy) = args.policy() else {
         return Ok(None);
     };
-    let Some(gate) = gate.filter(|_| !is_postgres_url(store)) else {
+    let (StoreSpec::Sqlite(path), Some(gate)) = (store, gate) else {
         tracing::warn!(target: "mllp::store", "--retain is not implemented for PostgreSQL yet: nothing is removed");
         return Ok(None);
     };
@@ -82,15 +83,9 @@ pub fn start_pruner(
         interval = ?policy.interval(),
         "retention on"
     );
-    Pruner::start_sqlite(
-        Path::new(store),
-        &SqliteOptions::default(),
-        policy,
-        gate,
-        log_pass,
-    )
-    .map(Some)
-    .map_err(|e| format!("cannot start retention: {e}"))
+    Pruner::start_sqlite(path, &SqliteOptions::default(), policy, gate, log_pass)
+        .map(Some)
+        .map_err(CliError::Retention)
 }
 
 fn log_pass(result: &PassResult) {
@@ -112,10 +107,10 @@ fn log_pass(result: &PassResult) {
 }
 
 /// `mllp-reactor prune`: removes (or counts) expired messages now; prints one line.
-pub fn prune(args: &PruneArgs) -> Result<(), String> {
-    if is_postgres_url(&args.store) {
-        return Err("prune supports SQLite stores only for now".to_owned());
-    }
+pub fn prune(args: &PruneArgs) -> Result<(), CliError> {
+    let StoreSpec::Sqlite(path) = &args.store else {
+        return Err(CliError::flag("prune", ValueError::OnlySqlite));
+    };
     let policy = RetentionPolicy::default().max_age(Some(args.older_than));
     let mode = if args.dry_run {
         PruneMode::DryRun
@@ -123,13 +118,13 @@ pub fn prune(args: &PruneArgs) -> Result<(), String> {
         PruneMode::Delete
     };
     let report = prune_sqlite(
-        Path::new(&args.store),
+        path,
         &policy,
         SystemTime::now(),
         mode,
         &SqliteOptions::default(),
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(CliError::Store)?;
     println!("{}", summary(&report, args.dry_run));
     Ok(())
 }
@@ -150,14 +145,14 @@ fn summary(report: &PruneReport, dry_run: bool) -> String {
 }
 
 /// `--retain`: a period (with `d` for days as well as the usual units) or `forever`.
-fn parse_retain(text: &str) -> Result<Retain, String> {
+fn parse_retain(text: &str) -> Result<Retain, ValueError> {
     let text = text.trim();
     let period = match text {
         "forever" | "off" => None,
         _ => Some(parse_period(text)?),
     };
     if period.is_some_and(|p| p.is_zero()) {
-        return Err("must be greater than zero (use `forever` to keep everything)".to_owned());
+        return Err(ValueError::ZeroRetain);
     }
     Ok(Retain {
         period,
@@ -166,31 +161,26 @@ fn parse_retain(text: &str) -> Result<Retain, String> {
 }
 
 /// A duration that may also be given in days (`30d`).
-fn parse_period(text: &str) -> Result<Duration, String> {
+fn parse_period(text: &str) -> Result<Duration, ValueError> {
     let text = text.trim();
     match text.strip_suffix('d') {
         Some(days) => {
-            let days: f64 = days
-                .parse()
-                .map_err(|_| format!("{text:?} does not start with a number"))?;
-            Duration::try_from_secs_f64(days * 86_400.0)
-                .map_err(|_| format!("{text:?} is out of range"))
+            let days: f64 = days.parse().map_err(|_| ValueError::NotANumber)?;
+            Duration::try_from_secs_f64(days * 86_400.0).map_err(|_| ValueError::TooLarge)
         }
-        None => crate::parse_duration(text),
+        None => parse_duration(text),
     }
 }
 
 /// A size in bytes: a number with an optional unit B, KB, MB, GB, TB (powers of 1000) or
 /// KiB, MiB, GiB, TiB (powers of 1024).
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, ValueError> {
     let text = text.trim();
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} does not start with a number"))?;
+    let value: f64 = number.parse().map_err(|_| ValueError::NotANumber)?;
     let scale: f64 = match unit.trim() {
         "" | "B" => 1.0,
         "KB" | "kB" => 1e3,
@@ -201,15 +191,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "MiB" => 1024.0 * 1024.0,
         "GiB" => 1024.0 * 1024.0 * 1024.0,
         "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {text:?} (use B, MB, GB, MiB, GiB, …)"
-            ));
-        }
+        other => return Err(ValueError::UnknownSizeUnit(other.to_owned())),
     };
     let bytes = value * scale;
     if !(0.0..1.8e19).contains(&bytes) {
-        return Err(format!("{text:?} is out of range"));
+        return Err(ValueError::TooLarge);
     }
     Ok(bytes as u64)
 }
@@ -224,12 +210,12 @@ mod tests {
 
     #[test]
     fn sizes_and_periods() {
-        assert_eq!(parse_size("50GiB"), Ok(50 << 30));
-        assert_eq!(parse_size("500MB"), Ok(500_000_000));
-        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("50GiB").unwrap(), 50 << 30);
+        assert_eq!(parse_size("500MB").unwrap(), 500_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
         assert!(parse_size("5 parsecs").is_err());
-        assert_eq!(parse_period("30d"), Ok(DEFAULT_RETAIN));
-        assert_eq!(parse_period("12h"), Ok(Duration::from_secs(12 * 3600)));
+        assert_eq!(parse_period("30d").unwrap(), DEFAULT_RETAIN);
+        assert_eq!(parse_period("12h").unwrap(), Duration::from_secs(12 * 3600));
         assert_eq!(parse_retain("forever").unwrap().period, None);
         assert!(parse_retain("0s").is_err());
         assert_eq!(

@@ -7,68 +7,31 @@
 //! position in it, and every ACK received before an error is printed first.
 
 use std::io::{IsTerminal, Read, Write};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use memchr::memmem;
-use mllp_reactor::client::{Ack, Client, ClientConfig, ClientError};
+use mllp_reactor::client::{Ack, Client, ClientConfig};
 use mllp_reactor::codec::{CARRIAGE_RETURN, END_BLOCK, START_BLOCK};
 use mllp_reactor::msh::Msh;
 
-/// Options of `send`, already parsed.
-#[derive(Debug, Clone)]
-pub struct SendOptions {
-    pub addr: String,
-    pub files: Vec<String>,
-    pub pipeline: usize,
-    pub timeout: Duration,
-    pub tls_ca: Option<std::path::PathBuf>,
-    pub tls_cert: Option<std::path::PathBuf>,
-    pub tls_key: Option<std::path::PathBuf>,
-    pub tls_server_name: Option<String>,
-}
-
-/// The client's TLS settings from the `--tls-*` flags; `None` without `--tls-ca`.
-fn client_tls(opts: &SendOptions) -> Result<Option<mllp_reactor::tls::ClientTls>, String> {
-    tls_from_flags(
-        opts.tls_ca.as_deref(),
-        opts.tls_cert.as_deref(),
-        opts.tls_key.as_deref(),
-        opts.tls_server_name.as_deref(),
-        &opts.addr,
-    )
-}
+use crate::args::{SendArgs, TlsClientArgs};
+use crate::error::{CliError, InputError, InputProblem};
 
 /// TLS client settings from `--tls-ca`, `--tls-cert`, `--tls-key` and `--tls-server-name`
-/// (shared by `send` and `bench`); `None` without `--tls-ca`.
-pub fn tls_from_flags(
-    ca: Option<&std::path::Path>,
-    cert: Option<&std::path::Path>,
-    key: Option<&std::path::Path>,
-    server_name: Option<&str>,
+/// (shared by `send` and `bench`) for a server at `addr`; `None` without `--tls-ca`.
+pub fn client_tls(
+    flags: &TlsClientArgs,
     addr: &str,
-) -> Result<Option<mllp_reactor::tls::ClientTls>, String> {
-    let Some(ca) = ca else {
-        return Ok(None);
-    };
-    let mut tls = mllp_reactor::tls::ClientTls::from_ca_file(ca)
-        .map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
-    if let (Some(cert), Some(key)) = (cert, key) {
-        tls = tls
-            .client_cert_files(cert, key)
-            .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
-    }
-    if let Some(name) = server_name {
-        tls = tls
-            .server_name(name)
-            .map_err(|e| format!("--tls-server-name {name}: {e}"))?;
-    } else if let Some((host, _)) = addr.rsplit_once(':') {
-        // Verify against the host the user typed (a name or an address).
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if let Ok(named) = tls.clone().server_name(host) {
-            tls = named;
-        }
-    }
-    Ok(Some(tls))
+) -> Result<Option<mllp_reactor::tls::ClientTls>, CliError> {
+    crate::tls_client::client_tls(
+        &crate::tls_client::TlsFiles {
+            ca: flags.tls_ca.clone(),
+            cert: flags.tls_cert.clone(),
+            key: flags.tls_key.clone(),
+            server_name: flags.tls_server_name.clone(),
+        },
+        addr,
+    )
 }
 
 /// What standard input is called in messages.
@@ -89,6 +52,15 @@ impl Message {
     /// `FILE: message N`, for errors.
     fn place(&self) -> String {
         format!("{}: message {}", self.source, self.position)
+    }
+
+    /// An error about this message.
+    fn error(&self, problem: InputProblem) -> InputError {
+        InputError {
+            source: self.source.clone(),
+            position: Some(self.position),
+            problem,
+        }
     }
 }
 
@@ -117,7 +89,7 @@ pub fn split_messages(text: &[u8]) -> Vec<Vec<u8>> {
 /// # Errors
 ///
 /// The position of the message (from 1) and what is wrong with it.
-pub fn split_frames(bytes: &[u8]) -> Result<Vec<Vec<u8>>, (usize, String)> {
+pub fn split_frames(bytes: &[u8]) -> Result<Vec<Vec<u8>>, (usize, InputProblem)> {
     let mut payloads = Vec::new();
     let mut rest = bytes;
     loop {
@@ -127,22 +99,13 @@ pub fn split_frames(bytes: &[u8]) -> Result<Vec<Vec<u8>>, (usize, String)> {
         match rest.first() {
             None => return Ok(payloads),
             Some(&START_BLOCK) => {}
-            Some(&b) => {
-                return Err((
-                    position,
-                    format!(
-                        "byte 0x{b:02X} at offset {} is outside any MLLP frame \
-                         (expected 0x0B, the start of a frame)",
-                        bytes.len() - rest.len()
-                    ),
-                ));
+            Some(&byte) => {
+                let offset = bytes.len() - rest.len();
+                return Err((position, InputProblem::OutsideFrame { byte, offset }));
             }
         }
         let Some(end) = memmem::find(&rest[1..], &[END_BLOCK, CARRIAGE_RETURN]) else {
-            return Err((
-                position,
-                "the frame has no end (0x1C 0x0D): the capture is cut short".to_owned(),
-            ));
+            return Err((position, InputProblem::NoEnd));
         };
         payloads.push(rest[1..1 + end].to_vec());
         rest = &rest[1 + end + 2..];
@@ -153,21 +116,24 @@ pub fn split_frames(bytes: &[u8]) -> Result<Vec<Vec<u8>>, (usize, String)> {
 ///
 /// # Errors
 ///
-/// One line naming `source` and, where it applies, the message's position.
-pub fn read_messages(source: &str, bytes: &[u8]) -> Result<Vec<Message>, String> {
+/// An [`InputError`] naming `source` and, where it applies, the message's position.
+pub fn read_messages(source: &str, bytes: &[u8]) -> Result<Vec<Message>, InputError> {
+    let error = |position, problem| InputError {
+        source: source.to_owned(),
+        position,
+        problem,
+    };
     let framed = bytes
         .iter()
         .find(|b| !b.is_ascii_whitespace())
         .is_some_and(|&b| b == START_BLOCK);
     let payloads = if framed {
-        split_frames(bytes).map_err(|(n, why)| format!("{source}: message {n}: {why}"))?
+        split_frames(bytes).map_err(|(n, problem)| error(Some(n), problem))?
     } else {
         split_messages(bytes)
     };
     if payloads.is_empty() {
-        return Err(format!(
-            "{source} holds no HL7 message (expected lines starting with MSH, or MLLP frames)"
-        ));
+        return Err(error(None, InputProblem::Empty));
     }
     let messages: Vec<Message> = payloads
         .into_iter()
@@ -185,68 +151,63 @@ pub fn read_messages(source: &str, bytes: &[u8]) -> Result<Vec<Message>, String>
 }
 
 /// Refuses a message whose ACK could not be matched to it.
-fn check(message: &Message) -> Result<(), String> {
+fn check(message: &Message) -> Result<(), InputError> {
     let bytes = &message.bytes;
-    let msh = Msh::parse(bytes).map_err(|e| {
+    let msh = Msh::parse(bytes).map_err(|reason| {
         let start: String = String::from_utf8_lossy(&bytes[..bytes.len().min(12)])
             .chars()
             .map(|c| if c.is_control() { ' ' } else { c })
             .collect();
-        format!(
-            "{}: {e} (it starts with {:?}; each message must begin with its MSH segment)",
-            message.place(),
-            start.trim_end()
-        )
+        message.error(InputProblem::NoMsh {
+            reason,
+            start: start.trim_end().to_owned(),
+        })
     })?;
     if msh.control_id().is_none() {
-        return Err(format!(
-            "{}: MSH-10 (message control id) is empty or missing; its ACK could not be \
-             matched to it",
-            message.place()
-        ));
+        return Err(message.error(InputProblem::NoControlId));
     }
     if memmem::find(bytes, &[END_BLOCK, CARRIAGE_RETURN]).is_some() {
-        return Err(format!(
-            "{}: contains 0x1C 0x0D, which MLLP cannot carry inside a message",
-            message.place()
-        ));
+        return Err(message.error(InputProblem::ContainsEndBlock));
     }
     Ok(())
 }
 
-/// Sends every message; returns Ok(true) if all were accepted (AA/CA).
+/// Sends every message and prints one line per ACK.
 ///
 /// # Errors
 ///
-/// One line: which file or message, and what went wrong. ACKs received before the error have
+/// [`CliError::Nak`] when a message was not accepted (AA/CA), after printing every ACK;
+/// otherwise which file or message, and what went wrong. ACKs received before the error have
 /// been printed.
-pub fn send(opts: &SendOptions) -> Result<bool, String> {
+pub fn send(opts: &SendArgs) -> Result<(), CliError> {
     let mut messages = Vec::new();
     if opts.files.is_empty() || opts.files.iter().any(|f| f == "-") {
         let mut text = Vec::new();
         std::io::stdin()
             .read_to_end(&mut text)
-            .map_err(|e| format!("cannot read standard input: {e}"))?;
-        messages.extend(read_messages(STDIN_NAME, &text)?);
+            .map_err(|source| CliError::Read {
+                what: "standard input".to_owned(),
+                source,
+            })?;
+        messages.extend(read_messages(STDIN_NAME, &text).map_err(CliError::Input)?);
     }
     for file in opts.files.iter().filter(|f| *f != "-") {
-        let bytes = std::fs::read(file).map_err(|e| format!("cannot read {file}: {e}"))?;
-        messages.extend(read_messages(file, &bytes)?);
+        let bytes = std::fs::read(file).map_err(|source| CliError::Read {
+            what: file.clone(),
+            source,
+        })?;
+        messages.extend(read_messages(file, &bytes).map_err(CliError::Input)?);
     }
-    let addrs = crate::addr::resolve_all(&opts.addr)?;
+    let addrs = crate::addr::resolve_flag_all("", &opts.addr)?;
     let mut config = ClientConfig::default().response_timeout(opts.timeout);
-    if let Some(tls) = client_tls(opts)? {
+    if let Some(tls) = client_tls(&opts.tls, &opts.addr)? {
         config = config.tls(tls);
     }
-    let mut client = Client::connect(addrs.as_slice(), config).map_err(|e| match &e {
-        ClientError::Connect(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
-            format!(
-                "cannot connect to {}: {io} (is a server listening there?)",
-                opts.addr
-            )
-        }
-        _ => format!("cannot connect to {}: {e}", opts.addr),
-    })?;
+    let mut client =
+        Client::connect(addrs.as_slice(), config).map_err(|source| CliError::Client {
+            context: format!("cannot connect to {}", opts.addr),
+            source,
+        })?;
     let progress = messages.len() >= 100 && std::io::stderr().is_terminal();
     let started = Instant::now();
     let mut all_accepted = true;
@@ -254,17 +215,20 @@ pub fn send(opts: &SendOptions) -> Result<bool, String> {
     let mut out = std::io::stdout().lock();
     let payloads: Vec<&[u8]> = messages.iter().map(|m| m.bytes.as_slice()).collect();
     let mut acks = Vec::new();
-    for batch in payloads.chunks(opts.pipeline.max(1) * 16) {
+    for batch in payloads.chunks(opts.pipeline * 16) {
         acks.clear();
-        let result = client.send_pipelined_into(batch, opts.pipeline.max(1), &mut acks);
+        let result = client.send_pipelined_into(batch, opts.pipeline, &mut acks);
         for ack in &acks {
             all_accepted &= ack.is_accept();
             print_ack(&mut out, ack);
         }
-        if let Err(e) = result {
+        if let Err(source) = result {
             // The ACKs come back in order, so the failed message is the first unanswered one.
             let _ = out.flush();
-            return Err(format!("{}: {e}", messages[sent + acks.len()].place()));
+            return Err(CliError::Client {
+                context: messages[sent + acks.len()].place(),
+                source,
+            });
         }
         sent += batch.len();
         if progress {
@@ -275,7 +239,11 @@ pub fn send(opts: &SendOptions) -> Result<bool, String> {
     if progress {
         eprintln!();
     }
-    Ok(all_accepted)
+    if all_accepted {
+        Ok(())
+    } else {
+        Err(CliError::Nak)
+    }
 }
 
 /// One line per ACK: code, MSA-2, and MSA-3 when present.
@@ -315,13 +283,13 @@ mod tests {
         assert_eq!(m.len(), 2);
         assert_eq!((m[1].bytes.as_slice(), m[1].position), (B, 2));
         let cut = [&b"\x0b"[..], A, b"\x1c\r\x0b", B].concat();
-        let e = read_messages("cap.mllp", &cut).unwrap_err();
+        let e = read_messages("cap.mllp", &cut).unwrap_err().to_string();
         assert!(
             e.starts_with("cap.mllp: message 2: the frame has no end"),
             "{e}"
         );
         let junk = [&b"\x0b"[..], A, b"\x1c\rjunk"].concat();
-        let e = read_messages("cap.mllp", &junk).unwrap_err();
+        let e = read_messages("cap.mllp", &junk).unwrap_err().to_string();
         assert!(
             e.contains("message 2") && e.contains("outside any MLLP frame"),
             "{e}"
@@ -331,15 +299,17 @@ mod tests {
     #[test]
     fn errors_name_the_file_and_the_message() {
         let text = b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|1|P|2.5.1\nMSH|^~\\&|A|B|C|D|20260101||ADT^A01||P|2.5.1\n";
-        let e = read_messages("batch.hl7", text).unwrap_err();
+        let e = read_messages("batch.hl7", text).unwrap_err().to_string();
         assert!(e.starts_with("batch.hl7: message 2: MSH-10"), "{e}");
-        let e = read_messages("pid.hl7", b"PID|1||123\nMSH|^~\\&|A\n").unwrap_err();
+        let e = read_messages("pid.hl7", b"PID|1||123\nMSH|^~\\&|A\n")
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("pid.hl7: message 1: message does not start with an MSH segment"),
             "{e}"
         );
         assert!(e.contains("\"PID|1||123\""), "{e}");
-        let e = read_messages("empty.hl7", b"\n\n").unwrap_err();
+        let e = read_messages("empty.hl7", b"\n\n").unwrap_err().to_string();
         assert!(e.starts_with("empty.hl7 holds no HL7 message"), "{e}");
     }
 }

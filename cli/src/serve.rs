@@ -1,85 +1,52 @@
 //! `mllp-reactor serve`: an MLLP server that stores each message before its AA (or, with
 //! `--no-store`, answers at once through the ACK builder: AA when the message has a readable
 //! MSH-10, AR with an ERR segment otherwise).
+//!
+//! Start-up runs in an order that leaves nothing behind when it fails: every flag is checked
+//! first (clap's parsers, then [`check_flags`] for combinations), then the TLS files are read
+//! and the metrics port bound, then the store is opened, and last the MLLP port is bound. If
+//! that last step fails, a store file this start created is removed again.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use mllp_reactor::cidr::Cidr;
-use mllp_reactor::msh::Msh;
+use mllp_reactor::ack::{Ack, AckCode};
 use mllp_reactor::proxy::ProxyMode;
-use mllp_reactor::{ConfigError, Dispatch, Handler, Reply, Server, ack, handler_fn};
-use mllp_store::StoreConfig;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use mllp_reactor::{Builder, ConfigError, Dispatch, Handler, Reply, Server, handler_fn};
+use mllp_store::{Store, StoreConfig, StoreSpec};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::TypedDuration;
-use crate::logging::{self, LogFormat, LogObserver};
-use crate::store_glue::{open_store, store_handler};
+use crate::args::{DispatchArg, ProxyArg, ServeArgs};
+use crate::error::{CliError, ValueError};
+use crate::logging::{self, LogObserver};
+use crate::store_glue::{log_health_changes, log_rejected, open_options, store_handler};
 
-/// Options of `serve`, already parsed.
-#[derive(Debug, Clone)]
-pub struct ServeOptions {
-    pub config: Option<PathBuf>,
-    pub listen: String,
-    pub idle_timeout: TypedDuration,
-    pub handler_timeout: TypedDuration,
-    pub frame_timeout: TypedDuration,
-    pub max_message_size: usize,
-    pub max_connections: usize,
-    pub workers: Option<usize>,
-    pub metrics: Option<String>,
-    /// How long a Ctrl-C drain may take.
-    pub grace: TypedDuration,
-    pub dispatch: DispatchArg,
-    pub max_in_flight: Option<usize>,
-    pub max_memory: usize,
-    pub reactors: usize,
-    pub proxy_protocol: Option<ProxyArg>,
-    pub proxy_sources: Vec<Cidr>,
-    pub allow: Vec<Cidr>,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    pub tls_client_ca: Option<PathBuf>,
-    /// `--max-handshakes`; `None`: the library's default.
-    pub max_handshakes: Option<u32>,
-    pub log_format: LogFormat,
-    pub log_level: Option<String>,
-    /// The store: an SQLite file path or a `postgres://` URL; `None`: `--no-store`.
-    pub store: Option<String>,
-    /// Accept a PostgreSQL server with `synchronous_commit=off`.
-    pub allow_async_commit: bool,
-    /// `--forward` and its settings.
-    pub forward: crate::forward::ForwardFlags,
-    /// `--retain`, `--retain-size`.
-    pub retention: crate::retention::RetainArgs,
-}
+/// The variable systemd sets for `StateDirectory=`: a relative `--store` path is taken from
+/// there, so the shipped unit's store lands in `/var/lib/mllp-reactor`.
+pub const STATE_DIRECTORY: &str = "STATE_DIRECTORY";
 
-/// `--proxy-protocol`: which PROXY header versions to accept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ProxyArg {
-    V1,
-    V2,
-    Any,
-}
-
-/// `--dispatch`: where the handler runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DispatchArg {
-    Inline,
-    Pool,
-}
-
-/// Runs the server until SIGINT/SIGTERM, then drains and prints a one-line summary.
+/// Runs the server until SIGINT/SIGTERM, then drains and prints a one-line summary. A second
+/// SIGINT/SIGTERM during the drain exits at once.
 ///
-/// Stdout gets exactly two lines, `listening on ADDR` first (scripts read it) and `stopped: ...`
-/// last; everything else is a log line on stderr.
-pub fn serve(opts: &ServeOptions) -> Result<(), String> {
-    let _logs = logging::init(opts.log_format, opts.log_level.as_deref())?;
-    let prometheus = match &opts.metrics {
-        Some(addr) => Some(crate::prometheus::start(addr)?),
-        None => None,
+/// Stdout gets `listening on ADDR` first (scripts read it), then `storing to …` and `metrics
+/// on …` where they apply, and `stopped: ...` last; everything else is a log line on stderr.
+pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
+    check_flags(args)?;
+    let store_spec = store_spec(args)?;
+    let destinations = crate::forward::plan(&args.forward, store_spec.as_ref())?;
+    let listen = crate::addr::resolve_flag("--listen", &args.listen)?;
+    let _logs = logging::init(args.log_format, args.log_level.as_deref())?;
+    let tls = tls_acceptor(args)?;
+    let prometheus = args
+        .metrics
+        .as_deref()
+        .map(crate::prometheus::start)
+        .transpose()?;
+    let setup = |source| CliError::Setup {
+        what: "signal handlers",
+        source,
     };
     // A store file past the process's file-size limit (RLIMIT_FSIZE) must fail its commits
     // with EFBIG (so senders get AE) instead of killing the server with SIGXFSZ.
@@ -87,94 +54,61 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         signal_hook::consts::SIGXFSZ,
         Arc::new(std::sync::atomic::AtomicBool::new(false)),
     )
-    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let dispatch = match opts.dispatch {
-        DispatchArg::Inline => Dispatch::Inline,
-        DispatchArg::Pool => Dispatch::Pool,
-    };
-    let max_in_flight = opts
-        .max_in_flight
-        .unwrap_or(dispatch.default_max_in_flight());
-    let mut pruner = None;
-    let mut write_gate = None;
-    let (store, storing_to) = match &opts.store {
-        Some(spec) => {
-            let config = StoreConfig::default().for_server(
-                opts.max_connections,
-                max_in_flight,
-                opts.max_memory,
-            );
-            let (store, shown, gate) = open_store(spec, opts.allow_async_commit, config)?;
-            write_gate.clone_from(&gate);
-            pruner = crate::retention::start_pruner(spec, gate, &opts.retention)?;
-            (Some(Arc::new(store)), Some(shown))
-        }
-        None if opts.allow_async_commit => {
-            return Err("--allow-async-commit needs a store".to_owned());
-        }
-        None => (None, None),
-    };
-    let forwarder = crate::forward::start(&opts.forward, opts.store.as_deref(), write_gate)?;
-    let after_forwarded =
-        crate::forward::ack_after_handler(&opts.forward, store.as_ref(), forwarder.as_ref());
-    let mut builder = match (&store, after_forwarded) {
-        (_, Some(handler)) => Server::builder(handler),
-        (Some(store), None) => Server::builder(store_handler(Arc::clone(store))),
-        (None, None) => Server::builder(ack_only()),
-    }
-    .idle_timeout(opts.idle_timeout.value)
-    .handler_timeout(opts.handler_timeout.value)
-    .frame_timeout(opts.frame_timeout.value)
-    .max_message_size(opts.max_message_size)
-    .max_connections(opts.max_connections)
-    .max_memory(opts.max_memory)
-    .max_in_flight(max_in_flight)
-    .dispatch(dispatch)
-    .observer(LogObserver);
-    if let Some(n) = opts.workers {
-        builder = builder.workers(n);
-    }
-    if let Some(n) = opts.max_handshakes {
-        builder = builder.max_handshakes(n as usize);
-    }
-    builder = builder.reactors(opts.reactors);
-    if let Some(mode) = opts.proxy_protocol {
-        builder = builder.proxy_protocol(match mode {
-            ProxyArg::V1 => ProxyMode::V1,
-            ProxyArg::V2 => ProxyMode::V2,
-            ProxyArg::Any => ProxyMode::Any,
-        });
-        if !opts.proxy_sources.is_empty() {
-            builder = builder.proxy_sources(opts.proxy_sources.iter().copied().collect());
-        }
-    }
-    if !opts.allow.is_empty() {
-        builder = builder.allow(opts.allow.iter().copied().collect());
-    }
-    let tls = tls_acceptor(opts)?;
-    if let Some(acceptor) = &tls {
-        builder = builder.tls(acceptor.clone());
-    }
-    let listen = crate::addr::resolve(&opts.listen).map_err(|e| format!("--listen {e}"))?;
-    let server = builder.bind(listen).map_err(|e| match e {
-        mllp_reactor::Error::Bind(io) if io.kind() == std::io::ErrorKind::AddrInUse => {
-            format!(
-                "--listen {} is already in use: stop the other server or pick another address",
-                opts.listen
-            )
-        }
-        mllp_reactor::Error::Bind(io) => format!("--listen {}: {io}", opts.listen),
-        mllp_reactor::Error::Config(c) => config_error(&c, opts),
-        other => format!("cannot start on {}: {other}", opts.listen),
-    })?;
+    .map_err(setup)?;
     // Before "listening on": a supervisor may send SIGTERM as soon as it reads that line.
-    let mut signals = Signals::new([SIGINT, SIGTERM])
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    if let Some(acceptor) = tls {
+    let signals = Signals::new([SIGINT, SIGTERM]).map_err(setup)?;
+    let hup = match &tls {
+        Some(_) => Some(Signals::new([SIGHUP]).map_err(setup)?),
+        None => None,
+    };
+
+    let store = match store_spec {
+        Some(spec) => Some(open_store(
+            spec,
+            args.allow_async_commit,
+            store_config(args),
+        )?),
+        None => None,
+    };
+    let forwarder = match (destinations, &store) {
+        (Some(destinations), Some(opened)) => {
+            let gate = opened.store.write_gate().cloned();
+            match crate::forward::start(destinations, &opened.spec, gate) {
+                Ok(forwarder) => Some(forwarder),
+                Err(e) => {
+                    if let Some(store) = store {
+                        store.discard();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        _ => None,
+    };
+    // The pruner last: it logs that retention is on, which a start that fails should not.
+    let started = bind(
+        args,
+        listen,
+        handler(args, store.as_ref(), forwarder.as_ref()),
+        tls.clone(),
+    )
+    .and_then(|server| Ok((server, start_pruner(args, store.as_ref())?)));
+    let (server, pruner) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            if let Some(forwarder) = forwarder {
+                forwarder.stop(args.grace.value);
+            }
+            if let Some(store) = store {
+                store.discard();
+            }
+            return Err(e);
+        }
+    };
+
+    if let (Some(acceptor), Some(mut hup)) = (tls, hup) {
         // SIGHUP re-reads the certificate, key and client CA for new connections; a bad file
         // keeps the configuration in force and logs one line.
-        let mut hup = Signals::new([signal_hook::consts::SIGHUP])
-            .map_err(|e| format!("cannot install signal handlers: {e}"))?;
         std::thread::spawn(move || {
             for _ in hup.forever() {
                 match acceptor.reload() {
@@ -187,45 +121,44 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         });
     }
     println!("listening on {}", server.local_addr());
-    if let Some(line) = &storing_to {
-        println!("{line}");
+    if let Some(store) = &store {
+        println!("storing to {}", store.store.summary());
     }
     if let Some(addr) = &prometheus {
         println!("metrics on http://{addr}/metrics");
     }
     let _ = std::io::stdout().flush();
+    let allow = cidrs(&args.allow);
     tracing::info!(
         target: "mllp::server",
         listen = %server.local_addr(),
-        config = opts.config.as_ref().map(|p| p.display().to_string()),
-        idle_timeout = %opts.idle_timeout,
-        handler_timeout = %opts.handler_timeout,
-        frame_timeout = %opts.frame_timeout,
-        max_message_size = opts.max_message_size,
-        max_connections = opts.max_connections,
-        workers = opts.workers,
-        dispatch = ?opts.dispatch,
-        max_in_flight = opts.max_in_flight,
-        max_memory = opts.max_memory,
-        grace = %opts.grace,
+        store = store.as_ref().map_or("none (--no-store)", |s| s.store.summary()),
+        reactors = args.reactors,
+        tls = match (&args.tls_cert, &args.tls_client_ca) {
+            (None, _) => "off",
+            (Some(_), None) => "on",
+            (Some(_), Some(_)) => "mutual",
+        },
+        allow = if allow.is_empty() { "any" } else { allow.as_str() },
+        proxy_protocol = args.proxy_protocol.map_or("off", proxy_name),
+        proxy_sources = cidrs(&args.proxy_sources),
+        config = args.config.as_ref().map(|p| p.display().to_string()),
+        idle_timeout = %args.idle_timeout,
+        handler_timeout = %args.handler_timeout,
+        frame_timeout = %args.frame_timeout,
+        max_message_size = args.max_message_size,
+        max_connections = args.max_connections,
+        workers = args.workers,
+        dispatch = ?args.dispatch,
+        max_in_flight = args.max_in_flight,
+        max_memory = args.max_memory,
+        grace = %args.grace,
         metrics = prometheus.map(|a| a.to_string()),
         version = env!("CARGO_PKG_VERSION"),
         "server started"
     );
-    let trigger = server.shutdown_trigger();
-    let grace = opts.grace.clone();
-    std::thread::spawn(move || {
-        if let Some(signal) = signals.forever().next() {
-            let signal = if signal == SIGINT {
-                "SIGINT"
-            } else {
-                "SIGTERM"
-            };
-            tracing::info!(target: "mllp::server", signal, grace = %grace, "draining");
-            trigger.shutdown(grace.value);
-        }
-    });
-    let report = server.run().map_err(|e| format!("server failed: {e}"))?;
+    drain_on_signals(signals, &server, args.grace.clone());
+    let report = server.run().map_err(CliError::Server)?;
     let finished = report.in_flight.saturating_sub(report.forced);
     tracing::info!(
         target: "mllp::server",
@@ -241,88 +174,320 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
     drop(pruner);
     if let Some(store) = store {
         store
-            .close(opts.grace.value)
-            .map_err(|e| format!("store not closed cleanly: {e}"))?;
+            .store
+            .close(args.grace.value)
+            .map_err(CliError::StoreClose)?;
     }
     if let Some(forwarder) = forwarder {
         // A lane in the middle of an exchange is not waited for: its message is sent again
         // at the next start (at least once).
-        forwarder.stop(opts.grace.value);
+        forwarder.stop(args.grace.value);
     }
     Ok(())
 }
 
-/// A builder error in terms of the flag that caused it. The parsers in `main.rs` catch these
-/// first; this is the backstop for anything they let through.
-fn config_error(error: &ConfigError, opts: &ServeOptions) -> String {
-    match error {
-        ConfigError::ZeroDuration(name) => {
-            format!("--{} must be greater than zero", name.replace('_', "-"))
-        }
-        ConfigError::MaxMessageSize(n) => format!(
-            "--max-message-size {n} is out of range: must be between 1 and {}",
-            mllp_reactor::MAX_MESSAGE_SIZE_LIMIT
-        ),
-        ConfigError::NoWorkers => "--workers must be at least 1".to_owned(),
-        ConfigError::TooManyWorkers(n) => format!(
-            "--workers {n} is out of range: must be between 1 and {}",
-            mllp_reactor::MAX_WORKERS
-        ),
-        ConfigError::MaxInFlight(n) => format!(
-            "--max-in-flight {n} is out of range: must be between 1 and {}",
-            mllp_reactor::MAX_IN_FLIGHT_LIMIT
-        ),
-        ConfigError::MaxMemory(n) => format!(
-            "--max-memory {n} must be at least twice --max-message-size ({})",
-            opts.max_message_size
-        ),
-        ConfigError::MaxConnections(n) => format!("--max-connections {n} is out of range"),
-        ConfigError::NoAddress => format!("--listen {} resolves to no address", opts.listen),
-        other => format!("invalid configuration: {other}"),
+/// The server, with the handler the flags ask for: store then ACK (or ACK once forwarded,
+/// `--ack-after forwarded`), or the ACK-only one with `--no-store`.
+fn handler(
+    args: &ServeArgs,
+    store: Option<&OpenedStore>,
+    forwarder: Option<&mllp_store::forward::Forwarder>,
+) -> Builder {
+    let store = store.map(|s| &s.store);
+    match (
+        crate::forward::ack_after_handler(&args.forward, store, forwarder),
+        store,
+    ) {
+        (Some(handler), _) => Server::builder(handler),
+        (None, Some(store)) => Server::builder(store_handler(Arc::clone(store))),
+        (None, None) => Server::builder(ack_only()),
     }
 }
 
-/// The `--no-store` handler: AA for a message with a readable MSH-10, AR (logged) otherwise.
+/// The background retention pruner for an SQLite store (`--retain`, `--retain-size`).
+fn start_pruner(
+    args: &ServeArgs,
+    store: Option<&OpenedStore>,
+) -> Result<Option<mllp_store::retention::Pruner>, CliError> {
+    match store {
+        Some(store) => crate::retention::start_pruner(
+            &store.spec,
+            store.store.write_gate().cloned(),
+            &args.retention,
+        ),
+        None => Ok(None),
+    }
+}
+
+/// The first SIGINT/SIGTERM drains for `grace`; a second one exits at once (exit status
+/// 128 + the signal, as a shell reports it). Nothing unacknowledged is lost by that: a message
+/// gets its AA only after it is stored.
+fn drain_on_signals(mut signals: Signals, server: &Server, grace: crate::parse::TypedDuration) {
+    let trigger = server.shutdown_trigger();
+    std::thread::spawn(move || {
+        let mut signals = signals.forever();
+        if let Some(signal) = signals.next() {
+            tracing::info!(target: "mllp::server", signal = signal_name(signal), grace = %grace, "draining (a second signal stops at once)");
+            trigger.shutdown(grace.value);
+        }
+        if let Some(signal) = signals.next() {
+            // Straight to stderr: the log writer thread may not get to run again.
+            eprintln!(
+                "{}: stopping at once, without waiting for messages in flight",
+                signal_name(signal)
+            );
+            std::process::exit(128 + signal);
+        }
+    });
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        SIGINT => "SIGINT",
+        SIGTERM => "SIGTERM",
+        _ => "signal",
+    }
+}
+
+/// Flag combinations clap's declarations cannot express, checked before anything is opened.
+fn check_flags(args: &ServeArgs) -> Result<(), CliError> {
+    if args.max_memory < args.max_message_size.saturating_mul(2) {
+        return Err(CliError::flag(
+            format!("--max-memory {}", args.max_memory),
+            ValueError::BelowTwoMessages {
+                max_message_size: args.max_message_size,
+            },
+        ));
+    }
+    if args.allow_async_commit && !args.store.is_postgres() {
+        return Err(CliError::flag(
+            "--allow-async-commit",
+            ValueError::OnlyPostgres,
+        ));
+    }
+    Ok(())
+}
+
+/// The store to open, `None` with `--no-store`. A relative SQLite path is taken from
+/// `$STATE_DIRECTORY` when systemd set it (the first directory, if it lists several).
+fn store_spec(args: &ServeArgs) -> Result<Option<StoreSpec>, CliError> {
+    if args.no_store {
+        return Ok(None);
+    }
+    let relative = match &args.store {
+        StoreSpec::Sqlite(path) if path.is_relative() => path,
+        other => return Ok(Some(other.clone())),
+    };
+    let Some(state) = std::env::var_os(STATE_DIRECTORY).filter(|v| !v.is_empty()) else {
+        return Ok(Some(args.store.clone()));
+    };
+    let first = state
+        .to_str()
+        .and_then(|s| s.split(':').next())
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .ok_or(CliError::Env {
+            var: STATE_DIRECTORY,
+            problem: ValueError::NotAbsolute,
+        })?;
+    Ok(Some(StoreSpec::Sqlite(first.join(relative))))
+}
+
+/// Builds the server from the flags and binds it: the last step of the start.
+fn bind(
+    args: &ServeArgs,
+    listen: std::net::SocketAddr,
+    builder: Builder,
+    tls: Option<mllp_reactor::tls::TlsAcceptor>,
+) -> Result<Server, CliError> {
+    let mut builder = builder
+        .idle_timeout(args.idle_timeout.value)
+        .handler_timeout(args.handler_timeout.value)
+        .frame_timeout(args.frame_timeout.value)
+        .max_message_size(args.max_message_size)
+        .max_connections(args.max_connections)
+        .max_memory(args.max_memory)
+        .reactors(args.reactors)
+        .dispatch(dispatch(args.dispatch))
+        .observer(LogObserver);
+    if let Some(n) = args.max_in_flight {
+        builder = builder.max_in_flight(n);
+    }
+    if let Some(n) = args.workers {
+        builder = builder.workers(n);
+    }
+    if let Some(n) = args.max_handshakes {
+        builder = builder.max_handshakes(n as usize);
+    }
+    if let Some(mode) = args.proxy_protocol {
+        builder = builder.proxy_protocol(match mode {
+            ProxyArg::V1 => ProxyMode::V1,
+            ProxyArg::V2 => ProxyMode::V2,
+            ProxyArg::Any => ProxyMode::Any,
+        });
+        if !args.proxy_sources.is_empty() {
+            builder = builder.proxy_sources(args.proxy_sources.iter().copied().collect());
+        }
+    }
+    if !args.allow.is_empty() {
+        builder = builder.allow(args.allow.iter().copied().collect());
+    }
+    if let Some(acceptor) = tls {
+        builder = builder.tls(acceptor);
+    }
+    builder.bind(listen).map_err(|e| match e {
+        mllp_reactor::Error::Bind(source) => CliError::Listen {
+            flag: format!("--listen {}", args.listen),
+            source,
+        },
+        mllp_reactor::Error::Config(c) => config_error(c, args),
+        other => CliError::Server(other),
+    })
+}
+
+/// A builder error in terms of the flag that caused it. The parsers in `args.rs` and
+/// [`check_flags`] catch these first; this is the backstop for anything they let through.
+fn config_error(error: ConfigError, args: &ServeArgs) -> CliError {
+    let flag = match &error {
+        ConfigError::ZeroDuration(name) => format!("--{}", name.replace('_', "-")),
+        ConfigError::MaxMessageSize(_) => "--max-message-size".to_owned(),
+        ConfigError::NoWorkers | ConfigError::TooManyWorkers(_) => "--workers".to_owned(),
+        ConfigError::MaxInFlight(_) => "--max-in-flight".to_owned(),
+        ConfigError::MaxMemory(_) => "--max-memory".to_owned(),
+        ConfigError::MaxConnections(_) => "--max-connections".to_owned(),
+        ConfigError::Reactors(_) => "--reactors".to_owned(),
+        ConfigError::NoAddress => format!("--listen {}", args.listen),
+        _ => return CliError::Server(mllp_reactor::Error::Config(error)),
+    };
+    CliError::Config {
+        flag,
+        source: error,
+    }
+}
+
+/// `--allow` / `--proxy-source` as one comma-separated field.
+fn cidrs(list: &[mllp_reactor::cidr::Cidr]) -> String {
+    list.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn proxy_name(mode: ProxyArg) -> &'static str {
+    match mode {
+        ProxyArg::V1 => "v1",
+        ProxyArg::V2 => "v2",
+        ProxyArg::Any => "any",
+    }
+}
+
+/// The `--no-store` handler: AA for a message with a readable MSH-10, AR (logged, as the
+/// storing handler logs it) otherwise. The builder says which code it wrote, so the message
+/// is parsed once.
 fn ack_only() -> impl Handler {
     handler_fn(|msg, cx| {
-        // The builder says which code it wrote (AR when the message has no MSH-10): no
-        // second parse of the message, no search of the reply.
-        let (code, reply) = ack::Ack::new(ack::AckCode::AA).build_coded(msg);
-        if code != ack::AckCode::AA {
-            // An AR: the sender cannot be told which message is meant.
-            tracing::warn!(
-                target: "mllp::msg",
-                conn = %cx.connection_id(),
-                peer = %cx.peer_addr(),
-                seq = cx.sequence(),
-                code = "AR",
-                control_id = "",
-                reason = if Msh::parse(msg).is_ok() { "no MSH-10" } else { "no readable MSH" },
-                size = msg.len(),
-                "message rejected"
-            );
+        let (code, reply) = Ack::new(AckCode::AA).build_coded(msg);
+        if code != AckCode::AA {
+            log_rejected(cx.connection_id(), cx.peer_addr(), cx.sequence(), code, msg);
         }
         Ok(Reply::Send(reply))
     })
 }
 
+/// An open store, what `serve` prints for it, and the file this start created, if any.
+struct OpenedStore {
+    store: Arc<Store>,
+    /// The store as `--store` gave it (with `$STATE_DIRECTORY` applied).
+    spec: StoreSpec,
+    /// The SQLite file, when it did not exist before: [`discard`](Self::discard) removes it.
+    created: Option<PathBuf>,
+}
+
+impl OpenedStore {
+    /// Closes the store after a failed start and removes the file (and its WAL and shared
+    /// memory files) if this start created it: a failed start leaves no empty store behind.
+    fn discard(self) {
+        let _ = self.store.close(std::time::Duration::from_secs(5));
+        remove_created(self.created);
+    }
+}
+
+/// Removes an SQLite store's files (the database, its WAL and shared memory) that a failed
+/// start created.
+fn remove_created(created: Option<PathBuf>) {
+    if let Some(path) = created {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.clone().into_os_string();
+            file.push(suffix);
+            let _ = std::fs::remove_file(file);
+        }
+    }
+}
+
+/// Opens the store `spec` names with `config`'s caps (the PostgreSQL connection is made
+/// here, then moves to the store's writer thread; never a reactor's).
+fn open_store(
+    spec: StoreSpec,
+    allow_async_commit: bool,
+    config: StoreConfig,
+) -> Result<OpenedStore, CliError> {
+    let created = match &spec {
+        StoreSpec::Sqlite(path) if std::fs::symlink_metadata(path).is_err() => Some(path.clone()),
+        _ => None,
+    };
+    let mut options = open_options();
+    options.postgres = options.postgres.allow_async_commit(allow_async_commit);
+    match Store::open(&spec, &options, config) {
+        Ok(store) => {
+            log_health_changes(&store);
+            Ok(OpenedStore {
+                store: Arc::new(store),
+                spec,
+                created,
+            })
+        }
+        Err(e) => {
+            remove_created(created);
+            Err(CliError::Store(e))
+        }
+    }
+}
+
+/// The store sized for this server ([`StoreConfig::for_server`]): its queue never refuses
+/// a message before the server's own caps (connections × messages in flight, `--max-memory`)
+/// stop reading.
+fn store_config(args: &ServeArgs) -> StoreConfig {
+    let max_in_flight = args
+        .max_in_flight
+        .unwrap_or(dispatch(args.dispatch).default_max_in_flight());
+    StoreConfig::default().for_server(args.max_connections, max_in_flight, args.max_memory)
+}
+
+fn dispatch(arg: DispatchArg) -> Dispatch {
+    match arg {
+        DispatchArg::Inline => Dispatch::Inline,
+        DispatchArg::Pool => Dispatch::Pool,
+    }
+}
+
 /// The TLS acceptor from `--tls-cert`, `--tls-key` and `--tls-client-ca`, checked now: a bad
 /// or mismatched file is a one-line error before anything listens.
-fn tls_acceptor(opts: &ServeOptions) -> Result<Option<mllp_reactor::tls::TlsAcceptor>, String> {
-    let (Some(cert), Some(key)) = (&opts.tls_cert, &opts.tls_key) else {
+fn tls_acceptor(args: &ServeArgs) -> Result<Option<mllp_reactor::tls::TlsAcceptor>, CliError> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
         return Ok(None);
     };
     let mut config = mllp_reactor::tls::TlsConfig::from_files(cert, key);
-    if let Some(ca) = &opts.tls_client_ca {
+    if let Some(ca) = &args.tls_client_ca {
         config = config.client_ca_file(ca);
     }
     mllp_reactor::tls::TlsAcceptor::new(config)
         .map(Some)
-        .map_err(|e| {
-            format!(
-                "--tls-cert {} / --tls-key {}: {e}",
+        .map_err(|source| CliError::Tls {
+            flag: format!(
+                "--tls-cert {} / --tls-key {}",
                 cert.display(),
                 key.display()
-            )
+            ),
+            source,
         })
 }

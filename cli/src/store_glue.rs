@@ -1,61 +1,62 @@
-//! `serve --store` and `export --store` in terms of the store crate: the decisions (what a
-//! store string names, store before ACK, the reply to a failed commit) are
+//! `serve --store` and `export` in terms of the store crate: the decisions (what a store
+//! string names, store before ACK, the reply to a failed commit) are
 //! [`mllp_store::StoreSpec`] and [`mllp_store::StoreThenAck`]; this file only maps flags onto
-//! them and logs the AR of a stored message without MSH-10.
+//! them and logs each AR the same way in every mode ([`log_rejected`]). A failed commit is a
+//! handler failure: the server answers it under its NAK policy and its observer logs it
+//! (`message failed`, with the store's error).
 //!
 //! This file is also compiled into `tests/store.rs` (`#[path]`), so it depends only on the
-//! library crates.
+//! library crates and `tracing`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use mllp_reactor::Handler;
 use mllp_reactor::ack::AckCode;
-use mllp_store::{
-    Health, OpenOptions, PostgresOptions, Store, StoreConfig, StoreSpec, StoreThenAck, WriteGate,
-};
+use mllp_reactor::msh::Msh;
+use mllp_reactor::{ConnectionId, Handler};
+use mllp_store::{Health, OpenOptions, PostgresOptions, Store, StoreThenAck};
 
 /// [`StoreThenAck`] over `store`, logging each AR (a stored message without a usable
-/// MSH-10) as `--no-store` does. A failed commit is a handler failure: the server answers
-/// it under its NAK policy and logs it as a failed message.
+/// MSH-10) as `--no-store` does.
 pub fn store_handler(store: Arc<Store>) -> impl Handler {
     StoreThenAck::new(store).on_ack(|acked| {
-        if acked.code != AckCode::AA {
-            tracing::warn!(
-                target: "mllp::msg",
-                conn = %acked.connection_id,
-                peer = %acked.peer,
-                seq = acked.sequence,
-                code = %acked.code,
-                control_id = "",
-                reason = "no MSH-10",
-                id = acked.outcome.id,
-                size = acked.message.len(),
-                "message rejected"
+        if !acked.code.is_accept() {
+            log_rejected(
+                acked.connection_id,
+                acked.peer,
+                acked.sequence,
+                acked.code,
+                acked.message,
             );
         }
     })
 }
 
-/// Opens the store `serve --store` names with `config`'s caps. Returns it, the line `serve`
-/// prints ("storing to …") and, for SQLite, the writer's gate (for the retention pruner).
-pub fn open_store(
-    spec: &str,
-    allow_async_commit: bool,
-    config: StoreConfig,
-) -> Result<(Store, String, Option<WriteGate>), String> {
-    let spec = StoreSpec::parse(spec).map_err(|e| format!("--store: {e}"))?;
-    if allow_async_commit && !spec.is_postgres() {
-        return Err(
-            "--allow-async-commit applies only to a PostgreSQL store (--store postgres://…)"
-                .to_owned(),
-        );
-    }
-    let mut options = open_options();
-    options.postgres = options.postgres.allow_async_commit(allow_async_commit);
-    let store = Store::open(&spec, &options, config).map_err(|e| e.to_string())?;
-    let shown = format!("storing to {}", store.summary());
-    // One line per change of the store's health, not one per failed message (each failed
-    // message is logged by the server as a failed message, with the store's error).
+/// Logs a message answered with a reject (AR) because it has no usable MSH-10, at warn on
+/// `mllp::msg`: connection, peer, sequence, code, why, size. The same line in every mode.
+pub fn log_rejected(conn: ConnectionId, peer: SocketAddr, seq: u64, code: AckCode, message: &[u8]) {
+    // Only on the reject path: a second parse costs nothing on the AA path.
+    let reason = match Msh::parse(message) {
+        Ok(_) => "no MSH-10",
+        Err(_) => "no readable MSH",
+    };
+    tracing::warn!(
+        target: "mllp::msg",
+        conn = %conn,
+        peer = %peer,
+        seq,
+        code = code.as_str(),
+        control_id = "",
+        reason,
+        size = message.len(),
+        "message rejected"
+    );
+}
+
+/// Logs each change of `store`'s health: one line per change, not one per failed message
+/// (each failed message is logged by the server as a failed message, with the store's
+/// error).
+pub fn log_health_changes(store: &Store) {
     store.on_health_change(|health, error| match (health, error) {
         (Health::Ok, _) => tracing::info!(target: "mllp::store", %health, "store commits again"),
         (Health::Broken, Some(error)) => tracing::error!(
@@ -71,8 +72,6 @@ pub fn open_store(
             "store commits are failing"
         ),
     });
-    let gate = store.write_gate().cloned();
-    Ok((store, shown, gate))
 }
 
 /// Store options for the CLI: a PostgreSQL password comes from `PGPASSWORD` when the URL has

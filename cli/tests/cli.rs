@@ -8,6 +8,8 @@
 mod bench;
 #[path = "cli/config.rs"]
 mod config;
+#[path = "cli/deploy.rs"]
+mod deploy;
 #[path = "cli/logs.rs"]
 mod logs;
 #[path = "cli/scrape.rs"]

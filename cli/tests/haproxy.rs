@@ -343,6 +343,15 @@ fn two_nodes_behind_haproxy_fail_over() {
     let mut haproxy = Haproxy::start(&binary, "127.0.0.1", [node1.addr, node2.addr]);
     haproxy.wait_status("node1", "UP");
     haproxy.wait_status("node2", "UP");
+    // Issue 18: HAProxy's health checks (a LOCAL header, then a close or a reset) are logged
+    // at debug only: nothing at the default level, never a warning per probe.
+    for node in [&node1, &node2] {
+        let log = node.log.lock().unwrap();
+        assert!(
+            !log.contains(" WARN ") && !log.contains("connection opened"),
+            "a health check was logged above debug: {log}"
+        );
+    }
 
     for id in 0..20 {
         send_one(haproxy.frontend, id);

@@ -3,7 +3,7 @@
 //! the dead node is resent through HAProxy to the other node, answered AA, and stored flagged
 //! as a duplicate of the first copy; each node records the sender's real address (PROXY v2).
 //!
-//! Needs `haproxy`, PostgreSQL (`store/tests/pg/mod.rs` starts a private one), the template
+//! Needs `haproxy`, PostgreSQL (`mllp_test_support::pg` starts a private one), the template
 //! `deploy/haproxy.cfg` and `serve --proxy-protocol`; where one is missing the test prints
 //! why and passes. Loopback only; every wait is bounded.
 

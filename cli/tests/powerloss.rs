@@ -33,7 +33,7 @@ use mllp_reactor::{Client, ClientConfig, Server};
 use mllp_store::{SqliteBackend, SqliteOptions, Store, StoreConfig};
 
 // The serve glue itself, so the child serves exactly what `serve` serves.
-#[allow(dead_code)]
+#[allow(dead_code, unreachable_pub)]
 #[path = "../src/store_glue.rs"]
 mod store_glue;
 

@@ -755,10 +755,27 @@ fn classify_open_error(path: &Path, flags: OpenFlags, e: rusqlite::Error) -> Sto
         Some(ErrorCode::CannotOpen | ErrorCode::PermissionDenied | ErrorCode::ReadOnly) => {
             // SQLite's text ("unable to open database file") hides the reason; the OS has it.
             let writable = !flags.contains(OpenFlags::SQLITE_OPEN_READ_ONLY);
-            let os = std::fs::OpenOptions::new()
-                .read(true)
-                .write(writable)
-                .open(path);
+            let create = flags.contains(OpenFlags::SQLITE_OPEN_CREATE)
+                && std::fs::symlink_metadata(path).is_err();
+            let os = if create {
+                // The file is missing: opening it would say "No such file or directory", while
+                // what failed is creating it (a directory this user cannot write, a read-only
+                // file system). Try that, and undo it should it work after all.
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .map(|file| {
+                        drop(file);
+                        let _ = std::fs::remove_file(path);
+                    })
+            } else {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(writable)
+                    .open(path)
+                    .map(drop)
+            };
             match os {
                 Err(io) => StoreError::open(path, io),
                 Ok(_) => StoreError::open(path, Cause::sqlite(e)),

@@ -136,8 +136,8 @@ fn verify_ack_rejects_nak_and_malformed() {
 
 #[test]
 fn each_connection_has_its_own_patient() {
-    let a = MessageTemplate::for_patient(1024, 0);
-    let b = MessageTemplate::for_patient(1024, 7);
+    let a = MessageTemplate::for_patient(1024, 0, 1);
+    let b = MessageTemplate::for_patient(1024, 7, 1);
     assert_eq!(a.payload_len, b.payload_len);
     let (mut wa, mut wb) = (Vec::new(), Vec::new());
     a.write(&mut wa, b"0-1").unwrap();
@@ -149,10 +149,10 @@ fn each_connection_has_its_own_patient() {
 #[test]
 fn template_hits_size_and_carries_id() {
     for size in [0, 100, 1024, 1 << 20] {
-        let template = MessageTemplate::new(size);
+        let template = MessageTemplate::new(size, 0xab);
         let mut id = Vec::new();
         template.write_id(12, 345, &mut id);
-        assert_eq!(id, b"12-0000000345");
+        assert_eq!(id, b"000000ab-12-0000000345");
         let mut wire = Vec::new();
         template.write(&mut wire, &id).unwrap();
         assert_eq!(wire.len(), template.framed_len(id.len()));
@@ -169,7 +169,7 @@ fn template_hits_size_and_carries_id() {
                 payload.len()
             );
         }
-        assert_eq!(msh10(&payload), b"12-0000000345");
+        assert_eq!(msh10(&payload), b"000000ab-12-0000000345");
         assert!(!payload.contains(&END_BLOCK));
     }
 }
@@ -231,6 +231,7 @@ fn config(addr: SocketAddr) -> LoadConfig {
         idle_conns: 0,
         server_pid: None,
         tls: None,
+        interrupt: None,
     }
 }
 

@@ -7,13 +7,16 @@ use std::ops::Range;
 
 use super::{CARRIAGE_RETURN, END_BLOCK, START_BLOCK};
 
-/// Width of the zero-padded sequence number in MSH-10 (`<conn>-<seq>`). A fixed width keeps
-/// every message of a connection the same size; 10 digits outlast any run.
+/// Width of the zero-padded sequence number in MSH-10 (`<run>-<conn>-<seq>`). A fixed width
+/// keeps every message of a connection the same size; 10 digits outlast any run.
 const SEQ_WIDTH: usize = 10;
+/// Width of the run id in MSH-10: 8 hex digits, so two runs against the same storing server
+/// share an id with a chance of about 2^-32 (MSH-3, MSH-4 and MSH-10 are the duplicate key).
+const RUN_WIDTH: usize = 8;
 /// Connection-index width assumed when sizing the padding (`NN-`); `size` is approximate anyway.
 const NOMINAL_CONN_DIGITS: usize = 2;
 
-/// An ADT^A01 message with a hole for MSH-10, padded to a target size.
+/// An ADT^A01 message with a hole for MSH-10 (`<run>-<conn>-<seq>`), padded to a target size.
 ///
 /// Sent as three slices with one vectored write, so a 1 MiB message is never copied:
 /// `head` (SB + MSH up to MSH-9) ‖ MSH-10 ‖ `tail` (rest of MSH, EVN, PID, PV1, NTE pad, EB CR).
@@ -23,6 +26,8 @@ pub(super) struct MessageTemplate {
     tail: Vec<u8>,
     /// Payload length (unframed) with a nominal-width MSH-10.
     pub(super) payload_len: usize,
+    /// This run's id, the first part of every MSH-10.
+    run: u32,
 }
 
 impl MessageTemplate {
@@ -42,16 +47,16 @@ impl MessageTemplate {
     /// A template whose PID-3.1 is `100001 + patient % 900000` (six digits, so the size does
     /// not change): each load connection sends for its own patient, as separate senders do,
     /// so a receiver that orders or partitions by patient sees several.
-    pub(super) fn for_patient(size: usize, patient: usize) -> Self {
-        let mut template = Self::new(size);
+    pub(super) fn for_patient(size: usize, patient: usize, run: u32) -> Self {
+        let mut template = Self::new(size, run);
         let id = format!("{:06}", 100_001 + patient % 900_000);
         let at = Self::PATIENT_AT;
         template.tail[at..at + 6].copy_from_slice(id.as_bytes());
         template
     }
 
-    pub(super) fn new(size: usize) -> Self {
-        let nominal_id = NOMINAL_CONN_DIGITS + 1 + SEQ_WIDTH;
+    pub(super) fn new(size: usize, run: u32) -> Self {
+        let nominal_id = RUN_WIDTH + 1 + NOMINAL_CONN_DIGITS + 1 + SEQ_WIDTH;
         let fixed = Self::HEAD.len() + nominal_id + Self::BODY.len();
         let mut head = Vec::with_capacity(Self::HEAD.len() + 1);
         head.push(START_BLOCK);
@@ -72,14 +77,16 @@ impl MessageTemplate {
             head,
             tail,
             payload_len,
+            run,
         }
     }
 
-    /// Writes MSH-10 `<conn>-<seq>` (sequence zero-padded to [`SEQ_WIDTH`]) into `out`.
+    /// Writes MSH-10 `<run>-<conn>-<seq>` (run in [`RUN_WIDTH`] hex digits, sequence
+    /// zero-padded to [`SEQ_WIDTH`]) into `out`.
     pub(super) fn write_id(&self, conn: usize, seq: u64, out: &mut Vec<u8>) {
         out.clear();
         // Writing into a Vec cannot fail.
-        let _ = write!(out, "{conn}-{seq:0SEQ_WIDTH$}");
+        let _ = write!(out, "{:0RUN_WIDTH$x}-{conn}-{seq:0SEQ_WIDTH$}", self.run);
     }
 
     pub(super) fn framed_len(&self, id_len: usize) -> usize {

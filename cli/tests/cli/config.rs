@@ -15,14 +15,7 @@ fn the_file_sets_options_and_flags_override_it() {
 
     let serve = Serve::start(&["--config", &file], &[]);
     let (out, _) = serve.stop();
-    let stderr = text(&out.stderr);
-    let started: serde_json::Value = serde_json::from_str(
-        stderr
-            .lines()
-            .find(|l| l.contains("server started"))
-            .expect("a start line"),
-    )
-    .expect("JSON, as the file says");
+    let started = crate::util::start_line(&text(&out.stderr));
     assert_eq!(started["grace"], "0s");
     assert_eq!(started["workers"], 2);
     assert_eq!(started["config"], file.as_str());

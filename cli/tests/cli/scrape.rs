@@ -12,34 +12,22 @@ const LATENCY: [&str; 3] = [
 /// Runs a short load against a `serve --metrics --dispatch DISPATCH` child and returns the
 /// scraped text.
 fn loaded_scrape(dispatch: &str) -> String {
-    let serve = Serve::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics",
-            "127.0.0.1:0",
-            "--dispatch",
-            dispatch,
-        ],
-        &[],
-    );
+    scrape_after_load(
+        &["--dispatch", dispatch],
+        &["--conns", "2", "--pipeline", "4", "--duration", "1s"],
+    )
+}
+
+/// Runs `bench BENCH_ARGS` against a `serve --metrics SERVE_ARGS` child and returns the
+/// scraped text.
+fn scrape_after_load(serve_args: &[&str], bench_args: &[&str]) -> String {
+    let mut args = vec!["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"];
+    args.extend_from_slice(serve_args);
+    let serve = Serve::start(&args, &[]);
     let to = serve.addr.to_string();
-    let out = run(
-        &[
-            "bench",
-            "--to",
-            &to,
-            "--conns",
-            "2",
-            "--pipeline",
-            "4",
-            "--duration",
-            "1s",
-            "--warmup",
-            "200ms",
-        ],
-        b"",
-    );
+    let mut args = vec!["bench", "--to", &to, "--warmup", "200ms"];
+    args.extend_from_slice(bench_args);
+    let out = run(&args, b"");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let body = scrape(serve.metrics.expect("--metrics given"));
     let (stopped, _) = serve.stop();
@@ -132,4 +120,70 @@ fn response_latency_p50_is_not_zero_under_load() {
             "{dispatch}: p50 in the lowest bucket (le {le}): {b:?}"
         );
     }
+}
+
+/// Issue 18 ("docs"): the store's histograms are Prometheus histograms, as documented; the
+/// batch size was rendered as a summary for want of buckets.
+#[test]
+fn issue_18_store_histograms_are_histograms() {
+    let dir = crate::util::scratch("store-metrics");
+    let store = dir.join("s.db");
+    let body = scrape_after_load(
+        &["--store", store.to_str().expect("utf-8")],
+        &["--duration", "300ms"],
+    );
+    for name in ["mllp_store_batch_messages", "mllp_store_commit_seconds"] {
+        assert!(
+            body.contains(&format!("# TYPE {name} histogram\n")),
+            "{name} is not a histogram:\n{body}"
+        );
+        assert!(
+            buckets(&body, name).last().is_some_and(|(_, n)| *n > 0),
+            "{name} saw no samples"
+        );
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// Issue 18: an AR the handler returns (a message without MSH-10) is counted in
+/// `mllp_naks_sent_total{code="AR"}`, storing or not, as the server's own NAKs are.
+#[test]
+fn issue_18_handler_naks_are_counted_in_every_mode() {
+    use std::io::{Read, Write};
+
+    let dir = crate::util::scratch("nak-count");
+    let store = dir.join("s.db");
+    for mode in [
+        vec!["--no-store"],
+        vec!["--store", store.to_str().expect("utf-8")],
+    ] {
+        let mut args = vec!["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"];
+        args.extend(&mode);
+        let serve = Serve::start(&args, &[]);
+        let mut peer = std::net::TcpStream::connect(serve.addr).expect("connects");
+        peer.set_read_timeout(Some(crate::util::WAIT))
+            .expect("timeout");
+        peer.write_all(b"\x0bMSH|^~\\&|LAB|H|EHR|H|20260101||ADT^A01||P|2.5.1\r\x1c\r")
+            .expect("written");
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 512];
+        while !reply.ends_with(b"\x1c\r") {
+            let n = peer.read(&mut buf).expect("the AR");
+            assert!(n > 0, "closed before the AR");
+            reply.extend_from_slice(&buf[..n]);
+        }
+        assert!(reply.windows(7).any(|w| w == b"MSA|AR|"), "{mode:?}");
+        // The count lands as the reply is written: wait (bounded) for it.
+        let want = "mllp_naks_sent_total{listener=\"mllp\",code=\"AR\"} 1\n";
+        let deadline = std::time::Instant::now() + crate::util::WAIT;
+        let mut body = scrape(serve.metrics.expect("--metrics given"));
+        while !body.contains(want) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            body = scrape(serve.metrics.expect("--metrics given"));
+        }
+        let (stopped, _) = serve.stop();
+        assert_eq!(stopped.status.code(), Some(0));
+        assert!(body.contains(want), "{mode:?}:\n{body}");
+    }
+    std::fs::remove_dir_all(dir).ok();
 }

@@ -114,7 +114,8 @@ fn addresses_resolve_and_a_bare_port_gets_a_hint() {
     let good = server(handler_fn(|msg, _cx| Ok(Reply::Send(ack::accept(msg)))));
     let port = good.local_addr().port().to_string();
     let out = run(&["send", &port], message("P1").as_bytes());
-    assert_eq!(out.status.code(), Some(1));
+    // Bad usage: exit 2, as documented.
+    assert_eq!(out.status.code(), Some(2));
     assert_eq!(
         text(&out.stderr).trim_end(),
         format!(

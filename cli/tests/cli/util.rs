@@ -87,15 +87,23 @@ impl Serve {
         {
             command.arg("--no-store");
         }
-        command
-            .args(args)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        command.args(args).env_remove("RUST_LOG");
         for (key, value) in env {
             command.env(key, value);
         }
+        let metrics =
+            args.contains(&"--metrics") || args.iter().any(|a| a.starts_with("--metrics="));
+        Self::spawn(command, metrics)
+    }
+
+    /// Starts `command` (a `serve`, set up by the caller) and waits for its `listening on`
+    /// line, and its `metrics on` line when `metrics`; other lines before them are kept.
+    #[track_caller]
+    pub(crate) fn spawn(mut command: Command, metrics: bool) -> Self {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = command.spawn().expect("the binary starts");
         let stdout = child.stdout.take().expect("piped");
         let (tx, lines) = mpsc::channel();
@@ -123,21 +131,36 @@ impl Serve {
             .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
             .parse()
             .expect("an address");
-        if args.contains(&"--metrics") || args.iter().any(|a| a.starts_with("--metrics=")) {
-            let second = lines.recv_timeout(WAIT).expect("a metrics line");
-            serve.metrics = Some(
-                second
+        serve.stdout.push(first);
+        if metrics {
+            loop {
+                let line = lines.recv_timeout(WAIT).expect("a metrics line");
+                if let Some(addr) = line
                     .strip_prefix("metrics on http://")
                     .and_then(|s| s.strip_suffix("/metrics"))
-                    .unwrap_or_else(|| panic!("unexpected second line {second:?}"))
-                    .parse()
-                    .expect("an address"),
-            );
-            serve.stdout.push(second);
+                {
+                    serve.metrics = Some(addr.parse().expect("an address"));
+                    serve.stdout.push(line);
+                    break;
+                }
+                serve.stdout.push(line);
+            }
         }
-        serve.stdout.insert(0, first);
         serve.rest = Some(lines);
         serve
+    }
+
+    /// The lines printed on stdout so far.
+    pub(crate) fn stdout_lines(&mut self) -> &[String] {
+        if let Some(rest) = &self.rest {
+            self.stdout.extend(rest.try_iter());
+        }
+        &self.stdout
+    }
+
+    /// The child's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// Sends SIGTERM and waits for the exit: stdout (every line) and stderr.
@@ -206,4 +229,14 @@ pub(crate) fn scrape(addr: SocketAddr) -> String {
 /// An ADT^A01 text message with MSH-10 `id`, segments ending in `\n` as in a file.
 pub(crate) fn message(id: &str) -> String {
     format!("MSH|^~\\&|LAB|H|EHR|H|20260101120000||ADT^A01|{id}|P|2.5.1\nPID|1||123\n")
+}
+
+/// The `server started` line of a `--log-format json` log, as JSON.
+#[track_caller]
+pub(crate) fn start_line(log: &str) -> serde_json::Value {
+    let line = log
+        .lines()
+        .find(|l| l.contains("server started"))
+        .unwrap_or_else(|| panic!("no start line in {log}"));
+    serde_json::from_str(line).expect("JSON")
 }
