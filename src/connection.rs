@@ -223,9 +223,11 @@ pub(crate) struct Connection {
     decoder: FrameDecoder,
     /// Received bytes not yet handed out as frames: a partial frame (≤ max_message_size + one
     /// read) and, while nothing more can be dispatched, undecoded input (≤ read_ahead + one
-    /// read). Released (capacity 0) whenever it empties, so an idle connection owns no buffer.
+    /// read). Given back to the thread's pool (`pool`) whenever it empties, so an idle
+    /// connection owns no buffer and a busy one does not allocate one per message.
     read_buf: BytesMut,
-    /// Messages in flight, in sequence order (see the module docs). Released when empty.
+    /// Messages in flight, in sequence order (see the module docs). Given back to the
+    /// thread's pool when empty.
     slots: Slots,
     state: State,
     next_seq: u64,

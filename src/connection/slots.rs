@@ -58,7 +58,10 @@ impl Slots {
     }
 
     pub(super) fn push_back(&mut self, slot: Slot) {
-        self.0.get_or_insert_with(super::pool::take_queue).q.push_back(slot);
+        self.0
+            .get_or_insert_with(super::pool::take_queue)
+            .q
+            .push_back(slot);
     }
 
     pub(super) fn pop_front(&mut self) -> Option<Slot> {
