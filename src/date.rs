@@ -34,3 +34,24 @@ pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     // Both fit: month is 1..=12, day 1..=31.
     (year, month as u32, day as u32)
 }
+
+/// Days after (or, negative, before) 1970-01-01 of the proleptic Gregorian date
+/// `year-month-day`: the inverse of [`civil_from_days`] (Howard Hinnant's `days_from_civil`).
+/// `month` is 1..=12 and `day` 1..=31; the caller checks the ranges.
+///
+/// ```
+/// use mllp_reactor::date::{civil_from_days, days_from_civil};
+///
+/// assert_eq!(days_from_civil(1970, 1, 1), 0);
+/// assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+/// assert_eq!(civil_from_days(days_from_civil(2024, 2, 29)), (2024, 2, 29));
+/// ```
+pub fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let year_of_era = y - era * 400;
+    let month_from_march = (month + 9) % 12;
+    let day_of_year = (153 * month_from_march + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}

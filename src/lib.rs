@@ -145,6 +145,7 @@ pub mod date;
 mod dispatch;
 mod error;
 mod handler;
+mod heartbeat;
 mod identity;
 mod limits;
 mod link;
@@ -169,6 +170,7 @@ pub use connection::NakPolicy;
 pub use control::ShutdownReport;
 pub use error::{ConfigError, Error};
 pub use handler::{Context, Dispatch, Handler, HandlerFn, handler_fn};
+pub use heartbeat::{HEARTBEAT_INTERVAL, Heartbeat};
 pub use identity::{PeerIdentity, SubjectAltName};
 pub use limits::{
     DEFAULT_FRAME_TIMEOUT, DEFAULT_HANDLER_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,

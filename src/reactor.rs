@@ -29,6 +29,7 @@ use crate::connection::{Dispatched, Event, Limits, deadline_after};
 use crate::control::{Command, ShutdownReport};
 use crate::dispatch::Dispatcher;
 use crate::handler::{Context, Dispatch, Handler};
+use crate::heartbeat::HEARTBEAT_INTERVAL;
 use crate::link::{self, Link};
 use crate::outcome::ConnectionId;
 use crate::pool::{Job, Pool};
@@ -209,6 +210,7 @@ impl Loop {
                 return Err(e);
             }
             let now = Instant::now();
+            self.r.shared.heartbeat.beat(usize::from(self.r.index), now);
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(now),
@@ -249,7 +251,7 @@ impl Loop {
         if !self.pending.is_empty() {
             return Some(Duration::ZERO);
         }
-        [
+        let next = [
             self.wheel.next_deadline(),
             self.accept_retry_at,
             self.drain.as_ref().map(|d| d.deadline),
@@ -257,7 +259,9 @@ impl Loop {
         .into_iter()
         .flatten()
         .min()
-        .map(|t| t.saturating_duration_since(now))
+        .map_or(HEARTBEAT_INTERVAL, |t| t.saturating_duration_since(now));
+        // An idle reactor still wakes to stamp its heartbeat.
+        Some(next.min(HEARTBEAT_INTERVAL))
     }
 
     fn accept(&mut self, now: Instant) {

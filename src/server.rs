@@ -365,6 +365,7 @@ impl Builder {
                 allow: self.allow,
                 proxy_sources: self.proxy_sources,
             })),
+            heartbeat: crate::heartbeat::Heartbeat::new(notifiers.len()),
         });
         let policy_shared = Arc::clone(&shared);
         let control = Arc::new(Control {
@@ -499,6 +500,11 @@ impl Server {
     /// A handle that stops this server from any thread (for signal handlers).
     pub fn shutdown_trigger(&self) -> ShutdownTrigger {
         self.trigger.clone()
+    }
+
+    /// The reactors' heartbeats, for a liveness check (`/healthz`).
+    pub fn heartbeat(&self) -> crate::Heartbeat {
+        self.trigger.control.shared.heartbeat.clone()
     }
 
     /// A handle that changes the server's configuration while it runs (for SIGHUP).

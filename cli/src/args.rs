@@ -10,9 +10,13 @@ use mllp_store::StoreSpec;
 
 use crate::error::ValueError;
 use crate::forward::{ForwardArgs, ForwardFlags};
+use crate::health::HealthArgs;
+use crate::integrity::CheckArgs;
 use crate::logging::LogFormat;
 use crate::parse::{TypedDuration, parse_duration, parse_timeout, parse_typed_duration};
+use crate::resend::ResendArgs;
 use crate::retention::{PruneArgs, RetainArgs};
+use crate::search::SearchArgs;
 
 /// The store `serve` uses without `--store`: relative, so it lands in `$STATE_DIRECTORY`
 /// under systemd and in the working directory otherwise.
@@ -66,6 +70,14 @@ pub enum Command {
     Forward(ForwardArgs),
     /// Remove messages older than a period from a store now (works while serve runs).
     Prune(PruneArgs),
+    /// Find stored messages by control id, sender, type, patient, time or status (works
+    /// while serve runs).
+    Search(SearchArgs),
+    /// Check a store for damage (SQLite integrity_check); exit 1 if it is damaged.
+    Check(CheckArgs),
+    /// Send stored messages again (by id, or --query with search's filters), check every
+    /// ACK, and record who resent what, when, and the result in the store.
+    Resend(ResendArgs),
 }
 
 #[derive(Debug, Args)]
@@ -168,6 +180,8 @@ pub struct ServeArgs {
     pub forward: ForwardFlags,
     #[command(flatten)]
     pub retention: RetainArgs,
+    #[command(flatten)]
+    pub health: HealthArgs,
 }
 
 #[derive(Debug, Args)]

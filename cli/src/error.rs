@@ -117,8 +117,38 @@ pub enum CliError {
         /// The kinds, as the report names them.
         kinds: String,
     },
-    /// `send` got a NAK: it printed the ACK line already, so nothing more is written.
+    /// `send` got a NAK, or `resend` a reply other than AA: it printed the ACK line
+    /// already, so nothing more is written.
     Nak,
+    /// `--min-free-disk`: the free space of the store's directory cannot be read.
+    DiskSpace {
+        /// The directory.
+        dir: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// `serve`'s start-up check found the store damaged.
+    Damaged {
+        /// The store file.
+        path: PathBuf,
+        /// The problems found (the first is shown).
+        problems: Vec<String>,
+    },
+    /// `check` found the store damaged (it printed every problem on stdout).
+    CheckFailed {
+        /// The store file.
+        path: PathBuf,
+        /// How many problems it printed.
+        problems: usize,
+    },
+    /// `check` did not finish (it has no time budget, so this is not expected).
+    CheckIncomplete,
+    /// `resend ID…`: ids no stored message has.
+    NoSuchMessages(Vec<i64>),
+    /// `resend` sent the messages, but recording the resends in the store failed.
+    ResendAudit(mllp_store::StoreError),
+    /// Writing the results to stdout failed.
+    Write(io::Error),
 }
 
 impl CliError {
@@ -196,6 +226,35 @@ impl fmt::Display for CliError {
                 write!(f, "{count} errors during the run ({kinds})")
             }
             Self::Nak => f.write_str("a message was not accepted"),
+            Self::DiskSpace { dir, source } => write!(
+                f,
+                "--min-free-disk: cannot read the free space of {}: {source}",
+                dir.display()
+            ),
+            Self::Damaged { path, problems } => {
+                f.write_str(&mllp_store::integrity::refusal(path, problems))
+            }
+            Self::CheckFailed { path, problems } => write!(
+                f,
+                "{} is damaged ({problems} problems listed)",
+                path.display()
+            ),
+            Self::CheckIncomplete => f.write_str("the check did not finish"),
+            Self::NoSuchMessages(ids) => {
+                f.write_str("no stored message with id ")?;
+                for (i, id) in ids.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{id}")?;
+                }
+                Ok(())
+            }
+            Self::ResendAudit(e) => write!(
+                f,
+                "the messages were sent but the audit was not recorded: {e}"
+            ),
+            Self::Write(e) => write!(f, "cannot write: {e}"),
         }
     }
 }
@@ -212,14 +271,22 @@ impl StdError for CliError {
             | Self::Listen { source, .. } => Some(source),
             Self::Input(e) => Some(e),
             Self::Server(e) => Some(e),
-            Self::Store(e) | Self::Retention(e) => Some(e),
+            Self::Store(e) | Self::Retention(e) | Self::ResendAudit(e) => Some(e),
+            Self::DiskSpace { source, .. } => Some(source),
+            Self::Write(e) => Some(e),
             Self::StoreClose(e) => Some(e),
             Self::Export(e) => Some(e),
             Self::Tls { source, .. } => Some(source),
             Self::Client { source, .. } => Some(source),
             Self::Forward(e) => Some(e),
             Self::Load(e) => Some(e),
-            Self::RunErrors { .. } | Self::Nak | Self::NoDeadLetters => None,
+            Self::RunErrors { .. }
+            | Self::Nak
+            | Self::NoDeadLetters
+            | Self::Damaged { .. }
+            | Self::CheckFailed { .. }
+            | Self::CheckIncomplete
+            | Self::NoSuchMessages(_) => None,
         }
     }
 }
@@ -323,6 +390,8 @@ pub enum ValueError {
     },
     /// A relative path where the process's working directory is not where the user thinks.
     NotAbsolute,
+    /// A percentage outside 0 % to 100 %.
+    Percent,
 }
 
 impl fmt::Display for ValueError {
@@ -381,6 +450,7 @@ impl fmt::Display for ValueError {
                 "must be at least twice --max-message-size ({max_message_size})"
             ),
             Self::NotAbsolute => f.write_str("must be an absolute path"),
+            Self::Percent => f.write_str("is not a percentage between 0% and 100%"),
         }
     }
 }

@@ -3,8 +3,9 @@
 //! ([`error::CliError::exit_code`]).
 //!
 //! Modules depend one way: `main` → subcommands (`serve`, `send`, `bench`, `export`,
-//! `forward`, `retention`'s `prune`) → `args` (flags), `config`, `logging`, `addr`,
-//! `tls_client` → `parse` → `error` → `loadgen`.
+//! `forward`, `retention`'s `prune`, `search`, `integrity`'s `check`, `resend`) → `args`
+//! (flags), `config`, `logging`, `addr`, `tls_client`, `health` → `parse` → `error` →
+//! `loadgen`.
 // A binary (or test/example root): `pub` inside it only ever means crate-visible.
 #![allow(unreachable_pub)]
 
@@ -15,11 +16,15 @@ mod config;
 mod error;
 mod export;
 mod forward;
+mod health;
+mod integrity;
 mod loadgen;
 mod logging;
 mod parse;
 mod prometheus;
+mod resend;
 mod retention;
+mod search;
 mod send;
 mod serve;
 mod store_glue;
@@ -61,5 +66,8 @@ fn run() -> Result<(), CliError> {
         Command::Export(args) => export::export(&args),
         Command::Forward(args) => forward::run(&args),
         Command::Prune(args) => retention::prune(&args),
+        Command::Search(args) => search::search(&args),
+        Command::Check(args) => integrity::check(&args),
+        Command::Resend(args) => resend::resend(&args),
     }
 }

@@ -1,5 +1,6 @@
-//! Value parsers shared by several modules' flags (`args`, `retention`, `forward`): a leaf
-//! below them, so `args` (which flattens their flags) and they never import each other.
+//! Value parsers shared by several modules' flags (`args`, `retention`, `forward`, `health`,
+//! `search`): a leaf below them, so `args` (which flattens their flags) and they never import
+//! each other.
 
 use std::fmt;
 use std::time::Duration;
@@ -23,6 +24,46 @@ pub fn parse_duration(text: &str) -> Result<Duration, ValueError> {
         _ => return Err(ValueError::UnknownUnit(unit.to_owned())),
     };
     Duration::try_from_secs_f64(value * scale).map_err(|_| ValueError::TooLarge)
+}
+
+/// A period: a duration as [`parse_duration`] takes it, or in days (`30d`).
+pub fn parse_period(text: &str) -> Result<Duration, ValueError> {
+    let text = text.trim();
+    match text.strip_suffix('d') {
+        Some(days) => {
+            let days: f64 = days.parse().map_err(|_| ValueError::NotANumber)?;
+            Duration::try_from_secs_f64(days * 86_400.0).map_err(|_| ValueError::TooLarge)
+        }
+        None => parse_duration(text),
+    }
+}
+
+/// A size in bytes: a number with an optional unit B, KB, MB, GB, TB (powers of 1000) or
+/// KiB, MiB, GiB, TiB (powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64, ValueError> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| ValueError::NotANumber)?;
+    let scale: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "KB" | "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => return Err(ValueError::UnknownSizeUnit(other.to_owned())),
+    };
+    let bytes = value * scale;
+    if !(0.0..1.8e19).contains(&bytes) {
+        return Err(ValueError::TooLarge);
+    }
+    Ok(bytes as u64)
 }
 
 /// A duration as the user typed it: compared and used as a [`Duration`], printed as typed (so
@@ -71,6 +112,22 @@ mod tests {
         assert_eq!(ok("1h"), Duration::from_secs(3_600));
         assert_eq!(ok("1.5s"), Duration::from_millis(1_500));
         assert_eq!(ok("0s"), Duration::ZERO);
+    }
+
+    #[test]
+    fn sizes_and_periods() {
+        assert_eq!(parse_size("50GiB").unwrap(), 50 << 30);
+        assert_eq!(parse_size("500MB").unwrap(), 500_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("5 parsecs").is_err());
+        assert_eq!(
+            parse_period("30d").unwrap(),
+            Duration::from_secs(30 * 86_400)
+        );
+        assert_eq!(parse_period("12h").unwrap(), Duration::from_secs(12 * 3600));
+        assert_eq!(parse_period("500ms").unwrap(), Duration::from_millis(500));
+        assert!(parse_period("soon").is_err());
+        assert!(parse_period("30").is_err());
     }
 
     #[test]

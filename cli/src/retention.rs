@@ -10,7 +10,7 @@ use mllp_store::retention::{
 use mllp_store::{SqliteOptions, StoreSpec, WriteGate};
 
 use crate::error::{CliError, ValueError};
-use crate::parse::parse_duration;
+use crate::parse::{parse_period, parse_size};
 
 /// `serve`'s retention flags.
 #[derive(Debug, Clone, Args)]
@@ -160,46 +160,6 @@ fn parse_retain(text: &str) -> Result<Retain, ValueError> {
     })
 }
 
-/// A duration that may also be given in days (`30d`).
-fn parse_period(text: &str) -> Result<Duration, ValueError> {
-    let text = text.trim();
-    match text.strip_suffix('d') {
-        Some(days) => {
-            let days: f64 = days.parse().map_err(|_| ValueError::NotANumber)?;
-            Duration::try_from_secs_f64(days * 86_400.0).map_err(|_| ValueError::TooLarge)
-        }
-        None => parse_duration(text),
-    }
-}
-
-/// A size in bytes: a number with an optional unit B, KB, MB, GB, TB (powers of 1000) or
-/// KiB, MiB, GiB, TiB (powers of 1024).
-pub fn parse_size(text: &str) -> Result<u64, ValueError> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| ValueError::NotANumber)?;
-    let scale: f64 = match unit.trim() {
-        "" | "B" => 1.0,
-        "KB" | "kB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "TB" => 1e12,
-        "KiB" => 1024.0,
-        "MiB" => 1024.0 * 1024.0,
-        "GiB" => 1024.0 * 1024.0 * 1024.0,
-        "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        other => return Err(ValueError::UnknownSizeUnit(other.to_owned())),
-    };
-    let bytes = value * scale;
-    if !(0.0..1.8e19).contains(&bytes) {
-        return Err(ValueError::TooLarge);
-    }
-    Ok(bytes as u64)
-}
-
 /// `--retain`'s default (the store crate's `DEFAULT_RETAIN`).
 const DEFAULT_RETAIN_TEXT: &str = "30d";
 
@@ -209,13 +169,7 @@ mod tests {
     use mllp_store::retention::DEFAULT_RETAIN;
 
     #[test]
-    fn sizes_and_periods() {
-        assert_eq!(parse_size("50GiB").unwrap(), 50 << 30);
-        assert_eq!(parse_size("500MB").unwrap(), 500_000_000);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("5 parsecs").is_err());
-        assert_eq!(parse_period("30d").unwrap(), DEFAULT_RETAIN);
-        assert_eq!(parse_period("12h").unwrap(), Duration::from_secs(12 * 3600));
+    fn retain_takes_periods_and_forever() {
         assert_eq!(parse_retain("forever").unwrap().period, None);
         assert!(parse_retain("0s").is_err());
         assert_eq!(

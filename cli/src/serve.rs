@@ -4,12 +4,15 @@
 //!
 //! Start-up runs in an order that leaves nothing behind when it fails: every flag is checked
 //! first (clap's parsers, then [`check_flags`] for combinations), then the TLS files are read
-//! and the metrics port bound, then the store is opened, and last the MLLP port is bound. If
-//! that last step fails, a store file this start created is removed again.
+//! and the metrics port bound, then an existing SQLite store gets a bounded integrity check
+//! and is opened, then the disk-space watch starts, the MLLP port is bound, and last the
+//! `--health` port. If one of the last steps fails, a store file this start created is
+//! removed again.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use mllp_reactor::ack::{Ack, AckCode};
 use mllp_reactor::proxy::ProxyMode;
@@ -30,8 +33,8 @@ pub const STATE_DIRECTORY: &str = "STATE_DIRECTORY";
 /// Runs the server until SIGINT/SIGTERM, then drains and prints a one-line summary. A second
 /// SIGINT/SIGTERM during the drain exits at once.
 ///
-/// Stdout gets `listening on ADDR` first (scripts read it), then `storing to …` and `metrics
-/// on …` where they apply, and `stopped: ...` last; everything else is a log line on stderr.
+/// Stdout gets `listening on ADDR` first (scripts read it), then `storing to …`, `metrics
+/// on …` and `health on …` where they apply, and `stopped: ...` last; everything else is a log line on stderr.
 pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
     check_flags(args)?;
     let store_spec = store_spec(args)?;
@@ -62,6 +65,9 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
         None => None,
     };
 
+    if let Some(spec) = &store_spec {
+        crate::integrity::check_at_start(spec)?;
+    }
     let store = match store_spec {
         Some(spec) => Some(open_store(
             spec,
@@ -85,15 +91,24 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
         }
         _ => None,
     };
+    let draining = Arc::new(AtomicBool::new(false));
     // The pruner last: it logs that retention is on, which a start that fails should not.
-    let started = bind(
-        args,
-        listen,
-        handler(args, store.as_ref(), forwarder.as_ref()),
-        tls.clone(),
-    )
-    .and_then(|server| Ok((server, start_pruner(args, store.as_ref())?)));
-    let (server, pruner) = match started {
+    let started = (|| {
+        let disk = match &store {
+            Some(opened) => crate::health::watch_disk(&opened.spec, &args.health, &opened.store)?,
+            None => None,
+        };
+        let server = bind(
+            args,
+            listen,
+            handler(args, store.as_ref(), forwarder.as_ref()),
+            tls.clone(),
+        )?;
+        let health = start_health(args, &server, store.as_ref(), disk.clone(), &draining)?;
+        let pruner = start_pruner(args, store.as_ref())?;
+        Ok::<_, CliError>((server, disk, health, pruner))
+    })();
+    let (server, disk, health, pruner) = match started {
         Ok(started) => started,
         Err(e) => {
             if let Some(forwarder) = forwarder {
@@ -127,6 +142,9 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
     if let Some(addr) = &prometheus {
         println!("metrics on http://{addr}/metrics");
     }
+    if let Some(addr) = &health {
+        println!("health on http://{addr}/healthz and /readyz");
+    }
     let _ = std::io::stdout().flush();
     let allow = cidrs(&args.allow);
     tracing::info!(
@@ -157,7 +175,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
         version = env!("CARGO_PKG_VERSION"),
         "server started"
     );
-    drain_on_signals(signals, &server, args.grace.clone());
+    drain_on_signals(signals, &server, args.grace.clone(), draining);
     let report = server.run().map_err(CliError::Server)?;
     let finished = report.in_flight.saturating_sub(report.forced);
     tracing::info!(
@@ -172,6 +190,9 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
         report.closed, report.forced
     );
     drop(pruner);
+    if let Some(disk) = disk {
+        disk.stop();
+    }
     if let Some(store) = store {
         store
             .store
@@ -219,15 +240,44 @@ fn start_pruner(
     }
 }
 
-/// The first SIGINT/SIGTERM drains for `grace`; a second one exits at once (exit status
+/// `--health`: the liveness and readiness endpoints, on their own port.
+fn start_health(
+    args: &ServeArgs,
+    server: &Server,
+    store: Option<&OpenedStore>,
+    disk: Option<mllp_store::disk::DiskMonitor>,
+    draining: &Arc<AtomicBool>,
+) -> Result<Option<std::net::SocketAddr>, CliError> {
+    let Some(addr) = &args.health.health else {
+        return Ok(None);
+    };
+    crate::health::start(
+        addr,
+        crate::health::Sources {
+            reactors: server.heartbeat(),
+            store: store.map(|s| Arc::clone(&s.store)),
+            disk,
+            draining: Arc::clone(draining),
+        },
+    )
+    .map(Some)
+}
+
+/// The first SIGINT/SIGTERM drains for `grace` (and sets `draining`, so `/readyz` answers 503); a second one exits at once (exit status
 /// 128 + the signal, as a shell reports it). Nothing unacknowledged is lost by that: a message
 /// gets its AA only after it is stored.
-fn drain_on_signals(mut signals: Signals, server: &Server, grace: crate::parse::TypedDuration) {
+fn drain_on_signals(
+    mut signals: Signals,
+    server: &Server,
+    grace: crate::parse::TypedDuration,
+    draining: Arc<AtomicBool>,
+) {
     let trigger = server.shutdown_trigger();
     std::thread::spawn(move || {
         let mut signals = signals.forever();
         if let Some(signal) = signals.next() {
             tracing::info!(target: "mllp::server", signal = signal_name(signal), grace = %grace, "draining (a second signal stops at once)");
+            draining.store(true, Ordering::Relaxed);
             trigger.shutdown(grace.value);
         }
         if let Some(signal) = signals.next() {
@@ -440,6 +490,7 @@ fn open_store(
     match Store::open(&spec, &options, config) {
         Ok(store) => {
             log_health_changes(&store);
+            crate::integrity::watch_corruption(store.pulse(), store.summary().to_owned());
             Ok(OpenedStore {
                 store: Arc::new(store),
                 spec,

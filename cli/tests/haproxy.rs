@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use mllp_reactor::proxy::{ProxyDecoder, ProxyHeader, ProxyMode, encode_v2};
 
 use mllp_test_support::haproxy as support;
+use mllp_test_support::tmpfs;
 
 use support::{Haproxy, TIMEOUT, free_port, haproxy_binary};
 
@@ -72,6 +73,8 @@ type Arrivals = mpsc::Receiver<(usize, Result<Accepted, String>)>;
 /// Two loopback listeners standing in for `serve` nodes.
 struct Backends {
     addrs: [SocketAddr; 2],
+    /// Each backend's `/readyz` stand-in: 200 until the backend is killed, then refused.
+    health: [SocketAddr; 2],
     /// Every connection either accepted, in order.
     arrivals: Arrivals,
     stop: [Arc<AtomicBool>; 2],
@@ -83,11 +86,13 @@ impl Backends {
     fn start() -> Self {
         let (tx, arrivals) = mpsc::channel();
         let mut addrs = [free_port("127.0.0.1"); 2];
+        let mut health = addrs;
         let stop = [
             Arc::new(AtomicBool::new(false)),
             Arc::new(AtomicBool::new(false)),
         ];
         for (index, addr) in addrs.iter_mut().enumerate() {
+            health[index] = health_stub(Arc::clone(&stop[index]));
             let listener = TcpListener::bind("127.0.0.1:0").expect("backend listener");
             *addr = listener.local_addr().expect("backend address");
             let (tx, stop) = (tx.clone(), Arc::clone(&stop[index]));
@@ -102,6 +107,7 @@ impl Backends {
         }
         Self {
             addrs,
+            health,
             arrivals,
             stop,
         }
@@ -112,7 +118,29 @@ impl Backends {
     fn kill(&self, index: usize) {
         self.stop[index].store(true, Ordering::SeqCst);
         let _ = TcpStream::connect(self.addrs[index]);
+        let _ = TcpStream::connect(self.health[index]);
     }
+}
+
+/// A minimal `GET /readyz` responder for a throwaway backend: 200 until `stop`, then its port
+/// is closed (as a dead node's would be).
+fn health_stub(stop: Arc<AtomicBool>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("health listener");
+    let addr = listener.local_addr().expect("health address");
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let _ = stream.set_read_timeout(Some(TIMEOUT));
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request);
+            let _ = stream.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 18\r\nConnection: close\r\n\r\n{\"status\":\"ready\"}",
+            );
+        }
+    });
+    addr
 }
 
 /// Next accepted connection whose header satisfies `wanted`; others are dropped.
@@ -159,15 +187,9 @@ fn haproxy_sends_proxy_v2_headers_the_decoder_accepts() {
 fn probe(binary: &Path, ip: &str, family: &str) {
     let backends = Backends::start();
     let rx = &backends.arrivals;
-    let mut haproxy = Haproxy::start(binary, ip, backends.addrs);
-
-    let (_, check) = next_accepted(rx, |h| *h == ProxyHeader::Local);
-    capture("haproxy_check_local", &check.raw);
-    assert_eq!(
-        check.raw,
-        encode_v2(&ProxyHeader::Local),
-        "LOCAL, UNSPEC, no TLVs"
-    );
+    let mut haproxy = Haproxy::start(binary, ip, backends.addrs, backends.health);
+    // The health checks go to the nodes' --health ports (HTTP GET /readyz), not to the MLLP
+    // port: every connection a backend sees is a proxied client's.
     haproxy.wait_status("node1", "UP");
     haproxy.wait_status("node2", "UP");
 
@@ -219,7 +241,7 @@ fn a_dead_backend_is_marked_down_and_skipped() {
         return;
     };
     let backends = Backends::start();
-    let mut haproxy = Haproxy::start(&binary, "127.0.0.1", backends.addrs);
+    let mut haproxy = Haproxy::start(&binary, "127.0.0.1", backends.addrs, backends.health);
     haproxy.wait_status("node1", "UP");
     haproxy.wait_status("node2", "UP");
 
@@ -238,6 +260,8 @@ fn a_dead_backend_is_marked_down_and_skipped() {
 struct Node {
     child: Child,
     addr: SocketAddr,
+    /// Its `--health` address.
+    health: SocketAddr,
     /// Everything the node logged on stderr so far.
     log: Arc<std::sync::Mutex<String>>,
 }
@@ -247,24 +271,17 @@ impl Node {
     /// address from its "listening on ADDR" line.
     #[track_caller]
     fn start() -> Self {
-        Self::start_with(&[])
+        Self::start_with(&["--no-store"])
     }
 
-    /// [`start`](Self::start) with more flags.
+    /// As [`start`](Self::start), with `args` (a store, say) instead of `--no-store`.
     #[track_caller]
-    fn start_with(extra: &[&str]) -> Self {
+    fn start_with(args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mllp-reactor"))
-            .args([
-                "serve",
-                "--no-store",
-                "--listen",
-                "127.0.0.1:0",
-                "--proxy-protocol",
-                "v2",
-                "--proxy-source",
-                "127.0.0.0/8",
-            ])
-            .args(extra)
+            .args(["serve", "--listen", "127.0.0.1:0", "--proxy-protocol", "v2"])
+            .args(["--proxy-source", "127.0.0.0/8"])
+            .args(["--health", "127.0.0.1:0"])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -287,21 +304,43 @@ impl Node {
         let mut stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
+            // Line by line until the health address, then keep draining so the node never
+            // blocks on a full pipe.
             let mut line = Vec::new();
             let mut byte = [0u8; 1];
-            while stdout.read(&mut byte).is_ok_and(|n| n == 1) && byte[0] != b'\n' {
-                line.push(byte[0]);
+            while stdout.read(&mut byte).is_ok_and(|n| n == 1) {
+                if byte[0] != b'\n' {
+                    line.push(byte[0]);
+                    continue;
+                }
+                let text = String::from_utf8_lossy(&line).into_owned();
+                line.clear();
+                let last = text.starts_with("health on ");
+                if tx.send(text).is_err() || last {
+                    break;
+                }
             }
-            let _ = tx.send(String::from_utf8_lossy(&line).into_owned());
-            // Keep draining so the node never blocks on a full pipe.
             let _ = std::io::copy(&mut stdout, &mut std::io::sink());
         });
-        let line = rx.recv_timeout(TIMEOUT).expect("serve prints its address");
-        let addr = line
-            .strip_prefix("listening on ")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line from serve: {line:?}"));
-        Self { child, addr, log }
+        let mut addr = None;
+        let mut health = None;
+        while health.is_none() {
+            let line = rx
+                .recv_timeout(TIMEOUT)
+                .expect("serve prints its addresses");
+            if let Some(a) = line.strip_prefix("listening on ") {
+                addr = a.parse().ok();
+            }
+            if let Some(h) = line.strip_prefix("health on http://") {
+                health = h.split('/').next().and_then(|h| h.parse().ok());
+            }
+        }
+        Self {
+            child,
+            addr: addr.expect("a listening line first"),
+            health: health.expect("a health line"),
+            log,
+        }
     }
 }
 
@@ -340,7 +379,12 @@ fn two_nodes_behind_haproxy_fail_over() {
     };
     let mut node1 = Node::start();
     let node2 = Node::start();
-    let mut haproxy = Haproxy::start(&binary, "127.0.0.1", [node1.addr, node2.addr]);
+    let mut haproxy = Haproxy::start(
+        &binary,
+        "127.0.0.1",
+        [node1.addr, node2.addr],
+        [node1.health, node2.health],
+    );
     haproxy.wait_status("node1", "UP");
     haproxy.wait_status("node2", "UP");
     // Issue 18: HAProxy's health checks (a LOCAL header, then a close or a reset) are logged
@@ -397,6 +441,54 @@ fn two_nodes_behind_haproxy_fail_over() {
     assert_eq!(haproxy.status("node2").as_deref(), Some("UP"));
 }
 
+/// Issue 20: a node whose store cannot take messages (here: its disk is below
+/// `--min-free-disk`, on a 16 MiB tmpfs the test mounts) answers 503 on /readyz, HAProxy marks
+/// it DOWN although its MLLP port still accepts, and every new connection goes to the other
+/// node; once space is freed it is UP again.
+#[test]
+fn a_node_whose_store_cannot_commit_stops_getting_connections() {
+    let Some(binary) = haproxy_binary() else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "haproxy is missing under CI=true"
+        );
+        return;
+    };
+    let Some(fs) = tmpfs::Tmpfs::mount("haproxy-store", "16m") else {
+        return;
+    };
+    let mnt = fs.path().to_owned();
+    let dir = fs.outside().to_owned();
+    let store1 = mnt.join("node1.db");
+    let store2 = dir.join("node2.db");
+    let node1 = Node::start_with(&[
+        "--store",
+        store1.to_str().unwrap(),
+        "--min-free-disk",
+        "6MiB",
+    ]);
+    let node2 = Node::start_with(&["--store", store2.to_str().unwrap()]);
+    let mut haproxy = Haproxy::start(
+        &binary,
+        "127.0.0.1",
+        [node1.addr, node2.addr],
+        [node1.health, node2.health],
+    );
+    haproxy.wait_status("node1", "UP");
+    haproxy.wait_status("node2", "UP");
+
+    let filler = mnt.join("filler");
+    std::fs::write(&filler, vec![0u8; 12 << 20]).unwrap();
+    haproxy.wait_status("node1", "DOWN");
+    for id in 0..20 {
+        send_one(haproxy.frontend, id);
+    }
+    assert_eq!(haproxy.status("node2").as_deref(), Some("UP"));
+    std::fs::remove_file(&filler).unwrap();
+    haproxy.wait_status("node1", "UP");
+    drop((node1, node2));
+}
+
 /// Issue 18 defect 2: TLS behind `send-proxy-v2`. HAProxy often sends the header and the
 /// client's first bytes (the ClientHello) in one segment; the node used to take both in one
 /// read and never send its ServerHello, so the handshake hung until its deadline. Every one of
@@ -418,10 +510,15 @@ fn issue_2_tls_behind_haproxy_send_proxy_v2() {
     std::fs::write(&cert, &cert_pem).expect("write the certificate");
     std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write the key");
     let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
-    let tls_args = ["--tls-cert", cert, "--tls-key", key];
+    let tls_args = ["--no-store", "--tls-cert", cert, "--tls-key", key];
     let node1 = Node::start_with(&tls_args);
     let node2 = Node::start_with(&tls_args);
-    let haproxy = Haproxy::start(&binary, "127.0.0.1", [node1.addr, node2.addr]);
+    let haproxy = Haproxy::start(
+        &binary,
+        "127.0.0.1",
+        [node1.addr, node2.addr],
+        [node1.health, node2.health],
+    );
     let tls = ClientTls::from_ca_pem(cert_pem.as_str())
         .expect("the CA")
         .server_name("localhost")

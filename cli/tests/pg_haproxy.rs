@@ -35,6 +35,8 @@ const SENDERS: usize = 8;
 struct Node {
     child: Child,
     addr: SocketAddr,
+    /// Its `--health` address.
+    health: SocketAddr,
 }
 
 impl Node {
@@ -43,7 +45,7 @@ impl Node {
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0", "--proxy-protocol", "v2"])
             .args(["--proxy-source", "127.0.0.0/8"])
-            .args(["--store", store])
+            .args(["--store", store, "--health", "127.0.0.1:0"])
             // Main's serve logs every connection at info: only warnings and errors here.
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -68,8 +70,20 @@ impl Node {
             .unwrap_or_else(|| panic!("unexpected first line from serve: {line:?}"));
         let stored = rx.recv_timeout(WAIT).expect("serve prints its store");
         assert!(stored.starts_with("storing to postgres://"), "{stored}");
+        let line = rx
+            .recv_timeout(WAIT)
+            .expect("serve prints its health address");
+        let health = line
+            .strip_prefix("health on http://")
+            .and_then(|h| h.split('/').next())
+            .and_then(|h| h.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected health line from serve: {line:?}"));
         // The reader thread keeps draining stdout, so the node never blocks on a full pipe.
-        Self { child, addr }
+        Self {
+            child,
+            addr,
+            health,
+        }
     }
 }
 
@@ -214,7 +228,12 @@ fn two_nodes_behind_haproxy_share_one_postgres_store_and_lose_nothing() {
     let url = db.create_db("nodes");
     let mut node1 = Node::start(&url);
     let node2 = Node::start(&url);
-    let mut proxy = Haproxy::start(&binary, "127.0.0.1", [node1.addr, node2.addr]);
+    let mut proxy = Haproxy::start(
+        &binary,
+        "127.0.0.1",
+        [node1.addr, node2.addr],
+        [node1.health, node2.health],
+    );
     proxy.wait_status("node1", "UP");
     proxy.wait_status("node2", "UP");
     let frontend = proxy.frontend;

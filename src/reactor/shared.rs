@@ -21,6 +21,8 @@ pub(crate) struct Shared {
     pub(crate) reactors: Vec<Inbox>,
     /// Who may connect; replaced whole on reload, read once per accepted connection.
     pub(crate) policy: Mutex<Arc<Policy>>,
+    /// Each reactor's last poll turn.
+    pub(crate) heartbeat: crate::heartbeat::Heartbeat,
 }
 
 /// A reactor's inbox for accepted connections, and its load.

@@ -202,19 +202,8 @@ fn time(input: &mut &[u8]) -> Result<i64, DerError> {
     if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
         return Err(DerError);
     }
-    let days = days_from_civil(year, month, day);
+    let days = crate::date::days_from_civil(year, month, day);
     Ok(days * 86_400 + hour * 3_600 + minute * 60 + second.min(60))
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// Seconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (for error messages; times before
@@ -276,6 +265,7 @@ fn next<'a>(input: &mut &'a [u8]) -> Result<(u8, &'a [u8]), DerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::date::days_from_civil;
 
     #[test]
     fn civil_dates_round_trip() {

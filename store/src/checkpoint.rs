@@ -3,7 +3,7 @@
 //! By default SQLite copies the WAL back into the database file inside a commit, once the WAL
 //! holds 1 000 pages: that commit (and every message waiting on it for an ACK) waits for the
 //! copy and the database file's sync. The store's writer connection turns that off, and a
-//! [`Checkpointer`] thread with its own connection does the copying instead:
+//! `Checkpointer` thread with its own connection does the copying instead:
 //!
 //! - After a commit leaves [`CHECKPOINT_PAGES`] or more pages in the WAL that no checkpoint
 //!   has copied yet, the writer's WAL hook (a few atomic operations, on the writer thread)

@@ -89,6 +89,14 @@ pub enum StoreError {
     /// The writer thread stopped before it committed the record (it never does on its own:
     /// only a panic in the backend outside a batch could cause this).
     WriterGone,
+    /// Free disk space is below the minimum ([`disk`](crate::disk)): the record was not
+    /// stored, nothing stored was touched; service resumes once space is freed.
+    LowDisk {
+        /// Bytes available at the last check.
+        available: u64,
+        /// The minimum, in bytes.
+        minimum: u64,
+    },
 }
 
 impl fmt::Display for StoreError {
@@ -123,6 +131,13 @@ impl fmt::Display for StoreError {
             Self::QueueFull => f.write_str("the store's queue is full"),
             Self::Closed => f.write_str("the store is closed"),
             Self::WriterGone => f.write_str("the store's writer thread has stopped"),
+            Self::LowDisk { available, minimum } => write!(
+                f,
+                "free disk space is below the minimum ({} MiB left, {} MiB required): new \
+                 messages are refused until space is freed",
+                available >> 20,
+                minimum >> 20
+            ),
         }
     }
 }

@@ -1,9 +1,12 @@
 //! [`Health`]: whether a [`Store`](crate::Store) is storing, as of its last commit, for
-//! readiness checks (`/readyz`) and an operator's log.
+//! readiness checks (`/readyz`) and an operator's log; [`Pulse`]: whether its writer thread
+//! is alive (a heartbeat) and whether a commit found its file damaged. The decisions of
+//! `/readyz` and `/healthz` that use them are in [`crate::readiness`].
 
 use std::fmt;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use crate::error::{Problem, StoreError};
 
@@ -119,5 +122,77 @@ impl HealthState {
                 }));
             }
         }
+    }
+}
+
+/// Longest time an idle writer waits for records before stamping its heartbeat: the
+/// server's [`HEARTBEAT_INTERVAL`](mllp_reactor::HEARTBEAT_INTERVAL), for the same reasons.
+pub const WRITER_HEARTBEAT: Duration = mllp_reactor::HEARTBEAT_INTERVAL;
+
+/// The longest a heartbeat (a reactor's or the store writer's) may be silent before
+/// `/healthz` calls the process stuck: 5 s, five heartbeat intervals, so a loaded machine's
+/// scheduling hiccup is not a failure, while a thread stuck for good is caught within seconds.
+pub const MAX_SILENCE: Duration = Duration::from_secs(5);
+
+/// A store writer's heartbeat and corruption flag, shared with its writer thread: cheap to
+/// clone, read from any thread ([`Store::pulse`](crate::Store::pulse)).
+#[derive(Clone, Debug)]
+pub struct Pulse {
+    inner: Arc<PulseInner>,
+}
+
+#[derive(Debug)]
+struct PulseInner {
+    epoch: Instant,
+    /// Microseconds after `epoch` of the writer's last stamp.
+    beat_us: AtomicU64,
+    /// Set for good by the first commit that found the file damaged.
+    corrupt: AtomicBool,
+}
+
+impl Default for Pulse {
+    fn default() -> Self {
+        Self {
+            inner: Arc::new(PulseInner {
+                epoch: Instant::now(),
+                beat_us: AtomicU64::new(0),
+                corrupt: AtomicBool::new(false),
+            }),
+        }
+    }
+}
+
+impl Pulse {
+    /// Stamps the writer's heartbeat.
+    pub(crate) fn beat(&self, now: Instant) {
+        let us = now.saturating_duration_since(self.inner.epoch).as_micros();
+        self.inner
+            .beat_us
+            .store(u64::try_from(us).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Notes a commit's error; returns whether it says the file is damaged
+    /// ([`crate::integrity`]), which then stays set.
+    pub(crate) fn commit_failed(&self, error: &StoreError) -> bool {
+        let corrupt = error.problem() == Some(&Problem::Corrupt);
+        if corrupt {
+            self.inner.corrupt.store(true, Ordering::Relaxed);
+        }
+        corrupt
+    }
+
+    /// How long ago the writer last showed it is alive (it stamps at least every
+    /// [`WRITER_HEARTBEAT`] when idle, and after every commit).
+    pub fn writer_beat_age(&self, now: Instant) -> Duration {
+        let since = now.saturating_duration_since(self.inner.epoch);
+        since.saturating_sub(Duration::from_micros(
+            self.inner.beat_us.load(Ordering::Relaxed),
+        ))
+    }
+
+    /// Whether a commit found the store's file damaged (stays set until restart: see
+    /// [`crate::integrity`]).
+    pub fn is_corrupt(&self) -> bool {
+        self.inner.corrupt.load(Ordering::Relaxed)
     }
 }

@@ -180,16 +180,21 @@
 
 mod backend;
 pub mod checkpoint;
+pub mod disk;
 mod error;
 pub mod export;
 pub mod fault;
 pub mod forward;
-mod health;
+pub mod health;
+pub mod integrity;
 mod open;
 #[cfg(feature = "postgres")]
 pub mod postgresql;
+pub mod readiness;
 mod record;
+pub mod resend;
 pub mod retention;
+pub mod search;
 mod spec;
 pub mod sqlite;
 mod submit;

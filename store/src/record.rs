@@ -136,6 +136,10 @@ pub struct Header<'a> {
     pub message_type: Option<&'a [u8]>,
     /// MSH-10, message control id.
     pub control_id: Option<&'a [u8]>,
+    /// PID-3.1: the first component of the first repetition of the first PID segment's
+    /// patient identifier list (the medical record number, in practice). Raw, like the other
+    /// fields: escape sequences are not decoded.
+    pub patient_id: Option<&'a [u8]>,
 }
 
 impl<'a> Header<'a> {
@@ -150,8 +154,22 @@ impl<'a> Header<'a> {
             sending_facility: field(4),
             message_type: field(9),
             control_id: field(10),
+            patient_id: patient_id(payload, msh.encoding()),
         }
     }
+}
+
+/// PID-3.1 of the first PID segment (see [`Header::patient_id`]); segments end in CR (LF and
+/// CRLF are tolerated, as senders' files have them).
+fn patient_id(payload: &[u8], enc: mllp_reactor::msh::Encoding) -> Option<&[u8]> {
+    let segment = payload
+        .split(|&b| b == b'\r' || b == b'\n')
+        .find(|s| s.len() > 3 && s.starts_with(b"PID") && s[3] == enc.field)?;
+    let pid3 = segment.split(|&b| b == enc.field).nth(3)?;
+    let first = pid3.split(|&b| b == enc.repetition).next()?;
+    let id = first.split(|&b| b == enc.component).next()?;
+    let id = id.split(|&b| b == enc.subcomponent).next()?;
+    (!id.is_empty()).then_some(id)
 }
 
 /// A field as text for a TEXT column: HL7 v2 header fields are ASCII in practice; anything
@@ -250,6 +268,23 @@ mod tests {
         assert_eq!(Header::parse(b"PID|1\r"), Header::default());
         assert_eq!(Header::parse(b""), Header::default());
         assert_eq!(Header::parse(b"MSH|^~\\&|A\r").control_id, None);
+    }
+
+    #[test]
+    fn patient_id_is_pid_3_1_raw() {
+        let h = |m: &'static [u8]| Header::parse(m).patient_id;
+        assert_eq!(
+            h(b"MSH|^~\\&|A\rPID|1||MRN1^^^H^MR~X2||DOE\r"),
+            Some(&b"MRN1"[..])
+        );
+        assert_eq!(
+            h(b"MSH|^~\\&|A\nEVN|x\nPID|1||M\\T\\2\n"),
+            Some(&b"M\\T\\2"[..])
+        );
+        assert_eq!(h(b"MSH|^~\\&|A\rPID|1||^^^H\r"), None);
+        assert_eq!(h(b"MSH|^~\\&|A\rPIDX|1||M\r"), None);
+        assert_eq!(h(b"MSH|^~\\&|A\rPID|1\r"), None);
+        assert_eq!(h(b"MSH#*~\\&#A\rPID#1##K*L\r"), Some(&b"K"[..]));
     }
 
     #[test]

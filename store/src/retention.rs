@@ -18,6 +18,8 @@
 //! - **Never** a dead-lettered message: ids in `forward_dead_letter(message_id, status)` with a
 //!   status other than `delivered` are skipped (and counted in [`PruneReport::protected`]).
 //! - Both tables are the forwarder's; without them nothing is protected beyond age and size.
+//! - A resend (`duplicate_of` set) is younger than its original, so the original goes first;
+//!   the resend keeps the original's id as the record that it was one.
 //!
 //! # Small batches, off the commit path
 //!
@@ -48,7 +50,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use metrics::{Counter, Gauge, Unit};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
@@ -71,10 +73,10 @@ pub const DEFAULT_RETAIN: Duration = Duration::from_secs(30 * 24 * 3600);
 /// arrives meanwhile waits about one commit's time. Fewer rows would only add transactions.
 pub const DEFAULT_BATCH_ROWS: usize = 256;
 
-/// Default of [`RetentionPolicy::pause`]: 20 ms between two delete batches, so a pass gives
-/// the writer the lock back for at least several commits between its own transactions, and
-/// deletes at most ~12 800 messages per second: far above any ingest rate it has to keep up
-/// with, far below what would load the disk.
+/// Default of [`RetentionPolicy::pause`]: 20 ms between two delete batches (and at least
+/// twice as long as the batch took), so a pass gives the writer the lock back for several
+/// commits between its own transactions and holds it at most a third of the time, and deletes
+/// at most ~12 800 messages per second: far above any ingest rate it has to keep up with.
 pub const DEFAULT_PAUSE: Duration = Duration::from_millis(20);
 
 /// Most free pages given back per `incremental_vacuum` transaction: 512 pages (2 MiB at the
@@ -253,14 +255,7 @@ pub fn prune_sqlite(
 /// As [`SqliteBackend::open_read_only`](crate::SqliteBackend::open_read_only), and
 /// [`StoreError::Read`].
 pub fn usage_sqlite(path: &Path, options: &SqliteOptions) -> Result<StoreUsage, StoreError> {
-    let backend = crate::SqliteBackend::open_read_only(path, options)?;
-    drop(backend);
-    let conn = open_connection(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        options,
-        false,
-    )?;
+    let conn = crate::SqliteBackend::open_read_only(path, options)?.into_connection()?;
     usage(&conn, path).map_err(StoreError::read)
 }
 
@@ -437,6 +432,13 @@ impl SqlitePrune {
         drop(crate::SqliteBackend::open_read_only(path, options)?);
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = open_connection(path, flags, options, false)?;
+        // `duplicate_of REFERENCES messages (id)` has no index on the referencing side: with
+        // foreign keys enforced (this SQLite build's default), every delete would scan the
+        // whole table for duplicates of the row, and deleting an original that a (younger,
+        // kept) resend points to would fail. A resend keeps its `duplicate_of` id as the
+        // record that it was one, also once its original is gone.
+        conn.pragma_update(None, "foreign_keys", false)
+            .map_err(|e| StoreError::open(path, e))?;
         Ok(Self {
             conn,
             path: path.to_owned(),
@@ -472,6 +474,7 @@ impl SqlitePrune {
                 }
                 None => 0,
             };
+            let started = Instant::now();
             let (report, more, freed) = self.batch(policy, cutoff, over, &mut after, mode)?;
             if mode == PruneMode::DryRun {
                 dry_freed += freed;
@@ -482,12 +485,12 @@ impl SqlitePrune {
             if !(more || remeasure && report.deleted > 0) || stopped() {
                 break;
             }
-            if mode == PruneMode::Delete && !policy.pause.is_zero() {
-                std::thread::sleep(policy.pause);
+            if mode == PruneMode::Delete {
+                give_way(started, policy.pause);
             }
         }
         if mode == PruneMode::Delete {
-            total.released_bytes = self.release(stopped)?;
+            total.released_bytes = self.release(policy.pause, stopped)?;
         }
         Ok(total)
     }
@@ -574,7 +577,7 @@ impl SqlitePrune {
     }
 
     /// Gives free pages back to the file system in steps (incremental auto_vacuum only).
-    fn release(&mut self, stopped: &dyn Fn() -> bool) -> Result<u64, StoreError> {
+    fn release(&mut self, pause: Duration, stopped: &dyn Fn() -> bool) -> Result<u64, StoreError> {
         let pragma = |conn: &Connection, name: &str| -> rusqlite::Result<i64> {
             conn.pragma_query_value(None, name, |r| r.get(0))
         };
@@ -591,6 +594,7 @@ impl SqlitePrune {
                 return Ok(released);
             }
             let step = free.min(RELEASE_PAGES_PER_STEP);
+            let started = Instant::now();
             {
                 let _turn = self.gate.as_ref().map(WriteGate::enter);
                 self.conn
@@ -603,8 +607,16 @@ impl SqlitePrune {
             if moved == 0 {
                 return Ok(released);
             }
+            give_way(started, pause);
         }
     }
+}
+
+/// Sleeps between two steps of a pass: `pause`, and at least twice as long as the step that
+/// began at `started` took, so that retention holds the write lock at most a third of the
+/// time however slow the disk is, and the writer's commits always come first.
+fn give_way(started: Instant, pause: Duration) {
+    std::thread::sleep(pause.max(started.elapsed() * 2));
 }
 
 /// Whether the database has a table of this name (the forwarder's may be absent).

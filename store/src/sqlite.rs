@@ -19,15 +19,23 @@
 //!     duplicate_of        INTEGER REFERENCES messages (id),
 //!     payload             BLOB NOT NULL,                       -- the exact bytes
 //!     client_cert         TEXT                                 -- mTLS: CN, SANs, sha256
+//!     patient_id          TEXT                                 -- PID-3.1, raw (search)
 //! );
 //! CREATE INDEX messages_original ON messages
 //!     (control_id, sending_application, sending_facility, received_at_us)
 //!     WHERE duplicate_of IS NULL AND control_id IS NOT NULL;
+//! CREATE INDEX messages_control_id ON messages (control_id) WHERE control_id IS NOT NULL;
+//! CREATE INDEX messages_patient ON messages (patient_id) WHERE patient_id IS NOT NULL;
 //! ```
 //!
 //! `client_cert` is added (`ALTER TABLE … ADD COLUMN`) by the first writer that opens a store
 //! created before it; rows already there keep NULL. Additive only, so the version stays 1 and
 //! older builds still read and write such a store; a reader of a store without it reads NULL.
+//!
+//! `patient_id` and the last two indexes (for [`search`](crate::search)) are added by the
+//! first writer that opens a store created before them; the version stays 1, since older
+//! builds read and write such a store unchanged. New stores use `auto_vacuum=INCREMENTAL`
+//! ([`retention`](crate::retention) gives freed pages back).
 //!
 //! MSH fields are TEXT so that ad-hoc SQL reads naturally (`WHERE control_id = '42'`); bytes
 //! that are not UTF-8 are stored lossily there (the payload column is always exact).
@@ -95,11 +103,23 @@ CREATE TABLE messages (
     size                INTEGER NOT NULL,
     duplicate_of        INTEGER REFERENCES messages (id),
     payload             BLOB NOT NULL,
-    client_cert         TEXT
+    client_cert         TEXT,
+    patient_id          TEXT
 );
 CREATE INDEX messages_original ON messages
     (control_id, sending_application, sending_facility, received_at_us)
     WHERE duplicate_of IS NULL AND control_id IS NOT NULL;
+";
+
+/// The search columns and indexes (`crate::search`), added to stores created before them when
+/// a writer opens them: an added column is NULL in the rows already there (they are not
+/// back-filled), so `search --patient` finds the messages stored from then on. Additive only,
+/// so the schema version stays 1 and older builds still read and write such a store.
+const SEARCH_SCHEMA: &str = "
+CREATE INDEX IF NOT EXISTS messages_control_id ON messages (control_id)
+    WHERE control_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_patient ON messages (patient_id)
+    WHERE patient_id IS NOT NULL;
 ";
 
 /// `IS` compares NULL with NULL as equal: a message without MSH-3 matches another without it.
@@ -116,8 +136,8 @@ ORDER BY received_at_us, id LIMIT 1";
 const INSERT: &str = "
 INSERT INTO messages (received_at_us, peer, local, connection_id, sequence,
     sending_application, sending_facility, message_type, control_id, size, duplicate_of, payload,
-    client_cert)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+    client_cert, patient_id)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
 
 const READ_AFTER: &str = "
 SELECT id, received_at_us, peer, local, connection_id, sequence, sending_application,
@@ -311,6 +331,12 @@ impl SqliteBackend {
         &self.path
     }
 
+    /// The open connection, for this crate's other readers (search, retention statistics).
+    pub(crate) fn into_connection(mut self) -> Result<Connection, StoreError> {
+        self.connection()?;
+        Ok(self.conn.take().expect("connection was just opened"))
+    }
+
     /// The gate this backend holds while it commits: give it to a
     /// [`Pruner`](crate::retention::Pruner) of the same file so that the two take turns
     /// without SQLite's sleeping busy handler.
@@ -390,7 +416,13 @@ impl Backend for SqliteBackend {
             }
         }
         let result = self.connection().and_then(|conn| {
-            insert_batch(conn, batch, window).map_err(|e| StoreError::commit(Cause::sqlite(e)))
+            insert_batch(conn, batch, window).map_err(|e| {
+                if is_corruption(&e) {
+                    StoreError::commit(Problem::Corrupt)
+                } else {
+                    StoreError::commit(Cause::sqlite(e))
+                }
+            })
         });
         if result.is_err() {
             // Dropping the connection rolls back whatever is left of the transaction.
@@ -426,22 +458,7 @@ impl Backend for SqliteBackend {
             let mut page = Vec::new();
             let mut bytes = 0usize;
             while let Some(row) = rows.next()? {
-                let record = StoredRecord {
-                    id: row.get(0)?,
-                    received_at_us: row.get(1)?,
-                    peer: row.get(2)?,
-                    local: row.get(3)?,
-                    connection_id: row.get::<_, i64>(4)? as u64,
-                    sequence: row.get::<_, i64>(5)? as u64,
-                    sending_application: row.get(6)?,
-                    sending_facility: row.get(7)?,
-                    message_type: row.get(8)?,
-                    control_id: row.get(9)?,
-                    size: row.get::<_, i64>(10)? as u64,
-                    duplicate_of: row.get(11)?,
-                    payload: row.get(12)?,
-                    client_cert: row.get(13)?,
-                };
+                let record = stored_record(row)?;
                 bytes = bytes.saturating_add(record.payload.len());
                 page.push(record);
                 if bytes >= max_bytes {
@@ -500,6 +517,31 @@ impl Backend for SqliteBackend {
     }
 }
 
+/// The columns [`stored_record`] reads, in its order.
+pub(crate) const RECORD_COLUMNS: &str = "id, received_at_us, peer, local, connection_id, sequence, \
+    sending_application, sending_facility, message_type, control_id, size, duplicate_of, payload, \
+    client_cert";
+
+/// A row of [`RECORD_COLUMNS`] as a record.
+pub(crate) fn stored_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredRecord> {
+    Ok(StoredRecord {
+        id: row.get(0)?,
+        received_at_us: row.get(1)?,
+        peer: row.get(2)?,
+        local: row.get(3)?,
+        connection_id: row.get::<_, i64>(4)? as u64,
+        sequence: row.get::<_, i64>(5)? as u64,
+        sending_application: row.get(6)?,
+        sending_facility: row.get(7)?,
+        message_type: row.get(8)?,
+        control_id: row.get(9)?,
+        size: row.get::<_, i64>(10)? as u64,
+        duplicate_of: row.get(11)?,
+        payload: row.get(12)?,
+        client_cert: row.get(13)?,
+    })
+}
+
 /// Inserts `batch` in one IMMEDIATE transaction (the write lock is taken up front, so waiting
 /// for it is bounded by the busy timeout and never ends in a deadlock error mid-batch).
 fn insert_batch(
@@ -541,6 +583,7 @@ fn insert_batch(
                 duplicate_of,
                 &record.payload[..],
                 record.client_cert_text(),
+                text(header.patient_id),
             ])?;
             outcomes.push(StoreOutcome::new(tx.last_insert_rowid(), duplicate_of));
         }
@@ -569,6 +612,14 @@ fn start_checkpointer(
     Ok(checkpointer)
 }
 
+/// Whether an SQLite error means the file is damaged (see [`crate::integrity`]).
+pub(crate) fn is_corruption(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+    )
+}
+
 /// Clear errors for the common path mistakes, before SQLite's generic "unable to open".
 fn check_path(path: &Path, create: bool) -> Result<(), StoreError> {
     match std::fs::metadata(path) {
@@ -591,6 +642,35 @@ fn check_path(path: &Path, create: bool) -> Result<(), StoreError> {
     }
 }
 
+/// For a read-only open of a store that no writer has open (no `-wal` file beside it: a
+/// writer keeps one while it runs and removes it when it closes cleanly), the `immutable=1` URI:
+/// SQLite then reads the file as it is and creates no `-wal` or `-shm` file, so an export of a
+/// store on a read-only file system, or of a copy, works and leaves nothing behind. With a
+/// `-wal` file present (a server running, or one that crashed) the ordinary WAL reader is
+/// used, which sees the committed transactions still in the log.
+fn immutable_uri(path: &Path, flags: OpenFlags) -> Option<String> {
+    if !flags.contains(OpenFlags::SQLITE_OPEN_READ_ONLY) {
+        return None;
+    }
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    if Path::new(&wal).exists() {
+        return None;
+    }
+    let text = path.to_str()?;
+    let mut uri = String::from("file:");
+    for c in text.chars() {
+        match c {
+            '%' => uri.push_str("%25"),
+            '?' => uri.push_str("%3f"),
+            '#' => uri.push_str("%23"),
+            c => uri.push(c),
+        }
+    }
+    uri.push_str("?immutable=1");
+    Some(uri)
+}
+
 /// Opens a connection, checks (and if `create`, creates) the schema, and sets the pragmas.
 pub(crate) fn open_connection(
     path: &Path,
@@ -599,7 +679,11 @@ pub(crate) fn open_connection(
     create: bool,
 ) -> Result<Connection, StoreError> {
     let classify = |e: rusqlite::Error| classify_open_error(path, flags, e);
-    let conn = Connection::open_with_flags(path, flags).map_err(classify)?;
+    let conn = match immutable_uri(path, flags) {
+        Some(uri) => Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI),
+        None => Connection::open_with_flags(path, flags),
+    }
+    .map_err(classify)?;
     conn.busy_timeout(options.busy_timeout).map_err(classify)?;
     let writable = !flags.contains(OpenFlags::SQLITE_OPEN_READ_ONLY);
     // Inspect before changing anything: a foreign database must stay untouched (switching it
@@ -631,6 +715,7 @@ pub(crate) fn open_connection(
         if !has_client_cert(&conn).map_err(classify)? {
             add_client_cert(&conn).map_err(classify)?;
         }
+        add_search_schema(&conn).map_err(classify)?;
         set_wal(&conn, path)?;
         let (name, expected) = if options.unsafe_synchronous_normal_for_tests {
             ("NORMAL", 1)
@@ -673,6 +758,19 @@ fn add_client_cert(conn: &Connection) -> rusqlite::Result<()> {
         let _ = conn.execute_batch("ROLLBACK");
     }
     result
+}
+
+/// Adds the search column and indexes ([`SEARCH_SCHEMA`]) where they are missing.
+fn add_search_schema(conn: &Connection) -> rusqlite::Result<()> {
+    let has_column: bool = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('messages') WHERE name = 'patient_id'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has_column {
+        conn.execute_batch("ALTER TABLE messages ADD COLUMN patient_id TEXT")?;
+    }
+    conn.execute_batch(SEARCH_SCHEMA)
 }
 
 fn set_wal(conn: &Connection, path: &Path) -> Result<(), StoreError> {

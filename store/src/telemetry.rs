@@ -18,6 +18,8 @@ pub const ERRORS_TOTAL: &str = "mllp_store_errors_total";
 pub const DUPLICATES_TOTAL: &str = "mllp_store_duplicates_total";
 /// Counter: messages committed (duplicates included).
 pub const MESSAGES_TOTAL: &str = "mllp_store_messages_total";
+/// Counter: commits that found the store's file damaged (see `integrity`).
+pub const CORRUPTIONS_TOTAL: &str = "mllp_store_corruptions_total";
 
 /// The writer's handles.
 #[derive(Clone, Debug)]
@@ -28,6 +30,7 @@ pub(crate) struct Metrics {
     pub(crate) errors: Counter,
     pub(crate) duplicates: Counter,
     pub(crate) messages: Counter,
+    pub(crate) corruptions: Counter,
 }
 
 impl Metrics {
@@ -59,6 +62,11 @@ impl Metrics {
             "Messages stored as resends of an earlier message"
         );
         metrics::describe_counter!(MESSAGES_TOTAL, Unit::Count, "Messages committed");
+        metrics::describe_counter!(
+            CORRUPTIONS_TOTAL,
+            Unit::Count,
+            "Commits that found the store's file damaged"
+        );
         Self {
             commit_seconds: metrics::histogram!(COMMIT_SECONDS),
             batch_messages: metrics::histogram!(BATCH_MESSAGES),
@@ -66,6 +74,7 @@ impl Metrics {
             errors: metrics::counter!(ERRORS_TOTAL),
             duplicates: metrics::counter!(DUPLICATES_TOTAL),
             messages: metrics::counter!(MESSAGES_TOTAL),
+            corruptions: metrics::counter!(CORRUPTIONS_TOTAL),
         }
     }
 }

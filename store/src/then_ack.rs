@@ -180,6 +180,13 @@ impl<P: AckPolicy> Handler for StoreThenAck<P> {
                 }
                 reply.send(Reply::Send(ack));
             }
+            // Low disk is the operator's state, not a secret: the sender reads why (the AE
+            // text names the free and required space), whatever `expose_handler_errors` says.
+            Err(error @ StoreError::LowDisk { .. }) => reply.send(Reply::Send(
+                Ack::new(AckCode::AE)
+                    .text(&NotStored(error).to_string())
+                    .build(&payload),
+            )),
             Err(error) => reply.fail(NotStored(error)),
         });
         if let Err(refused) = self

@@ -16,13 +16,14 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, WriteGate};
+use crate::disk::DiskMonitor;
 use crate::error::{Cause, CloseError, ConfigError, Problem, StoreError};
-use crate::health::{Health, HealthState};
+use crate::health::{Health, HealthState, Pulse, WRITER_HEARTBEAT};
 use crate::record::{Record, StoreOutcome};
 use crate::sqlite::{SqliteBackend, SqliteOptions};
 use crate::submit::{Done, Submission, SubmitError};
@@ -202,6 +203,10 @@ struct Shared {
     /// Mirrors of the queue's counts, readable without the lock (the server polls them).
     len: AtomicUsize,
     bytes: AtomicUsize,
+    /// The writer's heartbeat and corruption flag, for health checks.
+    pulse: Pulse,
+    /// Set by [`Store::refuse_when_disk_low`].
+    disk: OnceLock<DiskMonitor>,
 }
 
 struct Queue {
@@ -250,6 +255,8 @@ impl Store {
             wake: Condvar::new(),
             len: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
+            pulse: Pulse::default(),
+            disk: OnceLock::new(),
         });
         let location = backend.location();
         let summary = backend.summary();
@@ -261,6 +268,7 @@ impl Store {
             metrics,
             max_batch_messages: config.max_batch_messages,
             max_batch_bytes: config.max_batch_bytes,
+            last_probe: Instant::now(),
         };
         let handle = std::thread::Builder::new()
             .name("mllp-store-writer".into())
@@ -378,6 +386,18 @@ impl Store {
         &self.config
     }
 
+    /// From now on, while `monitor` reports low disk space, fail every batch with
+    /// [`StoreError::LowDisk`] without touching the backend (see [`crate::disk`]). Only the
+    /// first monitor given counts.
+    pub fn refuse_when_disk_low(&self, monitor: DiskMonitor) {
+        let _ = self.shared.disk.set(monitor);
+    }
+
+    /// The writer's heartbeat and corruption flag, for a liveness check (`/healthz`).
+    pub fn pulse(&self) -> Pulse {
+        self.shared.pulse.clone()
+    }
+
     /// Where the backend keeps the data (`sqlite:/path/to/file.db`).
     pub fn location(&self) -> &str {
         &self.location
@@ -460,7 +480,14 @@ struct Writer<B> {
     metrics: Metrics,
     max_batch_messages: usize,
     max_batch_bytes: usize,
+    /// When the last empty probe batch ran (see [`PROBE_INTERVAL`]).
+    last_probe: Instant,
 }
+
+/// How often an idle writer whose last commit failed tries an empty batch: 5 s. Each probe is
+/// one short transaction; 5 s keeps a node out of a balancer's rotation for at most that long
+/// after its store recovered.
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 impl<B: Backend> Writer<B> {
     fn run(mut self) {
@@ -475,18 +502,29 @@ impl<B: Backend> Writer<B> {
 
     /// Waits for records and moves up to one batch of them out of the queue. Returns `false`
     /// when the store is closed and the queue is empty.
-    fn take_batch(&self, records: &mut Vec<Record>, dones: &mut Vec<Done>) -> bool {
+    fn take_batch(&mut self, records: &mut Vec<Record>, dones: &mut Vec<Done>) -> bool {
         let mut queue = self.shared.lock();
         while queue.items.is_empty() {
             if queue.closed {
                 return false;
             }
+            let now = Instant::now();
+            self.shared.pulse.beat(now);
+            // Idle after a failed commit: an empty batch tells whether the store works again
+            // (readiness must not wait for traffic that a balancer no longer sends).
+            if now.duration_since(self.last_probe) >= PROBE_INTERVAL
+                && self.shared.health.get() != Health::Ok
+            {
+                self.last_probe = now;
+                return true;
+            }
             queue.writer_waiting = true;
             queue = self
                 .shared
                 .wake
-                .wait(queue)
-                .unwrap_or_else(PoisonError::into_inner);
+                .wait_timeout(queue, WRITER_HEARTBEAT)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
             queue.writer_waiting = false;
         }
         let mut bytes = 0usize;
@@ -511,6 +549,25 @@ impl<B: Backend> Writer<B> {
 
     /// Commits one batch and completes its callbacks.
     fn commit(&mut self, records: &[Record], dones: &mut Vec<Done>) {
+        if records.is_empty() {
+            let probe = catch_unwind(AssertUnwindSafe(|| self.backend.commit_batch(&[])))
+                .unwrap_or_else(|_| Err(StoreError::commit(Problem::BackendPanicked)));
+            if let Err(e) = &probe
+                && self.shared.pulse.commit_failed(e)
+            {
+                self.metrics.corruptions.increment(1);
+            }
+            self.shared.health.record(&probe);
+            return;
+        }
+        if let Some(disk) = self.shared.disk.get().filter(|d| d.is_low()) {
+            let error = disk.state().error();
+            self.metrics.errors.increment(dones.len() as u64);
+            for done in dones.drain(..) {
+                complete(done, Err(error.clone()));
+            }
+            return;
+        }
         let started = Instant::now();
         // A panicking backend must not leave callbacks uncalled: treat it as a failed batch.
         let result = catch_unwind(AssertUnwindSafe(|| self.backend.commit_batch(records)))
@@ -529,6 +586,12 @@ impl<B: Backend> Writer<B> {
             .commit_seconds
             .record(started.elapsed().as_secs_f64());
         self.metrics.batch_messages.record(records.len() as f64);
+        if let Err(e) = &result
+            && self.shared.pulse.commit_failed(e)
+        {
+            self.metrics.corruptions.increment(1);
+        }
+        self.shared.pulse.beat(Instant::now());
         match result {
             Ok(outcomes) => {
                 let duplicates = outcomes.iter().filter(|o| o.duplicate_of.is_some()).count();

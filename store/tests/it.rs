@@ -16,10 +16,14 @@ mod export;
 mod forward;
 #[path = "it/health.rs"]
 mod health;
+#[path = "it/integrity.rs"]
+mod integrity;
 #[path = "it/open.rs"]
 mod open;
 #[path = "it/retention.rs"]
 mod retention;
+#[path = "it/search.rs"]
+mod search;
 #[path = "it/then_ack.rs"]
 mod then_ack;
 #[path = "it/writer.rs"]

@@ -56,7 +56,12 @@ impl Haproxy {
     /// `node1`, `node2` pointing at `backends`, and returns once the frontend accepts
     /// connections.
     #[track_caller]
-    pub fn start(binary: &Path, ip: &str, backends: [SocketAddr; 2]) -> Self {
+    pub fn start(
+        binary: &Path,
+        ip: &str,
+        backends: [SocketAddr; 2],
+        health: [SocketAddr; 2],
+    ) -> Self {
         let frontend = free_port(ip);
         let dir = std::env::temp_dir().join(format!(
             "mllp-haproxy-{}-{}",
@@ -71,6 +76,8 @@ impl Haproxy {
             .env("MLLP_FRONTEND", frontend.to_string())
             .env("MLLP_NODE1", backends[0].to_string())
             .env("MLLP_NODE2", backends[1].to_string())
+            .env("MLLP_NODE1_HEALTH", health[0].port().to_string())
+            .env("MLLP_NODE2_HEALTH", health[1].port().to_string())
             .env("MLLP_CHECK_INTER", CHECK_INTER)
             .env("MLLP_HAPROXY_STATS", dir.join("stats.sock"))
             .stdin(Stdio::null())

@@ -5,6 +5,7 @@
 
 pub mod haproxy;
 pub mod pg;
+pub mod tmpfs;
 
 /// Reports that a test's external tool (PostgreSQL, HAProxy, ...) cannot be had. Locally the
 /// test prints a skip line and returns; under `CI=true` it fails: CI installs every tool, so a

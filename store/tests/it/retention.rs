@@ -105,6 +105,28 @@ fn prune_removes_exactly_the_expired_delivered_messages() {
     assert_eq!(prune(&path, PruneMode::Delete).deleted, 0);
 }
 
+/// An original goes before its (younger) resend, which keeps `duplicate_of` (the schema's
+/// reference to it must not make the delete fail).
+#[test]
+fn an_original_is_pruned_before_its_resend() {
+    let dir = TempDir::new("prune-dup");
+    let path = dir.join("s.db");
+    let mut b = SqliteBackend::open(&path, &SqliteOptions::default()).unwrap();
+    let out = b
+        .commit_batch(&[
+            Record::new(big(1), at(SystemTime::now() - 31 * DAY)),
+            Record::new(big(1), at(SystemTime::now() - 25 * DAY)),
+        ])
+        .unwrap();
+    drop(b);
+    assert_eq!(out[1].duplicate_of, Some(out[0].id));
+    let done = prune(&path, PruneMode::Delete);
+    assert_eq!(done.deleted, 1);
+    let left = read_all(&path);
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].duplicate_of, Some(out[0].id));
+}
+
 #[test]
 fn an_existing_store_without_auto_vacuum_reuses_the_freed_pages() {
     let dir = TempDir::new("prune-legacy");
@@ -254,4 +276,102 @@ fn pruning_a_missing_store_is_a_typed_error() {
         matches!(err, mllp_store::StoreError::NotFound { .. }),
         "{err}"
     );
+}
+
+/// A 1 KiB message with control id `n`.
+fn small(n: u64) -> Bytes {
+    let filler = "Y".repeat(900);
+    Bytes::from(format!(
+        "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20260101120000||ADT^A01|{n}|P|2.5.1\rNTE|1||{filler}\r"
+    ))
+}
+
+/// p99 submit-to-commit latency of `rate` messages/s for `window`, against `store`.
+fn p99_under_load(store: &Store, rate: u64, window: Duration, first: u64) -> (Duration, usize) {
+    let (tx, rx) = mpsc::channel::<Duration>();
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < window {
+        let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+        while sent < due {
+            let tx = tx.clone();
+            let submitted = Instant::now();
+            store
+                .submit(
+                    Record::new(small(first + sent), at(SystemTime::now())),
+                    Box::new(move |r| {
+                        if let Err(e) = r {
+                            eprintln!("commit failed: {e}");
+                        }
+                        let _ = tx.send(submitted.elapsed());
+                    }),
+                )
+                .unwrap();
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(tx);
+    let mut latencies: Vec<Duration> = Vec::new();
+    for _ in 0..sent {
+        latencies.push(rx.recv_timeout(Duration::from_secs(120)).unwrap());
+    }
+    latencies.sort();
+    (latencies[latencies.len() * 99 / 100], latencies.len())
+}
+
+/// BENCHMARKS.md "p99 commit time with and without pruning": the same fixed-rate load against
+/// two copies of one store holding 150 000 expired messages, one with a pruner deleting them
+/// meanwhile. Run: `cargo test --release -p mllp-store --test it p99_commit -- --ignored
+/// --nocapture`.
+#[test]
+#[ignore = "a measurement (about a minute), not a check"]
+fn p99_commit_with_and_without_pruning() {
+    let dir = TempDir::new("prune-p99");
+    let seed = dir.join("seed.db");
+    {
+        let mut b = SqliteBackend::open(&seed, &SqliteOptions::default()).unwrap();
+        let old = SystemTime::now() - 40 * DAY;
+        for chunk in 0..150u64 {
+            let batch: Vec<Record> = (0..1000)
+                .map(|i| Record::new(small(chunk * 1000 + i), at(old)))
+                .collect();
+            b.commit_batch(&batch).unwrap();
+        }
+    }
+    let rate = 200;
+    let window = Duration::from_secs(5);
+    for round in 0..2 {
+        for pruning in [false, true] {
+            let path = dir.join(&format!("r{round}-{pruning}.db"));
+            std::fs::copy(&seed, &path).unwrap();
+            let options = SqliteOptions::default();
+            let backend = SqliteBackend::open(&path, &options).unwrap();
+            let gate = backend.write_gate();
+            let store = Store::start(backend, StoreConfig::default()).unwrap();
+            let (deleted_tx, deleted) = mpsc::channel();
+            let pruner = pruning.then(|| {
+                Pruner::start_sqlite(
+                    &path,
+                    &options,
+                    RetentionPolicy::default(),
+                    gate,
+                    move |r| {
+                        let _ = deleted_tx.send(r.as_ref().map_or(0, |(report, _)| report.deleted));
+                    },
+                )
+                .unwrap()
+            });
+            let (p99, n) = p99_under_load(&store, rate, window, 1_000_000);
+            let pruned_during: u64 = deleted.try_iter().sum();
+            drop(pruner);
+            store.close(WAIT).unwrap();
+            let left = pragma(&path, "page_count");
+            println!(
+                "round {round} pruning={pruning}: {n} msgs at {rate}/s, p99 {:.3} ms (passes finished during the window deleted {pruned_during}; pages after {left})",
+                p99.as_secs_f64() * 1e3
+            );
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }

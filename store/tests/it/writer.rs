@@ -348,6 +348,7 @@ fn metrics_count_messages_duplicates_errors_and_batches() {
             (MESSAGES_TOTAL, DebugValue::Counter(n)) => assert_eq!(n, 3),
             (DUPLICATES_TOTAL, DebugValue::Counter(n)) => assert_eq!(n, 1),
             (ERRORS_TOTAL, DebugValue::Counter(n)) => assert_eq!(n, 1),
+            (CORRUPTIONS_TOTAL, DebugValue::Counter(n)) => assert_eq!(n, 0),
             (QUEUE_MESSAGES, DebugValue::Gauge(g)) => assert_eq!(g.into_inner(), 0.0),
             (BATCH_MESSAGES, DebugValue::Histogram(h)) => {
                 assert_eq!(h.len(), 4);
@@ -362,7 +363,7 @@ fn metrics_count_messages_duplicates_errors_and_batches() {
         seen.push(name);
     }
     seen.sort();
-    assert_eq!(seen.len(), 6, "{seen:?}");
+    assert_eq!(seen.len(), 7, "{seen:?}");
 }
 
 #[test]

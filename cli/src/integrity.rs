@@ -1,0 +1,100 @@
+//! `mllp-reactor check STORE`, and `serve`'s bounded start-up check: flags in, the store
+//! crate's `integrity` out.
+
+use clap::Args;
+use mllp_store::integrity::{CheckDepth, CheckOutcome, STARTUP_CHECK_BUDGET, check_sqlite};
+use mllp_store::{SqliteOptions, StoreSpec};
+
+use crate::error::{CliError, ValueError};
+
+/// `check`'s flags.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The store (an SQLite file). Best checked with the server stopped, or on a copy.
+    #[arg(value_name = "STORE", value_parser = StoreSpec::parse)]
+    pub store: StoreSpec,
+    /// Pages and rows only (PRAGMA quick_check), not every index entry.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// `mllp-reactor check`: prints `ok` or every problem found ([`CliError::CheckFailed`] on
+/// damage).
+pub fn check(args: &CheckArgs) -> Result<(), CliError> {
+    let StoreSpec::Sqlite(path) = &args.store else {
+        return Err(CliError::flag("check", ValueError::OnlySqlite));
+    };
+    let depth = if args.quick {
+        CheckDepth::Quick
+    } else {
+        CheckDepth::Full
+    };
+    let outcome =
+        check_sqlite(path, depth, None, &SqliteOptions::default()).map_err(CliError::Store)?;
+    match outcome {
+        CheckOutcome::Damaged(problems) => {
+            for p in &problems {
+                println!("{p}");
+            }
+            Err(CliError::CheckFailed {
+                path: path.clone(),
+                problems: problems.len(),
+            })
+        }
+        CheckOutcome::Ok => {
+            println!("ok");
+            Ok(())
+        }
+        // No budget was given, so the check always finishes.
+        _ => Err(CliError::CheckIncomplete),
+    }
+}
+
+/// `serve`'s start-up check of an existing SQLite store, bounded by `STARTUP_CHECK_BUDGET`:
+/// [`CliError::Damaged`] for a damaged store.
+pub fn check_at_start(store: &StoreSpec) -> Result<(), CliError> {
+    let StoreSpec::Sqlite(path) = store else {
+        return Ok(());
+    };
+    if !path.is_file() {
+        return Ok(());
+    }
+    match check_sqlite(
+        path,
+        CheckDepth::Quick,
+        Some(STARTUP_CHECK_BUDGET),
+        &SqliteOptions::default(),
+    ) {
+        Ok(CheckOutcome::Damaged(problems)) => Err(CliError::Damaged {
+            path: path.clone(),
+            problems,
+        }),
+        Ok(CheckOutcome::Incomplete) => {
+            tracing::info!(
+                target: "mllp::store",
+                budget = ?STARTUP_CHECK_BUDGET,
+                "start-up integrity check incomplete (large store): run `mllp-reactor check` offline"
+            );
+            Ok(())
+        }
+        // Opening problems are reported by the open that follows, in its own words.
+        _ => Ok(()),
+    }
+}
+
+/// Logs an error once when the store reports damage found during service.
+pub fn watch_corruption(health: mllp_store::health::Pulse, store: String) {
+    let _ = std::thread::Builder::new()
+        .name("store-integrity".to_owned())
+        .spawn(move || {
+            while !health.is_corrupt() {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            tracing::error!(
+                target: "mllp::store",
+                store = %store,
+                "the store's file is damaged: new messages get AE, /readyz is 503; stop the \
+                 server and run `mllp-reactor check`"
+            );
+        });
+}

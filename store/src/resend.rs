@@ -1,0 +1,113 @@
+//! The audit trail of resends: who resent which stored message, where, when, why, and what the
+//! receiver answered. `mllp-reactor resend` finds the messages with a
+//! [`SearchFilter`](crate::search::SearchFilter) (the same code as `search`), sends them, checks
+//! every ACK, and records one [`ResendAudit`] per message with [`record_resends_sqlite`].
+//!
+//! ```sql
+//! CREATE TABLE resend_audit (
+//!     id          INTEGER PRIMARY KEY,
+//!     message_id  INTEGER NOT NULL,   -- messages.id (kept if the message is pruned later)
+//!     resent_at_us INTEGER NOT NULL,  -- UTC µs since 1970
+//!     os_user     TEXT NOT NULL,      -- who ran the command
+//!     target      TEXT NOT NULL,      -- HOST:PORT
+//!     result      TEXT NOT NULL,      -- "AA", "AE: text", "error: …"
+//!     reason      TEXT                -- --reason
+//! );
+//! ```
+
+use std::path::Path;
+use std::time::SystemTime;
+
+use rusqlite::OpenFlags;
+
+use crate::error::StoreError;
+use crate::record::{StoreId, system_time_to_us};
+use crate::sqlite::{SqliteOptions, open_connection};
+
+const CREATE_AUDIT: &str = "
+CREATE TABLE IF NOT EXISTS resend_audit (
+    id           INTEGER PRIMARY KEY,
+    message_id   INTEGER NOT NULL,
+    resent_at_us INTEGER NOT NULL,
+    os_user      TEXT NOT NULL,
+    target       TEXT NOT NULL,
+    result       TEXT NOT NULL,
+    reason       TEXT
+)";
+
+/// One resend of one stored message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ResendAudit {
+    /// The stored message's id.
+    pub message_id: StoreId,
+    /// When it was sent.
+    pub resent_at: SystemTime,
+    /// The operating-system user who resent it.
+    pub os_user: String,
+    /// Where to (`HOST:PORT`).
+    pub target: String,
+    /// What came back: `AA`, `AE: text`, `error: …`.
+    pub result: String,
+    /// Why, as the operator wrote it.
+    pub reason: Option<String>,
+}
+
+impl ResendAudit {
+    /// An audit row.
+    pub fn new(
+        message_id: StoreId,
+        os_user: String,
+        target: String,
+        result: String,
+        reason: Option<String>,
+    ) -> Self {
+        Self {
+            message_id,
+            resent_at: SystemTime::now(),
+            os_user,
+            target,
+            result,
+            reason,
+        }
+    }
+}
+
+/// Appends `audits` to the SQLite store at `path` in one transaction (creating the table on
+/// first use). Works while `serve` runs: it waits for the write lock like any writer.
+///
+/// # Errors
+///
+/// As [`SqliteBackend::open_read_only`](crate::SqliteBackend::open_read_only) (never creates a
+/// store), and [`StoreError::Commit`].
+pub fn record_resends_sqlite(
+    path: &Path,
+    audits: &[ResendAudit],
+    options: &SqliteOptions,
+) -> Result<(), StoreError> {
+    drop(crate::SqliteBackend::open_read_only(path, options)?);
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn = open_connection(path, flags, options, false)?;
+    let mut run = || -> rusqlite::Result<()> {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute_batch(CREATE_AUDIT)?;
+        {
+            let mut insert = tx.prepare(
+                "INSERT INTO resend_audit (message_id, resent_at_us, os_user, target, result, reason)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for a in audits {
+                insert.execute(rusqlite::params![
+                    a.message_id,
+                    system_time_to_us(a.resent_at),
+                    a.os_user,
+                    a.target,
+                    a.result,
+                    a.reason
+                ])?;
+            }
+        }
+        tx.commit()
+    };
+    run().map_err(StoreError::commit)
+}

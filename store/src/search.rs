@@ -1,0 +1,329 @@
+//! Finding messages: a [`SearchFilter`] (control id, sender, type, patient, time, delivery
+//! status, ids) and [`search_sqlite`], which answers it from the store's indexes. `search`
+//! and `resend` share the filter.
+//!
+//! # What is indexed
+//!
+//! - **Control id** (MSH-10) and **patient** (PID-3.1, see
+//!   [`Header::patient_id`](crate::Header::patient_id)) each have an index of their own, so a
+//!   search by either is one index probe however large the store (BENCHMARKS.md: 10 million
+//!   messages).
+//! - Sender, type and time narrow those results, or else are checked on a scan that walks
+//!   the store newest first and stops after `limit` matches: fine for "the last 20 ADT^A01
+//!   from LAB", slow for a rare match in a large store (add a control id or patient).
+//! - PID-3.1 is extracted when the message is stored, raw (escape sequences are not decoded:
+//!   `\T\` stays `\T\`), like the other header columns. Messages stored before the column
+//!   existed have none.
+//!
+//! # Delivery status
+//!
+//! [`DeliveryStatus`] reads the forwarder's tables (`forward_cursor`, `forward_dead_letter`;
+//! see [`retention`](crate::retention) for their contract). Without them, no message is
+//! queued, delivered or dead: only `stored` matches.
+//!
+//! Searching works while `serve` writes: it opens its own read-only connection.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use rusqlite::types::Value;
+
+use crate::error::StoreError;
+use crate::record::{StoreId, StoredRecord};
+use crate::sqlite::{RECORD_COLUMNS, SqliteOptions, stored_record};
+
+/// Default of [`SearchFilter::limit`]: 100 messages, a screenful in a terminal.
+pub const DEFAULT_LIMIT: usize = 100;
+
+/// Where a message stands with forwarding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryStatus {
+    /// Any stored message.
+    Stored,
+    /// Not yet delivered to every destination (requeued dead letters included).
+    Queued,
+    /// Delivered to every destination.
+    Delivered,
+    /// Dead-lettered for some destination and not requeued.
+    Dead,
+}
+
+impl std::str::FromStr for DeliveryStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stored" => Ok(Self::Stored),
+            "queued" => Ok(Self::Queued),
+            "delivered" => Ok(Self::Delivered),
+            "dead" => Ok(Self::Dead),
+            _ => Err(format!(
+                "{s:?} is not a status (stored, queued, delivered or dead)"
+            )),
+        }
+    }
+}
+
+/// Which messages to find; every field set must match. Build one with the setters:
+///
+/// ```
+/// use mllp_store::search::SearchFilter;
+/// let f = SearchFilter::default().sender("LAB^HOSP").message_type("ADT^A01").limit(10);
+/// assert_eq!(f.sending_application.as_deref(), Some("LAB"));
+/// assert_eq!(f.sending_facility.as_deref(), Some("HOSP"));
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SearchFilter {
+    /// MSH-10, exactly.
+    pub control_id: Option<String>,
+    /// MSH-3, exactly (all components as stored).
+    pub sending_application: Option<String>,
+    /// MSH-4, exactly.
+    pub sending_facility: Option<String>,
+    /// MSH-9: `ADT^A01` matches `ADT^A01` and `ADT^A01^ADT_A01`.
+    pub message_type: Option<String>,
+    /// PID-3.1, exactly (raw, as stored).
+    pub patient_id: Option<String>,
+    /// Received at or after (µs since the epoch).
+    pub since_us: Option<i64>,
+    /// Received before (µs since the epoch).
+    pub until_us: Option<i64>,
+    /// Delivery status.
+    pub status: Option<DeliveryStatus>,
+    /// Only these ids (empty: any).
+    pub ids: Vec<StoreId>,
+    /// Most messages returned, newest first (0 means [`DEFAULT_LIMIT`]).
+    pub limit: usize,
+}
+
+impl SearchFilter {
+    /// MSH-10.
+    pub fn control_id(mut self, id: impl Into<String>) -> Self {
+        self.control_id = Some(id.into());
+        self
+    }
+
+    /// `APP` or `APP^FAC`: MSH-3, and MSH-4 when given after a `^`.
+    pub fn sender(mut self, sender: &str) -> Self {
+        match sender.split_once('^') {
+            Some((app, facility)) => {
+                self.sending_application = Some(app.to_owned());
+                self.sending_facility = Some(facility.to_owned());
+            }
+            None => self.sending_application = Some(sender.to_owned()),
+        }
+        self
+    }
+
+    /// MSH-9 (a prefix of whole components).
+    pub fn message_type(mut self, message_type: impl Into<String>) -> Self {
+        self.message_type = Some(message_type.into());
+        self
+    }
+
+    /// PID-3.1.
+    pub fn patient(mut self, id: impl Into<String>) -> Self {
+        self.patient_id = Some(id.into());
+        self
+    }
+
+    /// Received in `[since, until)` (µs since the epoch; either may be open).
+    pub fn received(mut self, since_us: Option<i64>, until_us: Option<i64>) -> Self {
+        self.since_us = since_us;
+        self.until_us = until_us;
+        self
+    }
+
+    /// Delivery status.
+    pub fn status(mut self, status: DeliveryStatus) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    /// Only these ids.
+    pub fn ids(mut self, ids: Vec<StoreId>) -> Self {
+        self.ids = ids;
+        self
+    }
+
+    /// Most messages returned.
+    pub fn limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    fn effective_limit(&self) -> i64 {
+        let limit = if self.limit == 0 {
+            DEFAULT_LIMIT
+        } else {
+            self.limit
+        };
+        i64::try_from(limit).unwrap_or(i64::MAX)
+    }
+
+    /// The SQLite query for this filter and its parameters. `forwarding` says whether the
+    /// forwarder's tables exist.
+    fn sqlite_query(&self, forwarding: bool) -> (String, Vec<Value>) {
+        let mut sql = format!("SELECT {RECORD_COLUMNS} FROM messages WHERE 1");
+        let mut params: Vec<Value> = Vec::new();
+        let mut eq = |sql: &mut String, column: &str, value: &Option<String>| {
+            if let Some(v) = value {
+                params.push(Value::Text(v.clone()));
+                let _ = write!(sql, " AND {column} = ?{}", params.len());
+            }
+        };
+        eq(&mut sql, "control_id", &self.control_id);
+        eq(&mut sql, "sending_application", &self.sending_application);
+        eq(&mut sql, "sending_facility", &self.sending_facility);
+        eq(&mut sql, "patient_id", &self.patient_id);
+        if let Some(t) = &self.message_type {
+            params.push(Value::Text(t.clone()));
+            let exact = params.len();
+            // `^` followed by anything: a prefix of whole components (no LIKE wildcards, so
+            // a type with `%` or `_` in it matches only itself and its longer forms).
+            params.push(Value::Text(format!("{t}^")));
+            let _ = write!(
+                sql,
+                " AND (message_type = ?{exact} OR substr(message_type, 1, length(?{p})) = ?{p})",
+                p = params.len()
+            );
+        }
+        if let Some(since) = self.since_us {
+            params.push(Value::Integer(since));
+            let _ = write!(sql, " AND received_at_us >= ?{}", params.len());
+        }
+        if let Some(until) = self.until_us {
+            params.push(Value::Integer(until));
+            let _ = write!(sql, " AND received_at_us < ?{}", params.len());
+        }
+        if !self.ids.is_empty() {
+            sql.push_str(" AND id IN (");
+            for (i, id) in self.ids.iter().enumerate() {
+                params.push(Value::Integer(*id));
+                let _ = write!(sql, "{}?{}", if i == 0 { "" } else { "," }, params.len());
+            }
+            sql.push(')');
+        }
+        const FLOOR: &str = "(SELECT coalesce(min(delivered_through), 0) FROM forward_cursor)";
+        const DEAD: &str = "(SELECT message_id FROM forward_dead_letter WHERE status = 'dead')";
+        const REQUEUED: &str =
+            "(SELECT message_id FROM forward_dead_letter WHERE status = 'requeued')";
+        match (self.status, forwarding) {
+            (None | Some(DeliveryStatus::Stored), _) => {}
+            (Some(_), false) => sql.push_str(" AND 0"),
+            (Some(DeliveryStatus::Queued), true) => {
+                let _ = write!(
+                    sql,
+                    " AND ((id > {FLOOR} AND id NOT IN {DEAD}) OR id IN {REQUEUED})"
+                );
+            }
+            (Some(DeliveryStatus::Delivered), true) => {
+                let _ = write!(
+                    sql,
+                    " AND id <= {FLOOR} AND id NOT IN {DEAD} AND id NOT IN {REQUEUED}"
+                );
+            }
+            (Some(DeliveryStatus::Dead), true) => {
+                let _ = write!(sql, " AND id IN {DEAD}");
+            }
+        }
+        params.push(Value::Integer(self.effective_limit()));
+        let _ = write!(sql, " ORDER BY id DESC LIMIT ?{}", params.len());
+        (sql, params)
+    }
+}
+
+/// The messages of the SQLite store at `path` that match `filter`, newest first.
+///
+/// ```
+/// use std::time::SystemTime;
+/// use bytes::Bytes;
+/// use mllp_store::search::{search_sqlite, SearchFilter};
+/// use mllp_store::{Backend, Origin, Record, SqliteBackend, SqliteOptions};
+///
+/// let dir = std::env::temp_dir().join(format!("mllp-store-doc-search-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir)?;
+/// let path = dir.join("store.db");
+/// let origin = Origin { received_at: SystemTime::now(), peer: "10.0.0.7:4000".parse()?,
+///     local: "10.0.0.1:2575".parse()?, connection_id: 1, sequence: 0 };
+/// let msg = Bytes::from_static(b"MSH|^~\\&|LAB|HOSP|EHR|HOSP|||ADT^A01^ADT_A01|ACC123|P|2.5\rPID|1||MRN7^^^HOSP^MR\r");
+/// SqliteBackend::open(&path, &SqliteOptions::default())?.commit_batch(&[Record::new(msg, origin)])?;
+///
+/// let by_patient = SearchFilter::default().patient("MRN7").message_type("ADT^A01");
+/// let found = search_sqlite(&path, &by_patient, &SqliteOptions::default())?;
+/// assert_eq!(found[0].control_id.as_deref(), Some("ACC123"));
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+///
+/// As [`SqliteBackend::open_read_only`](crate::SqliteBackend::open_read_only);
+/// [`StoreError::Read`] when the query fails (a store written before the patient column
+/// existed, searched by patient before a writer opened it, included).
+pub fn search_sqlite(
+    path: &Path,
+    filter: &SearchFilter,
+    options: &SqliteOptions,
+) -> Result<Vec<StoredRecord>, StoreError> {
+    let conn = crate::SqliteBackend::open_read_only(path, options)?.into_connection()?;
+    let run = || -> rusqlite::Result<Vec<StoredRecord>> {
+        let forwarding = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE type = 'table' \
+                 AND name IN ('forward_cursor', 'forward_dead_letter')",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n == 2)?;
+        let (sql, params) = filter.sqlite_query(forwarding);
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(params), stored_record)?;
+        rows.collect()
+    };
+    run().map_err(StoreError::read)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(filter: &SearchFilter) -> String {
+        let path = std::env::temp_dir().join(format!("mllp-search-plan-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        drop(crate::SqliteBackend::open(&path, &SqliteOptions::default()).unwrap());
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let (sql, params) = filter.sqlite_query(false);
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap()
+            .query_map(rusqlite::params_from_iter(params), |r| {
+                r.get::<_, String>(3)
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let _ = std::fs::remove_file(&path);
+        plan.join("; ")
+    }
+
+    /// The two searches the issue times must be index probes, not scans.
+    #[test]
+    fn control_id_and_patient_searches_use_their_indexes() {
+        let by_control = plan(&SearchFilter::default().control_id("ACC123").sender("LAB"));
+        assert!(
+            by_control.contains("INDEX messages_control_id"),
+            "{by_control}"
+        );
+        let by_patient = plan(
+            &SearchFilter::default()
+                .patient("MRN7")
+                .message_type("ADT^A01"),
+        );
+        assert!(
+            by_patient.contains("INDEX messages_patient"),
+            "{by_patient}"
+        );
+    }
+}

@@ -1,0 +1,283 @@
+//! Search: each filter, their combination, newest first, the limit, delivery status from the
+//! forwarder's tables, and reading while a writer commits.
+
+use std::path::Path;
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use mllp_store::search::{DeliveryStatus, SearchFilter, search_sqlite};
+use mllp_store::{Backend, Origin, Record, SqliteBackend, SqliteOptions};
+use rusqlite::Connection;
+
+use crate::util::{TempDir, origin};
+
+fn msg(app: &str, fac: &str, kind: &str, control: &str, patient: &str) -> Bytes {
+    Bytes::from(format!(
+        "MSH|^~\\&|{app}|{fac}|EHR|H|20260101120000||{kind}|{control}|P|2.5.1\rPID|1||{patient}^^^H^MR~OTHER||DOE\r"
+    ))
+}
+
+fn at_second(s: u64) -> Origin {
+    Origin {
+        received_at: UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s),
+        ..origin(1, 0)
+    }
+}
+
+/// Ids 1..=6.
+fn store(path: &Path) {
+    let mut b = SqliteBackend::open(path, &SqliteOptions::default()).unwrap();
+    b.commit_batch(&[
+        Record::new(msg("LAB", "H1", "ORU^R01", "C1", "P1"), at_second(1)),
+        Record::new(
+            msg("LAB", "H2", "ADT^A01^ADT_A01", "C2", "P1"),
+            at_second(2),
+        ),
+        Record::new(msg("ADT", "H1", "ADT^A01", "C3", "P2"), at_second(3)),
+        Record::new(msg("ADT", "H1", "ADT^A011", "C4", "P\\T\\3"), at_second(4)),
+        Record::new(msg("LAB", "H1", "ORU^R01", "C1", "P1"), at_second(5)),
+        Record::new(Bytes::from_static(b"not hl7"), at_second(6)),
+    ])
+    .unwrap();
+}
+
+fn ids(path: &Path, filter: SearchFilter) -> Vec<i64> {
+    search_sqlite(path, &filter, &SqliteOptions::default())
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect()
+}
+
+#[test]
+fn every_filter_narrows_newest_first() {
+    let dir = TempDir::new("search");
+    let path = dir.join("s.db");
+    store(&path);
+    let f = SearchFilter::default;
+    assert_eq!(ids(&path, f()), vec![6, 5, 4, 3, 2, 1]);
+    assert_eq!(ids(&path, f().limit(2)), vec![6, 5]);
+    assert_eq!(ids(&path, f().control_id("C1")), vec![5, 1]);
+    assert_eq!(ids(&path, f().sender("LAB")), vec![5, 2, 1]);
+    assert_eq!(ids(&path, f().sender("LAB^H1")), vec![5, 1]);
+    assert_eq!(
+        ids(&path, f().message_type("ADT^A01")),
+        vec![3, 2],
+        "not ADT^A011"
+    );
+    assert_eq!(ids(&path, f().patient("P1")), vec![5, 2, 1]);
+    assert_eq!(
+        ids(&path, f().patient("P\\T\\3")),
+        vec![4],
+        "raw, not unescaped"
+    );
+    assert_eq!(ids(&path, f().patient("OTHER")), Vec::<i64>::new());
+    let t = |s: u64| 1_800_000_000_000_000 + s as i64 * 1_000_000;
+    assert_eq!(ids(&path, f().received(Some(t(2)), Some(t(4)))), vec![3, 2]);
+    assert_eq!(ids(&path, f().patient("P1").sender("LAB^H2")), vec![2]);
+    assert_eq!(ids(&path, f().ids(vec![1, 3, 99])), vec![3, 1]);
+    // No forwarding tables: only `stored` matches.
+    assert_eq!(ids(&path, f().status(DeliveryStatus::Stored)).len(), 6);
+    assert_eq!(
+        ids(&path, f().status(DeliveryStatus::Queued)),
+        Vec::<i64>::new()
+    );
+}
+
+#[test]
+fn status_follows_the_forwarders_tables() {
+    let dir = TempDir::new("search-status");
+    let path = dir.join("s.db");
+    store(&path);
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            "CREATE TABLE forward_cursor (destination TEXT, lane INTEGER, delivered_through INTEGER);
+             INSERT INTO forward_cursor VALUES ('ehr', 0, 4), ('lab', 0, 5);
+             CREATE TABLE forward_dead_letter (destination TEXT, message_id INTEGER, status TEXT);
+             INSERT INTO forward_dead_letter VALUES ('ehr', 2, 'dead'), ('ehr', 3, 'requeued'),
+                 ('lab', 1, 'delivered');",
+        )
+        .unwrap();
+    let f = SearchFilter::default;
+    assert_eq!(
+        ids(&path, f().status(DeliveryStatus::Delivered)),
+        vec![4, 1]
+    );
+    assert_eq!(
+        ids(&path, f().status(DeliveryStatus::Queued)),
+        vec![6, 5, 3]
+    );
+    assert_eq!(ids(&path, f().status(DeliveryStatus::Dead)), vec![2]);
+}
+
+/// A store created before the patient column: a writer adds it (old rows: none), searches
+/// by patient then find the new messages.
+#[test]
+fn an_older_store_gets_the_patient_column() {
+    let dir = TempDir::new("search-migrate");
+    let path = dir.join("s.db");
+    store(&path);
+    let conn = Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "DROP INDEX messages_patient; DROP INDEX messages_control_id;
+         ALTER TABLE messages DROP COLUMN patient_id;",
+    )
+    .unwrap();
+    drop(conn);
+    let mut b = SqliteBackend::open(&path, &SqliteOptions::default()).unwrap();
+    b.commit_batch(&[Record::new(
+        msg("LAB", "H1", "ORU^R01", "C9", "P1"),
+        origin(1, 0),
+    )])
+    .unwrap();
+    drop(b);
+    assert_eq!(ids(&path, SearchFilter::default().patient("P1")), vec![7]);
+    assert_eq!(
+        ids(&path, SearchFilter::default().control_id("C1")),
+        vec![5, 1]
+    );
+}
+
+/// A 1 KiB ADT^A01 with control id `C{n}` and patient `P{n % 100_000}`.
+fn kib(n: u64) -> Bytes {
+    let filler = "Z".repeat(860);
+    Bytes::from(format!(
+        "MSH|^~\\&|LAB|H|EHR|H|20260101120000||ADT^A01|C{n}|P|2.5.1\rPID|1||P{}^^^H^MR||DOE\rNTE|1||{filler}\r",
+        n % 100_000
+    ))
+}
+
+/// BENCHMARKS.md "Search": receive throughput through `Store` with and without the two search
+/// indexes (same run, alternating), then search latency by control id and by patient on a
+/// store of `MLLP_SEARCH_BENCH_ROWS` (default 1 000 000) 1 KiB messages. Run:
+/// `nice -n 19 cargo test --release -p mllp-store --test it search_bench -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement (minutes, about 1 GB of disk), not a check"]
+fn search_bench() {
+    use std::time::Instant;
+
+    use mllp_store::{Store, StoreConfig};
+
+    let dir = TempDir::new("search-bench");
+    // (a) Throughput: 40 000 messages submitted at once, timed to the last callback.
+    for round in 0..3 {
+        for indexes in [true, false] {
+            let path = dir.join(&format!("t{round}{indexes}.db"));
+            let backend = SqliteBackend::open(&path, &SqliteOptions::default()).unwrap();
+            if !indexes {
+                Connection::open(&path)
+                    .unwrap()
+                    .execute_batch("DROP INDEX messages_control_id; DROP INDEX messages_patient;")
+                    .unwrap();
+            }
+            let store =
+                Store::start(backend, StoreConfig::default().max_queue_messages(65_536)).unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let n = 40_000u64;
+            let start = Instant::now();
+            for i in 0..n {
+                let tx = tx.clone();
+                store
+                    .submit(
+                        Record::new(kib(i), origin(1, i)),
+                        Box::new(move |r| {
+                            let _ = tx.send(r.is_ok());
+                        }),
+                    )
+                    .unwrap();
+            }
+            for _ in 0..n {
+                assert!(rx.recv().unwrap());
+            }
+            let secs = start.elapsed().as_secs_f64();
+            store.close(Duration::from_secs(60)).unwrap();
+            println!(
+                "throughput round {round} indexes={indexes}: {:.0} msg/s",
+                n as f64 / secs
+            );
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    // (b) Latency on a large store, filled in 10 000-row transactions.
+    let rows: u64 = std::env::var("MLLP_SEARCH_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let path = dir.join("big.db");
+    let mut b = SqliteBackend::open(&path, &SqliteOptions::default()).unwrap();
+    let fill = Instant::now();
+    for chunk in 0..rows.div_ceil(10_000) {
+        let batch: Vec<Record> = (chunk * 10_000..((chunk + 1) * 10_000).min(rows))
+            .map(|i| Record::new(kib(i), origin(1, i)))
+            .collect();
+        b.commit_batch(&batch).unwrap();
+    }
+    drop(b);
+    println!(
+        "filled {rows} rows in {:.0} s ({} MB)",
+        fill.elapsed().as_secs_f64(),
+        std::fs::metadata(&path).unwrap().len() >> 20
+    );
+    let opts = SqliteOptions::default();
+    for (name, make) in [
+        (
+            "control id",
+            Box::new(|i: u64| SearchFilter::default().control_id(format!("C{i}")))
+                as Box<dyn Fn(u64) -> SearchFilter>,
+        ),
+        (
+            "patient",
+            Box::new(|i: u64| SearchFilter::default().patient(format!("P{}", i % 100_000))),
+        ),
+    ] {
+        let mut times = Vec::new();
+        for k in 0..50u64 {
+            let i = (k * 7_919_993) % rows;
+            let start = Instant::now();
+            let found = search_sqlite(&path, &make(i), &opts).unwrap();
+            times.push(start.elapsed());
+            assert!(!found.is_empty());
+        }
+        times.sort();
+        println!(
+            "search by {name} on {rows} rows (a fresh connection each, newest 100): median {:.2} ms, max {:.2} ms",
+            times[25].as_secs_f64() * 1e3,
+            times[49].as_secs_f64() * 1e3
+        );
+    }
+}
+
+#[test]
+fn resends_are_audited_in_the_store() {
+    use mllp_store::resend::{ResendAudit, record_resends_sqlite};
+    let dir = TempDir::new("resend-audit");
+    let path = dir.join("s.db");
+    store(&path);
+    let audits = [
+        ResendAudit::new(
+            1,
+            "alice".into(),
+            "ehr:2575".into(),
+            "AA".into(),
+            Some("lost".into()),
+        ),
+        ResendAudit::new(2, "alice".into(), "ehr:2575".into(), "AE: no".into(), None),
+    ];
+    record_resends_sqlite(&path, &audits, &SqliteOptions::default()).unwrap();
+    record_resends_sqlite(&path, &audits[..1], &SqliteOptions::default()).unwrap();
+    let rows: Vec<(i64, String, String, Option<String>)> = Connection::open(&path)
+        .unwrap()
+        .prepare("SELECT message_id, os_user, result, reason FROM resend_audit ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[1], (2, "alice".into(), "AE: no".into(), None));
+    // Never creates a store.
+    assert!(
+        record_resends_sqlite(&dir.join("nope.db"), &audits, &SqliteOptions::default()).is_err()
+    );
+}
