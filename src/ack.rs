@@ -325,13 +325,11 @@ impl<'a> Ack<'a> {
 
     /// Builds the acknowledgment of `message` (the unframed payload, or any prefix of it).
     ///
-    /// Makes one allocation, of the exact size.
+    /// Usually allocates nothing: the bytes are cut from a 4 KiB buffer kept per thread,
+    /// whose space is reused once every acknowledgment cut from it is dropped. So a
+    /// `Bytes` kept for long may keep up to 4 KiB alive; copy it to keep it.
     pub fn build(&self, message: &[u8]) -> Bytes {
-        let mut out = Vec::new();
-        self.build_into(message, &mut out);
-        // `Vec` → `Bytes` takes the buffer over without a copy, and without a second
-        // allocation because `build_into` reserved the exact length (len == capacity).
-        Bytes::from(out)
+        self.build_coded(message).1
     }
 
     /// Builds the acknowledgment of `message` as [`build`](Self::build) does, and says which
@@ -348,9 +346,8 @@ impl<'a> Ack<'a> {
     /// assert_eq!(code, AckCode::AR);
     /// ```
     pub fn build_coded(&self, message: &[u8]) -> (AckCode, Bytes) {
-        let mut out = Vec::new();
-        let code = self.emit_into(message, &mut out);
-        (code, Bytes::from(out))
+        let plan = self.plan(message);
+        (plan.code, arena::build(|out| plan.emit(out)))
     }
 
     /// Appends the acknowledgment of `message` to `out`, reserving the exact space first.
@@ -361,16 +358,7 @@ impl<'a> Ack<'a> {
     /// [`build_into`](Self::build_into), returning the code written.
     fn emit_into(&self, message: &[u8], out: &mut Vec<u8>) -> AckCode {
         let plan = self.plan(message);
-        let mut len = Count(0);
-        plan.emit(&mut len);
-        out.reserve_exact(len.0);
-        let start = out.len();
-        plan.emit(out);
-        debug_assert_eq!(
-            out.len() - start,
-            len.0,
-            "counted and written lengths differ"
-        );
+        plan.emit_exact(out);
         plan.code
     }
 
@@ -560,6 +548,20 @@ struct Plan<'p> {
 }
 
 impl Plan<'_> {
+    /// Appends the ACK to `out`, reserving its exact length first (counted by a first pass).
+    fn emit_exact(&self, out: &mut Vec<u8>) {
+        let mut len = Count(0);
+        self.emit(&mut len);
+        out.reserve_exact(len.0);
+        let start = out.len();
+        self.emit(out);
+        debug_assert_eq!(
+            out.len() - start,
+            len.0,
+            "counted and written lengths differ"
+        );
+    }
+
     fn emit<S: Sink>(&self, s: &mut S) {
         let enc = &self.encoding;
         let (field, component) = (enc.field, enc.component);
@@ -641,6 +643,63 @@ impl Sink for Count {
     }
     fn put_byte(&mut self, _: u8) {
         self.0 += 1;
+    }
+}
+
+/// The per-thread buffers acknowledgments are built in (see [`Ack::build`]).
+///
+/// An ACK-only server answers one message at a time per connection; a `Vec` per ACK was one
+/// of the heap allocations per message (callgrind, S1). Here an ACK is written in one pass
+/// into a scratch `Vec` kept per thread, then copied to the end of a shared buffer and split
+/// off its front (a reference count, no allocation). Once every ACK cut from that buffer has
+/// been written and dropped, the buffer is unique again and its space is reclaimed in place.
+/// While some are still held, a new buffer is started and the old one is freed with its last
+/// ACK, so the buffer never waits for a slow peer.
+mod arena {
+    use std::cell::RefCell;
+
+    use bytes::{Bytes, BytesMut};
+
+    /// Bytes per shared buffer: about twenty ACKs of the usual size.
+    const SIZE: usize = 4 * 1024;
+
+    #[derive(Default)]
+    struct Buffers {
+        scratch: Vec<u8>,
+        shared: BytesMut,
+    }
+
+    thread_local! {
+        static BUFFERS: RefCell<Buffers> = RefCell::new(Buffers::default());
+    }
+
+    /// The bytes `write` appends to an empty `Vec`, cut from this thread's shared buffer
+    /// (or on their own when they are large, or the thread is exiting).
+    pub(super) fn build(write: impl Fn(&mut Vec<u8>)) -> Bytes {
+        let cut = BUFFERS.try_with(|buffers| {
+            let Buffers { scratch, shared } = &mut *buffers.borrow_mut();
+            scratch.clear();
+            write(scratch);
+            let bytes = if scratch.len() > SIZE / 2 {
+                Bytes::copy_from_slice(scratch)
+            } else {
+                if shared.capacity() < scratch.len() && !shared.try_reclaim(scratch.len()) {
+                    *shared = BytesMut::with_capacity(SIZE);
+                }
+                shared.extend_from_slice(scratch);
+                shared.split().freeze()
+            };
+            if scratch.capacity() > SIZE {
+                // A long text: do not keep its room.
+                *scratch = Vec::new();
+            }
+            bytes
+        });
+        cut.unwrap_or_else(|_| {
+            let mut out = Vec::new();
+            write(&mut out);
+            Bytes::from(out)
+        })
     }
 }
 

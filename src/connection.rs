@@ -57,6 +57,7 @@ use crate::outcome::{Outcome, Reply};
 use crate::reason::{CloseReason, ExceptionReason};
 
 mod event;
+mod pool;
 mod slots;
 pub(crate) use event::{Event, FrameRejection, Handled};
 use slots::Slots;
@@ -222,9 +223,11 @@ pub(crate) struct Connection {
     decoder: FrameDecoder,
     /// Received bytes not yet handed out as frames: a partial frame (≤ max_message_size + one
     /// read) and, while nothing more can be dispatched, undecoded input (≤ read_ahead + one
-    /// read). Released (capacity 0) whenever it empties, so an idle connection owns no buffer.
+    /// read). Given back to the thread's pool (`pool`) whenever it empties, so an idle
+    /// connection owns no buffer and a busy one does not allocate one per message.
     read_buf: BytesMut,
-    /// Messages in flight, in sequence order (see the module docs). Released when empty.
+    /// Messages in flight, in sequence order (see the module docs). Given back to the
+    /// thread's pool when empty.
     slots: Slots,
     state: State,
     next_seq: u64,
@@ -309,6 +312,9 @@ impl Connection {
         }
         match &mut self.state {
             State::Open => {
+                if self.read_buf.capacity() == 0 {
+                    self.read_buf = pool::take_buffer();
+                }
                 let needed = self.read_buf.len() + bytes.len();
                 let hint = usize::from(self.large_frame_hint) * LARGE_FRAME;
                 if needed > self.read_buf.capacity()
@@ -439,8 +445,8 @@ impl Connection {
             Ok(None) => {
                 self.update_frame_deadline(now);
                 if self.read_buf.is_empty() {
-                    // Release the allocation: an idle connection owns no buffer.
-                    self.read_buf = BytesMut::new();
+                    // An idle connection owns no buffer: back to the thread's pool.
+                    self.release_read_buf();
                 }
                 self.close_if_done(out);
                 None
@@ -848,7 +854,7 @@ impl Connection {
             }
         }
         if self.slots.is_empty() {
-            self.slots = Slots::default();
+            self.slots.clear();
             self.idle_deadline = deadline_after(now, self.limits.idle_timeout);
             if self.draining {
                 self.finish(CloseReason::Shutdown, wrote, now, out);
@@ -927,13 +933,22 @@ impl Connection {
         }));
     }
 
+    /// Gives the (empty) read buffer back to the thread's pool, unless it once held a large
+    /// frame: the allocation behind it may then be far larger than its capacity shows.
+    fn release_read_buf(&mut self) {
+        let buf = std::mem::take(&mut self.read_buf);
+        if self.large_frame_hint == 0 {
+            pool::put_buffer(buf);
+        }
+    }
+
     fn close(&mut self, reason: CloseReason, out: &mut Vec<Event>) {
         if self.is_closed() {
             return;
         }
         self.state = State::Closed(reason);
         self.read_buf = BytesMut::new();
-        self.slots = Slots::default();
+        self.slots.clear();
         self.calling = false;
         out.push(Event::Closed);
     }

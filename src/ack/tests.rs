@@ -627,3 +627,26 @@ proptest! {
         crate::__fuzz::ack(&input);
     }
 }
+
+#[test]
+fn acks_cut_from_the_thread_buffer_stay_intact_while_held() {
+    // More than one shared buffer's worth, all held at once: none may change when later
+    // ones are built, and each equals the ACK built into a Vec.
+    let ack = fixed(AckCode::AA);
+    let messages: Vec<Vec<u8>> = (0..200)
+        .map(|i| format!("MSH|^~\\&|A|B|C|D|20260101||ADT^A01|id{i}|P|2.5\r").into_bytes())
+        .collect();
+    let built: Vec<Bytes> = messages.iter().map(|m| ack.build(m)).collect();
+    for (message, bytes) in messages.iter().zip(&built) {
+        let mut expected = Vec::new();
+        ack.build_into(message, &mut expected);
+        assert_eq!(bytes.as_ref(), expected.as_slice());
+    }
+    // Once dropped, their space is reused; the next ACKs are still right.
+    drop(built);
+    for message in &messages {
+        let mut expected = Vec::new();
+        ack.build_into(message, &mut expected);
+        assert_eq!(ack.build(message).as_ref(), expected.as_slice());
+    }
+}

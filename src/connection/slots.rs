@@ -5,8 +5,9 @@ use std::time::Instant;
 
 use super::Slot;
 
-/// The slot queue, allocated only while messages are in flight: an idle connection holds
-/// neither the queue nor its buffer (8 bytes instead of 48).
+/// The slot queue, held only while messages are in flight: an idle connection holds
+/// neither the queue nor its buffer (8 bytes instead of 48). Queues come from and go back to
+/// the thread's pool (`super::pool`), so a busy connection does not allocate one per message.
 #[derive(Debug, Default)]
 pub(super) struct Slots(Option<Box<SlotQueue>>);
 
@@ -15,6 +16,18 @@ pub(super) struct SlotQueue {
     q: std::collections::VecDeque<Slot>,
     /// Set while replies wait to be written: the peer must take some of them by then.
     stall_deadline: Option<Instant>,
+}
+
+impl SlotQueue {
+    pub(super) fn capacity(&self) -> usize {
+        self.q.capacity()
+    }
+
+    /// Empties the queue, keeping its memory.
+    pub(super) fn reset(&mut self) {
+        self.q.clear();
+        self.stall_deadline = None;
+    }
 }
 
 impl Slots {
@@ -45,15 +58,21 @@ impl Slots {
     }
 
     pub(super) fn push_back(&mut self, slot: Slot) {
-        self.0.get_or_insert_with(Box::default).q.push_back(slot);
+        self.0
+            .get_or_insert_with(super::pool::take_queue)
+            .q
+            .push_back(slot);
     }
 
     pub(super) fn pop_front(&mut self) -> Option<Slot> {
         self.0.as_mut()?.q.pop_front()
     }
 
+    /// Drops every slot and gives the queue back to the thread's pool.
     pub(super) fn clear(&mut self) {
-        self.0 = None;
+        if let Some(queue) = self.0.take() {
+            super::pool::put_queue(queue);
+        }
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = &Slot> {

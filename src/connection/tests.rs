@@ -162,6 +162,22 @@ fn message_is_dispatched_replied_and_connection_returns_to_idle() {
 }
 
 #[test]
+fn a_connection_answering_one_message_at_a_time_reuses_its_thread_s_buffers() {
+    super::pool::drain();
+    let mut h = Harness::new(NakPolicy::Send);
+    for seq in 0..3 {
+        h.read(&framed(&format!("M{seq}")), 1.0);
+        assert_eq!(h.dispatched(), vec![seq]);
+        assert_eq!(super::pool::pooled(), (0, 0), "both taken from the pool");
+        h.complete(seq, reply("ACK"), 1.0);
+        assert_eq!(h.flush(1.0), b"\x0bACK\x1c\x0d");
+        assert!(h.conn.is_idle());
+        assert_eq!(h.conn.buffered(), 0, "an idle connection holds no buffer");
+        assert_eq!(super::pool::pooled(), (1, 1), "both back in the pool");
+    }
+}
+
+#[test]
 fn pipelined_frames_are_dispatched_one_at_a_time_in_order() {
     let mut h = Harness::new(NakPolicy::Send);
     let mut wire = Vec::new();

@@ -1,0 +1,103 @@
+//! Per-thread pools of the memory a connection holds only while busy: read buffers and slot
+//! queues (see the connection's module docs).
+//!
+//! An idle connection owns neither, so that a thousand idle connections cost a thousand
+//! small structs. Without a pool, a connection answering one message at a time would then
+//! allocate both again for every message (four of the five heap allocations per message at
+//! S1, callgrind). Connections live on their reactor's thread, so a thread-local pool is a
+//! per-reactor pool with no lock. Each pool is bounded in count and in the size of what it
+//! keeps, so what it holds does not grow with the number of connections.
+
+use std::cell::RefCell;
+
+use bytes::BytesMut;
+
+use super::slots::SlotQueue;
+
+/// Read buffers kept per thread.
+const BUFFERS: usize = 32;
+/// A new read buffer's capacity: several small messages fit before it is reclaimed.
+const BUFFER_START: usize = 8 * 1024;
+/// The largest read buffer (capacity) kept: larger ones are freed.
+pub(super) const BUFFER_CAPACITY: usize = 64 * 1024;
+/// Slot queues kept per thread.
+const QUEUES: usize = 64;
+/// The most slots a kept queue has room for: larger ones are freed.
+const QUEUE_CAPACITY: usize = 64;
+
+thread_local! {
+    static BUFFER_POOL: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    // Boxed on purpose: a connection holds its queue as a `Box` (8 bytes while idle), and
+    // handing the box back and forth is what saves the allocation.
+    #[allow(clippy::vec_box)]
+    static QUEUE_POOL: RefCell<Vec<Box<SlotQueue>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty read buffer: a pooled one if there is one, else a new one.
+pub(super) fn take_buffer() -> BytesMut {
+    BUFFER_POOL
+        .try_with(|p| p.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| BytesMut::with_capacity(BUFFER_START))
+}
+
+/// Gives back an empty read buffer. It may still share its allocation with payloads split
+/// from it (their slots account for it until they are answered); the allocation is reused in
+/// place once they are gone.
+pub(super) fn put_buffer(mut buf: BytesMut) {
+    debug_assert!(buf.is_empty());
+    // Frames split off the front used up its capacity; once they are gone, the space is
+    // this buffer's again (no allocation, no copy: it is empty).
+    if buf.capacity() < BUFFER_START && !buf.try_reclaim(BUFFER_START) {
+        return;
+    }
+    if buf.capacity() > BUFFER_CAPACITY {
+        return;
+    }
+    let _ = BUFFER_POOL.try_with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < BUFFERS {
+            p.push(buf);
+        }
+    });
+}
+
+/// An empty slot queue, pooled if there is one.
+pub(super) fn take_queue() -> Box<SlotQueue> {
+    QUEUE_POOL
+        .try_with(|p| p.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// Gives back a slot queue; its slots (if any) are dropped first.
+pub(super) fn put_queue(mut queue: Box<SlotQueue>) {
+    if queue.capacity() > QUEUE_CAPACITY {
+        return;
+    }
+    queue.reset();
+    let _ = QUEUE_POOL.try_with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < QUEUES {
+            p.push(queue);
+        }
+    });
+}
+
+/// Empties this thread's pools.
+#[cfg(test)]
+pub(super) fn drain() {
+    BUFFER_POOL.with(|p| p.borrow_mut().clear());
+    QUEUE_POOL.with(|p| p.borrow_mut().clear());
+}
+
+/// How many read buffers and slot queues this thread's pools hold.
+#[cfg(test)]
+pub(super) fn pooled() -> (usize, usize) {
+    (
+        BUFFER_POOL.with(|p| p.borrow().len()),
+        QUEUE_POOL.with(|p| p.borrow().len()),
+    )
+}
