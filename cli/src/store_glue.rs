@@ -4,9 +4,6 @@
 //! them and logs each AR the same way in every mode ([`log_rejected`]). A failed commit is a
 //! handler failure: the server answers it under its NAK policy and its observer logs it
 //! (`message failed`, with the store's error).
-//!
-//! This file is also compiled into `tests/store.rs` (`#[path]`), so it depends only on the
-//! library crates and `tracing`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
