@@ -14,8 +14,7 @@ use std::time::Duration;
 
 use mllp_reactor::{Dispatch, Reply, Server, ack, handler_fn};
 
-mod rss;
-use rss::kib;
+use mllp_test_support::memory::kib;
 
 const CONNECTIONS: usize = 200;
 const MESSAGE: usize = 5 << 20;
@@ -46,12 +45,7 @@ fn two_hundred_5_mib_messages_stay_within_a_64_mib_budget() {
         .expect("spawn");
     let addr = server.local_addr();
 
-    let mut wire = Vec::with_capacity(MESSAGE + 3);
-    wire.push(0x0b);
-    wire.extend_from_slice(b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|CID|P|2.5.1\rNTE|");
-    wire.resize(MESSAGE + 1, b'x');
-    wire.extend_from_slice(&[0x0d, 0x1c, 0x0d]);
-    let wire = Arc::new(wire);
+    let wire = Arc::new(mllp_test_support::memory::large_frame(MESSAGE));
     let before = kib("VmRSS:");
 
     let clients: Vec<_> = (0..CONNECTIONS)

@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 
 use mllp_reactor::{Dispatch, Reply, ReplyHandle, Server, handler_fn};
 
-mod rss;
-use rss::kib;
+use mllp_test_support::memory::kib;
 
 const CONNECTIONS: usize = 6;
 const PIPELINED: usize = 64;
@@ -60,12 +59,7 @@ fn issue_3_pipelined_messages_held_by_the_handler_stay_within_the_budget() {
         .expect("spawn");
     let addr = server.local_addr();
 
-    let mut wire = Vec::with_capacity(MESSAGE + 3);
-    wire.push(0x0b);
-    wire.extend_from_slice(b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|CID|P|2.5.1\rNTE|");
-    wire.resize(MESSAGE + 1, b'x');
-    wire.extend_from_slice(&[0x0d, 0x1c, 0x0d]);
-    let wire = Arc::new(wire);
+    let wire = Arc::new(mllp_test_support::memory::large_frame(MESSAGE));
     let before = kib("VmHWM:");
 
     // The senders block once the server stops reading (TCP pushes back); the server's

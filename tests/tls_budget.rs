@@ -16,8 +16,7 @@ use mllp_reactor::tls::__plumbing::INCOMING_CHUNK;
 use mllp_reactor::tls::{ClientTls, MAX_HANDSHAKE_BYTES, TlsAcceptor, TlsConfig};
 use mllp_reactor::{Client, ClientConfig, Dispatch, Reply, Server, ack, handler_fn};
 
-mod rss;
-use rss::kib;
+use mllp_test_support::memory::kib;
 
 const CONNECTIONS: usize = 3000;
 const SENT: usize = 64 * 1024;

@@ -2,7 +2,8 @@
 //! PostgreSQL cluster ([`pg`]), a real HAProxy on the committed template ([`haproxy`]), test
 //! certificates and TLS clients (`tls`, feature `tls`), a scripted downstream MLLP system
 //! (`downstream`, feature `downstream`), `serve` child processes ([`process`]), temporary
-//! directories ([`TempDir`]; on a small tmpfs: [`tmpfs`]), and the rule for a missing tool
+//! directories ([`TempDir`]; on a small tmpfs: [`tmpfs`]), process memory and large frames
+//! ([`memory`]), and the rule for a missing tool
 //! ([`unavailable`]). One crate instead of `#[path]` includes across crates and test binaries.
 
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[cfg(feature = "downstream")]
 pub mod downstream;
 pub mod haproxy;
+pub mod memory;
 pub mod pg;
 pub mod process;
 #[cfg(feature = "tls")]
