@@ -3,7 +3,7 @@
 //! HAProxy runs the committed template `deploy/haproxy.cfg` unchanged; the tests point it at
 //! their own ports through the environment variables the template reads. Every test needs the
 //! `haproxy` binary (`apt-get install haproxy`; `.ci/run` installs it): where it is missing,
-//! each test prints why it is skipped and passes.
+//! each test fails under `CI=true` and otherwise prints why it is skipped.
 //!
 //! `HAPROXY_CAPTURE=DIR cargo test -p mllp-reactor-cli --test haproxy` also writes the raw
 //! headers HAProxy sent into DIR, in the fuzz corpus format (a mode byte, then the bytes).

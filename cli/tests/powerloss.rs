@@ -386,11 +386,10 @@ fn build_shim(dir: &TempDir) -> Option<PathBuf> {
             Some(out)
         }
         Err(e) => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "cc is needed for the power-loss test (apt-get install build-essential): {e}"
+            mllp_test_support::unavailable(
+                "cc (apt-get install build-essential)",
+                &format!("the power-loss test needs it: {e}"),
             );
-            eprintln!("skipping the power-loss test: no cc ({e})");
             None
         }
     }

@@ -474,7 +474,7 @@ fn a_store_file_that_cannot_grow_answers_ae_and_recovers() {
     let server = StoreServe::start(&store);
     let pid = server.process.pid();
     let Some((soft, hard)) = limits(pid) else {
-        eprintln!("skipped: prlimit (util-linux) is not available");
+        mllp_test_support::unavailable("prlimit (util-linux)", "cannot read the server's limits");
         return;
     };
     let mut c = client(server.addr);

@@ -22,11 +22,7 @@ fn deploy() -> PathBuf {
 #[track_caller]
 fn available(ok: bool, what: &str) -> bool {
     if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{what} is required under CI=true"
-        );
-        eprintln!("skipped: {what} is not available");
+        mllp_test_support::unavailable(what, "not found");
     }
     ok
 }

@@ -162,11 +162,10 @@ fn issue_18_naks_are_logged_in_the_storing_mode() {
             .expect("an ACK");
         assert_eq!(ack.code.as_str(), "AE");
     } else {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "prlimit (util-linux) is required under CI=true"
+        mllp_test_support::unavailable(
+            "prlimit (util-linux)",
+            "the commit failure part is skipped",
         );
-        eprintln!("skipped the commit failure: prlimit (util-linux) is not available");
     }
     drop(client);
     let (out, _) = serve.stop();

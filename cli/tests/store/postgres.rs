@@ -1,7 +1,8 @@
 //! Store before ACK with `--store postgres://…` (issue 14), against a real PostgreSQL 15 that
 //! each test starts for itself: the SIGKILL crash loop, PostgreSQL stopped under load, and
 //! the CLI surface (start-up line, export, one-line errors, `--allow-async-commit`).
-//! Each test prints a skip line and passes where PostgreSQL cannot be had.
+//! Where PostgreSQL cannot be had, each test fails under `CI=true` and otherwise prints a
+//! skip line.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
