@@ -320,6 +320,23 @@ fn p99_under_load(store: &Store, rate: u64, window: Duration, first: u64) -> (Du
     (latencies[latencies.len() * 99 / 100], latencies.len())
 }
 
+/// The default policy, with `MLLP_P99_BATCH_ROWS`, `MLLP_P99_PAUSE_MS` and `MLLP_P99_RATE`
+/// (messages per second) overriding its pacing, to compare settings.
+fn policy_from_env() -> RetentionPolicy {
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
+    let mut policy = RetentionPolicy::default();
+    if let Some(rows) = var("MLLP_P99_BATCH_ROWS") {
+        policy = policy.batch_rows(rows as usize);
+    }
+    if let Some(ms) = var("MLLP_P99_PAUSE_MS") {
+        policy = policy.pause(Duration::from_millis(ms.into()));
+    }
+    if let Some(rate) = var("MLLP_P99_RATE") {
+        policy = policy.rate(rate);
+    }
+    policy
+}
+
 /// BENCHMARKS.md "p99 commit time with and without pruning": the same fixed-rate load against
 /// two copies of one store holding 150 000 expired messages, one with a pruner deleting them
 /// meanwhile. Run: `cargo test --release -p mllp-store --test it p99_commit -- --ignored
@@ -341,8 +358,20 @@ fn p99_commit_with_and_without_pruning() {
     }
     let rate = 200;
     let window = Duration::from_secs(5);
-    for round in 0..2 {
-        for pruning in [false, true] {
+    let rounds: usize = std::env::var("MLLP_P99_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let mut ratios = Vec::new();
+    for round in 0..rounds {
+        let mut p99s = [Duration::ZERO; 2];
+        // Alternate which goes first, so drift cancels.
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for pruning in order {
             let path = dir.join(format!("r{round}-{pruning}.db"));
             std::fs::copy(&seed, &path).unwrap();
             let options = SqliteOptions::default();
@@ -351,15 +380,9 @@ fn p99_commit_with_and_without_pruning() {
             let store = Store::start(backend, StoreConfig::default()).unwrap();
             let (deleted_tx, deleted) = mpsc::channel();
             let pruner = pruning.then(|| {
-                Pruner::start_sqlite(
-                    &path,
-                    &options,
-                    RetentionPolicy::default(),
-                    gate,
-                    move |r| {
-                        let _ = deleted_tx.send(r.as_ref().map_or(0, |(report, _)| report.deleted));
-                    },
-                )
+                Pruner::start_sqlite(&path, &options, policy_from_env(), gate, move |r| {
+                    let _ = deleted_tx.send(r.as_ref().map_or(0, |(report, _)| report.deleted));
+                })
                 .unwrap()
             });
             let (p99, n) = p99_under_load(&store, rate, window, 1_000_000);
@@ -367,11 +390,24 @@ fn p99_commit_with_and_without_pruning() {
             drop(pruner);
             store.close(WAIT).unwrap();
             let left = pragma(&path, "page_count");
+            let remaining: i64 = Connection::open(&path)
+                .unwrap()
+                .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+                .unwrap();
             println!(
-                "round {round} pruning={pruning}: {n} msgs at {rate}/s, p99 {:.3} ms (passes finished during the window deleted {pruned_during}; pages after {left})",
+                "round {round} pruning={pruning}: {n} msgs at {rate}/s, p99 {:.3} ms (passes finished during the window deleted {pruned_during}; messages left {remaining}, pages after {left})",
                 p99.as_secs_f64() * 1e3
             );
+            p99s[usize::from(pruning)] = p99;
             let _ = std::fs::remove_file(&path);
         }
+        let ratio = p99s[1].as_secs_f64() / p99s[0].as_secs_f64();
+        println!("round {round}: p99 with / without pruning = {ratio:.2}");
+        ratios.push(ratio);
     }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "median ratio over {rounds} rounds: {:.2} (all: {ratios:.2?})",
+        ratios[ratios.len() / 2]
+    );
 }
