@@ -83,7 +83,9 @@ pub fn start_pruner(
         interval = ?policy.interval(),
         "retention on"
     );
-    Pruner::start_sqlite(path, &SqliteOptions::default(), policy, gate, log_pass)
+    // The writer's options (the same busy timeout, and the benchmarks' index switch).
+    let options = crate::store_glue::open_options().sqlite;
+    Pruner::start_sqlite(path, &options, policy, gate, log_pass)
         .map(Some)
         .map_err(CliError::Retention)
 }

@@ -31,8 +31,12 @@
 //! - a batch ends early, after the row being deleted, as soon as the writer waits for the
 //!   gate, and the pruner never takes the gate while the writer waits for it;
 //! - the pruner commits without syncing (`synchronous=NORMAL` on its own connection: a delete
-//!   lost to a power cut is redone by the next pass) and syncs the WAL after letting go of the
-//!   gate, so a commit never waits for the pruner's sync;
+//!   lost to a power cut is redone by the next pass; the writer's next commit syncs it), and
+//!   never checkpoints (SQLite's automatic checkpoint is off on its connection: it would copy
+//!   the WAL and sync the database file while holding the gate); the store's checkpointer
+//!   does that off everyone's path;
+//! - a pass is paced ([`RetentionPolicy::rate`]): what a delete costs the writer is mostly
+//!   disk writes, not the gate;
 //! - between batches the pruner pauses ([`RetentionPolicy::pause`], and at least twice as long
 //!   as the batch took), so it holds the gate at most a third of the time.
 //!
@@ -76,14 +80,16 @@ use crate::sqlite::{SqliteOptions, WriteGate, open_connection};
 /// 2 KiB: about 17 GB a day) needs about half a terabyte, not an ever-growing disk.
 pub const DEFAULT_RETAIN: Duration = Duration::from_secs(30 * 24 * 3600);
 
-/// Default of [`RetentionPolicy::batch_rows`]: 64 messages per delete transaction.
+/// Default of [`RetentionPolicy::batch_rows`]: 16 messages per delete transaction.
 ///
 /// A delete costs about as much per row as an insert (the row, its index entries and the
-/// pages it frees), so 64 rows hold the write lock for about a millisecond; a commit that
-/// arrives meanwhile does not wait for them: the batch ends after the row being deleted (see
-/// the module docs). At the default [`DEFAULT_RATE`] that is a batch every ~130 ms: small
-/// steps spread the pass's disk writes evenly between the writer's syncs.
-pub const DEFAULT_BATCH_ROWS: usize = 64;
+/// pages it frees), so 16 rows hold the write lock for a fraction of a millisecond, and a
+/// commit that arrives meanwhile does not even wait for them: the batch ends after the row
+/// being deleted (see the module docs). Small batches matter when the pruner's thread loses
+/// the CPU while it holds the gate (a loaded machine), and they spread the pass's disk writes
+/// evenly between the writer's syncs: at [`DEFAULT_RATE`], a batch every ~30 ms. Measured
+/// against 64 (BENCHMARKS.md), the p99 commit time was steadier.
+pub const DEFAULT_BATCH_ROWS: usize = 16;
 
 /// Default of [`RetentionPolicy::pause`]: at least 20 ms between two delete batches (and at
 /// least twice as long as the batch took), so a pass gives the writer the lock back for
@@ -132,9 +138,9 @@ pub struct RetentionPolicy {
     pub batch_rows: usize,
     /// Pause between two batches of a pass (default [`DEFAULT_PAUSE`]).
     pub pause: Duration,
-    /// Pace of a pass, in messages deleted (or pages given back) per second: at most this,
-    /// or twice the rate at which messages arrive when that is higher (default
-    /// [`DEFAULT_RATE`]).
+    /// Pace of a [`Pruner`]'s pass, in messages deleted (or pages given back) per second: at
+    /// most this, or twice the rate at which messages arrive when that is higher (default
+    /// [`DEFAULT_RATE`]). [`prune_sqlite`] is not paced (someone waits for it), only paused.
     pub rate: u32,
 }
 
@@ -476,16 +482,18 @@ impl SqlitePrune {
         conn.pragma_update(None, "foreign_keys", false)
             .map_err(|e| StoreError::open(path, e))?;
         // A delete need not survive a power loss (the next pass redoes it), so the pruner
-        // commits without syncing (WAL with NORMAL stays consistent) and syncs the WAL after
-        // letting go of the write gate: the gate is never held across a sync, and the writer's
-        // next commit, which syncs the WAL, finds little left to write.
+        // commits without syncing (WAL with NORMAL stays consistent): the gate is never held
+        // across a sync, and the writer's next commit syncs the pruner's few pages with its own.
         // SQLite's automatic checkpoint would run inside the pruner's commit, while it holds
         // the write gate, whenever the WAL holds 1 000 pages (which under load it nearly
         // always does): the writer would wait for a copy of the whole WAL and a sync of the
         // database file. The store's checkpointer does that off everyone's path
         // (`crate::checkpoint`); it sees the pruner's pages at the writer's next commit.
-        conn.pragma_update(None, "wal_autocheckpoint", 0)
-            .map_err(|e| StoreError::open(path, e))?;
+        // (Only beside a writer of this process: alone, as `prune`, nobody else would.)
+        if gate.is_some() {
+            conn.pragma_update(None, "wal_autocheckpoint", 0)
+                .map_err(|e| StoreError::open(path, e))?;
+        }
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| StoreError::open(path, e))?;
         Ok(Self {
@@ -509,7 +517,14 @@ impl SqlitePrune {
         });
         let mut total = PruneReport::default();
         let mut after: StoreId = 0;
-        let mut pace = Pacer::new(&self.conn, policy.rate).map_err(StoreError::read)?;
+        // In the background, paced; on demand (`prune`, no gate), as fast as the pauses allow:
+        // someone is waiting for it.
+        let rate = if self.gate.is_some() {
+            policy.rate
+        } else {
+            u32::MAX
+        };
+        let mut pace = Pacer::new(&self.conn, rate).map_err(StoreError::read)?;
         // Dry run: the size still to free is estimated from the rows counted so far.
         let mut dry_freed: i64 = 0;
         loop {
@@ -658,19 +673,7 @@ impl SqlitePrune {
         let result = run(&mut self.conn);
         drop(turn);
         let deleted = result.map_err(|e| StoreError::commit(Cause::from(e).context("prune")))?;
-        self.sync_wal();
         Ok(deleted)
-    }
-
-    /// Writes the WAL's new frames to stable storage, outside the write gate (see
-    /// [`SqlitePrune::open`]: the pruner commits without syncing). Best effort: the writer's
-    /// next commit syncs them anyway.
-    fn sync_wal(&self) {
-        let mut wal = self.path.as_os_str().to_owned();
-        wal.push("-wal");
-        if let Ok(file) = std::fs::File::open(Path::new(&wal)) {
-            let _ = file.sync_data();
-        }
     }
 
     /// Gives free pages back to the file system in steps (incremental auto_vacuum only).
@@ -703,7 +706,6 @@ impl SqlitePrune {
                     .execute_batch(&format!("PRAGMA incremental_vacuum({step})"))
                     .map_err(err)?;
             }
-            self.sync_wal();
             let left = pragma(&self.conn, "freelist_count").map_err(err)?;
             let moved = free.saturating_sub(left);
             released += (moved * page_size) as u64;

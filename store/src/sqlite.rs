@@ -190,6 +190,10 @@ pub struct SqliteOptions {
     /// so the power-loss test can show that it detects exactly that (its negative control).
     #[doc(hidden)]
     pub unsafe_synchronous_normal_for_tests: bool,
+    /// BENCHMARKS ONLY: a writer drops the patient index (`search --patient` then scans),
+    /// to measure what the index costs the receive path (BENCHMARKS.md).
+    #[doc(hidden)]
+    pub bench_without_patient_index: bool,
 }
 
 impl Default for SqliteOptions {
@@ -199,6 +203,7 @@ impl Default for SqliteOptions {
             duplicate_window: DEFAULT_DUPLICATE_WINDOW,
             wal_limit: crate::checkpoint::WAL_LIMIT_BYTES,
             unsafe_synchronous_normal_for_tests: false,
+            bench_without_patient_index: false,
         }
     }
 }
@@ -407,6 +412,7 @@ impl SqliteBackend {
             Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Locked {
                 path: self.path.clone(),
             },
+            _ if is_corruption(&e) => StoreError::read(Problem::Corrupt),
             _ => StoreError::read(Cause::sqlite(e)),
         }
     }
@@ -492,9 +498,23 @@ impl Backend for SqliteBackend {
 
     fn last_id(&mut self) -> Result<StoreId, StoreError> {
         let conn = self.connection()?;
-        let result = conn.query_row("SELECT coalesce(max(id), 0) FROM messages", [], |r| {
-            r.get(0)
-        });
+        let result = conn
+            .query_row("SELECT coalesce(max(id), 0) FROM messages", [], |r| {
+                r.get(0)
+            })
+            .or_else(|e| {
+                // The last page damaged: AUTOINCREMENT's counter, kept in a table of its own,
+                // is the highest id ever given (an export past damage needs an end).
+                if !is_corruption(&e) {
+                    return Err(e);
+                }
+                conn.query_row(
+                    "SELECT seq FROM sqlite_sequence WHERE name = 'messages'",
+                    [],
+                    |r| r.get(0),
+                )
+                .or(Err(e))
+            });
         result.map_err(|e| self.read_error(e))
     }
 
@@ -736,6 +756,10 @@ pub(crate) fn open_connection(
             add_client_cert(&conn).map_err(classify)?;
         }
         add_search_schema(&conn).map_err(classify)?;
+        if options.bench_without_patient_index {
+            conn.execute_batch("DROP INDEX IF EXISTS messages_patient")
+                .map_err(classify)?;
+        }
         set_wal(&conn, path)?;
         let (name, expected) = if options.unsafe_synchronous_normal_for_tests {
             ("NORMAL", 1)

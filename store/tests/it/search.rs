@@ -272,6 +272,54 @@ fn search_bench_receive() {
     }
 }
 
+/// BENCHMARKS.md "Receive throughput with and without the search indexes", instruction
+/// counts: commits 4 000 1 KiB messages in batches of 16 through `SqliteBackend::commit_batch`
+/// into a fresh store with the index set `MLLP_INDEX_SET` names:
+///
+/// - `current` (default): `messages_by_control_id` and `messages_patient`;
+/// - `no-patient`: `messages_by_control_id` only (this build without search's extra index);
+/// - `before`: the previous build's three (`messages_original`, `messages_control_id`,
+///   `messages_patient`);
+/// - `before-search`: `messages_original` only (the build before search).
+///
+/// Run under callgrind, counting only inside `commit_batch` (the writer thread's work per
+/// batch, without the sync, which callgrind does not count):
+/// `MLLP_INDEX_SET=current valgrind --tool=callgrind --toggle-collect='*commit_batch*' --callgrind-out-file=/tmp/cg.current target/release/deps/it-* index_cost --ignored --exact search::index_cost`
+#[test]
+#[ignore = "a measurement under callgrind, not a check"]
+fn index_cost() {
+    let set = std::env::var("MLLP_INDEX_SET").unwrap_or_else(|_| "current".into());
+    let dir = TempDir::new("index-cost");
+    let path = dir.join("s.db");
+    // The writer first (opening adds the current indexes), then the set behind its back.
+    let mut b = SqliteBackend::open(&path, &SqliteOptions::default()).unwrap();
+    let before = format!(
+        "DROP INDEX messages_by_control_id; {OLD_ORIGINAL_INDEX}
+         CREATE INDEX messages_control_id ON messages (control_id) WHERE control_id IS NOT NULL;"
+    );
+    let change = match set.as_str() {
+        "current" => String::new(),
+        "no-patient" => "DROP INDEX messages_patient;".into(),
+        "before" => before,
+        "before-search" => {
+            format!("{before} DROP INDEX messages_control_id; DROP INDEX messages_patient;")
+        }
+        other => panic!("MLLP_INDEX_SET={other}: current, no-patient, before or before-search"),
+    };
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch(&change)
+        .unwrap();
+    println!("{set}: indexes {:?}", index_names(&path));
+    let n = 4_000u64;
+    for chunk in 0..n / 16 {
+        let batch: Vec<Record> = (chunk * 16..(chunk + 1) * 16)
+            .map(|i| Record::new(kib(i), origin(1, i)))
+            .collect();
+        b.commit_batch(&batch).unwrap();
+    }
+}
+
 /// BENCHMARKS.md "Search latency": searches by control id and by patient on a store of
 /// `MLLP_SEARCH_BENCH_ROWS` (default 1 000 000) 1 KiB messages, in a temporary directory
 /// deleted at the end. Run:
