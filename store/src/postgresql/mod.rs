@@ -132,10 +132,12 @@
 //! naming several hosts with `target_session_attrs=read-write` reconnects to whichever one is
 //! the primary after a failover.
 
+mod admin;
 mod batch;
 mod connection;
 mod describe;
 mod options;
+pub(crate) mod retention;
 mod schema;
 mod session;
 mod sql;
@@ -241,7 +243,17 @@ impl PostgresBackend {
     /// without this crate's schema table; [`StoreError::UnsupportedVersion`] for a newer
     /// schema. The `path` of each is the URL without its password.
     pub fn connect(url: &str, options: &PostgresOptions) -> Result<Self, StoreError> {
-        Self::new(url, options, false)
+        Self::new(url, options, false, true)
+    }
+
+    /// Connects a writer to an existing store: as [`connect`](Self::connect), but a database
+    /// without the store's tables is [`StoreError::NotAStore`] (for tools such as `resend`
+    /// and `prune`, which must not create a store).
+    pub(crate) fn connect_existing(
+        url: &str,
+        options: &PostgresOptions,
+    ) -> Result<Self, StoreError> {
+        Self::new(url, options, false, false)
     }
 
     /// Connects a reader (export): its session is read-only, and it never creates anything.
@@ -251,10 +263,15 @@ impl PostgresBackend {
     /// As [`connect`](Self::connect), and [`StoreError::NotAStore`] for a database without
     /// the store's tables. `synchronous_commit` is not checked: a reader commits nothing.
     pub fn connect_read_only(url: &str, options: &PostgresOptions) -> Result<Self, StoreError> {
-        Self::new(url, options, true)
+        Self::new(url, options, true, false)
     }
 
-    fn new(url: &str, options: &PostgresOptions, read_only: bool) -> Result<Self, StoreError> {
+    fn new(
+        url: &str,
+        options: &PostgresOptions,
+        read_only: bool,
+        create: bool,
+    ) -> Result<Self, StoreError> {
         let shown = redact(url);
         let mut config = Config::from_str(url).map_err(|e| {
             StoreError::open(
@@ -289,7 +306,7 @@ impl PostgresBackend {
             synchronous_commit: String::new(),
             backoff: Backoff::default(),
         };
-        let conn = backend.open(true)?;
+        let conn = backend.open(create)?;
         backend.conn = Some(conn);
         Ok(backend)
     }
@@ -370,22 +387,7 @@ impl Backend for PostgresBackend {
             let mut page = Vec::new();
             let mut bytes = 0usize;
             while let Some(row) = rows.try_next().await? {
-                let record = StoredRecord {
-                    id: row.try_get(0)?,
-                    received_at_us: row.try_get(1)?,
-                    peer: row.try_get(2)?,
-                    local: row.try_get(3)?,
-                    connection_id: row.try_get::<_, i64>(4)? as u64,
-                    sequence: row.try_get::<_, i64>(5)? as u64,
-                    sending_application: row.try_get(6)?,
-                    sending_facility: row.try_get(7)?,
-                    message_type: row.try_get(8)?,
-                    control_id: row.try_get(9)?,
-                    size: row.try_get::<_, i64>(10)? as u64,
-                    duplicate_of: row.try_get(11)?,
-                    payload: row.try_get(12)?,
-                    client_cert: row.try_get(13)?,
-                };
+                let record = stored_record(&row)?;
                 bytes = bytes.saturating_add(record.payload.len());
                 page.push(record);
                 if bytes >= max_bytes {
@@ -440,4 +442,24 @@ impl Backend for PostgresBackend {
             self.location, self.synchronous_commit
         )
     }
+}
+
+/// A row of the record columns ([`READ_AFTER`](sql::READ_AFTER)'s, and a search's) as a record.
+fn stored_record(row: &tokio_postgres::Row) -> Result<StoredRecord, tokio_postgres::Error> {
+    Ok(StoredRecord {
+        id: row.try_get(0)?,
+        received_at_us: row.try_get(1)?,
+        peer: row.try_get(2)?,
+        local: row.try_get(3)?,
+        connection_id: row.try_get::<_, i64>(4)? as u64,
+        sequence: row.try_get::<_, i64>(5)? as u64,
+        sending_application: row.try_get(6)?,
+        sending_facility: row.try_get(7)?,
+        message_type: row.try_get(8)?,
+        control_id: row.try_get(9)?,
+        size: row.try_get::<_, i64>(10)? as u64,
+        duplicate_of: row.try_get(11)?,
+        payload: row.try_get(12)?,
+        client_cert: row.try_get(13)?,
+    })
 }

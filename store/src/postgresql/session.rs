@@ -1,12 +1,13 @@
 //! What a new connection checks and sets up before it is used.
 
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Statement};
 
 use super::describe::show;
 use super::schema::{Schema, foreign, inspect_schema, migrate};
 use super::sql::{
-    ADD_CLIENT_CERT, FIND_ORIGINALS, HAS_CLIENT_CERT, IDS_AND_ORIGINALS, INSERT, NO_INSERT,
-    READ_AFTER, READ_AFTER_WITHOUT_CERT,
+    ADD_CLIENT_CERT, ADD_PATIENT_ID, ADDITIONS, FIND_ORIGINALS, IDS_AND_ORIGINALS, INSERT,
+    NO_INSERT, READ_AFTER, READ_AFTER_WITHOUT_CERT, SEARCH_INDEXES,
 };
 use super::{IDLE_IN_TRANSACTION_TIMEOUT, PostgresOptions, SCHEMA_VERSION};
 use crate::error::{Cause, Found, Problem, StoreError};
@@ -107,24 +108,22 @@ impl Session<'_> {
                 return Err(self.error(Problem::SequenceCache(cache)));
             }
         }
-        let mut has_cert: bool = client
-            .query_one(HAS_CLIENT_CERT, &[])
-            .await
-            .and_then(|row| row.try_get(0))
-            .map_err(|e| self.pg_error(e))?;
-        if !has_cert && !self.read_only {
-            client
-                .batch_execute(ADD_CLIENT_CERT)
+        let has_cert = if self.read_only {
+            let row = client
+                .query_one(ADDITIONS, &[])
                 .await
                 .map_err(|e| self.pg_error(e))?;
-            has_cert = true;
-        }
-        // Without the column (a reader of a store no writer of this version has opened), the
-        // INSERT cannot be prepared; a reader never inserts.
-        let (insert, read_after) = if has_cert {
-            (INSERT, READ_AFTER)
+            row.try_get(0).map_err(|e| self.pg_error(e))?
         } else {
-            (NO_INSERT, READ_AFTER_WITHOUT_CERT)
+            self.add_what_is_missing(client).await?;
+            true
+        };
+        // A reader never inserts; without the column (a store no writer of this version has
+        // opened yet) it reads NULL for the certificate.
+        let (insert, read_after) = match (self.read_only, has_cert) {
+            (false, _) => (INSERT, READ_AFTER),
+            (true, true) => (NO_INSERT, READ_AFTER),
+            (true, false) => (NO_INSERT, READ_AFTER_WITHOUT_CERT),
         };
         let mut statements = Vec::with_capacity(4);
         for sql in [IDS_AND_ORIGINALS, FIND_ORIGINALS, insert, read_after] {
@@ -134,5 +133,46 @@ impl Session<'_> {
             .try_into()
             .unwrap_or_else(|_| unreachable!("four statements were prepared"));
         Ok((sync, statements))
+    }
+
+    /// Brings a version-1 store up to what this build writes ([`ADDITIONS`]): the
+    /// `client_cert` and `patient_id` columns, the search indexes, and no foreign key on
+    /// `duplicate_of` (retention deletes an original whose resend is kept, and PostgreSQL
+    /// would otherwise scan the table for references at every deleted row). Each step runs
+    /// only where it is missing, so a reconnect costs one query.
+    async fn add_what_is_missing(&self, client: &Client) -> Result<(), StoreError> {
+        let fail = |e| self.pg_error(e);
+        let row = client.query_one(ADDITIONS, &[]).await.map_err(fail)?;
+        let get = |i| row.try_get::<_, bool>(i).map_err(fail);
+        let (has_cert, has_patient) = (get(0)?, get(1)?);
+        let foreign_keys: Vec<String> = row.try_get(2).map_err(fail)?;
+        let indexes = [get(3)?, get(4)?];
+        if !has_cert {
+            client.batch_execute(ADD_CLIENT_CERT).await.map_err(fail)?;
+        }
+        if !has_patient {
+            client.batch_execute(ADD_PATIENT_ID).await.map_err(fail)?;
+        }
+        for name in foreign_keys {
+            let drop = format!(
+                "ALTER TABLE mllp_messages DROP CONSTRAINT IF EXISTS \"{}\"",
+                name.replace('"', "\"\"")
+            );
+            client.batch_execute(&drop).await.map_err(fail)?;
+        }
+        for (sql, exists) in SEARCH_INDEXES.iter().zip(indexes) {
+            if exists {
+                continue;
+            }
+            match client.batch_execute(sql).await {
+                Ok(()) => {}
+                // Another node created it at the same moment.
+                Err(e)
+                    if e.code() == Some(&SqlState::DUPLICATE_TABLE)
+                        || e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {}
+                Err(e) => return Err(fail(e)),
+            }
+        }
+        Ok(())
     }
 }

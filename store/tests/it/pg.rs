@@ -9,6 +9,10 @@
 use mllp_test_support::pg as cluster;
 #[path = "pg/cut_proxy.rs"]
 mod cut_proxy;
+#[path = "pg/retention.rs"]
+mod retention;
+#[path = "pg/search.rs"]
+mod search;
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

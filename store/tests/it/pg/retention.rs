@@ -1,0 +1,212 @@
+//! Retention on PostgreSQL: the SQLite tests' records, forwarding state and expectations
+//! (`crate::retention`) through `prune_postgres`; the table's freed space reused; a size cap;
+//! a pruner under a steady load keeps the table from growing.
+
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use mllp_store::retention::{
+    PruneMode, PruneReport, Pruner, RetentionPolicy, prune_postgres, usage_postgres,
+};
+use mllp_store::{Backend, Record, Store, StoreConfig, StoreError};
+
+use super::{cluster::PgCluster, connect, options};
+use crate::retention::{DAY, FORWARD_STATE, KEPT, at, backdated, big, steady_load};
+use crate::util::WAIT;
+
+fn prune(url: &str, policy: &RetentionPolicy, mode: PruneMode) -> PruneReport {
+    prune_postgres(url, policy, SystemTime::now(), mode, &options()).unwrap()
+}
+
+fn ids(pg: &PgCluster, db: &str) -> Vec<i64> {
+    pg.sql(db, "SELECT id FROM mllp_messages ORDER BY id")
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect()
+}
+
+fn heap_bytes(pg: &PgCluster, db: &str) -> i64 {
+    pg.sql(db, "SELECT pg_relation_size('mllp_messages')")
+        .parse()
+        .unwrap()
+}
+
+/// A message of about `len` bytes that PostgreSQL cannot compress (pseudo-random text), so
+/// that sizes on disk follow the payloads.
+fn noisy(n: u32, len: usize) -> Bytes {
+    let mut x = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let filler: String = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                    [(x % 62) as usize],
+            )
+        })
+        .collect();
+    Bytes::from(format!(
+        "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20260101120000||ADT^A01|{n}|P|2.5.1\rNTE|1||{filler}\r"
+    ))
+}
+
+#[test]
+fn prune_removes_exactly_the_expired_delivered_messages() {
+    let Some(pg) = PgCluster::start() else { return };
+    let url = pg.create_db("exact");
+    connect(&url).commit_batch(&backdated()).unwrap();
+    pg.sql("exact", FORWARD_STATE);
+    let policy = RetentionPolicy::default();
+
+    let dry = prune(&url, &policy, PruneMode::DryRun);
+    assert_eq!((dry.deleted, dry.protected), (6, 2), "{dry:?}");
+    assert_eq!(ids(&pg, "exact"), (1..=15).collect::<Vec<_>>());
+
+    let done = prune(&url, &policy, PruneMode::Delete);
+    assert_eq!((done.deleted, done.protected), (6, 2), "{done:?}");
+    assert_eq!(done.first_kept, Some(9), "9 is not delivered to 'ehr' yet");
+    assert_eq!(done.released_bytes, 0, "PostgreSQL reuses, never returns");
+    assert_eq!(ids(&pg, "exact"), KEPT);
+    assert_eq!(prune(&url, &policy, PruneMode::Delete).deleted, 0);
+}
+
+/// An original goes before its (younger) resend, which keeps `duplicate_of`: the store has
+/// no foreign key that would make the delete fail (or scan the table per row).
+#[test]
+fn an_original_is_pruned_before_its_resend() {
+    let Some(pg) = PgCluster::start() else { return };
+    let url = pg.create_db("dup");
+    let out = connect(&url)
+        .commit_batch(&[
+            Record::new(big(1), at(SystemTime::now() - 31 * DAY)),
+            Record::new(big(1), at(SystemTime::now() - 25 * DAY)),
+        ])
+        .unwrap();
+    assert_eq!(out[1].duplicate_of, Some(out[0].id));
+    let done = prune(&url, &RetentionPolicy::default(), PruneMode::Delete);
+    assert_eq!(done.deleted, 1);
+    assert_eq!(
+        pg.sql("dup", "SELECT id, duplicate_of FROM mllp_messages"),
+        format!("{}|{}", out[1].id, out[0].id)
+    );
+}
+
+/// The space of deleted rows is reused by the next inserts: the table does not grow.
+#[test]
+fn the_freed_space_is_reused() {
+    let Some(pg) = PgCluster::start() else { return };
+    let url = pg.create_db("reuse");
+    let mut backend = connect(&url);
+    let old = SystemTime::now() - 40 * DAY;
+    let batch: Vec<Record> = (0..300)
+        .map(|i| Record::new(noisy(i, 1000), at(old)))
+        .collect();
+    backend.commit_batch(&batch).unwrap();
+    let before = heap_bytes(&pg, "reuse");
+    let done = prune(&url, &RetentionPolicy::default(), PruneMode::Delete);
+    assert_eq!(done.deleted, 300);
+    let batch: Vec<Record> = (300..600)
+        .map(|i| Record::new(noisy(i, 1000), at(SystemTime::now())))
+        .collect();
+    backend.commit_batch(&batch).unwrap();
+    let after = heap_bytes(&pg, "reuse");
+    assert!(
+        after <= before,
+        "the table grew from {before} to {after} bytes"
+    );
+    let usage = usage_postgres(&url, &options()).unwrap();
+    assert_eq!(usage.oldest_received_us.map(|us| us > 0), Some(true));
+    assert!(usage.file_bytes >= after as u64, "{usage:?}");
+}
+
+#[test]
+fn a_size_cap_removes_the_oldest_first() {
+    let Some(pg) = PgCluster::start() else { return };
+    let url = pg.create_db("size");
+    let batch: Vec<Record> = (1..=40)
+        .map(|i| Record::new(noisy(i, 4096), at(SystemTime::now())))
+        .collect();
+    connect(&url).commit_batch(&batch).unwrap();
+    let cap = 100 * 1024;
+    let policy = RetentionPolicy::default()
+        .max_age(None)
+        .max_bytes(Some(cap))
+        .batch_rows(4);
+    let done = prune(&url, &policy, PruneMode::Delete);
+    let left = ids(&pg, "size");
+    assert!(done.deleted > 0, "{done:?}");
+    assert_eq!(left.len() as u64 + done.deleted, 40);
+    assert_eq!(left.last(), Some(&40), "the newest stay");
+    assert_eq!(
+        left.first(),
+        Some(&(done.deleted as i64 + 1)),
+        "the oldest go first"
+    );
+    let usage = usage_postgres(&url, &options()).unwrap();
+    assert!(usage.used_bytes <= cap, "{usage:?} {done:?} {left:?}");
+}
+
+/// A steady load with a short retention, through a running store and pruner: after the first
+/// periods the table stops growing.
+#[test]
+fn under_a_steady_load_with_short_retention_the_table_stops_growing() {
+    let Some(pg) = PgCluster::start() else { return };
+    let url = pg.create_db("steady");
+    let store = Store::open_postgres(&url, &options(), StoreConfig::default()).unwrap();
+    let (passes_tx, passes) = mpsc::channel();
+    let policy = RetentionPolicy::default()
+        .max_age(Some(Duration::from_millis(400)))
+        .pause(Duration::ZERO);
+    let pruner = Pruner::start_postgres(&url, &options(), policy, move |r| {
+        let _ = passes_tx.send(
+            r.as_ref()
+                .map(|(report, _)| report.deleted)
+                .map_err(|e| e.to_string()),
+        );
+    })
+    .unwrap();
+    // 200 messages/s of 2 KiB for 3 s (7.5 retention periods).
+    let (sent, sizes) = steady_load(
+        &store,
+        Duration::from_millis(3_000),
+        |n| noisy(n, 2000),
+        || {
+            pg.sql("steady", "SELECT pg_total_relation_size('mllp_messages')")
+                .parse()
+                .unwrap()
+        },
+    );
+    store.close(WAIT).unwrap();
+    pruner.stop();
+    let deleted: u64 = passes.try_iter().map(|r| r.unwrap()).sum();
+    assert!(
+        deleted > u64::from(sent) / 3,
+        "only {deleted} of {sent} pruned"
+    );
+    let middle = sizes[sizes.len() / 2];
+    let last = *sizes.last().unwrap();
+    let written = i64::from(sent) * 2100;
+    assert!(
+        last < written / 2,
+        "sizes: {sizes:?}, {written} bytes written"
+    );
+    assert!(last <= middle * 2, "still growing: {sizes:?}");
+}
+
+#[test]
+fn pruning_a_database_without_a_store_is_a_typed_error() {
+    let Some(pg) = PgCluster::start() else { return };
+    let url = pg.create_db("none");
+    let e = prune_postgres(
+        &url,
+        &RetentionPolicy::default(),
+        SystemTime::now(),
+        PruneMode::DryRun,
+        &options(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, StoreError::NotAStore { .. }), "{e}");
+    assert!(pg.psql("none", "SELECT 1 FROM mllp_messages").is_err());
+}
