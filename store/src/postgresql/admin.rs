@@ -164,7 +164,7 @@ async fn amcheck_store(
     for table in tables {
         let rows = client
             .query(
-                "SELECT blkno, offnum, msg FROM verify_heapam($1::regclass) LIMIT $2",
+                "SELECT blkno, offnum, msg FROM verify_heapam($1::text::regclass) LIMIT $2",
                 &[&table, &(crate::integrity::MAX_PROBLEMS as i64)],
             )
             .await;
@@ -200,7 +200,7 @@ async fn amcheck_store(
     for row in indexes {
         let index: String = row.try_get(0)?;
         let checked = client
-            .execute("SELECT bt_index_check($1::regclass, true)", &[&index])
+            .execute("SELECT bt_index_check($1::text::regclass, true)", &[&index])
             .await;
         match checked {
             Ok(_) => {}
