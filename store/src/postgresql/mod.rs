@@ -321,6 +321,26 @@ impl PostgresBackend {
         PathBuf::from(&self.location)
     }
 
+    /// An empty batch: whether the database answers (the store's idle probe, see
+    /// [`Backend::probe_when_idle`]). A connection that died while idle is replaced once
+    /// before the answer is no, as for a batch.
+    fn ping(&mut self) -> Result<(), StoreError> {
+        let had_connection = self.conn.is_some();
+        match self.ping_once() {
+            Err(_) if had_connection && self.conn.is_none() => self.ping_once(),
+            other => other,
+        }
+    }
+
+    fn ping_once(&mut self) -> Result<(), StoreError> {
+        let conn = self.connection().map_err(StoreError::commit)?;
+        let result = conn.block_on(conn.client.simple_query("SELECT 1"));
+        result.map(drop).map_err(|e| {
+            self.forget_if_dead(&e);
+            StoreError::commit(Cause::postgres(e))
+        })
+    }
+
     /// Settles a batch whose connection died with `COMMIT` in flight: if it committed, its
     /// `outcomes` stand (the records are stored once, and their senders get AA); if it did
     /// not, it is stored now, once. If that cannot be found out, the batch fails with
@@ -353,6 +373,9 @@ impl Backend for PostgresBackend {
     fn commit_batch(&mut self, batch: &[Record]) -> Result<Vec<StoreOutcome>, StoreError> {
         if self.read_only {
             return Err(StoreError::commit(Problem::ReadOnly));
+        }
+        if batch.is_empty() {
+            return self.ping().map(|()| Vec::new());
         }
         let had_connection = self.conn.is_some();
         let attempt = match self.try_commit(batch) {
@@ -434,6 +457,11 @@ impl Backend for PostgresBackend {
 
     fn location(&self) -> String {
         self.location.clone()
+    }
+
+    /// The connection can be lost while no batch commits: `/readyz` must see it.
+    fn probe_when_idle(&self) -> bool {
+        true
     }
 
     fn summary(&self) -> String {

@@ -110,11 +110,12 @@ pub(super) const ADD_CLIENT_CERT: &str =
 pub(super) const ADD_PATIENT_ID: &str =
     "ALTER TABLE mllp_messages ADD COLUMN IF NOT EXISTS patient_id text";
 
-/// The search indexes ([`crate::search`]), built `CONCURRENTLY` so that other nodes go on
-/// committing while the first writer of this version builds them on a large store.
+/// The search indexes ([`crate::search`]). Built by the first writer of this version under
+/// the store's lock (see [`crate::postgresql`]'s schema notes: on a large store, build them
+/// beforehand with `CREATE INDEX CONCURRENTLY` and these names).
 pub(super) const SEARCH_INDEXES: [&str; 2] = [
-    "CREATE INDEX CONCURRENTLY IF NOT EXISTS mllp_messages_control_id ON mllp_messages (control_id) \
+    "CREATE INDEX IF NOT EXISTS mllp_messages_control_id ON mllp_messages (control_id) \
      WHERE control_id IS NOT NULL",
-    "CREATE INDEX CONCURRENTLY IF NOT EXISTS mllp_messages_patient ON mllp_messages (patient_id) \
+    "CREATE INDEX IF NOT EXISTS mllp_messages_patient ON mllp_messages (patient_id) \
      WHERE patient_id IS NOT NULL",
 ];
