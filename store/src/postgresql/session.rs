@@ -186,5 +186,8 @@ async fn missing(client: &Client) -> Result<Option<Vec<String>>, tokio_postgres:
             steps.push((*sql).to_owned());
         }
     }
+    if row.try_get::<_, bool>(5)? {
+        steps.push("DROP INDEX IF EXISTS mllp_messages_original".to_owned());
+    }
     Ok((!steps.is_empty()).then_some(steps))
 }
