@@ -130,12 +130,12 @@ pub fn check_sqlite(
     }
 }
 
-/// Checks the store `spec` names: [`check_sqlite`] or [`check_postgres`] (feature
+/// Checks the store `spec` names: [`check_sqlite`] or `check_postgres` (feature
 /// `postgres`; `budget` does not apply there).
 ///
 /// # Errors
 ///
-/// As [`check_sqlite`] and [`check_postgres`]; [`StoreError::Open`] with
+/// As [`check_sqlite`] and `check_postgres`; [`StoreError::Open`] with
 /// [`Problem::NoPostgres`](crate::Problem::NoPostgres) for a URL in a build without the
 /// feature `postgres`.
 pub fn check(

@@ -116,7 +116,7 @@ pub fn record_resends_sqlite(
 }
 
 /// Appends `audits` to the store `spec` names: [`record_resends_sqlite`] or
-/// [`record_resends_postgres`] (feature `postgres`).
+/// `record_resends_postgres` (feature `postgres`).
 ///
 /// # Errors
 ///

@@ -2,9 +2,13 @@
 //!
 //! A [`RetentionPolicy`] says how long messages are kept ([`RetentionPolicy::max_age`],
 //! default [`DEFAULT_RETAIN`], 30 days) and optionally how large the store may grow
-//! ([`RetentionPolicy::max_bytes`]). [`prune_sqlite`] applies it once (the CLI's `prune`);
-//! a [`Pruner`] applies it in the background, on its own thread and connection, while a
-//! [`Store`](crate::Store) writes.
+//! ([`RetentionPolicy::max_bytes`]). [`prune`] applies it once (the CLI's `prune`; SQLite:
+//! [`prune_sqlite`], PostgreSQL: `prune_postgres`); a [`Pruner`] applies it in the
+//! background, on its own thread and connection, while a [`Store`](crate::Store) writes
+//! ([`Pruner::start`]). What is removed and in which order is decided here, once, for both
+//! backends; each backend only lists candidates, deletes, gives space back and measures (a
+//! `PruneTarget`). For PostgreSQL's side (batched `DELETE`, `VACUUM`, what a size cap is
+//! measured against) see `crate::postgresql` (feature `postgres`).
 //!
 //! # What is removed, and what never is
 //!
@@ -250,7 +254,7 @@ pub fn prune_sqlite(
     prune.pass(policy, now, mode, &|| false)
 }
 
-/// Applies `policy` once to the store `spec` names: [`prune_sqlite`] or [`prune_postgres`]
+/// Applies `policy` once to the store `spec` names: [`prune_sqlite`] or `prune_postgres`
 /// (feature `postgres`).
 ///
 /// # Errors
@@ -408,7 +412,7 @@ impl Pruner {
 
     /// Starts pruning the store `spec` names: [`start_sqlite`](Self::start_sqlite) (with
     /// `gate`, the store writer's [`Store::write_gate`](crate::Store::write_gate); without one
-    /// the two meet at SQLite's lock) or [`start_postgres`](Self::start_postgres).
+    /// the two meet at SQLite's lock) or `start_postgres`.
     ///
     /// # Errors
     ///

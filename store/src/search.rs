@@ -12,6 +12,8 @@
 //! - Sender, type and time narrow those results, or else are checked on a scan that walks
 //!   the store newest first and stops after `limit` matches: fine for "the last 20 ADT^A01
 //!   from LAB", slow for a rare match in a large store (add a control id or patient).
+//! - On PostgreSQL the same: `mllp_messages_control_id` (also the duplicate lookup's) and
+//!   `mllp_messages_patient` (see `crate::postgresql`'s schema).
 //! - PID-3.1 is extracted when the message is stored, raw (escape sequences are not decoded:
 //!   `\T\` stays `\T\`), like the other header columns. Messages stored before the column
 //!   existed have none.

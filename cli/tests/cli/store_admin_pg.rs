@@ -5,7 +5,7 @@
 
 use mllp_test_support::pg::PgCluster;
 
-use crate::store_admin::{fill, prune_cycle, resend_cycle, search_cycle};
+use crate::store_admin::{HealthServe, fill, prune_cycle, resend_cycle, search_cycle};
 use crate::util::{run, text};
 
 #[test]
@@ -86,4 +86,23 @@ fn pg_check_reports_settings_and_runs_amcheck() {
         "{}",
         text(&none.stderr)
     );
+}
+
+/// `/readyz` turns 503 ("not connected") while PostgreSQL is down, with no traffic at all,
+/// and 200 again once it is back; `/healthz` stays 200 (the writer is alive).
+#[test]
+fn pg_readyz_is_503_while_postgres_is_down() {
+    let Some(pg) = PgCluster::start() else { return };
+    let url = pg.create_db("readyz");
+    let serve = HealthServe::start(&url, &["--min-free-disk", "0"]);
+    assert_eq!(serve.get("/readyz").0, 200);
+    pg.stop();
+    let body = serve.await_status("/readyz", 503);
+    assert!(
+        body.contains(r#""reason":"store""#) && body.contains("not connected"),
+        "{body}"
+    );
+    assert_eq!(serve.get("/healthz").0, 200);
+    pg.restart();
+    serve.await_status("/readyz", 200);
 }

@@ -1,10 +1,10 @@
 //! What a new connection checks and sets up before it is used.
 
-use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Statement};
 
 use super::describe::show;
 use super::schema::{Schema, foreign, inspect_schema, migrate};
+use super::sql::LOCK_KEY;
 use super::sql::{
     ADD_CLIENT_CERT, ADD_PATIENT_ID, ADDITIONS, FIND_ORIGINALS, IDS_AND_ORIGINALS, INSERT,
     NO_INSERT, READ_AFTER, READ_AFTER_WITHOUT_CERT, SEARCH_INDEXES,
@@ -138,41 +138,56 @@ impl Session<'_> {
     /// Brings a version-1 store up to what this build writes ([`ADDITIONS`]): the
     /// `client_cert` and `patient_id` columns, the search indexes, and no foreign key on
     /// `duplicate_of` (retention deletes an original whose resend is kept, and PostgreSQL
-    /// would otherwise scan the table for references at every deleted row). Each step runs
-    /// only where it is missing, so a reconnect costs one query.
+    /// would otherwise scan the table for references at every deleted row). A store that
+    /// has them all costs one query (every reconnect asks); otherwise the missing steps run
+    /// in one transaction under the store's lock, so that nodes starting together take
+    /// turns (the second finds the work done) and never deadlock on the table's locks.
     async fn add_what_is_missing(&self, client: &Client) -> Result<(), StoreError> {
         let fail = |e| self.pg_error(e);
-        let row = client.query_one(ADDITIONS, &[]).await.map_err(fail)?;
-        let get = |i| row.try_get::<_, bool>(i).map_err(fail);
-        let (has_cert, has_patient) = (get(0)?, get(1)?);
-        let foreign_keys: Vec<String> = row.try_get(2).map_err(fail)?;
-        let indexes = [get(3)?, get(4)?];
-        if !has_cert {
-            client.batch_execute(ADD_CLIENT_CERT).await.map_err(fail)?;
+        if missing(client).await.map_err(fail)?.is_none() {
+            return Ok(());
         }
-        if !has_patient {
-            client.batch_execute(ADD_PATIENT_ID).await.map_err(fail)?;
-        }
-        for name in foreign_keys {
-            let drop = format!(
-                "ALTER TABLE mllp_messages DROP CONSTRAINT IF EXISTS \"{}\"",
-                name.replace('"', "\"\"")
-            );
-            client.batch_execute(&drop).await.map_err(fail)?;
-        }
-        for (sql, exists) in SEARCH_INDEXES.iter().zip(indexes) {
-            if exists {
-                continue;
-            }
-            match client.batch_execute(sql).await {
-                Ok(()) => {}
-                // Another node created it at the same moment.
-                Err(e)
-                    if e.code() == Some(&SqlState::DUPLICATE_TABLE)
-                        || e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {}
-                Err(e) => return Err(fail(e)),
+        client
+            .batch_execute(&format!(
+                "BEGIN; SELECT pg_advisory_xact_lock({}, {})",
+                LOCK_KEY.0, LOCK_KEY.1
+            ))
+            .await
+            .map_err(fail)?;
+        // Under the lock, what is still missing (another node may have done it meanwhile).
+        // On an error the caller drops the connection, which rolls the transaction back.
+        if let Some(steps) = missing(client).await.map_err(fail)? {
+            for step in steps {
+                client.batch_execute(&step).await.map_err(fail)?;
             }
         }
-        Ok(())
+        client.batch_execute("COMMIT").await.map_err(fail)
     }
+}
+
+/// The statements that would bring the store up to this build's additions, `None` if none.
+async fn missing(client: &Client) -> Result<Option<Vec<String>>, tokio_postgres::Error> {
+    let row = client.query_one(ADDITIONS, &[]).await?;
+    let mut steps = Vec::new();
+    if !row.try_get::<_, bool>(0)? {
+        steps.push(ADD_CLIENT_CERT.to_owned());
+    }
+    if !row.try_get::<_, bool>(1)? {
+        steps.push(ADD_PATIENT_ID.to_owned());
+    }
+    for name in row.try_get::<_, Vec<String>>(2)? {
+        steps.push(format!(
+            "ALTER TABLE mllp_messages DROP CONSTRAINT IF EXISTS \"{}\"",
+            name.replace('"', "\"\"")
+        ));
+    }
+    for (i, sql) in SEARCH_INDEXES.iter().enumerate() {
+        if !row.try_get::<_, bool>(3 + i)? {
+            steps.push((*sql).to_owned());
+        }
+    }
+    if row.try_get::<_, bool>(5)? {
+        steps.push("DROP INDEX IF EXISTS mllp_messages_original".to_owned());
+    }
+    Ok((!steps.is_empty()).then_some(steps))
 }

@@ -84,7 +84,9 @@ FROM mllp_messages WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3";
 /// What writers add to (or drop from) a version-1 store after it was created, without a
 /// version change: older builds name their columns and go on reading and writing. One row:
 /// whether `client_cert` exists, whether `patient_id` exists, the names of foreign keys from
-/// `mllp_messages` to itself (`duplicate_of`), and whether each search index exists.
+/// `mllp_messages` to itself (`duplicate_of`), whether each search index exists, and whether
+/// the duplicate lookup's older index (`mllp_messages_original`, replaced by the control
+/// id's) does.
 pub(super) const ADDITIONS: &str = "
 SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
                WHERE attrelid = 'mllp_messages'::regclass AND attname = 'client_cert'
@@ -95,7 +97,8 @@ SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
        ARRAY(SELECT conname::text FROM pg_catalog.pg_constraint
              WHERE conrelid = 'mllp_messages'::regclass AND contype = 'f'),
        to_regclass('mllp_messages_control_id') IS NOT NULL,
-       to_regclass('mllp_messages_patient') IS NOT NULL";
+       to_regclass('mllp_messages_patient') IS NOT NULL,
+       to_regclass('mllp_messages_original') IS NOT NULL";
 
 /// In place of [`INSERT`] for a reader: a reader never inserts (its session is read-only, and
 /// this statement takes no parameters, so a commit through it is an error, never a write).
@@ -110,11 +113,14 @@ pub(super) const ADD_CLIENT_CERT: &str =
 pub(super) const ADD_PATIENT_ID: &str =
     "ALTER TABLE mllp_messages ADD COLUMN IF NOT EXISTS patient_id text";
 
-/// The search indexes ([`crate::search`]), built `CONCURRENTLY` so that other nodes go on
-/// committing while the first writer of this version builds them on a large store.
+/// The search indexes ([`crate::search`]). Built by the first writer of this version under
+/// the store's lock (see [`crate::postgresql`]'s schema notes: on a large store, build them
+/// beforehand with `CREATE INDEX CONCURRENTLY` and these names). The control id's also
+/// serves the duplicate lookup, in place of `mllp_messages_original` (dropped once it
+/// exists), so search costs the receive path one index, the patient's.
 pub(super) const SEARCH_INDEXES: [&str; 2] = [
-    "CREATE INDEX CONCURRENTLY IF NOT EXISTS mllp_messages_control_id ON mllp_messages (control_id) \
-     WHERE control_id IS NOT NULL",
-    "CREATE INDEX CONCURRENTLY IF NOT EXISTS mllp_messages_patient ON mllp_messages (patient_id) \
+    "CREATE INDEX IF NOT EXISTS mllp_messages_control_id ON mllp_messages \
+     (control_id, received_at_us) WHERE control_id IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS mllp_messages_patient ON mllp_messages (patient_id) \
      WHERE patient_id IS NOT NULL",
 ];

@@ -75,6 +75,8 @@ fn an_older_store_gets_the_patient_column_and_indexes() {
         "older",
         "DROP INDEX mllp_messages_control_id; DROP INDEX mllp_messages_patient; \
          ALTER TABLE mllp_messages DROP COLUMN patient_id; \
+         CREATE INDEX mllp_messages_original ON mllp_messages (control_id, received_at_us) \
+             WHERE duplicate_of IS NULL AND control_id IS NOT NULL; \
          ALTER TABLE mllp_messages ADD CONSTRAINT mllp_messages_duplicate_of_fkey \
              FOREIGN KEY (duplicate_of) REFERENCES mllp_messages (id)",
     );
@@ -95,10 +97,11 @@ fn an_older_store_gets_the_patient_column_and_indexes() {
             "older",
             "SELECT count(*) FROM pg_indexes WHERE indexname IN \
              ('mllp_messages_control_id', 'mllp_messages_patient'); \
+             SELECT count(*) FROM pg_indexes WHERE indexname = 'mllp_messages_original'; \
              SELECT count(*) FROM pg_constraint WHERE contype = 'f' \
              AND conrelid = 'mllp_messages'::regclass"
         ),
-        "2\n0"
+        "2\n0\n0"
     );
     assert_eq!(
         pg.sql("older", "SELECT version FROM mllp_store_schema"),
