@@ -35,7 +35,7 @@ use crate::outcome::ConnectionId;
 use crate::pool::{Job, Pool};
 use crate::reason::{CloseReason, RejectReason};
 use crate::sync::lock;
-use crate::telemetry::{Peer, Telemetry};
+use crate::telemetry::{Peer, Tally, Telemetry};
 use crate::timer::{DEFAULT_SLOTS, DEFAULT_TICK, TimerWheel};
 use crate::transport::{Acceptors, Transport};
 
@@ -151,6 +151,8 @@ struct Loop {
     handshakes: Handshakes,
     /// While paused: the one connection allowed to read (see `holder`).
     holder: Option<ConnectionId>,
+    /// This turn's per-message counts, added to the metrics at the turn's end.
+    tally: Tally,
 }
 
 impl Reactor {
@@ -186,6 +188,7 @@ impl Reactor {
             paused: false,
             handshakes,
             holder: None,
+            tally: Tally::default(),
         };
         let result = lp.run();
         // Whatever happened, release what this reactor still counts in the shared state.
@@ -241,7 +244,9 @@ impl Loop {
             self.commands(now);
             self.dispatcher.flush();
             self.publish_budget(now);
-            if let Some(done) = self.finish_drain(now) {
+            let done = self.finish_drain(now);
+            self.tally.flush(&self.r.telemetry.metrics);
+            if let Some(done) = done {
                 return Ok(done);
             }
         }
@@ -542,13 +547,17 @@ impl Loop {
             if !self.events.is_empty() {
                 let fresh = Instant::now();
                 for event in self.events.drain(..) {
-                    self.r.telemetry.report(&p, event, fresh);
+                    self.r.telemetry.report(&p, event, fresh, &mut self.tally);
                 }
             }
             let system_time = SystemTime::now();
-            self.r
-                .telemetry
-                .message_start(&p, d.seq, d.payload.len(), system_time);
+            self.r.telemetry.message_start(
+                &p,
+                d.seq,
+                d.payload.len(),
+                system_time,
+                &mut self.tally,
+            );
             let Dispatched {
                 seq,
                 payload,
@@ -693,7 +702,7 @@ impl Loop {
         // finished these messages.
         let fresh = Instant::now();
         for event in self.events.drain(..) {
-            self.r.telemetry.report(&p, event, fresh);
+            self.r.telemetry.report(&p, event, fresh, &mut self.tally);
         }
         let Some(closed) = self.conns[key].link.closed() else {
             return false;
