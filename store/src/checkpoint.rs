@@ -73,8 +73,8 @@ struct Shared {
 
 impl Checkpointer {
     /// Starts the checkpointer on `conn` (its own connection to the store file, with the busy
-    /// timeout set) for a database with `page_size`-byte pages, keeping the WAL near
-    /// `limit_bytes`.
+    /// timeout set and the WAL open: see [`open_wal`]) for a database with `page_size`-byte
+    /// pages, keeping the WAL near `limit_bytes`.
     pub(crate) fn start(
         conn: Connection,
         page_size: u32,
@@ -185,6 +185,18 @@ impl Drop for Checkpointer {
     }
 }
 
+/// Opens the WAL on `conn`, the checkpointer's connection, by one read transaction.
+///
+/// A connection opens the WAL only with its first read; until then a checkpoint on it does
+/// nothing at all and reports a log of -1 (`sqlite3PagerCheckpoint` without a WAL). That was
+/// the checkpointer's state for its whole life before this read: every `PASSIVE` did nothing,
+/// the hook (seeing nothing covered) woke it after every commit once the WAL held
+/// [`CHECKPOINT_PAGES`], and only the writer's `RESTART` at the limit ever copied the WAL,
+/// all of it at once, on the commit path.
+pub(crate) fn open_wal(conn: &Connection) -> rusqlite::Result<()> {
+    conn.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))
+}
+
 /// The checkpointer's loop: wait for a request, checkpoint, repeat until closed.
 fn run(conn: &Connection, shared: &Shared) {
     loop {
@@ -208,12 +220,15 @@ fn run(conn: &Connection, shared: &Shared) {
     }
 }
 
-/// One `PASSIVE` checkpoint. An error (an I/O error) only means the WAL stays longer: the
-/// next request retries, and the writer's restart at the limit holds regardless.
+/// One `PASSIVE` checkpoint. A failure (an I/O error, or a checkpoint that covered nothing)
+/// only means the WAL stays longer: it counts as covering the WAL as it was when the
+/// checkpoint started, so the hook asks again [`CHECKPOINT_PAGES`] later rather than after
+/// every commit, and the writer's restart at the limit holds regardless.
 fn checkpoint(conn: &Connection, shared: &Shared) {
-    if let Ok((log, _copied)) = conn.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
-        shared
-            .covered
-            .store(u32::try_from(log).unwrap_or(0), Ordering::Relaxed);
-    }
+    let started_at = shared.wal_pages.load(Ordering::Relaxed);
+    let covered = match conn.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
+        Ok((log, _copied)) => u32::try_from(log).unwrap_or(started_at),
+        Err(_) => started_at,
+    };
+    shared.covered.store(covered, Ordering::Relaxed);
 }
