@@ -46,16 +46,17 @@ fn the_wal_stays_near_its_limit_and_the_database_grows_meanwhile() {
     assert_eq!(backend.last_id().unwrap(), 6_000);
 }
 
-/// The checkpointer copies the WAL back long before the limit: with the default 64 MiB
-/// limit and ~6 MiB of commits (about 1 500 pages, past the 1 000 that trigger a `PASSIVE`),
-/// the database file grows while the writer is still open. Before its connection opened the
+/// The checkpointer copies the WAL back long before the limit: with a 16 MiB limit and
+/// ~6 MiB of commits (about 1 500 pages, past the quarter of the limit, 1 024 pages, that
+/// triggers a `PASSIVE`), the database file grows while the writer is still open. Before its connection opened the
 /// WAL, every `PASSIVE` did nothing and the database file stayed at one page until the
-/// writer's restart at 64 MiB (never reached here).
+/// writer's restart at the limit (never reached here).
 #[test]
 fn the_checkpointer_copies_the_wal_long_before_the_limit() {
     let dir = TempDir::new("wal-passive");
     let path = dir.join("store.db");
-    let mut backend = SqliteBackend::open(&path, &SqliteOptions::default()).unwrap();
+    let options = SqliteOptions::default().wal_limit(16 << 20);
+    let mut backend = SqliteBackend::open(&path, &options).unwrap();
     for batch in 0..30u64 {
         commit_big_batch(&mut backend, batch);
     }
