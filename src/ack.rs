@@ -119,6 +119,9 @@ use memchr::memchr2;
 use crate::codec::{CARRIAGE_RETURN, END_BLOCK, START_BLOCK};
 use crate::msh::{Encoding, LINE_FEED, Msh, MshError};
 
+mod fields;
+pub(crate) use fields::Fields;
+
 /// ERR-3 for a message without a readable MSH (table 0357, code 100).
 const SEGMENT_SEQUENCE_ERROR: (&str, &str) = ("100", "Segment sequence error");
 /// ERR-3 for an MSH without MSH-10 (table 0357, code 101).
@@ -147,11 +150,6 @@ const MAX_VERSION_LEN: usize = 60;
 /// Longest copy of MSH-18: 67, four repetitions of the 16 bytes HL7 v2.5.1 gives each
 /// repetition (ID), with their three repetition separators.
 const MAX_CHARSET_LEN: usize = 67;
-/// Above this MSH length the builder does not look for MLLP block bytes in the whole MSH up
-/// front, and checks only the (capped) bytes it copies: the check then costs at most the sum
-/// of the caps above, whatever the input. A valid MSH is far shorter than this (the sum of
-/// the v2.5.1 lengths of MSH-1..21 is about 2.2 KiB).
-const WHOLE_MSH_SCAN_LIMIT: usize = 4096;
 
 /// Latest time MSH-7 can show with four year digits, 9999-12-31 23:59:59 UTC, in Unix seconds.
 /// Later clocks are clamped so the timestamp keeps its shape.
@@ -347,12 +345,23 @@ impl<'a> Ack<'a> {
     /// ```
     pub fn build_coded(&self, message: &[u8]) -> (AckCode, Bytes) {
         let plan = self.plan(message);
-        (plan.code, arena::build(|out| plan.emit(out)))
+        (plan.code, arena::build(&plan))
     }
 
     /// Appends the acknowledgment of `message` to `out`, reserving the exact space first.
     pub fn build_into(&self, message: &[u8], out: &mut Vec<u8>) {
         self.emit_into(message, out);
+    }
+
+    /// What [`build_into`](Self::build_into) appends, with the message's fields read through
+    /// [`Msh`]'s accessors instead of [`Fields::scan`]: the reference the fuzz target and the
+    /// tests hold the one-pass scan to.
+    pub(crate) fn build_with_msh(&self, message: &[u8]) -> Vec<u8> {
+        let msh = Msh::parse(message).ok();
+        let plan = self.plan_from(msh.as_ref().map(Fields::from_msh));
+        let mut out = Vec::new();
+        plan.emit_exact(&mut out);
+        out
     }
 
     /// [`build_into`](Self::build_into), returning the code written.
@@ -364,10 +373,14 @@ impl<'a> Ack<'a> {
 
     /// Resolves every part of the ACK from `message` and the options.
     fn plan<'p>(&'p self, message: &'p [u8]) -> Plan<'p> {
-        let msh = Msh::parse(message).ok();
-        let field = |n| msh.as_ref().and_then(|m| m.field(n)).unwrap_or_default();
-        let msa2 = msh.as_ref().and_then(Msh::control_id).unwrap_or_default();
-        let (code, (err_code, err_text)) = match msh {
+        self.plan_from(Fields::scan(message))
+    }
+
+    /// Resolves every part of the ACK from the message's MSH fields (`None`: no readable MSH)
+    /// and the options.
+    fn plan_from<'p>(&'p self, fields: Option<Fields<'p>>) -> Plan<'p> {
+        let msa2 = fields.as_ref().map_or(&[][..], |f| f.control_id);
+        let (code, (err_code, err_text)) = match fields {
             None => (self.code.to_reject(), SEGMENT_SEQUENCE_ERROR),
             Some(_) if msa2.is_empty() => (self.code.to_reject(), REQUIRED_FIELD_MISSING),
             Some(_) => (self.code, APPLICATION_INTERNAL_ERROR),
@@ -379,35 +392,25 @@ impl<'a> Ack<'a> {
                 severity: Severity::Error,
             })
         });
+        let or =
+            |field: &'p [u8], default: &'p [u8]| if field.is_empty() { default } else { field };
+        let f = fields.unwrap_or(Fields::NONE);
+        let [msh3, msh4, msh5, msh6] = f.parties;
         Plan {
-            encoding: msh.as_ref().map(Msh::encoding).unwrap_or_default(),
+            encoding: f.encoding,
             code,
-            parties: [field(5), field(6), field(3), field(4)],
+            parties: [msh5, msh6, msh3, msh4],
             timestamp: hl7_timestamp(self.timestamp.unwrap_or_else(SystemTime::now)),
-            trigger: msh
-                .as_ref()
-                .and_then(Msh::trigger_event)
-                .unwrap_or_default(),
+            trigger: f.trigger,
             id: match self.control_id {
                 Some(id) => ControlId::Given(id.as_bytes()),
                 None => ControlId::Generated(next_control_id()),
             },
-            processing_id: msh
-                .as_ref()
-                .and_then(Msh::processing_id)
-                .unwrap_or(DEFAULT_PROCESSING_ID),
-            version: msh
-                .as_ref()
-                .and_then(Msh::version)
-                .unwrap_or(DEFAULT_VERSION),
-            charset: msh.as_ref().and_then(Msh::charset).unwrap_or_default(),
+            processing_id: or(f.processing_id, DEFAULT_PROCESSING_ID),
+            version: or(f.version, DEFAULT_VERSION),
+            charset: f.charset,
             msa2,
-            // One search over the whole MSH instead of one per copied field (measured), unless
-            // the MSH is so long that the search would cost more than the capped copies.
-            raw_needs_escape: msh.as_ref().is_some_and(|m| {
-                m.as_bytes().len() > WHOLE_MSH_SCAN_LIMIT
-                    || memchr2(START_BLOCK, END_BLOCK, m.as_bytes()).is_some()
-            }),
+            raw_needs_escape: f.block_bytes,
             text: self.text.as_bytes(),
             error,
         }
@@ -548,6 +551,34 @@ struct Plan<'p> {
 }
 
 impl Plan<'_> {
+    /// At least the length [`emit`](Self::emit) writes, found without a pass over the text:
+    /// a copied field takes at most its cap and at most 5 bytes per byte (`\X0B\`), text
+    /// of ours at most 5 bytes per byte (`\X0D\`), and the fixed parts under 128 bytes.
+    fn max_len(&self) -> usize {
+        const FIXED: usize = 128;
+        let raw = |field: &[u8], cap: usize| (field.len() * BLOCK_ESCAPE_LEN).min(cap);
+        let text = |text: &[u8]| text.len() * BLOCK_ESCAPE_LEN;
+        let parties: usize = self.parties.iter().map(|p| raw(p, MAX_PARTY_LEN)).sum();
+        let id = match &self.id {
+            ControlId::Given(id) => text(id),
+            ControlId::Generated(id) => id.len,
+        };
+        let error = self
+            .error
+            .as_ref()
+            .map_or(0, |e| text(e.code.as_bytes()) + text(e.text.as_bytes()));
+        FIXED
+            + parties
+            + raw(self.trigger, MAX_TRIGGER_LEN)
+            + id
+            + raw(self.processing_id, MAX_PROCESSING_ID_LEN)
+            + raw(self.version, MAX_VERSION_LEN)
+            + raw(self.charset, MAX_CHARSET_LEN)
+            + raw(self.msa2, MAX_CONTROL_ID_LEN)
+            + text(self.text)
+            + error
+    }
+
     /// Appends the ACK to `out`, reserving its exact length first (counted by a first pass).
     fn emit_exact(&self, out: &mut Vec<u8>) {
         let mut len = Count(0);
@@ -646,60 +677,94 @@ impl Sink for Count {
     }
 }
 
-/// The per-thread buffers acknowledgments are built in (see [`Ack::build`]).
+/// The per-thread buffer acknowledgments are built in (see [`Ack::build`]).
 ///
 /// An ACK-only server answers one message at a time per connection; a `Vec` per ACK was one
 /// of the heap allocations per message (callgrind, S1). Here an ACK is written in one pass
-/// into a scratch `Vec` kept per thread, then copied to the end of a shared buffer and split
-/// off its front (a reference count, no allocation). Once every ACK cut from that buffer has
-/// been written and dropped, the buffer is unique again and its space is reclaimed in place.
-/// While some are still held, a new buffer is started and the old one is freed with its last
-/// ACK, so the buffer never waits for a slow peer.
+/// straight into the free end of a buffer kept per thread (room for its longest possible
+/// form is made first, so it never grows there), then split off its front (a reference
+/// count, no allocation, no copy). Once every ACK cut from that buffer has been written and
+/// dropped, the buffer is unique again and its space is reclaimed in place. While some are
+/// still held, a new buffer is started and the old one is freed with its last ACK, so the
+/// buffer never waits for a slow peer.
 mod arena {
     use std::cell::RefCell;
 
     use bytes::{Bytes, BytesMut};
 
+    use super::Plan;
+
     /// Bytes per shared buffer: about twenty ACKs of the usual size.
     const SIZE: usize = 4 * 1024;
 
-    #[derive(Default)]
-    struct Buffers {
-        scratch: Vec<u8>,
-        shared: BytesMut,
-    }
-
     thread_local! {
-        static BUFFERS: RefCell<Buffers> = RefCell::new(Buffers::default());
+        static SHARED: RefCell<BytesMut> = RefCell::new(BytesMut::new());
     }
 
-    /// The bytes `write` appends to an empty `Vec`, cut from this thread's shared buffer
-    /// (or on their own when they are large, or the thread is exiting).
-    pub(super) fn build(write: impl Fn(&mut Vec<u8>)) -> Bytes {
-        let cut = BUFFERS.try_with(|buffers| {
-            let Buffers { scratch, shared } = &mut *buffers.borrow_mut();
-            scratch.clear();
-            write(scratch);
-            let bytes = if scratch.len() > SIZE / 2 {
-                Bytes::copy_from_slice(scratch)
-            } else {
-                if shared.capacity() < scratch.len() && !shared.try_reclaim(scratch.len()) {
-                    *shared = BytesMut::with_capacity(SIZE);
-                }
-                shared.extend_from_slice(scratch);
-                shared.split().freeze()
-            };
-            if scratch.capacity() > SIZE {
-                // A long text: do not keep its room.
-                *scratch = Vec::new();
-            }
-            bytes
-        });
-        cut.unwrap_or_else(|_| {
+    /// The bytes `write` appends to an empty buffer, at most `max_len` of them, cut from this
+    /// thread's shared buffer (or on their own when they may be large, or the thread is
+    /// exiting).
+    pub(super) fn build(plan: &Plan<'_>) -> Bytes {
+        // Exactly sized on its own: large text, a thread exiting, or a bound that was short.
+        let alone = || {
             let mut out = Vec::new();
-            write(&mut out);
+            plan.emit_exact(&mut out);
             Bytes::from(out)
-        })
+        };
+        let max_len = plan.max_len();
+        if max_len > SIZE / 2 {
+            return alone();
+        }
+        let cut = SHARED.try_with(|shared| {
+            let shared = &mut *shared.borrow_mut();
+            if shared.capacity() < max_len && !shared.try_reclaim(max_len) {
+                *shared = BytesMut::with_capacity(SIZE);
+            }
+            // Zeroing the room costs less than a capacity check per write.
+            shared.resize(max_len, 0);
+            let mut cursor = Cursor { buf: shared, at: 0 };
+            plan.emit(&mut cursor);
+            let len = cursor.at;
+            if len > max_len {
+                shared.clear();
+                return None;
+            }
+            shared.truncate(len);
+            Some(shared.split().freeze())
+        });
+        match cut {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) | Err(_) => {
+                debug_assert!(cut.is_err(), "an ACK longer than its bound");
+                alone()
+            }
+        }
+    }
+
+    /// Writes into a buffer sized to the ACK's bound. Past the end (a bound too short, a bug)
+    /// bytes are counted but not written, and `build` starts again exactly sized: never a
+    /// panic on the reactor thread, never a cut ACK.
+    pub(super) struct Cursor<'b> {
+        pub(super) buf: &'b mut [u8],
+        pub(super) at: usize,
+    }
+
+    impl super::Sink for Cursor<'_> {
+        #[inline]
+        fn put(&mut self, bytes: &[u8]) {
+            let end = self.at + bytes.len();
+            if let Some(room) = self.buf.get_mut(self.at..end) {
+                room.copy_from_slice(bytes);
+            }
+            self.at = end;
+        }
+        #[inline]
+        fn put_byte(&mut self, byte: u8) {
+            if let Some(room) = self.buf.get_mut(self.at) {
+                *room = byte;
+            }
+            self.at += 1;
+        }
     }
 }
 
@@ -714,13 +779,20 @@ impl Sink for Vec<u8> {
 
 /// Writes a field copied from the message: already in its encoding, so only the MLLP block
 /// bytes are escaped, and cut to at most `cap` bytes written (see [`copy_len`]).
+#[inline]
 fn put_raw<S: Sink>(s: &mut S, plan: &Plan<'_>, field: &[u8], cap: usize) {
     if !plan.raw_needs_escape && field.len() <= cap {
         s.put(field);
-        return;
+    } else {
+        put_capped(s, &plan.encoding, field, cap);
     }
-    let field = &field[..copy_len(&plan.encoding, field, cap)];
-    put_block_escaped(s, &plan.encoding, field);
+}
+
+/// [`put_raw`] for a field that is too long or may hold block bytes.
+#[cold]
+fn put_capped<S: Sink>(s: &mut S, enc: &Encoding, field: &[u8], cap: usize) {
+    let field = &field[..copy_len(enc, field, cap)];
+    put_block_escaped(s, enc, field);
 }
 
 /// Writes `field` with each 0x0B and 0x1C as `\X0B\` / `\X1C\`.

@@ -469,7 +469,13 @@ impl Loop {
             let Some(entry) = self.conns.get_mut(key) else {
                 return;
             };
-            progress |= entry.link.write(&self.r.telemetry, now, &mut self.events);
+            // Read before writing, and write only once the socket has no more bytes waiting
+            // (or the read budget or the memory budget stops reading): a read after this
+            // visit's replies would find the peer's answer to them, and serving it now would
+            // let one quick peer take turn after turn while the other ready connections wait
+            // (at 50 connections one message each, p99 5.8 ms against the limit's 1.1 ms).
+            // Its next message waits for the next turn, after everyone ready now.
+            let mut reading = false;
             // A PROXY header is outside the memory budget (it is a few bytes, and the
             // connection holds nothing else yet) and the handshake cap.
             if entry.link.wants_read()
@@ -490,7 +496,13 @@ impl Loop {
                         now,
                         &mut self.events,
                     );
+                    // No `WouldBlock` yet: more may be waiting.
+                    reading = entry.link.read_ready;
                 }
+            }
+            if !reading {
+                let entry = &mut self.conns[key];
+                progress |= entry.link.write(&self.r.telemetry, now, &mut self.events);
             }
             if self.conns[key].link.poll_started(now) {
                 if std::mem::take(&mut self.conns[key].link.handshake) == Slot::Held {

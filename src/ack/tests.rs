@@ -530,6 +530,32 @@ fn fuzz_entry_point_on_hand_picked_inputs() {
     }
 }
 
+/// The one-pass field scan (`Fields::scan`) agrees with the `Msh` accessors, and builds the
+/// same ACK, on every prefix of messages that put the separators, terminators and block
+/// bytes at every offset of an 8-byte word: before, inside and after MSH-18, where the scan
+/// stops.
+#[test]
+fn the_field_scan_reads_what_msh_reads_on_every_prefix() {
+    let messages: [&[u8]; 6] = [
+        ADT,
+        b"MSH|^~\\&|A|B|C|D|E||ADT^A01~X^Y|ID|P^T|2.5.1|1|2|AL|NE|US|UNICODE UTF-8~8859/1|en|19|20\rPID|1\r",
+        b"MSH|^~\\&|A\x0b|B|C|D|E||ADT^A01|ID|P|2.5|||||||CS\x1c|19\x0b\n\x1c",
+        b"MSH|^~\\&|A|B|C|D|E||^A01^X|ID|P|2.5||||||||19|20|21|22|23|24|25|26|27\x0b",
+        b"MSH^|~\\&^A^B^^^^^ADT|A01^\t\x00ID^P^2.5\r\n",
+        b"MSH|^~\\&#|A|B|C|D||||ID\r",
+    ];
+    for message in messages {
+        for end in 0..=message.len() {
+            for last in [b'A', b'G', b'M'] {
+                let mut input = message[..end].to_vec();
+                input.push(last);
+                crate::__fuzz::ack(&input);
+            }
+            crate::__fuzz::ack(&message[..end]);
+        }
+    }
+}
+
 /// Separator sets: five distinct characters `Msh::parse` accepts.
 fn separators() -> impl Strategy<Value = Vec<u8>> {
     let pool = b"|^~\\&#*%$!@:;/?=,_-'\"<>[]{}`()".to_vec();

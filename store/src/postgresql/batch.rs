@@ -26,6 +26,7 @@ struct Columns<'a> {
     duplicate_of: Vec<Option<i64>>,
     payload: Vec<&'a [u8]>,
     client_cert: Vec<Option<String>>,
+    patient: Vec<Option<String>>,
 }
 
 /// How a batch failed: whether its transaction may still be open, is over, or may have
@@ -65,6 +66,7 @@ pub(super) fn insert_batch(
             .push(i64::try_from(record.size()).unwrap_or(i64::MAX));
         cols.payload.push(&record.payload[..]);
         cols.client_cert.push(record.client_cert_text());
+        cols.patient.push(column(header.patient_id));
     }
     // The records that can be resends, and the oldest original time each accepts.
     let keyed: Vec<usize> = (0..batch.len())
@@ -125,7 +127,7 @@ pub(super) fn insert_batch(
             None => batch_originals.entry(key).or_default().push(i),
         }
     }
-    let params: [&(dyn ToSql + Sync); 14] = [
+    let params: [&(dyn ToSql + Sync); 15] = [
         &cols.ids,
         &cols.received,
         &cols.peer,
@@ -140,6 +142,7 @@ pub(super) fn insert_batch(
         &cols.duplicate_of,
         &cols.payload,
         &cols.client_cert,
+        &cols.patient,
     ];
     let outcomes: Vec<StoreOutcome> = cols
         .ids

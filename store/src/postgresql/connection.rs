@@ -140,7 +140,7 @@ impl PostgresBackend {
         StoreError::read(Cause::postgres(e))
     }
 
-    fn forget_if_dead(&mut self, e: &tokio_postgres::Error) {
+    pub(super) fn forget_if_dead(&mut self, e: &tokio_postgres::Error) {
         let dead = e.is_closed()
             || e.as_db_error().is_none()
             || self.conn.as_ref().is_some_and(|c| c.client.is_closed());
