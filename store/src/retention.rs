@@ -2,9 +2,13 @@
 //!
 //! A [`RetentionPolicy`] says how long messages are kept ([`RetentionPolicy::max_age`],
 //! default [`DEFAULT_RETAIN`], 30 days) and optionally how large the store may grow
-//! ([`RetentionPolicy::max_bytes`]). [`prune_sqlite`] applies it once (the CLI's `prune`);
-//! a [`Pruner`] applies it in the background, on its own thread and connection, while a
-//! [`Store`](crate::Store) writes.
+//! ([`RetentionPolicy::max_bytes`]). [`prune`] applies it once (the CLI's `prune`; SQLite:
+//! [`prune_sqlite`], PostgreSQL: `prune_postgres`); a [`Pruner`] applies it in the
+//! background, on its own thread and connection, while a [`Store`](crate::Store) writes
+//! ([`Pruner::start`]). What is removed and in which order is decided here, once, for both
+//! backends; each backend only lists candidates, deletes, gives space back and measures (a
+//! `PruneTarget`). For PostgreSQL's side (batched `DELETE`, `VACUUM`, what a size cap is
+//! measured against) see `crate::postgresql` (feature `postgres`).
 //!
 //! # What is removed, and what never is
 //!
@@ -40,6 +44,9 @@
 //! - between batches the pruner pauses ([`RetentionPolicy::pause`], and at least twice as long
 //!   as the batch took), so it holds the gate at most a third of the time.
 //!
+//! (The gate, the unsynced commit and the pacing are SQLite's; a PostgreSQL pass uses the
+//! batches and pauses.)
+//!
 //! Measured (BENCHMARKS.md, "p99 commit time with and without pruning"): the p99 commit time
 //! under a fixed load with a pass running against the same load without.
 //!
@@ -70,7 +77,9 @@ use metrics::{Counter, Gauge, Unit};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use crate::error::{Cause, StoreError};
+use crate::open::OpenOptions;
 use crate::record::{StoreId, system_time_to_us};
+use crate::spec::StoreSpec;
 use crate::sqlite::{SqliteOptions, WriteGate, open_connection};
 
 /// The default retention period: 30 days.
@@ -140,7 +149,8 @@ pub struct RetentionPolicy {
     pub pause: Duration,
     /// Pace of a [`Pruner`]'s pass, in messages deleted (or pages given back) per second: at
     /// most this, or twice the rate at which messages arrive when that is higher (default
-    /// [`DEFAULT_RATE`]). [`prune_sqlite`] is not paced (someone waits for it), only paused.
+    /// [`DEFAULT_RATE`]); SQLite only. [`prune`] is not paced (someone waits for it), only
+    /// paused.
     pub rate: u32,
 }
 
@@ -235,9 +245,11 @@ impl PruneReport {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct StoreUsage {
-    /// Bytes on disk: the database file plus its WAL.
+    /// Bytes on disk: the database file plus its WAL (PostgreSQL: the messages table's
+    /// `pg_total_relation_size`: heap, TOAST and indexes).
     pub file_bytes: u64,
-    /// Bytes in pages that hold data (the file's pages minus its free pages).
+    /// Bytes in pages that hold data (the file's pages minus its free pages; PostgreSQL: an
+    /// estimate from the rows' sizes, see `crate::postgresql`).
     pub used_bytes: u64,
     /// Bytes in free pages: reused by the next inserts, or given back by the pruner.
     pub free_bytes: u64,
@@ -286,8 +298,71 @@ pub fn prune_sqlite(
     mode: PruneMode,
     options: &SqliteOptions,
 ) -> Result<PruneReport, StoreError> {
-    let mut pruner = SqlitePrune::open(path, options, None)?;
-    pruner.pass(policy, now, mode, &|| false)
+    let mut prune = Prune::new(SqliteTarget::open(path, options, None)?);
+    prune.pass(policy, now, mode, &|| false)
+}
+
+/// Applies `policy` once to the store `spec` names: [`prune_sqlite`] or `prune_postgres`
+/// (feature `postgres`).
+///
+/// # Errors
+///
+/// As those; [`StoreError::Open`] with [`Problem::NoPostgres`](crate::Problem::NoPostgres)
+/// for a URL in a build without the feature `postgres`.
+pub fn prune(
+    spec: &StoreSpec,
+    policy: &RetentionPolicy,
+    now: SystemTime,
+    mode: PruneMode,
+    options: &OpenOptions,
+) -> Result<PruneReport, StoreError> {
+    match spec {
+        StoreSpec::Sqlite(path) => prune_sqlite(path, policy, now, mode, &options.sqlite),
+        #[cfg(feature = "postgres")]
+        StoreSpec::Postgres(url) => prune_postgres(url, policy, now, mode, &options.postgres),
+        #[cfg(not(feature = "postgres"))]
+        StoreSpec::Postgres(_) => Err(crate::open::no_postgres(spec)),
+    }
+}
+
+/// Applies `policy` once to the PostgreSQL store at `url`, as [`prune_sqlite`] does to a
+/// file: oldest first, never an undelivered or dead-lettered message, in batches of
+/// [`RetentionPolicy::batch_rows`] (see [`crate::postgresql`]'s retention notes for how the
+/// space is reused). Works while `serve` runs, on any node.
+///
+/// # Errors
+///
+/// As [`PostgresBackend::connect`](crate::PostgresBackend::connect), except that a database
+/// without a store is [`StoreError::NotAStore`]; [`StoreError::Read`] or
+/// [`StoreError::Commit`] when a query fails. Batches deleted before the failure stay
+/// deleted.
+#[cfg(feature = "postgres")]
+pub fn prune_postgres(
+    url: &str,
+    policy: &RetentionPolicy,
+    now: SystemTime,
+    mode: PruneMode,
+    options: &crate::PostgresOptions,
+) -> Result<PruneReport, StoreError> {
+    let mut prune = Prune::new(crate::postgresql::retention::PgTarget::connect(
+        url, options,
+    )?);
+    prune.pass(policy, now, mode, &|| false)
+}
+
+/// Reads a PostgreSQL store's [`StoreUsage`]: `file_bytes` is the table's
+/// `pg_total_relation_size`, `used_bytes` an estimate of its data (see
+/// [`prune_postgres`]).
+///
+/// # Errors
+///
+/// As [`prune_postgres`].
+#[cfg(feature = "postgres")]
+pub fn usage_postgres(
+    url: &str,
+    options: &crate::PostgresOptions,
+) -> Result<StoreUsage, StoreError> {
+    crate::postgresql::retention::PgTarget::connect(url, options)?.usage()
 }
 
 /// Reads a store's [`StoreUsage`] (file sizes, free pages, oldest message).
@@ -377,9 +452,74 @@ impl Pruner {
         options: &SqliteOptions,
         policy: RetentionPolicy,
         gate: WriteGate,
-        mut report: impl FnMut(&PassResult) + Send + 'static,
+        report: impl FnMut(&PassResult) + Send + 'static,
     ) -> Result<Self, StoreError> {
-        let mut prune = SqlitePrune::open(path, options, Some(gate))?;
+        let mut target = SqliteTarget::open(path, options, Some(gate))?;
+        target.rate = Some(policy.rate);
+        let prune = Prune::new(target);
+        Self::spawn(prune, policy, report).map_err(|e| StoreError::open(path, e))
+    }
+
+    /// Starts pruning the store `spec` names: [`start_sqlite`](Self::start_sqlite) (with
+    /// `gate`, the store writer's [`Store::write_gate`](crate::Store::write_gate); without one
+    /// the two meet at SQLite's lock) or `start_postgres`.
+    ///
+    /// # Errors
+    ///
+    /// As those; [`StoreError::Open`] with [`Problem::NoPostgres`](crate::Problem::NoPostgres)
+    /// for a URL in a build without the feature `postgres`.
+    pub fn start(
+        spec: &StoreSpec,
+        options: &OpenOptions,
+        policy: RetentionPolicy,
+        gate: Option<WriteGate>,
+        report: impl FnMut(&PassResult) + Send + 'static,
+    ) -> Result<Self, StoreError> {
+        match spec {
+            StoreSpec::Sqlite(path) => Self::start_sqlite(
+                path,
+                &options.sqlite,
+                policy,
+                gate.unwrap_or_default(),
+                report,
+            ),
+            #[cfg(feature = "postgres")]
+            StoreSpec::Postgres(url) => {
+                Self::start_postgres(url, &options.postgres, policy, report)
+            }
+            #[cfg(not(feature = "postgres"))]
+            StoreSpec::Postgres(_) => {
+                let _ = (policy, gate, report);
+                Err(crate::open::no_postgres(spec))
+            }
+        }
+    }
+
+    /// Opens a connection of its own to the PostgreSQL store at `url` and starts pruning it.
+    /// Every node of a cluster may run one: two pruners deleting the same rows only wait for
+    /// each other's row locks, and a row is counted by the one that deleted it.
+    ///
+    /// # Errors
+    ///
+    /// As [`prune_postgres`]; [`StoreError::Open`] if the thread cannot be spawned.
+    #[cfg(feature = "postgres")]
+    pub fn start_postgres(
+        url: &str,
+        options: &crate::PostgresOptions,
+        policy: RetentionPolicy,
+        report: impl FnMut(&PassResult) + Send + 'static,
+    ) -> Result<Self, StoreError> {
+        let target = crate::postgresql::retention::PgTarget::connect(url, options)?;
+        Self::spawn(Prune::new(target), policy, report)
+            .map_err(|e| StoreError::open(std::path::Path::new(&crate::spec::redact(url)), e))
+    }
+
+    /// Starts the pruner's thread over `prune`.
+    fn spawn(
+        mut prune: Prune,
+        policy: RetentionPolicy,
+        mut report: impl FnMut(&PassResult) + Send + 'static,
+    ) -> std::io::Result<Self> {
         let metrics = PruneMetrics::register();
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let stop_flag = Arc::clone(&stop);
@@ -392,12 +532,7 @@ impl Pruner {
                     let now = SystemTime::now();
                     let result = prune
                         .pass(&policy, now, PruneMode::Delete, &stopped)
-                        .and_then(|r| {
-                            Ok((
-                                r,
-                                usage(&prune.conn, &prune.path).map_err(StoreError::read)?,
-                            ))
-                        });
+                        .and_then(|r| Ok((r, prune.target.usage()?)));
                     match &result {
                         Ok((done, usage)) => {
                             metrics.pruned.increment(done.deleted);
@@ -417,8 +552,7 @@ impl Pruner {
                         return;
                     }
                 }
-            })
-            .map_err(|e| StoreError::open(path, e))?;
+            })?;
         Ok(Self {
             stop,
             thread: Some(thread),
@@ -446,25 +580,77 @@ impl Drop for Pruner {
     }
 }
 
-/// One connection that prunes.
-struct SqlitePrune {
-    conn: Connection,
-    path: PathBuf,
-    gate: Option<WriteGate>,
+/// What a pass needs from a backend: the rows to consider, deleting some, giving space back,
+/// and measuring. The decisions (what goes, in which order, at what pace) are [`Prune`]'s,
+/// the same for every backend.
+pub(crate) trait PruneTarget: Send {
+    /// Up to `limit` rows with an id above `after`, in id order; the forwarding floor; and
+    /// which of those rows are dead-lettered.
+    fn candidates(&mut self, after: StoreId, limit: i64) -> Result<Candidates, StoreError>;
+
+    /// Deletes these messages in one short transaction.
+    fn delete(&mut self, ids: &[StoreId]) -> Result<(), StoreError>;
+
+    /// Deletes a prefix of these messages (at least one) in one short transaction: all of
+    /// them, unless the store's writer asked for the store meanwhile; returns how many.
+    fn delete_some(&mut self, ids: &[StoreId]) -> Result<usize, StoreError> {
+        self.delete(ids).map(|()| ids.len())
+    }
+
+    /// The pace of a pass in messages per second ([`RetentionPolicy::rate`]), `None` for
+    /// pauses only.
+    fn pace(&self) -> Option<u32> {
+        None
+    }
+
+    /// The highest id stored, to measure the arrival rate when paced.
+    fn last_id(&mut self) -> Result<StoreId, StoreError> {
+        Ok(0)
+    }
+
+    /// Gives free space back to the file system, in steps of at most `pause`'s worth;
+    /// returns the bytes given back.
+    fn release(&mut self, pause: Duration, stopped: &dyn Fn() -> bool) -> Result<u64, StoreError>;
+
+    /// Sizes and the oldest message.
+    fn usage(&mut self) -> Result<StoreUsage, StoreError>;
+}
+
+/// What [`PruneTarget::candidates`] found.
+pub(crate) struct Candidates {
+    pub(crate) rows: Vec<Candidate>,
+    /// The highest id that every forwarding cursor has passed, `None` if none constrains.
+    pub(crate) floor: Option<StoreId>,
+    /// Dead-lettered (not re-delivered) ids among `rows`.
+    pub(crate) dead: HashSet<StoreId>,
+}
+
+/// Applies a policy to one store through its [`PruneTarget`].
+struct Prune {
+    target: Box<dyn PruneTarget>,
 }
 
 /// One row as the pruner sees it.
-struct Candidate {
-    id: StoreId,
-    received_at_us: i64,
-    size: i64,
+pub(crate) struct Candidate {
+    pub(crate) id: StoreId,
+    pub(crate) received_at_us: i64,
+    pub(crate) size: i64,
 }
 
 /// Rough bytes a row takes besides its payload (columns, index entries, cell overhead): used
 /// only to estimate progress towards a size cap within a batch; each batch re-measures.
-const ROW_OVERHEAD: i64 = 200;
+pub(crate) const ROW_OVERHEAD: i64 = 200;
 
-impl SqlitePrune {
+/// An SQLite store's connection that prunes.
+struct SqliteTarget {
+    conn: Connection,
+    path: PathBuf,
+    gate: Option<WriteGate>,
+    /// [`RetentionPolicy::rate`] for a background pruner, `None` on demand.
+    rate: Option<u32>,
+}
+
+impl SqliteTarget {
     fn open(
         path: &Path,
         options: &SqliteOptions,
@@ -481,9 +667,6 @@ impl SqlitePrune {
         // record that it was one, also once its original is gone.
         conn.pragma_update(None, "foreign_keys", false)
             .map_err(|e| StoreError::open(path, e))?;
-        // A delete need not survive a power loss (the next pass redoes it), so the pruner
-        // commits without syncing (WAL with NORMAL stays consistent): the gate is never held
-        // across a sync, and the writer's next commit syncs the pruner's few pages with its own.
         // SQLite's automatic checkpoint would run inside the pruner's commit, while it holds
         // the write gate, whenever the WAL holds 1 000 pages (which under load it nearly
         // always does): the writer would wait for a copy of the whole WAL and a sync of the
@@ -500,7 +683,16 @@ impl SqlitePrune {
             conn,
             path: path.to_owned(),
             gate,
+            rate: None,
         })
+    }
+}
+
+impl Prune {
+    fn new(target: impl PruneTarget + 'static) -> Self {
+        Self {
+            target: Box::new(target),
+        }
     }
 
     /// One pass: batches until nothing more is due (or `stopped()`), then gives pages back.
@@ -517,22 +709,18 @@ impl SqlitePrune {
         });
         let mut total = PruneReport::default();
         let mut after: StoreId = 0;
-        // In the background, paced; on demand (`prune`, no gate), as fast as the pauses allow:
-        // someone is waiting for it.
-        let rate = if self.gate.is_some() {
-            policy.rate
-        } else {
-            u32::MAX
+        let rate = self.target.pace();
+        let first_id = match rate {
+            Some(_) => self.target.last_id()?,
+            None => 0,
         };
-        let mut pace = Pacer::new(&self.conn, rate).map_err(StoreError::read)?;
+        let mut pace = Pacer::new(rate, first_id);
         // Dry run: the size still to free is estimated from the rows counted so far.
         let mut dry_freed: i64 = 0;
         loop {
             let over = match policy.max_bytes {
                 Some(max) => {
-                    let used = usage(&self.conn, &self.path)
-                        .map_err(StoreError::read)?
-                        .used_bytes;
+                    let used = self.target.usage()?.used_bytes;
                     (used as i64)
                         .saturating_sub(max as i64)
                         .saturating_sub(dry_freed)
@@ -551,11 +739,16 @@ impl SqlitePrune {
                 break;
             }
             if mode == PruneMode::Delete {
-                pace.give_way(&self.conn, started, report.deleted, policy.pause);
+                let last_id = match rate {
+                    // An error only leaves the pace at the policy's rate.
+                    Some(_) => self.target.last_id().unwrap_or(first_id),
+                    None => 0,
+                };
+                pace.give_way(started, report.deleted, policy.pause, last_id);
             }
         }
         if mode == PruneMode::Delete {
-            total.released_bytes = self.release(&mut pace, policy.pause, stopped)?;
+            total.released_bytes = self.target.release(policy.pause, stopped)?;
         }
         Ok(total)
     }
@@ -572,30 +765,7 @@ impl SqlitePrune {
     ) -> Result<(PruneReport, bool, i64), StoreError> {
         let mut report = PruneReport::default();
         let limit = i64::try_from(policy.batch_rows).unwrap_or(i64::MAX);
-        let (rows, floor, dead) = {
-            let conn = &self.conn;
-            let read = || -> rusqlite::Result<_> {
-                let rows = conn
-                    .prepare_cached(
-                        "SELECT id, received_at_us, size FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
-                    )?
-                    .query_map(params![*after, limit], |r| {
-                        Ok(Candidate {
-                            id: r.get(0)?,
-                            received_at_us: r.get(1)?,
-                            size: r.get(2)?,
-                        })
-                    })?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                let floor = forward_floor(conn)?;
-                let dead = match (rows.first(), rows.last()) {
-                    (Some(first), Some(last)) => dead_letters(conn, first.id, last.id)?,
-                    _ => HashSet::new(),
-                };
-                Ok((rows, floor, dead))
-            };
-            read().map_err(StoreError::read)?
-        };
+        let Candidates { rows, floor, dead } = self.target.candidates(*after, limit)?;
         let full = rows.len() as i64 == limit;
         // Rows this batch is done with (deleted or protected), in id order, with their sizes
         // (`None`: protected); the delete may stop early, after any prefix of them.
@@ -621,7 +791,7 @@ impl SqlitePrune {
             .filter_map(|(id, size)| size.map(|_| *id))
             .collect();
         let deleted = if mode == PruneMode::Delete && !victims.is_empty() {
-            self.delete(&victims)?
+            self.target.delete_some(&victims)?
         } else {
             victims.len()
         };
@@ -648,10 +818,44 @@ impl SqlitePrune {
         report.first_kept = if cut_short { None } else { stopped_at };
         Ok((report, cut_short || stopped_at.is_none() && full, freed))
     }
+}
 
-    /// Deletes `ids` (in order) in one transaction, ending it early when the store's writer
-    /// waits for the gate; returns how many were deleted (at least one).
-    fn delete(&mut self, ids: &[StoreId]) -> Result<usize, StoreError> {
+impl PruneTarget for SqliteTarget {
+    fn candidates(&mut self, after: StoreId, limit: i64) -> Result<Candidates, StoreError> {
+        let conn = &self.conn;
+        let read = || -> rusqlite::Result<_> {
+            let rows = conn
+                .prepare_cached(
+                    "SELECT id, received_at_us, size FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
+                )?
+                .query_map(params![after, limit], |r| {
+                    Ok(Candidate {
+                        id: r.get(0)?,
+                        received_at_us: r.get(1)?,
+                        size: r.get(2)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let floor = forward_floor(conn)?;
+            let dead = match (rows.first(), rows.last()) {
+                (Some(first), Some(last)) => dead_letters(conn, first.id, last.id)?,
+                _ => HashSet::new(),
+            };
+            Ok(Candidates { rows, floor, dead })
+        };
+        read().map_err(StoreError::read)
+    }
+
+    fn delete(&mut self, ids: &[StoreId]) -> Result<(), StoreError> {
+        let mut done = 0;
+        while done < ids.len() {
+            done += self.delete_some(&ids[done..])?;
+        }
+        Ok(())
+    }
+
+    /// Ends the transaction early when the store's writer waits for the gate.
+    fn delete_some(&mut self, ids: &[StoreId]) -> Result<usize, StoreError> {
         let gate = self.gate.clone();
         let turn = gate.as_ref().map(WriteGate::enter_background);
         let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
@@ -676,13 +880,16 @@ impl SqlitePrune {
         Ok(deleted)
     }
 
+    fn pace(&self) -> Option<u32> {
+        self.rate
+    }
+
+    fn last_id(&mut self) -> Result<StoreId, StoreError> {
+        last_id(&self.conn).map_err(StoreError::read)
+    }
+
     /// Gives free pages back to the file system in steps (incremental auto_vacuum only).
-    fn release(
-        &mut self,
-        pace: &mut Pacer,
-        pause: Duration,
-        stopped: &dyn Fn() -> bool,
-    ) -> Result<u64, StoreError> {
+    fn release(&mut self, pause: Duration, stopped: &dyn Fn() -> bool) -> Result<u64, StoreError> {
         let pragma = |conn: &Connection, name: &str| -> rusqlite::Result<i64> {
             conn.pragma_query_value(None, name, |r| r.get(0))
         };
@@ -693,6 +900,11 @@ impl SqlitePrune {
         }
         let page_size = pragma(&self.conn, "page_size").map_err(err)?;
         let mut released = 0u64;
+        let first_id = match self.rate {
+            Some(_) => last_id(&self.conn).map_err(err)?,
+            None => 0,
+        };
+        let mut pace = Pacer::new(self.rate, first_id);
         loop {
             let free = pragma(&self.conn, "freelist_count").map_err(err)?;
             if free == 0 || stopped() {
@@ -712,48 +924,60 @@ impl SqlitePrune {
             if moved == 0 {
                 return Ok(released);
             }
-            pace.give_way(&self.conn, started, moved.max(0) as u64, pause);
+            let last = match self.rate {
+                Some(_) => last_id(&self.conn).unwrap_or(first_id),
+                None => 0,
+            };
+            pace.give_way(started, moved.max(0) as u64, pause, last);
         }
+    }
+
+    fn usage(&mut self) -> Result<StoreUsage, StoreError> {
+        usage(&self.conn, &self.path).map_err(StoreError::read)
     }
 }
 
 /// Paces a pass (see [`RetentionPolicy::rate`]): after each step, sleeps the longest of
 /// `pause`, twice the step's duration (so that retention holds the write gate at most a third
-/// of the time however slow the disk), and what keeps the pass at its rate since it began.
+/// of the time however slow the disk), and, with a rate, what keeps the pass at that rate (or
+/// twice the arrival rate, when higher) since it began.
 struct Pacer {
     began: Instant,
     /// Messages deleted and pages given back so far in this pass.
     done: u64,
-    /// The policy's rate.
-    floor: f64,
+    /// The policy's rate, `None`: pauses only.
+    rate: Option<f64>,
     /// The highest id when the pass began, to measure the arrival rate.
     first_id: StoreId,
 }
 
 impl Pacer {
-    fn new(conn: &Connection, rate: u32) -> rusqlite::Result<Self> {
-        Ok(Self {
+    fn new(rate: Option<u32>, first_id: StoreId) -> Self {
+        Self {
             began: Instant::now(),
             done: 0,
-            floor: f64::from(rate.max(1)),
-            first_id: last_id(conn)?,
-        })
+            rate: rate.map(|r| f64::from(r.max(1))),
+            first_id,
+        }
     }
 
-    fn give_way(&mut self, conn: &Connection, step_started: Instant, units: u64, pause: Duration) {
+    /// After a step that began at `step_started` and did `units`; `last_id` is the highest id
+    /// stored now.
+    fn give_way(&mut self, step_started: Instant, units: u64, pause: Duration, last_id: StoreId) {
         self.done += units;
-        let elapsed = self.began.elapsed().as_secs_f64();
-        // Messages that arrived since the pass began; an error only leaves the floor.
-        let arrived = last_id(conn).map_or(0, |id| id.saturating_sub(self.first_id).max(0));
-        let arrival_rate = if elapsed >= 1.0 {
-            arrived as f64 / elapsed
-        } else {
-            0.0
-        };
-        let rate = self.floor.max(2.0 * arrival_rate);
-        let due = Duration::from_secs_f64(self.done as f64 / rate);
-        let behind = due.saturating_sub(self.began.elapsed());
-        std::thread::sleep(pause.max(step_started.elapsed() * 2).max(behind));
+        let mut wait = pause.max(step_started.elapsed() * 2);
+        if let Some(floor) = self.rate {
+            let elapsed = self.began.elapsed().as_secs_f64();
+            let arrived = last_id.saturating_sub(self.first_id).max(0) as f64;
+            let arrival_rate = if elapsed >= 1.0 {
+                arrived / elapsed
+            } else {
+                0.0
+            };
+            let due = Duration::from_secs_f64(self.done as f64 / floor.max(2.0 * arrival_rate));
+            wait = wait.max(due.saturating_sub(self.began.elapsed()));
+        }
+        std::thread::sleep(wait);
     }
 }
 
