@@ -8,9 +8,10 @@
 #            against `serve --no-store`.
 #   durable  store, then ACK: the minimal durable server (cli/examples/durable_baseline.rs:
 #            one mio reactor, one group-commit writer, the same schema and duplicate lookup,
-#            SQLite WAL + synchronous=FULL with SQLite's default checkpoints) against `serve`
-#            with its default store. Every run gets a fresh store file ({store} in the commands
-#            below), deleted after the run.
+#            SQLite WAL + synchronous=FULL; its checkpoints as BASELINE_CHECKPOINT says)
+#            against `serve` with its default store (checkpoints on a thread of their own).
+#            Every run gets a fresh store file ({store} in the commands below), deleted after
+#            the run.
 #
 # Each (scenario, round) starts each server in its own fresh process, runs
 # `mllp-reactor bench` against it, and stops it. Within a scenario the two servers alternate
@@ -32,13 +33,22 @@
 #                       run through `bash -c "exec $OURS_CMD"`, so it must exec the server itself
 #                       (its pid is used for RSS and CPU). `{store}` becomes a fresh file path.
 #   BASELINE_CMD=...    default: target/release/examples/baseline_server 127.0.0.1:0 (MODE=durable:
-#                       target/release/examples/durable_baseline {store} 127.0.0.1:0)
+#                       target/release/examples/durable_baseline {store} 127.0.0.1:0
+#                       --checkpoint $BASELINE_CHECKPOINT)
+#   BASELINE_CHECKPOINT=auto  MODE=durable: the durable baseline's checkpoints. auto: SQLite's
+#                       default, inside the commit that takes the WAL past 1 000 pages (the
+#                       "defaults baseline" of issue #21); off: none at all, the WAL grows for
+#                       the whole run (the ceiling of a commit path without checkpoint work).
 #   OURS_BENCH_ARGS=... extra `bench` flags against ours (e.g. --tls-ca FILE); likewise
 #   BASELINE_BENCH_ARGS
 #   RAW=FILE            JSON lines output (default: target/e2e/e2e-<timestamp>.jsonl)
 #   SKIP_BUILD=1        do not run cargo build
 #   RETRIES=2           re-runs of a run that other load disturbed (see `noisy`); the last
 #                       attempt is kept and tagged "noisy" if it still was
+#   BOOST=0             1: run everything at the highest CPU priority, in a session (autogroup)
+#                       of its own at nice -20 (needs root), so that other work on a shared
+#                       machine (builds at nice 0 and above) takes less from the runs. It does
+#                       not make a shared machine quiet: "other CPU" still says what it took.
 #   PIN=auto            auto: run server and bench of `1conn` on one CPU (PIN_CPU, default the
 #                       last one); none: never pin (the default with MODE=durable). See
 #                       "Pinning" below.
@@ -58,6 +68,16 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
+# BOOST=1: start again as the leader of a new session, whose autogroup (the scheduler weighs
+# autogroups against each other before nice values count) then gets nice -20.
+if [[ ${BOOST:-0} == 1 && -z ${E2E_BOOSTED:-} ]]; then
+    E2E_BOOSTED=1 exec setsid -w "$0" "$@"
+fi
+if [[ -n ${E2E_BOOSTED:-} ]]; then
+    echo -20 >/proc/self/autogroup || { echo "e2e: BOOST=1 needs root (autogroup nice -20)" >&2; exit 1; }
+    renice -n -20 -p $$ >/dev/null || { echo "e2e: BOOST=1 needs root (renice -20)" >&2; exit 1; }
+fi
+
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
@@ -68,7 +88,10 @@ case $MODE in
         DEFAULT_OURS_CMD="target/release/mllp-reactor serve --no-store --listen 127.0.0.1:0"
         ;;
     durable)
-        DEFAULT_BASELINE_CMD="target/release/examples/durable_baseline {store} 127.0.0.1:0"
+        BASELINE_CHECKPOINT=${BASELINE_CHECKPOINT:-auto}
+        [[ $BASELINE_CHECKPOINT == auto || $BASELINE_CHECKPOINT == off ]] ||
+            { echo "e2e: BASELINE_CHECKPOINT must be auto or off, got '$BASELINE_CHECKPOINT'" >&2; exit 1; }
+        DEFAULT_BASELINE_CMD="target/release/examples/durable_baseline {store} 127.0.0.1:0 --checkpoint $BASELINE_CHECKPOINT"
         DEFAULT_OURS_CMD="target/release/mllp-reactor serve --store {store} --listen 127.0.0.1:0"
         ;;
     *)
@@ -356,6 +379,7 @@ echo
 echo "- $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $NCPU CPUs, $(nproc --all) online; background load before start: $(awk -v b="$BUSY" 'BEGIN { printf "%.0f%%", b * 100 }') of all CPUs"
 echo "- mode: $MODE"
 echo "- $ROUNDS rounds per scenario, alternating order; warmup $WARMUP, window $DURATION; medians over rounds"
+echo "- priority: $(if [[ -n ${E2E_BOOSTED:-} ]]; then echo "BOOST=1 (own autogroup, nice -20)"; else echo "normal"; fi)"
 echo "- pinning: $(if [[ $PIN == auto ]]; then echo "1conn on CPU $PIN_CPU (server and bench), others unpinned"; else echo none; fi)"
 echo "- baseline: \`$BASELINE_CMD\`"
 echo "- ours: \`$OURS_CMD\`"
@@ -380,8 +404,8 @@ jq -s -r --args '
     def other: if .system_cpu == null or .server_cpu == null then null
         else .system_cpu - .client_cpu - .server_cpu end;
     . as $all
-    | "| scenario | baseline msg/s | ours msg/s | ratio | ratio range | baseline p99 µs | ours p99 µs | errors (b/o) | RSS/idle conn B (b/o) | bench CPU (b/o) | server CPU (b/o) | other CPU (b/o) |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    | "| scenario | baseline msg/s | ours msg/s | ratio | ratio range | baseline p99 µs | ours p99 µs | errors (b/o) | RSS/idle conn B (b/o) | bench CPU (b/o) | server CPU (b/o) | other CPU (b/o) | p50 µs (b/o) |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
       ($ARGS.positional[] as $s
        | ($all | map(select(.scenario == $s))) as $runs
        | ($runs | map(select(.failed == true)) | length) as $failed
@@ -411,7 +435,8 @@ jq -s -r --args '
           pair(.rss_per_idle_conn; 0),
           pair(.client_cpu; 2),
           pair(.server_cpu; 2),
-          pair(other; 2)]
+          pair(other; 2),
+          pair(.p50_us; 0)]
        | "| " + join(" | ") + " |")
 ' "${SCENARIOS[@]}" <"$RAW"
 
