@@ -551,27 +551,32 @@ impl Connection {
         let received_at = slot.received_at;
         let (state, handled) = match outcome {
             Outcome::Reply(reply) => {
-                let handled = match &reply {
-                    Reply::Send(bytes) | Reply::SendAndClose(bytes) => {
-                        // A NAK the handler built counts like one the server builds.
-                        if let Some(code @ (AckCode::AE | AckCode::AR)) = ack::reply_code(bytes) {
-                            out.push(Event::NakQueued(code));
-                        }
-                        Handled::Reply
-                    }
-                    _ => Handled::NoReply,
+                // A NAK the handler built counts like one the server builds: by the code the
+                // reply carries, or else by the MSA-1 read back from its bytes.
+                let code = match &reply {
+                    Reply::SendAck(code, _) => Some(*code),
+                    Reply::Send(bytes) | Reply::SendAndClose(bytes) => ack::reply_code(bytes),
+                    _ => None,
                 };
-                let state = match reply {
-                    Reply::Send(bytes) => ready(Some(bytes), true, Then::Continue),
+                if let Some(code @ (AckCode::AE | AckCode::AR)) = code {
+                    out.push(Event::NakQueued(code));
+                }
+                let (frame, then) = match reply {
+                    Reply::Send(bytes) | Reply::SendAck(_, bytes) => (Some(bytes), Then::Continue),
                     Reply::SendAndClose(bytes) => {
-                        ready(Some(bytes), true, Then::Close(CloseReason::ClosedByHandler))
+                        (Some(bytes), Then::Close(CloseReason::ClosedByHandler))
                     }
-                    Reply::Close => ready(None, true, Then::Close(CloseReason::ClosedByHandler)),
+                    Reply::Close => (None, Then::Close(CloseReason::ClosedByHandler)),
                     // `Deferred` never arrives here (the pool and the reply handle map it);
                     // treat it like no reply rather than hang the connection.
-                    Reply::NoReply | Reply::Deferred => ready(None, true, Then::Continue),
+                    Reply::NoReply | Reply::Deferred => (None, Then::Continue),
                 };
-                (state, handled)
+                let handled = if frame.is_some() {
+                    Handled::Reply
+                } else {
+                    Handled::NoReply
+                };
+                (ready(frame, true, then), handled)
             }
             Outcome::Failed { reason, detail } => {
                 let handled = if reason == ExceptionReason::Panic {

@@ -144,6 +144,25 @@ pub fn ack(data: &[u8]) {
                 .build(data),
         ),
     ];
+    // The one-pass field scan reads what the `Msh` accessors read, and so builds the same ACK.
+    let scanned = ack::Fields::scan(data);
+    let reference = msh.as_ref().map(ack::Fields::from_msh);
+    assert_eq!(
+        scanned.map(|f| ack::Fields {
+            block_bytes: false,
+            ..f
+        }),
+        reference.map(|f| ack::Fields {
+            block_bytes: false,
+            ..f
+        })
+    );
+    assert!(!scanned.is_some_and(|f| f.block_bytes) || reference.is_some_and(|f| f.block_bytes));
+    let fixed = Ack::new(code)
+        .text(text)
+        .control_id("ID")
+        .timestamp(std::time::UNIX_EPOCH);
+    assert_eq!(&fixed.build(data)[..], &fixed.build_with_msh(data)[..]);
     for (asked, text, bytes) in &built {
         assert!(
             !bytes.contains(&START_BLOCK) && !bytes.contains(&END_BLOCK),

@@ -115,7 +115,11 @@ impl Encoding {
     }
 
     /// Reads MSH-2 on top of the defaults, then checks the whole set.
-    fn from_msh2(field: u8, msh2: &[u8]) -> Result<Self, MshError> {
+    pub(crate) fn from_msh2(field: u8, msh2: &[u8]) -> Result<Self, MshError> {
+        // The recommended set, which nearly every message uses, is valid: skip the checks.
+        if field == b'|' && msh2 == b"^~\\&" {
+            return Ok(Self::DEFAULT);
+        }
         if msh2.len() > 5 {
             return Err(MshError::BadSeparator);
         }

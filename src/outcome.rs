@@ -7,6 +7,7 @@ use std::fmt;
 
 use bytes::Bytes;
 
+use crate::ack::AckCode;
 use crate::reason::ExceptionReason;
 
 /// The error type a handler returns: any error, boxed. Its `Display` text goes into the
@@ -23,6 +24,22 @@ pub enum Reply {
     Send(Bytes),
     /// Frame and send these bytes, then close the connection.
     SendAndClose(Bytes),
+    /// Frame and send an acknowledgment whose MSA-1 is the code given, then keep the
+    /// connection open: [`Send`](Self::Send) for a reply whose code the handler already
+    /// knows, such as the one [`Ack::build_coded`](crate::ack::Ack::build_coded) returns.
+    /// The server counts a NAK (`mllp_naks_sent_total`) from that code instead of reading
+    /// MSA-1 back from the bytes, which it does for [`Send`](Self::Send).
+    ///
+    /// ```
+    /// use mllp_reactor::{ack::{Ack, AckCode}, handler_fn, Reply};
+    ///
+    /// let handler = handler_fn(|msg, _cx| {
+    ///     let (code, ack) = Ack::new(AckCode::AA).build_coded(msg);
+    ///     Ok(Reply::SendAck(code, ack))
+    /// });
+    /// # let _ = mllp_reactor::Server::builder(handler);
+    /// ```
+    SendAck(AckCode, Bytes),
     /// Send nothing; the message counts as handled (not as an error).
     NoReply,
     /// Send nothing and close the connection.

@@ -35,7 +35,7 @@ use crate::outcome::ConnectionId;
 use crate::pool::{Job, Pool};
 use crate::reason::{CloseReason, RejectReason};
 use crate::sync::lock;
-use crate::telemetry::{Peer, Telemetry};
+use crate::telemetry::{Peer, Tally, Telemetry};
 use crate::timer::{DEFAULT_SLOTS, DEFAULT_TICK, TimerWheel};
 use crate::transport::{Acceptors, Transport};
 
@@ -104,7 +104,8 @@ struct Entry {
     /// Index into `Loop::locals`: servers see one or two local addresses, so an index saves
     /// 30 bytes per connection over a `SocketAddr`.
     local: u16,
-    /// On the pending list (read budget ran out with bytes left).
+    /// On the pending list (read budget ran out with bytes left, a handshake slot came
+    /// free, or completions arrived): driven again before the turn ends.
     pending: bool,
     /// Nanoseconds since `Loop::epoch` at accept (8 bytes instead of an `Instant`'s 16).
     accepted_at: u64,
@@ -154,6 +155,8 @@ struct Loop {
     handshakes: Handshakes,
     /// While paused: the one connection allowed to read (see `holder`).
     holder: Option<ConnectionId>,
+    /// This turn's per-message counts, added to the metrics at the turn's end.
+    tally: Tally,
 }
 
 impl Reactor {
@@ -189,6 +192,7 @@ impl Reactor {
             paused: false,
             handshakes,
             holder: None,
+            tally: Tally::default(),
         };
         let result = lp.run();
         // Whatever happened, release what this reactor still counts in the shared state.
@@ -244,7 +248,9 @@ impl Loop {
             self.commands(now);
             self.dispatcher.flush();
             self.publish_budget(now);
-            if let Some(done) = self.finish_drain(now) {
+            let done = self.finish_drain(now);
+            self.tally.flush(&self.r.telemetry.metrics);
+            if let Some(done) = done {
                 return Ok(done);
             }
         }
@@ -545,13 +551,17 @@ impl Loop {
             if !self.events.is_empty() {
                 let fresh = Instant::now();
                 for event in self.events.drain(..) {
-                    self.r.telemetry.report(&p, event, fresh);
+                    self.r.telemetry.report(&p, event, fresh, &mut self.tally);
                 }
             }
             let system_time = SystemTime::now();
-            self.r
-                .telemetry
-                .message_start(&p, d.seq, d.payload.len(), system_time);
+            self.r.telemetry.message_start(
+                &p,
+                d.seq,
+                d.payload.len(),
+                system_time,
+                &mut self.tally,
+            );
             let Dispatched {
                 seq,
                 payload,
@@ -696,7 +706,7 @@ impl Loop {
         // finished these messages.
         let fresh = Instant::now();
         for event in self.events.drain(..) {
-            self.r.telemetry.report(&p, event, fresh);
+            self.r.telemetry.report(&p, event, fresh, &mut self.tally);
         }
         let Some(closed) = self.conns[key].link.closed() else {
             return false;
@@ -826,13 +836,19 @@ impl Loop {
         for Completion { id, seq, outcome } in completions.drain(..) {
             match self.key_of(id) {
                 Some(key) => {
-                    self.conns[key].link.conn.handle_completion(
-                        seq,
-                        outcome,
-                        now,
-                        &mut self.events,
-                    );
-                    self.drive(key, now);
+                    let entry = &mut self.conns[key];
+                    entry
+                        .link
+                        .conn
+                        .handle_completion(seq, outcome, now, &mut self.events);
+                    // Driven once after the whole drain (`resume_pending`, next in the turn),
+                    // not once per completion: a store's group commit completes many
+                    // messages of one connection at once, and their replies then leave in
+                    // one write instead of one write each.
+                    if !entry.pending {
+                        entry.pending = true;
+                        self.pending.push(key);
+                    }
                 }
                 // The connection is gone: nobody to answer.
                 None => self.r.telemetry.metrics.late_results.increment(1),

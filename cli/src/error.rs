@@ -136,8 +136,16 @@ pub enum CliError {
     },
     /// `check` found the store damaged (it printed every problem on stdout).
     CheckFailed {
-        /// The store file.
-        path: PathBuf,
+        /// The store, as given (never a password).
+        store: String,
+        /// How many problems it printed.
+        problems: usize,
+    },
+    /// `check` found a PostgreSQL server whose settings can lose acknowledged messages (it
+    /// printed them on stdout).
+    CheckUnsafe {
+        /// The store, as given (never a password).
+        store: String,
         /// How many problems it printed.
         problems: usize,
     },
@@ -234,10 +242,13 @@ impl fmt::Display for CliError {
             Self::Damaged { path, problems } => {
                 f.write_str(&mllp_store::integrity::refusal(path, problems))
             }
-            Self::CheckFailed { path, problems } => write!(
+            Self::CheckFailed { store, problems } => {
+                write!(f, "{store} is damaged ({problems} problems listed)")
+            }
+            Self::CheckUnsafe { store, problems } => write!(
                 f,
-                "{} is damaged ({problems} problems listed)",
-                path.display()
+                "{store} can lose acknowledged messages as its server is configured \
+                 ({problems} problems listed)"
             ),
             Self::CheckIncomplete => f.write_str("the check did not finish"),
             Self::NoSuchMessages(ids) => {
@@ -285,6 +296,7 @@ impl StdError for CliError {
             | Self::NoDeadLetters
             | Self::Damaged { .. }
             | Self::CheckFailed { .. }
+            | Self::CheckUnsafe { .. }
             | Self::CheckIncomplete
             | Self::NoSuchMessages(_) => None,
         }
@@ -333,7 +345,6 @@ pub enum ValueError {
     /// `--retain 0s`: zero would remove every message.
     ZeroRetain,
     /// A command that supports SQLite stores only.
-    OnlySqlite,
     /// Not of the expected form (the text is the form, e.g. `NAME=HOST:PORT`).
     Expected(&'static str),
     /// `--forward-set` for a destination no `--forward` names.
@@ -407,7 +418,6 @@ impl fmt::Display for ValueError {
             Self::ZeroRetain => {
                 f.write_str("must be greater than zero (use `forever` to keep everything)")
             }
-            Self::OnlySqlite => f.write_str("supports SQLite stores only for now"),
             Self::Expected(form) => write!(f, "expected {form}"),
             Self::NoSuchDestination(name) => write!(f, "no --forward {name}=HOST:PORT"),
             Self::UnknownKey(key) => write!(f, "unknown key {key:?}"),

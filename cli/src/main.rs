@@ -67,7 +67,7 @@ fn run() -> Result<(), CliError> {
         Command::Forward(args) => forward::run(&args),
         Command::Prune(args) => retention::prune(&args),
         Command::Search(args) => search::search(&args),
-        Command::Check(args) => integrity::check(&args),
+        Command::Check(args) => integrity::run(&args),
         Command::Resend(args) => resend::resend(&args),
     }
 }

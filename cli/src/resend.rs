@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use mllp_reactor::{Client, ClientConfig};
-use mllp_store::resend::{ResendAudit, record_resends_sqlite};
-use mllp_store::{SqliteOptions, StoreSpec};
+use mllp_store::StoreSpec;
+use mllp_store::resend::{ResendAudit, record_resends};
 
 use crate::error::{CliError, ValueError};
 use crate::search::{FilterArgs, find};
@@ -15,7 +15,7 @@ use crate::search::{FilterArgs, find};
 /// `resend`'s flags.
 #[derive(Debug, Args)]
 pub struct ResendArgs {
-    /// The store (an SQLite file; works while serve runs).
+    /// The store (an SQLite file or a postgres:// URL; works while serve runs).
     #[arg(value_name = "STORE", value_parser = StoreSpec::parse)]
     pub store: StoreSpec,
     /// Store ids of the messages to resend (or use --query).
@@ -69,9 +69,6 @@ fn os_user() -> String {
 
 /// `mllp-reactor resend`: one line per message; [`CliError::Nak`] if any was not accepted.
 pub fn resend(args: &ResendArgs) -> Result<(), CliError> {
-    let StoreSpec::Sqlite(path) = &args.store else {
-        return Err(CliError::flag("resend", ValueError::OnlySqlite));
-    };
     let filter = if args.query {
         args.filter.filter()
     } else if args.ids.is_empty() {
@@ -84,7 +81,7 @@ pub fn resend(args: &ResendArgs) -> Result<(), CliError> {
             .ids(args.ids.clone())
             .limit(args.ids.len())
     };
-    let mut found = find("resend", &args.store, &filter)?;
+    let mut found = find(&args.store, &filter)?;
     found.reverse(); // oldest first: the order they were received in
     if !args.ids.is_empty() && found.len() < args.ids.len() {
         let missing: Vec<i64> = args
@@ -153,7 +150,7 @@ pub fn resend(args: &ResendArgs) -> Result<(), CliError> {
             args.reason.clone(),
         ));
     }
-    record_resends_sqlite(path, &audits, &SqliteOptions::default())
+    record_resends(&args.store, &audits, &crate::store_glue::open_options())
         .map_err(CliError::ResendAudit)?;
     if all_ok { Ok(()) } else { Err(CliError::Nak) }
 }

@@ -4,10 +4,8 @@
 use std::time::{Duration, SystemTime};
 
 use clap::Args;
-use mllp_store::retention::{
-    PassResult, PruneMode, PruneReport, Pruner, RetentionPolicy, prune_sqlite,
-};
-use mllp_store::{SqliteOptions, StoreSpec, WriteGate};
+use mllp_store::retention::{PassResult, PruneMode, PruneReport, Pruner, RetentionPolicy};
+use mllp_store::{StoreSpec, WriteGate};
 
 use crate::error::{CliError, ValueError};
 use crate::parse::{parse_period, parse_size};
@@ -21,7 +19,8 @@ pub struct RetainArgs {
     #[arg(long, default_value = DEFAULT_RETAIN_TEXT, value_name = "DURATION", value_parser = parse_retain)]
     pub retain: Retain,
     /// Also remove the oldest messages while the store's data is larger than this
-    /// (e.g. 50GiB, 500MB).
+    /// (e.g. 50GiB, 500MB; PostgreSQL: an estimate of the rows' bytes, since the table's
+    /// size on disk does not shrink when rows are deleted).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub retain_size: Option<u64>,
 }
@@ -36,7 +35,7 @@ pub struct Retain {
 /// `mllp-reactor prune`'s flags.
 #[derive(Debug, Args)]
 pub struct PruneArgs {
-    /// The store (an SQLite file).
+    /// The store (an SQLite file or a postgres:// URL).
     #[arg(value_name = "STORE", value_parser = StoreSpec::parse)]
     pub store: StoreSpec,
     /// Remove messages received longer ago than this (e.g. 30d, 12h).
@@ -62,18 +61,13 @@ impl RetainArgs {
 }
 
 /// Starts the background pruner for `serve`'s store, logging each pass that removed something
-/// (info) or failed (error). `gate` is the SQLite writer's; `None` for PostgreSQL, where
-/// retention is not implemented yet (a warning says so).
+/// (info) or failed (error). `gate` is the SQLite writer's (`None` for PostgreSQL).
 pub fn start_pruner(
     store: &StoreSpec,
     gate: Option<WriteGate>,
     args: &RetainArgs,
 ) -> Result<Option<Pruner>, CliError> {
     let Some(policy) = args.policy() else {
-        return Ok(None);
-    };
-    let (StoreSpec::Sqlite(path), Some(gate)) = (store, gate) else {
-        tracing::warn!(target: "mllp::store", "--retain is not implemented for PostgreSQL yet: nothing is removed");
         return Ok(None);
     };
     tracing::info!(
@@ -83,9 +77,15 @@ pub fn start_pruner(
         interval = ?policy.interval(),
         "retention on"
     );
-    Pruner::start_sqlite(path, &SqliteOptions::default(), policy, gate, log_pass)
-        .map(Some)
-        .map_err(CliError::Retention)
+    Pruner::start(
+        store,
+        &crate::store_glue::open_options(),
+        policy,
+        gate,
+        log_pass,
+    )
+    .map(Some)
+    .map_err(CliError::Retention)
 }
 
 fn log_pass(result: &PassResult) {
@@ -108,21 +108,18 @@ fn log_pass(result: &PassResult) {
 
 /// `mllp-reactor prune`: removes (or counts) expired messages now; prints one line.
 pub fn prune(args: &PruneArgs) -> Result<(), CliError> {
-    let StoreSpec::Sqlite(path) = &args.store else {
-        return Err(CliError::flag("prune", ValueError::OnlySqlite));
-    };
     let policy = RetentionPolicy::default().max_age(Some(args.older_than));
     let mode = if args.dry_run {
         PruneMode::DryRun
     } else {
         PruneMode::Delete
     };
-    let report = prune_sqlite(
-        path,
+    let report = mllp_store::retention::prune(
+        &args.store,
         &policy,
         SystemTime::now(),
         mode,
-        &SqliteOptions::default(),
+        &crate::store_glue::open_options(),
     )
     .map_err(CliError::Store)?;
     println!("{}", summary(&report, args.dry_run));

@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
 use mllp_store::export::{Format, RecordWriter, rfc3339_micros};
-use mllp_store::search::{DeliveryStatus, SearchFilter, search_sqlite};
-use mllp_store::{SqliteOptions, StoreSpec, StoredRecord};
+use mllp_store::search::{DeliveryStatus, SearchFilter};
+use mllp_store::{StoreSpec, StoredRecord};
 
 use crate::error::{CliError, ValueError};
 use crate::parse::parse_period;
@@ -69,7 +69,7 @@ impl FilterArgs {
 /// `search`'s flags.
 #[derive(Debug, Args)]
 pub struct SearchArgs {
-    /// The store (an SQLite file; works while serve runs).
+    /// The store (an SQLite file or a postgres:// URL; works while serve runs).
     #[arg(value_name = "STORE", value_parser = StoreSpec::parse)]
     pub store: StoreSpec,
     #[command(flatten)]
@@ -87,22 +87,15 @@ pub enum OutputFormat {
     Hl7,
 }
 
-/// Finds the messages in `store` that match `filter` (SQLite only for now; `command` names
-/// the subcommand in the error for PostgreSQL).
-pub fn find(
-    command: &str,
-    store: &StoreSpec,
-    filter: &SearchFilter,
-) -> Result<Vec<StoredRecord>, CliError> {
-    let StoreSpec::Sqlite(path) = store else {
-        return Err(CliError::flag(command, ValueError::OnlySqlite));
-    };
-    search_sqlite(path, filter, &SqliteOptions::default()).map_err(CliError::Store)
+/// Finds the messages in `store` that match `filter`.
+pub fn find(store: &StoreSpec, filter: &SearchFilter) -> Result<Vec<StoredRecord>, CliError> {
+    mllp_store::search::search(store, filter, &crate::store_glue::open_options())
+        .map_err(CliError::Store)
 }
 
 /// `mllp-reactor search`.
 pub fn search(args: &SearchArgs) -> Result<(), CliError> {
-    let found = find("search", &args.store, &args.filter.filter())?;
+    let found = find(&args.store, &args.filter.filter())?;
     let out = io::BufWriter::new(io::stdout().lock());
     let written = match args.format {
         OutputFormat::Table => table(&found, out),

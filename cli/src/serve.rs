@@ -432,15 +432,18 @@ fn proxy_name(mode: ProxyArg) -> &'static str {
 }
 
 /// The `--no-store` handler: AA for a message with a readable MSH-10, AR (logged, as the
-/// storing handler logs it) otherwise. The builder says which code it wrote, so the message
-/// is parsed once.
+/// storing handler logs it) otherwise. The builder says which code it wrote, and the reply
+/// carries it to the server's NAK count, so neither the message nor the ACK is read twice.
 fn ack_only() -> impl Handler {
     handler_fn(|msg, cx| {
-        let (code, reply) = Ack::new(AckCode::AA).build_coded(msg);
+        // MSH-7 is when the message arrived (the reactor read that clock already).
+        let (code, reply) = Ack::new(AckCode::AA)
+            .timestamp(cx.received_time())
+            .build_coded(msg);
         if code != AckCode::AA {
             log_rejected(cx.connection_id(), cx.peer_addr(), cx.sequence(), code, msg);
         }
-        Ok(Reply::Send(reply))
+        Ok(Reply::SendAck(code, reply))
     })
 }
 

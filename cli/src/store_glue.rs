@@ -62,6 +62,12 @@ pub fn log_health_changes(store: &Store) {
             %error,
             "store cannot store until the server is restarted"
         ),
+        (Health::Disconnected, error) => tracing::error!(
+            target: "mllp::store",
+            %health,
+            error = error.map(ToString::to_string),
+            "store's database is not connected; reconnecting"
+        ),
         (_, error) => tracing::error!(
             target: "mllp::store",
             %health,

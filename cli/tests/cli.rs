@@ -20,5 +20,7 @@ mod send;
 mod serve;
 #[path = "cli/store_admin.rs"]
 mod store_admin;
+#[path = "cli/store_admin_pg.rs"]
+mod store_admin_pg;
 #[path = "cli/util.rs"]
 mod util;

@@ -132,6 +132,22 @@ fn timestamp_is_utc_with_offset() {
         &hl7_timestamp(UNIX_EPOCH - Duration::from_secs(1)),
         b"19700101000000+0000"
     );
+    // The per-thread text of the last second: every time inside it, none outside it.
+    let second = UNIX_EPOCH + Duration::from_secs(FIXED);
+    for (offset_ms, text) in [
+        (0, b"20260322123456+0000"),
+        (999, b"20260322123456+0000"),
+        (1000, b"20260322123457+0000"),
+        (999, b"20260322123456+0000"),
+        (0, b"20260322123456+0000"),
+    ] {
+        let time = second + Duration::from_millis(offset_ms);
+        assert_eq!(&hl7_timestamp(time), text);
+    }
+    assert_eq!(
+        &hl7_timestamp(second - Duration::from_nanos(1)),
+        b"20260322123455+0000"
+    );
 }
 
 #[test]
@@ -505,7 +521,11 @@ fn codes_round_trip() {
 #[test]
 fn decimal_formatting() {
     let mut buf = [0; 20];
-    for n in [0, 7, 10, 99, 1_000_000, u64::MAX] {
+    let edges = (0..20).flat_map(|e| {
+        let p = 10_u64.pow(e);
+        [p - 1, p, p + 1]
+    });
+    for n in (0..100_000).chain(edges).chain([u64::MAX - 1, u64::MAX]) {
         let len = put_decimal(n, &mut buf);
         assert_eq!(&buf[..len], n.to_string().as_bytes());
     }
@@ -527,6 +547,32 @@ fn fuzz_entry_point_on_hand_picked_inputs() {
     ];
     for input in inputs {
         crate::__fuzz::ack(input);
+    }
+}
+
+/// The one-pass field scan (`Fields::scan`) agrees with the `Msh` accessors, and builds the
+/// same ACK, on every prefix of messages that put the separators, terminators and block
+/// bytes at every offset of an 8-byte word: before, inside and after MSH-18, where the scan
+/// stops.
+#[test]
+fn the_field_scan_reads_what_msh_reads_on_every_prefix() {
+    let messages: [&[u8]; 6] = [
+        ADT,
+        b"MSH|^~\\&|A|B|C|D|E||ADT^A01~X^Y|ID|P^T|2.5.1|1|2|AL|NE|US|UNICODE UTF-8~8859/1|en|19|20\rPID|1\r",
+        b"MSH|^~\\&|A\x0b|B|C|D|E||ADT^A01|ID|P|2.5|||||||CS\x1c|19\x0b\n\x1c",
+        b"MSH|^~\\&|A|B|C|D|E||^A01^X|ID|P|2.5||||||||19|20|21|22|23|24|25|26|27\x0b",
+        b"MSH^|~\\&^A^B^^^^^ADT|A01^\t\x00ID^P^2.5\r\n",
+        b"MSH|^~\\&#|A|B|C|D||||ID\r",
+    ];
+    for message in messages {
+        for end in 0..=message.len() {
+            for last in [b'A', b'G', b'M'] {
+                let mut input = message[..end].to_vec();
+                input.push(last);
+                crate::__fuzz::ack(&input);
+            }
+            crate::__fuzz::ack(&message[..end]);
+        }
     }
 }
 

@@ -595,3 +595,29 @@ fn pipeline_deadline_passing_in_the_middle_answers_that_message_alone() {
     assert!(matches!(h.out.as_slice(), [Event::LateResult]));
     assert!(h.offered().is_empty());
 }
+
+/// A NAK a handler returns is counted once: by the code a `SendAck` carries (its bytes are
+/// not read back), or by the MSA-1 read from a plain `Send`'s bytes.
+#[test]
+fn handler_naks_count_by_the_code_the_reply_carries_or_else_by_its_msa1() {
+    let mut h = Harness::new(NakPolicy::Send);
+    let ae = || ack::nak(&msg("A"), AckCode::AE, "no");
+    let replies = [
+        Reply::SendAck(AckCode::AE, ae()),
+        Reply::Send(ae()),
+        // The carried code is what counts, whatever the bytes say.
+        Reply::SendAck(AckCode::AA, ae()),
+        Reply::SendAck(AckCode::AA, ack::accept(&msg("A"))),
+        Reply::Send(ack::accept(&msg("A"))),
+    ];
+    let mut naks = Vec::new();
+    for (seq, reply) in replies.into_iter().enumerate() {
+        h.read(&framed("A"), 0.0);
+        assert_eq!(h.dispatched(), vec![seq as u64]);
+        h.take();
+        h.complete(seq as u64, Outcome::Reply(reply), 0.0);
+        naks.extend(h.naks());
+        assert_eq!(answers(&h.flush(0.0)).len(), 1);
+    }
+    assert_eq!(naks, [AckCode::AE, AckCode::AE]);
+}

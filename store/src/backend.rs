@@ -92,6 +92,15 @@ pub trait Backend: Send + 'static {
     fn write_gate(&self) -> Option<WriteGate> {
         None
     }
+
+    /// Whether an idle [`Store`](crate::Store) should also probe this backend while it is
+    /// healthy, with an empty [`commit_batch`](Self::commit_batch) every few seconds, because
+    /// it can stop working without a commit to notice it (PostgreSQL: the connection to the
+    /// database). Default `false`: a store that is not committing cannot fail (SQLite), and
+    /// an idle store probes only after a failed commit, to notice its recovery.
+    fn probe_when_idle(&self) -> bool {
+        false
+    }
 }
 
 impl<B: Backend + ?Sized> Backend for Box<B> {
@@ -131,6 +140,10 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
 
     fn write_gate(&self) -> Option<WriteGate> {
         (**self).write_gate()
+    }
+
+    fn probe_when_idle(&self) -> bool {
+        (**self).probe_when_idle()
     }
 }
 

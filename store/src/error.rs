@@ -187,6 +187,19 @@ impl StoreError {
             _ => None,
         }
     }
+
+    /// Whether this error says the store's database could not be reached: a PostgreSQL
+    /// connection that was closed, failed on the network, could not be opened, or is
+    /// waiting to be retried. An error the database itself returned (a lock timeout, a
+    /// failed authentication) is not one. Never for SQLite.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            Self::Open { source, .. } | Self::Commit { source } | Self::Read { source } => {
+                source.is_connection_lost()
+            }
+            _ => false,
+        }
+    }
 }
 
 /// What was found where a store was expected ([`StoreError::NotAStore`]).
@@ -378,6 +391,21 @@ impl Cause {
             #[cfg(feature = "postgres")]
             Kind::Waiting { last: e, .. } => e.problem(),
             _ => None,
+        }
+    }
+
+    /// See [`StoreError::is_connection_lost`].
+    fn is_connection_lost(&self) -> bool {
+        match &self.kind {
+            #[cfg(feature = "postgres")]
+            Kind::Postgres(e) => {
+                use std::error::Error as _;
+                e.is_closed() || e.source().is_some_and(|s| s.is::<io::Error>())
+            }
+            #[cfg(feature = "postgres")]
+            Kind::Waiting { .. } => true,
+            Kind::Store(e) | Kind::Because { source: e, .. } => e.is_connection_lost(),
+            _ => false,
         }
     }
 

@@ -163,4 +163,8 @@ impl<B: Backend> Backend for FaultyBackend<B> {
     fn write_gate(&self) -> Option<crate::backend::WriteGate> {
         self.inner.write_gate()
     }
+
+    fn probe_when_idle(&self) -> bool {
+        self.inner.probe_when_idle()
+    }
 }

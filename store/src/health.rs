@@ -41,6 +41,11 @@ pub enum Health {
     /// The store can store nothing more until it is reopened: its SQLite file was deleted or
     /// replaced under it ([`Problem::FileReplaced`]). Every batch fails.
     Broken,
+    /// The store's database cannot be reached (PostgreSQL: the connection was lost and
+    /// reconnecting fails, see [`StoreError::is_connection_lost`]). Noticed by the last
+    /// commit or by the idle writer's probe every few seconds; `Ok` again once a probe or a
+    /// commit gets through.
+    Disconnected,
 }
 
 impl Health {
@@ -49,12 +54,13 @@ impl Health {
         self == Self::Ok
     }
 
-    /// `ok`, `failing` or `broken`: for a status page or a log field.
+    /// `ok`, `failing`, `broken` or `disconnected`: for a status page or a log field.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Ok => "ok",
             Self::Failing => "failing",
             Self::Broken => "broken",
+            Self::Disconnected => "disconnected",
         }
     }
 
@@ -63,6 +69,7 @@ impl Health {
         match result {
             Ok(_) => Self::Ok,
             Err(e) if e.problem() == Some(&Problem::FileReplaced) => Self::Broken,
+            Err(e) if e.is_connection_lost() => Self::Disconnected,
             Err(_) => Self::Failing,
         }
     }
@@ -71,6 +78,7 @@ impl Health {
         match value {
             0 => Self::Ok,
             1 => Self::Failing,
+            3 => Self::Disconnected,
             _ => Self::Broken,
         }
     }
@@ -80,6 +88,7 @@ impl Health {
             Self::Ok => 0,
             Self::Failing => 1,
             Self::Broken => 2,
+            Self::Disconnected => 3,
         }
     }
 }

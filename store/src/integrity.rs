@@ -23,6 +23,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::error::StoreError;
+use crate::open::OpenOptions;
+use crate::spec::StoreSpec;
 use crate::sqlite::{SqliteOptions, is_corruption};
 
 /// How long `serve`'s start-up check may take: 2 s.
@@ -55,6 +57,12 @@ pub enum CheckOutcome {
     Damaged(Vec<String>),
     /// The budget ran out before the check finished: nothing is known.
     Incomplete,
+    /// No damage found, but the store cannot keep its promise as configured (PostgreSQL:
+    /// `fsync=off` or `synchronous_commit=off` on the server): the reasons.
+    Unsafe(Vec<String>),
+    /// The settings are sound, but the data could not be checked, and why (PostgreSQL
+    /// without the `amcheck` extension).
+    Unchecked(String),
 }
 
 /// Checks the SQLite store at `path` (read-only; works while `serve` runs, though a store
@@ -120,6 +128,45 @@ pub fn check_sqlite(
         Err(e) if is_corruption(&e) => Ok(CheckOutcome::Damaged(vec![e.to_string()])),
         Err(e) => Err(StoreError::read(e)),
     }
+}
+
+/// Checks the store `spec` names: [`check_sqlite`] or `check_postgres` (feature
+/// `postgres`; `budget` does not apply there).
+///
+/// # Errors
+///
+/// As [`check_sqlite`] and `check_postgres`; [`StoreError::Open`] with
+/// [`Problem::NoPostgres`](crate::Problem::NoPostgres) for a URL in a build without the
+/// feature `postgres`.
+pub fn check(
+    spec: &StoreSpec,
+    depth: CheckDepth,
+    budget: Option<Duration>,
+    options: &OpenOptions,
+) -> Result<CheckOutcome, StoreError> {
+    match spec {
+        StoreSpec::Sqlite(path) => check_sqlite(path, depth, budget, &options.sqlite),
+        #[cfg(feature = "postgres")]
+        StoreSpec::Postgres(url) => check_postgres(url, depth, &options.postgres),
+        #[cfg(not(feature = "postgres"))]
+        StoreSpec::Postgres(_) => Err(crate::open::no_postgres(spec)),
+    }
+}
+
+/// Checks the PostgreSQL store at `url` on a read-only connection: what applies (see the
+/// module docs). Works while `serve` runs; `amcheck` takes only `AccessShareLock`s.
+///
+/// # Errors
+///
+/// As [`PostgresBackend::connect_read_only`](crate::PostgresBackend::connect_read_only) (no
+/// schema, a newer one, an unreachable server); [`StoreError::Read`] when a query fails.
+#[cfg(feature = "postgres")]
+pub fn check_postgres(
+    url: &str,
+    depth: CheckDepth,
+    options: &crate::PostgresOptions,
+) -> Result<CheckOutcome, StoreError> {
+    crate::PostgresBackend::connect_read_only(url, options)?.check(depth)
 }
 
 /// The one-line refusal `serve` prints for a damaged store.

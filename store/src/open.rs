@@ -88,10 +88,16 @@ impl Store {
                 config,
             ),
             #[cfg(not(feature = "postgres"))]
-            StoreSpec::Postgres(_) => Err(StoreError::open(
-                std::path::Path::new(&spec.to_string()),
-                crate::error::Problem::NoPostgres,
-            )),
+            StoreSpec::Postgres(_) => Err(no_postgres(spec)),
         }
     }
+}
+
+/// The error for a PostgreSQL URL in a build without the feature `postgres`.
+#[cfg(not(feature = "postgres"))]
+pub(crate) fn no_postgres(spec: &StoreSpec) -> StoreError {
+    StoreError::open(
+        std::path::Path::new(&spec.to_string()),
+        crate::error::Problem::NoPostgres,
+    )
 }

@@ -17,7 +17,8 @@ pub enum NotReady {
     Draining,
     /// A commit found the store's file damaged ([`crate::integrity`]); until restart.
     Corrupt,
-    /// The store is not storing ([`Health::Failing`] or [`Health::Broken`]).
+    /// The store is not storing ([`Health::Failing`], [`Health::Broken`] or
+    /// [`Health::Disconnected`]: PostgreSQL not connected).
     Store(Health),
     /// Free disk space is below the minimum.
     LowDisk(crate::disk::DiskState),
@@ -44,6 +45,10 @@ impl fmt::Display for NotReady {
             ),
             Self::Store(Health::Broken) => f.write_str(
                 "the store is broken (its file was deleted or replaced): restart the server",
+            ),
+            Self::Store(Health::Disconnected) => f.write_str(
+                "the store's database is not connected: the server reconnects by itself (the \
+                 log says why)",
             ),
             Self::Store(health) => write!(
                 f,

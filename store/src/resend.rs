@@ -1,7 +1,8 @@
 //! The audit trail of resends: who resent which stored message, where, when, why, and what the
 //! receiver answered. `mllp-reactor resend` finds the messages with a
 //! [`SearchFilter`](crate::search::SearchFilter) (the same code as `search`), sends them, checks
-//! every ACK, and records one [`ResendAudit`] per message with [`record_resends_sqlite`].
+//! every ACK, and records one [`ResendAudit`] per message with [`record_resends`]: in SQLite's
+//! table `resend_audit`, or PostgreSQL's `mllp_resend_audit` (same columns, PostgreSQL types).
 //!
 //! ```sql
 //! CREATE TABLE resend_audit (
@@ -21,7 +22,9 @@ use std::time::SystemTime;
 use rusqlite::OpenFlags;
 
 use crate::error::StoreError;
+use crate::open::OpenOptions;
 use crate::record::{StoreId, system_time_to_us};
+use crate::spec::StoreSpec;
 use crate::sqlite::{SqliteOptions, open_connection};
 
 const CREATE_AUDIT: &str = "
@@ -110,4 +113,43 @@ pub fn record_resends_sqlite(
         tx.commit()
     };
     run().map_err(StoreError::commit)
+}
+
+/// Appends `audits` to the store `spec` names: [`record_resends_sqlite`] or
+/// `record_resends_postgres` (feature `postgres`).
+///
+/// # Errors
+///
+/// As those; [`StoreError::Open`] with [`Problem::NoPostgres`](crate::Problem::NoPostgres)
+/// for a URL in a build without the feature `postgres`.
+pub fn record_resends(
+    spec: &StoreSpec,
+    audits: &[ResendAudit],
+    options: &OpenOptions,
+) -> Result<(), StoreError> {
+    match spec {
+        StoreSpec::Sqlite(path) => record_resends_sqlite(path, audits, &options.sqlite),
+        #[cfg(feature = "postgres")]
+        StoreSpec::Postgres(url) => record_resends_postgres(url, audits, &options.postgres),
+        #[cfg(not(feature = "postgres"))]
+        StoreSpec::Postgres(_) => Err(crate::open::no_postgres(spec)),
+    }
+}
+
+/// Appends `audits` to the PostgreSQL store at `url` in one transaction, creating the table
+/// `mllp_resend_audit` (the columns of SQLite's `resend_audit`) on first use. Works while
+/// `serve` runs.
+///
+/// # Errors
+///
+/// As [`PostgresBackend::connect`](crate::PostgresBackend::connect), except that it never
+/// creates a store ([`StoreError::NotAStore`] for a database without one), and
+/// [`StoreError::Commit`].
+#[cfg(feature = "postgres")]
+pub fn record_resends_postgres(
+    url: &str,
+    audits: &[ResendAudit],
+    options: &crate::PostgresOptions,
+) -> Result<(), StoreError> {
+    crate::PostgresBackend::connect_existing(url, options)?.record_resends(audits)
 }

@@ -2,9 +2,13 @@
 //!
 //! A [`RetentionPolicy`] says how long messages are kept ([`RetentionPolicy::max_age`],
 //! default [`DEFAULT_RETAIN`], 30 days) and optionally how large the store may grow
-//! ([`RetentionPolicy::max_bytes`]). [`prune_sqlite`] applies it once (the CLI's `prune`);
-//! a [`Pruner`] applies it in the background, on its own thread and connection, while a
-//! [`Store`](crate::Store) writes.
+//! ([`RetentionPolicy::max_bytes`]). [`prune`] applies it once (the CLI's `prune`; SQLite:
+//! [`prune_sqlite`], PostgreSQL: `prune_postgres`); a [`Pruner`] applies it in the
+//! background, on its own thread and connection, while a [`Store`](crate::Store) writes
+//! ([`Pruner::start`]). What is removed and in which order is decided here, once, for both
+//! backends; each backend only lists candidates, deletes, gives space back and measures (a
+//! `PruneTarget`). For PostgreSQL's side (batched `DELETE`, `VACUUM`, what a size cap is
+//! measured against) see `crate::postgresql` (feature `postgres`).
 //!
 //! # What is removed, and what never is
 //!
@@ -56,7 +60,9 @@ use metrics::{Counter, Gauge, Unit};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use crate::error::{Cause, StoreError};
+use crate::open::OpenOptions;
 use crate::record::{StoreId, system_time_to_us};
+use crate::spec::StoreSpec;
 use crate::sqlite::{SqliteOptions, WriteGate, open_connection};
 
 /// The default retention period: 30 days.
@@ -193,9 +199,11 @@ impl PruneReport {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct StoreUsage {
-    /// Bytes on disk: the database file plus its WAL.
+    /// Bytes on disk: the database file plus its WAL (PostgreSQL: the messages table's
+    /// `pg_total_relation_size`: heap, TOAST and indexes).
     pub file_bytes: u64,
-    /// Bytes in pages that hold data (the file's pages minus its free pages).
+    /// Bytes in pages that hold data (the file's pages minus its free pages; PostgreSQL: an
+    /// estimate from the rows' sizes, see `crate::postgresql`).
     pub used_bytes: u64,
     /// Bytes in free pages: reused by the next inserts, or given back by the pruner.
     pub free_bytes: u64,
@@ -244,8 +252,71 @@ pub fn prune_sqlite(
     mode: PruneMode,
     options: &SqliteOptions,
 ) -> Result<PruneReport, StoreError> {
-    let mut pruner = SqlitePrune::open(path, options, None)?;
-    pruner.pass(policy, now, mode, &|| false)
+    let mut prune = Prune::new(SqliteTarget::open(path, options, None)?);
+    prune.pass(policy, now, mode, &|| false)
+}
+
+/// Applies `policy` once to the store `spec` names: [`prune_sqlite`] or `prune_postgres`
+/// (feature `postgres`).
+///
+/// # Errors
+///
+/// As those; [`StoreError::Open`] with [`Problem::NoPostgres`](crate::Problem::NoPostgres)
+/// for a URL in a build without the feature `postgres`.
+pub fn prune(
+    spec: &StoreSpec,
+    policy: &RetentionPolicy,
+    now: SystemTime,
+    mode: PruneMode,
+    options: &OpenOptions,
+) -> Result<PruneReport, StoreError> {
+    match spec {
+        StoreSpec::Sqlite(path) => prune_sqlite(path, policy, now, mode, &options.sqlite),
+        #[cfg(feature = "postgres")]
+        StoreSpec::Postgres(url) => prune_postgres(url, policy, now, mode, &options.postgres),
+        #[cfg(not(feature = "postgres"))]
+        StoreSpec::Postgres(_) => Err(crate::open::no_postgres(spec)),
+    }
+}
+
+/// Applies `policy` once to the PostgreSQL store at `url`, as [`prune_sqlite`] does to a
+/// file: oldest first, never an undelivered or dead-lettered message, in batches of
+/// [`RetentionPolicy::batch_rows`] (see [`crate::postgresql`]'s retention notes for how the
+/// space is reused). Works while `serve` runs, on any node.
+///
+/// # Errors
+///
+/// As [`PostgresBackend::connect`](crate::PostgresBackend::connect), except that a database
+/// without a store is [`StoreError::NotAStore`]; [`StoreError::Read`] or
+/// [`StoreError::Commit`] when a query fails. Batches deleted before the failure stay
+/// deleted.
+#[cfg(feature = "postgres")]
+pub fn prune_postgres(
+    url: &str,
+    policy: &RetentionPolicy,
+    now: SystemTime,
+    mode: PruneMode,
+    options: &crate::PostgresOptions,
+) -> Result<PruneReport, StoreError> {
+    let mut prune = Prune::new(crate::postgresql::retention::PgTarget::connect(
+        url, options,
+    )?);
+    prune.pass(policy, now, mode, &|| false)
+}
+
+/// Reads a PostgreSQL store's [`StoreUsage`]: `file_bytes` is the table's
+/// `pg_total_relation_size`, `used_bytes` an estimate of its data (see
+/// [`prune_postgres`]).
+///
+/// # Errors
+///
+/// As [`prune_postgres`].
+#[cfg(feature = "postgres")]
+pub fn usage_postgres(
+    url: &str,
+    options: &crate::PostgresOptions,
+) -> Result<StoreUsage, StoreError> {
+    crate::postgresql::retention::PgTarget::connect(url, options)?.usage()
 }
 
 /// Reads a store's [`StoreUsage`] (file sizes, free pages, oldest message).
@@ -335,9 +406,72 @@ impl Pruner {
         options: &SqliteOptions,
         policy: RetentionPolicy,
         gate: WriteGate,
-        mut report: impl FnMut(&PassResult) + Send + 'static,
+        report: impl FnMut(&PassResult) + Send + 'static,
     ) -> Result<Self, StoreError> {
-        let mut prune = SqlitePrune::open(path, options, Some(gate))?;
+        let prune = Prune::new(SqliteTarget::open(path, options, Some(gate))?);
+        Self::spawn(prune, policy, report).map_err(|e| StoreError::open(path, e))
+    }
+
+    /// Starts pruning the store `spec` names: [`start_sqlite`](Self::start_sqlite) (with
+    /// `gate`, the store writer's [`Store::write_gate`](crate::Store::write_gate); without one
+    /// the two meet at SQLite's lock) or `start_postgres`.
+    ///
+    /// # Errors
+    ///
+    /// As those; [`StoreError::Open`] with [`Problem::NoPostgres`](crate::Problem::NoPostgres)
+    /// for a URL in a build without the feature `postgres`.
+    pub fn start(
+        spec: &StoreSpec,
+        options: &OpenOptions,
+        policy: RetentionPolicy,
+        gate: Option<WriteGate>,
+        report: impl FnMut(&PassResult) + Send + 'static,
+    ) -> Result<Self, StoreError> {
+        match spec {
+            StoreSpec::Sqlite(path) => Self::start_sqlite(
+                path,
+                &options.sqlite,
+                policy,
+                gate.unwrap_or_default(),
+                report,
+            ),
+            #[cfg(feature = "postgres")]
+            StoreSpec::Postgres(url) => {
+                Self::start_postgres(url, &options.postgres, policy, report)
+            }
+            #[cfg(not(feature = "postgres"))]
+            StoreSpec::Postgres(_) => {
+                let _ = (policy, gate, report);
+                Err(crate::open::no_postgres(spec))
+            }
+        }
+    }
+
+    /// Opens a connection of its own to the PostgreSQL store at `url` and starts pruning it.
+    /// Every node of a cluster may run one: two pruners deleting the same rows only wait for
+    /// each other's row locks, and a row is counted by the one that deleted it.
+    ///
+    /// # Errors
+    ///
+    /// As [`prune_postgres`]; [`StoreError::Open`] if the thread cannot be spawned.
+    #[cfg(feature = "postgres")]
+    pub fn start_postgres(
+        url: &str,
+        options: &crate::PostgresOptions,
+        policy: RetentionPolicy,
+        report: impl FnMut(&PassResult) + Send + 'static,
+    ) -> Result<Self, StoreError> {
+        let target = crate::postgresql::retention::PgTarget::connect(url, options)?;
+        Self::spawn(Prune::new(target), policy, report)
+            .map_err(|e| StoreError::open(std::path::Path::new(&crate::spec::redact(url)), e))
+    }
+
+    /// Starts the pruner's thread over `prune`.
+    fn spawn(
+        mut prune: Prune,
+        policy: RetentionPolicy,
+        mut report: impl FnMut(&PassResult) + Send + 'static,
+    ) -> std::io::Result<Self> {
         let metrics = PruneMetrics::register();
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let stop_flag = Arc::clone(&stop);
@@ -350,12 +484,7 @@ impl Pruner {
                     let now = SystemTime::now();
                     let result = prune
                         .pass(&policy, now, PruneMode::Delete, &stopped)
-                        .and_then(|r| {
-                            Ok((
-                                r,
-                                usage(&prune.conn, &prune.path).map_err(StoreError::read)?,
-                            ))
-                        });
+                        .and_then(|r| Ok((r, prune.target.usage()?)));
                     match &result {
                         Ok((done, usage)) => {
                             metrics.pruned.increment(done.deleted);
@@ -375,8 +504,7 @@ impl Pruner {
                         return;
                     }
                 }
-            })
-            .map_err(|e| StoreError::open(path, e))?;
+            })?;
         Ok(Self {
             stop,
             thread: Some(thread),
@@ -404,25 +532,58 @@ impl Drop for Pruner {
     }
 }
 
-/// One connection that prunes.
-struct SqlitePrune {
+/// What a pass needs from a backend: the rows to consider, deleting some, giving space back,
+/// and measuring. The decisions (what goes, in which order, at what pace) are [`Prune`]'s,
+/// the same for every backend.
+pub(crate) trait PruneTarget: Send {
+    /// Up to `limit` rows with an id above `after`, in id order; the forwarding floor; and
+    /// which of those rows are dead-lettered.
+    fn candidates(&mut self, after: StoreId, limit: i64) -> Result<Candidates, StoreError>;
+
+    /// Deletes these messages in one short transaction.
+    fn delete(&mut self, ids: &[StoreId]) -> Result<(), StoreError>;
+
+    /// Gives free space back to the file system, in steps of at most `pause`'s worth;
+    /// returns the bytes given back.
+    fn release(&mut self, pause: Duration, stopped: &dyn Fn() -> bool) -> Result<u64, StoreError>;
+
+    /// Sizes and the oldest message.
+    fn usage(&mut self) -> Result<StoreUsage, StoreError>;
+}
+
+/// What [`PruneTarget::candidates`] found.
+pub(crate) struct Candidates {
+    pub(crate) rows: Vec<Candidate>,
+    /// The highest id that every forwarding cursor has passed, `None` if none constrains.
+    pub(crate) floor: Option<StoreId>,
+    /// Dead-lettered (not re-delivered) ids among `rows`.
+    pub(crate) dead: HashSet<StoreId>,
+}
+
+/// Applies a policy to one store through its [`PruneTarget`].
+struct Prune {
+    target: Box<dyn PruneTarget>,
+}
+
+/// One row as the pruner sees it.
+pub(crate) struct Candidate {
+    pub(crate) id: StoreId,
+    pub(crate) received_at_us: i64,
+    pub(crate) size: i64,
+}
+
+/// Rough bytes a row takes besides its payload (columns, index entries, cell overhead): used
+/// only to estimate progress towards a size cap within a batch; each batch re-measures.
+pub(crate) const ROW_OVERHEAD: i64 = 200;
+
+/// An SQLite store's connection that prunes.
+struct SqliteTarget {
     conn: Connection,
     path: PathBuf,
     gate: Option<WriteGate>,
 }
 
-/// One row as the pruner sees it.
-struct Candidate {
-    id: StoreId,
-    received_at_us: i64,
-    size: i64,
-}
-
-/// Rough bytes a row takes besides its payload (columns, index entries, cell overhead): used
-/// only to estimate progress towards a size cap within a batch; each batch re-measures.
-const ROW_OVERHEAD: i64 = 200;
-
-impl SqlitePrune {
+impl SqliteTarget {
     fn open(
         path: &Path,
         options: &SqliteOptions,
@@ -445,6 +606,14 @@ impl SqlitePrune {
             gate,
         })
     }
+}
+
+impl Prune {
+    fn new(target: impl PruneTarget + 'static) -> Self {
+        Self {
+            target: Box::new(target),
+        }
+    }
 
     /// One pass: batches until nothing more is due (or `stopped()`), then gives pages back.
     fn pass(
@@ -465,9 +634,7 @@ impl SqlitePrune {
         loop {
             let over = match policy.max_bytes {
                 Some(max) => {
-                    let used = usage(&self.conn, &self.path)
-                        .map_err(StoreError::read)?
-                        .used_bytes;
+                    let used = self.target.usage()?.used_bytes;
                     (used as i64)
                         .saturating_sub(max as i64)
                         .saturating_sub(dry_freed)
@@ -490,7 +657,7 @@ impl SqlitePrune {
             }
         }
         if mode == PruneMode::Delete {
-            total.released_bytes = self.release(policy.pause, stopped)?;
+            total.released_bytes = self.target.release(policy.pause, stopped)?;
         }
         Ok(total)
     }
@@ -507,30 +674,7 @@ impl SqlitePrune {
     ) -> Result<(PruneReport, bool, i64), StoreError> {
         let mut report = PruneReport::default();
         let limit = i64::try_from(policy.batch_rows).unwrap_or(i64::MAX);
-        let (rows, floor, dead) = {
-            let conn = &self.conn;
-            let read = || -> rusqlite::Result<_> {
-                let rows = conn
-                    .prepare_cached(
-                        "SELECT id, received_at_us, size FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
-                    )?
-                    .query_map(params![*after, limit], |r| {
-                        Ok(Candidate {
-                            id: r.get(0)?,
-                            received_at_us: r.get(1)?,
-                            size: r.get(2)?,
-                        })
-                    })?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                let floor = forward_floor(conn)?;
-                let dead = match (rows.first(), rows.last()) {
-                    (Some(first), Some(last)) => dead_letters(conn, first.id, last.id)?,
-                    _ => HashSet::new(),
-                };
-                Ok((rows, floor, dead))
-            };
-            read().map_err(StoreError::read)?
-        };
+        let Candidates { rows, floor, dead } = self.target.candidates(*after, limit)?;
         let full = rows.len() as i64 == limit;
         let mut victims = Vec::with_capacity(rows.len());
         let mut freed = 0i64;
@@ -555,9 +699,36 @@ impl SqlitePrune {
         report.deleted = victims.len() as u64;
         report.first_kept = stopped_at;
         if mode == PruneMode::Delete && !victims.is_empty() {
-            self.delete(&victims)?;
+            self.target.delete(&victims)?;
         }
         Ok((report, stopped_at.is_none() && full, freed))
+    }
+}
+
+impl PruneTarget for SqliteTarget {
+    fn candidates(&mut self, after: StoreId, limit: i64) -> Result<Candidates, StoreError> {
+        let conn = &self.conn;
+        let read = || -> rusqlite::Result<_> {
+            let rows = conn
+                .prepare_cached(
+                    "SELECT id, received_at_us, size FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
+                )?
+                .query_map(params![after, limit], |r| {
+                    Ok(Candidate {
+                        id: r.get(0)?,
+                        received_at_us: r.get(1)?,
+                        size: r.get(2)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let floor = forward_floor(conn)?;
+            let dead = match (rows.first(), rows.last()) {
+                (Some(first), Some(last)) => dead_letters(conn, first.id, last.id)?,
+                _ => HashSet::new(),
+            };
+            Ok(Candidates { rows, floor, dead })
+        };
+        read().map_err(StoreError::read)
     }
 
     fn delete(&mut self, ids: &[StoreId]) -> Result<(), StoreError> {
@@ -609,6 +780,10 @@ impl SqlitePrune {
             }
             give_way(started, pause);
         }
+    }
+
+    fn usage(&mut self) -> Result<StoreUsage, StoreError> {
+        usage(&self.conn, &self.path).map_err(StoreError::read)
     }
 }
 

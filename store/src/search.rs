@@ -1,6 +1,7 @@
 //! Finding messages: a [`SearchFilter`] (control id, sender, type, patient, time, delivery
-//! status, ids) and [`search_sqlite`], which answers it from the store's indexes. `search`
-//! and `resend` share the filter.
+//! status, ids) and [`search`], which answers it from the store's indexes, on SQLite
+//! ([`search_sqlite`]) and PostgreSQL (`search_postgres`, feature `postgres`) alike: one
+//! filter, rendered as SQL for either. `search` and `resend` share the filter.
 //!
 //! # What is indexed
 //!
@@ -11,6 +12,8 @@
 //! - Sender, type and time narrow those results, or else are checked on a scan that walks
 //!   the store newest first and stops after `limit` matches: fine for "the last 20 ADT^A01
 //!   from LAB", slow for a rare match in a large store (add a control id or patient).
+//! - On PostgreSQL the same: `mllp_messages_control_id` (also the duplicate lookup's) and
+//!   `mllp_messages_patient` (see `crate::postgresql`'s schema).
 //! - PID-3.1 is extracted when the message is stored, raw (escape sequences are not decoded:
 //!   `\T\` stays `\T\`), like the other header columns. Messages stored before the column
 //!   existed have none.
@@ -29,7 +32,9 @@ use std::path::Path;
 use rusqlite::types::Value;
 
 use crate::error::StoreError;
+use crate::open::OpenOptions;
 use crate::record::{StoreId, StoredRecord};
+use crate::spec::StoreSpec;
 use crate::sqlite::{RECORD_COLUMNS, SqliteOptions, stored_record};
 
 /// Default of [`SearchFilter::limit`]: 100 messages, a screenful in a terminal.
@@ -162,15 +167,20 @@ impl SearchFilter {
         i64::try_from(limit).unwrap_or(i64::MAX)
     }
 
-    /// The SQLite query for this filter and its parameters. `forwarding` says whether the
-    /// forwarder's tables exist.
-    fn sqlite_query(&self, forwarding: bool) -> (String, Vec<Value>) {
-        let mut sql = format!("SELECT {RECORD_COLUMNS} FROM messages WHERE 1");
-        let mut params: Vec<Value> = Vec::new();
+    /// The query for this filter in `dialect`, and its parameters. `forwarding` says whether
+    /// the forwarder's tables exist. One rendering for both backends: they differ only in
+    /// the table's name, placeholders and boolean literals.
+    pub(crate) fn render(&self, dialect: Dialect, forwarding: bool) -> (String, Vec<Param>) {
+        let (table, mark, yes, no) = match dialect {
+            Dialect::Sqlite => ("messages", '?', "1", "0"),
+            Dialect::Postgres => ("mllp_messages", '$', "true", "false"),
+        };
+        let mut sql = format!("SELECT {RECORD_COLUMNS} FROM {table} WHERE {yes}");
+        let mut params: Vec<Param> = Vec::new();
         let mut eq = |sql: &mut String, column: &str, value: &Option<String>| {
             if let Some(v) = value {
-                params.push(Value::Text(v.clone()));
-                let _ = write!(sql, " AND {column} = ?{}", params.len());
+                params.push(Param::Text(v.clone()));
+                let _ = write!(sql, " AND {column} = {mark}{}", params.len());
             }
         };
         eq(&mut sql, "control_id", &self.control_id);
@@ -178,30 +188,36 @@ impl SearchFilter {
         eq(&mut sql, "sending_facility", &self.sending_facility);
         eq(&mut sql, "patient_id", &self.patient_id);
         if let Some(t) = &self.message_type {
-            params.push(Value::Text(t.clone()));
+            params.push(Param::Text(t.clone()));
             let exact = params.len();
             // `^` followed by anything: a prefix of whole components (no LIKE wildcards, so
             // a type with `%` or `_` in it matches only itself and its longer forms).
-            params.push(Value::Text(format!("{t}^")));
+            params.push(Param::Text(format!("{t}^")));
             let _ = write!(
                 sql,
-                " AND (message_type = ?{exact} OR substr(message_type, 1, length(?{p})) = ?{p})",
+                " AND (message_type = {mark}{exact} \
+                 OR substr(message_type, 1, length({mark}{p})) = {mark}{p})",
                 p = params.len()
             );
         }
         if let Some(since) = self.since_us {
-            params.push(Value::Integer(since));
-            let _ = write!(sql, " AND received_at_us >= ?{}", params.len());
+            params.push(Param::Int(since));
+            let _ = write!(sql, " AND received_at_us >= {mark}{}", params.len());
         }
         if let Some(until) = self.until_us {
-            params.push(Value::Integer(until));
-            let _ = write!(sql, " AND received_at_us < ?{}", params.len());
+            params.push(Param::Int(until));
+            let _ = write!(sql, " AND received_at_us < {mark}{}", params.len());
         }
         if !self.ids.is_empty() {
             sql.push_str(" AND id IN (");
             for (i, id) in self.ids.iter().enumerate() {
-                params.push(Value::Integer(*id));
-                let _ = write!(sql, "{}?{}", if i == 0 { "" } else { "," }, params.len());
+                params.push(Param::Int(*id));
+                let _ = write!(
+                    sql,
+                    "{}{mark}{}",
+                    if i == 0 { "" } else { "," },
+                    params.len()
+                );
             }
             sql.push(')');
         }
@@ -211,7 +227,9 @@ impl SearchFilter {
             "(SELECT message_id FROM forward_dead_letter WHERE status = 'requeued')";
         match (self.status, forwarding) {
             (None | Some(DeliveryStatus::Stored), _) => {}
-            (Some(_), false) => sql.push_str(" AND 0"),
+            (Some(_), false) => {
+                let _ = write!(sql, " AND {no}");
+            }
             (Some(DeliveryStatus::Queued), true) => {
                 let _ = write!(
                     sql,
@@ -228,10 +246,73 @@ impl SearchFilter {
                 let _ = write!(sql, " AND id IN {DEAD}");
             }
         }
-        params.push(Value::Integer(self.effective_limit()));
-        let _ = write!(sql, " ORDER BY id DESC LIMIT ?{}", params.len());
+        params.push(Param::Int(self.effective_limit()));
+        let _ = write!(sql, " ORDER BY id DESC LIMIT {mark}{}", params.len());
         (sql, params)
     }
+}
+
+/// The SQL dialect a [`SearchFilter`] is rendered in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Sqlite,
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    Postgres,
+}
+
+/// A parameter of a rendered filter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Param {
+    Text(String),
+    Int(i64),
+}
+
+impl From<Param> for Value {
+    fn from(param: Param) -> Self {
+        match param {
+            Param::Text(t) => Self::Text(t),
+            Param::Int(i) => Self::Integer(i),
+        }
+    }
+}
+
+/// The messages of the store `spec` names that match `filter`, newest first: an SQLite file
+/// ([`search_sqlite`]) or a PostgreSQL database (`search_postgres`, feature `postgres`).
+///
+/// # Errors
+///
+/// As [`search_sqlite`] and `search_postgres`; [`StoreError::Open`] with
+/// [`Problem::NoPostgres`](crate::Problem::NoPostgres) for a URL in a build without the
+/// feature `postgres`.
+pub fn search(
+    spec: &StoreSpec,
+    filter: &SearchFilter,
+    options: &OpenOptions,
+) -> Result<Vec<StoredRecord>, StoreError> {
+    match spec {
+        StoreSpec::Sqlite(path) => search_sqlite(path, filter, &options.sqlite),
+        #[cfg(feature = "postgres")]
+        StoreSpec::Postgres(url) => search_postgres(url, filter, &options.postgres),
+        #[cfg(not(feature = "postgres"))]
+        StoreSpec::Postgres(_) => Err(crate::open::no_postgres(spec)),
+    }
+}
+
+/// The messages of the PostgreSQL store at `url` that match `filter`, newest first, on a
+/// read-only connection of its own (works while `serve` writes).
+///
+/// # Errors
+///
+/// As [`PostgresBackend::connect_read_only`](crate::PostgresBackend::connect_read_only);
+/// [`StoreError::Read`] when the query fails (a search by patient in a store no writer of
+/// this version has opened yet, included).
+#[cfg(feature = "postgres")]
+pub fn search_postgres(
+    url: &str,
+    filter: &SearchFilter,
+    options: &crate::PostgresOptions,
+) -> Result<Vec<StoredRecord>, StoreError> {
+    crate::PostgresBackend::connect_read_only(url, options)?.search(filter)
 }
 
 /// The messages of the SQLite store at `path` that match `filter`, newest first.
@@ -277,8 +358,9 @@ pub fn search_sqlite(
                 |r| r.get::<_, i64>(0),
             )
             .map(|n| n == 2)?;
-        let (sql, params) = filter.sqlite_query(forwarding);
+        let (sql, params) = filter.render(Dialect::Sqlite, forwarding);
         let mut stmt = conn.prepare(&sql)?;
+        let params = params.into_iter().map(Value::from);
         let rows = stmt.query_map(rusqlite::params_from_iter(params), stored_record)?;
         rows.collect()
     };
@@ -294,7 +376,8 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         drop(crate::SqliteBackend::open(&path, &SqliteOptions::default()).unwrap());
         let conn = rusqlite::Connection::open(&path).unwrap();
-        let (sql, params) = filter.sqlite_query(false);
+        let (sql, params) = filter.render(Dialect::Sqlite, false);
+        let params = params.into_iter().map(Value::from);
         let plan: Vec<String> = conn
             .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
             .unwrap()

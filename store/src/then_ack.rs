@@ -178,7 +178,7 @@ impl<P: AckPolicy> Handler for StoreThenAck<P> {
                         message: &payload,
                     });
                 }
-                reply.send(Reply::Send(ack));
+                reply.send(Reply::SendAck(code, ack));
             }
             // Low disk is the operator's state, not a secret: the sender reads why (the AE
             // text names the free and required space), whatever `expose_handler_errors` says.

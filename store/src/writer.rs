@@ -264,6 +264,7 @@ impl Store {
         let (exit_tx, exit_rx) = mpsc::channel::<()>();
         let writer = Writer {
             shared: Arc::clone(&shared),
+            probe_when_idle: backend.probe_when_idle(),
             backend,
             metrics,
             max_batch_messages: config.max_batch_messages,
@@ -482,6 +483,8 @@ struct Writer<B> {
     max_batch_bytes: usize,
     /// When the last empty probe batch ran (see [`PROBE_INTERVAL`]).
     last_probe: Instant,
+    /// [`Backend::probe_when_idle`]: probe also while healthy.
+    probe_when_idle: bool,
 }
 
 /// How often an idle writer whose last commit failed tries an empty batch: 5 s. Each probe is
@@ -511,9 +514,10 @@ impl<B: Backend> Writer<B> {
             let now = Instant::now();
             self.shared.pulse.beat(now);
             // Idle after a failed commit: an empty batch tells whether the store works again
-            // (readiness must not wait for traffic that a balancer no longer sends).
+            // (readiness must not wait for traffic that a balancer no longer sends). A
+            // backend that can fail while idle (a database connection) is probed always.
             if now.duration_since(self.last_probe) >= PROBE_INTERVAL
-                && self.shared.health.get() != Health::Ok
+                && (self.probe_when_idle || self.shared.health.get() != Health::Ok)
             {
                 self.last_probe = now;
                 return true;

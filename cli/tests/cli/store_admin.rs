@@ -1,4 +1,6 @@
-//! The store's admin commands against a store that `serve` filled: `prune`.
+//! The store's admin commands against a store that `serve` filled: `prune`, `search`,
+//! `resend`, `check`, the health endpoints. `prune`, `search` and `resend` run the same
+//! checks against PostgreSQL (`store_admin_pg`).
 
 use crate::util::{Serve, message, run, scratch, text};
 
@@ -27,7 +29,13 @@ fn prune_dry_run_counts_and_prune_removes() {
     let dir = scratch("prune");
     let store = dir.join("s.db");
     let _ = std::fs::remove_file(&store);
-    let store = store.to_str().unwrap();
+    prune_cycle(store.to_str().unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Fills `store` with three messages; `prune` keeps them at 1d, counts them in a dry run at
+/// 0s, then removes them.
+pub(crate) fn prune_cycle(store: &str) {
     fill(store, &["a1", "a2", "a3"]);
 
     let kept = run(&["prune", store, "--older-than", "1d"], b"");
@@ -58,7 +66,6 @@ fn prune_dry_run_counts_and_prune_removes() {
 
     let bad = run(&["prune", store, "--older-than", "soon"], b"");
     assert_eq!(bad.status.code(), Some(2), "{}", text(&bad.stderr));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A `serve --store … --health 127.0.0.1:0` child with its stderr captured; killed on drop.
@@ -305,7 +312,13 @@ fn search_finds_by_control_id_in_every_format() {
     let dir = scratch("search");
     let store = dir.join("s.db");
     let _ = std::fs::remove_file(&store);
-    let store = store.to_str().unwrap();
+    search_cycle(store.to_str().unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Fills `store` with three messages and finds them by control id, sender, patient and type,
+/// in each output format.
+pub(crate) fn search_cycle(store: &str) {
     fill(store, &["s1", "s2", "s3"]);
     let jsonl = run(
         &["search", store, "--control-id", "s2", "--format", "jsonl"],
@@ -341,7 +354,6 @@ fn search_finds_by_control_id_in_every_format() {
     assert_eq!(hl7.matches("MSH|").count(), 3, "{hl7}");
     let bad = run(&["search", store, "--status", "lost"], b"");
     assert_eq!(bad.status.code(), Some(2));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Garbage over the second half of a store's pages (header intact).
@@ -392,12 +404,19 @@ fn a_damaged_store_is_found_by_check_and_refused_by_serve() {
 /// and `--dry-run` sends nothing.
 #[test]
 fn resend_checks_every_ack() {
-    use mllp_reactor::ack::{self, AckCode};
-    use mllp_reactor::{Reply, handler_fn};
     let dir = scratch("resend");
     let store = dir.join("s.db");
     let _ = std::fs::remove_file(&store);
-    let path = store.to_str().unwrap();
+    resend_cycle(store.to_str().unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Fills `store` with r1..r3 and resends them to a receiver that answers r2 with AE: the
+/// dry run sends nothing, each resend's ACK decides the exit code. Four resends are recorded
+/// (1 and 3 with the reason "EHR lost them", then 2 with its AE).
+pub(crate) fn resend_cycle(path: &str) {
+    use mllp_reactor::ack::{self, AckCode};
+    use mllp_reactor::{Reply, handler_fn};
     fill(path, &["r1", "r2", "r3"]);
     let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let seen = std::sync::Arc::clone(&received);
@@ -454,5 +473,4 @@ fn resend_checks_every_ack() {
     let missing = run(&["resend", path, "99", "--to", &to], b"");
     assert_eq!(missing.status.code(), Some(1));
     assert!(text(&missing.stderr).contains("no stored message with id 99"));
-    let _ = std::fs::remove_dir_all(&dir);
 }

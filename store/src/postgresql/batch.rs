@@ -6,7 +6,7 @@ use futures_util::future::join;
 use tokio_postgres::types::ToSql;
 
 use super::connection::Connection;
-use super::sql::LOCK_KEY;
+use super::sql::begin_locked;
 use crate::record::{Record, StoreOutcome, text};
 
 /// Columns of a batch as parallel arrays, for [`INSERT`](super::sql::INSERT).
@@ -26,6 +26,7 @@ struct Columns<'a> {
     duplicate_of: Vec<Option<i64>>,
     payload: Vec<&'a [u8]>,
     client_cert: Vec<Option<String>>,
+    patient: Vec<Option<String>>,
 }
 
 /// How a batch failed: whether its transaction may still be open, is over, or may have
@@ -65,6 +66,7 @@ pub(super) fn insert_batch(
             .push(i64::try_from(record.size()).unwrap_or(i64::MAX));
         cols.payload.push(&record.payload[..]);
         cols.client_cert.push(record.client_cert_text());
+        cols.patient.push(column(header.patient_id));
     }
     // The records that can be resends, and the oldest original time each accepts.
     let keyed: Vec<usize> = (0..batch.len())
@@ -85,10 +87,7 @@ pub(super) fn insert_batch(
         pick(&cols.facility, &keyed),
     );
     let client = &conn.client;
-    let begin = format!(
-        "BEGIN; SELECT pg_advisory_xact_lock({}, {})",
-        LOCK_KEY.0, LOCK_KEY.1
-    );
+    let begin = begin_locked();
     // Sent together; the server runs the lookup after the lock is granted, with a snapshot
     // taken then, so it sees every batch committed before ours.
     let (locked, row) = conn.block_on(join(
@@ -125,7 +124,7 @@ pub(super) fn insert_batch(
             None => batch_originals.entry(key).or_default().push(i),
         }
     }
-    let params: [&(dyn ToSql + Sync); 14] = [
+    let params: [&(dyn ToSql + Sync); 15] = [
         &cols.ids,
         &cols.received,
         &cols.peer,
@@ -140,6 +139,7 @@ pub(super) fn insert_batch(
         &cols.duplicate_of,
         &cols.payload,
         &cols.client_cert,
+        &cols.patient,
     ];
     let outcomes: Vec<StoreOutcome> = cols
         .ids

@@ -29,18 +29,39 @@
 //!     message_type        text,                   -- MSH-9
 //!     control_id          text,                   -- MSH-10
 //!     size                bigint NOT NULL,
-//!     duplicate_of        bigint REFERENCES mllp_messages (id),
+//!     duplicate_of        bigint,                 -- the original's id (no foreign key)
 //!     payload             bytea NOT NULL,         -- the exact bytes
-//!     client_cert         text                    -- mTLS: CN, SANs, sha256
+//!     client_cert         text,                   -- mTLS: CN, SANs, sha256
+//!     patient_id          text                    -- PID-3.1, raw (search)
 //! );
-//! CREATE INDEX mllp_messages_original ON mllp_messages (control_id, received_at_us)
-//!     WHERE duplicate_of IS NULL AND control_id IS NOT NULL;
+//! CREATE INDEX mllp_messages_control_id ON mllp_messages (control_id, received_at_us)
+//!     WHERE control_id IS NOT NULL;
+//! CREATE INDEX mllp_messages_patient ON mllp_messages (patient_id)
+//!     WHERE patient_id IS NOT NULL;
+//! CREATE TABLE mllp_resend_audit (...);  -- by the first `resend` (crate::resend)
 //! ```
 //!
-//! `client_cert` is added (`ALTER TABLE … ADD COLUMN IF NOT EXISTS`) by the first writer that
-//! opens a store created before it, without a version change: older builds name their
-//! columns, so they go on reading and writing (their rows have NULL there), and a reader of a
-//! store no writer has added it to yet reads NULL.
+//! Version 1 as first created had `duplicate_of … REFERENCES mllp_messages (id)`, an index
+//! `mllp_messages_original (control_id, received_at_us) WHERE duplicate_of IS NULL AND
+//! control_id IS NOT NULL` for the duplicate lookup, and neither `client_cert` nor
+//! `patient_id`. The first writer of this version that opens such a store brings it to the
+//! above, without a version change (older builds name their columns, so they go on reading
+//! and writing; their rows have NULL in the new columns, and a reader of a store no writer
+//! has changed yet reads NULL for the certificate): it adds the two columns, builds the two
+//! indexes, drops `mllp_messages_original` (the control id's index serves the duplicate
+//! lookup too, so search costs each insert one index more, not two) and drops the foreign
+//! key. The key goes because [`retention`](crate::retention) deletes an original whose
+//! (younger) resend is kept, which keeps the original's id as the record that it was one; and
+//! because with it PostgreSQL would scan the table for references at every deleted row (no
+//! index on `duplicate_of`). Rows already stored have no patient (not back-filled).
+//!
+//! These steps run in one transaction under the store's advisory lock, so nodes starting
+//! together take turns and the second finds the work done; a store that has them costs one
+//! query per connect. Building the indexes of a large store holds the lock for as long as
+//! the build takes, and other nodes' batches meanwhile fail (AE) after the lock timeout: on
+//! a large store, build them first, online, with `CREATE INDEX CONCURRENTLY
+//! mllp_messages_control_id …` and `… mllp_messages_patient …` as above (the writer then
+//! only adds the column and drops what goes).
 //!
 //! The schema is created on first use, in one transaction under the store's lock, so nodes
 //! starting together create it once. `mllp_store_schema` holds its version: a later version of
@@ -49,6 +70,29 @@
 //! A database where `mllp_messages` exists without `mllp_store_schema` is not touched.
 //! Text columns cannot hold NUL in PostgreSQL: an MSH field containing one is stored with
 //! U+FFFD in its place (the payload column is always exact). The database must use UTF-8.
+//!
+//! # Retention, search, resend, check and readiness
+//!
+//! Everything [`crate::retention`], [`crate::search`], [`crate::resend`] and
+//! [`crate::integrity`] do on an SQLite file they do on a PostgreSQL store, each on a
+//! connection of its own, while `serve` runs on any node:
+//!
+//! - retention deletes in batches, and makes the space reusable with `VACUUM`: the table
+//!   stops growing but is never given back to the file system (details and how a size cap
+//!   is measured: the module `retention` here, `store/src/postgresql/retention.rs`). Deleting
+//!   in batches rather than dropping time partitions: measured (BENCHMARKS.md) within the
+//!   noise of the load's p99 either way, and a partition could be dropped only when none of
+//!   its messages is undelivered or dead-lettered, its primary key would have to include the
+//!   time, and existing stores would have to be rewritten;
+//! - search renders the same [`SearchFilter`](crate::search::SearchFilter) as SQL for
+//!   PostgreSQL; resends are recorded in `mllp_resend_audit`;
+//! - `check` verifies the schema and the durability settings (`SHOW fsync`, `SHOW
+//!   synchronous_commit`) and runs `amcheck` where the database has it;
+//! - an idle store probes its connection every few seconds
+//!   ([`Backend::probe_when_idle`]): when the database cannot be reached the store's health is
+//!   [`Health::Disconnected`](crate::Health::Disconnected) and `/readyz` answers 503, also
+//!   with no traffic, and 200 again once a probe gets through (a session the server ended
+//!   while the database is up is replaced by the probe itself, without a 503).
 //!
 //! # Durability
 //!
@@ -67,7 +111,14 @@
 //! `off` (and likewise `fsync = off` on the server) voids the guarantee: a crash of the
 //! database server can lose messages that were acknowledged. The backend refuses to connect
 //! then, unless [`PostgresOptions::allow_async_commit`] (`serve --allow-async-commit`) says
-//! the loss is accepted.
+//! the loss is accepted: refused, not warned about, because a warning scrolls by while every
+//! AA from then on is a promise the store cannot keep, and the setting is one line to fix
+//! (or to accept on purpose, with the flag). `local` is accepted: the local WAL is flushed
+//! before `COMMIT` returns, exactly as with `on` where no synchronous standby is configured;
+//! what it gives up is the standby's copy, which only a failover would need. `check` reports
+//! both settings. The test `pg::ready::the_aa_follows_the_commits_reply` holds a batch's
+//! `COMMIT` (a synchronous standby that does not exist) and sees no AA until it returns; its
+//! negative control, with `synchronous_commit=off`, sees the AA at once.
 //!
 //! # Several nodes: ids, duplicates and `--since`
 //!
@@ -132,10 +183,12 @@
 //! naming several hosts with `target_session_attrs=read-write` reconnects to whichever one is
 //! the primary after a failover.
 
+mod admin;
 mod batch;
 mod connection;
 mod describe;
 mod options;
+pub(crate) mod retention;
 mod schema;
 mod session;
 mod sql;
@@ -241,7 +294,20 @@ impl PostgresBackend {
     /// without this crate's schema table; [`StoreError::UnsupportedVersion`] for a newer
     /// schema. The `path` of each is the URL without its password.
     pub fn connect(url: &str, options: &PostgresOptions) -> Result<Self, StoreError> {
-        Self::new(url, options, false)
+        Self::new(url, options, false, true)
+    }
+
+    /// Connects a tool that writes to an existing store (`prune`, the pruner, `resend`'s
+    /// audit): as [`connect`](Self::connect), but a database without the store's tables is
+    /// [`StoreError::NotAStore`] (a tool never creates a store), and `synchronous_commit`
+    /// and `fsync` are not checked: what a tool writes acknowledges nothing to a sender (a
+    /// delete lost in a crash is redone by the next pass), and a server that `serve` was
+    /// told to accept (`--allow-async-commit`) must not stop its retention.
+    pub(crate) fn connect_existing(
+        url: &str,
+        options: &PostgresOptions,
+    ) -> Result<Self, StoreError> {
+        Self::new(url, &options.clone().allow_async_commit(true), false, false)
     }
 
     /// Connects a reader (export): its session is read-only, and it never creates anything.
@@ -251,10 +317,15 @@ impl PostgresBackend {
     /// As [`connect`](Self::connect), and [`StoreError::NotAStore`] for a database without
     /// the store's tables. `synchronous_commit` is not checked: a reader commits nothing.
     pub fn connect_read_only(url: &str, options: &PostgresOptions) -> Result<Self, StoreError> {
-        Self::new(url, options, true)
+        Self::new(url, options, true, false)
     }
 
-    fn new(url: &str, options: &PostgresOptions, read_only: bool) -> Result<Self, StoreError> {
+    fn new(
+        url: &str,
+        options: &PostgresOptions,
+        read_only: bool,
+        create: bool,
+    ) -> Result<Self, StoreError> {
         let shown = redact(url);
         let mut config = Config::from_str(url).map_err(|e| {
             StoreError::open(
@@ -289,7 +360,7 @@ impl PostgresBackend {
             synchronous_commit: String::new(),
             backoff: Backoff::default(),
         };
-        let conn = backend.open(true)?;
+        let conn = backend.open(create)?;
         backend.conn = Some(conn);
         Ok(backend)
     }
@@ -302,6 +373,26 @@ impl PostgresBackend {
 
     fn path(&self) -> PathBuf {
         PathBuf::from(&self.location)
+    }
+
+    /// An empty batch: whether the database answers (the store's idle probe, see
+    /// [`Backend::probe_when_idle`]). A connection that died while idle is replaced once
+    /// before the answer is no, as for a batch.
+    fn ping(&mut self) -> Result<(), StoreError> {
+        let had_connection = self.conn.is_some();
+        match self.ping_once() {
+            Err(_) if had_connection && self.conn.is_none() => self.ping_once(),
+            other => other,
+        }
+    }
+
+    fn ping_once(&mut self) -> Result<(), StoreError> {
+        let conn = self.connection().map_err(StoreError::commit)?;
+        let result = conn.block_on(conn.client.simple_query("SELECT 1"));
+        result.map(drop).map_err(|e| {
+            self.forget_if_dead(&e);
+            StoreError::commit(Cause::postgres(e))
+        })
     }
 
     /// Settles a batch whose connection died with `COMMIT` in flight: if it committed, its
@@ -337,6 +428,9 @@ impl Backend for PostgresBackend {
         if self.read_only {
             return Err(StoreError::commit(Problem::ReadOnly));
         }
+        if batch.is_empty() {
+            return self.ping().map(|()| Vec::new());
+        }
         let had_connection = self.conn.is_some();
         let attempt = match self.try_commit(batch) {
             // The connection we had died (a database restart while we were idle, say) before
@@ -370,22 +464,7 @@ impl Backend for PostgresBackend {
             let mut page = Vec::new();
             let mut bytes = 0usize;
             while let Some(row) = rows.try_next().await? {
-                let record = StoredRecord {
-                    id: row.try_get(0)?,
-                    received_at_us: row.try_get(1)?,
-                    peer: row.try_get(2)?,
-                    local: row.try_get(3)?,
-                    connection_id: row.try_get::<_, i64>(4)? as u64,
-                    sequence: row.try_get::<_, i64>(5)? as u64,
-                    sending_application: row.try_get(6)?,
-                    sending_facility: row.try_get(7)?,
-                    message_type: row.try_get(8)?,
-                    control_id: row.try_get(9)?,
-                    size: row.try_get::<_, i64>(10)? as u64,
-                    duplicate_of: row.try_get(11)?,
-                    payload: row.try_get(12)?,
-                    client_cert: row.try_get(13)?,
-                };
+                let record = stored_record(&row)?;
                 bytes = bytes.saturating_add(record.payload.len());
                 page.push(record);
                 if bytes >= max_bytes {
@@ -434,10 +513,35 @@ impl Backend for PostgresBackend {
         self.location.clone()
     }
 
+    /// The connection can be lost while no batch commits: `/readyz` must see it.
+    fn probe_when_idle(&self) -> bool {
+        true
+    }
+
     fn summary(&self) -> String {
         format!(
             "{} (synchronous_commit={})",
             self.location, self.synchronous_commit
         )
     }
+}
+
+/// A row of the record columns ([`READ_AFTER`](sql::READ_AFTER)'s, and a search's) as a record.
+fn stored_record(row: &tokio_postgres::Row) -> Result<StoredRecord, tokio_postgres::Error> {
+    Ok(StoredRecord {
+        id: row.try_get(0)?,
+        received_at_us: row.try_get(1)?,
+        peer: row.try_get(2)?,
+        local: row.try_get(3)?,
+        connection_id: row.try_get::<_, i64>(4)? as u64,
+        sequence: row.try_get::<_, i64>(5)? as u64,
+        sending_application: row.try_get(6)?,
+        sending_facility: row.try_get(7)?,
+        message_type: row.try_get(8)?,
+        control_id: row.try_get(9)?,
+        size: row.try_get::<_, i64>(10)? as u64,
+        duplicate_of: row.try_get(11)?,
+        payload: row.try_get(12)?,
+        client_cert: row.try_get(13)?,
+    })
 }

@@ -4,9 +4,10 @@ use tokio_postgres::{Client, Statement};
 
 use super::describe::show;
 use super::schema::{Schema, foreign, inspect_schema, migrate};
+use super::sql::begin_locked;
 use super::sql::{
-    ADD_CLIENT_CERT, FIND_ORIGINALS, HAS_CLIENT_CERT, IDS_AND_ORIGINALS, INSERT, NO_INSERT,
-    READ_AFTER, READ_AFTER_WITHOUT_CERT,
+    ADD_CLIENT_CERT, ADD_PATIENT_ID, ADDITIONS, FIND_ORIGINALS, IDS_AND_ORIGINALS, INSERT,
+    NO_INSERT, READ_AFTER, READ_AFTER_WITHOUT_CERT, SEARCH_INDEXES,
 };
 use super::{IDLE_IN_TRANSACTION_TIMEOUT, PostgresOptions, SCHEMA_VERSION};
 use crate::error::{Cause, Found, Problem, StoreError};
@@ -107,24 +108,22 @@ impl Session<'_> {
                 return Err(self.error(Problem::SequenceCache(cache)));
             }
         }
-        let mut has_cert: bool = client
-            .query_one(HAS_CLIENT_CERT, &[])
-            .await
-            .and_then(|row| row.try_get(0))
-            .map_err(|e| self.pg_error(e))?;
-        if !has_cert && !self.read_only {
-            client
-                .batch_execute(ADD_CLIENT_CERT)
+        let has_cert = if self.read_only {
+            let row = client
+                .query_one(ADDITIONS, &[])
                 .await
                 .map_err(|e| self.pg_error(e))?;
-            has_cert = true;
-        }
-        // Without the column (a reader of a store no writer of this version has opened), the
-        // INSERT cannot be prepared; a reader never inserts.
-        let (insert, read_after) = if has_cert {
-            (INSERT, READ_AFTER)
+            row.try_get(0).map_err(|e| self.pg_error(e))?
         } else {
-            (NO_INSERT, READ_AFTER_WITHOUT_CERT)
+            self.add_what_is_missing(client).await?;
+            true
+        };
+        // A reader never inserts; without the column (a store no writer of this version has
+        // opened yet) it reads NULL for the certificate.
+        let (insert, read_after) = match (self.read_only, has_cert) {
+            (false, _) => (INSERT, READ_AFTER),
+            (true, true) => (NO_INSERT, READ_AFTER),
+            (true, false) => (NO_INSERT, READ_AFTER_WITHOUT_CERT),
         };
         let mut statements = Vec::with_capacity(4);
         for sql in [IDS_AND_ORIGINALS, FIND_ORIGINALS, insert, read_after] {
@@ -135,4 +134,54 @@ impl Session<'_> {
             .unwrap_or_else(|_| unreachable!("four statements were prepared"));
         Ok((sync, statements))
     }
+
+    /// Brings a version-1 store up to what this build writes ([`ADDITIONS`]): the
+    /// `client_cert` and `patient_id` columns, the search indexes, and no foreign key on
+    /// `duplicate_of` (retention deletes an original whose resend is kept, and PostgreSQL
+    /// would otherwise scan the table for references at every deleted row). A store that
+    /// has them all costs one query (every reconnect asks); otherwise the missing steps run
+    /// in one transaction under the store's lock, so that nodes starting together take
+    /// turns (the second finds the work done) and never deadlock on the table's locks.
+    async fn add_what_is_missing(&self, client: &Client) -> Result<(), StoreError> {
+        let fail = |e| self.pg_error(e);
+        if missing(client).await.map_err(fail)?.is_none() {
+            return Ok(());
+        }
+        client.batch_execute(&begin_locked()).await.map_err(fail)?;
+        // Under the lock, what is still missing (another node may have done it meanwhile).
+        // On an error the caller drops the connection, which rolls the transaction back.
+        if let Some(steps) = missing(client).await.map_err(fail)? {
+            for step in steps {
+                client.batch_execute(&step).await.map_err(fail)?;
+            }
+        }
+        client.batch_execute("COMMIT").await.map_err(fail)
+    }
+}
+
+/// The statements that would bring the store up to this build's additions, `None` if none.
+async fn missing(client: &Client) -> Result<Option<Vec<String>>, tokio_postgres::Error> {
+    let row = client.query_one(ADDITIONS, &[]).await?;
+    let mut steps = Vec::new();
+    if !row.try_get::<_, bool>(0)? {
+        steps.push(ADD_CLIENT_CERT.to_owned());
+    }
+    if !row.try_get::<_, bool>(1)? {
+        steps.push(ADD_PATIENT_ID.to_owned());
+    }
+    for name in row.try_get::<_, Vec<String>>(2)? {
+        steps.push(format!(
+            "ALTER TABLE mllp_messages DROP CONSTRAINT IF EXISTS \"{}\"",
+            name.replace('"', "\"\"")
+        ));
+    }
+    for (i, sql) in SEARCH_INDEXES.iter().enumerate() {
+        if !row.try_get::<_, bool>(3 + i)? {
+            steps.push((*sql).to_owned());
+        }
+    }
+    if row.try_get::<_, bool>(5)? {
+        steps.push("DROP INDEX IF EXISTS mllp_messages_original".to_owned());
+    }
+    Ok((!steps.is_empty()).then_some(steps))
 }

@@ -6,6 +6,15 @@ use super::SCHEMA_VERSION;
 /// the single-`bigint` one): "MLLP", 1.
 pub(super) const LOCK_KEY: (i32, i32) = (0x4D4C_4C50, 1);
 
+/// `BEGIN`, then the store's lock ([`LOCK_KEY`]): how every transaction that writes the
+/// store's tables or must see every earlier batch starts.
+pub(super) fn begin_locked() -> String {
+    format!(
+        "BEGIN; SELECT pg_advisory_xact_lock({}, {})",
+        LOCK_KEY.0, LOCK_KEY.1
+    )
+}
+
 /// Schema migrations: `MIGRATIONS[v]` brings a schema at version `v` to `v + 1` (version 0 is
 /// an empty database). Each runs in the transaction that also updates `mllp_store_schema`.
 pub(super) const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = ["
@@ -65,10 +74,10 @@ pub(super) const IDS_AND_ORIGINALS: &str = concat!(
 pub(super) const INSERT: &str = "
 INSERT INTO mllp_messages (id, received_at_us, peer, local, connection_id, sequence,
     sending_application, sending_facility, message_type, control_id, size, duplicate_of, payload,
-    client_cert)
+    client_cert, patient_id)
 SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::int8[], $6::int8[],
     $7::text[], $8::text[], $9::text[], $10::text[], $11::int8[], $12::int8[], $13::bytea[],
-    $14::text[])";
+    $14::text[], $15::text[])";
 
 pub(super) const READ_AFTER: &str = "
 SELECT id, received_at_us, peer, local, connection_id, sequence, sending_application,
@@ -81,19 +90,46 @@ SELECT id, received_at_us, peer, local, connection_id, sequence, sending_applica
     sending_facility, message_type, control_id, size, duplicate_of, payload, NULL::text
 FROM mllp_messages WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3";
 
-/// Whether the store has the `client_cert` column: added after version 1 by the first writer
-/// of this version, without a version change (additive: older builds name their columns and
-/// go on reading and writing; their rows have NULL there).
-pub(super) const HAS_CLIENT_CERT: &str = "
+/// What writers add to (or drop from) a version-1 store after it was created, without a
+/// version change: older builds name their columns and go on reading and writing. One row:
+/// whether `client_cert` exists, whether `patient_id` exists, the names of foreign keys from
+/// `mllp_messages` to itself (`duplicate_of`), whether each search index exists, and whether
+/// the duplicate lookup's older index (`mllp_messages_original`, replaced by the control
+/// id's) does.
+pub(super) const ADDITIONS: &str = "
 SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
                WHERE attrelid = 'mllp_messages'::regclass AND attname = 'client_cert'
-                 AND NOT attisdropped)";
+                 AND NOT attisdropped),
+       EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+               WHERE attrelid = 'mllp_messages'::regclass AND attname = 'patient_id'
+                 AND NOT attisdropped),
+       ARRAY(SELECT conname::text FROM pg_catalog.pg_constraint
+             WHERE conrelid = 'mllp_messages'::regclass AND contype = 'f'),
+       to_regclass('mllp_messages_control_id') IS NOT NULL,
+       to_regclass('mllp_messages_patient') IS NOT NULL,
+       to_regclass('mllp_messages_original') IS NOT NULL";
 
-/// In place of [`INSERT`] for a reader of a store without `client_cert`: a reader never
-/// inserts (its session is read-only, and this statement takes no parameters, so a commit
-/// through it is an error, never a write).
+/// In place of [`INSERT`] for a reader: a reader never inserts (its session is read-only, and
+/// this statement takes no parameters, so a commit through it is an error, never a write).
 pub(super) const NO_INSERT: &str = "SELECT 1 WHERE false";
 
-/// Adds the column ([`HAS_CLIENT_CERT`]); `IF NOT EXISTS` because another node may be first.
+/// Adds the column for the client certificate ([`ADDITIONS`]); `IF NOT EXISTS` because
+/// another node may be first.
 pub(super) const ADD_CLIENT_CERT: &str =
     "ALTER TABLE mllp_messages ADD COLUMN IF NOT EXISTS client_cert text";
+
+/// Adds the column for PID-3.1 ([`crate::search`]); rows already there keep NULL.
+pub(super) const ADD_PATIENT_ID: &str =
+    "ALTER TABLE mllp_messages ADD COLUMN IF NOT EXISTS patient_id text";
+
+/// The search indexes ([`crate::search`]). Built by the first writer of this version under
+/// the store's lock (see [`crate::postgresql`]'s schema notes: on a large store, build them
+/// beforehand with `CREATE INDEX CONCURRENTLY` and these names). The control id's also
+/// serves the duplicate lookup, in place of `mllp_messages_original` (dropped once it
+/// exists), so search costs the receive path one index, the patient's.
+pub(super) const SEARCH_INDEXES: [&str; 2] = [
+    "CREATE INDEX IF NOT EXISTS mllp_messages_control_id ON mllp_messages \
+     (control_id, received_at_us) WHERE control_id IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS mllp_messages_patient ON mllp_messages (patient_id) \
+     WHERE patient_id IS NOT NULL",
+];

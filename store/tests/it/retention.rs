@@ -12,17 +12,17 @@ use rusqlite::Connection;
 
 use crate::util::{TempDir, WAIT, channel, done, origin, read_all, recv};
 
-const DAY: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const DAY: Duration = Duration::from_secs(24 * 3600);
 
 /// An 8 KiB message, so that deleting a few frees whole pages.
-fn big(control_id: u32) -> Bytes {
+pub(crate) fn big(control_id: u32) -> Bytes {
     let filler = "X".repeat(8 * 1024);
     Bytes::from(format!(
         "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20260101120000||ADT^A01|{control_id}|P|2.5.1\rNTE|1||{filler}\r"
     ))
 }
 
-fn at(received_at: SystemTime) -> Origin {
+pub(crate) fn at(received_at: SystemTime) -> Origin {
     Origin {
         received_at,
         ..origin(1, 0)
@@ -32,25 +32,35 @@ fn at(received_at: SystemTime) -> Origin {
 /// Ids 1..=10 received 40 days ago, 11..=15 now.
 fn backdated_store(path: &Path) {
     let mut b = SqliteBackend::open(path, &SqliteOptions::default()).unwrap();
-    let old = SystemTime::now() - 40 * DAY;
-    let batch: Vec<Record> = (1..=15)
-        .map(|i| Record::new(big(i), at(if i <= 10 { old } else { SystemTime::now() })))
-        .collect();
-    b.commit_batch(&batch).unwrap();
+    b.commit_batch(&backdated()).unwrap();
 }
 
-/// The forwarder's tables as its contract describes them: 1..=8 delivered to every
-/// destination; 3 dead, 4 requeued, 5 dead-lettered once but delivered since.
+/// Ids 1..=10 received 40 days ago, 11..=15 now (in a new store).
+pub(crate) fn backdated() -> Vec<Record> {
+    let old = SystemTime::now() - 40 * DAY;
+    (1..=15)
+        .map(|i| Record::new(big(i), at(if i <= 10 { old } else { SystemTime::now() })))
+        .collect()
+}
+
+/// The forwarder's tables as its contract describes them (SQL both backends take): 1..=8
+/// delivered to every destination; 3 dead, 4 requeued, 5 dead-lettered once but delivered
+/// since. Pruning [`backdated`] then keeps [`KEPT`].
+pub(crate) const FORWARD_STATE: &str =
+    "CREATE TABLE forward_cursor (destination TEXT, lane INTEGER, delivered_through INTEGER);
+     INSERT INTO forward_cursor VALUES ('ehr', 0, 8), ('lab', 0, 12), ('lab', 1, 9);
+     CREATE TABLE forward_dead_letter (destination TEXT, message_id INTEGER, status TEXT);
+     INSERT INTO forward_dead_letter VALUES ('ehr', 3, 'dead'), ('ehr', 4, 'requeued'),
+         ('lab', 5, 'delivered');";
+
+/// What is left of [`backdated`] with [`FORWARD_STATE`] after a prune at the default 30 days.
+pub(crate) const KEPT: [i64; 9] = [3, 4, 9, 10, 11, 12, 13, 14, 15];
+
 fn forward_state(path: &Path) {
-    let conn = Connection::open(path).unwrap();
-    conn.execute_batch(
-        "CREATE TABLE forward_cursor (destination TEXT, lane INTEGER, delivered_through INTEGER);
-         INSERT INTO forward_cursor VALUES ('ehr', 0, 8), ('lab', 0, 12), ('lab', 1, 9);
-         CREATE TABLE forward_dead_letter (destination TEXT, message_id INTEGER, status TEXT);
-         INSERT INTO forward_dead_letter VALUES ('ehr', 3, 'dead'), ('ehr', 4, 'requeued'),
-             ('lab', 5, 'delivered');",
-    )
-    .unwrap();
+    Connection::open(path)
+        .unwrap()
+        .execute_batch(FORWARD_STATE)
+        .unwrap();
 }
 
 fn ids(path: &Path) -> Vec<i64> {
@@ -94,7 +104,7 @@ fn prune_removes_exactly_the_expired_delivered_messages() {
     let done = prune(&path, PruneMode::Delete);
     assert_eq!((done.deleted, done.protected), (6, 2), "{done:?}");
     assert_eq!(done.first_kept, Some(9), "9 is not delivered to 'ehr' yet");
-    assert_eq!(ids(&path), vec![3, 4, 9, 10, 11, 12, 13, 14, 15]);
+    assert_eq!(ids(&path), KEPT);
     // A new store has incremental auto_vacuum: the pages came back to the file system.
     assert_eq!(pragma(&path, "auto_vacuum"), 2);
     assert!(done.released_bytes >= 6 * 8 * 1024, "{done:?}");
@@ -185,17 +195,23 @@ fn a_size_cap_removes_the_oldest_first() {
     )
     .unwrap();
     let left = ids(&path);
-    assert_eq!(left.len() as u64 + done.deleted, 40);
-    assert_eq!(left.last(), Some(&40), "the newest stay");
-    assert_eq!(
-        left.first(),
-        Some(&(done.deleted as i64 + 1)),
-        "the oldest go first"
-    );
+    the_oldest_went_first(&left, done.deleted, 40);
     let usage = usage_sqlite(&path, &SqliteOptions::default()).unwrap();
     assert!(
         usage.used_bytes <= 200 * 1024,
         "{usage:?} {done:?} {left:?}"
+    );
+}
+
+/// Of ids 1..=`total`, `deleted` were pruned by size and `left` remain: the oldest went.
+#[track_caller]
+pub(crate) fn the_oldest_went_first(left: &[i64], deleted: u64, total: i64) {
+    assert_eq!(left.len() as i64 + deleted as i64, total);
+    assert_eq!(left.last(), Some(&total), "the newest stay");
+    assert_eq!(
+        left.first(),
+        Some(&(deleted as i64 + 1)),
+        "the oldest go first"
     );
 }
 
@@ -221,26 +237,10 @@ fn under_a_steady_load_with_short_retention_the_store_stops_growing() {
     })
     .unwrap();
 
-    // 200 messages/s of 8 KiB for 2.4 s (six retention periods), in ticks of 10 ms.
-    let (tx, rx) = channel();
-    let start = Instant::now();
-    let mut sent = 0u32;
-    let mut sizes = Vec::new();
-    while start.elapsed() < Duration::from_millis(2_400) {
-        for _ in 0..2 {
-            sent += 1;
-            store
-                .submit(Record::new(big(sent), at(SystemTime::now())), done(&tx))
-                .unwrap();
-        }
-        if sent.is_multiple_of(40) {
-            sizes.push(pragma(&path, "page_count"));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    for _ in 0..sent {
-        recv(&rx).unwrap();
-    }
+    // 200 messages/s of 8 KiB for 2.4 s (six retention periods).
+    let (sent, sizes) = steady_load(&store, Duration::from_millis(2_400), big, || {
+        pragma(&path, "page_count")
+    });
     let deleted: u64 = passes.try_iter().map(|r| r.unwrap()).sum();
     store.close(WAIT).unwrap();
     pruner.stop();
@@ -261,6 +261,37 @@ fn under_a_steady_load_with_short_retention_the_store_stops_growing() {
     assert!(last <= middle * 2, "still growing: {sizes:?}");
 }
 
+/// Submits 200 messages/s (`message(n)`, n from 1) to `store` for `duration`, in ticks of
+/// 10 ms, measuring the store's size with `size` every 40 messages; waits for every commit.
+/// Returns how many were sent and the sizes.
+pub(crate) fn steady_load(
+    store: &Store,
+    duration: Duration,
+    message: impl Fn(u32) -> Bytes,
+    mut size: impl FnMut() -> i64,
+) -> (u32, Vec<i64>) {
+    let (tx, rx) = channel();
+    let start = Instant::now();
+    let mut sent = 0u32;
+    let mut sizes = Vec::new();
+    while start.elapsed() < duration {
+        for _ in 0..2 {
+            sent += 1;
+            store
+                .submit(Record::new(message(sent), at(SystemTime::now())), done(&tx))
+                .unwrap();
+        }
+        if sent.is_multiple_of(40) {
+            sizes.push(size());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for _ in 0..sent {
+        recv(&rx).unwrap();
+    }
+    (sent, sizes)
+}
+
 #[test]
 fn pruning_a_missing_store_is_a_typed_error() {
     let dir = TempDir::new("prune-missing");
@@ -279,7 +310,7 @@ fn pruning_a_missing_store_is_a_typed_error() {
 }
 
 /// A 1 KiB message with control id `n`.
-fn small(n: u64) -> Bytes {
+pub(crate) fn small(n: u64) -> Bytes {
     let filler = "Y".repeat(900);
     Bytes::from(format!(
         "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20260101120000||ADT^A01|{n}|P|2.5.1\rNTE|1||{filler}\r"
@@ -287,7 +318,12 @@ fn small(n: u64) -> Bytes {
 }
 
 /// p99 submit-to-commit latency of `rate` messages/s for `window`, against `store`.
-fn p99_under_load(store: &Store, rate: u64, window: Duration, first: u64) -> (Duration, usize) {
+pub(crate) fn p99_under_load(
+    store: &Store,
+    rate: u64,
+    window: Duration,
+    first: u64,
+) -> (Duration, usize) {
     let (tx, rx) = mpsc::channel::<Duration>();
     let start = Instant::now();
     let mut sent = 0u64;

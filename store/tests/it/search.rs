@@ -1,5 +1,6 @@
 //! Search: each filter, their combination, newest first, the limit, delivery status from the
-//! forwarder's tables, and reading while a writer commits.
+//! forwarder's tables, and reading while a writer commits. The checks are shared with the
+//! PostgreSQL tests (`pg::search`): the same records, filters and expected ids.
 
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
@@ -11,13 +12,13 @@ use rusqlite::Connection;
 
 use crate::util::{TempDir, origin};
 
-fn msg(app: &str, fac: &str, kind: &str, control: &str, patient: &str) -> Bytes {
+pub(crate) fn msg(app: &str, fac: &str, kind: &str, control: &str, patient: &str) -> Bytes {
     Bytes::from(format!(
         "MSH|^~\\&|{app}|{fac}|EHR|H|20260101120000||{kind}|{control}|P|2.5.1\rPID|1||{patient}^^^H^MR~OTHER||DOE\r"
     ))
 }
 
-fn at_second(s: u64) -> Origin {
+pub(crate) fn at_second(s: u64) -> Origin {
     Origin {
         received_at: UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s),
         ..origin(1, 0)
@@ -27,7 +28,12 @@ fn at_second(s: u64) -> Origin {
 /// Ids 1..=6.
 fn store(path: &Path) {
     let mut b = SqliteBackend::open(path, &SqliteOptions::default()).unwrap();
-    b.commit_batch(&[
+    b.commit_batch(&records()).unwrap();
+}
+
+/// The records every search test stores (ids 1..=6 in a new store).
+pub(crate) fn records() -> Vec<Record> {
+    vec![
         Record::new(msg("LAB", "H1", "ORU^R01", "C1", "P1"), at_second(1)),
         Record::new(
             msg("LAB", "H2", "ADT^A01^ADT_A01", "C2", "P1"),
@@ -37,8 +43,7 @@ fn store(path: &Path) {
         Record::new(msg("ADT", "H1", "ADT^A011", "C4", "P\\T\\3"), at_second(4)),
         Record::new(msg("LAB", "H1", "ORU^R01", "C1", "P1"), at_second(5)),
         Record::new(Bytes::from_static(b"not hl7"), at_second(6)),
-    ])
-    .unwrap();
+    ]
 }
 
 fn ids(path: &Path, filter: SearchFilter) -> Vec<i64> {
@@ -54,34 +59,28 @@ fn every_filter_narrows_newest_first() {
     let dir = TempDir::new("search");
     let path = dir.join("s.db");
     store(&path);
+    every_filter_narrows(&|f| ids(&path, f));
+}
+
+/// The ids `search` finds in a store of [`records`], for each filter.
+pub(crate) fn every_filter_narrows(ids: &dyn Fn(SearchFilter) -> Vec<i64>) {
     let f = SearchFilter::default;
-    assert_eq!(ids(&path, f()), vec![6, 5, 4, 3, 2, 1]);
-    assert_eq!(ids(&path, f().limit(2)), vec![6, 5]);
-    assert_eq!(ids(&path, f().control_id("C1")), vec![5, 1]);
-    assert_eq!(ids(&path, f().sender("LAB")), vec![5, 2, 1]);
-    assert_eq!(ids(&path, f().sender("LAB^H1")), vec![5, 1]);
-    assert_eq!(
-        ids(&path, f().message_type("ADT^A01")),
-        vec![3, 2],
-        "not ADT^A011"
-    );
-    assert_eq!(ids(&path, f().patient("P1")), vec![5, 2, 1]);
-    assert_eq!(
-        ids(&path, f().patient("P\\T\\3")),
-        vec![4],
-        "raw, not unescaped"
-    );
-    assert_eq!(ids(&path, f().patient("OTHER")), Vec::<i64>::new());
+    assert_eq!(ids(f()), vec![6, 5, 4, 3, 2, 1]);
+    assert_eq!(ids(f().limit(2)), vec![6, 5]);
+    assert_eq!(ids(f().control_id("C1")), vec![5, 1]);
+    assert_eq!(ids(f().sender("LAB")), vec![5, 2, 1]);
+    assert_eq!(ids(f().sender("LAB^H1")), vec![5, 1]);
+    assert_eq!(ids(f().message_type("ADT^A01")), vec![3, 2], "not ADT^A011");
+    assert_eq!(ids(f().patient("P1")), vec![5, 2, 1]);
+    assert_eq!(ids(f().patient("P\\T\\3")), vec![4], "raw, not unescaped");
+    assert_eq!(ids(f().patient("OTHER")), Vec::<i64>::new());
     let t = |s: u64| 1_800_000_000_000_000 + s as i64 * 1_000_000;
-    assert_eq!(ids(&path, f().received(Some(t(2)), Some(t(4)))), vec![3, 2]);
-    assert_eq!(ids(&path, f().patient("P1").sender("LAB^H2")), vec![2]);
-    assert_eq!(ids(&path, f().ids(vec![1, 3, 99])), vec![3, 1]);
+    assert_eq!(ids(f().received(Some(t(2)), Some(t(4)))), vec![3, 2]);
+    assert_eq!(ids(f().patient("P1").sender("LAB^H2")), vec![2]);
+    assert_eq!(ids(f().ids(vec![1, 3, 99])), vec![3, 1]);
     // No forwarding tables: only `stored` matches.
-    assert_eq!(ids(&path, f().status(DeliveryStatus::Stored)).len(), 6);
-    assert_eq!(
-        ids(&path, f().status(DeliveryStatus::Queued)),
-        Vec::<i64>::new()
-    );
+    assert_eq!(ids(f().status(DeliveryStatus::Stored)).len(), 6);
+    assert_eq!(ids(f().status(DeliveryStatus::Queued)), Vec::<i64>::new());
 }
 
 #[test]
@@ -91,24 +90,25 @@ fn status_follows_the_forwarders_tables() {
     store(&path);
     Connection::open(&path)
         .unwrap()
-        .execute_batch(
-            "CREATE TABLE forward_cursor (destination TEXT, lane INTEGER, delivered_through INTEGER);
-             INSERT INTO forward_cursor VALUES ('ehr', 0, 4), ('lab', 0, 5);
-             CREATE TABLE forward_dead_letter (destination TEXT, message_id INTEGER, status TEXT);
-             INSERT INTO forward_dead_letter VALUES ('ehr', 2, 'dead'), ('ehr', 3, 'requeued'),
-                 ('lab', 1, 'delivered');",
-        )
+        .execute_batch(FORWARD_STATE)
         .unwrap();
+    status_follows(&|f| ids(&path, f));
+}
+
+/// The forwarder's tables as far as search reads them (SQL both backends take).
+pub(crate) const FORWARD_STATE: &str =
+    "CREATE TABLE forward_cursor (destination TEXT, lane INTEGER, delivered_through INTEGER);
+     INSERT INTO forward_cursor VALUES ('ehr', 0, 4), ('lab', 0, 5);
+     CREATE TABLE forward_dead_letter (destination TEXT, message_id INTEGER, status TEXT);
+     INSERT INTO forward_dead_letter VALUES ('ehr', 2, 'dead'), ('ehr', 3, 'requeued'),
+         ('lab', 1, 'delivered');";
+
+/// What each status finds in a store of [`records`] with [`FORWARD_STATE`].
+pub(crate) fn status_follows(ids: &dyn Fn(SearchFilter) -> Vec<i64>) {
     let f = SearchFilter::default;
-    assert_eq!(
-        ids(&path, f().status(DeliveryStatus::Delivered)),
-        vec![4, 1]
-    );
-    assert_eq!(
-        ids(&path, f().status(DeliveryStatus::Queued)),
-        vec![6, 5, 3]
-    );
-    assert_eq!(ids(&path, f().status(DeliveryStatus::Dead)), vec![2]);
+    assert_eq!(ids(f().status(DeliveryStatus::Delivered)), vec![4, 1]);
+    assert_eq!(ids(f().status(DeliveryStatus::Queued)), vec![6, 5, 3]);
+    assert_eq!(ids(f().status(DeliveryStatus::Dead)), vec![2]);
 }
 
 /// A store created before the patient column: a writer adds it (old rows: none), searches
@@ -250,20 +250,11 @@ fn search_bench() {
 
 #[test]
 fn resends_are_audited_in_the_store() {
-    use mllp_store::resend::{ResendAudit, record_resends_sqlite};
+    use mllp_store::resend::record_resends_sqlite;
     let dir = TempDir::new("resend-audit");
     let path = dir.join("s.db");
     store(&path);
-    let audits = [
-        ResendAudit::new(
-            1,
-            "alice".into(),
-            "ehr:2575".into(),
-            "AA".into(),
-            Some("lost".into()),
-        ),
-        ResendAudit::new(2, "alice".into(), "ehr:2575".into(), "AE: no".into(), None),
-    ];
+    let audits = audits();
     record_resends_sqlite(&path, &audits, &SqliteOptions::default()).unwrap();
     record_resends_sqlite(&path, &audits[..1], &SqliteOptions::default()).unwrap();
     let rows: Vec<(i64, String, String, Option<String>)> = Connection::open(&path)
@@ -280,4 +271,19 @@ fn resends_are_audited_in_the_store() {
     assert!(
         record_resends_sqlite(&dir.join("nope.db"), &audits, &SqliteOptions::default()).is_err()
     );
+}
+
+/// Two resends of messages 1 and 2, one accepted and one not.
+pub(crate) fn audits() -> [mllp_store::resend::ResendAudit; 2] {
+    use mllp_store::resend::ResendAudit;
+    [
+        ResendAudit::new(
+            1,
+            "alice".into(),
+            "ehr:2575".into(),
+            "AA".into(),
+            Some("lost".into()),
+        ),
+        ResendAudit::new(2, "alice".into(), "ehr:2575".into(), "AE: no".into(), None),
+    ]
 }
