@@ -264,8 +264,21 @@ impl Link {
         now: Instant,
         out: &mut Vec<Event>,
     ) -> bool {
-        let progress = match self.transport.read(scratch) {
-            Ok(0) => {
+        // Straight into the connection's buffer where the bytes are MLLP over plain TCP; else
+        // through `scratch`, to the layer or the PROXY header (or discarded while lingering).
+        let direct = if self.transport.reads_into() {
+            let transport = &mut self.transport;
+            self.conn
+                .read_with(now, |buf, max| transport.read_into(buf, max))
+        } else {
+            None
+        };
+        let read = match direct {
+            Some(read) => read.map(|n| (n, true)),
+            None => self.transport.read(scratch).map(|n| (n, false)),
+        };
+        let progress = match read {
+            Ok((0, _)) => {
                 self.read_ready = false;
                 if self.conn.is_started() {
                     self.conn.handle_eof(out);
@@ -275,9 +288,11 @@ impl Link {
                 }
                 true
             }
-            Ok(n) => {
+            Ok((n, direct)) => {
                 telemetry.metrics.bytes_received.increment(n as u64);
-                if self.transport.in_preamble() {
+                if direct {
+                    self.received = true;
+                } else if self.transport.in_preamble() {
                     self.header_read(&scratch[..n], policy, now, out);
                 } else {
                     self.received = true;

@@ -35,7 +35,7 @@ use crate::outcome::ConnectionId;
 use crate::pool::{Job, Pool};
 use crate::reason::{CloseReason, RejectReason};
 use crate::sync::lock;
-use crate::telemetry::{Peer, Telemetry};
+use crate::telemetry::{Peer, Tally, Telemetry};
 use crate::timer::{DEFAULT_SLOTS, DEFAULT_TICK, TimerWheel};
 use crate::transport::{Acceptors, Transport};
 
@@ -54,8 +54,11 @@ pub(crate) const WAKER: Token = Token(usize::MAX - 2);
 /// number in its top 8 bits: ids are unique across the reactors of a server.
 pub(crate) const MAX_KEYS_PER_REACTOR: usize = 1 << 24;
 
-/// Bytes read per `read` call: 64 KiB takes a full socket buffer's worth in few syscalls while
-/// staying in L2 cache; one such buffer per reactor (not per connection).
+/// Bytes read per `read` call into the reactor's scratch buffer: 64 KiB takes a full socket
+/// buffer's worth in few syscalls while staying in L2 cache; one such buffer per reactor (not
+/// per connection). Plain TCP connections that serve MLLP read straight into their own buffer
+/// (`Connection::read_with`, the same 64 KiB per read at most); the scratch buffer serves the
+/// PROXY header, TLS records and a lingering close's discarded input.
 const READ_CHUNK: usize = 64 * 1024;
 
 /// Reads per connection per readiness event before the reactor serves others (then the
@@ -152,6 +155,8 @@ struct Loop {
     handshakes: Handshakes,
     /// While paused: the one connection allowed to read (see `holder`).
     holder: Option<ConnectionId>,
+    /// This turn's per-message counts, added to the metrics at the turn's end.
+    tally: Tally,
 }
 
 impl Reactor {
@@ -187,6 +192,7 @@ impl Reactor {
             paused: false,
             handshakes,
             holder: None,
+            tally: Tally::default(),
         };
         let result = lp.run();
         // Whatever happened, release what this reactor still counts in the shared state.
@@ -242,7 +248,9 @@ impl Loop {
             self.commands(now);
             self.dispatcher.flush();
             self.publish_budget(now);
-            if let Some(done) = self.finish_drain(now) {
+            let done = self.finish_drain(now);
+            self.tally.flush(&self.r.telemetry.metrics);
+            if let Some(done) = done {
                 return Ok(done);
             }
         }
@@ -543,13 +551,17 @@ impl Loop {
             if !self.events.is_empty() {
                 let fresh = Instant::now();
                 for event in self.events.drain(..) {
-                    self.r.telemetry.report(&p, event, fresh);
+                    self.r.telemetry.report(&p, event, fresh, &mut self.tally);
                 }
             }
             let system_time = SystemTime::now();
-            self.r
-                .telemetry
-                .message_start(&p, d.seq, d.payload.len(), system_time);
+            self.r.telemetry.message_start(
+                &p,
+                d.seq,
+                d.payload.len(),
+                system_time,
+                &mut self.tally,
+            );
             let Dispatched {
                 seq,
                 payload,
@@ -694,7 +706,7 @@ impl Loop {
         // finished these messages.
         let fresh = Instant::now();
         for event in self.events.drain(..) {
-            self.r.telemetry.report(&p, event, fresh);
+            self.r.telemetry.report(&p, event, fresh, &mut self.tally);
         }
         let Some(closed) = self.conns[key].link.closed() else {
             return false;

@@ -403,6 +403,45 @@ fn describe() {
     describe_counter!(READ_PAUSES, "Times reading stopped at the memory budget");
 }
 
+/// The per-message counters of one poll turn, kept in plain integers and added to the metric
+/// handles once per turn ([`flush`](Self::flush)): one add per counter per turn instead of
+/// one per message (with a recorder installed, each add is an atomic read-modify-write on a
+/// line every reactor shares). Counts reach the recorder at the end of the turn they happen
+/// in, before the reactor sleeps again. Histograms are still recorded per message.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    received: u64,
+    handled: [u64; Handled::LABELS.len()],
+    junk: u64,
+    naks_ae: u64,
+    naks_ar: u64,
+    late_results: u64,
+    frames_too_large: u64,
+    frames_timed_out: u64,
+}
+
+impl Tally {
+    /// Adds the turn's counts to the metric handles and starts again from zero.
+    pub(crate) fn flush(&mut self, m: &Metrics) {
+        let t = std::mem::take(self);
+        let add = |counter: &Counter, n: u64| {
+            if n > 0 {
+                counter.increment(n);
+            }
+        };
+        add(&m.received, t.received);
+        for (outcome, n) in Handled::ALL.into_iter().zip(t.handled) {
+            add(m.handled(outcome), n);
+        }
+        add(&m.junk, t.junk);
+        add(&m.naks_ae, t.naks_ae);
+        add(&m.naks_ar, t.naks_ar);
+        add(&m.late_results, t.late_results);
+        add(&m.frames_too_large, t.frames_too_large);
+        add(&m.frames_timed_out, t.frames_timed_out);
+    }
+}
+
 /// Who a connection's events are about (the reactor's view of it).
 #[derive(Clone, Debug)]
 pub(crate) struct Peer {
@@ -465,8 +504,15 @@ impl Telemetry {
     }
 
     /// A message goes to the handler.
-    pub(crate) fn message_start(&self, p: &Peer, seq: u64, size: usize, system_time: SystemTime) {
-        self.metrics.received.increment(1);
+    pub(crate) fn message_start(
+        &self,
+        p: &Peer,
+        seq: u64,
+        size: usize,
+        system_time: SystemTime,
+        tally: &mut Tally,
+    ) {
+        tally.received += 1;
         self.metrics.message_size.record(size as f64);
         self.observe(|o| {
             o.message_start(&MessageStart {
@@ -480,13 +526,13 @@ impl Telemetry {
         });
     }
 
-    /// Reports one connection event. `now` should be fresh for latencies (read after the
-    /// write that finished the message).
-    pub(crate) fn report(&self, p: &Peer, event: Event, now: Instant) {
+    /// Reports one connection event, counting into this turn's `tally`. `now` should be fresh
+    /// for latencies (read after the write that finished the message).
+    pub(crate) fn report(&self, p: &Peer, event: Event, now: Instant, tally: &mut Tally) {
         let m = &self.metrics;
         match event {
-            Event::Junk(n) => m.junk.increment(n),
-            Event::Handled(outcome) => m.handled(outcome).increment(1),
+            Event::Junk(n) => tally.junk += n,
+            Event::Handled(outcome) => tally.handled[outcome as usize] += 1,
             Event::MessageStop {
                 seq,
                 response_size,
@@ -529,12 +575,12 @@ impl Telemetry {
                     control_id: control_id.as_deref(),
                 })
             }),
-            Event::NakQueued(AckCode::AR) => m.naks_ar.increment(1),
-            Event::NakQueued(AckCode::AE) => m.naks_ae.increment(1),
+            Event::NakQueued(AckCode::AR) => tally.naks_ar += 1,
+            Event::NakQueued(AckCode::AE) => tally.naks_ae += 1,
             Event::NakQueued(_) => {}
-            Event::LateResult => m.late_results.increment(1),
-            Event::FrameRejected(FrameRejection::TooLarge) => m.frames_too_large.increment(1),
-            Event::FrameRejected(FrameRejection::Timeout) => m.frames_timed_out.increment(1),
+            Event::LateResult => tally.late_results += 1,
+            Event::FrameRejected(FrameRejection::TooLarge) => tally.frames_too_large += 1,
+            Event::FrameRejected(FrameRejection::Timeout) => tally.frames_timed_out += 1,
             // Counted when the reactor removes the connection (with its duration).
             Event::Closed => {}
         }

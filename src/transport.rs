@@ -10,7 +10,9 @@
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
 
+use bytes::BytesMut;
 use mio::net::TcpStream;
+use socket2::SockRef;
 
 use crate::proxy::{ProxyDecoder, ProxyHeader, ProxyMode};
 use crate::reason::CloseReason;
@@ -203,6 +205,36 @@ impl Transport {
         }
     }
 
+    /// Whether [`read_into`](Self::read_into) works: plain TCP, no layer that must see the
+    /// bytes first (a PROXY header awaited, TLS).
+    pub(crate) fn reads_into(&self) -> bool {
+        matches!(self.layer, Layer::Plain)
+    }
+
+    /// Reads up to `max` bytes straight into `buf`'s spare capacity, appending them (no copy
+    /// through another buffer). `Ok(0)` is a clean end of stream. Only where
+    /// [`reads_into`](Self::reads_into): otherwise `Unsupported`, reading nothing.
+    pub(crate) fn read_into(&mut self, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+        if !self.reads_into() {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        let spare = buf.spare_capacity_mut();
+        let room = spare.len().min(max);
+        let result = SockRef::from(&self.socket).recv(&mut spare[..room]);
+        if let Ok(n) = result {
+            let n = n.min(room);
+            #[allow(unsafe_code)]
+            // SAFETY: `recv` is recv(2) on our socket with the first `room` bytes of the spare
+            // capacity: it returns how many bytes the kernel wrote there, from the start, and
+            // never writes uninitialised bytes (socket2's contract). So the `n` bytes after
+            // `len` are initialised, and `len + n <= capacity` (`n <= room <= spare.len()`).
+            unsafe {
+                buf.set_len(buf.len() + n);
+            }
+        }
+        result
+    }
+
     /// Writes plaintext; returns how much was taken. For TCP that many bytes reached the
     /// socket.
     pub(crate) fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
@@ -342,3 +374,6 @@ mod tls {
         None
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -35,14 +35,13 @@ pub(crate) struct Fields<'a> {
     pub(crate) block_bytes: bool,
 }
 
-/// Where the fields an ACK copies lie in the message: `(start, end)` of each, `(0, 0)` when
-/// absent.
-#[derive(Default)]
+/// Where the fields an ACK copies lie in the message.
 struct Scan {
-    /// MSH-2 ..= MSH-18, by field number minus 2.
-    fields: [(usize, usize); LAST_FIELD - 1],
-    /// The number of the last field reached (2 ..= 18).
-    last: usize,
+    /// `ends[k]`: where MSH-(k+2) ends (its closing separator, the segment's terminator or
+    /// the end of the input), for `k < found`; MSH-(k+3) starts right after it.
+    ends: [usize; LAST_FIELD - 1],
+    /// How many fields from MSH-2 on were reached (1 ..= 17).
+    found: usize,
     /// The last field reached is complete: a separator or the segment's terminator ends it
     /// (not the end of the input).
     complete: bool,
@@ -50,22 +49,20 @@ struct Scan {
 }
 
 impl Scan {
-    /// Handles byte `at`, one that may be special, of the field that starts at `start`;
-    /// returns true to stop.
+    /// Handles byte `at`, one that may be special; returns true to stop.
     #[inline(always)]
-    fn byte(&mut self, message: &[u8], field: u8, start: &mut usize, at: usize) -> bool {
+    fn byte(&mut self, message: &[u8], field: u8, at: usize) -> bool {
         let b = message[at];
         if b == field {
-            self.fields[self.last - 2] = (*start, at);
-            if self.last == LAST_FIELD {
+            self.ends[self.found - 1] = at;
+            if self.found == self.ends.len() {
                 self.complete = true;
                 return true;
             }
-            self.last += 1;
-            *start = at + 1;
+            self.found += 1;
             false
         } else if b == CARRIAGE_RETURN || b == LINE_FEED {
-            self.fields[self.last - 2] = (*start, at);
+            self.ends[self.found - 1] = at;
             self.complete = true;
             true
         } else {
@@ -85,16 +82,18 @@ fn zero_bytes(x: u64) -> u64 {
 
 /// Scans `message` from byte 4 (MSH-2) for separators `field`, stopping at the end of
 /// MSH-18 or of the segment.
+#[inline(always)]
 fn scan(message: &[u8], field: u8) -> Scan {
     /// Bytes below 0x20 have their top three bits clear: one zero test finds every control
     /// byte (CR, LF and the block bytes among them).
     const TOP3: u64 = 0xE0E0_E0E0_E0E0_E0E0;
     let splat = u64::from_ne_bytes([field; 8]);
     let mut s = Scan {
-        last: 2,
-        ..Scan::default()
+        ends: [0; LAST_FIELD - 1],
+        found: 1,
+        complete: false,
+        block_bytes: false,
     };
-    let mut start = 4;
     let mut at = 4;
     let rest = message.get(at..).unwrap_or_default();
     let mut words = rest.chunks_exact(8);
@@ -103,12 +102,7 @@ fn scan(message: &[u8], field: u8) -> Scan {
         let x = u64::from_le_bytes(word.try_into().expect("8 bytes"));
         let mut hits = zero_bytes(x ^ splat) | zero_bytes(x & TOP3);
         while hits != 0 {
-            if s.byte(
-                message,
-                field,
-                &mut start,
-                at + (hits.trailing_zeros() / 8) as usize,
-            ) {
+            if s.byte(message, field, at + (hits.trailing_zeros() / 8) as usize) {
                 return s;
             }
             hits &= hits - 1;
@@ -116,11 +110,11 @@ fn scan(message: &[u8], field: u8) -> Scan {
         at += 8;
     }
     for i in at..message.len() {
-        if s.byte(message, field, &mut start, i) {
+        if s.byte(message, field, i) {
             return s;
         }
     }
-    s.fields[s.last - 2] = (start, message.len());
+    s.ends[s.found - 1] = message.len();
     s
 }
 
@@ -148,18 +142,21 @@ impl<'a> Fields<'a> {
             Some(&field) => field,
         };
         let s = scan(message, field);
-        let (msh2_start, msh2_end) = s.fields[0];
-        let msh2 = &message[msh2_start..msh2_end];
+        let msh2 = &message[4..s.ends[0]];
         if msh2.is_empty() {
             return None;
         }
         let encoding = Encoding::from_msh2(field, msh2).ok()?;
-        let get = |n: usize| {
-            let (start, end) = s.fields[n - 2];
-            &message[start..end]
+        // MSH-n for 3 <= n <= 18: after the end of MSH-(n-1), up to its own end.
+        let get = |n: usize| -> &'a [u8] {
+            if n - 2 < s.found {
+                &message[s.ends[n - 3] + 1..s.ends[n - 2]]
+            } else {
+                &[]
+            }
         };
         // As `Msh::control_id`: MSH-10 as the last field of a cut-off input may be cut short.
-        let control_id = if s.last > 10 || (s.last == 10 && s.complete) {
+        let control_id = if s.found > 9 || (s.found == 9 && s.complete) {
             get(10)
         } else {
             &[]

@@ -132,6 +132,22 @@ fn timestamp_is_utc_with_offset() {
         &hl7_timestamp(UNIX_EPOCH - Duration::from_secs(1)),
         b"19700101000000+0000"
     );
+    // The per-thread text of the last second: every time inside it, none outside it.
+    let second = UNIX_EPOCH + Duration::from_secs(FIXED);
+    for (offset_ms, text) in [
+        (0, b"20260322123456+0000"),
+        (999, b"20260322123456+0000"),
+        (1000, b"20260322123457+0000"),
+        (999, b"20260322123456+0000"),
+        (0, b"20260322123456+0000"),
+    ] {
+        let time = second + Duration::from_millis(offset_ms);
+        assert_eq!(&hl7_timestamp(time), text);
+    }
+    assert_eq!(
+        &hl7_timestamp(second - Duration::from_nanos(1)),
+        b"20260322123455+0000"
+    );
 }
 
 #[test]
@@ -505,7 +521,11 @@ fn codes_round_trip() {
 #[test]
 fn decimal_formatting() {
     let mut buf = [0; 20];
-    for n in [0, 7, 10, 99, 1_000_000, u64::MAX] {
+    let edges = (0..20).flat_map(|e| {
+        let p = 10_u64.pow(e);
+        [p - 1, p, p + 1]
+    });
+    for n in (0..100_000).chain(edges).chain([u64::MAX - 1, u64::MAX]) {
         let len = put_decimal(n, &mut buf);
         assert_eq!(&buf[..len], n.to_string().as_bytes());
     }

@@ -8,9 +8,9 @@ use tokio_postgres::{Client, NoTls, Statement};
 
 use super::batch::{Failure, insert_batch};
 use super::session::Session;
-use super::sql::LOCK_KEY;
+use super::sql::begin_locked;
 use super::{PostgresBackend, RECONNECT_MAX, RECONNECT_MIN};
-use crate::error::{Cause, StoreError};
+use crate::error::{Cause, StoreError, ends_session};
 use crate::record::{Record, StoreOutcome};
 
 /// A live connection and its prepared statements.
@@ -143,6 +143,7 @@ impl PostgresBackend {
     pub(super) fn forget_if_dead(&mut self, e: &tokio_postgres::Error) {
         let dead = e.is_closed()
             || e.as_db_error().is_none()
+            || ends_session(e)
             || self.conn.as_ref().is_some_and(|c| c.client.is_closed());
         if dead {
             self.conn = None;
@@ -191,10 +192,7 @@ impl PostgresBackend {
     /// up after the lock timeout first, and the batch stays unknown.)
     pub(super) fn committed(&mut self, first: i64) -> Result<bool, StoreError> {
         let conn = self.connection()?;
-        let lock = format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({}, {})",
-            LOCK_KEY.0, LOCK_KEY.1
-        );
+        let lock = begin_locked();
         let result = conn.block_on(async {
             conn.client.batch_execute(&lock).await?;
             let found = conn
