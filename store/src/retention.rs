@@ -42,7 +42,9 @@
 //! - a pass is paced ([`RetentionPolicy::rate`]): what a delete costs the writer is mostly
 //!   disk writes, not the gate;
 //! - between batches the pruner pauses ([`RetentionPolicy::pause`], and at least twice as long
-//!   as the batch took), so it holds the gate at most a third of the time.
+//!   as the batch took), so it holds the gate at most a third of the time; after a batch the
+//!   writer cut short only the pace applies (the writer has had its turn, and pausing after
+//!   every cut would let a busy writer hold the pass below the arrival rate).
 //!
 //! (The gate, the unsynced commit and the pacing are SQLite's; a PostgreSQL pass uses the
 //! batches and pauses.)
@@ -78,6 +80,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 
 use crate::error::{Cause, StoreError};
 use crate::open::OpenOptions;
+pub use crate::prune_target::StoreUsage;
+use crate::prune_target::{Candidate, Candidates, PruneTarget, ROW_OVERHEAD};
 use crate::record::{StoreId, system_time_to_us};
 use crate::spec::StoreSpec;
 use crate::sqlite::{SqliteOptions, WriteGate, open_connection};
@@ -96,7 +100,7 @@ pub const DEFAULT_RETAIN: Duration = Duration::from_secs(30 * 24 * 3600);
 /// commit that arrives meanwhile does not even wait for them: the batch ends after the row
 /// being deleted (see the module docs). Small batches matter when the pruner's thread loses
 /// the CPU while it holds the gate (a loaded machine), and they spread the pass's disk writes
-/// evenly between the writer's syncs: at [`DEFAULT_RATE`], a batch every ~30 ms. Measured
+/// evenly between the writer's syncs: at 500 messages/s, a batch every ~30 ms. Measured
 /// against 64 (BENCHMARKS.md), the p99 commit time was steadier.
 pub const DEFAULT_BATCH_ROWS: usize = 16;
 
@@ -106,18 +110,21 @@ pub const DEFAULT_BATCH_ROWS: usize = 16;
 /// [`RetentionPolicy::rate`] usually asks for longer.
 pub const DEFAULT_PAUSE: Duration = Duration::from_millis(20);
 
-/// Default of [`RetentionPolicy::rate`]: 500 messages (or pages) per second, or twice the
-/// arrival rate when that is higher.
+/// Default of [`RetentionPolicy::rate`]: 100 messages (or pages) per second, or
+/// [`ARRIVAL_FACTOR`] times the arrival rate when that is higher.
 ///
 /// What a delete costs the writer is mostly not the write gate but the disk: each deleted
 /// message rewrites about its size in pages (table, indexes, free-list, pointer map) into the
 /// WAL, which the writer's next sync and the checkpoints must write out too. Unpaced, a pass
 /// over a backlog deleted ~10 000 messages/s and the p99 commit time under a 200 msg/s load
-/// rose 5–20× (BENCHMARKS.md); at a few hundred per second it did not measurably change.
-/// Twice the arrival rate keeps up with any steady feed (the pruner removes what arrives, and
-/// a backlog shrinks at the arrival rate); 500/s (43 million a day) clears a backlog of a
-/// quiet store without hurry.
-pub const DEFAULT_RATE: u32 = 500;
+/// rose 5–20×; paced at 500/s it still rose about 2× on the loaded build machine
+/// (BENCHMARKS.md). The pruner only has to keep up: it removes faster than messages arrive,
+/// and a backlog (a shorter `--retain`, a store that ran without retention) shrinks at half
+/// the arrival rate, or at 100/s (8.6 million a day) on a quiet store.
+pub const DEFAULT_RATE: u32 = 100;
+
+/// How much faster than messages arrive a paced pass may delete (see [`DEFAULT_RATE`]).
+pub const ARRIVAL_FACTOR: f64 = 1.5;
 
 /// Most free pages given back per `incremental_vacuum` transaction: 128 pages (512 KiB at
 /// the default 4 KiB page). A step cannot end early like a delete batch, so it is kept to
@@ -148,8 +155,8 @@ pub struct RetentionPolicy {
     /// Pause between two batches of a pass (default [`DEFAULT_PAUSE`]).
     pub pause: Duration,
     /// Pace of a [`Pruner`]'s pass, in messages deleted (or pages given back) per second: at
-    /// most this, or twice the rate at which messages arrive when that is higher (default
-    /// [`DEFAULT_RATE`]); SQLite only. [`prune`] is not paced (someone waits for it), only
+    /// most this, or [`ARRIVAL_FACTOR`] times the rate at which messages arrive (over the
+    /// newest 1 000) when that is higher (default [`DEFAULT_RATE`]); SQLite only. [`prune`] is not paced (someone waits for it), only
     /// paused.
     pub rate: u32,
 }
@@ -238,31 +245,6 @@ impl PruneReport {
         self.protected += other.protected;
         self.released_bytes += other.released_bytes;
         self.first_kept = other.first_kept.or(self.first_kept);
-    }
-}
-
-/// How large a store is and how old its oldest message.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct StoreUsage {
-    /// Bytes on disk: the database file plus its WAL (PostgreSQL: the messages table's
-    /// `pg_total_relation_size`: heap, TOAST and indexes).
-    pub file_bytes: u64,
-    /// Bytes in pages that hold data (the file's pages minus its free pages; PostgreSQL: an
-    /// estimate from the rows' sizes, see `crate::postgresql`).
-    pub used_bytes: u64,
-    /// Bytes in free pages: reused by the next inserts, or given back by the pruner.
-    pub free_bytes: u64,
-    /// When the oldest message was received (µs since the epoch), `None` for an empty store.
-    pub oldest_received_us: Option<i64>,
-}
-
-impl StoreUsage {
-    /// The oldest message's age at `now`, `None` for an empty store.
-    pub fn oldest_age(&self, now: SystemTime) -> Option<Duration> {
-        let oldest = self.oldest_received_us?;
-        let age = system_time_to_us(now).saturating_sub(oldest).max(0);
-        Some(Duration::from_micros(u64::try_from(age).unwrap_or(0)))
     }
 }
 
@@ -580,66 +562,10 @@ impl Drop for Pruner {
     }
 }
 
-/// What a pass needs from a backend: the rows to consider, deleting some, giving space back,
-/// and measuring. The decisions (what goes, in which order, at what pace) are [`Prune`]'s,
-/// the same for every backend.
-pub(crate) trait PruneTarget: Send {
-    /// Up to `limit` rows with an id above `after`, in id order; the forwarding floor; and
-    /// which of those rows are dead-lettered.
-    fn candidates(&mut self, after: StoreId, limit: i64) -> Result<Candidates, StoreError>;
-
-    /// Deletes these messages in one short transaction.
-    fn delete(&mut self, ids: &[StoreId]) -> Result<(), StoreError>;
-
-    /// Deletes a prefix of these messages (at least one) in one short transaction: all of
-    /// them, unless the store's writer asked for the store meanwhile; returns how many.
-    fn delete_some(&mut self, ids: &[StoreId]) -> Result<usize, StoreError> {
-        self.delete(ids).map(|()| ids.len())
-    }
-
-    /// The pace of a pass in messages per second ([`RetentionPolicy::rate`]), `None` for
-    /// pauses only.
-    fn pace(&self) -> Option<u32> {
-        None
-    }
-
-    /// The highest id stored, to measure the arrival rate when paced.
-    fn last_id(&mut self) -> Result<StoreId, StoreError> {
-        Ok(0)
-    }
-
-    /// Gives free space back to the file system, in steps of at most `pause`'s worth;
-    /// returns the bytes given back.
-    fn release(&mut self, pause: Duration, stopped: &dyn Fn() -> bool) -> Result<u64, StoreError>;
-
-    /// Sizes and the oldest message.
-    fn usage(&mut self) -> Result<StoreUsage, StoreError>;
-}
-
-/// What [`PruneTarget::candidates`] found.
-pub(crate) struct Candidates {
-    pub(crate) rows: Vec<Candidate>,
-    /// The highest id that every forwarding cursor has passed, `None` if none constrains.
-    pub(crate) floor: Option<StoreId>,
-    /// Dead-lettered (not re-delivered) ids among `rows`.
-    pub(crate) dead: HashSet<StoreId>,
-}
-
 /// Applies a policy to one store through its [`PruneTarget`].
 struct Prune {
     target: Box<dyn PruneTarget>,
 }
-
-/// One row as the pruner sees it.
-pub(crate) struct Candidate {
-    pub(crate) id: StoreId,
-    pub(crate) received_at_us: i64,
-    pub(crate) size: i64,
-}
-
-/// Rough bytes a row takes besides its payload (columns, index entries, cell overhead): used
-/// only to estimate progress towards a size cap within a batch; each batch re-measures.
-pub(crate) const ROW_OVERHEAD: i64 = 200;
 
 /// An SQLite store's connection that prunes.
 struct SqliteTarget {
@@ -710,11 +636,7 @@ impl Prune {
         let mut total = PruneReport::default();
         let mut after: StoreId = 0;
         let rate = self.target.pace();
-        let first_id = match rate {
-            Some(_) => self.target.last_id()?,
-            None => 0,
-        };
-        let mut pace = Pacer::new(rate, first_id);
+        let mut pace = Pacer::new(rate);
         // Dry run: the size still to free is estimated from the rows counted so far.
         let mut dry_freed: i64 = 0;
         loop {
@@ -728,7 +650,8 @@ impl Prune {
                 None => 0,
             };
             let started = Instant::now();
-            let (report, more, freed) = self.batch(policy, cutoff, over, &mut after, mode)?;
+            let (report, more, freed, cut_short) =
+                self.batch(policy, cutoff, over, &mut after, mode)?;
             if mode == PruneMode::DryRun {
                 dry_freed += freed;
             }
@@ -739,12 +662,20 @@ impl Prune {
                 break;
             }
             if mode == PruneMode::Delete {
-                let last_id = match rate {
+                let arriving = match rate {
                     // An error only leaves the pace at the policy's rate.
-                    Some(_) => self.target.last_id().unwrap_or(first_id),
-                    None => 0,
+                    Some(_) => self.target.arrival_rate().unwrap_or(0.0),
+                    None => 0.0,
                 };
-                pace.give_way(started, report.deleted, policy.pause, last_id);
+                // Cut short by the writer: it has had its turn, so no pause beyond the pace
+                // (a pause after every cut-short batch would let a busy writer starve the
+                // pass below the arrival rate).
+                let pause = if cut_short {
+                    Duration::ZERO
+                } else {
+                    policy.pause
+                };
+                pace.give_way(started, report.deleted, pause, arriving);
             }
         }
         if mode == PruneMode::Delete {
@@ -753,8 +684,8 @@ impl Prune {
         Ok(total)
     }
 
-    /// One batch after id `after`. Returns the batch's report, whether more may be due, and
-    /// the estimated bytes it freed.
+    /// One batch after id `after`. Returns the batch's report, whether more may be due, the
+    /// estimated bytes it freed, and whether the writer cut it short.
     fn batch(
         &mut self,
         policy: &RetentionPolicy,
@@ -762,7 +693,7 @@ impl Prune {
         mut over: i64,
         after: &mut StoreId,
         mode: PruneMode,
-    ) -> Result<(PruneReport, bool, i64), StoreError> {
+    ) -> Result<(PruneReport, bool, i64, bool), StoreError> {
         let mut report = PruneReport::default();
         let limit = i64::try_from(policy.batch_rows).unwrap_or(i64::MAX);
         let Candidates { rows, floor, dead } = self.target.candidates(*after, limit)?;
@@ -816,7 +747,12 @@ impl Prune {
         }
         let cut_short = through < done.len();
         report.first_kept = if cut_short { None } else { stopped_at };
-        Ok((report, cut_short || stopped_at.is_none() && full, freed))
+        Ok((
+            report,
+            cut_short || stopped_at.is_none() && full,
+            freed,
+            cut_short,
+        ))
     }
 }
 
@@ -884,8 +820,8 @@ impl PruneTarget for SqliteTarget {
         self.rate
     }
 
-    fn last_id(&mut self) -> Result<StoreId, StoreError> {
-        last_id(&self.conn).map_err(StoreError::read)
+    fn arrival_rate(&mut self) -> Result<f64, StoreError> {
+        arrival_rate(&self.conn).map_err(StoreError::read)
     }
 
     /// Gives free pages back to the file system in steps (incremental auto_vacuum only).
@@ -900,11 +836,7 @@ impl PruneTarget for SqliteTarget {
         }
         let page_size = pragma(&self.conn, "page_size").map_err(err)?;
         let mut released = 0u64;
-        let first_id = match self.rate {
-            Some(_) => last_id(&self.conn).map_err(err)?,
-            None => 0,
-        };
-        let mut pace = Pacer::new(self.rate, first_id);
+        let mut pace = Pacer::new(self.rate);
         loop {
             let free = pragma(&self.conn, "freelist_count").map_err(err)?;
             if free == 0 || stopped() {
@@ -924,11 +856,11 @@ impl PruneTarget for SqliteTarget {
             if moved == 0 {
                 return Ok(released);
             }
-            let last = match self.rate {
-                Some(_) => last_id(&self.conn).unwrap_or(first_id),
-                None => 0,
+            let arriving = match self.rate {
+                Some(_) => arrival_rate(&self.conn).unwrap_or(0.0),
+                None => 0.0,
             };
-            pace.give_way(started, moved.max(0) as u64, pause, last);
+            pace.give_way(started, moved.max(0) as u64, pause, arriving);
         }
     }
 
@@ -940,51 +872,65 @@ impl PruneTarget for SqliteTarget {
 /// Paces a pass (see [`RetentionPolicy::rate`]): after each step, sleeps the longest of
 /// `pause`, twice the step's duration (so that retention holds the write gate at most a third
 /// of the time however slow the disk), and, with a rate, what keeps the pass at that rate (or
-/// twice the arrival rate, when higher) since it began.
+/// [`ARRIVAL_FACTOR`] times the arrival rate, when higher) since it began.
 struct Pacer {
     began: Instant,
     /// Messages deleted and pages given back so far in this pass.
     done: u64,
     /// The policy's rate, `None`: pauses only.
     rate: Option<f64>,
-    /// The highest id when the pass began, to measure the arrival rate.
-    first_id: StoreId,
 }
 
 impl Pacer {
-    fn new(rate: Option<u32>, first_id: StoreId) -> Self {
+    fn new(rate: Option<u32>) -> Self {
         Self {
             began: Instant::now(),
             done: 0,
             rate: rate.map(|r| f64::from(r.max(1))),
-            first_id,
         }
     }
 
-    /// After a step that began at `step_started` and did `units`; `last_id` is the highest id
-    /// stored now.
-    fn give_way(&mut self, step_started: Instant, units: u64, pause: Duration, last_id: StoreId) {
+    /// After a step that began at `step_started` and did `units`, with messages arriving at
+    /// `arriving` per second.
+    fn give_way(&mut self, step_started: Instant, units: u64, pause: Duration, arriving: f64) {
         self.done += units;
         let mut wait = pause.max(step_started.elapsed() * 2);
         if let Some(floor) = self.rate {
-            let elapsed = self.began.elapsed().as_secs_f64();
-            let arrived = last_id.saturating_sub(self.first_id).max(0) as f64;
-            let arrival_rate = if elapsed >= 1.0 {
-                arrived / elapsed
-            } else {
-                0.0
-            };
-            let due = Duration::from_secs_f64(self.done as f64 / floor.max(2.0 * arrival_rate));
+            let rate = floor.max(ARRIVAL_FACTOR * arriving);
+            let due = Duration::from_secs_f64(self.done as f64 / rate);
             wait = wait.max(due.saturating_sub(self.began.elapsed()));
         }
         std::thread::sleep(wait);
     }
 }
 
-/// The highest id stored (0 for an empty store).
-fn last_id(conn: &Connection) -> rusqlite::Result<StoreId> {
-    conn.prepare_cached("SELECT coalesce(max(id), 0) FROM messages")?
-        .query_row([], |r| r.get(0))
+/// Messages that the arrival rate is measured over: the newest 1 000.
+const ARRIVAL_WINDOW: i64 = 1_000;
+
+/// Messages per second arriving lately: the newest [`ARRIVAL_WINDOW`] messages (fewer where
+/// older ones were pruned) over the time since the oldest of them arrived (two probes by id).
+/// 0 for an empty or idle store.
+fn arrival_rate(conn: &Connection) -> rusqlite::Result<f64> {
+    let newest: StoreId = conn
+        .prepare_cached("SELECT coalesce(max(id), 0) FROM messages")?
+        .query_row([], |r| r.get(0))?;
+    let since: Option<(StoreId, i64)> = conn
+        .prepare_cached(
+            "SELECT id, received_at_us FROM messages WHERE id >= ?1 ORDER BY id LIMIT 1",
+        )?
+        .query_row([newest.saturating_sub(ARRIVAL_WINDOW).max(1)], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    let Some((id, received_at_us)) = since else {
+        return Ok(0.0);
+    };
+    let age_us = system_time_to_us(SystemTime::now()).saturating_sub(received_at_us);
+    Ok(if age_us > 0 {
+        (newest - id) as f64 * 1e6 / age_us as f64
+    } else {
+        0.0
+    })
 }
 
 /// Whether the database has a table of this name (the forwarder's may be absent).
