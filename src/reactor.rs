@@ -123,7 +123,7 @@ struct Entry {
 // released): keep that at most 256 bytes (project goal; measured as RSS in BENCHMARKS.md).
 // (mio adds 8 bytes to a socket in debug builds.)
 const _: () =
-    assert!(std::mem::size_of::<Entry>() <= 240 + if cfg!(debug_assertions) { 8 } else { 0 });
+    assert!(std::mem::size_of::<Entry>() <= 224 + if cfg!(debug_assertions) { 8 } else { 0 });
 
 struct Drain {
     deadline: Instant,
