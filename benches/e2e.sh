@@ -8,9 +8,10 @@
 #            against `serve --no-store`.
 #   durable  store, then ACK: the minimal durable server (cli/examples/durable_baseline.rs:
 #            one mio reactor, one group-commit writer, the same schema and duplicate lookup,
-#            SQLite WAL + synchronous=FULL with SQLite's default checkpoints) against `serve`
-#            with its default store. Every run gets a fresh store file ({store} in the commands
-#            below), deleted after the run.
+#            SQLite WAL + synchronous=FULL; its checkpoints as BASELINE_CHECKPOINT says)
+#            against `serve` with its default store (checkpoints on a thread of their own).
+#            Every run gets a fresh store file ({store} in the commands below), deleted after
+#            the run.
 #
 # Each (scenario, round) starts each server in its own fresh process, runs
 # `mllp-reactor bench` against it, and stops it. Within a scenario the two servers alternate
@@ -32,7 +33,12 @@
 #                       run through `bash -c "exec $OURS_CMD"`, so it must exec the server itself
 #                       (its pid is used for RSS and CPU). `{store}` becomes a fresh file path.
 #   BASELINE_CMD=...    default: target/release/examples/baseline_server 127.0.0.1:0 (MODE=durable:
-#                       target/release/examples/durable_baseline {store} 127.0.0.1:0)
+#                       target/release/examples/durable_baseline {store} 127.0.0.1:0
+#                       --checkpoint $BASELINE_CHECKPOINT)
+#   BASELINE_CHECKPOINT=auto  MODE=durable: the durable baseline's checkpoints. auto: SQLite's
+#                       default, inside the commit that takes the WAL past 1 000 pages (the
+#                       "defaults baseline" of issue #21); off: none at all, the WAL grows for
+#                       the whole run (the ceiling of a commit path without checkpoint work).
 #   OURS_BENCH_ARGS=... extra `bench` flags against ours (e.g. --tls-ca FILE); likewise
 #   BASELINE_BENCH_ARGS
 #   RAW=FILE            JSON lines output (default: target/e2e/e2e-<timestamp>.jsonl)
@@ -68,7 +74,10 @@ case $MODE in
         DEFAULT_OURS_CMD="target/release/mllp-reactor serve --no-store --listen 127.0.0.1:0"
         ;;
     durable)
-        DEFAULT_BASELINE_CMD="target/release/examples/durable_baseline {store} 127.0.0.1:0"
+        BASELINE_CHECKPOINT=${BASELINE_CHECKPOINT:-auto}
+        [[ $BASELINE_CHECKPOINT == auto || $BASELINE_CHECKPOINT == off ]] ||
+            { echo "e2e: BASELINE_CHECKPOINT must be auto or off, got '$BASELINE_CHECKPOINT'" >&2; exit 1; }
+        DEFAULT_BASELINE_CMD="target/release/examples/durable_baseline {store} 127.0.0.1:0 --checkpoint $BASELINE_CHECKPOINT"
         DEFAULT_OURS_CMD="target/release/mllp-reactor serve --store {store} --listen 127.0.0.1:0"
         ;;
     *)
@@ -380,8 +389,8 @@ jq -s -r --args '
     def other: if .system_cpu == null or .server_cpu == null then null
         else .system_cpu - .client_cpu - .server_cpu end;
     . as $all
-    | "| scenario | baseline msg/s | ours msg/s | ratio | ratio range | baseline p99 µs | ours p99 µs | errors (b/o) | RSS/idle conn B (b/o) | bench CPU (b/o) | server CPU (b/o) | other CPU (b/o) |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    | "| scenario | baseline msg/s | ours msg/s | ratio | ratio range | baseline p99 µs | ours p99 µs | errors (b/o) | RSS/idle conn B (b/o) | bench CPU (b/o) | server CPU (b/o) | other CPU (b/o) | p50 µs (b/o) |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
       ($ARGS.positional[] as $s
        | ($all | map(select(.scenario == $s))) as $runs
        | ($runs | map(select(.failed == true)) | length) as $failed
@@ -411,7 +420,8 @@ jq -s -r --args '
           pair(.rss_per_idle_conn; 0),
           pair(.client_cpu; 2),
           pair(.server_cpu; 2),
-          pair(other; 2)]
+          pair(other; 2),
+          pair(.p50_us; 0)]
        | "| " + join(" | ") + " |")
 ' "${SCENARIOS[@]}" <"$RAW"
 

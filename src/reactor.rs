@@ -101,7 +101,8 @@ struct Entry {
     /// Index into `Loop::locals`: servers see one or two local addresses, so an index saves
     /// 30 bytes per connection over a `SocketAddr`.
     local: u16,
-    /// On the pending list (read budget ran out with bytes left).
+    /// On the pending list (read budget ran out with bytes left, a handshake slot came
+    /// free, or completions arrived): driven again before the turn ends.
     pending: bool,
     /// Nanoseconds since `Loop::epoch` at accept (8 bytes instead of an `Instant`'s 16).
     accepted_at: u64,
@@ -832,13 +833,19 @@ impl Loop {
         for Completion { id, seq, outcome } in completions.drain(..) {
             match self.key_of(id) {
                 Some(key) => {
-                    self.conns[key].link.conn.handle_completion(
-                        seq,
-                        outcome,
-                        now,
-                        &mut self.events,
-                    );
-                    self.drive(key, now);
+                    let entry = &mut self.conns[key];
+                    entry
+                        .link
+                        .conn
+                        .handle_completion(seq, outcome, now, &mut self.events);
+                    // Driven once after the whole drain (`resume_pending`, next in the turn),
+                    // not once per completion: a store's group commit completes many
+                    // messages of one connection at once, and their replies then leave in
+                    // one write instead of one write each.
+                    if !entry.pending {
+                        entry.pending = true;
+                        self.pending.push(key);
+                    }
                 }
                 // The connection is gone: nobody to answer.
                 None => self.r.telemetry.metrics.late_results.increment(1),

@@ -5,12 +5,19 @@
 //! transaction (group commit: while one commit syncs, the next batch grows), then hands the
 //! ACKs back and wakes the reactor once per batch. An ACK leaves only after its message's
 //! commit returned; a failed commit answers AE. Same schema, columns, index and duplicate
-//! lookup as `serve --store FILE` (the schema is created by `mllp_store` itself), SQLite WAL
-//! with `synchronous=FULL`, and otherwise SQLite's defaults, automatic checkpoints included:
-//! it is "the defaults baseline" that the store's own checkpointing is measured against.
+//! lookup as `serve --store FILE` (the schema is created by `mllp_store` itself, and every
+//! column `serve` fills is filled here too, PID-3.1 for the patient index included, parsed by
+//! the same [`mllp_store::Header`]), SQLite WAL with `synchronous=FULL`.
+//!
+//! Checkpoints (`--checkpoint`, default `auto`):
+//! - `auto`: SQLite's default automatic checkpoint, inside the commit that takes the WAL past
+//!   1 000 pages: "the defaults baseline" that the store's own checkpointing is measured
+//!   against (issue #21: S3 at least 1.3× this).
+//! - `off`: no checkpoints at all, so the WAL grows for the whole run: the ceiling of a commit
+//!   path without checkpoint work (not a configuration anyone could run for long).
 //!
 //! ```text
-//! cargo run --release -p mllp-reactor-cli --example durable_baseline -- STORE.db 127.0.0.1:0
+//! cargo run --release -p mllp-reactor-cli --example durable_baseline -- STORE.db 127.0.0.1:0 [--checkpoint auto|off]
 //! listening on 127.0.0.1:40123
 //! ```
 //!
@@ -35,7 +42,7 @@ use slab::Slab;
 #[path = "support/wire.rs"]
 mod wire;
 
-use wire::{AckWriter, Conn, Msh, READ_CHUNK, accept_all};
+use wire::{AckWriter, Conn, READ_CHUNK, accept_all};
 
 /// The listener's token; connections use their slab key, which never reaches these values.
 const LISTENER: Token = Token(usize::MAX);
@@ -55,8 +62,9 @@ ORDER BY received_at_us, id LIMIT 1";
 
 const INSERT: &str = "
 INSERT INTO messages (received_at_us, peer, local, connection_id, sequence,
-    sending_application, sending_facility, message_type, control_id, size, duplicate_of, payload)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+    sending_application, sending_facility, message_type, control_id, size, duplicate_of, payload,
+    client_cert, patient_id)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, NULL, ?13)";
 
 /// One message on its way to the writer, with its ACK already built (code `AA`, patched to
 /// `AE` if the commit fails).
@@ -95,12 +103,33 @@ struct Peer {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let autocheckpoint = match args.iter().position(|a| a == "--checkpoint") {
+        Some(at) if at + 1 < args.len() => {
+            let mode = args.remove(at + 1);
+            args.remove(at);
+            match mode.as_str() {
+                "auto" => true,
+                "off" => false,
+                _ => {
+                    eprintln!("error: --checkpoint must be auto or off, got {mode:?}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        Some(_) => {
+            eprintln!("error: --checkpoint needs a value (auto or off)");
+            return ExitCode::from(2);
+        }
+        None => true,
+    };
     let (store, addr) = match args.as_slice() {
         [store] => (store.clone(), "127.0.0.1:0".to_owned()),
         [store, addr] => (store.clone(), addr.clone()),
         _ => {
-            eprintln!("usage: durable_baseline STORE.db [LISTEN_ADDR]   (default 127.0.0.1:0)");
+            eprintln!(
+                "usage: durable_baseline STORE.db [LISTEN_ADDR] [--checkpoint auto|off]   (default 127.0.0.1:0, auto)"
+            );
             return ExitCode::from(2);
         }
     };
@@ -108,7 +137,7 @@ fn main() -> ExitCode {
         eprintln!("error: invalid listen address {addr:?}");
         return ExitCode::from(2);
     };
-    match serve(Path::new(&store), addr) {
+    match serve(Path::new(&store), addr, autocheckpoint) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -117,7 +146,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(store: &Path, addr: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+fn serve(
+    store: &Path,
+    addr: SocketAddr,
+    autocheckpoint: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
     // The store crate creates the schema (and checks an existing one), so it is the same.
     drop(mllp_store::SqliteBackend::open(
         store,
@@ -129,6 +162,9 @@ fn serve(store: &Path, addr: SocketAddr) -> Result<(), Box<dyn std::error::Error
         return Err(format!("journal mode is {mode}, not WAL").into());
     }
     db.pragma_update(None, "synchronous", "FULL")?;
+    if !autocheckpoint {
+        db.pragma_update(None, "wal_autocheckpoint", 0)?;
+    }
 
     let mut poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -290,6 +326,11 @@ fn writer(mut db: Connection, queues: &Queues, waker: &Waker, path: &Path) {
     }
 }
 
+/// A header field as TEXT, as the store writes it.
+fn text(field: Option<&[u8]>) -> Option<std::borrow::Cow<'_, str>> {
+    field.map(String::from_utf8_lossy)
+}
+
 /// Inserts `jobs` in one IMMEDIATE transaction, each after its duplicate lookup.
 fn commit(db: &mut Connection, jobs: &[Job]) -> rusqlite::Result<()> {
     let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -297,14 +338,12 @@ fn commit(db: &mut Connection, jobs: &[Job]) -> rusqlite::Result<()> {
         let mut find = tx.prepare_cached(FIND_ORIGINAL)?;
         let mut insert = tx.prepare_cached(INSERT)?;
         for job in jobs {
-            let msh = Msh::parse(&job.payload);
-            let text = |n: usize| {
-                msh.as_ref()
-                    .map(|m| m.field(n))
-                    .filter(|f| !f.is_empty())
-                    .map(String::from_utf8_lossy)
-            };
-            let (app, facility, control) = (text(3), text(4), text(10));
+            let header = mllp_store::Header::parse(&job.payload);
+            let (app, facility, control) = (
+                text(header.sending_application),
+                text(header.sending_facility),
+                text(header.control_id),
+            );
             let duplicate_of: Option<i64> = match &control {
                 Some(control) => find
                     .query_row(
@@ -327,11 +366,12 @@ fn commit(db: &mut Connection, jobs: &[Job]) -> rusqlite::Result<()> {
                 job.sequence as i64,
                 app,
                 facility,
-                text(9),
+                text(header.message_type),
                 control,
                 job.payload.len() as i64,
                 duplicate_of,
                 &job.payload[..],
+                text(header.patient_id),
             ])?;
         }
     }

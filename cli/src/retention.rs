@@ -19,7 +19,8 @@ pub struct RetainArgs {
     #[arg(long, default_value = DEFAULT_RETAIN_TEXT, value_name = "DURATION", value_parser = parse_retain)]
     pub retain: Retain,
     /// Also remove the oldest messages while the store's data is larger than this
-    /// (e.g. 50GiB, 500MB).
+    /// (e.g. 50GiB, 500MB; PostgreSQL: an estimate of the rows' bytes, since the table's
+    /// size on disk does not shrink when rows are deleted).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub retain_size: Option<u64>,
 }

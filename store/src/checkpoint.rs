@@ -5,15 +5,15 @@
 //! copy and the database file's sync. The store's writer connection turns that off, and a
 //! `Checkpointer` thread with its own connection does the copying instead:
 //!
-//! - After a commit leaves [`CHECKPOINT_PAGES`] or more pages in the WAL that no checkpoint
-//!   has copied yet, the writer's WAL hook (a few atomic operations, on the writer thread)
+//! - After a commit leaves a quarter of the limit ([`CHECKPOINTS_PER_LIMIT`]) or more in the
+//!   WAL that no checkpoint has copied yet, the writer's WAL hook (a few atomic operations, on the writer thread)
 //!   wakes the checkpointer, which runs a `PASSIVE` checkpoint: it copies what it can without
 //!   taking any lock a writer or reader needs, so commits go on meanwhile.
 //! - A WAL is only reused from its start once a checkpoint copied all of it while no commit
 //!   came in between, which under sustained load never happens by itself. So once the WAL
 //!   holds the limit ([`WAL_LIMIT_BYTES`] by default), the checkpointer stops, and the writer runs a `RESTART`
 //!   checkpoint itself before its next transaction (after the previous batch's ACKs went out):
-//!   it copies only the few pages the last `PASSIVE` had not, syncs the database file, and the
+//!   it copies only the pages the last `PASSIVE` had not, syncs the database file, and the
 //!   next commit starts the WAL over; `journal_size_limit` cuts the file back to
 //!   [`WAL_LIMIT_BYTES`]. It never waits: with the checkpointer mid-copy, or a reader (export)
 //!   still in the WAL, it gives up at once and tries again before the next transaction. The
@@ -31,10 +31,17 @@ use rusqlite::Connection;
 use rusqlite::hooks::Wal;
 use rusqlite::wal::CheckpointMode;
 
-/// WAL pages not yet copied back that make the checkpointer run: SQLite's own automatic
-/// checkpoint threshold (4 MiB with 4 KiB pages), so the database file is synced about as
-/// often as before, only never on the commit path.
-pub const CHECKPOINT_PAGES: u32 = 1_000;
+/// The checkpointer runs once the WAL holds this fraction of the limit that no checkpoint
+/// has copied yet: 4, so a quarter (16 MiB, 4 096 pages, with the default 64 MiB limit).
+///
+/// A checkpoint copies each page once however many commits rewrote it in the meantime, and a
+/// commit rewrites the same few index pages and the table's last page again and again, so
+/// the less often it runs, the less it copies and syncs. SQLite's own threshold (1 000 pages)
+/// cost the checkpointer 4.7 µs of CPU per message at S3 (50 connections × 8 in flight),
+/// 4 000 pages 2.2 µs, 8 000 pages 1.4 µs (`BENCHMARKS.md`, issue #21). A quarter keeps the
+/// writer's own `RESTART` at the limit short: it copies only what came since the last
+/// `PASSIVE`, at most a quarter of the WAL, once per limit's worth of commits.
+pub const CHECKPOINTS_PER_LIMIT: u32 = 4;
 
 /// Default WAL size at which the writer restarts the WAL (`RESTART`), and the size the file is
 /// cut back to when it is reused (`journal_size_limit`): 64 MiB
@@ -61,20 +68,22 @@ struct Shared {
     wake: Condvar,
     closed: AtomicBool,
     /// WAL frames the last checkpoint covered (copied or not): the hook asks for the next
-    /// checkpoint once the WAL passes this plus [`CHECKPOINT_PAGES`].
+    /// checkpoint once the WAL passes this plus `every_pages`.
     covered: AtomicU32,
     /// Frames in the WAL after the writer's last commit.
     wal_pages: AtomicU32,
     /// The WAL limit in pages.
     limit_pages: u32,
+    /// Uncopied pages that make the checkpointer run (see [`CHECKPOINTS_PER_LIMIT`]).
+    every_pages: u32,
     /// The WAL limit in bytes.
     limit_bytes: u64,
 }
 
 impl Checkpointer {
     /// Starts the checkpointer on `conn` (its own connection to the store file, with the busy
-    /// timeout set) for a database with `page_size`-byte pages, keeping the WAL near
-    /// `limit_bytes`.
+    /// timeout set and the WAL open: see [`open_wal`]) for a database with `page_size`-byte
+    /// pages, keeping the WAL near `limit_bytes`.
     pub(crate) fn start(
         conn: Connection,
         page_size: u32,
@@ -90,6 +99,7 @@ impl Checkpointer {
             wal_pages: AtomicU32::new(0),
             limit_pages,
             limit_bytes,
+            every_pages: (limit_pages / CHECKPOINTS_PER_LIMIT).max(1),
         });
         let thread = {
             let shared = Arc::clone(&shared);
@@ -122,7 +132,7 @@ impl Checkpointer {
             // Past the limit the writer restarts the WAL itself (`restart_if_due`); a
             // checkpoint running then would only make that attempt fail.
             if pages < shared.limit_pages
-                && pages >= shared.covered.load(Ordering::Relaxed) + CHECKPOINT_PAGES
+                && pages >= shared.covered.load(Ordering::Relaxed) + shared.every_pages
             {
                 shared.request();
             }
@@ -185,6 +195,18 @@ impl Drop for Checkpointer {
     }
 }
 
+/// Opens the WAL on `conn`, the checkpointer's connection, by one read transaction.
+///
+/// A connection opens the WAL only with its first read; until then a checkpoint on it does
+/// nothing at all and reports a log of -1 (`sqlite3PagerCheckpoint` without a WAL). That was
+/// the checkpointer's state for its whole life before this read: every `PASSIVE` did nothing,
+/// the hook (seeing nothing covered) woke it after every commit once the WAL passed its
+/// threshold, and only the writer's `RESTART` at the limit ever copied the WAL,
+/// all of it at once, on the commit path.
+pub(crate) fn open_wal(conn: &Connection) -> rusqlite::Result<()> {
+    conn.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))
+}
+
 /// The checkpointer's loop: wait for a request, checkpoint, repeat until closed.
 fn run(conn: &Connection, shared: &Shared) {
     loop {
@@ -208,12 +230,15 @@ fn run(conn: &Connection, shared: &Shared) {
     }
 }
 
-/// One `PASSIVE` checkpoint. An error (an I/O error) only means the WAL stays longer: the
-/// next request retries, and the writer's restart at the limit holds regardless.
+/// One `PASSIVE` checkpoint. A failure (an I/O error, or a checkpoint that covered nothing)
+/// only means the WAL stays longer: it counts as covering the WAL as it was when the
+/// checkpoint started, so the hook asks again a quarter of the limit later rather than
+/// after every commit, and the writer's restart at the limit holds regardless.
 fn checkpoint(conn: &Connection, shared: &Shared) {
-    if let Ok((log, _copied)) = conn.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
-        shared
-            .covered
-            .store(u32::try_from(log).unwrap_or(0), Ordering::Relaxed);
-    }
+    let started_at = shared.wal_pages.load(Ordering::Relaxed);
+    let covered = match conn.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
+        Ok((log, _copied)) => u32::try_from(log).unwrap_or(started_at),
+        Err(_) => started_at,
+    };
+    shared.covered.store(covered, Ordering::Relaxed);
 }

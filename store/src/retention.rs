@@ -199,9 +199,11 @@ impl PruneReport {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct StoreUsage {
-    /// Bytes on disk: the database file plus its WAL.
+    /// Bytes on disk: the database file plus its WAL (PostgreSQL: the messages table's
+    /// `pg_total_relation_size`: heap, TOAST and indexes).
     pub file_bytes: u64,
-    /// Bytes in pages that hold data (the file's pages minus its free pages).
+    /// Bytes in pages that hold data (the file's pages minus its free pages; PostgreSQL: an
+    /// estimate from the rows' sizes, see `crate::postgresql`).
     pub used_bytes: u64,
     /// Bytes in free pages: reused by the next inserts, or given back by the pruner.
     pub free_bytes: u64,

@@ -603,6 +603,7 @@ fn start_checkpointer(
     let classify = |e: rusqlite::Error| classify_open_error(path, flags, e);
     let own = Connection::open_with_flags(path, flags).map_err(classify)?;
     own.busy_timeout(options.busy_timeout).map_err(classify)?;
+    crate::checkpoint::open_wal(&own).map_err(classify)?;
     let page_size: u32 = own
         .pragma_query_value(None, "page_size", |r| r.get(0))
         .map_err(classify)?;

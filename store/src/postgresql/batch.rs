@@ -6,7 +6,7 @@ use futures_util::future::join;
 use tokio_postgres::types::ToSql;
 
 use super::connection::Connection;
-use super::sql::LOCK_KEY;
+use super::sql::begin_locked;
 use crate::record::{Record, StoreOutcome, text};
 
 /// Columns of a batch as parallel arrays, for [`INSERT`](super::sql::INSERT).
@@ -87,10 +87,7 @@ pub(super) fn insert_batch(
         pick(&cols.facility, &keyed),
     );
     let client = &conn.client;
-    let begin = format!(
-        "BEGIN; SELECT pg_advisory_xact_lock({}, {})",
-        LOCK_KEY.0, LOCK_KEY.1
-    );
+    let begin = begin_locked();
     // Sent together; the server runs the lookup after the lock is granted, with a snapshot
     // taken then, so it sees every batch committed before ours.
     let (locked, row) = conn.block_on(join(

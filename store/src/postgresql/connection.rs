@@ -8,7 +8,7 @@ use tokio_postgres::{Client, NoTls, Statement};
 
 use super::batch::{Failure, insert_batch};
 use super::session::Session;
-use super::sql::LOCK_KEY;
+use super::sql::begin_locked;
 use super::{PostgresBackend, RECONNECT_MAX, RECONNECT_MIN};
 use crate::error::{Cause, StoreError};
 use crate::record::{Record, StoreOutcome};
@@ -191,10 +191,7 @@ impl PostgresBackend {
     /// up after the lock timeout first, and the batch stays unknown.)
     pub(super) fn committed(&mut self, first: i64) -> Result<bool, StoreError> {
         let conn = self.connection()?;
-        let lock = format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({}, {})",
-            LOCK_KEY.0, LOCK_KEY.1
-        );
+        let lock = begin_locked();
         let result = conn.block_on(async {
             conn.client.batch_execute(&lock).await?;
             let found = conn

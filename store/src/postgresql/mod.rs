@@ -297,14 +297,17 @@ impl PostgresBackend {
         Self::new(url, options, false, true)
     }
 
-    /// Connects a writer to an existing store: as [`connect`](Self::connect), but a database
-    /// without the store's tables is [`StoreError::NotAStore`] (for tools such as `resend`
-    /// and `prune`, which must not create a store).
+    /// Connects a tool that writes to an existing store (`prune`, the pruner, `resend`'s
+    /// audit): as [`connect`](Self::connect), but a database without the store's tables is
+    /// [`StoreError::NotAStore`] (a tool never creates a store), and `synchronous_commit`
+    /// and `fsync` are not checked: what a tool writes acknowledges nothing to a sender (a
+    /// delete lost in a crash is redone by the next pass), and a server that `serve` was
+    /// told to accept (`--allow-async-commit`) must not stop its retention.
     pub(crate) fn connect_existing(
         url: &str,
         options: &PostgresOptions,
     ) -> Result<Self, StoreError> {
-        Self::new(url, options, false, false)
+        Self::new(url, &options.clone().allow_async_commit(true), false, false)
     }
 
     /// Connects a reader (export): its session is read-only, and it never creates anything.

@@ -3,7 +3,7 @@
 use tokio_postgres::Client;
 
 use super::SCHEMA_VERSION;
-use super::sql::{LOCK_KEY, MIGRATIONS};
+use super::sql::{MIGRATIONS, begin_locked};
 use crate::error::{Cause, Found, StoreError};
 
 pub(super) enum Schema {
@@ -58,13 +58,7 @@ pub(super) async fn migrate(client: &Client, path: &std::path::Path) -> Result<(
     let fail = |e: tokio_postgres::Error| {
         StoreError::open(path, Cause::postgres(e).context("cannot create the schema"))
     };
-    client
-        .batch_execute(&format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({}, {})",
-            LOCK_KEY.0, LOCK_KEY.1
-        ))
-        .await
-        .map_err(fail)?;
+    client.batch_execute(&begin_locked()).await.map_err(fail)?;
     let from = match inspect_schema(client).await.map_err(fail)? {
         Schema::Empty => 0,
         Schema::Version(v) if v >= SCHEMA_VERSION => {

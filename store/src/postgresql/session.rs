@@ -4,7 +4,7 @@ use tokio_postgres::{Client, Statement};
 
 use super::describe::show;
 use super::schema::{Schema, foreign, inspect_schema, migrate};
-use super::sql::LOCK_KEY;
+use super::sql::begin_locked;
 use super::sql::{
     ADD_CLIENT_CERT, ADD_PATIENT_ID, ADDITIONS, FIND_ORIGINALS, IDS_AND_ORIGINALS, INSERT,
     NO_INSERT, READ_AFTER, READ_AFTER_WITHOUT_CERT, SEARCH_INDEXES,
@@ -147,13 +147,7 @@ impl Session<'_> {
         if missing(client).await.map_err(fail)?.is_none() {
             return Ok(());
         }
-        client
-            .batch_execute(&format!(
-                "BEGIN; SELECT pg_advisory_xact_lock({}, {})",
-                LOCK_KEY.0, LOCK_KEY.1
-            ))
-            .await
-            .map_err(fail)?;
+        client.batch_execute(&begin_locked()).await.map_err(fail)?;
         // Under the lock, what is still missing (another node may have done it meanwhile).
         // On an error the caller drops the connection, which rolls the transaction back.
         if let Some(steps) = missing(client).await.map_err(fail)? {

@@ -6,6 +6,15 @@ use super::SCHEMA_VERSION;
 /// the single-`bigint` one): "MLLP", 1.
 pub(super) const LOCK_KEY: (i32, i32) = (0x4D4C_4C50, 1);
 
+/// `BEGIN`, then the store's lock ([`LOCK_KEY`]): how every transaction that writes the
+/// store's tables or must see every earlier batch starts.
+pub(super) fn begin_locked() -> String {
+    format!(
+        "BEGIN; SELECT pg_advisory_xact_lock({}, {})",
+        LOCK_KEY.0, LOCK_KEY.1
+    )
+}
+
 /// Schema migrations: `MIGRATIONS[v]` brings a schema at version `v` to `v + 1` (version 0 is
 /// an empty database). Each runs in the transaction that also updates `mllp_store_schema`.
 pub(super) const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = ["

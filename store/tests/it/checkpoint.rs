@@ -1,9 +1,24 @@
 //! WAL checkpoints off the commit path (issue 21): the WAL stays near its limit under a long
 //! stream of commits, and the checkpointer copies it back into the database meanwhile.
 
+use std::time::{Duration, Instant};
+
 use mllp_store::{Backend, Record, SqliteBackend, SqliteOptions};
 
 use crate::util::{TempDir, message, origin};
+
+/// Commits batch `batch` of 50 messages of ~4 KiB each (one WAL page or more apiece).
+fn commit_big_batch(backend: &mut SqliteBackend, batch: u64) {
+    let filler = "X".repeat(4_000);
+    let records: Vec<Record> = (0..50)
+        .map(|n| {
+            let mut bytes = message(&format!("{batch}-{n}")).to_vec();
+            bytes.extend_from_slice(format!("NTE|1||{filler}\r").as_bytes());
+            Record::new(bytes.into(), origin(1, batch * 50 + n))
+        })
+        .collect();
+    backend.commit_batch(&records).unwrap();
+}
 
 /// 4 MiB of WAL limit against about 24 MiB of commits: without the restarts the WAL would
 /// hold all of it (automatic checkpoints are off on the writer's connection).
@@ -14,17 +29,9 @@ fn the_wal_stays_near_its_limit_and_the_database_grows_meanwhile() {
     let limit: u64 = 4 << 20;
     let options = SqliteOptions::default().wal_limit(limit);
     let mut backend = SqliteBackend::open(&path, &options).unwrap();
-    let filler = "X".repeat(4_000);
     let mut largest_wal = 0;
     for batch in 0..120u64 {
-        let records: Vec<Record> = (0..50)
-            .map(|n| {
-                let mut bytes = message(&format!("{batch}-{n}")).to_vec();
-                bytes.extend_from_slice(format!("NTE|1||{filler}\r").as_bytes());
-                Record::new(bytes.into(), origin(1, batch * 50 + n))
-            })
-            .collect();
-        backend.commit_batch(&records).unwrap();
+        commit_big_batch(&mut backend, batch);
         let wal = std::fs::metadata(dir.join("store.db-wal")).map_or(0, |m| m.len());
         largest_wal = largest_wal.max(wal);
     }
@@ -37,4 +44,34 @@ fn the_wal_stays_near_its_limit_and_the_database_grows_meanwhile() {
         "the database file holds {db} B: nothing was checkpointed"
     );
     assert_eq!(backend.last_id().unwrap(), 6_000);
+}
+
+/// The checkpointer copies the WAL back long before the limit: with a 16 MiB limit and
+/// ~6 MiB of commits (about 1 500 pages, past the quarter of the limit, 1 024 pages, that
+/// triggers a `PASSIVE`), the database file grows while the writer is still open. Before its connection opened the
+/// WAL, every `PASSIVE` did nothing and the database file stayed at one page until the
+/// writer's restart at the limit (never reached here).
+#[test]
+fn the_checkpointer_copies_the_wal_long_before_the_limit() {
+    let dir = TempDir::new("wal-passive");
+    let path = dir.join("store.db");
+    let options = SqliteOptions::default().wal_limit(16 << 20);
+    let mut backend = SqliteBackend::open(&path, &options).unwrap();
+    for batch in 0..30u64 {
+        commit_big_batch(&mut backend, batch);
+    }
+    // The checkpoint runs on its own thread: wait for its effect, boundedly.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let db = loop {
+        let db = std::fs::metadata(&path).unwrap().len();
+        if db > 2 << 20 || Instant::now() > deadline {
+            break db;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        db > 2 << 20,
+        "the database file holds {db} B after ~6 MiB of commits: the checkpointer copied nothing"
+    );
+    assert_eq!(backend.last_id().unwrap(), 1_500);
 }

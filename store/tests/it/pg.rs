@@ -7,6 +7,8 @@
 //! installs it. Every wait is bounded.
 
 use mllp_test_support::pg as cluster;
+#[path = "pg/check.rs"]
+mod check;
 #[path = "pg/cut_proxy.rs"]
 mod cut_proxy;
 #[path = "pg/ready.rs"]

@@ -195,17 +195,23 @@ fn a_size_cap_removes_the_oldest_first() {
     )
     .unwrap();
     let left = ids(&path);
-    assert_eq!(left.len() as u64 + done.deleted, 40);
-    assert_eq!(left.last(), Some(&40), "the newest stay");
-    assert_eq!(
-        left.first(),
-        Some(&(done.deleted as i64 + 1)),
-        "the oldest go first"
-    );
+    the_oldest_went_first(&left, done.deleted, 40);
     let usage = usage_sqlite(&path, &SqliteOptions::default()).unwrap();
     assert!(
         usage.used_bytes <= 200 * 1024,
         "{usage:?} {done:?} {left:?}"
+    );
+}
+
+/// Of ids 1..=`total`, `deleted` were pruned by size and `left` remain: the oldest went.
+#[track_caller]
+pub(crate) fn the_oldest_went_first(left: &[i64], deleted: u64, total: i64) {
+    assert_eq!(left.len() as i64 + deleted as i64, total);
+    assert_eq!(left.last(), Some(&total), "the newest stay");
+    assert_eq!(
+        left.first(),
+        Some(&(deleted as i64 + 1)),
+        "the oldest go first"
     );
 }
 

@@ -12,7 +12,9 @@ use mllp_store::retention::{
 use mllp_store::{Backend, Record, Store, StoreConfig, StoreError};
 
 use super::{cluster::PgCluster, connect, options};
-use crate::retention::{DAY, FORWARD_STATE, KEPT, at, backdated, big, steady_load};
+use crate::retention::{
+    DAY, FORWARD_STATE, KEPT, at, backdated, big, steady_load, the_oldest_went_first,
+};
 use crate::util::WAIT;
 
 fn prune(url: &str, policy: &RetentionPolicy, mode: PruneMode) -> PruneReport {
@@ -137,13 +139,7 @@ fn a_size_cap_removes_the_oldest_first() {
     let done = prune(&url, &policy, PruneMode::Delete);
     let left = ids(&pg, "size");
     assert!(done.deleted > 0, "{done:?}");
-    assert_eq!(left.len() as u64 + done.deleted, 40);
-    assert_eq!(left.last(), Some(&40), "the newest stay");
-    assert_eq!(
-        left.first(),
-        Some(&(done.deleted as i64 + 1)),
-        "the oldest go first"
-    );
+    the_oldest_went_first(&left, done.deleted, 40);
     let usage = usage_postgres(&url, &options()).unwrap();
     assert!(usage.used_bytes <= cap, "{usage:?} {done:?} {left:?}");
 }
