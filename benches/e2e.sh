@@ -45,6 +45,10 @@
 #   SKIP_BUILD=1        do not run cargo build
 #   RETRIES=2           re-runs of a run that other load disturbed (see `noisy`); the last
 #                       attempt is kept and tagged "noisy" if it still was
+#   BOOST=0             1: run everything at the highest CPU priority, in a session (autogroup)
+#                       of its own at nice -20 (needs root), so that other work on a shared
+#                       machine (builds at nice 0 and above) takes less from the runs. It does
+#                       not make a shared machine quiet: "other CPU" still says what it took.
 #   PIN=auto            auto: run server and bench of `1conn` on one CPU (PIN_CPU, default the
 #                       last one); none: never pin (the default with MODE=durable). See
 #                       "Pinning" below.
@@ -63,6 +67,16 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+
+# BOOST=1: start again as the leader of a new session, whose autogroup (the scheduler weighs
+# autogroups against each other before nice values count) then gets nice -20.
+if [[ ${BOOST:-0} == 1 && -z ${E2E_BOOSTED:-} ]]; then
+    E2E_BOOSTED=1 exec setsid -w "$0" "$@"
+fi
+if [[ -n ${E2E_BOOSTED:-} ]]; then
+    echo -20 >/proc/self/autogroup || { echo "e2e: BOOST=1 needs root (autogroup nice -20)" >&2; exit 1; }
+    renice -n -20 -p $$ >/dev/null || { echo "e2e: BOOST=1 needs root (renice -20)" >&2; exit 1; }
+fi
 
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5s}
@@ -365,6 +379,7 @@ echo
 echo "- $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $NCPU CPUs, $(nproc --all) online; background load before start: $(awk -v b="$BUSY" 'BEGIN { printf "%.0f%%", b * 100 }') of all CPUs"
 echo "- mode: $MODE"
 echo "- $ROUNDS rounds per scenario, alternating order; warmup $WARMUP, window $DURATION; medians over rounds"
+echo "- priority: $(if [[ -n ${E2E_BOOSTED:-} ]]; then echo "BOOST=1 (own autogroup, nice -20)"; else echo "normal"; fi)"
 echo "- pinning: $(if [[ $PIN == auto ]]; then echo "1conn on CPU $PIN_CPU (server and bench), others unpinned"; else echo none; fi)"
 echo "- baseline: \`$BASELINE_CMD\`"
 echo "- ours: \`$OURS_CMD\`"

@@ -9,7 +9,8 @@
 //! # Calls
 //!
 //! The reactor calls, for each connection, in any order that the I/O dictates:
-//! - `handle_read(bytes, now)` with each chunk read (while [`Connection::wants_read`]);
+//! - `handle_read(bytes, now)` with each chunk read (while [`Connection::wants_read`]), or
+//!   `read_with(now, read)` to read straight into the connection's buffer (plain TCP: no copy);
 //!   `handle_eof()` when the peer half-closes; `handle_io_error(kind)` when I/O fails;
 //! - `poll_dispatch(now)` until it returns `None`, handing each message to the handler;
 //! - `handle_completion(seq, outcome, now)` with each handler result (inline, from the pool,
@@ -153,6 +154,12 @@ pub(crate) const LINGER_TIME: Duration = Duration::from_secs(2);
 /// connection's last large frame. One read's worth: below it a frame arrives in one or two
 /// reads and growth costs nothing worth saving.
 const LARGE_FRAME: usize = 64 * 1024;
+/// Most bytes one read appends to the read buffer ([`Connection::read_with`]): a full socket
+/// buffer's worth in few syscalls.
+pub(crate) const READ_CHUNK: usize = 64 * 1024;
+/// Room a read into the read buffer is offered at least: with less, the buffer first takes
+/// back the space of answered frames, or grows.
+const MIN_READ_ROOM: usize = 4 * 1024;
 /// Most bytes a lingering close reads and discards before giving up and closing: a peer that
 /// keeps pipelining into a closing connection is cut off after this much.
 pub(crate) const LINGER_BYTES: usize = 1 << 20;
@@ -323,8 +330,7 @@ impl Connection {
                 {
                     // A large frame again: grow once to the last large frame's size instead of
                     // doubling (each doubling copies everything received so far).
-                    self.read_buf
-                        .reserve(hint.max(needed) - self.read_buf.len());
+                    self.grow_large(hint.max(needed));
                 }
                 self.read_buf.extend_from_slice(bytes);
                 self.idle_deadline = deadline_after(now, self.limits.idle_timeout);
@@ -337,6 +343,68 @@ impl Connection {
                 }
             }
             State::Closed(_) => {}
+        }
+    }
+
+    /// Reads straight into the read buffer, without a copy: `read` is given the buffer and
+    /// the most bytes it may append ([`READ_CHUNK`], the "one read" of the bounds above), and
+    /// returns how many it appended (`Ok(0)`: end of stream). `None`, without calling `read`,
+    /// when the connection is not taking MLLP bytes (not started, lingering, closed): the
+    /// caller then reads elsewhere and hands the bytes to [`handle_read`](Self::handle_read).
+    ///
+    /// The buffer comes from the thread's pool and goes back to it when nothing was appended
+    /// (an idle connection owns none); before the read it is given room, growing straight to
+    /// the last large frame's size when a large frame is under way (as `handle_read` does).
+    pub(crate) fn read_with(
+        &mut self,
+        now: Instant,
+        read: impl FnOnce(&mut BytesMut, usize) -> std::io::Result<usize>,
+    ) -> Option<std::io::Result<usize>> {
+        if !matches!(self.state, State::Open) || !self.started {
+            return None;
+        }
+        self.make_room();
+        let before = self.read_buf.len();
+        let result = read(&mut self.read_buf, READ_CHUNK);
+        debug_assert!(self.read_buf.len() - before <= READ_CHUNK);
+        if self.read_buf.len() > before {
+            self.idle_deadline = deadline_after(now, self.limits.idle_timeout);
+        } else if self.read_buf.is_empty() {
+            self.release_read_buf();
+        }
+        Some(result)
+    }
+
+    /// Gives the read buffer at least [`MIN_READ_ROOM`] bytes of room for the next read.
+    fn make_room(&mut self) {
+        if self.read_buf.capacity() == 0 {
+            self.read_buf = pool::take_buffer();
+        }
+        let len = self.read_buf.len();
+        if self.read_buf.capacity() - len >= MIN_READ_ROOM {
+            return;
+        }
+        let hint = usize::from(self.large_frame_hint) * LARGE_FRAME;
+        if len > 0 && hint > self.read_buf.capacity() {
+            // A frame under way on a connection that sends large ones.
+            self.grow_large(hint);
+        } else {
+            // Reclaims the space of frames split off and answered, or doubles.
+            self.read_buf.reserve(MIN_READ_ROOM);
+        }
+    }
+
+    /// Grows the read buffer once to `capacity` for a large frame (instead of doubling, where
+    /// each doubling copies everything received so far), with a buffer the thread kept from an
+    /// earlier large frame if it has one.
+    fn grow_large(&mut self, capacity: usize) {
+        if let Some(mut large) = pool::take_large(capacity) {
+            large.extend_from_slice(&self.read_buf);
+            let mut small = std::mem::replace(&mut self.read_buf, large);
+            small.clear();
+            pool::put_buffer(small, 0);
+        } else {
+            self.read_buf.reserve(capacity - self.read_buf.len());
         }
     }
 
@@ -942,9 +1010,7 @@ impl Connection {
     /// frame: the allocation behind it may then be far larger than its capacity shows.
     fn release_read_buf(&mut self) {
         let buf = std::mem::take(&mut self.read_buf);
-        if self.large_frame_hint == 0 {
-            pool::put_buffer(buf);
-        }
+        pool::put_buffer(buf, usize::from(self.large_frame_hint) * LARGE_FRAME);
     }
 
     fn close(&mut self, reason: CloseReason, out: &mut Vec<Event>) {

@@ -312,7 +312,17 @@ pub fn search_postgres(
     filter: &SearchFilter,
     options: &crate::PostgresOptions,
 ) -> Result<Vec<StoredRecord>, StoreError> {
-    crate::PostgresBackend::connect_read_only(url, options)?.search(filter)
+    use tokio_postgres::types::ToSql;
+    let mut backend = crate::PostgresBackend::connect_read_only(url, options)?;
+    let (sql, params) = filter.render(Dialect::Postgres, backend.has_forwarding()?);
+    let params: Vec<&(dyn ToSql + Sync)> = params
+        .iter()
+        .map(|p| match p {
+            Param::Text(t) => t as &(dyn ToSql + Sync),
+            Param::Int(i) => i as &(dyn ToSql + Sync),
+        })
+        .collect();
+    backend.records(&sql, &params)
 }
 
 /// The messages of the SQLite store at `path` that match `filter`, newest first.
