@@ -22,7 +22,7 @@
 //! ```
 
 use std::io::{ErrorKind, IoSlice};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -70,7 +70,7 @@ pub(crate) struct Link {
     transport: Transport,
     pub(crate) conn: Connection,
     /// The socket's peer, or the client a PROXY header named.
-    peer: SocketAddr,
+    peer: PeerAddr,
     /// The socket reported readable (edge-triggered: until a read says `WouldBlock`).
     pub(crate) read_ready: bool,
     /// The socket reported writable (until a write says `WouldBlock`).
@@ -80,9 +80,48 @@ pub(crate) struct Link {
     received: bool,
     /// [`poll_started`](Self::poll_started) reported the start.
     announced: bool,
+    /// The poll reported the peer's end of stream (or an error): reads go on until they say
+    /// so, short or not (see [`read`](Self::read)).
+    read_closed: bool,
     /// Its TLS handshake's slot under the reactor's `max_handshakes` cap (kept here, where
     /// the struct has room, for the reactor).
     pub(crate) handshake: HandshakeSlot,
+}
+
+/// A peer's address in 24 bytes instead of `SocketAddr`'s 32 (an idle connection's cost
+/// counts): IPv6 flow information, meaningless for a peer's address, is not kept; the scope
+/// of a link-local peer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PeerAddr {
+    ip: IpAddr,
+    port: u16,
+    /// IPv6 scope id (0 for IPv4).
+    scope: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<PeerAddr>() <= 24);
+
+impl From<SocketAddr> for PeerAddr {
+    fn from(addr: SocketAddr) -> Self {
+        let scope = match addr {
+            SocketAddr::V4(_) => 0,
+            SocketAddr::V6(v6) => v6.scope_id(),
+        };
+        Self {
+            ip: addr.ip(),
+            port: addr.port(),
+            scope,
+        }
+    }
+}
+
+impl From<PeerAddr> for SocketAddr {
+    fn from(addr: PeerAddr) -> Self {
+        match addr.ip {
+            IpAddr::V4(ip) => SocketAddrV4::new(ip, addr.port).into(),
+            IpAddr::V6(ip) => SocketAddrV6::new(ip, addr.port, 0, addr.scope).into(),
+        }
+    }
 }
 
 /// A link's part in the reactor's cap on TLS handshakes in progress.
@@ -125,18 +164,19 @@ impl Link {
             id,
             transport,
             conn,
-            peer,
+            peer: PeerAddr::from(peer),
             read_ready: false,
             write_ready: false,
             received: false,
             announced: false,
+            read_closed: false,
             handshake: HandshakeSlot::None,
         }
     }
 
     /// The peer: the socket's, or the client a PROXY header named.
     pub(crate) fn peer(&self) -> SocketAddr {
-        self.peer
+        self.peer.into()
     }
 
     /// The verified client certificate's identity (mutual TLS).
@@ -145,8 +185,9 @@ impl Link {
     }
 
     /// Takes a readiness event.
-    pub(crate) fn handle_readiness(&mut self, readable: bool, writable: bool) {
-        self.read_ready |= readable;
+    pub(crate) fn handle_readiness(&mut self, readable: bool, writable: bool, read_closed: bool) {
+        self.read_ready |= readable || read_closed;
+        self.read_closed |= read_closed;
         self.write_ready |= writable;
     }
 
@@ -253,12 +294,15 @@ impl Link {
         }
     }
 
-    /// One read into `scratch`, handed on: to the PROXY header while it is awaited (checking
-    /// the client it names against `policy`), to the connection after. Returns whether any
-    /// progress was made.
+    /// One read, handed on: to the PROXY header while it is awaited (checking the client it
+    /// names against `policy`), to the connection after; through `scratch` unless the bytes
+    /// can go straight into the connection's buffer. `drain`: readiness ends only with
+    /// `WouldBlock` (or the end of stream), not already with a read that found fewer bytes
+    /// than it had room for. Returns whether any progress was made.
     pub(crate) fn read(
         &mut self,
         scratch: &mut [u8],
+        drain: bool,
         policy: &Mutex<Arc<Policy>>,
         telemetry: &Telemetry,
         now: Instant,
@@ -266,10 +310,15 @@ impl Link {
     ) -> bool {
         // Straight into the connection's buffer where the bytes are MLLP over plain TCP; else
         // through `scratch`, to the layer or the PROXY header (or discarded while lingering).
+        let mut short = false;
         let direct = if self.transport.reads_into() {
             let transport = &mut self.transport;
-            self.conn
-                .read_with(now, |buf, max| transport.read_into(buf, max))
+            self.conn.read_with(now, |buf, max| {
+                let room = (buf.capacity() - buf.len()).min(max);
+                let read = transport.read_into(buf, max);
+                short = matches!(read, Ok(n) if n > 0 && n < room);
+                read
+            })
         } else {
             None
         };
@@ -292,6 +341,16 @@ impl Link {
                 telemetry.metrics.bytes_received.increment(n as u64);
                 if direct {
                     self.received = true;
+                    // Fewer bytes than there was room for: the socket had no more, so no read
+                    // that would only say `WouldBlock` (one syscall per message less). Bytes
+                    // that come later raise a new edge-triggered event (epoll reports every
+                    // arrival), as tokio relies on too. Not once the peer's end was reported:
+                    // that edge is spent, so reading goes on until the end of stream itself.
+                    // Nor when `drain`: the budget's holder keeps its turn while it has bytes
+                    // waiting, which only `WouldBlock` tells for sure.
+                    if short && !drain && !self.read_closed {
+                        self.read_ready = false;
+                    }
                 } else if self.transport.in_preamble() {
                     self.header_read(&scratch[..n], policy, now, out);
                 } else {
@@ -358,10 +417,10 @@ impl Link {
         };
         // A LOCAL header (a balancer's health check) names no client: the socket's peer stands.
         if let Some(source) = header.source() {
-            self.peer = source;
+            self.peer = source.into();
         }
         let policy = Arc::clone(&lock(policy));
-        if !admits(&policy, false, self.peer.ip()) {
+        if !admits(&policy, false, self.peer.ip) {
             self.conn.handle_start_failed(CloseReason::NotAllowed, out);
             return;
         }
@@ -476,5 +535,28 @@ impl Link {
     /// stage it was in, a deadline is the handshake's.
     fn before_start(&self, reason: CloseReason) -> RejectReason {
         RejectReason::before_start(reason, self.transport.in_preamble())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_address_keeps_what_a_peer_is_reported_with() {
+        for text in [
+            "127.0.0.1:2575",
+            "[::1]:2575",
+            "[fe80::1%7]:40000",
+            "[::ffff:10.0.0.1]:1",
+            "0.0.0.0:0",
+        ] {
+            let addr: SocketAddr = text.parse().unwrap();
+            assert_eq!(SocketAddr::from(PeerAddr::from(addr)), addr, "{text}");
+        }
+        // Flow information is not kept (it describes a flow, not the peer).
+        let flowing = SocketAddr::V6(SocketAddrV6::new(std::net::Ipv6Addr::LOCALHOST, 1, 5, 0));
+        let kept = SocketAddr::from(PeerAddr::from(flowing));
+        assert_eq!((kept.ip(), kept.port()), (flowing.ip(), flowing.port()));
     }
 }

@@ -123,7 +123,7 @@ struct Entry {
 // released): keep that at most 256 bytes (project goal; measured as RSS in BENCHMARKS.md).
 // (mio adds 8 bytes to a socket in debug builds.)
 const _: () =
-    assert!(std::mem::size_of::<Entry>() <= 240 + if cfg!(debug_assertions) { 8 } else { 0 });
+    assert!(std::mem::size_of::<Entry>() <= 224 + if cfg!(debug_assertions) { 8 } else { 0 });
 
 struct Drain {
     deadline: Instant,
@@ -229,8 +229,9 @@ impl Loop {
                             continue;
                         };
                         entry.link.handle_readiness(
-                            event.is_readable() || event.is_read_closed() || event.is_error(),
+                            event.is_readable(),
                             event.is_writable() || event.is_write_closed() || event.is_error(),
+                            event.is_read_closed() || event.is_error(),
                         );
                         self.drive(key, now);
                     }
@@ -497,8 +498,10 @@ impl Loop {
                     }
                 } else {
                     budget -= 1;
+                    // Above the budget the holder reads until `WouldBlock` (see `holder`).
                     progress |= entry.link.read(
                         &mut self.scratch,
+                        self.paused,
                         &self.r.shared.policy,
                         &self.r.telemetry,
                         now,

@@ -30,17 +30,20 @@ pub(crate) struct Acceptors {
 #[derive(Debug)]
 pub(crate) struct Transport {
     socket: TcpStream,
-    layer: Layer,
+    /// The layer on the socket; `None` for plain TCP (boxed: 8 bytes per connection, where
+    /// most connections have none).
+    layer: Option<Box<Layer>>,
 }
 
+// Only ever boxed whole (`Transport::layer`): the variants' sizes differ for one allocation
+// per connection, and a PROXY header's 1.2 KiB lasts only until the header is read.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Layer {
-    /// Plain TCP.
-    Plain,
     /// Waiting for the PROXY protocol header that must start the stream.
-    Proxy(Box<Preamble>),
+    Proxy(Preamble),
     /// TLS (rustls, driven sans-IO: every call is given the socket).
-    Tls(Box<tls::Session>),
+    Tls(tls::Session),
 }
 
 /// A connection before its PROXY header is complete.
@@ -85,7 +88,7 @@ impl Transport {
     fn tcp(socket: TcpStream) -> Self {
         Self {
             socket,
-            layer: Layer::Plain,
+            layer: None,
         }
     }
 
@@ -93,41 +96,43 @@ impl Transport {
     fn proxied(socket: TcpStream, mode: ProxyMode) -> Self {
         Self {
             socket,
-            layer: Layer::Proxy(Box::new(Preamble {
+            layer: Some(Box::new(Layer::Proxy(Preamble {
                 decoder: ProxyDecoder::new(mode),
                 buf: Vec::new(),
                 tls: None,
-            })),
+            }))),
         }
     }
 
     /// TLS over TCP, or over TCP after a PROXY header (`proxy`).
     fn tls(socket: TcpStream, session: tls::Session, proxy: Option<ProxyMode>) -> Self {
-        let session = Box::new(session);
         let layer = match proxy {
-            Some(mode) => Layer::Proxy(Box::new(Preamble {
+            Some(mode) => Layer::Proxy(Preamble {
                 decoder: ProxyDecoder::new(mode),
                 buf: Vec::new(),
-                tls: Some(session),
-            })),
+                tls: Some(Box::new(session)),
+            }),
             None => Layer::Tls(session),
         };
-        Self { socket, layer }
+        Self {
+            socket,
+            layer: Some(Box::new(layer)),
+        }
     }
 
     /// Whether the byte path is ready for MLLP: no header awaited, no handshake under way.
     pub(crate) fn ready(&self) -> bool {
-        match &self.layer {
-            Layer::Plain => true,
-            Layer::Proxy(_) => false,
-            Layer::Tls(session) => session.handshake_done(),
+        match self.layer.as_deref() {
+            None => true,
+            Some(Layer::Proxy(_)) => false,
+            Some(Layer::Tls(session)) => session.handshake_done(),
         }
     }
 
     /// The verified client certificate's identity (mutual TLS).
     pub(crate) fn peer_identity(&self) -> Option<std::sync::Arc<crate::identity::PeerIdentity>> {
-        match &self.layer {
-            Layer::Tls(session) => session.peer_identity_arc(),
+        match self.layer.as_deref() {
+            Some(Layer::Tls(session)) => session.peer_identity_arc(),
             _ => None,
         }
     }
@@ -142,39 +147,39 @@ impl Transport {
 
     /// Releases what buffers the layer can while the connection is idle.
     pub(crate) fn release_idle_buffers(&mut self) {
-        if let Layer::Tls(session) = &mut self.layer {
+        if let Some(Layer::Tls(session)) = self.layer.as_deref_mut() {
             session.release_idle_buffers();
         }
     }
 
     /// Whether the stream has a TLS handshake to complete (after its PROXY header, if any).
     pub(crate) fn handshakes(&self) -> bool {
-        match &self.layer {
-            Layer::Plain => false,
-            Layer::Proxy(preamble) => preamble.tls.is_some(),
-            Layer::Tls(session) => !session.handshake_done(),
+        match self.layer.as_deref() {
+            None => false,
+            Some(Layer::Proxy(preamble)) => preamble.tls.is_some(),
+            Some(Layer::Tls(session)) => !session.handshake_done(),
         }
     }
 
     /// Heap bytes the layer holds that vary with traffic, for the memory budget: a PROXY
     /// header being read, the TLS session's buffers (see `TlsSession::buffered`).
     pub(crate) fn buffered(&self) -> usize {
-        match &self.layer {
-            Layer::Plain => 0,
-            Layer::Proxy(preamble) => preamble.buf.capacity(),
-            Layer::Tls(session) => session.buffered(),
+        match self.layer.as_deref() {
+            None => 0,
+            Some(Layer::Proxy(preamble)) => preamble.buf.capacity(),
+            Some(Layer::Tls(session)) => session.buffered(),
         }
     }
 
     /// True while a PROXY header is awaited.
     pub(crate) fn in_preamble(&self) -> bool {
-        matches!(self.layer, Layer::Proxy(_))
+        matches!(self.layer.as_deref(), Some(Layer::Proxy(_)))
     }
 
     /// Takes raw bytes read from the socket while the PROXY header is awaited. On `Done` the
     /// transport becomes plain TCP.
     pub(crate) fn feed_preamble(&mut self, bytes: &[u8]) -> Preambled {
-        let Layer::Proxy(preamble) = &mut self.layer else {
+        let Some(Layer::Proxy(preamble)) = self.layer.as_deref_mut() else {
             return Preambled::Partial;
         };
         preamble.buf.extend_from_slice(bytes);
@@ -186,10 +191,10 @@ impl Transport {
                 if let Some(mut session) = preamble.tls.take() {
                     // The bytes after the header are the start of the TLS stream.
                     session.preload(&rest);
-                    self.layer = Layer::Tls(session);
+                    self.layer = Some(Box::new(Layer::Tls(*session)));
                     return Preambled::Done(header, Vec::new(), !rest.is_empty());
                 }
-                self.layer = Layer::Plain;
+                self.layer = None;
                 let more = !rest.is_empty();
                 Preambled::Done(header, rest, more)
             }
@@ -199,8 +204,8 @@ impl Transport {
     /// Reads from the socket: plaintext once the stream has started, raw header bytes before.
     /// `Ok(0)` is a clean end of stream; `WouldBlock` means nothing (yet).
     pub(crate) fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match &mut self.layer {
-            Layer::Tls(session) => session.read(&mut self.socket, buf),
+        match self.layer.as_deref_mut() {
+            Some(Layer::Tls(session)) => session.read(&mut self.socket, buf),
             _ => self.socket.read(buf),
         }
     }
@@ -208,7 +213,7 @@ impl Transport {
     /// Whether [`read_into`](Self::read_into) works: plain TCP, no layer that must see the
     /// bytes first (a PROXY header awaited, TLS).
     pub(crate) fn reads_into(&self) -> bool {
-        matches!(self.layer, Layer::Plain)
+        self.layer.is_none()
     }
 
     /// Reads up to `max` bytes straight into `buf`'s spare capacity, appending them (no copy
@@ -238,18 +243,18 @@ impl Transport {
     /// Writes plaintext; returns how much was taken. For TCP that many bytes reached the
     /// socket.
     pub(crate) fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match &mut self.layer {
-            Layer::Plain => self.socket.write_vectored(bufs),
+        match self.layer.as_deref_mut() {
+            None => self.socket.write_vectored(bufs),
             // Nothing is written before the header: the connection has not started.
-            Layer::Proxy(_) => Ok(0),
-            Layer::Tls(session) => session.write_vectored(&mut self.socket, bufs),
+            Some(Layer::Proxy(_)) => Ok(0),
+            Some(Layer::Tls(session)) => session.write_vectored(&mut self.socket, bufs),
         }
     }
 
     /// True when the layer holds bytes of its own for the socket.
     pub(crate) fn wants_flush(&self) -> bool {
-        match &self.layer {
-            Layer::Tls(session) => session.wants_write(),
+        match self.layer.as_deref() {
+            Some(Layer::Tls(session)) => session.wants_write(),
             _ => false,
         }
     }
@@ -257,21 +262,21 @@ impl Transport {
     /// Whether the bytes `write_vectored` takes reach the socket directly (plain TCP) or go
     /// through the layer's own queue and are counted by `flush`.
     pub(crate) fn writes_through(&self) -> bool {
-        matches!(self.layer, Layer::Plain | Layer::Proxy(_))
+        !matches!(self.layer.as_deref(), Some(Layer::Tls(_)))
     }
 
     /// Pushes the layer's own pending bytes to the socket; returns how many went out.
     pub(crate) fn flush(&mut self) -> io::Result<usize> {
-        match &mut self.layer {
-            Layer::Tls(session) => session.flush(&mut self.socket),
+        match self.layer.as_deref_mut() {
+            Some(Layer::Tls(session)) => session.flush(&mut self.socket),
             _ => Ok(0),
         }
     }
 
     /// Ends our sending side (after a TLS `close_notify`, where there is one).
     pub(crate) fn shutdown_write(&mut self) -> io::Result<()> {
-        match &mut self.layer {
-            Layer::Tls(session) => session.shutdown_write(&mut self.socket),
+        match self.layer.as_deref_mut() {
+            Some(Layer::Tls(session)) => session.shutdown_write(&mut self.socket),
             _ => self.socket.shutdown(Shutdown::Write),
         }
     }
