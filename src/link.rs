@@ -80,6 +80,9 @@ pub(crate) struct Link {
     received: bool,
     /// [`poll_started`](Self::poll_started) reported the start.
     announced: bool,
+    /// The poll reported the peer's end of stream (or an error): reads go on until they say
+    /// so, short or not (see [`read`](Self::read)).
+    read_closed: bool,
     /// Its TLS handshake's slot under the reactor's `max_handshakes` cap (kept here, where
     /// the struct has room, for the reactor).
     pub(crate) handshake: HandshakeSlot,
@@ -166,6 +169,7 @@ impl Link {
             write_ready: false,
             received: false,
             announced: false,
+            read_closed: false,
             handshake: HandshakeSlot::None,
         }
     }
@@ -181,8 +185,9 @@ impl Link {
     }
 
     /// Takes a readiness event.
-    pub(crate) fn handle_readiness(&mut self, readable: bool, writable: bool) {
-        self.read_ready |= readable;
+    pub(crate) fn handle_readiness(&mut self, readable: bool, writable: bool, read_closed: bool) {
+        self.read_ready |= readable || read_closed;
+        self.read_closed |= read_closed;
         self.write_ready |= writable;
     }
 
@@ -289,12 +294,15 @@ impl Link {
         }
     }
 
-    /// One read into `scratch`, handed on: to the PROXY header while it is awaited (checking
-    /// the client it names against `policy`), to the connection after. Returns whether any
-    /// progress was made.
+    /// One read, handed on: to the PROXY header while it is awaited (checking the client it
+    /// names against `policy`), to the connection after; through `scratch` unless the bytes
+    /// can go straight into the connection's buffer. `drain`: readiness ends only with
+    /// `WouldBlock` (or the end of stream), not already with a read that found fewer bytes
+    /// than it had room for. Returns whether any progress was made.
     pub(crate) fn read(
         &mut self,
         scratch: &mut [u8],
+        drain: bool,
         policy: &Mutex<Arc<Policy>>,
         telemetry: &Telemetry,
         now: Instant,
@@ -302,10 +310,15 @@ impl Link {
     ) -> bool {
         // Straight into the connection's buffer where the bytes are MLLP over plain TCP; else
         // through `scratch`, to the layer or the PROXY header (or discarded while lingering).
+        let mut short = false;
         let direct = if self.transport.reads_into() {
             let transport = &mut self.transport;
-            self.conn
-                .read_with(now, |buf, max| transport.read_into(buf, max))
+            self.conn.read_with(now, |buf, max| {
+                let room = (buf.capacity() - buf.len()).min(max);
+                let read = transport.read_into(buf, max);
+                short = matches!(read, Ok(n) if n > 0 && n < room);
+                read
+            })
         } else {
             None
         };
@@ -328,6 +341,16 @@ impl Link {
                 telemetry.metrics.bytes_received.increment(n as u64);
                 if direct {
                     self.received = true;
+                    // Fewer bytes than there was room for: the socket had no more, so no read
+                    // that would only say `WouldBlock` (one syscall per message less). Bytes
+                    // that come later raise a new edge-triggered event (epoll reports every
+                    // arrival), as tokio relies on too. Not once the peer's end was reported:
+                    // that edge is spent, so reading goes on until the end of stream itself.
+                    // Nor when `drain`: the budget's holder keeps its turn while it has bytes
+                    // waiting, which only `WouldBlock` tells for sure.
+                    if short && !drain && !self.read_closed {
+                        self.read_ready = false;
+                    }
                 } else if self.transport.in_preamble() {
                     self.header_read(&scratch[..n], policy, now, out);
                 } else {

@@ -229,8 +229,9 @@ impl Loop {
                             continue;
                         };
                         entry.link.handle_readiness(
-                            event.is_readable() || event.is_read_closed() || event.is_error(),
+                            event.is_readable(),
                             event.is_writable() || event.is_write_closed() || event.is_error(),
+                            event.is_read_closed() || event.is_error(),
                         );
                         self.drive(key, now);
                     }
@@ -497,8 +498,10 @@ impl Loop {
                     }
                 } else {
                     budget -= 1;
+                    // Above the budget the holder reads until `WouldBlock` (see `holder`).
                     progress |= entry.link.read(
                         &mut self.scratch,
+                        self.paused,
                         &self.r.shared.policy,
                         &self.r.telemetry,
                         now,

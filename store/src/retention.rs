@@ -362,7 +362,8 @@ pub fn usage_sqlite(path: &Path, options: &SqliteOptions) -> Result<StoreUsage, 
 pub mod metric {
     /// Counter: messages removed by retention.
     pub const PRUNED_TOTAL: &str = "mllp_store_pruned_total";
-    /// Gauge: bytes the store takes on disk (database file plus WAL).
+    /// Gauge: bytes the store takes on disk (SQLite: database file plus WAL; PostgreSQL:
+    /// `pg_total_relation_size` of the messages table).
     pub const STORE_BYTES: &str = "mllp_store_bytes";
     /// Gauge: age of the oldest stored message, in seconds (0 for an empty store).
     pub const OLDEST_AGE_SECONDS: &str = "mllp_store_oldest_age_seconds";
@@ -384,7 +385,7 @@ impl PruneMetrics {
         metrics::describe_gauge!(
             STORE_BYTES,
             Unit::Bytes,
-            "Bytes the store takes on disk (database file and WAL)"
+            "Bytes the store takes on disk (SQLite: file and WAL; PostgreSQL: the messages table)"
         );
         metrics::describe_gauge!(
             OLDEST_AGE_SECONDS,
