@@ -168,6 +168,9 @@ impl FrameDecoder {
                         received: self.scanned,
                     });
                 }
+                // Between frames with nothing buffered (after every message of a peer that
+                // waits for its answer): no search to start.
+                ScanState::SeekingStart if buf.is_empty() => return Ok(None),
                 ScanState::SeekingStart => match memchr::memchr(START_BLOCK, buf) {
                     Some(at) => {
                         // `at` junk bytes, then the start block: drop both.

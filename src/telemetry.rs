@@ -338,10 +338,6 @@ impl Metrics {
     pub(crate) fn closed(&self, reason: CloseReason) -> &Counter {
         &self.closed[reason.index()]
     }
-
-    pub(crate) fn handled(&self, outcome: Handled) -> &Counter {
-        &self.handled[outcome as usize]
-    }
 }
 
 /// Registers units and descriptions with the current recorder.
@@ -412,6 +408,9 @@ fn describe() {
 pub(crate) struct Tally {
     received: u64,
     handled: [u64; Handled::LABELS.len()],
+    /// Counts of the rare events, looked at only when `rare` is set: the flush after a turn
+    /// of ordinary messages checks six numbers.
+    rare: bool,
     junk: u64,
     naks_ae: u64,
     naks_ar: u64,
@@ -423,22 +422,30 @@ pub(crate) struct Tally {
 impl Tally {
     /// Adds the turn's counts to the metric handles and starts again from zero.
     pub(crate) fn flush(&mut self, m: &Metrics) {
-        let t = std::mem::take(self);
-        let add = |counter: &Counter, n: u64| {
-            if n > 0 {
-                counter.increment(n);
+        fn add(counter: &Counter, n: &mut u64) {
+            if *n > 0 {
+                counter.increment(std::mem::take(n));
             }
-        };
-        add(&m.received, t.received);
-        for (outcome, n) in Handled::ALL.into_iter().zip(t.handled) {
-            add(m.handled(outcome), n);
         }
-        add(&m.junk, t.junk);
-        add(&m.naks_ae, t.naks_ae);
-        add(&m.naks_ar, t.naks_ar);
-        add(&m.late_results, t.late_results);
-        add(&m.frames_too_large, t.frames_too_large);
-        add(&m.frames_timed_out, t.frames_timed_out);
+        add(&m.received, &mut self.received);
+        // `handled` is indexed by `Handled as usize`, as the tally is.
+        for (counter, n) in m.handled.iter().zip(&mut self.handled) {
+            add(counter, n);
+        }
+        if std::mem::take(&mut self.rare) {
+            add(&m.junk, &mut self.junk);
+            add(&m.naks_ae, &mut self.naks_ae);
+            add(&m.naks_ar, &mut self.naks_ar);
+            add(&m.late_results, &mut self.late_results);
+            add(&m.frames_too_large, &mut self.frames_too_large);
+            add(&m.frames_timed_out, &mut self.frames_timed_out);
+        }
+    }
+
+    /// Counts one rare event into `field`.
+    fn rare(&mut self, field: fn(&mut Self) -> &mut u64, n: u64) {
+        self.rare = true;
+        *field(self) += n;
     }
 }
 
@@ -531,7 +538,7 @@ impl Telemetry {
     pub(crate) fn report(&self, p: &Peer, event: Event, now: Instant, tally: &mut Tally) {
         let m = &self.metrics;
         match event {
-            Event::Junk(n) => tally.junk += n,
+            Event::Junk(n) => tally.rare(|t| &mut t.junk, n),
             Event::Handled(outcome) => tally.handled[outcome as usize] += 1,
             Event::MessageStop {
                 seq,
@@ -575,12 +582,16 @@ impl Telemetry {
                     control_id: control_id.as_deref(),
                 })
             }),
-            Event::NakQueued(AckCode::AR) => tally.naks_ar += 1,
-            Event::NakQueued(AckCode::AE) => tally.naks_ae += 1,
+            Event::NakQueued(AckCode::AR) => tally.rare(|t| &mut t.naks_ar, 1),
+            Event::NakQueued(AckCode::AE) => tally.rare(|t| &mut t.naks_ae, 1),
             Event::NakQueued(_) => {}
-            Event::LateResult => tally.late_results += 1,
-            Event::FrameRejected(FrameRejection::TooLarge) => tally.frames_too_large += 1,
-            Event::FrameRejected(FrameRejection::Timeout) => tally.frames_timed_out += 1,
+            Event::LateResult => tally.rare(|t| &mut t.late_results, 1),
+            Event::FrameRejected(FrameRejection::TooLarge) => {
+                tally.rare(|t| &mut t.frames_too_large, 1);
+            }
+            Event::FrameRejected(FrameRejection::Timeout) => {
+                tally.rare(|t| &mut t.frames_timed_out, 1);
+            }
             // Counted when the reactor removes the connection (with its duration).
             Event::Closed => {}
         }

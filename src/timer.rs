@@ -59,6 +59,7 @@
 //! a new entry only when a deadline moves *earlier* than the one already queued; when a deadline
 //! moves later (an idle timer pushed back by traffic), let the old entry fire and re-arm then.
 
+use std::cell::Cell;
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -146,6 +147,14 @@ pub(crate) struct TimerWheel<T> {
     overdue_min: u64,
     /// Entries in `slots` and `overdue` together.
     len: usize,
+    /// The last answer of the slot search in [`next_deadline`](Self::next_deadline), as a
+    /// tick and its instant, while it is still one: no later than every slot entry's tick
+    /// (an insert of an earlier one clears it), not yet elapsed (checked against
+    /// `next_tick`), and nothing fired since (which clears it, so the next answer is
+    /// tight again). The reactor asks once per poll turn and the answer rarely changes, so
+    /// this saves the bitmap search per turn (about 260 instructions per message at S1,
+    /// callgrind).
+    next: Cell<Option<(u64, Instant)>>,
     /// Slots whose entries `expired` examined, so tests can prove large jumps stay bounded.
     #[cfg(test)]
     slot_visits: usize,
@@ -193,6 +202,7 @@ impl<T: Copy> TimerWheel<T> {
             overdue: Vec::new(),
             overdue_min: u64::MAX,
             len: 0,
+            next: Cell::new(None),
             #[cfg(test)]
             slot_visits: 0,
         }
@@ -211,6 +221,9 @@ impl<T: Copy> TimerWheel<T> {
             self.overdue.push((tick, item));
             self.overdue_min = self.overdue_min.min(tick);
         } else {
+            if self.next.get().is_some_and(|(next, _)| tick < next) {
+                self.next.set(None);
+            }
             let index = self.slot_index(tick);
             let slot = &mut self.slots[index];
             slot.entries.push((tick, item));
@@ -276,6 +289,11 @@ impl<T: Copy> TimerWheel<T> {
         if !self.overdue.is_empty() {
             return Some(self.tick_instant(self.overdue_min));
         }
+        if let Some((tick, at)) = self.next.get()
+            && tick >= self.next_tick
+        {
+            return Some(at);
+        }
         let len = self.slots.len();
         let from = self.slot_index(self.next_tick);
         let mut best = u64::MAX;
@@ -296,7 +314,9 @@ impl<T: Copy> TimerWheel<T> {
             looked += 1;
             done += offset + 1;
         }
-        Some(self.tick_instant(best))
+        let at = self.tick_instant(best);
+        self.next.set(Some((best, at)));
+        Some(at)
     }
 
     /// Returns the number of queued entries, stale ones included.
@@ -330,6 +350,9 @@ impl<T: Copy> TimerWheel<T> {
         let (fired, min) = fire_due(&mut slot.entries, now_tick, out);
         slot.min_tick = min;
         self.len -= fired;
+        if fired > 0 {
+            self.next.set(None);
+        }
         if slot.entries.is_empty() {
             release_if_large(&mut slot.entries);
             self.occupied[index / 64] &= !(1 << (index % 64));

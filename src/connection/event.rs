@@ -61,13 +61,5 @@ pub(crate) enum Handled {
 }
 
 impl Handled {
-    /// Every outcome, in label order.
-    pub(crate) const ALL: [Self; 5] = [
-        Self::Reply,
-        Self::NoReply,
-        Self::Error,
-        Self::Panic,
-        Self::Timeout,
-    ];
     pub(crate) const LABELS: [&'static str; 5] = ["reply", "no_reply", "error", "panic", "timeout"];
 }

@@ -6,15 +6,24 @@
 //! `Checkpointer` thread with its own connection does the copying instead:
 //!
 //! - After a commit leaves a quarter of the limit ([`CHECKPOINTS_PER_LIMIT`]) or more in the
-//!   WAL that no checkpoint has copied yet, the writer's WAL hook (a few atomic operations, on the writer thread)
-//!   wakes the checkpointer, which runs a `PASSIVE` checkpoint: it copies what it can without
-//!   taking any lock a writer or reader needs, so commits go on meanwhile.
+//!   WAL that no checkpoint has copied yet, the writer's WAL hook (a few atomic operations,
+//!   on the writer thread) wakes the checkpointer, which runs a `PASSIVE` checkpoint: it
+//!   copies what it can without taking any lock a writer or reader needs, so commits go on
+//!   meanwhile.
 //! - A WAL is only reused from its start once a checkpoint copied all of it while no commit
-//!   came in between, which under sustained load never happens by itself. So once the WAL
-//!   holds the limit ([`WAL_LIMIT_BYTES`] by default), the checkpointer stops, and the writer runs a `RESTART`
-//!   checkpoint itself before its next transaction (after the previous batch's ACKs went out):
-//!   it copies only the pages the last `PASSIVE` had not, syncs the database file, and the
-//!   next commit starts the WAL over; `journal_size_limit` cuts the file back to
+//!   came in between, which under sustained load never happens by itself. Reuse matters
+//!   beyond the WAL's size: a commit that appends to the WAL file makes its sync allocate
+//!   blocks too, and on the development machine's ext4 such a sync took ~100 µs longer than
+//!   one that overwrites blocks already there (`BENCHMARKS.md`, issue #21). So:
+//! - When a `PASSIVE` leaves at most [`CHEAP_RESTART_PAGES`] uncopied (light load: the
+//!   checkpointer runs a few more `PASSIVE`s while what is left shrinks fast), and the WAL
+//!   holds at least a quarter of the limit, the writer restarts the WAL (`RESTART`, below)
+//!   before its next transaction: it copies those few pages, and from then on commits
+//!   overwrite the same quarter of the limit instead of growing the file.
+//! - Once the WAL holds the limit ([`WAL_LIMIT_BYTES`] by default), the checkpointer stops,
+//!   and the writer runs a `RESTART` checkpoint itself before its next transaction (after
+//!   the previous batch's ACKs went out): it copies only the pages the last `PASSIVE` had
+//!   not, syncs the database file, and the next commit starts the WAL over; `journal_size_limit` cuts the file back to
 //!   [`WAL_LIMIT_BYTES`]. It never waits: with the checkpointer mid-copy, or a reader (export)
 //!   still in the WAL, it gives up at once and tries again before the next transaction. The
 //!   WAL so stays near [`WAL_LIMIT_BYTES`] plus a batch or two, except while a reader holds an
@@ -43,6 +52,11 @@ use rusqlite::wal::CheckpointMode;
 /// `PASSIVE`, at most a quarter of the WAL, once per limit's worth of commits.
 pub const CHECKPOINTS_PER_LIMIT: u32 = 4;
 
+/// The most WAL pages that a `PASSIVE` may have left uncopied for the writer to restart the
+/// WAL before the limit: 64 (256 KiB with 4 KiB pages). The writer's `RESTART` copies them
+/// and syncs the database file on the commit path, once per quarter of the limit.
+pub const CHEAP_RESTART_PAGES: u32 = 64;
+
 /// Default WAL size at which the writer restarts the WAL (`RESTART`), and the size the file is
 /// cut back to when it is reused (`journal_size_limit`): 64 MiB
 /// ([`SqliteOptions::wal_limit`](crate::SqliteOptions::wal_limit)).
@@ -70,6 +84,8 @@ struct Shared {
     /// WAL frames the last checkpoint covered (copied or not): the hook asks for the next
     /// checkpoint once the WAL passes this plus `every_pages`.
     covered: AtomicU32,
+    /// WAL frames copied into the database, as of the last checkpoint.
+    backfilled: AtomicU32,
     /// Frames in the WAL after the writer's last commit.
     wal_pages: AtomicU32,
     /// The WAL limit in pages.
@@ -96,6 +112,7 @@ impl Checkpointer {
             wake: Condvar::new(),
             closed: AtomicBool::new(false),
             covered: AtomicU32::new(0),
+            backfilled: AtomicU32::new(0),
             wal_pages: AtomicU32::new(0),
             limit_pages,
             limit_bytes,
@@ -128,8 +145,9 @@ impl Checkpointer {
             if pages < shared.wal_pages.swap(pages, Ordering::Relaxed) {
                 // The WAL started over: nothing in it is covered yet.
                 shared.covered.store(0, Ordering::Relaxed);
+                shared.backfilled.store(0, Ordering::Relaxed);
             }
-            // Past the limit the writer restarts the WAL itself (`restart_if_due`); a
+            // Past the limit the writer restarts the WAL itself (`restart_due`); a
             // checkpoint running then would only make that attempt fail.
             if pages < shared.limit_pages
                 && pages >= shared.covered.load(Ordering::Relaxed) + shared.every_pages
@@ -140,10 +158,16 @@ impl Checkpointer {
         }))
     }
 
-    /// Whether the WAL has reached the limit, so the writer should [`restart`](Self::restart)
-    /// it before its next transaction.
+    /// Whether the writer should [`restart`](Self::restart) the WAL before its next
+    /// transaction: it has reached the limit, or it holds a quarter of it and nearly all of
+    /// it is copied (see the module docs).
     pub(crate) fn restart_due(&self) -> bool {
-        self.shared.wal_pages.load(Ordering::Relaxed) >= self.shared.limit_pages
+        let shared = &self.shared;
+        let pages = shared.wal_pages.load(Ordering::Relaxed);
+        pages >= shared.limit_pages
+            || (pages >= shared.every_pages
+                && pages.saturating_sub(shared.backfilled.load(Ordering::Relaxed))
+                    <= CHEAP_RESTART_PAGES)
     }
 
     /// On the writer's connection, before a transaction: a `RESTART` checkpoint that does not
@@ -227,8 +251,24 @@ fn run(conn: &Connection, shared: &Shared) {
             *requested = false;
         }
         checkpoint(conn, shared);
+        // Light load: what came in during the copy is little, so copy that too while it
+        // shrinks, until the writer can restart the WAL cheaply (`restart_due`). Under heavy
+        // load the rest is large and waits for the next request.
+        for _ in 0..FOLLOW_UPS {
+            let left = shared
+                .wal_pages
+                .load(Ordering::Relaxed)
+                .saturating_sub(shared.backfilled.load(Ordering::Relaxed));
+            if left <= CHEAP_RESTART_PAGES || left > shared.every_pages / 8 {
+                break;
+            }
+            checkpoint(conn, shared);
+        }
     }
 }
+
+/// At most this many `PASSIVE`s follow a requested one (see [`run`]).
+const FOLLOW_UPS: usize = 4;
 
 /// One `PASSIVE` checkpoint. A failure (an I/O error, or a checkpoint that covered nothing)
 /// only means the WAL stays longer: it counts as covering the WAL as it was when the
@@ -237,7 +277,12 @@ fn run(conn: &Connection, shared: &Shared) {
 fn checkpoint(conn: &Connection, shared: &Shared) {
     let started_at = shared.wal_pages.load(Ordering::Relaxed);
     let covered = match conn.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
-        Ok((log, _copied)) => u32::try_from(log).unwrap_or(started_at),
+        Ok((log, copied)) => {
+            if let Ok(copied) = u32::try_from(copied) {
+                shared.backfilled.store(copied, Ordering::Relaxed);
+            }
+            u32::try_from(log).unwrap_or(started_at)
+        }
         Err(_) => started_at,
     };
     shared.covered.store(covered, Ordering::Relaxed);

@@ -237,6 +237,14 @@ impl fmt::Display for Found {
     }
 }
 
+/// Whether the PostgreSQL server said it is ending the session (class 57P, "operator
+/// intervention": `pg_terminate_backend`, a shutdown, a crash restart): its FATAL error can
+/// reach a query before the closed socket does.
+#[cfg(feature = "postgres")]
+pub(crate) fn ends_session(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| c.code().starts_with("57P"))
+}
+
 /// A problem this crate found itself, as opposed to an error of the operating system or the
 /// database (both are a [`Cause`]'s `source()`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -400,7 +408,7 @@ impl Cause {
             #[cfg(feature = "postgres")]
             Kind::Postgres(e) => {
                 use std::error::Error as _;
-                e.is_closed() || e.source().is_some_and(|s| s.is::<io::Error>())
+                e.is_closed() || e.source().is_some_and(|s| s.is::<io::Error>()) || ends_session(e)
             }
             #[cfg(feature = "postgres")]
             Kind::Waiting { .. } => true,

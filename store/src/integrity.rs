@@ -166,7 +166,28 @@ pub fn check_postgres(
     depth: CheckDepth,
     options: &crate::PostgresOptions,
 ) -> Result<CheckOutcome, StoreError> {
-    crate::PostgresBackend::connect_read_only(url, options)?.check(depth)
+    let full = depth == CheckDepth::Full;
+    let found =
+        crate::PostgresBackend::connect_read_only(url, options)?.check(full, MAX_PROBLEMS)?;
+    Ok(if !found.damage.is_empty() {
+        CheckOutcome::Damaged(
+            found
+                .damage
+                .into_iter()
+                .chain(found.unsafe_settings)
+                .collect(),
+        )
+    } else if !found.unsafe_settings.is_empty() {
+        CheckOutcome::Unsafe(found.unsafe_settings)
+    } else if full && !found.amcheck {
+        CheckOutcome::Unchecked(
+            "the database has no amcheck extension (CREATE EXTENSION amcheck, as a superuser, \
+             to check the tables' pages and indexes)"
+                .to_owned(),
+        )
+    } else {
+        CheckOutcome::Ok
+    })
 }
 
 /// The one-line refusal `serve` prints for a damaged store.

@@ -190,6 +190,7 @@ pub mod integrity;
 mod open;
 #[cfg(feature = "postgres")]
 pub mod postgresql;
+mod prune_target;
 pub mod readiness;
 mod record;
 pub mod resend;

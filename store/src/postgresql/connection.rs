@@ -10,7 +10,7 @@ use super::batch::{Failure, insert_batch};
 use super::session::Session;
 use super::sql::begin_locked;
 use super::{PostgresBackend, RECONNECT_MAX, RECONNECT_MIN};
-use crate::error::{Cause, StoreError};
+use crate::error::{Cause, StoreError, ends_session};
 use crate::record::{Record, StoreOutcome};
 
 /// A live connection and its prepared statements.
@@ -143,6 +143,7 @@ impl PostgresBackend {
     pub(super) fn forget_if_dead(&mut self, e: &tokio_postgres::Error) {
         let dead = e.is_closed()
             || e.as_db_error().is_none()
+            || ends_session(e)
             || self.conn.as_ref().is_some_and(|c| c.client.is_closed());
         if dead {
             self.conn = None;

@@ -29,8 +29,8 @@ use tokio_postgres::error::SqlState;
 
 use super::PostgresBackend;
 use crate::error::{Cause, StoreError};
+use crate::prune_target::{Candidate, Candidates, PruneTarget, ROW_OVERHEAD, StoreUsage};
 use crate::record::StoreId;
-use crate::retention::{Candidate, Candidates, PruneTarget, ROW_OVERHEAD, StoreUsage};
 
 const CANDIDATES: &str =
     "SELECT id, received_at_us, size FROM mllp_messages WHERE id > $1 ORDER BY id LIMIT $2";

@@ -7,17 +7,22 @@ use mllp_store::{Backend, Record, SqliteBackend, SqliteOptions};
 
 use crate::util::{TempDir, message, origin};
 
-/// Commits batch `batch` of 50 messages of ~4 KiB each (one WAL page or more apiece).
+/// Message `seq` of connection 1, ~4 KiB (one WAL page or more).
+fn big_record(seq: u64) -> Record {
+    let mut bytes = message(&format!("big-{seq}")).to_vec();
+    bytes.extend_from_slice(format!("NTE|1||{}\r", "X".repeat(4_000)).as_bytes());
+    Record::new(bytes.into(), origin(1, seq))
+}
+
+/// Commits batch `batch` of 50 messages of ~4 KiB each.
 fn commit_big_batch(backend: &mut SqliteBackend, batch: u64) {
-    let filler = "X".repeat(4_000);
-    let records: Vec<Record> = (0..50)
-        .map(|n| {
-            let mut bytes = message(&format!("{batch}-{n}")).to_vec();
-            bytes.extend_from_slice(format!("NTE|1||{filler}\r").as_bytes());
-            Record::new(bytes.into(), origin(1, batch * 50 + n))
-        })
-        .collect();
+    let records: Vec<Record> = (0..50).map(|n| big_record(batch * 50 + n)).collect();
     backend.commit_batch(&records).unwrap();
+}
+
+/// The WAL file's size (0 while there is none).
+fn wal_size(dir: &TempDir) -> u64 {
+    std::fs::metadata(dir.join("store.db-wal")).map_or(0, |m| m.len())
 }
 
 /// 4 MiB of WAL limit against about 24 MiB of commits: without the restarts the WAL would
@@ -32,8 +37,7 @@ fn the_wal_stays_near_its_limit_and_the_database_grows_meanwhile() {
     let mut largest_wal = 0;
     for batch in 0..120u64 {
         commit_big_batch(&mut backend, batch);
-        let wal = std::fs::metadata(dir.join("store.db-wal")).map_or(0, |m| m.len());
-        largest_wal = largest_wal.max(wal);
+        largest_wal = largest_wal.max(wal_size(&dir));
     }
     // A limit's worth, plus the batch that crossed it and those that came while the
     // checkpointer or a restart was busy: far below the ~24 MiB written.
@@ -74,4 +78,28 @@ fn the_checkpointer_copies_the_wal_long_before_the_limit() {
         "the database file holds {db} B after ~6 MiB of commits: the checkpointer copied nothing"
     );
     assert_eq!(backend.last_id().unwrap(), 1_500);
+}
+
+/// Under light load (one message per commit) the writer restarts the WAL at about a quarter
+/// of the limit, once the checkpointer has copied nearly all of it, so later commits overwrite
+/// the WAL's blocks instead of appending (an appending sync costs more). With an 8 MiB limit
+/// and ~12 MiB of commits the WAL file never reaches the limit; without the early restart it
+/// grows to the limit before the first restart.
+#[test]
+fn light_load_restarts_the_wal_at_a_quarter_of_the_limit() {
+    let dir = TempDir::new("wal-quarter");
+    let path = dir.join("store.db");
+    let limit: u64 = 8 << 20;
+    let options = SqliteOptions::default().wal_limit(limit);
+    let mut backend = SqliteBackend::open(&path, &options).unwrap();
+    let mut largest_wal = 0;
+    for n in 0..3_000u64 {
+        backend.commit_batch(&[big_record(n)]).unwrap();
+        largest_wal = largest_wal.max(wal_size(&dir));
+    }
+    assert!(
+        largest_wal < limit * 3 / 4,
+        "largest WAL {largest_wal} B: no early restart (limit {limit} B)"
+    );
+    assert_eq!(backend.last_id().unwrap(), 3_000);
 }

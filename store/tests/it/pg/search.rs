@@ -140,3 +140,72 @@ fn resends_are_audited_in_the_store() {
     assert!(matches!(e, StoreError::NotAStore { .. }), "{e}");
     assert!(pg.psql("empty", "SELECT 1 FROM mllp_messages").is_err());
 }
+
+/// BENCHMARKS.md "PostgreSQL: search latency": `MLLP_PG_SEARCH_BENCH_ROWS` (default 1 000 000)
+/// 1 KiB rows with unique control ids and 100 000 patients, written server-side
+/// (`generate_series`, then `ANALYZE`); 50 searches each by control id and by patient through
+/// `search_postgres` with a fresh connection each (what `mllp-reactor search` does). Run:
+/// `cargo test -p mllp-store --features postgres --test it pg::search::search_bench --
+/// --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement (about a minute, about 1.5 GB of disk), not a check"]
+fn search_bench() {
+    use std::time::Instant;
+    let Some(pg) = PgCluster::start() else { return };
+    let url = pg.create_db("big");
+    drop(connect(&url));
+    let rows: u64 = std::env::var("MLLP_PG_SEARCH_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let fill = Instant::now();
+    for chunk in 0..rows.div_ceil(100_000) {
+        let (from, to) = (chunk * 100_000 + 1, ((chunk + 1) * 100_000).min(rows));
+        pg.sql(
+            "big",
+            &format!(
+                "INSERT INTO mllp_messages (received_at_us, peer, local, connection_id, sequence, \
+                 sending_application, sending_facility, message_type, control_id, patient_id, \
+                 size, payload) \
+                 SELECT g, '10.0.0.1:4000', '10.0.0.2:2575', 1, g, 'LAB', 'H', 'ADT^A01', \
+                 'C' || g, 'P' || (g % 100000), 1024, convert_to(repeat(md5(g::text), 32), 'UTF8') \
+                 FROM generate_series({from}, {to}) g"
+            ),
+        );
+    }
+    pg.sql("big", "VACUUM ANALYZE mllp_messages");
+    println!(
+        "filled {rows} rows in {:.0} s ({} MB)",
+        fill.elapsed().as_secs_f64(),
+        pg.sql(
+            "big",
+            "SELECT pg_total_relation_size('mllp_messages') >> 20"
+        )
+    );
+    for (name, make) in [
+        (
+            "control id",
+            Box::new(|i: u64| SearchFilter::default().control_id(format!("C{i}")))
+                as Box<dyn Fn(u64) -> SearchFilter>,
+        ),
+        (
+            "patient",
+            Box::new(|i: u64| SearchFilter::default().patient(format!("P{}", i % 100_000))),
+        ),
+    ] {
+        let mut times = Vec::new();
+        for k in 0..50u64 {
+            let i = 1 + (k * 7_919_993) % rows;
+            let start = Instant::now();
+            let found = search_postgres(&url, &make(i), &options()).unwrap();
+            times.push(start.elapsed());
+            assert!(!found.is_empty());
+        }
+        times.sort();
+        println!(
+            "search by {name} on {rows} rows (a fresh connection each, newest 100): median {:.2} ms, max {:.2} ms",
+            times[25].as_secs_f64() * 1e3,
+            times[49].as_secs_f64() * 1e3
+        );
+    }
+}
