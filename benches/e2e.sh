@@ -404,7 +404,7 @@ jq -s -r --args '
     def other: if .system_cpu == null or .server_cpu == null then null
         else .system_cpu - .client_cpu - .server_cpu end;
     . as $all
-    | "| scenario | baseline msg/s | ours msg/s | ratio | ratio range | baseline p99 µs | ours p99 µs | errors (b/o) | RSS/idle conn B (b/o) | bench CPU (b/o) | server CPU (b/o) | other CPU (b/o) | p50 µs (b/o) |",
+    | "| scenario | baseline msg/s | ours msg/s | ratio | ratio range | baseline p99 µs | ours p99 µs | errors (b/o) | anon RSS/idle conn B (b/o) | bench CPU (b/o) | server CPU (b/o) | other CPU (b/o) | p50 µs (b/o) |",
       "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
       ($ARGS.positional[] as $s
        | ($all | map(select(.scenario == $s))) as $runs

@@ -348,8 +348,13 @@ pub struct Report {
     pub errors: u64,
     /// Errors by kind.
     pub error_counts: ErrorCounts,
-    /// Server RSS growth per idle connection, bytes (needs `idle_conns > 0` and `server_pid`).
+    /// Server RSS growth per idle connection, bytes (needs `idle_conns > 0` and `server_pid`):
+    /// anonymous memory only (heap, stacks), what the process holds for its connections.
     pub rss_per_idle_conn: Option<f64>,
+    /// The same with file-backed pages too (`Rss` of `smaps_rollup`): it also counts the
+    /// binary's and libraries' code pages that paths run for the first time fault in, 64 KiB
+    /// at a time (the kernel's fault-around), which is not per-connection memory.
+    pub rss_total_per_idle_conn: Option<f64>,
     /// Idle connections the server had closed (or sent unexpected bytes on) by the end of the
     /// run. Not counted in `errors`: a server may legitimately close idle connections (idle
     /// timeout), but then `rss_per_idle_conn` no longer describes connections held open.
@@ -395,6 +400,7 @@ impl Report {
                 "lost": e.lost,
             },
             "rss_per_idle_conn": self.rss_per_idle_conn,
+            "rss_total_per_idle_conn": self.rss_total_per_idle_conn,
             "idle_closed": self.idle_closed,
             "client_cpu": self.client_cpu,
             "server_cpu": self.server_cpu,
@@ -458,13 +464,16 @@ pub fn run(cfg: &LoadConfig, progress: Option<&dyn Fn(u64)>) -> Result<Report, L
         .collect();
 
     let mut rss_per_idle_conn = None;
+    let mut rss_total_per_idle_conn = None;
     let idle = if cfg.idle_conns > 0 {
         let before = cfg.server_pid.map(read_rss).transpose()?;
         let idle = open_idle(cfg, run_id)?;
         thread::sleep(IDLE_SETTLE);
         let after = cfg.server_pid.map(read_rss).transpose()?;
         if let (Some(before), Some(after)) = (before, after) {
-            rss_per_idle_conn = Some((after as f64 - before as f64) / cfg.idle_conns as f64);
+            let per_conn = |a: u64, b: u64| (a as f64 - b as f64) / cfg.idle_conns as f64;
+            rss_per_idle_conn = Some(per_conn(after.anon, before.anon));
+            rss_total_per_idle_conn = Some(per_conn(after.total, before.total));
         }
         idle
     } else {
@@ -571,6 +580,7 @@ pub fn run(cfg: &LoadConfig, progress: Option<&dyn Fn(u64)>) -> Result<Report, L
         errors: error_counts.total(),
         error_counts,
         rss_per_idle_conn,
+        rss_total_per_idle_conn,
         idle_closed,
         client_cpu: cpu.client,
         server_cpu: cpu.server,
@@ -789,13 +799,25 @@ fn new_histogram() -> Histogram<u64> {
         .expect("constant histogram bounds are valid")
 }
 
-/// The resident set size of `pid`, in bytes.
-fn read_rss(pid: u32) -> Result<u64, LoadError> {
+/// A process's resident memory, in bytes.
+#[derive(Clone, Copy, Debug)]
+struct Rss {
+    /// Anonymous pages: heap, stacks, anonymous mappings.
+    anon: u64,
+    /// Everything resident, file-backed pages (code, mapped files) included.
+    total: u64,
+}
+
+/// The resident memory of `pid`.
+fn read_rss(pid: u32) -> Result<Rss, LoadError> {
     let rss_error = |source| LoadError::Rss { pid, source };
-    // `smaps_rollup` counts the pages mapped now (a page-table walk); `status`'s VmRSS comes
-    // from per-CPU counters that lag by up to a batch per CPU (64 KiB steps seen here, 64 B
-    // per connection at 1 000 idle ones). The latter only where the former is missing.
-    let kb = |text: String, key: &str| {
+    // `smaps_rollup` counts the pages mapped now (a page-table walk); `status`'s VmRSS and
+    // RssAnon come from per-CPU counters that lag by up to a batch per CPU (64 KiB steps seen
+    // here, 64 B per connection at 1 000 idle ones). The latter only where the former is
+    // missing. `Anonymous` is what the process holds; `Rss` adds code pages faulted in by
+    // paths run for the first time (64 KiB per fault, the kernel's fault-around), which made
+    // the per-connection figure jump by 64–192 B in some runs.
+    let kb = |text: &str, key: &str| {
         text.lines()
             .find_map(|line| line.strip_prefix(key))
             .and_then(|rest| rest.trim().strip_suffix("kB"))
@@ -803,13 +825,18 @@ fn read_rss(pid: u32) -> Result<u64, LoadError> {
             .map(|kb| kb * 1024)
     };
     if let Ok(rollup) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        && let Some(rss) = kb(rollup, "Rss:")
+        && let (Some(anon), Some(total)) = (kb(&rollup, "Anonymous:"), kb(&rollup, "Rss:"))
     {
-        return Ok(rss);
+        return Ok(Rss { anon, total });
     }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(rss_error)?;
-    kb(status, "VmRSS:")
-        .ok_or_else(|| rss_error(io::Error::new(ErrorKind::InvalidData, "no VmRSS line")))
+    match (kb(&status, "RssAnon:"), kb(&status, "VmRSS:")) {
+        (Some(anon), Some(total)) => Ok(Rss { anon, total }),
+        _ => Err(rss_error(io::Error::new(
+            ErrorKind::InvalidData,
+            "no RssAnon or VmRSS line",
+        ))),
+    }
 }
 
 /// User plus system CPU time of `pid` so far, in clock ticks; `None` if unreadable.

@@ -249,6 +249,7 @@ fn run_against_correct_server_counts_messages_without_errors() {
     assert_eq!(report.errors, 0, "{report}");
     assert_eq!(report.error_counts, ErrorCounts::default());
     assert!(report.rss_per_idle_conn.is_some());
+    assert!(report.rss_total_per_idle_conn.is_some());
     assert_eq!(report.idle_closed, 0);
     assert!(report.p50_us > 0.0 && report.p50_us <= report.max_us);
     let json = report.to_json();
