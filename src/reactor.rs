@@ -165,6 +165,10 @@ struct Loop {
     holder: Option<ConnectionId>,
     /// This turn's per-message counts, added to the metrics at the turn's end.
     tally: Tally,
+    /// The wheel's next deadline as last asked (`TimerWheel::next_deadline`), kept between
+    /// turns: most turns change nothing in the wheel (a read pushes the idle deadline back
+    /// without a new entry), and asking walks its bitmaps. `None` inside: ask again.
+    next_timer: Option<Option<Instant>>,
 }
 
 impl Reactor {
@@ -202,6 +206,7 @@ impl Reactor {
             paused: false,
             handshakes,
             holder: None,
+            next_timer: None,
             tally: Tally::default(),
         };
         let result = lp.run();
@@ -270,12 +275,22 @@ impl Loop {
         }
     }
 
-    fn poll_timeout(&self, now: Instant) -> Option<Duration> {
+    fn poll_timeout(&mut self, now: Instant) -> Option<Duration> {
         if !self.pending.is_empty() {
             return Some(Duration::ZERO);
         }
+        // Asked again when the wheel changed, or when the answer has come (it may be a lower
+        // bound that `timers` found nothing at: asking again moves on).
+        let timer = match self.next_timer {
+            Some(next) if next.is_none_or(|t| t > now) => next,
+            _ => {
+                let next = self.wheel.next_deadline();
+                self.next_timer = Some(next);
+                next
+            }
+        };
         let next = [
-            self.wheel.next_deadline(),
+            timer,
             self.accept_retry_at,
             self.drain.as_ref().map(|d| d.deadline),
         ]
@@ -329,6 +344,7 @@ impl Loop {
         } else {
             let inbox = &shared.reactors[target];
             lock(&inbox.accepted).push((socket, peer));
+            inbox.handed.store(true, Ordering::Release);
             inbox.notifier.notify();
         }
     }
@@ -336,6 +352,10 @@ impl Loop {
     /// Admits the connections the accepting reactor handed over.
     fn adopt(&mut self, now: Instant) {
         let inbox = &self.r.shared.reactors[usize::from(self.r.index)];
+        // Cleared before the lock is taken: a hand-off after this swap sets it again.
+        if !inbox.handed.swap(false, Ordering::AcqRel) {
+            return;
+        }
         let accepted = std::mem::take(&mut *lock(&inbox.accepted));
         for (socket, peer) in accepted {
             if self.drain.is_some() {
@@ -815,12 +835,16 @@ impl Loop {
         if entry.armed == 0 || at < entry.armed {
             self.wheel.insert(deadline, entry.link.id);
             entry.armed = at;
+            self.next_timer = None;
         }
     }
 
     fn timers(&mut self, now: Instant) {
         let mut fired = std::mem::take(&mut self.fired);
         self.wheel.expired(now, &mut fired);
+        if !fired.is_empty() {
+            self.next_timer = None;
+        }
         for id in fired.drain(..) {
             let Some(key) = self.key_of(id) else {
                 continue; // the slot was reused: a stale timer of a closed connection

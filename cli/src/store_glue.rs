@@ -81,6 +81,10 @@ pub fn log_health_changes(store: &Store) {
 /// none, as with libpq's tools, so it need not appear in the process list.
 pub fn open_options() -> OpenOptions {
     let mut options = OpenOptions::default();
+    // Benchmarks only (BENCHMARKS.md, the search indexes' cost end to end): not a flag,
+    // since no user should turn the index off.
+    options.sqlite.bench_without_patient_index =
+        std::env::var_os("MLLP_BENCH_WITHOUT_PATIENT_INDEX").is_some();
     options.postgres = PostgresOptions::default().password(std::env::var("PGPASSWORD").ok());
     options
 }

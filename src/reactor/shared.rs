@@ -34,6 +34,8 @@ pub(crate) struct Shared {
 #[derive(Debug)]
 pub(crate) struct Inbox {
     pub(crate) accepted: Mutex<Vec<(TcpStream, SocketAddr)>>,
+    /// Set after a push to `accepted`: the reactor takes the lock only then, not every turn.
+    pub(crate) handed: AtomicBool,
     pub(crate) notifier: Arc<Notifier>,
     /// Connections open on this reactor.
     pub(crate) load: AtomicUsize,
@@ -43,6 +45,7 @@ impl Inbox {
     pub(crate) fn new(notifier: Arc<Notifier>) -> Self {
         Self {
             accepted: Mutex::new(Vec::new()),
+            handed: AtomicBool::new(false),
             notifier,
             load: AtomicUsize::new(0),
         }

@@ -5,6 +5,7 @@
 //! ([`SqliteBackend`](crate::SqliteBackend)) and PostgreSQL (`PostgresBackend`, cargo feature
 //! `postgres`) implement it; nothing here is specific to either.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
@@ -154,18 +155,57 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
 /// finds the pruner's transaction open would wait milliseconds longer than the transaction
 /// lasts; a mutex hands over as soon as it is released. Other processes still meet SQLite's
 /// lock and busy timeout as before.
+///
+/// The store's writer comes first: while it waits in [`enter`](Self::enter), a background
+/// writer holding the gate sees [`writer_waiting`](Self::writer_waiting) and ends its
+/// transaction early, and [`enter_background`](Self::enter_background) does not take the
+/// gate ahead of it.
 #[derive(Clone, Debug, Default)]
-pub struct WriteGate(Arc<Mutex<()>>);
+pub struct WriteGate(Arc<GateState>);
+
+#[derive(Debug, Default)]
+struct GateState {
+    lock: Mutex<()>,
+    /// Store writers blocked in `enter`.
+    waiting: AtomicUsize,
+}
 
 impl WriteGate {
-    /// Waits for the gate (a panic while it was held does not matter: it guards no data).
+    /// The store writer's turn: waits for the gate (a panic while it was held does not
+    /// matter: it guards no data). Uncontended, one compare-and-swap, as a plain lock.
     pub(crate) fn enter(&self) -> MutexGuard<'_, ()> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        if let Some(guard) = self.try_enter() {
+            return guard;
+        }
+        self.0.waiting.fetch_add(1, Ordering::SeqCst);
+        let guard = self.0.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+        guard
+    }
+
+    /// A background writer's turn: waits for the gate and for no store writer to be waiting
+    /// for it, so that the store's commits never queue behind a background transaction.
+    pub(crate) fn enter_background(&self) -> MutexGuard<'_, ()> {
+        loop {
+            while self.writer_waiting() {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            let guard = self.0.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            if !self.writer_waiting() {
+                return guard;
+            }
+        }
+    }
+
+    /// Whether the store's writer is waiting for the gate now: a background writer that
+    /// holds it should commit what it has and let go.
+    pub(crate) fn writer_waiting(&self) -> bool {
+        self.0.waiting.load(Ordering::SeqCst) > 0
     }
 
     /// The gate if it is free now, `None` while another writer holds it.
     pub(crate) fn try_enter(&self) -> Option<MutexGuard<'_, ()>> {
-        match self.0.try_lock() {
+        match self.0.lock.try_lock() {
             Ok(guard) => Some(guard),
             Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) => None,

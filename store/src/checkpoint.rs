@@ -22,9 +22,8 @@
 //!   overwrite the same quarter of the limit instead of growing the file.
 //! - Once the WAL holds the limit ([`WAL_LIMIT_BYTES`] by default), the checkpointer stops,
 //!   and the writer runs a `RESTART` checkpoint itself before its next transaction (after
-//!   the previous batch's ACKs went out):
-//!   it copies only the pages the last `PASSIVE` had not, syncs the database file, and the
-//!   next commit starts the WAL over; `journal_size_limit` cuts the file back to
+//!   the previous batch's ACKs went out): it copies only the pages the last `PASSIVE` had
+//!   not, syncs the database file, and the next commit starts the WAL over; `journal_size_limit` cuts the file back to
 //!   [`WAL_LIMIT_BYTES`]. It never waits: with the checkpointer mid-copy, or a reader (export)
 //!   still in the WAL, it gives up at once and tries again before the next transaction. The
 //!   WAL so stays near [`WAL_LIMIT_BYTES`] plus a batch or two, except while a reader holds an
@@ -148,7 +147,7 @@ impl Checkpointer {
                 shared.covered.store(0, Ordering::Relaxed);
                 shared.backfilled.store(0, Ordering::Relaxed);
             }
-            // Past the limit the writer restarts the WAL itself (`restart_if_due`); a
+            // Past the limit the writer restarts the WAL itself (`restart_due`); a
             // checkpoint running then would only make that attempt fail.
             if pages < shared.limit_pages
                 && pages >= shared.covered.load(Ordering::Relaxed) + shared.every_pages

@@ -10,7 +10,7 @@ use std::io::{self, Write};
 use std::path::Path;
 
 use crate::backend::Backend;
-use crate::error::StoreError;
+use crate::error::{Problem, StoreError};
 use crate::open::OpenOptions;
 use crate::record::{StoreId, StoredRecord};
 use crate::spec::StoreSpec;
@@ -28,6 +28,14 @@ pub const PAGE_BYTES: usize = 8 << 20;
 ///
 /// Each item is one record, or the error that ended the stream (after an error the iterator
 /// is finished).
+///
+/// # Past damage
+///
+/// Where a read fails because the file is damaged ([`Problem::Corrupt`]), the export goes on
+/// past it where the file allows: it reads one record at a time up to the damage, then probes
+/// forward (doubling the step, then halving it back) for the first id from which reading works
+/// again, and goes on from there. Each range it skipped is kept as an [`Unreadable`]
+/// ([`take_unreadable`](Self::take_unreadable)); records outside them are all exported.
 #[derive(Debug)]
 pub struct Export<B> {
     backend: B,
@@ -35,6 +43,41 @@ pub struct Export<B> {
     until: StoreId,
     page: std::vec::IntoIter<StoredRecord>,
     finished: bool,
+    /// Reads left to make one record at a time (after damage was met).
+    careful: usize,
+    unreadable: Vec<Unreadable>,
+}
+
+/// Ids an [`Export`] could not read (damaged pages) and skipped: `first..=last` (some of them
+/// may never have existed), and what reading them said.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Unreadable {
+    /// The first id skipped.
+    pub first: StoreId,
+    /// The last id skipped.
+    pub last: StoreId,
+    /// The read error met at `first`.
+    pub error: StoreError,
+}
+
+impl fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "id {} could not be read ({})", self.first, self.error)
+        } else {
+            write!(
+                f,
+                "ids {} to {} could not be read ({})",
+                self.first, self.last, self.error
+            )
+        }
+    }
+}
+
+/// Whether `e` is damage that an export can try to read past.
+fn is_damage(e: &StoreError) -> bool {
+    matches!(e.problem(), Some(Problem::Corrupt))
 }
 
 impl<B: Backend> Export<B> {
@@ -52,7 +95,51 @@ impl<B: Backend> Export<B> {
             until,
             page: Vec::new().into_iter(),
             finished: false,
+            careful: 0,
+            unreadable: Vec::new(),
         })
+    }
+
+    /// The ranges skipped since the last call (see "Past damage" above).
+    pub fn take_unreadable(&mut self) -> Vec<Unreadable> {
+        std::mem::take(&mut self.unreadable)
+    }
+
+    /// Whether reading from `from` works (`Ok(false)`: damage there).
+    fn readable_from(&mut self, from: StoreId) -> Result<bool, StoreError> {
+        match self.backend.read_after(from, self.until, 1, PAGE_BYTES) {
+            Ok(_) => Ok(true),
+            Err(e) if is_damage(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reading from `self.after` failed with damage: the last id of the damaged range, the
+    /// smallest found from which reading works again (`until` if none).
+    fn skip_damage(&mut self) -> Result<StoreId, StoreError> {
+        let start = self.after;
+        let mut bad = start;
+        let mut step: StoreId = 1;
+        let mut good = loop {
+            let probe = start.saturating_add(step);
+            if probe >= self.until {
+                break self.until;
+            }
+            if self.readable_from(probe)? {
+                break probe;
+            }
+            bad = probe;
+            step = step.saturating_mul(2);
+        };
+        while good - bad > 1 {
+            let mid = bad + (good - bad) / 2;
+            if self.readable_from(mid)? {
+                good = mid;
+            } else {
+                bad = mid;
+            }
+        }
+        Ok(good)
     }
 }
 
@@ -60,29 +147,49 @@ impl<B: Backend> Iterator for Export<B> {
     type Item = Result<StoredRecord, StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if let Some(record) = self.page.next() {
-            return Some(Ok(record));
-        }
-        if self.finished || self.after >= self.until {
-            self.finished = true;
-            return None;
-        }
-        match self
-            .backend
-            .read_after(self.after, self.until, PAGE_RECORDS, PAGE_BYTES)
-        {
-            Ok(page) => {
-                let Some(last) = page.last() else {
-                    self.finished = true;
-                    return None;
-                };
-                self.after = last.id;
-                self.page = page.into_iter();
-                self.page.next().map(Ok)
+        loop {
+            if let Some(record) = self.page.next() {
+                return Some(Ok(record));
             }
-            Err(e) => {
+            if self.finished || self.after >= self.until {
                 self.finished = true;
-                Some(Err(e))
+                return None;
+            }
+            let max = if self.careful > 0 { 1 } else { PAGE_RECORDS };
+            match self
+                .backend
+                .read_after(self.after, self.until, max, PAGE_BYTES)
+            {
+                Ok(page) => {
+                    self.careful = self.careful.saturating_sub(1);
+                    let Some(last) = page.last() else {
+                        self.finished = true;
+                        return None;
+                    };
+                    self.after = last.id;
+                    self.page = page.into_iter();
+                }
+                // Damage somewhere in the page: read up to it one record at a time.
+                Err(e) if is_damage(&e) && self.careful == 0 => self.careful = PAGE_RECORDS,
+                // Damage at the next record: skip to where reading works again.
+                Err(e) if is_damage(&e) => match self.skip_damage() {
+                    Ok(resume) => {
+                        self.unreadable.push(Unreadable {
+                            first: self.after + 1,
+                            last: resume,
+                            error: e,
+                        });
+                        self.after = resume;
+                    }
+                    Err(e) => {
+                        self.finished = true;
+                        return Some(Err(e));
+                    }
+                },
+                Err(e) => {
+                    self.finished = true;
+                    return Some(Err(e));
+                }
             }
         }
     }
@@ -191,7 +298,7 @@ impl<W: Write> RecordWriter<W> {
     }
 }
 
-/// Why [`export_sqlite`] stopped.
+/// Why [`export_sqlite`] stopped, or failed at the end.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum ExportError {
@@ -199,6 +306,13 @@ pub enum ExportError {
     Store(StoreError),
     /// Writing the output failed (`BrokenPipe` when a pager or `head` quit early).
     Output(io::Error),
+    /// The export went through to the end, but skipped damaged ranges (see [`Export`]).
+    Damaged {
+        /// Records written.
+        written: u64,
+        /// The ranges skipped, in id order.
+        unreadable: Vec<Unreadable>,
+    },
 }
 
 impl fmt::Display for ExportError {
@@ -206,6 +320,21 @@ impl fmt::Display for ExportError {
         match self {
             Self::Store(e) => e.fmt(f),
             Self::Output(e) => write!(f, "cannot write the export: {e}"),
+            Self::Damaged {
+                written,
+                unreadable,
+            } => {
+                let ids: u64 = unreadable
+                    .iter()
+                    .map(|u| u.last.saturating_sub(u.first).saturating_add(1) as u64)
+                    .sum();
+                write!(
+                    f,
+                    "the store is damaged: {written} messages exported, {} range(s) of ids \
+                     could not be read ({ids} ids at most)",
+                    unreadable.len()
+                )
+            }
         }
     }
 }
@@ -215,6 +344,9 @@ impl std::error::Error for ExportError {
         match self {
             Self::Store(e) => Some(e),
             Self::Output(e) => Some(e),
+            Self::Damaged { unreadable, .. } => unreadable
+                .first()
+                .map(|u| &u.error as &(dyn std::error::Error + 'static)),
         }
     }
 }
@@ -225,7 +357,8 @@ impl std::error::Error for ExportError {
 /// # Errors
 ///
 /// [`ExportError::Store`] for a missing file, a file that is not a store, a lock held past
-/// `options.busy_timeout`, or a read failure; [`ExportError::Output`] if `out` fails.
+/// `options.busy_timeout`, or a read failure; [`ExportError::Output`] if `out` fails;
+/// [`ExportError::Damaged`] once everything readable of a damaged store was written.
 pub fn export_sqlite(
     path: &Path,
     since: StoreId,
@@ -234,7 +367,7 @@ pub fn export_sqlite(
     out: impl Write,
 ) -> Result<u64, ExportError> {
     let backend = SqliteBackend::open_read_only(path, options).map_err(ExportError::Store)?;
-    write_all(backend, since, format, out)
+    write_all(backend, since, format, out, &mut |_| {})
 }
 
 /// Writes the records of the PostgreSQL store at `url` with id > `since`, in id order, to
@@ -256,11 +389,12 @@ pub fn export_postgres(
 ) -> Result<u64, ExportError> {
     let backend = crate::postgresql::PostgresBackend::connect_read_only(url, options)
         .map_err(ExportError::Store)?;
-    write_all(backend, since, format, out)
+    write_all(backend, since, format, out, &mut |_| {})
 }
 
 /// Writes the records of the store `spec` names with id > `since`, in id order, to `out`;
-/// returns how many: [`export_sqlite`] or [`export_postgres`], as the spec says.
+/// returns how many: [`export_sqlite`] or [`export_postgres`], as the spec says. Calls
+/// `on_unreadable` for each damaged range as soon as it was skipped (see [`Export`]).
 ///
 /// # Errors
 ///
@@ -273,9 +407,14 @@ pub fn export_store(
     format: Format,
     options: &OpenOptions,
     out: impl Write,
+    on_unreadable: &mut dyn FnMut(&Unreadable),
 ) -> Result<u64, ExportError> {
     match spec {
-        StoreSpec::Sqlite(path) => export_sqlite(path, since, format, &options.sqlite, out),
+        StoreSpec::Sqlite(path) => {
+            let backend =
+                SqliteBackend::open_read_only(path, &options.sqlite).map_err(ExportError::Store)?;
+            write_all(backend, since, format, out, on_unreadable)
+        }
         #[cfg(feature = "postgres")]
         StoreSpec::Postgres(url) => export_postgres(url, since, format, &options.postgres, out),
         #[cfg(not(feature = "postgres"))]
@@ -286,22 +425,39 @@ pub fn export_store(
     }
 }
 
-/// Streams every record after `since` from `backend` into `out` in `format`.
+/// Streams every record after `since` from `backend` into `out` in `format`, past damage
+/// (each range skipped goes to `on_unreadable`, and the result is then
+/// [`ExportError::Damaged`]).
 fn write_all(
     backend: impl Backend,
     since: StoreId,
     format: Format,
     out: impl Write,
+    on_unreadable: &mut dyn FnMut(&Unreadable),
 ) -> Result<u64, ExportError> {
-    let records = Export::new(backend, since).map_err(ExportError::Store)?;
+    let mut records = Export::new(backend, since).map_err(ExportError::Store)?;
     let mut writer = RecordWriter::new(format, out);
-    for record in records {
+    let mut unreadable = Vec::new();
+    loop {
+        let next = records.next();
+        for skipped in records.take_unreadable() {
+            on_unreadable(&skipped);
+            unreadable.push(skipped);
+        }
+        let Some(record) = next else { break };
         let record = record.map_err(ExportError::Store)?;
         writer.write(&record).map_err(ExportError::Output)?;
     }
     let written = writer.written();
     writer.finish().map_err(ExportError::Output)?;
-    Ok(written)
+    if unreadable.is_empty() {
+        Ok(written)
+    } else {
+        Err(ExportError::Damaged {
+            written,
+            unreadable,
+        })
+    }
 }
 
 /// One JSON line (see [`Format::Jsonl`]).

@@ -44,6 +44,23 @@ pub(crate) trait PruneTarget: Send {
     /// Deletes these messages in one short transaction.
     fn delete(&mut self, ids: &[StoreId]) -> Result<(), StoreError>;
 
+    /// Deletes a prefix of these messages (at least one) in one short transaction: all of
+    /// them, unless the store's writer asked for the store meanwhile; returns how many.
+    fn delete_some(&mut self, ids: &[StoreId]) -> Result<usize, StoreError> {
+        self.delete(ids).map(|()| ids.len())
+    }
+
+    /// The pace of a pass in messages per second (`RetentionPolicy::rate`), `None` for
+    /// pauses only.
+    fn pace(&self) -> Option<u32> {
+        None
+    }
+
+    /// Messages per second arriving lately, for a paced pass (0: unknown).
+    fn arrival_rate(&mut self) -> Result<f64, StoreError> {
+        Ok(0.0)
+    }
+
     /// Gives free space back to the file system, in steps of at most `pause`'s worth;
     /// returns the bytes given back.
     fn release(&mut self, pause: Duration, stopped: &dyn Fn() -> bool) -> Result<u64, StoreError>;

@@ -30,8 +30,27 @@
 //! Each batch deletes at most [`RetentionPolicy::batch_rows`] messages in one short
 //! transaction. In the same process the pruner and the store's writer take turns through a
 //! [`WriteGate`] (a mutex) rather than SQLite's busy handler, which sleeps in steps of
-//! milliseconds; between batches the pruner pauses ([`RetentionPolicy::pause`]) so that
-//! commits are never starved.
+//! milliseconds, and the writer comes first:
+//!
+//! - a batch ends early, after the row being deleted, as soon as the writer waits for the
+//!   gate, and the pruner never takes the gate while the writer waits for it;
+//! - the pruner commits without syncing (`synchronous=NORMAL` on its own connection: a delete
+//!   lost to a power cut is redone by the next pass; the writer's next commit syncs it), and
+//!   never checkpoints (SQLite's automatic checkpoint is off on its connection: it would copy
+//!   the WAL and sync the database file while holding the gate); the store's checkpointer
+//!   does that off everyone's path;
+//! - a pass is paced ([`RetentionPolicy::rate`]): what a delete costs the writer is mostly
+//!   disk writes, not the gate;
+//! - between batches the pruner pauses ([`RetentionPolicy::pause`], and at least twice as long
+//!   as the batch took), so it holds the gate at most a third of the time; after a batch the
+//!   writer cut short only the pace applies (the writer has had its turn, and pausing after
+//!   every cut would let a busy writer hold the pass below the arrival rate).
+//!
+//! (The gate, the unsynced commit and the pacing are SQLite's; a PostgreSQL pass uses the
+//! batches and pauses.)
+//!
+//! Measured (BENCHMARKS.md, "p99 commit time with and without pruning"): the p99 commit time
+//! under a fixed load with a pass running against the same load without.
 //!
 //! # Getting the space back (SQLite)
 //!
@@ -74,23 +93,43 @@ use crate::sqlite::{SqliteOptions, WriteGate, open_connection};
 /// 2 KiB: about 17 GB a day) needs about half a terabyte, not an ever-growing disk.
 pub const DEFAULT_RETAIN: Duration = Duration::from_secs(30 * 24 * 3600);
 
-/// Default of [`RetentionPolicy::batch_rows`]: 256 messages per delete transaction.
+/// Default of [`RetentionPolicy::batch_rows`]: 16 messages per delete transaction.
 ///
 /// A delete costs about as much per row as an insert (the row, its index entries and the
-/// pages it frees), so 256 rows hold the write lock for a few milliseconds: a commit that
-/// arrives meanwhile waits about one commit's time. Fewer rows would only add transactions.
-pub const DEFAULT_BATCH_ROWS: usize = 256;
+/// pages it frees), so 16 rows hold the write lock for a fraction of a millisecond, and a
+/// commit that arrives meanwhile does not even wait for them: the batch ends after the row
+/// being deleted (see the module docs). Small batches matter when the pruner's thread loses
+/// the CPU while it holds the gate (a loaded machine), and they spread the pass's disk writes
+/// evenly between the writer's syncs: at 500 messages/s, a batch every ~30 ms. Measured
+/// against 64 (BENCHMARKS.md), the p99 commit time was steadier.
+pub const DEFAULT_BATCH_ROWS: usize = 16;
 
-/// Default of [`RetentionPolicy::pause`]: 20 ms between two delete batches (and at least
-/// twice as long as the batch took), so a pass gives the writer the lock back for several
-/// commits between its own transactions and holds it at most a third of the time, and deletes
-/// at most ~12 800 messages per second: far above any ingest rate it has to keep up with.
+/// Default of [`RetentionPolicy::pause`]: at least 20 ms between two delete batches (and at
+/// least twice as long as the batch took), so a pass gives the writer the lock back for
+/// several commits between its own transactions and holds it at most a third of the time;
+/// [`RetentionPolicy::rate`] usually asks for longer.
 pub const DEFAULT_PAUSE: Duration = Duration::from_millis(20);
 
-/// Most free pages given back per `incremental_vacuum` transaction: 512 pages (2 MiB at the
-/// default 4 KiB page). Each moved page is written once to the WAL, so this bounds the step
-/// to about a batch's write volume.
-pub const RELEASE_PAGES_PER_STEP: i64 = 512;
+/// Default of [`RetentionPolicy::rate`]: 100 messages (or pages) per second, or
+/// [`ARRIVAL_FACTOR`] times the arrival rate when that is higher.
+///
+/// What a delete costs the writer is mostly not the write gate but the disk: each deleted
+/// message rewrites about its size in pages (table, indexes, free-list, pointer map) into the
+/// WAL, which the writer's next sync and the checkpoints must write out too. Unpaced, a pass
+/// over a backlog deleted ~10 000 messages/s and the p99 commit time under a 200 msg/s load
+/// rose 5–20×; paced at 500/s it still rose about 2× on the loaded build machine
+/// (BENCHMARKS.md). The pruner only has to keep up: it removes faster than messages arrive,
+/// and a backlog (a shorter `--retain`, a store that ran without retention) shrinks at half
+/// the arrival rate, or at 100/s (8.6 million a day) on a quiet store.
+pub const DEFAULT_RATE: u32 = 100;
+
+/// How much faster than messages arrive a paced pass may delete (see [`DEFAULT_RATE`]).
+pub const ARRIVAL_FACTOR: f64 = 1.5;
+
+/// Most free pages given back per `incremental_vacuum` transaction: 128 pages (512 KiB at
+/// the default 4 KiB page). A step cannot end early like a delete batch, so it is kept to
+/// about a millisecond of page moves: each moved page is written once to the WAL.
+pub const RELEASE_PAGES_PER_STEP: i64 = 128;
 
 /// How long messages are kept and how large the store may grow.
 ///
@@ -115,6 +154,11 @@ pub struct RetentionPolicy {
     pub batch_rows: usize,
     /// Pause between two batches of a pass (default [`DEFAULT_PAUSE`]).
     pub pause: Duration,
+    /// Pace of a [`Pruner`]'s pass, in messages deleted (or pages given back) per second: at
+    /// most this, or [`ARRIVAL_FACTOR`] times the rate at which messages arrive (over the
+    /// newest 1 000) when that is higher (default [`DEFAULT_RATE`]); SQLite only. [`prune`] is not paced (someone waits for it), only
+    /// paused.
+    pub rate: u32,
 }
 
 impl Default for RetentionPolicy {
@@ -124,6 +168,7 @@ impl Default for RetentionPolicy {
             max_bytes: None,
             batch_rows: DEFAULT_BATCH_ROWS,
             pause: DEFAULT_PAUSE,
+            rate: DEFAULT_RATE,
         }
     }
 }
@@ -150,6 +195,12 @@ impl RetentionPolicy {
     /// Sets [`pause`](Self::pause).
     pub fn pause(mut self, pause: Duration) -> Self {
         self.pause = pause;
+        self
+    }
+
+    /// Sets [`rate`](Self::rate) (at least 1 per second).
+    pub fn rate(mut self, per_second: u32) -> Self {
+        self.rate = per_second.max(1);
         self
     }
 
@@ -386,7 +437,9 @@ impl Pruner {
         gate: WriteGate,
         report: impl FnMut(&PassResult) + Send + 'static,
     ) -> Result<Self, StoreError> {
-        let prune = Prune::new(SqliteTarget::open(path, options, Some(gate))?);
+        let mut target = SqliteTarget::open(path, options, Some(gate))?;
+        target.rate = Some(policy.rate);
+        let prune = Prune::new(target);
         Self::spawn(prune, policy, report).map_err(|e| StoreError::open(path, e))
     }
 
@@ -520,6 +573,8 @@ struct SqliteTarget {
     conn: Connection,
     path: PathBuf,
     gate: Option<WriteGate>,
+    /// [`RetentionPolicy::rate`] for a background pruner, `None` on demand.
+    rate: Option<u32>,
 }
 
 impl SqliteTarget {
@@ -539,10 +594,23 @@ impl SqliteTarget {
         // record that it was one, also once its original is gone.
         conn.pragma_update(None, "foreign_keys", false)
             .map_err(|e| StoreError::open(path, e))?;
+        // SQLite's automatic checkpoint would run inside the pruner's commit, while it holds
+        // the write gate, whenever the WAL holds 1 000 pages (which under load it nearly
+        // always does): the writer would wait for a copy of the whole WAL and a sync of the
+        // database file. The store's checkpointer does that off everyone's path
+        // (`crate::checkpoint`); it sees the pruner's pages at the writer's next commit.
+        // (Only beside a writer of this process: alone, as `prune`, nobody else would.)
+        if gate.is_some() {
+            conn.pragma_update(None, "wal_autocheckpoint", 0)
+                .map_err(|e| StoreError::open(path, e))?;
+        }
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| StoreError::open(path, e))?;
         Ok(Self {
             conn,
             path: path.to_owned(),
             gate,
+            rate: None,
         })
     }
 }
@@ -568,6 +636,8 @@ impl Prune {
         });
         let mut total = PruneReport::default();
         let mut after: StoreId = 0;
+        let rate = self.target.pace();
+        let mut pace = Pacer::new(rate);
         // Dry run: the size still to free is estimated from the rows counted so far.
         let mut dry_freed: i64 = 0;
         loop {
@@ -581,7 +651,8 @@ impl Prune {
                 None => 0,
             };
             let started = Instant::now();
-            let (report, more, freed) = self.batch(policy, cutoff, over, &mut after, mode)?;
+            let (report, more, freed, cut_short) =
+                self.batch(policy, cutoff, over, &mut after, mode)?;
             if mode == PruneMode::DryRun {
                 dry_freed += freed;
             }
@@ -592,7 +663,20 @@ impl Prune {
                 break;
             }
             if mode == PruneMode::Delete {
-                give_way(started, policy.pause);
+                let arriving = match rate {
+                    // An error only leaves the pace at the policy's rate.
+                    Some(_) => self.target.arrival_rate().unwrap_or(0.0),
+                    None => 0.0,
+                };
+                // Cut short by the writer: it has had its turn, so no pause beyond the pace
+                // (a pause after every cut-short batch would let a busy writer starve the
+                // pass below the arrival rate).
+                let pause = if cut_short {
+                    Duration::ZERO
+                } else {
+                    policy.pause
+                };
+                pace.give_way(started, report.deleted, pause, arriving);
             }
         }
         if mode == PruneMode::Delete {
@@ -601,8 +685,8 @@ impl Prune {
         Ok(total)
     }
 
-    /// One batch after id `after`. Returns the batch's report, whether more may be due, and
-    /// the estimated bytes it freed.
+    /// One batch after id `after`. Returns the batch's report, whether more may be due, the
+    /// estimated bytes it freed, and whether the writer cut it short.
     fn batch(
         &mut self,
         policy: &RetentionPolicy,
@@ -610,12 +694,14 @@ impl Prune {
         mut over: i64,
         after: &mut StoreId,
         mode: PruneMode,
-    ) -> Result<(PruneReport, bool, i64), StoreError> {
+    ) -> Result<(PruneReport, bool, i64, bool), StoreError> {
         let mut report = PruneReport::default();
         let limit = i64::try_from(policy.batch_rows).unwrap_or(i64::MAX);
         let Candidates { rows, floor, dead } = self.target.candidates(*after, limit)?;
         let full = rows.len() as i64 == limit;
-        let mut victims = Vec::with_capacity(rows.len());
+        // Rows this batch is done with (deleted or protected), in id order, with their sizes
+        // (`None`: protected); the delete may stop early, after any prefix of them.
+        let mut done: Vec<(StoreId, Option<i64>)> = Vec::with_capacity(rows.len());
         let mut freed = 0i64;
         let mut stopped_at = None;
         for row in &rows {
@@ -625,22 +711,49 @@ impl Prune {
                 stopped_at = Some(row.id);
                 break;
             }
-            *after = row.id;
             if dead.contains(&row.id) {
-                report.protected += 1;
+                done.push((row.id, None));
                 continue;
             }
-            victims.push(row.id);
-            report.deleted_bytes += row.size.max(0) as u64;
+            done.push((row.id, Some(row.size)));
             over -= row.size + ROW_OVERHEAD;
-            freed += row.size + ROW_OVERHEAD;
         }
-        report.deleted = victims.len() as u64;
-        report.first_kept = stopped_at;
-        if mode == PruneMode::Delete && !victims.is_empty() {
-            self.target.delete(&victims)?;
+        let victims: Vec<StoreId> = done
+            .iter()
+            .filter_map(|(id, size)| size.map(|_| *id))
+            .collect();
+        let deleted = if mode == PruneMode::Delete && !victims.is_empty() {
+            self.target.delete_some(&victims)?
+        } else {
+            victims.len()
+        };
+        // Up to the last row deleted (all, unless the writer cut the batch short).
+        let through = if deleted == victims.len() {
+            done.len()
+        } else {
+            done.iter()
+                .position(|(id, _)| *id == victims[deleted])
+                .unwrap_or(done.len())
+        };
+        for (id, size) in &done[..through] {
+            *after = *id;
+            match size {
+                Some(size) => {
+                    report.deleted += 1;
+                    report.deleted_bytes += (*size).max(0) as u64;
+                    freed += size + ROW_OVERHEAD;
+                }
+                None => report.protected += 1,
+            }
         }
-        Ok((report, stopped_at.is_none() && full, freed))
+        let cut_short = through < done.len();
+        report.first_kept = if cut_short { None } else { stopped_at };
+        Ok((
+            report,
+            cut_short || stopped_at.is_none() && full,
+            freed,
+            cut_short,
+        ))
     }
 }
 
@@ -671,19 +784,45 @@ impl PruneTarget for SqliteTarget {
     }
 
     fn delete(&mut self, ids: &[StoreId]) -> Result<(), StoreError> {
+        let mut done = 0;
+        while done < ids.len() {
+            done += self.delete_some(&ids[done..])?;
+        }
+        Ok(())
+    }
+
+    /// Ends the transaction early when the store's writer waits for the gate.
+    fn delete_some(&mut self, ids: &[StoreId]) -> Result<usize, StoreError> {
         let gate = self.gate.clone();
-        let _turn = gate.as_ref().map(WriteGate::enter);
-        let run = |conn: &mut Connection| -> rusqlite::Result<()> {
+        let turn = gate.as_ref().map(WriteGate::enter_background);
+        let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut deleted = 0;
             {
                 let mut delete = tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?;
                 for id in ids {
                     delete.execute([id])?;
+                    deleted += 1;
+                    if gate.as_ref().is_some_and(WriteGate::writer_waiting) {
+                        break;
+                    }
                 }
             }
-            tx.commit()
+            tx.commit()?;
+            Ok(deleted)
         };
-        run(&mut self.conn).map_err(|e| StoreError::commit(Cause::from(e).context("prune")))
+        let result = run(&mut self.conn);
+        drop(turn);
+        let deleted = result.map_err(|e| StoreError::commit(Cause::from(e).context("prune")))?;
+        Ok(deleted)
+    }
+
+    fn pace(&self) -> Option<u32> {
+        self.rate
+    }
+
+    fn arrival_rate(&mut self) -> Result<f64, StoreError> {
+        arrival_rate(&self.conn).map_err(StoreError::read)
     }
 
     /// Gives free pages back to the file system in steps (incremental auto_vacuum only).
@@ -698,6 +837,7 @@ impl PruneTarget for SqliteTarget {
         }
         let page_size = pragma(&self.conn, "page_size").map_err(err)?;
         let mut released = 0u64;
+        let mut pace = Pacer::new(self.rate);
         loop {
             let free = pragma(&self.conn, "freelist_count").map_err(err)?;
             if free == 0 || stopped() {
@@ -706,7 +846,7 @@ impl PruneTarget for SqliteTarget {
             let step = free.min(RELEASE_PAGES_PER_STEP);
             let started = Instant::now();
             {
-                let _turn = self.gate.as_ref().map(WriteGate::enter);
+                let _turn = self.gate.as_ref().map(WriteGate::enter_background);
                 self.conn
                     .execute_batch(&format!("PRAGMA incremental_vacuum({step})"))
                     .map_err(err)?;
@@ -717,7 +857,11 @@ impl PruneTarget for SqliteTarget {
             if moved == 0 {
                 return Ok(released);
             }
-            give_way(started, pause);
+            let arriving = match self.rate {
+                Some(_) => arrival_rate(&self.conn).unwrap_or(0.0),
+                None => 0.0,
+            };
+            pace.give_way(started, moved.max(0) as u64, pause, arriving);
         }
     }
 
@@ -726,11 +870,68 @@ impl PruneTarget for SqliteTarget {
     }
 }
 
-/// Sleeps between two steps of a pass: `pause`, and at least twice as long as the step that
-/// began at `started` took, so that retention holds the write lock at most a third of the
-/// time however slow the disk is, and the writer's commits always come first.
-fn give_way(started: Instant, pause: Duration) {
-    std::thread::sleep(pause.max(started.elapsed() * 2));
+/// Paces a pass (see [`RetentionPolicy::rate`]): after each step, sleeps the longest of
+/// `pause`, twice the step's duration (so that retention holds the write gate at most a third
+/// of the time however slow the disk), and, with a rate, what keeps the pass at that rate (or
+/// [`ARRIVAL_FACTOR`] times the arrival rate, when higher) since it began.
+struct Pacer {
+    began: Instant,
+    /// Messages deleted and pages given back so far in this pass.
+    done: u64,
+    /// The policy's rate, `None`: pauses only.
+    rate: Option<f64>,
+}
+
+impl Pacer {
+    fn new(rate: Option<u32>) -> Self {
+        Self {
+            began: Instant::now(),
+            done: 0,
+            rate: rate.map(|r| f64::from(r.max(1))),
+        }
+    }
+
+    /// After a step that began at `step_started` and did `units`, with messages arriving at
+    /// `arriving` per second.
+    fn give_way(&mut self, step_started: Instant, units: u64, pause: Duration, arriving: f64) {
+        self.done += units;
+        let mut wait = pause.max(step_started.elapsed() * 2);
+        if let Some(floor) = self.rate {
+            let rate = floor.max(ARRIVAL_FACTOR * arriving);
+            let due = Duration::from_secs_f64(self.done as f64 / rate);
+            wait = wait.max(due.saturating_sub(self.began.elapsed()));
+        }
+        std::thread::sleep(wait);
+    }
+}
+
+/// Messages that the arrival rate is measured over: the newest 1 000.
+const ARRIVAL_WINDOW: i64 = 1_000;
+
+/// Messages per second arriving lately: the newest [`ARRIVAL_WINDOW`] messages (fewer where
+/// older ones were pruned) over the time since the oldest of them arrived (two probes by id).
+/// 0 for an empty or idle store.
+fn arrival_rate(conn: &Connection) -> rusqlite::Result<f64> {
+    let newest: StoreId = conn
+        .prepare_cached("SELECT coalesce(max(id), 0) FROM messages")?
+        .query_row([], |r| r.get(0))?;
+    let since: Option<(StoreId, i64)> = conn
+        .prepare_cached(
+            "SELECT id, received_at_us FROM messages WHERE id >= ?1 ORDER BY id LIMIT 1",
+        )?
+        .query_row([newest.saturating_sub(ARRIVAL_WINDOW).max(1)], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    let Some((id, received_at_us)) = since else {
+        return Ok(0.0);
+    };
+    let age_us = system_time_to_us(SystemTime::now()).saturating_sub(received_at_us);
+    Ok(if age_us > 0 {
+        (newest - id) as f64 * 1e6 / age_us as f64
+    } else {
+        0.0
+    })
 }
 
 /// Whether the database has a table of this name (the forwarder's may be absent).

@@ -6,9 +6,10 @@
 //! # What is indexed
 //!
 //! - **Control id** (MSH-10) and **patient** (PID-3.1, see
-//!   [`Header::patient_id`](crate::Header::patient_id)) each have an index of their own, so a
-//!   search by either is one index probe however large the store (BENCHMARKS.md: 10 million
-//!   messages).
+//!   [`Header::patient_id`](crate::Header::patient_id)) each lead an index, so a search by
+//!   either is one index probe however large the store (BENCHMARKS.md: 10 million messages).
+//!   The control id's is the duplicate lookup's index (`messages_by_control_id`, see
+//!   [`crate::sqlite`]), so only the patient's costs the receive path an insert of its own.
 //! - Sender, type and time narrow those results, or else are checked on a scan that walks
 //!   the store newest first and stops after `limit` matches: fine for "the last 20 ADT^A01
 //!   from LAB", slow for a rare match in a large store (add a control id or patient).
@@ -406,7 +407,7 @@ mod tests {
     fn control_id_and_patient_searches_use_their_indexes() {
         let by_control = plan(&SearchFilter::default().control_id("ACC123").sender("LAB"));
         assert!(
-            by_control.contains("INDEX messages_control_id"),
+            by_control.contains("INDEX messages_by_control_id"),
             "{by_control}"
         );
         let by_patient = plan(

@@ -21,18 +21,27 @@
 //!     client_cert         TEXT                                 -- mTLS: CN, SANs, sha256
 //!     patient_id          TEXT                                 -- PID-3.1, raw (search)
 //! );
-//! CREATE INDEX messages_original ON messages
-//!     (control_id, sending_application, sending_facility, received_at_us)
-//!     WHERE duplicate_of IS NULL AND control_id IS NOT NULL;
-//! CREATE INDEX messages_control_id ON messages (control_id) WHERE control_id IS NOT NULL;
+//! CREATE INDEX messages_by_control_id ON messages
+//!     (control_id, sending_application, sending_facility, duplicate_of, received_at_us)
+//!     WHERE control_id IS NOT NULL;
 //! CREATE INDEX messages_patient ON messages (patient_id) WHERE patient_id IS NOT NULL;
 //! ```
+//!
+//! `messages_by_control_id` serves both the duplicate lookup (every column an equality but
+//! the last, a range on the time; it covers the query, so no row is read) and
+//! [`search`](crate::search) by control id (its first column), so the search indexes cost
+//! the receive path one index insert per message, the patient's. Stores created before it
+//! have `messages_original` (the same columns but `duplicate_of`, partial `WHERE
+//! duplicate_of IS NULL`) and, if they were opened by a build with search,
+//! `messages_control_id (control_id)`: such a store keeps both, since rebuilding an index
+//! of a large store would delay the start; one without `messages_control_id` gets
+//! `messages_by_control_id` in place of `messages_original` (one index build either way).
 //!
 //! `client_cert` is added (`ALTER TABLE … ADD COLUMN`) by the first writer that opens a store
 //! created before it; rows already there keep NULL. Additive only, so the version stays 1 and
 //! older builds still read and write such a store; a reader of a store without it reads NULL.
 //!
-//! `patient_id` and the last two indexes (for [`search`](crate::search)) are added by the
+//! `patient_id` and the search indexes (for [`search`](crate::search)) are added by the
 //! first writer that opens a store created before them; the version stays 1, since older
 //! builds read and write such a store unchanged. New stores use `auto_vacuum=INCREMENTAL`
 //! ([`retention`](crate::retention) gives freed pages back).
@@ -106,31 +115,42 @@ CREATE TABLE messages (
     client_cert         TEXT,
     patient_id          TEXT
 );
-CREATE INDEX messages_original ON messages
-    (control_id, sending_application, sending_facility, received_at_us)
-    WHERE duplicate_of IS NULL AND control_id IS NOT NULL;
+CREATE INDEX messages_by_control_id ON messages
+    (control_id, sending_application, sending_facility, duplicate_of, received_at_us)
+    WHERE control_id IS NOT NULL;
+CREATE INDEX messages_patient ON messages (patient_id) WHERE patient_id IS NOT NULL;
 ";
 
-/// The search columns and indexes (`crate::search`), added to stores created before them when
-/// a writer opens them: an added column is NULL in the rows already there (they are not
+/// The patient index (`crate::search`), added to stores created before it when a writer opens
+/// them: the `patient_id` column added with it is NULL in the rows already there (they are not
 /// back-filled), so `search --patient` finds the messages stored from then on. Additive only,
 /// so the schema version stays 1 and older builds still read and write such a store.
-const SEARCH_SCHEMA: &str = "
-CREATE INDEX IF NOT EXISTS messages_control_id ON messages (control_id)
-    WHERE control_id IS NOT NULL;
+const PATIENT_INDEX: &str = "
 CREATE INDEX IF NOT EXISTS messages_patient ON messages (patient_id)
     WHERE patient_id IS NOT NULL;
 ";
 
+/// For a store created before search: the index that serves search by control id and the
+/// duplicate lookup, in place of the duplicate lookup's own (see the module docs).
+const CONTROL_ID_INDEX: &str = "
+BEGIN IMMEDIATE;
+CREATE INDEX IF NOT EXISTS messages_by_control_id ON messages
+    (control_id, sending_application, sending_facility, duplicate_of, received_at_us)
+    WHERE control_id IS NOT NULL;
+DROP INDEX IF EXISTS messages_original;
+COMMIT;
+";
+
 /// `IS` compares NULL with NULL as equal: a message without MSH-3 matches another without it.
-/// The terms imply the partial index's WHERE clause, so SQLite uses it (checked in a test).
-/// The order is the index's own (received time, then id: the original is the earliest), so
-/// no temporary B-tree sorts the matches: ordering by id alone cost a sort per message, 40% of
-/// the writer's instructions (callgrind).
+/// The terms imply the partial index's WHERE clause and are equalities on its first four
+/// columns (`messages_by_control_id`; `messages_original` in older stores), so SQLite probes
+/// it and reads no row (checked in a test). The order is the index's own (received time, then
+/// id: the original is the earliest), so no temporary B-tree sorts the matches: ordering by id
+/// alone cost a sort per message, 40% of the writer's instructions (callgrind).
 const FIND_ORIGINAL: &str = "
 SELECT id FROM messages
 WHERE control_id = ?1 AND sending_application IS ?2 AND sending_facility IS ?3
-  AND received_at_us >= ?4 AND duplicate_of IS NULL
+  AND duplicate_of IS NULL AND received_at_us >= ?4
 ORDER BY received_at_us, id LIMIT 1";
 
 const INSERT: &str = "
@@ -170,6 +190,10 @@ pub struct SqliteOptions {
     /// so the power-loss test can show that it detects exactly that (its negative control).
     #[doc(hidden)]
     pub unsafe_synchronous_normal_for_tests: bool,
+    /// BENCHMARKS ONLY: a writer drops the patient index (`search --patient` then scans),
+    /// to measure what the index costs the receive path (BENCHMARKS.md).
+    #[doc(hidden)]
+    pub bench_without_patient_index: bool,
 }
 
 impl Default for SqliteOptions {
@@ -179,6 +203,7 @@ impl Default for SqliteOptions {
             duplicate_window: DEFAULT_DUPLICATE_WINDOW,
             wal_limit: crate::checkpoint::WAL_LIMIT_BYTES,
             unsafe_synchronous_normal_for_tests: false,
+            bench_without_patient_index: false,
         }
     }
 }
@@ -387,6 +412,7 @@ impl SqliteBackend {
             Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Locked {
                 path: self.path.clone(),
             },
+            _ if is_corruption(&e) => StoreError::read(Problem::Corrupt),
             _ => StoreError::read(Cause::sqlite(e)),
         }
     }
@@ -472,9 +498,23 @@ impl Backend for SqliteBackend {
 
     fn last_id(&mut self) -> Result<StoreId, StoreError> {
         let conn = self.connection()?;
-        let result = conn.query_row("SELECT coalesce(max(id), 0) FROM messages", [], |r| {
-            r.get(0)
-        });
+        let result = conn
+            .query_row("SELECT coalesce(max(id), 0) FROM messages", [], |r| {
+                r.get(0)
+            })
+            .or_else(|e| {
+                // The last page damaged: AUTOINCREMENT's counter, kept in a table of its own,
+                // is the highest id ever given (an export past damage needs an end).
+                if !is_corruption(&e) {
+                    return Err(e);
+                }
+                conn.query_row(
+                    "SELECT seq FROM sqlite_sequence WHERE name = 'messages'",
+                    [],
+                    |r| r.get(0),
+                )
+                .or(Err(e))
+            });
         result.map_err(|e| self.read_error(e))
     }
 
@@ -717,6 +757,10 @@ pub(crate) fn open_connection(
             add_client_cert(&conn).map_err(classify)?;
         }
         add_search_schema(&conn).map_err(classify)?;
+        if options.bench_without_patient_index {
+            conn.execute_batch("DROP INDEX IF EXISTS messages_patient")
+                .map_err(classify)?;
+        }
         set_wal(&conn, path)?;
         let (name, expected) = if options.unsafe_synchronous_normal_for_tests {
             ("NORMAL", 1)
@@ -761,7 +805,7 @@ fn add_client_cert(conn: &Connection) -> rusqlite::Result<()> {
     result
 }
 
-/// Adds the search column and indexes ([`SEARCH_SCHEMA`]) where they are missing.
+/// Adds the search column and indexes where they are missing (see the module docs).
 fn add_search_schema(conn: &Connection) -> rusqlite::Result<()> {
     let has_column: bool = conn.query_row(
         "SELECT count(*) FROM pragma_table_info('messages') WHERE name = 'patient_id'",
@@ -771,7 +815,17 @@ fn add_search_schema(conn: &Connection) -> rusqlite::Result<()> {
     if !has_column {
         conn.execute_batch("ALTER TABLE messages ADD COLUMN patient_id TEXT")?;
     }
-    conn.execute_batch(SEARCH_SCHEMA)
+    let has_index = |name: &str| -> rusqlite::Result<bool> {
+        conn.query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND name = ?1",
+            [name],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )
+    };
+    if !has_index("messages_by_control_id")? && !has_index("messages_control_id")? {
+        conn.execute_batch(CONTROL_ID_INDEX)?;
+    }
+    conn.execute_batch(PATIENT_INDEX)
 }
 
 fn set_wal(conn: &Connection, path: &Path) -> Result<(), StoreError> {
@@ -888,11 +942,9 @@ fn classify_open_error(path: &Path, flags: OpenFlags, e: rusqlite::Error) -> Sto
 mod tests {
     use super::*;
 
-    /// The duplicate lookup must be an index probe, not a scan of every message.
-    #[test]
-    fn the_duplicate_lookup_uses_the_partial_index() {
+    fn plan(schema: &str) -> String {
         let conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch(CREATE_SCHEMA).unwrap();
+        conn.execute_batch(schema).unwrap();
         let plan: Vec<String> = conn
             .prepare(&format!("EXPLAIN QUERY PLAN {FIND_ORIGINAL}"))
             .unwrap()
@@ -900,9 +952,38 @@ mod tests {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        let plan = plan.join("; ");
-        assert!(plan.contains("USING INDEX messages_original"), "{plan}");
+        plan.join("; ")
+    }
+
+    /// The duplicate lookup must be an index probe, not a scan of every message, and read
+    /// no row: the index covers it.
+    #[test]
+    fn the_duplicate_lookup_uses_the_control_id_index() {
+        let plan = plan(CREATE_SCHEMA);
+        assert!(
+            plan.contains("USING COVERING INDEX messages_by_control_id"),
+            "{plan}"
+        );
         assert!(!plan.contains("SCAN messages"), "{plan}");
+        assert!(!plan.contains("TEMP B-TREE"), "a sort per lookup: {plan}");
+    }
+
+    /// A store created before `messages_by_control_id` keeps its partial index, and the
+    /// lookup uses it (not the search index on the control id alone).
+    #[test]
+    fn the_duplicate_lookup_uses_an_older_stores_partial_index() {
+        let older = CREATE_SCHEMA.replace(
+            "CREATE INDEX messages_by_control_id ON messages
+    (control_id, sending_application, sending_facility, duplicate_of, received_at_us)
+    WHERE control_id IS NOT NULL;",
+            "CREATE INDEX messages_original ON messages
+    (control_id, sending_application, sending_facility, received_at_us)
+    WHERE duplicate_of IS NULL AND control_id IS NOT NULL;
+CREATE INDEX messages_control_id ON messages (control_id) WHERE control_id IS NOT NULL;",
+        );
+        assert!(older.contains("messages_original"));
+        let plan = plan(&older);
+        assert!(plan.contains("USING INDEX messages_original"), "{plan}");
         assert!(!plan.contains("TEMP B-TREE"), "a sort per lookup: {plan}");
     }
 }

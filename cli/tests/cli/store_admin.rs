@@ -73,6 +73,8 @@ pub(crate) struct HealthServe {
     child: std::process::Child,
     pub(crate) addr: std::net::SocketAddr,
     pub(crate) health: std::net::SocketAddr,
+    /// With `--metrics ADDR` among the arguments.
+    pub(crate) metrics: Option<std::net::SocketAddr>,
     stderr: Option<std::thread::JoinHandle<String>>,
 }
 
@@ -113,12 +115,17 @@ impl HealthServe {
         });
         let mut addr = None;
         let mut health = None;
+        let mut metrics = None;
+        // The health line comes last.
         while addr.is_none() || health.is_none() {
             let line = lines
                 .recv_timeout(crate::util::WAIT)
                 .expect("serve printed its addresses");
             if let Some(a) = line.strip_prefix("listening on ") {
                 addr = Some(a.parse().expect("an address"));
+            }
+            if let Some(m) = line.strip_prefix("metrics on http://") {
+                metrics = Some(m.split('/').next().unwrap().parse().expect("an address"));
             }
             if let Some(h) = line.strip_prefix("health on http://") {
                 health = Some(h.split('/').next().unwrap().parse().expect("an address"));
@@ -128,6 +135,7 @@ impl HealthServe {
             child,
             addr: addr.unwrap(),
             health: health.unwrap(),
+            metrics,
             stderr: Some(stderr),
         }
     }
@@ -238,6 +246,61 @@ fn readyz_follows_the_store() {
     assert_eq!(c.send(&hl7("ok2")).unwrap().code, AckCode::AA);
     serve.await_status("/readyz", 200);
     drop(c);
+    serve.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `/readyz` answers 503 "draining" from the first SIGTERM on, while the drain waits for a
+/// message still with the store (its commit waits on a lock the test holds, within the busy
+/// timeout); `/healthz` stays 200 meanwhile: draining is not dying.
+#[test]
+fn readyz_is_503_while_draining_and_healthz_stays_200() {
+    use std::io::Write;
+    use std::time::Instant;
+    let dir = scratch("readyz-drain");
+    let store = dir.join("s.db");
+    let _ = std::fs::remove_file(&store);
+    let serve = HealthServe::start(
+        store.to_str().unwrap(),
+        &[
+            "--min-free-disk",
+            "0",
+            "--grace",
+            "60s",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    assert_eq!(serve.get("/readyz").0, 200);
+    // The store's write lock, held by the test: the message's commit waits for it.
+    let holder = rusqlite::Connection::open(&store).expect("opens");
+    holder.execute_batch("BEGIN IMMEDIATE").expect("locked");
+    let mut peer = std::net::TcpStream::connect(serve.addr).expect("connects");
+    let frame = format!(
+        "\x0b{}\x1c\r",
+        crate::util::message("D1").replace('\n', "\r")
+    );
+    peer.write_all(frame.as_bytes()).expect("written");
+    let metrics = serve.metrics.expect("--metrics given");
+    let deadline = Instant::now() + crate::util::WAIT;
+    while !crate::util::scrape(metrics)
+        .contains("mllp_messages_received_total{listener=\"mllp\"} 1")
+    {
+        assert!(Instant::now() < deadline, "the message never arrived");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &serve.pid().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let body = serve.await_status("/readyz", 503);
+    assert!(body.contains(r#""reason":"draining""#), "{body}");
+    assert_eq!(
+        serve.get("/healthz"),
+        (200, r#"{"status":"alive"}"#.to_owned())
+    );
+    drop((peer, holder));
     serve.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -386,6 +449,15 @@ fn a_damaged_store_is_found_by_check_and_refused_by_serve() {
     assert!(!dir.join("copy.db-wal").exists() && !dir.join("copy.db-shm").exists());
 
     damage(&store);
+    // Export goes on past the damage: what it can read on stdout, each range it skipped on
+    // stderr, and a failure at the end.
+    let partial = run(&["export", path], b"");
+    assert_eq!(partial.status.code(), Some(1), "{}", text(&partial.stderr));
+    let err = text(&partial.stderr);
+    assert!(err.contains("could not be read"), "{err}");
+    assert!(err.contains("the store is damaged"), "{err}");
+    let exported = text(&partial.stdout).lines().count();
+    assert!(exported < 300, "{exported} exported from a damaged store");
     let bad = run(&["check", path], b"");
     assert_eq!(bad.status.code(), Some(1), "{}", text(&bad.stdout));
     assert!(!text(&bad.stdout).is_empty());

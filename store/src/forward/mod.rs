@@ -335,7 +335,9 @@ pub struct ForwardConfig {
     /// The store writer's [`WriteGate`] (from [`SqliteBackend::write_gate`]), when the
     /// forwarder runs in the same process as the store: lanes then take turns with the
     /// writer through it, rather than through SQLite's busy handler, which sleeps
-    /// milliseconds after each collision and would delay the writer's commits.
+    /// milliseconds after each collision and would delay the writer's commits. With a gate,
+    /// the lanes' connections also leave WAL checkpoints to the store's checkpointer, so
+    /// none runs inside a lane's commit while it holds the gate.
     ///
     /// [`SqliteBackend::write_gate`]: crate::SqliteBackend::write_gate
     pub gate: Option<WriteGate>,

@@ -123,6 +123,15 @@ impl SqliteState {
             conn.pragma_update(None, "synchronous", "NORMAL")
                 .map_err(db)?;
         }
+        if writable && gate.is_some() {
+            // In the server's process (it gave us its write gate) the store's checkpointer
+            // copies the WAL (`crate::checkpoint`). SQLite's automatic checkpoint would
+            // otherwise run inside this connection's commits whenever the WAL holds 1 000
+            // pages, while the gate is held, and the store's writer would wait for a copy of
+            // the WAL and a sync of the database file (the pruner had the same defect).
+            conn.pragma_update(None, "wal_autocheckpoint", 0)
+                .map_err(db)?;
+        }
         let has_messages: bool = conn
             .query_row(
                 "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = 'messages'",
@@ -532,5 +541,40 @@ impl DeliveryState for SqliteState {
                 .execute(params![destination, lane, error, at_us])
                 .map(drop)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{SqliteBackend, SqliteOptions};
+
+    /// A lane that shares the server's write gate never checkpoints inside its own commits
+    /// (the store's checkpointer does); one on its own (the CLI's `forward requeue`) keeps
+    /// SQLite's automatic checkpoint.
+    #[test]
+    fn a_lane_beside_the_store_writer_leaves_checkpoints_to_the_checkpointer() {
+        let dir = std::env::temp_dir().join(format!("mllp-forward-ckpt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("store.db");
+        let backend = SqliteBackend::open(&path, &SqliteOptions::default()).unwrap();
+        let autocheckpoint = |state: &SqliteState| -> i64 {
+            state
+                .conn
+                .pragma_query_value(None, "wal_autocheckpoint", |r| r.get(0))
+                .unwrap()
+        };
+        let beside = SqliteState::open(
+            &path,
+            Duration::from_secs(1),
+            true,
+            Some(backend.write_gate()),
+        )
+        .unwrap();
+        let alone = SqliteState::open(&path, Duration::from_secs(1), true, None).unwrap();
+        assert_eq!(autocheckpoint(&beside), 0);
+        assert!(autocheckpoint(&alone) > 0);
+        drop((beside, alone, backend));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

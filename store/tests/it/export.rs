@@ -181,3 +181,48 @@ fn export_errors_are_typed() {
     assert_eq!(reader.last_id().unwrap(), 0);
     let _ = SystemTime::now();
 }
+
+/// Garbage over half of a store's pages: the export writes every record it can read, in id
+/// order, skips the rest in ranges it names, and fails at the end; every id is either
+/// exported or inside a range, never both.
+#[test]
+fn export_goes_on_past_damage_and_names_what_it_skipped() {
+    let dir = TempDir::new("export-damaged");
+    let path = dir.join("s.db");
+    crate::integrity::damaged_store(&path);
+    let mut out = Vec::new();
+    let err =
+        export_sqlite(&path, 0, Format::Jsonl, &SqliteOptions::default(), &mut out).unwrap_err();
+    let ExportError::Damaged {
+        written,
+        unreadable,
+    } = err
+    else {
+        panic!("not Damaged: {err}");
+    };
+    let ids: Vec<i64> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let rest = l.strip_prefix("{\"id\":").unwrap();
+            rest[..rest.find(',').unwrap()].parse().unwrap()
+        })
+        .collect();
+    assert_eq!(ids.len() as u64, written);
+    assert!(written > 0, "nothing exported");
+    assert!(!unreadable.is_empty());
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in id order");
+    for id in 1..=2000 {
+        let exported = ids.binary_search(&id).is_ok();
+        let skipped = unreadable.iter().any(|u| u.first <= id && id <= u.last);
+        assert!(
+            exported != skipped,
+            "id {id}: exported {exported}, skipped {skipped}; ranges {:?}",
+            unreadable
+                .iter()
+                .map(|u| (u.first, u.last))
+                .collect::<Vec<_>>()
+        );
+    }
+    assert!(unreadable[0].to_string().contains("could not be read"));
+}
