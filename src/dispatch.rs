@@ -64,23 +64,27 @@ impl Dispatcher {
         }
     }
 
-    /// Hands one message to the handler. Inline: the call's outcome, at once. Pool: `None`;
-    /// the outcome comes back through the reactor's completion queue.
-    pub(crate) fn dispatch(&mut self, job: Job) -> Option<Outcome> {
+    /// Hands one message to the handler. Inline: the call's outcome, at once, with the
+    /// clock reading taken when the handler returned (the reactor's latest `now`). Pool:
+    /// `None`; the outcome comes back through the reactor's completion queue.
+    pub(crate) fn dispatch(&mut self, job: Job) -> Option<(Outcome, Instant)> {
         match self {
             Self::Inline {
                 handler,
                 slow,
                 metrics,
             } => {
+                // Two readings of its own: the turn's `now` comes before the socket read and
+                // the decode, which are not the handler's time.
                 let started = Instant::now();
                 let outcome = call(&**handler, &job.payload, &job.cx);
-                let took = started.elapsed();
+                let done = Instant::now();
+                let took = done.saturating_duration_since(started);
                 metrics.handler_duration.record(took.as_secs_f64());
                 if took > *slow {
                     metrics.inline_slow.increment(1);
                 }
-                Some(outcome)
+                Some((outcome, done))
             }
             Self::Pool { batch, .. } => {
                 batch.push(job);

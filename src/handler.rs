@@ -212,7 +212,8 @@ impl Context {
         self.received_at
     }
 
-    /// When the message's last byte was read (wall clock).
+    /// When the message's last byte was read (wall clock). The reactor reads the wall clock
+    /// once per poll turn, at the turn's first message: the messages one turn reads share it.
     pub fn received_time(&self) -> SystemTime {
         self.received_time
     }

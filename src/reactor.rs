@@ -147,6 +147,14 @@ struct Loop {
     /// Distinct local addresses connections were accepted on (see `Entry::local`).
     locals: Vec<SocketAddr>,
     epoch: Instant,
+    /// The latest clock reading: the turn's `now` (read once, after `poll`), then each later
+    /// reading of the turn (an inline handler's end, a report after a write). The next
+    /// `poll`'s timeout is taken from it instead of a read of its own: it can only be older,
+    /// so the wait can only end late, by the work done since it (the wheel's tick is 10 ms).
+    clock: Instant,
+    /// This turn's wall-clock time, read once at its first message (`Context::received_time`,
+    /// `MessageStart::system_time`, and so the ACK's MSH-7); `None` until then.
+    wall: Option<SystemTime>,
     /// Change in buffered bytes this turn, published to the budget once per turn.
     budget_delta: isize,
     /// Reading is paused by the memory budget.
@@ -192,6 +200,8 @@ impl Reactor {
             drain: None,
             locals: Vec::new(),
             epoch: now,
+            clock: now,
+            wall: None,
             budget_delta: 0,
             paused: false,
             handshakes,
@@ -214,14 +224,17 @@ impl Loop {
     fn run(&mut self) -> io::Result<(ShutdownReport, Instant)> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         loop {
-            let timeout = self.poll_timeout(Instant::now());
+            let timeout = self.poll_timeout(self.clock);
             if let Err(e) = self.r.poll.poll(&mut events, timeout) {
                 if e.kind() == ErrorKind::Interrupted {
                     continue;
                 }
                 return Err(e);
             }
+            // The turn's one clock reading, handed down to everything the turn does.
             let now = Instant::now();
+            self.clock = now;
+            self.wall = None;
             self.r.shared.heartbeat.beat(usize::from(self.r.index), now);
             for event in events.iter() {
                 match event.token() {
@@ -571,13 +584,16 @@ impl Loop {
             }
             let p = self.peer(&self.conns[key]);
             // Events of earlier messages first (a no-reply's stop comes before the next start).
+            // They came from the previous message's completion: the latest reading (its
+            // inline handler's end) is when they happened.
             if !self.events.is_empty() {
-                let fresh = Instant::now();
                 for event in self.events.drain(..) {
-                    self.r.telemetry.report(&p, event, fresh, &mut self.tally);
+                    self.r
+                        .telemetry
+                        .report(&p, event, self.clock, &mut self.tally);
                 }
             }
-            let system_time = SystemTime::now();
+            let system_time = *self.wall.get_or_insert_with(SystemTime::now);
             self.r.telemetry.message_start(
                 &p,
                 d.seq,
@@ -610,7 +626,8 @@ impl Loop {
                 deadline,
             };
             // Inline, the outcome is here now; from the pool it comes as a completion.
-            if let Some(outcome) = self.dispatcher.dispatch(job) {
+            if let Some((outcome, done)) = self.dispatcher.dispatch(job) {
+                self.clock = done;
                 self.conns[key]
                     .link
                     .conn
@@ -728,6 +745,7 @@ impl Loop {
         // A fresh clock for latencies: `now` of the turn is older than the write that
         // finished these messages.
         let fresh = Instant::now();
+        self.clock = fresh;
         for event in self.events.drain(..) {
             self.r.telemetry.report(&p, event, fresh, &mut self.tally);
         }

@@ -2,7 +2,7 @@
 //! peer, the observer and the metrics get for each.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use mllp_reactor::ack::{self, AckCode};
@@ -432,4 +432,30 @@ fn handler_returned_naks_are_counted_by_code() {
         let naks = |code| metrics.counter(NAKS_SENT, &[("code", code)]);
         assert_eq!((naks("AR"), naks("AE")), (1, 2), "{dispatch:?}");
     }
+}
+
+/// `Context::received_time` (the MSH-7 of `serve --no-store`'s ACK) is the wall clock of the
+/// poll turn that read the message (read once per turn, issue 21 item 5), not a time kept
+/// from an earlier turn or from start-up: each message's lies between its send and its reply.
+#[test]
+fn received_time_is_the_wall_clock_of_the_turn_that_read_the_message() {
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&times);
+    let server = start(Server::builder(handler_fn(move |msg, cx| {
+        seen.lock().unwrap().push(cx.received_time());
+        Ok(Reply::Send(ack::accept(msg)))
+    })));
+    let mut client = server.connect();
+    for id in ["TIME1", "TIME2", "TIME3"] {
+        let sent = SystemTime::now();
+        assert_ack(&client.roundtrip(&message(id)), AckCode::AA, id);
+        let answered = SystemTime::now();
+        let received = *times.lock().unwrap().last().expect("the handler ran");
+        assert!(
+            sent <= received && received <= answered,
+            "{id}: sent {sent:?} <= received {received:?} <= answered {answered:?}"
+        );
+    }
+    client.finish();
+    assert_eq!(times.lock().unwrap().len(), 3);
 }

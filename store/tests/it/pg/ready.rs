@@ -128,38 +128,57 @@ fn aa_while_the_standby_is_missing(
     assert!(String::from_utf8_lossy(&reply).contains("MSA|AA|before"));
     reply.clear();
 
+    pg.sql("postgres", "CREATE TABLE syncrep_probe (x int)");
     pg.sql(
         "postgres",
         "ALTER SYSTEM SET synchronous_standby_names = 'nobody'",
     );
     pg.sql("postgres", "SELECT pg_reload_conf()");
-    peer.write_all(&frame("held")).unwrap();
-    // Either the COMMIT waits for the standby (then no AA may have left, nor leave while it
-    // waits), or the AA arrives although nothing could be replicated.
-    let held = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'";
+    let waiting = || -> usize {
+        pg.sql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+        )
+        .parse()
+        .unwrap()
+    };
     let deadline = Instant::now() + WAIT;
-    peer.set_read_timeout(Some(Duration::from_millis(20)))
-        .unwrap();
-    let mut early = None;
-    while pg.sql("postgres", held) == "0" {
-        if read_ack(&mut peer, &mut reply) {
-            early = Some(String::from_utf8_lossy(&reply).into_owned());
-            break;
+    let early = std::thread::scope(|scope| {
+        // The reload reaches the commits through the checkpointer, some time after it
+        // returns: a transaction of our own that waits for the standby shows it has.
+        let probe = scope.spawn(|| pg.sql("postgres", "INSERT INTO syncrep_probe VALUES (1)"));
+        while waiting() == 0 {
+            assert!(Instant::now() < deadline, "the standby setting never took");
+            std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(
-            Instant::now() < deadline,
-            "neither a waiting COMMIT nor an AA"
-        );
-    }
-    if early.is_none() {
-        peer.set_read_timeout(Some(Duration::from_millis(300)))
+        peer.write_all(&frame("held")).unwrap();
+        // Either the batch's COMMIT waits for the standby too (then no AA may have left, nor
+        // leave while it waits), or the AA arrives although nothing could be replicated.
+        peer.set_read_timeout(Some(Duration::from_millis(20)))
             .unwrap();
-        if read_ack(&mut peer, &mut reply) {
-            early = Some(String::from_utf8_lossy(&reply).into_owned());
+        let mut early = None;
+        while waiting() < 2 {
+            if read_ack(&mut peer, &mut reply) {
+                early = Some(String::from_utf8_lossy(&reply).into_owned());
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "neither a waiting COMMIT nor an AA"
+            );
         }
-    }
-    pg.sql("postgres", "ALTER SYSTEM RESET synchronous_standby_names");
-    pg.sql("postgres", "SELECT pg_reload_conf()");
+        if early.is_none() {
+            peer.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            if read_ack(&mut peer, &mut reply) {
+                early = Some(String::from_utf8_lossy(&reply).into_owned());
+            }
+        }
+        pg.sql("postgres", "ALTER SYSTEM RESET synchronous_standby_names");
+        pg.sql("postgres", "SELECT pg_reload_conf()");
+        probe.join().unwrap();
+        early
+    });
     if early.is_none() {
         peer.set_read_timeout(Some(WAIT)).unwrap();
         assert!(
