@@ -183,7 +183,7 @@ pub enum LoadError {
         /// What went wrong.
         reason: String,
     },
-    /// The server's RSS could not be read from `/proc/<pid>/status`.
+    /// The server's RSS could not be read from `/proc/<pid>/smaps_rollup` or `status`.
     Rss {
         /// The server process id.
         pid: u32,
@@ -205,7 +205,7 @@ impl fmt::Display for LoadError {
             Self::Rss { pid, source } => {
                 write!(
                     f,
-                    "cannot read RSS of process {pid} from /proc/{pid}/status: {source}"
+                    "cannot read RSS of process {pid} from /proc/{pid}/smaps_rollup or status: {source}"
                 )
             }
             Self::Spawn(e) => write!(f, "cannot start a connection thread: {e}"),
