@@ -28,7 +28,7 @@
 //! # Messages in flight
 //!
 //! ```text
-//!   read_buf ──decode──▶ slots: [ seq 4: Ready(reply, part written) | seq 5: Waiting | seq 6: Ready ]
+//!   read buf ──decode──▶ slots: [ seq 4: Ready(reply, part written) | seq 5: Waiting | seq 6: Ready ]
 //!                                 └──────────── written strictly in seq order ──────────────┘
 //! ```
 //!
@@ -53,13 +53,15 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Bytes, BytesMut};
 
 use crate::ack::{self, AckCode};
-use crate::codec::{EncodedFrame, FrameDecoder, FrameError};
+use crate::codec::{EncodedFrame, FrameError};
 use crate::outcome::{Outcome, Reply};
 use crate::reason::{CloseReason, ExceptionReason};
 
+mod busy;
 mod event;
 mod pool;
 mod slots;
+use busy::{Busy, Parts};
 pub(crate) use event::{Event, FrameRejection, Handled};
 use slots::Slots;
 
@@ -227,12 +229,12 @@ enum State {
 #[derive(Debug)]
 pub(crate) struct Connection {
     limits: Arc<Limits>,
-    decoder: FrameDecoder,
-    /// Received bytes not yet handed out as frames: a partial frame (≤ max_message_size + one
-    /// read) and, while nothing more can be dispatched, undecoded input (≤ read_ahead + one
-    /// read). Given back to the thread's pool (`pool`) whenever it empties, so an idle
-    /// connection owns no buffer and a busy one does not allocate one per message.
-    read_buf: BytesMut,
+    /// The read buffer and frame decoder. The buffer holds received bytes not yet handed out
+    /// as frames: a partial frame (≤ max_message_size + one read) and, while nothing more can
+    /// be dispatched, undecoded input (≤ read_ahead + one read). Both go back to the thread's
+    /// pool (`pool`) whenever the buffer empties between frames, so an idle connection owns
+    /// neither (8 bytes instead of 64) and a busy one does not allocate them per message.
+    busy: Busy,
     /// Messages in flight, in sequence order (see the module docs). Given back to the
     /// thread's pool when empty.
     slots: Slots,
@@ -260,16 +262,14 @@ pub(crate) struct Connection {
 }
 
 // Keep the per-connection cost small: an idle connection is this struct plus a socket.
-const _: () = assert!(std::mem::size_of::<Connection>() <= 144);
+const _: () = assert!(std::mem::size_of::<Connection>() <= 88);
 
 impl Connection {
     pub(crate) fn new(limits: Arc<Limits>, now: Instant) -> Self {
-        let decoder = FrameDecoder::new(limits.max_message_size);
         let idle_deadline = deadline_after(now, limits.idle_timeout);
         Self {
             limits,
-            decoder,
-            read_buf: BytesMut::new(),
+            busy: Busy::default(),
             slots: Slots::default(),
             state: State::Open,
             next_seq: 0,
@@ -319,20 +319,15 @@ impl Connection {
         }
         match &mut self.state {
             State::Open => {
-                if self.read_buf.capacity() == 0 {
-                    self.read_buf = pool::take_buffer();
-                }
-                let needed = self.read_buf.len() + bytes.len();
+                let buf = &self.busy.parts(self.limits.max_message_size).buf;
+                let needed = buf.len() + bytes.len();
                 let hint = usize::from(self.large_frame_hint) * LARGE_FRAME;
-                if needed > self.read_buf.capacity()
-                    && needed > LARGE_FRAME
-                    && hint > self.read_buf.capacity()
-                {
+                if needed > buf.capacity() && needed > LARGE_FRAME && hint > buf.capacity() {
                     // A large frame again: grow once to the last large frame's size instead of
                     // doubling (each doubling copies everything received so far).
                     self.grow_large(hint.max(needed));
                 }
-                self.read_buf.extend_from_slice(bytes);
+                self.read_buf().extend_from_slice(bytes);
                 self.idle_deadline = deadline_after(now, self.limits.idle_timeout);
             }
             State::Lingering(linger) => {
@@ -364,12 +359,14 @@ impl Connection {
             return None;
         }
         self.make_room();
-        let before = self.read_buf.len();
-        let result = read(&mut self.read_buf, READ_CHUNK);
-        debug_assert!(self.read_buf.len() - before <= READ_CHUNK);
-        if self.read_buf.len() > before {
+        let buf = self.read_buf();
+        let before = buf.len();
+        let result = read(buf, READ_CHUNK);
+        debug_assert!(buf.len() - before <= READ_CHUNK);
+        let (grew, empty) = (buf.len() > before, buf.is_empty());
+        if grew {
             self.idle_deadline = deadline_after(now, self.limits.idle_timeout);
-        } else if self.read_buf.is_empty() {
+        } else if empty {
             self.release_read_buf();
         }
         Some(result)
@@ -377,34 +374,40 @@ impl Connection {
 
     /// Gives the read buffer at least [`MIN_READ_ROOM`] bytes of room for the next read.
     fn make_room(&mut self) {
-        if self.read_buf.capacity() == 0 {
-            self.read_buf = pool::take_buffer();
-        }
-        let len = self.read_buf.len();
-        if self.read_buf.capacity() - len >= MIN_READ_ROOM {
+        let buf = self.read_buf();
+        let (len, capacity) = (buf.len(), buf.capacity());
+        if capacity - len >= MIN_READ_ROOM {
             return;
         }
         let hint = usize::from(self.large_frame_hint) * LARGE_FRAME;
-        if len > 0 && hint > self.read_buf.capacity() {
+        if len > 0 && hint > capacity {
             // A frame under way on a connection that sends large ones.
             self.grow_large(hint);
         } else {
             // Reclaims the space of frames split off and answered, or doubles.
-            self.read_buf.reserve(MIN_READ_ROOM);
+            self.read_buf().reserve(MIN_READ_ROOM);
         }
+    }
+
+    /// The read buffer, taken (with a decoder) from the thread's pool if the connection had
+    /// none.
+    fn read_buf(&mut self) -> &mut BytesMut {
+        &mut self.busy.parts(self.limits.max_message_size).buf
     }
 
     /// Grows the read buffer once to `capacity` for a large frame (instead of doubling, where
     /// each doubling copies everything received so far), with a buffer the thread kept from an
     /// earlier large frame if it has one.
     fn grow_large(&mut self, capacity: usize) {
+        let buf = self.read_buf();
         if let Some(mut large) = pool::take_large(capacity) {
-            large.extend_from_slice(&self.read_buf);
-            let mut small = std::mem::replace(&mut self.read_buf, large);
+            large.extend_from_slice(buf);
+            let mut small = std::mem::replace(buf, large);
             small.clear();
             pool::put_buffer(small, 0);
         } else {
-            self.read_buf.reserve(capacity - self.read_buf.len());
+            let len = buf.len();
+            buf.reserve(capacity - len);
         }
     }
 
@@ -471,13 +474,18 @@ impl Connection {
         if !matches!(self.state, State::Open) || !self.started || !self.can_dispatch() {
             return None;
         }
-        let junk_before = self.decoder.junk_bytes();
-        let capacity = self.read_buf.capacity();
-        let result = self.decoder.decode(&mut self.read_buf);
-        let junk = self.decoder.junk_bytes() - junk_before;
-        if junk > 0 {
-            out.push(Event::Junk(junk));
-        }
+        let capacity = self.busy.capacity();
+        // An idle connection has nothing to decode (and no buffer or decoder to do it with).
+        let result = self.busy.get_mut().map_or(Ok(None), |parts| {
+            let Parts { buf, decoder } = parts;
+            let junk_before = decoder.junk_bytes();
+            let result = decoder.decode(buf);
+            let junk = decoder.junk_bytes() - junk_before;
+            if junk > 0 {
+                out.push(Event::Junk(junk));
+            }
+            result
+        });
         match result {
             Ok(Some(payload)) => {
                 if payload.len() > LARGE_FRAME {
@@ -490,7 +498,7 @@ impl Connection {
                 self.next_seq += 1;
                 let deadline = deadline_after(now, self.limits.handler_timeout);
                 self.calling = true;
-                let held = if self.read_buf.is_empty() {
+                let held = if self.busy.is_empty() {
                     capacity
                 } else {
                     payload.len()
@@ -512,7 +520,7 @@ impl Connection {
             }
             Ok(None) => {
                 self.update_frame_deadline(now);
-                if self.read_buf.is_empty() {
+                if self.busy.is_empty() {
                     // An idle connection owns no buffer: back to the thread's pool.
                     self.release_read_buf();
                 }
@@ -769,7 +777,7 @@ impl Connection {
             State::Open if self.peer_eof => false,
             // While dispatching, the decoder bounds the buffer (limit + one read); otherwise
             // read-ahead does.
-            State::Open => self.can_dispatch() || self.read_buf.len() < self.limits.read_ahead,
+            State::Open => self.can_dispatch() || self.busy.len() < self.limits.read_ahead,
         }
     }
 
@@ -795,7 +803,7 @@ impl Connection {
     /// True when nothing is in flight and no frame is half received.
     #[cfg(test)]
     pub(crate) fn is_idle(&self) -> bool {
-        self.slots.is_empty() && self.read_buf.is_empty() && matches!(self.state, State::Open)
+        self.slots.is_empty() && self.busy.is_empty() && matches!(self.state, State::Open)
     }
 
     /// Heap bytes this connection holds: its read buffer's capacity, the payloads it keeps for
@@ -814,12 +822,12 @@ impl Connection {
                     }
             })
             .sum();
-        self.read_buf.capacity() + slots
+        self.busy.capacity() + slots
     }
 
     /// Bytes of a frame being received (partial) or read ahead, held in the read buffer.
     pub(crate) fn buffered_len(&self) -> usize {
-        self.read_buf.len()
+        self.busy.len()
     }
 
     /// Why the connection closed, once it has.
@@ -951,7 +959,7 @@ impl Connection {
     }
 
     fn update_frame_deadline(&mut self, now: Instant) {
-        if !self.decoder.in_frame() {
+        if !self.busy.in_frame() {
             self.frame_deadline = None;
         } else if self.frame_deadline.is_none() {
             self.frame_deadline = Some(deadline_after(now, self.limits.frame_timeout));
@@ -960,7 +968,10 @@ impl Connection {
 
     fn reject_oversize(&mut self, received: usize, now: Instant, out: &mut Vec<Event>) {
         out.push(Event::FrameRejected(FrameRejection::TooLarge));
-        let partial = self.decoder.partial_frame(&self.read_buf);
+        let partial = self
+            .busy
+            .get()
+            .map_or(&[][..], |p| p.decoder.partial_frame(&p.buf));
         out.push(Event::MessageException {
             seq: None,
             reason: ExceptionReason::MessageTooLarge,
@@ -975,7 +986,7 @@ impl Connection {
             }
             _ => None,
         };
-        self.read_buf = BytesMut::new();
+        self.busy.discard();
         self.frame_deadline = None;
         self.draining = true; // dispatch nothing more
         // The AR goes after every earlier reply; then the connection closes.
@@ -996,7 +1007,7 @@ impl Connection {
             self.close(reason, out);
             return;
         }
-        self.read_buf = BytesMut::new();
+        self.busy.discard();
         self.frame_deadline = None;
         self.state = State::Lingering(Box::new(Linger {
             reason,
@@ -1009,8 +1020,8 @@ impl Connection {
     /// Gives the (empty) read buffer back to the thread's pool, unless it once held a large
     /// frame: the allocation behind it may then be far larger than its capacity shows.
     fn release_read_buf(&mut self) {
-        let buf = std::mem::take(&mut self.read_buf);
-        pool::put_buffer(buf, usize::from(self.large_frame_hint) * LARGE_FRAME);
+        self.busy
+            .release(usize::from(self.large_frame_hint) * LARGE_FRAME);
     }
 
     fn close(&mut self, reason: CloseReason, out: &mut Vec<Event>) {
@@ -1018,7 +1029,7 @@ impl Connection {
             return;
         }
         self.state = State::Closed(reason);
-        self.read_buf = BytesMut::new();
+        self.busy.discard();
         self.slots.clear();
         self.calling = false;
         out.push(Event::Closed);

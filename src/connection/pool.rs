@@ -1,7 +1,8 @@
 //! Per-thread pools of the memory a connection holds only while busy: read buffers and slot
 //! queues (see the connection's module docs).
 //!
-//! An idle connection owns neither, so that a thousand idle connections cost a thousand
+//! The box that holds a connection's read buffer and frame decoder is pooled too (see
+//! `busy`). An idle connection owns none of them, so that a thousand idle connections cost a thousand
 //! small structs. Without a pool, a connection answering one message at a time would then
 //! allocate both again for every message (four of the five heap allocations per message at
 //! S1, callgrind). Connections live on their reactor's thread, so a thread-local pool is a
@@ -14,6 +15,7 @@ use std::cell::RefCell;
 
 use bytes::BytesMut;
 
+use super::busy::Parts;
 use super::slots::SlotQueue;
 
 /// Read buffers kept per thread.
@@ -32,6 +34,8 @@ pub(super) const LARGE_BYTES: usize = 16 << 20;
 const QUEUES: usize = 64;
 /// The most slots a kept queue has room for: larger ones are freed.
 const QUEUE_CAPACITY: usize = 64;
+/// Boxes of a read buffer and decoder (without the buffer) kept per thread.
+const PARTS: usize = 64;
 
 thread_local! {
     static BUFFER_POOL: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
@@ -40,6 +44,25 @@ thread_local! {
     // handing the box back and forth is what saves the allocation.
     #[allow(clippy::vec_box)]
     static QUEUE_POOL: RefCell<Vec<Box<SlotQueue>>> = const { RefCell::new(Vec::new()) };
+    #[allow(clippy::vec_box)]
+    static PARTS_POOL: RefCell<Vec<Box<Parts>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A kept box for a connection's read buffer and decoder, if the thread has one (its buffer
+/// is empty and without capacity: the caller takes one with [`take_buffer`]).
+pub(super) fn take_parts() -> Option<Box<Parts>> {
+    PARTS_POOL.try_with(|p| p.borrow_mut().pop()).ok().flatten()
+}
+
+/// Keeps a box whose buffer was given back (see [`take_parts`]).
+pub(super) fn put_parts(parts: Box<Parts>) {
+    debug_assert_eq!(parts.buf.capacity(), 0);
+    let _ = PARTS_POOL.try_with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < PARTS {
+            p.push(parts);
+        }
+    });
 }
 
 /// An empty read buffer: a pooled one if there is one, else a new one.
@@ -137,6 +160,13 @@ pub(super) fn drain() {
     BUFFER_POOL.with(|p| p.borrow_mut().clear());
     LARGE_POOL.with(|p| p.borrow_mut().clear());
     QUEUE_POOL.with(|p| p.borrow_mut().clear());
+    PARTS_POOL.with(|p| p.borrow_mut().clear());
+}
+
+/// How many boxes of a read buffer and decoder this thread's pool holds.
+#[cfg(test)]
+pub(super) fn pooled_parts() -> usize {
+    PARTS_POOL.with(|p| p.borrow().len())
 }
 
 /// How many read buffers and slot queues this thread's pools hold.

@@ -178,6 +178,47 @@ fn a_connection_answering_one_message_at_a_time_reuses_its_thread_s_buffers() {
 }
 
 #[test]
+fn an_idle_connection_gives_its_decoder_back_but_keeps_it_while_a_frame_is_under_way() {
+    super::pool::drain();
+    let mut h = Harness::new(NakPolicy::Send);
+    assert_eq!(
+        std::mem::size_of::<Busy>(),
+        8,
+        "an idle connection's decoder costs a pointer"
+    );
+    let wire = framed("M0");
+    // The start byte alone, then nothing: the buffer may be empty, the frame is under way.
+    h.read(&wire[..1], 1.0);
+    assert_eq!(
+        super::pool::pooled_parts(),
+        0,
+        "the decoder stays while in a frame"
+    );
+    for piece in [1..2, 2..10, 10..wire.len() - 1] {
+        h.read(&wire[piece], 1.0);
+        assert!(h.dispatched().is_empty());
+    }
+    h.read(&wire[wire.len() - 1..], 1.0);
+    assert_eq!(
+        h.dispatched(),
+        vec![0],
+        "the frame split after its start byte arrives whole"
+    );
+    h.complete(0, reply("ACK"), 1.0);
+    assert_eq!(h.flush(1.0), b"\x0bACK\x1c\x0d");
+    assert!(h.conn.is_idle());
+    assert_eq!(
+        super::pool::pooled_parts(),
+        1,
+        "idle: buffer and decoder back in the pool"
+    );
+    // The pooled decoder starts afresh for the next frame.
+    h.read(&framed("M1"), 2.0);
+    assert_eq!(h.dispatched(), vec![1]);
+    assert_eq!(super::pool::pooled_parts(), 0);
+}
+
+#[test]
 fn pipelined_frames_are_dispatched_one_at_a_time_in_order() {
     let mut h = Harness::new(NakPolicy::Send);
     let mut wire = Vec::new();
