@@ -5,11 +5,11 @@
 //! tests running beside it would be counted too.
 //!
 //! An ACK-only server (inline handler) takes 1 000 connections that each send one message and
-//! read its ACK, then stay open. An idle connection holds its slab entry (224 B, asserted in
+//! read its ACK, then stay open. An idle connection holds its slab entry (168 B, asserted in
 //! `src/reactor.rs`; the slab's room for the first 4 096 connections is allocated when the
 //! reactor starts, so it is not counted here) and, on the heap, its timer-wheel entry (16 B
-//! plus its share of its wheel slot's spare capacity): no read buffer, no slot queue, no
-//! box. The heap the 1 000 connections add, counted as glibc's chunks (request plus its
+//! plus its share of its wheel slot's spare capacity): no read buffer, no decoder, no slot
+//! queue, no box. The heap the 1 000 connections add, counted as glibc's chunks (request plus its
 //! 8-byte header, rounded to 16, at least 32 bytes), divided by their number, must stay
 //! within [`MAX_HEAP_PER_IDLE`]: a buffer or a box kept per idle connection fails it.
 
