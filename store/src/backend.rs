@@ -156,10 +156,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
 /// lasts; a mutex hands over as soon as it is released. Other processes still meet SQLite's
 /// lock and busy timeout as before.
 ///
-/// The store's writer comes first: while it waits in [`enter`](Self::enter), a background
-/// writer holding the gate sees [`writer_waiting`](Self::writer_waiting) and ends its
-/// transaction early, and [`enter_background`](Self::enter_background) does not take the
-/// gate ahead of it.
+/// The store's writer comes first: while it waits for the gate, a background writer (the
+/// pruner) holding it sees that and ends its transaction early, and a background writer
+/// never takes the gate ahead of a waiting store writer.
 #[derive(Clone, Debug, Default)]
 pub struct WriteGate(Arc<GateState>);
 

@@ -399,7 +399,7 @@ pub fn export_postgres(
 /// # Errors
 ///
 /// As [`export_sqlite`] and [`export_postgres`]; [`ExportError::Store`] with
-/// [`Problem::NoPostgres`](crate::Problem::NoPostgres) for a URL in a build without the
+/// [`crate::Problem::NoPostgres`] for a URL in a build without the
 /// feature `postgres`.
 pub fn export_store(
     spec: &StoreSpec,
