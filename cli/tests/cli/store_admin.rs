@@ -546,3 +546,31 @@ pub(crate) fn resend_cycle(path: &str) {
     assert_eq!(missing.status.code(), Some(1));
     assert!(text(&missing.stderr).contains("no stored message with id 99"));
 }
+
+/// `export` of a store on a read-only file system (no server running) reads every message and
+/// leaves nothing behind: SQLite could not create `-wal`/`-shm` files there anyway, so the
+/// store must be opened without them.
+#[test]
+fn export_reads_a_store_on_a_read_only_file_system() {
+    let Some(fs) = mllp_test_support::tmpfs::Tmpfs::mount("read-only-export", "16m") else {
+        return;
+    };
+    let store = fs.path().join("s.db");
+    let path = store.to_str().unwrap();
+    let ids: Vec<String> = (0..50).map(|i| format!("ro{i}")).collect();
+    fill(path, &ids.iter().map(String::as_str).collect::<Vec<_>>());
+    let remounted = std::process::Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(fs.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(remounted, "remount the tmpfs read-only");
+    let out = run(&["export", path], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().count(), 50);
+    let left: Vec<_> = std::fs::read_dir(fs.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("s.db")], "{left:?}");
+}
