@@ -163,9 +163,8 @@ fn issue_18_the_start_line_names_store_reactors_tls_allow_and_proxy() {
 /// store's 5 s busy timeout, with a 60 s grace).
 #[test]
 fn issue_18_a_second_signal_stops_at_once() {
-    use std::io::Write;
     use std::process::Command;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     let dir = crate::util::scratch("second-signal");
     let store = dir.join("s.db");
@@ -183,23 +182,12 @@ fn issue_18_a_second_signal_stops_at_once() {
         &[],
     );
     // The store's write lock, held until the server is gone: the commit cannot finish.
-    let holder = rusqlite::Connection::open(&store).expect("opens");
-    holder.execute_batch("BEGIN IMMEDIATE").expect("locked");
-    let mut peer = std::net::TcpStream::connect(serve.addr).expect("connects");
-    let frame = format!(
-        "\x0b{}\x1c\r",
-        crate::util::message("S1").replace('\n', "\r")
+    let (holder, peer) = crate::util::send_while_the_store_is_locked(
+        serve.addr,
+        serve.metrics.expect("--metrics given"),
+        &store,
+        "S1",
     );
-    peer.write_all(frame.as_bytes()).expect("written");
-    // Wait (bounded) until the server has the message.
-    let metrics = serve.metrics.expect("--metrics given");
-    let deadline = Instant::now() + crate::util::WAIT;
-    while !crate::util::scrape(metrics)
-        .contains("mllp_messages_received_total{listener=\"mllp\"} 1")
-    {
-        assert!(Instant::now() < deadline, "the message never arrived");
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let pid = serve.pid().to_string();
     let status = Command::new("kill")
         .args(["-TERM", &pid])

@@ -255,8 +255,6 @@ fn readyz_follows_the_store() {
 /// timeout); `/healthz` stays 200 meanwhile: draining is not dying.
 #[test]
 fn readyz_is_503_while_draining_and_healthz_stays_200() {
-    use std::io::Write;
-    use std::time::Instant;
     let dir = scratch("readyz-drain");
     let store = dir.join("s.db");
     let _ = std::fs::remove_file(&store);
@@ -273,22 +271,12 @@ fn readyz_is_503_while_draining_and_healthz_stays_200() {
     );
     assert_eq!(serve.get("/readyz").0, 200);
     // The store's write lock, held by the test: the message's commit waits for it.
-    let holder = rusqlite::Connection::open(&store).expect("opens");
-    holder.execute_batch("BEGIN IMMEDIATE").expect("locked");
-    let mut peer = std::net::TcpStream::connect(serve.addr).expect("connects");
-    let frame = format!(
-        "\x0b{}\x1c\r",
-        crate::util::message("D1").replace('\n', "\r")
+    let (holder, peer) = crate::util::send_while_the_store_is_locked(
+        serve.addr,
+        serve.metrics.expect("--metrics given"),
+        &store,
+        "D1",
     );
-    peer.write_all(frame.as_bytes()).expect("written");
-    let metrics = serve.metrics.expect("--metrics given");
-    let deadline = Instant::now() + crate::util::WAIT;
-    while !crate::util::scrape(metrics)
-        .contains("mllp_messages_received_total{listener=\"mllp\"} 1")
-    {
-        assert!(Instant::now() < deadline, "the message never arrived");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
     let status = std::process::Command::new("kill")
         .args(["-TERM", &serve.pid().to_string()])
         .status()

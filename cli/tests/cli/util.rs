@@ -219,6 +219,32 @@ pub(crate) fn scrape(addr: SocketAddr) -> String {
     body.to_owned()
 }
 
+/// Takes the SQLite store's write lock (so no commit can finish while the returned connection
+/// lives), sends the message `id` to the server at `addr` and waits (bounded) until the
+/// server's `--metrics` at `metrics` count it as received. Keep both returned values alive.
+#[track_caller]
+pub(crate) fn send_while_the_store_is_locked(
+    addr: SocketAddr,
+    metrics: SocketAddr,
+    store: &std::path::Path,
+    id: &str,
+) -> (rusqlite::Connection, std::net::TcpStream) {
+    let holder = rusqlite::Connection::open(store).expect("opens");
+    holder.execute_batch("BEGIN IMMEDIATE").expect("locked");
+    let mut peer = std::net::TcpStream::connect(addr).expect("connects");
+    let frame = format!("\x0b{}\x1c\r", message(id).replace('\n', "\r"));
+    peer.write_all(frame.as_bytes()).expect("written");
+    let deadline = std::time::Instant::now() + WAIT;
+    while !scrape(metrics).contains("mllp_messages_received_total{listener=\"mllp\"} 1") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the message never arrived"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    (holder, peer)
+}
+
 /// An ADT^A01 text message with MSH-10 `id`, segments ending in `\n` as in a file.
 pub(crate) fn message(id: &str) -> String {
     format!("MSH|^~\\&|LAB|H|EHR|H|20260101120000||ADT^A01|{id}|P|2.5.1\nPID|1||123\n")
