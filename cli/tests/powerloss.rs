@@ -32,6 +32,7 @@ use mllp_reactor::ack::AckCode;
 use mllp_reactor::{Client, ClientConfig, Server};
 use mllp_store::{SqliteBackend, SqliteOptions, Store, StoreConfig, StoreThenAck};
 use mllp_test_support::TempDir;
+use mllp_test_support::hl7::adt_a01 as message;
 
 /// Bound on every wait for the child (start-up, replies).
 const WAIT: Duration = Duration::from_secs(30);
@@ -358,15 +359,6 @@ fn load(addr: SocketAddr) {
         t.join().unwrap();
     }
     assert!(acked.load(Ordering::Relaxed) > 0, "no AA at all");
-}
-
-fn message(control_id: &str) -> Vec<u8> {
-    format!(
-        "MSH|^~\\&|ADT1|GOOD HEALTH HOSPITAL|GHH LAB|GHH|20260101120000||ADT^A01^ADT_A01|{control_id}|P|2.5.1\r\
-         EVN||20260101120000\r\
-         PID|1||PATID1234^^^GOOD HEALTH HOSPITAL^MR||EVERYMAN^ADAM^A^III||19610615|M\r"
-    )
-    .into_bytes()
 }
 
 /// Compiles the shim into `dir`. `None` (the test is skipped) when `cc` is missing, unless

@@ -21,6 +21,7 @@ use mllp_reactor::{Client, ClientConfig, Server};
 use mllp_store::fault::{FaultSwitch, FaultyBackend};
 use mllp_store::{SqliteBackend, SqliteOptions, Store, StoreConfig, StoreThenAck};
 use mllp_test_support::TempDir;
+use mllp_test_support::hl7::adt_a01 as message;
 use mllp_test_support::process::ServeProcess;
 use serde_json::Value;
 
@@ -95,15 +96,6 @@ fn client(addr: SocketAddr) -> Client {
         .connect_timeout(WAIT)
         .response_timeout(WAIT);
     Client::connect(addr, config).expect("connect")
-}
-
-fn message(control_id: &str) -> Vec<u8> {
-    format!(
-        "MSH|^~\\&|ADT1|GOOD HEALTH HOSPITAL|GHH LAB|GHH|20260101120000||ADT^A01^ADT_A01|{control_id}|P|2.5.1\r\
-         EVN||20260101120000\r\
-         PID|1||PATID1234^^^GOOD HEALTH HOSPITAL^MR||EVERYMAN^ADAM^A^III||19610615|M\r"
-    )
-    .into_bytes()
 }
 
 /// Runs `mllp-reactor export ARGS`.

@@ -3,7 +3,7 @@
 //! certificates and TLS clients (`tls`, feature `tls`), a scripted downstream MLLP system
 //! (`downstream`, feature `downstream`), `serve` child processes ([`process`]), temporary
 //! directories ([`TempDir`]; on a small tmpfs: [`tmpfs`]), process memory and large frames
-//! ([`memory`]), and the rule for a missing tool
+//! ([`memory`]), a sample message ([`hl7`]), and the rule for a missing tool
 //! ([`unavailable`]). One crate instead of `#[path]` includes across crates and test binaries.
 
 use std::path::{Path, PathBuf};
@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[cfg(feature = "downstream")]
 pub mod downstream;
 pub mod haproxy;
+pub mod hl7;
 pub mod memory;
 pub mod pg;
 pub mod process;
