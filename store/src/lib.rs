@@ -196,6 +196,7 @@ mod record;
 pub mod resend;
 pub mod retention;
 pub mod search;
+pub mod search_index;
 mod spec;
 pub mod sqlite;
 mod submit;

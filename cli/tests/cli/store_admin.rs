@@ -428,6 +428,12 @@ fn a_damaged_store_is_found_by_check_and_refused_by_serve() {
     let ok = run(&["check", path], b"");
     assert!(ok.status.success(), "{}", text(&ok.stderr));
     assert_eq!(text(&ok.stdout), "ok\n");
+    // The search index file that `serve`'s follower wrote is checked too.
+    assert!(
+        text(&ok.stderr).contains("search index") && text(&ok.stderr).contains(": ok"),
+        "{}",
+        text(&ok.stderr)
+    );
 
     // A copy exports without leaving -wal/-shm files beside it.
     let copy = dir.join("copy.db");
