@@ -199,6 +199,7 @@ pub mod search;
 pub mod search_index;
 mod spec;
 pub mod sqlite;
+mod sqlite_uri;
 mod submit;
 pub mod telemetry;
 mod then_ack;

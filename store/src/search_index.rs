@@ -61,7 +61,7 @@ use metrics::{Gauge, Unit};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use crate::record::StoreId;
-use crate::sqlite::{is_corruption, uri};
+use crate::sqlite_uri::uri;
 
 /// What is appended to the store's path to name the index file: `-search`.
 pub const SUFFIX: &str = "-search";
@@ -387,7 +387,12 @@ enum Failure {
 
 impl From<rusqlite::Error> for Failure {
     fn from(e: rusqlite::Error) -> Self {
-        if is_corruption(&e) {
+        // Damage (as `crate::sqlite::is_corruption`): the file goes.
+        let code = e.sqlite_error_code();
+        if matches!(
+            code,
+            Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+        ) {
             Self::Rebuild
         } else {
             Self::Retry

@@ -676,6 +676,29 @@ fn start_checkpointer(
     Ok(checkpointer)
 }
 
+/// Every file a store at `path` has or may have: the database, SQLite's `-wal` and `-shm`
+/// beside it, and the search index file ([`crate::search_index::index_path`]) with its own.
+///
+/// ```
+/// use std::path::Path;
+/// let files = mllp_store::sqlite::files(Path::new("m.db"));
+/// assert_eq!(files.len(), 6);
+/// assert_eq!(files[3], Path::new("m.db-search"));
+/// ```
+pub fn files(path: &Path) -> Vec<PathBuf> {
+    let side = crate::search_index::index_path(path);
+    [path, side.as_path()]
+        .into_iter()
+        .flat_map(|base| {
+            ["", "-wal", "-shm"].into_iter().map(move |suffix| {
+                let mut name = base.as_os_str().to_owned();
+                name.push(suffix);
+                PathBuf::from(name)
+            })
+        })
+        .collect()
+}
+
 /// Whether an SQLite error means the file is damaged (see [`crate::integrity`]).
 pub(crate) fn is_corruption(e: &rusqlite::Error) -> bool {
     matches!(
@@ -721,25 +744,7 @@ fn immutable_uri(path: &Path, flags: OpenFlags) -> Option<String> {
     if Path::new(&wal).exists() {
         return None;
     }
-    uri(path, "immutable=1")
-}
-
-/// An SQLite URI for `path` with `query` (`immutable=1`, `mode=ro`); `None` for a path that
-/// is not UTF-8.
-pub(crate) fn uri(path: &Path, query: &str) -> Option<String> {
-    let text = path.to_str()?;
-    let mut uri = String::from("file:");
-    for c in text.chars() {
-        match c {
-            '%' => uri.push_str("%25"),
-            '?' => uri.push_str("%3f"),
-            '#' => uri.push_str("%23"),
-            c => uri.push(c),
-        }
-    }
-    uri.push('?');
-    uri.push_str(query);
-    Some(uri)
+    crate::sqlite_uri::uri(path, "immutable=1")
 }
 
 /// Opens a connection, checks (and if `create`, creates) the schema, and sets the pragmas.

@@ -559,12 +559,19 @@ fn export_reads_a_store_on_a_read_only_file_system() {
         .status()
         .is_ok_and(|s| s.success());
     assert!(remounted, "remount the tmpfs read-only");
+    let files = || {
+        let mut names: Vec<_> = std::fs::read_dir(fs.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    // What `serve` left: the store and its search index file (`mllp_store::search_index`).
+    let before = files();
+    assert_eq!(before, ["s.db", "s.db-search"], "{before:?}");
     let out = run(&["export", path], b"");
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).lines().count(), 50);
-    let left: Vec<_> = std::fs::read_dir(fs.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(left, vec![std::ffi::OsString::from("s.db")], "{left:?}");
+    assert_eq!(files(), before);
 }
