@@ -425,10 +425,10 @@ impl Follower {
         let mut last_pass: Option<Instant> = None;
         loop {
             // Pace: no pass sooner than PACE after the last one.
-            if let Some(at) = last_pass {
-                if !self.sleep_until(at + PACE) {
-                    return;
-                }
+            if let Some(at) = last_pass
+                && !self.sleep_until(at + PACE)
+            {
+                return;
             }
             if !self.wait_for_work() {
                 return;
