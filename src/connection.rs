@@ -234,7 +234,10 @@ pub(crate) struct Connection {
     limits: Arc<Limits>,
     /// The read buffer and frame decoder. The buffer holds received bytes not yet handed out
     /// as frames: a partial frame (≤ max_message_size + one read) and, while nothing more can
-    /// be dispatched, undecoded input (≤ read_ahead + one read). Both go back to the thread's
+    /// be dispatched, undecoded input (≤ read_ahead + one read). One read is 64 KiB, or, in a
+    /// buffer that already has the room (one grown for a large frame), up to the rest of the
+    /// largest frame allowed (see `read_cap`): never more than the buffer's capacity, which
+    /// the memory budget counts. Both go back to the thread's
     /// pool (`pool`) whenever the buffer empties between frames, so an idle connection owns
     /// neither (8 bytes instead of 64) and a busy one does not allocate them per message.
     busy: Busy,
@@ -383,9 +386,12 @@ impl Connection {
     /// buffer has room for, so this never allocates: it lets a large frame that is already
     /// waiting in the socket come in one read instead of one per 64 KiB (a 1 MiB frame took
     /// 17, and ran past the reactor's read budget, so its ACK waited for a turn behind every
-    /// other busy connection). The bounds stay: a partial frame holds at most the limit and
-    /// its framing, or what it held plus one [`READ_CHUNK`]; read-ahead while nothing can be
-    /// dispatched stays at `read_ahead` plus one [`READ_CHUNK`].
+    /// other busy connection). A partial frame still holds at most the limit and its
+    /// framing, or what it held plus one [`READ_CHUNK`]. Such a read may also bring in
+    /// pipelined frames after the large one, more than `read_ahead` plus 64 KiB of them if
+    /// the in-flight cap is then reached, but only into room the buffer already had: a
+    /// small-message connection's pooled buffer holds 64 KiB at most, so for it nothing
+    /// changes.
     fn read_cap(&self) -> usize {
         let frame_room = if self.can_dispatch() {
             (self.limits.max_message_size + crate::codec::FRAMING_OVERHEAD)
