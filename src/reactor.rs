@@ -533,7 +533,7 @@ impl Loop {
                 } else {
                     budget -= 1;
                     // Above the budget the holder reads until `WouldBlock` (see `holder`).
-                    progress |= entry.link.read(
+                    let read = entry.link.read(
                         &mut self.scratch,
                         self.paused,
                         &self.r.shared.policy,
@@ -543,6 +543,14 @@ impl Loop {
                     );
                     // No `WouldBlock` yet: more may be waiting.
                     reading = entry.link.read_ready;
+                    if read && !reading {
+                        // The socket is empty (a short read or its end): what came is
+                        // dispatched first, then written and reported in the same pass, as
+                        // a pass with nothing read would (one write attempt and one report
+                        // per message instead of two: callgrind, S1).
+                        continue;
+                    }
+                    progress |= read;
                 }
             }
             if !reading {
@@ -559,7 +567,7 @@ impl Loop {
             if self.report(key) {
                 return; // closed and removed
             }
-            if !progress {
+            if !progress || self.conns[key].link.is_spent() {
                 break;
             }
         }
