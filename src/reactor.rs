@@ -949,6 +949,9 @@ impl Loop {
     }
 
     fn commands(&mut self, now: Instant) {
+        if !self.r.sink.notifier().take_commands() {
+            return;
+        }
         while let Ok(command) = self.r.commands.try_recv() {
             match command {
                 Command::Shutdown { grace } => self.start_drain(grace, now),
@@ -966,7 +969,7 @@ impl Loop {
         }
         for (commands, notifier) in &self.r.followers {
             let _ = commands.send(Command::Shutdown { grace });
-            notifier.notify();
+            notifier.command_sent();
         }
         let mut report = ShutdownReport::default();
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
