@@ -2,7 +2,9 @@
 //! crate's `integrity` out.
 
 use clap::Args;
-use mllp_store::integrity::{CheckDepth, CheckOutcome, STARTUP_CHECK_BUDGET, check, check_sqlite};
+use mllp_store::integrity::{
+    CheckDepth, CheckOutcome, STARTUP_CHECK_BUDGET, check, check_search_index_sqlite, check_sqlite,
+};
 use mllp_store::{SqliteOptions, StoreSpec};
 
 use crate::error::CliError;
@@ -30,6 +32,9 @@ pub fn run(args: &CheckArgs) -> Result<(), CliError> {
     };
     let outcome = check(&args.store, depth, None, &crate::store_glue::open_options())
         .map_err(CliError::Store)?;
+    if let StoreSpec::Sqlite(path) = &args.store {
+        report_search_index(path, depth)?;
+    }
     match outcome {
         CheckOutcome::Damaged(problems) => {
             for p in &problems {
@@ -60,6 +65,23 @@ pub fn run(args: &CheckArgs) -> Result<(), CliError> {
         // No budget was given, so the check always finishes.
         _ => Err(CliError::CheckIncomplete),
     }
+}
+
+/// `check`'s line on the store's search index file, if it has one. Damage there fails
+/// nothing: the file is derived from the store, and `serve` rebuilds it.
+fn report_search_index(path: &std::path::Path, depth: CheckDepth) -> Result<(), CliError> {
+    let side = mllp_store::search_index::index_path(path);
+    match check_search_index_sqlite(path, depth).map_err(CliError::Store)? {
+        Some(CheckOutcome::Damaged(problems)) => eprintln!(
+            "search index {} is damaged ({}); it is derived from the store: the next `serve` \
+             rebuilds it (search scans meanwhile)",
+            side.display(),
+            problems.first().map_or("", String::as_str)
+        ),
+        Some(_) => eprintln!("search index {}: ok", side.display()),
+        None => {}
+    }
+    Ok(())
 }
 
 /// `serve`'s start-up check of an existing SQLite store, bounded by `STARTUP_CHECK_BUDGET`:

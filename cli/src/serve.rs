@@ -457,21 +457,19 @@ struct OpenedStore {
 }
 
 impl OpenedStore {
-    /// Closes the store after a failed start and removes the file (and its WAL and shared
-    /// memory files) if this start created it: a failed start leaves no empty store behind.
+    /// Closes the store after a failed start and removes the file (and its WAL, shared
+    /// memory and search index files) if this start created it: a failed start leaves no empty store behind.
     fn discard(self) {
         let _ = self.store.close(std::time::Duration::from_secs(5));
         remove_created(self.created);
     }
 }
 
-/// Removes an SQLite store's files (the database, its WAL and shared memory) that a failed
-/// start created.
+/// Removes an SQLite store's files (the database, its WAL and shared memory, its search
+/// index file) that a failed start created.
 fn remove_created(created: Option<PathBuf>) {
     if let Some(path) = created {
-        for suffix in ["", "-wal", "-shm"] {
-            let mut file = path.clone().into_os_string();
-            file.push(suffix);
+        for file in mllp_store::sqlite::files(&path) {
             let _ = std::fs::remove_file(file);
         }
     }

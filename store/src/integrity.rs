@@ -94,6 +94,41 @@ pub fn check_sqlite(
     options: &SqliteOptions,
 ) -> Result<CheckOutcome, StoreError> {
     let conn = crate::SqliteBackend::open_read_only(path, options)?.into_connection()?;
+    run_check(&conn, depth, budget)
+}
+
+/// Checks the store's search index file ([`crate::search_index`]) beside the SQLite store at
+/// `path`, as [`check_sqlite`] checks the store; `None` when there is none. A file that is
+/// not a database is [`CheckOutcome::Damaged`]. Damage there loses nothing (the file is
+/// derived from the store, and the next writer rebuilds it), so `check` reports it without
+/// failing, and `serve`'s start-up check leaves the file to the follower.
+///
+/// # Errors
+///
+/// [`StoreError::Read`] when the check itself fails for another reason than damage.
+pub fn check_search_index_sqlite(
+    path: &Path,
+    depth: CheckDepth,
+) -> Result<Option<CheckOutcome>, StoreError> {
+    let side = crate::search_index::index_path(path);
+    if !side.is_file() {
+        return Ok(None);
+    }
+    let flags =
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    match rusqlite::Connection::open_with_flags(&side, flags) {
+        Ok(conn) => run_check(&conn, depth, None).map(Some),
+        Err(e) if is_corruption(&e) => Ok(Some(CheckOutcome::Damaged(vec![e.to_string()]))),
+        Err(e) => Err(StoreError::read(e)),
+    }
+}
+
+/// Runs SQLite's check on `conn` within `budget`.
+fn run_check(
+    conn: &rusqlite::Connection,
+    depth: CheckDepth,
+    budget: Option<Duration>,
+) -> Result<CheckOutcome, StoreError> {
     let timed_out = Arc::new(AtomicBool::new(false));
     let watchdog = budget.map(|budget| {
         let handle = conn.get_interrupt_handle();

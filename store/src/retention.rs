@@ -83,6 +83,7 @@ use crate::open::OpenOptions;
 pub use crate::prune_target::StoreUsage;
 use crate::prune_target::{Candidate, Candidates, PruneTarget, ROW_OVERHEAD};
 use crate::record::{StoreId, system_time_to_us};
+use crate::search_index;
 use crate::spec::StoreSpec;
 use crate::sqlite::{SqliteOptions, WriteGate, open_connection};
 
@@ -575,6 +576,8 @@ struct SqliteTarget {
     gate: Option<WriteGate>,
     /// [`RetentionPolicy::rate`] for a background pruner, `None` on demand.
     rate: Option<u32>,
+    /// The store's search index file, once a batch was deleted ([`search_index::forget`]).
+    search_index: Option<Connection>,
 }
 
 impl SqliteTarget {
@@ -611,6 +614,7 @@ impl SqliteTarget {
             path: path.to_owned(),
             gate,
             rate: None,
+            search_index: None,
         })
     }
 }
@@ -814,6 +818,8 @@ impl PruneTarget for SqliteTarget {
         let result = run(&mut self.conn);
         drop(turn);
         let deleted = result.map_err(|e| StoreError::commit(Cause::from(e).context("prune")))?;
+        // Outside the gate: the index file is not the store's.
+        search_index::forget(&mut self.search_index, &self.path, &ids[..deleted]);
         Ok(deleted)
     }
 

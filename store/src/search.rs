@@ -7,9 +7,14 @@
 //!
 //! - **Control id** (MSH-10) and **patient** (PID-3.1, see
 //!   [`Header::patient_id`](crate::Header::patient_id)) each lead an index, so a search by
-//!   either is one index probe however large the store (BENCHMARKS.md: 10 million messages).
+//!   either is an index probe however large the store (BENCHMARKS.md: 10 million messages).
 //!   The control id's is the duplicate lookup's index (`messages_by_control_id`, see
-//!   [`crate::sqlite`]), so only the patient's costs the receive path an insert of its own.
+//!   [`crate::sqlite`]). On SQLite the patient's is kept off the commit path, in a file of
+//!   its own beside the store that a follower thread fills ([`crate::search_index`]): a
+//!   search by patient reads it for the messages it covers and scans the few committed
+//!   since (the follower's lag) by their `patient_id` column, in one statement, and
+//!   checks every match against the message row. Without a usable index file (none yet,
+//!   being rebuilt, damaged) it scans: slower, same answer.
 //! - Sender, type and time narrow those results, or else are checked on a scan that walks
 //!   the store newest first and stops after `limit` matches: fine for "the last 20 ADT^A01
 //!   from LAB", slow for a rare match in a large store (add a control id or patient).
@@ -30,13 +35,14 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use rusqlite::OpenFlags;
 use rusqlite::types::Value;
 
 use crate::error::StoreError;
 use crate::open::OpenOptions;
 use crate::record::{StoreId, StoredRecord};
 use crate::spec::StoreSpec;
-use crate::sqlite::{RECORD_COLUMNS, SqliteOptions, stored_record};
+use crate::sqlite::{RECORD_COLUMNS, SqliteOptions, open_connection, stored_record};
 
 /// Default of [`SearchFilter::limit`]: 100 messages, a screenful in a terminal.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -169,9 +175,15 @@ impl SearchFilter {
     }
 
     /// The query for this filter in `dialect`, and its parameters. `forwarding` says whether
-    /// the forwarder's tables exist. One rendering for both backends: they differ only in
-    /// the table's name, placeholders and boolean literals.
-    pub(crate) fn render(&self, dialect: Dialect, forwarding: bool) -> (String, Vec<Param>) {
+    /// the forwarder's tables exist; `patient_index` where a patient's messages are found.
+    /// One rendering for both backends: they differ only in the table's name, placeholders
+    /// and boolean literals.
+    pub(crate) fn render(
+        &self,
+        dialect: Dialect,
+        forwarding: bool,
+        patient_index: PatientIndex,
+    ) -> (String, Vec<Param>) {
         let (table, mark, yes, no) = match dialect {
             Dialect::Sqlite => ("messages", '?', "1", "0"),
             Dialect::Postgres => ("mllp_messages", '$', "true", "false"),
@@ -188,6 +200,20 @@ impl SearchFilter {
         eq(&mut sql, "sending_application", &self.sending_application);
         eq(&mut sql, "sending_facility", &self.sending_facility);
         eq(&mut sql, "patient_id", &self.patient_id);
+        if let (Some(_), PatientIndex::Attached { through }) = (&self.patient_id, patient_index) {
+            // The patient's equality just rendered is parameter `p`: the index file's
+            // entries up to `through`, and the messages after it by their column (the
+            // follower's lag, a range of the primary key). The equality on the row itself
+            // stays, so a stale entry matches nothing.
+            let p = params.len();
+            params.push(Param::Int(through));
+            let _ = write!(
+                sql,
+                " AND id IN (SELECT id FROM search.patient_index WHERE patient_id = {mark}{p} \
+                 UNION ALL SELECT id FROM {table} WHERE id > {mark}{t} AND patient_id = {mark}{p})",
+                t = params.len()
+            );
+        }
         if let Some(t) = &self.message_type {
             params.push(Param::Text(t.clone()));
             let exact = params.len();
@@ -261,6 +287,16 @@ pub(crate) enum Dialect {
     Postgres,
 }
 
+/// Where a rendered filter finds a patient's messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PatientIndex {
+    /// By the `patient_id` column (PostgreSQL's index on it; on SQLite a scan).
+    Column,
+    /// SQLite: the index file attached as `search`, valid through this id
+    /// ([`crate::search_index`]), and the column after it.
+    Attached { through: StoreId },
+}
+
 /// A parameter of a rendered filter.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Param {
@@ -315,7 +351,11 @@ pub fn search_postgres(
 ) -> Result<Vec<StoredRecord>, StoreError> {
     use tokio_postgres::types::ToSql;
     let mut backend = crate::PostgresBackend::connect_read_only(url, options)?;
-    let (sql, params) = filter.render(Dialect::Postgres, backend.has_forwarding()?);
+    let (sql, params) = filter.render(
+        Dialect::Postgres,
+        backend.has_forwarding()?,
+        PatientIndex::Column,
+    );
     let params: Vec<&(dyn ToSql + Sync)> = params
         .iter()
         .map(|p| match p {
@@ -359,7 +399,38 @@ pub fn search_sqlite(
     filter: &SearchFilter,
     options: &SqliteOptions,
 ) -> Result<Vec<StoredRecord>, StoreError> {
-    let conn = crate::SqliteBackend::open_read_only(path, options)?.into_connection()?;
+    check_path_is_store(path, options)?;
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_URI;
+    let conn = open_connection(path, flags, options, false)?;
+    let through = match filter.patient_id {
+        Some(_) => crate::search_index::attach_for_search(&conn, path),
+        None => None,
+    };
+    if let Some(through) = through {
+        let indexed = run_search(&conn, filter, PatientIndex::Attached { through });
+        // A damaged index file must not fail the search: the column answers it too.
+        if indexed.is_ok() {
+            return indexed;
+        }
+        let _ = conn.execute_batch("DETACH DATABASE search");
+    }
+    run_search(&conn, filter, PatientIndex::Column)
+}
+
+/// The typed errors of a read-only open (missing file, not a store) before our own open.
+fn check_path_is_store(path: &Path, options: &SqliteOptions) -> Result<(), StoreError> {
+    drop(crate::SqliteBackend::open_read_only(path, options)?);
+    Ok(())
+}
+
+/// Runs `filter` on `conn` (the store, read-only) with `patient_index`.
+fn run_search(
+    conn: &rusqlite::Connection,
+    filter: &SearchFilter,
+    patient_index: PatientIndex,
+) -> Result<Vec<StoredRecord>, StoreError> {
     let run = || -> rusqlite::Result<Vec<StoredRecord>> {
         let forwarding = conn
             .query_row(
@@ -369,7 +440,7 @@ pub fn search_sqlite(
                 |r| r.get::<_, i64>(0),
             )
             .map(|n| n == 2)?;
-        let (sql, params) = filter.render(Dialect::Sqlite, forwarding);
+        let (sql, params) = filter.render(Dialect::Sqlite, forwarding, patient_index);
         let mut stmt = conn.prepare(&sql)?;
         let params = params.into_iter().map(Value::from);
         let rows = stmt.query_map(rusqlite::params_from_iter(params), stored_record)?;
@@ -381,13 +452,39 @@ pub fn search_sqlite(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Backend;
 
+    /// The query plan of `filter` on a store whose follower indexed one message.
     fn plan(filter: &SearchFilter) -> String {
-        let path = std::env::temp_dir().join(format!("mllp-search-plan-{}", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        drop(crate::SqliteBackend::open(&path, &SqliteOptions::default()).unwrap());
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        let (sql, params) = filter.render(Dialect::Sqlite, false);
+        let dir = std::env::temp_dir().join(format!("mllp-search-plan-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("store.db");
+        {
+            let mut writer = crate::SqliteBackend::open(&path, &SqliteOptions::default()).unwrap();
+            let origin = crate::Origin {
+                received_at: std::time::SystemTime::now(),
+                peer: "10.0.0.7:4000".parse().unwrap(),
+                local: "10.0.0.1:2575".parse().unwrap(),
+                connection_id: 1,
+                sequence: 0,
+            };
+            let msg = bytes::Bytes::from_static(
+                b"MSH|^~\\&|LAB|H|EHR|H|||ADT^A01|C1|P|2.5\rPID|1||MRN7^^^H^MR\r",
+            );
+            let id = writer
+                .commit_batch(&[crate::Record::new(msg, origin)])
+                .unwrap()[0]
+                .id;
+            let indexer = writer.search_index().unwrap();
+            assert!(indexer.wait_for(id, std::time::Duration::from_secs(20)));
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI;
+        let conn = rusqlite::Connection::open_with_flags(&path, flags).unwrap();
+        let through = crate::search_index::attach_for_search(&conn, &path).unwrap();
+        assert_eq!(through, 1);
+        let (sql, params) =
+            filter.render(Dialect::Sqlite, false, PatientIndex::Attached { through });
         let params = params.into_iter().map(Value::from);
         let plan: Vec<String> = conn
             .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
@@ -398,11 +495,13 @@ mod tests {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        let _ = std::fs::remove_file(&path);
+        drop(conn);
+        let _ = std::fs::remove_dir_all(&dir);
         plan.join("; ")
     }
 
-    /// The two searches the issue times must be index probes, not scans.
+    /// The two searches the issue times must be index probes, not scans: the patient's
+    /// reads the index file and only the tail of the primary key after it.
     #[test]
     fn control_id_and_patient_searches_use_their_indexes() {
         let by_control = plan(&SearchFilter::default().control_id("ACC123").sender("LAB"));
@@ -416,8 +515,13 @@ mod tests {
                 .message_type("ADT^A01"),
         );
         assert!(
-            by_patient.contains("INDEX messages_patient"),
+            by_patient.contains("INDEX patient_index_by_patient"),
             "{by_patient}"
         );
+        assert!(
+            by_patient.contains("INTEGER PRIMARY KEY (rowid>?)"),
+            "{by_patient}"
+        );
+        assert!(!by_patient.contains("SCAN messages"), "{by_patient}");
     }
 }

@@ -24,13 +24,15 @@
 //! CREATE INDEX messages_by_control_id ON messages
 //!     (control_id, sending_application, sending_facility, duplicate_of, received_at_us)
 //!     WHERE control_id IS NOT NULL;
-//! CREATE INDEX messages_patient ON messages (patient_id) WHERE patient_id IS NOT NULL;
+//! CREATE TABLE mllp_store_identity (token TEXT NOT NULL);       -- one row, random
 //! ```
 //!
 //! `messages_by_control_id` serves both the duplicate lookup (every column an equality but
 //! the last, a range on the time; it covers the query, so no row is read) and
-//! [`search`](crate::search) by control id (its first column), so the search indexes cost
-//! the receive path one index insert per message, the patient's. Stores created before it
+//! [`search`](crate::search) by control id (its first column). The patient's index is not
+//! in this file: a follower thread keeps it in a file of its own beside the store, off the
+//! commit path ([`crate::search_index`], which also says what `mllp_store_identity` is for);
+//! a store that has the earlier inline `messages_patient` loses it when a writer opens it. Stores created before it
 //! have `messages_original` (the same columns but `duplicate_of`, partial `WHERE
 //! duplicate_of IS NULL`) and, if they were opened by a build with search,
 //! `messages_control_id (control_id)`: such a store keeps both, since rebuilding an index
@@ -73,6 +75,7 @@ use crate::error::{Cause, Found, Problem, StoreError};
 use crate::record::{
     DuplicateKey, Record, StoreId, StoreOutcome, StoredRecord, system_time_to_us, text,
 };
+use crate::search_index::SearchIndexer;
 
 /// The schema version this build writes and the newest it reads.
 pub const SCHEMA_VERSION: i64 = 1;
@@ -118,17 +121,12 @@ CREATE TABLE messages (
 CREATE INDEX messages_by_control_id ON messages
     (control_id, sending_application, sending_facility, duplicate_of, received_at_us)
     WHERE control_id IS NOT NULL;
-CREATE INDEX messages_patient ON messages (patient_id) WHERE patient_id IS NOT NULL;
 ";
 
-/// The patient index (`crate::search`), added to stores created before it when a writer opens
-/// them: the `patient_id` column added with it is NULL in the rows already there (they are not
-/// back-filled), so `search --patient` finds the messages stored from then on. Additive only,
-/// so the schema version stays 1 and older builds still read and write such a store.
-const PATIENT_INDEX: &str = "
-CREATE INDEX IF NOT EXISTS messages_patient ON messages (patient_id)
-    WHERE patient_id IS NOT NULL;
-";
+/// The earlier inline patient index, dropped when a writer opens a store that has it: the
+/// index is now kept off the commit path ([`crate::search_index`]). Older builds still read
+/// and write such a store (they would add the index back).
+const DROP_INLINE_PATIENT_INDEX: &str = "DROP INDEX IF EXISTS messages_patient";
 
 /// For a store created before search: the index that serves search by control id and the
 /// duplicate lookup, in place of the duplicate lookup's own (see the module docs).
@@ -190,8 +188,9 @@ pub struct SqliteOptions {
     /// so the power-loss test can show that it detects exactly that (its negative control).
     #[doc(hidden)]
     pub unsafe_synchronous_normal_for_tests: bool,
-    /// BENCHMARKS ONLY: a writer drops the patient index (`search --patient` then scans),
-    /// to measure what the index costs the receive path (BENCHMARKS.md).
+    /// BENCHMARKS ONLY: a writer starts no search index follower ([`crate::search_index`];
+    /// `search --patient` then scans), to measure what the index costs the receive path
+    /// (BENCHMARKS.md).
     #[doc(hidden)]
     pub bench_without_patient_index: bool,
 }
@@ -257,6 +256,9 @@ pub struct SqliteBackend {
     /// The WAL checkpointer of a writer (`None` for a reader). Declared before `conn` so it
     /// stops first: the writer's connection, closing last, then checkpoints and removes the WAL.
     checkpointer: Option<Checkpointer>,
+    /// The patient search index's follower of a writer (`None` for a reader, or with
+    /// [`SqliteOptions::bench_without_patient_index`]).
+    search_index: Option<SearchIndexer>,
     /// `None` after a failed commit: the next commit reopens it (a fresh connection is the
     /// surest way out of whatever state the failure left, and costs about 100 µs).
     conn: Option<Connection>,
@@ -311,11 +313,20 @@ impl SqliteBackend {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let mut conn = open_connection(path, flags, options, true)?;
         let checkpointer = start_checkpointer(path, options, &mut conn)?;
+        let search_index = if options.bench_without_patient_index {
+            None
+        } else {
+            Some(
+                SearchIndexer::start(path, options.busy_timeout)
+                    .map_err(|e| StoreError::open(path, e))?,
+            )
+        };
         Ok(Self {
             path: path.to_owned(),
             options: options.clone(),
             read_only: false,
             checkpointer: Some(checkpointer),
+            search_index,
             conn: Some(conn),
             gate: WriteGate::default(),
             identity: file_id(path).ok().flatten(),
@@ -344,6 +355,7 @@ impl SqliteBackend {
             options: options.clone(),
             read_only: true,
             checkpointer: None,
+            search_index: None,
             conn: Some(conn),
             gate: WriteGate::default(),
             identity: None,
@@ -367,6 +379,12 @@ impl SqliteBackend {
     /// without SQLite's sleeping busy handler.
     pub fn write_gate(&self) -> WriteGate {
         self.gate.clone()
+    }
+
+    /// The follower that keeps this writer's patient search index
+    /// ([`crate::search_index`]); `None` for a reader.
+    pub fn search_index(&self) -> Option<&SearchIndexer> {
+        self.search_index.as_ref()
     }
 
     /// The open connection, reopening it after a failure.
@@ -450,9 +468,14 @@ impl Backend for SqliteBackend {
                 }
             })
         });
-        if result.is_err() {
+        match &result {
+            Ok(outcomes) => {
+                if let (Some(indexer), Some(last)) = (&self.search_index, outcomes.last()) {
+                    indexer.committed(last.id);
+                }
+            }
             // Dropping the connection rolls back whatever is left of the transaction.
-            self.conn = None;
+            Err(_) => self.conn = None,
         }
         // Committed, but into the file at the path? After a failure too: a deleted file can
         // be why it failed.
@@ -677,6 +700,29 @@ fn start_checkpointer(
     Ok(checkpointer)
 }
 
+/// Every file a store at `path` has or may have: the database, SQLite's `-wal` and `-shm`
+/// beside it, and the search index file ([`crate::search_index::index_path`]) with its own.
+///
+/// ```
+/// use std::path::Path;
+/// let files = mllp_store::sqlite::files(Path::new("m.db"));
+/// assert_eq!(files.len(), 6);
+/// assert_eq!(files[3], Path::new("m.db-search"));
+/// ```
+pub fn files(path: &Path) -> Vec<PathBuf> {
+    let side = crate::search_index::index_path(path);
+    [path, side.as_path()]
+        .into_iter()
+        .flat_map(|base| {
+            ["", "-wal", "-shm"].into_iter().map(move |suffix| {
+                let mut name = base.as_os_str().to_owned();
+                name.push(suffix);
+                PathBuf::from(name)
+            })
+        })
+        .collect()
+}
+
 /// Whether an SQLite error means the file is damaged (see [`crate::integrity`]).
 pub(crate) fn is_corruption(e: &rusqlite::Error) -> bool {
     matches!(
@@ -722,18 +768,7 @@ fn immutable_uri(path: &Path, flags: OpenFlags) -> Option<String> {
     if Path::new(&wal).exists() {
         return None;
     }
-    let text = path.to_str()?;
-    let mut uri = String::from("file:");
-    for c in text.chars() {
-        match c {
-            '%' => uri.push_str("%25"),
-            '?' => uri.push_str("%3f"),
-            '#' => uri.push_str("%23"),
-            c => uri.push(c),
-        }
-    }
-    uri.push_str("?immutable=1");
-    Some(uri)
+    crate::sqlite_uri::uri(path, "immutable=1")
 }
 
 /// Opens a connection, checks (and if `create`, creates) the schema, and sets the pragmas.
@@ -781,10 +816,7 @@ pub(crate) fn open_connection(
             add_client_cert(&conn).map_err(classify)?;
         }
         add_search_schema(&conn).map_err(classify)?;
-        if options.bench_without_patient_index {
-            conn.execute_batch("DROP INDEX IF EXISTS messages_patient")
-                .map_err(classify)?;
-        }
+        crate::search_index::ensure_identity(&conn).map_err(classify)?;
         set_wal(&conn, path)?;
         let (name, expected) = if options.unsafe_synchronous_normal_for_tests {
             ("NORMAL", 1)
@@ -849,7 +881,7 @@ fn add_search_schema(conn: &Connection) -> rusqlite::Result<()> {
     if !has_index("messages_by_control_id")? && !has_index("messages_control_id")? {
         conn.execute_batch(CONTROL_ID_INDEX)?;
     }
-    conn.execute_batch(PATIENT_INDEX)
+    conn.execute_batch(DROP_INLINE_PATIENT_INDEX)
 }
 
 fn set_wal(conn: &Connection, path: &Path) -> Result<(), StoreError> {

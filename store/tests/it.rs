@@ -26,6 +26,8 @@ mod pg;
 mod retention;
 #[path = "it/search.rs"]
 mod search;
+#[path = "it/search_index.rs"]
+mod search_index;
 #[path = "it/then_ack.rs"]
 mod then_ack;
 #[path = "it/writer.rs"]

@@ -428,6 +428,12 @@ fn a_damaged_store_is_found_by_check_and_refused_by_serve() {
     let ok = run(&["check", path], b"");
     assert!(ok.status.success(), "{}", text(&ok.stderr));
     assert_eq!(text(&ok.stdout), "ok\n");
+    // The search index file that `serve`'s follower wrote is checked too.
+    assert!(
+        text(&ok.stderr).contains("search index") && text(&ok.stderr).contains(": ok"),
+        "{}",
+        text(&ok.stderr)
+    );
 
     // A copy exports without leaving -wal/-shm files beside it.
     let copy = dir.join("copy.db");
@@ -553,12 +559,19 @@ fn export_reads_a_store_on_a_read_only_file_system() {
         .status()
         .is_ok_and(|s| s.success());
     assert!(remounted, "remount the tmpfs read-only");
+    let files = || {
+        let mut names: Vec<_> = std::fs::read_dir(fs.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    // What `serve` left: the store and its search index file (`mllp_store::search_index`).
+    let before = files();
+    assert_eq!(before, ["s.db", "s.db-search"], "{before:?}");
     let out = run(&["export", path], b"");
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).lines().count(), 50);
-    let left: Vec<_> = std::fs::read_dir(fs.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(left, vec![std::ffi::OsString::from("s.db")], "{left:?}");
+    assert_eq!(files(), before);
 }

@@ -4,6 +4,7 @@
 use bytes::Bytes;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use mllp_store::fault::{FaultSwitch, FaultyBackend};
+use mllp_store::search_index::LAG_MESSAGES;
 use mllp_store::telemetry::*;
 use mllp_store::{
     Record, SqliteBackend, SqliteOptions, Store, StoreConfig, StoreError, SubmitError,
@@ -350,6 +351,8 @@ fn metrics_count_messages_duplicates_errors_and_batches() {
             (ERRORS_TOTAL, DebugValue::Counter(n)) => assert_eq!(n, 1),
             (CORRUPTIONS_TOTAL, DebugValue::Counter(n)) => assert_eq!(n, 0),
             (QUEUE_MESSAGES, DebugValue::Gauge(g)) => assert_eq!(g.into_inner(), 0.0),
+            // The search index follower's (registered when the SQLite writer opened).
+            (LAG_MESSAGES, DebugValue::Gauge(g)) => assert!(g.into_inner() >= 0.0),
             (BATCH_MESSAGES, DebugValue::Histogram(h)) => {
                 assert_eq!(h.len(), 4);
                 assert!(h.iter().all(|v| v.into_inner() == 1.0));
@@ -363,7 +366,7 @@ fn metrics_count_messages_duplicates_errors_and_batches() {
         seen.push(name);
     }
     seen.sort();
-    assert_eq!(seen.len(), 7, "{seen:?}");
+    assert_eq!(seen.len(), 8, "{seen:?}");
 }
 
 #[test]
