@@ -70,8 +70,7 @@ INSERT INTO messages (received_at_us, peer, local, connection_id, sequence,
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, NULL, ?13)";
 
 /// The patient index (search by PID-3.1), updated by every commit.
-const PATIENT_INDEX: &str =
-    "CREATE INDEX IF NOT EXISTS messages_patient ON messages (patient_id) WHERE patient_id IS NOT NULL";
+const PATIENT_INDEX: &str = "CREATE INDEX IF NOT EXISTS messages_patient ON messages (patient_id) WHERE patient_id IS NOT NULL";
 
 /// One message on its way to the writer, with its ACK already built (code `AA`, patched to
 /// `AE` if the commit fails).
