@@ -551,6 +551,7 @@ fn open_index(store: &Path, busy_timeout: Duration) -> Result<Connection, Failur
         return Err(Failure::Retry);
     }
     conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     let ok: String = conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0))?;
     if ok != "ok" {
         return Err(Failure::Rebuild);
@@ -589,26 +590,28 @@ fn open_index(store: &Path, busy_timeout: Duration) -> Result<Connection, Failur
     Ok(conn)
 }
 
-/// One chunk: indexes the next `limit` committed messages after `indexed_through` and moves
-/// it, in one transaction of the index file. Returns the new `indexed_through` and whether
-/// the chunk was full (more may follow).
+/// One chunk: indexes the committed messages with ids in `(indexed_through, indexed_through
+/// + limit]` and moves `indexed_through` to the last of them, in one transaction of the index
+/// file (and one read snapshot of the store). Returns the new `indexed_through` and whether
+/// more messages follow. Ids are dense but for pruned ranges, so a chunk holds at most
+/// `limit` messages, and reading them is one range of the store's primary key.
 pub(crate) fn index_chunk(conn: &mut Connection, limit: i64) -> rusqlite::Result<(StoreId, bool)> {
     let tx = conn.transaction()?;
     let from: StoreId =
         tx.query_row("SELECT indexed_through FROM search_index_state", [], |r| {
             r.get(0)
         })?;
-    let (through, seen): (Option<StoreId>, i64) = tx.query_row(
-        "SELECT max(id), count(*) FROM \
-         (SELECT id FROM store.messages WHERE id > ?1 ORDER BY id LIMIT ?2)",
-        params![from, limit],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
-    let Some(through) = through else {
-        return Ok((from, false));
+    let last: Option<StoreId> =
+        tx.query_row("SELECT max(id) FROM store.messages", [], |r| r.get(0))?;
+    let last = match last {
+        Some(last) if last > from => last,
+        _ => return Ok((from, false)),
     };
+    let through = last.min(from.saturating_add(limit));
     tx.prepare_cached(
-        "INSERT OR REPLACE INTO patient_index (id, patient_id) \
+        // OR IGNORE: an id already there (indexed by another follower of the same store) has
+        // the same patient; and a statement that cannot abort needs no statement journal.
+        "INSERT OR IGNORE INTO patient_index (id, patient_id) \
          SELECT id, patient_id FROM store.messages \
          WHERE id > ?1 AND id <= ?2 AND patient_id IS NOT NULL",
     )?
@@ -618,7 +621,7 @@ pub(crate) fn index_chunk(conn: &mut Connection, limit: i64) -> rusqlite::Result
         [through],
     )?;
     tx.commit()?;
-    Ok((through, seen >= limit))
+    Ok((through, through < last))
 }
 
 #[cfg(test)]

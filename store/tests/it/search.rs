@@ -278,7 +278,8 @@ fn search_bench_receive() {
 /// - `before-search`: `messages_original` only (the build before search).
 ///
 /// Run under callgrind, counting only inside `commit_batch` (the writer thread's work per
-/// batch, without the sync, which callgrind does not count):
+/// batch, without the sync, which callgrind does not count; `'*index_chunk*'` instead
+/// counts the search index follower's work, on its own thread):
 /// `MLLP_INDEX_SET=current valgrind --tool=callgrind --toggle-collect='*commit_batch*' --callgrind-out-file=/tmp/cg.current target/release/deps/it-* index_cost --ignored --exact search::index_cost`
 #[test]
 #[ignore = "a measurement under callgrind, not a check"]
@@ -319,6 +320,10 @@ fn index_cost() {
             .map(|i| Record::new(kib(i), origin(1, i)))
             .collect();
         b.commit_batch(&batch).unwrap();
+    }
+    // The follower's work, for `--toggle-collect='*index_chunk*'`: all of it.
+    if let Some(indexer) = b.search_index() {
+        assert!(indexer.wait_for(n as i64, Duration::from_secs(60)));
     }
 }
 
