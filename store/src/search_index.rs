@@ -34,7 +34,8 @@
 //!   transaction, moving `indexed_through` **in the same transaction** as the rows, so a
 //!   crash leaves both as of one commit. The writer wakes it after a commit with one atomic
 //!   swap (no lock, no wake-up per message); it then runs at most once per [`PACE`], so
-//!   under load each of its transactions covers hundreds or thousands of messages.
+//!   under load each of its transactions covers hundreds or thousands of messages. It runs
+//!   at a lower CPU priority ([`FOLLOWER_NICE`]) than the receive path.
 //! - **Search** ([`search`](crate::search)) reads the index for ids up to `indexed_through`
 //!   and scans the messages after it (the follower's lag, a short range of the primary key)
 //!   by their `patient_id` column, in one statement; every match is checked against the
@@ -437,6 +438,7 @@ impl Follower {
     }
 
     fn run(mut self) {
+        lower_priority();
         let mut last_pass: Option<Instant> = None;
         loop {
             // Pace: no pass sooner than PACE after the last one.
@@ -541,6 +543,26 @@ impl Follower {
         }
     }
 }
+
+/// The follower's nice value: 10. When the CPUs are busy the receive path (reactors, the
+/// store's writer) comes first; an idle CPU still runs the follower at once. Under
+/// sustained overload it falls behind, and searches scan the longer tail until it catches up.
+pub const FOLLOWER_NICE: i32 = 10;
+
+/// Gives this thread (the follower) [`FOLLOWER_NICE`]; best effort.
+#[cfg(target_os = "linux")]
+fn lower_priority() {
+    #[allow(unsafe_code)]
+    // SAFETY: `gettid` has no preconditions; `setpriority` with this thread's own id changes
+    // only this thread's nice value (on Linux a thread has its own) and touches no memory.
+    unsafe {
+        let tid = libc::gettid();
+        let _ = libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, FOLLOWER_NICE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_priority() {}
 
 /// Deletes the index file and its WAL and shared memory.
 fn remove_index(store: &Path) {

@@ -480,6 +480,48 @@ fn search_bench_latency() {
             times[49].as_secs_f64() * 1e3
         );
     }
+    // The follower held back while `MLLP_SEARCH_BENCH_TAIL` (default 20 000) more messages
+    // commit: searches by patient then also scan that unindexed tail.
+    let tail: u64 = std::env::var("MLLP_SEARCH_BENCH_TAIL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    {
+        let mut b = SqliteBackend::open(&path, &SqliteOptions::default()).unwrap();
+        b.search_index().unwrap().hold(true);
+        for start in (rows..rows + tail).step_by(1_000) {
+            let batch: Vec<Record> = (start..(start + 1_000).min(rows + tail))
+                .map(|i| Record::new(kib(i), origin(1, i)))
+                .collect();
+            b.commit_batch(&batch).unwrap();
+        }
+    }
+    let indexed: i64 = Connection::open(mllp_store::search_index::index_path(&path))
+        .unwrap()
+        .query_row("SELECT indexed_through FROM search_index_state", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let mut times = Vec::new();
+    for k in 0..50u64 {
+        let i = (k * 7_919_993) % rows;
+        let start = Instant::now();
+        let found = search_sqlite(
+            &path,
+            &SearchFilter::default().patient(format!("P{}", i % 100_000)),
+            &opts,
+        )
+        .unwrap();
+        times.push(start.elapsed());
+        assert!(!found.is_empty());
+    }
+    times.sort();
+    println!(
+        "search by patient with {} messages not indexed: median {:.2} ms, max {:.2} ms",
+        (rows + tail) as i64 - indexed,
+        times[25].as_secs_f64() * 1e3,
+        times[49].as_secs_f64() * 1e3
+    );
 }
 
 #[test]
