@@ -519,8 +519,10 @@ impl Follower {
         }
         loop {
             let conn = self.conn.as_mut().ok_or(Failure::Retry)?;
-            let (through, full) = index_chunk(conn, CHUNK_MESSAGES)?;
-            let committed = self.shared.committed.load(Ordering::Relaxed);
+            let (through, last) = index_chunk(conn, CHUNK_MESSAGES)?;
+            let full = through < last;
+            // The writer's last commit, or the store's last id (a rebuild, before any commit).
+            let committed = self.shared.committed.load(Ordering::Relaxed).max(last);
             self.lag
                 .set(committed.saturating_sub(through).max(0) as f64);
             let mut state = self.lock();
@@ -629,11 +631,21 @@ fn open_index(store: &Path, busy_timeout: Duration) -> Result<Connection, Failur
 
 /// One chunk: indexes the committed messages with ids in `(indexed_through, indexed_through
 /// + limit]` and moves `indexed_through` to the last of them, in one transaction of the index
-/// file (and one read snapshot of the store). Returns the new `indexed_through` and whether
-/// more messages follow. Ids are dense but for pruned ranges, so a chunk holds at most
-/// `limit` messages, and reading them is one range of the store's primary key.
-pub(crate) fn index_chunk(conn: &mut Connection, limit: i64) -> rusqlite::Result<(StoreId, bool)> {
+/// file (and one read snapshot of the store). Returns the new `indexed_through` and the
+/// store's last id (more follow while it is larger). Ids are dense but for pruned ranges, so
+/// a chunk holds at most `limit` messages, and reading them is one range of the store's
+/// primary key.
+pub(crate) fn index_chunk(
+    conn: &mut Connection,
+    limit: i64,
+) -> rusqlite::Result<(StoreId, StoreId)> {
     let tx = conn.transaction()?;
+    // The index file's write lock first, before any read: a transaction that read first
+    // could not write after another connection (the pruner's `forget`) wrote in between.
+    tx.execute(
+        "UPDATE search_index_state SET indexed_through = indexed_through",
+        [],
+    )?;
     let from: StoreId =
         tx.query_row("SELECT indexed_through FROM search_index_state", [], |r| {
             r.get(0)
@@ -642,7 +654,7 @@ pub(crate) fn index_chunk(conn: &mut Connection, limit: i64) -> rusqlite::Result
         tx.query_row("SELECT max(id) FROM store.messages", [], |r| r.get(0))?;
     let last = match last {
         Some(last) if last > from => last,
-        _ => return Ok((from, false)),
+        _ => return Ok((from, last.unwrap_or(0))),
     };
     let through = last.min(from.saturating_add(limit));
     tx.prepare_cached(
@@ -658,7 +670,7 @@ pub(crate) fn index_chunk(conn: &mut Connection, limit: i64) -> rusqlite::Result
         [through],
     )?;
     tx.commit()?;
-    Ok((through, through < last))
+    Ok((through, last))
 }
 
 #[cfg(test)]
@@ -706,11 +718,11 @@ mod tests {
     #[test]
     fn chunks_index_committed_messages_in_order() {
         let (dir, mut conn) = fixture("chunks", 25);
-        assert_eq!(index_chunk(&mut conn, 10).unwrap(), (10, true));
+        assert_eq!(index_chunk(&mut conn, 10).unwrap(), (10, 25));
         assert_eq!(state(&conn), (10, 10));
-        assert_eq!(index_chunk(&mut conn, 10).unwrap(), (20, true));
-        assert_eq!(index_chunk(&mut conn, 10).unwrap(), (25, false));
-        assert_eq!(index_chunk(&mut conn, 10).unwrap(), (25, false));
+        assert_eq!(index_chunk(&mut conn, 10).unwrap(), (20, 25));
+        assert_eq!(index_chunk(&mut conn, 10).unwrap(), (25, 25));
+        assert_eq!(index_chunk(&mut conn, 10).unwrap(), (25, 25));
         assert_eq!(state(&conn), (25, 25));
         drop(conn);
         let _ = std::fs::remove_dir_all(dir);
@@ -721,7 +733,7 @@ mod tests {
     #[test]
     fn a_failed_chunk_leaves_rows_and_mark_as_they_were() {
         let (dir, mut conn) = fixture("atomic", 30);
-        assert_eq!(index_chunk(&mut conn, 10).unwrap(), (10, true));
+        assert_eq!(index_chunk(&mut conn, 10).unwrap(), (10, 30));
         conn.execute_batch(
             "CREATE TEMP TRIGGER boom BEFORE INSERT ON main.patient_index
              WHEN NEW.patient_id = 'P17' BEGIN SELECT RAISE(ABORT, 'boom'); END;",
@@ -734,7 +746,7 @@ mod tests {
             "rows 11..16 must not stay without the mark"
         );
         conn.execute_batch("DROP TRIGGER boom").unwrap();
-        assert_eq!(index_chunk(&mut conn, 10).unwrap(), (20, true));
+        assert_eq!(index_chunk(&mut conn, 10).unwrap(), (20, 30));
         assert_eq!(state(&conn), (20, 20));
         drop(conn);
         let _ = std::fs::remove_dir_all(dir);
