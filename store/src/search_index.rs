@@ -629,12 +629,12 @@ fn open_index(store: &Path, busy_timeout: Duration) -> Result<Connection, Failur
     Ok(conn)
 }
 
-/// One chunk: indexes the committed messages with ids in `(indexed_through, indexed_through
-/// + limit]` and moves `indexed_through` to the last of them, in one transaction of the index
-/// file (and one read snapshot of the store). Returns the new `indexed_through` and the
-/// store's last id (more follow while it is larger). Ids are dense but for pruned ranges, so
-/// a chunk holds at most `limit` messages, and reading them is one range of the store's
-/// primary key.
+/// One chunk: indexes the committed messages with ids from `indexed_through` (exclusive)
+/// to `indexed_through` plus `limit` and moves `indexed_through` to the last of them, in one
+/// transaction of the index file (and one read snapshot of the store). Returns the new
+/// `indexed_through` and the store's last id (more follow while it is larger). Ids are dense
+/// but for pruned ranges, so a chunk holds at most `limit` messages, and reading them is one
+/// range of the store's primary key.
 pub(crate) fn index_chunk(
     conn: &mut Connection,
     limit: i64,
