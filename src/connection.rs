@@ -822,6 +822,18 @@ impl Connection {
         }
     }
 
+    /// Whether only new bytes, a completion or a deadline can move the connection on: open
+    /// and serving, no end of stream or shutdown to act on, no abandoned call to report, and
+    /// no bytes buffered to decode.
+    pub(crate) fn is_at_rest(&self) -> bool {
+        matches!(self.state, State::Open)
+            && self.started
+            && !self.peer_eof
+            && !self.draining
+            && !self.abandoned
+            && self.busy.is_empty()
+    }
+
     /// Takes the "a handler call was abandoned at its deadline" signal.
     pub(crate) fn take_abandoned(&mut self) -> bool {
         std::mem::take(&mut self.abandoned)

@@ -466,6 +466,14 @@ impl Link {
         self.conn.take_abandoned()
     }
 
+    /// Whether another pass over the link could do nothing: it has started, its connection
+    /// is at rest (see [`Connection::is_at_rest`]), the socket has nothing to read and
+    /// nothing waits to be written. The pass after a reply was written and the socket found
+    /// empty, the usual end of a visit, is then skipped.
+    pub(crate) fn is_spent(&self) -> bool {
+        self.announced && self.conn.is_at_rest() && !self.read_ready && !self.wants_write()
+    }
+
     /// Whether a frame is being received or read ahead (bytes not yet decoded).
     pub(crate) fn in_frame(&self) -> bool {
         self.conn.buffered_len() > 0
