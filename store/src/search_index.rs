@@ -33,7 +33,8 @@
 //!   the [`WriteGate`](crate::WriteGate)) and indexes up to [`CHUNK_MESSAGES`] of them per
 //!   transaction, moving `indexed_through` **in the same transaction** as the rows, so a
 //!   crash leaves both as of one commit. The writer wakes it after a commit with one atomic
-//!   swap (no lock, no wake-up per message); it then runs at most once per [`PACE`], so
+//!   swap (a lock and a notify only for the first commit after a pass; nothing per
+//!   message); it then runs at most once per [`PACE`], so
 //!   under load each of its transactions covers hundreds or thousands of messages. It runs
 //!   at a lower CPU priority ([`FOLLOWER_NICE`]) than the receive path.
 //! - **Search** ([`search`](crate::search)) reads the index for ids up to `indexed_through`
