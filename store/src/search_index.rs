@@ -49,7 +49,7 @@
 //!   statements) is deleted and rebuilt from id 0 in the background; meanwhile search scans
 //!   (slower, still right). A search that finds the index unusable ignores it.
 //! - **Retention.** The pruner deletes its batches' entries from the index after deleting the
-//!   messages ([`forget`]); an entry that escapes (a message indexed at the moment it was
+//!   messages; an entry that escapes (a message indexed at the moment it was
 //!   pruned) only costs space: search joins every entry to its message row.
 //! - **Migration.** A store with the old inline index `messages_patient` loses it when a
 //!   writer of this version opens it (`DROP INDEX`, once; freed pages go to the freelist),
