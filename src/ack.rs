@@ -775,16 +775,13 @@ mod arena {
     }
 
     /// `dst.copy_from_slice(src)` (same lengths), without a `memcpy` call for the short
-    /// fields an ACK is mostly made of: up to 32 bytes go as two overlapping fixed-size
+    /// fields an ACK is mostly made of: up to 16 bytes go as two overlapping fixed-size
     /// copies (callgrind, S1: a `memcpy` call per field was about 14 instructions each).
     #[inline(always)]
     pub(super) fn copy(dst: &mut [u8], src: &[u8]) {
         let n = src.len();
-        if n > 32 || dst.len() != n {
+        if n > 16 || dst.len() != n {
             dst.copy_from_slice(src);
-        } else if n >= 16 {
-            dst[..16].copy_from_slice(&src[..16]);
-            dst[n - 16..].copy_from_slice(&src[n - 16..]);
         } else if n >= 8 {
             dst[..8].copy_from_slice(&src[..8]);
             dst[n - 8..].copy_from_slice(&src[n - 8..]);
