@@ -61,11 +61,14 @@ pub(crate) const MAX_KEYS_PER_REACTOR: usize = 1 << 24;
 /// PROXY header, TLS records and a lingering close's discarded input.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// Reads per connection per readiness event before the reactor serves others (then the
-/// connection goes on the pending list and is resumed next turn): 16 × 64 KiB = 1 MiB, enough
-/// that a 1 MiB message needs no extra turn, small enough that one flooding peer cannot hold
-/// the loop for more than about a millisecond.
-const READ_BUDGET: usize = 16;
+/// Bytes read per connection per visit before the reactor serves others (then the connection
+/// goes on the pending list and is resumed next turn): a message of up to 1 MiB, with its
+/// framing and wherever its first byte falls in a read, needs no extra turn; one flooding
+/// peer cannot hold the loop for more than about a millisecond. In bytes, not reads: a read
+/// into a large frame's buffer takes as much as the socket holds (`Connection::read_with`),
+/// and a budget of 16 reads of 64 KiB, 1 MiB exactly, made every 1 MiB message wait a turn
+/// behind the other busy connections for its last 2 bytes.
+const READ_BUDGET: usize = (1 << 20) + READ_CHUNK;
 
 /// Events taken from the kernel per `poll` call.
 const EVENTS_CAPACITY: usize = 1024;
@@ -543,10 +546,10 @@ impl Loop {
                         self.pending.push(key);
                     }
                 } else {
-                    budget -= 1;
                     // Above the budget the holder reads until `WouldBlock` (see `holder`).
                     let read = entry.link.read(
                         &mut self.scratch,
+                        &mut budget,
                         self.paused,
                         &self.r.shared.policy,
                         &self.r.telemetry,
