@@ -5,7 +5,9 @@
 # Usage: benches/durable_profile.sh MODE SERVER_COMMAND...
 #
 #   MODE        syscalls  strace -f -c: system calls per message, all threads
-#               threads   CPU time per message (user + system µs) of each server thread
+#               threads   CPU time per message (user + system µs) of each server thread, the
+#                         time it waited for a CPU while runnable (schedstat), and how often
+#                         it slept (voluntary context switches)
 #               files     strace -f -y: fsync and pwrite64 per thread and file (who copies
 #                         WAL pages into the database: the writer on the commit path, or the
 #                         checkpointer), and the WAL sync latencies
@@ -33,7 +35,7 @@ BENCH=target/release/mllp-reactor
 [[ -x $BENCH ]] || { echo "durable_profile: build $BENCH first" >&2; exit 1; }
 command -v jq >/dev/null || { echo "durable_profile: jq is required" >&2; exit 1; }
 mkdir -p "$OUT"
-rm -f "$OUT"/s.db "$OUT"/s.db-wal "$OUT"/s.db-shm
+rm -f "$OUT"/s.db "$OUT"/s.db-wal "$OUT"/s.db-shm "$OUT"/s.db-search*
 cmd=("${@//\{store\}/$OUT/s.db}")
 
 case $MODE in
@@ -48,7 +50,7 @@ fi
 
 "${tracer[@]}" "${cmd[@]}" >"$OUT/server.stdout" 2>"$OUT/server.stderr" &
 top=$!
-trap 'kill -KILL $top 2>/dev/null || true; rm -f "$OUT"/s.db "$OUT"/s.db-wal "$OUT"/s.db-shm' EXIT
+trap 'kill -KILL $top 2>/dev/null || true; rm -f "$OUT"/s.db "$OUT"/s.db-wal "$OUT"/s.db-shm "$OUT"/s.db-search*' EXIT
 for _ in $(seq 300); do
     grep -q '^listening on ' "$OUT/server.stdout" 2>/dev/null && break
     sleep 0.1
@@ -64,7 +66,9 @@ if ((${#tracer[@]} > 0)); then server=$(pgrep -P "$top" | head -n 1); fi
 messages=$(jq .messages "$OUT/bench.json")
 if [[ $MODE == threads ]]; then
     for t in /proc/"$server"/task/*; do
-        echo "$(tr ' ' _ <"$t/comm") $(awk '{print $14, $15}' "$t/stat")"
+        # utime stime (ticks), then schedstat's time waiting on a run queue (ns) and
+        # status's voluntary context switches (the thread slept: a lock, a sync, a wake-up).
+        echo "$(tr ' ' _ <"$t/comm") $(awk '{print $14, $15}' "$t/stat") $(awk '{print $2}' "$t/schedstat") $(awk '/^voluntary_ctxt_switches/ {print $2}' "$t/status")"
     done >"$OUT/threads.txt"
 fi
 # SIGKILL the server itself; strace then writes its summary and exits.
@@ -84,14 +88,14 @@ case $MODE in
         ;;
     threads)
         awk -v n="$messages" -v hz="$(getconf CLK_TCK)" '{
-            printf "%-16s %6.1f µs user + %6.1f µs system per message\n", $1, $2 * 1e6 / hz / n, $3 * 1e6 / hz / n
+            printf "%-16s %6.1f µs user + %6.1f µs system per message, %6.1f µs runnable but not running, %5.2f sleeps\n", $1, $2 * 1e6 / hz / n, $3 * 1e6 / hz / n, $4 / 1e3 / n, $5 / n
             total += $2 + $3 } END { printf "%-16s %6.1f µs per message\n", "all threads", total * 1e6 / hz / n }' \
             "$OUT/threads.txt"
         ;;
     files)
         echo "calls per thread id and file:"
-        grep -oE '^[0-9]+ (fsync|fdatasync|pwrite64)\([0-9]+<[^>]*>' "$OUT/strace.txt" |
-            sed -E 's/\([0-9]+</ /; s/>$//' | sort | uniq -c | sort -k2,2n -k1,1nr
+        grep -oE '^[0-9]+ +(fsync|fdatasync|pwrite64)\([0-9]+<[^>]*>' "$OUT/strace.txt" |
+            sed -E 's/ +/ /; s/\([0-9]+</ /; s/>$//' | sort | uniq -c | sort -k2,2n -k1,1nr
         echo "WAL sync latency (µs):"
         grep -E '(fsync|fdatasync)\([0-9]+<[^>]*-wal>\) += 0 <' "$OUT/strace.txt" |
             sed -E 's/.*<([0-9.]+)>$/\1/' | sort -n |

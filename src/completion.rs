@@ -4,6 +4,7 @@
 //! Nothing here builds a NAK: the connection applies the NAK policy to the raw outcome, so
 //! every NAK the server sends is built in one place (`connection.rs`).
 
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -94,7 +95,7 @@ impl CompletionSink {
         queue.push(completion);
         let first = queue.len() == 1;
         drop(queue);
-        if first {
+        if first && !HELD.with(|held| held.hold(&self.notifier)) {
             self.notifier.notify();
         }
     }
@@ -108,6 +109,91 @@ impl CompletionSink {
 
     pub(crate) fn notifier(&self) -> &Arc<Notifier> {
         &self.notifier
+    }
+}
+
+/// Runs `f`, holding back the reactor wake-ups of the replies sent on this thread inside it
+/// until `f` returns: then each reactor that got one is woken once.
+///
+/// A [`ReplyHandle::send`] wakes its reactor when it finds the reactor's queue empty. A
+/// thread that answers a whole batch at once (a store's writer after a group commit) would
+/// otherwise wake the reactor at its first reply; the reactor drains the few replies queued by
+/// then, sleeps, and is woken again by the next one, dozens of times per batch. Inside
+/// `send_together` the replies queue up silently and the reactor takes them in one drain.
+/// Nothing is lost if `f` panics: the held wake-ups are sent as the panic unwinds. Nested
+/// calls wake at the outermost one's end.
+///
+/// ```
+/// use mllp_reactor::{ack, handler_fn, send_together, Client, ClientConfig, Dispatch, Reply};
+/// use mllp_reactor::Server;
+///
+/// // Answer each message from another thread, replies sent together.
+/// let handler = handler_fn(|msg, cx| {
+///     let handle = cx.defer();
+///     let msg = msg.clone();
+///     std::thread::spawn(move || send_together(|| handle.send(Reply::Send(ack::accept(&msg)))));
+///     Ok(Reply::Deferred)
+/// });
+/// let server = Server::builder(handler).dispatch(Dispatch::Inline).bind("127.0.0.1:0")?;
+/// let addr = server.local_addr();
+/// let running = server.spawn()?;
+/// let mut client = Client::connect(addr, ClientConfig::default())?;
+/// assert_eq!(client.send(b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|7|P|2.5.1\r")?.code, ack::AckCode::AA);
+/// running.shutdown(std::time::Duration::from_secs(5))?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn send_together<R>(f: impl FnOnce() -> R) -> R {
+    let _release = Release(HELD.with(Held::begin));
+    f()
+}
+
+/// Ends a [`send_together`] when dropped, on return or unwind alike: `true` for the
+/// outermost call, which wakes what was held.
+struct Release(bool);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        if self.0 {
+            HELD.with(Held::end);
+        }
+    }
+}
+
+thread_local! {
+    /// The wake-ups [`send_together`] holds on this thread.
+    static HELD: Held = const { Held { active: Cell::new(false), notifiers: RefCell::new(Vec::new()) } };
+}
+
+/// The reactors to wake at the end of a [`send_together`], one entry each.
+struct Held {
+    active: Cell<bool>,
+    notifiers: RefCell<Vec<Arc<Notifier>>>,
+}
+
+impl Held {
+    /// Starts holding; `false` if already holding (a nested call).
+    fn begin(&self) -> bool {
+        !self.active.replace(true)
+    }
+
+    /// Holds `notifier`'s wake-up if holding; `false` (wake now) otherwise.
+    fn hold(&self, notifier: &Arc<Notifier>) -> bool {
+        if !self.active.get() {
+            return false;
+        }
+        let mut notifiers = self.notifiers.borrow_mut();
+        if !notifiers.iter().any(|n| Arc::ptr_eq(n, notifier)) {
+            notifiers.push(Arc::clone(notifier));
+        }
+        true
+    }
+
+    /// Stops holding and wakes what was held (the list keeps its capacity).
+    fn end(&self) {
+        self.active.set(false);
+        for notifier in self.notifiers.borrow_mut().drain(..) {
+            notifier.notify();
+        }
     }
 }
 
@@ -219,5 +305,79 @@ impl Drop for ReplyHandle {
                 detail: "reply handle dropped without an answer".to_owned(),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink whose reactor wake-ups can be counted: the notifier's flag says whether a wake
+    /// was sent since the last `reset`.
+    fn sink() -> (mio::Poll, Arc<CompletionSink>) {
+        let poll = mio::Poll::new().unwrap();
+        let waker = mio::Waker::new(poll.registry(), mio::Token(0)).unwrap();
+        let sink = Arc::new(CompletionSink::new(Arc::new(Notifier::new(waker))));
+        (poll, sink)
+    }
+
+    fn woken(sink: &CompletionSink) -> bool {
+        sink.notifier().pending.load(Ordering::Acquire)
+    }
+
+    fn reply(sink: &Arc<CompletionSink>, seq: u64) {
+        ReplyHandle::new(
+            Arc::clone(sink),
+            ConnectionId {
+                index: 1,
+                generation: 0,
+            },
+            seq,
+        )
+        .send(Reply::Send(Vec::new().into()));
+    }
+
+    /// Outside `send_together` the first reply wakes the reactor; inside, no reply does until
+    /// the end, and then one wake-up covers them all.
+    #[test]
+    fn replies_sent_together_wake_the_reactor_once_at_the_end() {
+        let (_poll, sink) = sink();
+        reply(&sink, 1);
+        assert!(woken(&sink), "a lone reply wakes at once");
+        sink.notifier().reset();
+        sink.drain_into(&mut Vec::new());
+
+        send_together(|| {
+            for seq in 2..10 {
+                reply(&sink, seq);
+                assert!(!woken(&sink), "woken at reply {seq}, inside send_together");
+            }
+            // Nested: the inner end wakes nothing.
+            send_together(|| reply(&sink, 10));
+            assert!(!woken(&sink), "woken at the end of a nested send_together");
+        });
+        assert!(woken(&sink), "not woken after send_together");
+        let mut drained = Vec::new();
+        sink.drain_into(&mut drained);
+        assert_eq!(drained.len(), 9);
+    }
+
+    /// A panic inside `send_together` still wakes the reactor for what was sent, and the
+    /// thread sends normally afterwards.
+    #[test]
+    fn a_panic_inside_send_together_still_wakes() {
+        let (_poll, sink) = sink();
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            send_together(|| {
+                reply(&sink, 1);
+                panic!("handler bug");
+            })
+        }));
+        assert!(caught.is_err());
+        assert!(woken(&sink), "the held wake-up was lost in the unwind");
+        sink.notifier().reset();
+        sink.drain_into(&mut Vec::new());
+        reply(&sink, 2);
+        assert!(woken(&sink), "still holding after the panic");
     }
 }

@@ -165,7 +165,7 @@ mod transport;
 
 pub use bytes::Bytes;
 pub use client::{Backoff, Client, ClientConfig, ClientError};
-pub use completion::ReplyHandle;
+pub use completion::{ReplyHandle, send_together};
 pub use connection::NakPolicy;
 pub use control::ShutdownReport;
 pub use error::{ConfigError, Error};

@@ -7,7 +7,10 @@
 //! commit returned; a failed commit answers AE. Same schema, columns, index and duplicate
 //! lookup as `serve --store FILE` (the schema is created by `mllp_store` itself, and every
 //! column `serve` fills is filled here too, PID-3.1 for the patient index included, parsed by
-//! the same [`mllp_store::Header`]), SQLite WAL with `synchronous=FULL`.
+//! the same [`mllp_store::Header`]), SQLite WAL with `synchronous=FULL`. The patient index
+//! (`messages_patient`) is kept inline, updated by every commit, as `serve` did before it
+//! moved that index off the commit path into a file of its own (`mllp_store::search_index`):
+//! the straightforward server with the same search ability.
 //!
 //! Checkpoints (`--checkpoint`, default `auto`):
 //! - `auto`: SQLite's default automatic checkpoint, inside the commit that takes the WAL past
@@ -65,6 +68,9 @@ INSERT INTO messages (received_at_us, peer, local, connection_id, sequence,
     sending_application, sending_facility, message_type, control_id, size, duplicate_of, payload,
     client_cert, patient_id)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, NULL, ?13)";
+
+/// The patient index (search by PID-3.1), updated by every commit.
+const PATIENT_INDEX: &str = "CREATE INDEX IF NOT EXISTS messages_patient ON messages (patient_id) WHERE patient_id IS NOT NULL";
 
 /// One message on its way to the writer, with its ACK already built (code `AA`, patched to
 /// `AE` if the commit fails).
@@ -151,12 +157,15 @@ fn serve(
     addr: SocketAddr,
     autocheckpoint: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    // The store crate creates the schema (and checks an existing one), so it is the same.
-    drop(mllp_store::SqliteBackend::open(
-        store,
-        &mllp_store::SqliteOptions::default(),
-    )?);
+    // The store crate creates the schema (and checks an existing one), so it is the same;
+    // without its patient search index follower, since this server keeps that index inline.
+    let mut options = mllp_store::SqliteOptions::default();
+    options.bench_without_patient_index = true;
+    drop(mllp_store::SqliteBackend::open(store, &options)?);
     let db = Connection::open(store)?;
+    // The patient index inside the commit, as `serve` kept it before it moved off the commit
+    // path into a file of its own (issue #21): the straightforward "same schema" server.
+    db.execute_batch(PATIENT_INDEX)?;
     let mode: String = db.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(format!("journal mode is {mode}, not WAL").into());

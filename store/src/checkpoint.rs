@@ -20,14 +20,21 @@
 //!   holds at least a quarter of the limit, the writer restarts the WAL (`RESTART`, below)
 //!   before its next transaction: it copies those few pages, and from then on commits
 //!   overwrite the same quarter of the limit instead of growing the file.
-//! - Once the WAL holds the limit ([`WAL_LIMIT_BYTES`] by default), the checkpointer stops,
-//!   and the writer runs a `RESTART` checkpoint itself before its next transaction (after
-//!   the previous batch's ACKs went out): it copies only the pages the last `PASSIVE` had
-//!   not, syncs the database file, and the next commit starts the WAL over; `journal_size_limit` cuts the file back to
-//!   [`WAL_LIMIT_BYTES`]. It never waits: with the checkpointer mid-copy, or a reader (export)
-//!   still in the WAL, it gives up at once and tries again before the next transaction. The
-//!   WAL so stays near [`WAL_LIMIT_BYTES`] plus a batch or two, except while a reader holds an
+//! - Once the WAL holds the limit ([`WAL_LIMIT_BYTES`] by default), the checkpointer copies
+//!   on (woken after every commit) until at most [`RESTART_BUDGET_DIV`] pages are left
+//!   uncopied, and the writer then runs a `RESTART` checkpoint itself before its next
+//!   transaction (after the previous batch's ACKs went out): it copies those few pages, syncs
+//!   the database file, and the next commit starts the WAL over; `journal_size_limit` cuts
+//!   the file back to [`WAL_LIMIT_BYTES`]. It never waits: with the checkpointer mid-copy, or a
+//!   reader (export) still in the WAL, it gives up at once and tries again before the next
+//!   transaction. Past the hard limit (the limit plus half of it, [`HARD_LIMIT_NUM`]) the
+//!   checkpointer stands aside and the writer restarts whatever is left to copy. The WAL so
+//!   stays below 1.5 × [`WAL_LIMIT_BYTES`] plus a batch or two, except while a reader holds an
 //!   old snapshot for a long time (SQLite's own checkpoints have the same limit).
+//! - The checkpointer syncs the database file after each `PASSIVE` that copied anything: SQLite
+//!   itself syncs it only after a checkpoint that left nothing in the WAL to copy, which under
+//!   load is only the writer's `RESTART`, which then had to write back everything copied
+//!   since the last restart, on the commit path.
 //!
 //! Durability is unchanged: a commit is durable once the WAL is synced (`synchronous=FULL`);
 //! a checkpoint syncs the database file before the WAL is reused.
@@ -57,15 +64,35 @@ pub const CHECKPOINTS_PER_LIMIT: u32 = 4;
 /// and syncs the database file on the commit path, once per quarter of the limit.
 pub const CHEAP_RESTART_PAGES: u32 = 64;
 
+/// The WAL may pass the limit by this fraction of it, 1/2, while the checkpointer copies
+/// what is left: past `limit + limit / HARD_LIMIT_NUM` (96 MiB with the default limit) the
+/// writer restarts the WAL whatever is left to copy.
+pub const HARD_LIMIT_NUM: u32 = 2;
+
+/// At the limit, the most uncopied WAL pages that the writer's own `RESTART` copies (and
+/// syncs) on the commit path: 1/64 of the limit (256 pages, 1 MiB, with the default limit),
+/// at least [`CHEAP_RESTART_PAGES`]. With more left, the checkpointer copies on (the hook
+/// wakes it after every commit) until this is reached: under load a `PASSIVE` of the rest
+/// takes a few milliseconds, during which a few hundred pages come in, so it converges to
+/// about that within a few rounds.
+pub const RESTART_BUDGET_DIV: u32 = 64;
+
+/// See [`RESTART_BUDGET_DIV`].
+fn restart_budget(limit_pages: u32) -> u32 {
+    (limit_pages / RESTART_BUDGET_DIV).max(CHEAP_RESTART_PAGES)
+}
+
 /// Default WAL size at which the writer restarts the WAL (`RESTART`), and the size the file is
 /// cut back to when it is reused (`journal_size_limit`): 64 MiB
 /// ([`SqliteOptions::wal_limit`](crate::SqliteOptions::wal_limit)).
 ///
-/// Under sustained load the WAL grows to about this, then starts over; at the 30–50 MB/s of
+/// Under sustained load the WAL grows to about this (at most half as much again while the
+/// checkpointer copies the rest: [`HARD_LIMIT_NUM`]), then starts over; at the 30–100 MB/s of
 /// WAL a loopback S3 run writes, that is one restart every second or two, each delaying one
-/// batch by the pages the last `PASSIVE` had not copied plus one sync of the database file.
-/// Much smaller and restarts come too often; much larger and opening the store after a crash
-/// replays a longer WAL.
+/// batch by at most [`RESTART_BUDGET_DIV`] pages to copy plus one sync of the database file.
+/// Much smaller and restarts come too often, and checkpoints copy the same hot pages (the
+/// indexes' and the table's last) more often; much larger and opening the store after a
+/// crash replays a longer WAL.
 pub const WAL_LIMIT_BYTES: u64 = 64 << 20;
 
 /// The checkpointer thread and its wake-up state.
@@ -90,6 +117,12 @@ struct Shared {
     wal_pages: AtomicU32,
     /// The WAL limit in pages.
     limit_pages: u32,
+    /// Past it the writer restarts the WAL however much is left to copy (see
+    /// [`HARD_LIMIT_NUM`]).
+    hard_limit_pages: u32,
+    /// At the limit, the most uncopied pages the writer's restart copies itself (see
+    /// [`RESTART_BUDGET_DIV`]).
+    budget_pages: u32,
     /// Uncopied pages that make the checkpointer run (see [`CHECKPOINTS_PER_LIMIT`]).
     every_pages: u32,
     /// The WAL limit in bytes.
@@ -105,19 +138,7 @@ impl Checkpointer {
         page_size: u32,
         limit_bytes: u64,
     ) -> std::io::Result<Self> {
-        let limit_pages =
-            u32::try_from(limit_bytes / u64::from(page_size.max(512))).unwrap_or(u32::MAX);
-        let shared = Arc::new(Shared {
-            requested: Mutex::new(false),
-            wake: Condvar::new(),
-            closed: AtomicBool::new(false),
-            covered: AtomicU32::new(0),
-            backfilled: AtomicU32::new(0),
-            wal_pages: AtomicU32::new(0),
-            limit_pages,
-            limit_bytes,
-            every_pages: (limit_pages / CHECKPOINTS_PER_LIMIT).max(1),
-        });
+        let shared = Arc::new(Shared::new(page_size, limit_bytes));
         let thread = {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
@@ -147,11 +168,7 @@ impl Checkpointer {
                 shared.covered.store(0, Ordering::Relaxed);
                 shared.backfilled.store(0, Ordering::Relaxed);
             }
-            // Past the limit the writer restarts the WAL itself (`restart_due`); a
-            // checkpoint running then would only make that attempt fail.
-            if pages < shared.limit_pages
-                && pages >= shared.covered.load(Ordering::Relaxed) + shared.every_pages
-            {
+            if shared.checkpoint_due(pages) {
                 shared.request();
             }
             Ok(())
@@ -162,12 +179,7 @@ impl Checkpointer {
     /// transaction: it has reached the limit, or it holds a quarter of it and nearly all of
     /// it is copied (see the module docs).
     pub(crate) fn restart_due(&self) -> bool {
-        let shared = &self.shared;
-        let pages = shared.wal_pages.load(Ordering::Relaxed);
-        pages >= shared.limit_pages
-            || (pages >= shared.every_pages
-                && pages.saturating_sub(shared.backfilled.load(Ordering::Relaxed))
-                    <= CHEAP_RESTART_PAGES)
+        self.shared.restart_due()
     }
 
     /// On the writer's connection, before a transaction: a `RESTART` checkpoint that does not
@@ -189,6 +201,52 @@ impl Checkpointer {
 }
 
 impl Shared {
+    fn new(page_size: u32, limit_bytes: u64) -> Self {
+        let limit_pages =
+            u32::try_from(limit_bytes / u64::from(page_size.max(512))).unwrap_or(u32::MAX);
+        Self {
+            requested: Mutex::new(false),
+            wake: Condvar::new(),
+            closed: AtomicBool::new(false),
+            covered: AtomicU32::new(0),
+            backfilled: AtomicU32::new(0),
+            wal_pages: AtomicU32::new(0),
+            limit_pages,
+            hard_limit_pages: limit_pages.saturating_add(limit_pages / HARD_LIMIT_NUM),
+            budget_pages: restart_budget(limit_pages),
+            limit_bytes,
+            every_pages: (limit_pages / CHECKPOINTS_PER_LIMIT).max(1),
+        }
+    }
+
+    /// See [`Checkpointer::restart_due`].
+    fn restart_due(&self) -> bool {
+        let pages = self.wal_pages.load(Ordering::Relaxed);
+        let uncopied = self.uncopied(pages);
+        pages >= self.hard_limit_pages
+            || (pages >= self.limit_pages && uncopied <= self.budget_pages)
+            || (pages >= self.every_pages && uncopied <= CHEAP_RESTART_PAGES)
+    }
+
+    /// WAL pages no checkpoint has copied yet, of `pages`.
+    fn uncopied(&self, pages: u32) -> u32 {
+        pages.saturating_sub(self.backfilled.load(Ordering::Relaxed))
+    }
+
+    /// Whether a commit that left `pages` in the WAL should wake the checkpointer: a
+    /// [quarter](CHECKPOINTS_PER_LIMIT) of the limit came since the last checkpoint; or the
+    /// WAL is past the limit and more is left to copy than the writer's restart should copy
+    /// on the commit path. Not past the hard limit: there the writer restarts the WAL itself
+    /// ([`restart_due`](Checkpointer::restart_due)), and a checkpoint running then would only
+    /// make that attempt fail.
+    fn checkpoint_due(&self, pages: u32) -> bool {
+        if pages < self.limit_pages {
+            pages >= self.covered.load(Ordering::Relaxed) + self.every_pages
+        } else {
+            pages < self.hard_limit_pages && self.uncopied(pages) > self.budget_pages
+        }
+    }
+
     fn request(&self) {
         let mut requested = self
             .requested
@@ -274,16 +332,150 @@ const FOLLOW_UPS: usize = 4;
 /// only means the WAL stays longer: it counts as covering the WAL as it was when the
 /// checkpoint started, so the hook asks again a quarter of the limit later rather than
 /// after every commit, and the writer's restart at the limit holds regardless.
+///
+/// A `PASSIVE` during which commits came in (always, under load) leaves the pages it wrote
+/// unsynced: SQLite syncs the database file only when a checkpoint ends with nothing left in
+/// the WAL to copy, which under load means the writer's `RESTART`, which
+/// so had to write back everything every `PASSIVE` had copied since the last restart (53 ms
+/// for one restart under S3: `BENCHMARKS.md`, issue #21). The checkpointer therefore syncs the
+/// database file itself after such a `PASSIVE`, off the commit path.
 fn checkpoint(conn: &Connection, shared: &Shared) {
     let started_at = shared.wal_pages.load(Ordering::Relaxed);
+    let before = shared.backfilled.load(Ordering::Relaxed);
     let covered = match conn.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
         Ok((log, copied)) => {
             if let Ok(copied) = u32::try_from(copied) {
                 shared.backfilled.store(copied, Ordering::Relaxed);
+                // Copied something: sync. (SQLite synced already if no commit came in
+                // meanwhile; a second sync of a clean file costs little.) A failed sync only
+                // leaves the writer's restart more to write back.
+                if copied != before {
+                    let _ = sync_database(conn);
+                }
             }
             u32::try_from(log).unwrap_or(started_at)
         }
         Err(_) => started_at,
     };
     shared.covered.store(covered, Ordering::Relaxed);
+}
+
+/// Syncs the database file of `conn` (its main database) through SQLite's own file handle
+/// (`xSync`, as a checkpoint does), so no second descriptor of the file is ever opened and
+/// closed (closing one would drop every POSIX lock this process holds on the file).
+fn sync_database(conn: &Connection) -> rusqlite::Result<()> {
+    use rusqlite::ffi;
+    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+    // SAFETY: `conn.handle()` is the live connection, used only by this thread while `conn`
+    // is borrowed; SQLITE_FCNTL_FILE_POINTER writes one `sqlite3_file *` through the pointer
+    // passed, which points at `file`, a local of that type.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            ffi::SQLITE_FCNTL_FILE_POINTER,
+            std::ptr::from_mut(&mut file).cast(),
+        )
+    };
+    if rc != ffi::SQLITE_OK {
+        return Err(rusqlite::Error::SqliteFailure(ffi::Error::new(rc), None));
+    }
+    // SAFETY: SQLite returned its open database file for `conn` (or null, checked), valid
+    // while `conn` is open and this thread the only user of `conn`; `pMethods` of an open
+    // file is its VFS's method table (null for a file that failed to open, checked).
+    #[allow(unsafe_code)]
+    let sync = unsafe {
+        file.as_ref()
+            .and_then(|f| f.pMethods.as_ref())
+            .and_then(|m| m.xSync)
+    };
+    let Some(sync) = sync else {
+        return Ok(());
+    };
+    // SAFETY: `xSync` of the file's own method table, called on that file with a valid
+    // flag, as SQLite's checkpoint calls it; no other call on `conn` runs meanwhile.
+    #[allow(unsafe_code)]
+    let rc = unsafe { sync(file, ffi::SQLITE_SYNC_NORMAL) };
+    if rc == ffi::SQLITE_OK {
+        Ok(())
+    } else {
+        Err(rusqlite::Error::SqliteFailure(ffi::Error::new(rc), None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The default limit's state after a commit left `pages` in the WAL, `covered` of them
+    /// seen by the last checkpoint and `backfilled` copied.
+    fn state(pages: u32, covered: u32, backfilled: u32) -> Shared {
+        let shared = Shared::new(4096, WAL_LIMIT_BYTES);
+        shared.wal_pages.store(pages, Ordering::Relaxed);
+        shared.covered.store(covered, Ordering::Relaxed);
+        shared.backfilled.store(backfilled, Ordering::Relaxed);
+        shared
+    }
+
+    /// At the limit with much left to copy, the checkpointer copies it (off the commit
+    /// path) and the writer waits for it; once little is left, the writer restarts and the
+    /// checkpointer stands aside; past the hard limit the writer restarts regardless. Before,
+    /// the writer's restart at the limit copied everything since the last `PASSIVE` (up to a
+    /// quarter of the limit) and synced it on the commit path.
+    #[test]
+    fn at_the_limit_the_checkpointer_copies_the_rest_before_the_writer_restarts() {
+        let limit = 16_384; // 64 MiB of 4 KiB pages
+        assert_eq!(state(0, 0, 0).limit_pages, limit);
+        let budget = limit / RESTART_BUDGET_DIV;
+
+        let much_left = state(limit, limit - 4_096, limit - 4_096);
+        assert!(
+            much_left.checkpoint_due(limit),
+            "the checkpointer is not asked"
+        );
+        assert!(
+            !much_left.restart_due(),
+            "the writer copies 4 096 pages itself"
+        );
+
+        let little_left = state(limit + 100, limit, limit + 100 - budget);
+        assert!(!little_left.checkpoint_due(limit + 100));
+        assert!(little_left.restart_due());
+
+        let hard = limit + limit / 2;
+        let past_hard = state(hard, hard - 4_096, hard - 4_096);
+        assert!(
+            !past_hard.checkpoint_due(hard),
+            "a checkpoint would block the restart"
+        );
+        assert!(past_hard.restart_due());
+    }
+
+    /// Below the limit: a `PASSIVE` per quarter of the limit, an early restart only when
+    /// nearly everything is copied.
+    #[test]
+    fn below_the_limit_a_checkpoint_per_quarter() {
+        let quarter = 4_096;
+        assert!(!state(quarter - 1, 0, 0).checkpoint_due(quarter - 1));
+        assert!(state(quarter, 0, 0).checkpoint_due(quarter));
+        assert!(!state(quarter + 10, quarter, 0).checkpoint_due(quarter + 10));
+        assert!(!state(quarter + 10, quarter, quarter - 100).restart_due());
+        assert!(state(quarter + 10, quarter, quarter).restart_due());
+    }
+
+    /// The checkpointer's own sync of the database file works on its connection.
+    #[test]
+    fn the_database_file_syncs_through_sqlites_handle() {
+        let dir = std::env::temp_dir().join(format!("mllp-ckpt-sync-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conn = Connection::open(dir.join("s.db")).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; CREATE TABLE t (x); INSERT INTO t VALUES (1);",
+        )
+        .unwrap();
+        sync_database(&conn).unwrap();
+        drop(conn);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -617,6 +617,7 @@ fn insert_batch(
     {
         let mut find = tx.prepare_cached(FIND_ORIGINAL)?;
         let mut insert = tx.prepare_cached(INSERT)?;
+        let (mut peer, mut local) = (AddrText::default(), AddrText::default());
         for record in batch {
             let header = record.header();
             let app = text(header.sending_application);
@@ -634,8 +635,8 @@ fn insert_batch(
             };
             insert.execute(params![
                 received,
-                record.origin.peer.to_string(),
-                record.origin.local.to_string(),
+                peer.of(record.origin.peer),
+                local.of(record.origin.local),
                 record.origin.connection_id as i64,
                 record.origin.sequence as i64,
                 app,
@@ -653,6 +654,29 @@ fn insert_batch(
     }
     tx.commit()?;
     Ok(outcomes)
+}
+
+/// An address as the TEXT the store keeps, formatted once for a run of records from the same
+/// address (a connection's pipelined messages sit together in a batch; every record of a
+/// listener has the same local address) into a buffer reused across the batch: no
+/// allocation per record.
+#[derive(Default)]
+struct AddrText {
+    addr: Option<std::net::SocketAddr>,
+    text: String,
+}
+
+impl AddrText {
+    fn of(&mut self, addr: std::net::SocketAddr) -> &str {
+        if self.addr != Some(addr) {
+            use std::fmt::Write as _;
+            self.text.clear();
+            // Writing into a String cannot fail.
+            let _ = write!(self.text, "{addr}");
+            self.addr = Some(addr);
+        }
+        &self.text
+    }
 }
 
 /// Starts the WAL checkpointer on a connection of its own and attaches it to the writer's
