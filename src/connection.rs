@@ -790,6 +790,19 @@ impl Connection {
         match &self.state {
             State::Closed(_) => None,
             State::Lingering(linger) => Some(linger.deadline),
+            // Nothing in flight, the usual case after a reply (asked once per reactor visit):
+            // the same minimum without the general search (callgrind, S1: about 70
+            // instructions per message).
+            State::Open if self.slots.is_empty() => {
+                let mut at = self.idle_deadline;
+                if let Some(frame) = self.frame_deadline {
+                    at = at.min(frame);
+                }
+                if let Some(stall) = self.slots.stall() {
+                    at = at.min(stall);
+                }
+                Some(at)
+            }
             State::Open => {
                 let waiting = self.slots.iter().find_map(|s| match s.state {
                     SlotState::Waiting { deadline } => Some(deadline),
