@@ -841,6 +841,14 @@ impl Connection {
             && self.busy.is_empty()
     }
 
+    /// Gives the read buffer back to the thread's pool when nothing is buffered: an idle
+    /// connection owns no buffer (as after a read or a decode that found nothing).
+    pub(crate) fn release_at_rest(&mut self) {
+        if self.busy.is_empty() {
+            self.release_read_buf();
+        }
+    }
+
     /// Takes the "a handler call was abandoned at its deadline" signal.
     pub(crate) fn take_abandoned(&mut self) -> bool {
         std::mem::take(&mut self.abandoned)
