@@ -1091,17 +1091,6 @@ impl Connection {
         }));
     }
 
-    /// Gives an empty read buffer (and, between frames, the decoder) back to the thread's
-    /// pool. The reactor calls it when a visit ends: `poll_dispatch` gives them back when it
-    /// finds nothing to decode, but not while the in-flight cap stops it before it looks, and
-    /// the visit's last pass (after the reply was written) is skipped when nothing is left to
-    /// do, so a connection that went idle would keep them (8 KiB per idle connection).
-    pub(crate) fn release_idle_read_buf(&mut self) {
-        if self.busy.get().is_some() && self.busy.is_empty() {
-            self.release_read_buf();
-        }
-    }
-
     /// Gives the (empty) read buffer back to the thread's pool, unless it once held a large
     /// frame: the allocation behind it may then be far larger than its capacity shows.
     fn release_read_buf(&mut self) {

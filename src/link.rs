@@ -514,12 +514,11 @@ impl Link {
         self.conn.handle_shutdown(out);
     }
 
-    /// Releases the connection's empty read buffer and the layer's buffers when the connection
-    /// holds nothing; returns whether it did (the memory count is then stale).
+    /// Releases the layer's buffers when the connection holds nothing; returns whether it
+    /// did (the memory count is then stale).
     pub(crate) fn release_idle_buffers(&mut self) -> bool {
         let idle = !self.conn.in_flight() && self.conn.buffered_len() == 0;
         if idle {
-            self.conn.release_idle_read_buf();
             self.transport.release_idle_buffers();
         }
         idle
