@@ -35,7 +35,7 @@ BENCH=target/release/mllp-reactor
 [[ -x $BENCH ]] || { echo "durable_profile: build $BENCH first" >&2; exit 1; }
 command -v jq >/dev/null || { echo "durable_profile: jq is required" >&2; exit 1; }
 mkdir -p "$OUT"
-rm -f "$OUT"/s.db "$OUT"/s.db-wal "$OUT"/s.db-shm
+rm -f "$OUT"/s.db "$OUT"/s.db-wal "$OUT"/s.db-shm "$OUT"/s.db-search*
 cmd=("${@//\{store\}/$OUT/s.db}")
 
 case $MODE in
@@ -50,7 +50,7 @@ fi
 
 "${tracer[@]}" "${cmd[@]}" >"$OUT/server.stdout" 2>"$OUT/server.stderr" &
 top=$!
-trap 'kill -KILL $top 2>/dev/null || true; rm -f "$OUT"/s.db "$OUT"/s.db-wal "$OUT"/s.db-shm' EXIT
+trap 'kill -KILL $top 2>/dev/null || true; rm -f "$OUT"/s.db "$OUT"/s.db-wal "$OUT"/s.db-shm "$OUT"/s.db-search*' EXIT
 for _ in $(seq 300); do
     grep -q '^listening on ' "$OUT/server.stdout" 2>/dev/null && break
     sleep 0.1

@@ -244,7 +244,7 @@ attempt() {
     fi
     pin=$(scenario_pin "$scenario")
     # A fresh store per run: a store that grew in earlier runs would slow later ones.
-    rm -f "$prefix.db" "$prefix.db-wal" "$prefix.db-shm"
+    rm -f "$prefix.db" "$prefix.db-wal" "$prefix.db-shm" "$prefix.db-search"*
     cmd=${cmd//\{store\}/$prefix.db}
     start_server "$server" "${pin:+$pin }$cmd" "$prefix"
     pid=$SERVER_PID
@@ -259,7 +259,7 @@ attempt() {
         if ((status == 0)); then status=1; fi
     fi
     stop_server "$pid"
-    rm -f "$prefix.db" "$prefix.db-wal" "$prefix.db-shm"
+    rm -f "$prefix.db" "$prefix.db-wal" "$prefix.db-shm" "$prefix.db-search"*
     if ((status == 0)) && [[ ! -s $prefix.json ]]; then status=1; fi
     return "$status"
 }

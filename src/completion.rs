@@ -26,6 +26,11 @@ pub(crate) struct Completion {
 pub(crate) struct Notifier {
     waker: mio::Waker,
     pending: AtomicBool,
+    /// A command was sent on the reactor's command channel since the reactor last looked
+    /// ([`take_commands`](Self::take_commands)): an idle channel then costs the reactor one
+    /// atomic swap per poll turn instead of a `try_recv` (callgrind, S1: about 45
+    /// instructions per turn).
+    commands: AtomicBool,
 }
 
 impl Notifier {
@@ -33,6 +38,7 @@ impl Notifier {
         Self {
             waker,
             pending: AtomicBool::new(false),
+            commands: AtomicBool::new(false),
         }
     }
 
@@ -43,6 +49,20 @@ impl Notifier {
             // timer tick drains it. Nothing better can be done from another thread.
             let _ = self.waker.wake();
         }
+    }
+
+    /// A command was just sent on the reactor's channel: flags it, then wakes the reactor.
+    /// The flag is set after the send, so a reactor that finds it set finds the command.
+    pub(crate) fn command_sent(&self) {
+        self.commands.store(true, Ordering::Release);
+        self.notify();
+    }
+
+    /// Whether a command was sent since the last call (clearing the flag). Called after
+    /// [`reset`](Self::reset) in a turn: a command flagged after this call finds the wake-up
+    /// flag cleared, so it wakes the reactor for another turn.
+    pub(crate) fn take_commands(&self) -> bool {
+        self.commands.swap(false, Ordering::AcqRel)
     }
 
     /// Called by the reactor *before* draining its queues, so a completion sent during the

@@ -10,7 +10,8 @@
 //!
 //! The reactor calls, for each connection, in any order that the I/O dictates:
 //! - `handle_read(bytes, now)` with each chunk read (while [`Connection::wants_read`]), or
-//!   `read_with(now, read)` to read straight into the connection's buffer (plain TCP: no copy);
+//!   `read_with(now, max, read)` to read straight into the connection's buffer (plain TCP: no
+//!   copy);
 //!   `handle_eof()` when the peer half-closes; `handle_io_error(kind)` when I/O fails;
 //! - `poll_dispatch(now)` until it returns `None`, handing each message to the handler;
 //! - `handle_completion(seq, outcome, now)` with each handler result (inline, from the pool,
@@ -156,8 +157,10 @@ pub(crate) const LINGER_TIME: Duration = Duration::from_secs(2);
 /// connection's last large frame. One read's worth: below it a frame arrives in one or two
 /// reads and growth costs nothing worth saving.
 const LARGE_FRAME: usize = 64 * 1024;
-/// Most bytes one read appends to the read buffer ([`Connection::read_with`]): a full socket
-/// buffer's worth in few syscalls.
+/// Most bytes one read appends to the read buffer beyond what the frame limit allows
+/// ([`Connection::read_with`]): a full socket buffer's worth in few syscalls. It is the "one
+/// read" of the bounds on the buffer; a read into room the buffer already has may take more
+/// while a frame is under way (see `Connection::read_cap`).
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
 /// Room a read into the read buffer is offered at least: with less, the buffer first takes
 /// back the space of answered frames, or grows.
@@ -342,7 +345,7 @@ impl Connection {
     }
 
     /// Reads straight into the read buffer, without a copy: `read` is given the buffer and
-    /// the most bytes it may append ([`READ_CHUNK`], the "one read" of the bounds above), and
+    /// the most bytes it may append (at most `max`, and see [`read_cap`](Self::read_cap)), and
     /// returns how many it appended (`Ok(0)`: end of stream). `None`, without calling `read`,
     /// when the connection is not taking MLLP bytes (not started, lingering, closed): the
     /// caller then reads elsewhere and hands the bytes to [`handle_read`](Self::handle_read).
@@ -353,16 +356,18 @@ impl Connection {
     pub(crate) fn read_with(
         &mut self,
         now: Instant,
+        max: usize,
         read: impl FnOnce(&mut BytesMut, usize) -> std::io::Result<usize>,
     ) -> Option<std::io::Result<usize>> {
         if !matches!(self.state, State::Open) || !self.started {
             return None;
         }
         self.make_room();
+        let cap = self.read_cap().min(max);
         let buf = self.read_buf();
         let before = buf.len();
-        let result = read(buf, READ_CHUNK);
-        debug_assert!(buf.len() - before <= READ_CHUNK);
+        let result = read(buf, cap);
+        debug_assert!(buf.len() - before <= cap);
         let (grew, empty) = (buf.len() > before, buf.is_empty());
         if grew {
             self.idle_deadline = deadline_after(now, self.limits.idle_timeout);
@@ -372,14 +377,44 @@ impl Connection {
         Some(result)
     }
 
+    /// Most bytes the next read may append: one read's worth ([`READ_CHUNK`]), or, while a
+    /// message can be dispatched (the frame limit then bounds the buffer), the rest of the
+    /// largest frame the limit allows if that is more. The caller reads no more than the
+    /// buffer has room for, so this never allocates: it lets a large frame that is already
+    /// waiting in the socket come in one read instead of one per 64 KiB (a 1 MiB frame took
+    /// 17, and ran past the reactor's read budget, so its ACK waited for a turn behind every
+    /// other busy connection). The bounds stay: a partial frame holds at most the limit and
+    /// its framing, or what it held plus one [`READ_CHUNK`]; read-ahead while nothing can be
+    /// dispatched stays at `read_ahead` plus one [`READ_CHUNK`].
+    fn read_cap(&self) -> usize {
+        let frame_room = if self.can_dispatch() {
+            (self.limits.max_message_size + crate::codec::FRAMING_OVERHEAD)
+                .saturating_sub(self.busy.len())
+        } else {
+            0
+        };
+        READ_CHUNK.max(frame_room)
+    }
+
     /// Gives the read buffer at least [`MIN_READ_ROOM`] bytes of room for the next read.
     fn make_room(&mut self) {
+        let hint = usize::from(self.large_frame_hint) * LARGE_FRAME;
         let buf = self.read_buf();
         let (len, capacity) = (buf.len(), buf.capacity());
+        if len == 0 && hint > capacity {
+            // Between frames on a connection that sends large ones: the next is likely large
+            // too, so it is read into a large buffer the thread kept, if there is one (none is
+            // allocated for a guess), instead of a small one that it would outgrow after one
+            // read (a copy, and a read more).
+            if let Some(large) = pool::take_large(hint) {
+                let small = std::mem::replace(buf, large);
+                pool::put_buffer(small, 0);
+                return;
+            }
+        }
         if capacity - len >= MIN_READ_ROOM {
             return;
         }
-        let hint = usize::from(self.large_frame_hint) * LARGE_FRAME;
         if len > 0 && hint > capacity {
             // A frame under way on a connection that sends large ones.
             self.grow_large(hint);
@@ -779,6 +814,18 @@ impl Connection {
             // read-ahead does.
             State::Open => self.can_dispatch() || self.busy.len() < self.limits.read_ahead,
         }
+    }
+
+    /// Whether only new bytes, a completion or a deadline can move the connection on: open
+    /// and serving, no end of stream or shutdown to act on, no abandoned call to report, and
+    /// no bytes buffered to decode.
+    pub(crate) fn is_at_rest(&self) -> bool {
+        matches!(self.state, State::Open)
+            && self.started
+            && !self.peer_eof
+            && !self.draining
+            && !self.abandoned
+            && self.busy.is_empty()
     }
 
     /// Takes the "a handler call was abandoned at its deadline" signal.

@@ -296,12 +296,16 @@ impl Link {
 
     /// One read, handed on: to the PROXY header while it is awaited (checking the client it
     /// names against `policy`), to the connection after; through `scratch` unless the bytes
-    /// can go straight into the connection's buffer. `drain`: readiness ends only with
+    /// can go straight into the connection's buffer. It takes at most `budget` bytes (at
+    /// least 1), and takes what it read off `budget`. `drain`: readiness ends only with
     /// `WouldBlock` (or the end of stream), not already with a read that found fewer bytes
     /// than it had room for. Returns whether any progress was made.
+    // The reactor's per-turn state, passed apart (it is borrowed apart from the link).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn read(
         &mut self,
         scratch: &mut [u8],
+        budget: &mut usize,
         drain: bool,
         policy: &Mutex<Arc<Policy>>,
         telemetry: &Telemetry,
@@ -313,7 +317,7 @@ impl Link {
         let mut short = false;
         let direct = if self.transport.reads_into() {
             let transport = &mut self.transport;
-            self.conn.read_with(now, |buf, max| {
+            self.conn.read_with(now, *budget, |buf, max| {
                 let room = (buf.capacity() - buf.len()).min(max);
                 let read = transport.read_into(buf, max);
                 short = matches!(read, Ok(n) if n > 0 && n < room);
@@ -324,8 +328,16 @@ impl Link {
         };
         let read = match direct {
             Some(read) => read.map(|n| (n, true)),
-            None => self.transport.read(scratch).map(|n| (n, false)),
+            None => {
+                let take = scratch.len().min(*budget);
+                self.transport
+                    .read(&mut scratch[..take])
+                    .map(|n| (n, false))
+            }
         };
+        if let Ok((n, _)) = read {
+            *budget = budget.saturating_sub(n);
+        }
         let progress = match read {
             Ok((0, _)) => {
                 self.read_ready = false;
@@ -452,6 +464,14 @@ impl Link {
     /// Takes the "a handler call was abandoned at its deadline" signal.
     pub(crate) fn take_abandoned(&mut self) -> bool {
         self.conn.take_abandoned()
+    }
+
+    /// Whether another pass over the link could do nothing: it has started, its connection
+    /// is at rest (see [`Connection::is_at_rest`]), the socket has nothing to read and
+    /// nothing waits to be written. The pass after a reply was written and the socket found
+    /// empty, the usual end of a visit, is then skipped.
+    pub(crate) fn is_spent(&self) -> bool {
+        self.announced && self.conn.is_at_rest() && !self.read_ready && !self.wants_write()
     }
 
     /// Whether a frame is being received or read ahead (bytes not yet decoded).

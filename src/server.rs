@@ -712,7 +712,7 @@ impl ShutdownTrigger {
         // any sign of the drain means new connections are already refused.
         if let Some((commands, notifier)) = self.control.reactors.first() {
             let _ = commands.send(Command::Shutdown { grace });
-            notifier.notify();
+            notifier.command_sent();
         }
         report
     }
@@ -723,7 +723,7 @@ impl ShutdownTrigger {
             let _ = commands.send(Command::Shutdown {
                 grace: Duration::ZERO,
             });
-            notifier.notify();
+            notifier.command_sent();
         }
     }
 }

@@ -534,8 +534,15 @@ impl Telemetry {
     }
 
     /// Reports one connection event, counting into this turn's `tally`. `now` should be fresh
-    /// for latencies (read after the write that finished the message).
-    pub(crate) fn report(&self, p: &Peer, event: Event, now: Instant, tally: &mut Tally) {
+    /// for latencies (read after the write that finished the message). `peer` says who the
+    /// event is about; it is called only for the observer.
+    pub(crate) fn report(
+        &self,
+        peer: &dyn Fn() -> Peer,
+        event: Event,
+        now: Instant,
+        tally: &mut Tally,
+    ) {
         let m = &self.metrics;
         match event {
             Event::Junk(n) => tally.rare(|t| &mut t.junk, n),
@@ -551,6 +558,7 @@ impl Telemetry {
                 }
                 m.response_latency.record(duration.as_secs_f64());
                 self.observe(|o| {
+                    let p = peer();
                     o.message_stop(&MessageStop {
                         connection: p.connection,
                         peer: p.peer,
@@ -569,6 +577,7 @@ impl Telemetry {
                 received_at,
                 control_id,
             } => self.observe(|o| {
+                let p = peer();
                 o.message_exception(&MessageException {
                     connection: p.connection,
                     peer: p.peer,

@@ -696,3 +696,13 @@ fn acks_cut_from_the_thread_buffer_stay_intact_while_held() {
         assert_eq!(ack.build(message).as_ref(), expected.as_slice());
     }
 }
+
+#[test]
+fn the_short_copy_copies_every_length_exactly() {
+    let src: Vec<u8> = (1..=40).collect();
+    for n in 0..=src.len() {
+        let mut dst = vec![0; n];
+        super::arena::copy(&mut dst, &src[..n]);
+        assert_eq!(dst, &src[..n], "{n} bytes");
+    }
+}

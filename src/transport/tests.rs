@@ -19,13 +19,17 @@ use crate::outcome::{Outcome, Reply};
 const WAIT: Duration = Duration::from_secs(10);
 
 fn limits() -> Arc<Limits> {
+    limits_with(4 << 20)
+}
+
+fn limits_with(max_message_size: usize) -> Arc<Limits> {
     Arc::new(Limits {
         idle_timeout: Duration::from_secs(60),
         frame_timeout: Duration::from_secs(60),
         handler_timeout: Duration::from_secs(60),
         write_timeout: Duration::from_secs(60),
         handshake_timeout: Duration::from_secs(10),
-        max_message_size: 4 << 20,
+        max_message_size,
         read_ahead: 4096,
         max_in_flight: 1,
         nak_policy: NakPolicy::Send,
@@ -72,6 +76,10 @@ struct Server {
     keep: bool,
     /// The payloads kept, with what they must still hold.
     kept: Vec<(Bytes, Vec<u8>)>,
+    /// The most bytes one read may take (the reactor's read budget left).
+    max_read: usize,
+    /// The connection's frame limit.
+    limit: usize,
 }
 
 impl Server {
@@ -83,12 +91,28 @@ impl Server {
             assert!(Instant::now() < deadline, "{bytes} bytes never came");
             let now = Instant::now();
             let transport = &mut self.transport;
+            let before = self.conn.buffered_len();
             match self
                 .conn
-                .read_with(now, |buf, max| transport.read_into(buf, max))
+                .read_with(now, self.max_read, |buf, max| transport.read_into(buf, max))
             {
                 Some(Ok(0)) => panic!("unexpected end of stream"),
-                Some(Ok(n)) => bytes -= n,
+                Some(Ok(n)) => {
+                    assert!(
+                        n <= self.max_read,
+                        "read {n} bytes, budget {}",
+                        self.max_read
+                    );
+                    // The bounds on the read buffer: a partial frame holds at most the limit
+                    // and its framing, or what it held plus one read's worth.
+                    let limit = self.limit + crate::codec::FRAMING_OVERHEAD;
+                    let held = self.conn.buffered_len();
+                    assert!(
+                        held <= limit.max(before + crate::connection::READ_CHUNK),
+                        "{held} bytes buffered after a read of {n} (had {before})"
+                    );
+                    bytes -= n;
+                }
                 Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
                 other => panic!("read failed: {other:?}"),
             }
@@ -125,6 +149,8 @@ fn server(transport: Transport, keep: bool) -> Server {
         expected: VecDeque::new(),
         keep,
         kept: Vec::new(),
+        max_read: usize::MAX,
+        limit: 4 << 20,
     }
 }
 
@@ -213,6 +239,65 @@ fn frames_across_the_buffer_s_growth_points_stay_intact() {
                 if cut <= frame.len() {
                     server.expected.push_back(p.clone());
                     send_cut(&mut client, &mut server, &frame, cut);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn reads_that_take_a_whole_frame_stop_at_the_frame_limit_and_the_budget() {
+    // A read may take the rest of the largest frame the limit allows, where the buffer has
+    // room for it (a large frame's buffer, kept by the pool or grown to the last large
+    // frame's size): two frames back to back, the first at or near the limit, cut around the
+    // points where a read's cap changes (one read's worth, the limit's framing, the first
+    // frame's end), each read also capped by a budget (none, one byte less than a frame, a
+    // read's worth and one byte, 1000 bytes). `take` checks the buffer's bounds after
+    // every read.
+    const LIMIT: usize = 150 * 1024;
+    const CHUNK: usize = crate::connection::READ_CHUNK;
+    let sizes = [
+        (LIMIT, 5),
+        (LIMIT, LIMIT),
+        (LIMIT - 1, 70 * 1024),
+        (100 * 1024, LIMIT),
+        (5, 100 * 1024),
+        (LIMIT, 100),
+    ];
+    for (keep, max_read) in [
+        (false, usize::MAX),
+        (true, usize::MAX),
+        (false, LIMIT + 2),
+        (false, CHUNK + 1),
+        (true, 1000),
+    ] {
+        let (mut client, transport) = pair();
+        let mut server = server(transport, keep);
+        server.conn = Connection::new(limits_with(LIMIT), Instant::now());
+        server.max_read = max_read;
+        server.limit = LIMIT;
+        for (id, &(first, second)) in sizes.iter().enumerate() {
+            let (a, b) = (payload(2 * id, first), payload(2 * id + 1, second));
+            let mut frames = framed(&a);
+            let first_end = frames.len();
+            frames.extend(framed(&b));
+            for cut in [
+                1,
+                CHUNK - 1,
+                CHUNK,
+                CHUNK + 1,
+                LIMIT + 3 - CHUNK,
+                first_end - 1,
+                first_end,
+                first_end + 1,
+                LIMIT + 3,
+                LIMIT + 4,
+                frames.len() - 1,
+                frames.len(),
+            ] {
+                if cut <= frames.len() {
+                    server.expected.extend([a.clone(), b.clone()]);
+                    send_cut(&mut client, &mut server, &frames, cut);
                 }
             }
         }

@@ -27,6 +27,9 @@
 //!   database that several nodes behind a load balancer share, with the same columns,
 //!   duplicate detection across nodes, export format and metrics.
 //! - [`export`] streams records back out as JSON lines or HL7 text, while a writer runs.
+//! - [`search`] finds messages by control id, sender, type, patient, time or delivery status;
+//!   on SQLite the patient's index is kept off the commit path, in a file beside the store
+//!   that a follower thread fills ([`search_index`]).
 //! - [`forward::Forwarder`] delivers every stored message to downstream MLLP systems on its
 //!   own threads (strict FIFO per lane, retries, dead letters, delivery state in the store).
 //!
@@ -152,6 +155,7 @@
 //! | `mllp_store_errors_total` | counter | count | records whose batch failed |
 //! | `mllp_store_duplicates_total` | counter | count | records stored as resends |
 //! | `mllp_store_messages_total` | counter | count | records committed |
+//! | `mllp_store_search_index_lag_messages` | gauge | count | SQLite: committed, not yet in the search index ([`search_index`]; registered when the writer opens) |
 //!
 //! # Measurements
 //!

@@ -799,13 +799,20 @@ impl PruneTarget for SqliteTarget {
     fn delete_some(&mut self, ids: &[StoreId]) -> Result<usize, StoreError> {
         let gate = self.gate.clone();
         let turn = gate.as_ref().map(WriteGate::enter_background);
-        let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
+        // Each deleted message's patient, for the search index file.
+        let mut gone: Vec<(String, StoreId)> = Vec::new();
+        let mut run = |conn: &mut Connection| -> rusqlite::Result<usize> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut deleted = 0;
             {
-                let mut delete = tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?;
+                let mut delete =
+                    tx.prepare_cached("DELETE FROM messages WHERE id = ?1 RETURNING patient_id")?;
                 for id in ids {
-                    delete.execute([id])?;
+                    let patient: Option<Option<String>> =
+                        delete.query_row([id], |r| r.get(0)).optional()?;
+                    if let Some(Some(patient)) = patient {
+                        gone.push((patient, *id));
+                    }
                     deleted += 1;
                     if gate.as_ref().is_some_and(WriteGate::writer_waiting) {
                         break;
@@ -819,7 +826,7 @@ impl PruneTarget for SqliteTarget {
         drop(turn);
         let deleted = result.map_err(|e| StoreError::commit(Cause::from(e).context("prune")))?;
         // Outside the gate: the index file is not the store's.
-        search_index::forget(&mut self.search_index, &self.path, &ids[..deleted]);
+        search_index::forget(&mut self.search_index, &self.path, &gone);
         Ok(deleted)
     }
 

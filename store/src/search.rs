@@ -515,7 +515,7 @@ mod tests {
                 .message_type("ADT^A01"),
         );
         assert!(
-            by_patient.contains("INDEX patient_index_by_patient"),
+            by_patient.contains("SEARCH search.patient_index USING PRIMARY KEY (patient_id=?)"),
             "{by_patient}"
         );
         assert!(
