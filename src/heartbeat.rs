@@ -1,5 +1,6 @@
-//! Liveness of a server's reactor threads: each poll turn stamps the time, and an idle reactor
-//! wakes at least every [`HEARTBEAT_INTERVAL`] to do so. A health endpoint reads the stamps:
+//! Liveness of a server's reactor threads: poll turns stamp the time (a busy reactor at most
+//! every 10 ms, so a stamp lags its last turn by at most that), and an idle reactor wakes at
+//! least every [`HEARTBEAT_INTERVAL`] to do so. A health endpoint reads the stamps:
 //! a reactor stuck in a handler, a busy loop that never returns to poll, or a dead thread
 //! shows as a stamp that grows old.
 
@@ -42,7 +43,8 @@ impl Heartbeat {
         }
     }
 
-    /// Stamps reactor `index` at `now` (one relaxed store per poll turn).
+    /// Stamps reactor `index` at `now` (one relaxed store; the reactor calls it at most
+    /// every 10 ms).
     pub(crate) fn beat(&self, index: usize, now: Instant) {
         if let Some(stamp) = self.stamps.get(index) {
             let us = now.saturating_duration_since(self.epoch).as_micros();
@@ -56,7 +58,7 @@ impl Heartbeat {
     }
 
     /// The age at `now` of the oldest reactor's last stamp: the longest any reactor has gone
-    /// without a poll turn. Above a few [`HEARTBEAT_INTERVAL`]s, that reactor is stuck or gone.
+    /// without a poll turn (give or take the 10 ms a busy reactor goes between stamps). Above a few [`HEARTBEAT_INTERVAL`]s, that reactor is stuck or gone.
     pub fn oldest(&self, now: Instant) -> Duration {
         let since_epoch = now.saturating_duration_since(self.epoch);
         self.stamps

@@ -474,6 +474,12 @@ impl Link {
         self.announced && self.conn.is_at_rest() && !self.read_ready && !self.wants_write()
     }
 
+    /// A spent link ([`is_spent`](Self::is_spent)) lets go of what only a frame needs: its
+    /// connection's empty read buffer goes back to the thread's pool.
+    pub(crate) fn rest(&mut self) {
+        self.conn.release_at_rest();
+    }
+
     /// Whether a frame is being received or read ahead (bytes not yet decoded).
     pub(crate) fn in_frame(&self) -> bool {
         self.conn.buffered_len() > 0

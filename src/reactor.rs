@@ -582,7 +582,15 @@ impl Loop {
             if self.report(key) {
                 return; // closed and removed
             }
-            if !progress || self.conns[key].link.is_spent() {
+            if !progress {
+                break;
+            }
+            let link = &mut self.conns[key].link;
+            if link.is_spent() {
+                // The pass skipped here is the one that found nothing and gave the read
+                // buffer back; give it back now, or every idle connection keeps one
+                // (`tests/idle_cost.rs`).
+                link.rest();
                 break;
             }
         }

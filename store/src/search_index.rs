@@ -33,7 +33,8 @@
 //!   the [`WriteGate`](crate::WriteGate)) and indexes up to [`CHUNK_MESSAGES`] of them per
 //!   transaction, moving `indexed_through` **in the same transaction** as the rows, so a
 //!   crash leaves both as of one commit. The writer wakes it after a commit with one atomic
-//!   swap (no lock, no wake-up per message); it then runs at most once per [`PACE`], so
+//!   swap (a lock and a notify only for the first commit after a pass; nothing per
+//!   message); it then runs at most once per [`PACE`], so
 //!   under load each of its transactions covers hundreds or thousands of messages. It runs
 //!   at a lower CPU priority ([`FOLLOWER_NICE`]) than the receive path.
 //! - **Search** ([`search`](crate::search)) reads the index for ids up to `indexed_through`
@@ -48,7 +49,7 @@
 //!   statements) is deleted and rebuilt from id 0 in the background; meanwhile search scans
 //!   (slower, still right). A search that finds the index unusable ignores it.
 //! - **Retention.** The pruner deletes its batches' entries from the index after deleting the
-//!   messages ([`forget`]); an entry that escapes (a message indexed at the moment it was
+//!   messages; an entry that escapes (a message indexed at the moment it was
 //!   pruned) only costs space: search joins every entry to its message row.
 //! - **Migration.** A store with the old inline index `messages_patient` loses it when a
 //!   writer of this version opens it (`DROP INDEX`, once; freed pages go to the freelist),
@@ -282,7 +283,6 @@ pub struct SearchIndexer {
     thread: Option<JoinHandle<()>>,
 }
 
-#[derive(Debug)]
 struct Shared {
     /// Set by the writer after a commit, cleared by the follower as it starts a pass.
     pending: AtomicBool,
@@ -293,6 +293,20 @@ struct Shared {
     wake: Condvar,
     /// Signalled after every chunk the follower commits.
     progress: Condvar,
+    /// Interrupts the follower's `quick_check` while one runs (a large file takes a second or
+    /// more), so that closing the writer never waits for it. Only then: an interrupt that
+    /// finds no statement running would stop the checkpoint at the connection's close.
+    interrupt: Mutex<Option<rusqlite::InterruptHandle>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("pending", &self.pending)
+            .field("committed", &self.committed)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -313,6 +327,7 @@ impl SearchIndexer {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
             progress: Condvar::new(),
+            interrupt: Mutex::new(None),
         });
         metrics::describe_gauge!(
             LAG_MESSAGES,
@@ -388,6 +403,14 @@ impl Drop for SearchIndexer {
     fn drop(&mut self) {
         self.lock().closed = true;
         self.shared.wake.notify_one();
+        if let Some(handle) = &*self
+            .shared
+            .interrupt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            handle.interrupt();
+        }
         if let Some(thread) = self.thread.take() {
             // The chunk in progress finishes first (milliseconds).
             let _ = thread.join();
@@ -536,10 +559,17 @@ impl Follower {
 
     /// Opens (creating or rebuilding as needed) the index file and attaches the store.
     fn open(&self) -> Result<Connection, Failure> {
-        match open_index(&self.store, self.busy_timeout) {
+        let interrupt = |handle: Option<rusqlite::InterruptHandle>| {
+            *self
+                .shared
+                .interrupt
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = handle;
+        };
+        match open_index(&self.store, self.busy_timeout, &interrupt) {
             Err(Failure::Rebuild) => {
                 remove_index(&self.store);
-                open_index(&self.store, self.busy_timeout)
+                open_index(&self.store, self.busy_timeout, &interrupt)
             }
             other => other,
         }
@@ -578,7 +608,12 @@ fn remove_index(store: &Path) {
 
 /// Opens the index file of `store`, creating it, checking it (`quick_check`, identity) and
 /// attaching the store read-only as `store`. [`Failure::Rebuild`] when the file must go.
-fn open_index(store: &Path, busy_timeout: Duration) -> Result<Connection, Failure> {
+/// `interrupt` gets the connection's interrupt handle for the time the `quick_check` runs.
+fn open_index(
+    store: &Path,
+    busy_timeout: Duration,
+    interrupt: &dyn Fn(Option<rusqlite::InterruptHandle>),
+) -> Result<Connection, Failure> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX
@@ -591,7 +626,10 @@ fn open_index(store: &Path, busy_timeout: Duration) -> Result<Connection, Failur
     }
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
-    let ok: String = conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0))?;
+    interrupt(Some(conn.get_interrupt_handle()));
+    let ok = conn.query_row("PRAGMA quick_check(1)", [], |r| r.get::<_, String>(0));
+    interrupt(None);
+    let ok = ok?;
     if ok != "ok" {
         return Err(Failure::Rebuild);
     }
@@ -700,7 +738,9 @@ mod tests {
                 .unwrap();
             }
         }
-        let conn = open_index(&store, Duration::from_secs(5)).ok().unwrap();
+        let conn = open_index(&store, Duration::from_secs(5), &drop)
+            .ok()
+            .unwrap();
         (dir, conn)
     }
 
@@ -762,7 +802,7 @@ mod tests {
         drop(conn);
         let store = dir.join("store.db");
         assert!(matches!(
-            open_index(&store, Duration::from_secs(5)),
+            open_index(&store, Duration::from_secs(5), &drop),
             Err(Failure::Rebuild)
         ));
         let _ = std::fs::remove_dir_all(dir);
