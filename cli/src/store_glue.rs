@@ -83,8 +83,9 @@ pub fn open_options() -> OpenOptions {
     let mut options = OpenOptions::default();
     // Benchmarks only (BENCHMARKS.md, the search indexes' cost end to end): not a flag,
     // since no user should turn the index off.
-    options.sqlite.bench_without_patient_index =
-        std::env::var_os("MLLP_BENCH_WITHOUT_PATIENT_INDEX").is_some();
+    let without_patient_index = std::env::var_os("MLLP_BENCH_WITHOUT_PATIENT_INDEX").is_some();
+    options.sqlite.bench_without_patient_index = without_patient_index;
     options.postgres = PostgresOptions::default().password(std::env::var("PGPASSWORD").ok());
+    options.postgres.bench_without_patient_index = without_patient_index;
     options
 }

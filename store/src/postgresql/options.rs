@@ -23,6 +23,12 @@ pub struct PostgresOptions {
     /// A password to use when the URL has none (the CLI passes `PGPASSWORD`, so the password
     /// need not appear in the process list). Never shown by `Debug`.
     pub password: Option<String>,
+    /// BENCHMARKS ONLY: a writer drops the patient index `mllp_messages_patient` after its
+    /// session set-up (`search --patient` then scans), to measure what the index costs the
+    /// receive path, as [`SqliteOptions::bench_without_patient_index`](crate::SqliteOptions)
+    /// does for SQLite. Never set it in service.
+    #[doc(hidden)]
+    pub bench_without_patient_index: bool,
 }
 
 impl Default for PostgresOptions {
@@ -33,6 +39,7 @@ impl Default for PostgresOptions {
             duplicate_window: crate::sqlite::DEFAULT_DUPLICATE_WINDOW,
             allow_async_commit: false,
             password: None,
+            bench_without_patient_index: false,
         }
     }
 }

@@ -116,6 +116,12 @@ impl Session<'_> {
             row.try_get(0).map_err(|e| self.pg_error(e))?
         } else {
             self.add_what_is_missing(client).await?;
+            if self.options.bench_without_patient_index {
+                client
+                    .batch_execute("DROP INDEX IF EXISTS mllp_messages_patient")
+                    .await
+                    .map_err(|e| self.pg_error(e))?;
+            }
             true
         };
         // A reader never inserts; without the column (a store no writer of this version has
