@@ -818,6 +818,7 @@ pub(crate) fn open_connection(
         add_search_schema(&conn).map_err(classify)?;
         crate::search_index::ensure_identity(&conn).map_err(classify)?;
         set_wal(&conn, path)?;
+        stable_plans(&conn).map_err(classify)?;
         let (name, expected) = if options.unsafe_synchronous_normal_for_tests {
             ("NORMAL", 1)
         } else {
@@ -834,6 +835,23 @@ pub(crate) fn open_connection(
         }
     }
     Ok(conn)
+}
+
+/// Turns on SQLite's query planner stability guarantee on a writer's connection: plans never
+/// depend on the values bound to a statement.
+///
+/// Without it the planner consults the bound values of [`FIND_ORIGINAL`] (its partial index
+/// and `IS ?` terms), which marks the statement for re-preparation whenever its bindings are
+/// cleared: once per transaction, when the statement goes back to the cache. That
+/// re-preparation cost ~80 000 instructions, 53 % of the writer's work per message at one
+/// message per commit (callgrind, `BENCHMARKS.md`, issue #21); the plan it chooses is the
+/// same (`the_duplicate_lookup_uses_the_control_id_index`).
+fn stable_plans(conn: &Connection) -> rusqlite::Result<()> {
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )
+    .map(drop)
 }
 
 /// Whether the store has the `client_cert` column (see the module docs).
@@ -1000,6 +1018,7 @@ mod tests {
 
     fn plan(schema: &str) -> String {
         let conn = Connection::open_in_memory().unwrap();
+        stable_plans(&conn).unwrap();
         conn.execute_batch(schema).unwrap();
         let plan: Vec<String> = conn
             .prepare(&format!("EXPLAIN QUERY PLAN {FIND_ORIGINAL}"))
@@ -1022,6 +1041,36 @@ mod tests {
         );
         assert!(!plan.contains("SCAN messages"), "{plan}");
         assert!(!plan.contains("TEMP B-TREE"), "a sort per lookup: {plan}");
+    }
+
+    /// The writer's duplicate lookup is prepared once, not once per transaction: without the
+    /// planner stability guarantee ([`stable_plans`]) SQLite re-prepared it at the first
+    /// lookup of every commit (its bound values had informed the plan).
+    #[test]
+    fn the_duplicate_lookup_is_not_re_prepared_per_commit() {
+        let dir = std::env::temp_dir().join(format!("mllp-sqlite-qpsg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut backend = SqliteBackend::open(dir.join("s.db"), &SqliteOptions::default()).unwrap();
+        for n in 0..5u64 {
+            let payload = format!("MSH|^~\\&|APP|FAC|R|F|20260101||ADT^A01|c{n}|P|2.5\r");
+            let origin = crate::record::Origin {
+                received_at: SystemTime::now(),
+                peer: "10.0.0.7:40000".parse().unwrap(),
+                local: "[::1]:2575".parse().unwrap(),
+                connection_id: 1,
+                sequence: n,
+            };
+            let record = Record::new(payload.into_bytes().into(), origin);
+            backend.commit_batch(std::slice::from_ref(&record)).unwrap();
+        }
+        let conn = backend.conn.as_ref().unwrap();
+        let reprepared = conn
+            .prepare_cached(FIND_ORIGINAL)
+            .unwrap()
+            .get_status(rusqlite::StatementStatus::RePrepare);
+        assert_eq!(reprepared, 0, "re-prepared over 5 commits");
+        drop(backend);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A store created before `messages_by_control_id` keeps its partial index, and the

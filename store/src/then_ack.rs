@@ -17,6 +17,17 @@ pub trait AckPolicy: Send + Sync + 'static {
     /// The acknowledgment of `message`, stored as `outcome`, and the code it carries.
     /// Runs on the store's writer thread: it should be quick.
     fn ack(&self, message: &[u8], outcome: &StoreOutcome) -> (AckCode, Bytes);
+
+    /// The acknowledgment of `message` whatever it is stored as, for a policy whose
+    /// [`ack`](Self::ack) does not look at the outcome: [`StoreThenAck`] then builds it on
+    /// the thread that received the message, before the message is stored, and the store's
+    /// writer, the one thread every message passes through, only sends it once the commit
+    /// returned (it is dropped unsent if the commit fails). `None` (the default): `ack` is
+    /// called on the writer after the commit.
+    fn ack_before_commit(&self, message: &[u8]) -> Option<(AckCode, Bytes)> {
+        let _ = message;
+        None
+    }
 }
 
 /// The default [`AckPolicy`]: AA for every stored message (resends included), built by
@@ -28,6 +39,12 @@ pub struct AcceptStored;
 impl AckPolicy for AcceptStored {
     fn ack(&self, message: &[u8], _outcome: &StoreOutcome) -> (AckCode, Bytes) {
         Ack::new(AckCode::AA).build_coded(message)
+    }
+
+    /// Always: the ACK does not depend on the outcome (built off the writer thread, which
+    /// at S3 had spent 6 % of its instructions on it: `BENCHMARKS.md`, issue #21).
+    fn ack_before_commit(&self, message: &[u8]) -> Option<(AckCode, Bytes)> {
+        Some(Ack::new(AckCode::AA).build_coded(message))
     }
 }
 
@@ -67,7 +84,9 @@ type OnAck = Box<dyn Fn(&Acknowledged<'_>) + Send + Sync>;
 ///
 /// The handler never blocks: it hands the message to the store's writer thread and returns
 /// [`Reply::Deferred`]. The writer commits a whole batch in one transaction, then completes
-/// each message: the [`AckPolicy`]'s ACK (AA by default) once committed, or
+/// each message: the [`AckPolicy`]'s ACK (AA by default; built before the commit on the
+/// receiving thread where the policy allows, [`AckPolicy::ack_before_commit`], and only sent
+/// by the writer) once committed, or
 /// [`ReplyHandle::fail`](mllp_reactor::ReplyHandle::fail) when the commit failed (never an AA then). A failure is answered by
 /// the server like any handler failure, so its [`NakPolicy`](mllp_reactor::NakPolicy) and
 /// `expose_handler_errors` apply (by default the sender reads a generic "application error";
@@ -165,9 +184,11 @@ impl<P: AckPolicy> Handler for StoreThenAck<P> {
         let payload = message.clone();
         let replier = Arc::clone(&self.reply);
         let peer = cx.peer_addr();
+        let prebuilt = self.reply.policy.ack_before_commit(message);
         let done: crate::submit::Done = Box::new(move |result| match result {
             Ok(outcome) => {
-                let (code, ack) = replier.policy.ack(&payload, &outcome);
+                let (code, ack) =
+                    prebuilt.unwrap_or_else(|| replier.policy.ack(&payload, &outcome));
                 if let Some(on_ack) = replier.on_ack.get() {
                     on_ack(&Acknowledged {
                         connection_id: reply.connection_id(),
