@@ -10,7 +10,7 @@ use mllp_store::search::{DeliveryStatus, SearchFilter, search_sqlite};
 use mllp_store::{Backend, Origin, Record, SqliteBackend, SqliteOptions};
 use rusqlite::Connection;
 
-use crate::util::{TempDir, origin};
+use crate::util::{TempDir, origin, time_searches};
 
 pub(crate) fn msg(app: &str, fac: &str, kind: &str, control: &str, patient: &str) -> Bytes {
     Bytes::from(format!(
@@ -327,6 +327,20 @@ fn index_cost() {
     }
 }
 
+/// A benchmark's filter for the message with id `i`.
+pub(crate) type BenchFilter = fn(u64) -> SearchFilter;
+
+/// What the search latency benchmarks look for, by the id `i` of a message they wrote:
+/// control id `C{i}`, and patient `P{i % 100 000}` (SQLite's and PostgreSQL's alike).
+pub(crate) const BENCH_FILTERS: [(&str, BenchFilter); 2] = [
+    ("control id", |i| {
+        SearchFilter::default().control_id(format!("C{i}"))
+    }),
+    ("patient", |i| {
+        SearchFilter::default().patient(format!("P{}", i % 100_000))
+    }),
+];
+
 /// BENCHMARKS.md "Search latency": searches by control id and by patient on a store of
 /// `MLLP_SEARCH_BENCH_ROWS` (default 1 000 000) 1 KiB messages, in a temporary directory
 /// deleted at the end. Run:
@@ -454,30 +468,12 @@ fn search_bench_latency() {
         depth("messages_by_control_id"),
     );
     let opts = SqliteOptions::default();
-    for (name, make) in [
-        (
-            "control id",
-            Box::new(|i: u64| SearchFilter::default().control_id(format!("C{i}")))
-                as Box<dyn Fn(u64) -> SearchFilter>,
-        ),
-        (
-            "patient",
-            Box::new(|i: u64| SearchFilter::default().patient(format!("P{}", i % 100_000))),
-        ),
-    ] {
-        let mut times = Vec::new();
-        for k in 0..50u64 {
-            let i = (k * 7_919_993) % rows;
-            let start = Instant::now();
-            let found = search_sqlite(&path, &make(i), &opts).unwrap();
-            times.push(start.elapsed());
-            assert!(!found.is_empty());
-        }
-        times.sort();
+    for (name, filter) in BENCH_FILTERS {
+        let (median, max) = time_searches(rows, 0, |i| {
+            !search_sqlite(&path, &filter(i), &opts).unwrap().is_empty()
+        });
         println!(
-            "search by {name} on {rows} rows (a fresh connection each, newest 100): median {:.2} ms, max {:.2} ms",
-            times[25].as_secs_f64() * 1e3,
-            times[49].as_secs_f64() * 1e3
+            "search by {name} on {rows} rows (a fresh connection each, newest 100): median {median:.2} ms, max {max:.2} ms"
         );
     }
     // The follower held back while `MLLP_SEARCH_BENCH_TAIL` (default 20 000) more messages
@@ -502,25 +498,13 @@ fn search_bench_latency() {
             r.get(0)
         })
         .unwrap();
-    let mut times = Vec::new();
-    for k in 0..50u64 {
-        let i = (k * 7_919_993) % rows;
-        let start = Instant::now();
-        let found = search_sqlite(
-            &path,
-            &SearchFilter::default().patient(format!("P{}", i % 100_000)),
-            &opts,
-        )
-        .unwrap();
-        times.push(start.elapsed());
-        assert!(!found.is_empty());
-    }
-    times.sort();
+    let (_, patient) = BENCH_FILTERS[1];
+    let (median, max) = time_searches(rows, 0, |i| {
+        !search_sqlite(&path, &patient(i), &opts).unwrap().is_empty()
+    });
     println!(
-        "search by patient with {} messages not indexed: median {:.2} ms, max {:.2} ms",
+        "search by patient with {} messages not indexed: median {median:.2} ms, max {max:.2} ms",
         (rows + tail) as i64 - indexed,
-        times[25].as_secs_f64() * 1e3,
-        times[49].as_secs_f64() * 1e3
     );
 }
 

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use mllp_store::fault::{FaultSwitch, FaultyBackend};
@@ -135,4 +135,22 @@ pub(crate) fn commit_with_client_cert_after_an_old_row(
         Some(client.to_string().as_str())
     );
     client
+}
+
+/// The search latency benchmarks' measurement (BENCHMARKS.md, SQLite and PostgreSQL): 50
+/// searches spread over the `rows` ids from `first`, each of which must find something;
+/// returns the median and the slowest, in milliseconds.
+pub(crate) fn time_searches(rows: u64, first: u64, search: impl Fn(u64) -> bool) -> (f64, f64) {
+    let mut times: Vec<Duration> = (0..50u64)
+        .map(|k| {
+            let i = first + (k * 7_919_993) % rows;
+            let start = Instant::now();
+            let found = search(i);
+            let took = start.elapsed();
+            assert!(found, "the search for {i} found nothing");
+            took
+        })
+        .collect();
+    times.sort();
+    (times[25].as_secs_f64() * 1e3, times[49].as_secs_f64() * 1e3)
 }

@@ -7,8 +7,10 @@ use mllp_store::search::{SearchFilter, search_postgres};
 use mllp_store::{Backend, Record, StoreError};
 
 use super::{cluster::PgCluster, connect, options};
-use crate::search::{FORWARD_STATE, audits, every_filter_narrows, msg, records, status_follows};
-use crate::util::origin;
+use crate::search::{
+    BENCH_FILTERS, FORWARD_STATE, audits, every_filter_narrows, msg, records, status_follows,
+};
+use crate::util::{origin, time_searches};
 
 fn ids(url: &str, filter: SearchFilter) -> Vec<i64> {
     search_postgres(url, &filter, &options())
@@ -182,30 +184,14 @@ fn search_bench() {
             "SELECT pg_total_relation_size('mllp_messages') >> 20"
         )
     );
-    for (name, make) in [
-        (
-            "control id",
-            Box::new(|i: u64| SearchFilter::default().control_id(format!("C{i}")))
-                as Box<dyn Fn(u64) -> SearchFilter>,
-        ),
-        (
-            "patient",
-            Box::new(|i: u64| SearchFilter::default().patient(format!("P{}", i % 100_000))),
-        ),
-    ] {
-        let mut times = Vec::new();
-        for k in 0..50u64 {
-            let i = 1 + (k * 7_919_993) % rows;
-            let start = Instant::now();
-            let found = search_postgres(&url, &make(i), &options()).unwrap();
-            times.push(start.elapsed());
-            assert!(!found.is_empty());
-        }
-        times.sort();
+    for (name, filter) in BENCH_FILTERS {
+        let (median, max) = time_searches(rows, 1, |i| {
+            !search_postgres(&url, &filter(i), &options())
+                .unwrap()
+                .is_empty()
+        });
         println!(
-            "search by {name} on {rows} rows (a fresh connection each, newest 100): median {:.2} ms, max {:.2} ms",
-            times[25].as_secs_f64() * 1e3,
-            times[49].as_secs_f64() * 1e3
+            "search by {name} on {rows} rows (a fresh connection each, newest 100): median {median:.2} ms, max {max:.2} ms"
         );
     }
 }
