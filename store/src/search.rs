@@ -456,9 +456,7 @@ mod tests {
 
     /// The query plan of `filter` on a store whose follower indexed one message.
     fn plan(filter: &SearchFilter) -> String {
-        let dir = std::env::temp_dir().join(format!("mllp-search-plan-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = mllp_test_support::TempDir::new("search-plan");
         let path = dir.join("store.db");
         {
             let mut writer = crate::SqliteBackend::open(&path, &SqliteOptions::default()).unwrap();
@@ -495,8 +493,6 @@ mod tests {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        drop(conn);
-        let _ = std::fs::remove_dir_all(&dir);
         plan.join("; ")
     }
 

@@ -713,14 +713,13 @@ pub(crate) fn index_chunk(
 
 #[cfg(test)]
 mod tests {
+    use mllp_test_support::TempDir;
+
     use super::*;
 
     /// A store with messages 1..=n (patient `P{id}`), and its index file opened and attached.
-    fn fixture(name: &str, n: i64) -> (PathBuf, Connection) {
-        let dir =
-            std::env::temp_dir().join(format!("mllp-search-index-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+    fn fixture(name: &str, n: i64) -> (TempDir, Connection) {
+        let dir = TempDir::new(&format!("search-index-{name}"));
         let store = dir.join("store.db");
         {
             let conn = Connection::open(&store).unwrap();
@@ -757,22 +756,20 @@ mod tests {
     /// Chunks move `indexed_through` with their rows, and stop when caught up.
     #[test]
     fn chunks_index_committed_messages_in_order() {
-        let (dir, mut conn) = fixture("chunks", 25);
+        let (_dir, mut conn) = fixture("chunks", 25);
         assert_eq!(index_chunk(&mut conn, 10).unwrap(), (10, 25));
         assert_eq!(state(&conn), (10, 10));
         assert_eq!(index_chunk(&mut conn, 10).unwrap(), (20, 25));
         assert_eq!(index_chunk(&mut conn, 10).unwrap(), (25, 25));
         assert_eq!(index_chunk(&mut conn, 10).unwrap(), (25, 25));
         assert_eq!(state(&conn), (25, 25));
-        drop(conn);
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// Crash consistency: a chunk that fails part-way (here: an insert refused by a trigger)
     /// leaves neither its rows nor a moved `indexed_through`: both are one transaction.
     #[test]
     fn a_failed_chunk_leaves_rows_and_mark_as_they_were() {
-        let (dir, mut conn) = fixture("atomic", 30);
+        let (_dir, mut conn) = fixture("atomic", 30);
         assert_eq!(index_chunk(&mut conn, 10).unwrap(), (10, 30));
         conn.execute_batch(
             "CREATE TEMP TRIGGER boom BEFORE INSERT ON main.patient_index
@@ -788,8 +785,6 @@ mod tests {
         conn.execute_batch("DROP TRIGGER boom").unwrap();
         assert_eq!(index_chunk(&mut conn, 10).unwrap(), (20, 30));
         assert_eq!(state(&conn), (20, 20));
-        drop(conn);
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// An index file of another store (another token) is refused for a rebuild.
@@ -805,6 +800,5 @@ mod tests {
             open_index(&store, Duration::from_secs(5), &drop),
             Err(Failure::Rebuild)
         ));
-        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -1048,8 +1048,7 @@ mod tests {
     /// lookup of every commit (its bound values had informed the plan).
     #[test]
     fn the_duplicate_lookup_is_not_re_prepared_per_commit() {
-        let dir = std::env::temp_dir().join(format!("mllp-sqlite-qpsg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = mllp_test_support::TempDir::new("sqlite-qpsg");
         let mut backend = SqliteBackend::open(dir.join("s.db"), &SqliteOptions::default()).unwrap();
         for n in 0..5u64 {
             let payload = format!("MSH|^~\\&|APP|FAC|R|F|20260101||ADT^A01|c{n}|P|2.5\r");
@@ -1069,8 +1068,6 @@ mod tests {
             .unwrap()
             .get_status(rusqlite::StatementStatus::RePrepare);
         assert_eq!(reprepared, 0, "re-prepared over 5 commits");
-        drop(backend);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A store created before `messages_by_control_id` keeps its partial index, and the
