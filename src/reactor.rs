@@ -273,9 +273,11 @@ impl Loop {
                     }
                 }
             }
-            self.r.sink.notifier().reset();
+            let woken = self.r.sink.notifier().reset();
             self.adopt(now);
-            self.completions(now);
+            if woken {
+                self.completions(now);
+            }
             self.resume_pending(now);
             if self.accept_retry_at.is_some_and(|t| t <= now) {
                 self.accept_retry_at = None;
