@@ -589,6 +589,7 @@ impl Telemetry {
 
     /// A message goes to the handler. `peer` says who it came from; it is called only when
     /// the observer wants this start ([`Observer::message_events`]).
+    #[inline]
     pub(crate) fn message_start(
         &self,
         peer: &dyn Fn() -> Peer,
@@ -599,9 +600,19 @@ impl Telemetry {
     ) {
         tally.received += 1;
         self.metrics.message_size.record(size as f64);
-        if !self.messages.start(seq) {
-            return;
+        if self.messages.start(seq) {
+            self.observe_start(peer, seq, size, system_time);
         }
+    }
+
+    /// [`message_start`](Self::message_start)'s observer call, out of line.
+    fn observe_start(
+        &self,
+        peer: &dyn Fn() -> Peer,
+        seq: u64,
+        size: usize,
+        system_time: SystemTime,
+    ) {
         self.observe(|o| {
             let p = peer();
             o.message_start(&MessageStart {
