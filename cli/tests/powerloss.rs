@@ -20,7 +20,10 @@
 //! WAL carried on stable storage: in the log, every database write before a restart (the WAL
 //! header written again) is followed by a database sync before it; and power cuts right after
 //! each restart's first WAL sync (the new header durable, so no old frame counts any more)
-//! lose no AA'd message. Its negative control runs the checkpointer's connection with
+//! lose no AA'd message. It also checks what the checkpointer's own database sync is for
+//! (moving the write-back off the commit path, not durability): every copy the checkpointer
+//! thread starts (its sync of the WAL before copying) is followed by its sync of the
+//! database file before its next copy. Its negative control runs the checkpointer's connection with
 //! `synchronous=OFF` (a test-only switch; the checkpointer's own database sync after each
 //! copy stays on, and comes too late), and must show both: restarts before the database
 //! sync, and lost AAs.
@@ -139,10 +142,17 @@ fn wal_restarts_only_after_the_database_sync() {
         report.early.is_empty() && report.cut.lost.is_empty() && report.cut.unreadable == 0,
         "the WAL started over before the database file was synced: {report:?}"
     );
+    let copies = &report.copies;
+    assert!(
+        copies.started > 0 && copies.left_unsynced == 0,
+        "the checkpointer thread must sync the database file after each copy it makes \
+         (else the writer's restart writes it all back, on the commit path): {copies:?}"
+    );
     eprintln!(
         "WAL restart test: {} restarts, each after the database sync; {} AA'd messages all \
-         found at {} cut points right after restarts ({} log records)",
-        report.restarts, report.cut.aad, report.cut.cuts, report.cut.records
+         found at {} cut points right after restarts ({} log records); {} checkpointer \
+         copies, each synced by it",
+        report.restarts, report.cut.aad, report.cut.cuts, report.cut.records, copies.started
     );
 }
 
@@ -217,6 +227,7 @@ fn wal_restarts(name: &str, synchronous_off: bool) -> Option<RestartReport> {
     let cut = run.check_cuts(&records, cuts);
     assert_enough(&cut);
     Some(RestartReport {
+        copies: run.checkpointer_copies(&records),
         restarts: restarts.len(),
         early_total: early.len(),
         early: early.into_iter().take(20).collect(),
@@ -249,6 +260,20 @@ struct RestartReport {
     early_total: usize,
     /// The power cuts right after restarts.
     cut: Report,
+    /// The checkpointer thread's copies.
+    copies: Copies,
+}
+
+/// The checkpointer thread's copies and its syncs of the database file after them.
+#[derive(Debug, Default)]
+struct Copies {
+    /// Copies it started (each `PASSIVE` with frames to copy syncs the WAL first).
+    started: usize,
+    /// Copies not followed by its sync of the database file before its next copy (the
+    /// (log index of the copy's start) of the first 20).
+    unsynced: Vec<usize>,
+    /// All such copies.
+    left_unsynced: usize,
 }
 
 /// One WAL restart in the log.
@@ -398,6 +423,39 @@ impl Run {
             }
         }
         restarts
+    }
+
+    /// The checkpointer thread's copies: a `PASSIVE` that has frames to copy syncs the WAL
+    /// before it copies them (its connection is at `synchronous=FULL`), and the checkpointer
+    /// syncs the database file after it; a copy whose database sync has not come before the
+    /// checkpointer's next copy was left for someone else to write back. The last copy of the
+    /// log (the child may have been killed in it) is not counted.
+    fn checkpointer_copies(&self, records: &[Record<'_>]) -> Copies {
+        let mut copies = Copies::default();
+        let (Some(db), Some(wal)) = self.store_files(records) else {
+            return copies;
+        };
+        // Thread names are cut to 15 bytes (prctl PR_GET_NAME).
+        let checkpointer = &b"mllp-store-checkpoint"[..15];
+        let mut copying: Option<usize> = None;
+        for (i, r) in records.iter().enumerate() {
+            if r.kind != b'F' || r.data != checkpointer {
+                continue;
+            }
+            if r.file == wal {
+                if let Some(start) = copying {
+                    copies.left_unsynced += 1;
+                    if copies.unsynced.len() < 20 {
+                        copies.unsynced.push(start);
+                    }
+                }
+                copies.started += 1;
+                copying = Some(i);
+            } else if r.file == db {
+                copying = None;
+            }
+        }
+        copies
     }
 
     /// Cuts the power at each of `cuts` (log indexes) and at the end of the log, and checks

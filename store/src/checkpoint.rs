@@ -354,6 +354,9 @@ const FOLLOW_UPS: usize = 4;
 /// for one restart under S3: `BENCHMARKS.md`, issue #21). The checkpointer therefore syncs the
 /// database file itself after such a `PASSIVE`, off the commit path. Durability does not
 /// depend on this sync (see the module docs): it only moves the write-back off the commit path.
+/// `cli/tests/powerloss.rs` (`wal_restarts_only_after_the_database_sync`) checks in a recorded
+/// run that each copy this thread starts is followed by its sync of the database file (it
+/// fails without this sync: 21–36 of 64–105 copies left unsynced, `BENCHMARKS.md`).
 fn checkpoint(conn: &Connection, shared: &Shared) {
     let started_at = shared.wal_pages.load(Ordering::Relaxed);
     let before = shared.backfilled.load(Ordering::Relaxed);
