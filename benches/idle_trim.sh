@@ -24,7 +24,7 @@ args=()
 for a in "$@"; do args+=("${a//\{store\}/$dir/store.db}"); done
 "${args[@]}" >"$dir/server.log" 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$dir"' EXIT
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
 addr=
 for _ in $(seq 100); do
   addr=$(grep -oE 'listening on [0-9.]+:[0-9]+' "$dir/server.log" | head -1 | cut -d' ' -f3 || true)
