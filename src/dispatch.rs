@@ -120,7 +120,7 @@ impl Dispatcher {
     /// the end of the previous inline call or write): an inline call is timed from it, so
     /// one clock reading per message times it. What the reactor did since that reading
     /// (this message's read and decode, a few microseconds) counts in the call's time; a
-    /// second reading before the call would cost about 90 instructions per message
+    /// second reading before the call would cost about 30 instructions per message
     /// (callgrind, S1) to leave them out.
     pub(crate) fn dispatch(&mut self, m: Message, since: Instant) -> Option<(Outcome, Instant)> {
         match self {

@@ -4,12 +4,12 @@
 //! # Observer
 //!
 //! Every observer method is called **on the reactor thread**, in the order things happened,
-//! exactly once per event: `connection_start` before anything else of that connection,
-//! `message_start` before that message's `message_stop` or `message_exception`, and
-//! `connection_stop` last. An oversize frame gives a `message_exception` with no
-//! `message_start` (the handler never saw it). Observers must be cheap and
-//! must not block: the reactor serves every connection of the server from that thread. Forward
-//! to a channel if you need to do real work.
+//! exactly once per event (of those it asks for: [`Observer::message_events`]):
+//! `connection_start` before anything else of that connection, `message_start` before that
+//! message's `message_stop` or `message_exception`, and `connection_stop` last. An oversize
+//! frame gives a `message_exception` with no `message_start` (the handler never saw it).
+//! Observers must be cheap and must not block: the reactor serves every connection of the
+//! server from that thread. Forward to a channel if you need to do real work.
 //!
 //! # Metrics
 //!
@@ -109,7 +109,7 @@ pub trait Observer: Send + Sync + 'static {
     /// struct FirstMessages;
     /// impl Observer for FirstMessages {
     ///     fn message_start(&self, e: &MessageStart) {
-    ///         assert_eq!(e.sequence, 0);
+    ///         // Sequence 0 only: the others are not even built.
     ///         println!("{} sent its first message", e.peer);
     ///     }
     ///     fn message_events(&self) -> MessageEvents {
