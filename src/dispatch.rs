@@ -143,9 +143,15 @@ impl Dispatcher {
                     cx.identity = None; // not kept past the call
                 }
                 let done = Instant::now();
-                let took = done.saturating_duration_since(since);
-                metrics.handler_duration.record(took.as_secs_f64());
-                if took > *slow {
+                let is_slow = if metrics.timings {
+                    let took = done.saturating_duration_since(since);
+                    metrics.handler_duration.record(took.as_secs_f64());
+                    took > *slow
+                } else {
+                    // No subtraction: a comparison of instants.
+                    since.checked_add(*slow).is_some_and(|limit| done > limit)
+                };
+                if is_slow {
                     metrics.inline_slow.increment(1);
                 }
                 Some((outcome, done))

@@ -768,9 +768,14 @@ impl Loop {
             return false;
         }
         // A fresh clock for latencies: `now` of the turn is older than the write that
-        // finished these messages.
-        let fresh = Instant::now();
-        self.clock = fresh;
+        // finished these messages. Only when a latency is wanted (`timing_histograms`, or
+        // an observer of message stops).
+        let fresh = if self.r.telemetry.times_stops() {
+            self.clock = Instant::now();
+            self.clock
+        } else {
+            self.clock
+        };
         // Who the events are about, built only for an observer (metrics do not need it).
         let (conns, locals) = (&self.conns, &self.locals);
         let peer = || peer_of(locals, &conns[key]);
