@@ -640,16 +640,12 @@ impl Loop {
                 &mut self.tally,
             );
             let entry = &self.conns[key];
+            let seq = d.seq;
             let message = Message {
-                connection: entry.link.id,
-                peer: entry.link.peer(),
+                link: &entry.link,
                 local: self.locals[usize::from(entry.local)],
-                identity: entry.link.identity(),
-                seq: d.seq,
-                payload: d.payload,
-                received_at: d.received_at,
+                d,
                 received_time: system_time,
-                deadline: d.deadline,
             };
             // Inline, the outcome is here now; from the pool it comes as a completion.
             if let Some((outcome, done)) = self.dispatcher.dispatch(message, self.clock) {
@@ -657,7 +653,7 @@ impl Loop {
                 self.conns[key]
                     .link
                     .conn
-                    .handle_completion(d.seq, outcome, now, &mut self.events);
+                    .handle_completion(seq, outcome, now, &mut self.events);
             }
         }
     }
