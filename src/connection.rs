@@ -515,6 +515,12 @@ impl Connection {
         if !matches!(self.state, State::Open) || !self.started || !self.can_dispatch() {
             return None;
         }
+        if self.busy.get().is_none() && !self.peer_eof {
+            // Idle: nothing to decode, no frame deadline, no buffer to give back, nothing to
+            // close (a visit starts here before it reads: about 40 instructions per message
+            // at S1, callgrind).
+            return None;
+        }
         let capacity = self.busy.capacity();
         // An idle connection has nothing to decode (and no buffer or decoder to do it with).
         let result = self.busy.get_mut().map_or(Ok(None), |parts| {
@@ -657,7 +663,24 @@ impl Connection {
         };
         out.push(Event::Handled(handled));
         self.slots[index].state = state;
-        self.settle(now, out);
+        if self.front_held() {
+            // `settle` would stop at the front at once and only arm the stall deadline: the
+            // usual case, a reply to write (about 70 instructions per message at S1,
+            // callgrind).
+            self.arm_stall(now);
+        } else {
+            self.settle(now, out);
+        }
+    }
+
+    /// Whether the front slot waits for its handler or holds a reply not yet fully written:
+    /// where `settle` stops.
+    fn front_held(&self) -> bool {
+        match self.slots.front().map(|slot| &slot.state) {
+            Some(SlotState::Waiting { .. }) => true,
+            Some(SlotState::Ready { frame, .. }) => frame.as_ref().is_some_and(|f| !f.is_done()),
+            None => false,
+        }
     }
 
     /// Fills `slices` with the bytes to write next: the ready replies at the front, in order
@@ -1016,6 +1039,12 @@ impl Connection {
                 return;
             }
         }
+        self.arm_stall(now);
+    }
+
+    /// Arms the stall deadline while replies wait to be written (the peer must take some of
+    /// them by then), and disarms it once none waits.
+    fn arm_stall(&mut self, now: Instant) {
         if !self.wants_write() {
             self.slots.set_stall(None);
         } else if self.slots.stall().is_none() {
