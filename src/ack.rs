@@ -34,6 +34,11 @@
 //! (it accepts and refuses exactly what [`Msh::parse`] does). Only text the caller passes
 //! (MSA-3, ERR-3, a given control id) is not cut.
 //!
+//! [`Ack::build`] and [`Ack::build_coded`] keep, per thread, the last few senders' MSHs and
+//! the parts of their ACKs' MSH written from them: a message whose MSH differs from one of
+//! them only in MSH-7 and MSH-10 (the next message from the same sender, usually) skips the
+//! pass and most of the writing, and gets the same bytes.
+//!
 //! | ACK field | copied from | at most (bytes) | HL7 length |
 //! |---|---|---|---|
 //! | MSH-3..6 | MSH-5, 6, 3, 4 | [`MAX_PARTY_LEN`] = 227 | HD, v2.5.1 |
