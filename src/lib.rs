@@ -87,7 +87,8 @@
 //! - **Bounded memory.** Per connection: a frame being received (at most `max_message_size`
 //!   plus one 64 KiB read), `read_ahead` undecoded bytes when no more messages can be handed
 //!   over, and at most `max_in_flight` messages with their replies; no buffer at all while
-//!   idle. Server-wide: every buffered byte counts against `max_memory`; above it the server
+//!   idle (a connection in use keeps its small read buffer between messages until the
+//!   reactor's next sweep, at most 10 ms, and counts it). Server-wide: every buffered byte counts against `max_memory`; above it the server
 //!   stops reading and TCP pushes back on senders, except that a connection may finish the
 //!   frame it is in (one connection per reactor at a time, one with bytes waiting) and a
 //!   connection with no message in flight may receive one frame; none reads further until

@@ -86,6 +86,21 @@ pub(crate) struct Link {
     /// Its TLS handshake's slot under the reactor's `max_handshakes` cap (kept here, where
     /// the struct has room, for the reactor).
     pub(crate) handshake: HandshakeSlot,
+    /// For the reactor (kept here, where the struct has room): whether the connection is on
+    /// its list of connections that keep pooled buffers between messages, or when it last
+    /// gave them back (see `Loop::hold`).
+    pub(crate) rested: Rested,
+}
+
+/// Where a link stands with the reactor's pooled-buffer sweep (see `Loop::hold`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Rested {
+    /// It has not given buffers back yet.
+    Never,
+    /// It gave them back in this sweep period (the reactor's count of periods, wrapping).
+    At(u8),
+    /// On the reactor's list: it keeps them until a sweep finds it idle.
+    Listed,
 }
 
 /// A peer's address in 24 bytes instead of `SocketAddr`'s 32 (an idle connection's cost
@@ -171,6 +186,7 @@ impl Link {
             announced: false,
             read_closed: false,
             handshake: HandshakeSlot::None,
+            rested: Rested::Never,
         }
     }
 

@@ -30,7 +30,7 @@ use crate::control::{Command, ShutdownReport};
 use crate::dispatch::{Dispatcher, Message};
 use crate::handler::{Dispatch, Handler};
 use crate::heartbeat::HEARTBEAT_INTERVAL;
-use crate::link::{self, Link};
+use crate::link::{self, Link, Rested};
 use crate::outcome::ConnectionId;
 use crate::pool::Pool;
 use crate::reason::{CloseReason, RejectReason};
@@ -83,6 +83,12 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// comparison instead of a clock subtraction and a store (callgrind, S1: about 70
 /// instructions per message).
 const BEAT_EVERY: Duration = Duration::from_millis(10);
+
+/// Connections per reactor that may keep their pooled buffers between messages (see
+/// `Loop::hold`); beyond them a connection gives its buffers back as soon as it is idle. The
+/// pool's own bound: the buffers that listed connections keep are at most as many as the
+/// pool keeps.
+const HOLDING: usize = 32;
 
 /// Everything a reactor needs, built by the server builder.
 pub(crate) struct Reactor {
@@ -180,8 +186,17 @@ struct Loop {
     /// turns: most turns change nothing in the wheel (a read pushes the idle deadline back
     /// without a new entry), and asking walks its bitmaps. `None` inside: ask again.
     next_timer: Option<Option<Instant>>,
-    /// When the heartbeat is stamped next (see [`BEAT_EVERY`]).
+    /// When the heartbeat is stamped next (see [`BEAT_EVERY`]); the sweep runs then too.
     beat_due: Instant,
+    /// Connections that keep the thread's pooled buffers (read buffer, decoder, slot queue)
+    /// between messages (`Link::rested`), at most [`HOLDING`]: each sweep gives back those
+    /// of every one it finds idle (see `sweep`).
+    holding: Vec<ConnectionId>,
+    /// The next sweep has something to do (a connection is listed, or the pools kept more
+    /// than they keep when idle): an idle reactor wakes for it.
+    sweep_due: bool,
+    /// Sweep periods so far (wrapping): when a connection last gave its buffers back.
+    period: u8,
 }
 
 impl Reactor {
@@ -222,6 +237,9 @@ impl Reactor {
             holder: None,
             next_timer: None,
             beat_due: now,
+            holding: Vec::new(),
+            sweep_due: false,
+            period: 0,
             tally: Tally::default(),
         };
         let result = lp.run();
@@ -253,6 +271,10 @@ impl Loop {
             if now >= self.beat_due {
                 self.r.shared.heartbeat.beat(usize::from(self.r.index), now);
                 self.beat_due = now + BEAT_EVERY;
+                self.period = self.period.wrapping_add(1);
+                if self.sweep_due {
+                    self.sweep();
+                }
             }
             for event in events.iter() {
                 match event.token() {
@@ -273,9 +295,11 @@ impl Loop {
                     }
                 }
             }
-            self.r.sink.notifier().reset();
+            let woken = self.r.sink.notifier().reset();
             self.adopt(now);
-            self.completions(now);
+            if woken {
+                self.completions(now);
+            }
             self.resume_pending(now);
             if self.accept_retry_at.is_some_and(|t| t <= now) {
                 self.accept_retry_at = None;
@@ -318,10 +342,16 @@ impl Loop {
         // An idle reactor still wakes to stamp its heartbeat. A deadline beyond that (an idle
         // timeout, the usual case) needs no subtraction.
         let wake = now + HEARTBEAT_INTERVAL;
-        Some(
-            next.filter(|&t| t < wake)
-                .map_or(HEARTBEAT_INTERVAL, |t| t.saturating_duration_since(now)),
-        )
+        let timeout = next
+            .filter(|&t| t < wake)
+            .map_or(HEARTBEAT_INTERVAL, |t| t.saturating_duration_since(now));
+        // A due sweep runs at the first turn after `beat_due`: waking a sweep period after
+        // this turn is soon enough, and needs no clock subtraction.
+        Some(if self.sweep_due {
+            timeout.min(BEAT_EVERY)
+        } else {
+            timeout
+        })
     }
 
     fn accept(&mut self, now: Instant) {
@@ -598,7 +628,54 @@ impl Loop {
         if self.conns[key].link.release_idle_buffers() {
             self.count(key);
         }
+        self.hold(key);
         self.schedule(key);
+    }
+
+    /// Lets connection `key` keep the pooled buffers it holds (read buffer, decoder, slot
+    /// queue) if it is in use: it gave them back earlier in this sweep period, so it is
+    /// likely to take them again soon (at one message in flight, every message would
+    /// otherwise give them back and take them again: callgrind, S1). It is then listed
+    /// (at most [`HOLDING`]) for the sweep. Otherwise, idle, it gives them back now, as a
+    /// connection that sends one message and rests (a thousand such in a burst take no more
+    /// buffers than one). Listed, it costs one comparison per visit.
+    fn hold(&mut self, key: usize) {
+        let link = &mut self.conns[key].link;
+        if link.rested == Rested::Listed || !link.conn.holds_buffers() {
+            return;
+        }
+        if link.rested == Rested::At(self.period) && self.holding.len() < HOLDING {
+            link.rested = Rested::Listed;
+            self.holding.push(link.id);
+            self.sweep_due = true;
+        } else if !link.conn.release_idle() {
+            link.rested = Rested::At(self.period);
+            self.count(key);
+        }
+        // Else in use: decided again at its next visit.
+    }
+
+    /// The periodic sweep (every [`BEAT_EVERY`] while it has work, from the turn that stamps
+    /// the heartbeat): every listed connection found idle gives its pooled buffers back and
+    /// leaves the list, and the pools return what nobody took since the last sweep. Its work
+    /// is the listed connections (at most [`HOLDING`]), not all of them; a connection in use
+    /// gives its buffers back at most once per sweep period (at one message in flight, once
+    /// in some hundreds of messages instead of every message).
+    fn sweep(&mut self) {
+        let mut holding = std::mem::take(&mut self.holding);
+        holding.retain(|&id| {
+            let Some(key) = self.key_of(id) else {
+                return false; // closed
+            };
+            if self.conns[key].link.conn.release_idle() {
+                return true;
+            }
+            self.conns[key].link.rested = Rested::At(self.period);
+            self.count(key);
+            false
+        });
+        self.holding = holding;
+        self.sweep_due = crate::connection::trim_pools() || !self.holding.is_empty();
     }
 
     /// Hands every message the connection can dispatch now to the handler: inline, or into
@@ -622,11 +699,12 @@ impl Loop {
             let (conns, locals) = (&self.conns, &self.locals);
             let peer = || peer_of(locals, &conns[key]);
             if !self.events.is_empty() {
-                for event in self.events.drain(..) {
+                for event in &self.events {
                     self.r
                         .telemetry
                         .report(&peer, event, self.clock, &mut self.tally);
                 }
+                self.events.clear();
             }
             let system_time = *self.wall.get_or_insert_with(SystemTime::now);
             self.r.telemetry.message_start(
@@ -771,11 +849,12 @@ impl Loop {
         // Who the events are about, built only for an observer (metrics do not need it).
         let (conns, locals) = (&self.conns, &self.locals);
         let peer = || peer_of(locals, &conns[key]);
-        for event in self.events.drain(..) {
+        for event in &self.events {
             self.r
                 .telemetry
                 .report(&peer, event, fresh, &mut self.tally);
         }
+        self.events.clear();
         let Some(closed) = self.conns[key].link.closed() else {
             return false;
         };

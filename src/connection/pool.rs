@@ -3,13 +3,14 @@
 //!
 //! The box that holds a connection's read buffer and frame decoder is pooled too (see
 //! `busy`). An idle connection owns none of them, so that a thousand idle connections cost a thousand
-//! small structs. Without a pool, a connection answering one message at a time would then
-//! allocate both again for every message (four of the five heap allocations per message at
-//! S1, callgrind). Connections live on their reactor's thread, so a thread-local pool is a
-//! per-reactor pool with no lock. Each pool is bounded in count and in the size of what it
-//! keeps, so what it holds does not grow with the number of connections: at most 32 read
-//! buffers of 64 KiB, 4 large read buffers of 16 MiB together (for senders of large frames),
-//! and 64 slot queues, per reactor thread.
+//! small structs. A connection in use keeps what it took between messages and gives it back
+//! once idle (see `Connection::release_idle`); a connection that wakes takes them from the
+//! pool instead of allocating them. Connections live on their reactor's thread, so a
+//! thread-local pool is a per-reactor pool with no lock. Each pool is bounded in count and in
+//! the size of what it keeps, so what it holds does not grow with the number of connections:
+//! at most 32 read buffers of 64 KiB, 4 large read buffers of 16 MiB together (for senders of
+//! large frames), and 64 slot queues, per reactor thread; and what nobody took for a sweep
+//! period goes back to the allocator ([`trim`]), down to one of each.
 
 use std::cell::RefCell;
 
@@ -38,37 +39,92 @@ const QUEUE_CAPACITY: usize = 64;
 const PARTS: usize = 64;
 
 thread_local! {
-    static BUFFER_POOL: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    static BUFFER_POOL: RefCell<Kept<BytesMut>> = const { RefCell::new(Kept::new()) };
     static LARGE_POOL: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
     // Boxed on purpose: a connection holds its queue as a `Box` (8 bytes while idle), and
     // handing the box back and forth is what saves the allocation.
-    #[allow(clippy::vec_box)]
-    static QUEUE_POOL: RefCell<Vec<Box<SlotQueue>>> = const { RefCell::new(Vec::new()) };
-    #[allow(clippy::vec_box)]
-    static PARTS_POOL: RefCell<Vec<Box<Parts>>> = const { RefCell::new(Vec::new()) };
+    static QUEUE_POOL: RefCell<Kept<Box<SlotQueue>>> = const { RefCell::new(Kept::new()) };
+    static PARTS_POOL: RefCell<Kept<Box<Parts>>> = const { RefCell::new(Kept::new()) };
+}
+
+/// One pool: what it keeps, and the fewest it kept since the last [`trim`] (what nobody took
+/// for a whole sweep period is surplus).
+struct Kept<T> {
+    items: Vec<T>,
+    low: usize,
+}
+
+impl<T> Kept<T> {
+    const fn new() -> Self {
+        Self {
+            items: Vec::new(),
+            low: 0,
+        }
+    }
+
+    fn take(&mut self) -> Option<T> {
+        let item = self.items.pop();
+        self.low = self.low.min(self.items.len());
+        item
+    }
+
+    /// Keeps `item` if the pool holds fewer than `max`.
+    fn put(&mut self, item: T, max: usize) {
+        if self.items.len() < max {
+            self.items.push(item);
+        }
+    }
+
+    /// Drops what sat unused since the last trim, down to [`KEPT_IDLE`]; returns whether the
+    /// pool still holds more than that.
+    fn trim(&mut self) -> bool {
+        let surplus = self.low.min(self.items.len().saturating_sub(KEPT_IDLE));
+        self.items.truncate(self.items.len() - surplus);
+        self.low = self.items.len();
+        self.items.len() > KEPT_IDLE
+    }
+}
+
+/// What each pool keeps once nothing has been taken from it for a sweep period: one of each,
+/// for the next connection to wake.
+const KEPT_IDLE: usize = 1;
+
+/// Returns to the allocator what the pools kept and nobody took since the last call (the
+/// reactor calls it from its periodic sweep, see `Loop::sweep`): after a burst the pools
+/// shrink back to [`KEPT_IDLE`] each within two sweeps, so they hold what the load needs,
+/// not what its peak left behind. Returns whether another call may free more.
+pub(crate) fn trim() -> bool {
+    let small = BUFFER_POOL
+        .try_with(|p| p.borrow_mut().trim())
+        .unwrap_or(false);
+    let queues = QUEUE_POOL
+        .try_with(|p| p.borrow_mut().trim())
+        .unwrap_or(false);
+    let parts = PARTS_POOL
+        .try_with(|p| p.borrow_mut().trim())
+        .unwrap_or(false);
+    small || queues || parts
 }
 
 /// A kept box for a connection's read buffer and decoder, if the thread has one (its buffer
 /// is empty and without capacity: the caller takes one with [`take_buffer`]).
 pub(super) fn take_parts() -> Option<Box<Parts>> {
-    PARTS_POOL.try_with(|p| p.borrow_mut().pop()).ok().flatten()
+    PARTS_POOL
+        .try_with(|p| p.borrow_mut().take())
+        .ok()
+        .flatten()
 }
 
 /// Keeps a box whose buffer was given back (see [`take_parts`]).
 pub(super) fn put_parts(parts: Box<Parts>) {
     debug_assert_eq!(parts.buf.capacity(), 0);
-    let _ = PARTS_POOL.try_with(|p| {
-        let mut p = p.borrow_mut();
-        if p.len() < PARTS {
-            p.push(parts);
-        }
-    });
+    let _ = PARTS_POOL.try_with(|p| p.borrow_mut().put(parts, PARTS));
 }
 
 /// An empty read buffer: a pooled one if there is one, else a new one.
 pub(super) fn take_buffer() -> BytesMut {
     BUFFER_POOL
-        .try_with(|p| p.borrow_mut().pop())
+        .try_with(|p| p.borrow_mut().take())
         .ok()
         .flatten()
         .unwrap_or_else(|| BytesMut::with_capacity(BUFFER_START))
@@ -109,12 +165,7 @@ pub(super) fn put_buffer(mut buf: BytesMut, large: usize) {
     if buf.capacity() > BUFFER_CAPACITY {
         return;
     }
-    let _ = BUFFER_POOL.try_with(|p| {
-        let mut p = p.borrow_mut();
-        if p.len() < BUFFERS {
-            p.push(buf);
-        }
-    });
+    let _ = BUFFER_POOL.try_with(|p| p.borrow_mut().put(buf, BUFFERS));
 }
 
 /// Keeps an empty large buffer within the pool's bounds.
@@ -134,7 +185,7 @@ fn put_large(buf: BytesMut) {
 /// An empty slot queue, pooled if there is one.
 pub(super) fn take_queue() -> Box<SlotQueue> {
     QUEUE_POOL
-        .try_with(|p| p.borrow_mut().pop())
+        .try_with(|p| p.borrow_mut().take())
         .ok()
         .flatten()
         .unwrap_or_default()
@@ -146,34 +197,70 @@ pub(super) fn put_queue(mut queue: Box<SlotQueue>) {
         return;
     }
     queue.reset();
-    let _ = QUEUE_POOL.try_with(|p| {
-        let mut p = p.borrow_mut();
-        if p.len() < QUEUES {
-            p.push(queue);
-        }
-    });
+    let _ = QUEUE_POOL.try_with(|p| p.borrow_mut().put(queue, QUEUES));
 }
 
 /// Empties this thread's pools.
 #[cfg(test)]
 pub(super) fn drain() {
-    BUFFER_POOL.with(|p| p.borrow_mut().clear());
+    BUFFER_POOL.with(|p| *p.borrow_mut() = Kept::new());
     LARGE_POOL.with(|p| p.borrow_mut().clear());
-    QUEUE_POOL.with(|p| p.borrow_mut().clear());
-    PARTS_POOL.with(|p| p.borrow_mut().clear());
+    QUEUE_POOL.with(|p| *p.borrow_mut() = Kept::new());
+    PARTS_POOL.with(|p| *p.borrow_mut() = Kept::new());
 }
 
 /// How many boxes of a read buffer and decoder this thread's pool holds.
 #[cfg(test)]
 pub(super) fn pooled_parts() -> usize {
-    PARTS_POOL.with(|p| p.borrow().len())
+    PARTS_POOL.with(|p| p.borrow().items.len())
 }
 
 /// How many read buffers and slot queues this thread's pools hold.
 #[cfg(test)]
 pub(super) fn pooled() -> (usize, usize) {
     (
-        BUFFER_POOL.with(|p| p.borrow().len()),
-        QUEUE_POOL.with(|p| p.borrow().len()),
+        BUFFER_POOL.with(|p| p.borrow().items.len()),
+        QUEUE_POOL.with(|p| p.borrow().items.len()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_gives_back_what_nobody_took_for_a_sweep_period_down_to_one() {
+        let mut pool = Kept::new();
+        for i in 0..5 {
+            pool.put(i, 4);
+        }
+        assert_eq!(pool.items.len(), 4, "bounded");
+        assert!(
+            pool.trim(),
+            "the first trim sees what came since the pool was made"
+        );
+        assert_eq!(pool.items.len(), 4);
+        // Two taken and put back: the two at the bottom sat unused for the period.
+        let (a, b) = (pool.take().unwrap(), pool.take().unwrap());
+        pool.put(a, 4);
+        pool.put(b, 4);
+        assert!(pool.trim());
+        assert_eq!(pool.items.len(), 2, "what sat unused is dropped");
+        assert!(!pool.trim(), "nothing taken: down to one");
+        assert_eq!(pool.items.len(), KEPT_IDLE);
+        assert!(!pool.trim());
+        assert_eq!(
+            pool.items.len(),
+            KEPT_IDLE,
+            "one is kept for the next connection"
+        );
+        // A burst put back after the trim is kept for one period, then dropped.
+        for i in 0..3 {
+            pool.put(i, 4);
+        }
+        assert!(pool.trim());
+        assert_eq!(pool.items.len(), 3);
+        assert!(!pool.trim());
+        assert_eq!(pool.items.len(), KEPT_IDLE);
+    }
 }

@@ -45,6 +45,11 @@ impl Slots {
         self.len() == 0
     }
 
+    /// Whether the connection holds a queue (even an empty one, kept for the next message).
+    pub(super) fn is_held(&self) -> bool {
+        self.0.is_some()
+    }
+
     pub(super) fn len(&self) -> usize {
         self.0.as_ref().map_or(0, |q| q.q.len())
     }
@@ -68,7 +73,8 @@ impl Slots {
         self.0.as_mut()?.q.pop_front()
     }
 
-    /// Drops every slot and gives the queue back to the thread's pool.
+    /// Drops every slot and gives the queue back to the thread's pool (an empty queue stays
+    /// with its connection until then: see `Connection::release_idle`).
     pub(super) fn clear(&mut self) {
         if let Some(queue) = self.0.take() {
             super::pool::put_queue(queue);

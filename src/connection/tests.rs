@@ -157,24 +157,61 @@ fn message_is_dispatched_replied_and_connection_returns_to_idle() {
         }
     ));
     assert!(h.conn.is_idle());
+    assert!(h.conn.holds_buffers(), "kept for the next message");
+    assert!(!h.conn.release_idle(), "idle: all given back");
     assert_eq!(h.conn.buffered(), 0, "an idle connection holds no buffer");
     assert_eq!(h.conn.poll_timeout(), Some(h.at(1.5) + IDLE));
 }
 
 #[test]
-fn a_connection_answering_one_message_at_a_time_reuses_its_thread_s_buffers() {
+fn a_connection_answering_one_message_at_a_time_keeps_its_buffers_until_released_idle() {
     super::pool::drain();
     let mut h = Harness::new(NakPolicy::Send);
-    for seq in 0..3 {
-        h.read(&framed(&format!("M{seq}")), 1.0);
-        assert_eq!(h.dispatched(), vec![seq]);
-        assert_eq!(super::pool::pooled(), (0, 0), "both taken from the pool");
-        h.complete(seq, reply("ACK"), 1.0);
-        assert_eq!(h.flush(1.0), b"\x0bACK\x1c\x0d");
-        assert!(h.conn.is_idle());
+    for round in 0..2 {
+        for seq in round * 3..round * 3 + 3 {
+            h.read(&framed(&format!("M{seq}")), 1.0);
+            assert_eq!(h.dispatched(), vec![seq]);
+            h.complete(seq, reply("ACK"), 1.0);
+            assert_eq!(h.flush(1.0), b"\x0bACK\x1c\x0d");
+            assert!(h.conn.is_idle());
+            assert!(h.conn.holds_buffers(), "kept between messages");
+            assert_eq!(
+                super::pool::pooled(),
+                (0, 0),
+                "no round trip through the pool per message"
+            );
+        }
+        // The reactor's sweep, finding it idle.
+        assert!(!h.conn.release_idle());
         assert_eq!(h.conn.buffered(), 0, "an idle connection holds no buffer");
         assert_eq!(super::pool::pooled(), (1, 1), "both back in the pool");
     }
+}
+
+#[test]
+fn a_connection_in_use_keeps_its_buffers_through_the_sweep() {
+    super::pool::drain();
+    let mut h = Harness::new(NakPolicy::Send);
+    h.read(&framed("M0"), 1.0);
+    assert_eq!(h.dispatched(), vec![0]);
+    assert!(
+        h.conn.release_idle(),
+        "a message in flight: nothing given back"
+    );
+    assert_eq!(super::pool::pooled(), (0, 0));
+    h.complete(0, reply("ACK"), 1.0);
+    assert_eq!(h.flush(1.0), b"\x0bACK\x1c\x0d");
+    // Half a frame: the buffer holds it.
+    let wire = framed("M1");
+    h.read(&wire[..10], 2.0);
+    assert!(h.conn.release_idle(), "a partial frame: the buffer stays");
+    assert_eq!(super::pool::pooled().0, 0);
+    h.read(&wire[10..], 2.0);
+    assert_eq!(
+        h.dispatched(),
+        vec![1],
+        "the partial frame survived the sweep"
+    );
 }
 
 #[test]
@@ -207,6 +244,7 @@ fn an_idle_connection_gives_its_decoder_back_but_keeps_it_while_a_frame_is_under
     h.complete(0, reply("ACK"), 1.0);
     assert_eq!(h.flush(1.0), b"\x0bACK\x1c\x0d");
     assert!(h.conn.is_idle());
+    assert!(!h.conn.release_idle(), "the reactor's sweep");
     assert_eq!(
         super::pool::pooled_parts(),
         1,
@@ -661,4 +699,34 @@ fn handler_naks_count_by_the_code_the_reply_carries_or_else_by_its_msa1() {
         assert_eq!(answers(&h.flush(0.0)).len(), 1);
     }
     assert_eq!(naks, [AckCode::AE, AckCode::AE]);
+}
+
+/// A reply that is not written arms the stall deadline when it completes (where `settle`
+/// would stop at once, `handle_completion` only arms it); a reply behind a message still with
+/// its handler arms nothing, and a no-reply at the front still settles at once: the reply
+/// behind it goes out, in order.
+#[test]
+fn completions_arm_the_stall_deadline_only_for_a_reply_at_the_front() {
+    let write = WRITE.as_secs_f64();
+    let mut h = Harness::new(NakPolicy::Send);
+    h.read(&framed("S1"), 0.0);
+    h.take();
+    h.complete(0, reply("A"), 0.0);
+    h.timeout(write - 1.0);
+    assert!(!h.conn.is_closed());
+    h.timeout(write + 1.0);
+    assert_eq!(h.conn.close_reason(), Some(CloseReason::WriteStalled));
+
+    let mut h = Harness::pipelined(4);
+    h.read(&[framed("A"), framed("B"), framed("C")].concat(), 0.0);
+    assert_eq!(h.defer_all(0.0), [0, 1, 2]);
+    h.complete(1, ack_for("B"), 0.0);
+    assert!(h.offered().is_empty(), "B waits behind A");
+    h.timeout(write + 1.0);
+    assert!(!h.conn.is_closed(), "nothing could be written: no stall");
+    h.complete(0, Outcome::Reply(Reply::NoReply), write + 2.0);
+    assert_eq!(answers(&h.flush(write + 2.0)), [("AA".into(), "B".into())]);
+    h.complete(2, ack_for("C"), write + 3.0);
+    assert_eq!(answers(&h.flush(write + 3.0)), [("AA".into(), "C".into())]);
+    assert!(h.conn.is_idle());
 }
