@@ -787,7 +787,7 @@ impl Connection {
                 break;
             }
         }
-        self.slots.set_stall(None);
+        self.slots.set_stall_since(None);
         self.settle(now, out);
     }
 
@@ -817,7 +817,7 @@ impl Connection {
             }
             State::Open => {}
         }
-        if self.slots.stall().is_some_and(|d| d <= now) {
+        if self.stall_deadline().is_some_and(|d| d <= now) {
             self.close(CloseReason::WriteStalled, out);
             return;
         }
@@ -878,7 +878,7 @@ impl Connection {
                 if let Some(frame) = self.frame_deadline {
                     at = at.min(frame);
                 }
-                if let Some(stall) = self.slots.stall() {
+                if let Some(stall) = self.stall_deadline() {
                     at = at.min(stall);
                 }
                 Some(at)
@@ -889,7 +889,7 @@ impl Connection {
                     SlotState::Ready { .. } => None,
                 });
                 let idle = self.slots.is_empty().then_some(self.idle_deadline);
-                [waiting, idle, self.frame_deadline, self.slots.stall()]
+                [waiting, idle, self.frame_deadline, self.stall_deadline()]
                     .into_iter()
                     .flatten()
                     .min()
@@ -1125,11 +1125,16 @@ impl Connection {
     /// them by then), and disarms it once none waits.
     fn arm_stall(&mut self, now: Instant) {
         if !self.wants_write() {
-            self.slots.set_stall(None);
-        } else if self.slots.stall().is_none() {
-            let stall = deadline_after(now, self.limits.write_timeout);
-            self.slots.set_stall(Some(stall));
+            self.slots.set_stall_since(None);
+        } else if self.slots.stall_since().is_none() {
+            self.slots.set_stall_since(Some(now));
         }
+    }
+
+    /// When the replies waiting to be written must have been taken (some of them) by.
+    fn stall_deadline(&self) -> Option<Instant> {
+        let since = self.slots.stall_since()?;
+        Some(deadline_after(since, self.limits.write_timeout))
     }
 
     /// Called when decoding found no complete frame: after EOF, closes once everything the
