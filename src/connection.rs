@@ -635,7 +635,9 @@ impl Connection {
         let payload = std::mem::take(&mut slot.payload);
         slot.held = 0;
         let received_at = slot.received_at;
-        let (state, handled) = match outcome {
+        // Each arm sets the slot's state: a reply through the slot found above (no second
+        // look-up), a NAK (built with `&self`) by its index.
+        let handled = match outcome {
             Outcome::Reply(reply) => {
                 // A NAK the handler built counts like one the server builds: by the code the
                 // reply carries, or else by the MSA-1 read back from its bytes.
@@ -662,7 +664,8 @@ impl Connection {
                 } else {
                     Handled::NoReply
                 };
-                (ready(frame, true, then), handled)
+                slot.state = ready(frame, true, then);
+                handled
             }
             Outcome::Failed { reason, detail } => {
                 let handled = if reason == ExceptionReason::Panic {
@@ -684,16 +687,17 @@ impl Connection {
                     received_at: Some(received_at),
                     control_id: control_id_of(&payload),
                 });
-                (ready(nak, false, Then::Continue), handled)
+                self.slots[index].state = ready(nak, false, Then::Continue);
+                handled
             }
-            Outcome::Expired => (
-                self.timed_out(seq, &payload, received_at, now, out),
-                Handled::Timeout,
-            ),
+            Outcome::Expired => {
+                let state = self.timed_out(seq, &payload, received_at, now, out);
+                self.slots[index].state = state;
+                Handled::Timeout
+            }
             Outcome::Deferred => unreachable!("returned above"),
         };
         out.push(Event::Handled(handled));
-        self.slots[index].state = state;
         if self.front_held() {
             // `settle` would stop at the front at once and only arm the stall deadline: the
             // usual case, a reply to write (about 70 instructions per message at S1,
@@ -878,23 +882,30 @@ impl Connection {
                 if let Some(frame) = self.frame_deadline {
                     at = at.min(frame);
                 }
-                if let Some(stall) = self.stall_deadline() {
-                    at = at.min(stall);
-                }
+                // No stall: with no slot, no reply waits to be written (`settle` disarms it
+                // as the queue empties; summing it here made this a call that saves
+                // registers on every visit, callgrind).
+                debug_assert!(self.slots.stall_since().is_none());
                 Some(at)
             }
-            State::Open => {
-                let waiting = self.slots.iter().find_map(|s| match s.state {
-                    SlotState::Waiting { deadline } => Some(deadline),
-                    SlotState::Ready { .. } => None,
-                });
-                let idle = self.slots.is_empty().then_some(self.idle_deadline);
-                [waiting, idle, self.frame_deadline, self.stall_deadline()]
-                    .into_iter()
-                    .flatten()
-                    .min()
-            }
+            State::Open => self.in_flight_timeout(),
         }
+    }
+
+    /// [`poll_timeout`](Self::poll_timeout) while messages are in flight: the general search.
+    // Out of line: inlined, its registers were saved on every call, the usual one included
+    // (about 10 instructions per call, callgrind, S1).
+    #[inline(never)]
+    fn in_flight_timeout(&self) -> Option<Instant> {
+        let waiting = self.slots.iter().find_map(|s| match s.state {
+            SlotState::Waiting { deadline } => Some(deadline),
+            SlotState::Ready { .. } => None,
+        });
+        let idle = self.slots.is_empty().then_some(self.idle_deadline);
+        [waiting, idle, self.frame_deadline, self.stall_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Whether the reactor should read from the socket now.
@@ -1117,6 +1128,9 @@ impl Connection {
                 self.finish(CloseReason::Shutdown, wrote, now, out);
                 return;
             }
+            // What `arm_stall` finds for an empty queue, without looking at its front again.
+            self.slots.set_stall_since(None);
+            return;
         }
         self.arm_stall(now);
     }
@@ -1189,6 +1203,8 @@ impl Connection {
 
     /// Closes for `reason` after the last reply: lingering if that reply wrote bytes (a reset
     /// could destroy them before the peer reads them) and the peer may still send.
+    // Cold: once per connection at most, off `settle`'s per-message path.
+    #[cold]
     fn finish(&mut self, reason: CloseReason, wrote: bool, now: Instant, out: &mut Vec<Event>) {
         if !wrote || self.peer_eof || !matches!(self.state, State::Open) {
             self.close(reason, out);
