@@ -34,7 +34,8 @@ pub enum Dispatch {
     ///
     /// **An inline handler that blocks stalls every connection of its reactor** for as long as
     /// it blocks: reads, writes, timers, other connections' replies. Each call is timed
-    /// (`mllp_handler_duration_seconds`), and calls longer than the builder's
+    /// (`mllp_handler_duration_seconds`, from the reactor's latest clock reading before the
+    /// call, so the message's read and decode count too), and calls longer than the builder's
     /// `inline_slow_threshold` are counted in `mllp_inline_handler_slow_total`. A panic is
     /// caught and answered like a handler error. The handler deadline cannot interrupt an
     /// inline call; it applies to deferred replies.

@@ -184,7 +184,8 @@ pub use outcome::{ConnectionId, HandlerError, Reply};
 pub use reason::{CloseReason, ExceptionReason};
 pub use server::{Builder, Reloader, Server, ServerHandle, ShutdownTrigger};
 pub use telemetry::{
-    ConnectionStart, ConnectionStop, MessageException, MessageStart, MessageStop, Observer,
+    ConnectionStart, ConnectionStop, MessageEvents, MessageException, MessageStart, MessageStop,
+    Observer,
 };
 
 #[doc(hidden)]

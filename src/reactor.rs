@@ -25,14 +25,14 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use crate::completion::{Completion, CompletionSink, Notifier};
-use crate::connection::{Dispatched, Event, Limits, deadline_after};
+use crate::connection::{Event, Limits, deadline_after};
 use crate::control::{Command, ShutdownReport};
-use crate::dispatch::Dispatcher;
-use crate::handler::{Context, Dispatch, Handler};
+use crate::dispatch::{Dispatcher, Message};
+use crate::handler::{Dispatch, Handler};
 use crate::heartbeat::HEARTBEAT_INTERVAL;
 use crate::link::{self, Link, Rested};
 use crate::outcome::ConnectionId;
-use crate::pool::{Job, Pool};
+use crate::pool::Pool;
 use crate::reason::{CloseReason, RejectReason};
 use crate::sync::lock;
 use crate::telemetry::{Peer, Tally, Telemetry};
@@ -209,6 +209,7 @@ impl Reactor {
             self.dispatch,
             Arc::clone(&self.handler),
             pool,
+            Arc::clone(&self.sink),
             self.inline_slow,
             self.telemetry.metrics.clone(),
         );
@@ -689,56 +690,46 @@ impl Loop {
                 // Its frame is complete: above the budget, no more (see `holder`).
                 entry.drew = true;
             }
-            let p = self.peer(&self.conns[key]);
             // Events of earlier messages first (a no-reply's stop comes before the next start).
             // They came from the previous message's completion: the latest reading (its
-            // inline handler's end) is when they happened.
+            // inline handler's end) is when they happened. Who they are about is built only
+            // for the observer.
+            let (conns, locals) = (&self.conns, &self.locals);
+            let peer = || peer_of(locals, &conns[key]);
             if !self.events.is_empty() {
                 for event in self.events.drain(..) {
                     self.r
                         .telemetry
-                        .report(&|| p.clone(), event, self.clock, &mut self.tally);
+                        .report(&peer, event, self.clock, &mut self.tally);
                 }
             }
             let system_time = *self.wall.get_or_insert_with(SystemTime::now);
             self.r.telemetry.message_start(
-                &p,
+                &peer,
                 d.seq,
                 d.payload.len(),
                 system_time,
                 &mut self.tally,
             );
-            let Dispatched {
-                seq,
-                payload,
-                received_at,
-                deadline,
-            } = d;
-            let cx = Context {
-                peer: p.peer,
-                local: p.local,
-                connection: p.connection,
-                sequence: seq,
-                received_at,
+            let entry = &self.conns[key];
+            let message = Message {
+                connection: entry.link.id,
+                peer: entry.link.peer(),
+                local: self.locals[usize::from(entry.local)],
+                identity: entry.link.identity(),
+                seq: d.seq,
+                payload: d.payload,
+                received_at: d.received_at,
                 received_time: system_time,
-                sink: Arc::clone(&self.r.sink),
-                deferred: std::cell::Cell::new(false),
-                identity: p.identity.clone(),
-            };
-            let job = Job {
-                id: p.connection,
-                seq,
-                payload,
-                cx,
-                deadline,
+                deadline: d.deadline,
             };
             // Inline, the outcome is here now; from the pool it comes as a completion.
-            if let Some((outcome, done)) = self.dispatcher.dispatch(job) {
+            if let Some((outcome, done)) = self.dispatcher.dispatch(message, self.clock) {
                 self.clock = done;
                 self.conns[key]
                     .link
                     .conn
-                    .handle_completion(seq, outcome, now, &mut self.events);
+                    .handle_completion(d.seq, outcome, now, &mut self.events);
             }
         }
     }

@@ -378,10 +378,7 @@ impl Builder {
             report: Mutex::new(None),
             shared: policy_shared,
         });
-        let telemetry = Telemetry {
-            metrics,
-            observer: self.observer,
-        };
+        let telemetry = Telemetry::new(metrics, self.observer);
         let mut listener = Some(listener);
         let reactors = polls
             .into_iter()

@@ -31,7 +31,7 @@
 //! | `mllp_message_size_bytes` | histogram | bytes (unframed) | |
 //! | `mllp_response_size_bytes` | histogram | bytes (unframed) | |
 //! | `mllp_handler_queue_seconds` | histogram | seconds: frame complete → handler start | |
-//! | `mllp_handler_duration_seconds` | histogram | seconds | |
+//! | `mllp_handler_duration_seconds` | histogram | seconds: handler run time (inline: from the reactor's latest clock reading before the call, so the message's read and decode since it count too) | |
 //! | `mllp_response_latency_seconds` | histogram | seconds: frame complete → reply written | |
 //! | `mllp_bytes_received_total` | counter | bytes | |
 //! | `mllp_bytes_sent_total` | counter | bytes | |
@@ -92,6 +92,65 @@ pub trait Observer: Send + Sync + 'static {
     fn message_stop(&self, event: &MessageStop) {}
     /// A message failed: handler error, panic, timeout, or an oversize frame.
     fn message_exception(&self, event: &MessageException<'_>) {}
+
+    /// Which of [`message_start`](Self::message_start) and
+    /// [`message_stop`](Self::message_stop) this observer wants, asked once when the server
+    /// is bound (a later answer changes nothing). The default, [`MessageEvents::All`], is
+    /// every one of them; an observer that ignores most of them says so here, and the reactor
+    /// then skips building and delivering them (two events per message, with the peer's
+    /// addresses: the largest part of an observer's cost per message). Connection events and
+    /// [`message_exception`](Self::message_exception) always come. Metrics do not depend
+    /// on it.
+    ///
+    /// ```
+    /// use mllp_reactor::{MessageEvents, MessageStart, Observer};
+    ///
+    /// /// Logs each connection's first message only.
+    /// struct FirstMessages;
+    /// impl Observer for FirstMessages {
+    ///     fn message_start(&self, e: &MessageStart) {
+    ///         assert_eq!(e.sequence, 0);
+    ///         println!("{} sent its first message", e.peer);
+    ///     }
+    ///     fn message_events(&self) -> MessageEvents {
+    ///         MessageEvents::FirstStart
+    ///     }
+    /// }
+    /// let handler = mllp_reactor::handler_fn(|_, _| Ok(mllp_reactor::Reply::NoReply));
+    /// let server = mllp_reactor::Server::builder(handler).observer(FirstMessages).bind("127.0.0.1:0")?;
+    /// # drop(server);
+    /// # Ok::<(), mllp_reactor::Error>(())
+    /// ```
+    fn message_events(&self) -> MessageEvents {
+        MessageEvents::All
+    }
+}
+
+/// The per-message events an [`Observer`] wants ([`Observer::message_events`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MessageEvents {
+    /// [`Observer::message_start`] and [`Observer::message_stop`] for every message (the
+    /// default).
+    #[default]
+    All,
+    /// [`Observer::message_start`] for each connection's first message only (sequence 0:
+    /// the connection carries data, not a health check's probe), and no
+    /// [`Observer::message_stop`].
+    FirstStart,
+    /// Neither.
+    None,
+}
+
+impl MessageEvents {
+    /// Whether message `seq`'s start is delivered.
+    fn start(self, seq: u64) -> bool {
+        match self {
+            Self::All => true,
+            Self::FirstStart => seq == 0,
+            Self::None => false,
+        }
+    }
 }
 
 /// A connection was accepted.
@@ -211,7 +270,10 @@ pub mod names {
     pub const RESPONSE_SIZE: &str = "mllp_response_size_bytes";
     /// Histogram: frame complete → handler start, seconds.
     pub const HANDLER_QUEUE: &str = "mllp_handler_queue_seconds";
-    /// Histogram: handler run time, seconds.
+    /// Histogram: handler run time, seconds. On a pool worker, the call itself; inline, from
+    /// the reactor's latest clock reading before the call (the poll turn's start, or the end
+    /// of the previous inline call or of a write) to its return, so the message's read and
+    /// decode since that reading (microseconds) count too: one clock reading per message.
     pub const HANDLER_DURATION: &str = "mllp_handler_duration_seconds";
     /// Histogram: frame complete → reply's last byte written, seconds.
     pub const RESPONSE_LATENCY: &str = "mllp_response_latency_seconds";
@@ -464,7 +526,10 @@ pub(crate) struct Peer {
 #[derive(Clone)]
 pub(crate) struct Telemetry {
     pub(crate) metrics: Metrics,
-    pub(crate) observer: Option<Arc<dyn Observer>>,
+    observer: Option<Arc<dyn Observer>>,
+    /// The observer's [`Observer::message_events`], asked once ([`MessageEvents::None`]
+    /// without one): one branch per message decides whether an event is built.
+    messages: MessageEvents,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -474,6 +539,18 @@ impl std::fmt::Debug for Telemetry {
 }
 
 impl Telemetry {
+    /// Events go to `observer` (if any) and `metrics`.
+    pub(crate) fn new(metrics: Metrics, observer: Option<Arc<dyn Observer>>) -> Self {
+        let messages = observer
+            .as_deref()
+            .map_or(MessageEvents::None, Observer::message_events);
+        Self {
+            metrics,
+            observer,
+            messages,
+        }
+    }
+
     /// Calls the observer (if any), catching a panic.
     pub(crate) fn observe(&self, call: impl FnOnce(&dyn Observer)) {
         if let Some(o) = self.observer.as_deref()
@@ -510,10 +587,11 @@ impl Telemetry {
         });
     }
 
-    /// A message goes to the handler.
+    /// A message goes to the handler. `peer` says who it came from; it is called only when
+    /// the observer wants this start ([`Observer::message_events`]).
     pub(crate) fn message_start(
         &self,
-        p: &Peer,
+        peer: &dyn Fn() -> Peer,
         seq: u64,
         size: usize,
         system_time: SystemTime,
@@ -521,7 +599,11 @@ impl Telemetry {
     ) {
         tally.received += 1;
         self.metrics.message_size.record(size as f64);
+        if !self.messages.start(seq) {
+            return;
+        }
         self.observe(|o| {
+            let p = peer();
             o.message_start(&MessageStart {
                 connection: p.connection,
                 peer: p.peer,
@@ -557,6 +639,9 @@ impl Telemetry {
                     m.response_size.record(size as f64);
                 }
                 m.response_latency.record(duration.as_secs_f64());
+                if self.messages != MessageEvents::All {
+                    return;
+                }
                 self.observe(|o| {
                     let p = peer();
                     o.message_stop(&MessageStop {

@@ -18,8 +18,9 @@
 //! Observer methods run on the reactor thread, which serves every connection, so a log line must
 //! never wait on stderr: lines go through a bounded queue to a writer thread, and when the queue
 //! is full (stderr blocked, e.g. a stalled journal) lines are dropped and counted rather than
-//! stalling the server. Per-message events are `debug`: at the default level each costs one
-//! comparison with the level filter.
+//! stalling the server. Per-message events are `debug`: below that level the observer asks the
+//! server for each connection's first message only ([`Observer::message_events`]), so the
+//! reactor builds no event for the others.
 
 use std::fmt;
 use std::io::{self, Write};
@@ -31,8 +32,8 @@ use std::thread;
 use std::time::Duration;
 
 use mllp_reactor::{
-    CloseReason, ConnectionStart, ConnectionStop, MessageException, MessageStart, MessageStop,
-    Observer,
+    CloseReason, ConnectionStart, ConnectionStop, MessageEvents, MessageException, MessageStart,
+    MessageStop, Observer,
 };
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::MakeWriter;
@@ -332,6 +333,18 @@ impl Observer for LogObserver {
             response_size = e.response_size,
             "message answered"
         );
+    }
+
+    /// Every message's start and stop only when `mllp::msg` logs at debug; otherwise only each
+    /// connection's first message (its info line "connection opened"). Asked once, when the
+    /// server is bound, after [`init`] has set the filter (which does not change afterwards):
+    /// at the default level the reactor then builds no per-message event at all.
+    fn message_events(&self) -> MessageEvents {
+        if tracing::enabled!(target: "mllp::msg", tracing::Level::DEBUG) {
+            MessageEvents::All
+        } else {
+            MessageEvents::FirstStart
+        }
     }
 
     fn message_exception(&self, e: &MessageException<'_>) {

@@ -36,8 +36,22 @@
 //!   load is only the writer's `RESTART`, which then had to write back everything copied
 //!   since the last restart, on the commit path.
 //!
-//! Durability is unchanged: a commit is durable once the WAL is synced (`synchronous=FULL`);
-//! a checkpoint syncs the database file before the WAL is reused.
+//! Durability is unchanged: a commit is durable once the WAL is synced (`synchronous=FULL`),
+//! and the WAL is reused only after the database file holds what it carried on stable
+//! storage. That ordering is SQLite's, not the checkpointer's sync above (a latency measure,
+//! neither needed nor enough for it): a writer starts the WAL over only once a checkpoint has
+//! recorded every frame as copied (`nBackfill` = `mxFrame` in the WAL index), and
+//! `walCheckpoint` (`sqlite3.c`, SQLite 3.54) records that only after it has synced the
+//! database file, inside the same checkpoint, with the sync flags of the connection that runs
+//! it: the writer's (`synchronous=FULL`) or the checkpointer's, which is therefore set to
+//! `FULL` explicitly rather than left to the build's default (at `OFF` both syncs are no-ops).
+//! The checkpointer's own sync comes after the checkpoint has returned, too late: a writer
+//! may have started the WAL over in between. `cli/tests/powerloss.rs`
+//! (`wal_restarts_only_after_the_database_sync`) checks the ordering in a recorded run and by
+//! simulated power cuts right after each restart; its negative control
+//! ([`SqliteOptions::unsafe_checkpoint_synchronous_off_for_tests`](crate::SqliteOptions):
+//! the checkpointer's connection at `synchronous=OFF`, its own sync still on) restarts the
+//! WAL before the database sync and loses AA'd messages (`BENCHMARKS.md`).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -131,8 +145,8 @@ struct Shared {
 
 impl Checkpointer {
     /// Starts the checkpointer on `conn` (its own connection to the store file, with the busy
-    /// timeout set and the WAL open: see [`open_wal`]) for a database with `page_size`-byte
-    /// pages, keeping the WAL near `limit_bytes`.
+    /// timeout and `synchronous` set and the WAL open: see [`open_wal`]) for a database with
+    /// `page_size`-byte pages, keeping the WAL near `limit_bytes`.
     pub(crate) fn start(
         conn: Connection,
         page_size: u32,
@@ -338,7 +352,11 @@ const FOLLOW_UPS: usize = 4;
 /// the WAL to copy, which under load means the writer's `RESTART`, which
 /// so had to write back everything every `PASSIVE` had copied since the last restart (53 ms
 /// for one restart under S3: `BENCHMARKS.md`, issue #21). The checkpointer therefore syncs the
-/// database file itself after such a `PASSIVE`, off the commit path.
+/// database file itself after such a `PASSIVE`, off the commit path. Durability does not
+/// depend on this sync (see the module docs): it only moves the write-back off the commit path.
+/// `cli/tests/powerloss.rs` (`wal_restarts_only_after_the_database_sync`) checks in a recorded
+/// run that each copy this thread starts is followed by its sync of the database file (it
+/// fails without this sync: 21–36 of 64–105 copies left unsynced, `BENCHMARKS.md`).
 fn checkpoint(conn: &Connection, shared: &Shared) {
     let started_at = shared.wal_pages.load(Ordering::Relaxed);
     let before = shared.backfilled.load(Ordering::Relaxed);

@@ -188,6 +188,14 @@ pub struct SqliteOptions {
     /// so the power-loss test can show that it detects exactly that (its negative control).
     #[doc(hidden)]
     pub unsafe_synchronous_normal_for_tests: bool,
+    /// TESTS ONLY: the checkpointer's connection runs with `synchronous=OFF`, so its
+    /// checkpoints do not sync the database file before they record the WAL as copied, and
+    /// the WAL can start over while pages it carried are not yet on stable storage (the
+    /// checkpointer's own sync after each copy comes too late to prevent that; the writer's
+    /// `RESTART` still syncs what it copies). It exists so the power-loss test can show that
+    /// it detects a WAL reused too early (its negative control; see [`crate::checkpoint`]).
+    #[doc(hidden)]
+    pub unsafe_checkpoint_synchronous_off_for_tests: bool,
     /// BENCHMARKS ONLY: a writer starts no search index follower ([`crate::search_index`];
     /// `search --patient` then scans), to measure what the index costs the receive path
     /// (BENCHMARKS.md).
@@ -202,6 +210,7 @@ impl Default for SqliteOptions {
             duplicate_window: DEFAULT_DUPLICATE_WINDOW,
             wal_limit: crate::checkpoint::WAL_LIMIT_BYTES,
             unsafe_synchronous_normal_for_tests: false,
+            unsafe_checkpoint_synchronous_off_for_tests: false,
             bench_without_patient_index: false,
         }
     }
@@ -690,6 +699,15 @@ fn start_checkpointer(
     let classify = |e: rusqlite::Error| classify_open_error(path, flags, e);
     let own = Connection::open_with_flags(path, flags).map_err(classify)?;
     own.busy_timeout(options.busy_timeout).map_err(classify)?;
+    // A checkpoint's syncs (the WAL before it copies, the database file before it records
+    // the WAL as all copied) follow the `synchronous` of the connection that runs it: set it
+    // rather than trust the build's default (see `crate::checkpoint`).
+    let level = if options.unsafe_checkpoint_synchronous_off_for_tests {
+        OFF
+    } else {
+        FULL
+    };
+    set_synchronous(&own, path, flags, level)?;
     crate::checkpoint::open_wal(&own).map_err(classify)?;
     let page_size: u32 = own
         .pragma_query_value(None, "page_size", |r| r.get(0))
@@ -819,22 +837,40 @@ pub(crate) fn open_connection(
         crate::search_index::ensure_identity(&conn).map_err(classify)?;
         set_wal(&conn, path)?;
         stable_plans(&conn).map_err(classify)?;
-        let (name, expected) = if options.unsafe_synchronous_normal_for_tests {
-            ("NORMAL", 1)
+        let level = if options.unsafe_synchronous_normal_for_tests {
+            NORMAL
         } else {
-            ("FULL", 2)
+            FULL
         };
-        conn.pragma_update(None, "synchronous", name)
-            .map_err(classify)?;
-        let level: i64 = conn
-            .pragma_query_value(None, "synchronous", |r| r.get(0))
-            .map_err(classify)?;
-        // 2 = FULL, 1 = NORMAL (sqlite.org/pragma.html#pragma_synchronous).
-        if level != expected {
-            return Err(StoreError::open(path, Problem::SynchronousNotFull(level)));
-        }
+        set_synchronous(&conn, path, flags, level)?;
     }
     Ok(conn)
+}
+
+/// A `PRAGMA synchronous` level: its name and the number SQLite reads back
+/// (sqlite.org/pragma.html#pragma_synchronous).
+type Synchronous = (&'static str, i64);
+const FULL: Synchronous = ("FULL", 2);
+const NORMAL: Synchronous = ("NORMAL", 1);
+const OFF: Synchronous = ("OFF", 0);
+
+/// Sets `synchronous` on `conn` (opened on `path` with `flags`) and checks that it took.
+fn set_synchronous(
+    conn: &Connection,
+    path: &Path,
+    flags: OpenFlags,
+    (name, expected): Synchronous,
+) -> Result<(), StoreError> {
+    let classify = |e: rusqlite::Error| classify_open_error(path, flags, e);
+    conn.pragma_update(None, "synchronous", name)
+        .map_err(classify)?;
+    let level: i64 = conn
+        .pragma_query_value(None, "synchronous", |r| r.get(0))
+        .map_err(classify)?;
+    if level != expected {
+        return Err(StoreError::open(path, Problem::SynchronousNotFull(level)));
+    }
+    Ok(())
 }
 
 /// Turns on SQLite's query planner stability guarantee on a writer's connection: plans never

@@ -439,3 +439,91 @@ fn issue_9_a_failure_without_a_readable_msh_is_counted_as_the_ar_it_is() {
     assert_eq!(metrics.counter(names::NAKS_SENT, &[("code", "AR")]), 1);
     assert_eq!(metrics.counter(names::NAKS_SENT, &[("code", "AE")]), 0);
 }
+
+/// An observer's `message_events` (asked once, at bind) decides which per-message events it
+/// gets; connection events, exceptions and the metrics do not depend on it, and the events it
+/// gets keep their order. `serve`'s log observer asks for `FirstStart` below debug.
+#[test]
+fn an_observer_gets_the_message_events_it_asks_for() {
+    use mllp_reactor::{
+        ConnectionStart, ConnectionStop, MessageEvents, MessageException, MessageStart,
+        MessageStop, Observer,
+    };
+    struct Picky(MessageEvents, mpsc::Sender<String>);
+    impl Observer for Picky {
+        fn connection_start(&self, _: &ConnectionStart) {
+            let _ = self.1.send("connection_start".to_owned());
+        }
+        fn connection_stop(&self, _: &ConnectionStop) {
+            let _ = self.1.send("connection_stop".to_owned());
+        }
+        fn message_start(&self, e: &MessageStart) {
+            let _ = self.1.send(format!("start {}", e.sequence));
+        }
+        fn message_stop(&self, e: &MessageStop) {
+            let _ = self.1.send(format!("stop {}", e.sequence));
+        }
+        fn message_exception(&self, e: &MessageException<'_>) {
+            let _ = self.1.send(format!("exception {:?}", e.sequence));
+        }
+        fn message_events(&self) -> MessageEvents {
+            self.0
+        }
+    }
+    let all = [
+        "connection_start",
+        "start 0",
+        "stop 0",
+        "start 1",
+        "stop 1",
+        "start 2",
+        "exception Some(2)",
+        "start 3",
+        "stop 3",
+        "connection_stop",
+    ];
+    let first = [
+        "connection_start",
+        "start 0",
+        "exception Some(2)",
+        "connection_stop",
+    ];
+    let none = ["connection_start", "exception Some(2)", "connection_stop"];
+    for dispatch in [Dispatch::Inline, Dispatch::Pool] {
+        for (asked, want) in [
+            (MessageEvents::All, &all[..]),
+            (MessageEvents::FirstStart, &first[..]),
+            (MessageEvents::None, &none[..]),
+        ] {
+            let (tx, rx) = mpsc::channel();
+            let handler = handler_fn(|msg, _| match control_id(msg).as_str() {
+                "ERR" => Err("refused".into()),
+                _ => Ok(Reply::Send(ack::accept(msg))),
+            });
+            let server = start_with_own_observer(
+                Server::builder(handler)
+                    .dispatch(dispatch)
+                    .observer(Picky(asked, tx)),
+            );
+            let mut peer = server.connect();
+            assert_ack(&peer.roundtrip(&message("M0")), AckCode::AA, "M0");
+            assert_ack(&peer.roundtrip(&message("M1")), AckCode::AA, "M1");
+            assert_ack(&peer.roundtrip(&message("ERR")), AckCode::AE, "ERR");
+            assert_ack(&peer.roundtrip(&message("M3")), AckCode::AA, "M3");
+            drop(peer);
+            let mut got = Vec::new();
+            while got.last().map(String::as_str) != Some("connection_stop") {
+                got.push(rx.recv_timeout(WAIT).expect("the connection's events"));
+            }
+            let stopped = server.stop();
+            got.extend(rx.try_iter());
+            assert_eq!(got, want, "{dispatch:?}, {asked:?}");
+            // Metrics: every message, whatever the observer asked for.
+            let m = &stopped.metrics;
+            assert_eq!(m.counter(names::MESSAGES_RECEIVED, &[]), 4);
+            assert_eq!(m.histogram(names::MESSAGE_SIZE).len(), 4);
+            assert_eq!(m.histogram(names::RESPONSE_LATENCY).len(), 3);
+            assert_eq!(m.histogram(names::HANDLER_DURATION).len(), 4);
+        }
+    }
+}

@@ -4,7 +4,8 @@
  * Records, in order, into the file named by POWERLOSS_LOG:
  *   - every write to a file whose path starts with POWERLOSS_DIR ('W': file, offset, bytes),
  *     logged after the write returned;
- *   - every successful fsync/fdatasync of such a file ('F': file), logged after it returned;
+ *   - every successful fsync/fdatasync of such a file ('F': file, the name of the thread that
+ *     synced it), logged after it returned;
  *   - every ftruncate of such a file ('T': file, length), logged after it returned;
  *   - every write/send to a socket ('S': bytes), logged BEFORE the bytes are handed to the
  *     kernel, so a reply counts as sent from the moment it might have left;
@@ -24,6 +25,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -235,7 +237,11 @@ ssize_t sendmsg(int fd, const struct msghdr *msg, int flags) {
 static int synced(int (*real)(int), int fd) {
     int r = real(fd);
     int file = file_of(fd);
-    if (file && r == 0) put_bytes('F', file, 0, NULL, 0);
+    if (file && r == 0) {
+        char name[17] = {0};
+        prctl(PR_GET_NAME, name, 0, 0, 0);
+        put_bytes('F', file, 0, name, strlen(name));
+    }
     return r;
 }
 
