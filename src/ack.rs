@@ -34,6 +34,11 @@
 //! (it accepts and refuses exactly what [`Msh::parse`] does). Only text the caller passes
 //! (MSA-3, ERR-3, a given control id) is not cut.
 //!
+//! [`Ack::build`] and [`Ack::build_coded`] keep, per thread, the last few senders' MSHs and
+//! the parts of their ACKs' MSH written from them: a message whose MSH differs from one of
+//! them only in MSH-7 and MSH-10 (the next message from the same sender, usually) skips the
+//! pass and most of the writing, and gets the same bytes.
+//!
 //! | ACK field | copied from | at most (bytes) | HL7 length |
 //! |---|---|---|---|
 //! | MSH-3..6 | MSH-5, 6, 3, 4 | [`MAX_PARTY_LEN`] = 227 | HD, v2.5.1 |
@@ -106,12 +111,11 @@
 //! ```
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::fmt;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use memchr::memchr2;
 
 // CARRIAGE_RETURN ends every segment (HL7 v2.5 §2.5.2). START_BLOCK and END_BLOCK are never
@@ -121,7 +125,12 @@ use crate::codec::{CARRIAGE_RETURN, END_BLOCK, START_BLOCK};
 use crate::msh::{Encoding, LINE_FEED, Msh, MshError};
 
 mod fields;
+mod id;
+mod memo;
 pub(crate) use fields::Fields;
+pub(crate) use memo::Memo;
+
+use id::Ids;
 
 /// ERR-3 for a message without a readable MSH (table 0357, code 100).
 const SEGMENT_SEQUENCE_ERROR: (&str, &str) = ("100", "Segment sequence error");
@@ -178,6 +187,9 @@ pub enum AckCode {
 }
 
 impl AckCode {
+    /// Every code, for the tests and the fuzz targets.
+    pub(crate) const ALL: [Self; 6] = [Self::AA, Self::AE, Self::AR, Self::CA, Self::CE, Self::CR];
+
     /// The code as written in MSA-1.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -346,8 +358,20 @@ impl<'a> Ack<'a> {
     /// assert_eq!(code, AckCode::AR);
     /// ```
     pub fn build_coded(&self, message: &[u8]) -> (AckCode, Bytes) {
-        let plan = self.plan(message);
-        (plan.code, arena::build(&plan))
+        let built = LOCAL.try_with(|local| {
+            let Local { memo, ids, arena } = &mut *local.borrow_mut();
+            self.with_plan_remembered(message, self.own_id(ids), memo, |plan| {
+                (plan.code, arena::build(arena, plan))
+            })
+        });
+        built.unwrap_or_else(|_| {
+            // The thread is exiting: without what it kept.
+            let mut ids = Ids::new();
+            let id = self.own_id(&mut ids);
+            self.with_plan(Fields::scan(message), id, |plan| {
+                (plan.code, arena::alone(plan))
+            })
+        })
     }
 
     /// Appends the acknowledgment of `message` to `out`, reserving the exact space first.
@@ -356,33 +380,129 @@ impl<'a> Ack<'a> {
     }
 
     /// What [`build_into`](Self::build_into) appends, with the message's fields read through
-    /// [`Msh`]'s accessors instead of [`Fields::scan`]: the reference the fuzz target and the
-    /// tests hold the one-pass scan to.
+    /// [`Msh`]'s accessors instead of [`Fields::scan`] and written without a [`Memo`]: the
+    /// reference the fuzz target and the tests hold the scan and the memo to.
     pub(crate) fn build_with_msh(&self, message: &[u8]) -> Vec<u8> {
         let msh = Msh::parse(message).ok();
-        let plan = self.plan_from(msh.as_ref().map(Fields::from_msh));
+        let mut ids = Ids::new();
+        let id = self.own_id(&mut ids);
         let mut out = Vec::new();
-        plan.emit_exact(&mut out);
+        self.with_plan(msh.as_ref().map(Fields::from_msh), id, |plan| {
+            plan.emit_exact(&mut out)
+        });
+        out
+    }
+
+    /// What [`build_into`](Self::build_into) appends, built through `memo` as
+    /// [`build_coded`](Self::build_coded) builds through the thread's: for the tests and the
+    /// fuzz target, which hold it to [`build_with_msh`](Self::build_with_msh).
+    pub(crate) fn build_with_memo(&self, message: &[u8], memo: &mut Memo) -> Vec<u8> {
+        let mut ids = Ids::new();
+        let mut out = Vec::new();
+        self.with_plan_remembered(message, self.own_id(&mut ids), memo, |plan| {
+            plan.emit_exact(&mut out)
+        });
         out
     }
 
     /// [`build_into`](Self::build_into), returning the code written.
     fn emit_into(&self, message: &[u8], out: &mut Vec<u8>) -> AckCode {
-        let plan = self.plan(message);
-        plan.emit_exact(out);
-        plan.code
+        let mut ids = Ids::new();
+        let id = self.own_id(&mut ids);
+        self.with_plan(Fields::scan(message), id, |plan| {
+            plan.emit_exact(out);
+            plan.code
+        })
     }
 
-    /// Resolves every part of the ACK from `message` and the options.
-    fn plan<'p>(&'p self, message: &'p [u8]) -> Plan<'p> {
-        self.plan_from(Fields::scan(message))
+    /// Calls `f` with the plan of the ACK of `message` built through `memo`: with the pieces
+    /// of the ACK's MSH it remembers when it recalls `message`, otherwise from a scan that
+    /// `memo` then learns (and the ACK is written from what it learned) when it can.
+    ///
+    /// (A continuation, so that what the plan borrows can live here: a plan holding its
+    /// fields by value was large enough to be moved with a `memcpy` call, about 30
+    /// instructions per message.)
+    fn with_plan_remembered<R>(
+        &self,
+        message: &[u8],
+        id: ControlId<'_>,
+        memo: &mut Memo,
+        f: impl FnOnce(&Plan<'_>) -> R,
+    ) -> R {
+        let time = self.time();
+        if let Some(control_id) = memo.recall(message, time) {
+            let source = Source {
+                encoding: memo.encoding(),
+                header: Header::Written(memo.pieces()),
+                msa2: &message[control_id],
+                // MSH-10 holds no control byte, so no MLLP block byte.
+                raw_needs_escape: false,
+            };
+            return f(&self.plan_with(Some(source), id));
+        }
+        let Some((fields, layout)) = Fields::scan_laid_out(message) else {
+            return self.with_plan(None, id, f);
+        };
+        let second = hl7_second(time);
+        let copied = Copied::of(&fields, second.text);
+        let header = match layout.and_then(|layout| {
+            memo.place()?
+                .learn(message, layout, &fields, &copied, second)
+        }) {
+            Some(pieces) => Header::Written(pieces),
+            None => Header::Copied(&copied),
+        };
+        let source = Source {
+            encoding: fields.encoding,
+            header,
+            msa2: fields.control_id,
+            raw_needs_escape: fields.block_bytes,
+        };
+        f(&self.plan_with(Some(source), id))
     }
 
-    /// Resolves every part of the ACK from the message's MSH fields (`None`: no readable MSH)
-    /// and the options.
-    fn plan_from<'p>(&'p self, fields: Option<Fields<'p>>) -> Plan<'p> {
-        let msa2 = fields.as_ref().map_or(&[][..], |f| f.control_id);
-        let (code, (err_code, err_text)) = match fields {
+    /// Calls `f` with the plan of the ACK of a message with MSH fields `fields` (`None`: no
+    /// readable MSH).
+    fn with_plan<R>(
+        &self,
+        fields: Option<Fields<'_>>,
+        id: ControlId<'_>,
+        f: impl FnOnce(&Plan<'_>) -> R,
+    ) -> R {
+        let time = hl7_timestamp(self.time());
+        let Some(fields) = fields else {
+            return f(&self.plan_with(None, id));
+        };
+        let copied = Copied::of(&fields, time);
+        let source = Source {
+            encoding: fields.encoding,
+            header: Header::Copied(&copied),
+            msa2: fields.control_id,
+            raw_needs_escape: fields.block_bytes,
+        };
+        f(&self.plan_with(Some(source), id))
+    }
+
+    /// The ACK's own MSH-10: the one given, or a new one from `ids`.
+    fn own_id<'p>(&'p self, ids: &'p mut Ids) -> ControlId<'p> {
+        match self.control_id {
+            Some(id) => ControlId::Given(id.as_bytes()),
+            None => ControlId::Generated(ids.next()),
+        }
+    }
+
+    /// MSH-7's time: the one given, or now.
+    fn time(&self) -> SystemTime {
+        self.timestamp.unwrap_or_else(SystemTime::now)
+    }
+
+    /// Resolves every part of the ACK from what it takes from the message (`None`: no
+    /// readable MSH: then nothing, in the default separators, at MSH-7's time) and the
+    /// options.
+    #[inline(always)]
+    fn plan_with<'p>(&'p self, source: Option<Source<'p>>, id: ControlId<'p>) -> Plan<'p> {
+        let msa2 = source.as_ref().map_or(&[][..], |s| s.msa2);
+        let (code, (err_code, err_text)) = match source {
             None => (self.code.to_reject(), SEGMENT_SEQUENCE_ERROR),
             Some(_) if msa2.is_empty() => (self.code.to_reject(), REQUIRED_FIELD_MISSING),
             Some(_) => (self.code, APPLICATION_INTERNAL_ERROR),
@@ -394,29 +514,41 @@ impl<'a> Ack<'a> {
                 severity: Severity::Error,
             })
         });
-        let or =
-            |field: &'p [u8], default: &'p [u8]| if field.is_empty() { default } else { field };
-        let f = fields.unwrap_or(Fields::NONE);
-        let [msh3, msh4, msh5, msh6] = f.parties;
+        let source = source.unwrap_or_else(|| Source {
+            encoding: Encoding::DEFAULT,
+            header: Header::Unreadable(hl7_timestamp(self.time())),
+            msa2: &[],
+            raw_needs_escape: false,
+        });
         Plan {
-            encoding: f.encoding,
+            encoding: source.encoding,
             code,
-            parties: [msh5, msh6, msh3, msh4],
-            timestamp: hl7_timestamp(self.timestamp.unwrap_or_else(SystemTime::now)),
-            trigger: f.trigger,
-            id: match self.control_id {
-                Some(id) => ControlId::Given(id.as_bytes()),
-                None => ControlId::Generated(next_control_id()),
-            },
-            processing_id: or(f.processing_id, DEFAULT_PROCESSING_ID),
-            version: or(f.version, DEFAULT_VERSION),
-            charset: f.charset,
+            header: source.header,
+            id,
             msa2,
-            raw_needs_escape: f.block_bytes,
+            raw_needs_escape: source.raw_needs_escape,
             text: self.text.as_bytes(),
             error,
         }
     }
+}
+
+/// What the builder keeps per thread: the last message's MSH and its ACK's pieces
+/// ([`memo`]), the last control id generated ([`id`]), and the buffer ACKs are cut from
+/// ([`arena`]). One thread-local for the three: each access and borrow was about 20
+/// instructions per message (callgrind).
+struct Local {
+    memo: Memo,
+    ids: Ids,
+    arena: BytesMut,
+}
+
+thread_local! {
+    static LOCAL: RefCell<Local> = RefCell::new(Local {
+        memo: Memo::new(),
+        ids: Ids::new(),
+        arena: BytesMut::new(),
+    });
 }
 
 /// Builds an AA for `message`: the usual reply of a handler that took the message.
@@ -529,23 +661,157 @@ pub fn parse(ack: &[u8]) -> Result<ParsedAck<'_>, AckParseError> {
     })
 }
 
+/// What an ACK takes from a message with a readable MSH.
+struct Source<'p> {
+    encoding: Encoding,
+    header: Header<'p>,
+    /// The message's MSH-10; empty when it has none.
+    msa2: &'p [u8],
+    /// Whether the copied fields may hold MLLP block bytes, which [`put_raw`] must escape.
+    raw_needs_escape: bool,
+}
+
+/// The ACK's MSH but for MSH-10 (its own id): the fields to copy and MSH-7, the same already
+/// written by [`Copied`] for an earlier message with the same fields (see [`memo`]), or,
+/// for a message without a readable MSH, only MSH-7 ([`Copied::none`]).
+enum Header<'p> {
+    Copied(&'p Copied<'p>),
+    Written(Pieces<'p>),
+    Unreadable([u8; 19]),
+}
+
+/// What the ACK's MSH copies from the message's, in the ACK's order, defaults applied, and
+/// MSH-7.
+pub(crate) struct Copied<'p> {
+    /// The message's MSH-5, MSH-6, MSH-3, MSH-4: the ACK's MSH-3..6.
+    parties: [&'p [u8]; 4],
+    /// MSH-9.2; empty: MSH-9 is `ACK` alone.
+    trigger: &'p [u8],
+    processing_id: &'p [u8],
+    version: &'p [u8],
+    /// Empty: MSH-18 is left out.
+    charset: &'p [u8],
+    /// MSH-7, as [`hl7_timestamp`] writes it.
+    time: [u8; 19],
+}
+
+/// [`Copied`] written: the ACK's MSH up to MSH-10, and after MSH-10.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Pieces<'p> {
+    /// `MSH|^~\&|<MSH-5>|<MSH-6>|<MSH-3>|<MSH-4>|<MSH-7>||ACK^<MSH-9.2>^ACK|`
+    stamped: &'p [u8],
+    /// `|<MSH-11>|<MSH-12>[||||||<MSH-18>]\rMSA|`
+    tail: &'p [u8],
+}
+
+impl<'p> Copied<'p> {
+    /// What an ACK of a message without a readable MSH copies: nothing, and the defaults.
+    fn none(time: [u8; 19]) -> Self {
+        Copied {
+            parties: [&[]; 4],
+            trigger: &[],
+            processing_id: DEFAULT_PROCESSING_ID,
+            version: DEFAULT_VERSION,
+            charset: &[],
+            time,
+        }
+    }
+
+    fn of(fields: &Fields<'p>, time: [u8; 19]) -> Self {
+        let or =
+            |field: &'p [u8], default: &'p [u8]| if field.is_empty() { default } else { field };
+        let [msh3, msh4, msh5, msh6] = fields.parties;
+        Self {
+            parties: [msh5, msh6, msh3, msh4],
+            trigger: fields.trigger,
+            processing_id: or(fields.processing_id, DEFAULT_PROCESSING_ID),
+            version: or(fields.version, DEFAULT_VERSION),
+            charset: fields.charset,
+            time,
+        }
+    }
+
+    /// At least the length [`emit_stamped`](Self::emit_stamped) and
+    /// [`emit_tail`](Self::emit_tail) write, less [`Plan::max_len`]'s fixed part.
+    fn max_len(&self) -> usize {
+        let parties: usize = self.parties.iter().map(|p| raw_max(p, MAX_PARTY_LEN)).sum();
+        parties
+            + raw_max(self.trigger, MAX_TRIGGER_LEN)
+            + raw_max(self.processing_id, MAX_PROCESSING_ID_LEN)
+            + raw_max(self.version, MAX_VERSION_LEN)
+            + raw_max(self.charset, MAX_CHARSET_LEN)
+    }
+
+    /// Writes [`Pieces::stamped`].
+    fn emit_stamped<S: Sink>(&self, s: &mut S, enc: &Encoding, escape: bool) {
+        self.emit_head(s, enc, escape);
+        s.put(&self.time);
+        self.emit_middle(s, enc, escape);
+    }
+
+    /// Writes the ACK's MSH up to MSH-7.
+    fn emit_head<S: Sink>(&self, s: &mut S, enc: &Encoding, escape: bool) {
+        let field = enc.field;
+        let (chars, n) = enc.encoding_characters();
+        let [c0, c1, c2, c3, c4] = chars;
+        // Fixed runs go out as one array each: a constant-length copy is a few moves, while
+        // each variable-length `put` is a `memcpy` call (callgrind).
+        s.put(&[b'M', b'S', b'H', field, c0, c1, c2, c3]);
+        if n == 5 {
+            s.put_byte(c4);
+        }
+        for party in self.parties {
+            s.put_byte(field);
+            put_raw(s, enc, escape, party, MAX_PARTY_LEN);
+        }
+        s.put_byte(field);
+    }
+
+    /// Writes the ACK's MSH from MSH-7's closing separator (MSH-8, security, empty; MSH-9) to
+    /// MSH-10's opening one.
+    fn emit_middle<S: Sink>(&self, s: &mut S, enc: &Encoding, escape: bool) {
+        let (field, component) = (enc.field, enc.component);
+        s.put(&[field, field, b'A', b'C', b'K']);
+        if !self.trigger.is_empty() {
+            s.put_byte(component);
+            put_raw(s, enc, escape, self.trigger, MAX_TRIGGER_LEN);
+            s.put(&[component, b'A', b'C', b'K']);
+        }
+        s.put_byte(field);
+    }
+
+    /// Writes [`Pieces::tail`]: the ACK's MSH after MSH-10, and MSA up to MSA-1.
+    fn emit_tail<S: Sink>(&self, s: &mut S, enc: &Encoding, escape: bool) {
+        let field = enc.field;
+        s.put_byte(field);
+        put_raw(s, enc, escape, self.processing_id, MAX_PROCESSING_ID_LEN);
+        s.put_byte(field);
+        put_raw(s, enc, escape, self.version, MAX_VERSION_LEN);
+        if !self.charset.is_empty() {
+            // MSH-13..17 empty, then MSH-18.
+            s.put(&[field; 6]);
+            put_raw(s, enc, escape, self.charset, MAX_CHARSET_LEN);
+        }
+        s.put(&[CARRIAGE_RETURN, b'M', b'S', b'A', field]);
+    }
+}
+
+/// At most how many bytes [`put_raw`] writes for `field` capped at `cap`: at most 5 bytes
+/// per byte (`\X0B\`), and at most the cap.
+fn raw_max(field: &[u8], cap: usize) -> usize {
+    (field.len() * BLOCK_ESCAPE_LEN).min(cap)
+}
+
 /// Every part of one ACK, resolved. [`Plan::emit`] runs twice, into [`Count`] and then into
 /// the output, so the output is allocated once at its exact size and the two can never
 /// disagree about the layout.
 struct Plan<'p> {
     encoding: Encoding,
     code: AckCode,
-    /// The message's MSH-5, MSH-6, MSH-3, MSH-4: the ACK's MSH-3..6.
-    parties: [&'p [u8]; 4],
-    timestamp: [u8; 19],
-    trigger: &'p [u8],
+    header: Header<'p>,
     id: ControlId<'p>,
-    processing_id: &'p [u8],
-    version: &'p [u8],
-    /// Empty: MSH-18 is left out.
-    charset: &'p [u8],
     msa2: &'p [u8],
-    /// Whether the MSH contains MLLP block bytes, which [`put_raw`] must escape.
+    /// Whether the copied fields may hold MLLP block bytes, which [`put_raw`] must escape.
     raw_needs_escape: bool,
     /// Empty: MSA-3 is left out.
     text: &'p [u8],
@@ -558,27 +824,21 @@ impl Plan<'_> {
     /// of ours at most 5 bytes per byte (`\X0D\`), and the fixed parts under 128 bytes.
     fn max_len(&self) -> usize {
         const FIXED: usize = 128;
-        let raw = |field: &[u8], cap: usize| (field.len() * BLOCK_ESCAPE_LEN).min(cap);
         let text = |text: &[u8]| text.len() * BLOCK_ESCAPE_LEN;
-        let parties: usize = self.parties.iter().map(|p| raw(p, MAX_PARTY_LEN)).sum();
+        let header = match &self.header {
+            Header::Copied(copied) => copied.max_len(),
+            Header::Written(pieces) => pieces.stamped.len() + pieces.tail.len(),
+            Header::Unreadable(_) => Copied::none([0; 19]).max_len(),
+        };
         let id = match &self.id {
             ControlId::Given(id) => text(id),
-            ControlId::Generated(id) => id.len,
+            ControlId::Generated(id) => id.len(),
         };
         let error = self
             .error
             .as_ref()
             .map_or(0, |e| text(e.code.as_bytes()) + text(e.text.as_bytes()));
-        FIXED
-            + parties
-            + raw(self.trigger, MAX_TRIGGER_LEN)
-            + id
-            + raw(self.processing_id, MAX_PROCESSING_ID_LEN)
-            + raw(self.version, MAX_VERSION_LEN)
-            + raw(self.charset, MAX_CHARSET_LEN)
-            + raw(self.msa2, MAX_CONTROL_ID_LEN)
-            + text(self.text)
-            + error
+        FIXED + header + id + raw_max(self.msa2, MAX_CONTROL_ID_LEN) + text(self.text) + error
     }
 
     /// Appends the ACK to `out`, reserving its exact length first (counted by a first pass).
@@ -598,53 +858,24 @@ impl Plan<'_> {
     fn emit<S: Sink>(&self, s: &mut S) {
         let enc = &self.encoding;
         let (field, component) = (enc.field, enc.component);
-        let (chars, n) = enc.encoding_characters();
-        let [c0, c1, c2, c3, c4] = chars;
+        let escape = self.raw_needs_escape;
         let code = self.code.as_str().as_bytes();
-        // Fixed runs go out as one array each: a constant-length copy is a few moves, while
-        // each variable-length `put` is a `memcpy` call (callgrind).
-        s.put(&[b'M', b'S', b'H', field, c0, c1, c2, c3]);
-        if n == 5 {
-            s.put_byte(c4);
+        match &self.header {
+            Header::Copied(copied) => copied.emit_stamped(s, enc, escape),
+            Header::Written(pieces) => s.put(pieces.stamped),
+            Header::Unreadable(time) => Copied::none(*time).emit_stamped(s, enc, escape),
         }
-        for party in self.parties {
-            s.put_byte(field);
-            put_raw(s, self, party, MAX_PARTY_LEN);
-        }
-        s.put_byte(field);
-        s.put(&self.timestamp);
-        // MSH-8, security: empty.
-        s.put(&[field, field, b'A', b'C', b'K']);
-        if !self.trigger.is_empty() {
-            s.put_byte(component);
-            put_raw(s, self, self.trigger, MAX_TRIGGER_LEN);
-            s.put(&[component, b'A', b'C', b'K']);
-        }
-        s.put_byte(field);
         match &self.id {
             ControlId::Given(id) => put_text(s, enc, id),
-            ControlId::Generated(id) => s.put(id.as_bytes()),
+            ControlId::Generated(id) => s.put(id),
         }
-        s.put_byte(field);
-        put_raw(s, self, self.processing_id, MAX_PROCESSING_ID_LEN);
-        s.put_byte(field);
-        put_raw(s, self, self.version, MAX_VERSION_LEN);
-        if !self.charset.is_empty() {
-            // MSH-13..17 empty, then MSH-18.
-            s.put(&[field; 6]);
-            put_raw(s, self, self.charset, MAX_CHARSET_LEN);
+        match &self.header {
+            Header::Copied(copied) => copied.emit_tail(s, enc, escape),
+            Header::Written(pieces) => s.put(pieces.tail),
+            Header::Unreadable(time) => Copied::none(*time).emit_tail(s, enc, escape),
         }
-        s.put(&[
-            CARRIAGE_RETURN,
-            b'M',
-            b'S',
-            b'A',
-            field,
-            code[0],
-            code[1],
-            field,
-        ]);
-        put_raw(s, self, self.msa2, MAX_CONTROL_ID_LEN);
+        s.put(&[code[0], code[1], field]);
+        put_raw(s, enc, escape, self.msa2, MAX_CONTROL_ID_LEN);
         if !self.text.is_empty() {
             s.put_byte(field);
             put_text(s, enc, self.text);
@@ -696,8 +927,6 @@ impl Sink for Count {
 /// still held, a new buffer is started and the old one is freed with its last ACK, so the
 /// buffer never waits for a slow peer.
 mod arena {
-    use std::cell::RefCell;
-
     use bytes::{Bytes, BytesMut};
 
     use super::Plan;
@@ -708,62 +937,50 @@ mod arena {
     /// What a shared buffer's room is initialised with, a piece at a time.
     static ZEROS: [u8; 1024] = [0; 1024];
 
-    thread_local! {
-        static SHARED: RefCell<BytesMut> = RefCell::new(BytesMut::new());
-    }
-
-    /// The bytes `write` appends to an empty buffer, at most `max_len` of them, cut from this
-    /// thread's shared buffer (or on their own when they may be large, or the thread is
-    /// exiting).
-    pub(super) fn build(plan: &Plan<'_>) -> Bytes {
-        // Exactly sized on its own: large text, a thread exiting, or a bound that was short.
-        let alone = || {
-            let mut out = Vec::new();
-            plan.emit_exact(&mut out);
-            Bytes::from(out)
-        };
+    /// The bytes `plan` writes, cut from `shared`, this thread's buffer (or on their own
+    /// when they may be large).
+    pub(super) fn build(shared: &mut BytesMut, plan: &Plan<'_>) -> Bytes {
         let max_len = plan.max_len();
         if max_len > SIZE / 2 {
-            return alone();
+            return alone(plan);
         }
-        let cut = SHARED.try_with(|shared| {
-            let shared = &mut *shared.borrow_mut();
-            // The buffer's initialised length is the room to write in: zeroing it costs less
-            // than a capacity check per write, and it is zeroed 1 KiB at a time, once per
-            // several ACKs (callgrind, S1: a `resize` per ACK was about 70 instructions).
-            if shared.len() < max_len {
-                if shared.capacity() < max_len {
-                    shared.clear();
-                    if !shared.try_reclaim(max_len) {
-                        *shared = BytesMut::with_capacity(SIZE);
-                    }
-                }
-                // In copies of at most 1 KiB from zeros: `resize` writes byte by byte, and
-                // larger copies are `rep movsb`, as slow under callgrind.
-                while shared.len() < max_len {
-                    let room = shared.capacity() - shared.len();
-                    shared.extend_from_slice(&ZEROS[..room.min(ZEROS.len())]);
-                }
-            }
-            let mut cursor = Cursor {
-                buf: &mut shared[..max_len],
-                at: 0,
-            };
-            plan.emit(&mut cursor);
-            let len = cursor.at;
-            if len > max_len {
+        // The buffer's initialised length is the room to write in: zeroing it costs less
+        // than a capacity check per write, and it is zeroed 1 KiB at a time, once per
+        // several ACKs (callgrind, S1: a `resize` per ACK was about 70 instructions).
+        if shared.len() < max_len {
+            if shared.capacity() < max_len {
                 shared.clear();
-                return None;
+                if !shared.try_reclaim(max_len) {
+                    *shared = BytesMut::with_capacity(SIZE);
+                }
             }
-            Some(shared.split_to(len).freeze())
-        });
-        match cut {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) | Err(_) => {
-                debug_assert!(cut.is_err(), "an ACK longer than its bound");
-                alone()
+            // In copies of at most 1 KiB from zeros: `resize` writes byte by byte, and
+            // larger copies are `rep movsb`, as slow under callgrind.
+            while shared.len() < max_len {
+                let room = shared.capacity() - shared.len();
+                shared.extend_from_slice(&ZEROS[..room.min(ZEROS.len())]);
             }
         }
+        let mut cursor = Cursor {
+            buf: &mut shared[..max_len],
+            at: 0,
+        };
+        plan.emit(&mut cursor);
+        let len = cursor.at;
+        if len > max_len {
+            debug_assert!(false, "an ACK longer than its bound");
+            shared.clear();
+            return alone(plan);
+        }
+        shared.split_to(len).freeze()
+    }
+
+    /// The bytes `plan` writes, exactly sized on their own: large text, a thread exiting,
+    /// or a bound that was short.
+    pub(super) fn alone(plan: &Plan<'_>) -> Bytes {
+        let mut out = Vec::new();
+        plan.emit_exact(&mut out);
+        Bytes::from(out)
     }
 
     /// Writes into a buffer sized to the ACK's bound. Past the end (a bound too short, a bug)
@@ -824,13 +1041,14 @@ impl Sink for Vec<u8> {
 }
 
 /// Writes a field copied from the message: already in its encoding, so only the MLLP block
-/// bytes are escaped, and cut to at most `cap` bytes written (see [`copy_len`]).
+/// bytes are escaped (when `escape` says it may hold some), and cut to at most `cap` bytes
+/// written (see [`copy_len`]).
 #[inline]
-fn put_raw<S: Sink>(s: &mut S, plan: &Plan<'_>, field: &[u8], cap: usize) {
-    if !plan.raw_needs_escape && field.len() <= cap {
+fn put_raw<S: Sink>(s: &mut S, enc: &Encoding, escape: bool, field: &[u8], cap: usize) {
+    if !escape && field.len() <= cap {
         s.put(field);
     } else {
-        put_capped(s, &plan.encoding, field, cap);
+        put_capped(s, enc, field, cap);
     }
 }
 
@@ -973,128 +1191,54 @@ fn put_escape<S: Sink>(s: &mut S, enc: &Encoding, sequence: &[u8]) {
 /// The ACK's MSH-10: given by the caller (escaped on output) or generated (never needs it).
 enum ControlId<'p> {
     Given(&'p [u8]),
-    Generated(GeneratedId),
-}
-
-/// A generated control id: 8 hex digits of per-process prefix, then a decimal counter.
-///
-/// Up to 10¹² ACKs per process the id fits the 20 characters HL7 v2.5 allows MSH-10; the
-/// buffer holds the full `u64` range.
-struct GeneratedId {
-    bytes: [u8; 28],
-    len: usize,
-}
-
-impl GeneratedId {
-    fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-}
-
-/// Next value of the process-wide ACK counter. `Relaxed`: only uniqueness matters, and
-/// `fetch_add` gives that under any ordering.
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
-/// The per-process prefix, fixed on first use.
-static ID_PREFIX: OnceLock<[u8; 8]> = OnceLock::new();
-
-fn next_control_id() -> GeneratedId {
-    let prefix = ID_PREFIX.get_or_init(process_prefix);
-    let mut bytes = [0; 28];
-    bytes[..8].copy_from_slice(prefix);
-    let len = 8 + put_decimal(NEXT_ID.fetch_add(1, Ordering::Relaxed), &mut bytes[8..]);
-    GeneratedId { bytes, len }
-}
-
-/// 32 bits mixed from the start time and the pid, as hex: the counter restarts at 1 with the
-/// process, and the prefix keeps ids from a new process off the old one's (1 in 2³² chance of
-/// a clash per restart).
-fn process_prefix() -> [u8; 8] {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let mixed = splitmix64(nanos ^ splitmix64(u64::from(std::process::id())));
-    let mut hex = [0; 8];
-    for (i, digit) in hex.iter_mut().enumerate() {
-        *digit = b"0123456789ABCDEF"[(mixed >> (60 - 4 * i)) as usize & 0xF];
-    }
-    hex
-}
-
-/// SplitMix64's finaliser: spreads every input bit over the output.
-fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// Writes `n` in decimal at the start of `out` (which must hold 20 bytes), returning the length.
-/// Two digits per division, from a table: the counter has 8 or more digits in a busy process.
-fn put_decimal(mut n: u64, out: &mut [u8]) -> usize {
-    const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
-        2021222324252627282930313233343536373839\
-        4041424344454647484950515253545556575859\
-        6061626364656667686970717273747576777879\
-        8081828384858687888990919293949596979899";
-    let mut digits = [0; 20];
-    let mut i = digits.len();
-    while n >= 100 {
-        let pair = (n % 100) as usize * 2;
-        n /= 100;
-        i -= 2;
-        digits[i..i + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
-    }
-    if n >= 10 {
-        let pair = n as usize * 2;
-        i -= 2;
-        digits[i..i + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
-    } else {
-        i -= 1;
-        digits[i] = b'0' + n as u8;
-    }
-    let len = digits.len() - i;
-    out[..len].copy_from_slice(&digits[i..]);
-    len
+    Generated(&'p [u8]),
 }
 
 /// `time` as an HL7 DTM in UTC, `YYYYMMDDHHMMSS+0000`, clamped to 1970..=9999.
-///
-/// The text of the last second formatted is kept per thread: an ACK-only server answers many
-/// messages per second, and formatting cost about 200 instructions per message (callgrind).
 fn hl7_timestamp(time: SystemTime) -> [u8; 19] {
-    /// The second the text shows, as the span of times that show it.
-    #[derive(Clone, Copy)]
-    struct Second {
-        from: SystemTime,
-        until: SystemTime,
-        text: [u8; 19],
+    hl7_second(time).text
+}
+
+/// The second an HL7 timestamp shows, as the span of times that show it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Second {
+    from: SystemTime,
+    until: SystemTime,
+    text: [u8; 19],
+}
+
+impl Second {
+    fn contains(&self, time: SystemTime) -> bool {
+        // Two comparisons instead of a conversion to seconds (callgrind: 56 instructions).
+        self.from <= time && time < self.until
     }
+}
+
+/// The second `time` falls in, with its text as [`hl7_timestamp`] gives it.
+///
+/// The last second formatted is kept per thread: an ACK-only server answers many messages
+/// per second, and formatting cost about 200 instructions per message (callgrind).
+fn hl7_second(time: SystemTime) -> Second {
     thread_local! {
-        static LAST: std::cell::RefCell<Option<Second>> = const { std::cell::RefCell::new(None) };
+        static LAST: RefCell<Option<Second>> = const { RefCell::new(None) };
     }
-    // Two comparisons instead of a conversion to seconds (callgrind: 56 instructions), on a
-    // borrow instead of a copy of the whole entry.
-    let cached = LAST.with_borrow(|last| {
-        last.as_ref()
-            .filter(|second| second.from <= time && time < second.until)
-            .map(|second| second.text)
-    });
-    if let Some(text) = cached {
-        return text;
+    // On a borrow instead of a copy of the whole entry.
+    let cached = LAST.with_borrow(|last| last.filter(|second| second.contains(time)));
+    if let Some(second) = cached {
+        return second;
     }
     let secs = time
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
         .min(MAX_TIMESTAMP_SECS);
     let from = UNIX_EPOCH + std::time::Duration::from_secs(secs);
-    let text = format_timestamp(secs);
-    LAST.set(Some(Second {
+    let second = Second {
         from,
         until: from + std::time::Duration::from_secs(1),
-        text,
-    }));
-    text
+        text: format_timestamp(secs),
+    };
+    LAST.set(Some(second));
+    second
 }
 
 /// `secs` since 1970 as `YYYYMMDDHHMMSS+0000`.

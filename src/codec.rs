@@ -171,6 +171,11 @@ impl FrameDecoder {
                 // Between frames with nothing buffered (after every message of a peer that
                 // waits for its answer): no search to start.
                 ScanState::SeekingStart if buf.is_empty() => return Ok(None),
+                // A frame at the front of the buffer (every frame of a peer that sends no
+                // junk): scanned with its start block still in place, and, when it is
+                // complete, split off with it in one step (callgrind, S1: a `memchr` call and
+                // a `BytesMut::advance` less per message).
+                ScanState::SeekingStart if buf[0] == START_BLOCK => return self.decode_front(buf),
                 ScanState::SeekingStart => match memchr::memchr(START_BLOCK, buf) {
                     Some(at) => {
                         // `at` junk bytes, then the start block: drop both.
@@ -201,25 +206,51 @@ impl FrameDecoder {
                     //
                     //   [ payload scanned ........ | new bytes ......... ]
                     //   0                       scanned               len
-                    let mut from = self.scanned;
-                    while let Some(i) = memchr::memchr(END_BLOCK, &buf[from..]) {
-                        let at = from + i;
-                        match buf.get(at + 1) {
-                            Some(&CARRIAGE_RETURN) => return self.complete(buf, at).map(Some),
-                            Some(_) => from = at + 1,
-                            None => {
-                                // A 0x1C ends the buffer: the next byte decides.
-                                self.scanned = at + 1;
-                                self.state = ScanState::SawEndBlock;
-                                return self.check_partial(at);
-                            }
+                    return match find_end(buf, self.scanned) {
+                        End::Complete(at) => self.complete(buf, at).map(Some),
+                        End::Pending(at) => self.pend(at),
+                        End::Missing => {
+                            self.scanned = buf.len();
+                            self.check_partial(buf.len())
                         }
-                    }
-                    self.scanned = buf.len();
-                    return self.check_partial(buf.len());
+                    };
                 }
             }
         }
+    }
+
+    /// [`decode`](Self::decode) between frames with a start block at `buf[0]`.
+    fn decode_front(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
+        //   [ 0x0B | payload ........ 0x1C 0x0D | next frames ... ]
+        //   0      1               at
+        let end = find_end(buf, 1);
+        if let End::Complete(at) = end
+            && at - 1 <= self.max_payload
+        {
+            // The frame, start block and trailer included, in one split; then its payload.
+            let mut frame = buf.split_to(at + TRAILER.len()).freeze();
+            frame.advance(1);
+            frame.truncate(at - 1);
+            return Ok(Some(frame));
+        }
+        // Incomplete (or too large): as if the start block had been dropped alone.
+        buf.advance(1);
+        self.state = ScanState::InFrame;
+        match end {
+            End::Complete(at) => Err(self.overflow(at - 1)),
+            End::Pending(at) => self.pend(at - 1),
+            End::Missing => {
+                self.scanned = buf.len();
+                self.check_partial(buf.len())
+            }
+        }
+    }
+
+    /// A `0x1C` at `buf[at]` ends the buffer: the next byte decides.
+    fn pend(&mut self, at: usize) -> Result<Option<Bytes>, FrameError> {
+        self.scanned = at + 1;
+        self.state = ScanState::SawEndBlock;
+        self.check_partial(at)
     }
 
     /// Splits the payload `buf[..end]` off and drops its `0x1C 0x0D` trailer.
@@ -271,6 +302,29 @@ impl FrameDecoder {
     }
 }
 
+/// Where a frame's payload ends, from a search of `buf[from..]`.
+enum End {
+    /// `buf[at..at + 2]` is the first `0x1C 0x0D`.
+    Complete(usize),
+    /// No `0x1C 0x0D`; the last byte, `buf[at]`, is a `0x1C`.
+    Pending(usize),
+    /// No `0x1C 0x0D`, and the last byte is no `0x1C`.
+    Missing,
+}
+
+/// Finds the first `0x1C 0x0D` in `buf` starting at `from`, scanning each byte once.
+fn find_end(buf: &[u8], mut from: usize) -> End {
+    while let Some(i) = memchr::memchr(END_BLOCK, &buf[from..]) {
+        let at = from + i;
+        match buf.get(at + 1) {
+            Some(&CARRIAGE_RETURN) => return End::Complete(at),
+            Some(_) => from = at + 1,
+            None => return End::Pending(at),
+        }
+    }
+    End::Missing
+}
+
 /// Appends `payload` framed as `0x0B payload 0x1C 0x0D` to `out`, copying it.
 ///
 pub fn encode_frame(payload: &[u8], out: &mut BytesMut) {
@@ -320,10 +374,18 @@ impl EncodedFrame {
         self.written += n.min(self.remaining());
     }
 
-    /// Fills `out` with the unwritten parts (start block, payload, trailer; empty parts left
-    /// out) and returns how many slices it used, for `write_vectored`.
-    pub(crate) fn io_slices<'a>(&'a self, out: &mut [IoSlice<'a>; 3]) -> usize {
+    /// Fills the front of `out` (at least 3 slices) with the unwritten parts (start block,
+    /// payload, trailer; empty parts left out) and returns how many slices it used, for
+    /// `write_vectored`.
+    pub(crate) fn io_slices<'a>(&'a self, out: &mut [IoSlice<'a>]) -> usize {
         const START: [u8; 1] = [START_BLOCK];
+        if self.written == 0 && !self.payload.is_empty() {
+            // Nothing written yet (every reply but one a write cut short): all three.
+            out[0] = IoSlice::new(&START);
+            out[1] = IoSlice::new(&self.payload);
+            out[2] = IoSlice::new(&TRAILER);
+            return 3;
+        }
         let payload_end = 1 + self.payload.len();
         let mut n = 0;
         let mut push = |part: &'a [u8]| {

@@ -174,6 +174,7 @@ impl Dispatcher {
     }
 
     /// Ends the poll turn: the pool gets this turn's jobs under one lock.
+    #[inline]
     pub(crate) fn flush(&mut self) {
         if let Self::Pool { pool, batch, .. } = self {
             pool.submit_all(batch);

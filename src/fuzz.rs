@@ -112,18 +112,10 @@ pub fn ack(data: &[u8]) {
     let encoding = msh.as_ref().map(Msh::encoding).unwrap_or_default();
     let control_id = msh.as_ref().and_then(Msh::control_id);
 
-    const CODES: [AckCode; 6] = [
-        AckCode::AA,
-        AckCode::AE,
-        AckCode::AR,
-        AckCode::CA,
-        AckCode::CE,
-        AckCode::CR,
-    ];
     // The last byte chooses, so that the whole input stays the message and a corpus file
     // can be a plain message.
     let selector = data.last().copied().unwrap_or(0);
-    let code = CODES[usize::from(selector % 6)];
+    let code = AckCode::ALL[usize::from(selector % 6)];
     let lossy = String::from_utf8_lossy(data);
     let text: &str = if selector / 6 % 2 == 1 {
         &lossy
@@ -194,6 +186,49 @@ pub fn ack(data: &[u8]) {
         assert_eq!(
             parsed.code.is_accept(),
             !bytes.windows(4).any(|w| w == b"\rERR")
+        );
+    }
+}
+
+/// Fuzz target `ack_memo`: an ACK built through a [`Memo`](crate::ack::Memo) that remembers
+/// one message is the ACK built without one, byte for byte, for a second message that is the
+/// first with a few bytes changed (the memo's hits, and its near misses).
+///
+/// Input layout: byte 0 the change (`% 32`: how many bytes go in; `/ 32 % 6`: the code;
+/// `>= 192`: with a text), bytes 1–2 where the change starts (little-endian `u16`, modulo the
+/// message's length plus one), byte 3 the byte that goes in, byte 4 how many bytes come out
+/// (`% 32`), the rest the first message. The second is the first with bytes `at..at + out`
+/// replaced by `in` copies of the byte: a replacement, an insertion or a deletion, which moves
+/// MSH-7 and MSH-10 or breaks the MSH around them.
+pub fn ack_memo(data: &[u8]) {
+    let [change, at_lo, at_hi, byte, out, first @ ..] = data else {
+        return;
+    };
+    let at = usize::from(u16::from_le_bytes([*at_lo, *at_hi])) % (first.len() + 1);
+    let end = (at + usize::from(*out % 32)).min(first.len());
+    let second = [
+        &first[..at],
+        &vec![*byte; usize::from(*change % 32)][..],
+        &first[end..],
+    ]
+    .concat();
+    let code = AckCode::ALL[usize::from(change / 32 % 6)];
+    let text = if *change >= 192 { "a|b^c" } else { "" };
+    // Another second and another id for the second message: the memo's MSH-7 follows.
+    let ack_at = |secs: u64, id| {
+        Ack::new(code)
+            .text(text)
+            .control_id(id)
+            .timestamp(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+    };
+    let (a, b) = (ack_at(1_767_268_800, "ID1"), ack_at(1_767_268_801, "ID2"));
+    let mut memo = ack::Memo::new();
+    for (ack, message) in [(a, first), (b, &second[..]), (a, first), (a, first)] {
+        assert_eq!(
+            ack.build_with_memo(message, &mut memo),
+            ack.build_with_msh(message),
+            "through the memo, {:?}",
+            String::from_utf8_lossy(message)
         );
     }
 }

@@ -269,20 +269,28 @@ impl Link {
             if !self.conn.wants_write() {
                 return progress;
             }
-            let mut few = [IoSlice::new(&[]); FEW_IOV];
-            let n = self.conn.transmit(&mut few);
-            if n == 0 {
-                return progress;
-            }
-            telemetry.metrics.socket_writes.increment(1);
-            // `transmit` stops when fewer than 3 slices are left: with more room than that
-            // left, it offered everything ready.
-            let result = if n + 3 <= FEW_IOV {
-                self.transport.write_vectored(&few[..n])
+            let result = if let Some(frame) = self.conn.lone_reply() {
+                // One reply ready (every one at one message in flight): its own slices.
+                let mut three = [IoSlice::new(&[]); 3];
+                let n = frame.io_slices(&mut three);
+                telemetry.metrics.socket_writes.increment(1);
+                self.transport.write_vectored(&three[..n])
             } else {
-                let mut slices = [IoSlice::new(&[]); MAX_IOV];
-                let n = self.conn.transmit(&mut slices);
-                self.transport.write_vectored(&slices[..n])
+                let mut few = [IoSlice::new(&[]); FEW_IOV];
+                let n = self.conn.transmit(&mut few);
+                if n == 0 {
+                    return progress;
+                }
+                telemetry.metrics.socket_writes.increment(1);
+                // `transmit` stops when fewer than 3 slices are left: with more room than
+                // that left, it offered everything ready.
+                if n + 3 <= FEW_IOV {
+                    self.transport.write_vectored(&few[..n])
+                } else {
+                    let mut slices = [IoSlice::new(&[]); MAX_IOV];
+                    let n = self.conn.transmit(&mut slices);
+                    self.transport.write_vectored(&slices[..n])
+                }
             };
             match result {
                 Ok(0) => {

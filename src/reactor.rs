@@ -295,9 +295,11 @@ impl Loop {
                     }
                 }
             }
-            self.r.sink.notifier().reset();
+            let woken = self.r.sink.notifier().reset();
             self.adopt(now);
-            self.completions(now);
+            if woken {
+                self.completions(now);
+            }
             self.resume_pending(now);
             if self.accept_retry_at.is_some_and(|t| t <= now) {
                 self.accept_retry_at = None;
@@ -701,11 +703,12 @@ impl Loop {
             let (conns, locals) = (&self.conns, &self.locals);
             let peer = || peer_of(locals, &conns[key]);
             if !self.events.is_empty() {
-                for event in self.events.drain(..) {
+                for event in &self.events {
                     self.r
                         .telemetry
                         .report(&peer, event, self.clock, &mut self.tally);
                 }
+                self.events.clear();
             }
             let system_time = *self.wall.get_or_insert_with(SystemTime::now);
             self.r.telemetry.message_start(
@@ -850,11 +853,12 @@ impl Loop {
         // Who the events are about, built only for an observer (metrics do not need it).
         let (conns, locals) = (&self.conns, &self.locals);
         let peer = || peer_of(locals, &conns[key]);
-        for event in self.events.drain(..) {
+        for event in &self.events {
             self.r
                 .telemetry
                 .report(&peer, event, fresh, &mut self.tally);
         }
+        self.events.clear();
         let Some(closed) = self.conns[key].link.closed() else {
             return false;
         };

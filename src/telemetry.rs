@@ -589,6 +589,7 @@ impl Telemetry {
 
     /// A message goes to the handler. `peer` says who it came from; it is called only when
     /// the observer wants this start ([`Observer::message_events`]).
+    #[inline]
     pub(crate) fn message_start(
         &self,
         peer: &dyn Fn() -> Peer,
@@ -599,9 +600,19 @@ impl Telemetry {
     ) {
         tally.received += 1;
         self.metrics.message_size.record(size as f64);
-        if !self.messages.start(seq) {
-            return;
+        if self.messages.start(seq) {
+            self.observe_start(peer, seq, size, system_time);
         }
+    }
+
+    /// [`message_start`](Self::message_start)'s observer call, out of line.
+    fn observe_start(
+        &self,
+        peer: &dyn Fn() -> Peer,
+        seq: u64,
+        size: usize,
+        system_time: SystemTime,
+    ) {
         self.observe(|o| {
             let p = peer();
             o.message_start(&MessageStart {
@@ -615,52 +626,81 @@ impl Telemetry {
         });
     }
 
-    /// Reports one connection event, counting into this turn's `tally`. `now` should be fresh
-    /// for latencies (read after the write that finished the message). `peer` says who the
-    /// event is about; it is called only for the observer.
+    /// Reports one connection event, counting into this turn's `tally` (by reference: the
+    /// reactor reports its list of events in place and then clears it, with no move of each
+    /// event out of it). `now` should be fresh for latencies (read after the write that
+    /// finished the message). `peer` says who the event is about; it is called only for the
+    /// observer. Inline for the two events of every message (an outcome to count, a stop to
+    /// time), the rest in [`report_other`](Self::report_other).
+    #[inline]
     pub(crate) fn report(
         &self,
         peer: &dyn Fn() -> Peer,
-        event: Event,
+        event: &Event,
         now: Instant,
         tally: &mut Tally,
     ) {
-        let m = &self.metrics;
-        match event {
-            Event::Junk(n) => tally.rare(|t| &mut t.junk, n),
+        match *event {
             Event::Handled(outcome) => tally.handled[outcome as usize] += 1,
             Event::MessageStop {
                 seq,
                 response_size,
                 received_at,
-            } => {
-                let duration = now.saturating_duration_since(received_at);
-                if let Some(size) = response_size {
-                    m.response_size.record(size as f64);
-                }
-                m.response_latency.record(duration.as_secs_f64());
-                if self.messages != MessageEvents::All {
-                    return;
-                }
-                self.observe(|o| {
-                    let p = peer();
-                    o.message_stop(&MessageStop {
-                        connection: p.connection,
-                        peer: p.peer,
-                        local: p.local,
-                        sequence: seq,
-                        duration,
-                        response_size,
-                    })
-                });
-            }
+            } => self.message_stop(peer, seq, response_size, received_at, now),
+            _ => self.report_other(peer, event, now, tally),
+        }
+    }
+
+    /// A message is done: its reply written (`response_size`) or none needed.
+    fn message_stop(
+        &self,
+        peer: &dyn Fn() -> Peer,
+        seq: u64,
+        response_size: Option<usize>,
+        received_at: Instant,
+        now: Instant,
+    ) {
+        let m = &self.metrics;
+        let duration = now.saturating_duration_since(received_at);
+        if let Some(size) = response_size {
+            m.response_size.record(size as f64);
+        }
+        m.response_latency.record(duration.as_secs_f64());
+        if self.messages != MessageEvents::All {
+            return;
+        }
+        self.observe(|o| {
+            let p = peer();
+            o.message_stop(&MessageStop {
+                connection: p.connection,
+                peer: p.peer,
+                local: p.local,
+                sequence: seq,
+                duration,
+                response_size,
+            })
+        });
+    }
+
+    /// [`report`](Self::report) for the events that are not per message.
+    fn report_other(
+        &self,
+        peer: &dyn Fn() -> Peer,
+        event: &Event,
+        now: Instant,
+        tally: &mut Tally,
+    ) {
+        match *event {
+            Event::Junk(n) => tally.rare(|t| &mut t.junk, n),
+            // Taken by `report`.
+            Event::Handled(_) | Event::MessageStop { .. } => {}
             Event::MessageException {
                 seq,
                 reason,
                 message_size,
-                detail,
+                ref detail,
                 received_at,
-                control_id,
+                ref control_id,
             } => self.observe(|o| {
                 let p = peer();
                 o.message_exception(&MessageException {

@@ -7,6 +7,8 @@
 //! [`Msh::parse`] does and reads the same fields, which [`Fields::from_msh`] (the reference,
 //! for the tests and the fuzz target) checks.
 
+use std::ops::Range;
+
 use crate::codec::{CARRIAGE_RETURN, END_BLOCK, START_BLOCK};
 use crate::msh::{Encoding, LINE_FEED, Msh};
 
@@ -33,6 +35,19 @@ pub(crate) struct Fields<'a> {
     /// Whether any of the fields above may hold an MLLP block byte (0x0B, 0x1C): then each
     /// copy is checked and escaped. False means none does.
     pub(crate) block_bytes: bool,
+}
+
+/// Where MSH-7 and MSH-10 lie in a message whose scan ended on one of its bytes after MSH-10
+/// (a segment terminator, or the separator after MSH-18): the fields an ACK reads from it are
+/// then those of any message equal to it in `..end` outside MSH-7 and MSH-10, as long as its
+/// own MSH-7 and MSH-10 hold neither a field separator nor a control byte (see
+/// [`super::memo`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Layout {
+    pub(crate) msh7: Range<usize>,
+    pub(crate) msh10: Range<usize>,
+    /// Just after the byte the scan ended on.
+    pub(crate) end: usize,
 }
 
 /// Where the fields an ACK copies lie in the message.
@@ -210,22 +225,42 @@ fn scan(message: &[u8], field: u8) -> Scan {
     s
 }
 
-impl<'a> Fields<'a> {
-    /// No fields: what an ACK of a message without a readable MSH copies (nothing, in the
-    /// default encoding).
-    pub(crate) const NONE: Fields<'static> = Fields {
-        encoding: Encoding::DEFAULT,
-        parties: [&[]; 4],
-        trigger: &[],
-        control_id: &[],
-        processing_id: &[],
-        version: &[],
-        charset: &[],
-        block_bytes: false,
-    };
+/// The first byte at or after `from` in `message` that is a field separator `field` or a
+/// control byte (below 0x20: CR, LF and the MLLP block bytes among them), or `None` when there
+/// is none: where the field that starts at `from` ends if it holds no other control byte. A
+/// block of bytes at a time, as [`scan`].
+#[inline(always)]
+pub(crate) fn field_end(message: &[u8], from: usize, field: u8) -> Option<usize> {
+    let mut at = from;
+    loop {
+        let rest = message.get(at..)?;
+        let (separators, control) = if let Some(block) = rest.first_chunk::<{ block::LEN }>() {
+            block::masks(block, field)
+        } else {
+            if rest.is_empty() {
+                return None;
+            }
+            let mut padded = [if field == b'A' { b'B' } else { b'A' }; block::LEN];
+            padded[..rest.len()].copy_from_slice(rest);
+            block::masks(&padded, field)
+        };
+        let hits = separators | control;
+        if hits != 0 {
+            return Some(at + (hits.trailing_zeros() >> block::SHIFT) as usize);
+        }
+        at += block::LEN;
+    }
+}
 
+impl<'a> Fields<'a> {
     /// The fields of `message`'s MSH, or `None` when [`Msh::parse`] would fail.
     pub(crate) fn scan(message: &'a [u8]) -> Option<Self> {
+        Self::scan_laid_out(message).map(|(fields, _)| fields)
+    }
+
+    /// [`scan`](Self::scan), with where the fields lie when the scan ended on a byte of the
+    /// message after MSH-10 (see [`Layout`]).
+    pub(crate) fn scan_laid_out(message: &'a [u8]) -> Option<(Self, Option<Layout>)> {
         if !message.starts_with(b"MSH") {
             return None;
         }
@@ -253,7 +288,7 @@ impl<'a> Fields<'a> {
         } else {
             &[]
         };
-        Some(Self {
+        let fields = Self {
             encoding,
             parties: [get(3), get(4), get(5), get(6)],
             trigger: trigger(get(9), &encoding),
@@ -262,7 +297,15 @@ impl<'a> Fields<'a> {
             version: get(12),
             charset: get(LAST_FIELD),
             block_bytes: s.block_bytes,
-        })
+        };
+        // MSH-n spans `ends[n - 3] + 1 .. ends[n - 2]`; MSH-10 is closed when a field after it
+        // was reached or the segment ended right after it.
+        let layout = (s.complete && s.found >= 9).then(|| Layout {
+            msh7: s.ends[4] + 1..s.ends[5],
+            msh10: s.ends[7] + 1..s.ends[8],
+            end: s.ends[s.found - 1] + 1,
+        });
+        Some((fields, layout))
     }
 
     /// The same fields read through [`Msh`]'s accessors: the reference [`scan`](Self::scan)

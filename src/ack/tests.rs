@@ -503,14 +503,7 @@ fn parse_errors() {
 
 #[test]
 fn codes_round_trip() {
-    for code in [
-        AckCode::AA,
-        AckCode::AE,
-        AckCode::AR,
-        AckCode::CA,
-        AckCode::CE,
-        AckCode::CR,
-    ] {
+    for code in AckCode::ALL {
         assert_eq!(AckCode::from_bytes(code.as_str().as_bytes()), Some(code));
         assert_eq!(code.is_accept(), matches!(code, AckCode::AA | AckCode::CA));
     }
@@ -526,7 +519,7 @@ fn decimal_formatting() {
         [p - 1, p, p + 1]
     });
     for n in (0..100_000).chain(edges).chain([u64::MAX - 1, u64::MAX]) {
-        let len = put_decimal(n, &mut buf);
+        let len = id::put_decimal(n, &mut buf);
         assert_eq!(&buf[..len], n.to_string().as_bytes());
     }
 }

@@ -204,6 +204,43 @@ fn limit_excess_is_seen_before_the_frame_ends() {
 }
 
 #[test]
+fn a_whole_frame_over_the_limit_leaves_its_payload_for_the_nak() {
+    // The frame arrives whole at the buffer's front (the decoder's fast path).
+    let mut decoder = FrameDecoder::new(10);
+    let mut buf = BytesMut::from(&b"\x0bMSH|^~\\&|0123\x1c\x0d\x0bok\x1c\x0d"[..]);
+    let err = decoder.decode(&mut buf).unwrap_err();
+    assert_eq!(
+        err,
+        FrameError::TooLarge {
+            limit: 10,
+            received: 13
+        }
+    );
+    assert!(decoder.in_frame());
+    assert_eq!(&decoder.partial_frame(&buf)[..13], b"MSH|^~\\&|0123");
+    assert_eq!(decoder.decode(&mut buf), Err(err));
+}
+
+#[test]
+fn a_payload_split_off_the_front_is_only_the_payload() {
+    let mut decoder = FrameDecoder::new(LIMIT);
+    let mut buf = BytesMut::from(&b"\x0bone\x1c\x0d\x0btwo\x1c"[..]);
+    let one = decoder.decode(&mut buf).unwrap().unwrap();
+    assert_eq!((&one[..], one.len()), (&b"one"[..], 3));
+    // The next frame is incomplete: its start block is gone, its payload and 0x1C remain.
+    assert_eq!(decoder.decode(&mut buf), Ok(None));
+    assert_eq!(&buf[..], b"two\x1c");
+    buf.extend_from_slice(b"\x0d");
+    assert_eq!(decoder.decode(&mut buf).unwrap().unwrap(), &b"two"[..]);
+    assert!(buf.is_empty() && !decoder.in_frame());
+    assert_eq!(
+        &one[..],
+        b"one",
+        "the first payload is untouched by the second split"
+    );
+}
+
+#[test]
 fn pending_end_block_does_not_count_toward_the_limit() {
     // 10 payload bytes and a 0x1C that may be the terminator: not over a limit of 10.
     let mut decoder = FrameDecoder::new(10);

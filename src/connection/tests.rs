@@ -700,3 +700,33 @@ fn handler_naks_count_by_the_code_the_reply_carries_or_else_by_its_msa1() {
     }
     assert_eq!(naks, [AckCode::AE, AckCode::AE]);
 }
+
+/// A reply that is not written arms the stall deadline when it completes (where `settle`
+/// would stop at once, `handle_completion` only arms it); a reply behind a message still with
+/// its handler arms nothing, and a no-reply at the front still settles at once: the reply
+/// behind it goes out, in order.
+#[test]
+fn completions_arm_the_stall_deadline_only_for_a_reply_at_the_front() {
+    let write = WRITE.as_secs_f64();
+    let mut h = Harness::new(NakPolicy::Send);
+    h.read(&framed("S1"), 0.0);
+    h.take();
+    h.complete(0, reply("A"), 0.0);
+    h.timeout(write - 1.0);
+    assert!(!h.conn.is_closed());
+    h.timeout(write + 1.0);
+    assert_eq!(h.conn.close_reason(), Some(CloseReason::WriteStalled));
+
+    let mut h = Harness::pipelined(4);
+    h.read(&[framed("A"), framed("B"), framed("C")].concat(), 0.0);
+    assert_eq!(h.defer_all(0.0), [0, 1, 2]);
+    h.complete(1, ack_for("B"), 0.0);
+    assert!(h.offered().is_empty(), "B waits behind A");
+    h.timeout(write + 1.0);
+    assert!(!h.conn.is_closed(), "nothing could be written: no stall");
+    h.complete(0, Outcome::Reply(Reply::NoReply), write + 2.0);
+    assert_eq!(answers(&h.flush(write + 2.0)), [("AA".into(), "B".into())]);
+    h.complete(2, ack_for("C"), write + 3.0);
+    assert_eq!(answers(&h.flush(write + 3.0)), [("AA".into(), "C".into())]);
+    assert!(h.conn.is_idle());
+}

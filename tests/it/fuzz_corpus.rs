@@ -43,6 +43,14 @@ fn ack_corpus() {
 }
 
 #[test]
+fn ack_memo_corpus() {
+    assert!(
+        replay("ack_memo", mllp_reactor::__fuzz::ack_memo) > 0,
+        "the ack_memo corpus is empty"
+    );
+}
+
+#[test]
 fn connection_corpus() {
     assert!(
         replay("connection", mllp_reactor::__fuzz::connection) > 0,
