@@ -7,12 +7,11 @@
 //! handshake records, alerts) reports them through [`Transport::wants_flush`], and the reactor
 //! calls [`Transport::flush`] whenever the socket is writable, even with no reply queued.
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Read};
 use std::net::Shutdown;
 
 use bytes::BytesMut;
 use mio::net::TcpStream;
-use socket2::SockRef;
 
 use crate::proxy::{ProxyDecoder, ProxyHeader, ProxyMode};
 use crate::reason::CloseReason;
@@ -225,14 +224,14 @@ impl Transport {
         }
         let spare = buf.spare_capacity_mut();
         let room = spare.len().min(max);
-        let result = SockRef::from(&self.socket).recv(&mut spare[..room]);
+        let result = sys::recv(&self.socket, &mut spare[..room]);
         if let Ok(n) = result {
             let n = n.min(room);
             #[allow(unsafe_code)]
-            // SAFETY: `recv` is recv(2) on our socket with the first `room` bytes of the spare
-            // capacity: it returns how many bytes the kernel wrote there, from the start, and
-            // never writes uninitialised bytes (socket2's contract). So the `n` bytes after
-            // `len` are initialised, and `len + n <= capacity` (`n <= room <= spare.len()`).
+            // SAFETY: `sys::recv` is recv(2) on our socket with the first `room` bytes of the
+            // spare capacity: it returns how many bytes the kernel wrote there, from the
+            // start, and never writes uninitialised bytes. So the `n` bytes after `len` are
+            // initialised, and `len + n <= capacity` (`n <= room <= spare.len()`).
             unsafe {
                 buf.set_len(buf.len() + n);
             }
@@ -244,7 +243,7 @@ impl Transport {
     /// socket.
     pub(crate) fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self.layer.as_deref_mut() {
-            None => self.socket.write_vectored(bufs),
+            None => sys::writev(&self.socket, bufs),
             // Nothing is written before the header: the connection has not started.
             Some(Layer::Proxy(_)) => Ok(0),
             Some(Layer::Tls(session)) => session.write_vectored(&mut self.socket, bufs),
@@ -379,6 +378,8 @@ mod tls {
         None
     }
 }
+
+mod sys;
 
 #[cfg(test)]
 mod tests;

@@ -21,7 +21,7 @@
 //! to the end of `C` is where `R` has it, so its scan finds the same fields, ends at the same
 //! place, and differs only in MSH-7 (which the ACK does not copy) and MSH-10 (which it takes
 //! from the message). The pieces are written by the same code that writes a scanned message's
-//! MSH ([`Copied`](super::Copied)), so the general writer is the only one. The tests and the
+//! MSH ([`Copied`]), so the general writer is the only one. The tests and the
 //! `ack_memo` fuzz target hold every ACK built through a memo to the ACK built without one,
 //! byte for byte.
 //!
