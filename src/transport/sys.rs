@@ -15,6 +15,7 @@ use mio::net::TcpStream;
 
 /// recv(2) into `buf`: how many bytes the kernel wrote at its start (0: end of stream).
 #[cfg(target_os = "linux")]
+#[inline]
 pub(super) fn recv(socket: &TcpStream, buf: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
     use std::os::fd::AsRawFd;
     #[allow(unsafe_code)]
@@ -37,6 +38,7 @@ pub(super) fn recv(socket: &TcpStream, buf: &mut [MaybeUninit<u8>]) -> io::Resul
 
 /// writev(2) of `bufs`: how many bytes the socket took.
 #[cfg(target_os = "linux")]
+#[inline]
 pub(super) fn writev(socket: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     use std::os::fd::AsRawFd;
     /// The kernel's limit on slices per call (`UIO_MAXIOV`); more fail with `EINVAL`.
@@ -58,6 +60,7 @@ pub(super) fn writev(socket: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usi
 
 /// A system call's return value as `io::Result` (-1: the error in `errno`).
 #[cfg(target_os = "linux")]
+#[inline]
 fn result(n: libc::c_long) -> io::Result<usize> {
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
