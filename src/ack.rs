@@ -34,6 +34,11 @@
 //! (it accepts and refuses exactly what [`Msh::parse`] does). Only text the caller passes
 //! (MSA-3, ERR-3, a given control id) is not cut.
 //!
+//! [`Ack::build`] and [`Ack::build_coded`] keep, per thread, the last few senders' MSHs and
+//! the parts of their ACKs' MSH written from them: a message whose MSH differs from one of
+//! them only in MSH-7 and MSH-10 (the next message from the same sender, usually) skips the
+//! pass and most of the writing, and gets the same bytes.
+//!
 //! | ACK field | copied from | at most (bytes) | HL7 length |
 //! |---|---|---|---|
 //! | MSH-3..6 | MSH-5, 6, 3, 4 | [`MAX_PARTY_LEN`] = 227 | HD, v2.5.1 |
@@ -119,6 +124,7 @@ use memchr::memchr2;
 use crate::codec::{CARRIAGE_RETURN, END_BLOCK, START_BLOCK};
 use crate::msh::{Encoding, LINE_FEED, Msh, MshError};
 
+mod arena;
 mod fields;
 mod id;
 mod memo;
@@ -355,14 +361,17 @@ impl<'a> Ack<'a> {
     pub fn build_coded(&self, message: &[u8]) -> (AckCode, Bytes) {
         let built = LOCAL.try_with(|local| {
             let Local { memo, ids, arena } = &mut *local.borrow_mut();
-            let plan = self.plan_remembered(message, self.own_id(ids), memo);
-            (plan.code, arena::build(arena, &plan))
+            self.with_plan_remembered(message, self.own_id(ids), memo, |plan| {
+                (plan.code, arena::build(arena, plan))
+            })
         });
         built.unwrap_or_else(|_| {
             // The thread is exiting: without what it kept.
             let mut ids = Ids::new();
-            let plan = self.plan_from(Fields::scan(message), self.own_id(&mut ids));
-            (plan.code, arena::alone(&plan))
+            let id = self.own_id(&mut ids);
+            self.with_plan(Fields::scan(message), id, |plan| {
+                (plan.code, arena::alone(plan))
+            })
         })
     }
 
@@ -377,9 +386,11 @@ impl<'a> Ack<'a> {
     pub(crate) fn build_with_msh(&self, message: &[u8]) -> Vec<u8> {
         let msh = Msh::parse(message).ok();
         let mut ids = Ids::new();
-        let plan = self.plan_from(msh.as_ref().map(Fields::from_msh), self.own_id(&mut ids));
+        let id = self.own_id(&mut ids);
         let mut out = Vec::new();
-        plan.emit_exact(&mut out);
+        self.with_plan(msh.as_ref().map(Fields::from_msh), id, |plan| {
+            plan.emit_exact(&mut out)
+        });
         out
     }
 
@@ -388,32 +399,39 @@ impl<'a> Ack<'a> {
     /// fuzz target, which hold it to [`build_with_msh`](Self::build_with_msh).
     pub(crate) fn build_with_memo(&self, message: &[u8], memo: &mut Memo) -> Vec<u8> {
         let mut ids = Ids::new();
-        let plan = self.plan_remembered(message, self.own_id(&mut ids), memo);
         let mut out = Vec::new();
-        plan.emit_exact(&mut out);
+        self.with_plan_remembered(message, self.own_id(&mut ids), memo, |plan| {
+            plan.emit_exact(&mut out)
+        });
         out
     }
 
     /// [`build_into`](Self::build_into), returning the code written.
     fn emit_into(&self, message: &[u8], out: &mut Vec<u8>) -> AckCode {
         let mut ids = Ids::new();
-        let plan = self.plan_from(Fields::scan(message), self.own_id(&mut ids));
-        plan.emit_exact(out);
-        plan.code
+        let id = self.own_id(&mut ids);
+        self.with_plan(Fields::scan(message), id, |plan| {
+            plan.emit_exact(out);
+            plan.code
+        })
     }
 
-    /// [`plan`](Self::plan) through `memo`: with the pieces of the ACK's MSH it remembers
-    /// when it recalls `message`, otherwise from a scan that `memo` then learns (and the ACK
-    /// is written from what it learned) when it can.
-    fn plan_remembered<'p>(
-        &'p self,
-        message: &'p [u8],
-        id: ControlId<'p>,
-        memo: &'p mut Memo,
-    ) -> Plan<'p> {
+    /// Calls `f` with the plan of the ACK of `message` built through `memo`: with the pieces
+    /// of the ACK's MSH it remembers when it recalls `message`, otherwise from a scan that
+    /// `memo` then learns (and the ACK is written from what it learned) when it can.
+    ///
+    /// (A continuation, so that what the plan borrows can live here: a plan holding its
+    /// fields by value was large enough to be moved with a `memcpy` call, about 30
+    /// instructions per message.)
+    fn with_plan_remembered<R>(
+        &self,
+        message: &[u8],
+        id: ControlId<'_>,
+        memo: &mut Memo,
+        f: impl FnOnce(&Plan<'_>) -> R,
+    ) -> R {
         let time = self.time();
         if let Some(control_id) = memo.recall(message, time) {
-            let memo = &*memo;
             let source = Source {
                 encoding: memo.encoding(),
                 header: Header::Written(memo.pieces()),
@@ -421,36 +439,49 @@ impl<'a> Ack<'a> {
                 // MSH-10 holds no control byte, so no MLLP block byte.
                 raw_needs_escape: false,
             };
-            return self.plan_with(Some(source), id);
+            return f(&self.plan_with(Some(source), id));
         }
         let Some((fields, layout)) = Fields::scan_laid_out(message) else {
-            return self.plan_with(None, id);
+            return self.with_plan(None, id, f);
         };
-        let copied = Copied::of(&fields);
-        let header =
-            match layout.and_then(|layout| memo.learn(message, layout, &fields, &copied, time)) {
-                Some(pieces) => Header::Written(pieces),
-                None => Header::Copied(copied, hl7_timestamp(time)),
-            };
+        let second = hl7_second(time);
+        let copied = Copied::of(&fields, second.text);
+        let header = match layout.and_then(|layout| {
+            memo.place()?
+                .learn(message, layout, &fields, &copied, second)
+        }) {
+            Some(pieces) => Header::Written(pieces),
+            None => Header::Copied(&copied),
+        };
         let source = Source {
             encoding: fields.encoding,
             header,
             msa2: fields.control_id,
             raw_needs_escape: fields.block_bytes,
         };
-        self.plan_with(Some(source), id)
+        f(&self.plan_with(Some(source), id))
     }
 
-    /// Resolves every part of the ACK from the message's MSH fields (`None`: no readable MSH)
-    /// and the options.
-    fn plan_from<'p>(&'p self, fields: Option<Fields<'p>>, id: ControlId<'p>) -> Plan<'p> {
-        let source = fields.map(|f| Source {
-            encoding: f.encoding,
-            header: Header::Copied(Copied::of(&f), hl7_timestamp(self.time())),
-            msa2: f.control_id,
-            raw_needs_escape: f.block_bytes,
-        });
-        self.plan_with(source, id)
+    /// Calls `f` with the plan of the ACK of a message with MSH fields `fields` (`None`: no
+    /// readable MSH).
+    fn with_plan<R>(
+        &self,
+        fields: Option<Fields<'_>>,
+        id: ControlId<'_>,
+        f: impl FnOnce(&Plan<'_>) -> R,
+    ) -> R {
+        let time = hl7_timestamp(self.time());
+        let Some(fields) = fields else {
+            return f(&self.plan_with(None, id));
+        };
+        let copied = Copied::of(&fields, time);
+        let source = Source {
+            encoding: fields.encoding,
+            header: Header::Copied(&copied),
+            msa2: fields.control_id,
+            raw_needs_escape: fields.block_bytes,
+        };
+        f(&self.plan_with(Some(source), id))
     }
 
     /// The ACK's own MSH-10: the one given, or a new one from `ids`.
@@ -467,7 +498,8 @@ impl<'a> Ack<'a> {
     }
 
     /// Resolves every part of the ACK from what it takes from the message (`None`: no
-    /// readable MSH) and the options.
+    /// readable MSH: then nothing, in the default separators, at MSH-7's time) and the
+    /// options.
     #[inline(always)]
     fn plan_with<'p>(&'p self, source: Option<Source<'p>>, id: ControlId<'p>) -> Plan<'p> {
         let msa2 = source.as_ref().map_or(&[][..], |s| s.msa2);
@@ -485,7 +517,7 @@ impl<'a> Ack<'a> {
         });
         let source = source.unwrap_or_else(|| Source {
             encoding: Encoding::DEFAULT,
-            header: Header::Copied(Copied::NONE, hl7_timestamp(self.time())),
+            header: Header::Unreadable(hl7_timestamp(self.time())),
             msa2: &[],
             raw_needs_escape: false,
         });
@@ -640,14 +672,17 @@ struct Source<'p> {
     raw_needs_escape: bool,
 }
 
-/// The ACK's MSH but for MSH-10 (its own id): the fields to copy and MSH-7, or the same
-/// already written by [`Copied`] for an earlier message with the same fields (see [`memo`]).
+/// The ACK's MSH but for MSH-10 (its own id): the fields to copy and MSH-7, the same already
+/// written by [`Copied`] for an earlier message with the same fields (see [`memo`]), or,
+/// for a message without a readable MSH, only MSH-7 ([`Copied::none`]).
 enum Header<'p> {
-    Copied(Copied<'p>, [u8; 19]),
+    Copied(&'p Copied<'p>),
     Written(Pieces<'p>),
+    Unreadable([u8; 19]),
 }
 
-/// What the ACK's MSH copies from the message's, in the ACK's order, defaults applied.
+/// What the ACK's MSH copies from the message's, in the ACK's order, defaults applied, and
+/// MSH-7.
 pub(crate) struct Copied<'p> {
     /// The message's MSH-5, MSH-6, MSH-3, MSH-4: the ACK's MSH-3..6.
     parties: [&'p [u8]; 4],
@@ -657,6 +692,8 @@ pub(crate) struct Copied<'p> {
     version: &'p [u8],
     /// Empty: MSH-18 is left out.
     charset: &'p [u8],
+    /// MSH-7, as [`hl7_timestamp`] writes it.
+    time: [u8; 19],
 }
 
 /// [`Copied`] written: the ACK's MSH up to MSH-10, and after MSH-10.
@@ -670,15 +707,18 @@ pub(crate) struct Pieces<'p> {
 
 impl<'p> Copied<'p> {
     /// What an ACK of a message without a readable MSH copies: nothing, and the defaults.
-    const NONE: Copied<'static> = Copied {
-        parties: [&[]; 4],
-        trigger: &[],
-        processing_id: DEFAULT_PROCESSING_ID,
-        version: DEFAULT_VERSION,
-        charset: &[],
-    };
+    fn none(time: [u8; 19]) -> Self {
+        Copied {
+            parties: [&[]; 4],
+            trigger: &[],
+            processing_id: DEFAULT_PROCESSING_ID,
+            version: DEFAULT_VERSION,
+            charset: &[],
+            time,
+        }
+    }
 
-    fn of(fields: &Fields<'p>) -> Self {
+    fn of(fields: &Fields<'p>, time: [u8; 19]) -> Self {
         let or =
             |field: &'p [u8], default: &'p [u8]| if field.is_empty() { default } else { field };
         let [msh3, msh4, msh5, msh6] = fields.parties;
@@ -688,6 +728,7 @@ impl<'p> Copied<'p> {
             processing_id: or(fields.processing_id, DEFAULT_PROCESSING_ID),
             version: or(fields.version, DEFAULT_VERSION),
             charset: fields.charset,
+            time,
         }
     }
 
@@ -702,10 +743,10 @@ impl<'p> Copied<'p> {
             + raw_max(self.charset, MAX_CHARSET_LEN)
     }
 
-    /// Writes [`Pieces::stamped`], with MSH-7 `time`.
-    fn emit_stamped<S: Sink>(&self, s: &mut S, enc: &Encoding, escape: bool, time: &[u8; 19]) {
+    /// Writes [`Pieces::stamped`].
+    fn emit_stamped<S: Sink>(&self, s: &mut S, enc: &Encoding, escape: bool) {
         self.emit_head(s, enc, escape);
-        s.put(time);
+        s.put(&self.time);
         self.emit_middle(s, enc, escape);
     }
 
@@ -786,8 +827,9 @@ impl Plan<'_> {
         const FIXED: usize = 128;
         let text = |text: &[u8]| text.len() * BLOCK_ESCAPE_LEN;
         let header = match &self.header {
-            Header::Copied(copied, _) => copied.max_len(),
+            Header::Copied(copied) => copied.max_len(),
             Header::Written(pieces) => pieces.stamped.len() + pieces.tail.len(),
+            Header::Unreadable(_) => Copied::none([0; 19]).max_len(),
         };
         let id = match &self.id {
             ControlId::Given(id) => text(id),
@@ -820,16 +862,18 @@ impl Plan<'_> {
         let escape = self.raw_needs_escape;
         let code = self.code.as_str().as_bytes();
         match &self.header {
-            Header::Copied(copied, time) => copied.emit_stamped(s, enc, escape, time),
+            Header::Copied(copied) => copied.emit_stamped(s, enc, escape),
             Header::Written(pieces) => s.put(pieces.stamped),
+            Header::Unreadable(time) => Copied::none(*time).emit_stamped(s, enc, escape),
         }
         match &self.id {
             ControlId::Given(id) => put_text(s, enc, id),
             ControlId::Generated(id) => s.put(id),
         }
         match &self.header {
-            Header::Copied(copied, _) => copied.emit_tail(s, enc, escape),
+            Header::Copied(copied) => copied.emit_tail(s, enc, escape),
             Header::Written(pieces) => s.put(pieces.tail),
+            Header::Unreadable(time) => Copied::none(*time).emit_tail(s, enc, escape),
         }
         s.put(&[code[0], code[1], field]);
         put_raw(s, enc, escape, self.msa2, MAX_CONTROL_ID_LEN);
@@ -870,121 +914,6 @@ impl Sink for Count {
     }
     fn put_byte(&mut self, _: u8) {
         self.0 += 1;
-    }
-}
-
-/// The per-thread buffer acknowledgments are built in (see [`Ack::build`]).
-///
-/// An ACK-only server answers one message at a time per connection; a `Vec` per ACK was one
-/// of the heap allocations per message (callgrind, S1). Here an ACK is written in one pass
-/// straight into the free end of a buffer kept per thread (room for its longest possible
-/// form is made first, so it never grows there), then split off its front (a reference
-/// count, no allocation, no copy). Once every ACK cut from that buffer has been written and
-/// dropped, the buffer is unique again and its space is reclaimed in place. While some are
-/// still held, a new buffer is started and the old one is freed with its last ACK, so the
-/// buffer never waits for a slow peer.
-mod arena {
-    use bytes::{Bytes, BytesMut};
-
-    use super::Plan;
-
-    /// Bytes per shared buffer: about twenty ACKs of the usual size.
-    const SIZE: usize = 4 * 1024;
-
-    /// What a shared buffer's room is initialised with, a piece at a time.
-    static ZEROS: [u8; 1024] = [0; 1024];
-
-    /// The bytes `plan` writes, cut from `shared`, this thread's buffer (or on their own
-    /// when they may be large).
-    pub(super) fn build(shared: &mut BytesMut, plan: &Plan<'_>) -> Bytes {
-        let max_len = plan.max_len();
-        if max_len > SIZE / 2 {
-            return alone(plan);
-        }
-        // The buffer's initialised length is the room to write in: zeroing it costs less
-        // than a capacity check per write, and it is zeroed 1 KiB at a time, once per
-        // several ACKs (callgrind, S1: a `resize` per ACK was about 70 instructions).
-        if shared.len() < max_len {
-            if shared.capacity() < max_len {
-                shared.clear();
-                if !shared.try_reclaim(max_len) {
-                    *shared = BytesMut::with_capacity(SIZE);
-                }
-            }
-            // In copies of at most 1 KiB from zeros: `resize` writes byte by byte, and
-            // larger copies are `rep movsb`, as slow under callgrind.
-            while shared.len() < max_len {
-                let room = shared.capacity() - shared.len();
-                shared.extend_from_slice(&ZEROS[..room.min(ZEROS.len())]);
-            }
-        }
-        let mut cursor = Cursor {
-            buf: &mut shared[..max_len],
-            at: 0,
-        };
-        plan.emit(&mut cursor);
-        let len = cursor.at;
-        if len > max_len {
-            debug_assert!(false, "an ACK longer than its bound");
-            shared.clear();
-            return alone(plan);
-        }
-        shared.split_to(len).freeze()
-    }
-
-    /// The bytes `plan` writes, exactly sized on their own: large text, a thread exiting,
-    /// or a bound that was short.
-    pub(super) fn alone(plan: &Plan<'_>) -> Bytes {
-        let mut out = Vec::new();
-        plan.emit_exact(&mut out);
-        Bytes::from(out)
-    }
-
-    /// Writes into a buffer sized to the ACK's bound. Past the end (a bound too short, a bug)
-    /// bytes are counted but not written, and `build` starts again exactly sized: never a
-    /// panic on the reactor thread, never a cut ACK.
-    pub(super) struct Cursor<'b> {
-        pub(super) buf: &'b mut [u8],
-        pub(super) at: usize,
-    }
-
-    /// `dst.copy_from_slice(src)` (same lengths), without a `memcpy` call for the short
-    /// fields an ACK is mostly made of: up to 16 bytes go as two overlapping fixed-size
-    /// copies (callgrind, S1: a `memcpy` call per field was about 14 instructions each).
-    #[inline(always)]
-    pub(super) fn copy(dst: &mut [u8], src: &[u8]) {
-        let n = src.len();
-        if n > 16 || dst.len() != n {
-            dst.copy_from_slice(src);
-        } else if n >= 8 {
-            dst[..8].copy_from_slice(&src[..8]);
-            dst[n - 8..].copy_from_slice(&src[n - 8..]);
-        } else if n >= 4 {
-            dst[..4].copy_from_slice(&src[..4]);
-            dst[n - 4..].copy_from_slice(&src[n - 4..]);
-        } else if n > 0 {
-            dst[0] = src[0];
-            dst[n / 2] = src[n / 2];
-            dst[n - 1] = src[n - 1];
-        }
-    }
-
-    impl super::Sink for Cursor<'_> {
-        #[inline]
-        fn put(&mut self, bytes: &[u8]) {
-            let end = self.at + bytes.len();
-            if let Some(room) = self.buf.get_mut(self.at..end) {
-                copy(room, bytes);
-            }
-            self.at = end;
-        }
-        #[inline]
-        fn put_byte(&mut self, byte: u8) {
-            if let Some(room) = self.buf.get_mut(self.at) {
-                *room = byte;
-            }
-            self.at += 1;
-        }
     }
 }
 
@@ -1158,7 +1087,7 @@ fn hl7_timestamp(time: SystemTime) -> [u8; 19] {
 
 /// The second an HL7 timestamp shows, as the span of times that show it.
 #[derive(Clone, Copy, Debug)]
-struct Second {
+pub(crate) struct Second {
     from: SystemTime,
     until: SystemTime,
     text: [u8; 19],

@@ -190,7 +190,7 @@ pub fn ack(data: &[u8]) {
     }
 }
 
-/// Fuzz target `ack_memo`: an ACK built through a [`Memo`](crate::ack::Memo) that remembers
+/// Fuzz target `ack_memo`: an ACK built through a memo (`ack::memo`) that remembers
 /// one message is the ACK built without one, byte for byte, for a second message that is the
 /// first with a few bytes changed (the memo's hits, and its near misses).
 ///

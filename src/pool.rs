@@ -309,11 +309,14 @@ impl Shared {
 fn worker(shared: &Shared, slot: usize) {
     while let Some(job) = shared.next_job() {
         let started = Instant::now();
-        shared.metrics.handler_queue.record(
-            started
-                .saturating_duration_since(job.cx.received_at)
-                .as_secs_f64(),
-        );
+        let timings = shared.metrics.timings;
+        if timings {
+            shared.metrics.handler_queue.record(
+                started
+                    .saturating_duration_since(job.cx.received_at)
+                    .as_secs_f64(),
+            );
+        }
         let outcome = if started >= job.deadline {
             Outcome::Expired
         } else {
@@ -321,10 +324,12 @@ fn worker(shared: &Shared, slot: usize) {
             shared.metrics.workers_busy.increment(1.0);
             let outcome = call(&*shared.handler, &job.payload, &job.cx);
             shared.metrics.workers_busy.decrement(1.0);
-            shared
-                .metrics
-                .handler_duration
-                .record(started.elapsed().as_secs_f64());
+            if timings {
+                shared
+                    .metrics
+                    .handler_duration
+                    .record(started.elapsed().as_secs_f64());
+            }
             shared.slots[slot].store(SLOT_IDLE, Ordering::Release);
             outcome
         };

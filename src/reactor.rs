@@ -715,16 +715,12 @@ impl Loop {
                 &mut self.tally,
             );
             let entry = &self.conns[key];
+            let seq = d.seq;
             let message = Message {
-                connection: entry.link.id,
-                peer: entry.link.peer(),
+                link: &entry.link,
                 local: self.locals[usize::from(entry.local)],
-                identity: entry.link.identity(),
-                seq: d.seq,
-                payload: d.payload,
-                received_at: d.received_at,
+                d,
                 received_time: system_time,
-                deadline: d.deadline,
             };
             // Inline, the outcome is here now; from the pool it comes as a completion.
             if let Some((outcome, done)) = self.dispatcher.dispatch(message, self.clock) {
@@ -732,7 +728,7 @@ impl Loop {
                 self.conns[key]
                     .link
                     .conn
-                    .handle_completion(d.seq, outcome, now, &mut self.events);
+                    .handle_completion(seq, outcome, now, &mut self.events);
             }
         }
     }
@@ -843,9 +839,14 @@ impl Loop {
             return false;
         }
         // A fresh clock for latencies: `now` of the turn is older than the write that
-        // finished these messages.
-        let fresh = Instant::now();
-        self.clock = fresh;
+        // finished these messages. Only when a latency is wanted (`timing_histograms`, or
+        // an observer of message stops).
+        let fresh = if self.r.telemetry.times_stops() {
+            self.clock = Instant::now();
+            self.clock
+        } else {
+            self.clock
+        };
         // Who the events are about, built only for an observer (metrics do not need it).
         let (conns, locals) = (&self.conns, &self.locals);
         let peer = || peer_of(locals, &conns[key]);

@@ -4,12 +4,12 @@
 //! # Observer
 //!
 //! Every observer method is called **on the reactor thread**, in the order things happened,
-//! exactly once per event: `connection_start` before anything else of that connection,
-//! `message_start` before that message's `message_stop` or `message_exception`, and
-//! `connection_stop` last. An oversize frame gives a `message_exception` with no
-//! `message_start` (the handler never saw it). Observers must be cheap and
-//! must not block: the reactor serves every connection of the server from that thread. Forward
-//! to a channel if you need to do real work.
+//! exactly once per event (of those it asks for: [`Observer::message_events`]):
+//! `connection_start` before anything else of that connection, `message_start` before that
+//! message's `message_stop` or `message_exception`, and `connection_stop` last. An oversize
+//! frame gives a `message_exception` with no `message_start` (the handler never saw it).
+//! Observers must be cheap and must not block: the reactor serves every connection of the
+//! server from that thread. Forward to a channel if you need to do real work.
 //!
 //! # Metrics
 //!
@@ -17,7 +17,9 @@
 //! Handles are registered once when the server is bound, with whatever recorder is installed
 //! (globally, or with `metrics::with_local_recorder` around `bind()`), so **install the
 //! recorder before `bind()`**; the hot path then costs one atomic operation per update and never
-//! builds a key.
+//! builds a key. Without a recorder, turn the timing histograms off
+//! ([`Builder::timing_histograms`](crate::Builder::timing_histograms)): the three `_seconds`
+//! histograms per message then stay empty and cost no clock reading.
 //!
 //! | name | kind | unit | labels |
 //! |---|---|---|---|
@@ -109,7 +111,7 @@ pub trait Observer: Send + Sync + 'static {
     /// struct FirstMessages;
     /// impl Observer for FirstMessages {
     ///     fn message_start(&self, e: &MessageStart) {
-    ///         assert_eq!(e.sequence, 0);
+    ///         // Sequence 0 only: the others are not even built.
     ///         println!("{} sent its first message", e.peer);
     ///     }
     ///     fn message_events(&self) -> MessageEvents {
@@ -344,6 +346,9 @@ pub(crate) struct Metrics {
     pub(crate) observer_panics: Counter,
     pub(crate) buffered_bytes: Gauge,
     pub(crate) read_pauses: Counter,
+    /// Whether messages are timed for the timing histograms (queue, handler, response
+    /// latency): the builder's `timing_histograms`.
+    pub(crate) timings: bool,
 }
 
 impl Metrics {
@@ -389,6 +394,7 @@ impl Metrics {
             observer_panics: counter(OBSERVER_PANICS),
             buffered_bytes: metrics::gauge!(BUFFERED_BYTES, &l()),
             read_pauses: counter(READ_PAUSES),
+            timings: true,
         }
     }
 
@@ -530,6 +536,9 @@ pub(crate) struct Telemetry {
     /// The observer's [`Observer::message_events`], asked once ([`MessageEvents::None`]
     /// without one): one branch per message decides whether an event is built.
     messages: MessageEvents,
+    /// A message stop's duration is wanted: by the response-latency histogram or by the
+    /// observer.
+    times_stops: bool,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -545,10 +554,18 @@ impl Telemetry {
             .as_deref()
             .map_or(MessageEvents::None, Observer::message_events);
         Self {
+            times_stops: metrics.timings || messages == MessageEvents::All,
             metrics,
             observer,
             messages,
         }
+    }
+
+    /// Whether a message stop's duration is wanted, so the reactor reads a fresh clock for it
+    /// after a write. Without one, events are reported with the reactor's latest reading,
+    /// which is never earlier than the event (an exception's duration ends there).
+    pub(crate) fn times_stops(&self) -> bool {
+        self.times_stops
     }
 
     /// Calls the observer (if any), catching a panic.
@@ -661,11 +678,16 @@ impl Telemetry {
         now: Instant,
     ) {
         let m = &self.metrics;
-        let duration = now.saturating_duration_since(received_at);
         if let Some(size) = response_size {
             m.response_size.record(size as f64);
         }
-        m.response_latency.record(duration.as_secs_f64());
+        if !self.times_stops {
+            return;
+        }
+        let duration = now.saturating_duration_since(received_at);
+        if m.timings {
+            m.response_latency.record(duration.as_secs_f64());
+        }
         if self.messages != MessageEvents::All {
             return;
         }

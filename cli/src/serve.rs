@@ -359,6 +359,8 @@ fn bind(
         .max_memory(args.max_memory)
         .reactors(args.reactors)
         .dispatch(dispatch(args.dispatch))
+        // Without `--metrics` no recorder is installed: nobody reads the timings.
+        .timing_histograms(args.metrics.is_some())
         .observer(LogObserver);
     if let Some(n) = args.max_in_flight {
         builder = builder.max_in_flight(n);

@@ -82,6 +82,7 @@ impl Ids {
     }
 
     /// A new id, unique within the process.
+    #[inline]
     pub(crate) fn next(&mut self) -> &[u8] {
         let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         if self.counter.wrapping_add(1) != n || !self.last.increment() {

@@ -1,6 +1,6 @@
-//! The last message's MSH and the parts of its acknowledgment that depend only on it, kept
-//! per thread, so that the next message from the same sender skips the field scan and most
-//! of the writing.
+//! The last messages' MSHs (one per sender, for a few senders) and the parts of their
+//! acknowledgments that depend only on them, kept per thread, so that the next message from
+//! the same sender skips the field scan and most of the writing.
 //!
 //! Consecutive messages from one sender usually differ in their MSH only in MSH-7 (the time)
 //! and MSH-10 (the control id); the ACK's MSH-3..6, MSH-9, MSH-11, MSH-12 and MSH-18 (and
@@ -9,7 +9,7 @@
 //! the ends of MSH-7 and MSH-10, and returns the remembered pieces of the ACK's MSH. Anything
 //! else (another sender, another message type, a cut-off MSH, a control byte in MSH-7 or
 //! MSH-10, an empty MSH-10) is a miss: the caller scans the message as usual and
-//! [`Memo::learn`]s it.
+//! learns it ([`Memo::place`], [`Entry::learn`]).
 //!
 //! Why a hit gives the same ACK as a scan: the remembered MSH `R` is `P ‖ r7 ‖ B ‖ r10 ‖ C`,
 //! where `P` runs from `MSH` up to MSH-7, `B` from the separator closing MSH-7 to the one
@@ -20,11 +20,16 @@
 //! byte, which must then be the first of `B` or `C`): every separator and terminator in it up
 //! to the end of `C` is where `R` has it, so its scan finds the same fields, ends at the same
 //! place, and differs only in MSH-7 (which the ACK does not copy) and MSH-10 (which it takes
-//! from the message). The pieces are
-//! written by the same code that writes a scanned message's MSH
-//! ([`Copied`](super::Copied)), so the general writer is the only one. The tests and the
-//! `ack` fuzz target hold every ACK built through a memo to the ACK built without one, byte
-//! for byte.
+//! from the message). The pieces are written by the same code that writes a scanned message's
+//! MSH ([`Copied`]), so the general writer is the only one. The tests and the
+//! `ack_memo` fuzz target hold every ACK built through a memo to the ACK built without one,
+//! byte for byte.
+//!
+//! A reactor thread serves several connections, whose messages interleave: the memo keeps
+//! [`SENDERS`] MSHs, tries the one that recalled last first, and replaces them in turn. When
+//! more senders than that interleave, every message misses; learning each would add its cost
+//! (about 500 instructions) to a scan that gains nothing, so after [`SENDERS`] misses in a row
+//! only every [`LEARN_EVERY`]-th miss is learned.
 
 use std::ops::Range;
 use std::time::SystemTime;
@@ -38,10 +43,99 @@ use crate::msh::Encoding;
 /// the fields are capped at about 600.
 const MAX_REMEMBERED: usize = 1024;
 
+/// How many senders' MSHs a memo keeps: a few connections per reactor thread is usual.
+const SENDERS: usize = 4;
+
+/// After [`SENDERS`] misses in a row, one miss in this many is learned.
+const LEARN_EVERY: u32 = 16;
+
+/// The MSHs of the last few senders and the ACK pieces written from them.
+#[derive(Debug)]
+pub(crate) struct Memo {
+    senders: [Entry; SENDERS],
+    /// The entry that recalled or learned last: tried first, and the one
+    /// [`pieces`](Self::pieces) reads.
+    last: usize,
+    /// The entry the next [`place`](Self::place) gives.
+    next: usize,
+    /// Misses since the last recall.
+    misses: u32,
+}
+
+impl Memo {
+    /// A memo that remembers nothing.
+    pub(crate) const fn new() -> Self {
+        Self {
+            senders: [const { Entry::new() }; SENDERS],
+            last: 0,
+            next: 0,
+            misses: 0,
+        }
+    }
+
+    /// Where `message`'s MSH-10 lies, when its MSH is a remembered one but for MSH-7 and
+    /// MSH-10 (see the [module docs](self)): [`pieces`](Self::pieces) (with MSH-7 `time`) and
+    /// [`encoding`](Self::encoding) are then its ACK's. The MSH-10 is not empty and holds no
+    /// field separator and no control byte.
+    #[inline]
+    pub(crate) fn recall(&mut self, message: &[u8], time: SystemTime) -> Option<Range<usize>> {
+        // The sender of the last message first, on its own: one sender is the common case,
+        // and a loop over all was about 150 instructions dearer per message (callgrind).
+        let last = &mut self.senders[self.last % SENDERS];
+        let msh10 = match last.recall(message) {
+            Some(msh10) => {
+                last.stamp(time);
+                msh10
+            }
+            None => self.recall_others(message, time)?,
+        };
+        self.misses = 0;
+        Some(msh10)
+    }
+
+    /// [`recall`](Self::recall) from the senders other than the last one.
+    #[inline(never)]
+    fn recall_others(&mut self, message: &[u8], time: SystemTime) -> Option<Range<usize>> {
+        for k in 1..SENDERS {
+            let i = (self.last + k) % SENDERS;
+            if let Some(msh10) = self.senders[i].recall(message) {
+                self.senders[i].stamp(time);
+                self.last = i;
+                return Some(msh10);
+            }
+        }
+        self.misses = self.misses.saturating_add(1);
+        None
+    }
+
+    /// Where a message that was not recalled is to be learned ([`Entry::learn`]): the oldest
+    /// sender's place. `None` for a miss skipped while more senders interleave than the memo
+    /// keeps.
+    pub(crate) fn place(&mut self) -> Option<&mut Entry> {
+        if self.misses as usize > SENDERS && !self.misses.is_multiple_of(LEARN_EVERY) {
+            return None;
+        }
+        let i = self.next;
+        self.next = (i + 1) % SENDERS;
+        self.last = i;
+        Some(&mut self.senders[i])
+    }
+
+    /// The separators of the message recalled or learned last.
+    pub(crate) fn encoding(&self) -> Encoding {
+        self.senders[self.last].encoding
+    }
+
+    /// The pieces of the ACK's MSH written from the message recalled or learned last.
+    pub(crate) fn pieces(&self) -> Pieces<'_> {
+        self.senders[self.last].pieces()
+    }
+}
+
 /// One remembered MSH and the ACK pieces written from it. Empty until [`learn`](Self::learn)
 /// keeps a message.
 #[derive(Debug)]
-pub(crate) struct Memo {
+pub(crate) struct Entry {
     /// The message's bytes from `MSH` to the last byte its scan read; empty when none is
     /// remembered.
     msh: Vec<u8>,
@@ -59,9 +153,8 @@ pub(crate) struct Memo {
     second: Option<Second>,
 }
 
-impl Memo {
-    /// A memo that remembers nothing.
-    pub(crate) const fn new() -> Self {
+impl Entry {
+    const fn new() -> Self {
         Self {
             msh: Vec::new(),
             msh7: 0..0,
@@ -74,12 +167,9 @@ impl Memo {
         }
     }
 
-    /// Where `message`'s MSH-10 lies, when its MSH is the remembered one but for MSH-7 and
-    /// MSH-10 (see the [module docs](self)): [`pieces`](Self::pieces) (with MSH-7 `time`) and
-    /// [`encoding`](Self::encoding) are then its ACK's. The MSH-10 is not empty and holds no
-    /// field separator and no control byte.
-    #[inline]
-    pub(crate) fn recall(&mut self, message: &[u8], time: SystemTime) -> Option<Range<usize>> {
+    /// [`Memo::recall`] for this sender, without the stamp.
+    #[inline(always)]
+    fn recall(&self, message: &[u8]) -> Option<Range<usize>> {
         let msh = &self.msh[..];
         if msh.is_empty() {
             return None;
@@ -104,20 +194,19 @@ impl Memo {
         if !same(message.get(end10..end10 + after.len())?, after) {
             return None;
         }
-        self.stamp(time);
         Some(start10..end10)
     }
 
     /// Remembers `message`, whose scan gave `fields` (and `copied`, the parts of its ACK's
-    /// MSH) and `layout`, and returns the pieces written from it with MSH-7 `time`; `None`
-    /// (and nothing remembered) for an MSH too long to keep.
+    /// MSH) and `layout`, and returns the pieces written from it with MSH-7 in `second`.
+    /// `None` (and nothing remembered) for an MSH too long to keep.
     pub(crate) fn learn(
         &mut self,
         message: &[u8],
         layout: Layout,
         fields: &Fields<'_>,
         copied: &Copied<'_>,
-        time: SystemTime,
+        second: Second,
     ) -> Option<Pieces<'_>> {
         self.msh.clear();
         if layout.end > MAX_REMEMBERED {
@@ -127,11 +216,10 @@ impl Memo {
         self.msh7 = layout.msh7;
         self.msh10 = layout.msh10;
         self.encoding = fields.encoding;
-        let second = hl7_second(time);
         let (enc, escape) = (&fields.encoding, fields.block_bytes);
         let written = &mut self.written;
         written.clear();
-        copied.emit_stamped(written, enc, escape, &second.text);
+        copied.emit_stamped(written, enc, escape);
         self.stamped_len = written.len();
         copied.emit_tail(written, enc, escape);
         // `stamped` is the head, then MSH-7.
@@ -142,13 +230,7 @@ impl Memo {
         Some(self.pieces())
     }
 
-    /// The separators of the remembered message.
-    pub(crate) fn encoding(&self) -> Encoding {
-        self.encoding
-    }
-
-    /// The pieces of the ACK's MSH written from the remembered message.
-    pub(crate) fn pieces(&self) -> Pieces<'_> {
+    fn pieces(&self) -> Pieces<'_> {
         let (stamped, tail) = self.written.split_at(self.stamped_len);
         Pieces { stamped, tail }
     }

@@ -199,3 +199,49 @@ fn gauges_follow_open_connections_and_busy_workers() {
         1
     );
 }
+
+/// `timing_histograms(false)`: the three timing histograms stay empty, and nothing else
+/// changes: the other metrics, the slow-inline counter, and the observer's message stops with
+/// their durations.
+#[test]
+fn without_timing_histograms_only_the_timings_are_missing() {
+    for dispatch in [mllp_reactor::Dispatch::Inline, mllp_reactor::Dispatch::Pool] {
+        let handler = handler_fn(|msg, _| {
+            if control_id(msg) == "SLOW" {
+                // Far above the 1 ms threshold.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(Reply::Send(mllp_reactor::ack::accept(msg)))
+        });
+        let server = start(
+            Server::builder(handler)
+                .dispatch(dispatch)
+                .timing_histograms(false),
+        );
+        let mut peer = server.connect();
+        assert_ack(&peer.roundtrip(&message("T1")), AckCode::AA, "T1");
+        assert_ack(&peer.roundtrip(&message("SLOW")), AckCode::AA, "SLOW");
+        drop(peer);
+        let mut stopped = server.stop();
+        let m = &stopped.metrics;
+        for name in [HANDLER_QUEUE, HANDLER_DURATION, RESPONSE_LATENCY] {
+            assert!(
+                m.histogram(name).is_empty(),
+                "{dispatch:?}: {name} recorded"
+            );
+        }
+        assert_eq!(m.counter(MESSAGES_RECEIVED, &[]), 2, "{dispatch:?}");
+        assert_eq!(m.histogram(MESSAGE_SIZE).len(), 2, "{dispatch:?}");
+        assert_eq!(m.histogram(RESPONSE_SIZE).len(), 2, "{dispatch:?}");
+        let slow = u64::from(dispatch == mllp_reactor::Dispatch::Inline);
+        assert_eq!(m.counter(INLINE_SLOW, &[]), slow, "{dispatch:?}");
+        let long_stops = stopped.events.count(|e| {
+            matches!(e, crate::support::Event::MessageStop(s)
+                if s.sequence == 1 && s.duration >= Duration::from_millis(20))
+        });
+        assert_eq!(
+            long_stops, 1,
+            "{dispatch:?}: the slow message's stop and its duration"
+        );
+    }
+}

@@ -101,7 +101,11 @@ fn the_memo_recalls_only_a_new_msh7_and_msh10() {
             None,
             "an empty memo recalls nothing"
         );
-        memo.learn(message, layout.clone(), &fields, &Copied::of(&fields), time);
+        let second = hl7_second(time);
+        let copied = Copied::of(&fields, second.text);
+        memo.place()
+            .unwrap()
+            .learn(message, layout.clone(), &fields, &copied, second);
         assert_eq!(memo.recall(message, time), Some(layout.msh10.clone()));
         for (msh7, msh10) in [
             (&b"2027"[..], &b"X"[..]),
