@@ -6,7 +6,8 @@
 //! system call and off after it, about 30 instructions per call (callgrind, S1:
 //! `__pthread_enable_asynccancel` and `__pthread_disable_asynccancel`), and Rust never cancels
 //! a thread, so that is all they add. Elsewhere the calls go through socket2 and std as
-//! usual.
+//! usual. A tool that interposes glibc's `recv`/`writev` (`LD_PRELOAD`) does not see these
+//! two calls; one that must (the power-loss test's shim) interposes `syscall` as well.
 
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
