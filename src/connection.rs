@@ -565,6 +565,7 @@ impl Connection {
         match result {
             Ok(Some(payload)) => {
                 if payload.len() > LARGE_FRAME {
+                    pool::note_large_frame();
                     // Framing bytes and one read of slack, so the next one fits as it arrives.
                     let hint = payload.len() + crate::codec::FRAMING_OVERHEAD + LARGE_FRAME;
                     self.large_frame_hint =

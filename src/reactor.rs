@@ -688,6 +688,10 @@ impl Loop {
                 return any;
             };
             any = true;
+            if d.payload.len() > READ_CHUNK {
+                // A large frame's freed buffers go back to the system at the next sweep.
+                self.sweep_due = true;
+            }
             if self.paused && self.holder == Some(entry.link.id) {
                 // Its frame is complete: above the budget, no more (see `holder`).
                 entry.drew = true;

@@ -23,9 +23,10 @@ const BUDGET: usize = 64 << 20;
 /// reading above the budget (one message, 5 MiB, in a buffer that doubled to 8 MiB), one read
 /// (64 KiB), the test's own 5 MiB message, 200 client threads' stacks (a few KiB touched each),
 /// and allocator slack: glibc raises its mmap threshold after the first large frees, so later
-/// 5–8 MiB buffers come from its heap, where a freed buffer counts in RSS until it is reused.
-/// Measured peaks: 74–115 MiB for the 64 MiB budget, once 121 (without the budget: over
-/// 500 MiB). Near the bound: what moves it is how many connections are part-way through a
+/// 5–8 MiB buffers come from its heap, where a freed buffer counts in RSS until it is reused
+/// or the reactor's sweep gives its pages back (`malloc_trim` after large frames).
+/// Measured peaks: 74–115 MiB for the 64 MiB budget, once 121, before that trim; 76–88 MiB
+/// with it (16 runs; without the budget: over 500 MiB). Near the bound: what moves it is how many connections are part-way through a
 /// frame when reads pause (each may finish its frame above the budget: F in the crate docs'
 /// bound) and how many freed doublings glibc keeps (BENCHMARKS.md, third session, S4). The
 /// slack was 56 MiB until a run reached 121; 64 MiB (twice the budget in all) still fails the

@@ -12,7 +12,7 @@
 //! large frames), and 64 slot queues, per reactor thread; and what nobody took for a sweep
 //! period goes back to the allocator ([`trim`]), down to one of each.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use bytes::BytesMut;
 
@@ -39,6 +39,8 @@ const QUEUE_CAPACITY: usize = 64;
 const PARTS: usize = 64;
 
 thread_local! {
+    /// A large frame was received since the last [`trim`] (see [`note_large_frame`]).
+    static LARGE_FREED: Cell<bool> = const { Cell::new(false) };
     static BUFFER_POOL: RefCell<Kept<BytesMut>> = const { RefCell::new(Kept::new()) };
     static LARGE_POOL: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
     // Boxed on purpose: a connection holds its queue as a `Box` (8 bytes while idle), and
@@ -94,6 +96,9 @@ const KEPT_IDLE: usize = 1;
 /// shrink back to [`KEPT_IDLE`] each within two sweeps, so they hold what the load needs,
 /// not what its peak left behind. Returns whether another call may free more.
 pub(crate) fn trim() -> bool {
+    if LARGE_FREED.try_with(|f| f.replace(false)).unwrap_or(false) {
+        return_free_pages();
+    }
     let small = BUFFER_POOL
         .try_with(|p| p.borrow_mut().trim())
         .unwrap_or(false);
@@ -104,6 +109,31 @@ pub(crate) fn trim() -> bool {
         .try_with(|p| p.borrow_mut().trim())
         .unwrap_or(false);
     small || queues || parts
+}
+
+/// A large frame was received on this thread: its buffers (the ones it outgrew, and its own
+/// unless the pool keeps it) are freed by the time the next sweep runs, which then gives
+/// their pages back to the system (see [`trim`]).
+pub(super) fn note_large_frame() {
+    let _ = LARGE_FREED.try_with(|f| f.set(true));
+}
+
+/// Gives the allocator's free pages back to the system. glibc keeps freed memory of its
+/// heaps resident, and after the first large buffer is freed it raises its mmap threshold,
+/// so that later large buffers (a frame's buffer doubling to 8 MiB) come from a heap too: the
+/// halves left behind by each doubling, and buffers freed after their messages were answered,
+/// stayed resident until reused (`tests/budget.rs`: up to 53 MiB of peak RSS above what the
+/// budget counted; BENCHMARKS.md, third session, S4). Called at most once per sweep period
+/// (10 ms), and only after a large frame.
+fn return_free_pages() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` takes no pointer and only returns free memory of glibc's own
+    // heaps to the system (under each arena's lock): it is safe to call from any thread at
+    // any time; `0` asks for no padding to be kept.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// A kept box for a connection's read buffer and decoder, if the thread has one (its buffer
@@ -227,6 +257,19 @@ pub(super) fn pooled() -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_large_frame_has_the_next_trim_give_free_pages_back_once() {
+        let freed = || LARGE_FREED.with(Cell::get);
+        trim();
+        assert!(!freed());
+        note_large_frame();
+        assert!(freed());
+        // A large buffer freed, as after a large frame's message was answered.
+        drop(Vec::<u8>::with_capacity(8 << 20));
+        trim();
+        assert!(!freed(), "once per large frame, not at every sweep");
+    }
 
     #[test]
     fn a_pool_gives_back_what_nobody_took_for_a_sweep_period_down_to_one() {
