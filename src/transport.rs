@@ -241,6 +241,7 @@ impl Transport {
 
     /// Writes plaintext; returns how much was taken. For TCP that many bytes reached the
     /// socket.
+    #[inline]
     pub(crate) fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self.layer.as_deref_mut() {
             None => sys::writev(&self.socket, bufs),

@@ -6,7 +6,8 @@
 //! system call and off after it, about 30 instructions per call (callgrind, S1:
 //! `__pthread_enable_asynccancel` and `__pthread_disable_asynccancel`), and Rust never cancels
 //! a thread, so that is all they add. Elsewhere the calls go through socket2 and std as
-//! usual.
+//! usual. A tool that interposes glibc's `recv`/`writev` (`LD_PRELOAD`) does not see these
+//! two calls; one that must (the power-loss test's shim) interposes `syscall` as well.
 
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
@@ -15,6 +16,7 @@ use mio::net::TcpStream;
 
 /// recv(2) into `buf`: how many bytes the kernel wrote at its start (0: end of stream).
 #[cfg(target_os = "linux")]
+#[inline]
 pub(super) fn recv(socket: &TcpStream, buf: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
     use std::os::fd::AsRawFd;
     #[allow(unsafe_code)]
@@ -37,6 +39,7 @@ pub(super) fn recv(socket: &TcpStream, buf: &mut [MaybeUninit<u8>]) -> io::Resul
 
 /// writev(2) of `bufs`: how many bytes the socket took.
 #[cfg(target_os = "linux")]
+#[inline]
 pub(super) fn writev(socket: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     use std::os::fd::AsRawFd;
     /// The kernel's limit on slices per call (`UIO_MAXIOV`); more fail with `EINVAL`.
@@ -58,6 +61,7 @@ pub(super) fn writev(socket: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usi
 
 /// A system call's return value as `io::Result` (-1: the error in `errno`).
 #[cfg(target_os = "linux")]
+#[inline]
 fn result(n: libc::c_long) -> io::Result<usize> {
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }

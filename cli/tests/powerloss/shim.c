@@ -8,7 +8,9 @@
  *     synced it), logged after it returned;
  *   - every ftruncate of such a file ('T': file, length), logged after it returned;
  *   - every write/send to a socket ('S': bytes), logged BEFORE the bytes are handed to the
- *     kernel, so a reply counts as sent from the moment it might have left;
+ *     kernel, so a reply counts as sent from the moment it might have left (including a
+ *     writev(2) made with syscall(2), as the server makes its socket writes on Linux:
+ *     src/transport/sys.rs);
  *   - each tracked file's path, once, when first opened ('N': file, path).
  * Records are appended with one write(2) each on an O_APPEND descriptor, so records of
  * concurrent threads never interleave. The test then rebuilds each file as of its last
@@ -28,6 +30,7 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -60,10 +63,12 @@ static int (*real_open64)(const char *, int, ...);
 static int (*real_openat)(int, const char *, int, ...);
 static int (*real_openat64)(int, const char *, int, ...);
 static int (*real_close)(int);
+static long (*real_syscall)(long, ...);
 
 #define RESOLVE(name) real_##name = dlsym(RTLD_NEXT, #name)
 
 __attribute__((constructor)) static void init(void) {
+    RESOLVE(syscall);
     RESOLVE(write); RESOLVE(pwrite); RESOLVE(pwrite64); RESOLVE(writev); RESOLVE(send);
     RESOLVE(sendto); RESOLVE(sendmsg); RESOLVE(fsync); RESOLVE(fdatasync); RESOLVE(ftruncate);
     RESOLVE(ftruncate64); RESOLVE(open); RESOLVE(open64); RESOLVE(openat); RESOLVE(openat64);
@@ -215,6 +220,23 @@ ssize_t writev(int fd, const struct iovec *iov, int n) {
     }
     if (is_socket(fd)) put_record('S', 0, 0, iov, n, iov_total(iov, n));
     return real_writev(fd, iov, n);
+}
+
+/* syscall(2) takes up to six arguments in registers; it reads all six whatever the caller
+ * passed (as glibc's own does), and so does this. */
+long syscall(long number, ...) {
+    va_list ap;
+    va_start(ap, number);
+    long a[6];
+    for (int i = 0; i < 6; i++) a[i] = va_arg(ap, long);
+    va_end(ap);
+    /* Rust's std makes its futex calls with syscall(2), possibly before `init` ran. */
+    if (!real_syscall) RESOLVE(syscall);
+    if (number == SYS_writev && is_socket((int)a[0])) {
+        const struct iovec *iov = (const struct iovec *)a[1];
+        put_record('S', 0, 0, iov, (int)a[2], iov_total(iov, (int)a[2]));
+    }
+    return real_syscall(number, a[0], a[1], a[2], a[3], a[4], a[5]);
 }
 
 ssize_t send(int fd, const void *data, size_t n, int flags) {
