@@ -566,16 +566,14 @@ impl Loop {
     /// read budget for this turn is spent), reports its events, and re-arms its deadline.
     /// Removes the connection if it closed.
     fn drive(&mut self, key: usize, now: Instant) {
+        // Sporadic calls for a closed slot do nothing. Inside the loop the entry stays until
+        // `report` removes it, which ends the visit.
+        if !self.conns.contains(key) {
+            return;
+        }
         let mut budget = READ_BUDGET;
         loop {
-            let Some(entry) = self.conns.get_mut(key) else {
-                return;
-            };
-            let mut progress = false;
-            if entry.link.take_abandoned() {
-                self.dispatcher.abandoned(entry.link.id, now);
-            }
-            progress |= self.dispatch(key, now);
+            let mut progress = self.dispatch(key, now);
             // Read before writing, and write only once the socket has no more bytes waiting
             // (or the read budget or the memory budget stops reading): a read after this
             // visit's replies would find the peer's answer to them, and serving it now would
@@ -698,13 +696,17 @@ impl Loop {
         self.sweep_due = crate::connection::trim_pools() || !self.holding.is_empty();
     }
 
-    /// Hands every message the connection can dispatch now to the handler: inline, or into
+    /// Tells the dispatcher of a handler call the connection abandoned at its deadline, then
+    /// hands every message the connection can dispatch now to the handler: inline, or into
     /// this turn's job batch for the pool. Returns whether any was dispatched.
     fn dispatch(&mut self, key: usize, now: Instant) -> bool {
         let mut any = false;
         // One look-up for the whole visit: everything below but the entry is another field
         // of `self` (a look-up per use was three bounds checks per message: callgrind, S1).
         let entry = &mut self.conns[key];
+        if entry.link.take_abandoned() {
+            self.dispatcher.abandoned(entry.link.id, now);
+        }
         loop {
             let Some(d) = entry.link.conn.poll_dispatch(now, &mut self.events) else {
                 return any;
