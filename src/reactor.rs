@@ -135,6 +135,27 @@ struct Entry {
     drew: bool,
 }
 
+impl Entry {
+    /// Whether the connection may read under the handshake cap: a TLS connection that has
+    /// not started needs one of the reactor's handshake slots (see
+    /// [`Builder::max_handshakes`](crate::Builder::max_handshakes)); without one it waits.
+    fn may_handshake(&mut self, handshakes: &mut Handshakes) -> bool {
+        if self.link.handshake == Slot::None && self.link.handshakes() {
+            self.link.handshake = handshakes.request(self.link.id);
+        }
+        self.link.handshake != Slot::Waiting
+    }
+
+    /// Updates the connection's memory count (its buffers and its transport's, TLS);
+    /// returns the change, for `Loop::budget_delta`.
+    fn recount(&mut self) -> isize {
+        let buffered = u32::try_from(self.link.buffered()).unwrap_or(u32::MAX);
+        let delta = buffered as isize - self.counted as isize;
+        self.counted = buffered;
+        delta
+    }
+}
+
 // An idle connection costs its slab entry and its timer entry (16 bytes) and nothing else on
 // our heap (its buffers and decoder are released): keep that well under 256 bytes (project
 // goal; measured as RSS in BENCHMARKS.md, heap counted by `tests/idle_cost.rs`).
@@ -545,19 +566,14 @@ impl Loop {
     /// read budget for this turn is spent), reports its events, and re-arms its deadline.
     /// Removes the connection if it closed.
     fn drive(&mut self, key: usize, now: Instant) {
+        // Sporadic calls for a closed slot do nothing. Inside the loop the entry stays until
+        // `report` removes it, which ends the visit.
+        if !self.conns.contains(key) {
+            return;
+        }
         let mut budget = READ_BUDGET;
         loop {
-            let Some(entry) = self.conns.get_mut(key) else {
-                return;
-            };
-            let mut progress = false;
-            if entry.link.take_abandoned() {
-                self.dispatcher.abandoned(entry.link.id, now);
-            }
-            progress |= self.dispatch(key, now);
-            let Some(entry) = self.conns.get_mut(key) else {
-                return;
-            };
+            let mut progress = self.dispatch(key, now);
             // Read before writing, and write only once the socket has no more bytes waiting
             // (or the read budget or the memory budget stops reading): a read after this
             // visit's replies would find the peer's answer to them, and serving it now would
@@ -567,10 +583,13 @@ impl Loop {
             let mut reading = false;
             // A PROXY header is outside the memory budget (it is a few bytes, and the
             // connection holds nothing else yet) and the handshake cap.
-            if entry.link.wants_read()
-                && (entry.link.reads_header() || (self.may_handshake(key) && self.may_read(key)))
-            {
-                let entry = &mut self.conns[key];
+            let entry = &mut self.conns[key];
+            let wants_read = entry.link.wants_read()
+                && (entry.link.reads_header()
+                    || (entry.may_handshake(&mut self.handshakes) && self.may_read(key)));
+            // One look-up for the rest of the pass (`may_read` may look at every entry).
+            let entry = &mut self.conns[key];
+            if wants_read {
                 if budget == 0 {
                     if !entry.pending {
                         entry.pending = true;
@@ -600,11 +619,10 @@ impl Loop {
                 }
             }
             if !reading {
-                let entry = &mut self.conns[key];
                 progress |= entry.link.write(&self.r.telemetry, now, &mut self.events);
             }
-            if self.conns[key].link.poll_started(now) {
-                if std::mem::take(&mut self.conns[key].link.handshake) == Slot::Held {
+            if entry.link.poll_started(now) {
+                if std::mem::take(&mut entry.link.handshake) == Slot::Held {
                     self.release_handshake();
                 }
                 self.start(key);
@@ -678,12 +696,18 @@ impl Loop {
         self.sweep_due = crate::connection::trim_pools() || !self.holding.is_empty();
     }
 
-    /// Hands every message the connection can dispatch now to the handler: inline, or into
+    /// Tells the dispatcher of a handler call the connection abandoned at its deadline, then
+    /// hands every message the connection can dispatch now to the handler: inline, or into
     /// this turn's job batch for the pool. Returns whether any was dispatched.
     fn dispatch(&mut self, key: usize, now: Instant) -> bool {
         let mut any = false;
+        // One look-up for the whole visit: everything below but the entry is another field
+        // of `self` (a look-up per use was three bounds checks per message: callgrind, S1).
+        let entry = &mut self.conns[key];
+        if entry.link.take_abandoned() {
+            self.dispatcher.abandoned(entry.link.id, now);
+        }
         loop {
-            let entry = &mut self.conns[key];
             let Some(d) = entry.link.conn.poll_dispatch(now, &mut self.events) else {
                 return any;
             };
@@ -700,8 +724,8 @@ impl Loop {
             // They came from the previous message's completion: the latest reading (its
             // inline handler's end) is when they happened. Who they are about is built only
             // for the observer.
-            let (conns, locals) = (&self.conns, &self.locals);
-            let peer = || peer_of(locals, &conns[key]);
+            let (shared, locals) = (&*entry, &self.locals);
+            let peer = || peer_of(locals, shared);
             if !self.events.is_empty() {
                 for event in &self.events {
                     self.r
@@ -718,34 +742,22 @@ impl Loop {
                 system_time,
                 &mut self.tally,
             );
-            let entry = &self.conns[key];
             let seq = d.seq;
             let message = Message {
-                link: &entry.link,
-                local: self.locals[usize::from(entry.local)],
+                link: &shared.link,
+                local: self.locals[usize::from(shared.local)],
                 d,
                 received_time: system_time,
             };
             // Inline, the outcome is here now; from the pool it comes as a completion.
             if let Some((outcome, done)) = self.dispatcher.dispatch(message, self.clock) {
                 self.clock = done;
-                self.conns[key]
+                entry
                     .link
                     .conn
                     .handle_completion(seq, outcome, now, &mut self.events);
             }
         }
-    }
-
-    /// Whether connection `key` may read under the handshake cap: a TLS connection that has
-    /// not started needs one of the reactor's handshake slots (see
-    /// [`Builder::max_handshakes`](crate::Builder::max_handshakes)); without one it waits.
-    fn may_handshake(&mut self, key: usize) -> bool {
-        let entry = &mut self.conns[key];
-        if entry.link.handshake == Slot::None && entry.link.handshakes() {
-            entry.link.handshake = self.handshakes.request(entry.link.id);
-        }
-        entry.link.handshake != Slot::Waiting
     }
 
     /// A handshake slot is given back: it passes to the longest waiter still waiting, which
@@ -770,10 +782,7 @@ impl Loop {
     /// Updates connection `key`'s memory count: the connection's buffers and its transport's
     /// (TLS).
     fn count(&mut self, key: usize) {
-        let entry = &mut self.conns[key];
-        let buffered = u32::try_from(entry.link.buffered()).unwrap_or(u32::MAX);
-        self.budget_delta += buffered as isize - entry.counted as isize;
-        entry.counted = buffered;
+        self.budget_delta += self.conns[key].recount();
     }
 
     /// Whether connection `key` may read under the memory budget: always below it. Above it
@@ -837,8 +846,8 @@ impl Loop {
     /// Reports the connection's events, updates its memory count, and removes it if it
     /// closed. Returns true if it was removed.
     fn report(&mut self, key: usize) -> bool {
-        self.count(key);
-        let entry = &self.conns[key];
+        let entry = &mut self.conns[key];
+        self.budget_delta += entry.recount();
         if self.events.is_empty() && !entry.link.is_closed() {
             return false;
         }
@@ -852,18 +861,18 @@ impl Loop {
             self.clock
         };
         // Who the events are about, built only for an observer (metrics do not need it).
-        let (conns, locals) = (&self.conns, &self.locals);
-        let peer = || peer_of(locals, &conns[key]);
+        let (entry, locals) = (&*entry, &self.locals);
+        let peer = || peer_of(locals, entry);
         for event in &self.events {
             self.r
                 .telemetry
                 .report(&peer, event, fresh, &mut self.tally);
         }
         self.events.clear();
-        let Some(closed) = self.conns[key].link.closed() else {
+        let Some(closed) = entry.link.closed() else {
             return false;
         };
-        let p = self.peer(&self.conns[key]);
+        let p = peer_of(locals, entry);
         let reason = closed.reason;
         let entry = self.conns.remove(key);
         self.budget_delta -= entry.counted as isize;
