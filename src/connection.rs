@@ -157,7 +157,7 @@ pub(crate) const LINGER_TIME: Duration = Duration::from_secs(2);
 /// A frame over this size is "large": the read buffer then grows straight to the size of the
 /// connection's last large frame. One read's worth: below it a frame arrives in one or two
 /// reads and growth costs nothing worth saving.
-const LARGE_FRAME: usize = 64 * 1024;
+pub(crate) const LARGE_FRAME: usize = 64 * 1024;
 /// Most bytes one read appends to the read buffer beyond what the frame limit allows
 /// ([`Connection::read_with`]): a full socket buffer's worth in few syscalls. It is the "one
 /// read" of the bounds on the buffer; a read into room the buffer already has may take more

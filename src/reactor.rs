@@ -712,8 +712,9 @@ impl Loop {
                 return any;
             };
             any = true;
-            if d.payload.len() > READ_CHUNK {
-                // A large frame's freed buffers go back to the system at the next sweep.
+            if d.payload.len() > crate::connection::LARGE_FRAME {
+                // A large frame's freed buffers go back to the system at the next sweep (the
+                // connection noted it for the pool's trim by the same measure).
                 self.sweep_due = true;
             }
             if self.paused && self.holder == Some(entry.link.id) {

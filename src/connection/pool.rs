@@ -40,7 +40,7 @@ const PARTS: usize = 64;
 
 thread_local! {
     /// A large frame was received since the last [`trim`] (see [`note_large_frame`]).
-    static LARGE_FREED: Cell<bool> = const { Cell::new(false) };
+    static LARGE_FRAME_SEEN: Cell<bool> = const { Cell::new(false) };
     static BUFFER_POOL: RefCell<Kept<BytesMut>> = const { RefCell::new(Kept::new()) };
     static LARGE_POOL: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
     // Boxed on purpose: a connection holds its queue as a `Box` (8 bytes while idle), and
@@ -96,7 +96,10 @@ const KEPT_IDLE: usize = 1;
 /// shrink back to [`KEPT_IDLE`] each within two sweeps, so they hold what the load needs,
 /// not what its peak left behind. Returns whether another call may free more.
 pub(crate) fn trim() -> bool {
-    if LARGE_FREED.try_with(|f| f.replace(false)).unwrap_or(false) {
+    if LARGE_FRAME_SEEN
+        .try_with(|f| f.replace(false))
+        .unwrap_or(false)
+    {
         return_free_pages();
     }
     let small = BUFFER_POOL
@@ -115,7 +118,7 @@ pub(crate) fn trim() -> bool {
 /// unless the pool keeps it) are freed by the time the next sweep runs, which then gives
 /// their pages back to the system (see [`trim`]).
 pub(super) fn note_large_frame() {
-    let _ = LARGE_FREED.try_with(|f| f.set(true));
+    let _ = LARGE_FRAME_SEEN.try_with(|f| f.set(true));
 }
 
 /// Gives the allocator's free pages back to the system. glibc keeps freed memory of its
@@ -260,7 +263,7 @@ mod tests {
 
     #[test]
     fn a_large_frame_has_the_next_trim_give_free_pages_back_once() {
-        let freed = || LARGE_FREED.with(Cell::get);
+        let freed = || LARGE_FRAME_SEEN.with(Cell::get);
         trim();
         assert!(!freed());
         note_large_frame();
