@@ -88,11 +88,15 @@
 //!   plus one 64 KiB read), `read_ahead` undecoded bytes when no more messages can be handed
 //!   over, and at most `max_in_flight` messages with their replies; no buffer at all while
 //!   idle (a connection in use keeps its small read buffer between messages until the
-//!   reactor's next sweep, at most 10 ms, and counts it). Server-wide: every buffered byte counts against `max_memory`; above it the server
-//!   stops reading and TCP pushes back on senders, except that a connection may finish the
-//!   frame it is in (one connection per reactor at a time, one with bytes waiting) and a
-//!   connection with no message in flight may receive one frame; none reads further until
-//!   the total falls to ¾ of `max_memory`. So the bytes the server buffers stay below
+//!   reactor's next sweep, at most 10 ms, and counts it). Server-wide: every buffered byte
+//!   counts against `max_memory`, and a frame under way counts as the largest frame allowed
+//!   once more than 64 KiB of it are in (MLLP has no length prefix: its rest is unknown, and
+//!   reading pauses before more frames are started than the budget could finish); above it
+//!   the server stops reading and TCP pushes back on senders, except that a connection may
+//!   finish the frame it is in (one connection per reactor at a time, one with bytes
+//!   waiting) and a connection with no message in flight may receive one frame; none reads
+//!   further until the total falls to ¾ of `max_memory`. So the bytes the server buffers
+//!   stay below
 //!
 //!   ```text
 //!   max_memory + F × (max_message_size + 64 KiB) + N × E
@@ -100,12 +104,14 @@
 //!
 //!   where F is the number of connections in a frame or with nothing in flight when reading
 //!   paused (each adds at most the rest of one frame; a peer that stops mid-frame keeps its
-//!   partial frame until its frame deadline), N the open connections and E what an idle
-//!   connection costs (at most 256 bytes, plus the TLS session's state with TLS; see
-//!   BENCHMARKS.md). A pipelining sender never reads past one frame above the budget,
-//!   however many messages it may have in flight. The handler queue holds at most one job
-//!   per connection, and a job whose connection closed or whose message was already answered
-//!   is dropped before it runs.
+//!   partial frame until its frame deadline). A frame past its first 64 KiB already counts
+//!   in full, so finishing it adds nothing: F counts the connections with at most 64 KiB of
+//!   a frame in or nothing in flight, and per reactor the one whose frame tipped the budget.
+//!   N is the number of open connections and E what an idle connection costs (at most 256
+//!   bytes, plus the TLS session's state with TLS; see BENCHMARKS.md). A pipelining sender
+//!   never reads past one frame above the budget, however many messages it may have in
+//!   flight. The handler queue holds at most one job per connection, and a job whose
+//!   connection closed or whose message was already answered is dropped before it runs.
 //! - **One bad peer affects no other**: junk, oversize frames, slow drips, resets, peers that
 //!   never read, and pipelining floods end or pause only their own connection; a handler that
 //!   hangs or panics costs one worker, which is replaced; an observer that panics is counted

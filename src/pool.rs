@@ -333,6 +333,11 @@ fn worker(shared: &Shared, slot: usize) {
             shared.slots[slot].store(SLOT_IDLE, Ordering::Release);
             outcome
         };
+        // The payload goes before the completion: the reactor stops counting the message's
+        // memory against the budget when the completion arrives, and a worker preempted by
+        // the wake-up it sends would otherwise hold the frame's buffer (up to the largest
+        // frame) uncounted until it runs again.
+        drop(job.payload);
         job.cx.sink.push(Completion {
             id: job.id,
             seq: job.seq,

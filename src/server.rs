@@ -230,7 +230,8 @@ impl Builder {
         timing_histograms: bool
     );
     setter!(
-        /// Server-wide budget for buffered bytes (default 512 MiB): partial frames, read-ahead,
+        /// Server-wide budget for buffered bytes (default 512 MiB): partial frames (one past
+        /// its first 64 KiB counts as `max_message_size`: its rest is unknown), read-ahead,
         /// messages in flight and replies not yet written. Above it the server stops reading,
         /// except that a connection may finish the frame it is in and a connection with no
         /// message in flight may receive one frame (one connection per reactor at a time,

@@ -730,3 +730,43 @@ fn completions_arm_the_stall_deadline_only_for_a_reply_at_the_front() {
     assert_eq!(answers(&h.flush(write + 3.0)), [("AA".into(), "C".into())]);
     assert!(h.conn.is_idle());
 }
+
+#[test]
+fn a_large_frame_under_way_counts_as_the_largest_frame_allowed() {
+    const MAX: usize = 1 << 20;
+    let full = MAX + crate::codec::FRAMING_OVERHEAD;
+    let mut h = Harness::with_max(NakPolicy::Send, MAX);
+    let mut wire = framed("BIG");
+    wire.truncate(wire.len() - 2);
+    wire.resize(1 + 200 * 1024, b'x');
+    // Up to the split: the start block, then LARGE_FRAME payload bytes (the buffer holds the
+    // payload: the decoder dropped the start block).
+    h.read(&wire[..=LARGE_FRAME], 1.0);
+    assert_eq!(h.conn.buffered_len(), LARGE_FRAME);
+    assert!(
+        h.conn.buffered() < full,
+        "one read's worth counts its buffer"
+    );
+    assert_eq!(h.conn.buffered(), h.conn.busy.capacity());
+    // One byte past it: the frame counts in full, whatever its buffer holds.
+    h.read(&wire[LARGE_FRAME + 1..LARGE_FRAME + 2], 1.0);
+    assert_eq!(h.conn.buffered_len(), LARGE_FRAME + 1);
+    assert_eq!(h.conn.buffered(), full.max(h.conn.busy.capacity()));
+    h.read(&wire[LARGE_FRAME + 2..], 1.0);
+    assert!(h.conn.buffered() >= full);
+    assert!(h.dispatched().is_empty());
+    // Complete: the message counts what it holds, no longer the limit.
+    h.read(&[0x1c, 0x0d], 1.0);
+    assert_eq!(h.dispatched(), vec![0]);
+    assert!(
+        h.conn.buffered() < full,
+        "a complete frame counts its bytes: {}",
+        h.conn.buffered()
+    );
+    // A small frame under way counts its buffer, as before.
+    let mut h = Harness::with_max(NakPolicy::Send, MAX);
+    let small = framed("SMALL");
+    h.read(&small[..small.len() - 2], 1.0);
+    assert!(h.conn.busy.in_frame());
+    assert_eq!(h.conn.buffered(), h.conn.busy.capacity());
+}
