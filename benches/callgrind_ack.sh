@@ -18,6 +18,11 @@
 #                    not times, and servers measured the same way)
 #   STRACE_ARGS=...  extra strace flags, e.g. "--seccomp-bpf -e trace=epoll_wait,writev,sendto"
 #                    to count only those, at nearly full speed
+#   CALLGRIND_ARGS=... extra callgrind flags, e.g. "--cache-sim=yes" (D1 and last-level cache
+#                    misses, simulated for user-space accesses only: the kernel's copy of a
+#                    `recv` into the buffer is not seen) or "--cache-sim=yes --LL=1048576,16,64"
+#                    to simulate one core's 1 MiB share of the L2 as the last level; every
+#                    event's total per message is printed then
 
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,8 +35,8 @@ OUT=${OUT:-target/$TOOL/ack-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$(dirname "$OUT")"
 
 case $TOOL in
-    # shellcheck disable=SC2086 # SERVER_CMD is a list of words on purpose
-    callgrind) valgrind --tool=callgrind --callgrind-out-file="$OUT.callgrind" $SERVER_CMD \
+    # shellcheck disable=SC2086 # SERVER_CMD and CALLGRIND_ARGS are lists of words on purpose
+    callgrind) valgrind --tool=callgrind ${CALLGRIND_ARGS:-} --callgrind-out-file="$OUT.callgrind" $SERVER_CMD \
         >"$OUT.stdout" 2>"$OUT.stderr" & ;;
     # shellcheck disable=SC2086 # SERVER_CMD and STRACE_ARGS are lists of words on purpose
     strace) strace -f -c ${STRACE_ARGS:-} -o "$OUT.strace" $SERVER_CMD \
@@ -74,6 +79,22 @@ per_message() {
     awk -v n="$MSGS" '/^ *[0-9,]+ \(/ && !/PROGRAM TOTALS/ {
         v = $1; gsub(",", "", v); $1 = ""; $2 = ""; printf "%8d %s\n", v / n, $0 }' "$1" | head -n 40
 }
+if [[ -n ${CALLGRIND_ARGS:-} ]]; then
+    # Every event callgrind counted (Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw with the cache
+    # simulation), per message, in total and for the functions with the most last-level read
+    # misses (self).
+    EVENTS=$(awk '/^Events shown:/ { $1 = ""; $2 = ""; print; exit }' "$OUT.self.txt")
+    # shellcheck disable=SC2086 # EVENTS is a list of words on purpose
+    printf '%10s' $EVENTS; echo "  (per message)"
+    awk -v n="$MSGS" '/Auto-annotated source/ { exit } /^ *[0-9,]+ \(/ {
+            line = $0; k = 0
+            while (match(line, /^ *[0-9,.]+ (\([ 0-9.]+%\))?/)) {
+                v = substr(line, RSTART, RLENGTH); sub(/\(.*/, "", v); gsub(/[ ,]/, "", v)
+                val[++k] = v; line = substr(line, RSTART + RLENGTH)
+            }
+            for (i = 1; i <= k; i++) printf "%10.0f", val[i] / n
+            print "  " line }' "$OUT.self.txt" | head -n 12
+fi
 echo "--- inclusive, per message"
 per_message "$OUT.inclusive.txt"
 echo "--- self, per message"
