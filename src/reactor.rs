@@ -153,6 +153,29 @@ impl Entry {
         self.link.handshake != Slot::Waiting
     }
 
+    /// Inserts the connection's deadline into `wheel` if it is earlier than what is armed
+    /// (`next_timer`: `Loop::next_timer`, asked again after an insert). Later deadlines (the
+    /// idle timer restarted by a read) are left to the armed entry: when it fires early the
+    /// connection ignores it and the real deadline is armed then.
+    fn arm(
+        &mut self,
+        wheel: &mut TimerWheel<ConnectionId>,
+        next_timer: &mut Option<Option<Instant>>,
+        epoch: Instant,
+    ) {
+        let Some(deadline) = self.link.poll_timeout() else {
+            return;
+        };
+        // Usually the idle deadline, pushed back by the last read: no earlier than the armed
+        // entry, and told so without a subtraction.
+        if self.armed != 0 && deadline >= epoch + Duration::from_nanos(self.armed - 1) {
+            return;
+        }
+        wheel.insert(deadline, self.link.id);
+        self.armed = nanos_since(epoch, deadline) + 1;
+        *next_timer = None;
+    }
+
     /// Updates the connection's memory count (its buffers and its transport's, TLS);
     /// returns the change, for `Loop::budget_delta`.
     ///
@@ -337,6 +360,14 @@ impl Loop {
                             continue;
                         };
                         entry.link.handle_readiness(readable, writable, read_closed);
+                        // A writable edge alone for a link with nothing to write: a visit
+                        // would find nothing to do (`Link::is_spent`), as its last one left
+                        // it. The kernel reports such edges now and then after a reply left
+                        // (sockets stay registered for both directions); more of them, the
+                        // busier the machine.
+                        if !readable && !read_closed && entry.link.is_spent() {
+                            continue;
+                        }
                         self.drive(key, now);
                     }
                 }
@@ -678,34 +709,38 @@ impl Loop {
                 break;
             }
         }
-        if self.conns[key].link.release_idle_buffers() {
-            self.count(key);
-        }
-        self.hold(key);
-        self.schedule(key);
+        self.end_visit(key);
     }
 
-    /// Lets connection `key` keep the pooled buffers it holds (read buffer, decoder, slot
-    /// queue) if it is in use: it gave them back earlier in this sweep period, so it is
-    /// likely to take them again soon (at one message in flight, every message would
-    /// otherwise give them back and take them again: callgrind, S1). It is then listed
-    /// (at most [`HOLDING`]) for the sweep. Otherwise, idle, it gives them back now, as a
-    /// connection that sends one message and rests (a thousand such in a burst take no more
-    /// buffers than one). Listed, it costs one comparison per visit.
-    fn hold(&mut self, key: usize) {
-        let link = &mut self.conns[key].link;
-        if link.rested == Rested::Listed || !link.conn.holds_buffers() {
-            return;
+    /// The end of a visit to connection `key` (still open), with one look-up of its entry:
+    /// its layer's idle buffers go back, its pooled buffers are held or given back (see
+    /// below), and its deadline is armed.
+    ///
+    /// It keeps the pooled buffers it holds (read buffer, decoder, slot queue) if it is in
+    /// use: it gave them back earlier in this sweep period, so it is likely to take them
+    /// again soon (at one message in flight, every message would otherwise give them back
+    /// and take them again: callgrind, S1). It is then listed (at most [`HOLDING`]) for the
+    /// sweep. Otherwise, idle, it gives them back now, as a connection that sends one
+    /// message and rests (a thousand such in a burst take no more buffers than one).
+    /// Listed, it costs one comparison per visit.
+    fn end_visit(&mut self, key: usize) {
+        let entry = &mut self.conns[key];
+        if entry.link.release_idle_buffers() {
+            self.budget_delta += entry.recount();
         }
-        if link.rested == Rested::At(self.period) && self.holding.len() < HOLDING {
-            link.rested = Rested::Listed;
-            self.holding.push(link.id);
-            self.sweep_due = true;
-        } else if !link.conn.release_idle() {
-            link.rested = Rested::At(self.period);
-            self.count(key);
+        let link = &mut entry.link;
+        if link.rested != Rested::Listed && link.conn.holds_buffers() {
+            if link.rested == Rested::At(self.period) && self.holding.len() < HOLDING {
+                link.rested = Rested::Listed;
+                self.holding.push(link.id);
+                self.sweep_due = true;
+            } else if !link.conn.release_idle() {
+                link.rested = Rested::At(self.period);
+                self.budget_delta += entry.recount();
+            }
+            // Else in use: decided again at its next visit.
         }
-        // Else in use: decided again at its next visit.
+        entry.arm(&mut self.wheel, &mut self.next_timer, self.epoch);
     }
 
     /// The periodic sweep (every [`BEAT_EVERY`] while it has work, from the turn that stamps
@@ -978,24 +1013,11 @@ impl Loop {
         }
     }
 
-    /// Inserts the connection's deadline into the wheel if it is earlier than what is armed.
-    /// Later deadlines (the idle timer restarted by a read) are left to the armed entry: when
-    /// it fires early the connection ignores it and the real deadline is armed then.
+    /// Arms connection `key`'s deadline (see [`Entry::arm`]).
     fn schedule(&mut self, key: usize) {
-        let Some(entry) = self.conns.get_mut(key) else {
-            return;
-        };
-        let Some(deadline) = entry.link.poll_timeout() else {
-            return;
-        };
-        // Usually the idle deadline, pushed back by the last read: no earlier than the armed
-        // entry, and told so without a subtraction.
-        if entry.armed != 0 && deadline >= self.epoch + Duration::from_nanos(entry.armed - 1) {
-            return;
+        if let Some(entry) = self.conns.get_mut(key) {
+            entry.arm(&mut self.wheel, &mut self.next_timer, self.epoch);
         }
-        self.wheel.insert(deadline, entry.link.id);
-        entry.armed = nanos_since(self.epoch, deadline) + 1;
-        self.next_timer = None;
     }
 
     fn timers(&mut self, now: Instant) {
