@@ -156,7 +156,9 @@ impl Entry {
     /// Inserts the connection's deadline into `wheel` if it is earlier than what is armed
     /// (`next_timer`: `Loop::next_timer`, asked again after an insert). Later deadlines (the
     /// idle timer restarted by a read) are left to the armed entry: when it fires early the
-    /// connection ignores it and the real deadline is armed then.
+    /// connection ignores it and the real deadline is armed then. Inline: a call saved and
+    /// restored registers at every visit (callgrind, S1: about 20 instructions).
+    #[inline]
     fn arm(
         &mut self,
         wheel: &mut TimerWheel<ConnectionId>,
