@@ -732,26 +732,20 @@ impl Telemetry {
             }
             // Taken by `report`.
             Event::MessageStop { .. } => {}
-            Event::MessageException {
-                seq,
-                reason,
-                message_size,
-                ref detail,
-                received_at,
-                ref control_id,
-            } => self.observe(|o| {
+            Event::MessageException(ref e) => self.observe(|o| {
                 let p = peer();
                 o.message_exception(&MessageException {
                     connection: p.connection,
                     peer: p.peer,
                     local: p.local,
-                    sequence: seq,
-                    duration: received_at
+                    sequence: e.seq,
+                    duration: e
+                        .received_at
                         .map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
-                    message_size,
-                    reason,
-                    detail: detail.as_deref(),
-                    control_id: control_id.as_deref(),
+                    message_size: e.message_size,
+                    reason: e.reason,
+                    detail: e.detail.as_deref(),
+                    control_id: e.control_id.as_deref(),
                 })
             }),
             Event::NakQueued(AckCode::AR) => tally.rare(|t| &mut t.naks_ar, 1),

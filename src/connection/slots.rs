@@ -93,6 +93,11 @@ impl Slots {
     }
 
     #[inline]
+    pub(super) fn front_mut(&mut self) -> Option<&mut Slot> {
+        self.0.as_mut()?.q.front_mut()
+    }
+
+    #[inline]
     pub(super) fn get(&self, index: usize) -> Option<&Slot> {
         self.0.as_ref()?.q.get(index)
     }
