@@ -89,14 +89,15 @@
 //!   over, and at most `max_in_flight` messages with their replies; no buffer at all while
 //!   idle (a connection in use keeps its small read buffer between messages until the
 //!   reactor's next sweep, at most 10 ms, and counts it). Server-wide: every buffered byte
-//!   counts against `max_memory`, and a frame under way counts as the largest frame allowed
-//!   once more than 64 KiB of it are in (MLLP has no length prefix: its rest is unknown, and
-//!   reading pauses before more frames are started than the budget could finish); above it
-//!   the server stops reading and TCP pushes back on senders, except that a connection may
-//!   finish the frame it is in (one connection per reactor at a time, one with bytes
-//!   waiting) and a connection with no message in flight may receive one frame; none reads
-//!   further until the total falls to ¾ of `max_memory`. So the bytes the server buffers
-//!   stay below
+//!   counts against `max_memory` (a connection's count follows a shrink once what it holds
+//!   has halved, so it counts at most twice its bytes, never fewer), and a frame under way
+//!   counts as the largest frame allowed once more than 64 KiB of it are in (MLLP has no
+//!   length prefix: its rest is unknown, and reading pauses before more frames are started
+//!   than the budget could finish); above it the server stops reading and TCP pushes back on
+//!   senders, except that a connection may finish the frame it is in (one connection per
+//!   reactor at a time, one with bytes waiting) and a connection with no message in flight
+//!   may receive one frame; none reads further until the total falls to ¾ of `max_memory`.
+//!   So the bytes the server buffers stay below
 //!
 //!   ```text
 //!   max_memory + F × (max_message_size + 64 KiB) + N × E
