@@ -823,6 +823,9 @@ impl Plan<'_> {
     /// At least the length [`emit`](Self::emit) writes, found without a pass over the text:
     /// a copied field takes at most its cap and at most 5 bytes per byte (`\X0B\`), text
     /// of ours at most 5 bytes per byte (`\X0D\`), and the fixed parts under 128 bytes.
+    // Inline: a few additions per ACK, once the header is written (callgrind, S1: the call
+    // was about a third of its 30 instructions).
+    #[inline]
     fn max_len(&self) -> usize {
         const FIXED: usize = 128;
         let text = |text: &[u8]| text.len() * BLOCK_ESCAPE_LEN;

@@ -162,6 +162,7 @@ impl Dispatcher {
                 Some((outcome, done))
             }
             Self::Pool { batch, sink, .. } => {
+                let deadline = d.deadline();
                 batch.push(Job {
                     id: link.id,
                     seq: d.seq,
@@ -177,7 +178,7 @@ impl Dispatcher {
                         deferred: Cell::new(false),
                         identity: link.identity(),
                     },
-                    deadline: d.deadline,
+                    deadline,
                 });
                 None
             }

@@ -513,28 +513,32 @@ impl ConnectionModel {
                 !self.closed || matches!(event, Event::LateResult),
                 "event after close: {event:?}"
             );
-            match event {
-                Event::MessageStop { seq, .. } | Event::MessageException { seq: Some(seq), .. } => {
-                    let count = self.terminal.entry(seq).or_default();
-                    *count += 1;
-                    assert_eq!(*count, 1, "two terminal events for message {seq}");
-                    if let Event::MessageException {
-                        reason: ExceptionReason::HandlerTimeout,
-                        ..
-                    } = event
-                    {
-                        let expect = if self.silent {
-                            Expect::Nothing
-                        } else {
-                            Expect::Nak { marked: false }
-                        };
-                        self.expected.insert(seq, expect);
-                        self.waiting.retain(|s| *s != seq);
-                        if self.calling == Some(seq) {
-                            self.calling = None; // abandoned
-                        }
+            // A message's one terminal event: its stop, or its exception (a timeout's too).
+            let terminal = match &event {
+                Event::MessageStop { seq, .. } => Some((*seq, false)),
+                Event::MessageException(e) => e
+                    .seq
+                    .map(|seq| (seq, e.reason == ExceptionReason::HandlerTimeout)),
+                _ => None,
+            };
+            if let Some((seq, timed_out)) = terminal {
+                let count = self.terminal.entry(seq).or_default();
+                *count += 1;
+                assert_eq!(*count, 1, "two terminal events for message {seq}");
+                if timed_out {
+                    let expect = if self.silent {
+                        Expect::Nothing
+                    } else {
+                        Expect::Nak { marked: false }
+                    };
+                    self.expected.insert(seq, expect);
+                    self.waiting.retain(|s| *s != seq);
+                    if self.calling == Some(seq) {
+                        self.calling = None; // abandoned
                     }
                 }
+            }
+            match event {
                 Event::FrameRejected(FrameRejection::TooLarge) => self.oversize = true,
                 Event::NakQueued(_) => {
                     assert!(!self.silent, "a NAK under the Silent policy");

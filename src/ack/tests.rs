@@ -692,7 +692,7 @@ fn acks_cut_from_the_thread_buffer_stay_intact_while_held() {
 
 #[test]
 fn the_short_copy_copies_every_length_exactly() {
-    let src: Vec<u8> = (1..=40).collect();
+    let src: Vec<u8> = (1..=80).collect();
     for n in 0..=src.len() {
         let mut dst = vec![0; n];
         super::arena::copy(&mut dst, &src[..n]);

@@ -49,6 +49,28 @@ impl Slots {
         }
     }
 
+    /// Arms the stall at `now` unless replies already wait (the front holds a reply to
+    /// write).
+    #[inline]
+    pub(super) fn stall_from(&mut self, now: Instant) {
+        if let Some(q) = self.0.as_mut()
+            && q.stall_since.is_none()
+        {
+            q.stall_since = Some(now);
+        }
+    }
+
+    /// Waiting slot `seq` and its position, if it is still waiting.
+    #[inline]
+    pub(super) fn waiting_mut(&mut self, seq: u64) -> Option<(usize, &mut Slot)> {
+        let q = &mut self.0.as_mut()?.q;
+        let first = q.front()?.seq;
+        let index = usize::try_from(seq.checked_sub(first)?).ok()?;
+        let slot = q.get_mut(index)?;
+        (slot.seq == seq && matches!(slot.state, super::SlotState::Waiting { .. }))
+            .then_some((index, slot))
+    }
+
     #[inline]
     pub(super) fn is_empty(&self) -> bool {
         self.len() == 0
@@ -68,6 +90,11 @@ impl Slots {
     #[inline]
     pub(super) fn front(&self) -> Option<&Slot> {
         self.0.as_ref()?.q.front()
+    }
+
+    #[inline]
+    pub(super) fn front_mut(&mut self) -> Option<&mut Slot> {
+        self.0.as_mut()?.q.front_mut()
     }
 
     #[inline]

@@ -401,11 +401,8 @@ fn oversize_frame_gets_an_ar_nak_then_close() {
     );
     assert!(effects.iter().any(|e| matches!(
         e,
-        Event::MessageException {
-            seq: None,
-            reason: ExceptionReason::MessageTooLarge,
-            ..
-        }
+        Event::MessageException(e)
+            if e.seq.is_none() && e.reason == ExceptionReason::MessageTooLarge
     )));
     let nak = h.flush(0.0);
     assert!(
