@@ -168,10 +168,16 @@ pub(crate) const LINGER_TIME: Duration = Duration::from_secs(2);
 /// connection's last large frame. One read's worth: below it a frame arrives in one or two
 /// reads and growth costs nothing worth saving.
 pub(crate) const LARGE_FRAME: usize = 64 * 1024;
-/// Most bytes one read appends to the read buffer beyond what the frame limit allows
-/// ([`Connection::read_with`]): a full socket buffer's worth in few syscalls. It is the "one
-/// read" of the bounds on the buffer; a read into room the buffer already has may take more
-/// while a frame is under way (see `Connection::read_cap`).
+/// Most bytes one read appends to the read buffer ([`Connection::read_with`]): a full socket
+/// buffer's worth in few syscalls, and little enough that the scan for the frame's end, which
+/// follows each read, finds the bytes still in the CPU's cache. It is the "one read" of the
+/// bounds on the buffer. Reads of the rest of a large frame at once (one `recv` per 1 MiB
+/// frame instead of 17) were tried and dropped: the kernel's copy of a whole frame passes
+/// through a core's 1 MiB of L2 and the scan then reads the frame back from L3; S4 ran
+/// 1.16–1.35× faster with 64 KiB reads on a quiet machine (BENCHMARKS.md, "S4 and the budget
+/// under load, sixth pass"). Their memory cost, more connections part-way through a frame
+/// when reading pauses, is met by counting a started large frame in full
+/// (`Connection::read_buffer_counted`).
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
 /// Room a read into the read buffer is offered at least: with less, the buffer first takes
 /// back the space of answered frames, or grows.
@@ -254,10 +260,8 @@ pub(crate) struct Connection {
     limits: Arc<Limits>,
     /// The read buffer and frame decoder. The buffer holds received bytes not yet handed out
     /// as frames: a partial frame (≤ max_message_size + one read) and, while nothing more can
-    /// be dispatched, undecoded input (≤ read_ahead + one read). One read is 64 KiB, or, in a
-    /// buffer that already has the room (one grown for a large frame), up to the rest of the
-    /// largest frame allowed (see `read_cap`): never more than the buffer's capacity, which
-    /// the memory budget counts. Both come from the thread's pool (`pool`) and go back to it
+    /// be dispatched, undecoded input (≤ read_ahead + one read). One read is at most
+    /// [`READ_CHUNK`], 64 KiB. Both come from the thread's pool (`pool`) and go back to it
     /// once the connection is idle: a large buffer as soon as it empties, a small one at the
     /// reactor's next sweep ([`Connection::release_idle`]), so an idle connection owns
     /// neither (8 bytes instead of 64) and a busy one does not take them per message.
@@ -370,7 +374,7 @@ impl Connection {
     }
 
     /// Reads straight into the read buffer, without a copy: `read` is given the buffer and
-    /// the most bytes it may append (at most `max`, and see [`read_cap`](Self::read_cap)), and
+    /// the most bytes it may append (at most `max` and [`READ_CHUNK`]), and
     /// returns how many it appended (`Ok(0)`: end of stream). `None`, without calling `read`,
     /// when the connection is not taking MLLP bytes (not started, lingering, closed): the
     /// caller then reads elsewhere and hands the bytes to [`handle_read`](Self::handle_read).
@@ -387,8 +391,7 @@ impl Connection {
         if !matches!(self.state, State::Open) || !self.started {
             return None;
         }
-        // Room first does not change what the cap allows (only the buffer's length counts).
-        let cap = self.read_cap().min(max);
+        let cap = READ_CHUNK.min(max);
         let buf = self.make_room();
         let before = buf.len();
         let result = read(buf, cap);
@@ -400,28 +403,6 @@ impl Connection {
             self.release_large_read_buf();
         }
         Some(result)
-    }
-
-    /// Most bytes the next read may append: one read's worth ([`READ_CHUNK`]), or, while a
-    /// message can be dispatched (the frame limit then bounds the buffer), the rest of the
-    /// largest frame the limit allows if that is more. The caller reads no more than the
-    /// buffer has room for, so this never allocates: it lets a large frame that is already
-    /// waiting in the socket come in one read instead of one per 64 KiB (a 1 MiB frame took
-    /// 17, and ran past the reactor's read budget, so its ACK waited for a turn behind every
-    /// other busy connection). A partial frame still holds at most the limit and its
-    /// framing, or what it held plus one [`READ_CHUNK`]. Such a read may also bring in
-    /// pipelined frames after the large one, more than `read_ahead` plus 64 KiB of them if
-    /// the in-flight cap is then reached, but only into room the buffer already had: a
-    /// small-message connection's pooled buffer holds 64 KiB at most, so for it nothing
-    /// changes.
-    fn read_cap(&self) -> usize {
-        let frame_room = if self.can_dispatch() {
-            (self.limits.max_message_size + crate::codec::FRAMING_OVERHEAD)
-                .saturating_sub(self.busy.len())
-        } else {
-            0
-        };
-        READ_CHUNK.max(frame_room)
     }
 
     /// Gives the read buffer at least [`MIN_READ_ROOM`] bytes of room for the next read, and

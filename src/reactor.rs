@@ -66,10 +66,9 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Bytes read per connection per visit before the reactor serves others (then the connection
 /// goes on the pending list and is resumed next turn): a message of up to 1 MiB, with its
 /// framing and wherever its first byte falls in a read, needs no extra turn; one flooding
-/// peer cannot hold the loop for more than about a millisecond. In bytes, not reads: a read
-/// into a large frame's buffer takes as much as the socket holds (`Connection::read_with`),
-/// and a budget of 16 reads of 64 KiB, 1 MiB exactly, made every 1 MiB message wait a turn
-/// behind the other busy connections for its last 2 bytes.
+/// peer cannot hold the loop for more than about a millisecond. In bytes, not reads: a budget
+/// of 16 reads of 64 KiB, 1 MiB exactly, made every 1 MiB message wait a turn behind the
+/// other busy connections for its last 2 bytes.
 const READ_BUDGET: usize = (1 << 20) + READ_CHUNK;
 
 /// Events taken from the kernel per `poll` call.

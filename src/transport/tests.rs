@@ -246,12 +246,11 @@ fn frames_across_the_buffer_s_growth_points_stay_intact() {
 }
 
 #[test]
-fn reads_that_take_a_whole_frame_stop_at_the_frame_limit_and_the_budget() {
-    // A read may take the rest of the largest frame the limit allows, where the buffer has
-    // room for it (a large frame's buffer, kept by the pool or grown to the last large
-    // frame's size): two frames back to back, the first at or near the limit, cut around the
-    // points where a read's cap changes (one read's worth, the limit's framing, the first
-    // frame's end), each read also capped by a budget (none, one byte less than a frame, a
+fn reads_into_a_large_frames_buffer_stay_within_the_frame_limit_and_the_budget() {
+    // Reads into a buffer with room for more than one read (a large frame's buffer, kept by
+    // the pool or grown to the last large frame's size): two frames back to back, the first
+    // at or near the limit, cut around one read's worth, the limit's framing and the first
+    // frame's end, each read also capped by a budget (none, one byte less than a frame, a
     // read's worth and one byte, 1000 bytes). `take` checks the buffer's bounds after
     // every read.
     const LIMIT: usize = 150 * 1024;
