@@ -22,7 +22,7 @@ use serde_json::Value;
 
 // A private PostgreSQL for the two-node test.
 use mllp_test_support::TempDir;
-use mllp_test_support::downstream::{Downstream, always_accept};
+use mllp_test_support::downstream::{Downstream, RefusingPort, always_accept};
 use mllp_test_support::pg;
 use mllp_test_support::process::ServeProcess;
 
@@ -270,9 +270,10 @@ fn rss_kib(pid: u32) -> u64 {
 fn a_down_downstream_grows_the_backlog_on_disk_not_in_memory_and_drains_in_order() {
     let dir = TempDir::new("down");
     let store = dir.join("down.db");
-    let reserved = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port_addr = reserved.local_addr().unwrap();
-    drop(reserved);
+    // Held bound, not listening: refused until the downstream starts there, and no other
+    // test's server can be given the port meanwhile.
+    let reserved = RefusingPort::new();
+    let port_addr = reserved.addr;
     let forward = format!("ds={port_addr}");
     let server = start_serve(
         &store,
@@ -329,7 +330,7 @@ fn a_down_downstream_grows_the_backlog_on_disk_not_in_memory_and_drains_in_order
     assert!(line.contains(&(8 * PER_SENDER).to_string()), "{text}");
     assert!(line.contains("refused"), "{text}");
 
-    let downstream = downstream(TcpListener::bind(port_addr).unwrap());
+    let downstream = downstream(reserved.listen());
     let stored = stored(&store);
     let received = downstream.wait_until("the backlog", |log| log.len() >= stored.len());
     assert_eq!(check_order(&stored, &received, 1), 0);

@@ -37,6 +37,52 @@ pub fn always_accept() -> Script {
     Arc::new(|_, _| Answer::Ack(AckCode::AA))
 }
 
+/// A loopback port held for a downstream that is not there yet: the socket is bound but does
+/// not listen, so every connection to it is refused, and no other socket (another test's
+/// server on `127.0.0.1:0`) can be given the port meanwhile. Binding a port and dropping it
+/// instead leaves a window in which a concurrent test's server takes it, and the "down"
+/// destination then delivers to that server.
+#[derive(Debug)]
+pub struct RefusingPort {
+    socket: socket2::Socket,
+    /// The held address.
+    pub addr: SocketAddr,
+}
+
+impl RefusingPort {
+    /// Binds a free port on 127.0.0.1 without listening.
+    ///
+    /// # Panics
+    ///
+    /// If the socket cannot be created or bound.
+    #[must_use]
+    pub fn new() -> Self {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        socket.bind(&any.into()).unwrap();
+        let addr = socket.local_addr().unwrap().as_socket().unwrap();
+        Self { socket, addr }
+    }
+
+    /// Starts listening on the held port (the downstream comes up) without ever releasing it.
+    ///
+    /// # Panics
+    ///
+    /// If `listen` fails.
+    #[must_use]
+    pub fn listen(self) -> TcpListener {
+        self.socket.listen(128).unwrap();
+        self.socket.into()
+    }
+}
+
+impl Default for RefusingPort {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// The downstream: a thread per connection; stops accepting and answering on drop.
 pub struct Downstream {
     /// Where it listens.

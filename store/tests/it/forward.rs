@@ -13,7 +13,7 @@ use mllp_store::forward::{
     requeue_sqlite, status_sqlite,
 };
 use mllp_store::{Record, SqliteOptions, Store, StoreConfig};
-use mllp_test_support::downstream::{Answer, Downstream, Script};
+use mllp_test_support::downstream::{Answer, Downstream, RefusingPort, Script};
 
 use crate::util::{TempDir, WAIT, origin};
 
@@ -232,10 +232,10 @@ fn garbage_wrong_msa2_slow_ack_and_close_are_retried_until_accepted() {
 
 #[test]
 fn a_down_destination_is_retried_forever_and_drains_in_order_when_back() {
-    // Reserve a port, close it: connections are refused until the downstream starts there.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
+    // Held bound, not listening: refused until the downstream starts there, and no other
+    // test's server can be given the port meanwhile.
+    let reserved = RefusingPort::new();
+    let addr = reserved.addr;
     let dest = Destination::new("ds", addr.to_string())
         .client(ClientConfig::default().connect_timeout(Duration::from_millis(500)))
         .policy(
@@ -256,10 +256,7 @@ fn a_down_destination_is_retried_forever_and_drains_in_order_when_back() {
         s.last_error.as_deref().unwrap().starts_with("refused"),
         "{s:?}"
     );
-    let ds = Downstream::start_on(
-        std::net::TcpListener::bind(addr).unwrap(),
-        script(|_, _| Answer::Ack(AckCode::AA)),
-    );
+    let ds = Downstream::start_on(reserved.listen(), script(|_, _| Answer::Ack(AckCode::AA)));
     assert_eq!(ds.wait_until("all", |log| log.len() >= 20), want);
     assert_eq!(rig.events.recv_timeout(WAIT).unwrap(), "state up");
 }
@@ -443,9 +440,8 @@ fn ack_after_forwarded_passes_on_the_downstream_answer() {
 
 #[test]
 fn ack_after_forwarded_times_out_with_ae_and_the_message_stays_queued() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
+    let reserved = RefusingPort::new();
+    let addr = reserved.addr;
     let dest = Destination::new("ds", addr.to_string())
         .client(ClientConfig::default().connect_timeout(Duration::from_millis(200)))
         .policy(
@@ -456,9 +452,6 @@ fn ack_after_forwarded_times_out_with_ae_and_the_message_stays_queued() {
     assert_eq!(ack.code, AckCode::AE, "{ack:?}");
     let text = ack.text.unwrap();
     assert!(text.contains("not forwarded within 0.3s"), "{text}");
-    let ds = Downstream::start_on(
-        std::net::TcpListener::bind(addr).unwrap(),
-        script(|_, _| Answer::Ack(AckCode::AA)),
-    );
+    let ds = Downstream::start_on(reserved.listen(), script(|_, _| Answer::Ack(AckCode::AA)));
     ds.wait_count("LATE", 1);
 }
