@@ -1350,14 +1350,14 @@ impl SlotState {
     /// Ends a wait, returning the payload kept for a NAK (empty if the slot was not
     /// waiting): the slot holds nothing to write until the caller sets its answer.
     fn take_payload(&mut self) -> Bytes {
-        let answered = SlotState::Ready {
+        let answered = Self::Ready {
             frame: None,
             stop: false,
             then: Then::Continue,
         };
         match std::mem::replace(self, answered) {
-            SlotState::Waiting { payload, .. } => payload,
-            SlotState::Ready { .. } => Bytes::new(),
+            Self::Waiting { payload, .. } => payload,
+            Self::Ready { .. } => Bytes::new(),
         }
     }
 }
