@@ -88,7 +88,9 @@
 //!   plus one 64 KiB read), `read_ahead` undecoded bytes when no more messages can be handed
 //!   over, and at most `max_in_flight` messages with their replies; no buffer at all while
 //!   idle (a connection in use keeps its small read buffer between messages until the
-//!   reactor's next sweep, at most 10 ms, and counts it). Server-wide: every buffered byte counts against `max_memory`; above it the server
+//!   reactor's next sweep, at most 10 ms, and counts it). Server-wide: every buffered byte counts against `max_memory` (a
+//!   connection's count follows a shrink once what it holds has halved, so it counts at most
+//!   twice its bytes, never fewer); above it the server
 //!   stops reading and TCP pushes back on senders, except that a connection may finish the
 //!   frame it is in (one connection per reactor at a time, one with bytes waiting) and a
 //!   connection with no message in flight may receive one frame; none reads further until

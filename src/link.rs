@@ -325,7 +325,10 @@ impl Link {
     /// `WouldBlock` (or the end of stream), not already with a read that found fewer bytes
     /// than it had room for. Returns whether any progress was made.
     // The reactor's per-turn state, passed apart (it is borrowed apart from the link).
+    // Inline into the reactor's one caller: the call's register saves and its eight
+    // arguments cost about 25 instructions per message (callgrind, S1).
     #[allow(clippy::too_many_arguments)]
+    #[inline]
     pub(crate) fn read(
         &mut self,
         scratch: &mut [u8],
@@ -539,13 +542,12 @@ impl Link {
     }
 
     /// Releases the layer's buffers when the connection holds nothing; returns whether it
-    /// did (the memory count is then stale).
+    /// may have (the memory count is then stale). Plain TCP has no layer: nothing to release
+    /// and no recount (callgrind, S1: about 15 instructions per message).
     pub(crate) fn release_idle_buffers(&mut self) -> bool {
-        let idle = !self.conn.in_flight() && self.conn.buffered_len() == 0;
-        if idle {
-            self.transport.release_idle_buffers();
-        }
-        idle
+        !self.conn.in_flight()
+            && self.conn.buffered_len() == 0
+            && self.transport.release_idle_buffers()
     }
 
     /// Heap bytes the link holds that vary with traffic, for the memory budget: the

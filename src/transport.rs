@@ -144,11 +144,14 @@ impl Transport {
         tls::failure_reason(e)
     }
 
-    /// Releases what buffers the layer can while the connection is idle.
-    pub(crate) fn release_idle_buffers(&mut self) {
+    /// Releases what buffers the layer can while the connection is idle; returns whether
+    /// it had a layer that may have released some (TLS), so that its count may be stale.
+    pub(crate) fn release_idle_buffers(&mut self) -> bool {
         if let Some(Layer::Tls(session)) = self.layer.as_deref_mut() {
             session.release_idle_buffers();
+            return true;
         }
+        false
     }
 
     /// Whether the stream has a TLS handshake to complete (after its PROXY header, if any).
