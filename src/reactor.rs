@@ -1093,14 +1093,23 @@ impl Loop {
         self.completions = completions;
     }
 
+    /// Drives the connections on the pending list. The list's allocation is kept for the
+    /// next turn (it was dropped and grown again at every turn with completions: an
+    /// allocation per turn in pool mode); what the visits add to it waits for the next turn.
     fn resume_pending(&mut self, now: Instant) {
-        let pending = std::mem::take(&mut self.pending);
-        for key in pending {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut pending = std::mem::take(&mut self.pending);
+        for &key in &pending {
             if let Some(entry) = self.conns.get_mut(key) {
                 entry.pending = false;
                 self.drive(key, now);
             }
         }
+        pending.clear();
+        pending.append(&mut self.pending);
+        self.pending = pending;
     }
 
     fn commands(&mut self, now: Instant) {

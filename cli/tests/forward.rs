@@ -61,10 +61,14 @@ fn downstream(listener: TcpListener) -> Downstream {
 }
 
 fn client(addr: SocketAddr) -> Client {
+    try_client(addr).expect("connect")
+}
+
+fn try_client(addr: SocketAddr) -> Result<Client, mllp_reactor::ClientError> {
     let config = ClientConfig::default()
         .connect_timeout(WAIT)
         .response_timeout(WAIT);
-    Client::connect(addr, config).expect("connect")
+    Client::connect(addr, config)
 }
 
 fn message(control_id: &str, patient: &str, filler: usize) -> Vec<u8> {
@@ -159,12 +163,22 @@ fn crash_test_every_acked_message_reaches_the_downstream_in_order_per_lane() {
         let addr = server.addr;
         let count = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        // Set just before the kill: a sender scheduled late on a loaded machine may connect
+        // only after it, and is refused; before it, a refusal is a failure.
+        let killing = Arc::new(AtomicBool::new(false));
         let senders: Vec<_> = (0..SENDERS)
             .map(|c| {
-                let (count, stop) = (Arc::clone(&count), Arc::clone(&stop));
+                let (count, stop, killing) =
+                    (Arc::clone(&count), Arc::clone(&stop), Arc::clone(&killing));
                 let round = kills;
                 std::thread::spawn(move || {
-                    let mut client = client(addr);
+                    let mut client = match try_client(addr) {
+                        Ok(client) => client,
+                        Err(e) => {
+                            assert!(killing.load(Ordering::SeqCst), "connect: {e}");
+                            return Vec::new();
+                        }
+                    };
                     let mut acked = Vec::new();
                     for n in 0.. {
                         if stop.load(Ordering::Relaxed) {
@@ -192,6 +206,7 @@ fn crash_test_every_acked_message_reaches_the_downstream_in_order_per_lane() {
         }
         let delay = RandomState::new().hash_one(kills) % 400;
         std::thread::sleep(Duration::from_millis(delay));
+        killing.store(true, Ordering::SeqCst);
         server.kill();
         kills += 1;
         stop.store(true, Ordering::Relaxed);
