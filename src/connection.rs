@@ -173,11 +173,11 @@ pub(crate) const LARGE_FRAME: usize = 64 * 1024;
 /// follows each read, finds the bytes still in the CPU's cache. It is the "one read" of the
 /// bounds on the buffer. Reads of the rest of a large frame at once (one `recv` per 1 MiB
 /// frame instead of 17) were tried and dropped: the kernel's copy of a whole frame passes
-/// through a core's 1 MiB of L2 and the scan then reads the frame back from L3; S4 ran
-/// 1.16–1.35× faster with 64 KiB reads on a quiet machine (BENCHMARKS.md, "S4 and the budget
-/// under load, sixth pass"). Their memory cost, more connections part-way through a frame
-/// when reading pauses, is met by counting a started large frame in full
-/// (`Connection::read_buffer_counted`).
+/// through a core's 1 MiB of L2 and the scan then reads the frame back from L3; with 64 KiB
+/// reads S4 ran at 1.35× the rate of whole-frame reads and 1.13–1.16× the limit's, on a
+/// quiet stretch of the machine (BENCHMARKS.md, "S4 and the budget under load, sixth pass").
+/// Their memory cost, more connections part-way through a frame when reading pauses, is met
+/// by counting a started large frame in full (`Connection::read_buffer_counted`).
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
 /// Room a read into the read buffer is offered at least: with less, the buffer first takes
 /// back the space of answered frames, or grows.
