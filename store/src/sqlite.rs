@@ -626,6 +626,11 @@ fn insert_batch(
     {
         let mut find = tx.prepare_cached(FIND_ORIGINAL)?;
         let mut insert = tx.prepare_cached(INSERT)?;
+        // Bound one by one: SQLite keeps a parameter's value until it is bound again, so the
+        // addresses are bound only when they change (a connection's pipelined messages sit
+        // together in a batch; every record of a listener has the same local address),
+        // saving two TEXT copies per row. A fresh `AddrText` per batch binds them on its
+        // first record, whatever the cached statement held before.
         let (mut peer, mut local) = (AddrText::default(), AddrText::default());
         for record in batch {
             let header = record.header();
@@ -642,22 +647,21 @@ fn insert_batch(
                     .optional()?,
                 None => None,
             };
-            insert.execute(params![
-                received,
-                peer.of(record.origin.peer),
-                local.of(record.origin.local),
-                record.origin.connection_id as i64,
-                record.origin.sequence as i64,
-                app,
-                facility,
-                text(header.message_type),
-                control,
-                i64::try_from(record.size()).unwrap_or(i64::MAX),
-                duplicate_of,
-                &record.payload[..],
-                record.client_cert_text(),
-                text(header.patient_id),
-            ])?;
+            insert.raw_bind_parameter(1, received)?;
+            peer.bind(&mut insert, 2, record.origin.peer)?;
+            local.bind(&mut insert, 3, record.origin.local)?;
+            insert.raw_bind_parameter(4, record.origin.connection_id as i64)?;
+            insert.raw_bind_parameter(5, record.origin.sequence as i64)?;
+            insert.raw_bind_parameter(6, &app)?;
+            insert.raw_bind_parameter(7, &facility)?;
+            insert.raw_bind_parameter(8, text(header.message_type))?;
+            insert.raw_bind_parameter(9, &control)?;
+            insert.raw_bind_parameter(10, i64::try_from(record.size()).unwrap_or(i64::MAX))?;
+            insert.raw_bind_parameter(11, duplicate_of)?;
+            insert.raw_bind_parameter(12, &record.payload[..])?;
+            insert.raw_bind_parameter(13, record.client_cert_text())?;
+            insert.raw_bind_parameter(14, text(header.patient_id))?;
+            insert.raw_execute()?;
             outcomes.push(StoreOutcome::new(tx.last_insert_rowid(), duplicate_of));
         }
     }
@@ -665,10 +669,8 @@ fn insert_batch(
     Ok(outcomes)
 }
 
-/// An address as the TEXT the store keeps, formatted once for a run of records from the same
-/// address (a connection's pipelined messages sit together in a batch; every record of a
-/// listener has the same local address) into a buffer reused across the batch: no
-/// allocation per record.
+/// An address as the TEXT the store keeps, formatted and bound once for a run of records from
+/// the same address into a buffer reused across the batch: no allocation, no copy per record.
 #[derive(Default)]
 struct AddrText {
     addr: Option<std::net::SocketAddr>,
@@ -676,15 +678,22 @@ struct AddrText {
 }
 
 impl AddrText {
-    fn of(&mut self, addr: std::net::SocketAddr) -> &str {
+    /// Binds `addr` as parameter `index` of `stmt` unless the previous call bound it already.
+    fn bind(
+        &mut self,
+        stmt: &mut rusqlite::Statement<'_>,
+        index: usize,
+        addr: std::net::SocketAddr,
+    ) -> rusqlite::Result<()> {
         if self.addr != Some(addr) {
             use std::fmt::Write as _;
             self.text.clear();
             // Writing into a String cannot fail.
             let _ = write!(self.text, "{addr}");
+            stmt.raw_bind_parameter(index, self.text.as_str())?;
             self.addr = Some(addr);
         }
-        &self.text
+        Ok(())
     }
 }
 

@@ -7,7 +7,7 @@ use mllp_store::fault::{FaultSwitch, FaultyBackend};
 use mllp_store::search_index::LAG_MESSAGES;
 use mllp_store::telemetry::*;
 use mllp_store::{
-    Record, SqliteBackend, SqliteOptions, Store, StoreConfig, StoreError, SubmitError,
+    Origin, Record, SqliteBackend, SqliteOptions, Store, StoreConfig, StoreError, SubmitError,
 };
 use rusqlite::Connection;
 use std::sync::Arc;
@@ -377,4 +377,49 @@ fn zero_caps_are_refused() {
         err.to_string(),
         "store option max_batch_messages must be at least 1"
     );
+}
+
+/// The writer binds a row's addresses only when they differ from the previous row's: every
+/// row still gets its own, in a batch that interleaves connections and listeners and in the
+/// batch after it.
+#[test]
+fn every_row_keeps_its_own_addresses_across_and_within_batches() {
+    use mllp_store::Backend;
+    let dir = TempDir::new("addresses");
+    let mut backend = sqlite(&dir);
+    let with_local = |conn: u64, seq: u64, local: &str| {
+        Record::new(
+            message(&format!("a{conn}-{seq}")),
+            Origin {
+                local: local.parse().unwrap(),
+                ..origin(conn, seq)
+            },
+        )
+    };
+    let first = [
+        with_local(1, 0, "[::1]:2575"),
+        with_local(1, 1, "[::1]:2575"),
+        with_local(2, 0, "[::1]:2575"),
+        with_local(1, 2, "127.0.0.1:2576"),
+        with_local(1, 3, "127.0.0.1:2576"),
+    ];
+    let second = [
+        with_local(1, 4, "127.0.0.1:2576"),
+        with_local(3, 0, "[::1]:2575"),
+    ];
+    backend.commit_batch(&first).unwrap();
+    backend.commit_batch(&second).unwrap();
+    drop(backend);
+    let stored: Vec<(String, String)> = read_all(&dir.join("s.db"))
+        .into_iter()
+        .map(|r| (r.peer, r.local))
+        .collect();
+    let want: Vec<(String, String)> = first
+        .iter()
+        .chain(&second)
+        .map(|r| (r.origin.peer.to_string(), r.origin.local.to_string()))
+        .collect();
+    assert_eq!(stored, want);
+    assert_eq!(stored[2].0, "10.0.0.7:40002");
+    assert_eq!(stored[3].1, "127.0.0.1:2576");
 }
