@@ -639,12 +639,15 @@ fn insert_batch(
             let control = text(header.control_id);
             let received = record.received_at_us();
             let duplicate_of: Option<StoreId> = match &control {
-                Some(control) => find
-                    .query_row(
-                        params![control, app, facility, received.saturating_sub(window_us)],
-                        |r| r.get(0),
-                    )
-                    .optional()?,
+                Some(control) => {
+                    find.raw_bind_parameter(1, control)?;
+                    find.raw_bind_parameter(2, &app)?;
+                    find.raw_bind_parameter(3, &facility)?;
+                    find.raw_bind_parameter(4, received.saturating_sub(window_us))?;
+                    // Dropping the rows resets the statement.
+                    let mut rows = find.raw_query();
+                    rows.next()?.map(|r| r.get(0)).transpose()?
+                }
                 None => None,
             };
             insert.raw_bind_parameter(1, received)?;
