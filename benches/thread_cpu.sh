@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# CPU time of each thread of a server (user and system, from /proc/PID/task/TID/stat), per
+# message, under a load: what callgrind cannot show (it counts user-space instructions
+# only, and a durable server spends most of its CPU in the kernel). Issue #21.
+#
+# Usage: benches/thread_cpu.sh [DURATION]     (default 5s, after a 1s warmup that is not counted)
+# Needs the release build (cargo build --release -p mllp-reactor-cli --examples).
+#
+# Environment:
+#   SERVER_CMD=...  the server (default `serve --store` on a fresh file in a temporary folder;
+#                   `{store}` in it is replaced by that file, e.g. the durable baseline:
+#                   SERVER_CMD="target/release/examples/durable_baseline {store} 127.0.0.1:0 --checkpoint auto")
+#   BENCH_ARGS=...  the load (default S3: --conns 50 --pipeline 8 --size 1024)
+#
+# Prints messages/s and, per thread (id and name), user and system µs per message. Clock
+# ticks are 10 ms: at ~50 000 messages/s over 5 s one tick is 0.04 µs per message.
+
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${1:-5s}
+DIR=$(mktemp -d)
+STORE=$DIR/store.db
+DEFAULT_SERVER_CMD='target/release/mllp-reactor serve --store {store} --listen 127.0.0.1:0'
+SERVER_CMD=${SERVER_CMD:-$DEFAULT_SERVER_CMD}
+SERVER_CMD=${SERVER_CMD//'{store}'/$STORE}
+BENCH_ARGS=${BENCH_ARGS:---conns 50 --pipeline 8 --size 1024}
+TICK=$(getconf CLK_TCK)
+
+# shellcheck disable=SC2086 # SERVER_CMD is a list of words on purpose
+$SERVER_CMD >"$DIR/stdout" 2>"$DIR/stderr" &
+SERVER=$!
+trap 'kill -KILL $SERVER 2>/dev/null || true; rm -rf "$DIR"' EXIT
+for _ in $(seq 600); do
+    [[ -s $DIR/stdout ]] && break
+    sleep 0.1
+done
+ADDR=$(head -n 1 "$DIR/stdout")
+ADDR=${ADDR#listening on }
+# Each thread as `TID_NAME utime stime` (fields 14 and 15; the name has no spaces in it here,
+# but is made safe anyway).
+snapshot() {
+    for task in /proc/"$SERVER"/task/*; do
+        echo "${task##*/}_$(tr ' ' _ <"$task/comm") $(cut -d ')' -f 2 "$task/stat" | awk '{ print $12, $13 }')"
+    done | sort
+}
+# shellcheck disable=SC2086 # BENCH_ARGS is a list of words on purpose
+target/release/mllp-reactor bench --to "$ADDR" $BENCH_ARGS --duration 1s --warmup 0s --json >/dev/null
+snapshot >"$DIR/before"
+# shellcheck disable=SC2086
+target/release/mllp-reactor bench --to "$ADDR" $BENCH_ARGS --duration "$DURATION" --warmup 0s \
+    --json >"$DIR/run.json"
+snapshot >"$DIR/after"
+MSGS=$(jq '.messages' "$DIR/run.json")
+echo "messages: $MSGS, $(jq '.msgs_per_sec' "$DIR/run.json")/s ($SERVER_CMD; $BENCH_ARGS)"
+echo "µs per message: user system  thread"
+join "$DIR/before" "$DIR/after" | awk -v n="$MSGS" -v tick="$TICK" '{
+    u = ($4 - $2) / tick * 1e6 / n; s = ($5 - $3) / tick * 1e6 / n
+    tu += u; ts += s
+    if (u + s > 0) printf "%20.2f %6.2f  %s\n", u, s, $1 }
+    END { printf "%20.2f %6.2f  all threads\n", tu, ts }'
