@@ -29,8 +29,12 @@
 //!   reader (export) still in the WAL, it gives up at once and tries again before the next
 //!   transaction. Past the hard limit (the limit plus half of it, [`HARD_LIMIT_NUM`]) the
 //!   checkpointer stands aside and the writer restarts whatever is left to copy. The WAL so
-//!   stays below 1.5 × [`WAL_LIMIT_BYTES`] plus a batch or two, except while a reader holds an
-//!   old snapshot for a long time (SQLite's own checkpoints have the same limit).
+//!   stays below 1.5 × [`WAL_LIMIT_BYTES`] plus a batch or two while the checkpointer keeps
+//!   up; should a copy it had started take long (a machine short of CPU), the writer's
+//!   restart waits for it (up to the busy timeout) once the WAL holds twice the limit
+//!   ([`WAIT_LIMIT_NUM`]), so the WAL stays below about twice the limit plus a batch, except
+//!   while a reader holds an old snapshot for longer than the busy timeout (SQLite's own
+//!   checkpoints have the same limit).
 //! - The checkpointer syncs the database file after each `PASSIVE` that copied anything: SQLite
 //!   itself syncs it only after a checkpoint that left nothing in the WAL to copy, which under
 //!   load is only the writer's `RESTART`, which then had to write back everything copied
@@ -83,6 +87,15 @@ pub const CHEAP_RESTART_PAGES: u32 = 64;
 /// writer restarts the WAL whatever is left to copy.
 pub const HARD_LIMIT_NUM: u32 = 2;
 
+/// Past this many times the limit, 2, the writer's `RESTART` waits (up to the connection's
+/// `busy_timeout`) for a checkpoint in progress or a reader instead of trying again before
+/// the next transaction. Past the hard limit the checkpointer stands aside, but a `PASSIVE`
+/// it had started goes on; on a machine short of CPU (a 2-core machine running a test suite
+/// and a fuzzer) that copy took so long that the writer's attempts all failed and the WAL
+/// reached 3.2 times a 4 MiB limit (`store/tests/it/checkpoint.rs`). Waiting here delays one
+/// transaction, only when the checkpointer has fallen that far behind, and bounds the WAL.
+pub const WAIT_LIMIT_NUM: u32 = 2;
+
 /// At the limit, the most uncopied WAL pages that the writer's own `RESTART` copies (and
 /// syncs) on the commit path: 1/64 of the limit (256 pages, 1 MiB, with the default limit),
 /// at least [`CHEAP_RESTART_PAGES`]. With more left, the checkpointer copies on (the hook
@@ -101,7 +114,8 @@ fn restart_budget(limit_pages: u32) -> u32 {
 /// ([`SqliteOptions::wal_limit`](crate::SqliteOptions::wal_limit)).
 ///
 /// Under sustained load the WAL grows to about this (at most half as much again while the
-/// checkpointer copies the rest: [`HARD_LIMIT_NUM`]), then starts over; at the 30–100 MB/s of
+/// checkpointer copies the rest: [`HARD_LIMIT_NUM`]; twice it, where the writer waits, if
+/// the checkpointer falls behind: [`WAIT_LIMIT_NUM`]), then starts over; at the 30–100 MB/s of
 /// WAL a loopback S3 run writes, that is one restart every second or two, each delaying one
 /// batch by at most [`RESTART_BUDGET_DIV`] pages to copy plus one sync of the database file.
 /// Much smaller and restarts come too often, and checkpoints copy the same hot pages (the
@@ -134,6 +148,9 @@ struct Shared {
     /// Past it the writer restarts the WAL however much is left to copy (see
     /// [`HARD_LIMIT_NUM`]).
     hard_limit_pages: u32,
+    /// Past it the writer's restart waits for a checkpoint in progress (see
+    /// [`WAIT_LIMIT_NUM`]).
+    wait_limit_pages: u32,
     /// At the limit, the most uncopied pages the writer's restart copies itself (see
     /// [`RESTART_BUDGET_DIV`]).
     budget_pages: u32,
@@ -196,16 +213,30 @@ impl Checkpointer {
         self.shared.restart_due()
     }
 
-    /// On the writer's connection, before a transaction: a `RESTART` checkpoint that does not
-    /// wait (see the module docs), then the connection's usual `busy_timeout` again.
+    /// Whether the writer's [`restart`](Self::restart) should wait for the checkpointer (or
+    /// a reader) instead of trying again next time: the WAL holds [`WAIT_LIMIT_NUM`] times
+    /// the limit or more.
+    pub(crate) fn restart_must_wait(&self) -> bool {
+        self.shared.wal_pages.load(Ordering::Relaxed) >= self.shared.wait_limit_pages
+    }
+
+    /// On the writer's connection, before a transaction: a `RESTART` checkpoint, then the
+    /// connection's usual `busy_timeout` again. It does not wait (see the module docs) unless
+    /// `wait` ([`restart_must_wait`](Self::restart_must_wait)): then a checkpoint in progress
+    /// or a reader in the WAL is waited for up to `busy_timeout`.
     pub(crate) fn restart(
         writer: &Connection,
         busy_timeout: std::time::Duration,
+        wait: bool,
     ) -> rusqlite::Result<()> {
-        writer.busy_timeout(std::time::Duration::ZERO)?;
+        if !wait {
+            writer.busy_timeout(std::time::Duration::ZERO)?;
+        }
         // BUSY (the checkpointer or a reader is in the WAL) only means "next time".
         let outcome = writer.wal_checkpoint_v2(None::<&str>, CheckpointMode::RESTART);
-        writer.busy_timeout(busy_timeout)?;
+        if !wait {
+            writer.busy_timeout(busy_timeout)?;
+        }
         match outcome {
             Ok(_) => Ok(()),
             Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => Ok(()),
@@ -227,6 +258,7 @@ impl Shared {
             wal_pages: AtomicU32::new(0),
             limit_pages,
             hard_limit_pages: limit_pages.saturating_add(limit_pages / HARD_LIMIT_NUM),
+            wait_limit_pages: limit_pages.saturating_mul(WAIT_LIMIT_NUM),
             budget_pages: restart_budget(limit_pages),
             limit_bytes,
             every_pages: (limit_pages / CHECKPOINTS_PER_LIMIT).max(1),

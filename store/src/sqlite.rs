@@ -462,8 +462,12 @@ impl Backend for SqliteBackend {
             .as_ref()
             .is_some_and(Checkpointer::restart_due)
         {
+            let wait = self
+                .checkpointer
+                .as_ref()
+                .is_some_and(Checkpointer::restart_must_wait);
             let conn = self.connection()?;
-            if let Err(e) = Checkpointer::restart(conn, busy_timeout) {
+            if let Err(e) = Checkpointer::restart(conn, busy_timeout, wait) {
                 self.conn = None;
                 return Err(StoreError::commit(Cause::sqlite(e)));
             }

@@ -1,6 +1,8 @@
 //! WAL checkpoints off the commit path (issue 21): the WAL stays near its limit under a long
 //! stream of commits, and the checkpointer copies it back into the database meanwhile.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use mllp_store::{Backend, Record, SqliteBackend, SqliteOptions};
@@ -26,7 +28,10 @@ fn wal_size(dir: &TempDir) -> u64 {
 }
 
 /// 4 MiB of WAL limit against about 24 MiB of commits: without the restarts the WAL would
-/// hold all of it (automatic checkpoints are off on the writer's connection).
+/// hold all of it (automatic checkpoints are off on the writer's connection). Four threads
+/// spin meanwhile, as a machine short of CPU: the checkpointer's copies then take long, and
+/// before the writer's restart waited past twice the limit (`WAIT_LIMIT_NUM`) the WAL reached
+/// 1.8–7.7 times the limit in such runs (4 of 6 above 3 times; 2.1 at most with the wait).
 #[test]
 fn the_wal_stays_near_its_limit_and_the_database_grows_meanwhile() {
     let dir = TempDir::new("wal-limit");
@@ -34,14 +39,30 @@ fn the_wal_stays_near_its_limit_and_the_database_grows_meanwhile() {
     let limit: u64 = 4 << 20;
     let options = SqliteOptions::default().wal_limit(limit);
     let mut backend = SqliteBackend::open(&path, &options).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let spinners: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
     let mut largest_wal = 0;
     for batch in 0..120u64 {
         commit_big_batch(&mut backend, batch);
         largest_wal = largest_wal.max(wal_size(&dir));
     }
-    // A limit's worth, plus the batch that crossed it and those that came while the
-    // checkpointer or a restart was busy: far below the ~24 MiB written.
-    assert!(largest_wal <= 3 * limit, "largest WAL {largest_wal} B");
+    stop.store(true, Ordering::Relaxed);
+    for spinner in spinners {
+        spinner.join().unwrap();
+    }
+    eprintln!("largest WAL {largest_wal} B");
+    // Twice the limit, where the writer's restart waits for the checkpointer, plus the batch
+    // that crossed it (200 KiB) and one more: far below the ~24 MiB written.
+    assert!(largest_wal <= 5 * limit / 2, "largest WAL {largest_wal} B");
     let db = std::fs::metadata(&path).unwrap().len();
     assert!(
         db > 8 << 20,
