@@ -189,6 +189,12 @@ mod error;
 pub mod export;
 pub mod fault;
 pub mod forward;
+#[doc(hidden)]
+pub mod __fuzz {
+    //! Not public API: entry points for `fuzz/` and the corpus replay test.
+    pub use crate::fuzz::*;
+}
+mod fuzz;
 pub mod health;
 pub mod integrity;
 mod open;

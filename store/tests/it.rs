@@ -12,6 +12,8 @@ mod duplicates;
 mod export;
 #[path = "it/forward.rs"]
 mod forward;
+#[path = "it/fuzz_corpus.rs"]
+mod fuzz_corpus;
 #[path = "it/health.rs"]
 mod health;
 #[path = "it/integrity.rs"]

@@ -3,14 +3,16 @@
 //! certificates and TLS clients (`tls`, feature `tls`), a scripted downstream MLLP system
 //! (`downstream`, feature `downstream`), `serve` child processes ([`process`]), temporary
 //! directories ([`TempDir`]; on a small tmpfs: [`tmpfs`]), process memory and large frames
-//! ([`memory`]), a sample message ([`hl7`]), and the rule for a missing tool
-//! ([`unavailable`]). One crate instead of `#[path]` includes across crates and test binaries.
+//! ([`memory`]), a sample message ([`hl7`]), the fuzz corpus replay ([`fuzz_corpus`]), and
+//! the rule for a missing tool ([`unavailable`]). One crate instead of `#[path]` includes
+//! across crates and test binaries.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 #[cfg(feature = "downstream")]
 pub mod downstream;
+pub mod fuzz_corpus;
 pub mod haproxy;
 pub mod hl7;
 pub mod memory;

@@ -2,29 +2,7 @@
 //! `fuzz/artifacts/<target>/*`) through the same entry points the fuzzer calls, so
 //! `cargo test` exercises them without cargo-fuzz.
 
-use std::path::Path;
-
-fn replay(target: &str, run: fn(&[u8])) -> usize {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-    let mut count = 0;
-    for dir in [
-        root.join("corpus").join(target),
-        root.join("artifacts").join(target),
-    ] {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries {
-            let path = entry.expect("readable corpus directory").path();
-            if path.is_file() {
-                let data = std::fs::read(&path).expect("readable corpus file");
-                run(&data);
-                count += 1;
-            }
-        }
-    }
-    count
-}
+use mllp_test_support::fuzz_corpus::replay;
 
 #[test]
 fn decode_corpus() {
