@@ -88,11 +88,11 @@ pub(crate) struct Link {
     pub(crate) handshake: HandshakeSlot,
     /// For the reactor (kept here, where the struct has room): whether the connection is on
     /// its list of connections that keep pooled buffers between messages, or when it last
-    /// gave them back (see `Loop::hold`).
+    /// gave them back (see `Loop::end_visit`).
     pub(crate) rested: Rested,
 }
 
-/// Where a link stands with the reactor's pooled-buffer sweep (see `Loop::hold`).
+/// Where a link stands with the reactor's pooled-buffer sweep (see `Loop::end_visit`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Rested {
     /// It has not given buffers back yet.

@@ -90,7 +90,7 @@ const HEARTBEAT_MS: u32 = HEARTBEAT_INTERVAL.as_millis() as u32;
 const BEAT_EVERY_MS: u32 = BEAT_EVERY.as_millis() as u32;
 
 /// Connections per reactor that may keep their pooled buffers between messages (see
-/// `Loop::hold`); beyond them a connection gives its buffers back as soon as it is idle. The
+/// `Loop::end_visit`); beyond them a connection gives its buffers back as soon as it is idle. The
 /// pool's own bound: the buffers that listed connections keep are at most as many as the
 /// pool keeps.
 const HOLDING: usize = 32;
