@@ -2,13 +2,18 @@
 //! test binaries of their own, `tests/budget*.rs`).
 
 use std::io::Write;
-use std::time::Duration;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use mllp_reactor::Server;
-use mllp_reactor::ack::AckCode;
-use mllp_reactor::telemetry::names::READ_PAUSES;
+use mllp_reactor::ack::{self, AckCode};
+use mllp_reactor::telemetry::names::{BUFFERED_BYTES, READ_PAUSES};
+use mllp_reactor::{Dispatch, Reply, ReplyHandle, Server, handler_fn};
 
-use crate::support::{accepting, assert_ack, message, start};
+use crate::support::{
+    HOLD, Peer, TestServer, WAIT, accepting, assert_ack, message, start, test_reactors,
+};
 
 /// Issue 18 defect 9: peers that each sent most of a frame and stopped filled the budget; the
 /// connection allowed to read above it was the largest of those stalled frames, so an honest
@@ -66,4 +71,152 @@ fn issue_8_a_budget_above_isize_max_saturates() {
         matches!(e, crate::support::Event::ConnectionStart(_))
     });
     server.stop();
+}
+
+/// Frames begun below the budget finish above it one per reactor at a time, not one per
+/// connection. 24 senders each send the first 56 KiB of a 1 MiB frame (a frame's first 64 KiB
+/// count at their size: its rest is unknown), 6 more send whole frames that fill a 2 MiB
+/// budget, and the handler holds every message (its replies deferred), so nothing drains;
+/// then the 24 send the rest. Each of them used to be allowed to finish its frame above the
+/// budget in turn (one connection per reactor at a time, but every one in the end): about
+/// 26 MiB counted against the 2 MiB budget, 26 messages handed over. Now a frame goes past its
+/// first 64 KiB above the budget only as the reactor's one such frame, and the next waits
+/// until that one's message is answered. Once the held messages are answered, every sender is
+/// answered (the budget's pause does not stall the frames waiting for their turn).
+#[test]
+fn frames_begun_below_the_budget_finish_above_it_one_per_reactor_at_a_time() {
+    const MAX_MESSAGE: usize = 1 << 20;
+    const BUDGET: usize = 2 * MAX_MESSAGE;
+    const PAYLOAD: usize = MAX_MESSAGE - 1024;
+    const BEGUN: usize = 24;
+    const FILLERS: usize = 6;
+    /// What a begun frame sends before the budget fills: under the 64 KiB counted at size.
+    const HEAD: usize = 56 << 10;
+    let reactors = test_reactors();
+    // The documented bound on what the budget counts (crate docs, "Bounded memory"): per
+    // reactor the frame that tipped the budget and the one frame finishing above it (each
+    // with one read past its end), and per connection at most a frame's first 64 KiB in a
+    // buffer of at most 128 KiB.
+    let bound = BUDGET + 2 * reactors * (MAX_MESSAGE + (128 << 10)) + (BEGUN + FILLERS) * (128 << 10);
+    // Each message handed over is held with its payload (about 1 MiB): what the budget holds,
+    // and per reactor the frame that tipped it and the one finishing above it.
+    let max_handled = BUDGET / PAYLOAD + 2 * reactors;
+
+    // `Some`: hold every message's reply; `None` (once the test has measured): answer at once.
+    type Held = Option<Vec<(ReplyHandle, Reply)>>;
+    let held: Arc<Mutex<Held>> = Arc::new(Mutex::new(Some(Vec::new())));
+    let handled = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let (held, handled) = (Arc::clone(&held), Arc::clone(&handled));
+        handler_fn(move |msg, cx| {
+            handled.fetch_add(1, Ordering::SeqCst);
+            let ack = Reply::Send(ack::accept(msg));
+            match held.lock().unwrap().as_mut() {
+                Some(held) => {
+                    held.push((cx.defer(), ack));
+                    Ok(Reply::Deferred)
+                }
+                None => Ok(ack),
+            }
+        })
+    };
+    let server = start(
+        Server::builder(handler)
+            .dispatch(Dispatch::Inline)
+            .max_message_size(MAX_MESSAGE)
+            .max_memory(BUDGET),
+    );
+    let wire = Arc::new(mllp_test_support::memory::large_frame(PAYLOAD));
+    let counted = |server: &TestServer| server.metrics().gauge(BUFFERED_BYTES) as usize;
+
+    // The begun frames' first 56 KiB, read while the budget has room.
+    let begun: Vec<Peer> = (0..BEGUN)
+        .map(|_| {
+            let mut peer = server.connect();
+            peer.stream.write_all(&wire[..HEAD]).expect("send a frame's start");
+            peer
+        })
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    while counted(&server) < BEGUN * HEAD && Instant::now() < deadline {
+        // No event marks the count's update: poll, bounded by the deadline.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        counted(&server) >= BEGUN * HEAD,
+        "the begun frames were read: {} bytes counted",
+        counted(&server)
+    );
+
+    // Whole frames fill the budget. The writers block once the server stops reading.
+    let send = |stream: TcpStream, bytes: std::ops::RangeFrom<usize>| {
+        let wire = Arc::clone(&wire);
+        std::thread::spawn(move || {
+            let mut stream = stream;
+            stream.set_write_timeout(Some(HOLD)).unwrap();
+            stream.write_all(&wire[bytes]).expect("send the frame");
+            stream
+        })
+    };
+    let fillers: Vec<_> = (0..FILLERS)
+        .map(|_| send(server.connect().stream, 0..))
+        .collect();
+    assert!(server.wait_counter(READ_PAUSES, &[], 1) >= 1, "reading paused");
+    // Then the begun frames' rest.
+    let rests: Vec<_> = begun
+        .iter()
+        .map(|peer| send(peer.stream.try_clone().expect("clone"), HEAD..))
+        .collect();
+
+    // Wait until the server has read what it will: the messages handed over and the count
+    // hold still for a second (bounded). The count is sampled meanwhile for its peak.
+    let deadline = Instant::now() + HOLD;
+    let (mut peak, mut last, mut since) = (0, (usize::MAX, usize::MAX), Instant::now());
+    while Instant::now() < deadline {
+        let now = (handled.load(Ordering::SeqCst), counted(&server));
+        peak = peak.max(now.1);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= Duration::from_secs(1) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let messages = handled.load(Ordering::SeqCst);
+    println!(
+        "{messages} messages of 1 MiB handed over, at most {} KiB counted (budget {} KiB, \
+         bound {} KiB, {reactors} reactor(s))",
+        peak >> 10,
+        BUDGET >> 10,
+        bound >> 10
+    );
+
+    // Answer the held messages: every sender is answered, the begun frames included.
+    let answered = held.lock().unwrap().take().expect("held");
+    for (handle, ack) in answered {
+        handle.send(ack);
+    }
+    for writer in rests {
+        writer.join().expect("a writer"); // a clone of a begun frame's stream
+    }
+    let mut peers = begun;
+    for writer in fillers {
+        peers.push(Peer::from_stream(writer.join().expect("a writer")));
+    }
+    for peer in &mut peers {
+        assert_ack(&peer.read_frame(), AckCode::AA, "CID");
+    }
+    server.stop();
+
+    assert!(
+        peak <= bound,
+        "{} KiB counted against a budget of {} KiB (bound {} KiB)",
+        peak >> 10,
+        BUDGET >> 10,
+        bound >> 10
+    );
+    assert!(
+        messages <= max_handled,
+        "{messages} messages of 1 MiB handed over with a 2 MiB budget (at most {max_handled})"
+    );
 }

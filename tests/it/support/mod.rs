@@ -142,11 +142,15 @@ pub(crate) fn start_with_own_observer(builder: Builder) -> TestServer {
 /// Applies `MLLP_TEST_REACTORS` (default 1): CI runs this suite with 2 reactors too, so every
 /// behaviour is checked with connections spread over reactors.
 pub(crate) fn with_test_reactors(builder: Builder) -> Builder {
-    let n = std::env::var("MLLP_TEST_REACTORS")
+    builder.reactors(test_reactors())
+}
+
+/// The reactors [`with_test_reactors`] gives a server: `MLLP_TEST_REACTORS`, default 1.
+pub(crate) fn test_reactors() -> usize {
+    std::env::var("MLLP_TEST_REACTORS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    builder.reactors(n)
+        .unwrap_or(1)
 }
 
 fn launch(addr: &str, builder: Builder, observe: bool) -> Result<TestServer, mllp_reactor::Error> {
