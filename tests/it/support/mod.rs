@@ -185,6 +185,12 @@ impl TestServer {
         self.recorder.read()
     }
 
+    /// The largest value gauge `name` was seen at so far (see `Recorder::gauge_peak`): for
+    /// `mllp_buffered_bytes`, which the server sets, where [`metrics`](Self::metrics) sums.
+    pub(crate) fn gauge_peak(&self, name: &str) -> f64 {
+        self.recorder.gauge_peak(name)
+    }
+
     /// Waits up to [`WAIT`] until counter `name` with `labels` reaches `want`; its value.
     #[track_caller]
     pub(crate) fn wait_counter(&self, name: &str, labels: &[(&str, &str)], want: u64) -> u64 {
