@@ -1091,11 +1091,18 @@ impl Connection {
     #[inline]
     fn read_buffer_counted(&self) -> usize {
         let capacity = self.busy.capacity();
-        if self.busy.len() > LARGE_FRAME && self.busy.in_frame() {
+        if self.frame_counted_in_full() {
             capacity.max(self.limits.max_message_size + crate::codec::FRAMING_OVERHEAD)
         } else {
             capacity
         }
+    }
+
+    /// Whether a large frame is under way (more than [`LARGE_FRAME`] of it received, not
+    /// complete): the memory budget then counts it as the largest frame allowed, so
+    /// finishing it adds nothing to the count but one read past its end.
+    pub(crate) fn frame_counted_in_full(&self) -> bool {
+        self.busy.len() > LARGE_FRAME && self.busy.in_frame()
     }
 
     /// Bytes of a frame being received (partial) or read ahead, held in the read buffer.
