@@ -71,7 +71,10 @@ impl Recorder {
     pub(super) fn gauge_peak(&self, name: &str) -> f64 {
         self.read();
         let peaks = self.peaks.lock().unwrap();
-        peaks.iter().find(|(n, _)| n == name).map_or(0.0, |(_, v)| *v)
+        peaks
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0.0, |(_, v)| *v)
     }
 
     /// Every metric's total so far.
