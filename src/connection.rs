@@ -1087,7 +1087,9 @@ impl Connection {
     /// each finished above the budget (`tests/budget.rs` counted up to 509 MiB for a 64 MiB
     /// budget on a loaded machine; BENCHMARKS.md, sixth pass). Counted at the limit, finishing
     /// them adds nothing, and reading pauses once as many large frames are under way as the
-    /// budget holds. A frame of one read or less (every small message) counts its buffer.
+    /// budget holds. A frame of one read or less (every small message) counts its buffer;
+    /// above the budget such a frame goes past the mark only as its reactor's one finishing
+    /// frame (`Loop::holder`), so these do not each finish a whole frame above it.
     #[inline]
     fn read_buffer_counted(&self) -> usize {
         let capacity = self.busy.capacity();
