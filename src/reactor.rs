@@ -659,12 +659,11 @@ impl Loop {
             let wants_read = entry.link.wants_read()
                 && (entry.link.reads_header()
                     || (entry.may_handshake(&mut self.handshakes) && self.may_read(key)));
-            // Above the budget, how far the holder's frame may go (see `room`).
-            let room = if self.paused && wants_read {
-                self.room(key)
-            } else {
-                usize::MAX
-            };
+            if self.paused && wants_read {
+                // Above the budget, how far the holder's frame may go (see `room`); the rest
+                // of this visit's read budget is given up.
+                budget = budget.min(self.room(key));
+            }
             // One look-up for the rest of the pass (`may_read` may look at every entry).
             let entry = &mut self.conns[key];
             if wants_read {
@@ -675,18 +674,15 @@ impl Loop {
                     }
                 } else {
                     // Above the budget the holder reads until `WouldBlock` (see `holder`).
-                    let offered = budget.min(room);
-                    let mut left = offered;
                     let read = entry.link.read(
                         &mut self.scratch,
-                        &mut left,
+                        &mut budget,
                         self.paused,
                         &self.r.shared.policy,
                         &self.r.telemetry,
                         now,
                         &mut self.events,
                     );
-                    budget -= offered - left;
                     // No `WouldBlock` yet: more may be waiting.
                     reading = entry.link.read_ready;
                     if read && !reading {
@@ -969,6 +965,7 @@ impl Loop {
     /// [`holder`](Self::holder)): any number for a frame counted in full, the finishing
     /// frame, or a PROXY header; up to the mark for any other frame; at the mark (where
     /// `holder` picked it only with the finishing turn free) it takes the turn.
+    #[cold]
     fn room(&mut self, key: usize) -> usize {
         let link = &self.conns[key].link;
         if link.reads_header()
