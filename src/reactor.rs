@@ -911,11 +911,11 @@ impl Loop {
     /// one *finishing* frame: the next may follow once that frame's message is answered and
     /// its reply written, or its connection closed (a peer that stops in its finishing frame
     /// keeps the turn until its frame deadline; small messages and frames counted in full do
-    /// not wait for it). A frame waiting at the mark is not a holder. So
-    /// per reactor at most one frame at a time grows from its first 64 KiB to a full frame
-    /// above the budget, whatever the handler's pace: without the mark, every connection
-    /// that had at most 64 KiB of a frame in when reading paused finished a whole frame
-    /// above the budget in turn, while a slow handler held them all.
+    /// not wait for it). A frame waiting at the mark is not a holder. So per reactor at most
+    /// one frame at a time grows from its first 64 KiB to a full frame above the budget,
+    /// whatever the handler's pace: without the mark, every connection that had at most
+    /// 64 KiB of a frame in when reading paused finished a whole frame above the budget in
+    /// turn, while a slow handler held them all.
     ///
     /// No deadlock: a frame counted in full reads whenever it has bytes waiting; the
     /// finishing turn frees once its message is answered and written (bounded by the

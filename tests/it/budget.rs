@@ -12,7 +12,7 @@ use mllp_reactor::telemetry::names::{BUFFERED_BYTES, READ_PAUSES};
 use mllp_reactor::{Builder, Dispatch, Reply, ReplyHandle, Server, handler_fn};
 
 use crate::support::{
-    HOLD, IO_TIMEOUT, TestServer, WAIT, accepting, assert_ack, message, start, test_reactors,
+    HOLD, IO_TIMEOUT, Peer, TestServer, WAIT, accepting, assert_ack, message, start, test_reactors,
 };
 
 /// Issue 18 defect 9: peers that each sent most of a frame and stopped filled the budget; the
@@ -70,6 +70,82 @@ fn issue_8_a_budget_above_isize_max_saturates() {
     server.events.wait("the connection", |e| {
         matches!(e, crate::support::Event::ConnectionStart(_))
     });
+    server.stop();
+}
+
+/// The price of the finishing turn, bounded: a peer that stops inside its reactor's finishing
+/// frame holds up no small message, and a large frame waiting at the 64 KiB mark takes the
+/// turn once the stopped frame's connection closes (its peer goes, or its frame deadline
+/// passes). 40 messages of 60 KiB, held by the handler, fill a 2 MiB budget; a peer sends
+/// 164 KiB of a 1 MiB frame (the turn's frame: nothing else is past the mark) and stops. An
+/// 80-byte message is answered at once (the frame deadline is a minute, the reply wait 10 s);
+/// a 1 MiB frame is answered once the stopped peer has gone.
+#[test]
+fn a_peer_stopped_in_the_finishing_frame_holds_up_no_small_message() {
+    const MAX_MESSAGE: usize = 1 << 20;
+    const FILLERS: usize = 40;
+    let handled = Arc::new(AtomicUsize::new(0));
+    let held: Arc<Mutex<Vec<ReplyHandle>>> = Arc::default();
+    let handler = {
+        let (handled, held) = (Arc::clone(&handled), Arc::clone(&held));
+        handler_fn(move |msg, cx| {
+            handled.fetch_add(1, Ordering::SeqCst);
+            if msg.windows(5).take(64).any(|w| w == b"|HOLD") {
+                held.lock().unwrap().push(cx.defer());
+                return Ok(Reply::Deferred);
+            }
+            Ok(Reply::Send(ack::accept(msg)))
+        })
+    };
+    let server = start(
+        Server::builder(handler)
+            .dispatch(Dispatch::Inline)
+            .max_message_size(MAX_MESSAGE)
+            .max_memory(2 * MAX_MESSAGE)
+            .frame_timeout(Duration::from_secs(60)),
+    );
+    let padded = |control_id: &str, len: usize| {
+        let mut payload =
+            format!("MSH|^~\\&|A|B|C|D|20260101||ADT^A01|{control_id}|P|2.5.1\rNTE|").into_bytes();
+        payload.resize(len, b'x');
+        crate::support::frame(&payload)
+    };
+
+    let fillers: Vec<Peer> = (0..FILLERS)
+        .map(|_| {
+            let mut peer = server.connect();
+            peer.send(&padded("HOLD", 60 << 10));
+            peer
+        })
+        .collect();
+    assert!(
+        server.wait_counter(READ_PAUSES, &[], 1) >= 1,
+        "reading paused"
+    );
+    crate::support::wait_until("every held message handed over", || {
+        handled.load(Ordering::SeqCst) >= FILLERS
+    });
+
+    // The stopped frame takes the finishing turn: it comes to count in full.
+    let before = server.gauge_peak(BUFFERED_BYTES) as usize;
+    let mut stopped = server.connect();
+    stopped.send(&padded("STOP", MAX_MESSAGE - 1024)[..164 << 10]);
+    crate::support::wait_until("the stopped frame read past its first 64 KiB", || {
+        server.gauge_peak(BUFFERED_BYTES) as usize >= before + MAX_MESSAGE / 2
+    });
+
+    let mut small = server.connect();
+    assert_ack(&small.roundtrip(&message("SMALL")), AckCode::AA, "SMALL");
+    let mut large = server.connect();
+    let wire = padded("LARGE", MAX_MESSAGE - 1024);
+    let mut stream = large.stream.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || stream.write_all(&wire).expect("send the frame"));
+    drop(stopped);
+    assert_ack(&large.read_frame(), AckCode::AA, "LARGE");
+    writer.join().expect("the writer");
+    // Dropped reply handles answer the held messages (AE), so the server stops at once.
+    held.lock().unwrap().clear();
+    drop(fillers);
     server.stop();
 }
 
