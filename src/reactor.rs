@@ -1066,13 +1066,13 @@ impl Loop {
         let m = &self.r.telemetry.metrics;
         m.buffered_bytes
             .set(budget.used.load(Ordering::Relaxed) as f64);
+        let above_resume = budget.used.load(Ordering::Acquire) > budget.limit / 4 * 3;
         if over && !self.paused {
             self.pause_reads();
-        } else if over
-            || (self.paused && budget.used.load(Ordering::Acquire) > budget.limit / 4 * 3)
-        {
-            // Edge-triggered: the holder may have changed (the last one completed its frame)
-            // and the new one has no event coming.
+        }
+        if over || (self.paused && above_resume) {
+            // Edge-triggered: the holder may have changed (the last one completed its frame,
+            // or reading has just paused) and the new one has no event coming.
             if let Some(key) = self.holder() {
                 self.drive(key, now);
             }
