@@ -1087,15 +1087,24 @@ impl Connection {
     /// each finished above the budget (`tests/budget.rs` counted up to 509 MiB for a 64 MiB
     /// budget on a loaded machine; BENCHMARKS.md, sixth pass). Counted at the limit, finishing
     /// them adds nothing, and reading pauses once as many large frames are under way as the
-    /// budget holds. A frame of one read or less (every small message) counts its buffer.
+    /// budget holds. A frame of one read or less (every small message) counts its buffer;
+    /// above the budget such a frame goes past the mark only as its reactor's one finishing
+    /// frame (`Loop::holder`), so these do not each finish a whole frame above it.
     #[inline]
     fn read_buffer_counted(&self) -> usize {
         let capacity = self.busy.capacity();
-        if self.busy.len() > LARGE_FRAME && self.busy.in_frame() {
+        if self.frame_counted_in_full() {
             capacity.max(self.limits.max_message_size + crate::codec::FRAMING_OVERHEAD)
         } else {
             capacity
         }
+    }
+
+    /// Whether a large frame is under way (more than [`LARGE_FRAME`] of it received, not
+    /// complete): the memory budget then counts it as the largest frame allowed, so
+    /// finishing it adds nothing to the count but one read past its end.
+    pub(crate) fn frame_counted_in_full(&self) -> bool {
+        self.busy.len() > LARGE_FRAME && self.busy.in_frame()
     }
 
     /// Bytes of a frame being received (partial) or read ahead, held in the read buffer.

@@ -94,22 +94,32 @@
 //!   counts as the largest frame allowed once more than 64 KiB of it are in (MLLP has no
 //!   length prefix: its rest is unknown, and reading pauses before more frames are started
 //!   than the budget could finish); above it the server stops reading and TCP pushes back on
-//!   senders, except that a connection may finish the frame it is in (one connection per
-//!   reactor at a time, one with bytes waiting) and a connection with no message in flight
-//!   may receive one frame; none reads further until the total falls to ¾ of `max_memory`.
-//!   So the bytes the server buffers stay below
+//!   senders, except that one connection per reactor at a time (one with bytes waiting) may
+//!   go on with the frame it is in, or receive one frame if it has no message in flight.
+//!   A frame counted in full may finish (that adds one read past its end at most); any other
+//!   may grow to its first 64 KiB (so a small message completes), and past that only as its
+//!   reactor's one *finishing* frame: the next waits until that frame's message is answered
+//!   and its reply written, or its connection closed (a peer that stops in it keeps the turn
+//!   until its frame deadline; small messages and frames counted in full do not wait for
+//!   it). None reads further until the total falls to ¾ of `max_memory`. So the bytes the
+//!   server buffers stay below
 //!
 //!   ```text
-//!   max_memory + F × (max_message_size + 64 KiB) + N × E
+//!   max_memory + 2 × R × (max_message_size + 64 KiB) + C × 64 KiB + N × E
 //!   ```
 //!
-//!   where F is the number of connections in a frame or with nothing in flight when reading
-//!   paused (each adds at most the rest of one frame; a peer that stops mid-frame keeps its
-//!   partial frame until its frame deadline). A frame past its first 64 KiB already counts
-//!   in full, so finishing it adds nothing: F counts the connections with at most 64 KiB of
-//!   a frame in or nothing in flight, and per reactor the one whose frame tipped the budget.
-//!   N is the number of open connections and E what an idle connection costs (at most 256
-//!   bytes, plus the TLS session's state with TLS; see BENCHMARKS.md). A pipelining sender
+//!   where R is the number of reactors (per reactor, the frame whose read tipped the budget
+//!   and the finishing frame, each with one read past its end), C the number of connections
+//!   that read above the budget (each at most the first 64 KiB of one frame, or one read past
+//!   the end of a frame counted in full; a peer that stops mid-frame keeps its partial frame
+//!   until its frame deadline), N the number of open connections and E what an idle
+//!   connection costs (at most 256 bytes, plus the TLS session's state with TLS; see
+//!   BENCHMARKS.md). The terms after `max_memory` are bytes received; the buffers holding
+//!   them grow by doubling, so their allocations (what the count takes) may be up to twice
+//!   that. However slow the handler, frames grow past their first 64 KiB above the budget
+//!   one per reactor at a time, not one per connection (before, every connection with at
+//!   most 64 KiB of a frame in when reading paused finished a whole frame above it in turn:
+//!   with a thousand such senders and a stalled store, gigabytes). A pipelining sender
 //!   never reads past one frame above the budget, however many messages it may have in
 //!   flight. The handler queue holds at most one job per connection, and a job whose
 //!   connection closed or whose message was already answered is dropped before it runs.

@@ -243,6 +243,10 @@ struct Loop {
     handshakes: Handshakes,
     /// While paused: the one connection allowed to read (see `holder`).
     holder: Option<ConnectionId>,
+    /// While paused: the one connection whose frame may go past its first
+    /// [`LARGE_FRAME`](crate::connection::LARGE_FRAME) bytes, until that frame's message is
+    /// answered (see `holder`).
+    finishing: Option<ConnectionId>,
     /// This turn's per-message counts, added to the metrics at the turn's end.
     tally: Tally,
     /// The wheel's next deadline as last asked (`TimerWheel::next_deadline`), kept between
@@ -301,6 +305,7 @@ impl Reactor {
             paused: false,
             handshakes,
             holder: None,
+            finishing: None,
             next_timer: None,
             beat_due: now,
             wake_by: now + HEARTBEAT_INTERVAL,
@@ -654,6 +659,11 @@ impl Loop {
             let wants_read = entry.link.wants_read()
                 && (entry.link.reads_header()
                     || (entry.may_handshake(&mut self.handshakes) && self.may_read(key)));
+            if self.paused && wants_read {
+                // Above the budget, how far the holder's frame may go (see `room`); the rest
+                // of this visit's read budget is given up.
+                budget = budget.min(self.room(key));
+            }
             // One look-up for the rest of the pass (`may_read` may look at every entry).
             let entry = &mut self.conns[key];
             if wants_read {
@@ -878,6 +888,7 @@ impl Loop {
     fn pause_reads(&mut self) {
         self.paused = true;
         self.holder = None;
+        self.finishing = None;
         self.r.telemetry.metrics.read_pauses.increment(1);
     }
 
@@ -892,11 +903,39 @@ impl Loop {
     /// their memory can drain, then in key order after the last holder, so each gets its
     /// turn. With none, memory drains as handlers answer the messages in flight, and reading
     /// resumes at the low mark.
+    ///
+    /// What a holder adds is bounded by [`room`](Self::room): a frame past its first
+    /// [`LARGE_FRAME`](crate::connection::LARGE_FRAME) bytes already counts as the largest
+    /// frame allowed, so finishing it adds one read past its end at most; any other frame may
+    /// grow up to that mark (a small message completes), and past it only as the reactor's
+    /// one *finishing* frame: the next may follow once that frame's message is answered and
+    /// its reply written, or its connection closed (a peer that stops in its finishing frame
+    /// keeps the turn until its frame deadline; small messages and frames counted in full do
+    /// not wait for it). A frame waiting at the mark is not a holder. So per reactor at most
+    /// one frame at a time grows from its first 64 KiB to a full frame above the budget,
+    /// whatever the handler's pace: without the mark, every connection that had at most
+    /// 64 KiB of a frame in when reading paused finished a whole frame above the budget in
+    /// turn, while a slow handler held them all.
+    ///
+    /// No deadlock: a frame counted in full reads whenever it has bytes waiting; the
+    /// finishing turn frees once its message is answered and written (bounded by the
+    /// handler and write deadlines) or its frame deadline closes a peer that stopped in it;
+    /// then the next frame at the mark takes it. A newly picked holder has no readiness
+    /// event coming (edge-triggered): it goes on the pending list.
     fn holder(&mut self) -> Option<usize> {
+        let finishing = self.finishing;
+        let free = self.finishing_free();
+        let room = |e: &Entry| {
+            free || finishing == Some(e.link.id)
+                || e.link.conn.buffered_len() < crate::connection::LARGE_FRAME
+                || e.link.conn.frame_counted_in_full()
+        };
         let in_frame = |e: &Entry| e.link.in_frame();
-        let eligible =
-            |e: &Entry| !e.drew && e.link.wants_read() && (in_frame(e) || !e.link.in_flight());
-        if let Some(key) = self.holder.and_then(|id| self.key_of(id))
+        let eligible = |e: &Entry| {
+            !e.drew && e.link.wants_read() && (in_frame(e) || !e.link.in_flight()) && room(e)
+        };
+        let last = self.holder.and_then(|id| self.key_of(id));
+        if let Some(key) = last
             && eligible(&self.conns[key])
         {
             return Some(key);
@@ -912,7 +951,47 @@ impl Loop {
         };
         let key = pick(true).or_else(|| pick(false));
         self.holder = key.map(|k| self.conns[k].link.id);
+        if let Some(key) = key
+            && last != Some(key)
+            && !self.conns[key].pending
+        {
+            self.conns[key].pending = true;
+            self.pending.push(key);
+        }
         key
+    }
+
+    /// How many bytes holder `key` may read now, above the budget (see
+    /// [`holder`](Self::holder)): any number for a frame counted in full, the finishing
+    /// frame, or a PROXY header; up to the mark for any other frame; at the mark (where
+    /// `holder` picked it only with the finishing turn free) it takes the turn.
+    #[cold]
+    fn room(&mut self, key: usize) -> usize {
+        let link = &self.conns[key].link;
+        if link.reads_header()
+            || link.conn.frame_counted_in_full()
+            || self.finishing == Some(link.id)
+        {
+            return usize::MAX;
+        }
+        let len = link.conn.buffered_len();
+        if len < crate::connection::LARGE_FRAME {
+            return crate::connection::LARGE_FRAME - len;
+        }
+        self.finishing = Some(link.id);
+        usize::MAX
+    }
+
+    /// Whether a frame may take the finishing turn (see [`holder`](Self::holder)): nobody
+    /// has it, its connection closed, or it has nothing in flight and no frame under way of
+    /// the turn's (bytes of a next frame, read past the end of the one it finished, are
+    /// not).
+    fn finishing_free(&self) -> bool {
+        let Some(key) = self.finishing.and_then(|id| self.key_of(id)) else {
+            return true;
+        };
+        let entry = &self.conns[key];
+        !entry.link.in_flight() && (entry.drew || !entry.link.in_frame())
     }
 
     /// Reports the connection's events, updates its memory count, and removes it if it
@@ -987,19 +1066,20 @@ impl Loop {
         let m = &self.r.telemetry.metrics;
         m.buffered_bytes
             .set(budget.used.load(Ordering::Relaxed) as f64);
+        let above_resume = budget.used.load(Ordering::Acquire) > budget.limit / 4 * 3;
         if over && !self.paused {
             self.pause_reads();
-        } else if over
-            || (self.paused && budget.used.load(Ordering::Acquire) > budget.limit / 4 * 3)
-        {
-            // Edge-triggered: the holder may have changed (the last one completed its frame)
-            // and the new one has no event coming.
+        }
+        if over || (self.paused && above_resume) {
+            // Edge-triggered: the holder may have changed (the last one completed its frame,
+            // or reading has just paused) and the new one has no event coming.
             if let Some(key) = self.holder() {
                 self.drive(key, now);
             }
         } else if self.paused {
             self.paused = false;
             self.holder = None;
+            self.finishing = None;
             // Edge-triggered: connections that became readable while paused were not read.
             let mut keys = Vec::new();
             for (key, entry) in &mut self.conns {

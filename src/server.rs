@@ -235,8 +235,10 @@ impl Builder {
         /// messages in flight and replies not yet written. Above it the server stops reading,
         /// except that a connection may finish the frame it is in and a connection with no
         /// message in flight may receive one frame (one connection per reactor at a time,
-        /// one with bytes waiting), and resumes below three quarters of it; the exact bound is
-        /// in the crate docs ("Bounded memory"). Must be at least twice `max_message_size`, so
+        /// one with bytes waiting; a frame not yet counted in full goes past its first 64 KiB
+        /// only as its reactor's one finishing frame, until that frame's message is answered),
+        /// and resumes below three quarters of it; the exact bound is in the crate docs
+        /// ("Bounded memory"). Must be at least twice `max_message_size`, so
         /// a message of the largest size always fits; values above `isize::MAX` count as
         /// `isize::MAX`.
         max_memory: usize

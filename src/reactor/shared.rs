@@ -55,9 +55,9 @@ impl Inbox {
 /// The server-wide memory budget: every buffered byte (partial frames, read-ahead, messages
 /// in flight, replies not yet written) counts against `limit`. Above it reading stops, except
 /// for one connection per reactor at a time finishing the frame it is in (so frames complete
-/// and memory drains, rather than every connection waiting for every other; see
-/// `Loop::holder`); below ¾ of the limit reading resumes. TCP pushes back on the senders
-/// meanwhile.
+/// and memory drains, rather than every connection waiting for every other), of which one
+/// frame per reactor at a time may grow past its first 64 KiB (see `Loop::holder`); below ¾
+/// of the limit reading resumes. TCP pushes back on the senders meanwhile.
 #[derive(Debug)]
 pub(crate) struct Budget {
     pub(crate) limit: usize,

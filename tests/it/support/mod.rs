@@ -142,11 +142,15 @@ pub(crate) fn start_with_own_observer(builder: Builder) -> TestServer {
 /// Applies `MLLP_TEST_REACTORS` (default 1): CI runs this suite with 2 reactors too, so every
 /// behaviour is checked with connections spread over reactors.
 pub(crate) fn with_test_reactors(builder: Builder) -> Builder {
-    let n = std::env::var("MLLP_TEST_REACTORS")
+    builder.reactors(test_reactors())
+}
+
+/// The reactors [`with_test_reactors`] gives a server: `MLLP_TEST_REACTORS`, default 1.
+pub(crate) fn test_reactors() -> usize {
+    std::env::var("MLLP_TEST_REACTORS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    builder.reactors(n)
+        .unwrap_or(1)
 }
 
 fn launch(addr: &str, builder: Builder, observe: bool) -> Result<TestServer, mllp_reactor::Error> {
@@ -179,6 +183,12 @@ impl TestServer {
     /// the test has read: exact checks belong after [`stop`](Self::stop).
     pub(crate) fn metrics(&self) -> Recorded {
         self.recorder.read()
+    }
+
+    /// The largest value gauge `name` was seen at so far (see `Recorder::gauge_peak`): for
+    /// `mllp_buffered_bytes`, which the server sets, where [`metrics`](Self::metrics) sums.
+    pub(crate) fn gauge_peak(&self, name: &str) -> f64 {
+        self.recorder.gauge_peak(name)
     }
 
     /// Waits up to [`WAIT`] until counter `name` with `labels` reaches `want`; its value.

@@ -45,12 +45,15 @@ const TIMING_DEPENDENT: [&str; 1] = [SOCKET_WRITES];
 
 /// The running totals of one recorder. A `DebuggingRecorder` snapshot drains what it reports
 /// (counters and gauges are swapped to zero, histograms cleared), so every read adds the
-/// snapshot to the totals kept here: counters and gauges are summed (the server only
-/// increments and decrements its gauges), histogram samples appended.
+/// snapshot to the totals kept here: counters and gauges are summed (the server increments
+/// and decrements its gauges, except `mllp_buffered_bytes`, which it sets: for that one see
+/// [`gauge_peak`](Self::gauge_peak)), histogram samples appended.
 #[derive(Debug)]
 pub(super) struct Recorder {
     snapshotter: Snapshotter,
     totals: Mutex<Vec<Metric>>,
+    /// Per gauge name, the largest value one snapshot reported.
+    peaks: Mutex<Vec<(String, f64)>>,
 }
 
 impl Recorder {
@@ -58,7 +61,20 @@ impl Recorder {
         Self {
             snapshotter: recorder.snapshotter(),
             totals: Mutex::new(Vec::new()),
+            peaks: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The largest value gauge `name` was seen at by any read so far, this one included. For
+    /// a gauge the server sets (`mllp_buffered_bytes`), the largest value it was set to at
+    /// the reads: a snapshot swaps a gauge to zero, so its total is no value it had.
+    pub(super) fn gauge_peak(&self, name: &str) -> f64 {
+        self.read();
+        let peaks = self.peaks.lock().unwrap();
+        peaks
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0.0, |(_, v)| *v)
     }
 
     /// Every metric's total so far.
@@ -78,7 +94,15 @@ impl Recorder {
             labels.sort();
             let value = match value {
                 DebugValue::Counter(n) => Value::Counter(n),
-                DebugValue::Gauge(v) => Value::Gauge(v.into_inner()),
+                DebugValue::Gauge(v) => {
+                    let v = v.into_inner();
+                    let mut peaks = self.peaks.lock().unwrap();
+                    match peaks.iter_mut().find(|(n, _)| n == key.name()) {
+                        Some((_, peak)) => *peak = peak.max(v),
+                        None => peaks.push((key.name().to_owned(), v)),
+                    }
+                    Value::Gauge(v)
+                }
                 DebugValue::Histogram(samples) => {
                     Value::Histogram(samples.into_iter().map(|s| s.into_inner()).collect())
                 }
