@@ -213,6 +213,7 @@ mod sqlite_uri;
 mod submit;
 pub mod telemetry;
 mod then_ack;
+mod wal_batch;
 mod writer;
 
 pub use backend::{Backend, WriteGate};

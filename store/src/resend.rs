@@ -90,7 +90,7 @@ pub fn record_resends_sqlite(
 ) -> Result<(), StoreError> {
     drop(crate::SqliteBackend::open_read_only(path, options)?);
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let mut conn = open_connection(path, flags, options, false)?;
+    let mut conn = open_connection(path, flags, options, false, crate::sqlite::Role::Other)?;
     let mut run = || -> rusqlite::Result<()> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute_batch(CREATE_AUDIT)?;

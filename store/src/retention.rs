@@ -589,7 +589,7 @@ impl SqliteTarget {
         // Through the backend first: the same checks (exists, is a store, version) and errors.
         drop(crate::SqliteBackend::open_read_only(path, options)?);
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = open_connection(path, flags, options, false)?;
+        let conn = open_connection(path, flags, options, false, crate::sqlite::Role::Other)?;
         // `duplicate_of REFERENCES messages (id)` has no index on the referencing side: with
         // foreign keys enforced (this SQLite build's default), every delete would scan the
         // whole table for duplicates of the row, and deleting an original that a (younger,

@@ -403,7 +403,7 @@ pub fn search_sqlite(
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
         | OpenFlags::SQLITE_OPEN_NO_MUTEX
         | OpenFlags::SQLITE_OPEN_URI;
-    let conn = open_connection(path, flags, options, false)?;
+    let conn = open_connection(path, flags, options, false, crate::sqlite::Role::Other)?;
     let through = match filter.patient_id {
         Some(_) => crate::search_index::attach_for_search(&conn, path),
         None => None,

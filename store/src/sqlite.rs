@@ -57,7 +57,9 @@
 //!
 //! The writer connection sets `journal_mode=WAL` and `synchronous=FULL` explicitly and checks
 //! both: with FULL, SQLite syncs the WAL at every commit, so a committed batch survives an OS
-//! crash or power loss, not only a process crash. WAL checkpoints run on a thread of their
+//! crash or power loss, not only a process crash. It writes a commit's WAL frames with a few
+//! large writes made just before that sync (a VFS of our own, `crate::wal_batch`), not two
+//! small ones per frame. WAL checkpoints run on a thread of their
 //! own, never inside a commit (see [`crate::checkpoint`]). Readers (export) use their own connections
 //! and never block the writer, nor it them. Two writers on one file are safe (SQLite
 //! serialises them, waiting up to the busy timeout) but pointless.
@@ -320,7 +322,7 @@ impl SqliteBackend {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let mut conn = open_connection(path, flags, options, true)?;
+        let mut conn = open_connection(path, flags, options, true, Role::Writer)?;
         let checkpointer = start_checkpointer(path, options, &mut conn)?;
         let search_index = if options.bench_without_patient_index {
             None
@@ -358,7 +360,7 @@ impl SqliteBackend {
         let path = path.as_ref();
         check_path(path, false)?;
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = open_connection(path, flags, options, false)?;
+        let conn = open_connection(path, flags, options, false, Role::Other)?;
         Ok(Self {
             path: path.to_owned(),
             options: options.clone(),
@@ -406,7 +408,7 @@ impl SqliteBackend {
             } else {
                 OpenFlags::SQLITE_OPEN_READ_WRITE
             };
-            let mut conn = open_connection(&self.path, flags, &self.options, false)?;
+            let mut conn = open_connection(&self.path, flags, &self.options, false, Role::Writer)?;
             if let Some(checkpointer) = &self.checkpointer {
                 checkpointer
                     .attach(&mut conn)
@@ -805,21 +807,39 @@ fn immutable_uri(path: &Path, flags: OpenFlags) -> Option<String> {
     crate::sqlite_uri::uri(path, "immutable=1")
 }
 
+/// Who opens a connection with [`open_connection`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// The store's writer ([`SqliteBackend`]): keeps `synchronous=FULL`.
+    Writer,
+    /// Anyone else (readers, the pruner, resend, search).
+    Other,
+}
+
 /// Opens a connection, checks (and if `create`, creates) the schema, and sets the pragmas.
 pub(crate) fn open_connection(
     path: &Path,
     flags: OpenFlags,
     options: &SqliteOptions,
     create: bool,
+    role: Role,
 ) -> Result<Connection, StoreError> {
     let classify = |e: rusqlite::Error| classify_open_error(path, flags, e);
-    let conn = match immutable_uri(path, flags) {
-        Some(uri) => Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI),
-        None => Connection::open_with_flags(path, flags),
+    let writable = !flags.contains(OpenFlags::SQLITE_OPEN_READ_ONLY);
+    // The store's writer, at `synchronous=FULL` (set below), writes each commit's WAL frames
+    // with a few large writes (`crate::wal_batch`, only correct where every commit syncs the
+    // WAL: not for connections that lower `synchronous` after this, like the pruner's).
+    let batch_wal =
+        (role == Role::Writer && writable && !options.unsafe_synchronous_normal_for_tests)
+            .then(crate::wal_batch::registered)
+            .flatten();
+    let conn = match (immutable_uri(path, flags), batch_wal) {
+        (Some(uri), _) => Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI),
+        (None, Some(vfs)) => Connection::open_with_flags_and_vfs(path, flags, vfs),
+        (None, None) => Connection::open_with_flags(path, flags),
     }
     .map_err(classify)?;
     conn.busy_timeout(options.busy_timeout).map_err(classify)?;
-    let writable = !flags.contains(OpenFlags::SQLITE_OPEN_READ_ONLY);
     // Inspect before changing anything: a foreign database must stay untouched (switching it
     // to WAL would rewrite its header).
     match inspect_schema(&conn).map_err(classify)? {

@@ -423,3 +423,55 @@ fn every_row_keeps_its_own_addresses_across_and_within_batches() {
     assert_eq!(stored[2].0, "10.0.0.7:40002");
     assert_eq!(stored[3].1, "127.0.0.1:2576");
 }
+
+/// A real full disk (a 16 MiB tmpfs): the commit whose WAL frames do not fit fails every
+/// record of its batch (the writer gathers a commit's WAL writes and makes them before the
+/// WAL's sync, so the failure comes from there now), no record is reported stored that is
+/// not, and once space is freed the store commits again.
+#[test]
+fn a_full_disk_fails_the_commit_and_the_store_commits_again_once_space_is_freed() {
+    let Some(fs) = mllp_test_support::tmpfs::Tmpfs::mount("store-full", "16m") else {
+        return;
+    };
+    let path = fs.path().join("s.db");
+    let store = Store::start(
+        SqliteBackend::open(&path, &SqliteOptions::default()).unwrap(),
+        StoreConfig::default(),
+    )
+    .unwrap();
+    let (tx, rx) = channel();
+    store.submit(record("first"), done(&tx)).unwrap();
+    recv(&rx).unwrap();
+    let filler = fs.path().join("filler");
+    std::fs::write(&filler, vec![0u8; 12 << 20]).unwrap();
+    // 64 KiB records, one at a time, until one fails: ~4 MiB are left.
+    let big = |i: usize| {
+        let mut bytes = message(&format!("big{i}")).to_vec();
+        bytes.extend(std::iter::repeat_n(b'x', 64 << 10));
+        Record::new(Bytes::from(bytes), origin(1, i as u64))
+    };
+    let mut stored = vec!["first".to_owned()];
+    let failure = (0..200).find_map(|i| {
+        store.submit(big(i), done(&tx)).unwrap();
+        match recv(&rx) {
+            Ok(_) => {
+                stored.push(format!("big{i}"));
+                None
+            }
+            Err(e) => Some(e),
+        }
+    });
+    let failure = failure.expect("a 16 MiB file system took 200 records of 64 KiB");
+    assert!(matches!(failure, StoreError::Commit { .. }), "{failure}");
+    assert!(failure.to_string().contains("full"), "{failure}");
+    std::fs::remove_file(&filler).unwrap();
+    store.submit(record("after"), done(&tx)).unwrap();
+    recv(&rx).unwrap();
+    stored.push("after".to_owned());
+    store.close(WAIT).unwrap();
+    let ids: Vec<String> = read_all(&path)
+        .into_iter()
+        .filter_map(|r| r.control_id)
+        .collect();
+    assert_eq!(ids, stored);
+}
