@@ -139,7 +139,9 @@ unsafe extern "C" fn open(
     let inner_vfs = INNER.load(Ordering::Acquire);
     let f = file.cast::<File>();
     // SAFETY: SQLite passes `szOsFile` bytes (our size: the header, then the wrapped file at
-    // `INNER_OFFSET`), aligned for any object; `inner_vfs` was set before registration.
+    // `INNER_OFFSET`), from its own allocator (8-byte aligned; `INNER_OFFSET` is a multiple
+    // of 16, so the wrapped file is aligned as the wrapped VFS expects); `inner_vfs` was set
+    // before registration.
     unsafe {
         let inner = file
             .cast::<u8>()
