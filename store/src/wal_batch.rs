@@ -4,9 +4,11 @@
 //! SQLite writes each WAL frame with two `pwrite` calls, its 24-byte header and then its page,
 //! so a commit of `n` pages costs `2 n` system calls before its one `fsync`. At S3 (50
 //! connections × 8 in flight, 1 KiB messages) the writer's commits carry ~0.7 frames per
-//! message, and on the development machine two writes of a frame cost 2.8–3.1 µs of CPU
-//! against 1.0–1.2 µs for the same bytes in one large write (`BENCHMARKS.md`, issue #21): a
-//! difference of about a tenth of the server's CPU per message, on a path that is short of CPU.
+//! message, and on the development machine two writes of a frame cost 2.1–3.1 µs of CPU
+//! against 0.5–1.2 µs for the same bytes in large writes (`benches/wal_writes.c`): the
+//! writer's system time fell from 3.5–4.1 to 1.3–1.7 µs per message, the server's CPU per
+//! message by a sixth, and S3 against the durable baseline rose from 1.235 to 1.38
+//! (`BENCHMARKS.md`, issue #21).
 //!
 //! [`NAME`] wraps the platform's default VFS. For a file that SQLite opens as a WAL
 //! (`SQLITE_OPEN_WAL`), each write that continues the one before it is appended to a buffer in
@@ -36,7 +38,9 @@
 //! would have; the buffer is dropped, as SQLite writes the frames again from the same offset.
 //!
 //! The VFS holds no state of its own; each file's buffer belongs to its connection, which
-//! SQLite uses from one thread at a time.
+//! SQLite uses from one thread at a time. A buffer keeps its capacity while its WAL is open:
+//! the largest commit's frames (a few hundred KiB at S3), at most [`GATHER_LIMIT`], beside SQLite's
+//! own page cache.
 
 #![allow(unsafe_code)]
 
