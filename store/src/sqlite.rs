@@ -59,10 +59,10 @@
 //! both: with FULL, SQLite syncs the WAL at every commit, so a committed batch survives an OS
 //! crash or power loss, not only a process crash. It writes a commit's WAL frames with a few
 //! large writes made just before that sync (a VFS of our own, `crate::wal_batch`), not two
-//! small ones per frame. WAL checkpoints run on a thread of their
-//! own, never inside a commit (see [`crate::checkpoint`]). Readers (export) use their own connections
-//! and never block the writer, nor it them. Two writers on one file are safe (SQLite
-//! serialises them, waiting up to the busy timeout) but pointless.
+//! small ones per frame. WAL checkpoints run on a thread of their own, never inside a commit
+//! (see [`crate::checkpoint`]). Readers (export) use their own connections and never block
+//! the writer, nor it them. Two writers on one file are safe (SQLite serialises them, waiting
+//! up to the busy timeout) but pointless.
 
 use std::path::{Path, PathBuf};
 

@@ -32,15 +32,17 @@
 //! sync, and a reader could look for frames still in this buffer. So only the store's
 //! writer connection (`Role::Writer` in `crate::sqlite`), which sets and checks `FULL`, opens
 //! through this VFS; the test-only `NORMAL` switch, and every other connection (the pruner
-//! runs at `NORMAL`), use the default VFS. A write that fails while the
-//! buffer is written is reported by the call that wrote it (`xSync` for a commit), with the
-//! code of the underlying write (`SQLITE_FULL` for a full disk), so the commit fails as it
-//! would have; the buffer is dropped, as SQLite writes the frames again from the same offset.
+//! runs at `NORMAL`), use the default VFS.
+//!
+//! A write that fails while the buffer is written is reported by the call that wrote it
+//! (`xSync` for a commit), with the code of the underlying write (`SQLITE_FULL` for a full
+//! disk), so the commit fails as it would have; the buffer is dropped, as SQLite writes the
+//! frames again from the same offset.
 //!
 //! The VFS holds no state of its own; each file's buffer belongs to its connection, which
 //! SQLite uses from one thread at a time. A buffer keeps its capacity while its WAL is open:
-//! the largest commit's frames (a few hundred KiB at S3), at most [`GATHER_LIMIT`], beside SQLite's
-//! own page cache.
+//! the largest commit's frames (a few hundred KiB at S3), at most [`GATHER_LIMIT`], beside
+//! SQLite's own page cache.
 
 #![allow(unsafe_code)]
 
