@@ -320,9 +320,13 @@ unsafe extern "C" fn write(
                 }
                 (*pending).start = offset;
             }
-            (*pending)
-                .bytes
-                .extend_from_slice(std::slice::from_raw_parts(buf.cast::<u8>(), len));
+            if len > 0 {
+                // (SQLite never writes 0 bytes; a slice from a possibly null pointer would be
+                // undefined even then.)
+                (*pending)
+                    .bytes
+                    .extend_from_slice(std::slice::from_raw_parts(buf.cast::<u8>(), len));
+            }
             return ffi::SQLITE_OK;
         }
         // Larger than the buffer: written as it comes, after what is gathered.
