@@ -4,9 +4,9 @@
 //! SQLite writes each WAL frame with two `pwrite` calls, its 24-byte header and then its page,
 //! so a commit of `n` pages costs `2 n` system calls before its one `fsync`. At S3 (50
 //! connections × 8 in flight, 1 KiB messages) the writer's commits carry ~0.7 frames per
-//! message, and on the development machine two writes of a frame cost 2.1–3.1 µs of CPU
-//! against 0.5–1.2 µs for the same bytes in large writes (`benches/wal_writes.c`): the
-//! writer's system time fell from 3.5–4.1 to 1.3–1.7 µs per message, the server's CPU per
+//! message, and on the development machine two writes of a frame cost 2.1–2.3 µs of CPU
+//! against 0.4–0.5 µs for the same bytes in large writes (`benches/wal_writes.c`): the
+//! writer's system time fell from 3.5–4.2 to 1.3–1.7 µs per message, the server's CPU per
 //! message by a sixth, and S3 against the durable baseline rose from 1.235 to 1.38
 //! (`BENCHMARKS.md`, issue #21).
 //!
